@@ -15,13 +15,17 @@ import asyncio
 import json
 import math
 import time
+from typing import TypeVar
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdlaunch.http import JsonObject
 from pdlaunch.http.asgi import HTTPMiddleware
 from pdlaunch.http.errors import OpenAIError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest 4-5 levels (messages -> content parts -> ...)
 # Past the limit the rest of the body is read and dropped (up to this much, this long) so that the
@@ -60,6 +64,19 @@ async def read_json_object(request: Request) -> JsonObject:
     if len(raw) <= PARSE_INLINE_BYTES:
         return parse_json_object(raw)
     return await asyncio.to_thread(parse_json_object, raw)
+
+
+def _parsed_model(raw: bytes, model: type[ModelT]) -> ModelT:
+    return model.model_validate(parse_json_object(raw))
+
+
+async def read_model(request: Request, model: type[ModelT]) -> ModelT:
+    """The request's body parsed (parse_json_object) and validated as `model`; a large body in a worker thread,
+    both steps: validating a request of many megabytes holds the event loop as long as parsing it does."""
+    raw = await request.body()
+    if len(raw) <= PARSE_INLINE_BYTES:
+        return _parsed_model(raw, model)
+    return await asyncio.to_thread(_parsed_model, raw, model)
 
 
 def check_json_values(body: JsonObject) -> None:

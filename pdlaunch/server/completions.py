@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
-from pdlaunch.http.limits import client_request_id, read_json_object
+from pdlaunch.http.limits import client_request_id, read_model
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choices import Choices
@@ -27,14 +27,14 @@ from pdlaunch.server.prompts import Prompt
 
 async def completions(request: Request) -> Response:
     instance = instance_of(request)
-    body = CompletionRequest.model_validate(await read_json_object(request))
+    body = await read_model(request, CompletionRequest)
     instance.check_model(body.model)
     return await serve(instance, body, body.prompts(), request)
 
 
 async def chat_completions(request: Request) -> Response:
     instance = instance_of(request)
-    body = ChatCompletionRequest.model_validate(await read_json_object(request))
+    body = await read_model(request, ChatCompletionRequest)
     instance.check_model(body.model)
     return await serve(instance, body, [body.template_messages()], request)
 
