@@ -137,9 +137,16 @@ class EngineSleep:
         log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
         fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype, runner.tp_rank, runner.tp_size,
                            runner.expert_parallel)  # this rank's shards (MoE: its experts or expert slices)
-        with torch.no_grad():
-            for param, new in zip(runner.model.parameters(), fresh.parameters(), strict=True):
-                param.copy_(new)
-            for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers(), strict=True):
-                buf.copy_(fresh_buf)
-        del fresh
+        try:
+            with torch.no_grad():
+                for param, new in zip(runner.model.parameters(), fresh.parameters(), strict=True):
+                    param.copy_(new)
+                for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers(), strict=True):
+                    buf.copy_(fresh_buf)
+        finally:
+            del fresh
+            if runner.device.type == "cuda":
+                # The copy came from torch's caching allocator, outside the CuMem pools: left cached there it
+                # would keep a model's worth of device memory from the KV cache woken next, and through every
+                # later sleep.
+                torch.cuda.empty_cache()

@@ -9,7 +9,8 @@ delegates the memory work to a `SleepBackend`: the `CuMemAllocator` on GPUs, or 
 `TensorSleepBackend` for plain tensors.
 
 Level 1: weights are copied to (pinned) CPU memory and restored on wake; the KV cache is discarded.
-Level 2: both are discarded; waking `weights` calls the engine's `reload_weights` (checkpoint).
+Level 2: both are discarded; waking `weights` calls the engine's `reload_weights` (checkpoint), before any
+other pool is mapped again: the reload's second copy of the weights needs the memory the KV cache takes.
 """
 
 from __future__ import annotations
@@ -155,11 +156,16 @@ class MemorySleep:
         pending = self._backend.asleep_tags() | self._unfinished
         waking = tuple(sorted(pending) if wanted is None else (t for t in wanted if t in pending))
         self._unfinished.update(waking)
-        restored = self._backend.wake_up(None if wanted is None else list(waking)) if waking else 0
+        restored = 0
         if "weights" in waking and self._weights_need_reload and self._reload_weights is not None:
-            self._reload_weights()  # level 2: the weights' memory came back uninitialised
+            # Level 2: the weights' memory comes back uninitialised and the reload builds a second copy of the
+            # model on the device, which fits only while the KV cache's memory is still released (once mapped
+            # it takes most of what the weights leave): weights first, reloaded, then the other pools.
+            restored += self._backend.wake_up(["weights"])
+            self._reload_weights()
             self._weights_need_reload = False
-        if waking:
+        if waking:  # the backend skips what is awake already (the weights reloaded above)
+            restored += self._backend.wake_up(None if wanted is None else list(waking))
             for hook in self._after_wake:
                 hook(waking)
         self._unfinished.difference_update(waking)

@@ -174,3 +174,23 @@ def test_views_share_one_storage() -> None:
     assert backend.sleep(offload_tags=("weights",)) == nbytes
     backend.wake_up()
     assert torch.equal(base, torch.arange(64, dtype=torch.float32))
+
+
+def test_level2_wake_reloads_the_weights_before_the_kv_cache_takes_memory_again(instance: Instance) -> None:
+    """The reload builds a second copy of the weights on the device: it fits only while the KV cache's memory is
+    still released (on a GPU the KV cache takes most of what the weights leave). A plain wake_up after level 2
+    maps the weights, reloads them, and only then maps the KV cache."""
+    before = instance.forward()
+    asleep_at_reload: list[set[str]] = []
+
+    def reload_weights() -> None:
+        asleep_at_reload.append(instance.backend.asleep_tags())
+        instance.reload_weights()
+
+    controller = MemorySleep(instance.backend, reload_weights=reload_weights)
+    controller.sleep(level=2)
+    result = controller.wake_up()
+    assert asleep_at_reload == [{"kv_cache"}]
+    assert result.tags == ["kv_cache", "weights"] and not result.is_sleeping
+    assert result.restored_bytes == instance.weight_bytes() + instance.kv_cache.untyped_storage().nbytes()
+    assert torch.equal(instance.forward(), before)
