@@ -5,9 +5,10 @@ Refused with a 400 naming the fix unless the deployment enables sleep mode; the 
 answers /health with 503, so the proxy routes nothing to it until it wakes. The engine's part is
 EngineSleep (engine/sleep_mode.py), the memory's MemorySleep (memory/sleep.py).
 
-`Instance.sleeping` is set on the engine thread, from the engine, when a sleep or wake_up call ends, however it
-ends: one that raised may have changed part of the memory, and one whose caller gave up at its timeout (a 503)
-may still finish later; either way /health and request admission follow the engine, not the last answer.
+`Instance.sleeping` is set on the engine thread, from the engine, when a sleep, wake_up or is_sleeping call ends,
+however it ends, never by a route once its call returned (a sleep may have run since): one that raised may have
+changed part of the memory, and one whose caller gave up at its timeout (a 503) may still finish later; either way
+/health and request admission follow the engine, not the last answer.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ async def is_sleeping(request: Request) -> JsonObject:
     instance = instance_of(request)
     if not instance.config.model.enable_sleep_mode:  # as vLLM answers: an instance that cannot sleep is not sleeping
         return {"is_sleeping": False}
-    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping(), "is_sleeping")
-    return {"is_sleeping": instance.sleeping}
+    return {"is_sleeping": await _on_engine(instance, lambda e: _note_sleeping(instance, e), "is_sleeping")}
 
 
 def _sleep_mode(request: Request) -> Instance:
@@ -67,6 +67,14 @@ def _sleep_mode(request: Request) -> Instance:
         raise OpenAIError(400, "sleep mode is not enabled on this instance (start it with --enable-sleep-mode)",
                           param="enable_sleep_mode", code="sleep_mode_disabled")
     return instance
+
+
+def _note_sleeping(instance: Instance, engine: LLMEngine) -> bool:
+    """The engine's sleep state into `instance.sleeping`, on the engine thread, ordered with its sleeps and wake_ups:
+    written by the route once the call returned, an answer taken before a sleep that ran meanwhile would mark the
+    sleeping instance awake (/health ok, requests admitted) until the next call."""
+    instance.sleeping = engine.is_sleeping()
+    return instance.sleeping
 
 
 def _noting_state(instance: Instance, transition: SleepTransition,
@@ -79,7 +87,7 @@ def _noting_state(instance: Instance, transition: SleepTransition,
         try:
             return fn(engine)
         finally:
-            instance.sleeping = engine.is_sleeping()
+            _note_sleeping(instance, engine)
             instance.sleep_transition = None
 
     return run

@@ -6,6 +6,7 @@ on)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -135,3 +136,34 @@ def test_state_follows_a_sleep_that_failed_after_the_memory_went(instance: tuple
     assert woke.status_code == 200 and woke.json()["is_sleeping"] is False
     assert health(url) == "ok" and completion(url).status_code == 200
     assert sleep_state(url) == AWAKE
+
+
+def test_an_is_sleeping_answered_before_a_sleep_leaves_the_state_asleep(instance: tuple[str, EngineLoop],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /is_sleeping's engine call ran before a /sleep, and its route resumed only after that sleep ended (a
+    busy event loop): the instance stays asleep for /health and admission, not awake as the older answer said."""
+    url, _ = instance
+    on_engine = sleep_routes._on_engine
+    answered, slept = threading.Event(), threading.Event()
+
+    async def resumed_after_the_sleep(inst: Any, fn: Callable[[Any], Any], what: str) -> Any:
+        result = await on_engine(inst, fn, what)
+        if what == "is_sleeping":
+            answered.set()
+            assert await asyncio.to_thread(slept.wait, 60), "the test never let the /is_sleeping route go on"
+        return result
+
+    monkeypatch.setattr(sleep_routes, "_on_engine", resumed_after_the_sleep)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(lambda: httpx.get(f"{url}/is_sleeping", headers=internal_headers(SECRET), timeout=60))
+        assert answered.wait(60), "the /is_sleeping engine call did not end"
+        assert control(url, "/sleep").status_code == 200
+        slept.set()
+        assert asked.result(timeout=60).json() == {"is_sleeping": False}  # true when the engine answered it
+    try:
+        assert health(url) == "sleeping"
+        refused = completion(url)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "sleeping"
+    finally:
+        assert control(url, "/wake_up").status_code == 200
+    assert health(url) == "ok"
