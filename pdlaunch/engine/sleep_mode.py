@@ -11,6 +11,7 @@ and wake-up.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -138,15 +139,23 @@ class EngineSleep:
         fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype, runner.tp_rank, runner.tp_size,
                            runner.expert_parallel)  # this rank's shards (MoE: its experts or expert slices)
         try:
-            with torch.no_grad():
-                for param, new in zip(runner.model.parameters(), fresh.parameters(), strict=True):
-                    param.copy_(new)
-                for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers(), strict=True):
-                    buf.copy_(fresh_buf)
+            _copy_weights(fresh, runner.model)  # a function of its own: no loop variable here keeps a tensor of it
         finally:
+            # Each parameter's weight_loader holds its module, and so the parameter: only a cyclic collection frees
+            # the copy, and an automatic one of the old generation, where the copy is by now, may be long in coming.
             del fresh
+            gc.collect()
             if runner.device.type == "cuda":
                 # The copy came from torch's caching allocator, outside the CuMem pools: left cached there it
                 # would keep a model's worth of device memory from the KV cache woken next, and through every
                 # later sleep.
                 torch.cuda.empty_cache()
+
+
+def _copy_weights(source: torch.nn.Module, into: torch.nn.Module) -> None:
+    """Every parameter and buffer of `source` into the same one of `into` (the same model, freshly loaded)."""
+    with torch.no_grad():
+        for param, new in zip(into.parameters(), source.parameters(), strict=True):
+            param.copy_(new)
+        for buf, new_buf in zip(into.buffers(), source.buffers(), strict=True):
+            buf.copy_(new_buf)

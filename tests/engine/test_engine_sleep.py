@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from typing import Any
+
 import pytest
+import torch
 
 from pdlaunch import metrics
+from pdlaunch.engine import sleep_mode
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError, PdlaunchError
 from tests.engine.conftest import MakeEngine, run_all
@@ -75,3 +81,30 @@ def test_sleep_state_metric_follows_a_sleep_left_half_done(llama_ckpt, make_engi
     assert metrics.vllm(metrics.ENGINE_SLEEP_STATE, sleep_state="awake")._value.get() == 1
     assert [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)] == \
         [o.output_token_ids for o in run_all(make_engine(llama_ckpt), PROMPTS, GREEDY)]
+
+
+def test_level2_wake_frees_the_reloaded_copy_at_once(llama_ckpt, make_engine: MakeEngine,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload's second copy of the weights is freed before the wake-up returns, not at some later cyclic
+    collection (each parameter's weight_loader holds its module): on a GPU that copy is a model's worth of device
+    memory, which the KV cache woken next needs. The automatic collector is off here, as it may not run for long."""
+    engine = make_engine(llama_ckpt, enable_sleep_mode=True)
+    before = [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)]
+    copies: list[weakref.ref[torch.nn.Parameter]] = []
+    load = sleep_mode.load_model
+
+    def load_and_watch(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = load(*args, **kwargs)
+        copies.extend(weakref.ref(p) for p in model.parameters())
+        return model
+
+    monkeypatch.setattr(sleep_mode, "load_model", load_and_watch)
+    engine.sleep(2)
+    gc.disable()
+    try:
+        engine.wake_up()
+        alive = sum(ref() is not None for ref in copies)
+    finally:
+        gc.enable()
+    assert copies and alive == 0, f"{alive} of the reload's {len(copies)} parameters outlived the wake-up"
+    assert [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)] == before
