@@ -87,9 +87,11 @@ def pod_template(options: RenderOptions, role: str, engine: Container, leader: b
 
 
 def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Service:
-    """The role's instances (their leader pods) behind one name, on each of its groups' HTTP ports."""
-    ports: list[ServicePort] = [{"name": f"http-{port}", "port": port, "targetPort": port, "protocol": "TCP"}
-             for port in dict.fromkeys(http_ports)]
+    """The role's instances (their leader pods) behind one name, on each of its groups' HTTP ports. Each port leads
+    to the port named `http` in every pod: a Service sends each of its ports to all the pods it selects, and groups
+    of a role may bind different HTTP ports (a numeric targetPort would reach only its own group's pods)."""
+    ports: list[ServicePort] = [{"name": f"http-{port}", "port": port, "targetPort": "http", "protocol": "TCP"}
+                                for port in dict.fromkeys(http_ports)]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": meta(f"{options.name}-{role}", options, {ROLE_LABEL: role}),
             "spec": {"selector": {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true"}, "ports": ports}}
