@@ -39,6 +39,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     from pdlaunch.config.validate import TargetHost, cumem_problems, device_rules, resolve
     from pdlaunch.render.kubernetes import storage_connector_problems
     from pdlaunch.render.pod_ports import pod_port_problems
+    from pdlaunch.render.reshard import reshard_problems
 
     cfg = load_deployment(config, overrides)
     target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
@@ -51,7 +52,8 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
                     + stall_timeout_problems(resolved) + tp_support_problems(resolved)
                     + device_rules(cfg, resolved.device, target)
                     + cumem_problems(resolved, resolved.device, cuda=resolved.device == "cuda")
-                    + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
+                    + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved)
+                    + reshard_problems(resolved, gpus_per_node))
     if template_file(resolved.model.chat_template) is not None:  # carried into the pods as its text: check it here
         problems += chat_template_problems(resolved.model.chat_template)
     if not resolved.model.path.strip():  # `--model "$MODEL"` with MODEL unset: no pod would find a model there

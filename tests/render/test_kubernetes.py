@@ -22,6 +22,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.yaml"))
 K8S_VERSION = "1.30.0"
+# Prefill TP 1 feeds decode TP 2 there: resharding pulls, which auto would not resolve between pods on CUDA.
+EXAMPLE_ARGS = {"gpu-2p1d-tp2-decode.yaml": ["--transfer-mode", "pull"]}
 runner = CliRunner()
 
 
@@ -63,7 +65,7 @@ def container(pod: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_renders_valid_manifests(tmp_path: Path, example: Path) -> None:
-    manifests = render(tmp_path, str(example))
+    manifests = render(tmp_path, str(example), *EXAMPLE_ARGS.get(example.name, []))
     for manifest in manifests:
         check_schemas(manifest)
     kinds = [m["kind"] for m in manifests]
@@ -78,7 +80,7 @@ def test_every_example_renders_valid_manifests(tmp_path: Path, example: Path) ->
 
 def test_pd_pods_advertise_their_pod_address_and_read_the_secret(tmp_path: Path) -> None:
     example = next(p for p in EXAMPLES if p.name == "gpu-2p1d-tp2-decode.yaml")
-    manifests = render(tmp_path, str(example))
+    manifests = render(tmp_path, str(example), *EXAMPLE_ARGS[example.name])
     secret = by_kind(manifests, "Secret")[0]["stringData"]
     pod_cfg = DeploymentConfig.model_validate_json(secret["deployment.json"])
     assert pod_cfg.security.deployment_secret == secret["deployment-secret"]
@@ -114,7 +116,7 @@ def test_pd_pods_advertise_their_pod_address_and_read_the_secret(tmp_path: Path)
 
 def test_a_tp_group_larger_than_a_node_is_one_pod_per_rank(tmp_path: Path) -> None:
     manifests = render(tmp_path, "--model", "tiny", "--device", "cuda", "--decode-tp", "4", "--gpus-per-node", "2",
-                       "--api-key", "sk-test-key")
+                       "--api-key", "sk-test-key", "--transfer-mode", "pull")
     for manifest in manifests:
         check_schemas(manifest)
     decode = next(m for m in by_kind(manifests, "LeaderWorkerSet") if "decode" in m["metadata"]["name"])
@@ -162,7 +164,7 @@ def test_the_rendered_proxy_gets_the_proxy_settings_the_local_launcher_passes(tm
     example = next(p for p in EXAMPLES if p.name == "gpu-2p1d-tp2-decode.yaml")
     raw = yaml.safe_load(example.read_text())
     raw["proxy"].update({"health_timeout_seconds": 7.5, "prefill_timeout_seconds": 12.0, "migration_limit": 3})
-    raw["kv_transfer"]["load_failure_policy"] = "fail"
+    raw["kv_transfer"].update({"load_failure_policy": "fail", "transfer_mode": "pull"})
     config = tmp_path / "deployment.yaml"
     config.write_text(yaml.safe_dump(raw))
     proxy = container(by_kind(render(tmp_path, str(config)), "Deployment")[0]["spec"]["template"])

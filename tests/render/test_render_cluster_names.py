@@ -55,7 +55,7 @@ def spread_ok_name(out: Path, *args: str) -> list[str]:
 
 @pytest.mark.parametrize(("args", "longest"), [
     (["--colocated", "--tp", "4"], 38),  # `NAME-colocated-0-0`: the worker StatefulSet of group 0
-    (["--prefill", "11", "--prefill-tp", "4"], 39),  # `NAME-prefill-0-10`
+    (["--prefill", "11", "--tp", "4"], 39),  # `NAME-prefill-0-10` (decode of the same TP: no resharding)
 ])
 def test_a_name_whose_worker_statefulsets_kubernetes_cannot_run_is_refused(tmp_path: Path, args: list[str],
                                                                             longest: int) -> None:
@@ -80,14 +80,15 @@ def test_a_tenth_group_is_counted_in_the_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model", ["/models/Meta-Llama-3.1-8B_Instruct", "/models/" + "M" * 80])
 def test_a_model_path_never_reaches_an_object_name(tmp_path: Path, model: str) -> None:
     names = spread_ok_name(tmp_path / "out", "--model", model, "--device", "cuda", "--decode-tp", "4",
-                           "--gpus-per-node", "2")
+                           "--gpus-per-node", "2", "--transfer-mode", "pull")
     assert "pdlaunch-decode-1-0" in names
 
 
 def test_every_rank_of_a_spread_group_gets_the_link_secret_from_the_secret(tmp_path: Path) -> None:
     """Rank 0 accepts a rank in another pod on a key derived from the config, which anyone reading the model path
     and ports can derive, unless PDLAUNCH_TP_SECRET is mixed in: the pods take it from the Secret."""
-    code, output = render(tmp_path / "out", "--device", "cuda", "--decode-tp", "4", "--gpus-per-node", "2")
+    code, output = render(tmp_path / "out", "--device", "cuda", "--decode-tp", "4", "--gpus-per-node", "2",
+                          "--transfer-mode", "pull")
     assert code == 0, output
     found = manifests(tmp_path / "out")
     decode = next(m for m in found if m["kind"] == "LeaderWorkerSet" and m["metadata"]["name"] == "pdlaunch-decode-1")

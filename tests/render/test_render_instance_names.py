@@ -76,7 +76,8 @@ def test_each_leader_pods_instance_is_named_after_its_pod(tmp_path: Path) -> Non
 
 
 def test_the_worker_pods_of_a_spread_tp_group_take_the_leaders_name_and_its_link_key(tmp_path: Path) -> None:
-    manifests = _render(tmp_path, "--device", "cuda", "--decode-tp", "4", "--gpus-per-node", "2")
+    manifests = _render(tmp_path, "--device", "cuda", "--decode-tp", "4", "--gpus-per-node", "2",
+                        "--transfer-mode", "pull")
     secret = next(m for m in manifests if m["kind"] == "Secret")["stringData"]
     cfg = DeploymentConfig.model_validate_json(secret["deployment.json"])
     lws = next(m for m in manifests if m["kind"] == "LeaderWorkerSet" and m["metadata"]["name"] == "pd-decode-1")

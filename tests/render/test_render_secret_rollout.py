@@ -19,7 +19,8 @@ ENGINE_ID = "e" * 32  # fixed: a render of the same config changes no pod templa
 
 def render(out: Path, tmp_path: Path, *args: str) -> dict[str, dict[str, Any]]:
     config = tmp_path / "deploy.yaml"
-    config.write_text(yaml.safe_dump({"kv_transfer": {"engine_id": ENGINE_ID}}))
+    # pull: prefill TP 1 feeds decode TP 4 (render/reshard.py)
+    config.write_text(yaml.safe_dump({"kv_transfer": {"engine_id": ENGINE_ID, "transfer_mode": "pull"}}))
     result = invoke(["render", "kubernetes", str(config), "--model", "tiny", "--device", "cuda", "--decode-tp", "4",
                      "--gpus-per-node", "2", *args, "--out", str(out), "--image", "pdlaunch:test"])
     assert result.exit_code == 0, result.output
