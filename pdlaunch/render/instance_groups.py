@@ -34,6 +34,7 @@ from pdlaunch.render.objects import (
     TP_SECRET_ENV,
     app_labels,
     container,
+    literal,
     pod_env,
     pod_template,
     secret_env,
@@ -75,11 +76,12 @@ def check_statefulset_names(cfg: DeploymentConfig, options: RenderOptions) -> No
                             f"StatefulSet's name takes at most {STATEFULSET_NAME_MAX}", field="--name", hint=fix)
 
 
-def pod_engine_id(cfg: DeploymentConfig, pod_name: str, pod_uid: str) -> str:
-    """The engine_id of the instance whose leader pod is `pod_name`: a recreated pod keeps its name but has a new
-    UID, hence a new engine_id (as a restart by the local launcher): peers must not reuse what they cached for the
-    dead one. The pods get it with $(POD_NAME) and $(POD_UID), the proxy with the name and `*` for the UID."""
-    return f"{cfg.kv_transfer.engine_id}-{pod_name}-{pod_uid}"
+def pod_engine_id(base: str, pod_name: str, pod_uid: str) -> str:
+    """The engine_id of the instance whose leader pod is `pod_name` (`base`: kv_transfer.engine_id): a recreated pod
+    keeps its name but has a new UID, hence a new engine_id (as a restart by the local launcher): peers must not
+    reuse what they cached for the dead one. The pods get it with $(POD_NAME) and $(POD_UID) (and the base as a
+    literal), the proxy with the name and `*` for the UID."""
+    return f"{base}-{pod_name}-{pod_uid}"
 
 
 def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
@@ -94,7 +96,7 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
         kv_cache_dtype=group_kv_cache_dtype(cfg.cache, group),
         devices=list(range(ranks_here)) if cfg.device == "cuda" else [],
         device="cuda" if cfg.device == "cuda" else "cpu",
-        engine_id=pod_engine_id(cfg, "$(POD_NAME)", "$(POD_UID)"),
+        engine_id=pod_engine_id(literal(cfg.kv_transfer.engine_id), "$(POD_NAME)", "$(POD_UID)"),
         side_channel_port=None if group.role == "colocated" else side_channel_port,
         master_port=ports.master if tp > 1 else None)
 

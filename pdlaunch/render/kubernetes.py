@@ -73,7 +73,8 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
             name = f"{group.role}-{g}-{k}"
             urls.append((group.role, name, f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
-            engine_ids[name] = pod_engine_id(cfg, f"{lws_name}-{k}", FILLED_IN)  # whichever pod UID it gets
+            # whichever pod UID it gets
+            engine_ids[name] = pod_engine_id(cfg.kv_transfer.engine_id, f"{lws_name}-{k}", FILLED_IN)
     for role in dict.fromkeys(group.role for _, group in groups):
         http_ports = [group_ports(cfg, g, [p for p in planned if p.group == g]).http
                       for g, group in groups if group.role == role]

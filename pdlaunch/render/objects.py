@@ -55,6 +55,12 @@ def pod_env(extra: list[EnvVar] | None = None) -> list[EnvVar]:
     ]
 
 
+def literal(text: str) -> str:
+    """`text` as a container's args must carry it for the process to get it as written: the kubelet replaces `$$`
+    with `$` and `$(VAR)` with the container's variable VAR (a secret among them) in every arg."""
+    return text.replace("$", "$$")
+
+
 def secret_env(name: str, key: str, options: RenderOptions) -> EnvVar:
     """The environment variable `name` holding `key` of the deployment's Secret (never the value itself)."""
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": f"{options.name}-deployment", "key": key}}}
@@ -107,6 +113,7 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], en
         args += [f"--{role}", f"{name}={url}"]
     for name, engine_id in engine_ids.items():
         args += ["--engine-id", f"{name}={engine_id}"]
+    args = [literal(arg) for arg in args]  # none refers to a variable; the config's text (chat template) is kept
     env = [secret_env(SECRET_ENV, "deployment-secret", options)]
     if cfg.security.api_key:
         env.append(secret_env(API_KEY_ENV, "api-key", options))
