@@ -6,8 +6,6 @@ no cluster."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -18,28 +16,15 @@ pytest.importorskip("ray", reason="--backend ray needs the ray package (pip inst
 from pdlaunch.launcher.backends import ray as backend  # noqa: E402 (after the importorskip)
 from pdlaunch.launcher.backends.ray_run import RayRun  # noqa: E402
 from pdlaunch.launcher.log_dir_lock import log_dir_holder  # noqa: E402
-from pdlaunch.model import demo  # noqa: E402
 from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on, ray_cfg  # noqa: E402
+from tests.helpers.slow_fetch import slow_fetch_interrupted  # noqa: E402
 
 FETCH_S = 20.0  # the stand-in fetch's length: far longer than the test takes when the signal ends it
 
 
 def test_a_stop_signal_ends_the_model_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, term_guard: None,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    real = demo.ensure_demo_checkpoint
-    finished: list[bool] = []
-
-    def slow_fetch() -> Path:
-        """The first call: a SIGTERM arrives, then a fetch of FETCH_S seconds in steps the signal can end."""
-        if not finished:
-            os.kill(os.getpid(), signal.SIGTERM)
-            end = time.monotonic() + FETCH_S
-            while time.monotonic() < end:
-                time.sleep(0.05)
-            finished.append(True)
-        return real()
-
-    monkeypatch.setattr(demo, "ensure_demo_checkpoint", slow_fetch)
+    finished = slow_fetch_interrupted(monkeypatch, FETCH_S)
     fake = FakeRay()
     deployment = deployment_on(fake, tmp_path, monkeypatch)
     deployment.cfg.model.path = "tiny"

@@ -5,8 +5,6 @@ the readiness wait began: Ctrl-C and SIGTERM went unanswered for as long as the 
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -15,27 +13,14 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.log_dir_lock import log_dir_holder
 from pdlaunch.launcher.serve import run_serve
-from pdlaunch.model import demo
+from tests.helpers.slow_fetch import slow_fetch_interrupted
 
 FETCH_S = 60.0  # the stand-in fetch's length: far longer than the test takes when the signal ends it
 
 
 def test_a_stop_signal_ends_the_model_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    real = demo.ensure_demo_checkpoint
-    finished: list[bool] = []
-
-    def slow_fetch() -> Path:
-        """The first call: a SIGTERM arrives, then a fetch of FETCH_S seconds in steps the signal can end."""
-        if not finished:
-            os.kill(os.getpid(), signal.SIGTERM)
-            end = time.monotonic() + FETCH_S
-            while time.monotonic() < end:
-                time.sleep(0.05)
-            finished.append(True)
-        return real()
-
-    monkeypatch.setattr(demo, "ensure_demo_checkpoint", slow_fetch)
+    finished = slow_fetch_interrupted(monkeypatch, FETCH_S)
     log_dir = tmp_path / "logs"
     cfg = DeploymentConfig.model_validate({"device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
                                            "model": {"path": "tiny"}, "proxy": {"port": 0}, "log_dir": str(log_dir)})
