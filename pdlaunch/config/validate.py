@@ -23,7 +23,7 @@ from pdlaunch.config.addresses import bind_problem
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.rules import host_memory, memory, resources, roles
+from pdlaunch.config.rules import host_memory, memory, offload, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
@@ -253,7 +253,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += roles.role_problems(out)
-    problems += roles.tp_support_problems(out)
+    problems += roles.tp_support_problems(out) + offload.offload_problems(out)
     problems += roles.node_problems(out)
     problems += roles.kv_cache_dtype_problems(out)
     problems += roles.ray_field_problems(out)
