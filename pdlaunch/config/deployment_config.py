@@ -10,10 +10,10 @@ and field types of strict_model.py.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from pdlaunch.config.engine_config import CacheConfig, ModelConfig, SchedulerConfig
 from pdlaunch.config.instance_names import instance_name
@@ -26,6 +26,16 @@ from pdlaunch.errors import PdlaunchError, error_text
 
 # A pod name as a StatefulSet's pods have one (a DNS-1123 label, their hostname): safe in log lines and file names.
 POD_NAME_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_BOOL = TypeAdapter(bool)
+
+
+def says_colocated(raw: Mapping[str, object]) -> bool:
+    """Whether a raw deployment's `colocated` is what the field reads as true: not only YAML's true but also the
+    1, "yes" or "on" pydantic takes for it, so that the instances it implies are the ones the field then says."""
+    try:
+        return _BOOL.validate_python(raw.get("colocated", False))
+    except ValidationError:  # reported by the field itself
+        return False
 
 
 def default_instances() -> list[InstanceGroupConfig]:
@@ -51,7 +61,7 @@ class DeploymentConfig(StrictModel):
     @classmethod
     def _colocated_default_instances(cls, data: object) -> object:
         # Without an explicit `instances`, a colocated deployment is one colocated instance.
-        if isinstance(data, dict) and data.get("colocated") is True and "instances" not in data:
+        if isinstance(data, dict) and says_colocated(data) and "instances" not in data:
             return {**data, "instances": [{"role": "colocated"}]}
         return data
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from pdlaunch.config.cli_overrides import Overrides
-from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, says_colocated
 from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
@@ -69,7 +69,7 @@ def rename_old_keys(raw: dict[str, object]) -> tuple[dict[str, str], list[Proble
 
 def _set_role_field(raw: dict[str, object], role: str, key: str, value: object, flag: str) -> list[Problem]:
     if "instances" not in raw:
-        colocated = raw.get("colocated") is True
+        colocated = says_colocated(raw)
         raw["instances"] = [{"role": "colocated"}] if colocated else [{"role": "prefill"}, {"role": "decode"}]
     groups = raw["instances"]
     if not isinstance(groups, list):
