@@ -84,3 +84,13 @@ def test_the_one_gpu_split_of_gpu_memory_utilization_is_not_the_users_setting() 
     that split is no setting of the user's to warn about."""
     assert warnings_of([*TARGET, "--num-gpu-blocks", "600"]) == []
     assert warnings_of([*TARGET]) == []
+
+
+def test_prefix_routing_with_prefix_caching_off_is_a_warning() -> None:
+    """No instance caches a prefix, so the proxy's scores all tie and it routes as least_loaded."""
+    said = warnings_of([*CPU, "--routing-policy", "prefix", "--no-enable-prefix-caching"])
+    assert said == ["warning: --routing-policy: prefix has no effect: prefix caching is off, so no instance caches a "
+                    "prefix to route by and every prompt goes to the least loaded instance; drop "
+                    "--no-enable-prefix-caching, or use --routing-policy least_loaded"], said
+    assert warnings_of([*CPU, "--routing-policy", "prefix"]) == []
+    assert warnings_of([*CPU, "--routing-policy", "least_loaded", "--no-enable-prefix-caching"]) == []

@@ -3,8 +3,9 @@
 vLLM accepts `--enable-expert-parallel` with a dense model and says nothing; here check-config and serve say
 that it places nothing (a dense model has no experts), naming the flag or field the user set. Likewise the
 settings of KV transfer and of prefill/decode TP in a deployment without prefill or decode instances (all
-colocated: no KV moves between instances), and the KV budget settings that another one overrides. Only values the
-user set are named (pydantic's fields_set).
+colocated: no KV moves between instances), the KV budget settings that another one overrides, and prefix-aware
+routing with prefix caching off (no instance caches a prefix to route by). Only values the user set are named
+(pydantic's fields_set).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pdlaunch.config.problems import Problem, problem
 
 def no_effect_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
     """Every setting of the resolved `cfg` that does nothing here, as warnings."""
-    return expert_parallel_warnings(cfg, info) + colocated_warnings(cfg) + kv_budget_warnings(cfg)
+    return (expert_parallel_warnings(cfg, info) + colocated_warnings(cfg) + kv_budget_warnings(cfg)
+            + prefix_routing_warnings(cfg))
 
 
 def expert_parallel_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
@@ -60,3 +62,14 @@ def kv_budget_warnings(cfg: DeploymentConfig) -> list[Problem]:
         return [problem("cache.cpu_kv_cache_gb", "has no effect on CUDA: --gpu-memory-utilization sizes the KV "
                         "cache there", "drop it, or set --gpu-memory-utilization")]
     return []
+
+
+def prefix_routing_warnings(cfg: DeploymentConfig) -> list[Problem]:
+    """routing_policy prefix where the instances cache no prefix: they publish no cached blocks (kvcache/
+    block_manager.py registers none without prefix caching), so every score ties and the proxy routes as
+    least_loaded, after tokenizing every prompt for nothing (proxy/prefix.py)."""
+    if cfg.proxy.routing_policy != "prefix" or cfg.cache.enable_prefix_caching:
+        return []
+    return [problem("proxy.routing_policy", "prefix has no effect: prefix caching is off, so no instance caches a "
+                    "prefix to route by and every prompt goes to the least loaded instance",
+                    "drop --no-enable-prefix-caching, or use --routing-policy least_loaded")]
