@@ -135,48 +135,50 @@ class Migrations:
         migrations the request took before its headers (open_stream)."""
         progress = Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
         current, continued, migrations = upstream, False, migrated
+        # (the decode, why) when a continuation's decode stalled before its stream's headers: nothing to read
+        stalled_open: tuple[Instance, Failure] | None = None
         try:
             while True:
-                failure = None
-                events = leg_events(self.proxy, current, deadline)
-                async for event in events:
-                    if isinstance(event, Failure):
-                        failure = event
-                        break
-                    if event == "[DONE]" or event.startswith('{"error"'):
-                        progress.done = True
-                        yield sse_data(event)
-                        continue
-                    chunk = _json_object(event)
-                    if chunk is None:  # not a JSON object: passed on as it came
-                        yield sse_data(event)
-                        continue
-                    try:
-                        shown = progress.rewrite(chunk, continued)
-                    except ValueError as exc:
-                        await events.aclose()
-                        raise OpenAIError(502, f"{current.instance.name} ({current.instance.url}) sent a chunk "
-                                               f"with {exc} in its token_ids or prompt_token_ids",
-                                          code="instance_failed") from None
-                    if shown is not None:
-                        yield sse_event(shown)
-                await events.aclose()
-                await current.close()
-                if progress.done:
-                    return
-                if failure is None:
-                    failure = Failure("died", f"{current.instance.name} ({current.instance.url}) closed the stream "
-                                              "before it finished")
-                if progress.finished:  # the last token's chunk arrived; the usage chunk and [DONE] were lost
-                    if _include_usage(body) and not progress.usage_sent and progress.prompt_ids is not None:
-                        yield sse_event(progress.usage_chunk())
-                    yield sse_data("[DONE]")
-                    return
-                if progress.head is not None and progress.prompt_ids is None:
-                    yield sse_event(error_body(502, failure.message + " (its stream carried no prompt token ids "
-                                               "to continue from; not migrated)", code="instance_failed"))
-                    return
-                if not others(self.proxy.pool, current.instance):  # nowhere to go: the failure as it is
+                failed, failure = stalled_open or (current.instance, None)
+                stalled_open = None
+                if failure is None:  # a leg whose stream opened: read on until it ends or fails
+                    events = leg_events(self.proxy, current, deadline)
+                    async for event in events:
+                        if isinstance(event, Failure):
+                            failure = event
+                            break
+                        if event == "[DONE]" or event.startswith('{"error"'):
+                            progress.done = True
+                            yield sse_data(event)
+                            continue
+                        chunk = _json_object(event)
+                        if chunk is None:  # not a JSON object: passed on as it came
+                            yield sse_data(event)
+                            continue
+                        try:
+                            shown = progress.rewrite(chunk, continued)
+                        except ValueError as exc:
+                            await events.aclose()
+                            raise OpenAIError(502, f"{failed.name} ({failed.url}) sent a chunk with {exc} in its "
+                                                   "token_ids or prompt_token_ids", code="instance_failed") from None
+                        if shown is not None:
+                            yield sse_event(shown)
+                    await events.aclose()
+                    await current.close()
+                    if progress.done:
+                        return
+                    if failure is None:
+                        failure = Failure("died", f"{failed.name} ({failed.url}) closed the stream before it finished")
+                    if progress.finished:  # the last token's chunk arrived; the usage chunk and [DONE] were lost
+                        if _include_usage(body) and not progress.usage_sent and progress.prompt_ids is not None:
+                            yield sse_event(progress.usage_chunk())
+                        yield sse_data("[DONE]")
+                        return
+                    if progress.head is not None and progress.prompt_ids is None:
+                        yield sse_event(error_body(502, failure.message + " (its stream carried no prompt token ids "
+                                                   "to continue from; not migrated)", code="instance_failed"))
+                        return
+                if not others(self.proxy.pool, failed):  # nowhere to go: the failure as it is
                     yield sse_event(error_body(502, failure.message, code="instance_failed"))
                     return
                 if migrations >= self.limit:
@@ -185,25 +187,35 @@ class Migrations:
                 migrations += 1
                 self.on_migrate(failure.reason)
                 on_migrate()
-                target = another(self.proxy.pool, current.instance)
-                if progress.prompt_ids is None:  # nothing reached the client: the request again, whole
-                    leg_path, continued = path, False
-                    leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}
-                else:
-                    progress.offset = progress.committed
-                    progress.skip = len(progress.ids) - progress.committed
-                    del progress.ids[progress.committed:]
-                    leg_path, continued = "/v1/completions", True
-                    leg = continuation_body(body, chat, progress.prompt_ids + progress.ids, progress.committed)
+                target = another(self.proxy.pool, failed)
+                leg_path, leg, continued = _next_leg(progress, path, body, chat)
                 log.info("request %s: %s; continuing on %s from %d output tokens (migration %d of %d)",
                          request_id, failure.message, target.name, progress.committed, migrations, self.limit)
-                open_leg = functools.partial(self.proxy.open_stream, path=leg_path, body=leg, headers=headers,
+                # As the first leg (open_stream): a decode that stalls before the headers leaves the leg for another.
+                open_leg = functools.partial(self._open_unless_stalled, path=leg_path, leg=leg, headers=headers,
                                              deadline=deadline)
-                _, current = await on_live_instance(self.proxy.pool, target.role, target, open_leg)
+                try:
+                    _, current = await on_live_instance(self.proxy.pool, target.role, target, open_leg)
+                except Stalled as stalled:
+                    stalled_open = (stalled.instance, Failure("stalled", f"{stalled.instance.name} "
+                                    f"({stalled.instance.url}) stalled before answering the stream's headers"))
         except OpenAIError as exc:
             yield sse_event(exc.body())
         finally:
             await current.close()
+
+
+def _next_leg(progress: Progress, path: str, body: Body, chat: bool) -> tuple[str, JsonObject, bool]:
+    """(path, body, whether it continues the client's stream) of the leg that goes on after a failed one."""
+    if progress.prompt_ids is None:  # nothing reached the client: the request again, whole
+        return path, {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}, False
+    # The client has len(ids) + skip ids (skip: those a decode that failed before making them again did not
+    # make); the next decode makes again those after `committed`.
+    progress.skip += len(progress.ids) - progress.committed
+    progress.offset = progress.committed
+    del progress.ids[progress.committed:]
+    return "/v1/completions", continuation_body(body, chat, progress.prompt_ids + progress.ids,
+                                                progress.committed), True
 
 
 def _json_object(event: str) -> dict[str, Any] | None:

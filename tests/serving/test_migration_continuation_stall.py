@@ -1,0 +1,84 @@
+"""A continuation (proxy/migrate.py) whose new decode stalls before its stream's headers moves on again, as the
+first leg does, rather than holding the client until the request's deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.serving.helpers import ThreadServer, wait_for
+
+REQUEST_TIMEOUT_S = 20.0  # the proxy's deadline; the move to the third decode takes about 1 s + the health timeout
+
+
+class _Decode:
+    """`mode` first: one chunk ("A", its id, the prompt's ids) and the end without [DONE] (a decode that died);
+    stall: takes the continuation, never answers it, and its /health stops answering; finish: "B" and [DONE]."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.bodies, self.stalled = mode, [], asyncio.Event()
+        self.app = FastAPI()
+        self.app.get("/health")(self.health)
+        self.app.post("/v1/completions")(self.completions)
+
+    async def health(self) -> Any:
+        if self.stalled.is_set():
+            await asyncio.sleep(30)
+        return {"status": "ok"}
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.mode == "stall":
+            self.stalled.set()
+            await asyncio.sleep(30)
+        choice: dict[str, Any] = {"index": 0, "text": "A", "finish_reason": None, "token_ids": [7]}
+        if self.mode == "first":
+            choice["prompt_token_ids"] = [1, 2]
+        else:
+            choice |= {"text": "B", "finish_reason": "length", "token_ids": [8]}
+        chunk = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+
+        async def events() -> AsyncIterator[bytes]:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if self.mode != "first":
+                yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def test_a_continuation_whose_decode_stalls_before_its_headers_goes_on_elsewhere() -> None:
+    ports = PortAllocator("127.0.0.1")
+    first, stalling, finishing = _Decode("first"), _Decode("stall"), _Decode("finish")
+    with ThreadServer(first.app, ports.free("d0")) as d0, ThreadServer(stalling.app, ports.free("d1")) as d1, \
+            ThreadServer(finishing.app, ports.free("d2")) as d2:
+        pool = InstancePool([Instance("colocated", d.url, f"colocated-{i}") for i, d in enumerate((d0, d1, d2))],
+                            health_timeout_s=0.5)
+        app = build_proxy_app(pool, REQUEST_TIMEOUT_S, migration_limit=3)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
+            taken = {"colocated-0": first.bodies, "colocated-1": stalling.bodies, "colocated-2": finishing.bodies}
+            # d0, then d1, then d2: the one given the fewest legs, the first of equals
+            pool.policy.choose = lambda role, ready: min(  # type: ignore[method-assign]
+                ready, key=lambda i: len(taken[i.name]))
+            started = time.monotonic()
+            text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 2, "stream": True},
+                              timeout=REQUEST_TIMEOUT_S + 10).text
+            took = time.monotonic() - started
+            metrics = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events] == ["A", "B"], text
+    assert text.endswith("data: [DONE]\n\n") and took < REQUEST_TIMEOUT_S, (took, text[-300:])
+    assert [b["prompt"] for b in stalling.bodies + finishing.bodies] == [[1, 2, 7], [1, 2, 7]]
+    assert 'pdlaunch_proxy_migrations_total{reason="stalled"} 1.0' in metrics
+    assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in metrics
