@@ -1,5 +1,6 @@
-"""A continuation (proxy/migrate.py) whose new decode stalls before its stream's headers moves on again, as the
-first leg does, rather than holding the client until the request's deadline."""
+"""A continuation (proxy/migrate.py) that fails in turn: one whose new decode stalls before its stream's headers
+moves on again, as the first leg does, rather than holding the client until the request's deadline; one whose
+decode dies before making the held-back ids again leaves the next to make them, shown once."""
 
 from __future__ import annotations
 
@@ -82,3 +83,56 @@ def test_a_continuation_whose_decode_stalls_before_its_headers_goes_on_elsewhere
     assert [b["prompt"] for b in stalling.bodies + finishing.bodies] == [[1, 2, 7], [1, 2, 7]]
     assert 'pdlaunch_proxy_migrations_total{reason="stalled"} 1.0' in metrics
     assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in metrics
+
+
+class _Scripted:
+    """Streams the chunks (text, token ids, finish_reason) of its next script, then [DONE] when the last one
+    finishes, or ends there (a decode that died)."""
+
+    def __init__(self, scripts: list[list[tuple[str, list[int], str | None]]]) -> None:
+        self.scripts, self.bodies = scripts, []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        script = self.scripts.pop(0)
+
+        async def events() -> AsyncIterator[bytes]:
+            for i, (text, ids, finish) in enumerate(script):
+                choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "token_ids": ids}
+                if i == 0 and not isinstance(body["prompt"], list):
+                    choice["prompt_token_ids"] = [1, 2]
+                chunk = {"id": "cmpl-t", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if script and script[-1][2] is not None:
+                yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def test_ids_held_back_come_once_though_a_continuation_dies_before_making_them_again() -> None:
+    """The client (return_token_ids) has id 9, whose text was held back; the first continuation dies before it
+    makes 9 again, the second makes it: 9 is shown once."""
+    ports = PortAllocator("127.0.0.1")
+    d0 = _Scripted([[("A", [7], None), ("", [9], None)]])  # dies with 9's text held back
+    d1 = _Scripted([[]])  # dies before its first chunk
+    d2 = _Scripted([[("é", [9], None), ("C", [10], "length")]])
+    with ThreadServer(d0.app, ports.free("d0")) as s0, ThreadServer(d1.app, ports.free("d1")) as s1, \
+            ThreadServer(d2.app, ports.free("d2")) as s2:
+        pool = InstancePool([Instance("colocated", s.url, f"colocated-{i}") for i, s in enumerate((s0, s1, s2))])
+        app = build_proxy_app(pool, REQUEST_TIMEOUT_S, migration_limit=3)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
+            taken = {"colocated-0": d0.bodies, "colocated-1": d1.bodies, "colocated-2": d2.bodies}
+            pool.policy.choose = lambda role, ready: min(  # type: ignore[method-assign]
+                ready, key=lambda i: len(taken[i.name]))
+            text = httpx.post(f"{proxy.url}/v1/completions", timeout=REQUEST_TIMEOUT_S + 10,
+                              json={"prompt": "go", "max_tokens": 3, "stream": True, "return_token_ids": True}).text
+    choices = [json.loads(line[6:])["choices"][0] for line in text.splitlines() if line.startswith("data: {")]
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    assert "".join(c["text"] for c in choices) == "AéC"
+    assert [t for c in choices for t in c["token_ids"]] == [7, 9, 10]
+    assert [b["prompt"] for b in d1.bodies + d2.bodies] == [[1, 2, 7], [1, 2, 7]]
