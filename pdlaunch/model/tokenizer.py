@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import JsonValue
 from tokenizers import Tokenizer as HFTokenizer
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.template_environment import template_environment
 
 
 def _read_json(path: Path) -> dict[str, JsonValue]:
@@ -94,10 +93,6 @@ def _bad_template(path: Path, what: str) -> PdlaunchError:
     return PdlaunchError(f"{path}: chat_template {what}", field="model.path",
                          hint='write it as the Jinja template text, or as [{"name": "default", "template": "..."}]; '
                          "or put the template in chat_template.jinja beside it, which is read instead")
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
 
 
 class Tokenizer:
@@ -222,7 +217,7 @@ class Tokenizer:
             raise PdlaunchError(f"chat template {value!r} is neither a file nor a Jinja2 template",
                                 field="model.chat_template", hint="give the path of a .jinja file")
         try:
-            _environment().from_string(value)
+            template_environment().from_string(value)
         except TemplateError as exc:
             raise PdlaunchError(f"chat template does not compile: {exc}", field="model.chat_template") from None
         self.chat_template = value
@@ -240,7 +235,7 @@ class Tokenizer:
                 "or use /v1/completions with a plain prompt",
             )
         try:
-            return _environment().from_string(self.chat_template).render(
+            return template_environment().from_string(self.chat_template).render(
                 **(extra or {}),
                 messages=messages,
                 tools=tools,
@@ -250,10 +245,3 @@ class Tokenizer:
             )
         except TemplateError as exc:
             raise PdlaunchError(f"chat template failed: {exc}", field="messages") from exc
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
