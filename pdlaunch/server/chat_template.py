@@ -2,8 +2,9 @@
 
 - add_generation_prompt (default on): the template appends the assistant's turn header.
 - continue_final_message: the rendered text ends right after the last message's content (the
-  template's end-of-turn after it is cut), so the model continues that message; vLLM refuses it
-  together with add_generation_prompt, and so do we.
+  template's end-of-turn after it is cut; the content's outer whitespace too where the template trims
+  it, as transformers cuts it), so the model continues that message; vLLM refuses it together with
+  add_generation_prompt, and so do we.
 - chat_template_kwargs: extra template variables (e.g. enable_thinking); the names the server
   sets itself are refused rather than silently overridden.
 - tools: the request's tool definitions, the `tools` variable of Qwen / Llama 3 templates.
@@ -50,7 +51,7 @@ class ChatPrompt:
         if self.continue_final_message and self.add_generation_prompt:
             raise OpenAIError(400, "continue_final_message and add_generation_prompt cannot both be true; "
                                    "set add_generation_prompt to false", param="continue_final_message")
-        if self.continue_final_message and not _text(self.messages[-1].get("content")):
+        if self.continue_final_message and not _text(self.messages[-1].get("content")).strip():
             raise OpenAIError(400, "continue_final_message needs a final message with text content",
                               param="continue_final_message")
         clash = sorted(RESERVED_TEMPLATE_VARIABLES & set(self.template_kwargs or {}))
@@ -78,14 +79,20 @@ def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
         raise OpenAIError(400, f"{param}: the chat template failed on this request's values ({type(exc).__name__}: "
                                f"{exc}); check the types of chat_template_kwargs, messages and tools against what the "
                                "model's template expects", param=param) from None
-    if prompt.continue_final_message:
-        final = _text(prompt.messages[-1].get("content"))
-        end = text.rfind(final)
-        if end < 0:
-            raise OpenAIError(400, "the chat template does not render the final message's text verbatim, so it "
-                                   "cannot be continued", param="continue_final_message")
-        text = text[:end + len(final)]
-    return text
+    return _continued(text, _text(prompt.messages[-1].get("content"))) if prompt.continue_final_message else text
+
+
+def _continued(text: str, final: str) -> str:
+    """`text` cut right after the final message's content, as transformers cuts it: templates that trim the
+    content (Llama 3's `| trim`) render it without its outer whitespace, so that is what is looked for, and the
+    trailing whitespace stays only where the template kept it."""
+    start = text.rfind(final.strip())
+    if start < 0:
+        raise OpenAIError(400, "the chat template does not render the final message's text verbatim, so it "
+                               "cannot be continued", param="continue_final_message")
+    kept = final.lstrip()
+    end = start + len(kept) if text[start:start + len(kept)] == final else start + len(final.strip())
+    return text[:end]
 
 
 def template_message(role: str, content: str | None, extra: Mapping[str, object], index: int) -> JsonObject:

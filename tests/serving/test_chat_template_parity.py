@@ -71,3 +71,23 @@ def test_tools_keep_the_order_the_client_wrote(tokenizer: Tokenizer) -> None:
 ])
 def test_loop_controls_and_generation_blocks_render(tokenizer: Tokenizer, template: str, expected: str) -> None:
     assert rendered(tokenizer, template, messages=MESSAGES) == expected
+
+
+LLAMA3_LIKE = ("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+               "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+KEEPS_SPACES = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "final", "expected_end"), [
+    (LLAMA3_LIKE, "Once upon a time ", "assistant<|end_header_id|>\n\nOnce upon a time"),  # trimmed: cut after it
+    (LLAMA3_LIKE, "  Once upon a time", "assistant<|end_header_id|>\n\nOnce upon a time"),
+    (KEEPS_SPACES, "Once upon a time ", "<assistant>Once upon a time "),  # kept by the template: kept
+    (KEEPS_SPACES, "Once", "<assistant>Once"),
+])
+def test_continue_final_message_where_the_template_trims_it(tokenizer: Tokenizer, template: str, final: str,
+                                                            expected_end: str) -> None:
+    messages = [{"role": "user", "content": "A story"}, {"role": "assistant", "content": final}]
+    text = rendered(tokenizer, template, messages=messages, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith(expected_end), text
+    assert text.count("assistant") == 1  # the final message's end of turn is cut, nothing else is added
