@@ -70,7 +70,10 @@ class ToolCalling:
     parallel: bool = True  # parallel_tool_calls: false keeps one call
 
     def template_tools(self) -> list[JsonObject]:
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        """The tools as vLLM passes them to the template: every declared field, a missing description or
+        parameters as null (a Qwen template renders `"description": null` into the prompt), then the client's
+        other fields."""
+        return [t.model_dump() for t in self.tools]
 
     def structured_output(self) -> StructuredOutput | None:
         """The grammar that required / named tool choice imposes (None for auto)."""

@@ -91,3 +91,15 @@ def test_continue_final_message_where_the_template_trims_it(tokenizer: Tokenizer
     text = rendered(tokenizer, template, messages=messages, add_generation_prompt=False, continue_final_message=True)
     assert text.endswith(expected_end), text
     assert text.count("assistant") == 1  # the final message's end of turn is cut, nothing else is added
+
+
+@pytest.mark.parametrize(("function", "expected"), [
+    ({"name": "now"}, '{"type": "function", "function": {"name": "now", "description": null, "parameters": null}}'),
+    ({"name": "now", "strict": True, "description": None},
+     '{"type": "function", "function": {"name": "now", "description": null, "parameters": null, "strict": true}}'),
+])
+def test_tools_reach_the_template_with_every_field_vllm_gives(tokenizer: Tokenizer, function: dict[str, Any],
+                                                              expected: str) -> None:
+    text = rendered(tokenizer, "{{ tools[0] | tojson }}", messages=MESSAGES[:1],
+                    tools=[{"type": "function", "function": function}])
+    assert text == expected
