@@ -163,8 +163,28 @@ def parse_auto(text: str) -> tuple[str | None, list[JsonObject]]:
     stripped = text.strip().removeprefix(_PYTHON_TAG).strip()
     if not stripped.startswith("{"):
         return text, []
-    calls = _calls_of(stripped.split(";"))
+    calls = _llama_calls(stripped)
     return (None, calls) if calls is not None else (text, [])
+
+
+def _llama_calls(text: str) -> list[JsonObject] | None:
+    """The calls of Llama 3's `{...}; {...}`, or None when something else is there. Each object is decoded whole,
+    as vLLM's parser does, so a ";" inside an argument (`"SELECT 1; SELECT 2"`) does not split its call."""
+    decoder = json.JSONDecoder()
+    calls: list[JsonObject] = []
+    pos = 0
+    while pos < len(text):
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        call = _call_of(item)
+        if call is None:
+            return None
+        calls.append(call)
+        while pos < len(text) and (text[pos] == ";" or text[pos].isspace()):
+            pos += 1
+    return calls
 
 
 _PARTIAL_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*', re.S)

@@ -39,6 +39,16 @@ def test_hermes_blocks_after_text_and_llama_json() -> None:
     assert parse_auto("<tool_call>{broken</tool_call>")[1] == []
 
 
+def test_llama_json_calls_with_a_semicolon_inside_an_argument() -> None:
+    content, calls = parse_auto('<|python_tag|>{"name": "run_sql", "parameters": {"query": "SELECT 1; SELECT 2"}};'
+                                ' {"name": "get_time", "parameters": {"zone": "UTC"}}')
+    assert content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("run_sql", {"query": "SELECT 1; SELECT 2"}), ("get_time", {"zone": "UTC"})]
+    text = '{"name": "get_time", "parameters": {}} and then some words'
+    assert parse_auto(text) == (text, [])  # not only calls: plain content
+
+
 def test_auto_stream_holds_back_a_call_and_sends_it_as_deltas() -> None:
     calling = tool_calling_of([WEATHER], "auto")
     assert calling is not None and calling.mode == "auto"
