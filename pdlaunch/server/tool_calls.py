@@ -106,7 +106,8 @@ class ToolCalling:
                 items = json.loads(text)
             except json.JSONDecodeError:
                 return None, partial_required_calls(text)  # cut by max_tokens: never content
-            return None, [_call(i["name"], json.dumps(i.get("parameters", {}))) for i in items if isinstance(i, dict)]
+            return None, [_call(i["name"], _arguments_json(i.get("parameters", {})))
+                          for i in items if isinstance(i, dict)]
         return parse_auto(text)
 
 
@@ -170,9 +171,8 @@ def parse_auto(text: str) -> tuple[str | None, list[JsonObject]]:
 def _llama_calls(text: str) -> list[JsonObject] | None:
     """The calls of Llama 3's `{...}; {...}`, or None when something else is there. Each object is decoded whole,
     as vLLM's parser does, so a ";" inside an argument (`"SELECT 1; SELECT 2"`) does not split its call."""
-    decoder = json.JSONDecoder()
+    decoder, pos = json.JSONDecoder(), 0
     calls: list[JsonObject] = []
-    pos = 0
     while pos < len(text):
         try:
             item, pos = decoder.raw_decode(text, pos)
@@ -207,7 +207,7 @@ def partial_required_calls(text: str) -> list[JsonObject]:
         except json.JSONDecodeError:
             break
         if isinstance(item, dict) and isinstance(item.get("name"), str):
-            calls.append(_call(item["name"], json.dumps(item.get("parameters", {}))))
+            calls.append(_call(item["name"], _arguments_json(item.get("parameters", {}))))
     cut = _PARTIAL_CALL.match(text, pos)
     if cut is not None:
         arguments = text[cut.end():]
@@ -237,7 +237,12 @@ def _call_of(item: object) -> JsonObject | None:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
     arguments = item.get("arguments", item.get("parameters", {}))
-    return _call(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
+    return _call(item["name"], arguments if isinstance(arguments, str) else _arguments_json(arguments))
+
+
+def _arguments_json(arguments: object) -> str:
+    """Non-ASCII text as it is ("Zürich", not "Z\\u00fcrich"), as vLLM's parsers write arguments."""
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _call(name: str, arguments: str) -> JsonObject:

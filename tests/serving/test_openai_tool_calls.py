@@ -49,6 +49,19 @@ def test_llama_json_calls_with_a_semicolon_inside_an_argument() -> None:
     assert parse_auto(text) == (text, [])  # not only calls: plain content
 
 
+@pytest.mark.parametrize(("choice", "output"), [
+    ("auto", '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich"}}</tool_call>'),
+    ("auto", '{"name": "get_weather", "parameters": {"city": "Zürich"}}'),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Zürich"}}]'),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Zürich"}}, {"name": "get_ti'),  # cut
+])
+def test_arguments_keep_non_ascii_text(choice: str, output: str) -> None:
+    calling = tool_calling_of([WEATHER, TIME], choice)
+    assert calling is not None
+    calls = calling.parse(output)[1]
+    assert calls[0]["function"]["arguments"] == '{"city": "Zürich"}'  # as vLLM writes it, not "Z\\u00fcrich"
+
+
 def test_auto_stream_holds_back_a_call_and_sends_it_as_deltas() -> None:
     calling = tool_calling_of([WEATHER], "auto")
     assert calling is not None and calling.mode == "auto"
