@@ -1,5 +1,6 @@
 """Checks of what a prefill answered against its handshake, before a transfer strides by it: block ids
-within its KV cache, staging slots within its staging buffer.
+within its KV cache, staging slots within its staging buffer; and its block digests (kv_checksum) against
+the blocks the load moves, before a load starts whose verification would index past them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ def check_block_ids(load: Load, remote: RemoteEngine, where: str) -> None:
     if top >= remote.info.num_blocks:
         raise KVTransferError(f"request {load.request_id}: the prefill's block ids name block {top} of {where}, "
                               f"whose handshake announced {remote.info.num_blocks} blocks", hint=_SAME_VERSION)
+
+
+def check_digests(load: Load, checksums: list[list[str]] | None, where: str) -> None:
+    """The prefill's block digests name one digest per block-table index the load moves, in each of its KV-cache
+    groups: the verification after the transfer indexes them by that index, and runs on the engine thread (an
+    IndexError there would fail every request of the step, not only this one)."""
+    if checksums is None:
+        return
+    moved = [g for g, pairs in enumerate(load.pairs) if pairs]
+    if moved and moved[-1] >= len(checksums):
+        raise KVTransferError(f"request {load.request_id}: {where} sent digests of {len(checksums)} KV-cache groups, "
+                              f"the load moves blocks of {len(load.pairs)}", hint=_SAME_VERSION)
+    for g in moved:
+        top = max(p[0] for p in load.pairs[g])
+        if top >= len(checksums[g]):
+            raise KVTransferError(f"request {load.request_id}: {where} sent {len(checksums[g])} block digests for "
+                                  f"group {g}, the load moves block {top} of its block table", hint=_SAME_VERSION)
 
 
 def check_staged(slots: list[list[int]], asked: list[list[int]], num_slots: int, source: RemoteKV,

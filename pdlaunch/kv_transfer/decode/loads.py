@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids
+from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids, check_digests
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
@@ -58,6 +58,7 @@ class DecodeLoads:
                 return
             remote = self.peers.get(load.remote)
             check_block_ids(load, remote, load.where)
+            check_digests(load, load.remote.checksums, load.where)
             strategy = self._choose(remote)
             with self.ctx.lock:
                 if load.abandoned or load.state != LoadState.HANDSHAKE:

@@ -17,7 +17,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
-from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids
+from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids, check_digests
 from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
@@ -81,6 +81,8 @@ class ReshardLoad(LoadStrategy):
                 remotes[src.rank] = ctx.peers.get(src.remote)
                 _check_source(src, remotes[src.rank], plan, spec)
                 check_block_ids(load, remotes[src.rank], src.remote.where)
+                if src.slices:  # _read_source verifies what it READs against them
+                    check_digests(load, src.checksums, f"{src.remote.where} (TP rank {src.rank})")
             reading = [src for src in plan.sources if src.slices]
             moved = any(load.pairs)
             if ctx.verify_kv and moved and any(src.checksums is None for src in reading):
