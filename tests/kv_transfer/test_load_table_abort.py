@@ -80,6 +80,17 @@ def test_abort_of_a_running_load_releases_the_prefill_without_counting_a_failure
     assert table.request_ids() == set()
 
 
+def test_abort_of_a_running_load_before_its_push_was_sent_lets_the_prefill_free_at_once(table: LoadTable) -> None:
+    """A client that leaves while its push load is being set up (handshake done, push request not sent yet): the
+    prefill holds the request's blocks for its push until told otherwise, so it is told (cancel_unsent: a
+    cancel_push), as a load that fails there tells it; it used to keep them until its lease ended."""
+    load, strategy = _load(table, LoadState.RUNNING)
+    assert not load.push_sent
+    assert table.abort(load.request_id) is False
+    assert strategy.cancelled_unsent == ["r-1"]
+    assert table.request_ids() == set()
+
+
 def test_abort_of_a_failed_unreported_load_that_drains_counts_it_once(table: LoadTable) -> None:
     load, strategy = _load(table, LoadState.FAILED)
     load.push_sent = True  # a WRITE may still land: the blocks drain, the prefill is told when it ends

@@ -221,8 +221,9 @@ class LoadTable:
             self._fail(load, drain)  # counts it; not draining: frees and tells the prefill to release
         elif not drain:
             self._release(load)
-            if was_running and load.strategy is not None:
+            if was_running and load.strategy is not None:  # as _fail: the prefill frees now, not at its lease's end
                 load.strategy.release_prefill(load)
+                load.strategy.cancel_unsent(load)
         if drain:
             return True
         self._forget(load)
