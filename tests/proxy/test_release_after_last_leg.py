@@ -12,7 +12,6 @@ releaser logs when the proxy decides to release: the order is checked on that on
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,13 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.bodies import Body
 from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.helpers.stalling_instance import StallingInstance
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
 
@@ -34,22 +34,14 @@ NO_PARAMS = "-"
 Log = list[tuple[str, str, str]]  # (start | end | release, instance or "proxy", remote_request_id or NO_PARAMS)
 
 
-class Decode:
+class Decode(StallingInstance):
     """Answers a decode leg as its prompt says: ok (a whole answer or a stream) or fail (500); one that `stalls`
     answers none, and its /health stops answering. Logs each leg's start and end with the held request its params
     name."""
 
     def __init__(self, name: str, log: Log, stalls: bool = False) -> None:
+        super().__init__()
         self.name, self.log, self.stalls = name, log, stalls
-        self.stalled = asyncio.Event()
-        self.app = FastAPI()
-        self.app.get("/health")(self.health)
-        self.app.post("/v1/completions")(self.completions)
-
-    async def health(self) -> Any:
-        if self.stalled.is_set():
-            await asyncio.sleep(30)
-        return {"status": "ok"}
 
     async def completions(self, request: Request) -> Any:
         body = await request.json()
@@ -57,8 +49,7 @@ class Decode:
         rid = params.get("remote_request_id", NO_PARAMS)
         self.log.append(("start", self.name, rid))
         if self.stalls:
-            self.stalled.set()
-            await asyncio.sleep(30)
+            await self.stall()
         if body["prompt"] == "fail":
             self.log.append(("end", self.name, rid))
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)

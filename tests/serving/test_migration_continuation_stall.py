@@ -4,7 +4,6 @@ decode dies before making the held-back ids again leaves the next to make them, 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,32 +16,25 @@ from fastapi.responses import StreamingResponse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.helpers.stalling_instance import StallingInstance
 from tests.serving.helpers import ThreadServer, wait_for
 
 REQUEST_TIMEOUT_S = 20.0  # the proxy's deadline; the move to the third decode takes about 1 s + the health timeout
 
 
-class _Decode:
+class _Decode(StallingInstance):
     """`mode` first: one chunk ("A", its id, the prompt's ids) and the end without [DONE] (a decode that died);
     stall: takes the continuation, never answers it, and its /health stops answering; finish: "B" and [DONE]."""
 
     def __init__(self, mode: str) -> None:
-        self.mode, self.bodies, self.stalled = mode, [], asyncio.Event()
-        self.app = FastAPI()
-        self.app.get("/health")(self.health)
-        self.app.post("/v1/completions")(self.completions)
-
-    async def health(self) -> Any:
-        if self.stalled.is_set():
-            await asyncio.sleep(30)
-        return {"status": "ok"}
+        super().__init__()
+        self.mode, self.bodies = mode, []
 
     async def completions(self, request: Request) -> Any:
         body = await request.json()
         self.bodies.append(body)
         if self.mode == "stall":
-            self.stalled.set()
-            await asyncio.sleep(30)
+            await self.stall()
         choice: dict[str, Any] = {"index": 0, "text": "A", "finish_reason": None, "token_ids": [7]}
         if self.mode == "first":
             choice["prompt_token_ids"] = [1, 2]

@@ -28,6 +28,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.stream_progress import Progress
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
+from tests.helpers.stalling_instance import StallingInstance
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
 
@@ -190,23 +191,11 @@ def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_even
     assert "pdlaunch_proxy_migrations_exhausted_total 1.0" in metrics
 
 
-class _StallingDecode:
+class _StallingDecode(StallingInstance):
     """Takes a whole (not streamed) decode leg and never answers it; its /health stops answering too."""
 
-    def __init__(self) -> None:
-        self.stalled = asyncio.Event()
-        self.app = FastAPI()
-        self.app.get("/health")(self.health)
-        self.app.post("/v1/completions")(self.completions)
-
-    async def health(self) -> Any:
-        if self.stalled.is_set():
-            await asyncio.sleep(30)
-        return {"status": "ok"}
-
     async def completions(self, request: Request) -> Any:
-        self.stalled.set()
-        await asyncio.sleep(30)
+        await self.stall()
         return {}
 
 
