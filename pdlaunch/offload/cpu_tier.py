@@ -2,10 +2,11 @@
 
 One region per KV-cache group with the device cache's per-block layout
 `[num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim]` (pinned on CUDA hosts so copies
-are asynchronous DMA; plain memory on CPU). CPU block b holds one token block of a prefix in every
-group at index b; `groups` says which groups hold valid KV (a sliding-window group may not have had
-the block any more). Blocks are indexed by the same chained block hash as the device prefix cache
-(kvcache/prefix_cache.py) and verified by parent hash and token ids, so a hash collision is a miss.
+are asynchronous DMA, at exactly their size: offload/pinned_region.py; plain memory on CPU). CPU block
+b holds one token block of a prefix in every group at index b; `groups` says which groups hold valid
+KV (a sliding-window group may not have had the block any more). Blocks are indexed by the same
+chained block hash as the device prefix cache (kvcache/prefix_cache.py) and verified by parent hash
+and token ids, so a hash collision is a miss.
 Eviction is least recently used (stored or hit).
 """
 
@@ -20,6 +21,7 @@ import torch
 from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_integrity import BlockIntegrityError
 from pdlaunch.memory.host_devices import host_memory_bytes
+from pdlaunch.offload.pinned_region import unpin, zeroed_region
 
 _SIZE_HINT = "lower --kv-offload-gb to what the host can spare next to the model, or 0 to turn offload off"
 
@@ -41,6 +43,7 @@ class CPUTier:
             raise EngineError(f"the CPU offload tier would hold {num_blocks} blocks", field="cache.kv_offload_gb",
                               hint="raise --kv-offload-gb to at least one KV block, or 0 to turn offload off")
         self.num_blocks = num_blocks
+        self.pinned = pin_memory
         self.caches = self._allocate(num_blocks, block_shapes, dtype, pin_memory)
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.entries: OrderedDict[int, CPUBlock] = OrderedDict()  # block hash -> block, LRU first
@@ -55,9 +58,14 @@ class CPUTier:
         if need > ram:
             raise EngineError(f"the CPU offload tier needs {need / 2**30:.1f} GiB but this host has "
                               f"{ram / 2**30:.1f} GiB of RAM", field="cache.kv_offload_gb", hint=_SIZE_HINT)
+        regions: list[torch.Tensor] = []
         try:
-            return [torch.zeros(num_blocks, *shape, dtype=dtype, pin_memory=pin_memory) for shape in block_shapes]
-        except RuntimeError as exc:  # torch.OutOfMemoryError too (pinned memory)
+            for shape in block_shapes:
+                regions.append(zeroed_region(num_blocks, shape, dtype, pin_memory))
+            return regions
+        except RuntimeError as exc:  # torch.OutOfMemoryError too
+            if pin_memory:
+                unpin(regions)  # the groups pinned before the failure
             raise EngineError(f"the CPU offload tier of {need / 2**30:.1f} GiB{' pinned' if pin_memory else ''} "
                               f"could not be allocated: {exc}", field="cache.kv_offload_gb", hint=_SIZE_HINT) from exc
 
@@ -99,6 +107,12 @@ class CPUTier:
         if self.entries.get(entry.block_hash) is entry:
             del self.entries[entry.block_hash]
             self.free.append(entry.block_id)
+
+    def release(self) -> None:
+        """Unpin the regions (once no copy can touch them: the transfer thread is shut down). Idempotent."""
+        if self.pinned:
+            self.pinned = False
+            unpin(self.caches)
 
     def num_used_blocks(self) -> int:
         return len(self.entries)

@@ -262,4 +262,5 @@ class OffloadManager:
     def shutdown(self) -> None:
         self._evicted.clear()
         self.transfer.shutdown()
+        self.tier.release()  # after the transfer thread: no copy reads or writes the regions any more
         self.poll()
