@@ -3,7 +3,8 @@
 process: with Python's default of 5 ms, an answer ready on one thread waited for the other's turn to end. At 0.5 ms,
 on one H200 (8B shape, 4096-token prompts one at a time, benchmarks/RESULTS.md 2026-11-29): PD TTFT median 116.9
 against 125.7 ms (the prefill instance's own request time 99.0 against 106.2 ms), TPOT median colocated 4.5 against
-4.8 ms and PD 5.1 against 5.35 ms; colocated TTFT the same (109.3 against 109.1 ms). Not measured under load.
+4.8 ms and PD 5.1 against 5.35 ms; colocated TTFT the same (109.3 against 109.1 ms). Under load (256 prompts of
+1024 in / 128 out, 64 in flight, four alternating runs) throughput and ITL p99 were within the spread between runs.
 A value that is no positive number of milliseconds up to 100 leaves the default; check-config and serve say so,
 since the processes that read it cannot tell the user."""
 
