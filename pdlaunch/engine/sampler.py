@@ -12,8 +12,10 @@ its E from its own generator, one draw of V values per token, so its tokens do n
 else is in the batch, and its output token k comes from draw `seed_offset` + k of its seed's stream
 (engine/first_token.py skips the earlier draws); unseeded requests share the engine's generator.
 
-Logprobs are those of the model's distribution (log_softmax of the raw logits), before
-processors, temperature, top_k and top_p (vLLM's default, raw logprobs).
+Logprobs are those of the model's distribution (log_softmax of the logits) after the grammar masks and before
+processors, temperature, top_k and top_p (vLLM's default, raw logprobs: its model runner masks the logits by
+the grammar before its sampler computes them). A token the grammar forbids has logprob -inf, reported as
+LOGPROB_FLOOR (vLLM's -9999.0), since JSON has no infinity.
 
 Decode steps replayed from CUDA graphs return logits like eager steps, and all of this runs after the
 replay, outside the graph, except the greedy argmax: the graph ends with it (runner/cuda_graphs.py), and
@@ -41,6 +43,7 @@ from pdlaunch.model.fused_ops import argmax_rows
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
+LOGPROB_FLOOR = -9999.0  # what a -inf logprob is reported as (vLLM's serving layer clamps to the same)
 NO_TOKEN = -1  # the id sampled for a row whose grammar and processors left every logit at -inf
 
 
@@ -68,9 +71,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     logits: [N, V] float32; top_k: [N] int64 (V = off); top_p: [N] float32 (1.0 = off).
     """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)
-    drop = ranks.unsqueeze(0) >= top_k.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    # keep the logits >= the k-th largest, as vLLM does: tokens tied with the k-th all stay
+    kth = sorted_logits.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     # Drop a token when the mass of the tokens before it already reaches top_p (the first stays).
     mass_before = probs.cumsum(dim=-1) - probs
@@ -108,9 +111,10 @@ class Sampler:
         """logits: [N, V] float32, one row per request in `rows`; argmax: their argmax when already computed (the
         decode graph does), used as the greedy ids where nothing changes the logits."""
         failed: dict[int, Exception] = {}
-        chosen = self.sample_ids(logits, rows, argmax, failed)
+        masked = apply_grammar_masks(logits, [r.matcher for r in rows], failed)
+        chosen = self._sample_masked(masked, rows, argmax, masked is not logits, failed)
         token_ids = chosen.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids), failed)
+        return SamplerOutput(token_ids, self._logprobs(masked, rows, chosen, token_ids), failed)
 
     def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow], argmax: torch.Tensor | None = None,
                    failed: dict[int, Exception] | None = None) -> torch.Tensor:
@@ -118,12 +122,19 @@ class Sampler:
         argmax when already computed; the greedy ids unless a grammar or a processor changed the logits.
         `failed`: where a row whose own grammar or processors raise is recorded (SamplerOutput.failed); without
         it the exception propagates."""
+        masked = apply_grammar_masks(logits, [r.matcher for r in rows], failed)
+        return self._sample_masked(masked, rows, argmax, masked is not logits, failed)
+
+    def _sample_masked(self, logits: torch.Tensor, rows: Sequence[SampleRow], argmax: torch.Tensor | None,
+                       grammar_masked: bool, failed: dict[int, Exception] | None) -> torch.Tensor:
+        """sample_ids after the grammar masks (`grammar_masked`: they changed the logits, so `argmax`, that of the
+        logits before them, no longer holds)."""
         num_rows, vocab = logits.shape
-        raw = logits
-        logits = apply_grammar_masks(logits, [r.matcher for r in rows], failed)
-        logits = self.processors(logits, rows, failed)  # both return their input when no row needs them
-        chosen = argmax if argmax is not None and logits is raw else argmax_rows(logits)
-        blocked = None if logits is raw else logits.amax(dim=-1) == float("-inf")  # [N] bool
+        masked = logits
+        logits = self.processors(logits, rows, failed)  # returns its input when no row needs it
+        changed = grammar_masked or logits is not masked
+        chosen = argmax if argmax is not None and not changed else argmax_rows(logits)
+        blocked = logits.amax(dim=-1) == float("-inf") if changed else None  # [N] bool
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             dev = logits.device
@@ -160,7 +171,7 @@ class Sampler:
         wanted = [r.params.logprobs for r in rows]
         if all(n is None for n in wanted):
             return [None] * len(rows)
-        logp = logits.log_softmax(dim=-1)
+        logp = logits.log_softmax(dim=-1).clamp_min(LOGPROB_FLOOR)  # a grammar's forbidden tokens: -inf
         chosen_lp = logp.gather(1, chosen.clamp_min(0).unsqueeze(1)).squeeze(1).tolist()
         top_n = max(n or 0 for n in wanted)
         top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (None, None))

@@ -201,7 +201,7 @@ def advance(matcher: LLMatcher, token_id: int) -> bool:
 def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | None],
                         failed: dict[int, Exception] | None = None) -> torch.Tensor:
     """logits: [N, V]; matchers: one per row, None where unconstrained. Returns masked logits
-    (a new tensor when any row is constrained; the raw ones still give logprobs). With `failed`, a row whose
+    (a new tensor when any row is constrained; logprobs come from it, as vLLM's do). With `failed`, a row whose
     matcher raises is recorded there (row -> exception) and left unmasked (its caller drops its token); without
     it the exception propagates."""
     rows = [i for i, m in enumerate(matchers) if m is not None]

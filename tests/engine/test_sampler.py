@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.sampler import Sampler, SampleRow, apply_top_k_top_p
+from pdlaunch.engine.sampler import LOGPROB_FLOOR, Sampler, SampleRow, apply_top_k_top_p
 
 V = 50
 
@@ -158,3 +158,42 @@ def test_small_temperature_is_raised_to_a_finite_division_and_stays_near_greedy(
     assert out.token_ids == x.argmax(-1).tolist()
     unchecked = SampleRow(SamplingParams.model_construct(temperature=1e-40, top_k=-1, top_p=1.0, logprobs=None))
     assert s(x[:1], [unchecked]).token_ids == x[:1].argmax(-1).tolist()
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth() -> None:
+    # vLLM keeps the logits >= the k-th largest, so tokens tied with the k-th all stay
+    x = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]])
+    out = apply_top_k_top_p(x, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, False, True, True, False, True]
+    out = apply_top_k_top_p(x, torch.tensor([1]), torch.tensor([1.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, False, False, False, False, False]
+
+
+def test_logprobs_of_a_structured_output_row_come_from_its_masked_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM applies the grammar bitmask to the logits before its sampler computes logprobs: a token the grammar
+    # forbids is never among the top logprobs, and the chosen one's is its share of what the grammar allows
+    import llguidance.torch as llt
+
+    allowed = [7, 9, 11]
+
+    def fill(matcher: object, mask: torch.Tensor, index: int) -> None:
+        mask[index] = 0
+        mask[index, 0] = sum(1 << t for t in allowed)
+
+    monkeypatch.setattr(llt, "fill_next_token_bitmask", fill)
+    s = Sampler("cpu")
+    x = logits(2, seed=8)
+    plain = row(s, temperature=0.0, logprobs=5)
+    grammar = SampleRow(SamplingParams(temperature=0.0, logprobs=5), matcher=object())  # type: ignore[arg-type]
+    out = s(x, [plain, grammar])
+    unconstrained, constrained = out.logprobs
+    assert unconstrained is not None and constrained is not None
+    assert list(unconstrained.top) == x[0].log_softmax(-1).topk(5).indices.tolist()
+    ref = torch.full((V,), float("-inf"))
+    ref[allowed] = x[1, allowed]
+    ref = ref.log_softmax(-1)
+    assert out.token_ids[1] == int(ref.argmax())
+    assert math.isclose(constrained.logprob, ref[out.token_ids[1]].item(), rel_tol=1e-5)
+    assert set(list(constrained.top)[:3]) == set(allowed)
+    # the two forbidden tokens of the top 5 have logprob -inf, reported as vLLM reports it (JSON has no infinity)
+    assert [v for t, v in constrained.top.items() if t not in allowed] == [LOGPROB_FLOOR] * 2
