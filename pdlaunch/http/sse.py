@@ -129,7 +129,9 @@ class ClosingStreamingResponse(StreamingResponse):
         stream = partial(StreamingResponse.__call__, self, scope, receive)
         try:
             if not await stalled_reader.stream_while_read(stream, send):
-                # uvicorn then logs that the response is incomplete, and closes the connection once it can
+                # uvicorn then closes the connection, and would log an ERROR that the response is incomplete:
+                # this warning says why instead (stalled_reader.quiet_incomplete_response_error)
+                stalled_reader.quiet_incomplete_response_error()
                 log.warning("%s %s: the client read nothing of the stream for %g s; the stream ends unfinished",
                             scope.get("method"), scope.get("path"), stalled_reader.SEND_STALL_SECONDS)
         finally:

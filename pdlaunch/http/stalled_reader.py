@@ -11,12 +11,41 @@ proxy relays each event of every stream through here.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from starlette.types import Message, Send
 
 SEND_STALL_SECONDS = 60.0
 CHECKS_PER_STALL = 4  # a stalled stream ends between 1 and 1 + 1/CHECKS_PER_STALL times SEND_STALL_SECONDS
+# What uvicorn's protocols log at ERROR when an app returns before its response ended, and where.
+INCOMPLETE_RESPONSE_ERROR = "ASGI callable returned without completing response."
+UVICORN_ERROR_LOGGER = "uvicorn.error"
+
+# Set in the task that serves one request (uvicorn awaits the app in that task and logs the error there, so the
+# value is visible to the log filter): that request's stream ended because its client read nothing.
+_ended_unread: ContextVar[bool] = ContextVar("pdlaunch_stream_ended_unread", default=False)
+
+
+class _QuietUnreadStreams(logging.Filter):
+    """Drops uvicorn's incomplete-response ERROR of a stream that ended because its client stopped reading (our
+    own warning said so); the same error from any other response still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_ended_unread.get() and record.getMessage() == INCOMPLETE_RESPONSE_ERROR)
+
+
+_FILTER = _QuietUnreadStreams()
+
+
+def quiet_incomplete_response_error() -> None:
+    """For the request being served in this task: its unfinished response is expected, not an ERROR. The filter is
+    added here, after uvicorn configured its loggers, and once."""
+    _ended_unread.set(True)
+    logger = logging.getLogger(UVICORN_ERROR_LOGGER)
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
 
 
 async def stream_while_read(stream: Callable[[Send], Awaitable[None]], send: Send) -> bool:

@@ -94,3 +94,29 @@ def test_cancelling_the_caller_cancels_the_stream() -> None:
 
     asyncio.run(run())
     assert stream.ended == "cancelled"
+
+
+def test_only_the_unread_streams_incomplete_response_error_is_quieted() -> None:
+    import contextvars
+    import logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(stalled_reader.UVICORN_ERROR_LOGGER)
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        def unread_request() -> None:  # one request's task: its stream ended unread, then uvicorn logs
+            stalled_reader.quiet_incomplete_response_error()
+            logger.error(stalled_reader.INCOMPLETE_RESPONSE_ERROR)
+            logger.error("another error of the same request")
+
+        contextvars.copy_context().run(unread_request)
+        logger.error(stalled_reader.INCOMPLETE_RESPONSE_ERROR)  # any other request's: still an error
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another error of the same request", stalled_reader.INCOMPLETE_RESPONSE_ERROR]

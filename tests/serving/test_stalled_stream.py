@@ -6,7 +6,9 @@ connection stayed forever."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,8 +39,8 @@ def info(url: str) -> dict[str, Any]:
     return answer
 
 
-def test_a_stream_nobody_reads_stops_its_request(server: tuple[str, EngineLoop],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stream_nobody_reads_stops_its_request(server: tuple[str, EngineLoop], monkeypatch: pytest.MonkeyPatch,
+                                                 uvicorn_errors: Records, pdlaunch_warnings: Records) -> None:
     url, _ = server
     monkeypatch.setattr(stalled_reader, "SEND_STALL_SECONDS", 1.0)
     aborted = info(url)["num_aborted_requests"]
@@ -55,3 +57,51 @@ def test_a_stream_nobody_reads_stops_its_request(server: tuple[str, EngineLoop],
                  "aborted (not run to their end)", 300)
         ended = info(url)
         assert ended["num_pending_requests"] == 0 and ended["num_aborted_requests"] == aborted + N, ended
+        drain_until_closed(conn, 120)  # uvicorn closes the connection after the app returned (and logged, if it does)
+    # our own warning says what happened; uvicorn's "returned without completing response" ERROR would only alarm
+    assert [r.getMessage() for r in uvicorn_errors.records if r.levelno >= logging.ERROR] == []
+    assert any("read nothing of the stream" in r.getMessage() for r in pdlaunch_warnings.records)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def uvicorn_errors() -> Iterator[Records]:
+    yield from _recorded("uvicorn.error")
+
+
+@pytest.fixture
+def pdlaunch_warnings() -> Iterator[Records]:
+    yield from _recorded("pdlaunch.http")
+
+
+def _recorded(name: str) -> Iterator[Records]:
+    # a handler on the logger itself: uvicorn's loggers need not propagate to the root, where caplog listens
+    handler, logger = Records(), logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def drain_until_closed(conn: socket.socket, timeout_s: float) -> None:
+    """Read what the server sent until it closes the connection (at most `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            if not conn.recv(1 << 20):
+                return
+        except ConnectionResetError:
+            return
+        except TimeoutError:
+            break
+    raise AssertionError(f"the server did not close the stalled stream's connection within {timeout_s:g} s")
