@@ -108,5 +108,6 @@ class CuMemDriver:
 
     def _unmap(self, alloc: Allocation) -> None:
         self._check(self._cu.cuMemUnmap(alloc.ptr, alloc.size), "cuMemUnmap")
-        self._check(self._cu.cuMemRelease(alloc.handle), "cuMemRelease")
-        alloc.handle = None
+        # unmapped: asleep from here on (a wake maps it again, from its backup), even if the release below fails
+        handle, alloc.handle = alloc.handle, None
+        self._check(self._cu.cuMemRelease(handle), "cuMemRelease")

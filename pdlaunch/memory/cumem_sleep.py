@@ -46,8 +46,16 @@ class CuMemSleep(CuMemDriver):
                 for alloc in awake:
                     alloc.backup = None
                 raise
-            for alloc in awake:
-                self._unmap(alloc)
+            try:
+                for alloc in awake:
+                    self._unmap(alloc)
+            except BaseException:
+                # those still mapped hold their contents on the GPU: their pinned backups would only sit there
+                # (GiBs) until the next sleep; those unmapped before the failure are asleep, their backups kept
+                for alloc in awake:
+                    if alloc.handle is not None:
+                        alloc.backup = None
+                raise
             freed = sum(a.size for a in awake)
         logger.info("cumem: slept, released %.2f GiB (%s backed up)", freed / 2**30, sorted(offload) or "nothing")
         return freed
