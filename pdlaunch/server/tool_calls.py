@@ -5,8 +5,9 @@
 - "auto" (the default with tools): the model decides. Its output is parsed for Qwen / Hermes
   style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or for a Llama 3 JSON
   call (`{"name": ..., "parameters": {...}}`, optionally after <|python_tag|>, several joined by
-  ";"). Found calls become `tool_calls` with finish_reason "tool_calls"; text before them stays
-  content.
+  ";"). Found calls become `tool_calls` with finish_reason "tool_calls"; text before a Hermes call
+  stays content as written, whitespace included (as vLLM's hermes parser keeps it), so a whole
+  answer's content is what a stream of the same output sends.
 - "required": structured output forces a JSON array of {"name", "parameters"} of the given
   tools (at least one), as vLLM does; each element is a call. Cut by max_tokens, the answer keeps
   finish_reason "length" and reports the calls written so far, the last one with its arguments as
@@ -160,7 +161,8 @@ def parse_auto(text: str) -> tuple[str | None, list[JsonObject]]:
     start = text.find(HERMES_START)
     if start >= 0:
         calls = _calls_of(_HERMES.findall(text[start:]))
-        return ((text[:start].strip() or None), calls) if calls else (text, [])
+        # As written, whitespace kept (vLLM's hermes parser), so it is what a stream sent before the call.
+        return (text[:start] or None, calls) if calls else (text, [])
     stripped = text.strip().removeprefix(_PYTHON_TAG).strip()
     if not stripped.startswith("{"):
         return text, []
@@ -303,6 +305,8 @@ class ToolStream:
             return 0
         if finished:
             return len(self.text)
+        if _PYTHON_TAG.startswith(self.text.lstrip()):  # the tag may be arriving in pieces
+            return 0
         for n in range(min(len(HERMES_START) - 1, len(self.text)), 0, -1):  # a marker may be arriving
             if HERMES_START.startswith(self.text[-n:]):
                 return len(self.text) - n
