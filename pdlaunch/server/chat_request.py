@@ -85,6 +85,7 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: JsonObject | None = None
     add_special_tokens: bool | None = None
+    documents: list[dict[str, str]] | None = None  # vLLM's: RAG documents for the chat template
     tools: JsonValue = None  # server/tool_calls.py reads these three
     tool_choice: JsonValue = None
     parallel_tool_calls: bool | None = None
@@ -126,5 +127,5 @@ class ChatCompletionRequest(SamplingFields):
         calling = self.tool_calling()
         return ChatPrompt([m.as_template_input(i) for i, m in enumerate(self.messages)], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
-                          self.chat_template_kwargs, self.add_special_tokens)
+                          self.chat_template_kwargs, self.add_special_tokens, self.documents)
 

@@ -8,6 +8,10 @@
 - chat_template_kwargs: extra template variables (e.g. enable_thinking); the names the server
   sets itself are refused rather than silently overridden.
 - tools: the request's tool definitions, the `tools` variable of Qwen / Llama 3 templates.
+- documents: the request's RAG documents (vLLM's `documents` field), the `documents` variable of Command R /
+  Granite style templates; null without it, as transformers always defines it, so `{% if documents %}` and
+  `documents is not none` read as they do there. chat_template_kwargs may set it instead (vLLM lets them),
+  not together with the field.
 - Assistant tool_calls keep their arguments as a mapping (OpenAI sends a JSON string; templates
   render `arguments | tojson`), as vLLM does.
 - An assistant's `reasoning` / `reasoning_content` (a reasoning model's earlier thinking, which clients send
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 # The variables the server sets, and the functions templates call (jinja's own, such as namespace(), and those
 # the tokenizer adds): a kwarg of that name would replace them (`"namespace": 1` failed every Llama 3 render).
+# Not `documents`: chat_template_kwargs may give it when the request's field does not, as vLLM lets them.
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                                          "raise_exception", "strftime_now", *DEFAULT_NAMESPACE})
 # What a template raises on values it cannot use (a chat_template_kwargs number where it adds strings, a length of
@@ -46,6 +51,7 @@ class ChatPrompt:
     tools: list[JsonObject] | None = None
     template_kwargs: JsonObject | None = None
     add_special_tokens: bool | None = None  # None: one BOS, whether or not the template renders it
+    documents: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if self.continue_final_message and self.add_generation_prompt:
@@ -58,22 +64,26 @@ class ChatPrompt:
         if clash:
             raise OpenAIError(400, f"chat_template_kwargs may not set {', '.join(clash)} (the request's own "
                                    "fields set them)", param=f"chat_template_kwargs.{clash[0]}")
+        if self.documents is not None and "documents" in (self.template_kwargs or {}):
+            raise OpenAIError(400, "documents is sent twice, as the request's field and in chat_template_kwargs; "
+                                   "send it once", param="chat_template_kwargs.documents")
 
     def num_chars(self) -> int:
         """Characters of the request that the template may render (for the size bound before tokenizing): every
-        message field it gets (a role, a name, tool calls' arguments, not only the content), the tools and the
-        chat_template_kwargs. JSON without ASCII escapes: a CJK character counts once, not as six. An assistant's
-        reasoning counts once, though the template gets it under two names."""
+        message field it gets (a role, a name, tool calls' arguments, not only the content), the tools, the
+        chat_template_kwargs and the documents. JSON without ASCII escapes: a CJK character counts once, not as
+        six. An assistant's reasoning counts once, though the template gets it under two names."""
         values: list[object] = [*(v for m in self.messages for k, v in m.items() if k != "reasoning"), self.tools,
-                                self.template_kwargs]
+                                self.template_kwargs, self.documents]
         return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
                    for v in values if v is not None)
 
 
 def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
+    # `documents` is always defined, null without documents, as transformers renders it; the kwargs may set it.
+    variables = {"documents": prompt.documents, **(prompt.template_kwargs or {})}
     try:
-        text = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
-                                             prompt.template_kwargs)
+        text = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools, variables)
     except _RENDER_ERRORS as exc:
         param = "chat_template_kwargs" if prompt.template_kwargs else "messages"
         raise OpenAIError(400, f"{param}: the chat template failed on this request's values ({type(exc).__name__}: "

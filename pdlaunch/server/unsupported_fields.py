@@ -49,7 +49,6 @@ CHAT_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "echo": (False,),  # vLLM's chat echo (repeat the last message)
     "functions": ([],),
     "function_call": ("none",),
-    "documents": ([],),
     "reasoning_effort": (),
     "include_reasoning": (False,),
     "audio": (),
