@@ -146,7 +146,8 @@ class ClaimReadRequest(_Message):
 
 
 class CancelPushRequest(_Owned):
-    """Decode gave up its pushes of `request_id` (those of `owner`, its load)."""
+    """Decode gave up its pushes of `request_id` (those of `owner`, its load), or that load (pull or push) ended
+    before its transfer started."""
 
     type: Literal["cancel_push"]
     request_id: _Name

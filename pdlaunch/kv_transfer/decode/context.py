@@ -291,7 +291,8 @@ class LoadContext:
             self.executor.submit(self.cancel_push, load)
 
     def cancel_push(self, load: Load) -> None:
-        """Loader thread: ask prefill to drop the push; no WRITE in flight ends the drain at once."""
+        """Loader thread: ask prefill to drop the push (or the hold of a load that never started: loads.py);
+        no WRITE in flight ends the drain at once."""
         message = CancelPushRequest(type="cancel_push", request_id=load.remote.held_request_id, owner=load.nonce)
         try:
             answer = self.ask(load.remote, message, CancelPushAnswer, self.handshake_timeout, "push cancel")

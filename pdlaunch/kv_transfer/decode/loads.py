@@ -45,11 +45,16 @@ class DecodeLoads:
     # -- loader threads -----------------------------------------------------------------------
     def run(self, load: Load) -> None:
         """Loader thread: the prefill's block ids if the params lacked them, the handshake (cached per
-        engine), the strategy, and its run; a failure fails the load (the engine thread reports it)."""
+        engine), the strategy, and its run; a failure fails the load (the engine thread reports it).
+        A load that ends after the handshake and before its strategy is on it (aborted, timed out, or the
+        prefill's answer fails its checks) is the loader's to tell the prefill about (`_drop_unstarted`): the
+        table tells it through the strategy, and sees none. Whether the strategy went on the load is decided
+        under the lock that aborts and timeouts end it under, so the prefill is told once, one way or the other."""
+        shook_hands = started = False
         try:
             if load.plan is not None:
                 self._ask_block_ids(load)
-            if load.reshard is not None:
+            if load.reshard is not None:  # it tells every prefill rank itself (reshard_load.py)
                 self.faults.maybe_fail(load.request_id)
                 strategy: LoadStrategy = ReshardLoad(self.ctx, self.reshard_staging, load.reshard)
                 with self.ctx.lock:
@@ -57,6 +62,7 @@ class DecodeLoads:
                 strategy.run(load)
                 return
             remote = self.peers.get(load.remote)
+            shook_hands = True
             check_block_ids(load, remote, load.where)
             check_digests(load, load.remote.checksums, load.where)
             strategy = self._choose(remote)
@@ -64,6 +70,7 @@ class DecodeLoads:
                 if load.abandoned or load.state != LoadState.HANDSHAKE:
                     return
                 load.strategy, load.remote_agent = strategy, remote.agent_name
+                started = True
             self.faults.maybe_fail(load.request_id)  # after the handshake, as a failed transfer would
             spec = self.ctx.spec()
             with self.ctx.lock:
@@ -77,6 +84,9 @@ class DecodeLoads:
         except Exception as e:  # a bug must fail the request, not leave it parked until the timeout
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
+        finally:
+            if shook_hands and not started:
+                self._drop_unstarted(load)
 
     def _choose(self, remote: RemoteEngine) -> LoadStrategy:
         """The strategy of a load from `remote` (ReshardLoad is chosen in `_run`: it shakes hands itself)."""
@@ -97,6 +107,15 @@ class DecodeLoads:
         pairs = load.plan(remote)
         with self.ctx.lock:
             load.remote, load.pairs, load.plan = remote, pairs, None
+
+    def _drop_unstarted(self, load: Load) -> None:
+        """The load ended before its strategy was on it: ask the prefill to drop its hold now, else it keeps the
+        request's blocks until its lease ends. A cancel_push, whatever the mode: it needs no transfer agent and
+        ends this load's interest in the hold (prefill/hold.py), as a pull's release would; the prefill frees
+        the blocks unless another decode is at them. Sent on this loader thread (the executor may be shutting
+        down) and only once the handshake answered: a prefill that did not is not waited for twice."""
+        if load.remote.request_id:  # else the params named no held request (no cancel can name it)
+            self.ctx.cancel_push(load)
 
     def _set_failed(self, load: Load, error: str) -> None:
         with self.ctx.lock:

@@ -196,14 +196,14 @@ class HoldTable:
         return time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
-        """Decode gave up a push (abort, timeout): no WRITE of the cancelling load (`owner`) is posted any
-        more. Answers in_flight: whether a push WRITE of that load may still land in its blocks; if so, the
-        sender thread's push_done/push_failed notification says when it ended. Another decode's push of the same
-        request id (its proxy retried the decode leg there) or staging copy is no WRITE into this one's blocks:
-        not in flight for it (that push's notification goes to that decode alone). Frees the hold once no decode
-        wants it any more (`given_up`): another decode's push goes on, and its blocks stay held until it ends
-        or the lease does; a staging copy still reading them keeps them until it ends (`poll` frees no busy
-        hold)."""
+        """Decode gave up a push (abort, timeout), or a load (pull or push) that ended before its transfer started:
+        no WRITE of the cancelling load (`owner`) is posted any more. Answers in_flight: whether a push WRITE of that
+        load may still land in its blocks; if so, the sender thread's push_done/push_failed notification says when it
+        ended. Another decode's push of the same request id (its proxy retried the decode leg there) or staging copy
+        is no WRITE into this one's blocks: not in flight for it (that push's notification goes to that decode
+        alone). Frees the hold once no decode wants it any more (`given_up`): another decode's push goes on, and its
+        blocks stay held until it ends or the lease does; a staging copy still reading them keeps them until it ends
+        (`poll` frees no busy hold)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             return CancelPushAnswer(in_flight=hold is not None and cancel_push(hold, message.owner))
