@@ -55,6 +55,10 @@ class LoadTable:
                 return
             load.write_ended = True  # push_done comes after the WRITE, push_failed after it was stopped
             if isinstance(notif, PushDone):
+                # Counts even past the deadline, before the next poll fails the load (unlike a pull's READ seen
+                # done late, pull.py): the prefill held its source blocks (claimed, `busy`) until its WRITE ended,
+                # and push_done goes out only once the bytes landed (it travels with the WRITE); our blocks are
+                # still this request's while the load has not ended. An ended load (timed out, aborted) ignores it.
                 if not load.state.ended:
                     load.state = LoadState.OK
             else:
