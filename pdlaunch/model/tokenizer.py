@@ -34,6 +34,11 @@ def _read_json(path: Path) -> dict[str, JsonValue]:
     return data
 
 
+# Besides bos_token and eos_token (always set, "" when the tokenizer has none), the special tokens a chat template
+# sees when the tokenizer sets them, as transformers' special_tokens_map gives them.
+TEMPLATE_SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 def _token_text(value: JsonValue) -> str | None:
     """tokenizer_config stores special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
@@ -115,6 +120,9 @@ class Tokenizer:
 
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
+        # the other special tokens transformers' apply_chat_template gives a template (those the tokenizer sets)
+        self.template_special_tokens: dict[str, str] = {
+            name: text for name in TEMPLATE_SPECIAL_TOKENS if (text := _token_text(config.get(name))) is not None}
         self.bos_token_id: int | None = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         if self.bos_token_id is None and gen_config.get("bos_token_id") is not None:
             self.bos_token_id = _token_id(gen_config["bos_token_id"], "generation_config.json:bos_token_id")
@@ -236,7 +244,7 @@ class Tokenizer:
             )
         try:
             return template_environment().from_string(self.chat_template).render(
-                **(extra or {}),
+                **{**self.template_special_tokens, **(extra or {})},  # chat_template_kwargs may replace them
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,

@@ -84,7 +84,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: JsonObject | None = None
-    add_special_tokens: bool | None = None
+    add_special_tokens: bool = False  # vLLM's default: the chat template renders the special tokens it wants
     documents: list[dict[str, str]] | None = None  # vLLM's: RAG documents for the chat template
     tools: JsonValue = None  # server/tool_calls.py reads these three
     tool_choice: JsonValue = None

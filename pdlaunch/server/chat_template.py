@@ -50,7 +50,9 @@ class ChatPrompt:
     continue_final_message: bool = False
     tools: list[JsonObject] | None = None
     template_kwargs: JsonObject | None = None
-    add_special_tokens: bool | None = None  # None: one BOS, whether or not the template renders it
+    # vLLM's default: the rendered text is encoded as it is, so a BOS only where the template renders one (as
+    # transformers' apply_chat_template(tokenize=True)); true adds the tokenizer's own (one BOS, never two)
+    add_special_tokens: bool = False
     documents: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:

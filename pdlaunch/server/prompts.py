@@ -68,8 +68,6 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:  # a Tokenizer; the p
             return list(tokenizer.encode(prompt))
         if isinstance(prompt, ChatPrompt):
             templated = render(tokenizer, prompt)
-            if prompt.add_special_tokens is None:
-                return list(tokenizer.encode(templated))
             return list(tokenizer.encode(templated, add_special_tokens=prompt.add_special_tokens))
     except PdlaunchError as exc:
         raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None

@@ -2,7 +2,7 @@
 
 - /tokenize takes `prompt` (text; `add_special_tokens` default true) or `messages` (a chat, rendered by the
   checkpoint's chat template with `add_generation_prompt` default true, `continue_final_message`,
-  `chat_template_kwargs`, `tools`; `add_special_tokens` default: as /v1/chat/completions encodes) and
+  `chat_template_kwargs`, `tools`; `add_special_tokens` default false, as /v1/chat/completions encodes) and
   answers `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` with `return_token_strs`).
   The ids are the ones a completion or chat request with the same fields would send to the engine.
 - /detokenize takes `tokens` and answers `{"prompt"}`: the text of those ids, special tokens kept.
@@ -50,7 +50,7 @@ class TokenizeChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    add_special_tokens: bool | None = None  # None: one BOS, as /v1/chat/completions encodes
+    add_special_tokens: bool = False  # as /v1/chat/completions encodes (vLLM's default)
     chat_template_kwargs: JsonObject | None = None
     tools: list[JsonObject] | None = None
     return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)

@@ -57,8 +57,9 @@ def _sent(url: str, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def _ids(url: str, text: str) -> list[int]:
-    """The token ids of a rendered prompt `text` (a chat request encodes its rendering so, BOS included)."""
-    answer = httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": text}, timeout=TIMEOUT)
+    """The token ids of a rendered prompt `text` (a chat request encodes its rendering so: no special tokens added)."""
+    answer = httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": text, "add_special_tokens": False},
+                        timeout=TIMEOUT)
     assert answer.status_code == 200, answer.text
     ids: list[int] = answer.json()["tokens"]
     return ids

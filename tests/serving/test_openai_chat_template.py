@@ -123,11 +123,11 @@ def test_chat_template_file_and_controls_over_http(server: tuple[str, LLMEngine]
 
     expected = ('[hi]<user>Weather in Paris?</user><assistant>call get_weather {"city": "Paris"}</assistant>'
                 "<tool>(call_1)sunny</tool>")
+    # vLLM's default: the rendering as it is (this template renders no BOS); add_special_tokens true adds one
     assert prompt_tokens(chat_template_kwargs={"greeting": "hi"}, add_generation_prompt=False) == \
-        len(tok.encode(expected))
-    assert prompt_tokens() == len(tok.encode(expected.removeprefix("[hi]") + "<assistant>"))
-    assert prompt_tokens(add_special_tokens=False) == len(tok.encode(expected.removeprefix("[hi]") + "<assistant>",
-                                                                     add_special_tokens=False))
+        len(tok.encode(expected, add_special_tokens=False))
+    assert prompt_tokens() == len(tok.encode(expected.removeprefix("[hi]") + "<assistant>", add_special_tokens=False))
+    assert prompt_tokens(add_special_tokens=True) == len(tok.encode(expected.removeprefix("[hi]") + "<assistant>"))
     bad = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "tiny",
         "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]})

@@ -92,7 +92,7 @@ def test_chat_uses_the_template_and_streams_the_same_text(server: tuple[str, Eng
     body = {"model": "tiny", "messages": messages, "max_tokens": 10, "temperature": 0.0}
     whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
     expected_prompt = len(loop.engine.tokenizer.encode(
-        loop.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+        loop.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False))
     assert whole["object"] == "chat.completion" and whole["usage"]["prompt_tokens"] == expected_prompt
     message = whole["choices"][0]["message"]
     assert message["role"] == "assistant"
