@@ -10,7 +10,8 @@ its GPU memory would keep that memory allocated, and the restarted instance woul
 Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
 stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too: their rows
 follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them, and say
-"not this instance" where another server answers there (Deployment.answers_as_remote).
+"not this instance" where another server answers there (Deployment.answers_as_remote), and count for
+supervision.role_down_grace_seconds, which node 0 applies to every role; another node, to the roles wholly its own.
 """
 
 from __future__ import annotations
@@ -80,9 +81,14 @@ class Supervisor:
         self.console = console
         self.policy = RestartPolicy.from_config(deployment.cfg.supervision)
         self.records = _records(deployment)
-        # A role with instances on other nodes is judged by the proxy there, not by this node's grace.
-        remote_roles = {p.spec.role for p in deployment.plan.instances if not p.local}
-        self.roles = sorted({r.role for _, r in self.records} - remote_roles)
+        # node 0's rows of instances other nodes run: set ready by the start's wait, then by their /health
+        self.remote = ([p for p in deployment.plan.instances if not p.local]
+                       if deployment.plan.proxy_url is not None else [])
+        # Node 0 sees every instance (the others' through their /health), so it judges every role, one with instances
+        # on several nodes too; another node sees only its own, and judges only the roles wholly its own.
+        local_roles = {r.role for _, r in self.records}
+        self.roles = sorted(local_roles | {p.spec.role for p in self.remote} if deployment.plan.proxy_url is not None
+                            else local_roles - {p.spec.role for p in deployment.plan.instances if not p.local})
         self.role_watch = RoleWatch(self.policy.grace_s)
         self.view = StatusView(console, list(deployment.rows.values()),
                                title=f"pdlaunch: {deployment.cfg.model.path}")
@@ -90,9 +96,6 @@ class Supervisor:
         self._blocks_due = 0.0
         self.stall_timeout_s = deployment.cfg.proxy.health_timeout_seconds
         self.stall_restart_s = deployment.cfg.supervision.stall_restart_seconds
-        # node 0's rows of instances other nodes run: set ready by the start's wait, then by their /health
-        self.remote = ([p for p in deployment.plan.instances if not p.local]
-                       if deployment.plan.proxy_url is not None else [])
         self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records}
                                       | {p.spec.name: p.url + "/health" for p in self.remote}, self.stall_timeout_s,
                                       is_itself={p.spec.name: partial(deployment.answers_as_remote, p)
@@ -273,17 +276,26 @@ class Supervisor:
             raise ChildExited(*dead)
 
     def _check_roles(self, now: float) -> None:
-        live = {role: any(r.live for c, r in self.records if r.role == role and c.running) for role in self.roles}
+        """Stop when a role has had no live instance for the grace. Another node's instance is live while its /health
+        says ready: a stalled one (no answer) cannot be told from a node that is gone."""
+        rows = self.deployment.rows
+        live = {role: any(r.live for c, r in self.records if r.role == role and c.running)
+                or any(rows[p.spec.name].state == "ready" for p in self.remote if p.spec.role == role)
+                for role in self.roles}
         role = self.role_watch.overdue(live, now)
         if role is None:
             return
         members = [(c, r) for c, r in self.records if r.role == role]
-        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state} ({_outage(r)}; log {c.log_path})"
-                           for c, r in members)
+        states = "; ".join([f"{r.name} {rows[r.name].state} ({_outage(r)}; log {c.log_path})" for c, r in members]
+                           + [f"{p.spec.name} {rows[p.spec.name].state} (on node {p.node} at {p.url}; node "
+                              f"{p.node}'s launcher restarts it, and its log is there)"
+                              for p in self.remote if p.spec.role == role])
         what = "the proxy has not been live" if role == "proxy" else f"no live {role} instance"
+        child = members[0][0] if members else self.deployment.proxy  # its log says how the proxy saw them go
+        assert child is not None, "a role without local instances is judged only on node 0, which runs the proxy"
         raise SupervisionFailed(
             f"{what} for {self.role_watch.down_for(role, now):.0f}s "
-            f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}", members[0][0])
+            f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}", child)
 
     def _say(self, text: str) -> None:
         self.console.print(f"[pdlaunch] {text}", highlight=False, markup=False, soft_wrap=True)

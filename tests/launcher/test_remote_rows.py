@@ -23,7 +23,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.stall_watch import StallWatch, health_state
-from pdlaunch.launcher.supervisor import Supervisor
+from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
 
 WAIT_S = 30.0  # the supervisor's health probe runs once a second; a loaded CI box is slow
 SECURITY = {"deployment_secret": "remote-rows-test-secret-0123456789"}
@@ -115,6 +115,22 @@ def test_node0_rows_of_another_nodes_instance_follow_its_health(remote: RemoteIn
     assert f"colocated-0 on node 1 ({url}) answers /health again" in lines, lines
     assert f"colocated-0 on node 1 ({url}) is no longer ready: its /health refuses connections; node 1's " \
            "launcher supervises it, and the proxy routes around it meanwhile" in lines, lines
+
+
+def test_node0_stops_when_a_role_only_another_node_runs_stays_down_past_the_grace(remote: RemoteInstance,
+                                                                                  tmp_path: Path) -> None:
+    """Node 1's colocated-0 dies and is not back within supervision.role_down_grace_seconds: node 0 stops, naming it
+    and the proxy's log. Before, node 0 left every role with an instance on another node to that node's grace."""
+    cfg = _two_nodes(remote, tmp_path, supervision={"role_down_grace_seconds": 2})
+    with Deployment(cfg, Console(quiet=True)) as deployment:
+        assert deployment.start(ready_timeout=WAIT_S * 4)
+        with Supervisor(deployment, deployment.console) as supervisor, pytest.raises(SupervisionFailed) as failed:
+            remote.die()
+            _until(supervisor, lambda: False, "node 0 to stop once colocated-0 was down for the grace")
+    assert failed.value.message.startswith("no live colocated instance for 2s (supervision.role_down_grace_seconds: "
+                                           f"2): colocated-0 down (on node 1 at http://127.0.0.2:{remote.port}; "), \
+        failed.value.message
+    assert failed.value.child is deployment.proxy
 
 
 def test_a_server_that_took_a_remote_instances_port_reads_as_not_this_instance(
