@@ -18,7 +18,8 @@ call ends (the engine failed, an actor died, its node is gone) has its actors an
 removed and, after the backoff, is placed again where Ray finds room, with a new engine_id
 (planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. An instance
 whose actor is alive but whose /health stops answering is said to be stalled, and is ended and restarted the same
-way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py). A
+way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py); so is the proxy, killed then and
+restarted after the backoff, as the local supervisor does. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
 error and the last lines of its log (read through log_dir's shared storage). A built-in or GGUF model is fetched

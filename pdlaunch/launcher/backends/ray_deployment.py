@@ -1,8 +1,8 @@
 """`--backend ray`: the deployment on the cluster: connected at launcher.ray_address, every instance placed
 and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
-supervisor's restart policy; the head watched; a stalled instance restarted after supervision.stall_restart_seconds:
-ray_stall.py; a dead prefill or decode forgotten by its peers before it is placed again, as the local supervisor
-does: launcher/forget_peers.py); stopped proxy first, then every instance."""
+supervisor's restart policy; the head watched; a stalled instance or proxy restarted after
+supervision.stall_restart_seconds: ray_stall.py; a dead prefill or decode forgotten by its peers before it is placed
+again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance."""
 
 from __future__ import annotations
 
@@ -54,13 +54,14 @@ class RayDeployment:
         self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
         self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
         self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
-        self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, self.say)
+        # ready instances and the proxy alive but not answering /health
+        self.stalls = RayStalls(cfg, lambda text: self.say(text))
+        self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
         self._lock = LogDirLock(self.log_dir)
         self._stopped = False
         self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
         self.forget_timeout_s = FORGET_TIMEOUT_S
         self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before it is placed
-        self.stalls = RayStalls(cfg, lambda text: self.say(text))  # ready instances alive but not answering /health
 
     def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
         group = self.cfg.instances[g]

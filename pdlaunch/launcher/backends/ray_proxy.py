@@ -1,7 +1,9 @@
 """`--backend ray`: the proxy, a child process of the launcher on this machine, that knows each instance at
 the address of the node Ray placed it on; started once every instance is ready, restarted when one moved,
 and supervised as the local supervisor supervises it (proxy.restart, the backoff, supervision.max_restarts, a restart
-killed when not ready in time, supervision.role_down_grace_seconds through ray_deployment.py)."""
+killed when not ready in time, a ready one that stops answering /health shown as stalled and killed to be restarted
+after supervision.stall_restart_seconds (ray_stall.py), supervision.role_down_grace_seconds through
+ray_deployment.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import httpx
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.backends.ray_stall import RayStalls
 from pdlaunch.launcher.child_commands import proxy_argv, proxy_env
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.plan import DeploymentPlan
@@ -26,8 +29,9 @@ class RayProxy:
     """The proxy's process (None until started), the URL it knows each instance at, its restart record."""
 
     def __init__(self, cfg: DeploymentConfig, plan: DeploymentPlan, log_dir: Path, http: httpx.Client,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], stalls: RayStalls) -> None:
         self.cfg, self.plan, self.log_dir, self.http, self.say = cfg, plan, log_dir, http, say
+        self.stalls = stalls
         self.process: ChildProcess | None = None
         self.urls: dict[str, str] = {}  # instance name -> URL the running proxy knows it at
         self.record = ProcessRecord("proxy", "proxy", "proxy.restart", cfg.proxy.restart)
@@ -35,6 +39,8 @@ class RayProxy:
     def start(self, runs: list[RayRun], note: str | None) -> None:
         """Start (or restart, with `note`) the proxy with every instance at its current address."""
         assert self.plan.proxy_port is not None
+        self.stalls.forget(RayStalls.PROXY)  # a new process: the old one's stall is not its own, nor its kill
+        self.record.killed_for = ""
         self.urls = {r.name: r.url or r.plan.url for r in runs}
         argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
                           [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs],
@@ -71,13 +77,16 @@ class RayProxy:
 
     def check(self, runs: list[RayRun], now: float, policy: RestartPolicy) -> None:
         """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
-        supervision.max_restarts (restarts in a row that never answered) apply, and a restart that has not
-        answered within READY_TIMEOUT_S is killed (its exit a failed restart)."""
+        supervision.max_restarts (restarts in a row that never answered) apply, a restart that has not
+        answered within READY_TIMEOUT_S is killed (its exit a failed restart), and a ready one that is alive but has
+        not answered /health for supervision.stall_restart_seconds (stalled: stopped, hung) is killed to restart it."""
         proxy, record = self.process, self.record
         if proxy is None:
             return
         if record.due is None and proxy.poll() is not None:
-            decision = on_exit(record, proxy.describe_exit(), now, policy)
+            self.stalls.forget(RayStalls.PROXY)
+            how, record.killed_for = record.killed_for or proxy.describe_exit(), ""  # SIGKILL alone does not say why
+            decision = on_exit(record, how, now, policy)
             if isinstance(decision, GiveUp):
                 raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})", log_path=proxy.log_path)
             self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})")
@@ -94,6 +103,13 @@ class RayProxy:
                          f"(log {proxy.log_path})")
                 record.started = now
                 proxy.signal_group(signal.SIGKILL)
+        elif record.due is None:  # ready and running: stalled?
+            assert self.plan.proxy_url is not None
+            stalled = self.stalls.check_proxy(proxy.pid, self.plan.proxy_url)
+            if stalled is not None:
+                self.say(f"the proxy (pid {proxy.pid}) {stalled}; killing it to restart it (log {proxy.log_path})")
+                record.killed_for = f"{stalled} and killed to restart it"
+                proxy.signal_group(signal.SIGKILL)  # a stopped process dies of SIGKILL too; its exit restarts it
 
     @property
     def live(self) -> bool:
