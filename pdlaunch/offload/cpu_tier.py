@@ -7,7 +7,9 @@ b holds one token block of a prefix in every group at index b; `groups` says whi
 KV (a sliding-window group may not have had the block any more). Blocks are indexed by the same
 chained block hash as the device prefix cache (kvcache/prefix_cache.py) and verified by parent hash
 and token ids, so a hash collision is a miss.
-Eviction is least recently used (stored or hit).
+Eviction is least recently used (stored or hit), a chain's tail before its head: a prefix lookup stops at
+its first miss, so a chain without its first block is useless. `touch` marks a hit's blocks used tail
+first, leaving the head the most recent; the manager allocates a store's blocks deepest first likewise.
 """
 
 from __future__ import annotations
@@ -75,12 +77,21 @@ class CPUTier:
         return sum(int(torch.Size(shape).numel()) * elem for shape in block_shapes)
 
     def lookup(self, block_hash: int, parent_hash: int | None, token_ids: tuple[int, ...]) -> CPUBlock | None:
-        """The block holding exactly this prefix block, marked recently used; None on a miss."""
+        """The block holding exactly this prefix block; None on a miss. Not marked used: the caller
+        touches what it uses, a whole chain at once (`touch`)."""
         entry = self.entries.get(block_hash)
         if entry is None or entry.parent_hash != parent_hash or entry.token_ids != token_ids:
             return None
-        self.entries.move_to_end(block_hash)
         return entry
+
+    def touch(self, chain: Sequence[CPUBlock]) -> None:
+        """Mark the blocks of a chain (head first, as a prefix reads them) recently used, in reverse:
+        the head ends up the most recently used, so eviction takes the chain's tail first (vLLM's
+        LRU offloading manager touches a hit in reverse for the same reason). A block no longer
+        indexed (dropped, or stored again under a new entry) is skipped."""
+        for entry in reversed(chain):
+            if self.entries.get(entry.block_hash) is entry:
+                self.entries.move_to_end(entry.block_hash)
 
     def allocate(self, block_hash: int, parent_hash: int | None, token_ids: tuple[int, ...],
                  groups: frozenset[int], protect: frozenset[int] = frozenset()) -> CPUBlock | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +83,11 @@ class OffloadManager:
             return
         evicted, self._evicted = self._evicted, {}
         by_groups: dict[frozenset[int], list[tuple[CPUBlock, dict[int, int]]]] = {}
-        for node, blocks in evicted.items():
+        # Deepest blocks first: each one allocated (or touched) is the tier's most recently used, so a
+        # chain's head ends up newer than its tail and is evicted after it, and when this flush alone
+        # overflows the tier its later allocations evict the tails it stored first, not the heads.
+        for node in _deepest_first(evicted):
+            blocks = evicted[node]
             # Groups that still cache this prefix block hold the same KV: store them with it.
             for g, pool in enumerate(self.block_manager.pools):
                 if g not in blocks and node in pool.node_block:
@@ -96,6 +100,7 @@ class OffloadManager:
             parent = node.parent.block_hash if node.parent is not None else None
             known = self.tier.lookup(node.block_hash, parent, node.token_ids)
             if known is not None and known.groups >= groups:
+                self.tier.touch([known])  # the device used it since it was stored: as recent as a store
                 continue
             # allocate() reuses a known block's CPU block and this store writes only `groups`: the groups
             # it held stay valid there, unless their own store is still queued (it may yet fail).
@@ -160,6 +165,7 @@ class OffloadManager:
             # Every group needs the blocks its window still sees at position m * bs.
             if all(g in found[j - first].groups for g in range(bm.num_groups)
                    for j in range(max(first, bm._first_needed_block(g, m * bs)), m)):
+                self.tier.touch(found[:m - first])  # tail first: the hit's head is evicted last
                 return CPUHit(m * bs, first, found[:m - first])
         return None
 
@@ -264,3 +270,22 @@ class OffloadManager:
         self.transfer.shutdown()
         self.tier.release()  # after the transfer thread: no copy reads or writes the regions any more
         self.poll()
+
+
+
+def _deepest_first(nodes: Iterable[PrefixNode]) -> list[PrefixNode]:
+    """`nodes` by their position in their chain (0: a prompt's first block), deepest first, else in order."""
+    depth: dict[PrefixNode | None, int] = {None: -1}  # parents walked once for all of them
+
+    def of(node: PrefixNode | None) -> int:
+        path = []
+        while node is not None and node not in depth:
+            path.append(node)
+            node = node.parent
+        d = depth[node]
+        for n in reversed(path):
+            d += 1
+            depth[n] = d
+        return d
+
+    return sorted(nodes, key=of, reverse=True)
