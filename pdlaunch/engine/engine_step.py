@@ -69,6 +69,8 @@ class EngineStep:
             outputs.append(self.outputs.output(request.request_id, [], ""))
         if self.offload is not None:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
+            for request in self.scheduler.fail_cpu_loads(sched, self.offload.take_failed_loads()):
+                outputs.append(self.outputs.output(request.request_id, [], ""))
         logits = None
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)

@@ -3,7 +3,8 @@ prefix found in the prefix cache, the KV connector consulted once for a fresh re
 
 KV offload (offload/manager.py): a fresh request's device prefix hit is extended with blocks from
 the CPU tier; they are loaded into the blocks allocated for it and it runs from the end of the hit
-in the same step (the load is ordered before the step's compute).
+in the same step (the load is ordered before the step's compute). A load that fails is known before
+that compute: `fail_cpu_loads` ends its request and takes it out of the step.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class SchedulerAdmission(SchedulerState):
             return True
         rid = request.request_id
         try:
-            self.offload.start_load(self.block_manager.block_ids(rid), cpu_hit)
+            self.offload.start_load(rid, self.block_manager.block_ids(rid), cpu_hit)
         except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
             log.error("request %s: loading its prefix from the CPU offload tier failed: %s", rid, exc,
                       exc_info=not isinstance(exc, PdlaunchError))
@@ -157,6 +158,25 @@ class SchedulerAdmission(SchedulerState):
             self.failed.append(request)
             return False
         return True
+
+    def fail_cpu_loads(self, out: SchedulerOutput, failures: list[tuple[str, str]]) -> list[Request]:
+        """End the requests whose CPU-tier load failed after it was queued (`failures`: request id, error), before
+        the step's compute: each leaves `out`, its client gets a 500 and its blocks go back to the free list (a PD
+        decode's, once its connector load can no longer write them); the others go on. Returns those ended."""
+        failed = []
+        for rid, error in failures:
+            request = self.requests.get(rid)
+            if request is None:
+                continue  # ended meanwhile
+            for s in [s for s in out.scheduled if s.request is request]:
+                out.scheduled.remove(s)
+                self.prompt_tokens_computed -= max(0, min(s.end, request.num_prompt_tokens) - s.start)
+            # Its blocks hold what the load left: finish_request must not register them as its prefix.
+            request.num_computed_tokens = 0
+            self.finish_request(request, "error", "loading its cached prefix from the CPU offload tier "
+                                f"(--kv-offload-gb) failed: {error}", 500)
+            failed.append(request)
+        return failed
 
     def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
         """Once per admission: cached prompt positions (`local` of them from this instance's prefix

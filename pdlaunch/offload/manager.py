@@ -14,6 +14,9 @@ Flow inside an engine step:
    its window still needs, seen from the end of the hit or of a connector's part after it). The
    request is scheduled in the same step from the end of the hit.
 4. `before_compute` orders every job before the step's compute (CUDA: stream waits on events).
+   A load whose copy raised is reported by then (a job is issued before compute waits for it): its
+   CPU blocks are dropped and its request is handed to the engine (`take_failed_loads`), which ends
+   it before the compute reads its blocks. A CUDA runtime error stops the engine instead.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class _JobInfo:
     store: bool
     num_blocks: int  # logical blocks
     entries: list[CPUBlock]
+    request_id: str | None = None  # a load's request
 
 
 class OffloadManager:
@@ -64,6 +68,7 @@ class OffloadManager:
         self._jobs: dict[int, _JobInfo] = {}
         self._storing: dict[int, tuple[CPUBlock, int]] = {}  # block hash -> (CPU block, its store job) until polled
         self._job_ids = itertools.count()
+        self._failed_loads: list[tuple[str, str]] = []  # (request id, error) until the engine takes them
         self.stored_blocks = 0
         self.loaded_blocks = 0
         self.hit_blocks = 0
@@ -169,8 +174,9 @@ class OffloadManager:
                 return CPUHit(m * bs, first, found[:m - first])
         return None
 
-    def start_load(self, block_ids: Sequence[Sequence[int]], cpu_hit: CPUHit) -> None:
-        """Queue the load of `cpu_hit` into the request's tables `block_ids` (just allocated)."""
+    def start_load(self, request_id: str, block_ids: Sequence[Sequence[int]], cpu_hit: CPUHit) -> None:
+        """Queue the load of `cpu_hit` into the request's tables `block_ids` (just allocated). One that
+        fails later is reported by `take_failed_loads`."""
         self.flush_stores(protect=frozenset(b.block_hash for b in cpu_hit.blocks))
         bm = self.block_manager
         first, end = cpu_hit.first_block, cpu_hit.num_tokens // bm.block_size
@@ -192,7 +198,7 @@ class OffloadManager:
             indices.append(lo - first)
         gpu = GPULoadStoreSpec(tuple(ids), tuple(sizes), tuple(indices))
         cpu = CPULoadStoreSpec(tuple(b.block_id for b in cpu_hit.blocks))
-        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks)), (cpu, gpu))
+        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks), request_id), (cpu, gpu))
         self.hit_blocks += len(cpu_hit.blocks)
         metrics.OFFLOAD_HIT_BLOCKS.inc(len(cpu_hit.blocks))
 
@@ -220,18 +226,26 @@ class OffloadManager:
         self.poll()
 
     def poll(self) -> None:
-        """Account finished jobs; a failed store drops its CPU blocks, a failed load is fatal (raised once
-        every finished job is accounted)."""
-        failed_load: str | None = None
+        """Account finished jobs. A failed job drops its CPU blocks (a store's never hold their KV, a load's
+        may be what broke it) and a failed load's request waits in `take_failed_loads`. A load that failed
+        on a CUDA runtime error is fatal (raised once every finished job is accounted): its copies may be
+        half done or still running, and the device's next work fails on the same sticky error anyway."""
+        fault: str | None = None
         for result in self.transfer.get_finished():
-            if not self._account(result) and failed_load is None:
-                failed_load = result.error
-        if failed_load is not None:
-            raise EngineError(f"loading KV blocks from the CPU tier failed: {failed_load}",
+            self._account(result)
+            if not result.success and not result.store and result.device_fault and fault is None:
+                fault = result.error
+        if fault is not None:
+            raise EngineError(f"loading KV blocks from the CPU tier failed on the device: {fault}",
                               field="cache.kv_offload_gb", hint="restart the instance; see the log")
 
-    def _account(self, result: TransferResult) -> bool:
-        """One finished job; False when it was a load that failed."""
+    def take_failed_loads(self) -> list[tuple[str, str]]:
+        """(request id, error) of each load that failed since the last call: the engine ends those requests
+        before the step's compute reads their blocks."""
+        failed, self._failed_loads = self._failed_loads, []
+        return failed
+
+    def _account(self, result: TransferResult) -> None:
         info = self._jobs.pop(result.job_id)
         direction = "store" if info.store else "load"
         if info.store:
@@ -239,13 +253,15 @@ class OffloadManager:
                 if self._storing.get(entry.block_hash, (None, -1))[1] == result.job_id:
                     del self._storing[entry.block_hash]
         if not result.success:
-            if not info.store:
-                log.error("loading KV blocks from the CPU tier failed: %s", result.error)
-                return False
-            log.error("storing KV blocks to the CPU tier failed: %s", result.error)
+            log.error("%s of %d KV blocks %s the CPU tier failed%s: %s", direction, info.num_blocks,
+                      "to" if info.store else "from", f" (request {info.request_id})" if info.request_id else "",
+                      result.error)
+            metrics.OFFLOAD_FAILED_JOBS.labels(direction).inc()
             for entry in info.entries:
                 self.tier.drop(entry)
-            return True
+            if info.request_id is not None:
+                self._failed_loads.append((info.request_id, result.error or "unknown error"))
+            return
         if info.store:
             self.stored_blocks += info.num_blocks
             metrics.OFFLOAD_STORED_BLOCKS.inc(info.num_blocks)
@@ -254,7 +270,6 @@ class OffloadManager:
             metrics.OFFLOAD_LOADED_BLOCKS.inc(info.num_blocks)
         metrics.OFFLOAD_BYTES.labels(direction).inc(result.num_bytes)
         metrics.OFFLOAD_SECONDS.labels(direction).observe(result.seconds)
-        return True
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Queue pending stores and block until every job finished (sleep, tests)."""

@@ -35,7 +35,8 @@ import torch
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import cuda_event, cuda_stream, event_done, set_device
 
-__all__ = ["CPULoadStoreSpec", "GPULoadStoreSpec", "TransferResult", "TransferSpec", "CpuGpuTransfer", "block_runs"]
+__all__ = ["CPULoadStoreSpec", "GPULoadStoreSpec", "TransferResult", "TransferSpec", "CpuGpuTransfer", "block_runs",
+           "device_fault"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class TransferResult:
     seconds: float
     store: bool  # device -> CPU
     error: str | None = None
+    device_fault: bool = False  # the error came from the CUDA runtime: the device's state is unknown
+
+
+def device_fault(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA runtime error (torch >= 2.8 raises AcceleratorError, older ones a
+    RuntimeError naming it): unlike a bad spec or tensor, it can leave any copy on the device half done."""
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
 
 
 def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -186,13 +194,19 @@ class CpuGpuTransfer:
                 if stream is not None and events is not None:
                     stream.wait_event(events.ready)
                     events.start.record(stream)
-                for g, runs in copies:
-                    dev, host = gpu_caches[g], cpu_caches[g]
-                    for b, s, n in runs:
-                        if store:
-                            host[s:s + n].copy_(dev[b:b + n], non_blocking=self.cuda)
-                        else:
-                            dev[b:b + n].copy_(host[s:s + n], non_blocking=self.cuda)
+                try:
+                    for g, runs in copies:
+                        dev, host = gpu_caches[g], cpu_caches[g]
+                        for b, s, n in runs:
+                            if store:
+                                host[s:s + n].copy_(dev[b:b + n], non_blocking=self.cuda)
+                            else:
+                                dev[b:b + n].copy_(host[s:s + n], non_blocking=self.cuda)
+                except BaseException:
+                    # A failed job is reported done and its blocks go back: the copies it issued end first.
+                    if stream is not None:
+                        stream.synchronize()
+                    raise
                 if stream is not None and events is not None:
                     events.done.record(stream)
 
@@ -220,7 +234,8 @@ class CpuGpuTransfer:
             else:
                 seconds = time.perf_counter() - j.started_at
             results.append(TransferResult(j.job_id, exc is None, j.num_bytes if exc is None else 0, seconds, j.store,
-                                          None if exc is None else f"{type(exc).__name__}: {exc}"))
+                                          None if exc is None else f"{type(exc).__name__}: {exc}",
+                                          exc is not None and device_fault(exc)))
         return results
 
     def _issued(self, jobs: list[_Job], timeout: float, what: str) -> Iterator[_Job]:

@@ -69,7 +69,7 @@ def test_load_matched_to_a_block_being_stored_reads_its_kv(
     assert bm.allocate("c", BLOCK_SIZE + 1, BLOCK_SIZE)
     block = bm.block_ids("c")[0][0]
     caches[0][block].zero_()
-    manager.start_load(bm.block_ids("c"), cpu_hit)
+    manager.start_load("c", bm.block_ids("c"), cpu_hit)
     manager.wait_idle(timeout=60.0)
     assert torch.equal(caches[0][block], kv)
     assert manager.stored_blocks == 1 and manager.loaded_blocks == 1
@@ -133,7 +133,7 @@ def test_store_into_a_block_a_load_is_about_to_read_does_not_touch_it() -> None:
                 manager.transfer.cpu_caches = good
 
         manager.transfer.transfer_async = store_fails_after_group_0  # type: ignore[method-assign]
-        manager.start_load(bm.block_ids("c"), cpu_hit)
+        manager.start_load("c", bm.block_ids("c"), cpu_hit)
         manager.wait_idle(timeout=60.0)
         assert torch.equal(caches[0][target], torch.full(SHAPE, 1.0)), "the load read what a failed store left"
         assert manager.loaded_blocks == 3

@@ -12,7 +12,7 @@ from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.offload.cpu_tier import CPUTier
 from pdlaunch.offload.manager import OffloadManager
-from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferResult, TransferSpec
+from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferResult, TransferSpec, device_fault
 
 BLOCK_SIZE = 4
 SHAPE = (1, 2, BLOCK_SIZE, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]
@@ -115,11 +115,9 @@ def test_a_store_queued_before_one_that_fails_stays(monkeypatch: pytest.MonkeyPa
         manager.shutdown()
 
 
-def test_poll_accounts_every_finished_job_when_a_load_failed(setup: tuple[BlockManager, OffloadManager],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failed load raised out of poll before the results after it were handled: their jobs stayed
-    unaccounted (`idle` never came back) and a failed store among them kept its tier entries."""
-    bm, manager = setup
+def _load_then_two_stores(bm: BlockManager, manager: OffloadManager) -> tuple[list[int], list[int], list[int]]:
+    """A load of one CPU block for request "c", then two stores; every job finished but none accounted.
+    Returns the loaded prompt and the two stored ones."""
     loaded = list(range(1, BLOCK_SIZE + 1))
     block_hash = bm.index.hash_fn(None, tuple(loaded))
     assert manager.tier.allocate(block_hash, None, tuple(loaded), frozenset({0})) is not None
@@ -127,7 +125,7 @@ def test_poll_accounts_every_finished_job_when_a_load_failed(setup: tuple[BlockM
     cpu_hit = manager.match(query, bm.match_prefix(query, BLOCK_SIZE), BLOCK_SIZE)
     assert cpu_hit is not None
     assert bm.allocate("c", BLOCK_SIZE + 1, BLOCK_SIZE)
-    manager.start_load(bm.block_ids("c"), cpu_hit)
+    manager.start_load("c", bm.block_ids("c"), cpu_hit)
     manager.transfer.wait_all()
     bm.free("c")
     failed_store, stored = list(range(20, 20 + BLOCK_SIZE)), list(range(40, 40 + BLOCK_SIZE))
@@ -135,21 +133,62 @@ def test_poll_accounts_every_finished_job_when_a_load_failed(setup: tuple[BlockM
         _evict(bm, prompt)
         manager.flush_stores()
     manager.transfer.wait_all()
-    jobs = list(manager._jobs)
-    assert len(jobs) == 3  # the load, then two stores
+    assert len(manager._jobs) == 3  # the load, then two stores
+    return loaded, failed_store, stored
+
+
+def _fail(manager: OffloadManager, monkeypatch: pytest.MonkeyPatch, jobs: list[int], error: str,
+          device_fault: bool) -> None:
     finished = manager.transfer.get_finished
 
-    def load_and_first_store_fail() -> list[TransferResult]:
+    def with_failures() -> list[TransferResult]:
         results = finished()
         for r in results:
-            if r.job_id in jobs[:2]:
-                r.success, r.error = False, "RuntimeError: injected"
+            if r.job_id in jobs:
+                r.success, r.error, r.device_fault = False, error, device_fault
         return results
 
-    monkeypatch.setattr(manager.transfer, "get_finished", load_and_first_store_fail)
-    with pytest.raises(EngineError, match="loading KV blocks from the CPU tier failed: RuntimeError: injected"):
+    monkeypatch.setattr(manager.transfer, "get_finished", with_failures)
+
+
+def test_a_failed_load_drops_its_blocks_and_names_its_request(setup: tuple[BlockManager, OffloadManager],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed load raised out of poll and stopped the engine. Now its CPU blocks are dropped (they may be
+    what broke it: not hit again) and its request is handed over for the engine to end; every finished job is
+    accounted, a failed store among them drops its own blocks."""
+    bm, manager = setup
+    loaded, failed_store, stored = _load_then_two_stores(bm, manager)
+    _fail(manager, monkeypatch, list(manager._jobs)[:2], "RuntimeError: injected", device_fault=False)
+    manager.poll()
+    assert manager.take_failed_loads() == [("c", "RuntimeError: injected")]
+    assert manager.take_failed_loads() == []
+    assert manager.idle and not manager._storing
+    assert manager.stored_blocks == 1 and manager.loaded_blocks == 0
+    assert _cpu_hit_misses(bm, manager, loaded)
+    assert _cpu_hit_misses(bm, manager, failed_store) and not _cpu_hit_misses(bm, manager, stored)
+    _check(bm, manager)
+
+
+def test_a_load_that_failed_on_the_device_is_fatal_once_every_job_is_accounted(
+        setup: tuple[BlockManager, OffloadManager], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA runtime error leaves the device's state unknown: the engine stops, as before, but only after
+    the results behind it were handled (they stayed unaccounted and `idle` never came back)."""
+    bm, manager = setup
+    _, failed_store, stored = _load_then_two_stores(bm, manager)
+    _fail(manager, monkeypatch, list(manager._jobs)[:2], "AcceleratorError: CUDA error: an illegal memory access",
+          device_fault=True)
+    with pytest.raises(EngineError, match="CPU tier failed on the device: AcceleratorError: CUDA error"):
         manager.poll()
     assert manager.idle and not manager._storing
     assert manager.stored_blocks == 1 and manager.loaded_blocks == 0
     assert _cpu_hit_misses(bm, manager, failed_store) and not _cpu_hit_misses(bm, manager, stored)
     _check(bm, manager)
+
+
+@pytest.mark.parametrize(("exc", "fault"), [
+    (RuntimeError("The size of tensor a (2) must match the size of tensor b (3)"), False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    (EngineError("group 0: a block id is out of range", field="offload.spec"), False),
+])
+def test_device_faults_are_told_from_other_copy_errors(exc: Exception, fault: bool) -> None:
+    assert device_fault(exc) is fault

@@ -1,0 +1,90 @@
+"""A load from the CPU offload tier that was queued and then failed while copying, before the step's compute:
+the scheduler ends only its request (out of the step, a 500 naming the CPU tier, blocks back on the free list;
+a PD decode's connector load aborted first) and the other requests of the step go on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pdlaunch.engine.request import RequestStatus
+from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.offload.cpu_tier import CPUTier
+from pdlaunch.offload.manager import OffloadManager
+from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
+from tests.engine.test_scheduler import BS, FakeConnector, drain, req
+
+SHAPE = (1, 2, BS, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]
+NUM_BLOCKS = 16
+BASE = 500  # the prompt whose first two blocks the CPU tier holds
+
+
+@pytest.fixture
+def offload() -> Iterator[OffloadManager]:
+    bm = BlockManager(NUM_BLOCKS, BS)
+    caches = [torch.zeros(NUM_BLOCKS, *SHAPE)]
+    manager = OffloadManager(bm, lambda: caches, 4 * CPUTier.bytes_per_block([SHAPE], torch.float32) / 2**30)
+    parent: int | None = None
+    for j in range(2):
+        tokens = tuple(range(BASE + j * BS, BASE + (j + 1) * BS))
+        block_hash = bm.index.hash_fn(parent, tokens)
+        assert manager.tier.allocate(block_hash, parent, tokens, frozenset({0})) is not None
+        parent = block_hash
+    yield manager
+    manager.shutdown()
+
+
+def _loads_fail_while_copying(manager: OffloadManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads are queued fine, then their copy raises in the transfer thread (a CPU block of the wrong shape)."""
+    submit, good = manager.transfer.transfer_async, manager.transfer.cpu_caches
+
+    def submit_with_bad_source(job_id: int, spec: TransferSpec) -> bool:
+        if isinstance(spec[0], GPULoadStoreSpec):
+            return submit(job_id, spec)
+        manager.transfer.cpu_caches = [torch.zeros(c.shape[0], *c.shape[1:-1], c.shape[-1] + 1) for c in good]
+        try:
+            return submit(job_id, spec)
+        finally:
+            manager.transfer.cpu_caches = good
+
+    monkeypatch.setattr(manager.transfer, "transfer_async", submit_with_bad_source)
+
+
+@pytest.mark.parametrize("pd", [False, True], ids=["local", "pd-decode"])
+def test_a_cpu_load_that_fails_after_it_was_queued_fails_only_its_request(
+        offload: OffloadManager, pd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    bm = offload.block_manager
+    connector = FakeConnector() if pd else None
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, connector=connector, offload=offload)
+    hit = req("hit", 3 * BS, base=BASE, params={"do_remote_prefill": True} if pd else None)
+    other = req("other", 2 * BS)
+    s.add_request(hit)
+    s.add_request(other)
+    _loads_fail_while_copying(offload, monkeypatch)
+    out = s.schedule()
+    assert offload.hit_blocks == 2  # the load was queued
+    assert [x.request.request_id for x in out.scheduled] == (["other"] if pd else ["hit", "other"])
+    offload.before_compute()  # the step's compute waits for the load: its failure is known by now
+    assert s.fail_cpu_loads(out, offload.take_failed_loads()) == [hit]
+    assert [x.request.request_id for x in out.scheduled] == ["other"]
+    assert hit.status == RequestStatus.FINISHED and hit.finish_reason == "error" and hit.error_status == 500
+    assert "CPU offload tier" in (hit.error or "") and "RuntimeError" in (hit.error or "")
+    assert not bm.has_blocks("hit") and bm.num_used_blocks() == len(bm.block_ids("other")[0])
+    assert bm.match_prefix(hit.all_token_ids, 3 * BS - 1).num_tokens == 0, "the failed load's blocks were cached"
+    assert offload.tier.num_used_blocks() == 0, "the failed load's tier entries stayed"
+    if connector is not None:
+        assert connector.aborted == ["hit"] and [load[0] for load in connector.loads] == ["hit"]
+    assert s.prompt_tokens_computed == 2 * BS  # the other request's prompt only
+    s.after_step(out)
+    for sr in out.scheduled:  # the rest of the step, as tests.engine.test_scheduler.step runs it
+        if sr.needs_sample:
+            sr.request.append_output_token(7)
+    offload.check_integrity()
+    bm.check_integrity()
+    monkeypatch.undo()
+    drain(s)
+    assert bm.num_used_blocks() == 0 and not s.has_unfinished_requests()
+    bm.check_integrity()
