@@ -95,6 +95,14 @@ KV_CACHE_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 
 NUM_PREEMPTIONS = Counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", LABELS)
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", LABELS)
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Number of generation tokens processed.", LABELS)
+# With vllm:prompt_tokens, once per request (count_prompt_sources): its prompt by where each position's KV came from,
+# computed here, this instance's prefix cache (or CPU tier), or a connector's load (a PD decode's, from its prefill);
+# the three add up to vllm:prompt_tokens. _cached: the latter two.
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+PROMPT_TOKENS_BY_SOURCE = Counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+                                  LABELS + ["source"])
+PROMPT_TOKENS_CACHED = Counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
+                               LABELS)
 REQUEST_SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
                           LABELS + ["finished_reason"])
 # its finished_reason of a request the engine ended, as vLLM's FinishReason names them (a request that failed on its
@@ -137,6 +145,9 @@ REQUEST_PREFILL_TIME = Histogram("vllm:request_prefill_time_seconds", "Histogram
                                  "for request.", LABELS, buckets=_REQUEST_BUCKETS)
 REQUEST_INFERENCE_TIME = Histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING "
                                    "phase for request.", LABELS, buckets=_REQUEST_BUCKETS)
+# A request the engine ended (stop, length, error): the times the scheduler preempted it (vLLM 0.30's buckets)
+REQUEST_NUM_PREEMPTIONS = Histogram("vllm:request_num_preemptions", "Histogram of the number of preemptions of a "
+                                    "finished request.", LABELS, buckets=(1, 2, 3, 4, 5, 10, 20))
 # once per parent request: a prompt's samples, when the last of them ended (request_metrics.SampleGroup), as vLLM's
 REQUEST_PARAMS_N = Histogram("vllm:request_params_n", "Histogram of the n request parameter.", LABELS,
                              buckets=(1, 2, 5, 10, 20))
@@ -161,10 +172,13 @@ def set_model_name(name: str) -> None:
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_TIME_PER_OUTPUT_TOKEN,
                    REQUEST_DECODE_TIME, ITERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED,
                    NIXL_NUM_FAILED_TRANSFERS, REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N,
+                   PROMPT_TOKENS_CACHED, REQUEST_NUM_PREEMPTIONS,
                    *(_token_histograms.all() if _token_histograms is not None else ())):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in (*ENDED_REASONS, "abort"):
         vllm(REQUEST_SUCCESS, finished_reason=reason)
+    for source in PROMPT_SOURCES:
+        vllm(PROMPT_TOKENS_BY_SOURCE, source=source)
     set_sleep_state(None)  # an instance starts awake
 
 
@@ -251,6 +265,15 @@ def token_histograms() -> TokenHistograms | None:
 def vllm(metric: M, **extra: str) -> M:
     """`metric` labelled for this instance (`extra`: further labels, e.g. finished_reason)."""
     return metric.labels(model_name=_model_name, engine="0", **extra)
+
+
+def count_prompt_sources(num_prompt: int, num_cached: int, num_external: int) -> None:
+    """A request's prompt of `num_prompt` tokens, `num_cached` of them found in this instance's prefix cache and
+    `num_external` loaded by its connector: the rest were computed here."""
+    computed = max(0, num_prompt - num_cached - num_external)
+    for source, count in zip(PROMPT_SOURCES, (computed, num_cached, num_external), strict=True):
+        vllm(PROMPT_TOKENS_BY_SOURCE, source=source).inc(count)
+    vllm(PROMPT_TOKENS_CACHED).inc(num_cached + num_external)
 
 
 def observe_kv_transfer(num_bytes: int, seconds: float) -> None:

@@ -162,5 +162,6 @@ class OutputProcessor:
             num_external_tokens=r.num_external_tokens,
             prompt_recomputed=r.prompt_recomputed,
             scheduled_at=r.scheduled_at,
+            num_preemptions=r.num_preemptions,
             kv_transfer_params=kv_transfer_params,
         )

@@ -157,6 +157,7 @@ class RequestOutput:
     num_external_tokens: int = 0  # prompt tokens whose KV was loaded from a prefill
     prompt_recomputed: bool = False  # a remote prefill's KV could not be loaded: the prompt was computed here
     scheduled_at: float | None = None  # time.monotonic() when the request was first admitted
+    num_preemptions: int = 0  # times the scheduler preempted it so far
     kv_transfer_params: dict[str, JsonValue] | None = None  # prefill side: what decode needs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked (None first)
 

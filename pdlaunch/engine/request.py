@@ -39,6 +39,7 @@ class Request:
     # Prompt tokens whose KV a connector loaded (from a prefill), set with num_cached_tokens.
     num_external_tokens: int = 0
     scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
+    num_preemptions: int = 0  # times the scheduler preempted it (vllm:request_num_preemptions)
     num_cached_tokens_set: bool = False
     # Its remote prefill's KV could not be loaded: the prompt was computed here instead (load_failure_policy
     # recompute), so num_cached_tokens is this instance's own prefix-cache hit, not the prefill's.

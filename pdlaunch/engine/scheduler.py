@@ -75,6 +75,7 @@ class Scheduler(SchedulerAdmission):
         request.status = RequestStatus.PREEMPTED
         self._requeue(request)
         self.num_preemptions += 1
+        request.num_preemptions += 1
         metrics.vllm(metrics.NUM_PREEMPTIONS).inc()
 
     def after_step(self, out: SchedulerOutput) -> None:

@@ -12,7 +12,10 @@ aborted before that output adds nothing (vLLM drops a request its client aborted
 processed); a PD decode's first token, which its prefill sampled before the scheduler admitted the decode, does not
 count, its next output (the KV loaded, or the load's error) does. Once per sample with n > 1 / best_of, as vLLM
 counts it (each sample is one of its requests), so dashboards built on vLLM's series read the same;
-usage.prompt_tokens counts the prompt once, as vLLM's does. Each engine request's end is counted on the engine
+usage.prompt_tokens counts the prompt once, as vLLM's does. With it, vllm:prompt_tokens_by_source splits that prompt
+by where its KV came from (local_compute, local_cache_hit: this instance's prefix cache or CPU tier,
+external_kv_transfer: a connector's load, a PD decode's from its prefill), as the request's admission found it, and
+vllm:prompt_tokens_cached counts the latter two. Each engine request's end is counted on the engine
 thread too, once (engine_counts.EngineCounts.counted: request_success by finished_reason, stop, length or error;
 an abort only in /info's num_aborted_requests, through EngineCounts.count_abort, as vLLM never counts one there).
 
@@ -23,9 +26,10 @@ vLLM's); prefill time (first admission to first token) and inference time (first
 the scheduler first admitted it; the request's max_tokens, its prompt and generated token counts, and the prompt tokens
 whose KV the engine computed (vllm:request_prefill_kv_computed_tokens: the prompt less its tokens found in the prefix
 cache or loaded over a KV transfer when the scheduler admitted it to run, as vLLM's: a PD decode that loaded its
-prompt's KV computed none of it, or its last token alone when its prefill's first token did not come with it). The
+prompt's KV computed none of it, or its last token alone when its prefill's first token did not come with it), and the
+times the scheduler preempted it (vllm:request_num_preemptions). The
 histograms of a request's end (e2e, prompt and generation tokens,
-prefill KV computed tokens, max_tokens, inference, decode, time per output token) are recorded
+prefill KV computed tokens, max_tokens, preemptions, inference, decode, time per output token) are recorded
 once for every request the engine ended, stop, length or error alike, as vLLM records them for every request its
 engine finishes, errors included; not for an abort (its client left, the server stopped, the engine failed): vLLM
 records none for a request its frontend aborted either. A phase a request never reached (no token: no decode time)
@@ -68,6 +72,7 @@ class EngineTokens:
             # its client's (or the server's), whose request vLLM drops before any output of it counts
             self._prompt_pending = False
             metrics.vllm(metrics.PROMPT_TOKENS).inc(out.num_prompt_tokens)
+            metrics.count_prompt_sources(out.num_prompt_tokens, out.num_cached_tokens, out.num_external_tokens)
         return count
 
 
@@ -106,6 +111,7 @@ class RequestMetrics:
         self._num_prompt = 0
         self._num_kv_reused = 0  # prompt tokens the engine did not compute: prefix cache hits and KV loaded
         self._num_generated = 0
+        self._num_preemptions = 0
         self._ended = False
 
     def accepted(self, num_prompt_tokens: int) -> None:
@@ -116,6 +122,7 @@ class RequestMetrics:
         if self._scheduled is None and out.scheduled_at is not None:
             self._scheduled = out.scheduled_at
         self._num_kv_reused = out.num_cached_tokens + out.num_external_tokens  # its last admission's
+        self._num_preemptions = out.num_preemptions
         if count:
             if self._last_token is None:
                 self._first_token = now
@@ -146,6 +153,7 @@ class RequestMetrics:
             metrics.vllm(tokens.prefill_kv_computed).observe(max(0, self._num_prompt - self._num_kv_reused))
             if self.max_tokens is not None:
                 metrics.vllm(tokens.params_max_tokens).observe(self.max_tokens)
+        metrics.vllm(metrics.REQUEST_NUM_PREEMPTIONS).observe(self._num_preemptions)
         last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's
         if self._scheduled is not None and last is not None:  # RUNNING phase: first admission to the last token
             metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))

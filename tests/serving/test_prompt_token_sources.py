@@ -1,0 +1,102 @@
+"""vllm:prompt_tokens_by_source and vllm:prompt_tokens_cached, as vLLM splits a request's prompt: computed here
+(local_compute), found in this instance's prefix cache (local_cache_hit), loaded by its connector
+(external_kv_transfer); the three add up to vllm:prompt_tokens. A repeated prompt on one instance (a prefix-cache hit
+of whole blocks), and a PD request through the real proxy (tiny model, real NIXL on CPU, in this process): the prefill
+computes the prompt, the decode loads all of it. Both instances count into this process's series (one model_name):
+deltas of both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.kv_transfer.deployment_secret import TEST_SECRET
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.tiny_instances import MODEL, TIMEOUT, serve_tiny
+
+LABELS = {"model_name": MODEL, "engine": "0"}
+SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+
+@dataclass
+class Deployment:
+    prefill: str
+    decode: str
+    proxy: str
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    servers: list[ThreadServer] = []
+    try:
+        for role in ("prefill", "decode"):
+            servers.append(serve_tiny(role, f"sources-{role}")[0])
+        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
+                             Instance("decode", servers[1].url, "decode-0")])
+        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
+                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
+        servers.append(proxy)
+        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
+        yield Deployment(servers[0].url, servers[1].url, proxy.url)
+    finally:
+        for srv in reversed(servers):
+            srv.__exit__(None, None, None)
+
+
+def _counts() -> dict[str, float]:
+    """This process's series (model_name "tiny"): prompt tokens by source, cached, and vllm:prompt_tokens."""
+    found = {source: REGISTRY.get_sample_value("vllm:prompt_tokens_by_source_total", {**LABELS, "source": source})
+             for source in SOURCES}
+    found["cached"] = REGISTRY.get_sample_value("vllm:prompt_tokens_cached_total", LABELS)
+    found["prompt"] = REGISTRY.get_sample_value("vllm:prompt_tokens_total", LABELS)
+    assert None not in found.values(), found  # every series exists from the start
+    return {key: float(value or 0) for key, value in found.items()}
+
+
+def _delta(before: dict[str, float]) -> dict[str, float]:
+    return {key: value - before[key] for key, value in _counts().items()}
+
+
+def _complete(url: str, prompt: str) -> dict[str, Any]:
+    r = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT,
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
+    assert r.status_code == 200, r.text
+    usage: dict[str, Any] = r.json()["usage"]
+    return usage
+
+
+def test_a_prefix_cache_hit_counts_as_local_cache_hit(deployment: Deployment) -> None:
+    """The first request of a prompt computes all of it; the second finds its whole blocks in the prefix cache."""
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    before = _counts()
+    first = _complete(deployment.decode, prompt)
+    length = first["prompt_tokens"]
+    assert length > 16 and first["prompt_tokens_details"]["cached_tokens"] == 0, first
+    assert _delta(before) == {"local_compute": length, "local_cache_hit": 0, "external_kv_transfer": 0,
+                              "cached": 0, "prompt": length}
+    before = _counts()
+    cached = _complete(deployment.decode, prompt)["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 16 and cached % 8 == 0, cached  # whole blocks of 8
+    assert _delta(before) == {"local_compute": length - cached, "local_cache_hit": cached,
+                              "external_kv_transfer": 0, "cached": cached, "prompt": length}
+
+
+def test_a_pd_decode_counts_its_loaded_prompt_as_external(deployment: Deployment) -> None:
+    """The prefill leg computes the prompt (shorter than a block: no prefix hit); the decode loads all of it."""
+    before = _counts()
+    usage = _complete(deployment.proxy, "Paris is the capital of")
+    length = usage["prompt_tokens"]
+    assert length < 8, usage
+    # the prefill leg's and the decode's
+    assert _delta(before) == {"local_compute": length, "local_cache_hit": 0, "external_kv_transfer": length,
+                              "cached": length, "prompt": 2 * length}
+    for url in (deployment.prefill, deployment.decode):
+        wait_for(lambda: httpx.get(f"{url}/info").json()["num_blocks_used"] == 0, f"{url} to hold no KV", 60)
