@@ -37,6 +37,7 @@ from pdlaunch.launcher.status import StatusView
 PROBE_TIMEOUT_S = 1.0
 BLOCKS_REFRESH_S = 2.0  # how often the status table's KV blocks column asks each instance's /info
 BLOCKS_TIMEOUT_S = 1.0
+REMOTE_LIVE = frozenset({"ready", "sleeping"})  # /health states that count another node's instance live (_check_roles)
 
 
 class SupervisionFailed(PdlaunchError):
@@ -277,10 +278,11 @@ class Supervisor:
 
     def _check_roles(self, now: float) -> None:
         """Stop when a role has had no live instance for the grace. Another node's instance is live while its /health
-        says ready: a stalled one (no answer) cannot be told from a node that is gone."""
+        says ready or sleeping (put to sleep on purpose; a local one that sleeps is live too): a stalled one (no
+        answer) cannot be told from a node that is gone."""
         rows = self.deployment.rows
         live = {role: any(r.live for c, r in self.records if r.role == role and c.running)
-                or any(rows[p.spec.name].state == "ready" for p in self.remote if p.spec.role == role)
+                or any(rows[p.spec.name].state in REMOTE_LIVE for p in self.remote if p.spec.role == role)
                 for role in self.roles}
         role = self.role_watch.overdue(live, now)
         if role is None:

@@ -164,3 +164,18 @@ def test_another_node_judges_only_the_roles_wholly_its_own(node) -> None:  # typ
     _kill(deployment, supervisor, "prefill-0")
     with pytest.raises(SupervisionFailed, match=r"^no live prefill instance for 10s .*: prefill-0 restarting \(1\)"):
         supervisor.tick(now=10.5)
+
+
+def test_another_nodes_sleeping_instance_keeps_its_role_live(node) -> None:  # type: ignore[no-untyped-def]
+    """A sleeping instance (POST /sleep: its /health says 503 "sleeping") is put to sleep on purpose and wakes on
+    /wake_up: node 0 counts a local one live (it is ready, not dead), so another node's counts too. Before, node 0
+    stopped a healthy deployment whose instances of a role on other nodes slept for longer than the grace."""
+    deployment, supervisor, health = node(0, [{"role": "colocated", "node": 1, "base_port": NODE1_PORT}])
+    health["colocated-0"] = "sleeping"
+    for now in (0.0, 10.5, 60.0, 600.0):
+        supervisor.tick(now=now)
+    assert deployment.rows["colocated-0"].state == "sleeping"
+    health["colocated-0"] = "down"  # then it goes: the grace runs from here
+    supervisor.tick(now=601.0)
+    with pytest.raises(SupervisionFailed, match=r"^no live colocated instance for 10s .*colocated-0 down"):
+        supervisor.tick(now=611.5)
