@@ -196,7 +196,7 @@ class RayDeployment:
                     self.say(f"{run.name} moved to {run.url}: the proxy's pending restart takes its new address")
                 else:
                     self.say(f"{run.name} moved to {run.url}: restarting the proxy with its new address")
-                    self.proxy.start(self.runs, note=f"{run.name} moved to {run.url}")
+                    self.proxy.restart_moved(self.runs, now, f"{run.name} moved to {run.url}")
         elif now - run.started > READY_TIMEOUT_S:
             self.say(f"{run.name} is not ready {READY_TIMEOUT_S:.0f}s after restart {run.record.restarts}; "
                      "removing its actors")

@@ -35,12 +35,14 @@ class RayProxy:
         self.process: ChildProcess | None = None
         self.urls: dict[str, str] = {}  # instance name -> URL the running proxy knows it at
         self.record = ProcessRecord("proxy", "proxy", "proxy.restart", cfg.proxy.restart)
+        self.last_start = "its first start"  # why the running process was started: the not-ready-in-time message
 
     def start(self, runs: list[RayRun], note: str | None) -> None:
         """Start (or restart, with `note`) the proxy with every instance at its current address."""
         assert self.plan.proxy_port is not None
         self.stalls.forget(RayStalls.PROXY)  # a new process: the old one's stall is not its own, nor its kill
         self.record.killed_for = ""
+        self.last_start = note or "its first start"
         self.urls = {r.name: r.url or r.plan.url for r in runs}
         argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
                           [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs],
@@ -51,6 +53,16 @@ class RayProxy:
             self.process.stop(1.0)
             self.process.argv = argv
         self.process.start(note=note)
+
+    def restart_moved(self, runs: list[RayRun], now: float, why: str) -> None:
+        """Start the running proxy again with an instance's new address (`why`: it moved). The new process loads as
+        after any restart: not live and not watched for stalls until it answers, killed when not ready in time, and
+        its exit before then a failed restart (supervision.max_restarts); a ready proxy's outage begins here."""
+        record = self.record
+        if record.ready:
+            record.outage_cause, record.failures = f"was started again: {why}", 0
+        self.start(runs, note=why)
+        record.ready, record.started = False, now
 
     def answers(self) -> bool:
         try:
@@ -99,8 +111,8 @@ class RayProxy:
                 record.ready = True
             elif now - record.started > READY_TIMEOUT_S:
                 # Stuck while starting: killed, as the local supervisor does; its exit then counts as a failed restart.
-                self.say(f"the proxy is not ready {READY_TIMEOUT_S:.0f}s after restart {record.restarts}; killing it "
-                         f"(log {proxy.log_path})")
+                self.say(f"the proxy is not ready {READY_TIMEOUT_S:.0f}s after its last start ({self.last_start}); "
+                         f"killing it (log {proxy.log_path})")
                 record.started = now
                 proxy.signal_group(signal.SIGKILL)
         elif record.due is None:  # ready and running: stalled?
