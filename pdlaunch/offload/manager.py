@@ -90,7 +90,7 @@ class OffloadManager:
         by_groups: dict[frozenset[int], list[tuple[CPUBlock, dict[int, int]]]] = {}
         # Deepest blocks first: each one allocated (or touched) is the tier's most recently used, so a
         # chain's head ends up newer than its tail and is evicted after it, and when this flush alone
-        # overflows the tier its later allocations evict the tails it stored first, not the heads.
+        # overflows the tier its later allocations evict the tails it allocated first, not the heads.
         for node in _deepest_first(evicted):
             blocks = evicted[node]
             # Groups that still cache this prefix block hold the same KV: store them with it.
@@ -114,7 +114,11 @@ class OffloadManager:
             if entry is not None:
                 by_groups.setdefault(groups, []).append((entry, blocks))
         for groups, items in by_groups.items():
-            self._submit_store(groups, items)
+            # An entry a later allocation of this flush evicted gave its CPU block to that one: storing it too
+            # would write the block twice, and another groups' set is another job, which may run last.
+            items = [(entry, blocks) for entry, blocks in items if self.tier.entries.get(entry.block_hash) is entry]
+            if items:
+                self._submit_store(groups, items)
 
     def _submit_store(self, groups: frozenset[int], items: list[tuple[CPUBlock, dict[int, int]]]) -> None:
         """Queue one store job; one that cannot be queued drops its CPU blocks (never written) as a failed

@@ -119,3 +119,44 @@ def test_a_store_leaves_a_chains_head_most_recent_whatever_order_the_device_evic
         bm.check_integrity()
     finally:
         manager.shutdown()
+
+
+def test_a_flush_that_evicts_its_own_store_never_writes_the_evicted_block() -> None:
+    """A flush that overflows the tier evicts blocks it allocated itself; their stores must not be queued: the
+    CPU block now belongs to a later entry, and a store of another groups' set is another job, which may run
+    after that entry's and leave it the evicted block's KV under its hash."""
+    windows = (None, BLOCK_SIZE)  # group 1 keeps only a prompt's last block
+    bm = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, sliding_windows=windows)
+    caches = [torch.zeros(8, *SHAPE), torch.zeros(8, *SHAPE)]
+    for c in caches:  # every device block distinct: a CPU block shows whose KV it holds
+        c.copy_(torch.arange(c.numel(), dtype=c.dtype).view(c.shape))
+    manager = OffloadManager(bm, lambda: caches, 2 * CPUTier.bytes_per_block([SHAPE, SHAPE], torch.float32) / 2**30)
+    try:
+        assert manager.tier.num_blocks == 2
+        p, q = _prompt(100, 3), _prompt(200, 3)
+        # Group 1 holds none of p's blocks (as when its window moved on and they were evicted from it already).
+        assert bm.allocate("p", len(p), len(p) + BLOCK_SIZE)
+        assert bm.allocate("q", len(q), 0)  # q's every block in both groups
+        bm.cache_blocks("p", p, len(p))
+        bm.cache_blocks("q", q, len(q))
+        p_nodes, q_nodes = bm.chains["p"], bm.chains["q"]
+        # Deepest first: p[2] (group 0 only) and q[2] (both groups) fill the tier, then p[1] evicts p[2] and p[0]
+        # evicts q[2], whose store (both groups, its own job) would be queued after p[0]'s (group 0).
+        for node in (p_nodes[2], q_nodes[2], p_nodes[1], p_nodes[0]):
+            manager.on_evict(0, bm.pools[0].node_block[node], node)
+        manager.wait_idle(timeout=60.0)
+        hashes = _hashes(bm, p)
+        assert list(manager.tier.entries) == [hashes[1], hashes[0]]
+        for j in (0, 1):
+            entry = manager.tier.entries[hashes[j]]
+            assert entry.groups == frozenset({0})
+            device_block = bm.block_ids("p")[0][j]
+            assert torch.equal(manager.tier.caches[0][entry.block_id], caches[0][device_block]), \
+                f"CPU block of p's block {j} holds another block's KV"
+        assert manager.stored_blocks == 2, "stores of blocks the same flush evicted were queued"
+        bm.free("p")
+        bm.free("q")
+        manager.check_integrity()
+        bm.check_integrity()
+    finally:
+        manager.shutdown()
