@@ -7,7 +7,10 @@ from pydantic import Field
 
 from pdlaunch.config.addresses import Host
 from pdlaunch.config.engine_config import CacheConfig
-from pdlaunch.config.strict_model import DeviceIndex, KVCacheDType, Role, StrictModel
+from pdlaunch.config.strict_model import MAX_SECONDS, DeviceIndex, KVCacheDType, Role, StrictModel
+
+# How long a TP group's ranks wait for each other to start and join, unless parallel.rendezvous_timeout_seconds says.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 
 
 class NodeConfig(StrictModel):
@@ -27,6 +30,11 @@ class ParallelConfig(StrictModel):
     node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
     master_addr: Host = Field("127.0.0.1", description="torch.distributed rendezvous address.")
     master_port: int | None = Field(None, description="Rendezvous port; default: a free port.")
+    rendezvous_timeout_seconds: float = Field(
+        DEFAULT_RENDEZVOUS_TIMEOUT_S, gt=0, le=MAX_SECONDS, description="TP groups: how long rank 0 waits for its "
+        "other ranks to connect, then again for them to come to the join, and a rank for rank 0 (at most a week). "
+        "Raise it where a rank's node or pod may start minutes late (an image pull, a pod waiting to be scheduled); "
+        "the Kubernetes manifests use 900 unless it is set.")
 
 
 class InstanceGroupConfig(StrictModel):

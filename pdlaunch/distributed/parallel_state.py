@@ -26,8 +26,6 @@ import hmac
 import logging
 import secrets
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, overload
@@ -36,15 +34,17 @@ import torch
 import torch.distributed as dist
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.topology_config import DEFAULT_RENDEZVOUS_TIMEOUT_S
+from pdlaunch.distributed.join_waits import OPEN_KEY, joining_key, wait_for_open
 from pdlaunch.distributed.placement import link_authkey
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-RENDEZVOUS_TIMEOUT_S = 120.0  # every rank must join within this (model loading happens after it)
+STORE_TIMEOUT_S = 120.0  # a blocking read of the store, once every rank came (rank 0's own, a rank's for its peers')
+READY_WAIT_S = 120.0  # after rank 0 built its shard, for each other rank's Ready (the ranks load in lockstep)
 COLLECTIVE_TIMEOUT_S = 60.0  # a collective that waits longer on a peer fails instead of hanging
 LOAD_WAIT_S = 900.0  # how far apart the ranks may finish loading their weights (TPGroup.loaded)
-JOIN_POLL_S = 0.2  # while rank 0 waits for the others to come to the join, how often it looks at the store
 LOCAL_STORE_HOST = "127.0.0.1"  # where the store of a group on one host listens (and its ranks dial)
 STORE_PURPOSE = b"pdlaunch tp rendezvous store v1"
 NONCE_BYTES = 16
@@ -95,7 +95,7 @@ def create_store(host: str, port: int | None, world_size: int) -> dist.TCPStore:
         listener = socket.create_server((host, port or 0), family=_family(host))
         # the store owns the listening socket from here (and closes it when it goes)
         return dist.TCPStore(host, listener.getsockname()[1], world_size, is_master=True,
-                             timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=False,
+                             timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False,
                              master_listen_fd=listener.detach())
     except (RuntimeError, OSError) as exc:
         raise EngineError(f"cannot open the TP rendezvous at {host}:{port or 0}: {exc}", field="parallel.master_port",
@@ -123,10 +123,10 @@ def fresh_store_key() -> bytes:
     return secrets.token_bytes(MAC_BYTES)
 
 
-def connect_store(host: str, port: int, key: bytes) -> SealedStore:
-    """A rank's client of rank 0's store at host:port (waits up to RENDEZVOUS_TIMEOUT_S for it), sealed with
-    `key`."""
-    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+def connect_store(host: str, port: int, key: bytes, timeout_s: float = STORE_TIMEOUT_S) -> SealedStore:
+    """A rank's client of rank 0's store at host:port (waits up to `timeout_s` for it, and as long for each blocking
+    read), sealed with `key`."""
+    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     return SealedStore(client, key)
 
 
@@ -212,9 +212,12 @@ class SealedStore(dist.Store):
             self.inner.wait(names, timeout)
 
 
-def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int, store: SealedStore) -> TPGroup:
+def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int, store: SealedStore,
+                  rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S) -> TPGroup:
     """Join the instance's TP group through `store` (rank 0's, at host:port, sealed: torch and its backends read
-    it only through that) (blocks until every rank joined, at most RENDEZVOUS_TIMEOUT_S)."""
+    it only through that). Rank 0 comes once every other rank came (join_waits.wait_for_joins) and opens the group;
+    another rank waits for that (wait_for_open, twice `rendezvous_timeout_s` at most, parallel.rendezvous_timeout_
+    seconds), so torch's own join, which waits only COLLECTIVE_TIMEOUT_S, never waits on a late rank."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
@@ -222,6 +225,9 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
     try:
         if rank > 0:
             store.set(joining_key(rank), "1")
+            wait_for_open(store, rank, size, f"{host}:{port}", rendezvous_timeout_s)
+        else:
+            store.set(OPEN_KEY, "1")
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -244,30 +250,6 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
                           hint="another rank failed to start (see its log) or the address is unreachable") from exc
     log.info("TP rank %d/%d joined (%s, rendezvous %s:%d)", rank, size, backend, host, port)
     return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group, store=store)
-
-
-def joining_key(rank: int) -> str:
-    """The store key rank `rank` sets just before it joins: rank 0 waits for every rank's (wait_for_joins)."""
-    return f"pdlaunch/joining/{rank}"
-
-
-def wait_for_joins(store: SealedStore, size: int, timeout_s: float, watch: Callable[[float], None]) -> None:
-    """Return once ranks 1..size-1 have all come to the join, so rank 0 never waits inside torch's join
-    (blind for COLLECTIVE_TIMEOUT_S) on a rank that died before it got there. `watch(seconds)` waits up to
-    that long for another rank to end and raises naming it; EngineError after `timeout_s` names the ranks
-    that never came."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = [r for r in range(1, size) if not store.check([joining_key(r)])]
-        if not missing:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            ranks = ", ".join(f"TP rank {r}" for r in missing)
-            raise EngineError(f"{ranks} did not come to join the {size}-rank group within {timeout_s:.0f}s "
-                              "(alive, but still starting)", field="parallel.tp",
-                              hint="see that rank's log: a slow device or import, or a stuck node")
-        watch(min(JOIN_POLL_S, remaining))
 
 
 def destroy_tp_group() -> None:

@@ -26,16 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.join_waits import wait_for_joins
 from pdlaunch.distributed.message_stream import MalformedMessage, UnexpectedMessage
 from pdlaunch.distributed.messages import ConnectorCall, Ready
-from pdlaunch.distributed.parallel_state import (
-    RENDEZVOUS_TIMEOUT_S,
-    SealedStore,
-    create_store,
-    destroy_tp_group,
-    store_key,
-    wait_for_joins,
-)
+from pdlaunch.distributed.parallel_state import READY_WAIT_S, SealedStore, create_store, destroy_tp_group, store_key
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.distributed.tp_connector import TPConnector
@@ -93,12 +87,13 @@ class RayTPExecutor:
         self._watches = {a.until_shutdown.options(concurrency_group=CONTROL_GROUP).remote(): r
                          for r, a in enumerate(actors, start=1)}
         try:
-            wait_for_joins(self._store, self.tp_size, RENDEZVOUS_TIMEOUT_S, lambda s: self._watch_setups(setups, s))
+            wait_for_joins(self._store, self.tp_size, config.parallel.rendezvous_timeout_seconds,
+                           lambda s: self._watch_setups(setups, s))
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, port, self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
             ready = [self._ready(r, value) for r, value in
-                     enumerate(self._get(setups, RENDEZVOUS_TIMEOUT_S, "setup"), start=1)]
+                     enumerate(self._get(setups, READY_WAIT_S, "setup"), start=1)]
             nodes = self._get([a.node_address.remote() for a in actors], REPLY_TIMEOUT_S, "node_address")
             self._nodes = [str(ray.util.get_node_ip_address()), *map(str, nodes)]
         except BaseException as exc:

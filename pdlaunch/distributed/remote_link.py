@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch.distributed as dist
 
+from pdlaunch.distributed.join_waits import RENDEZVOUS_SETTING
 from pdlaunch.distributed.message_stream import UnexpectedMessage, recv_as, send
 from pdlaunch.distributed.messages import Hello
 from pdlaunch.errors import EngineError
@@ -94,10 +95,12 @@ class RankListener:
                  timeout_s: float) -> EngineError:
         missing = ", ".join(f"TP rank {r} on {where}" for r, where in expected.items() if r not in conns)
         meanwhile = f"; refused meanwhile: {'; '.join(refused[-3:])}" if refused else ""
-        return EngineError(f"{missing} did not connect to rank 0 at {self.address} within {timeout_s:.0f}s"
-                           f"{meanwhile}", field="parallel.nodes",
+        return EngineError(f"{missing} did not connect to rank 0 at {self.address} within {timeout_s:g}s "
+                           f"({RENDEZVOUS_SETTING}){meanwhile}", field="parallel.nodes",
                            hint="run `pdlaunch serve CONFIG --node-rank K` on that node with the same "
-                           "config (and PDLAUNCH_TP_SECRET), and check it reaches this address")
+                           "config (and PDLAUNCH_TP_SECRET; under Kubernetes, see that worker pod), and check it "
+                           "reaches this address; one that starts late (an image pull, a pod waiting to be "
+                           f"scheduled) needs a larger {RENDEZVOUS_SETTING}")
 
     def _handshake(self, raw: socket.socket, peer: str, seconds: float) -> tuple[int, Connection] | str:
         """(rank, link) of the peer on `raw` once it passed the key exchange and named its rank, all within

@@ -17,21 +17,24 @@ import logging
 import os
 import signal
 import sys
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
+from pdlaunch.distributed.join_waits import RENDEZVOUS_SETTING
 from pdlaunch.distributed.message_stream import recv_as
 from pdlaunch.distributed.messages import Setup
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, SealedStore, store_key
+from pdlaunch.distributed.parallel_state import SealedStore, store_key
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
 from pdlaunch.distributed.worker import serve_rank
-from pdlaunch.errors import ArgumentParser, PdlaunchError, argument_type
+from pdlaunch.errors import ArgumentParser, EngineError, PdlaunchError, argument_type
 
 log = logging.getLogger("pdlaunch.remote_rank")
 
-# This node's launcher may be started long before node 0's: wait this long for rank 0's store.
+# This node's launcher may be started long before node 0's: wait this long for rank 0's store (or
+# parallel.rendezvous_timeout_seconds, where that is longer).
 STORE_WAIT_S = 900.0
 
 
@@ -49,6 +52,20 @@ def _stop(signum: int, _: FrameType | None) -> None:
     # The launcher of this node stops its children with SIGTERM: leave the group (rank 0 then sees
     # this rank gone and takes its instance down, naming it).
     raise SystemExit(0)
+
+
+def wait_for_setup(conn: Connection, instance: str, rendezvous_timeout_s: float) -> Setup:
+    """Rank 0's Setup on `conn`. Rank 0 sends it once every rank on another node has connected, and waits
+    `rendezvous_timeout_s` (parallel.rendezvous_timeout_seconds) for that from its own start, so this waits as
+    long; EngineError naming the wait and the setting when it does not come."""
+    if not conn.poll(rendezvous_timeout_s):
+        raise EngineError(f"rank 0 of {instance} sent no setup within {rendezvous_timeout_s:g}s "
+                          f"({RENDEZVOUS_SETTING}) of this rank connecting: it sends it once every TP rank on another "
+                          "node has connected, so one has not", field=RENDEZVOUS_SETTING,
+                          hint=f"rank 0's log names the ranks it is waiting for; one whose node or pod starts late "
+                          f"(an image pull, a pod waiting to be scheduled) needs a larger {RENDEZVOUS_SETTING}, "
+                          "the same on every node")
+    return recv_as(conn, f"rank 0 of {instance}", Setup)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("TP rank %d of %s: waiting for rank 0 at %s:%d (node %d)", rank, spec.name, host, port,
                  placement.nodes[0])
-        store = SealedStore(open_store(host, port, STORE_WAIT_S), store_key(config, spec, port))
+        rendezvous_timeout_s = config.parallel.rendezvous_timeout_seconds
+        store = SealedStore(open_store(host, port, max(STORE_WAIT_S, rendezvous_timeout_s)),
+                            store_key(config, spec, port))
         conn = connect_to_rank0(store, rank, link_authkey(config, spec.name, port))
         link = peer_address(conn)
-        if not conn.poll(RENDEZVOUS_TIMEOUT_S):
-            raise PdlaunchError(f"rank 0 of {spec.name} sent no setup within {RENDEZVOUS_TIMEOUT_S:.0f}s")
-        setup = recv_as(conn, f"rank 0 of {spec.name}", Setup)
+        setup = wait_for_setup(conn, spec.name, rendezvous_timeout_s)
     except (PdlaunchError, OSError, EOFError) as exc:
         lost = link_timed_out(exc, f"rank 0 of {spec.name}", link) if link is not None else None
         log.error("TP rank %d cannot join %s: %s", rank, spec.name, lost or exc)

@@ -6,8 +6,9 @@ watching them meanwhile: a rank that dies on its way (an import, its device, its
 exits, with the reason it sent, how it ended and where its log is (RankEnded).
 
 A group spanning nodes (distributed/placement.py) spawns only this node's ranks; the others are started by
-their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py), within
-RENDEZVOUS_TIMEOUT_S.
+their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py). Rank 0 waits
+parallel.rendezvous_timeout_seconds for them to connect, then as long for every rank to come to the join
+(join_waits.py); the error of either wait names the ranks that did not come and the setting.
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.join_waits import wait_for_joins
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import RankFailed, Ready, Setup
 from pdlaunch.distributed.parallel_state import (
     LOCAL_STORE_HOST,
-    RENDEZVOUS_TIMEOUT_S,
+    READY_WAIT_S,
     SealedStore,
     StoreTampered,
     create_store,
     destroy_tp_group,
     fresh_store_key,
     store_key,
-    wait_for_joins,
 )
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import RankState, build_rank
@@ -70,6 +71,7 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
     placement = RankPlacement.from_env()
     hosts = list(placement.hosts) if placement is not None else []
     port = instance.master_port if instance is not None else config.parallel.master_port
+    rendezvous_timeout_s = config.parallel.rendezvous_timeout_seconds
     # the store listens only where its ranks dial: loopback, or this node's address when ranks run elsewhere;
     # sealed either way (a local user reaches loopback). Ranks on other nodes derive the key from the deployment
     # secret; a group on one host gets a fresh one, which only the workers spawned here learn.
@@ -90,10 +92,10 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
             ranks.procs[rank], links[rank] = _spawn_worker(rank, config, instance, device.type, dtype_name,
                                                            max_model_len, store_host, raw.port, key)
         if listener is not None:
-            links.update(listener.accept(ranks.remote, RENDEZVOUS_TIMEOUT_S))
+            links.update(listener.accept(ranks.remote, rendezvous_timeout_s))
         open_links(links, ranks.remote, Setup(device.type, dtype_name, max_model_len))
         ranks.links = [links[r] for r in range(1, tp_size)]
-        wait_for_joins(store, tp_size, RENDEZVOUS_TIMEOUT_S, lambda s: _watch_startup(ranks, links, s))
+        wait_for_joins(store, tp_size, rendezvous_timeout_s, lambda s: _watch_startup(ranks, links, s))
         rank0 = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, raw.port, store)
         ready = [wait_ready(ranks, r) for r in range(1, tp_size)]
     except BaseException as exc:
@@ -185,8 +187,8 @@ def _watch_startup(ranks: TPRanks, links: dict[int, Connection], seconds: float)
 def wait_ready(ranks: TPRanks, rank: int) -> Ready:
     """Rank `rank`'s engine_id, side-channel port (or None) and advertised side-channel host."""
     conn = ranks.links[rank - 1]
-    if not conn.poll(RENDEZVOUS_TIMEOUT_S):
-        raise EngineError(f"{ranks.where(rank)} was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
+    if not conn.poll(READY_WAIT_S):
+        raise EngineError(f"{ranks.where(rank)} was not ready within {READY_WAIT_S:.0f}s",
                           field="parallel.tp", hint=f"see {ranks.log_of(rank)}")
     try:
         message = recv(conn, ranks.where(rank), "Ready")

@@ -13,6 +13,9 @@ What the launcher does on one host, Kubernetes does here; the objects, in apply 
   recreated with a new UID is still the instance, a server answering with another base or pod is not.
 
 Ports come from the port plan, with fixed defaults where it leaves them to be picked (render/pod_ports.py).
+A TP group spread over pods waits longer for its ranks than the launcher's default: a worker pod may still be pulling
+a multi-GB image or waiting to be scheduled when its leader starts, and a leader that gives up makes LWS recreate the
+whole group (POD_RENDEZVOUS_TIMEOUT_S, unless the config sets parallel.rendezvous_timeout_seconds).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import group_ports
 
 Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
+# The pods' parallel.rendezvous_timeout_seconds unless the config sets one: as long as a remote rank waits for its
+# leader's store (remote_rank.STORE_WAIT_S), room for an image pull or a pod waiting for its node.
+POD_RENDEZVOUS_TIMEOUT_S = 900.0
 
 
 def deployment_secret(cfg: DeploymentConfig) -> str:
@@ -112,12 +118,15 @@ def _with_engine_id_base(cfg: DeploymentConfig, secret: str, options: RenderOpti
 def _pod_config(cfg: DeploymentConfig, secret: str) -> DeploymentConfig:
     """The config every pod reads: Kubernetes places the pods, so no node list; the side channel binds
     every interface and each rank advertises its pod's address; TP ranks in the leader pod reach its
-    rendezvous store on loopback (ranks in worker pods are given the leader's address); a chat template file of this
-    machine is carried as its text (a path that is no file here, one in the image, stays a path)."""
+    rendezvous store on loopback (ranks in worker pods are given the leader's address), waiting
+    POD_RENDEZVOUS_TIMEOUT_S for one another unless the config says; a chat template file of this machine is carried
+    as its text (a path that is no file here, one in the image, stays a path)."""
     out = cfg.model_copy(deep=True)
     out.parallel.nodes = []
     out.parallel.node_rank = 0
     out.parallel.master_addr = "127.0.0.1"
+    if "rendezvous_timeout_seconds" not in cfg.parallel.model_fields_set:
+        out.parallel.rendezvous_timeout_seconds = POD_RENDEZVOUS_TIMEOUT_S
     out.kv_transfer.side_channel_host = "0.0.0.0"
     out.security.deployment_secret = secret
     local = template_file(out.model.chat_template)

@@ -78,7 +78,8 @@ def test_a_peer_stalling_its_handshake_does_not_hold_accept_past_its_deadline(
     assert took < TIMEOUT_S + SLACK_S, f"accept took {took:.1f}s with a {TIMEOUT_S}s deadline"
     text = err.value.message
     assert text.startswith(f"TP rank 1 on node 1 (127.0.0.1) did not connect to rank 0 at {listener.address} "
-                           "within 2s; refused meanwhile: a peer at 127.0.0.1:"), text
+                           "within 1.5s (parallel.rendezvous_timeout_seconds); refused meanwhile: a peer at "
+                           "127.0.0.1:"), text
     assert "did not finish its handshake within" in text, text
     assert err.value.field == "parallel.nodes"
 
