@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pdlaunch.distributed.join_waits import OPEN_KEY
 from pdlaunch.distributed.parallel_state import (
     LOCAL_STORE_HOST,
     MAC_BYTES,
@@ -136,6 +137,7 @@ def test_a_backend_that_reports_the_tampered_value_as_its_own_error_still_names_
     sealed.set("0", b"nccl unique id")  # as rank 0 publishes it
     spy = raw_client(raw.port)
     (name,) = spy.list_keys()
+    sealed.set(OPEN_KEY, "1")  # rank 0 opened the group (every rank came): rank 1 goes on to the backend's join
     spy.set(name, "forged")
     spy.num_keys()
 
