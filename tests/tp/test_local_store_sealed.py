@@ -14,6 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from pdlaunch.distributed import tp_startup
+from pdlaunch.distributed.join_waits import OPEN_KEY
 from pdlaunch.distributed.parallel_state import (
     LOCAL_STORE_HOST,
     MAC_BYTES,
@@ -65,9 +66,11 @@ def test_a_value_a_local_user_overwrites_stops_the_start_with_store_tampered(
 
     def then_tampered(store: SealedStore, size: int, timeout_s: float, watch: object) -> None:
         came_to_join(store, size, timeout_s, watch)  # type: ignore[arg-type]
+        # open the group as rank 0 does next (join_waits.OPEN_KEY): rank 1 goes into gloo's join, publishing its address
+        store.set(OPEN_KEY, "1")
         spy = raw_client(store)
         deadline = time.monotonic() + WAIT_S
-        while len(spy.list_keys()) < 2:  # rank 1's joining key, then its gloo address
+        while len(spy.list_keys()) < 3:  # rank 1's joining key, the open key, then rank 1's gloo address
             assert time.monotonic() < deadline, "rank 1 wrote no gloo address"
             time.sleep(0.05)
         for name in spy.list_keys():
