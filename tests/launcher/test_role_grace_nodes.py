@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +16,14 @@ import pytest
 from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.errors import exit_text
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.status import StatusRow
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
+from tests.helpers.fake_child import FakeChild
 
 NODE1_PORT = 18100  # the fixed port of the group node 1 runs (node 0 must know it)
 GRACE = {"restart_backoff_seconds": 1, "role_down_grace_seconds": 10, "max_restarts": 100}
-
-
-@dataclass
-class FakeChild:
-    name: str
-    log_path: Path
-    code: int | None = None  # None: running
-    pid: int = 1000
-    signals: list[int] = field(default_factory=list)
-
-    def poll(self) -> int | None:
-        return self.code
-
-    @property
-    def running(self) -> bool:
-        return self.code is None
-
-    def describe_exit(self) -> str:
-        return exit_text(self.code)
-
-    def signal_group(self, sig: int) -> None:
-        self.signals.append(sig)
 
 
 class NodeDeployment(Deployment):

@@ -11,30 +11,15 @@ import torch
 
 from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
-from pdlaunch.kvcache.block_manager import BlockManager
-from pdlaunch.offload.cpu_tier import CPUTier
 from pdlaunch.offload.manager import OffloadManager
 from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req
-
-SHAPE = (1, 2, BS, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]
-NUM_BLOCKS = 16
-BASE = 500  # the prompt whose first two blocks the CPU tier holds
+from tests.helpers.offload_tier import BASE, manager_holding_two_blocks
 
 
 @pytest.fixture
 def offload() -> Iterator[OffloadManager]:
-    bm = BlockManager(NUM_BLOCKS, BS)
-    caches = [torch.zeros(NUM_BLOCKS, *SHAPE)]
-    manager = OffloadManager(bm, lambda: caches, 4 * CPUTier.bytes_per_block([SHAPE], torch.float32) / 2**30)
-    parent: int | None = None
-    for j in range(2):
-        tokens = tuple(range(BASE + j * BS, BASE + (j + 1) * BS))
-        block_hash = bm.index.hash_fn(parent, tokens)
-        assert manager.tier.allocate(block_hash, parent, tokens, frozenset({0})) is not None
-        parent = block_hash
-    yield manager
-    manager.shutdown()
+    yield from manager_holding_two_blocks()
 
 
 def _loads_fail_while_copying(manager: OffloadManager, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,39 +5,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.errors import exit_text
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.status import StatusRow
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
-
-
-@dataclass
-class FakeChild:
-    name: str
-    log_path: Path
-    code: int | None = None  # None: running
-    pid: int = 1000
-    signals: list[int] = field(default_factory=list)
-
-    def poll(self) -> int | None:
-        return self.code
-
-    @property
-    def running(self) -> bool:
-        return self.code is None
-
-    def describe_exit(self) -> str:
-        return exit_text(self.code)
-
-    def signal_group(self, sig: int) -> None:
-        self.signals.append(sig)
+from tests.helpers.fake_child import FakeChild
 
 
 class FakeDeployment(Deployment):
