@@ -19,6 +19,8 @@
   `"additionalProperties": true`.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
+- A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
+  before them or null.
 
 Streaming (shaped like vLLM's deltas: `delta.tool_calls[i] = {index, id, type, function: {name,
 arguments}}`, later ones only `{index, function: {arguments}}`): a named call streams its
@@ -98,17 +100,18 @@ class ToolCalling:
         return content, calls if self.parallel else calls[:1]
 
     def _parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
+        # A forced call's content is "" (vLLM's whole answers for named and required), not null as auto's.
         if self.mode == "none":
             return text, []
         if self.mode == "named":
-            return None, [_call(self.named or "", text)]
+            return "", [_call(self.named or "", text)]
         if self.mode == "required":
             try:
                 items = json.loads(text)
             except json.JSONDecodeError:
-                return None, partial_required_calls(text)  # cut by max_tokens: never content
-            return None, [_call(i["name"], _arguments_json(i.get("parameters", {})))
-                          for i in items if isinstance(i, dict)]
+                return "", partial_required_calls(text)  # cut by max_tokens: never the array as content
+            return "", [_call(i["name"], _arguments_json(i.get("parameters", {})))
+                        for i in items if isinstance(i, dict)]
         return parse_auto(text)
 
 

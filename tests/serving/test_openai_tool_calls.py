@@ -13,6 +13,7 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
 from tests.serving.helpers import in_process_instance
 
@@ -170,3 +171,22 @@ def test_auto_parses_a_hermes_call_whole_and_streamed(client: openai.OpenAI) -> 
     assert content == whole.message.content
     assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather")]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(("choice", "output", "finish_reason"), [
+    ({"type": "function", "function": {"name": "get_time"}}, '{"zone": "UTC"}', "stop"),
+    ("required", '[{"name": "get_time", "parameters": {"zone": "UTC"}}]', "tool_calls"),
+    ("required", '[{"name": "get_time", "parameters": {"zo', "length"),  # cut by max_tokens: a partial call
+])
+def test_a_forced_calls_whole_answer_has_empty_content_as_vllms(choice: object, output: str,
+                                                                finish_reason: str) -> None:
+    """vLLM's whole answer for a named or required tool choice has `content: ""` (not null) beside its calls."""
+    calling = tool_calling_of([WEATHER, TIME], choice)
+    assert calling is not None
+    builder = ResponseBuilder(endpoint="chat", response_id="chatcmpl-1", model="tiny", detokenize=str,
+                              decode=lambda ids: "", tool_calling=calling, text=output,
+                              finish_reason="length" if finish_reason == "length" else "stop")
+    message = builder.choice(0)["message"]
+    assert isinstance(message, dict) and message["content"] == ""
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]  # type: ignore[index,union-attr]
+    assert builder.choice(0)["finish_reason"] == finish_reason

@@ -96,7 +96,7 @@ def test_required_get_weather_call_has_only_city(client: openai.OpenAI) -> None:
     """The issue's request: before strict schemas the arguments ran on with invented keys until max_tokens."""
     out = client.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER], tool_choice="required",
                                          temperature=0, max_tokens=60).choices[0]  # type: ignore[list-item]
-    assert out.finish_reason == "tool_calls" and out.message.content is None
+    assert out.finish_reason == "tool_calls" and out.message.content == ""  # vLLM's, beside forced calls
     calls = out.message.tool_calls or []
     assert len(calls) == 1 and calls[0].function.name == "get_weather"
     arguments = json.loads(calls[0].function.arguments)
@@ -108,7 +108,7 @@ def test_a_required_call_cut_by_the_length_limit_whole_and_streamed(client: open
     kwargs: dict[str, Any] = {"model": "demo", "messages": ASK, "tools": [WEATHER], "tool_choice": "required",
                               "temperature": 0, "max_tokens": 14}
     out = client.chat.completions.create(**kwargs).choices[0]
-    assert out.finish_reason == "length" and out.message.content is None
+    assert out.finish_reason == "length" and out.message.content == ""  # vLLM's, beside forced calls
     calls = out.message.tool_calls or []
     assert [c.function.name for c in calls] == ["get_weather"]
     assert calls[0].function.arguments.startswith('{"city"')
