@@ -70,7 +70,7 @@ def test_a_required_call_cut_by_max_tokens_is_a_partial_call_never_content() -> 
         "arguments"] == '{"city":"Oslo"}'
     assert partial_required_calls('[{"name":"get_wea') == [] and partial_required_calls("") == []
     calling = tool_calling_of([WEATHER], "required")
-    assert calling is not None and calling.parse('[{"name":"get_wea') == (None, [])
+    assert calling is not None and calling.parse('[{"name":"get_wea') == ("", [])  # never the array as content
     stream = ToolStream(calling)
     assert stream.delta('[{"name":"get_wea', False) == {} and stream.delta("ther", True) == {}  # nothing as content
 
