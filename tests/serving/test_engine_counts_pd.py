@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,47 +22,21 @@ from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.internal import KV_RELEASE_PATH
 from pdlaunch.server.request_stream import Accepted
 from tests.kv_transfer.deployment_secret import TEST_SECRET
-from tests.serving.helpers import ThreadServer, wait_for
-from tests.serving.tiny_instances import TIMEOUT, serve_tiny
+from tests.serving.helpers import wait_for
+from tests.serving.tiny_instances import TIMEOUT, TinyPD, serve_tiny, tiny_pd
 
 PROMPT = "The capital of France is"
 REASONS = ("stop", "length", "abort", "error")
 
 
-@dataclass
-class Deployment:
-    prefill: str
-    decode: str
-    proxy: str
-    loops: list[EngineLoop]
-
-
 @pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    servers: list[ThreadServer] = []
-    loops: list[EngineLoop] = []
-    try:
-        for role in ("prefill", "decode"):
-            srv, loop = serve_tiny(role, f"counts-pd-{role}")
-            servers.append(srv)
-            loops.append(loop)
-        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
-                             Instance("decode", servers[1].url, "decode-0")])
-        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
-                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
-        servers.append(proxy)
-        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
-        yield Deployment(servers[0].url, servers[1].url, proxy.url, loops)
-    finally:
-        for srv in reversed(servers):
-            srv.__exit__(None, None, None)
+def deployment() -> Iterator[TinyPD]:
+    with tiny_pd("counts-pd") as pd:
+        yield pd
 
 
 def _ends() -> dict[str, float]:
@@ -88,13 +61,13 @@ def _first_token(url: str) -> int:
     return token
 
 
-def _held_blocks_go(d: Deployment) -> None:
+def _held_blocks_go(d: TinyPD) -> None:
     for url in (d.prefill, d.decode):
         wait_for(lambda: httpx.get(f"{url}/info").json()["num_blocks_used"] == 0, f"{url} to hold no KV", 60)
 
 
 @pytest.mark.parametrize("reason", ["length", "stop"])
-def test_a_pd_request_its_first_token_ends_counts_as_it_ended(deployment: Deployment, reason: str) -> None:
+def test_a_pd_request_its_first_token_ends_counts_as_it_ended(deployment: TinyPD, reason: str) -> None:
     """The proxy's prefill leg (one token, its first token signed into its answer) ends by length, or by stop when
     the token it sampled is a stop token; the decode ends the request at admission from that token."""
     extra = {"max_tokens": 1} if reason == "length" else \
@@ -122,7 +95,7 @@ def _prompt_sources() -> dict[str, float]:
     return {key: float(value or 0) for key, value in found.items()}
 
 
-def test_a_pd_decode_computes_none_of_the_prompt_its_prefill_sent(deployment: Deployment) -> None:
+def test_a_pd_decode_computes_none_of_the_prompt_its_prefill_sent(deployment: TinyPD) -> None:
     """vllm:request_prefill_kv_computed_tokens (a prompt less its tokens cached or loaded): the prefill leg computed
     the whole prompt (shorter than a block: no prefix hit), the decode none of it, as it loaded the prompt's KV
     (its first token's KV, a generated token's, is what it computes). Both asked their connector about the prompt
@@ -139,7 +112,7 @@ def test_a_pd_decode_computes_none_of_the_prompt_its_prefill_sent(deployment: De
     _held_blocks_go(deployment)
 
 
-def _leg(d: Deployment) -> dict[str, Any]:
+def _leg(d: TinyPD) -> dict[str, Any]:
     """A prefill leg of PROMPT as the proxy sends it: one token, signed into its answer for the decode."""
     leg = httpx.post(f"{d.prefill}/v1/completions", timeout=TIMEOUT, json=_body(
         max_tokens=1, kv_transfer_params={"do_remote_decode": True, "return_first_token": True}))
@@ -149,7 +122,7 @@ def _leg(d: Deployment) -> dict[str, Any]:
     return params
 
 
-def _release(d: Deployment, params: dict[str, Any]) -> None:
+def _release(d: TinyPD, params: dict[str, Any]) -> None:
     """No decode reads the leg's KV: the prefill frees it now, as the proxy has it do."""
     released = httpx.post(f"{d.prefill}{KV_RELEASE_PATH}", json={"request_id": params["remote_request_id"]},
                           headers=internal_headers(TEST_SECRET), timeout=30)
@@ -183,7 +156,7 @@ class Hold:
 
 
 def test_a_client_that_leaves_before_its_first_token_is_handed_out_counts_it_as_it_ended(
-        deployment: Deployment) -> None:
+        deployment: TinyPD) -> None:
     """Its abort reaches the engine thread after the decode ended it at admission, before the step that hands its
     output out: the engine had ended it (nothing to abort), and that output counts its end."""
     loop = deployment.loops[1]
@@ -227,7 +200,7 @@ def decode() -> Iterator[tuple[str, EngineLoop]]:
 
 
 def test_a_decode_that_stops_before_handing_out_a_first_token_end_counts_that_end(
-        deployment: Deployment, decode: tuple[str, EngineLoop]) -> None:
+        deployment: TinyPD, decode: tuple[str, EngineLoop]) -> None:
     """The stop reaches the engine thread after it admitted a request that the prefill's first token ended, before
     the step that would hand its output out: handed out at the stop, the request is answered and counts its end."""
     url, loop = decode
@@ -256,7 +229,7 @@ def test_a_decode_that_stops_before_handing_out_a_first_token_end_counts_that_en
     _release(deployment, params)
 
 
-def test_the_nixl_histograms_have_the_nixl_connectors_buckets(deployment: Deployment) -> None:
+def test_the_nixl_histograms_have_the_nixl_connectors_buckets(deployment: TinyPD) -> None:
     """vllm:nixl_xfer_time_seconds and vllm:nixl_bytes_transferred as vLLM's NixlConnector buckets them (0.13)."""
     expected = {"vllm:nixl_xfer_time_seconds": [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0],
                 "vllm:nixl_bytes_transferred": [float(2 ** (10 + i)) for i in range(1, 25, 2)]}  # 2 KiB .. 8 GiB

@@ -8,47 +8,23 @@ deltas of both."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.instances import Instance, InstancePool
-from tests.kv_transfer.deployment_secret import TEST_SECRET
-from tests.serving.helpers import ThreadServer, wait_for
-from tests.serving.tiny_instances import MODEL, TIMEOUT, serve_tiny
+from tests.serving.helpers import wait_for
+from tests.serving.tiny_instances import MODEL, TIMEOUT, TinyPD, tiny_pd
 
 LABELS = {"model_name": MODEL, "engine": "0"}
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 
 
-@dataclass
-class Deployment:
-    prefill: str
-    decode: str
-    proxy: str
-
-
 @pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
-    servers: list[ThreadServer] = []
-    try:
-        for role in ("prefill", "decode"):
-            servers.append(serve_tiny(role, f"sources-{role}")[0])
-        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
-                             Instance("decode", servers[1].url, "decode-0")])
-        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
-                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
-        servers.append(proxy)
-        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
-        yield Deployment(servers[0].url, servers[1].url, proxy.url)
-    finally:
-        for srv in reversed(servers):
-            srv.__exit__(None, None, None)
+def deployment() -> Iterator[TinyPD]:
+    with tiny_pd("sources") as pd:
+        yield pd
 
 
 def _counts() -> dict[str, float]:
@@ -73,7 +49,7 @@ def _complete(url: str, prompt: str) -> dict[str, Any]:
     return usage
 
 
-def test_a_prefix_cache_hit_counts_as_local_cache_hit(deployment: Deployment) -> None:
+def test_a_prefix_cache_hit_counts_as_local_cache_hit(deployment: TinyPD) -> None:
     """The first request of a prompt computes all of it; the second finds its whole blocks in the prefix cache."""
     prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
     before = _counts()
@@ -89,7 +65,7 @@ def test_a_prefix_cache_hit_counts_as_local_cache_hit(deployment: Deployment) ->
                               "external_kv_transfer": 0, "cached": cached, "prompt": length}
 
 
-def test_a_pd_decode_counts_its_loaded_prompt_as_external(deployment: Deployment) -> None:
+def test_a_pd_decode_counts_its_loaded_prompt_as_external(deployment: TinyPD) -> None:
     """The prefill leg computes the prompt (shorter than a block: no prefix hit); the decode loads all of it."""
     before = _counts()
     usage = _complete(deployment.proxy, "Paris is the capital of")

@@ -19,12 +19,7 @@ import httpx
 import pytest
 
 from pdlaunch.http.sse import parse_sse
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.instances import Instance, InstancePool
-from tests.kv_transfer.deployment_secret import TEST_SECRET
-from tests.serving.helpers import ThreadServer, wait_for
-from tests.serving.tiny_instances import TIMEOUT, serve_tiny
+from tests.serving.tiny_instances import TIMEOUT, tiny_pd
 
 HI = [{"role": "user", "content": "hi"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -34,20 +29,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 @pytest.fixture(scope="module")
 def urls() -> Iterator[dict[str, str]]:
     """{"decode": the decode instance's URL, "proxy": the proxy's}."""
-    servers: list[ThreadServer] = []
-    try:
-        for role in ("prefill", "decode"):
-            servers.append(serve_tiny(role, f"parity-{role}")[0])
-        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
-                             Instance("decode", servers[1].url, "decode-0")])
-        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
-                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
-        servers.append(proxy)
-        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
-        yield {"decode": servers[1].url, "proxy": proxy.url}
-    finally:
-        for srv in reversed(servers):
-            srv.__exit__(None, None, None)
+    with tiny_pd("parity") as pd:
+        yield {"decode": pd.decode, "proxy": pd.proxy}
 
 
 def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:

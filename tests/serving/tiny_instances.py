@@ -3,6 +3,9 @@ and decode pull KV from each other under one deployment secret."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -10,6 +13,8 @@ import httpx
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.kv_transfer.deployment_secret import TEST_SECRET
@@ -37,3 +42,34 @@ def serve_tiny(role: str, name: str, **kv_transfer: Any) -> tuple[ThreadServer, 
     srv = ThreadServer(build_app(loop, cfg, spec), spec.port).__enter__()
     wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, f"the {name} engine", TIMEOUT)
     return srv, loop
+
+
+@dataclass
+class TinyPD:
+    prefill: str
+    decode: str
+    proxy: str
+    loops: list[EngineLoop]  # the prefill's, then the decode's
+
+
+@contextmanager
+def tiny_pd(tag: str) -> Iterator[TinyPD]:
+    """A tiny prefill and decode (engine ids `tag`-prefill, `tag`-decode) behind the real proxy, in this process;
+    stopped on exit, the proxy first."""
+    servers: list[ThreadServer] = []
+    loops: list[EngineLoop] = []
+    try:
+        for role in ("prefill", "decode"):
+            srv, loop = serve_tiny(role, f"{tag}-{role}")
+            servers.append(srv)
+            loops.append(loop)
+        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
+                             Instance("decode", servers[1].url, "decode-0")])
+        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
+                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
+        servers.append(proxy)
+        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
+        yield TinyPD(servers[0].url, servers[1].url, proxy.url, loops)
+    finally:
+        for srv in reversed(servers):
+            srv.__exit__(None, None, None)
