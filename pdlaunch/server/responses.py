@@ -85,7 +85,8 @@ class ResponseBuilder:
             if self.return_token_ids and self.prompt_token_ids is not None:
                 choice["prompt_token_ids"] = _json_list(self.prompt_token_ids)
         else:
-            message: JsonObject = {"role": "assistant", "content": self.text}
+            # vLLM's message always carries tool_calls (an empty list without tools)
+            message: JsonObject = {"role": "assistant", "content": self.text, "tool_calls": []}
             finish_reason = self.finish_reason
             if self.tool_calling is not None:
                 content, calls = self.tool_calling.parse(self.text)

@@ -190,3 +190,11 @@ def test_a_forced_calls_whole_answer_has_empty_content_as_vllms(choice: object, 
     assert isinstance(message, dict) and message["content"] == ""
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]  # type: ignore[index,union-attr]
     assert builder.choice(0)["finish_reason"] == finish_reason
+
+
+def test_a_whole_chat_answer_without_tools_has_an_empty_tool_calls_list_as_vllms() -> None:
+    """vLLM's ChatMessage defaults tool_calls to []: every whole chat answer carries the key, tools or not."""
+    builder = ResponseBuilder(endpoint="chat", response_id="chatcmpl-1", model="tiny", detokenize=str,
+                              decode=lambda ids: "", text="Paris.", finish_reason="stop")
+    message = builder.choice(0)["message"]
+    assert message == {"role": "assistant", "content": "Paris.", "tool_calls": []}
