@@ -11,7 +11,8 @@ The proxy runs here, as a child process, and knows each instance at its node's a
 
 Files: ray_deployment.py (`RayDeployment`: start, supervise, stop), ray_actors.py (each instance's
 placement group and actors), ray_proxy.py (the proxy here), ray_run.py (one instance as the launcher
-sees it), ray_head.py (the head's GCS watched), ray_instance.py (the rank-0 actor).
+sees it), ray_head.py (the head's GCS watched), ray_connect.py (the GCS checked before ray.init),
+ray_instance.py (the rank-0 actor).
 
 Supervision (launcher/restart_policy.py, as the local supervisor): an instance whose rank-0 `serve`
 call ends (the engine failed, an actor died, its node is gone) has its actors and placement group
@@ -22,7 +23,9 @@ way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py);
 restarted after the backoff, as the local supervisor does. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
-error and the last lines of its log (read through log_dir's shared storage). A built-in or GGUF model is fetched
+error and the last lines of its log (read through log_dir's shared storage). The connect (ray.init) first checks,
+within a bounded wait, that what listens at launcher.ray_address answers as a GCS (ray_connect.py); Ctrl-C/SIGTERM
+while connecting disconnects the driver and exits 0. A built-in or GGUF model is fetched
 or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
 Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
@@ -34,6 +37,8 @@ servers to stop. The actors and placement groups are not detached: a launcher th
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -41,6 +46,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.ray_cluster import gcs_probe
+from pdlaunch.launcher.backends.ray_connect import check_gcs_answers
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
@@ -54,7 +61,38 @@ LOG_TAIL_BYTES = 64 * 1024  # the tail is read from this much of the log's end (
 def run_ray(cfg: DeploymentConfig) -> int:
     """`pdlaunch serve --backend ray`: 0 after a clean stop, 1 when the deployment could not keep serving."""
     console = Console()
-    deployment = RayDeployment(cfg, console)
+    with StopSignals() as connecting:
+        deployment = _connected(console, cfg, connecting)
+        if deployment is None:
+            return 0
+        return _serve(console, cfg, deployment)  # its own StopSignals: ray.init set a SIGTERM handler of Ray's
+
+
+def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment | None:
+    """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait), where a
+    stop signal ends the connect; None when one did, once this driver is disconnected again."""
+    address = cfg.launcher.ray_address
+    try:
+        with signals.raising():
+            if address != "auto":
+                gcs_probe(address)  # refused or unreachable: named at once
+                check_gcs_answers(address)  # accepted but silent: ray.init would retry for many minutes
+            return RayDeployment(cfg, console)
+    except StopRequested:
+        name = signals.signal_name
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        name = "SIGTERM"  # ray.init's own handler (sys.exit(signum)) ran instead of ours
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        ray.shutdown()  # a driver connected, or half connected, leaves the cluster now (no-op when none)
+    console.print(f"{name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
+                  "placed on the cluster)", highlight=False, soft_wrap=True)
+    return None
+
+
+def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:
     with StopSignals() as signals:
         signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
 

@@ -1,0 +1,142 @@
+"""`--backend ray`: the launcher's connect to the cluster (launcher/backends/ray.py `_connected`,
+launcher/backends/ray_connect.py). A GCS address whose listener accepts connections but never answers passes
+the TCP probe, and ray.init then retried for many minutes, deaf to Ctrl-C inside Ray's C++ waits: now it is
+named within ANSWER_TIMEOUT_S. A stop signal while connecting left as a bare KeyboardInterrupt (SIGINT) or as
+Ray's own sys.exit(15) (the SIGTERM handler ray.init sets): now exit 0, one line naming the connect, the driver
+disconnected. In-process, stand-in servers and a stand-in deployment; no cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
+
+from pdlaunch.config.deployment_config import DeploymentConfig  # noqa: E402 (after the importorskip)
+from pdlaunch.errors import PdlaunchError  # noqa: E402
+from pdlaunch.launcher.backends import ray as backend  # noqa: E402
+from pdlaunch.launcher.backends import ray_connect  # noqa: E402
+from pdlaunch.launcher.log_dir_lock import LOCK_NAME  # noqa: E402
+from tests.cluster.test_backend_failures_ray import ray_cfg  # noqa: E402
+
+SIGNAL_WAIT_S = 30.0  # the stand-in connect waits this long for the signal to end it
+
+
+class Server:
+    """A listener on 127.0.0.1 that, per connection, reads the client's greeting and answers `reply` (None:
+    never reads nor answers; the kernel's backlog accepts the connection)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.reply = reply
+        if reply is not None:
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return  # closed by the test
+        with conn:
+            try:
+                conn.recv(len(ray_connect.PREFACE))
+                assert self.reply is not None
+                conn.sendall(self.reply)
+                conn.recv(1)  # until the client closes
+            except OSError:
+                return  # the client closed first (a reset once it read the answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[Server]:
+    server = Server(None)
+    yield server
+    server.close()
+
+
+def _cfg(tmp_path: Path, address: str) -> DeploymentConfig:
+    cfg = ray_cfg(tmp_path)
+    cfg.launcher.ray_address = address
+    return cfg
+
+
+def test_a_gcs_that_never_answers_is_named_within_the_bound(silent: Server, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_connect, "ANSWER_TIMEOUT_S", 1.0)
+    built: list[str] = []
+    monkeypatch.setattr(backend, "RayDeployment", lambda cfg, console: built.append("ray.init") or None)
+    started = time.monotonic()
+    with pytest.raises(PdlaunchError) as caught:
+        backend.run_ray(_cfg(tmp_path, silent.address))
+    assert time.monotonic() - started < 10.0
+    assert caught.value.field == "launcher.ray_address", caught.value.render()
+    assert (f"something accepts TCP connections at {silent.address} but did not answer as a Ray GCS (gRPC) within "
+            "1s") in caught.value.message, caught.value.render()
+    assert "give the head's GCS port" in (caught.value.hint or "")
+    assert built == [], "ray.init was called on an address that never answered"
+    assert not (tmp_path / "logs" / LOCK_NAME).exists()
+
+
+def test_a_grpc_server_passes_and_another_service_is_named(tmp_path: Path) -> None:
+    grpc_like = Server(bytes([0, 0, 6, 4, 0, 0, 0, 0, 0]) + bytes(6))  # a SETTINGS frame, as a GCS sends first
+    other = Server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    try:
+        ray_connect.check_gcs_answers(grpc_like.address)
+        with pytest.raises(PdlaunchError) as caught:
+            ray_connect.check_gcs_answers(other.address)
+    finally:
+        grpc_like.close()
+        other.close()
+    assert caught.value.field == "launcher.ray_address"
+    assert f"what listens at {other.address} is not a Ray GCS" in caught.value.message, caught.value.render()
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM by ray.init's handler"])
+def test_a_stop_signal_while_connecting_disconnects_and_exits_0(how: str, tmp_path: Path, term_guard: None,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    shutdowns: list[str] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append("shutdown"))
+
+    def connecting(cfg: DeploymentConfig, console: object) -> None:
+        if how != "SIGINT":
+            raise SystemExit(signal.SIGTERM)  # what ray.init's SIGTERM handler (sys.exit(signum)) raises
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + SIGNAL_WAIT_S
+        while time.monotonic() < deadline:  # the handler runs between these sleeps and ends the connect
+            time.sleep(0.01)
+        raise AssertionError(f"SIGINT did not end the connect within {SIGNAL_WAIT_S:.0f}s")
+
+    monkeypatch.setattr(backend, "RayDeployment", connecting)
+    assert backend.run_ray(_cfg(tmp_path, "auto")) == 0
+    output = " ".join(capsys.readouterr().out.split())
+    name = "SIGINT" if how == "SIGINT" else "SIGTERM"
+    assert f"{name} received while connecting to the Ray cluster at auto; stopping (nothing was placed on the " \
+           "cluster)" in output, output
+    assert shutdowns == ["shutdown"], "the driver was not disconnected"
+    assert not (tmp_path / "logs" / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_ray gave the handlers back
+
+
+def test_another_exit_while_connecting_is_not_taken_for_a_signal(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def connecting(cfg: DeploymentConfig, console: object) -> None:
+        raise SystemExit(3)
+
+    monkeypatch.setattr(backend, "RayDeployment", connecting)
+    with pytest.raises(SystemExit) as caught:
+        backend.run_ray(_cfg(tmp_path, "auto"))
+    assert caught.value.code == 3
