@@ -1,0 +1,135 @@
+"""`--backend ray`: a stop signal while `pdlaunch serve --backend ray` connects to the cluster (inside ray.init),
+in a real `python -m pdlaunch serve` subprocess against a real `ray start --head`. It must end with exit 0, one
+line naming the connect, no traceback, the driver's job dead on the cluster, no process left and log_dir never
+locked.
+
+Known gap (strict xfail): the first ray.init of a serve runs while the config is loaded
+(config/backend.with_backend_nodes -> config/ray_cluster.with_ray_cluster -> connect), before run_ray takes over
+SIGINT/SIGTERM; there a Ctrl-C ends the launcher with a bare exit 130 (at times a SIGSEGV inside Ray), and a
+SIGTERM with Ray's own handler (exit 15, a C++ stack dump on stderr). launcher/backends/ray.py's `_connected`
+handles a signal in its own connect (tests/cluster/test_ray_connect.py), which that earlier one makes a no-op.
+
+The moment to signal comes from a sitecustomize on the launcher's PYTHONPATH (test code only) that wraps
+ray.init: it writes a marker file as ray.init begins, connects, then waits (bounded) before returning, so a
+signal sent once the marker exists lands inside ray.init, or just after it within the wrapped call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.launcher.log_dir_lock import LOCK_NAME
+from tests.cluster.ray_cluster import COMMON, RayCluster, RayUnavailable
+from tests.serving.helpers import wait_for
+
+pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
+
+ENTER_TIMEOUT_S = 120.0  # the launcher importing pdlaunch and ray on a loaded 2-core machine
+EXIT_TIMEOUT_S = 60.0
+HOLD_S = 90.0  # how long the wrapped ray.init holds after connecting: far longer than the test needs
+
+SITECUSTOMIZE = f"""\
+import os, time
+import ray
+
+_init = ray.init
+
+
+def init(*args, **kwargs):
+    open(os.environ["PDTEST_RAY_INIT_ENTERED"], "w").close()
+    context = _init(*args, **kwargs)
+    deadline = time.monotonic() + {HOLD_S}
+    while time.monotonic() < deadline:  # the test's signal ends this wait (or the connect above)
+        time.sleep(0.05)
+    return context
+
+
+ray.init = init
+"""
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[RayCluster]:
+    """One `ray start --head` (no workers: nothing is placed) under its own temporary directory."""
+    cluster = RayCluster()
+    try:
+        cluster._ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(cluster.port),
+                      "--temp-dir", str(cluster.root), "--include-dashboard", "false", *COMMON])
+    except RayUnavailable as exc:
+        cluster.stop()
+        pytest.skip(f"a Ray head cannot start here: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _serve(address: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    out = tmp_path / "serve.out"
+    with open(out, "wb") as file:
+        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", "--backend", "ray", "--ray-address",
+                                 address, "--model", "tiny", "--device", "cpu", "--log-dir", str(tmp_path / "logs")],
+                                stdout=file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return proc, out
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], out: Path, timeout_s: float) -> int:
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"pdlaunch serve still ran {timeout_s:.0f}s on:\n{out.read_text(errors='replace')}") \
+            from None
+
+
+def _launcher_jobs(head: RayCluster, pid: int) -> list[bool]:
+    """IsDead of each job the cluster has from the driver `pid`."""
+    out = head.query(f"out = [j['IsDead'] for j in ray._private.state.jobs() if j['DriverPid'] == {pid}]")
+    assert isinstance(out, list)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(strict=True, reason="the config loader's ray.init (config/ray_cluster.connect) runs before "
+                   "run_ray takes over SIGINT/SIGTERM")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_inside_ray_init_disconnects_and_exits_cleanly(head: RayCluster, tmp_path: Path,
+                                                                      sig: signal.Signals) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    entered = tmp_path / "entered"
+    env = {**head.env, "PDTEST_RAY_INIT_ENTERED": str(entered),
+           "PYTHONPATH": os.pathsep.join([str(hook), head.env["PYTHONPATH"]])}
+    before = {args for args in head.processes(str(head.root))}
+    proc, out = _serve(head.address, tmp_path, env)
+    try:
+        wait_for(lambda: entered.exists() or proc.poll() is not None, "the launcher to enter ray.init",
+                 ENTER_TIMEOUT_S, poll=0.1)
+        assert proc.poll() is None, out.read_text(errors="replace")
+        proc.send_signal(sig)
+        code = _wait_exit(proc, out, EXIT_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = out.read_text(errors="replace")
+    assert code == 0, f"exit {code}:\n{output}"
+    assert "Traceback" not in output, output
+    assert f"{sig.name} received while connecting to the Ray cluster at {head.address}; stopping" in output, output
+    assert not (tmp_path / "logs" / LOCK_NAME).exists(), "log_dir was locked before the cluster answered"
+    # The driver left the cluster (its job is dead, or it never registered one) and started nothing there.
+    wait_for(lambda: all(_launcher_jobs(head, proc.pid)), f"the launcher's job (pid {proc.pid}) to be dead",
+             EXIT_TIMEOUT_S, poll=1.0)
+    assert {args for args in head.processes(str(head.root))} <= before, json.dumps(
+        sorted(set(head.processes(str(head.root))) - before), indent=1)
