@@ -6,6 +6,9 @@ for a user mistake). The work lives in the modules each command calls.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,12 +59,13 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
                     ) -> NoReturn:
     """Validate the deployment, `run` it, and exit with the code it returns."""
     from pdlaunch.config.flag_names import flag_fields
-    from pdlaunch.config.loader import load_valid_deployment
 
     with _reported():
         cfg: DeploymentConfig | None = None
         try:
-            cfg = load_valid_deployment(config, overrides)
+            cfg = _loaded_unless_stopped(config, overrides)
+            if cfg is None:
+                raise typer.Exit(code=0)
             code = run(cfg)
         except PdlaunchError as exc:
             # The launcher and the backends name a config path (`proxy.port`); the user typed a flag (`--port`).
@@ -71,6 +75,39 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
                                                                                                    exc.field)
             raise
     raise typer.Exit(code=code)
+
+
+def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> DeploymentConfig | None:
+    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded: with --backend ray
+    that includes the connect to the cluster (ray.init, minutes when the head is slow), which a stop signal ends
+    with one line and the driver disconnected, as a stop later on does (exit 0; nothing was started)."""
+    from pdlaunch.config.loader import load_valid_deployment
+    from pdlaunch.config.ray_cluster import connecting_to
+    from pdlaunch.launcher.serve import StopRequested, StopSignals
+
+    with StopSignals() as signals:
+        address = None
+        try:
+            with signals.raising():
+                return load_valid_deployment(config, overrides)
+        except StopRequested:
+            name, address = signals.signal_name, connecting_to()
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM or connecting_to() is None:
+                raise
+            name, address = "SIGTERM", connecting_to()  # ray.init's own SIGTERM handler ran instead of ours
+    if address is not None:
+        # ray.init was cut short: its half-made core worker crashes (SIGSEGV) when Ray's shutdown, or its atexit
+        # hook, tears it down, so this process leaves at once; the GCS sees the driver's connection close
+        err_console.print(f"{name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
+                          "placed on the cluster)", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    else:
+        err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
+                          highlight=False, soft_wrap=True)
+    return None
 
 
 def _print(text: str, what: str) -> None:

@@ -26,15 +26,16 @@ from typing import Literal
 
 from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.ray_gcs import FIELD, check_gcs_answers
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
 
-FIELD = "launcher.ray_address"
 INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"
 CONNECT_TIMEOUT_S = 5.0  # the GCS port must accept a TCP connection within this
 GPU_PROBE_TIMEOUT_S = 120.0  # a one-GPU task reading the GPU's memory (a node's Python imports torch first)
 NAMESPACE = "pdlaunch"  # Ray namespace of every actor the launcher makes
+_connecting: str | None = None  # the address inside ray.init (connect), for a stop signal's message
 
 Strategy = Literal["PACK", "SPREAD"]
 
@@ -187,16 +188,27 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
     if ray.is_initialized():
         return ray
     if address != "auto":
-        gcs_probe(address)
+        gcs_probe(address)  # refused or unreachable: named at once
+        check_gcs_answers(address, *check_address(address))  # accepted but silent: ray.init would retry for minutes
     logging.getLogger("ray").setLevel(logging.WARNING)
+    global _connecting
+    _connecting = address
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                  configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        _connecting = None
         raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
+    # a stop signal inside ray.init leaves _connecting set: the process stops, naming the address (cli.py)
+    _connecting = None
     return ray
+
+
+def connecting_to() -> str | None:
+    """The address ray.init is connecting to right now (a stop signal there names it), else None."""
+    return _connecting
 
 
 def _cause_of(exc: BaseException) -> str:

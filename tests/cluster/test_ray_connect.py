@@ -1,9 +1,10 @@
-"""`--backend ray`: the launcher's connect to the cluster (launcher/backends/ray.py `_connected`,
-launcher/backends/ray_connect.py). A GCS address whose listener accepts connections but never answers passes
-the TCP probe, and ray.init then retried for many minutes, deaf to Ctrl-C inside Ray's C++ waits: now it is
-named within ANSWER_TIMEOUT_S. A stop signal while connecting left as a bare KeyboardInterrupt (SIGINT) or as
-Ray's own sys.exit(15) (the SIGTERM handler ray.init sets): now exit 0, one line naming the connect, the driver
-disconnected. In-process, stand-in servers and a stand-in deployment; no cluster."""
+"""`--backend ray`: the connect to the cluster (config/ray_cluster.py `connect`, config/ray_gcs.py; the
+launcher's stop handling in launcher/backends/ray.py `_connected`). A GCS address whose listener accepts
+connections but never answers passes the TCP probe, and ray.init then retried for many minutes, deaf to Ctrl-C
+inside Ray's C++ waits: now it is named within ANSWER_TIMEOUT_S. A stop signal while connecting left as a bare
+KeyboardInterrupt (SIGINT) or as Ray's own sys.exit(15) (the SIGTERM handler ray.init sets): now exit 0, one
+line naming the connect, the driver disconnected. In-process, stand-in servers and a stand-in deployment; no
+cluster."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
 
+from pdlaunch.config import ray_cluster, ray_gcs  # noqa: E402
 from pdlaunch.config.deployment_config import DeploymentConfig  # noqa: E402 (after the importorskip)
 from pdlaunch.errors import PdlaunchError  # noqa: E402
 from pdlaunch.launcher.backends import ray as backend  # noqa: E402
-from pdlaunch.launcher.backends import ray_connect  # noqa: E402
 from pdlaunch.launcher.log_dir_lock import LOCK_NAME  # noqa: E402
 from tests.cluster.test_backend_failures_ray import ray_cfg  # noqa: E402
 
@@ -49,7 +50,7 @@ class Server:
             return  # closed by the test
         with conn:
             try:
-                conn.recv(len(ray_connect.PREFACE))
+                conn.recv(len(ray_gcs.PREFACE))
                 assert self.reply is not None
                 conn.sendall(self.reply)
                 conn.recv(1)  # until the client closes
@@ -75,28 +76,29 @@ def _cfg(tmp_path: Path, address: str) -> DeploymentConfig:
 
 def test_a_gcs_that_never_answers_is_named_within_the_bound(silent: Server, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ray_connect, "ANSWER_TIMEOUT_S", 1.0)
-    built: list[str] = []
-    monkeypatch.setattr(backend, "RayDeployment", lambda cfg, console: built.append("ray.init") or None)
+    monkeypatch.setattr(ray_gcs, "ANSWER_TIMEOUT_S", 1.0)
+    inits: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: inits.append("ray.init"))
     started = time.monotonic()
     with pytest.raises(PdlaunchError) as caught:
-        backend.run_ray(_cfg(tmp_path, silent.address))
+        ray_cluster.connect(_cfg(tmp_path, silent.address))  # as serve's and check-config's config loading call it
     assert time.monotonic() - started < 10.0
     assert caught.value.field == "launcher.ray_address", caught.value.render()
     assert (f"something accepts TCP connections at {silent.address} but did not answer as a Ray GCS (gRPC) within "
             "1s") in caught.value.message, caught.value.render()
     assert "give the head's GCS port" in (caught.value.hint or "")
-    assert built == [], "ray.init was called on an address that never answered"
-    assert not (tmp_path / "logs" / LOCK_NAME).exists()
+    assert inits == [], "ray.init was called on an address that never answered"
+    assert ray_cluster.connecting_to() is None
 
 
 def test_a_grpc_server_passes_and_another_service_is_named(tmp_path: Path) -> None:
     grpc_like = Server(bytes([0, 0, 6, 4, 0, 0, 0, 0, 0]) + bytes(6))  # a SETTINGS frame, as a GCS sends first
     other = Server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     try:
-        ray_connect.check_gcs_answers(grpc_like.address)
+        ray_gcs.check_gcs_answers(grpc_like.address, *ray_cluster.check_address(grpc_like.address))
         with pytest.raises(PdlaunchError) as caught:
-            ray_connect.check_gcs_answers(other.address)
+            ray_gcs.check_gcs_answers(other.address, *ray_cluster.check_address(other.address))
     finally:
         grpc_like.close()
         other.close()

@@ -3,11 +3,9 @@ in a real `python -m pdlaunch serve` subprocess against a real `ray start --head
 line naming the connect, no traceback, the driver's job dead on the cluster, no process left and log_dir never
 locked.
 
-Known gap (strict xfail): the first ray.init of a serve runs while the config is loaded
-(config/backend.with_backend_nodes -> config/ray_cluster.with_ray_cluster -> connect), before run_ray takes over
-SIGINT/SIGTERM; there a Ctrl-C ends the launcher with a bare exit 130 (at times a SIGSEGV inside Ray), and a
-SIGTERM with Ray's own handler (exit 15, a C++ stack dump on stderr). launcher/backends/ray.py's `_connected`
-handles a signal in its own connect (tests/cluster/test_ray_connect.py), which that earlier one makes a no-op.
+The first ray.init of a serve runs while the config is loaded (config/backend.with_backend_nodes ->
+config/ray_cluster.with_ray_cluster -> connect); cli.py stops it there (before, a Ctrl-C ended the launcher with a
+bare exit 130, at times a SIGSEGV inside Ray, and a SIGTERM with Ray's own handler: exit 15 and a C++ stack dump).
 
 The moment to signal comes from a sitecustomize on the launcher's PYTHONPATH (test code only) that wraps
 ray.init: it writes a marker file as ray.init begins, connects, then waits (bounded) before returning, so a
@@ -100,8 +98,6 @@ def _launcher_jobs(head: RayCluster, pid: int) -> list[bool]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="the config loader's ray.init (config/ray_cluster.connect) runs before "
-                   "run_ray takes over SIGINT/SIGTERM")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_inside_ray_init_disconnects_and_exits_cleanly(head: RayCluster, tmp_path: Path,
                                                                       sig: signal.Signals) -> None:

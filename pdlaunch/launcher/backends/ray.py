@@ -11,7 +11,7 @@ The proxy runs here, as a child process, and knows each instance at its node's a
 
 Files: ray_deployment.py (`RayDeployment`: start, supervise, stop), ray_actors.py (each instance's
 placement group and actors), ray_proxy.py (the proxy here), ray_run.py (one instance as the launcher
-sees it), ray_head.py (the head's GCS watched), ray_connect.py (the GCS checked before ray.init),
+sees it), ray_head.py (the head's GCS watched), config/ray_gcs.py (the GCS checked before ray.init),
 ray_instance.py (the rank-0 actor).
 
 Supervision (launcher/restart_policy.py, as the local supervisor): an instance whose rank-0 `serve`
@@ -24,7 +24,7 @@ restarted after the backoff, as the local supervisor does. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
 error and the last lines of its log (read through log_dir's shared storage). The connect (ray.init) first checks,
-within a bounded wait, that what listens at launcher.ray_address answers as a GCS (ray_connect.py); Ctrl-C/SIGTERM
+within a bounded wait, that what listens at launcher.ray_address answers as a GCS (config/ray_gcs.py); Ctrl-C/SIGTERM
 while connecting disconnects the driver and exits 0. A built-in or GGUF model is fetched
 or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
 Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
@@ -46,8 +46,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.ray_cluster import gcs_probe
-from pdlaunch.launcher.backends.ray_connect import check_gcs_answers
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
@@ -71,25 +69,26 @@ def run_ray(cfg: DeploymentConfig) -> int:
 def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment | None:
     """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait), where a
     stop signal ends the connect; None when one did, once this driver is disconnected again."""
-    address = cfg.launcher.ray_address
     try:
         with signals.raising():
-            if address != "auto":
-                gcs_probe(address)  # refused or unreachable: named at once
-                check_gcs_answers(address)  # accepted but silent: ray.init would retry for many minutes
-            return RayDeployment(cfg, console)
+            return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
     except StopRequested:
         name = signals.signal_name
     except SystemExit as exc:
         if exc.code != signal.SIGTERM:
             raise
         name = "SIGTERM"  # ray.init's own handler (sys.exit(signum)) ran instead of ours
+    stopped_while_connecting(console, name, cfg.launcher.ray_address)
+    return None
+
+
+def stopped_while_connecting(console: Console, signal_name: str, address: str) -> None:
+    """A stop signal ended a connect to the Ray cluster (ray.init): this driver leaves it, and the user is told."""
     ray = sys.modules.get("ray")
     if ray is not None:
         ray.shutdown()  # a driver connected, or half connected, leaves the cluster now (no-op when none)
-    console.print(f"{name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
+    console.print(f"{signal_name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
                   "placed on the cluster)", highlight=False, soft_wrap=True)
-    return None
 
 
 def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:

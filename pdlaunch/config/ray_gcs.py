@@ -1,7 +1,7 @@
 """`--backend ray`: whether what listens at launcher.ray_address speaks gRPC (as a Ray GCS does), checked with a
 bounded wait before ray.init.
 
-config/ray_cluster.py's TCP probe only sees that something accepts connections. A port whose listener never
+ray_cluster.py's TCP probe (gcs_probe) only sees that something accepts connections. A port whose listener never
 answers (a stuck head, a firewall or proxy that accepts and holds connections, another service's port that
 waits for the client to speak first) passes it, and ray.init then retries its GCS client for many minutes
 (each try waits ~40 s for a cluster id, 20 tries), deaf to Ctrl-C while inside Ray's C++ wait. A GCS is a gRPC
@@ -15,8 +15,9 @@ import os
 import socket
 import time
 
-from pdlaunch.config.ray_cluster import FIELD, check_address
 from pdlaunch.errors import PdlaunchError
+
+FIELD = "launcher.ray_address"  # the setting every Ray connection error names
 
 ANSWER_TIMEOUT_S = 10.0  # a live GCS answers within milliseconds; a loaded head within seconds
 # RFC 9113 3.4: the client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0)
@@ -45,13 +46,12 @@ def _first_frame(sock: socket.socket, deadline: float) -> bytes:
     return got
 
 
-def check_gcs_answers(address: str) -> None:
-    """PdlaunchError (field launcher.ray_address) unless the server at HOST:PORT `address` answers the HTTP/2
-    preface with a SETTINGS frame within ANSWER_TIMEOUT_S."""
+def check_gcs_answers(address: str, host: str, port: int) -> None:
+    """PdlaunchError (field launcher.ray_address) unless the server at `address` (its HOST and PORT already checked)
+    answers the HTTP/2 preface with a SETTINGS frame within ANSWER_TIMEOUT_S."""
     if _tls():
         return
     timeout_s = ANSWER_TIMEOUT_S
-    host, port = check_address(address)
     hint = ("give the head's GCS port (`ray start --head` prints it, 6379 unless --port changed it), not another "
             "service's; if it is the GCS, the head is stuck or overloaded: `ray status --address "
             f"{address}` there, or restart it with `ray stop; ray start --head`")
