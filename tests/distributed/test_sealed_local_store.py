@@ -109,10 +109,12 @@ def test_a_raw_client_on_loopback_sees_only_macs(local_store: tuple[dist.TCPStor
 def test_a_value_overwritten_by_a_local_user_stops_the_join_with_store_tampered(
         local_store: tuple[dist.TCPStore, bytes]) -> None:
     raw, key = local_store
-    rank0 = spawn(0, raw.port, key)  # it publishes its gloo address, then waits for rank 1's
+    rank0 = spawn(0, raw.port, key)  # it opens the group, publishes its gloo address, then waits for rank 1's
     try:
         spy = raw_client(raw.port)
-        for name in keys_appear(spy, 1, rank0):
+        # both keys (join_waits.OPEN_KEY, then the gloo address): with the open key alone rank 1 would read an
+        # address left intact and join
+        for name in keys_appear(spy, 2, rank0):
             spy.set(name, base64.b64encode(b"\x00" * (NONCE_BYTES + MAC_BYTES + 16)).decode())  # its own address
         spy.num_keys()  # a request on the same connection returns once the sets are applied
         with pytest.raises(StoreTampered) as caught:
