@@ -23,6 +23,7 @@ from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
 from pdlaunch.config.rules.node_ports import node_port_warnings
+from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
 from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
@@ -143,7 +144,8 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
                 + log_level_warnings(os.environ) + gil_switch_warnings(os.environ))
     if resolved is not None:
         info = model_info_for(resolved)[0]
-        warnings += name_flags(no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances))
+        warnings += name_flags(no_effect_warnings(resolved, info) + rendezvous_timeout_warnings(resolved),
+                               flag_fields(overrides, resolved.instances))
     if resolved is not None and not problems and target is None:
         found = _port_warnings(resolved) + host_memory_findings(resolved, info)[1]
         warnings += name_flags(found, flag_fields(overrides, resolved.instances))

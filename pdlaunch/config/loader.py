@@ -229,6 +229,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     from pdlaunch.config.model_info import load_model_info
     from pdlaunch.config.rules.host_memory import host_memory_findings
     from pdlaunch.config.rules.no_effect import no_effect_warnings
+    from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
     from pdlaunch.config.rules.security import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
@@ -241,7 +242,8 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     info, _ = load_model_info(resolved.model.path)
-    found = no_effect_warnings(resolved, info) + host_memory_findings(resolved, info)[1]  # ray: not this machine's
+    found = (no_effect_warnings(resolved, info) + rendezvous_timeout_warnings(resolved)
+             + host_memory_findings(resolved, info)[1])  # ray: not this machine's
     found = name_flags(found, flag_fields(overrides, resolved.instances))
     found += log_level_warnings(os.environ) + gil_switch_warnings(os.environ)
     for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + found:

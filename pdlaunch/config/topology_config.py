@@ -34,7 +34,8 @@ class ParallelConfig(StrictModel):
         DEFAULT_RENDEZVOUS_TIMEOUT_S, gt=0, le=MAX_SECONDS, description="TP groups: how long rank 0 waits for its "
         "other ranks to connect, then again for them to come to the join, and a rank for rank 0 (at most a week). "
         "Raise it where a rank's node or pod may start minutes late (an image pull, a pod waiting to be scheduled); "
-        "the Kubernetes manifests use 900 unless it is set.")
+        "the Kubernetes manifests use 900 unless it is set. Under `pdlaunch serve` keep it below 900: the launcher "
+        "gives an instance that long to be ready (check-config warns).")
 
 
 class InstanceGroupConfig(StrictModel):
