@@ -6,6 +6,7 @@ once. Two real processes, gloo on CPU, the collective timeout cut to 3 s and one
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from typing import Any
 
@@ -35,11 +36,15 @@ def _rank(rank: int, port: int, key: bytes, barrier: bool, out: Any) -> None:
 
 def _rank0(port_out: Any, key: bytes, barrier: bool, out: Any) -> None:
     from pdlaunch.distributed import parallel_state
+    from pdlaunch.distributed.join_waits import wait_for_joins
     from pdlaunch.distributed.parallel_state import SealedStore, create_store
 
     raw = create_store("127.0.0.1", None, 2)
-    parallel_state._serving_store = SealedStore(raw, key)  # type: ignore[attr-defined]  # noqa: SLF001
+    store = SealedStore(raw, key)
+    parallel_state._serving_store = store  # type: ignore[attr-defined]  # noqa: SLF001
     port_out.put(raw.port)
+    # as tp_startup does: join only once rank 1 came (spawning it and importing torch outlasts the cut 3 s join)
+    wait_for_joins(store, 2, 120.0, threading.Event().wait)
     _rank(0, raw.port, key, barrier, out)
 
 
