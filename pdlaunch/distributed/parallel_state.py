@@ -123,10 +123,12 @@ def fresh_store_key() -> bytes:
     return secrets.token_bytes(MAC_BYTES)
 
 
-def connect_store(host: str, port: int, key: bytes, timeout_s: float = STORE_TIMEOUT_S) -> SealedStore:
-    """A rank's client of rank 0's store at host:port (waits up to `timeout_s` for it, and as long for each blocking
-    read), sealed with `key`."""
-    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+def connect_store(host: str, port: int, key: bytes) -> SealedStore:
+    """A rank's client of rank 0's store at host:port, sealed with `key`. Rank 0 opened its store before it started
+    or called this rank, so connecting does not wait; STORE_TIMEOUT_S bounds each blocking read (NCCL's unique id,
+    once the group is open). The wait for the open itself passes its own timeout (join_waits.wait_for_open), so
+    parallel.rendezvous_timeout_seconds, which may be days, never becomes the bound of every read."""
+    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
     return SealedStore(client, key)
 
 

@@ -46,8 +46,7 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     host = config.parallel.master_addr
     rendezvous_timeout_s = config.parallel.rendezvous_timeout_seconds
     if store is None:
-        store = connect_store(host, master_port, key if key is not None else store_key(config, instance, master_port),
-                              rendezvous_timeout_s)
+        store = connect_store(host, master_port, key if key is not None else store_key(config, instance, master_port))
     group = init_tp_group(rank, tp, device, host, master_port, store, rendezvous_timeout_s)
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler, max_model_len,

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch.distributed as dist
 
+from pdlaunch.distributed import parallel_state
 from pdlaunch.distributed.join_waits import RENDEZVOUS_SETTING
 from pdlaunch.distributed.message_stream import UnexpectedMessage, recv_as, send
 from pdlaunch.distributed.messages import Hello
@@ -222,14 +223,19 @@ def keep_alive(sock: socket.socket, unacked_s: int | None) -> None:
 
 
 def open_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
-    """A client of the rendezvous store rank 0 hosts (waits up to `timeout_s` for it to come up)."""
+    """A client of the rendezvous store rank 0 hosts (waits up to `timeout_s` for it to come up). Its blocking reads
+    then wait STORE_TIMEOUT_S, as a local worker's do: rank 0 publishes its link as it opens the store, and NCCL's
+    unique id as it joins; `timeout_s` (this node's launcher may start long before node 0's, or
+    parallel.rendezvous_timeout_seconds, up to a week) would hold a rank that long on a rank 0 hung in between."""
     try:
-        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, dist.DistError) as exc:
         raise EngineError(f"no TP rendezvous at {host}:{port} within {timeout_s:.0f}s: {exc}",
                           field="parallel.master_port",
                           hint="start node 0's launcher (it runs rank 0) and check the nodes reach each other"
                           ) from exc
+    client.set_timeout(timedelta(seconds=parallel_state.STORE_TIMEOUT_S))
+    return client
 
 
 def set_send_timeout(conn: Connection, seconds: float) -> None:

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 import pytest
 from torch.distributed import TCPStore
 
-from pdlaunch.distributed import remote_link
+from pdlaunch.distributed import parallel_state, remote_link
 from pdlaunch.distributed.remote_link import RankListener, connect_to_rank0
 from pdlaunch.errors import EngineError
 
@@ -109,13 +109,14 @@ def test_both_ends_of_a_link_notice_a_vanished_node_within_a_minute() -> None:
     assert rank0_end["user_timeout_ms"] == 0, rank0_end
 
 
-def test_a_store_without_rank0s_link_fails_the_rank_naming_it() -> None:
+def test_a_store_without_rank0s_link_fails_the_rank_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 opens its store, then its listener: one that fails in between (its listener cannot bind, it dies)
     leaves the rank's store read to time out or break. That torch error escaped remote_rank.main's handling
     (PdlaunchError, OSError, EOFError) as a bare traceback; it is now the rank's error, naming what it waited for."""
     # torch's store server listens on every interface: dropped at the end, it leaves no socket in this worker
     # (test_side_channel_auth checks that this process listens on loopback only).
     master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setattr(parallel_state, "STORE_TIMEOUT_S", 0.5)  # how long the rank's read waits for the link
     try:
         store = remote_link.open_store("127.0.0.1", master.port, timeout_s=0.5)
         with pytest.raises(EngineError) as failed:
