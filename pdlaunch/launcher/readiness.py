@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from pdlaunch.config.rules.rendezvous import LAUNCHER_READY_S
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.status import StatusRow, StatusView
 
-READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
+# a large checkpoint on a slow disk; a dead child is noticed at once anyway (one value with check-config's rule)
+READY_TIMEOUT_S = LAUNCHER_READY_S
 POLL_S = 0.25
 
 T = TypeVar("T")  # what a wait is for: our children, or instances on other nodes

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 
-# launcher/readiness.READY_TIMEOUT_S: the config sits below the launcher, so it cannot import it;
-# tests/config/test_rendezvous_timeout.py holds the two equal.
+# how long each node's launcher gives an instance to be ready (launcher/readiness.READY_TIMEOUT_S is this value:
+# the config sits below the launcher, so the launcher takes it from here)
 LAUNCHER_READY_S = 900.0
 FIELD = "parallel.rendezvous_timeout_seconds"
 
