@@ -78,9 +78,10 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
 
 
 def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> DeploymentConfig | None:
-    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded: with --backend ray
-    that includes the connect to the cluster (ray.init, minutes when the head is slow), which a stop signal ends
-    with one line and the driver disconnected, as a stop later on does (exit 0; nothing was started)."""
+    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded (one line; the caller
+    exits 0, as a stop later on does: nothing was started). With --backend ray the load includes the connect to the
+    cluster (ray.init); a stop signal there ends this process at once, after its line (the cluster sees the driver
+    gone)."""
     from pdlaunch.config.loader import load_valid_deployment
     from pdlaunch.config.ray_cluster import connecting_to
     from pdlaunch.launcher.serve import StopRequested, StopSignals
