@@ -171,7 +171,8 @@ class Sampler:
         wanted = [r.params.logprobs for r in rows]
         if all(n is None for n in wanted):
             return [None] * len(rows)
-        logp = logits.log_softmax(dim=-1).clamp_min(LOGPROB_FLOOR)  # a grammar's forbidden tokens: -inf
+        # a grammar's forbidden tokens are -inf; a row whose grammar forbids every token (NO_TOKEN) is all NaN
+        logp = torch.nan_to_num(logits.log_softmax(dim=-1), nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
         chosen_lp = logp.gather(1, chosen.clamp_min(0).unsqueeze(1)).squeeze(1).tolist()
         top_n = max(n or 0 for n in wanted)
         top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (None, None))

@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.sampler import LOGPROB_FLOOR, Sampler, SampleRow, apply_top_k_top_p
+from pdlaunch.engine.sampler import LOGPROB_FLOOR, NO_TOKEN, Sampler, SampleRow, apply_top_k_top_p
 
 V = 50
 
@@ -197,3 +197,17 @@ def test_logprobs_of_a_structured_output_row_come_from_its_masked_logits(monkeyp
     assert set(list(constrained.top)[:3]) == set(allowed)
     # the two forbidden tokens of the top 5 have logprob -inf, reported as vLLM reports it (JSON has no infinity)
     assert [v for t, v in constrained.top.items() if t not in allowed] == [LOGPROB_FLOOR] * 2
+
+
+def test_a_row_whose_grammar_allows_nothing_gets_no_token_and_finite_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llguidance.torch as llt
+
+    def fill(matcher: object, mask: torch.Tensor, index: int) -> None:
+        mask[index] = 0  # every token forbidden
+
+    monkeypatch.setattr(llt, "fill_next_token_bitmask", fill)
+    s = Sampler("cpu")
+    out = s(logits(1, seed=9), [SampleRow(SamplingParams(temperature=0.0, logprobs=2), matcher=object())])  # type: ignore[arg-type]
+    lp = out.logprobs[0]
+    assert out.token_ids == [NO_TOKEN] and lp is not None
+    assert all(math.isfinite(v) for v in [lp.logprob, *lp.top.values()]), lp  # NaN is no JSON number either
