@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -42,6 +42,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(render_app, name="render")
 
 err_console = Console(stderr=True)
+T = TypeVar("T")  # what a stoppable piece of work returns (_unless_stopped)
+STOPPED_CHECK_EXIT = 130  # check-config stopped by a signal: no verdict (128 + SIGINT, as a shell reports it)
 
 
 @contextmanager
@@ -78,11 +80,17 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
 
 
 def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> DeploymentConfig | None:
-    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded (one line; the caller
-    exits 0, as a stop later on does: nothing was started). With --backend ray the load includes the connect to the
-    cluster (ray.init); a stop signal there ends this process at once, after its line (the cluster sees the driver
-    gone)."""
+    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded (_unless_stopped)."""
     from pdlaunch.config.loader import load_valid_deployment
+
+    return _unless_stopped(lambda: load_valid_deployment(config, overrides))
+
+
+def _unless_stopped(work: Callable[[], T]) -> T | None:
+    """`work()` (loading or checking a deployment), or None when Ctrl-C/SIGTERM/SIGHUP came meanwhile: one line says
+    so (nothing was started; the caller picks the exit code). With --backend ray the work includes the connect to the
+    cluster (ray.init); a stop signal there ends this process at once, exit 0, after its line (the cluster sees the
+    driver gone)."""
     from pdlaunch.config.ray_cluster import connecting_to
     from pdlaunch.launcher.serve import StopRequested, StopSignals
 
@@ -90,7 +98,7 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
         address = None
         try:
             with signals.raising():
-                return load_valid_deployment(config, overrides)
+                return work()
         except StopRequested:
             name, address = signals.signal_name, connecting_to()
         except SystemExit as exc:
@@ -105,9 +113,8 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    else:
-        err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
-                          highlight=False, soft_wrap=True)
+    err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
+                      highlight=False, soft_wrap=True)
     return None
 
 
@@ -158,8 +165,8 @@ def check_config(
     from pdlaunch.config.check import run_check
 
     with _reported():
-        code = run_check(config, overrides, json_output, target_gpus, target_gpu_memory)
-    raise typer.Exit(code=code)
+        code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory))
+    raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
 
 
 @app.command()
