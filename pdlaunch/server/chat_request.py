@@ -15,7 +15,7 @@ from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.request_fields import SamplingFields, one_of
-from pdlaunch.server.structured_fields import opens_objects
+from pdlaunch.server.structured_fields import json_options
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 
 # Content parts that carry text, and the key holding it (vLLM's text parts: OpenAI's text and an assistant's refusal,
@@ -104,8 +104,8 @@ class ChatCompletionRequest(SamplingFields):
         asked = super().structured_output()
         calling = self.tool_calling()
         forced = calling.structured_output() if calling is not None else None
-        if forced is not None and opens_objects(self.structured_outputs):
-            forced = forced.model_copy(update={"open_objects": True})
+        if forced is not None:  # structured_outputs' JSON options apply to the forced call's JSON too
+            forced = forced.model_copy(update=json_options(self.structured_outputs))
         if forced is not None and asked is not None:
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
                                    "send one", param="tool_choice")

@@ -6,7 +6,9 @@ and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar
 may ask; options we do not implement (structural tags, whitespace patterns, a backend choice)
 are refused with a 400 naming them. JSON schemas are strict: an object schema with `properties` and
 no `additionalProperties` is closed (engine/structured_output.close_objects) unless the request sends
-`structured_outputs: {"disable_additional_properties": false}`.
+`structured_outputs: {"disable_additional_properties": false}`; JSON is compact unless it sends
+`structured_outputs: {"disable_any_whitespace": false}`. Both options apply to whichever field asked for the JSON
+(vLLM folds response_format into structured_outputs), a forced tool call's included (`json_options`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pdlaunch.http.errors import OpenAIError
 # structured_outputs keys that ask for something we do not do (when truthy).
 _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern")
 _KINDS = ("json", "regex", "choice", "grammar")
-# structured_outputs keys that are switches (disable_additional_properties: opens_objects checks it).
+# structured_outputs keys that are switches (disable_additional_properties: json_options checks it).
 _SWITCHES = ("json_object", "disable_fallback", "disable_any_whitespace")
 # Every key vLLM's StructuredOutputsParams takes: another one (a typo, `jsn`) asked for nothing, and the output
 # came back unconstrained with a 200.
@@ -47,8 +49,7 @@ def structured_output_of(response_format: JsonValue, structured_outputs: JsonVal
                                f"{found[0].field})", param=found[1].field)
     if not found:
         return None
-    if opens_objects(structured_outputs):  # whichever field asked for the schema
-        found[0] = found[0].model_copy(update={"open_objects": True})
+    found[0] = found[0].model_copy(update=json_options(structured_outputs))  # whichever field asked for it
     try:
         check(found[0])
     except ValueError as exc:
@@ -93,24 +94,24 @@ def _from_structured_outputs(value: JsonValue) -> list[StructuredOutput]:
     found = [_spec(kind, value[kind], f"structured_outputs.{kind}") for kind in _KINDS if value.get(kind) is not None]
     if value.get("json_object"):
         found.append(StructuredOutput(kind="json_object", value="", field="structured_outputs.json_object"))
-    # disable_fallback asks that no other backend be tried: there is only one. Whitespace in JSON is
-    # off by default (as with disable_any_whitespace: true); false allows it.
-    if value.get("disable_any_whitespace") is False:
-        found = [spec.model_copy(update={"any_whitespace": True}) for spec in found]
+    # disable_fallback asks that no other backend be tried: there is only one.
     return found
 
 
-def opens_objects(structured_outputs: JsonValue) -> bool:
-    """structured_outputs.disable_additional_properties: false opens the JSON schemas' objects (vLLM's
-    guidance option; true, the default here, closes the ones without additionalProperties:
-    engine/structured_output.close_objects)."""
+def json_options(structured_outputs: JsonValue) -> dict[str, bool]:
+    """The StructuredOutput fields that structured_outputs' JSON options set, for the constraint of any field:
+    disable_additional_properties: false opens the JSON schemas' objects (vLLM's guidance option; true, the
+    default here, closes the ones without additionalProperties: engine/structured_output.close_objects), and
+    disable_any_whitespace: false allows whitespace between JSON tokens (off by default, as with true)."""
     if not isinstance(structured_outputs, Mapping):
-        return False
-    value = structured_outputs.get("disable_additional_properties")
-    if value is not None and not isinstance(value, bool):
-        raise OpenAIError(400, "structured_outputs.disable_additional_properties must be true or false",
-                          param="structured_outputs.disable_additional_properties")
-    return value is False
+        return {}
+    options = {"disable_additional_properties": "open_objects", "disable_any_whitespace": "any_whitespace"}
+    for option in options:
+        value = structured_outputs.get(option)
+        if value is not None and not isinstance(value, bool):
+            raise OpenAIError(400, f"structured_outputs.{option} must be true or false",
+                              param=f"structured_outputs.{option}")
+    return {field: True for option, field in options.items() if structured_outputs.get(option) is False}
 
 
 def _spec(kind: str, value: JsonValue, field: str) -> StructuredOutput:
