@@ -75,17 +75,25 @@ class StructuredOutput(BaseModel):
 # and draft 7's `definitions`); `const`, `enum`, `default` and `examples` hold values, never schemas.
 _ONE_SCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
                "unevaluatedProperties", "unevaluatedItems", "additionalItems")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+_ITEM_LISTS = ("prefixItems", "items")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_UNIONS = ("anyOf", "oneOf")
 
 
-def close_objects(schema: JsonValue, close_self: bool = True) -> JsonValue:
+def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[str] = ()) -> JsonValue:
     """`schema` with `"additionalProperties": false` on every object schema that declares `properties` and
     leaves `additionalProperties` out: the keys it names are all it may have, as with xgrammar's default and
     OpenAI's strict mode (a model otherwise invents keys until max_tokens). An explicit
     `additionalProperties` (true, or a schema) is kept, and `{"type": "object"}` without `properties` stays
     any object, and so do the members of an `allOf` themselves (each names only part of the keys) and an object
-    with `unevaluatedProperties`. A schema that is not an object (a bare true/false) comes back unchanged."""
+    with `unevaluatedProperties`. A schema that is not an object (a bare true/false) comes back unchanged.
+
+    Beside an object's own `properties` (or allOf), its anyOf / oneOf members are parts of the same object (a
+    discriminated union): `additionalProperties` sees only the `properties` next to it, so closed alone the
+    object forbade its members' keys and the member its object's (a valid schema refused as unsatisfiable).
+    Such an object is closed to its keys and every member's, and each member to its own and the object's
+    (`beside`: named `{}` there, the object constrains them); a member whose keys cannot be listed (a `$ref`)
+    leaves them open."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -93,21 +101,53 @@ def close_objects(schema: JsonValue, close_self: bool = True) -> JsonValue:
         one = out.get(key)
         if isinstance(one, dict):
             out[key] = close_objects(one)
-    for key in _SCHEMA_LISTS:
+    for key in _ITEM_LISTS:
         many = out.get(key)
         if isinstance(many, list):
             out[key] = [close_objects(item) for item in many]
-    parts = out.get("allOf")
-    if isinstance(parts, list):
-        out["allOf"] = [close_objects(item, close_self=False) for item in parts]
     for key in _SCHEMA_MAPS:
         named = out.get(key)
         if isinstance(named, dict):
             out[key] = {name: close_objects(sub) for name, sub in named.items()}
-    if close_self and isinstance(out.get("properties"), dict) and not {"additionalProperties",
-                                                                        "unevaluatedProperties"} & set(out):
+    properties = out.get("properties")
+    own: list[str] = list(properties) if isinstance(properties, dict) else []
+    shared, alternatives = _member_keys(schema, ("allOf",)), _member_keys(schema, _UNIONS)
+    closes = (close_self and bool(own) and shared is not None and alternatives is not None
+              and not {"additionalProperties", "unevaluatedProperties"} & set(out))
+    parts = out.get("allOf")
+    if isinstance(parts, list):
+        out["allOf"] = [close_objects(item, close_self=False) for item in parts]
+    whole = not own and "allOf" not in out  # its union's members are whole alternatives, each closed on its own
+    for key in _UNIONS:
+        many = out.get(key)
+        if isinstance(many, list):
+            out[key] = [close_objects(item, True, beside) if whole else
+                        close_objects(item, closes, [*beside, *own, *(shared or ())]) for item in many]
+    if closes and isinstance(properties, dict):
+        extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in own]
+        out["properties"] = {**properties, **{key: {} for key in extra}}
         out["additionalProperties"] = False
     return out
+
+
+def _member_keys(schema: dict[str, JsonValue], compositions: Sequence[str]) -> list[str] | None:
+    """The keys the members of `schema`'s `compositions` name (their own members' too), or None when a member's
+    cannot be listed: a `$ref`, `patternProperties`, or an `additionalProperties` other than false."""
+    keys: list[str] = []
+    for key in compositions:
+        members = schema.get(key)
+        for member in members if isinstance(members, list) else ():
+            if not isinstance(member, dict):
+                continue  # true / false: names no key
+            if "$ref" in member or "patternProperties" in member or member.get("additionalProperties", False) \
+                    is not False:
+                return None
+            named = member.get("properties")
+            nested = _member_keys(member, ("allOf", *_UNIONS))
+            if nested is None:
+                return None
+            keys.extend([*(named if isinstance(named, dict) else ()), *nested])
+    return keys
 
 
 def check(spec: StructuredOutput) -> str:

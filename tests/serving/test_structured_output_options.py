@@ -3,6 +3,9 @@
 - `structured_outputs.disable_any_whitespace: false` allows whitespace between JSON tokens whichever field asked
   for the JSON (as vLLM folds response_format into structured_outputs): it applied only to a constraint inside
   structured_outputs, and with response_format, guided_json or a forced tool call it was accepted and ignored.
+- A strict (closed) object schema that names more of its keys in an allOf / anyOf beside its `properties` (a
+  discriminated union) is served with exactly those keys: closing the object forbade the members' keys, and the
+  valid schema was a 400 "Unsatisfiable schema".
 
 The whitespace is made visible with a logit_bias on the space token: greedy decoding takes it wherever the grammar
 allows it.
@@ -10,12 +13,15 @@ allows it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from pdlaunch.engine.structured_output import close_objects
+from pdlaunch.http.sse import parse_sse
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 TIMEOUT = 120.0  # a loaded 2-core machine
@@ -66,3 +72,40 @@ def test_disable_any_whitespace_false_applies_to_a_forced_tool_call(url: str) ->
         assert answer.status_code == 200, answer.text
         calls = answer.json()["choices"][0]["message"]["tool_calls"]
         assert calls[0]["function"]["arguments"].startswith(start), calls
+
+
+ALL_OF = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"],
+          "allOf": [{"properties": {"b": {"enum": [True]}}, "required": ["b"]}]}
+ANY_OF = {"type": "object", "properties": {"kind": {"enum": ["x", "y"]}}, "required": ["kind"],
+          "anyOf": [{"properties": {"kind": {"const": "x"}, "x": {"enum": [1]}}, "required": ["x"]},
+                    {"properties": {"kind": {"const": "y"}, "y": {"enum": [2]}}, "required": ["y"]}]}
+
+
+def test_a_union_beside_properties_closes_each_member_to_its_keys_and_the_objects() -> None:
+    closed = close_objects(ANY_OF)
+    assert closed["additionalProperties"] is False and list(closed["properties"]) == ["kind", "x", "y"]
+    assert [list(m["properties"]) for m in closed["anyOf"]] == [["kind", "x"], ["kind", "y"]]
+    assert all(m["additionalProperties"] is False for m in closed["anyOf"])
+    whole = close_objects({"anyOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]})
+    assert [list(m["properties"]) for m in whole["anyOf"]] == [["x"], ["y"]]  # whole alternatives, as before
+    unknown = close_objects({**ALL_OF, "allOf": [{"$ref": "#/$defs/b"}], "$defs": {"b": {"type": "object"}}})
+    assert "additionalProperties" not in unknown  # the keys of a $ref are not listed: left open, still valid
+
+
+@pytest.mark.parametrize(("schema", "keys"), [(ALL_OF, [{"a", "b"}]), (ANY_OF, [{"kind", "x"}, {"kind", "y"}])])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_closed_object_keeps_the_keys_its_composition_names(url: str, schema: dict[str, Any],
+                                                             keys: list[set[str]], stream: bool) -> None:
+    body = {"prompt": "hello", "max_tokens": 40, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}}
+    answer = _post(url, "/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    if stream:
+        chunks = [json.loads(e)["choices"] for e in parse_sse(answer.content)[:-1]]
+        text = "".join(c[0]["text"] for c in chunks if c)
+        finish = [c[0]["finish_reason"] for c in chunks if c][-1]
+    else:
+        choice = answer.json()["choices"][0]
+        text, finish = choice["text"], choice["finish_reason"]
+    assert finish == "stop", text  # closed: the object ends once its keys are written
+    assert set(json.loads(text)) in keys, text
