@@ -15,7 +15,7 @@ from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.request_fields import SamplingFields, one_of
-from pdlaunch.server.structured_fields import json_options
+from pdlaunch.server.structured_fields import checked, json_options
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 
 # Content parts that carry text, and the key holding it (vLLM's text parts: OpenAI's text and an assistant's refusal,
@@ -104,12 +104,15 @@ class ChatCompletionRequest(SamplingFields):
         asked = super().structured_output()
         calling = self.tool_calling()
         forced = calling.structured_output() if calling is not None else None
-        if forced is not None:  # structured_outputs' JSON options apply to the forced call's JSON too
-            forced = forced.model_copy(update=json_options(self.structured_outputs))
-        if forced is not None and asked is not None:
-            raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
+        if forced is None or calling is None:
+            return asked
+        if asked is not None:
+            raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "
                                    "send one", param="tool_choice")
-        return forced or asked
+        options = json_options(self.structured_outputs)  # structured_outputs' JSON options apply to it too
+        # Compiled here as an asked grammar is: a tool's schema that does not compile is a 400 naming that tool.
+        return checked(forced.model_copy(update=options),
+                       [p.model_copy(update=options) for p in calling.parameter_grammars()])
 
     def fills_context(self) -> bool:
         return self.max_tokens is None and self.max_completion_tokens is None

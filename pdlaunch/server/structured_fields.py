@@ -14,7 +14,7 @@ no `additionalProperties` is closed (engine/structured_output.close_objects) unl
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http import JsonObject, JsonValue
@@ -49,12 +49,23 @@ def structured_output_of(response_format: JsonValue, structured_outputs: JsonVal
                                f"{found[0].field})", param=found[1].field)
     if not found:
         return None
-    found[0] = found[0].model_copy(update=json_options(structured_outputs))  # whichever field asked for it
+    # whichever field asked for it
+    return checked(found[0].model_copy(update=json_options(structured_outputs)))
+
+
+def checked(spec: StructuredOutput, parts: Sequence[StructuredOutput] = ()) -> StructuredOutput:
+    """`spec` once its grammar compiles, else a 400 naming the first of `parts` (the grammars it is made of, each
+    named where the client wrote it) that does not compile, or `spec`'s field."""
     try:
-        check(found[0])
+        check(spec)
     except ValueError as exc:
-        raise OpenAIError(400, f"invalid grammar: {exc}", param=found[0].field) from None
-    return found[0]
+        for part in parts:
+            try:
+                check(part)
+            except ValueError as part_exc:
+                raise OpenAIError(400, f"invalid grammar: {part_exc}", param=part.field) from None
+        raise OpenAIError(400, f"invalid grammar: {exc}", param=spec.field) from None
+    return spec
 
 
 def _from_response_format(value: JsonValue) -> StructuredOutput | None:

@@ -81,9 +81,7 @@ class ToolCalling:
     def structured_output(self) -> StructuredOutput | None:
         """The grammar that required / named tool choice imposes (None for auto)."""
         if self.mode == "named":  # a schema that does not compile is named where the client wrote it
-            i, tool = next((i, t) for i, t in enumerate(self.tools) if t.function.name == self.named)
-            return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)),
-                                    field=f"tools.{i}.function.parameters")
+            return next(p for p, t in zip(self.parameter_grammars(), self.tools) if t.function.name == self.named)
         if self.mode == "required":
             one_of: list[JsonValue] = [{"type": "object",
                        "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
@@ -93,6 +91,12 @@ class ToolCalling:
                 schema["maxItems"] = 1
             return StructuredOutput(kind="json", value=json.dumps(schema), field="tools")  # every tool's parameters
         return None
+
+    def parameter_grammars(self) -> list[StructuredOutput]:
+        """Each tool's parameters schema as a grammar, named where the client wrote it (a required call's grammar
+        that does not compile is named by the tool whose parameters do not)."""
+        return [StructuredOutput(kind="json", value=json.dumps(_parameters(t)), field=f"tools.{i}.function.parameters")
+                for i, t in enumerate(self.tools)]
 
     def parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
         """(content, tool calls) of a finished output."""

@@ -157,7 +157,7 @@ BAD_SCHEMA = {"type": "function", "function": {"name": "g", "parameters": {
     ([F, {"type": "function"}], None, "tools.1.function"),
     ([F, {"type": "function", "function": {"name": "g", "parameters": "x"}}], None, "tools.1.function.parameters"),
     ([F, BAD_SCHEMA], {"type": "function", "function": {"name": "g"}}, "tools.1.function.parameters"),
-    ([F, BAD_SCHEMA], "required", "tools"),
+    ([F, BAD_SCHEMA], "required", "tools.1.function.parameters"),
 ], ids=["no-function", "parameters-not-an-object", "named-schema-invalid", "required-schema-invalid"])
 def test_a_malformed_tool_is_named_where_it_is(url: str, tools: list[Any], tool_choice: Any, param: str) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": tools}

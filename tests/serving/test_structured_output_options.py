@@ -6,6 +6,8 @@
 - A strict (closed) object schema that names more of its keys in an allOf / anyOf beside its `properties` (a
   discriminated union) is served with exactly those keys: closing the object forbade the members' keys, and the
   valid schema was a 400 "Unsatisfiable schema".
+- A required tool choice over a tool whose parameters schema does not compile names that tool's parameters
+  (`tools.1.function.parameters`), as a named tool choice does, not the whole `tools` list.
 
 The whitespace is made visible with a logit_bias on the space token: greedy decoding takes it wherever the grammar
 allows it.
@@ -109,3 +111,13 @@ def test_a_closed_object_keeps_the_keys_its_composition_names(url: str, schema: 
         text, finish = choice["text"], choice["finish_reason"]
     assert finish == "stop", text  # closed: the object ends once its keys are written
     assert set(json.loads(text)) in keys, text
+
+
+def test_a_required_tool_choice_names_the_tool_whose_schema_does_not_compile(url: str) -> None:
+    bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+        "a": {"type": "bogus"}}}}}
+    answer = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                                  "tools": [TOOL, bad], "tool_choice": "required"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "tools.1.function.parameters" and "bogus" in error["message"], error
