@@ -1,5 +1,8 @@
 """Memory estimate per instance group: weights + the KV cache of one max_model_len sequence, per TP rank.
 
+On a GPU the projections of an FP8 checkpoint count one byte a weight (they load as fp8; a GPU without FP8
+GEMMs dequantizes them, which only makes the need larger), as do MoE experts under `--quantization fp8` (quantized
+as each one loads); the other projections `--quantization fp8` quantizes count at the model dtype, as they load.
 GPU: compared with gpu_memory_utilization x device memory. CPU: the KV part with cache.cpu_kv_cache_gb (when
 it sizes the KV cache: cache.num_gpu_blocks does when set, config/rules/roles.py checks that against one
 sequence); what every CPU instance on this machine takes together is config/rules/host_memory.py's. Activations
@@ -8,12 +11,17 @@ are not counted: this is a lower bound.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import DTYPE_BYTES, ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.topology_config import group_kv_cache_dtype
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.moe.names import expert_checkpoint_names  # torch-free
+from pdlaunch.model.quant.config import QuantConfig, load_quant_config, online_quant_config  # torch-free
 
 GIB = 1 << 30
 
@@ -36,17 +44,60 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
     """Per-rank estimate of every instance group of the resolved config (dtype and max_model_len concrete)."""
     dtype_bytes = DTYPE_BYTES.get(cfg.model.dtype, 4)
     weights = info.num_parameters() * dtype_bytes
+    if cfg.device == "cuda":  # on CPU FP8 weights are dequantized into the model dtype at load
+        weights -= fp8_parameters(info, _quant_config(cfg)) * (dtype_bytes - 1)
     block = max(1, cfg.cache.block_size)  # an invalid block size is reported by rules; estimate anyway
     max_len = cfg.model.max_model_len or info.max_position_embeddings or 0
     tokens = cfg.cache.num_gpu_blocks * block if cfg.cache.num_gpu_blocks else -(-max_len // block) * block
     out = []
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1
-        # (FP8 weights: counted at dtype)
         kv_dtype_bytes = 1 if group_kv_cache_dtype(cfg.cache, group) == "fp8" else dtype_bytes
         per_token = info.kv_bytes_per_token(kv_dtype_bytes, tp)
         out.append(GroupMemory(i, group.role, tp, -(-weights // tp), tokens * per_token, block * per_token))
     return out
+
+
+def _quant_config(cfg: DeploymentConfig) -> QuantConfig | None:
+    """The checkpoint's FP8 format (or --quantization fp8's); None when unquantized or unreadable (a broken
+    quantization_config is checkpoint_problems' to report)."""
+    path = cfg.model.path
+    if path in ("demo", "tiny") or path.lower().endswith(".gguf"):  # no quantization_config of their own
+        return None if cfg.model.quantization is None else online_quant_config()
+    try:
+        return load_quant_config(Path(os.path.expanduser(path)), cfg.model.quantization)
+    except PdlaunchError:
+        return None
+
+
+def fp8_parameters(info: ModelInfo, quant: QuantConfig | None) -> int:
+    """Weights a GPU holds as fp8 while the model loads (the module docstring says which): an FP8 checkpoint's
+    attention and MLP projections, experts and shared expert, less those its ignore list keeps in the model dtype;
+    only the experts under --quantization fp8. Embeddings, lm_head, norms and routers never are."""
+    if quant is None:
+        return 0
+    h, d, moe = info.hidden_size, info.head_dim, info.moe
+    checkpoint = quant.source == "checkpoint"
+    attention = {"q_proj": h * info.num_heads * d, "k_proj": h * info.num_kv_heads * d,
+                 "v_proj": h * info.num_kv_heads * d, "o_proj": info.num_heads * d * h}
+    total = 0
+    for layer in range(info.num_layers):
+        prefix = f"model.layers.{layer}"
+        if checkpoint:
+            total += sum(size for proj, size in attention.items() if not quant.skips(f"{prefix}.self_attn.{proj}"))
+        if moe is None or not moe.is_sparse(layer):
+            if checkpoint:
+                total += sum(h * info.intermediate_size for proj in ("gate_proj", "up_proj", "down_proj")
+                             if not quant.skips(f"{prefix}.mlp.{proj}"))
+            continue
+        experts = [name.removesuffix(".weight") for param in ("w13", "w2")
+                   for name in expert_checkpoint_names(f"{prefix}.mlp.experts.{param}", moe) or []]
+        if not any(quant.skips(name) for name in experts):  # else the layer's experts stay in the model dtype
+            total += moe.num_experts * 3 * h * moe.expert_intermediate_size
+        shared = moe.shared_expert_intermediate_size
+        if checkpoint and shared and not quant.skips(f"{prefix}.mlp.shared_expert.down_proj"):
+            total += 3 * h * shared
+    return total
 
 
 def device_budget_bytes(cfg: DeploymentConfig, gpu_memory_bytes: int) -> int:
