@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import load_model_info
-from pdlaunch.config.rules.memory import fp8_parameters
+from pdlaunch.config.rules.memory import estimate, fp8_parameters
 from pdlaunch.model.quant.config import load_quant_config
 from tests.config.cli_helpers import check
 from tests.helpers.fp8_checkpoints import keep_in_model_dtype, make_fp8_qwen3
@@ -58,6 +59,24 @@ def test_the_fp8_weights_counted_are_those_the_checkpoint_stores_in_fp8(ckpts: d
     # --quantization fp8: the dense projections load in the model dtype (quantized once loaded), experts as fp8
     assert _fp8_count(ckpts["reference"], "fp8") == 0
     assert _fp8_count(ckpts["moe_reference"], "fp8") == _numel(ckpts["moe_reference"], experts_only=True) > 0
+
+
+def test_experts_128_blocks_do_not_tile_count_at_the_model_dtype(ckpts: dict[str, Path]) -> None:
+    """The tiny MoE's experts are 128 wide: TP 2 leaves 64 a rank, and they load in the model dtype, unless expert
+    parallel keeps each expert whole on its rank."""
+    path = ckpts["moe"]
+    info, _ = load_model_info(str(path))
+    assert info is not None
+
+    def weights(expert_parallel: bool) -> int:
+        cfg = DeploymentConfig.model_validate({
+            "device": "cuda", "model": {"path": str(path), "dtype": "bfloat16", "max_model_len": 16},
+            "parallel": {"enable_expert_parallel": expert_parallel},
+            "instances": [{"role": "prefill", "tp": 2}, {"role": "decode", "tp": 2}]})
+        return estimate(cfg, info)[0].weights_bytes * 2  # per rank -> both ranks
+
+    experts, fp8 = _numel(path, experts_only=True), _numel(path, fp8_only=True)
+    assert weights(False) - weights(True) == experts < fp8
 
 
 def test_an_fp8_checkpoint_that_fits_the_gpu_is_not_refused(ckpts: dict[str, Path]) -> None:
