@@ -138,3 +138,31 @@ def _check_config_tp(path: Path, tp: int) -> str:
     result = CliRunner().invoke(app, ["check-config", "--model", str(path), "--device", "cpu", "--tp", str(tp)])
     assert result.exit_code == 1, result.output
     return " ".join(result.output.split())
+
+
+def test_fused_projections_off_a_block_edge_are_named_once(tmp_path: Path) -> None:
+    """A block-FP8 Llama whose q_proj has 64 rows: k_proj starts mid-block in the fused qkv weight. Each layer's k and
+    v scales were refused as "the shard starts at row/column 64 ... (a tensor-parallel shard must cover whole blocks);
+    the checkpoint does not match its config.json" (4 problems at TP 1, the checkpoint being what its config says)."""
+    from pdlaunch.model.quant.fp8 import quantize_block
+    from tests.helpers.checkpoints import make_llama
+
+    path = make_llama(tmp_path / "llama")  # hidden 64, 4 heads of 16, 2 KV heads: q 64 rows, k and v 32
+    out: dict[str, torch.Tensor] = {}
+    for name, weight in load_file(path / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if name.endswith("_proj.weight"):
+            out[name], out[f"{module}.weight_scale_inv"] = quantize_block(weight.float())
+        else:
+            out[name] = weight
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                  "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    checked = _check_config(path)
+    assert "invalid: 1 problem(s)" in checked and "checkpoint does not match" not in checked
+    for text in (checked, _load_error(path)):
+        assert ("model.layers.0.self_attn.k_proj starts at row 64 of model.layers.0.self_attn.qkv_proj "
+                "(q_proj/k_proj/v_proj in one matmul), not on a 128 edge") in text
+        assert "--quantization fp8" in text

@@ -5,7 +5,8 @@ and the matmul they run.
 layer that the checkpoint quantizes gets an fp8 `weight` and a float32 scale parameter named after
 the checkpoint tensor (`weight_scale_inv` or `weight_scale`), each with a weight_loader that takes
 this rank's shard. Block scales follow the weight's row (column-parallel) or column (row-parallel)
-shard block by block, so every shard boundary must fall on a 128 block edge. Per-tensor scales are
+shard block by block, so every shard boundary, and every projection's start in a fused q/k/v or gate/up
+weight, must fall on a 128 block edge (`quantize_model` refuses a layer where one does not). Per-tensor scales are
 stored per row (one checkpoint scalar per q/k/v or gate/up shard broadcast over its rows).
 
 `finish_loading` runs once every tensor is in: on CPU, or a GPU without FP8 GEMMs (compute
@@ -139,6 +140,32 @@ def _checkpoint_names(prefix: str, packed: dict[str, tuple[str, ShardId]]) -> li
     return [f"{head}.{p}" if head else p for p in parts] or [prefix]
 
 
+def _check_block_edges(layer: Linear, prefix: str, names: list[str], packed: dict[str, tuple[str, ShardId]]) -> None:
+    """Every projection of a block-FP8 layer starts on a 128 edge, in the checkpoint and in this rank's weight: else
+    one 128x128 scale block would cover two projections fused into one matmul (q/k/v, gate/up) or two TP shards. The
+    scale loaders would refuse each such tensor as "not matching its config.json"; this names the cause once."""
+    problem = None
+    if isinstance(layer, ColumnParallelLinear):
+        fused = "/".join(name.rpartition(".")[2] for name in names)
+        for name in names:
+            _, src, _, dest = layer.row_shard(packed.get(name.rpartition(".")[2], ("", None))[1])
+            if dest % BLOCK:
+                problem = f"{name} starts at row {dest} of {prefix} ({fused} in one matmul)"
+            elif src % BLOCK:
+                problem = f"this rank's shard of {name} starts at its row {src}"
+            if problem is not None:
+                break
+    elif layer.col_shard()[0] % BLOCK:
+        problem = f"this rank's shard of {prefix} starts at its column {layer.col_shard()[0]}"
+    if problem is None:
+        return
+    tp = f" at TP {layer.tp_size}" if layer.tp_size > 1 else ""
+    raise PdlaunchError(f"block-FP8{tp}: {problem}, not on a {BLOCK} edge, so one {BLOCK}x{BLOCK} scale block would "
+                        "cover two projections or two TP shards", field="model.path",
+                        hint=f"use a TP size whose shards are whole {BLOCK}-row blocks, or (projection sizes that are "
+                             f"not multiples of {BLOCK}) serve the unquantized checkpoint with --quantization fp8")
+
+
 def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple[str, ShardId]]) -> None:
     """Give every quantized linear layer of the meta model its fp8 weight and scale parameters.
 
@@ -154,6 +181,8 @@ def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple
             raise PdlaunchError(f"{', '.join(names)} are computed in one matmul but the checkpoint quantizes only "
                                 "some of them", field="config.json:quantization_config",
                                 hint="quantize all of them or none (modules_to_not_convert / ignore)")
+        if quant.scheme == "block":
+            _check_block_edges(layer, prefix, names, packed)
         layer.quant_method = Fp8LinearMethod(quant)
         if quant.source == "online":
             continue  # the checkpoint's weights load as they are and are quantized in finish_loading
