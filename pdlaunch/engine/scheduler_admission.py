@@ -4,7 +4,9 @@ prefix found in the prefix cache, the KV connector consulted once for a fresh re
 KV offload (offload/manager.py): a fresh request's device prefix hit is extended with blocks from
 the CPU tier; they are loaded into the blocks allocated for it and it runs from the end of the hit
 in the same step (the load is ordered before the step's compute). A load that fails is known before
-that compute: `fail_cpu_loads` ends its request and takes it out of the step.
+that compute: `fail_cpu_loads` ends its request and takes it out of the step. The CPU-tier part of a hit
+counts as a prefix-cache hit only then, once its load did not fail (vllm:prefix_cache_hits, the request's
+num_cached_tokens that vllm:prompt_tokens_cached and _by_source read, the stats' prompt_tokens_cached).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class SchedulerAdmission(SchedulerState):
                         break
                     if not self._load_from_cpu(request, cpu_hit):
                         continue
-                    self._note_cached(request, start)
+                    self._note_cached(request, start, from_cpu=start - hit.num_tokens)
                 request.num_computed_tokens = start
             self.waiting.popleft()
             self._left_queue(rid)
@@ -123,7 +125,7 @@ class SchedulerAdmission(SchedulerState):
         if not self._load_from_cpu(request, cpu_hit):
             return True
         request.connector_consulted = True
-        self._note_cached(request, k + ext, local=k)
+        self._note_cached(request, k + ext, local=k, from_cpu=k - hit.num_tokens)
         metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
         metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
         if remote:
@@ -162,7 +164,9 @@ class SchedulerAdmission(SchedulerState):
     def fail_cpu_loads(self, out: SchedulerOutput, failures: list[tuple[str, str]]) -> list[Request]:
         """End the requests whose CPU-tier load failed after it was queued (`failures`: request id, error), before
         the step's compute: each leaves `out`, its client gets a 500 and its blocks go back to the free list (a PD
-        decode's, once its connector load can no longer write them); the others go on. Returns those ended."""
+        decode's, once its connector load can no longer write them); the others go on. Every load of the step is
+        known by now: the prefix hits of those that did not fail are counted. Returns those ended."""
+        self._count_cpu_hits({rid for rid, _ in failures})
         failed = []
         for rid, error in failures:
             request = self.requests.get(rid)
@@ -173,21 +177,36 @@ class SchedulerAdmission(SchedulerState):
                 self.prompt_tokens_computed -= max(0, min(s.end, request.num_prompt_tokens) - s.start)
             # Its blocks hold what the load left: finish_request must not register them as its prefix.
             request.num_computed_tokens = 0
+            request.num_external_tokens = 0  # a PD decode's connector load is aborted with it: none came
             self.finish_request(request, "error", "loading its cached prefix from the CPU offload tier "
                                 f"(--kv-offload-gb) failed: {error}", 500)
             failed.append(request)
         return failed
 
-    def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
+    def _note_cached(self, request: Request, num_cached: int, local: int | None = None, from_cpu: int = 0) -> None:
         """Once per admission: cached prompt positions (`local` of them from this instance's prefix
         cache and CPU tier, the rest from a connector). The request reports only the local ones as
         usage.prompt_tokens_details.cached_tokens: tokens served from a prefix cache, which KV a decode
-        loaded from its prefill is not (vLLM counts those too; ours read 0 on a first request)."""
+        loaded from its prefill is not (vLLM counts those too; ours read 0 on a first request). `from_cpu`
+        of the local ones come with a CPU-tier load just queued: hits once it did not fail (_count_cpu_hits)."""
         if not request.num_cached_tokens_set:
             request.num_cached_tokens = num_cached if local is None else local
             request.num_external_tokens = num_cached - request.num_cached_tokens
             request.num_cached_tokens_set = True
-            self.prompt_tokens_cached += request.num_cached_tokens
+            self.prompt_tokens_cached += request.num_cached_tokens - from_cpu
             metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
-            metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
+            metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(request.num_cached_tokens - from_cpu)
             metrics.PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
+            if from_cpu:
+                self._cpu_hits.append((request, from_cpu))
+
+    def _count_cpu_hits(self, failed: set[str]) -> None:
+        """The CPU-tier parts of this step's prefix hits, once every load is known: a load that did not fail
+        counts as hits; a failed one brought none of its tokens, so its request no longer reports them as cached."""
+        for request, tokens in self._cpu_hits:
+            if request.request_id in failed:
+                request.num_cached_tokens -= tokens
+            else:
+                self.prompt_tokens_cached += tokens
+                metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(tokens)
+        self._cpu_hits.clear()

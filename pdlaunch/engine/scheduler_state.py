@@ -61,6 +61,8 @@ class SchedulerState:
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # prompt positions computed here (recomputes included)
         self.prompt_tokens_cached = 0  # prompt positions from the prefix cache (and CPU tier), not a connector
+        # (request, tokens) of this step's prefix hits that a CPU-tier load brings: counted once it did not fail
+        self._cpu_hits: list[tuple[Request, int]] = []
 
     # -- requests added and ended ----------------------------------------------------------------
     def add_request(self, request: Request) -> None:

@@ -16,7 +16,8 @@ Flow inside an engine step:
 4. `before_compute` orders every job before the step's compute (CUDA: stream waits on events).
    A load whose copy raised is reported by then (a job is issued before compute waits for it): its
    CPU blocks are dropped and its request is handed to the engine (`take_failed_loads`), which ends
-   it before the compute reads its blocks. A CUDA runtime error stops the engine instead.
+   it before the compute reads its blocks. A CUDA runtime error stops the engine instead. The loads
+   that did not fail count their blocks as tier hits then; a failed load's never count.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class OffloadManager:
         self._storing: dict[int, tuple[CPUBlock, int]] = {}  # block hash -> (CPU block, its store job) until polled
         self._job_ids = itertools.count()
         self._failed_loads: list[tuple[str, str]] = []  # (request id, error) until the engine takes them
+        self._unsettled_hits: dict[int, int] = {}  # load job -> its CPU blocks, hits once it did not fail
         self.stored_blocks = 0
         self.loaded_blocks = 0
         self.hit_blocks = 0
@@ -202,13 +204,12 @@ class OffloadManager:
             indices.append(lo - first)
         gpu = GPULoadStoreSpec(tuple(ids), tuple(sizes), tuple(indices))
         cpu = CPULoadStoreSpec(tuple(b.block_id for b in cpu_hit.blocks))
-        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks), request_id), (cpu, gpu))
-        self.hit_blocks += len(cpu_hit.blocks)
-        metrics.OFFLOAD_HIT_BLOCKS.inc(len(cpu_hit.blocks))
+        job_id = self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks), request_id), (cpu, gpu))
+        self._unsettled_hits[job_id] = len(cpu_hit.blocks)
 
     # -- jobs ------------------------------------------------------------------------------------
     def _submit(self, info: _JobInfo, spec: tuple[GPULoadStoreSpec, CPULoadStoreSpec] |
-                tuple[CPULoadStoreSpec, GPULoadStoreSpec]) -> None:
+                tuple[CPULoadStoreSpec, GPULoadStoreSpec]) -> int:
         job_id = next(self._job_ids)
         self.transfer.gpu_caches = list(self.gpu_caches())  # the device cache is re-created after sleep
         if not self.transfer.transfer_async(job_id, spec):
@@ -217,6 +218,7 @@ class OffloadManager:
         if info.store:
             for entry in info.entries:
                 self._storing[entry.block_hash] = (entry, job_id)
+        return job_id
 
     @property
     def idle(self) -> bool:
@@ -224,10 +226,18 @@ class OffloadManager:
         return not self._evicted and not self._jobs
 
     def before_compute(self) -> None:
-        """Queue pending stores, then make the step's compute wait for every job."""
+        """Queue pending stores, then make the step's compute wait for every job. A load that has not failed by
+        then counts its blocks as hits: it was issued, and a device fault later stops the engine."""
         self.flush_stores()
         self.transfer.order_before_compute()
         self.poll()
+        for num_blocks in self._unsettled_hits.values():
+            self._count_hit(num_blocks)
+        self._unsettled_hits.clear()
+
+    def _count_hit(self, num_blocks: int) -> None:
+        self.hit_blocks += num_blocks
+        metrics.OFFLOAD_HIT_BLOCKS.inc(num_blocks)
 
     def poll(self) -> None:
         """Account finished jobs. A failed job drops its CPU blocks (a store's never hold their KV, a load's
@@ -251,6 +261,7 @@ class OffloadManager:
 
     def _account(self, result: TransferResult) -> None:
         info = self._jobs.pop(result.job_id)
+        hit = self._unsettled_hits.pop(result.job_id, 0)  # a failed load's blocks are no hit
         direction = "store" if info.store else "load"
         if info.store:
             for entry in info.entries:
@@ -272,6 +283,7 @@ class OffloadManager:
         else:
             self.loaded_blocks += info.num_blocks
             metrics.OFFLOAD_LOADED_BLOCKS.inc(info.num_blocks)
+            self._count_hit(hit)
         metrics.OFFLOAD_BYTES.labels(direction).inc(result.num_bytes)
         metrics.OFFLOAD_SECONDS.labels(direction).observe(result.seconds)
 
@@ -289,7 +301,6 @@ class OffloadManager:
         self.transfer.shutdown()
         self.tier.release()  # after the transfer thread: no copy reads or writes the regions any more
         self.poll()
-
 
 
 def _deepest_first(nodes: Iterable[PrefixNode]) -> list[PrefixNode]:

@@ -9,7 +9,8 @@ from prometheus_client import Counter, Histogram
 
 OFFLOAD_STORED_BLOCKS = Counter("pdlaunch_kv_offload_stored_blocks", "KV blocks stored from the device to the CPU tier")
 OFFLOAD_LOADED_BLOCKS = Counter("pdlaunch_kv_offload_loaded_blocks", "KV blocks loaded from the CPU tier to the device")
-OFFLOAD_HIT_BLOCKS = Counter("pdlaunch_kv_offload_hit_blocks", "Prompt blocks found in the CPU tier")
+OFFLOAD_HIT_BLOCKS = Counter("pdlaunch_kv_offload_hit_blocks", "Prompt blocks found in the CPU tier and loaded for a "
+                             "prefix hit (counted once their load did not fail)")
 OFFLOAD_FAILED_JOBS = Counter("pdlaunch_kv_offload_failed_jobs", "Offload transfer jobs that failed (their CPU blocks "
                               "are dropped; a failed load ends its request with an error)", ["direction"])
 OFFLOAD_BYTES = Counter("pdlaunch_kv_offload_bytes", "KV bytes moved between the device and the CPU tier",

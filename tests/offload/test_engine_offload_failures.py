@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.offload import metrics
 from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
 from tests.engine.conftest import MakeEngine, run_all
+from tests.helpers.offload_tier import loads_fail_while_copying
 from tests.offload.test_engine_offload import GREEDY, OPTIONS, _hf, _prompts
 
 
@@ -75,19 +75,7 @@ def test_a_load_that_fails_in_the_transfer_thread_fails_only_its_own_request(
     assert offload.match(prompt, bm.match_prefix(prompt, usable), usable) is not None
     free_at_start = bm.num_free_blocks()
     failed_metric = metrics.OFFLOAD_FAILED_JOBS.labels("load")._value.get()
-    submit, good = offload.transfer.transfer_async, offload.transfer.cpu_caches
-
-    def loads_fail_while_copying(job_id: int, spec: TransferSpec) -> bool:
-        if isinstance(spec[0], GPULoadStoreSpec):
-            return submit(job_id, spec)
-        # The job copies from these: same block count, a wrong block shape, so the copy itself raises.
-        offload.transfer.cpu_caches = [torch.zeros(c.shape[0], *c.shape[1:-1], c.shape[-1] + 1) for c in good]
-        try:
-            return submit(job_id, spec)
-        finally:
-            offload.transfer.cpu_caches = good
-
-    monkeypatch.setattr(offload.transfer, "transfer_async", loads_fail_while_copying)
+    loads_fail_while_copying(offload, monkeypatch)
     engine.add_request("loads", prompt, GREEDY)
     engine.add_request("other", other, GREEDY)
     first_step = {out.request_id: out for out in engine.step()}  # both admitted: the load fails in this step

@@ -7,35 +7,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
+from pdlaunch import metrics
 from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.offload.manager import OffloadManager
-from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req
-from tests.helpers.offload_tier import BASE, manager_holding_two_blocks
+from tests.helpers.offload_tier import BASE, loads_fail_while_copying, manager_holding_two_blocks
 
 
 @pytest.fixture
 def offload() -> Iterator[OffloadManager]:
     yield from manager_holding_two_blocks()
-
-
-def _loads_fail_while_copying(manager: OffloadManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loads are queued fine, then their copy raises in the transfer thread (a CPU block of the wrong shape)."""
-    submit, good = manager.transfer.transfer_async, manager.transfer.cpu_caches
-
-    def submit_with_bad_source(job_id: int, spec: TransferSpec) -> bool:
-        if isinstance(spec[0], GPULoadStoreSpec):
-            return submit(job_id, spec)
-        manager.transfer.cpu_caches = [torch.zeros(c.shape[0], *c.shape[1:-1], c.shape[-1] + 1) for c in good]
-        try:
-            return submit(job_id, spec)
-        finally:
-            manager.transfer.cpu_caches = good
-
-    monkeypatch.setattr(manager.transfer, "transfer_async", submit_with_bad_source)
 
 
 @pytest.mark.parametrize("pd", [False, True], ids=["local", "pd-decode"])
@@ -48,12 +31,18 @@ def test_a_cpu_load_that_fails_after_it_was_queued_fails_only_its_request(
     other = req("other", 2 * BS)
     s.add_request(hit)
     s.add_request(other)
-    _loads_fail_while_copying(offload, monkeypatch)
+    loads_fail_while_copying(offload, monkeypatch)
+    hits = metrics.vllm(metrics.PREFIX_CACHE_HITS)._value.get()
     out = s.schedule()
-    assert offload.hit_blocks == 2  # the load was queued
+    # the load was queued (a PD decode's connector loads the rest of its prompt but the last token)
+    assert (hit.num_cached_tokens, hit.num_external_tokens) == (2 * BS, BS - 1 if pd else 0)
     assert [x.request.request_id for x in out.scheduled] == (["other"] if pd else ["hit", "other"])
     offload.before_compute()  # the step's compute waits for the load: its failure is known by now
     assert s.fail_cpu_loads(out, offload.take_failed_loads()) == [hit]
+    # The failed load's tokens count as no hit anywhere: the request reports none (nor any loaded by a PD
+    # decode's connector, aborted with it), vLLM's hits, the stats and the tier's hit blocks stay where they were.
+    assert (hit.num_cached_tokens, hit.num_external_tokens, s.prompt_tokens_cached) == (0, 0, 0)
+    assert metrics.vllm(metrics.PREFIX_CACHE_HITS)._value.get() == hits and offload.hit_blocks == 0
     assert [x.request.request_id for x in out.scheduled] == ["other"]
     assert hit.status == RequestStatus.FINISHED and hit.finish_reason == "error" and hit.error_status == 500
     assert "CPU offload tier" in (hit.error or "") and "RuntimeError" in (hit.error or "")
