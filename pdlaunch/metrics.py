@@ -38,6 +38,9 @@ KV_DEAD_READER_FREES = Counter(
 KV_LOAD_RECOMPUTES = Counter(
     "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
     "locally instead (kv_transfer.load_failure_policy: recompute)")
+PREEMPTED_TOKENS_RECOMPUTED = Counter(
+    "pdlaunch_preempted_tokens_recomputed", "Tokens computed again after a preemption freed their KV: the prompt "
+    "and output positions a preempted request had, less what the prefix cache (or CPU tier) gave back")
 PROMPT_TOKENS_COMPUTED = Counter(
     "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed at admission: neither in its prefix "
     "cache (or CPU tier) nor loaded over a KV transfer (bench serve --multi-turn reads it)")
@@ -103,6 +106,10 @@ PROMPT_TOKENS_BY_SOURCE = Counter("vllm:prompt_tokens_by_source", "Number of pro
                                   LABELS + ["source"])
 PROMPT_TOKENS_CACHED = Counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
                                LABELS)
+# vLLM's, with them: 1 for a prompt whose tokens but the last were all cached or loaded (the last is computed anyway: a
+# forward pass needs one). No preemption's recompute, as vLLM's: pdlaunch_preempted_tokens_recomputed counts those.
+PROMPT_TOKENS_RECOMPUTED = Counter("vllm:prompt_tokens_recomputed", "Number of cached tokens recomputed for forward "
+                                   "pass.", LABELS)
 REQUEST_SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
                           LABELS + ["finished_reason"])
 # its finished_reason of a request the engine ended, as vLLM's FinishReason names them (a request that failed on its
@@ -172,7 +179,7 @@ def set_model_name(name: str) -> None:
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_TIME_PER_OUTPUT_TOKEN,
                    REQUEST_DECODE_TIME, ITERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED,
                    NIXL_NUM_FAILED_TRANSFERS, REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N,
-                   PROMPT_TOKENS_CACHED, REQUEST_NUM_PREEMPTIONS,
+                   PROMPT_TOKENS_CACHED, PROMPT_TOKENS_RECOMPUTED, REQUEST_NUM_PREEMPTIONS,
                    *(_token_histograms.all() if _token_histograms is not None else ())):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in (*ENDED_REASONS, "abort"):
@@ -269,11 +276,13 @@ def vllm(metric: M, **extra: str) -> M:
 
 def count_prompt_sources(num_prompt: int, num_cached: int, num_external: int) -> None:
     """A request's prompt of `num_prompt` tokens, `num_cached` of them found in this instance's prefix cache and
-    `num_external` loaded by its connector: the rest were computed here."""
+    `num_external` loaded by its connector: the rest were computed here (with vLLM's recomputed last token)."""
     computed = max(0, num_prompt - num_cached - num_external)
     for source, count in zip(PROMPT_SOURCES, (computed, num_cached, num_external), strict=True):
         vllm(PROMPT_TOKENS_BY_SOURCE, source=source).inc(count)
     vllm(PROMPT_TOKENS_CACHED).inc(num_cached + num_external)
+    # vLLM counts its num_cached + 1 == num_prompt, a one-token prompt too, which had nothing cached to recompute
+    vllm(PROMPT_TOKENS_RECOMPUTED).inc(int(0 < num_cached + num_external == num_prompt - 1))
 
 
 def observe_kv_transfer(num_bytes: int, seconds: float) -> None:

@@ -40,6 +40,8 @@ class Request:
     num_external_tokens: int = 0
     scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
     num_preemptions: int = 0  # times the scheduler preempted it (vllm:request_num_preemptions)
+    # Positions whose KV a preemption freed (the most it had): computing one of them again is a recompute.
+    num_preempted_tokens: int = 0
     num_cached_tokens_set: bool = False
     # Its remote prefill's KV could not be loaded: the prompt was computed here instead (load_failure_policy
     # recompute), so num_cached_tokens is this instance's own prefix-cache hit, not the prefill's.

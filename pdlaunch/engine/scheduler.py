@@ -7,7 +7,8 @@ prompt tokens (every chunk of more than one token, or of a prompt) are capped at
 `prompt_tokens_while_decoding` (0: no cap): a long prompt then stalls the decodes a chunk at a
 time, not for its whole length; a step with no decode takes the whole budget. When blocks run out
 the newest running request is preempted (blocks freed, requeued at the front but behind requests
-holding KV that arrived, recomputed later: its prefix cache usually makes that cheap). Waiting
+holding KV that arrived, recomputed later: its prefix cache usually makes that cheap, and what it does not
+give back counts in pdlaunch_preempted_tokens_recomputed). Waiting
 requests are admitted oldest first while budget, sequence slots and blocks last, and only in steps
 that preempted nothing; one whose whole prompt's KV arrived through the connector computes only its last
 prompt token, a decode's row, so the prompt cap does not hold it back, nor does it hold back a PD request's
@@ -71,6 +72,7 @@ class Scheduler(SchedulerAdmission):
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
+        request.num_preempted_tokens = max(request.num_preempted_tokens, request.num_computed_tokens)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self._requeue(request)
@@ -82,6 +84,8 @@ class Scheduler(SchedulerAdmission):
         """The step's KV is written: advance progress and register newly full blocks."""
         for s in out.scheduled:
             request = s.request
+            if s.start < request.num_preempted_tokens:  # what a preemption freed, computed again
+                metrics.PREEMPTED_TOKENS_RECOMPUTED.inc(min(s.end, request.num_preempted_tokens) - s.start)
             request.num_computed_tokens = s.end
             # only positions whose token the host knows (async scheduling: the sampled one may be pending)
             self.block_manager.cache_blocks(request.request_id, request.all_token_ids,
