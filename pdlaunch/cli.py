@@ -6,9 +6,6 @@ for a user mistake). The work lives in the modules each command calls.
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,39 +77,33 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
 
 
 def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> DeploymentConfig | None:
-    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded (_unless_stopped)."""
+    """The validated deployment, or None when Ctrl-C/SIGTERM/SIGHUP came while it was loaded (_unless_stopped;
+    the caller exits 0, as a stop later on does: nothing was started)."""
     from pdlaunch.config.loader import load_valid_deployment
 
-    return _unless_stopped(lambda: load_valid_deployment(config, overrides))
+    return _unless_stopped(lambda: load_valid_deployment(config, overrides), stopped_exit=0)
 
 
-def _unless_stopped(work: Callable[[], T]) -> T | None:
+def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
     """`work()` (loading or checking a deployment), or None when Ctrl-C/SIGTERM/SIGHUP came meanwhile: one line says
-    so (nothing was started; the caller picks the exit code). With --backend ray the work includes the connect to the
-    cluster (ray.init); a stop signal there ends this process at once, exit 0, after its line (the cluster sees the
-    driver gone)."""
+    so (nothing was started; the caller exits with `stopped_exit`). With --backend ray the work includes the connect
+    to the cluster (ray.init); a stop signal inside it ends this process at once, with `stopped_exit`, after its own
+    line (launcher/backends/ray_connect_stop.py: a cut-short ray.init must not be torn down)."""
     from pdlaunch.config.ray_cluster import connecting_to
+    from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect, stop_signal_name
     from pdlaunch.launcher.serve import StopRequested, StopSignals
 
     with StopSignals() as signals:
-        address = None
         try:
             with signals.raising():
                 return work()
-        except StopRequested:
-            name, address = signals.signal_name, connecting_to()
-        except SystemExit as exc:
-            if exc.code != signal.SIGTERM or connecting_to() is None:
+        except (StopRequested, SystemExit) as exc:
+            name = stop_signal_name(exc, signals)
+            if name is None:
                 raise
-            name, address = "SIGTERM", connecting_to()  # ray.init's own SIGTERM handler ran instead of ours
-    if address is not None:
-        # ray.init was cut short: its half-made core worker crashes (SIGSEGV) when Ray's shutdown, or its atexit
-        # hook, tears it down, so this process leaves at once; the GCS sees the driver's connection close
-        err_console.print(f"{name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
-                          "placed on the cluster)", highlight=False, soft_wrap=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        address = connecting_to()
+        if address is not None:
+            leave_stopped_connect(err_console, name, address, stopped_exit)
     err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
                       highlight=False, soft_wrap=True)
     return None
@@ -165,7 +156,8 @@ def check_config(
     from pdlaunch.config.check import run_check
 
     with _reported():
-        code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory))
+        code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory),
+                               stopped_exit=STOPPED_CHECK_EXIT)
     raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
 
 

@@ -12,7 +12,7 @@ The proxy runs here, as a child process, and knows each instance at its node's a
 Files: ray_deployment.py (`RayDeployment`: start, supervise, stop), ray_actors.py (each instance's
 placement group and actors), ray_proxy.py (the proxy here), ray_run.py (one instance as the launcher
 sees it), ray_head.py (the head's GCS watched), config/ray_gcs.py (the GCS checked before ray.init),
-ray_instance.py (the rank-0 actor).
+ray_instance.py (the rank-0 actor), ray_connect_stop.py (a stop signal while connecting).
 
 Supervision (launcher/restart_policy.py, as the local supervisor): an instance whose rank-0 `serve`
 call ends (the engine failed, an actor died, its node is gone) has its actors and placement group
@@ -25,7 +25,8 @@ placement group Ray cannot place within launcher.ray_placement_timeout_seconds s
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
 error and the last lines of its log (read through log_dir's shared storage). The connect (ray.init) first checks,
 within a bounded wait, that what listens at launcher.ray_address answers as a GCS (config/ray_gcs.py); Ctrl-C/SIGTERM
-while connecting disconnects the driver and exits 0. A built-in or GGUF model is fetched
+while connecting ends the launcher at once, exit 0, after one line (a ray.init it cut short is not torn down: Ray's
+shutdown of a half-made driver can crash; the cluster sees the driver gone). A built-in or GGUF model is fetched
 or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
 Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
@@ -37,8 +38,6 @@ servers to stop. The actors and placement groups are not detached: a launcher th
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from collections import deque
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect, stop_signal_name
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
@@ -61,34 +61,20 @@ def run_ray(cfg: DeploymentConfig) -> int:
     console = Console()
     with StopSignals() as connecting:
         deployment = _connected(console, cfg, connecting)
-        if deployment is None:
-            return 0
         return _serve(console, cfg, deployment)  # its own StopSignals: ray.init set a SIGTERM handler of Ray's
 
 
-def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment | None:
-    """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait), where a
-    stop signal ends the connect; None when one did, once this driver is disconnected again."""
+def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment:
+    """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait). A stop
+    signal meanwhile ends this process, exit 0 (ray_connect_stop.py: a cut-short ray.init is not torn down)."""
     try:
         with signals.raising():
             return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
-    except StopRequested:
-        name = signals.signal_name
-    except SystemExit as exc:
-        if exc.code != signal.SIGTERM:
+    except (StopRequested, SystemExit) as exc:
+        name = stop_signal_name(exc, signals)
+        if name is None:
             raise
-        name = "SIGTERM"  # ray.init's own handler (sys.exit(signum)) ran instead of ours
-    stopped_while_connecting(console, name, cfg.launcher.ray_address)
-    return None
-
-
-def stopped_while_connecting(console: Console, signal_name: str, address: str) -> None:
-    """A stop signal ended a connect to the Ray cluster (ray.init): this driver leaves it, and the user is told."""
-    ray = sys.modules.get("ray")
-    if ray is not None:
-        ray.shutdown()  # a driver connected, or half connected, leaves the cluster now (no-op when none)
-    console.print(f"{signal_name} received while connecting to the Ray cluster at {address}; stopping (nothing was "
-                  "placed on the cluster)", highlight=False, soft_wrap=True)
+        leave_stopped_connect(console, name, cfg.launcher.ray_address, 0)
 
 
 def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:
