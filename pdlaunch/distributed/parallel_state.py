@@ -26,6 +26,7 @@ import hmac
 import logging
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, overload
@@ -37,6 +38,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.topology_config import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from pdlaunch.distributed.join_waits import OPEN_KEY, joining_key, wait_for_open
 from pdlaunch.distributed.placement import link_authkey
+from pdlaunch.distributed.rendezvous_failure import STORE_HINT, join_failed, store_unreached
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -125,10 +127,16 @@ def fresh_store_key() -> bytes:
 
 def connect_store(host: str, port: int, key: bytes) -> SealedStore:
     """A rank's client of rank 0's store at host:port, sealed with `key`. Rank 0 opened its store before it started
-    or called this rank, so connecting does not wait; STORE_TIMEOUT_S bounds each blocking read (NCCL's unique id,
-    once the group is open). The wait for the open itself passes its own timeout (join_waits.wait_for_open), so
+    or called this rank, so connecting does not wait (EngineError when it fails, saying whether it timed out:
+    rendezvous_failure.py); STORE_TIMEOUT_S bounds each blocking read (NCCL's unique id, once the group is open).
+    The wait for the open itself passes its own timeout (join_waits.wait_for_open), so
     parallel.rendezvous_timeout_seconds, which may be days, never becomes the bound of every read."""
-    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    started = time.monotonic()
+    try:
+        client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    except (RuntimeError, dist.DistError) as exc:
+        raise store_unreached(f"{host}:{port}", exc, time.monotonic() - started, STORE_TIMEOUT_S,
+                              "parallel.master_port", STORE_HINT) from exc
     return SealedStore(client, key)
 
 
@@ -224,12 +232,14 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device
+    started = time.monotonic()
     try:
         if rank > 0:
             store.set(joining_key(rank), "1")
             wait_for_open(store, rank, size, f"{host}:{port}", rendezvous_timeout_s)
         else:
             store.set(OPEN_KEY, "1")
+        started = time.monotonic()  # torch's join begins: it waits COLLECTIVE_TIMEOUT_S for the peers
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -246,10 +256,9 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
             raise
         if isinstance(tampered, StoreTampered):
             raise tampered from exc
-        # init_process_group waits for the peers with the group's timeout, not the store's.
-        raise EngineError(f"TP rank {rank} could not join the {size}-rank group at {host}:{port} "
-                          f"within {COLLECTIVE_TIMEOUT_S:.0f}s: {exc}", field="parallel.master_addr",
-                          hint="another rank failed to start (see its log) or the address is unreachable") from exc
+        # init_process_group waits for the peers with the group's timeout, not the store's; a failure that came
+        # sooner (rank 0's store gone: its port closed) says so, not that timeout
+        raise join_failed(rank, size, f"{host}:{port}", exc, time.monotonic() - started, COLLECTIVE_TIMEOUT_S) from exc
     log.info("TP rank %d/%d joined (%s, rendezvous %s:%d)", rank, size, backend, host, port)
     return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group, store=store)
 

@@ -25,6 +25,7 @@ from pdlaunch.distributed import parallel_state
 from pdlaunch.distributed.join_waits import RENDEZVOUS_SETTING
 from pdlaunch.distributed.message_stream import UnexpectedMessage, recv_as, send
 from pdlaunch.distributed.messages import Hello
+from pdlaunch.distributed.rendezvous_failure import store_unreached
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -227,13 +228,12 @@ def open_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     then wait STORE_TIMEOUT_S, as a local worker's do: rank 0 publishes its link as it opens the store, and NCCL's
     unique id as it joins; `timeout_s` (this node's launcher may start long before node 0's, or
     parallel.rendezvous_timeout_seconds, up to a week) would hold a rank that long on a rank 0 hung in between."""
+    started = time.monotonic()
     try:
         client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, dist.DistError) as exc:
-        raise EngineError(f"no TP rendezvous at {host}:{port} within {timeout_s:.0f}s: {exc}",
-                          field="parallel.master_port",
-                          hint="start node 0's launcher (it runs rank 0) and check the nodes reach each other"
-                          ) from exc
+        raise store_unreached(f"{host}:{port}", exc, time.monotonic() - started, timeout_s, "parallel.master_port",
+                              "start node 0's launcher (it runs rank 0) and check the nodes reach each other") from exc
     client.set_timeout(timedelta(seconds=parallel_state.STORE_TIMEOUT_S))
     return client
 

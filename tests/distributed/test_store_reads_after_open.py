@@ -9,6 +9,7 @@ instead of failing them within STORE_TIMEOUT_S. A stand-in for NCCL here: no GPU
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -55,6 +56,9 @@ def test_a_rank_whose_rank0_hangs_after_opening_fails_within_the_store_timeout(
     took = time.monotonic() - start
     assert STORE_S <= took < STORE_S + SLACK_S, f"rank 1 waited {took:.1f}s for NCCL's id"
     assert "TP rank 1 could not join the 2-rank group" in failed.value.message, failed.value.message
+    # the store read's own timeout ended it, not the join's (COLLECTIVE_TIMEOUT_S): the message says how soon
+    assert re.search(rf"failed after \d+\.\ds, before its {parallel_state.COLLECTIVE_TIMEOUT_S:.0f}s wait ran out: ",
+                     failed.value.message), failed.value.message
 
 
 @pytest.mark.timeout(120)
