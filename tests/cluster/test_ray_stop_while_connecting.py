@@ -1,7 +1,7 @@
-"""`--backend ray`: a stop signal while `pdlaunch serve --backend ray` connects to the cluster (inside ray.init),
-in a real `python -m pdlaunch serve` subprocess against a real `ray start --head`. It must end with exit 0, one
-line naming the connect, no traceback, the driver's job dead on the cluster, no process left and log_dir never
-locked.
+"""`--backend ray`: a stop signal while `pdlaunch serve --backend ray` (or `check-config`) connects to the cluster
+(inside ray.init), in a real `python -m pdlaunch` subprocess against a real `ray start --head`. It must end with
+exit 0 (check-config: 130, no verdict), one line naming the connect, no traceback, the driver's job dead on the
+cluster, no process left and log_dir never locked.
 
 The first ray.init of a serve runs while the config is loaded (config/backend.with_backend_nodes ->
 config/ray_cluster.with_ray_cluster -> connect); cli.py stops it there (before, a Ctrl-C ended the launcher with a
@@ -70,10 +70,10 @@ def head() -> Iterator[RayCluster]:
         cluster.stop()
 
 
-def _serve(address: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
-    out = tmp_path / "serve.out"
+def _launch(command: str, address: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    out = tmp_path / "launcher.out"
     with open(out, "wb") as file:
-        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", "--backend", "ray", "--ray-address",
+        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", command, "--backend", "ray", "--ray-address",
                                  address, "--model", "tiny", "--device", "cpu", "--log-dir", str(tmp_path / "logs")],
                                 stdout=file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return proc, out
@@ -85,7 +85,7 @@ def _wait_exit(proc: subprocess.Popen[bytes], out: Path, timeout_s: float) -> in
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise AssertionError(f"pdlaunch serve still ran {timeout_s:.0f}s on:\n{out.read_text(errors='replace')}") \
+        raise AssertionError(f"pdlaunch still ran {timeout_s:.0f}s on:\n{out.read_text(errors='replace')}") \
             from None
 
 
@@ -99,8 +99,11 @@ def _launcher_jobs(head: RayCluster, pid: int) -> list[bool]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(("command", "exit_code"), [("serve", 0), ("check-config", 130)],
+                         ids=["serve", "check-config"])
 def test_a_stop_signal_inside_ray_init_disconnects_and_exits_cleanly(head: RayCluster, tmp_path: Path,
-                                                                      sig: signal.Signals) -> None:
+                                                                      sig: signal.Signals, command: str,
+                                                                      exit_code: int) -> None:
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -108,7 +111,7 @@ def test_a_stop_signal_inside_ray_init_disconnects_and_exits_cleanly(head: RayCl
     env = {**head.env, "PDTEST_RAY_INIT_ENTERED": str(entered),
            "PYTHONPATH": os.pathsep.join([str(hook), head.env["PYTHONPATH"]])}
     before = {args for args in head.processes(str(head.root))}
-    proc, out = _serve(head.address, tmp_path, env)
+    proc, out = _launch(command, head.address, tmp_path, env)
     try:
         wait_for(lambda: entered.exists() or proc.poll() is not None, "the launcher to enter ray.init",
                  ENTER_TIMEOUT_S, poll=0.1)
@@ -120,7 +123,7 @@ def test_a_stop_signal_inside_ray_init_disconnects_and_exits_cleanly(head: RayCl
             proc.kill()
             proc.wait()
     output = out.read_text(errors="replace")
-    assert code == 0, f"exit {code}:\n{output}"
+    assert code == exit_code, f"exit {code}:\n{output}"
     assert "Traceback" not in output, output
     assert f"{sig.name} received while connecting to the Ray cluster at {head.address}; stopping" in output, output
     assert not (tmp_path / "logs" / LOCK_NAME).exists(), "log_dir was locked before the cluster answered"
