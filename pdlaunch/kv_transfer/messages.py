@@ -166,7 +166,8 @@ class ListenRequest(_FromReader):
 
 class HeldBlocksRequest(_Message):
     """Decode with push params that lack block ids (vLLM's push proxy): which blocks hold the request of
-    this prompt? By its request id, else by the client's X-Request-Id; waits up to `wait` for the hold."""
+    this prompt? By its request id, else by the client's X-Request-Id; waits up to `wait` for the hold (the
+    decode asks again, in short waits, until its deadline: HeldBlocksAnswer)."""
 
     type: Literal["held_blocks"]
     request_id: _Name | None = None
@@ -217,9 +218,18 @@ class CancelPushAnswer(_Reply):
 
 
 class HeldBlocksAnswer(_Reply):
-    request_id: _Name
+    """The held request and its blocks; request_id None: none was held within the request's wait (the decode asks
+    again while its load has time left and its client is still there)."""
+
+    request_id: _Name | None
     block_ids: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
     kv_epoch: int = Field(0, ge=0, lt=2**31)
+
+    @model_validator(mode="after")
+    def _nothing_when_not_held(self) -> HeldBlocksAnswer:
+        if self.request_id is None and self.block_ids:
+            raise ValueError("block_ids of no held request")
+        return self
 
 
 class ListenAnswer(_Reply):

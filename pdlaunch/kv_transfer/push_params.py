@@ -12,6 +12,9 @@ gives us:
   of the same prompt, so naming another user's request id gets nothing (nor its KV);
 - remote_request_id may be left out (a proxy that sends both legs at once cannot know it): the
   prefill then matches the held request by the client's X-Request-Id, shared by both legs.
+Such a decode leg may come before the prefill holds the request: the decode asks again, each ask waiting
+at most decode/loads.py's HELD_BLOCKS_WAIT_SECONDS on the prefill, until its load's deadline; a client
+that leaves meanwhile ends the asking within one wait and frees the loader thread for other loads.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ loader threads bind the instance's device when they start (vLLM #39548), since t
 from __future__ import annotations
 
 import logging
+import time
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids, check_digests
@@ -32,6 +33,11 @@ from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
 from pdlaunch.kv_transfer.push_params import client_request_id
 
 logger = logging.getLogger(__name__)
+
+# The longest one "held_blocks" ask waits on the prefill: an aborted load stops asking within it. A single ask for
+# the load's whole remaining time kept the loader thread (one of four) that long after the client left, from
+# every other load, and from the cancels of aborted pushes, whose blocks then drained until their deadline.
+HELD_BLOCKS_WAIT_SECONDS = 0.5
 
 
 class DecodeLoads:
@@ -95,13 +101,28 @@ class DecodeLoads:
         return PullLoad(self.ctx, remote) if remote.mode == "pull" else PushLoad(self.ctx)
 
     def _ask_block_ids(self, load: Load) -> None:
-        """The prefill names the blocks holding this prompt's request ("held_blocks", push_params.py)."""
+        """The prefill names the blocks holding this prompt's request ("held_blocks", push_params.py). It may not
+        hold it yet (the proxy sent both legs at once): asked again, each ask waiting at most
+        HELD_BLOCKS_WAIT_SECONDS there, until the load's deadline, or its abort (its client left), which so ends
+        the asking within one wait rather than at the deadline, and frees this loader thread for other loads."""
         assert load.plan is not None
-        remaining = self.ctx.remaining(load, "block ids")
-        message = HeldBlocksRequest(type="held_blocks", request_id=load.remote.request_id, wait=remaining,
-                                    client_request_id=client_request_id(load.request_id),
-                                    prompt_digest=load.prompt_digest)
-        answer = self.ctx.ask(load.remote, message, HeldBlocksAnswer, remaining, "block ids request")
+        wanted = load.remote.request_id or f"with X-Request-Id {client_request_id(load.request_id)}"
+        while True:
+            wait = min(self.ctx.remaining(load, "block ids"), HELD_BLOCKS_WAIT_SECONDS)  # raises once aborted
+            message = HeldBlocksRequest(type="held_blocks", request_id=load.remote.request_id, wait=wait,
+                                        client_request_id=client_request_id(load.request_id),
+                                        prompt_digest=load.prompt_digest)
+            # Its answer comes after the wait: read past it (else the last ask, waiting out the load's remaining
+            # time, would time out on the socket as the prefill answers).
+            answer = self.ctx.ask(load.remote, message, HeldBlocksAnswer, wait + self.ctx.handshake_timeout,
+                                  "block ids request")
+            if answer.request_id is not None:
+                break
+            if time.monotonic() >= load.deadline:
+                raise KVTransferError(
+                    f"no request {wanted} of this prompt is held at {load.where} within "
+                    f"{self.ctx.transfer_timeout:g}s", field="kv_transfer.transfer_timeout_seconds",
+                    hint="its lease may have expired, or the decode got another prompt than the prefill")
         remote = load.remote.model_copy(update={"request_id": answer.request_id, "block_ids": answer.block_ids,
                                                 "kv_epoch": answer.kv_epoch})
         pairs = load.plan(remote)

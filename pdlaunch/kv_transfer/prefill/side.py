@@ -212,17 +212,15 @@ class PrefillSide(NixlConnector):
         """A decode holding push params without block ids (vLLM's push proxy) asks which blocks hold
         its request: found by request id, else by the client's X-Request-Id, and only when the held
         prompt's digest is the decode's (push_params.py). Waits for the hold up to `wait` seconds
-        (capped by the transfer timeout): the decode leg may arrive before the prefill finished."""
+        (capped by the transfer timeout): the decode leg may arrive before the prefill finished. Not held by
+        then: an answer without a request id (the decode asks again while its load has time left)."""
         deadline = time.monotonic() + min(message.wait, self.kv.transfer_timeout_seconds)
         while True:
             found = self.holds.find(message.request_id, message.client_request_id, message.prompt_digest)
             if found is not None:
                 return HeldBlocksAnswer(request_id=found[0], block_ids=found[1], kv_epoch=self.kv_epoch)
             if time.monotonic() >= deadline:
-                wanted = message.request_id or f"with X-Request-Id {message.client_request_id}"
-                raise KVTransferError(
-                    f"no request {wanted} of this prompt is held here",
-                    hint="its lease may have expired, or the decode got another prompt than the prefill")
+                return HeldBlocksAnswer(request_id=None, block_ids=[], kv_epoch=self.kv_epoch)
             time.sleep(0.005)
 
     def shutdown(self) -> None:

@@ -1,0 +1,116 @@
+"""A decode load with params that name no blocks (vLLM's push proxy) asks the prefill which blocks hold its request
+("held_blocks") in short waits, again and again until the load's deadline: the prefill's real handler behind a real
+side channel. A hold that comes during the asking is found; none by the deadline fails the load naming what was
+asked for; an abort ends the asking within one wait (the e2e test: tests/serving/test_abort_before_transfer_e2e.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from pydantic import ValidationError
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.load import Load
+from pdlaunch.kv_transfer.decode.loads import HELD_BLOCKS_WAIT_SECONDS, DecodeLoads
+from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
+from pdlaunch.kv_transfer.prefill.side import PrefillSide
+from pdlaunch.kv_transfer.push_params import prompt_digest
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
+from tests.kv_transfer.deployment_secret import KEYS
+
+PROMPT = list(range(100, 120))
+WAIT_S = 30.0  # generous: a loaded 2-core machine
+
+
+@dataclass
+class _Sides:
+    holds: HoldTable  # the prefill's
+    asks: list[HeldBlocksRequest]
+    loads: DecodeLoads
+    port: int
+
+    def load(self, seconds: float) -> Load:
+        """A load of PROMPT by the client's X-Request-Id "client-1" (no request id), `seconds` to its deadline."""
+        now = time.monotonic()
+        load = Load("client-1-0a1b2c3d", RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=self.port),
+                    [], deadline=now + seconds, started=now)
+        load.plan = lambda remote: [[(0, 9, (remote.block_ids or [[]])[0][0])]]
+        load.prompt_digest = prompt_digest(PROMPT)
+        return load
+
+
+@pytest.fixture
+def sides() -> Iterator[_Sides]:
+    holds = HoldTable(lease_seconds=60.0)
+    prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
+    asks: list[HeldBlocksRequest] = []
+
+    def held_blocks(message: HeldBlocksRequest) -> HeldBlocksAnswer:
+        asks.append(message)
+        return PrefillSide._on_held_blocks(cast(Any, prefill), message)  # noqa: SLF001 - its real handler
+
+    server = SideChannelServer("127.0.0.1", 0, {"held_blocks": held_blocks}, KEYS)
+    executor = ThreadPoolExecutor(max_workers=1)
+    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
+                      handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
+                      reader="decode")
+    try:
+        yield _Sides(holds, asks, DecodeLoads(ctx), server.port)
+    finally:
+        executor.shutdown(wait=True)
+        ctx.connections.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hold_that_comes_while_the_decode_asks_is_found(sides: _Sides) -> None:
+    load = sides.load(WAIT_S)
+    later = threading.Timer(3 * HELD_BLOCKS_WAIT_SECONDS, sides.holds.hold, ("client-1-ffff0000", [[4, 5]],
+                                                                           prompt_digest(PROMPT)))
+    later.start()
+    try:
+        sides.loads._ask_block_ids(load)  # noqa: SLF001
+    finally:
+        later.join()
+    assert load.remote.request_id == "client-1-ffff0000" and load.pairs == [[(0, 9, 4)]]
+    assert len(sides.asks) >= 2 and all(ask.wait <= HELD_BLOCKS_WAIT_SECONDS for ask in sides.asks)
+
+
+def test_no_hold_by_the_deadline_fails_the_load_saying_what_it_asked_for(sides: _Sides) -> None:
+    load = sides.load(4 * HELD_BLOCKS_WAIT_SECONDS)
+    with pytest.raises(KVTransferError, match="no request with X-Request-Id client-1 of this prompt is held at "
+                                              "prefill engine P") as raised:
+        sides.loads._ask_block_ids(load)  # noqa: SLF001
+    assert raised.value.field == "kv_transfer.transfer_timeout_seconds"
+    assert time.monotonic() >= load.deadline and len(sides.asks) >= 2
+
+
+def test_an_abort_ends_the_asking_within_one_wait(sides: _Sides) -> None:
+    load = sides.load(WAIT_S)
+    asking = sides.loads.ctx.executor.submit(sides.loads._ask_block_ids, load)  # noqa: SLF001
+    until = time.monotonic() + WAIT_S
+    while not sides.asks:
+        assert time.monotonic() < until, "the decode never asked"
+        time.sleep(0.01)
+    with sides.loads.ctx.lock:
+        load.abandoned = True  # as LoadTable.abort marks it
+    aborted = time.monotonic()
+    with pytest.raises(KVTransferError, match="aborted"):
+        asking.result(timeout=WAIT_S)
+    assert time.monotonic() - aborted < WAIT_S / 2, "the asking went on long after the abort"
+
+
+def test_an_answer_of_no_held_request_names_no_blocks() -> None:
+    assert HeldBlocksAnswer.model_validate({"request_id": None, "block_ids": []}).request_id is None
+    with pytest.raises(ValidationError, match="block_ids of no held request"):
+        HeldBlocksAnswer.model_validate({"request_id": None, "block_ids": [[1]]})
