@@ -53,14 +53,14 @@ class TinyPD:
 
 
 @contextmanager
-def tiny_pd(tag: str) -> Iterator[TinyPD]:
+def tiny_pd(tag: str, **kv_transfer: Any) -> Iterator[TinyPD]:
     """A tiny prefill and decode (engine ids `tag`-prefill, `tag`-decode) behind the real proxy, in this process;
-    stopped on exit, the proxy first."""
+    stopped on exit, the proxy first. `kv_transfer` adds to both instances' kv_transfer (tiny_config)."""
     servers: list[ThreadServer] = []
     loops: list[EngineLoop] = []
     try:
         for role in ("prefill", "decode"):
-            srv, loop = serve_tiny(role, f"{tag}-{role}")
+            srv, loop = serve_tiny(role, f"{tag}-{role}", **kv_transfer)
             servers.append(srv)
             loops.append(loop)
         pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
