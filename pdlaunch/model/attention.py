@@ -1,7 +1,8 @@
 """Paged attention over the block-major KV cache (layout: pdlaunch/model/attention_metadata.py).
 
 Each step first writes the new k/v of every token into its slot, then every query attends to
-its sequence's keys: fresh prefills directly over the new k/v (causal; flash SDPA on CUDA),
+its sequence's keys: fresh prefills directly over the new k/v (causal SDPA; on CUDA padded to a length bucket,
+pdlaunch/model/fresh_attention.py),
 prefills with cached context over keys gathered through the block table (on CUDA, a step of up to
 512 prompt tokens beside decodes or over cached keys runs all its prompt chunks in one Triton launch
 that reads the keys from the cache itself: pdlaunch/model/triton_prefill.py), and all decode
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.attention_plan import GroupPlan
+from pdlaunch.model.fresh_attention import fresh_causal_attention
 from pdlaunch.model.fused_ops import write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.quant.fp8 import Fp8Rows
@@ -109,8 +111,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         mask: torch.Tensor | CausalBias | None = seq.mask
         if mask is None and seq.rows is not None:  # cached context: the chunk's queries are the last keys
             mask = causal_lower_right_mask(qs.shape[2], ks.shape[2], qs.device)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=seq.mask is None and seq.rows is None,
-                                           scale=scale, enable_gqa=True)
+        if mask is None and seq.rows is None:  # a fresh prompt: at its bucket's length on CUDA (fresh_attention.py)
+            o = fresh_causal_attention(qs, ks, vs, scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[seq.q_start:seq.q_end] = o[0].transpose(0, 1)
 
     if plan.decode_block_table is not None:

@@ -16,6 +16,8 @@ from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import EngineError
 from pdlaunch.model.arch import KVCacheGroup
 from pdlaunch.model.decode_launch import launch_batch_sizes
+from pdlaunch.model.decoder_layer import Attention
+from pdlaunch.model.fresh_attention import warm_fresh_attention
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.runner.out_of_memory import first_line, out_of_memory
 from pdlaunch.runner.step_metadata import step_metadata
@@ -28,6 +30,7 @@ class DrySteps:
 
     model: CausalLM
     device: torch.device
+    dtype: torch.dtype
     kv_dtype: torch.dtype
     scheduler_config: SchedulerConfig
     role: Role
@@ -103,8 +106,23 @@ class DrySteps:
                     hint="lower it, or leave more memory to activations: a lower cache.gpu_memory_utilization or "
                          "a smaller cache.num_gpu_blocks",
                 ) from None
+        buckets = self._warm_fresh_attention()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) in %.1f s",
-                 len(shapes), max(sum(q) for q, _ in shapes),
-                 max((len(q) for q, c in shapes if set(q) == {1} and c[0] > 0), default=0), time.monotonic() - started)
+        log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) and %d fresh-prompt "
+                 "attention lengths in %.1f s", len(shapes), max(sum(q) for q, _ in shapes),
+                 max((len(q) for q, c in shapes if set(q) == {1} and c[0] > 0), default=0), buckets,
+                 time.monotonic() - started)
+
+    def _warm_fresh_attention(self) -> int:
+        """Build the attention plan of every length bucket a fresh prompt of this instance pads to (one step's
+        tokens at most; model/fresh_attention.py): the steps above met only the power-of-two ones. Returns how
+        many buckets ran (0 off CUDA)."""
+        if self.device.type != "cuda":
+            return 0
+        attn = next((m for m in self.model.modules() if isinstance(m, Attention)), None)
+        if attn is None:
+            return 0
+        longest = min(self.max_model_len, self.scheduler_config.token_budget(self.role))
+        return warm_fresh_attention(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, self.dtype,
+                                    self.device, longest)
