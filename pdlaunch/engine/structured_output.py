@@ -80,7 +80,8 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _UNIONS = ("anyOf", "oneOf")
 
 
-def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[str] = ()) -> JsonValue:
+def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[str] = (),
+                  members_close: bool | None = None) -> JsonValue:
     """`schema` with `"additionalProperties": false` on every object schema that declares `properties` and
     leaves `additionalProperties` out: the keys it names are all it may have, as with xgrammar's default and
     OpenAI's strict mode (a model otherwise invents keys until max_tokens). An explicit
@@ -93,7 +94,9 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
     object forbade its members' keys and the member its object's (a valid schema refused as unsatisfiable).
     Such an object is closed to its keys and every member's, and each member to its own and the object's
     (`beside`: named `{}` there, the object constrains them); a member whose keys cannot be listed (a `$ref`)
-    leaves them open."""
+    leaves them open. A union that is a whole allOf member, or a whole member of such a union, is part of the same
+    object too: its members close only where that object's would (`members_close`, default `close_self`), to their
+    keys and the rest of the object's; closed on their own they forbade the keys beside them."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -112,16 +115,22 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
     properties = out.get("properties")
     own: list[str] = list(properties) if isinstance(properties, dict) else []
     shared, alternatives = _member_keys(schema, ("allOf",)), _member_keys(schema, _UNIONS)
-    closes = (close_self and bool(own) and shared is not None and alternatives is not None
+    listed = (shared is not None and alternatives is not None
               and not {"additionalProperties", "unevaluatedProperties"} & set(out))
+    closes = close_self and bool(own) and listed
     parts = out.get("allOf")
     if isinstance(parts, list):
-        out["allOf"] = [close_objects(item, close_self=False) for item in parts]
+        # a member is never closed itself; a union in it closes as this object's would, to the keys beside it
+        out["allOf"] = [close_objects(item, False, [*beside, *own, *(alternatives or ()),
+                                                    *(_member_keys({"allOf": parts[:i] + parts[i + 1:]}, ("allOf",))
+                                                      or ())], close_self and listed)
+                        for i, item in enumerate(parts)]
     whole = not own and "allOf" not in out  # its union's members are whole alternatives, each closed on its own
+    whole_close = close_self if members_close is None else members_close
     for key in _UNIONS:
         many = out.get(key)
         if isinstance(many, list):
-            out[key] = [close_objects(item, True, beside) if whole else
+            out[key] = [close_objects(item, whole_close, beside) if whole else
                         close_objects(item, closes, [*beside, *own, *(shared or ())]) for item in many]
     if closes and isinstance(properties, dict):
         extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in own]

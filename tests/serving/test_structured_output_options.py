@@ -121,3 +121,46 @@ def test_a_required_tool_choice_names_the_tool_whose_schema_does_not_compile(url
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "tools.1.function.parameters" and "bogus" in error["message"], error
+
+
+# A union inside an allOf member, and one nested in the member of an object left open (explicitly, or for a $ref
+# member): (schema, an instance it accepts, the object's additionalProperties once closed). Closing each inner member
+# alone forbade the keys its object names: the first was a 400 "Unsatisfiable schema" (x is required), the others
+# refused a valid instance.
+NESTED_UNIONS = [
+    ({"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x", "a"],
+      "allOf": [{"anyOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}]},
+     {"x": 1, "a": 2}, False),
+    ({"type": "object", "properties": {"kind": {"type": "string"}}, "additionalProperties": True,
+      "anyOf": [{"anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}]}]},
+     {"kind": "k", "a": 1, "z": 2}, True),
+    ({"type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"],
+      "anyOf": [{"$ref": "#/$defs/r"}, {"anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}]}],
+      "$defs": {"r": {"required": ["r"]}}},
+     {"kind": "k", "a": 1}, None),
+]
+
+
+@pytest.mark.parametrize(("schema", "instance", "closed_to"), NESTED_UNIONS)
+def test_a_union_nested_in_a_composition_keeps_its_objects_keys(schema: dict[str, Any], instance: dict[str, Any],
+                                                                closed_to: bool | None) -> None:
+    import jsonschema
+
+    from pdlaunch.engine.structured_output import StructuredOutput, check
+
+    jsonschema.validate(instance, schema)
+    closed = close_objects(schema)
+    jsonschema.validate(instance, closed)  # closing keeps every key the schema lets the object have
+    assert closed.get("additionalProperties") is closed_to
+    check(StructuredOutput(kind="json", value=json.dumps(schema)))  # closed, it compiles: satisfiable
+
+
+def test_a_union_in_an_allof_alone_still_closes_its_members() -> None:
+    """Nothing beside it names keys: its members are whole alternatives, each closed to its own keys (as before);
+    beside another allOf member's keys, each closes to its own and those."""
+    union = {"anyOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
+    members = close_objects({"allOf": [union]})["allOf"][0]["anyOf"]
+    assert all(m["additionalProperties"] is False for m in members)
+    assert [set(m["properties"]) for m in members] == [{"a"}, {"b"}]
+    members = close_objects({"allOf": [union, {"properties": {"c": {}}}]})["allOf"][0]["anyOf"]
+    assert [set(m["properties"]) for m in members] == [{"a", "c"}, {"b", "c"}]
