@@ -110,9 +110,11 @@ class ChatCompletionRequest(SamplingFields):
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "
                                    "send one", param="tool_choice")
         options = json_options(self.structured_outputs)  # structured_outputs' JSON options apply to it too
-        # Compiled here as an asked grammar is: a tool's schema that does not compile is a 400 naming that tool.
-        return checked(forced.model_copy(update=options),
-                       [p.model_copy(update=options) for p in calling.parameter_grammars()])
+        # Compiled here as an asked grammar is: a tool's schema that does not compile is a 400 naming that tool. A
+        # required call's grammar is made of every tool's parameters; a named one's is its tool's alone (already
+        # named so), which another tool's bad schema did not break.
+        parts = calling.parameter_grammars() if calling.mode == "required" else []
+        return checked(forced.model_copy(update=options), [p.model_copy(update=options) for p in parts])
 
     def fills_context(self) -> bool:
         return self.max_tokens is None and self.max_completion_tokens is None

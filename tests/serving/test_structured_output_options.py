@@ -164,3 +164,21 @@ def test_a_union_in_an_allof_alone_still_closes_its_members() -> None:
     assert [set(m["properties"]) for m in members] == [{"a"}, {"b"}]
     members = close_objects({"allOf": [union, {"properties": {"c": {}}}]})["allOf"][0]["anyOf"]
     assert [set(m["properties"]) for m in members] == [{"a", "c"}, {"b", "c"}]
+
+
+def test_a_named_tool_choice_names_its_own_tool_when_another_schema_is_bad_too() -> None:
+    """Only the named tool's parameters constrain the output: another tool's bad schema is not what failed (it was
+    named, as the first bad one of every tool, once a required choice's tools were checked one by one)."""
+    from pdlaunch.http.errors import OpenAIError
+    from pdlaunch.server.chat_request import ChatCompletionRequest
+
+    def bad(name: str) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {
+            "a": {"type": f"bogus_{name}"}}}}}
+
+    request = ChatCompletionRequest.model_validate({
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [bad("f"), bad("g")],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    with pytest.raises(OpenAIError) as raised:
+        request.structured_output()
+    assert raised.value.param == "tools.1.function.parameters" and "bogus_g" in str(raised.value), raised.value
