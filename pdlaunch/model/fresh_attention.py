@@ -51,10 +51,17 @@ def fresh_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                          device: torch.device, max_len: int) -> int:
     """Run the attention once at every bucket up to `max_len` tokens, so a prompt never pays a bucket's plan
-    while serving; returns how many buckets ran."""
+    while serving; returns how many buckets ran. Each in both layouts it meets: padded inputs are contiguous, and a
+    prompt whose length is a bucket comes unpadded as model/attention.py slices it (token-major [n, H, D] seen as
+    [1, H, n, D]); cuDNN's plans are keyed by strides too."""
     sizes = buckets(max_len)
     for n in sizes:
-        q = torch.zeros(1, num_heads, n, head_dim, dtype=dtype, device=device)
-        kv = torch.zeros(1, num_kv_heads, n, head_dim, dtype=dtype, device=device)
-        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, scale=scale, enable_gqa=True)
+        for token_major in (False, True):
+            if token_major:
+                q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device).transpose(0, 1).unsqueeze(0)
+                kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device).transpose(0, 1).unsqueeze(0)
+            else:
+                q = torch.zeros(1, num_heads, n, head_dim, dtype=dtype, device=device)
+                kv = torch.zeros(1, num_kv_heads, n, head_dim, dtype=dtype, device=device)
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, scale=scale, enable_gqa=True)
     return len(sizes)

@@ -39,17 +39,21 @@ def test_padding_changes_no_real_row(n: int) -> None:
 
 def test_cpu_runs_unpadded_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
+    layouts: list[bool] = []
     real = F.scaled_dot_product_attention
 
     def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         seen.append(q.shape[2])
+        layouts.append(q.is_contiguous())
         return real(q, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     fresh_causal_attention(*_qkv(100, "cpu", torch.float32), 0.125)
     assert seen == [100]
     assert warm_fresh_attention(8, 2, 64, 0.125, torch.float32, torch.device("cpu"), 300) == 6
-    assert seen[1:] == [16, 32, 64, 128, 256, 512]
+    # Every bucket in both layouts a prompt brings: contiguous (padded) and token-major (a bucket-long prompt).
+    assert seen[1:] == [16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512, 512]
+    assert layouts[1:] == [True, False] * 6
 
 
 @pytest.mark.gpu
