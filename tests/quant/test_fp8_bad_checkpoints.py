@@ -82,6 +82,17 @@ INT = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "
     ({**CHANNEL, "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": False}}}},
      "config_groups.group_0.weights", "weights must be static 8-bit float; the group quantizes float 4-bit weights"),
+    # static input scales: refused as such (the message said so for a dynamic per-tensor scheme too, which loads)
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "input_activations": {
+        **GROUP["input_activations"], "strategy": "tensor", "dynamic": False}}}},
+     "config_groups.group_0.input_activations.dynamic", "static input_activations (dynamic False: calibrated"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "input_activations": {
+        **GROUP["input_activations"], "strategy": "tensor_group", "group_size": 16}}}},
+     "config_groups.group_0.input_activations.strategy",
+     "input_activations strategy 'tensor_group' is not supported (token, group or tensor)"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "input_activations": {
+        **GROUP["input_activations"], "num_bits": 4}}}},
+     "config_groups.group_0.input_activations", "input_activations quantize to float 4-bit"),
     # 2:4 sparse weights stored as values and a bitmask: accepted, then each such tensor refused as "unexpected"
     ({**CHANNEL, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
      "sparsity_config.format", "sparsity_config format 'sparse-24-bitmask' is not supported"),
@@ -105,6 +116,12 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
     assert dense_sparse is not None and dense_sparse.scheme == "channel"  # 2:4 zeros in whole matrices: as they are
     fp8_kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
     assert parse_quant_config({**CHANNEL, "kv_cache_scheme": fp8_kv}) is not None  # what --kv-cache-dtype fp8 reads
+    # dynamic per-tensor input activations (vLLM serves them, quantized per token): as a per-token scheme
+    per_tensor_acts = {**GROUP["input_activations"], "strategy": "tensor"}
+    for weights in ("channel", "tensor"):
+        group = {**GROUP, "weights": {**GROUP["weights"], "strategy": weights}, "input_activations": per_tensor_acts}
+        found = parse_quant_config({**CHANNEL, "config_groups": {"group_0": group}})
+        assert found is not None and found.scheme == weights
     red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})
     assert red_hat is not None and red_hat.skips("model.layers.3.mlp.gate") and red_hat.scheme == "channel"
 

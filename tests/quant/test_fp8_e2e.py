@@ -6,6 +6,7 @@ quarter of float32's KV bytes and half of bfloat16's (pdlaunch_kv_transfer_bytes
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -32,14 +33,32 @@ def _flags(scheme: str) -> list[str]:
     return ["--quantization", "fp8"] if scheme == "online" else []
 
 
+def _generate_matches_reference(served: Path, reference: Path, flags: list[str]) -> None:
+    """`pdlaunch generate` on CPU in float32 answers with transformers' greedy ids on the dequantized weights."""
+    expected = hf_greedy(reference, Tokenizer(served).encode(PROMPT), MAX_TOKENS, stop_at_eos=True)
+    result = CliRunner().invoke(app, ["generate", "--model", str(served), "--device", "cpu", "--dtype", "float32",
+                                      "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json", *flags])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == expected
+
+
 @pytest.mark.parametrize("scheme", ["block", "channel", "online"])
 def test_generate_cli(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]]) -> None:
     served, reference = fp8_ckpts[scheme]
-    expected = hf_greedy(reference, Tokenizer(served).encode(PROMPT), MAX_TOKENS, stop_at_eos=True)
-    result = CliRunner().invoke(app, ["generate", "--model", str(served), "--device", "cpu", "--dtype", "float32",
-                                      "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json", *_flags(scheme)])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == expected
+    _generate_matches_reference(served, reference, _flags(scheme))
+
+
+@pytest.mark.parametrize("scheme", ["channel", "tensor"])
+def test_generate_cli_with_dynamic_per_tensor_activations(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]],
+                                                          tmp_path: Path) -> None:
+    """An llm-compressor checkpoint whose input activations are dynamic per tensor (one scale per step's input,
+    computed at run time; vLLM serves it) was refused, the message blaming static input scales it does not have."""
+    served, reference = fp8_ckpts[scheme]
+    path = Path(shutil.copytree(served, tmp_path / served.name))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]["strategy"] = "tensor"
+    (path / "config.json").write_text(json.dumps(cfg))
+    _generate_matches_reference(path, reference, [])
 
 
 @pytest.mark.parametrize("scheme", ["block", "channel", "online"])

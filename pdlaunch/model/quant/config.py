@@ -2,7 +2,9 @@
 `compression_config` older compressed-tensors checkpoints write instead), or from `--quantization fp8`
 (a bf16/fp16/fp32 checkpoint quantized at load, per output channel).
 
-Supported, all with e4m3 weights and dynamic activation scales:
+Supported, all with e4m3 weights and dynamic activation scales, computed at run time per token (and 128-column
+group for block weights) also where a compressed-tensors checkpoint says per tensor: a finer scaling, as vLLM's
+(`_input_activations`):
 - `quant_method: fp8` with `weight_block_size: [128, 128]` (DeepSeek-V3, Qwen3-*-FP8): one float32
   `weight_scale_inv` per 128x128 block, dequantized = fp8 * scale_inv;
 - `quant_method: compressed-tensors`, `format: float-quantized` (llm-compressor FP8-Dynamic): a
@@ -143,10 +145,8 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
         raise _refuse(f"weights must be static 8-bit float; the group quantizes {_scheme(group) or 'no weights'}",
                       f"{key}.weights")
     acts = group.get("input_activations")
-    acts = None if acts is None else _object(acts, f"{key}.input_activations")
-    if acts is not None and (not acts.get("dynamic") or acts.get("strategy") not in ("token", "group")):
-        raise _refuse("input_activations must be dynamic per token (static input scales are not supported)",
-                      f"{key}.input_activations")
+    if acts is not None:
+        _input_activations(_object(acts, f"{key}.input_activations"), f"{key}.input_activations")
     _kv_cache_scheme(cfg.get("kv_cache_scheme"))
     ignore = _module_names(cfg, "ignore")
     strategy = weights.get("strategy")
@@ -162,6 +162,26 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
                       f"{key}.weights.strategy")
     return QuantConfig(scheme=strategy, source="checkpoint", scale_name="weight_scale", ignore=ignore,
                        description=f"fp8 per-{strategy} (compressed-tensors)")
+
+
+def _input_activations(acts: dict[str, object], key: str) -> None:
+    """A group's input_activations: dynamic (scales computed at run time), per token, per token and group, or per
+    tensor. vLLM takes any dynamic scheme (compressed-tensors' `_is_fp8_w8a8`) and quantizes a per-tensor one per
+    token all the same (CompressedTensorsW8A8Fp8: PER_TOKEN unless the input scheme is static); so does pdlaunch.
+    A token's scale is its own amax / 448 where the tensor's is the whole step's amax / 448: never coarser, so per
+    token is at least as accurate. Static input scales (calibrated `input_scale` tensors) are refused."""
+    if acts.get("num_bits", 8) != 8 or acts.get("type", "float") != "float":
+        raise _refuse(f"input_activations quantize to {acts.get('type', 'float')} {acts.get('num_bits', 8)}-bit; "
+                      "pdlaunch quantizes activations to 8-bit float (e4m3)", key)
+    if not acts.get("dynamic"):
+        raise _refuse(f"static input_activations (dynamic {acts.get('dynamic')!r}: calibrated input_scale "
+                      "tensors) are not supported: pdlaunch computes activation scales at run time",
+                      f"{key}.dynamic", "use an FP8-Dynamic checkpoint (input_activations dynamic: true), or the bf16 "
+                                        "original with --quantization fp8")
+    strategy = acts.get("strategy")
+    if strategy not in ("token", "group", "tensor"):
+        raise _refuse(f"input_activations strategy {strategy!r} is not supported (token, group or tensor)",
+                      f"{key}.strategy")
 
 
 def _kv_cache_scheme(scheme: object) -> None:
