@@ -25,7 +25,7 @@ from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import host_memory, memory, offload, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
-from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
+from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems, runs_fp8_kv_cache
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.config.strict_model import BLOCK_SIZES, MAX_GIB
@@ -248,7 +248,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     info, model_problems = model_info_for(out)
     problems += model_problems
     if info is not None:  # config.json parsed: now open what serve opens (tokenizer, weight headers)
-        problems += checkpoint_problems(out.model.path, out.model.quantization)
+        problems += checkpoint_problems(out.model.path, out.model.quantization, runs_fp8_kv_cache(out))
     problems += chat_template_problems(out.model.chat_template)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings

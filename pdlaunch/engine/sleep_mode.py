@@ -22,6 +22,7 @@ from pdlaunch import metrics
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, TensorSleepBackend, WakeResult
 from pdlaunch.model.loader import load_model
+from pdlaunch.model.quant.fp8 import FP8_DTYPE
 
 if TYPE_CHECKING:
     from pdlaunch.engine.outputs import RequestOutput
@@ -137,7 +138,8 @@ class EngineSleep:
         runner = self.engine.runner
         log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
         fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype, runner.tp_rank, runner.tp_size,
-                           runner.expert_parallel)  # this rank's shards (MoE: its experts or expert slices)
+                           runner.expert_parallel,  # this rank's shards (MoE: its experts or expert slices)
+                           fp8_kv_cache=runner.kv_dtype == FP8_DTYPE)
         try:
             _copy_weights(fresh, runner.model)  # a function of its own: no loop variable here keeps a tensor of it
         finally:

@@ -6,6 +6,7 @@ headers only, on the meta device) go through them.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ _KV_SCALE_NAMES = {"self_attn.k_proj.output_scale": "self_attn.k_scale",
                    "self_attn.k_proj.k_scale": "self_attn.k_scale", "self_attn.v_proj.v_scale": "self_attn.v_scale"}
 _KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale", *_KV_SCALE_NAMES)
 SCALE_SUFFIXES = _WEIGHT_SCALES + _KV_SCALES  # FP8 scales: small, their values checked (check-config reads them too)
+
+log = logging.getLogger(__name__)
 
 
 def _target(name: str) -> tuple[str, ShardId]:
@@ -69,13 +72,15 @@ def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = No
 
 
 def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
-                file: Path, filled: dict[tuple[str, ShardId], tuple[str, str]] | None = None) -> bool:
+                file: Path, filled: dict[tuple[str, ShardId], tuple[str, str]] | None = None,
+                fp8_kv_cache: bool = False) -> bool:
     """Copy one checkpoint tensor into its parameter through the parameter's weight_loader (which
     checks the unsharded shape). False when the tensor is deliberately not used. With meta parameters
     and a meta tensor only the name and shape are checked: what `check-config` does from headers.
     `filled` (parameter, shard) -> (tensor, file) of the tensors loaded so far: a second tensor for the same
     part (one expert under two names, Mixtral's and Qwen's, or one name in two shards) is an error, not a
-    silent overwrite."""
+    silent overwrite. `fp8_kv_cache`: the KV cache applies the k/v scales (--kv-cache-dtype fp8), so per-head ones
+    are refused; otherwise they are not used (`_per_head_kv_scale`)."""
     if name.endswith(_IGNORED_SUFFIXES):
         return False
     if name == "lm_head.weight" and arch.tie_word_embeddings:
@@ -92,6 +97,8 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
                             "not a float dtype", field="model.path",
                             hint="pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    if name.endswith(_KV_SCALES) and tensor.numel() > 1:
+        return _per_head_kv_scale(name, tensor, file, fp8_kv_cache)
     if name.endswith(SCALE_SUFFIXES):
         _check_scale(name, tensor, file)
     if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
@@ -126,6 +133,22 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name}: {exc}", field="model.path",
                             hint="the checkpoint does not match its config.json") from exc
     return True
+
+
+def _per_head_kv_scale(name: str, scale: torch.Tensor, file: Path, fp8_kv_cache: bool) -> bool:
+    """A k or v scale of more than one value (compressed-tensors' `attn_head` strategy: one per KV head): the FP8
+    KV cache applies one k and one v scale per layer, so it is refused there; a cache of the model dtype uses no
+    scale, so it is left unused (False), as the other tensors that serve no purpose here."""
+    shape = tuple(scale.shape)
+    if fp8_kv_cache:
+        raise PdlaunchError(f"tensor {name!r} in {file.name} holds {scale.numel()} values (shape {shape}): per-head "
+                            "k/v scales, which pdlaunch's FP8 KV cache (--kv-cache-dtype fp8) does not support: it "
+                            "applies one k and one v scale per layer", field="model.path",
+                            hint="use a checkpoint with per-tensor k/v scales (kv_cache_scheme strategy tensor), or "
+                                 "--kv-cache-dtype auto, which does not use k/v scales")
+    log.debug("%s in %s: per-head k/v scales %s left unused (--kv-cache-dtype auto applies none)", name, file.name,
+              shape)
+    return False
 
 
 def _check_scale(name: str, scale: torch.Tensor, file: Path) -> None:

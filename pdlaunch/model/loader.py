@@ -88,12 +88,13 @@ def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequ
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False,
-               fp8_experts_on_load: bool | None = None) -> CausalLM:
+               fp8_experts_on_load: bool | None = None, fp8_kv_cache: bool = False) -> CausalLM:
     """Build the model on the meta device and load the checkpoint's weights in place
     (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py). The MoE experts of an FP8
     checkpoint (or --quantization fp8) are held as 128x128-block fp8 where the device has FP8 support
     (`fp8_experts_on_load` forces it either way: tests), else in `dtype`, as are experts the checkpoint's ignore
-    list keeps unquantized."""
+    list keeps unquantized. `fp8_kv_cache`: the KV cache is fp8 and applies the k/v scales (per-head ones are
+    refused; without it they are left unused: checkpoint_tensors.load_tensor)."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
     model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
@@ -122,7 +123,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         with torch.no_grad():
             for raw_name, raw, file in _iter_tensors(files):
                 for name, tensor in experts.feed(raw_name, raw) if experts is not None else [(raw_name, raw)]:
-                    if load_tensor(params, ckpt.arch, name, tensor, file, filled):
+                    if load_tensor(params, ckpt.arch, name, tensor, file, filled, fp8_kv_cache):
                         seen.add(name)
                 if progress is not None:
                     progress.advance(task, raw.numel() * raw.element_size())

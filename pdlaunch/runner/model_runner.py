@@ -24,6 +24,7 @@ from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.blas import select_blas_library
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.loader import load_model
+from pdlaunch.model.quant.fp8 import FP8_DTYPE
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 from pdlaunch.runner.cuda_graphs import DecodeGraphs
 from pdlaunch.runner.graph_setup import GraphSetup, prompt_rows_setting
@@ -88,7 +89,8 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         select_blas_library(device)  # PDLAUNCH_BLAS, before any product (and before graphs are captured)
         try:
             with memory_pool_context(use_cumem, "weights"):
-                self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
+                self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel,
+                                        fp8_kv_cache=self.kv_dtype == FP8_DTYPE)
         except RuntimeError as exc:
             if not out_of_memory(exc):
                 raise

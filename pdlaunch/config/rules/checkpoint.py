@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.topology_config import group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 
 if TYPE_CHECKING:
@@ -41,9 +42,10 @@ def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem
     return problem(field, exc.message + where, exc.hint or "use a complete checkpoint that matches its config.json")
 
 
-def checkpoint_problems(model_path: str, quantization: str | None = None) -> list[Problem]:
+def checkpoint_problems(model_path: str, quantization: str | None = None, fp8_kv_cache: bool = False) -> list[Problem]:
     """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us).
-    FP8 checkpoints: the quantization_config is supported and every scale tensor has its weight's shape."""
+    FP8 checkpoints: the quantization_config is supported and every scale tensor has its weight's shape
+    (`fp8_kv_cache`: an instance runs --kv-cache-dtype fp8, which refuses per-head k/v scales)."""
     if model_path in ("demo", "tiny"):
         return []
     if model_path.lower().endswith(".gguf"):
@@ -66,7 +68,16 @@ def checkpoint_problems(model_path: str, quantization: str | None = None) -> lis
         return problems + [as_problem(exc)]
     if tokenizer is not None:
         problems += _tokenizer_problems(tokenizer, arch)
-    return problems + weight_problems(directory, arch, quant)
+    return problems + weight_problems(directory, arch, quant, fp8_kv_cache)
+
+
+def runs_fp8_kv_cache(cfg: DeploymentConfig) -> bool:
+    """Whether an instance of `cfg` runs an fp8 KV cache (a group's own kv_cache_dtype, else cache.kv_cache_dtype):
+    the checkpoint's k/v scales are then applied, and so checked as such."""
+    groups = [group for group in cfg.instances if group.count]
+    if not groups:
+        return cfg.cache.kv_cache_dtype == "fp8"
+    return any(group_kv_cache_dtype(cfg.cache, group) == "fp8" for group in groups)
 
 
 def _tokenizer_problems(tokenizer: Tokenizer, arch: ModelArch) -> list[Problem]:
@@ -125,8 +136,10 @@ def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:
     return headers, problems
 
 
-def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None = None) -> list[Problem]:
-    """Files readable, headers valid, every needed tensor present with the loader's shape and a float dtype."""
+def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None = None,
+                    fp8_kv_cache: bool = False) -> list[Problem]:
+    """Files readable, headers valid, every needed tensor present with the loader's shape and a float dtype
+    (`fp8_kv_cache`: as load_model's)."""
     import torch
 
     from pdlaunch.model import loader
@@ -154,7 +167,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
             scale = _scale_values(header, dtype)
             meta = scale if scale is not None else torch.empty(header.shape, dtype=dtype, device="meta")
             for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
-                if load_tensor(params, arch, name, tensor, header.file, filled):
+                if load_tensor(params, arch, name, tensor, header.file, filled, fp8_kv_cache):
                     seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))

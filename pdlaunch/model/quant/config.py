@@ -187,7 +187,8 @@ def _input_activations(acts: dict[str, object], key: str) -> None:
 def _kv_cache_scheme(scheme: object) -> None:
     """The scheme of the checkpoint's k/v scale tensors: --kv-cache-dtype fp8 divides by them as e4m3 scales, so
     those of another format (an int8 KV cache's amax / 127) are refused, as vLLM refuses them; per-head scales
-    are refused where they load (their shape)."""
+    are judged where they load, by their shape (model/checkpoint_tensors.py: refused under --kv-cache-dtype fp8,
+    left unused otherwise)."""
     if scheme is None:
         return
     found = _object(scheme, "kv_cache_scheme")

@@ -4,8 +4,8 @@ With fp8 the cache tensors are float8_e4m3fn: a key is stored as k / k_scale (cl
 read back as fp8 * k_scale, values likewise with v_scale. Scales come from the checkpoint's
 `self_attn.k_scale` / `self_attn.v_scale` tensors (llm-compressor and vLLM FP8-KV checkpoints; older
 compressed-tensors' `k_proj.output_scale` and ModelOpt's `k_proj.k_scale` names load as those,
-model/checkpoint_tensors.py), else 1.0. With auto the cache has the model dtype and checkpoint scales are
-loaded but not applied.
+model/checkpoint_tensors.py), else 1.0. Per-head scales (one per KV head) are refused with fp8. With auto the
+cache has the model dtype and checkpoint scales are loaded but not applied (per-head ones are not loaded at all).
 """
 
 from __future__ import annotations
