@@ -61,16 +61,21 @@ class CausalLM(nn.Module):
         self.arch = arch
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.kv_cache_groups: list[KVCacheGroup] = arch.kv_cache_groups()
+        self.unscaled_kv_layers: list[int] = []  # layers whose k/v scales the checkpoint lacks (finish_kv_scales)
         self.model = LlamaModel(arch, tp_rank, tp_size, expert_parallel)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def finish_kv_scales(self) -> None:
-        """Read every layer's loaded k/v scale into floats (after the checkpoint is loaded)."""
-        for layer in self.model.decoder_layers:
+    def finish_kv_scales(self, loaded: set[str]) -> None:
+        """Read every layer's k/v scale into floats (after the checkpoint is loaded; `loaded`: the names of the
+        parameters it filled), and note the layers it gave none (`unscaled_kv_layers`: their scales stay 1.0)."""
+        self.unscaled_kv_layers = []
+        for i, layer in enumerate(self.model.decoder_layers):
             attn = layer.self_attn
             attn.kv_scales = (float(attn.k_scale), float(attn.v_scale))
+            if not {f"model.layers.{i}.self_attn.k_scale", f"model.layers.{i}.self_attn.v_scale"} <= loaded:
+                self.unscaled_kv_layers.append(i)
 
     def kv_scales(self) -> list[tuple[float, float]]:
         """Per layer (k_scale, v_scale) that the FP8 KV cache applies."""

@@ -138,7 +138,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         raise missing
     with torch.no_grad():
         finish_loading(model, dtype)
-    model.finish_kv_scales()
+    model.finish_kv_scales({pname for pname, _ in filled})
     return model
 
 

@@ -25,7 +25,7 @@ from pdlaunch.model.blas import select_blas_library
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
-from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
+from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, warn_unscaled
 from pdlaunch.runner.cuda_graphs import DecodeGraphs
 from pdlaunch.runner.graph_setup import GraphSetup, prompt_rows_setting
 from pdlaunch.runner.kv_cache_tensors import KVCacheTensors
@@ -103,6 +103,8 @@ class ModelRunner(KVCacheTensors, GraphSetup):
             ) from None
         if after_load is not None:
             after_load()
+        if self.kv_dtype == FP8_DTYPE and tp_rank == 0:
+            warn_unscaled(self.model.unscaled_kv_layers, arch.num_layers)
         if arch.moe is not None and tp_rank == 0:
             log.info("MoE: %s over TP %d", "whole experts per rank (expert parallel)" if expert_parallel
                      else "every expert's width split", tp_size)

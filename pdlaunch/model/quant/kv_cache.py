@@ -4,13 +4,15 @@ With fp8 the cache tensors are float8_e4m3fn: a key is stored as k / k_scale (cl
 read back as fp8 * k_scale, values likewise with v_scale. Scales come from the checkpoint's
 `self_attn.k_scale` / `self_attn.v_scale` tensors (llm-compressor and vLLM FP8-KV checkpoints; older
 compressed-tensors' `k_proj.output_scale` and ModelOpt's `k_proj.k_scale` names load as those,
-model/checkpoint_tensors.py), else 1.0. Per-head scales (one per KV head) are refused with fp8. With auto the
-cache has the model dtype and checkpoint scales are loaded but not applied (per-head ones are not loaded at all).
+model/checkpoint_tensors.py), else 1.0, and the log warns once (`warn_unscaled`), as vLLM does. Per-head
+scales (one per KV head) are refused with fp8. With auto the cache has the model dtype and checkpoint scales are
+loaded but not applied (per-head ones are not loaded at all).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 DEFAULT_KV_SCALE = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -48,6 +52,20 @@ def kv_scale_parameter() -> nn.Parameter:
     param.weight_loader = _scale_loader  # type: ignore[attr-defined]
     param.default_value = DEFAULT_KV_SCALE  # type: ignore[attr-defined]
     return param
+
+
+def warn_unscaled(unscaled_layers: list[int], num_layers: int) -> None:
+    """Warn (once per instance: its TP rank 0 calls this) that an fp8 cache stores the k/v of `unscaled_layers`
+    with scales of 1.0, the checkpoint having none for them: e4m3 saturates at +-448 and loses precision below
+    2^-6, where a calibrated scale would have moved those keys and values into range."""
+    if not unscaled_layers:
+        return
+    which = "any layer" if len(unscaled_layers) == num_layers else \
+        f"{len(unscaled_layers)} of its {num_layers} layers (the first: layer {unscaled_layers[0]})"
+    log.warning("--kv-cache-dtype fp8: the checkpoint has no k/v scales (self_attn.k_scale / v_scale) for %s, so "
+                "those layers' keys and values are stored with scales of 1.0; that may lose accuracy for activations "
+                "outside fp8 e4m3's range (magnitudes above 448 saturate, those below 2^-6 lose precision). A "
+                "checkpoint with calibrated k/v scales (llm-compressor's kv_cache_scheme) avoids it", which)
 
 
 def store(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
