@@ -1,10 +1,10 @@
 """Per-request logits processing for a batch, before the sampler picks tokens.
 
 In vLLM's order: allowed_token_ids (everything else to -inf), bad_words, min_tokens (EOS and stop
-ids to -inf until min_tokens are out), logit_bias (added), then the penalties on the raw model
-scores: repetition (prompt and output tokens: positive logits divided, negative multiplied),
-frequency (minus penalty x count in the output) and presence (minus penalty once a token is in the
-output).
+ids to -inf until min_tokens are out, unless a complete grammar allows nothing but EOS), logit_bias
+(added), then the penalties on the raw model scores: repetition (prompt and output tokens: positive
+logits divided, negative multiplied), frequency (minus penalty x count in the output) and presence
+(minus penalty once a token is in the output).
 
 Batched: each kind of change is gathered over the rows into flat (row, token[, value]) index lists
 and applied with one scatter / index_put on the device; Python walks requests and their token
@@ -34,6 +34,10 @@ class RowState(Protocol):
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+
+    @property
+    def grammar_stopped(self) -> bool:
+        """Its structured output's grammar allows nothing but EOS now."""
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
@@ -129,8 +133,9 @@ class LogitsProcessors:
     def _banned_row(self, i: int, row: RowState) -> list[tuple[int, int]]:
         p = row.params
         out: list[tuple[int, int]] = []
-        if len(row.output_token_ids) < p.min_tokens:
-            # with ignore_eos too: vLLM holds EOS back until min_tokens whether or not it would stop the request
+        # With ignore_eos too: vLLM holds EOS back until min_tokens whether or not it would stop the request; but not
+        # once a grammar is complete: its EOS is all it allows (vLLM lets it through, and it ends the request)
+        if len(row.output_token_ids) < p.min_tokens and not row.grammar_stopped:
             stops = list(p.stop_token_ids) + self.eos_token_ids
             out.extend((i, t) for t in stops)
         for word in p.bad_words:

@@ -8,6 +8,11 @@ max_tokens or max_model_len finishes with "length". Before min_tokens tokens are
 request (the sampler also holds EOS and stop ids back until then), and, as in vLLM, a stop string must end
 in the text of a later token than those min_tokens.
 Text is decoded with the request's skip_special_tokens.
+
+Structured output, as vLLM's: a grammar's last token does not end the request; the grammar then allows nothing but
+EOS, the sampler takes that EOS (min_tokens does not hold it back: the grammar's end ends the output, before
+min_tokens too) and the EOS finishes it above, counted as an output token (usage, logprobs) and with
+stop_reason None. With ignore_eos the grammar is over once its EOS is out: what follows is unconstrained.
 """
 
 from __future__ import annotations
@@ -100,19 +105,17 @@ class OutputProcessor:
             return Appended("", "error", f"no token may follow the {len(request.output_token_ids)} output tokens: "
                             "the request's constraints (structured output, allowed_token_ids, bad_words, min_tokens "
                             "holding back EOS and stop_token_ids) exclude every token", 400)
+        # A complete grammar allowed nothing but EOS (the sampler let it through min_tokens): that EOS is an output
+        # token like any other and ends the request even before min_tokens, as vLLM's
+        complete = tracked.matcher is not None and tracked.matcher.is_stopped() and not tracked.matcher.is_error()
         request.append_output_token(token_id)
-        grammar_done = False
         if tracked.matcher is not None:
-            grammar_done = advance(tracked.matcher, token_id)
+            advance(tracked.matcher, token_id)  # a complete grammar takes its EOS; any other token is an error
             if tracked.matcher.is_error():
-                spec = params.structured_output
-                field = spec.field if spec is not None else "structured_outputs"
-                why = tracked.matcher.get_error().strip().splitlines()[0]  # the rest: the parser's state dump
-                return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400,
-                                field)
+                return self._grammar_error(request, tracked.matcher, token_id)
         new_text = ""
         reason = None
-        may_stop = len(request.output_token_ids) >= params.min_tokens
+        may_stop = complete or len(request.output_token_ids) >= params.min_tokens
         # vLLM's detokenizer: the text of the first min_tokens tokens is no stop string (one may start there and end
         # later), as those tokens cannot be EOS or a stop id either (the sampler holds them back)
         tracked.detokenizer.check_stop = len(request.output_token_ids) > params.min_tokens
@@ -127,14 +130,22 @@ class OutputProcessor:
             if tracked.detokenizer.stopped:
                 reason = "stop"
                 request.stop_reason = tracked.detokenizer.stop_str
-        if grammar_done and reason is None:
-            reason = "stop"  # the grammar is complete: nothing but EOS may follow
+        if complete and reason is None:
+            tracked.matcher = None  # ignore_eos: past its EOS the grammar is over, the output free (vLLM's terminated)
         if reason is None and (len(request.output_token_ids) >= params.max_tokens
                                or request.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             new_text += tracked.detokenizer.finish()
         return Appended(new_text, reason)
+
+    @staticmethod
+    def _grammar_error(request: Request, matcher: LLMatcher, token_id: int) -> Appended:
+        """The 400 of a request whose grammar failed at its latest output token."""
+        spec = request.params.structured_output
+        field = spec.field if spec is not None else "structured_outputs"
+        why = matcher.get_error().strip().splitlines()[0]  # the rest: the parser's state dump
+        return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400, field)
 
     def output(self, request_id: str, new_token_ids: list[int], new_text: str,
                new_logprobs: list[TokenLogprob] | None = None,

@@ -55,6 +55,11 @@ class SampleRow:
     output_token_ids: Sequence[int] = field(default_factory=list)  # penalties, min_tokens, bad_words
     matcher: LLMatcher | None = None  # llguidance matcher of a structured-output request (engine/structured_output.py)
 
+    @property
+    def grammar_stopped(self) -> bool:
+        """Its grammar allows nothing but EOS now: complete (or failed, which the EOS then reports)."""
+        return self.matcher is not None and self.matcher.is_stopped()
+
 
 @dataclass
 class SamplerOutput:

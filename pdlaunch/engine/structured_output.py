@@ -11,7 +11,8 @@ HTTP side (400 naming the request field). The engine makes one `LLMatcher` per r
 (`GrammarBackend.matcher`); each step the sampler fills the constrained rows of one int32 bitmask
 [N, ceil(V / 32)] and applies it to the logits (everything else of the batch passes: all bits
 set), and the output processor advances the matcher with the sampled token. When the grammar is
-complete only EOS stays allowed, so the request stops.
+complete only EOS stays allowed: the request samples it and stops there, the EOS counted as an output
+token (vLLM's; engine/output_processor.py).
 
 PD: the prefill leg samples its one token under the same grammar (the leg carries the request's
 structured-output fields). A decode that continues from that token (engine/first_token.py) takes
@@ -241,9 +242,9 @@ def grammar_backend(tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:
 
 
 def advance(matcher: LLMatcher, token_id: int) -> bool:
-    """Feed the sampled token; True when the grammar is finished (the request should stop)."""
-    if not matcher.is_stopped():
-        matcher.consume_token(token_id)
+    """Feed an output token; True when the grammar is complete (only its EOS may follow, which it takes) or failed
+    (`is_error`: the token broke it, or a token after a complete grammar was not EOS)."""
+    matcher.consume_token(token_id)
     return bool(matcher.is_stopped() or matcher.is_error())
 
 
