@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from pydantic import JsonValue
 
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
+from pdlaunch.engine.grammar_limits import is_limit_error
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.sampler import NO_TOKEN, SampleRow
@@ -141,11 +142,17 @@ class OutputProcessor:
 
     @staticmethod
     def _grammar_error(request: Request, matcher: LLMatcher, token_id: int) -> Appended:
-        """The 400 of a request whose grammar failed at its latest output token."""
+        """The 400 of a request whose grammar failed at its latest output token: past llguidance's limits (a pattern
+        or schema too large for it, which the up-front probe did not reach), or a token it does not allow."""
         spec = request.params.structured_output
         field = spec.field if spec is not None else "structured_outputs"
         why = matcher.get_error().strip().splitlines()[0]  # the rest: the parser's state dump
-        return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400, field)
+        if is_limit_error(why):
+            message = (f"{field}: the grammar is too large: it ran past llguidance's limits at output token "
+                       f"{len(request.output_token_ids)} ({why}); use a smaller pattern, schema or choice list")
+        else:
+            message = f"{field}: the grammar rejected output token {token_id} ({why})"
+        return Appended("", "error", message, 400, field)
 
     def output(self, request_id: str, new_token_ids: list[int], new_text: str,
                new_logprobs: list[TokenLogprob] | None = None,

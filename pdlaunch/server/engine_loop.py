@@ -3,8 +3,9 @@ thread: a request (its outputs come back on its RequestStream, request_stream.py
 (engine_call.py).
 
 A structured-output request's grammar matcher is built on a grammar thread (`submit`) and the request is queued
-once it is: its compile takes as long as the grammar is large (50,000 guided choices: ~1.5 s), and on the engine
-thread it held every running stream that long.
+once it is: its compile takes as long as the grammar is large (a JSON schema of 1,000 keys: ~30 ms over a 49k
+vocabulary; 50,000 guided choices took ~1.5 s before the check refused lists past llguidance's limits), and on the
+engine thread it held every running stream that long.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
   include_stop_str_in_output. The request stopped without it, one completion token short of vLLM's count.
 - min_tokens past a grammar that completes sooner (guided_choice, min_tokens 8) ends at the grammar's end with that
   EOS (vLLM lets a complete grammar's EOS through min_tokens); holding it back left no token to sample.
+- A grammar past llguidance's limits (`a{1000000}`, a pattern of a JSON schema, 2,500 guided choices) is a 400 naming
+  its field before anything runs, streamed or not: it passed the check and failed at its first output token with
+  "the grammar rejected output token 97". One that reaches a limit deeper in its output says it is too large.
 """
 
 from __future__ import annotations
@@ -113,3 +116,37 @@ def test_max_tokens_at_the_grammar_last_token_is_length(instance: tuple[str, int
     choice, _ = _answer(url, "/v1/completions", {"guided_choice": CHOICES, "return_token_ids": True})
     cut, _ = _answer(url, "/v1/completions", {"guided_choice": CHOICES, "max_tokens": len(choice["token_ids"]) - 1})
     assert cut["text"] == choice["text"] and cut["finish_reason"] == "length", (cut, choice)
+
+
+TOO_LARGE = "a{1000000}"
+PATTERN_SCHEMA = {"type": "string", "pattern": f"^{TOO_LARGE}$"}
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"guided_regex": TOO_LARGE}, "guided_regex"),
+    ({"structured_outputs": {"regex": TOO_LARGE}}, "structured_outputs.regex"),
+    ({"guided_json": PATTERN_SCHEMA}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": PATTERN_SCHEMA}}},
+     "response_format.json_schema.schema"),
+    ({"guided_choice": [f"choice {i}" for i in range(2500)]}, "guided_choice"),  # a parser row of 2,500 items
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_grammar_past_llguidance_limits_is_a_400_naming_its_field(instance: tuple[str, int, str],
+                                                                     fields: dict[str, Any], param: str,
+                                                                     stream: bool) -> None:
+    url, _, _ = instance
+    answer = _post(url, "/v1/completions", {**fields, "stream": stream})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and "too large" in error["message"], error
+    assert "rejected output token" not in error["message"], error
+
+
+def test_a_grammar_that_reaches_a_limit_deeper_says_it_is_too_large(instance: tuple[str, int, str]) -> None:
+    """Its first 100 characters are free: the up-front probe does not reach the repetition, the output does."""
+    url, _, _ = instance
+    answer = _post(url, "/v1/completions", {"guided_regex": ".{100}" + TOO_LARGE, "max_tokens": 200})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "guided_regex", error
+    assert "too large" in error["message"] and "at output token" in error["message"], error
