@@ -12,7 +12,8 @@ from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.server.request_fields import Endpoint
 from pdlaunch.server.text_offsets import TextOffsets
-from pdlaunch.server.tool_calls import ToolCalling, ToolStream
+from pdlaunch.server.tool_calls import ToolCalling
+from pdlaunch.server.tool_stream import ToolStream
 
 Detokenize = Callable[[int], str]
 # kv_transfer_params key of a decode's answer (and of its stream event with usage) whose remote prefill's KV was

@@ -14,7 +14,9 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
+from pdlaunch.server.tool_call_parsers import parse_auto
+from pdlaunch.server.tool_calls import tool_calling_of
+from pdlaunch.server.tool_stream import ToolStream
 from tests.serving.helpers import in_process_instance
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",

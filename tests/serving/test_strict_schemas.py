@@ -18,7 +18,9 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.structured_output import StructuredOutput, check, close_objects
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.structured_fields import structured_output_of
-from pdlaunch.server.tool_calls import ToolStream, partial_required_calls, tool_calling_of
+from pdlaunch.server.tool_call_parsers import partial_required_calls
+from pdlaunch.server.tool_calls import tool_calling_of
+from pdlaunch.server.tool_stream import ToolStream
 from tests.serving.helpers import in_process_instance
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

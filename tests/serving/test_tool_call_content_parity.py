@@ -11,7 +11,8 @@ import random
 import pytest
 
 from pdlaunch.http import JsonObject
-from pdlaunch.server.tool_calls import ToolCalling, ToolStream, tool_calling_of
+from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
+from pdlaunch.server.tool_stream import ToolStream
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
