@@ -23,11 +23,12 @@ from types import FrameType
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
 from pdlaunch.distributed.join_waits import RENDEZVOUS_SETTING
+from pdlaunch.distributed.link_socket import link_timed_out, peer_address
 from pdlaunch.distributed.message_stream import recv_as
 from pdlaunch.distributed.messages import Setup
 from pdlaunch.distributed.parallel_state import SealedStore, store_key
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
-from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
+from pdlaunch.distributed.remote_link import connect_to_rank0, open_store
 from pdlaunch.distributed.worker import serve_rank
 from pdlaunch.errors import ArgumentParser, EngineError, PdlaunchError, argument_type
 

@@ -15,9 +15,9 @@ import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from pdlaunch.distributed.link_socket import set_send_timeout
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import ConnectorCall, Message, RankFailed, Shutdown
-from pdlaunch.distributed.remote_link import set_send_timeout
 from pdlaunch.errors import exit_text as _exit_text
 
 log = logging.getLogger(__name__)

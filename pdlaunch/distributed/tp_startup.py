@@ -6,9 +6,9 @@ watching them meanwhile: a rank that dies on its way (an import, its device, its
 exits, with the reason it sent, how it ended and where its log is (RankEnded).
 
 A group spanning nodes (distributed/placement.py) spawns only this node's ranks; the others are started by
-their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py). Rank 0 waits
-parallel.rendezvous_timeout_seconds for them to connect, then as long for every rank to come to the join
-(join_waits.py); the error of either wait names the ranks that did not come and the setting.
+their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py, to rank_listener.py's
+listener). Rank 0 waits parallel.rendezvous_timeout_seconds for them to connect, then as long for every rank to
+come to the join (join_waits.py); the error of either wait names the ranks that did not come and the setting.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.join_waits import wait_for_joins
+from pdlaunch.distributed.link_socket import is_closed, set_send_timeout
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import RankFailed, Ready, Setup
 from pdlaunch.distributed.parallel_state import (
@@ -37,7 +38,7 @@ from pdlaunch.distributed.parallel_state import (
 )
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import RankState, build_rank
-from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_timeout
+from pdlaunch.distributed.rank_listener import RankListener
 from pdlaunch.distributed.tp_ranks import DEATH_REPORT_WAIT_S, TPRanks
 from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
-from pdlaunch.distributed.remote_link import is_closed
+from pdlaunch.distributed.link_socket import is_closed
 from pdlaunch.distributed.tp_ranks import TPRanks
 
 log = logging.getLogger(__name__)

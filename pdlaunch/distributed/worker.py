@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.link_socket import link_timed_out, peer_address
 from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
@@ -35,7 +36,6 @@ from pdlaunch.distributed.messages import (
 )
 from pdlaunch.distributed.parallel_state import SealedStore, destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
-from pdlaunch.distributed.remote_link import link_timed_out, peer_address
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector

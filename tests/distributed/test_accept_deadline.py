@@ -16,8 +16,9 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import pytest
 
-from pdlaunch.distributed import remote_link
-from pdlaunch.distributed.remote_link import RankListener, connect_to_rank0
+from pdlaunch.distributed import rank_listener
+from pdlaunch.distributed.rank_listener import RankListener
+from pdlaunch.distributed.remote_link import connect_to_rank0
 from pdlaunch.errors import EngineError
 from tests.distributed.test_audit_remote_link import store_naming
 
@@ -85,7 +86,7 @@ def test_a_peer_stalling_its_handshake_does_not_hold_accept_past_its_deadline(
 
 
 def test_a_stalling_peer_gets_hello_timeout_and_the_rank_behind_it_still_joins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(remote_link, "HELLO_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(rank_listener, "HELLO_TIMEOUT_S", 0.5)
     listener = RankListener("127.0.0.1", KEY)
     done, connected = threading.Event(), threading.Event()
     stalling = threading.Thread(target=peer, args=(listener.address, authenticated_then_half_a_hello, done,

@@ -12,9 +12,9 @@ from multiprocessing.connection import Connection
 
 import pytest
 
+from pdlaunch.distributed.link_socket import is_closed
 from pdlaunch.distributed.message_stream import send
 from pdlaunch.distributed.messages import GetFinished, RankFailed
-from pdlaunch.distributed.remote_link import is_closed
 from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.distributed.tp_ranks import TPRanks
 from pdlaunch.distributed.tp_watchdog import watch

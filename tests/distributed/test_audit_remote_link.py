@@ -16,8 +16,9 @@ from multiprocessing.connection import Connection
 import pytest
 from torch.distributed import TCPStore
 
-from pdlaunch.distributed import parallel_state, remote_link
-from pdlaunch.distributed.remote_link import RankListener, connect_to_rank0
+from pdlaunch.distributed import link_socket, parallel_state, remote_link
+from pdlaunch.distributed.rank_listener import RankListener
+from pdlaunch.distributed.remote_link import connect_to_rank0
 from pdlaunch.errors import EngineError
 
 KEY = b"test-link-key"
@@ -102,10 +103,10 @@ def test_both_ends_of_a_link_notice_a_vanished_node_within_a_minute() -> None:
         listener.close()
     for end in (rank0_end, rank_end):
         assert end["keepalive"] == 1, end
-        assert end["idle"] + end["interval"] * end["probes"] == remote_link.LINK_DEAD_AFTER_S < 60, end
+        assert end["idle"] + end["interval"] * end["probes"] == link_socket.LINK_DEAD_AFTER_S < 60, end
     # The rank's replies to a vanished rank 0 are never acknowledged (keepalive does not probe then); rank 0
     # bounds its own sends (SEND_TIMEOUT_S) and leaves a busy rank's full receive window alone.
-    assert rank_end["user_timeout_ms"] == remote_link.LINK_DEAD_AFTER_S * 1000, rank_end
+    assert rank_end["user_timeout_ms"] == link_socket.LINK_DEAD_AFTER_S * 1000, rank_end
     assert rank0_end["user_timeout_ms"] == 0, rank0_end
 
 

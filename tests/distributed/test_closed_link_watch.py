@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pdlaunch.distributed import tp_watchdog
-from pdlaunch.distributed.remote_link import is_closed, peer_address
+from pdlaunch.distributed.link_socket import is_closed, peer_address
 from tests.distributed.test_rank_stream import rank0_side
 
 GUARD_S = 20.0  # only bounds a broken test

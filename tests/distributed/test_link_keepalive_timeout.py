@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from pdlaunch.distributed import worker
+from pdlaunch.distributed.link_socket import LINK_DEAD_AFTER_S
 from pdlaunch.distributed.messages import Ready
-from pdlaunch.distributed.remote_link import LINK_DEAD_AFTER_S
 from pdlaunch.distributed.worker import serve_rank
 
 

@@ -35,7 +35,7 @@ from pdlaunch.distributed.messages import (
     Shutdown,
     StartLoad,
 )
-from pdlaunch.distributed.remote_link import RankListener
+from pdlaunch.distributed.rank_listener import RankListener
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.distributed.tp_startup import wait_ready
 from pdlaunch.distributed.worker import _serve

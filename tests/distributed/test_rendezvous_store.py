@@ -27,7 +27,7 @@ from pdlaunch.distributed.parallel_state import (
     store_key,
 )
 from pdlaunch.distributed.placement import interface_addresses
-from pdlaunch.distributed.remote_link import LISTENER_KEY
+from pdlaunch.distributed.rank_listener import LISTENER_KEY
 from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine

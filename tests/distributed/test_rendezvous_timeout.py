@@ -31,7 +31,7 @@ from pdlaunch.distributed.parallel_state import (
     store_key,
 )
 from pdlaunch.distributed.placement import PLACEMENT_ENV, RankPlacement, link_authkey
-from pdlaunch.distributed.remote_link import RankListener
+from pdlaunch.distributed.rank_listener import RankListener
 from pdlaunch.distributed.tp_startup import start_group
 from pdlaunch.errors import EngineError
 
