@@ -24,7 +24,7 @@ from pdlaunch.kv_transfer.params import wants_remote_prefill
 from pdlaunch.kvcache.block_manager import PrefixHit
 
 if TYPE_CHECKING:
-    from pdlaunch.offload.manager import CPUHit
+    from pdlaunch.offload.loads import CPUHit
 
 log = logging.getLogger("pdlaunch.engine.scheduler")  # the scheduler's one logger name, across its files
 

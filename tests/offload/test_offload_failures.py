@@ -133,7 +133,7 @@ def _load_then_two_stores(bm: BlockManager, manager: OffloadManager) -> tuple[li
         _evict(bm, prompt)
         manager.flush_stores()
     manager.transfer.wait_all()
-    assert len(manager._jobs) == 3  # the load, then two stores
+    assert len(manager.jobs.in_flight) == 3  # the load, then two stores
     return loaded, failed_store, stored
 
 
@@ -158,11 +158,11 @@ def test_a_failed_load_drops_its_blocks_and_names_its_request(setup: tuple[Block
     accounted, a failed store among them drops its own blocks."""
     bm, manager = setup
     loaded, failed_store, stored = _load_then_two_stores(bm, manager)
-    _fail(manager, monkeypatch, list(manager._jobs)[:2], "RuntimeError: injected", device_fault=False)
+    _fail(manager, monkeypatch, list(manager.jobs.in_flight)[:2], "RuntimeError: injected", device_fault=False)
     manager.poll()
     assert manager.take_failed_loads() == [("c", "RuntimeError: injected")]
     assert manager.take_failed_loads() == []
-    assert manager.idle and not manager._storing
+    assert manager.idle and not manager.jobs.storing
     assert manager.stored_blocks == 1 and manager.loaded_blocks == 0
     assert _cpu_hit_misses(bm, manager, loaded)
     assert _cpu_hit_misses(bm, manager, failed_store) and not _cpu_hit_misses(bm, manager, stored)
@@ -175,11 +175,11 @@ def test_a_load_that_failed_on_the_device_is_fatal_once_every_job_is_accounted(
     the results behind it were handled (they stayed unaccounted and `idle` never came back)."""
     bm, manager = setup
     _, failed_store, stored = _load_then_two_stores(bm, manager)
-    _fail(manager, monkeypatch, list(manager._jobs)[:2], "AcceleratorError: CUDA error: an illegal memory access",
-          device_fault=True)
+    _fail(manager, monkeypatch, list(manager.jobs.in_flight)[:2],
+          "AcceleratorError: CUDA error: an illegal memory access", device_fault=True)
     with pytest.raises(EngineError, match="CPU tier failed on the device: AcceleratorError: CUDA error"):
         manager.poll()
-    assert manager.idle and not manager._storing
+    assert manager.idle and not manager.jobs.storing
     assert manager.stored_blocks == 1 and manager.loaded_blocks == 0
     assert _cpu_hit_misses(bm, manager, failed_store) and not _cpu_hit_misses(bm, manager, stored)
     _check(bm, manager)
