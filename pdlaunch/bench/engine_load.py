@@ -1,18 +1,19 @@
 """What the engines did during one rate of `bench compare`: utilisation, prefill throughput, decode step times.
 
-Read from every instance's `pdlaunch_engine_step{s,_seconds,_tokens}_total{kind}` counters (metrics.py) before
-and after the rate. Utilisation is the share of wall time the engine spent in steps: for PD, prefill = the
-prefill instances' steps, decode = the decode instances'; for colocated instances, prefill = their steps with
-prompt tokens (decodes ride along in them), decode = their decode-only steps. With the proxy's URL also its
-`pdlaunch_proxy_disaggregation_decisions_total{decision}` counter (proxy.disaggregate_min_tokens): how many
-requests of the rate ran PD and how many on a decode alone. Also summed over the instances: the KV bytes that
-arrived over transfers (`pdlaunch_kv_transfer_bytes_total`, counted where the KV lands) and the prompt tokens
-computed (`pdlaunch_prompt_tokens_computed_total`); over the instances that stream (decode, colocated): the gaps
-of LONG_GAP_S or more between the tokens they streamed (`pdlaunch_inter_token_latency_seconds`, timed where the
-engine hands tokens out) and the slow decode steps among them (`pdlaunch_engine_slow_decode_steps_total`,
-engine/step_clock.py). Set beside the same count from the client's per-request lists (goodput.RatePoint), it
-says where a stall every stream saw came from: the engines (a prompt computed beside the decodes, a slow step)
-or what lies between them and the client (the proxy, the client, the host).
+Read from every instance's `pdlaunch_engine_step{s,_seconds,_tokens}_total{kind}` counters
+(metrics/engine_steps.py) before and after the rate. Utilisation is the share of wall time the engine spent in
+steps: for PD, prefill = the prefill instances' steps, decode = the decode instances'; for colocated instances,
+prefill = their steps with prompt tokens (decodes ride along in them), decode = their decode-only steps. With the
+proxy's URL also its `pdlaunch_proxy_disaggregation_decisions_total{decision}` counter
+(proxy.disaggregate_min_tokens): how many requests of the rate ran PD and how many on a decode alone. Also summed
+over the instances: the KV bytes that arrived over transfers (`pdlaunch_kv_transfer_bytes_total`, counted where
+the KV lands) and the prompt tokens computed (`pdlaunch_prompt_tokens_computed_total`); over the instances that
+stream (decode, colocated): the gaps of LONG_GAP_S or more between the tokens they streamed
+(`pdlaunch_inter_token_latency_seconds`, timed where the engine hands tokens out) and the slow decode steps among
+them (`pdlaunch_engine_slow_decode_steps_total`, engine/step_clock.py). Set beside the same count from the
+client's per-request lists (goodput.RatePoint), it says where a stall every stream saw came from: the engines (a
+prompt computed beside the decodes, a slow step) or what lies between them and the client (the proxy, the client,
+the host).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.metrics import STEP_KINDS
+from pdlaunch.metrics.engine_steps import STEP_KINDS
 
 SCRAPE_TIMEOUT_S = 10.0
 KV_BYTES = "pdlaunch_kv_transfer_bytes_total"  # counted where the KV lands
 PROMPT_TOKENS_COMPUTED = "pdlaunch_prompt_tokens_computed_total"
 SLOW_DECODE_STEPS = "pdlaunch_engine_slow_decode_steps_total"
 ITL_FAMILY = "pdlaunch_inter_token_latency_seconds"
-LONG_GAP_S = 0.05  # a histogram bucket bound of ITL_FAMILY (metrics.py): 50 ms, five decode steps of an 8B model
+# a histogram bucket bound of ITL_FAMILY (metrics/instance.py): 50 ms, five decode steps of an 8B model
+LONG_GAP_S = 0.05
 _T = TypeVar("_T")
 _FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
              "pdlaunch_engine_step_tokens": "tokens"}

@@ -10,7 +10,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pdlaunch import metrics
 from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_draws, skip_prefill_draw
 from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
@@ -26,6 +25,7 @@ from pdlaunch.kv_transfer.params import (
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push
 from pdlaunch.kv_transfer.push_params import client_request_id as client_request_id_of
+from pdlaunch.metrics.kv_transfer import KV_LOAD_RECOMPUTES
 
 if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
     import torch
@@ -82,7 +82,7 @@ class EngineRequests:
                 raise
             log.warning("kv_transfer_params %s; computing the prompt here (kv_transfer.load_failure_policy: "
                         "recompute)", exc.message)
-            metrics.KV_LOAD_RECOMPUTES.inc()
+            KV_LOAD_RECOMPUTES.inc()
             return None
 
     def grammar_matcher(self, spec: StructuredOutput) -> LLMatcher:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
 from pdlaunch.engine.first_token import with_first_token
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
@@ -23,6 +22,7 @@ from pdlaunch.engine.stats import update_metrics
 from pdlaunch.engine.step_builder import build_step_inputs
 from pdlaunch.kv_transfer.params import JSONObject, PrefillAnswer, answer_json, sign_kv_transfer_params
 from pdlaunch.memory.platform import to_device_async
+from pdlaunch.metrics.vllm_series import ITERATION_TOKENS, vllm
 
 if TYPE_CHECKING:
     from pdlaunch.config.deployment_config import DeploymentConfig
@@ -73,7 +73,7 @@ class EngineStep:
                 outputs.append(self.outputs.output(request.request_id, [], ""))
         logits = None
         if sched.scheduled:
-            metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
+            vllm(ITERATION_TOKENS).observe(sched.num_batched_tokens)
             mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
             argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them

@@ -16,7 +16,6 @@ import logging
 
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
@@ -41,6 +40,8 @@ from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult
+from pdlaunch.metrics.instance import KV_BLOCKS_TOTAL, MODEL_DTYPES
+from pdlaunch.metrics.vllm_series import engine_info
 from pdlaunch.model.checkpoint import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
 
@@ -110,13 +111,13 @@ class LLMEngine(EngineRequests, EngineStep):
         self._admitted: list[tuple[Request, RequestOutput]] = []
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
-        metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
         # /info and pdlaunch_model_dtypes_info: e.g. "fp8 block 128x128 (checkpoint)" and "float8_e4m3fn".
         self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype, self.device)
         self.kv_cache_dtype = str(self.runner.kv_dtype).removeprefix("torch.")
-        metrics.MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
+        MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
         cache = instance_cache(config, instance)
-        metrics.engine_info(self.max_model_len, {
+        engine_info(self.max_model_len, {
             "block_size": self.block_size, "cache_dtype": cache.kv_cache_dtype,
             "enable_prefix_caching": cache.enable_prefix_caching,
             "gpu_memory_utilization": cache.gpu_memory_utilization, "num_gpu_blocks": self.block_manager.num_blocks,

@@ -20,10 +20,11 @@ connector reports, in engine/scheduler_state.py.
 
 from __future__ import annotations
 
-from pdlaunch import metrics
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.scheduler_admission import SchedulerAdmission
 from pdlaunch.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from pdlaunch.metrics.instance import PREEMPTED_TOKENS_RECOMPUTED
+from pdlaunch.metrics.vllm_series import NUM_PREEMPTIONS, vllm
 
 
 class Scheduler(SchedulerAdmission):
@@ -78,14 +79,14 @@ class Scheduler(SchedulerAdmission):
         self._requeue(request)
         self.num_preemptions += 1
         request.num_preemptions += 1
-        metrics.vllm(metrics.NUM_PREEMPTIONS).inc()
+        vllm(NUM_PREEMPTIONS).inc()
 
     def after_step(self, out: SchedulerOutput) -> None:
         """The step's KV is written: advance progress and register newly full blocks."""
         for s in out.scheduled:
             request = s.request
             if s.start < request.num_preempted_tokens:  # what a preemption freed, computed again
-                metrics.PREEMPTED_TOKENS_RECOMPUTED.inc(min(s.end, request.num_preempted_tokens) - s.start)
+                PREEMPTED_TOKENS_RECOMPUTED.inc(min(s.end, request.num_preempted_tokens) - s.start)
             request.num_computed_tokens = s.end
             # only positions whose token the host knows (async scheduling: the sampled one may be pending)
             self.block_manager.cache_blocks(request.request_id, request.all_token_ids,

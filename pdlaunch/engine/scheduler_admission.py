@@ -15,13 +15,22 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pdlaunch import metrics
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from pdlaunch.engine.scheduler_state import SchedulerState, describe
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.params import wants_remote_prefill
 from pdlaunch.kvcache.block_manager import PrefixHit
+from pdlaunch.metrics.instance import PROMPT_TOKENS_COMPUTED
+from pdlaunch.metrics.kv_transfer import DECODE_PREFIX_HIT_TOKENS
+from pdlaunch.metrics.vllm_series import (
+    EXTERNAL_PREFIX_CACHE_HITS,
+    EXTERNAL_PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_QUERIES,
+    REQUEST_QUEUE_TIME,
+    vllm,
+)
 
 if TYPE_CHECKING:
     from pdlaunch.offload.loads import CPUHit
@@ -35,7 +44,7 @@ class SchedulerAdmission(SchedulerState):
         queued = self._queued_at.pop(request_id, None)
         if queued is not None:
             now = time.monotonic()
-            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(now - queued)
+            vllm(REQUEST_QUEUE_TIME).observe(now - queued)
             self.requests[request_id].scheduled_at = now
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, prompt_budget: int) -> None:
@@ -126,10 +135,10 @@ class SchedulerAdmission(SchedulerState):
             return True
         request.connector_consulted = True
         self._note_cached(request, k + ext, local=k, from_cpu=k - hit.num_tokens)
-        metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
-        metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
+        vllm(EXTERNAL_PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
+        vllm(EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
         if remote:
-            metrics.DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
+            DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
             if self.offload is not None:  # the blocks just allocated may be evicted ones still to store
                 self.offload.before_external_write()
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
@@ -194,9 +203,9 @@ class SchedulerAdmission(SchedulerState):
             request.num_external_tokens = num_cached - request.num_cached_tokens
             request.num_cached_tokens_set = True
             self.prompt_tokens_cached += request.num_cached_tokens - from_cpu
-            metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
-            metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(request.num_cached_tokens - from_cpu)
-            metrics.PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
+            vllm(PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
+            vllm(PREFIX_CACHE_HITS).inc(request.num_cached_tokens - from_cpu)
+            PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
             if from_cpu:
                 self._cpu_hits.append((request, from_cpu))
 
@@ -208,5 +217,5 @@ class SchedulerAdmission(SchedulerState):
                 request.num_cached_tokens -= tokens
             else:
                 self.prompt_tokens_cached += tokens
-                metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(tokens)
+                vllm(PREFIX_CACHE_HITS).inc(tokens)
         self._cpu_hits.clear()

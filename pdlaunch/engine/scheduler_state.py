@@ -15,12 +15,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pdlaunch import metrics
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.params import PrefillAnswer
 from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.metrics.kv_transfer import KV_LOAD_RECOMPUTES
 
 if TYPE_CHECKING:
     from pdlaunch.offload.manager import OffloadManager
@@ -172,7 +172,7 @@ class SchedulerState:
         del self.waiting_for_kv[rid]
         request.prompt_recomputed = True
         self.num_recomputed_loads += 1
-        metrics.KV_LOAD_RECOMPUTES.inc()
+        KV_LOAD_RECOMPUTES.inc()
         log.warning("request %s: KV could not be loaded (%s); computing its prompt here "
                     "(kv_transfer.load_failure_policy: recompute)", rid, message)
         if busy and self.block_manager.has_blocks(rid):

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, TensorSleepBackend, WakeResult
+from pdlaunch.metrics.vllm_series import set_sleep_state
 from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
 
@@ -76,7 +76,7 @@ class EngineSleep:
         try:
             result = self.controller.sleep(level)
         finally:  # a sleep that failed may have left the memory asleep (MemorySleep._undo_sleep)
-            metrics.set_sleep_state(self.controller.level)
+            set_sleep_state(self.controller.level)
         if self.engine.runner.device.type == "cuda":
             # What stays on the device while asleep: the CUDA context, the CUDA graphs' pool, NIXL/UCX.
             free, total = torch.cuda.mem_get_info(self.engine.runner.device)
@@ -89,7 +89,7 @@ class EngineSleep:
         try:
             return self.controller.wake_up(tags)
         finally:  # a wake-up that failed may have woken some of the memory
-            metrics.set_sleep_state(self.controller.level)
+            set_sleep_state(self.controller.level)
 
     def is_sleeping(self) -> bool:
         return self.controller.is_sleeping()

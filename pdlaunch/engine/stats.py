@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from pdlaunch import metrics
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.metrics.instance import KV_BLOCKS_USED, REQUESTS_RUNNING, REQUESTS_WAITING
+from pdlaunch.metrics.vllm_series import KV_CACHE_USAGE, NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, vllm
 from pdlaunch.offload.manager import OffloadManager
 
 
@@ -52,9 +53,9 @@ def update_metrics(s: Scheduler, block_manager: BlockManager) -> None:
     """The queue and KV-usage gauges, ours and vLLM's (after every step)."""
     used = block_manager.num_used_blocks()
     waiting = len(s.waiting) + len(s.waiting_for_kv) + len(s.recomputing)  # KV waits count as waiting
-    metrics.KV_BLOCKS_USED.set(used)
-    metrics.REQUESTS_RUNNING.set(len(s.running))
-    metrics.REQUESTS_WAITING.set(waiting)
-    metrics.vllm(metrics.NUM_REQUESTS_RUNNING).set(len(s.running))
-    metrics.vllm(metrics.NUM_REQUESTS_WAITING).set(waiting)
-    metrics.vllm(metrics.KV_CACHE_USAGE).set(used / max(1, block_manager.num_blocks))
+    KV_BLOCKS_USED.set(used)
+    REQUESTS_RUNNING.set(len(s.running))
+    REQUESTS_WAITING.set(waiting)
+    vllm(NUM_REQUESTS_RUNNING).set(len(s.running))
+    vllm(NUM_REQUESTS_WAITING).set(waiting)
+    vllm(KV_CACHE_USAGE).set(used / max(1, block_manager.num_blocks))

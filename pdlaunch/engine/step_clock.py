@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pdlaunch import metrics
+from pdlaunch.metrics.engine_steps import count_slow_decode_step, observe_step
 
 Observe = Callable[[int, int, float], None]  # (requests, tokens, seconds)
 
@@ -68,7 +68,7 @@ class StepClock:
     """Times steps and reports each to `observe`, in launch order: with device events from `event` (None: the
     host's clock)."""
 
-    def __init__(self, event: Callable[[], DeviceEvent] | None, observe: Observe = metrics.observe_step) -> None:
+    def __init__(self, event: Callable[[], DeviceEvent] | None, observe: Observe = observe_step) -> None:
         self._event = event
         self._observe = observe
         self._open: deque[tuple[StepMark, DeviceEvent, DeviceEvent]] = deque()  # ended on the host, not yet seen
@@ -110,7 +110,7 @@ class StepClock:
 class SlowDecodeSteps:
     """Counts and logs slow decode steps (the module doc); `now` is the clock the log's rate limit reads."""
 
-    def __init__(self, count: Callable[[], None] = metrics.count_slow_decode_step,
+    def __init__(self, count: Callable[[], None] = count_slow_decode_step,
                  now: Callable[[], float] = time.monotonic) -> None:
         self._count, self._now = count, now
         self.mean_s: float | None = None  # recent decode steps' mean
@@ -144,7 +144,7 @@ def step_clock(device: torch.device) -> StepClock:
     slow = SlowDecodeSteps()
 
     def observe(requests: int, tokens: int, seconds: float) -> None:
-        metrics.observe_step(requests, tokens, seconds)
+        observe_step(requests, tokens, seconds)
         slow.observe(requests, tokens, seconds)
 
     return StepClock(cuda_timing_event if device.type == "cuda" else None, observe)

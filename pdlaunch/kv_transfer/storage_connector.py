@@ -37,7 +37,7 @@ from pdlaunch.kv_transfer.blocks import needed_block_indices
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import compat_fields, compat_hash
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode, wants_remote_prefill
-from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES
+from pdlaunch.metrics.kv_transfer import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
+from pdlaunch.metrics.engine_steps import count_step_path
 from pdlaunch.model.blas import select_blas_library
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.loader import load_model
@@ -142,7 +142,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         self.argmax = None
         batch = self.graphs.batch_size_for(inputs) if self.graphs is not None and not inputs.prompt_rows else None
         if self.graphs is not None and batch is not None:
-            metrics.count_step_path("rows" if any(q != 1 for q in inputs.query_lens) else "decode")
+            count_step_path("rows" if any(q != 1 for q in inputs.query_lens) else "decode")
             logits, argmax = self.graphs.run(inputs, batch, self._graph_forward)
             if inputs.sample_rows == list(range(logits.shape[0])):
                 self.argmax = argmax
@@ -155,10 +155,10 @@ class ModelRunner(KVCacheTensors, GraphSetup):
                              self.device)
         size = self.mixed.size_for(inputs) if self.mixed is not None and self.kv_caches else None
         if self.mixed is not None and size is not None:
-            metrics.count_step_path("piecewise")
+            count_step_path("piecewise")
             hidden = self.mixed.run(inputs, size, attn)
         else:
-            metrics.count_step_path("eager")
+            count_step_path("eager")
             ids = to_device_async(inputs.input_ids, self.device)
             positions = to_device_async(inputs.positions, self.device)
             inputs.fill_pending(ids)

@@ -13,11 +13,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pdlaunch import metrics
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.limits import BodyLimit
+from pdlaunch.metrics.vllm_series import set_model_name
 from pdlaunch.server import completions, internal, kv_events, sleep, status, tokenize
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.instance import Instance
@@ -43,7 +43,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
     instance = Instance(engine_loop, config, spec)
     app.state.instance = instance
-    metrics.set_model_name(instance.model_name)
+    set_model_name(instance.model_name)
     for module in ROUTE_MODULES:
         for method, path, handler in module.ROUTES:
             # HEAD wherever GET, as the proxy: a load balancer's probe of /health is no 405 (RFC 9110 9.3.2)

@@ -10,8 +10,8 @@ request_success{finished_reason="abort"} series exists but stays 0 (vLLM 0.11-0.
 
 from __future__ import annotations
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.metrics.vllm_series import ENDED_REASONS, GENERATION_TOKENS, REQUEST_SUCCESS, vllm
 from pdlaunch.server.request_metrics import EngineTokens
 
 
@@ -55,11 +55,11 @@ class EngineCounts:
         del self.running[out.request_id]
         if out.finish_reason == "abort":
             self.count_abort()
-        elif out.finish_reason in metrics.ENDED_REASONS:
-            metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
+        elif out.finish_reason in ENDED_REASONS:
+            vllm(REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
         return generated
 
 
 def add_generated(count: int) -> None:
     if count:
-        metrics.vllm(metrics.GENERATION_TOKENS).inc(count)
+        vllm(GENERATION_TOKENS).inc(count)

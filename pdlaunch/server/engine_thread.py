@@ -22,12 +22,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.kv_transfer.params import KVTransferParams
+from pdlaunch.metrics.instance import INTER_TOKEN_LATENCY, KV_BLOCKS_TOTAL, TIME_TO_FIRST_TOKEN
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
 from pdlaunch.server.recent_itl import RecentItl
@@ -233,11 +233,11 @@ class EngineThread:
                 continue  # aborted: the client is gone
             if out.new_token_ids:
                 if stream.last_token_time is None:
-                    metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
+                    TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
                 else:
                     elapsed, count = now - stream.last_token_time, len(out.new_token_ids)
                     for _ in out.new_token_ids:
-                        metrics.INTER_TOKEN_LATENCY.observe(elapsed / count)
+                        INTER_TOKEN_LATENCY.observe(elapsed / count)
                     gap_seconds += elapsed
                     gap_tokens += count
                 stream.last_token_time = now
@@ -269,7 +269,7 @@ class EngineThread:
         """/info's stats and connector description. The running, waiting and KV-usage gauges are the engine's own, set
         as each step ends (engine/stats.update_metrics), not set again here from these stats."""
         stats = self.stats = engine.stats()
-        metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
         now = time.monotonic()
         if now - self._connector_info_at >= CONNECTOR_INFO_REFRESH_S:
             self._connector_info_at = now

@@ -1,4 +1,4 @@
-"""vLLM's per-request series of an instance (pdlaunch/metrics.py): what the engine computed, counted where the engine
+"""vLLM's per-request series of an instance (metrics/vllm_series.py): what the engine computed, counted where the engine
 produces its outputs (EngineTokens, on the engine thread), and what the client saw (RequestMetrics, as the HTTP
 handler reads those outputs).
 
@@ -47,8 +47,23 @@ import logging
 import os
 import time
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.metrics.vllm_series import (
+    E2E_REQUEST_LATENCY,
+    ENDED_REASONS,
+    INTER_TOKEN_LATENCY_VLLM,
+    PROMPT_TOKENS,
+    REQUEST_DECODE_TIME,
+    REQUEST_INFERENCE_TIME,
+    REQUEST_NUM_PREEMPTIONS,
+    REQUEST_PARAMS_N,
+    REQUEST_PREFILL_TIME,
+    REQUEST_TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN_VLLM,
+    count_prompt_sources,
+    token_histograms,
+    vllm,
+)
 
 log = logging.getLogger("pdlaunch.server.requests")
 if os.environ.get("PDLAUNCH_LOG_LEVEL", "").lower() == "debug":  # as the proxy's --log-level default
@@ -71,8 +86,8 @@ class EngineTokens:
             # vLLM adds a prompt with its request's first output, a token or not (an error ending it): an abort is
             # its client's (or the server's), whose request vLLM drops before any output of it counts
             self._prompt_pending = False
-            metrics.vllm(metrics.PROMPT_TOKENS).inc(out.num_prompt_tokens)
-            metrics.count_prompt_sources(out.num_prompt_tokens, out.num_cached_tokens, out.num_external_tokens)
+            vllm(PROMPT_TOKENS).inc(out.num_prompt_tokens)
+            count_prompt_sources(out.num_prompt_tokens, out.num_cached_tokens, out.num_external_tokens)
         return count
 
 
@@ -90,10 +105,10 @@ class SampleGroup:
         self._open -= 1
         if self._open:
             return
-        metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
-        tokens = metrics.token_histograms()
+        vllm(REQUEST_PARAMS_N).observe(self.n)
+        tokens = token_histograms()
         if tokens is not None:
-            metrics.vllm(tokens.max_num_generation).observe(self._max_generated)
+            vllm(tokens.max_num_generation).observe(self._max_generated)
 
 
 class RequestMetrics:
@@ -126,12 +141,12 @@ class RequestMetrics:
         if count:
             if self._last_token is None:
                 self._first_token = now
-                metrics.vllm(metrics.TIME_TO_FIRST_TOKEN_VLLM).observe(now - self.arrival)
+                vllm(TIME_TO_FIRST_TOKEN_VLLM).observe(now - self.arrival)
                 if self._scheduled is not None:  # PREFILL phase: first admission to first token
-                    metrics.vllm(metrics.REQUEST_PREFILL_TIME).observe(max(0.0, now - self._scheduled))
+                    vllm(REQUEST_PREFILL_TIME).observe(max(0.0, now - self._scheduled))
             else:
                 for _ in range(count):
-                    metrics.vllm(metrics.INTER_TOKEN_LATENCY_VLLM).observe((now - self._last_token) / count)
+                    vllm(INTER_TOKEN_LATENCY_VLLM).observe((now - self._last_token) / count)
             self._last_token = now
             self._num_generated += count
         if out.finished and not self._ended:
@@ -142,24 +157,24 @@ class RequestMetrics:
         # One line per request at DEBUG (the proxy logs the same X-Request-Id with the instances it used).
         log.debug("request %s %s: %s, %d prompt + %d generated tokens, %.3fs", self.request_id, self.endpoint,
                   reason, self._num_prompt, self._num_generated, now - self.arrival)
-        if reason not in metrics.ENDED_REASONS:  # vLLM records these for every request its engine finished, errors
+        if reason not in ENDED_REASONS:  # vLLM records these for every request its engine finished, errors
             return  # included; a frontend abort, never
-        metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
+        vllm(E2E_REQUEST_LATENCY).observe(now - self.arrival)
         self.group.ended(self._num_generated)
-        tokens = metrics.token_histograms()
-        if tokens is not None:  # made with the engine (metrics.engine_info)
-            metrics.vllm(tokens.prompt).observe(self._num_prompt)  # as vLLM: per finished request
-            metrics.vllm(tokens.generation).observe(self._num_generated)
-            metrics.vllm(tokens.prefill_kv_computed).observe(max(0, self._num_prompt - self._num_kv_reused))
+        tokens = token_histograms()
+        if tokens is not None:  # made with the engine (vllm_series.engine_info)
+            vllm(tokens.prompt).observe(self._num_prompt)  # as vLLM: per finished request
+            vllm(tokens.generation).observe(self._num_generated)
+            vllm(tokens.prefill_kv_computed).observe(max(0, self._num_prompt - self._num_kv_reused))
             if self.max_tokens is not None:
-                metrics.vllm(tokens.params_max_tokens).observe(self.max_tokens)
-        metrics.vllm(metrics.REQUEST_NUM_PREEMPTIONS).observe(self._num_preemptions)
+                vllm(tokens.params_max_tokens).observe(self.max_tokens)
+        vllm(REQUEST_NUM_PREEMPTIONS).observe(self._num_preemptions)
         last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's
         if self._scheduled is not None and last is not None:  # RUNNING phase: first admission to the last token
-            metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))
+            vllm(REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))
         per_token = 0.0  # vLLM's for a request with fewer than two tokens (none after the first)
         if self._first_token is not None and last is not None:
-            metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(last - self._first_token)
+            vllm(REQUEST_DECODE_TIME).observe(last - self._first_token)
             if self._num_generated > 1:
                 per_token = (last - self._first_token) / (self._num_generated - 1)
-        metrics.vllm(metrics.REQUEST_TIME_PER_OUTPUT_TOKEN).observe(per_token)
+        vllm(REQUEST_TIME_PER_OUTPUT_TOKEN).observe(per_token)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
+from pdlaunch.metrics.instance import KV_BLOCKS_TOTAL, KV_BLOCKS_USED, REQUESTS_RUNNING
 from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
 from tests.engine.conftest import MakeEngine, run_all
 from tests.helpers.checkpoints import hf_logits
@@ -146,13 +146,13 @@ def test_stats_and_metrics_follow_the_engine(llama_ckpt, make_engine: MakeEngine
     stats = engine.stats()
     assert stats["num_running"] == 2 and stats["num_waiting"] == 1
     assert stats["num_blocks_total"] == 64 and stats["num_blocks_used"] == 4
-    assert metrics.REQUESTS_RUNNING._value.get() == 2
-    assert metrics.KV_BLOCKS_USED._value.get() == 4
-    assert metrics.KV_BLOCKS_TOTAL._value.get() == 64
+    assert REQUESTS_RUNNING._value.get() == 2
+    assert KV_BLOCKS_USED._value.get() == 4
+    assert KV_BLOCKS_TOTAL._value.get() == 64
     while engine.has_unfinished_requests():
         engine.step()
     # The third request found the first block of the prompt cached.
-    assert metrics.KV_BLOCKS_USED._value.get() == 0
+    assert KV_BLOCKS_USED._value.get() == 0
     assert engine.stats()["prompt_tokens_computed"] == 2 * len(PROMPT) + 3
     assert engine.stats()["prompt_tokens_cached"] == 8
 

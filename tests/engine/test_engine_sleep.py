@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.engine import sleep_mode
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError, PdlaunchError
+from pdlaunch.metrics.vllm_series import ENGINE_SLEEP_STATE, SLEEP_STATES, set_sleep_state, vllm
 from tests.engine.conftest import MakeEngine, run_all
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42]]
@@ -66,19 +66,19 @@ def test_sleep_state_metric_follows_a_sleep_left_half_done(llama_ckpt, make_engi
     def wake_fails(tags: list[str] | None = None) -> int:
         raise RuntimeError("injected failure waking the memory")
 
-    metrics.set_sleep_state(None)  # as the instance starts
+    set_sleep_state(None)  # as the instance starts
     monkeypatch.setattr(backend, "sleep", release_then_fail)
     monkeypatch.setattr(backend, "wake_up", wake_fails)
     with pytest.raises(RuntimeError, match="waking"):
         engine.sleep(1)
     assert engine.is_sleeping()
-    state = {s: metrics.vllm(metrics.ENGINE_SLEEP_STATE, sleep_state=s)._value.get() for s in metrics.SLEEP_STATES}
+    state = {s: vllm(ENGINE_SLEEP_STATE, sleep_state=s)._value.get() for s in SLEEP_STATES}
     assert state == {"awake": 0, "weights_offloaded": 1, "discard_all": 0}
 
     monkeypatch.setattr(backend, "wake_up", wake)
     engine.wake_up()
     assert not engine.is_sleeping()
-    assert metrics.vllm(metrics.ENGINE_SLEEP_STATE, sleep_state="awake")._value.get() == 1
+    assert vllm(ENGINE_SLEEP_STATE, sleep_state="awake")._value.get() == 1
     assert [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)] == \
         [o.output_token_ids for o in run_all(make_engine(llama_ckpt), PROMPTS, GREEDY)]
 

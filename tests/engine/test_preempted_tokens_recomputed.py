@@ -12,16 +12,16 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
+from pdlaunch.metrics.vllm_series import NUM_PREEMPTIONS, vllm
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_batching import mixed_prompts
 
 
 def _exposed() -> dict[str, float]:
     """The two counters as the /metrics body shows them (vllm:num_preemptions in this process's model_name series)."""
-    model = metrics.vllm(metrics.NUM_PREEMPTIONS)._labelvalues[0]
+    model = vllm(NUM_PREEMPTIONS)._labelvalues[0]
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(generate_latest().decode()):
         for sample in family.samples:

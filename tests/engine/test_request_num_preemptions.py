@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.metrics.vllm_series import REQUEST_NUM_PREEMPTIONS, vllm
 from pdlaunch.server.request_metrics import RequestMetrics
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_batching import mixed_prompts
@@ -24,7 +24,7 @@ def test_each_output_carries_the_times_its_request_was_preempted(llama_ckpt, mak
 
 def _histogram() -> tuple[float, float, float]:
     """This process's vllm:request_num_preemptions: its count, sum, and the count in its le=1 bucket."""
-    child = metrics.vllm(metrics.REQUEST_NUM_PREEMPTIONS)
+    child = vllm(REQUEST_NUM_PREEMPTIONS)
     buckets = [b.get() for b in child._buckets]
     return sum(buckets), child._sum.get(), buckets[0]
 

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.step_clock import DeviceEvent, SlowDecodeSteps, StepClock, cuda_timing_event, step_clock
+from pdlaunch.metrics.engine_steps import (
+    ENGINE_SLOW_DECODE_STEPS,
+    ENGINE_STEP_PATHS,
+    ENGINE_STEP_SECONDS,
+    ENGINE_STEP_TOKENS,
+    ENGINE_STEPS,
+    STEP_PATHS,
+)
 from tests.engine.conftest import MakeEngine, run_all
 
 
@@ -90,13 +97,13 @@ def test_without_device_events_the_host_clock_times_the_step_at_its_end() -> Non
 
 
 def _counters() -> dict[str, tuple[float, float, float]]:
-    return {kind: (metrics.ENGINE_STEPS.labels(kind=kind)._value.get(),
-                   metrics.ENGINE_STEP_TOKENS.labels(kind=kind)._value.get(),
-                   metrics.ENGINE_STEP_SECONDS.labels(kind=kind)._value.get()) for kind in ("prefill", "decode")}
+    return {kind: (ENGINE_STEPS.labels(kind=kind)._value.get(),
+                   ENGINE_STEP_TOKENS.labels(kind=kind)._value.get(),
+                   ENGINE_STEP_SECONDS.labels(kind=kind)._value.get()) for kind in ("prefill", "decode")}
 
 
 def _paths() -> dict[str, float]:
-    return {path: metrics.ENGINE_STEP_PATHS.labels(path=path)._value.get() for path in metrics.STEP_PATHS}
+    return {path: ENGINE_STEP_PATHS.labels(path=path)._value.get() for path in STEP_PATHS}
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
@@ -174,8 +181,8 @@ def test_a_decode_step_far_over_the_recent_ones_is_counted_and_logged_at_most_ev
 
 
 def test_the_engines_clock_counts_slow_decode_steps_in_the_metrics() -> None:
-    before = metrics.ENGINE_SLOW_DECODE_STEPS._value.get()  # noqa: SLF001
+    before = ENGINE_SLOW_DECODE_STEPS._value.get()  # noqa: SLF001
     clock = step_clock(torch.device("cpu"))
     for seconds in [0.004] * 10 + [0.5]:
         clock._observe(8, 8, seconds)  # noqa: SLF001
-    assert metrics.ENGINE_SLOW_DECODE_STEPS._value.get() == before + 1  # noqa: SLF001
+    assert ENGINE_SLOW_DECODE_STEPS._value.get() == before + 1  # noqa: SLF001

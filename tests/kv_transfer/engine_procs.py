@@ -28,9 +28,9 @@ def pd_config(model: str, connector: str, mode: str, storage_path: str = "", dev
 
 
 def build_engine(config_json: str, instance_json: str) -> Built:
-    from pdlaunch import metrics
     from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.engine.outputs import SamplingParams
+    from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS, KV_TRANSFER_BYTES
 
     engine = LLMEngine(DeploymentConfig.model_validate_json(config_json),
                        InstanceSpec.model_validate_json(instance_json))
@@ -70,8 +70,8 @@ def build_engine(config_json: str, instance_json: str) -> Built:
         return {"stats": dict(engine.stats()), "used_blocks": engine.block_manager.num_used_blocks(),
                 "block_bytes": spec.block_bytes, "block_size": spec.block_size,
                 "windows": spec.group_sliding_window,
-                "bytes_moved": float(metrics.KV_TRANSFER_BYTES._value.get()),
-                "expired": float(metrics.KV_EXPIRED_REQUESTS._value.get())}
+                "bytes_moved": float(KV_TRANSFER_BYTES._value.get()),
+                "expired": float(KV_EXPIRED_REQUESTS._value.get())}
 
     def info() -> dict[str, Any]:
         return engine.connector.info() if engine.connector is not None else {}

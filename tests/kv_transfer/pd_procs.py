@@ -49,9 +49,9 @@ def handshake_for(spec: KVCacheSpec, **overrides: Any) -> HandshakeInfo:
 
 def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],
                     staging_slots: int = 0) -> Built:
-    from pdlaunch import metrics
     from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
     from pdlaunch.kv_transfer.factory import create_connector
+    from pdlaunch.metrics import kv_transfer as kv_metrics
 
     config = DeploymentConfig.model_validate_json(config_json)
     instance = InstanceSpec.model_validate_json(instance_json)
@@ -70,8 +70,8 @@ def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str,
     def corrupt(group: int, block: int) -> None:
         spec.kv_caches[group][block].view(-1)[:7] += 1.0
 
-    def metric(name: str) -> float:
-        return float(getattr(metrics, name)._value.get())
+    def metric(name: str) -> float:  # a KV transfer series (metrics/kv_transfer.py) by name
+        return float(getattr(kv_metrics, name)._value.get())
 
     handlers = {name: getattr(connector, name) for name in (
         "request_finished", "get_num_new_matched_tokens", "start_load", "get_finished", "abort_load", "info")}

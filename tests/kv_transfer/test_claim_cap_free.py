@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.messages import ClaimReadRequest, ReadDone
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
+from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
 LOGGER = "pdlaunch.kv_transfer.prefill.holds"
 
@@ -22,7 +22,7 @@ def _claim(table: HoldTable, reader: str) -> None:
 
 
 def _counts() -> tuple[float, float]:
-    return metrics.KV_EXPIRED_REQUESTS._value.get(), metrics.KV_CLAIM_CAP_FREES._value.get()
+    return KV_EXPIRED_REQUESTS._value.get(), KV_CLAIM_CAP_FREES._value.get()
 
 
 def test_a_claimed_read_whose_read_done_never_came_is_freed_as_such(caplog: pytest.LogCaptureFixture) -> None:

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.messages import (
     ClaimReadRequest,
@@ -37,6 +36,7 @@ from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea
+from pdlaunch.metrics.kv_transfer import KV_DEAD_READER_FREES
 from tests.kv_transfer.push_fakes import LEASE_S, held_table, push_chunk
 from tests.serving.helpers import wait_for
 
@@ -155,11 +155,11 @@ def test_a_staged_push_whose_decode_died_between_chunks_is_freed_when_told(
     p = _Prefill(executor, _Agent())
     p.pushed(D0, "000000000000000a", last=False)
     p.kept()
-    freed = metrics.KV_DEAD_READER_FREES._value.get()
+    freed = KV_DEAD_READER_FREES._value.get()
     with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.prefill.side"):
         assert p.forget(D0) == 1  # its agent
     assert "decode engine decode-0-engine ended: of the 1 held request(s) it was at, 1 freed" in caplog.text
-    assert metrics.KV_DEAD_READER_FREES._value.get() == freed + 1
+    assert KV_DEAD_READER_FREES._value.get() == freed + 1
     p.freed_once()
     with pytest.raises(KVTransferError, match="not held here any more: the decode engine that took it ended: "
                                               "decode-0-engine"):
@@ -233,10 +233,10 @@ def test_a_hold_another_decode_is_at_stays_for_it(executor: ThreadPoolExecutor, 
         p.pushed(D1, "000000000000001a", last=False)
     else:
         ticket = p.stage(D1).ticket
-    freed = metrics.KV_DEAD_READER_FREES._value.get()
+    freed = KV_DEAD_READER_FREES._value.get()
     p.forget(D0)
     p.kept()
-    assert metrics.KV_DEAD_READER_FREES._value.get() == freed  # kept for D1: not freed by D0's end
+    assert KV_DEAD_READER_FREES._value.get() == freed  # kept for D1: not freed by D0's end
     for late in (lambda: p.push(D0, "000000000000000b", last=True, start=5), lambda: p.claim(D0),
                  lambda: p.stage(D0)):  # what it sent as it died takes the hold no more
         with pytest.raises(KVTransferError, match="decode engine decode-0-engine ended"):

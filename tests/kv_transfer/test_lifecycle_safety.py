@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch import metrics
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -31,6 +30,7 @@ from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.pd_procs import build_connector, wait_events
@@ -60,7 +60,7 @@ def test_aborted_prefill_request_leaves_no_hold(llama_ckpt: Path) -> None:
     config.kv_transfer.kv_lease_seconds = 0.3
     engine = LLMEngine(config, InstanceSpec(role="prefill", port=1, engine_id="P-abort", device="cpu"))
     try:
-        expired = metrics.KV_EXPIRED_REQUESTS._value.get()
+        expired = KV_EXPIRED_REQUESTS._value.get()
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         engine.add_request("aborted", list(range(3, 35)), greedy, {"do_remote_decode": True})
         engine.add_request("finished", list(range(40, 45)), greedy, {"do_remote_decode": True})
@@ -78,7 +78,7 @@ def test_aborted_prefill_request_leaves_no_hold(llama_ckpt: Path) -> None:
         assert engine.block_manager.num_used_blocks() == 0
         assert engine.connector.info()["held_requests"] == 0
         # Only the finished request's lease expired: the aborted one was never held.
-        assert metrics.KV_EXPIRED_REQUESTS._value.get() - expired == 1
+        assert KV_EXPIRED_REQUESTS._value.get() - expired == 1
     finally:
         engine.shutdown()
 

@@ -10,11 +10,11 @@ from typing import Any, cast
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.metrics.kv_transfer import KV_TRANSFER_FAILURES
 
 
 class _Strategy(LoadStrategy):
@@ -35,7 +35,7 @@ class _Strategy(LoadStrategy):
 
 
 def _failures() -> float:
-    return float(metrics.KV_TRANSFER_FAILURES._value.get())
+    return float(KV_TRANSFER_FAILURES._value.get())
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.memory import platform
-from pdlaunch.metrics import KV_EXPIRED_REQUESTS
+from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import make_spec, wait_events
 

@@ -12,10 +12,10 @@ from typing import Any, cast
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushDone, PushRequest, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
+from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS
 from tests.kv_transfer.pd_procs import make_spec
 
 LEASE_S = 60.0
@@ -51,11 +51,11 @@ def test_a_chunk_cancelled_while_its_write_runs_frees_the_hold_when_it_ends(capl
     assert hold is not None
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
     sender.spec = spec
-    expired = metrics.KV_EXPIRED_REQUESTS._value.get()
+    expired = KV_EXPIRED_REQUESTS._value.get()
     with caplog.at_level(logging.WARNING, logger="pdlaunch.kv_transfer.prefill.holds"):
         sender._push(hold, message, "decode-agent", time.monotonic())
         assert agent.answers == [CancelPushAnswer(in_flight=True)]  # the decode waits for the chunk's push_done
         assert [parse_notification(n) for n in agent.sent] == [PushDone(kind="push_done", nonce=NONCE)]
         assert holds.poll(time.monotonic()) == {"p-1"}, "held until its lease although no WRITE will follow"
-    assert metrics.KV_EXPIRED_REQUESTS._value.get() == expired
+    assert KV_EXPIRED_REQUESTS._value.get() == expired
     assert not [r.getMessage() for r in caplog.records if "lease" in r.getMessage()]

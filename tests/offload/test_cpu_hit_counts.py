@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.metrics.vllm_series import (
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_QUERIES,
+    PROMPT_TOKENS_BY_SOURCE,
+    PROMPT_TOKENS_CACHED,
+    vllm,
+)
 from pdlaunch.offload import metrics as offload_metrics
 from pdlaunch.server.request_metrics import EngineTokens
 from tests.engine.conftest import MakeEngine, run_all
@@ -23,11 +29,11 @@ from tests.offload.test_engine_offload import GREEDY, OPTIONS, _prompts
 
 def _counts(engine: LLMEngine) -> dict[str, float]:
     stats = engine.stats()
-    return {"queries": metrics.vllm(metrics.PREFIX_CACHE_QUERIES)._value.get(),
-            "hits": metrics.vllm(metrics.PREFIX_CACHE_HITS)._value.get(),
-            "local_cache_hit": metrics.vllm(metrics.PROMPT_TOKENS_BY_SOURCE, source="local_cache_hit")._value.get(),
-            "local_compute": metrics.vllm(metrics.PROMPT_TOKENS_BY_SOURCE, source="local_compute")._value.get(),
-            "cached": metrics.vllm(metrics.PROMPT_TOKENS_CACHED)._value.get(),
+    return {"queries": vllm(PREFIX_CACHE_QUERIES)._value.get(),
+            "hits": vllm(PREFIX_CACHE_HITS)._value.get(),
+            "local_cache_hit": vllm(PROMPT_TOKENS_BY_SOURCE, source="local_cache_hit")._value.get(),
+            "local_compute": vllm(PROMPT_TOKENS_BY_SOURCE, source="local_compute")._value.get(),
+            "cached": vllm(PROMPT_TOKENS_CACHED)._value.get(),
             "stats_cached": stats["prompt_tokens_cached"],
             "tier_hit_blocks": offload_metrics.OFFLOAD_HIT_BLOCKS._value.get(),
             "stats_hit_blocks": stats["offload_hit_blocks"]}

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdlaunch import metrics
 from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.metrics.vllm_series import PREFIX_CACHE_HITS, vllm
 from pdlaunch.offload.manager import OffloadManager
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req
 from tests.helpers.offload_tier import BASE, loads_fail_while_copying, manager_holding_two_blocks
@@ -32,7 +32,7 @@ def test_a_cpu_load_that_fails_after_it_was_queued_fails_only_its_request(
     s.add_request(hit)
     s.add_request(other)
     loads_fail_while_copying(offload, monkeypatch)
-    hits = metrics.vllm(metrics.PREFIX_CACHE_HITS)._value.get()
+    hits = vllm(PREFIX_CACHE_HITS)._value.get()
     out = s.schedule()
     # the load was queued (a PD decode's connector loads the rest of its prompt but the last token)
     assert (hit.num_cached_tokens, hit.num_external_tokens) == (2 * BS, BS - 1 if pd else 0)
@@ -42,7 +42,7 @@ def test_a_cpu_load_that_fails_after_it_was_queued_fails_only_its_request(
     # The failed load's tokens count as no hit anywhere: the request reports none (nor any loaded by a PD
     # decode's connector, aborted with it), vLLM's hits, the stats and the tier's hit blocks stay where they were.
     assert (hit.num_cached_tokens, hit.num_external_tokens, s.prompt_tokens_cached) == (0, 0, 0)
-    assert metrics.vllm(metrics.PREFIX_CACHE_HITS)._value.get() == hits and offload.hit_blocks == 0
+    assert vllm(PREFIX_CACHE_HITS)._value.get() == hits and offload.hit_blocks == 0
     assert [x.request.request_id for x in out.scheduled] == ["other"]
     assert hit.status == RequestStatus.FINISHED and hit.finish_reason == "error" and hit.error_status == 500
     assert "CPU offload tier" in (hit.error or "") and "RuntimeError" in (hit.error or "")

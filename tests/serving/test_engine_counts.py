@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import Counter
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.metrics.vllm_series import GENERATION_TOKENS, PROMPT_TOKENS, REQUEST_SUCCESS, vllm
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.request_metrics import EngineTokens
 from tests.serving.helpers import wait_for
@@ -93,15 +93,15 @@ class ScriptedEngine(CountingEngine):
 
 def sample(metric: Counter, **labels: str) -> float:
     """`metric` in this process's vllm:* series (their model_name: the instance last built in this worker, if any)."""
-    value: float = metrics.vllm(metric, **labels)._value.get()
+    value: float = vllm(metric, **labels)._value.get()
     return value
 
 
 def counts() -> dict[str, float]:
-    return {"prompt": sample(metrics.PROMPT_TOKENS), "generation": sample(metrics.GENERATION_TOKENS),
-            "length": sample(metrics.REQUEST_SUCCESS, finished_reason="length"),
-            "abort": sample(metrics.REQUEST_SUCCESS, finished_reason="abort"),
-            "error": sample(metrics.REQUEST_SUCCESS, finished_reason="error")}
+    return {"prompt": sample(PROMPT_TOKENS), "generation": sample(GENERATION_TOKENS),
+            "length": sample(REQUEST_SUCCESS, finished_reason="length"),
+            "abort": sample(REQUEST_SUCCESS, finished_reason="abort"),
+            "error": sample(REQUEST_SUCCESS, finished_reason="error")}
 
 
 def delta(before: dict[str, float]) -> dict[str, float]:

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.http.auth import internal_headers
+from pdlaunch.metrics.vllm_series import REQUEST_SUCCESS
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.internal import KV_RELEASE_PATH
 from pdlaunch.server.request_stream import Accepted
@@ -41,7 +41,7 @@ def deployment() -> Iterator[TinyPD]:
 
 def _ends() -> dict[str, float]:
     """vllm:request_success by finished_reason, this process's instances' series (their model_name: "tiny")."""
-    return {r: metrics.REQUEST_SUCCESS.labels(model_name="tiny", engine="0", finished_reason=r)._value.get()
+    return {r: REQUEST_SUCCESS.labels(model_name="tiny", engine="0", finished_reason=r)._value.get()
             for r in REASONS}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdlaunch import metrics
+from pdlaunch.metrics.vllm_series import set_model_name
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 
@@ -18,7 +18,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana-dashboar
 
 
 def _exported() -> set[str]:
-    metrics.set_model_name("dashboard-test")  # every labelled vllm:* series gets its children
+    set_model_name("dashboard-test")  # every labelled vllm:* series gets its children
     proxy = ProxyMetrics(InstancePool([Instance("decode", "http://127.0.0.1:1", "decode-0")]))
     proxy.requests.labels("/v1/completions", "200").inc(0)
     rendered = text_string_to_metric_families(proxy.render().decode())  # what the proxy's /metrics answers

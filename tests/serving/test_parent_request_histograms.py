@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.metrics.vllm_series import LABELS, REQUEST_TIME_PER_OUTPUT_TOKEN, vllm
 from pdlaunch.server import request_metrics
 from pdlaunch.server.choices import Choices
 from pdlaunch.server.completion_request import CompletionRequest
@@ -148,8 +148,8 @@ def _token_at(recorder: RequestMetrics, at: float, count: int, reason: str | Non
 
 def _tpot() -> tuple[float, float]:
     """vllm:request_time_per_output_token_seconds's (count, sum) in this process."""
-    metric = metrics.vllm(metrics.REQUEST_TIME_PER_OUTPUT_TOKEN)
-    labels = dict(zip(metrics.REQUEST_TIME_PER_OUTPUT_TOKEN._labelnames, metric._labelvalues))
+    metric = vllm(REQUEST_TIME_PER_OUTPUT_TOKEN)
+    labels = dict(zip(REQUEST_TIME_PER_OUTPUT_TOKEN._labelnames, metric._labelvalues))
     name = "vllm:request_time_per_output_token_seconds"
     count, total = REGISTRY.get_sample_value(f"{name}_count", labels), REGISTRY.get_sample_value(f"{name}_sum", labels)
     assert count is not None and total is not None, f"{name} {labels} is not in the registry"
@@ -171,5 +171,5 @@ def test_the_per_request_time_per_output_token_is_the_mean_after_the_first(monke
     single.accepted(4)
     _token_at(single, 1.0, 1, reason="length")
     assert _tpot() == (count + 2, pytest.approx(total + 1.0))
-    labels = dict(zip(metrics.LABELS, metrics.vllm(metrics.REQUEST_TIME_PER_OUTPUT_TOKEN)._labelvalues))
+    labels = dict(zip(LABELS, vllm(REQUEST_TIME_PER_OUTPUT_TOKEN)._labelvalues))
     assert REGISTRY.get_sample_value("vllm:time_per_output_token_seconds_count", labels) is None

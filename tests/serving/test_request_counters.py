@@ -15,9 +15,9 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.metrics.vllm_series import NUM_REQUESTS_WAITING, TokenHistograms, vllm
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
 
@@ -33,7 +33,7 @@ def instance() -> Iterator[tuple[str, EngineLoop]]:
 def counter(url: str, name: str, reason: str | None = None) -> float:
     """`name`'s value on the instance's /metrics (of finished_reason `reason` when given), in this instance's series:
     the registry is the process's, and an instance run in this worker before may have left series of its own model."""
-    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
+    ours = f'model_name="{vllm(NUM_REQUESTS_WAITING)._labelvalues[0]}"'
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         series, _, value = line.rpartition(" ")
         if (series.startswith(name + "{") and ours in series
@@ -103,7 +103,7 @@ def test_a_request_nobody_reads_counts_its_prompt_generated_tokens_and_success(
 
 def buckets(url: str, name: str) -> list[str]:
     """The `le` bounds of histogram `name` on the instance's /metrics, in this instance's series."""
-    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
+    ours = f'model_name="{vllm(NUM_REQUESTS_WAITING)._labelvalues[0]}"'
     found = []
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith(name + "_bucket{") and ours in line:
@@ -130,7 +130,7 @@ def test_the_token_count_histograms_have_vllms_1_2_5_buckets(instance: tuple[str
 def test_the_token_count_buckets_run_up_to_max_model_len(max_model_len: int, last: int) -> None:
     """vLLM's build_1_2_5_buckets(max_model_len): the last bound is the largest 1-2-5 value not above it."""
     registry = CollectorRegistry()
-    made = metrics.TokenHistograms.make(max_model_len, registry)
+    made = TokenHistograms.make(max_model_len, registry)
     for histogram in made.all():
         histogram.labels(model_name="m", engine="0")
     expected = [str(float(m * 10**e)) for e in range(5) for m in (1, 2, 5) if m * 10**e <= last] + ["+Inf"]

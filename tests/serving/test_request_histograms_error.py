@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import REGISTRY, Histogram
 
-from pdlaunch import metrics
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.metrics import vllm_series
 from pdlaunch.server.choices import Choices
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.engine_loop import EngineLoop
@@ -44,28 +44,28 @@ class ChoicesEngine(ErringEngine):
     tokenizer = Tokenizer()
 
 
-def token_histograms() -> metrics.TokenHistograms:
+def token_histograms() -> vllm_series.TokenHistograms:
     """The process's TokenHistograms: made by its first engine, here when none was built in this worker yet."""
-    if metrics.token_histograms() is None:
-        metrics.engine_info(MAX_MODEL_LEN, {})
-    tokens = metrics.token_histograms()
+    if vllm_series.token_histograms() is None:
+        vllm_series.engine_info(MAX_MODEL_LEN, {})
+    tokens = vllm_series.token_histograms()
     assert tokens is not None
     return tokens
 
 
 def _histograms() -> dict[str, Histogram]:
     tokens = token_histograms()
-    return {"e2e": metrics.E2E_REQUEST_LATENCY, "prompt": tokens.prompt, "generation": tokens.generation,
-            "computed": tokens.prefill_kv_computed, "n": metrics.REQUEST_PARAMS_N,
+    return {"e2e": vllm_series.E2E_REQUEST_LATENCY, "prompt": tokens.prompt, "generation": tokens.generation,
+            "computed": tokens.prefill_kv_computed, "n": vllm_series.REQUEST_PARAMS_N,
             "max_tokens": tokens.params_max_tokens, "max_gen": tokens.max_num_generation,
-            "inference": metrics.REQUEST_INFERENCE_TIME, "decode": metrics.REQUEST_DECODE_TIME,
-            "tpot": metrics.REQUEST_TIME_PER_OUTPUT_TOKEN}
+            "inference": vllm_series.REQUEST_INFERENCE_TIME, "decode": vllm_series.REQUEST_DECODE_TIME,
+            "tpot": vllm_series.REQUEST_TIME_PER_OUTPUT_TOKEN}
 
 
 def _sample(metric: Histogram, suffix: str) -> float:
     """`metric`'s _count or _sum in this process's vllm:* series (their model_name: the instance last built in this
     worker, if any)."""
-    labels = dict(zip(metric._labelnames, metrics.vllm(metric)._labelvalues))
+    labels = dict(zip(metric._labelnames, vllm_series.vllm(metric)._labelvalues))
     value = REGISTRY.get_sample_value(f"{metric._name}_{suffix}", labels)
     assert value is not None, f"{metric._name}_{suffix} {labels} is not in the registry"
     return value

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from pdlaunch import metrics
+from pdlaunch.metrics.vllm_series import NUM_REQUESTS_WAITING, vllm
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for, waiting_to_recompute
 
@@ -24,7 +24,7 @@ def instance() -> Iterator[tuple[str, EngineLoop]]:
 def _gauges(url: str) -> dict[str, float]:
     """The two gauges of this instance: vLLM's series of its model_name (the registry is the process's, and an
     instance run in this worker before may have left its own series under another model_name)."""
-    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
+    ours = f'model_name="{vllm(NUM_REQUESTS_WAITING)._labelvalues[0]}"'
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         name, _, value = line.rpartition(" ")

@@ -5,16 +5,16 @@ goes back to 0, as none came."""
 
 from __future__ import annotations
 
-from pdlaunch import metrics
 from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.metrics.kv_transfer import KV_LOAD_RECOMPUTES
 from tests.engine.conftest import make_engine  # noqa: F401 - the fixture
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req, step
 
 
 def _recomputes() -> float:
-    return metrics.KV_LOAD_RECOMPUTES._value.get()
+    return KV_LOAD_RECOMPUTES._value.get()
 
 
 def test_failed_load_is_recomputed_from_the_first_token() -> None:

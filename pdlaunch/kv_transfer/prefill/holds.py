@@ -35,7 +35,7 @@ from pdlaunch.kv_transfer.prefill.hold import (
     take_notification,
 )
 from pdlaunch.kv_transfer.push_params import client_request_id
-from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
+from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
-from pdlaunch.metrics import KV_DEAD_READER_FREES
+from pdlaunch.metrics.kv_transfer import KV_DEAD_READER_FREES
 
 logger = logging.getLogger(__name__)
 

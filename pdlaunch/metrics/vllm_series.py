@@ -1,10 +1,8 @@
-"""Prometheus metrics of an instance. Import the objects, never re-create them.
-
-Two families in the one default registry:
-- `pdlaunch_*` (docs/ARCHITECTURE.md), unlabelled: the PD-specific series (KV transfer, held blocks).
-- `vllm:*` under vLLM's names and labels (`model_name`, `engine`), so vLLM's Grafana dashboards work
-  unchanged. Label them through `vllm(metric)`, which applies this instance's model name
-  (`set_model_name`, called once when the instance starts).
+"""vLLM's series of an instance (`vllm:*`), under vLLM's names, types and labels (`model_name`, `engine`), so
+vLLM's Grafana dashboards work unchanged. Label them through `vllm(metric)`, which applies this instance's model
+name (`set_model_name`, called once when the instance starts). The token-count histograms and
+vllm:cache_config_info are made by the process's first engine (`engine_info`): their buckets run up to its
+max_model_len.
 """
 
 from __future__ import annotations
@@ -13,72 +11,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-# No `*_created` series beside every counter and histogram (vLLM turns them off too): they double the
-# scrape and no dashboard reads them. Before any metric below exists.
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
-KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
-KV_TRANSFER_SECONDS = Histogram(
-    "pdlaunch_kv_transfer_seconds", "Time of one request's KV transfer",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-# pdlaunch_model_dtypes_info{weight_dtype="fp8 block 128x128 (checkpoint)",kv_cache_dtype="float8_e4m3fn"} 1
-MODEL_DTYPES = Info("pdlaunch_model_dtypes", "What the weights are computed in and the KV cache element type")
-KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
-KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
-KV_CLAIM_CAP_FREES = Counter(
-    "pdlaunch_kv_claim_cap_frees", "Held KV a decode's READ claimed, freed at that claim's hard cap: the READ's "
-    "read_done/release never came (the decode died or timed out, or the notification was lost)")
-KV_DEAD_READER_FREES = Counter(
-    "pdlaunch_kv_dead_reader_frees", "Held KV freed because the decode engine reading or pushed it died (its "
-    "launcher asked this prefill to forget that engine) and no other decode was at it")
-KV_LOAD_RECOMPUTES = Counter(
-    "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
-    "locally instead (kv_transfer.load_failure_policy: recompute)")
-PREEMPTED_TOKENS_RECOMPUTED = Counter(
-    "pdlaunch_preempted_tokens_recomputed", "Tokens computed again after a preemption freed their KV: the prompt "
-    "and output positions a preempted request had, less what the prefix cache (or CPU tier) gave back")
-PROMPT_TOKENS_COMPUTED = Counter(
-    "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed at admission: neither in its prefix "
-    "cache (or CPU tier) nor loaded over a KV transfer (bench serve --multi-turn reads it)")
-DECODE_PREFIX_HIT_TOKENS = Counter(
-    "pdlaunch_decode_prefix_hit_tokens", "Prompt tokens of requests whose KV comes from a prefill that this "
-    "instance found in its own prefix cache: their KV was not moved")
-KV_BLOCKS_USED = Gauge("pdlaunch_kv_blocks_used", "KV blocks in use")
-KV_BLOCKS_TOTAL = Gauge("pdlaunch_kv_blocks_total", "KV blocks in the cache")
-REQUESTS_RUNNING = Gauge("pdlaunch_requests_running", "Requests being computed")
-REQUESTS_WAITING = Gauge("pdlaunch_requests_waiting", "Requests waiting for blocks or KV")
-TIME_TO_FIRST_TOKEN = Histogram(
-    "pdlaunch_time_to_first_token_seconds", "Time to first token",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-INTER_TOKEN_LATENCY = Histogram(
-    "pdlaunch_inter_token_latency_seconds", "Time between streamed tokens",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-)
-# Engine steps by kind: `prefill` (some request computes more than one token: a prompt or its chunk, decodes
-# of colocated instances ride along) or `decode`. `bench compare` reads them for utilisation and its P:D advisor.
-STEP_KINDS = ("prefill", "decode")
-ENGINE_STEPS = Counter("pdlaunch_engine_steps", "Engine steps that computed tokens, by kind", ["kind"])
-ENGINE_STEP_SECONDS = Counter("pdlaunch_engine_step_seconds", "Seconds of engine steps (inputs, forward, "
-                              "sampling; device time on CUDA: engine/step_clock.py), by kind", ["kind"])
-ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in engine steps, by kind", ["kind"])
-ENGINE_SLOW_DECODE_STEPS = Counter("pdlaunch_engine_slow_decode_steps", "Decode steps (no prompt tokens) of 50 ms "
-                                   "or more and 4x the recent decode steps' mean: every stream waited that long "
-                                   "(engine/step_clock.py)")
-STEP_PATHS = ("decode", "rows", "piecewise", "eager")
-ENGINE_STEP_PATHS = Counter("pdlaunch_engine_step_paths", "Forwards by how they ran: a decode CUDA graph (decode), "
-                            "a decode graph with prompt tokens as rows (rows), graphs around eager attention "
-                            "(piecewise), or eager", ["path"])
-_STEP_PATH_SERIES = {path: ENGINE_STEP_PATHS.labels(path=path) for path in STEP_PATHS}  # looked up once, not a step
-for _kind in STEP_KINDS:
-    for _metric in (ENGINE_STEPS, ENGINE_STEP_SECONDS, ENGINE_STEP_TOKENS):
-        _metric.labels(kind=_kind)  # both series exist from the start
-
-# -- vLLM's series (names, types and labels as vLLM's V1 engine exports them) --------------------
+# Names, types and labels as vLLM's V1 engine exports them.
 LABELS = ["model_name", "engine"]
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                     240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -283,33 +219,3 @@ def count_prompt_sources(num_prompt: int, num_cached: int, num_external: int) ->
     vllm(PROMPT_TOKENS_CACHED).inc(num_cached + num_external)
     # vLLM counts its num_cached + 1 == num_prompt, a one-token prompt too, which had nothing cached to recompute
     vllm(PROMPT_TOKENS_RECOMPUTED).inc(int(0 < num_cached + num_external == num_prompt - 1))
-
-
-def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
-    """One request's KV arrived: ours and vLLM's NIXL series."""
-    KV_TRANSFER_BYTES.inc(num_bytes)
-    KV_TRANSFER_SECONDS.observe(seconds)
-    vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
-    vllm(NIXL_XFER_TIME).observe(seconds)
-
-
-def observe_step(num_requests: int, num_tokens: int, seconds: float) -> None:
-    """One engine step that computed `num_tokens` tokens for `num_requests` requests in `seconds`."""
-    kind = "prefill" if num_tokens > num_requests else "decode"
-    ENGINE_STEPS.labels(kind=kind).inc()
-    ENGINE_STEP_SECONDS.labels(kind=kind).inc(seconds)
-    ENGINE_STEP_TOKENS.labels(kind=kind).inc(num_tokens)
-
-
-def count_slow_decode_step() -> None:
-    ENGINE_SLOW_DECODE_STEPS.inc()
-
-
-def count_step_path(path: str) -> None:
-    """One forward of this rank's model that ran as `path` (STEP_PATHS)."""
-    _STEP_PATH_SERIES[path].inc()
-
-
-def count_kv_transfer_failure() -> None:
-    KV_TRANSFER_FAILURES.inc()
-    vllm(NIXL_NUM_FAILED_TRANSFERS).inc()

@@ -1,0 +1,44 @@
+"""Our series of KV transfer between instances (`pdlaunch_kv_*`): what moved and how long it took, transfers
+that failed, a prefill's held KV freed other than by its reader, and a decode's prompt computed locally instead.
+A transfer is counted in vLLM's NixlConnector series too (vllm_series.py): `observe_kv_transfer`,
+`count_kv_transfer_failure`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from pdlaunch.metrics.vllm_series import NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS, NIXL_XFER_TIME, vllm
+
+KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
+KV_TRANSFER_SECONDS = Histogram(
+    "pdlaunch_kv_transfer_seconds", "Time of one request's KV transfer",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
+KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
+KV_CLAIM_CAP_FREES = Counter(
+    "pdlaunch_kv_claim_cap_frees", "Held KV a decode's READ claimed, freed at that claim's hard cap: the READ's "
+    "read_done/release never came (the decode died or timed out, or the notification was lost)")
+KV_DEAD_READER_FREES = Counter(
+    "pdlaunch_kv_dead_reader_frees", "Held KV freed because the decode engine reading or pushed it died (its "
+    "launcher asked this prefill to forget that engine) and no other decode was at it")
+KV_LOAD_RECOMPUTES = Counter(
+    "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
+    "locally instead (kv_transfer.load_failure_policy: recompute)")
+DECODE_PREFIX_HIT_TOKENS = Counter(
+    "pdlaunch_decode_prefix_hit_tokens", "Prompt tokens of requests whose KV comes from a prefill that this "
+    "instance found in its own prefix cache: their KV was not moved")
+
+
+def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
+    """One request's KV arrived: ours and vLLM's NIXL series."""
+    KV_TRANSFER_BYTES.inc(num_bytes)
+    KV_TRANSFER_SECONDS.observe(seconds)
+    vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
+    vllm(NIXL_XFER_TIME).observe(seconds)
+
+
+def count_kv_transfer_failure() -> None:
+    KV_TRANSFER_FAILURES.inc()
+    vllm(NIXL_NUM_FAILED_TRANSFERS).inc()
