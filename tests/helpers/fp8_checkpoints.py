@@ -140,3 +140,31 @@ def keep_in_model_dtype(served: Path, reference: Path, modules: tuple[str, ...])
     cfg = json.loads((served / "config.json").read_text())
     cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *modules]
     (served / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def make_block_fp8_qwen2_moe(directory: Path, shared: int, seed: int = 13) -> Path:
+    """Qwen2-MoE in 128x128-block FP8: 2 layers of 4 experts (width 128, top-2) and a shared expert of width
+    `shared` (a multiple of 128), hidden 256, 2 heads of 128; every projection quantized, the routers and the
+    shared-expert gate not (as in a block-FP8 checkpoint of Qwen1.5-MoE)."""
+    from transformers import Qwen2MoeConfig
+
+    from tests.helpers.checkpoints import _MOE, _TINY
+
+    config = Qwen2MoeConfig(**{**_TINY, "hidden_size": 256, "intermediate_size": 256, "num_attention_heads": 2,
+                               "initializer_range": 0.05}, **_MOE,
+                            num_hidden_layers=2, num_experts=4, moe_intermediate_size=128,
+                            shared_expert_intermediate_size=shared)
+    directory = _save(_build(config, seed), Path(directory), seed)
+    tensors = load_file(directory / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in _LINEARS:
+            out[name], out[f"{module}.weight_scale_inv"] = _block_quant(w.float())
+        else:
+            out[name] = w
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["quantization_config"] = _quant_config("block")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory

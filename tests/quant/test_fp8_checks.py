@@ -123,11 +123,12 @@ def test_make_checkpoint_fp8_passes_check_config_and_loads(fp8: str, tmp_path: P
 def test_check_config_refuses_a_tp_size_that_splits_fp8_blocks(block_ckpt: Path) -> None:
     """intermediate 384 = 3 blocks: TP 2 gives each rank 192 rows of gate/up, half a block."""
     from pdlaunch.model.arch import parse_hf_config
-    from pdlaunch.model.quant.linear import block_misaligned
+    from pdlaunch.model.quant.block_tp import block_misaligned
 
     cfg = json.loads((block_ckpt / "config.json").read_text())
     arch = parse_hf_config({**cfg, "intermediate_size": 384})
-    assert block_misaligned(arch, 1) == [] and block_misaligned(arch, 2) == ["gate_proj/up_proj/down_proj"]
+    assert block_misaligned(arch, 1) == [] and block_misaligned(arch, 2) == [
+        "gate_proj/up_proj/down_proj (config.json intermediate_size 384: 192 a rank)"]
     assert block_misaligned(parse_hf_config(cfg), 2) == []
     (block_ckpt / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 4, "head_dim": 64}))
     text = _check_config_tp(block_ckpt, 2)

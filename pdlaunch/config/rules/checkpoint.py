@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.topology_config import group_kv_cache_dtype
+from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 
 if TYPE_CHECKING:
@@ -209,8 +209,10 @@ def _torch_dtype(name: str) -> torch.dtype | None:
 
 
 def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge."""
+    """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge
+    (model/quant/block_tp.py says which projections TP splits)."""
     from pdlaunch.model.arch import load_arch  # layering: lazy (torch stays off config-only paths)
+    from pdlaunch.model.quant.block_tp import SHARED_EXPERT, block_misaligned  # torch-free
     from pdlaunch.model.quant.config import BLOCK, load_quant_config
 
     if cfg.model.path in ("demo", "tiny") or cfg.model.path.lower().endswith(".gguf"):
@@ -223,14 +225,16 @@ def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
         return []  # reported by checkpoint_problems
     if quant is None or quant.scheme != "block":
         return []
-    from pdlaunch.model.quant.linear import block_misaligned  # layering: lazy (imports torch: block FP8 only)
-
     problems: list[Problem] = []
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1
-        bad = block_misaligned(arch, tp)
-        if bad:
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} splits the block-FP8 projections {', '.join(bad)} "
-                                    f"off the {BLOCK}-wide scale blocks", "use a TP size whose shards are whole "
-                                    f"{BLOCK}-row blocks (or a per-channel FP8 checkpoint)"))
+        bad = block_misaligned(arch, tp, quant.skips)
+        if not bad:
+            continue
+        what = f"TP {tp} splits the block-FP8 projections {', '.join(bad)} off the {BLOCK}-wide scale blocks"
+        if group_expert_parallel(cfg.parallel, group) and any(name.startswith(SHARED_EXPERT) for name in bad):
+            what += " (expert parallel places whole routed experts but splits the shared expert by TP)"
+        problems.append(problem(f"instances[{i}].tp", what, f"use a TP size whose shards are whole {BLOCK}-row "
+                                "blocks (or a per-channel FP8 checkpoint, or the unquantized checkpoint with "
+                                "--quantization fp8)"))
     return problems

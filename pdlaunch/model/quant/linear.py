@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
@@ -228,20 +227,3 @@ def finish_loading(model: nn.Module, dtype: torch.dtype) -> None:
         layer.weight_scale_fp8 = nn.Parameter(scale.contiguous() if method.block else scale.reshape(1, -1),
                                               requires_grad=False)
 
-
-def block_misaligned(arch: ModelArch, tp_size: int) -> list[str]:
-    """Projections whose TP shards at `tp_size` would not start on a 128 edge with block FP8 weights
-    (heads that TP does not divide are left to the TP rules). MoE experts are
-    dequantized before they are sharded (model/quant/experts.py), so only the dense layers count."""
-    if arch.num_heads % tp_size or (arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads):
-        return []
-    head_dim = arch.head_dim
-    kv_starts = {r * arch.num_kv_heads // tp_size * head_dim for r in range(tp_size)}
-    sizes = {
-        "q_proj": [arch.num_heads // tp_size * head_dim],
-        "k_proj/v_proj": [max(1, arch.num_kv_heads // tp_size) * head_dim, *kv_starts],
-        "o_proj (input)": [arch.num_heads * head_dim // tp_size],
-    }
-    if arch.intermediate_size % tp_size == 0:
-        sizes["gate_proj/up_proj/down_proj"] = [arch.intermediate_size // tp_size]
-    return [name for name, values in sizes.items() if tp_size > 1 and any(v % BLOCK for v in values)]
