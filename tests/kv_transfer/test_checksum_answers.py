@@ -59,7 +59,7 @@ def _pull(checksums: list[list[str]], executor: ThreadPoolExecutor) -> tuple[Dec
                       handshake_timeout=1.0, transfer_timeout=30.0, verify_kv=True, executor=executor,
                       reader="decode")
     remote = RemoteEngine(handshake_for(SPEC), "prefill-agent", "pull", "test", ("10.0.0.9", 7000))
-    ctx.peers = cast(Any, SimpleNamespace(get=lambda r: remote))
+    ctx.peers = cast(Any, SimpleNamespace(get=lambda r, stopped=None: remote))
     ctx.send_claim_read = lambda load, source: SimpleNamespace(answer=lambda reply: reply())  # type: ignore[method-assign]
     loads = DecodeLoads(ctx)
     now = time.monotonic()

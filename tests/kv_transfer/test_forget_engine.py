@@ -81,7 +81,8 @@ def _cache(mode: str = "push") -> tuple[PeerCache, Agent]:
     cache = PeerCache(agent, spec=lambda: None, local_device=lambda: None,  # type: ignore[arg-type]
                       transfer_mode=mode, handshake_timeout=1.0, keys=KEYS, reader="D")
 
-    def handshake(engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
+    def handshake(engine_id: str, host: str, port: int, rank: int | None = None,
+                  stopped: object = None) -> RemoteEngine:
         info = HandshakeInfo.model_construct(engine_id=engine_id)
         return RemoteEngine(info, f"agent-of-{engine_id}" + ("" if rank is None else f"-rank{rank}"), mode, "test",
                             (host, port + (rank or 0)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -86,7 +86,7 @@ class _Peers:
         self.mode, self.port = mode, port
         self.entered, self.answer = threading.Event(), threading.Event()
 
-    def get(self, remote: RemoteKV) -> RemoteEngine:
+    def get(self, remote: RemoteKV, stopped: Callable[[], bool] | None = None) -> RemoteEngine:
         self.entered.set()
         assert self.answer.wait(WAIT_S), "the test never let the handshake answer"
         return RemoteEngine(handshake_for(SPEC), "prefill-agent", self.mode, "test", ("127.0.0.1", self.port))

@@ -16,7 +16,7 @@ loader (DecodeLoads.run) with a fake transport, and each write is recorded with 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -144,7 +144,7 @@ class _Harness:
         return Empty()
 
     # the prefill ranks' handshakes (PeerCache.get)
-    def get(self, remote: RemoteKV) -> RemoteEngine:
+    def get(self, remote: RemoteKV, stopped: Callable[[], bool] | None = None) -> RemoteEngine:
         if not self.case.reshard:
             info = handshake_for(self.spec, staging_slots=self.case.remote_staging)
             return RemoteEngine(info, "prefill-agent", self.case.mode, "test", ("10.0.0.9", 7000))

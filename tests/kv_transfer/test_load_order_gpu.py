@@ -91,9 +91,10 @@ def test_loaded_kv_wins_over_a_forward_launched_before_the_load(mode: str, monke
     transport = _SideStreamTransport(kv)
     remote = RemoteEngine(handshake_for(spec), "prefill-agent", mode, "test", ("10.0.0.9", 7000))
     executor = loader_pool(device.index or 0, workers=1)
-    ctx = LoadContext(agent=cast(Any, transport), spec=lambda: spec,
-                      peers=cast(Any, SimpleNamespace(get=lambda source: remote)), keys=KEYS, handshake_timeout=1.0,
-                      transfer_timeout=WAIT_S, verify_kv=False, executor=executor, reader="decode")
+    peers = SimpleNamespace(get=lambda source, stopped=None: remote)
+    ctx = LoadContext(agent=cast(Any, transport), spec=lambda: spec, peers=cast(Any, peers), keys=KEYS,
+                      handshake_timeout=1.0, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
+                      reader="decode")
     monkeypatch.setattr(ctx, "ask", lambda source, message, reply, timeout, what: transport.ask(message))
     monkeypatch.setattr(ctx, "send_claim_read", lambda load, source: SimpleNamespace(answer=lambda reply: Empty()))
     loads = DecodeLoads(ctx)

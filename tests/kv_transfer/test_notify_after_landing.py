@@ -95,7 +95,7 @@ def _loads(agent: _Agent | MooncakeAgent, executor: ThreadPoolExecutor, remotes:
     ctx = LoadContext(agent=cast(Any, agent), spec=lambda: SPEC, peers=cast(Any, None), keys=KEYS,
                       handshake_timeout=1.0, transfer_timeout=30.0, verify_kv=False, executor=executor,
                       reader="decode")
-    ctx.peers = cast(Any, SimpleNamespace(get=lambda remote: remotes[remote.tp_rank]))
+    ctx.peers = cast(Any, SimpleNamespace(get=lambda remote, stopped=None: remotes[remote.tp_rank]))
 
     def ask(remote: RemoteKV, message: Any, reply: type[Any], timeout: float, what: str) -> Any:
         if isinstance(message, StageRequest):

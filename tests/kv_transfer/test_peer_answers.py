@@ -158,7 +158,7 @@ def test_block_ids_past_the_prefills_cache_fail_the_load_before_any_read() -> No
     ctx = _ctx(agent)
     ctx.executor = executor
     remote = RemoteEngine(_info(num_blocks=6), "prefill-agent", "pull", "test", ("10.0.0.9", 7000))
-    ctx.peers = cast(Any, SimpleNamespace(get=lambda r: remote))
+    ctx.peers = cast(Any, SimpleNamespace(get=lambda r, stopped=None: remote))
     loads = DecodeLoads(ctx)
     load = _load([[(0, 1, 5), (1, 2, 6)], [(0, 1, 5)]])
     load.state = LoadState.HANDSHAKE

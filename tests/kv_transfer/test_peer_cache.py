@@ -24,7 +24,8 @@ def _cache(mode: str) -> tuple[PeerCache, RecordingAgent, list[int]]:
                       transfer_mode=mode, handshake_timeout=1.0, keys=KEYS, reader="decode-engine")
     handshakes: list[int] = []
 
-    def handshake(engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
+    def handshake(engine_id: str, host: str, port: int, rank: int | None = None,
+                  stopped: object = None) -> RemoteEngine:
         handshakes.append(port)
         info = HandshakeInfo.model_construct(engine_id=engine_id)
         agent_name = "prefill-agent" if engine_id == "P" else f"agent-of-{engine_id}"

@@ -1,7 +1,12 @@
 """Decode side: the prefill engines it has shaken hands with, cached per engine_id.
 
 One handshake per remote engine (concurrent loads for the same engine wait for the first one); a
-failed handshake is not cached, so the next request tries again. A prefill engine that died is
+failed handshake is not cached, so the next request tries again. A load that ends while it waits (its
+client left, its deadline passed) stops waiting within client.STOP_POLL_SECONDS (`get`'s `stopped`), for
+its handshake's answer as for another load's handshake with that engine, and frees its loader thread
+(before, it sat out the handshake timeout, 10 s by default). Not given up: the TCP connect (bounded by
+the handshake timeout; refused at once on a live host) and the listen request that follows an answered
+handshake (quick, and the handshake is cached with it). A prefill engine that died is
 forgotten when its launcher asks (`forget_engine`, before it restarts the instance): its NIXL agent
 goes, and with it our mapping of its memory, which would keep that memory allocated on its GPU.
 """
@@ -20,6 +25,7 @@ from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_comp
 from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import client
+from pdlaunch.kv_transfer.side_channel.client import STOP_POLL_SECONDS
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
 from pdlaunch.kv_transfer.transport import TransferAgent
 
@@ -103,8 +109,10 @@ class PeerCache:
             logger.info("dropped the NIXL metadata of prefill agent %s: its engine %s ended", name, engine_id)
         return len(gone)
 
-    def get(self, remote: RemoteKV) -> RemoteEngine:
-        """The prefill engine (rank) `remote` names, shaking hands on first use."""
+    def get(self, remote: RemoteKV, stopped: Callable[[], bool] | None = None) -> RemoteEngine:
+        """The prefill engine (rank) `remote` names, shaking hands on first use. `stopped` (the load ended): asked
+        while this waits for a handshake's answer, or for another load's handshake with the engine; True gives up
+        (KVTransferError) and leaves the engine to the next load."""
         engine_id, rank = remote.engine_id, remote.tp_rank
         # A resharding load talks to several ranks of one prefill engine: one entry per rank.
         key = engine_id if rank is None else f"{engine_id}/rank{rank}"
@@ -115,11 +123,14 @@ class PeerCache:
             lock = self._locks.setdefault(key, threading.Lock())
         if cached is not None:
             return cached
-        with lock:
+        while not lock.acquire(timeout=STOP_POLL_SECONDS):
+            if stopped is not None and stopped():
+                raise KVTransferError(f"gave up waiting for the KV handshake with {remote.where} (its load ended)")
+        try:
             with self._lock:
                 cached = self._remotes.get(key)
             if cached is None:
-                cached = self._handshake(engine_id, remote.host, remote.port, rank)
+                cached = self._handshake(engine_id, remote.host, remote.port, rank, stopped)
                 with self._lock:
                     stale = [k for k, r in self._remotes.items()
                              if r.address == cached.address and r.info.engine_id != engine_id]
@@ -135,11 +146,15 @@ class PeerCache:
                     logger.info("dropped the NIXL metadata of %s: %s:%d now serves prefill engine %s",
                                 name, *cached.address, engine_id)
             return cached
+        finally:
+            lock.release()
 
-    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
+    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None,
+                   stopped: Callable[[], bool] | None = None) -> RemoteEngine:
         message = HandshakeRequest(type="handshake", engine_id=engine_id)
         what = f"KV handshake with prefill engine {engine_id}"
-        info = client.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys).info
+        info = client.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys,
+                              stopped=stopped).info
         if info.engine_id != engine_id:
             raise KVTransferError(
                 f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "

@@ -25,6 +25,7 @@ connector (its memory keys go to authenticated peers only, and UCX binds loopbac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pdlaunch.config.mooncake_install import resolve_protocol
 from pdlaunch.kv_transfer.base import ConnectorInfo
@@ -47,8 +48,9 @@ class MooncakePeerCache(PeerCache):
     pattern); resharding loads (one handshake per prefill rank) keep the NIXL rules, which pick pull
     where the decode can READ (resharding reads whole prefill blocks)."""
 
-    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
-        remote = super()._handshake(engine_id, host, port, rank)
+    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None,
+                   stopped: Callable[[], bool] | None = None) -> RemoteEngine:
+        remote = super()._handshake(engine_id, host, port, rank, stopped)
         if self.transfer_mode != "auto" or rank is not None or remote.mode == "push":
             return remote
         logger.info("KV transfer with prefill engine %s (%s:%d): push, because %s", engine_id, host, port, _NATIVE)

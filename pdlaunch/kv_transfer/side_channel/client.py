@@ -8,6 +8,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,6 +27,9 @@ from pdlaunch.kv_transfer.side_channel.frames import (
 )
 
 POOL_IDLE_SECONDS = FRAME_READ_SECONDS / 2  # a kept connection is reused only this long after its last answer
+# A call that may be given up (`stopped`) looks whether it should every this many seconds while it waits for its
+# answer: one select() on one socket per look, so a load aborted mid-handshake frees its thread within it.
+STOP_POLL_SECONDS = 0.1
 
 Reply = TypeVar("Reply", bound=BaseModel)
 
@@ -72,17 +76,18 @@ class Connections:
 
 
 def request(host: str, port: int, message: SideChannelRequest, reply: type[Reply], timeout: float, what: str,
-            keys: SideChannelKeys, connections: Connections | None = None) -> Reply:
+            keys: SideChannelKeys, connections: Connections | None = None,
+            stopped: Callable[[], bool] | None = None) -> Reply:
     """`call` with typed ends: `message` is sent, the answer is validated as `reply` (KVTransferError
-    naming `what` when it does not fit)."""
-    return send(host, port, message, timeout, what, keys, connections).answer(reply)
+    naming `what` when it does not fit). `stopped`: see PendingCall."""
+    return send(host, port, message, timeout, what, keys, connections, stopped).answer(reply)
 
 
 def send(host: str, port: int, message: SideChannelRequest, timeout: float, what: str, keys: SideChannelKeys,
-         connections: Connections | None = None) -> PendingCall:
+         connections: Connections | None = None, stopped: Callable[[], bool] | None = None) -> PendingCall:
     """Send `message` now and read its answer later (`PendingCall.answer`): the caller works meanwhile (a
     pull posts its READ while its claim travels)."""
-    return PendingCall(host, port, message.model_dump(mode="json"), timeout, what, keys, connections)
+    return PendingCall(host, port, message.model_dump(mode="json"), timeout, what, keys, connections, stopped)
 
 
 def call(host: str, port: int, message: JSONObject, timeout: float, what: str,
@@ -102,12 +107,17 @@ def call(host: str, port: int, message: JSONObject, timeout: float, what: str,
 class PendingCall:
     """One request (`call`'s rules), sent when made; its answer read by `answer`/`raw_answer`, once. A
     kept connection found closed when the answer is read is replaced and the request sent again (a new
-    nonce: the server never answered the first)."""
+    nonce: the server never answered the first).
+
+    `stopped` (optional): asked every STOP_POLL_SECONDS while the call waits for its answer, or for a refused
+    peer to listen; once it says True the call gives up at once (KVTransferError, the connection closed, not
+    kept). A connect that neither succeeds nor is refused (a peer whose packets are dropped) still waits out
+    the call's timeout: the socket module's connect cannot be polled without a non-blocking connect of our own."""
 
     def __init__(self, host: str, port: int, message: JSONObject, timeout: float, what: str, keys: SideChannelKeys,
-                 connections: Connections | None) -> None:
+                 connections: Connections | None, stopped: Callable[[], bool] | None = None) -> None:
         self.host, self.port, self.message, self.timeout, self.what = host, port, message, timeout, what
-        self.keys, self.connections = keys, connections
+        self.keys, self.connections, self.stopped = keys, connections, stopped
         self.deadline = time.monotonic() + timeout
         self.last_error: Exception | None = None
         self._sock: socket.socket | None = None
@@ -120,6 +130,7 @@ class PendingCall:
         failure `_sock` stays None and `raw_answer` raises."""
         host, port = self.host, self.port
         while (remaining := self.deadline - time.monotonic()) > 0:
+            self._check_stopped()
             self._nonce = secrets.token_hex(16)
             frame = pack(self.keys.request, {"ts": time.time(), "nonce": self._nonce, "msg": self.message})
             if len(frame) - HEADER.size > MAX_FRAME_BYTES:
@@ -163,6 +174,7 @@ class PendingCall:
         while (sock := self._sock) is not None:
             self._sock = None
             try:
+                self._await_answer(sock)
                 raw = recv_raw_frame(sock, max(self.deadline - time.monotonic(), 0.001))
                 if raw is None:
                     raise ConnectionError("peer closed the connection without answering")
@@ -192,6 +204,21 @@ class PendingCall:
             field="kv_transfer.handshake_timeout_seconds",
             hint="is the prefill instance running, and is its kv_transfer.side_channel_host reachable from here?",
         )
+
+    def _check_stopped(self) -> None:
+        if self.stopped is not None and self.stopped():
+            raise KVTransferError(f"{self.what}: given up before {self.host}:{self.port} answered (its caller "
+                                  "stopped waiting)")
+
+    def _await_answer(self, sock: socket.socket) -> None:
+        """With `stopped`: wait until the answer starts to arrive (or the deadline passed) in looks of at most
+        STOP_POLL_SECONDS, giving up once `stopped` says so; the frame is then read within the deadline."""
+        if self.stopped is None:
+            return
+        while not readable(sock, min(STOP_POLL_SECONDS, max(self.deadline - time.monotonic(), 0.0))):
+            self._check_stopped()
+            if time.monotonic() >= self.deadline:
+                return
 
     def close(self) -> None:
         """Give up the answer (the connection is closed, not kept: an answer may still arrive on it)."""
