@@ -9,6 +9,10 @@ Safety (base.py's lifecycle contract): a pull first claims the prefill hold ("cl
 outlives its lease while the READ runs, and a READ seen done after the load's deadline does not count.
 Nothing writes the load's blocks before the forwards the engine launched before start_load ended: one of
 them may still write a block freed under it (decode/compute_order.py).
+Every block the prefill took off its free list for a load comes back promptly however the load ends: once a
+strategy is on the load, the table tells the prefill through it; before that (its handshake failed or was given
+up, the prefill's answer could not be planned or failed its checks, it was aborted or timed out) the loader does
+(`drop_unstarted`), and so does start_load for params it cannot plan; best effort: the lease stays the backstop.
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
 loader threads bind the instance's device when they start (vLLM #39548), since they copy KV.
 """
@@ -29,11 +33,15 @@ from pdlaunch.kv_transfer.decode.reshard_load import ReshardLoad, ReshardStaging
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
 from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.fault import TransferFaults
-from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, HeldBlocksAnswer, HeldBlocksRequest
 from pdlaunch.kv_transfer.push_params import client_request_id
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 logger = logging.getLogger(__name__)
 
+# How long an unstarted load's cancel waits for the prefill (`drop_unstarted`). Best effort: it runs on a loader
+# thread, often after a handshake that got no answer, and the prefill's lease frees the blocks anyway.
+RELEASE_TIMEOUT_SECONDS = 2.0
 # The longest one "held_blocks" ask waits on the prefill: an aborted load stops asking within it. A single ask for
 # the load's whole remaining time kept the loader thread (one of four) that long after the client left, from
 # every other load, and from the cancels of aborted pushes, whose blocks then drained until their deadline.
@@ -52,23 +60,24 @@ class DecodeLoads:
     def run(self, load: Load) -> None:
         """Loader thread: the prefill's block ids if the params lacked them, the handshake (cached per
         engine), the strategy, and its run; a failure fails the load (the engine thread reports it).
-        A load that ends after the handshake and before its strategy is on it (aborted, timed out, or the
-        prefill's answer fails its checks) is the loader's to tell the prefill about (`_drop_unstarted`): the
-        table tells it through the strategy, and sees none. Whether the strategy went on the load is decided
-        under the lock that aborts and timeouts end it under, so the prefill is told once, one way or the other."""
-        shook_hands = started = False
+        A load that ends before its strategy is on it (aborted or timed out, its handshake failed, or it cannot
+        plan the prefill's answer, or that answer fails its checks) is the loader's to tell the prefill about
+        (`drop_unstarted`): the table tells it through the strategy, and sees none. Whether the strategy went on
+        the load is decided under the lock that aborts and timeouts end it under, so the prefill is told once,
+        one way or the other. The handshake stops waiting once the load ended (decode/peers.py)."""
+        started = False
         try:
             if load.plan is not None:
                 self._ask_block_ids(load)
-            if load.reshard is not None:  # it tells every prefill rank itself (reshard_load.py)
+            if load.reshard is not None:  # from its run on it tells every prefill rank itself (reshard_load.py)
                 self.faults.maybe_fail(load.request_id)
                 strategy: LoadStrategy = ReshardLoad(self.ctx, self.reshard_staging, load.reshard)
                 with self.ctx.lock:
                     load.strategy = strategy
+                started = True
                 strategy.run(load)
                 return
-            remote = self.peers.get(load.remote)
-            shook_hands = True
+            remote = self.peers.get(load.remote, stopped=lambda: load.abandoned or load.state.ended)
             check_block_ids(load, remote, load.where)
             check_digests(load, load.remote.checksums, load.where)
             strategy = self._choose(remote)
@@ -91,8 +100,8 @@ class DecodeLoads:
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
         finally:
-            if shook_hands and not started:
-                self._drop_unstarted(load)
+            if not started:
+                self.drop_unstarted(load)
 
     def _choose(self, remote: RemoteEngine) -> LoadStrategy:
         """The strategy of a load from `remote` (ReshardLoad is chosen in `_run`: it shakes hands itself)."""
@@ -125,18 +134,30 @@ class DecodeLoads:
                     hint="its lease may have expired, or the decode got another prompt than the prefill")
         remote = load.remote.model_copy(update={"request_id": answer.request_id, "block_ids": answer.block_ids,
                                                 "kv_epoch": answer.kv_epoch})
+        with self.ctx.lock:  # named before it is planned: a plan that fails still tells the prefill (drop_unstarted)
+            load.remote = remote
         pairs = load.plan(remote)
         with self.ctx.lock:
-            load.remote, load.pairs, load.plan = remote, pairs, None
+            load.pairs, load.plan = pairs, None
 
-    def _drop_unstarted(self, load: Load) -> None:
-        """The load ended before its strategy was on it: ask the prefill to drop its hold now, else it keeps the
-        request's blocks until its lease ends. A cancel_push, whatever the mode: it needs no transfer agent and
-        ends this load's interest in the hold (prefill/hold.py), as a pull's release would; the prefill frees
-        the blocks unless another decode is at them. Sent on this loader thread (the executor may be shutting
-        down) and only once the handshake answered: a prefill that did not is not waited for twice."""
-        if load.remote.request_id:  # else the params named no held request (no cancel can name it)
-            self.ctx.cancel_push(load)
+    def drop_unstarted(self, load: Load, ranks: list[RemoteKV] | None = None) -> None:
+        """The load ended before its strategy was on it: ask each prefill rank that holds its request for it (`ranks`;
+        default: those the load reads, `prefill_ranks`) to drop its hold now, else it keeps the request's blocks until
+        its lease ends. A cancel_push, whatever the mode: it needs no transfer agent (nor so a handshake, which may be
+        what failed) and ends this load's interest in the hold (prefill/hold.py), as a pull's release would; the
+        prefill frees the blocks unless another decode is at them. Best effort, on this loader thread (the executor
+        may be shutting down), each within RELEASE_TIMEOUT_SECONDS: a prefill that did not answer the handshake is
+        not waited for long again; one not told is logged, and its lease frees the blocks."""
+        if not load.remote.request_id:  # the params named no held request, or the prefill never named one
+            return
+        timeout = min(RELEASE_TIMEOUT_SECONDS, self.ctx.handshake_timeout)
+        for remote in ranks if ranks is not None else prefill_ranks(load):
+            message = CancelPushRequest(type="cancel_push", request_id=remote.held_request_id, owner=load.nonce)
+            try:
+                self.ctx.ask(remote, message, CancelPushAnswer, timeout, "hold release")
+            except KVTransferError as e:
+                logger.warning("request %s: %s; the prefill keeps the request's blocks until its hold's lease ends "
+                               "(kv_transfer.kv_lease_seconds)", load.request_id, e.render())
 
     def _set_failed(self, load: Load, error: str) -> None:
         with self.ctx.lock:
@@ -147,3 +168,11 @@ class DecodeLoads:
             self.table.abort(request_id)
         self.ctx.executor.shutdown(wait=True, cancel_futures=True)
         self.ctx.connections.close()
+
+
+def prefill_ranks(load: Load) -> list[RemoteKV]:
+    """The prefill ranks that hold the load's request for it: the sources of its resharding plan, else the one rank
+    its params name."""
+    if load.reshard is not None:
+        return [source.remote for source in load.reshard.sources]
+    return [load.remote]

@@ -121,6 +121,10 @@ class DecodeSide(NixlConnector):
         self.loads.table.add(load)
         if not load.state.ended:
             self.ctx.executor.submit(self.loads.run, load)
+        elif isinstance(params, PrefillAnswer) and load.remote.request_id:
+            # This load cannot plan the request the prefill holds for it: ask the prefill (from a loader thread)
+            # to free it now, not at its lease's end.
+            self.ctx.executor.submit(self.loads.drop_unstarted, load, self._held_ranks(load.remote))
 
     def _required(self, params: PrefillAnswer) -> RemoteKV:
         missing = [name for name, value in (("remote_block_ids", params.remote_block_ids),
@@ -138,6 +142,14 @@ class DecodeSide(NixlConnector):
                 f"params without remote_block_ids need prefill and decode at TP size 1 (prefill "
                 f"{remote.tp_size}, decode {spec.tp_size})",
                 hint="send the prefill's kv_transfer_params unchanged (as vLLM's pull proxy does)")
+
+    def _held_ranks(self, remote: RemoteKV) -> list[RemoteKV]:
+        """The prefill ranks that hold `remote`'s request for this rank, before any plan: the rank it names, or
+        every rank of a prefill of another TP size (each rank of this engine tells each of them; one word frees)."""
+        if self.spec is None or remote.tp_size == self.spec.tp_size:
+            return [remote]
+        return [remote.model_copy(update={"port": port, "tp_rank": rank})
+                for rank, port in enumerate(remote.rank_ports or [remote.port])]
 
     def _reshard_plan(self, remote: RemoteKV) -> ReshardPlan | None:
         """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""

@@ -6,8 +6,8 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
   the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
 - push: a sender thread WROTE the last chunk into decode's blocks and notified decode, or a decode
   cancelled its push ("cancel_push") or its push failed, or
-- a decode load ended before its transfer started (aborted or timed out during its handshake: it sends
-  "cancel_push" whatever its mode), or
+- a decode load ended before its transfer started (aborted or timed out during its handshake, its handshake
+  failed, or it could not plan or check the blocks named: it sends "cancel_push" whatever its mode), or
 - decode says it gave up ("release"),
   each only once no other decode that took the hold is still at it (below), or
 - the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ, or staged pull, that has not
