@@ -1,4 +1,4 @@
-"""Cross-field rules on the resolved config: roles and nodes, TP vs heads, P/D TP ratio, cache sizes.
+"""Cross-field rules on the resolved config: roles and nodes, what TP splits, P/D TP ratio, cache sizes.
 
 Each rule takes the resolved config (group.tp filled in) and returns problems; none raises.
 """
@@ -11,6 +11,7 @@ from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
 from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
+from pdlaunch.model.tp_split import split_problems  # torch-free
 
 # More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
 # rank, so a typo such as `count: 3000000` must stop there instead of filling memory.
@@ -189,42 +190,12 @@ def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
                    "node's address")
 
 
-def _moe_tp_problems(expert_parallel: bool, info: ModelInfo, tp: int, field: str) -> list[Problem]:
-    """MoE: expert parallel places E / tp whole experts per rank; TP splits every expert's width."""
-    moe = info.moe
-    if moe is None or tp == 1:
-        return []
-    shared = [moe.shared_expert_intermediate_size] if moe.shared_expert_intermediate_size else []
-    if expert_parallel:
-        if moe.num_experts % tp:
-            return [problem(field, f"expert parallel over TP {tp} needs the model's {moe.num_experts} experts to "
-                            "divide by it", f"use a TP size that divides {moe.num_experts}, or turn expert "
-                            "parallel off for this group (enable_expert_parallel: false)")]
-        widths = shared  # the shared expert stays split by width
-    else:
-        widths = [moe.expert_intermediate_size] + shared
-    if any(w % tp for w in widths):
-        return [problem(field, f"TP {tp} does not divide the experts' intermediate size "
-                        f"{'/'.join(map(str, widths))}", "use a TP size that divides it, or "
-                        "--enable-expert-parallel to place whole experts per rank")]
-    return []
-
-
 def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
-    """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one
-    another (and, when they differ, KV moves by pull: kv_transfer/reshard.py)."""
-    problems: list[Problem] = []
-    for i, group in enumerate(cfg.instances):
-        tp = group.tp or 1
-        field = f"instances[{i}].tp"
-        if info.num_heads % tp:
-            problems.append(problem(field, f"TP {tp} does not divide the model's {info.num_heads} attention heads",
-                                    f"use a TP size that divides {info.num_heads}"))
-        elif tp % info.num_kv_heads and info.num_kv_heads % tp:
-            problems.append(problem(field,
-                                    f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
-                                    f"use a TP size that divides {info.num_kv_heads} or a multiple of it"))
-        problems += _moe_tp_problems(group_expert_parallel(cfg.parallel, group), info, tp, field)
+    """Each group's TP size splits the model (model/tp_split.py: the heads, the MLP and expert widths, the experts
+    under expert parallel, as the load refuses them); P and D TP sizes divide one another (and, when they differ, KV
+    moves by pull: kv_transfer/reshard.py)."""
+    problems = [problem(f"instances[{i}].tp", found.message, found.hint) for i, group in enumerate(cfg.instances)
+                for found in split_problems(info, group.tp or 1, group_expert_parallel(cfg.parallel, group))]
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
     for p_tp in sorted(prefill):
