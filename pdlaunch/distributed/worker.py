@@ -88,7 +88,10 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         if lost is not None:  # no one to report it to
             log.error("TP rank %d: %s", rank, lost)
             sys.exit(1)
-        log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
+        # A PdlaunchError is a user-facing problem: its message says it all (the launcher shows this log's last
+        # lines), no traceback.
+        log.error("TP rank %d failed: %s%s", rank, exc,
+                  "" if isinstance(exc, PdlaunchError) else "\n" + traceback.format_exc())
         try:
             send(conn, RankFailed(f"TP rank {rank} failed: {failure_text(exc)}"))
         except OSError:

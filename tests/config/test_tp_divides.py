@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pdlaunch.config.model_info import load_model_info
+from pdlaunch.config.rules import roles
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.checkpoint import load_checkpoint
@@ -53,6 +54,23 @@ def test_serve_exits_1_with_one_line_a_group_and_no_traceback(tmp_path: Path) ->
     assert served.output.splitlines() == [
         f"error: instances[{i}].tp: TP 2 does not divide the MLP width (config.json intermediate_size 255); use a "
         "TP size that divides 255; this model splits over TP 1" for i in (0, 1)]
+
+
+@pytest.mark.slow
+def test_past_check_config_the_instances_load_refuses_it_without_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the TP rule off in serve's own check (a config checked where the checkpoint was another), both TP ranks
+    of each instance refuse the model at load: serve exits 1 with the message, and no log holds a traceback (the
+    launcher shows a log's last lines)."""
+    monkeypatch.setattr(roles, "tp_problems", lambda cfg, info: [])
+    model = write_model(tmp_path, intermediate_size=255)
+    served = invoke(["serve", "--model", str(model), "--device", "cpu", "--tp", "2",
+                     "--log-dir", str(tmp_path / "logs")])
+    assert served.exit_code == 1, served.output
+    assert ("parallel.tp: TP 2 does not divide the MLP width (config.json intermediate_size 255) (use a TP size "
+            "that divides 255; this model splits over TP 1)") in " ".join(served.output.split()), served.output
+    logs = {log.name: log.read_text() for log in (tmp_path / "logs").glob("*.log")}
+    assert logs and not [name for name, text in logs.items() if "Traceback" in text], logs
 
 
 def _sizes(tmp_path: Path, hf: dict[str, Any], tp: int, expert_parallel: bool = False) -> list[SplitProblem]:
