@@ -32,7 +32,9 @@ class VocabParallelEmbedding(nn.Module):
         rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
         if loaded.shape[1] != param.shape[1]:
             raise ValueError(f"embedding width mismatch: checkpoint {loaded.shape[1]}, model {param.shape[1]}")
-        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
+        # A rank whose share lies wholly past the vocabulary (a small one over a large TP: 10 ids over 8 ranks of 2)
+        # holds padding only; narrow refuses a start past the table even for no rows.
+        param.data[:rows].copy_(loaded.narrow(0, min(self.vocab_start, loaded.shape[0]), rows))
         param.data[rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.model.vocab_parallel import ParallelLMHead
+from pdlaunch.model.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 
 
 def _head(vocab: int, hidden: int, dtype: torch.dtype, device: str) -> ParallelLMHead:
@@ -22,6 +22,18 @@ def test_cpu_logits_are_the_product_then_float32(dtype: torch.dtype) -> None:
     logits = head(hidden)
     assert logits.dtype == torch.float32 and logits.shape == (5, 300)
     assert torch.equal(logits, torch.nn.functional.linear(hidden, head.weight).float())
+
+
+def test_tp_need_not_divide_the_vocabulary() -> None:
+    """10 ids over TP 8: shares of 2, the last rank's padding, and ranks 6 and 7 wholly past the table (their
+    load raised IndexError). The shares laid end to end are the table padded with zero rows."""
+    table = torch.randn(10, 4)
+    shares = []
+    for rank in range(8):
+        embedding = VocabParallelEmbedding(10, 4, tp_rank=rank, tp_size=8)
+        embedding.weight_loader(embedding.weight, table)
+        shares.append(embedding.weight.data)
+    assert torch.equal(torch.cat(shares), torch.cat([table, torch.zeros(6, 4)]))
 
 
 @pytest.mark.gpu
