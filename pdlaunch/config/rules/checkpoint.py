@@ -210,7 +210,8 @@ def _torch_dtype(name: str) -> torch.dtype | None:
 
 def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
     """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge
-    (model/quant/block_tp.py says which projections TP splits)."""
+    (model/quant/block_tp.py says which projections TP splits). One off a 128 edge at TP 1 already is the
+    checkpoint's problem, not a group's (weight_problems)."""
     from pdlaunch.model.arch import load_arch  # layering: lazy (torch stays off config-only paths)
     from pdlaunch.model.quant.block_tp import SHARED_EXPERT, block_misaligned  # torch-free
     from pdlaunch.model.quant.config import BLOCK, load_quant_config
@@ -223,7 +224,9 @@ def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
         arch = load_arch(directory)
     except PdlaunchError:
         return []  # reported by checkpoint_problems
-    if quant is None or quant.scheme != "block":
+    if quant is None or quant.scheme != "block" or block_misaligned(arch, 1, quant.skips):
+        # misaligned at TP 1 (k, v or up starts mid-block in its fused weight): refused at every TP size, once, by
+        # weight_problems in the load's words; "use a TP size ..." would send the user after sizes that cannot help
         return []
     problems: list[Problem] = []
     for i, group in enumerate(cfg.instances):

@@ -4,7 +4,9 @@ rule (config/rules/checkpoint.py `fp8_tp_problems`) for what the load refuses (m
 
 Tensor parallelism splits the attention projections, the dense MLP and Qwen2-MoE's shared expert (model/moe/block.py
 `SharedExpert`: split by TP with --enable-expert-parallel too, which places only the routed experts whole); each rank's
-shard must start on a 128 edge so its block scales are whole blocks. What does not count:
+shard must start on a 128 edge so its block scales are whole blocks. At TP 1 nothing is split, but q/k/v and gate/up
+are each fused into one matmul, so k, v and up must start on a 128 edge too: a model whose widths miss one there is
+refused at every TP size (check-config's weight check names the layer, as the load does). What does not count:
 - the routed experts: dequantized before they are sharded (model/quant/experts.py), they stay in the model dtype where
   128x128 blocks do not tile a rank's share;
 - a dense MLP no layer builds: Mixtral's and OLMoE's intermediate_size is their experts' width, and a Qwen-MoE builds
@@ -33,19 +35,22 @@ def _quantized(modules: list[str], skips: Callable[[str], bool]) -> bool:
     return not all(skips(module) for module in modules)
 
 
-def _split(label: str, key: str, width: int, tp_size: int) -> dict[str, list[int]]:
-    """An MLP `width` wide (config.json `key`) split over `tp_size`: each rank's rows of gate/up and columns of down.
-    A width TP does not divide is left to the TP rules (config/rules/roles.py)."""
+def _split(part: str, key: str, width: int, tp_size: int) -> dict[str, list[int]]:
+    """An MLP `width` wide (config.json `key`; `part`: "" for the dense MLP, "shared_expert ") split over `tp_size`:
+    each rank's rows of gate/up and columns of down; at TP 1 the row where up starts in the fused gate/up weight. A
+    width TP does not divide is left to the TP rules (model/tp_split.py)."""
     if width % tp_size:
         return {}
-    return {f"{label} (config.json {key} {width}: {width // tp_size} a rank)": [width // tp_size]}
+    if tp_size == 1:
+        return {f"{part}gate_proj/up_proj (config.json {key} {width})": [width]}
+    return {f"{part}{'/'.join(MLP)} (config.json {key} {width}: {width // tp_size} a rank)": [width // tp_size]}
 
 
 def block_misaligned(arch: ModelArch, tp_size: int, skips: Callable[[str], bool] = _never) -> list[str]:
-    """The projections (with their config.json width) whose TP shards at `tp_size` would not start on a 128 edge with
-    block FP8 weights; `skips`: the checkpoint modules kept unquantized (QuantConfig.skips). Heads that TP does not
-    divide are left to the TP rules."""
-    if tp_size == 1 or arch.num_heads % tp_size or (arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads):
+    """The projections (with their config.json width) whose TP shards at `tp_size`, or whose start in a fused q/k/v or
+    gate/up weight, would not fall on a 128 edge with block FP8 weights; `skips`: the checkpoint modules kept
+    unquantized (QuantConfig.skips). Heads that TP does not divide are left to the TP rules."""
+    if arch.num_heads % tp_size or (arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads):
         return []
     moe, layers, head_dim = arch.moe, range(arch.num_layers), arch.head_dim
     sizes: dict[str, list[int]] = {}
@@ -53,13 +58,13 @@ def block_misaligned(arch: ModelArch, tp_size: int, skips: Callable[[str], bool]
         kv_starts = {r * arch.num_kv_heads // tp_size * head_dim for r in range(tp_size)}
         sizes["q_proj"] = [arch.num_heads // tp_size * head_dim]
         sizes["k_proj/v_proj"] = [max(1, arch.num_kv_heads // tp_size) * head_dim, *kv_starts]
-    if _quantized([f"model.layers.{i}.self_attn.o_proj" for i in layers], skips):
+    if tp_size > 1 and _quantized([f"model.layers.{i}.self_attn.o_proj" for i in layers], skips):
         sizes["o_proj (input)"] = [arch.num_heads * head_dim // tp_size]
     dense = [i for i in layers if moe is None or not moe.is_sparse(i)]
     if _quantized([f"model.layers.{i}.mlp.{p}" for i in dense for p in MLP], skips):
-        sizes.update(_split("/".join(MLP), "intermediate_size", arch.intermediate_size, tp_size))
+        sizes.update(_split("", "intermediate_size", arch.intermediate_size, tp_size))
     shared = moe.shared_expert_intermediate_size if moe is not None else None
     sparse = [i for i in layers if i not in dense]
     if shared and _quantized([f"model.layers.{i}.mlp.shared_expert.{p}" for i in sparse for p in MLP], skips):
-        sizes.update(_split(SHARED_EXPERT, "shared_expert_intermediate_size", shared, tp_size))
+        sizes.update(_split("shared_expert ", "shared_expert_intermediate_size", shared, tp_size))
     return [name for name, values in sizes.items() if any(v % BLOCK for v in values)]

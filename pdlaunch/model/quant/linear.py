@@ -159,10 +159,13 @@ def _check_block_edges(layer: Linear, prefix: str, names: list[str], packed: dic
     if problem is None:
         return
     tp = f" at TP {layer.tp_size}" if layer.tp_size > 1 else ""
+    # At TP 1 the fused projections' own sizes miss the edge: no TP size helps (check-config's weight check, at TP 1)
+    hint = (f"use a TP size whose shards are whole {BLOCK}-row blocks, or (projection sizes that are not multiples "
+            f"of {BLOCK}) serve the unquantized checkpoint with --quantization fp8" if tp else
+            f"its projection sizes are not multiples of {BLOCK} at any TP size: serve the unquantized checkpoint with "
+            "--quantization fp8, or a per-channel FP8 checkpoint")
     raise PdlaunchError(f"block-FP8{tp}: {problem}, not on a {BLOCK} edge, so one {BLOCK}x{BLOCK} scale block would "
-                        "cover two projections or two TP shards", field="model.path",
-                        hint=f"use a TP size whose shards are whole {BLOCK}-row blocks, or (projection sizes that are "
-                             f"not multiples of {BLOCK}) serve the unquantized checkpoint with --quantization fp8")
+                        "cover two projections or two TP shards", field="model.path", hint=hint)
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple[str, ShardId]]) -> None:
