@@ -156,7 +156,8 @@ def test_a_prefill_that_does_not_answer_the_cancel_is_logged_and_not_waited_for_
         return CancelPushAnswer(in_flight=False)
 
     prefill.server.handlers["cancel_push"] = stalled
-    load = _load(RemoteKV(engine_id="P", request_id="p-1", host="127.0.0.1", port=prefill.server.port))
+    load = _load(RemoteKV(engine_id="P", request_id="p-1", host="127.0.0.1", port=prefill.server.port,
+                          block_ids=[[3]]))
     started = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -169,3 +170,14 @@ def test_a_prefill_that_does_not_answer_the_cancel_is_logged_and_not_waited_for_
     assert line.startswith("request r-1: kv_transfer.handshake_timeout_seconds: hold release to prefill engine P")
     assert "the prefill keeps the request's blocks until its hold's lease ends" in line
     assert prefill.holds.get("p-1") is not None  # its lease, 60 s here, frees it
+
+
+def test_a_request_id_the_prefill_never_confirmed_is_not_cancelled(ranks: Callable[[], _Rank],
+                                                                  loads: DecodeLoads) -> None:
+    """vLLM push-proxy params name a request id but no blocks: until "held_blocks" names the blocks for this
+    prompt, the id is the client's word; a request held for another prompt is not this load's to free."""
+    prefill = ranks()
+    prefill.holds.hold("p-1", [[3]])
+    loads.drop_unstarted(_load(RemoteKV(engine_id="P", request_id="p-1", host="127.0.0.1",
+                                        port=prefill.server.port)))
+    assert prefill.cancels == [] and prefill.holds.get("p-1") is not None

@@ -150,6 +150,11 @@ class DecodeLoads:
         not waited for long again; one not told is logged, and its lease frees the blocks."""
         if not load.remote.request_id:  # the params named no held request, or the prefill never named one
             return
+        if load.remote.block_ids is None:
+            # vLLM's push proxy's params: the client named a request id, which the prefill never confirmed holds
+            # this prompt ("held_blocks" did not answer). A request held for another prompt is not this load's to
+            # cancel: a client that learnt its id must not free another client's KV.
+            return
         timeout = min(RELEASE_TIMEOUT_SECONDS, self.ctx.handshake_timeout)
         for remote in ranks if ranks is not None else prefill_ranks(load):
             message = CancelPushRequest(type="cancel_push", request_id=remote.held_request_id, owner=load.nonce)
