@@ -36,7 +36,7 @@ from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.side_channel import client
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import wait_for
-from tests.serving.tiny_instances import TIMEOUT, TinyPD, tiny_pd
+from tests.serving.tiny_instances import TIMEOUT, TinyPD, prefill_leg, tiny_pd
 
 pytestmark = pytest.mark.slow
 
@@ -142,16 +142,6 @@ def _prefill_state(engine: LLMEngine) -> dict[str, Any]:
             "holds": connector.info()["held_requests"]}
 
 
-def _prefill_leg(pd: TinyPD) -> dict[str, Any]:
-    """The prefill's answer to a leg of PROMPT as the proxy sends it; its hold waits for a decode."""
-    leg = httpx.post(f"{pd.prefill}/v1/completions", timeout=TIMEOUT, json={
-        "model": "tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0,
-        "kv_transfer_params": {"do_remote_decode": True, "return_first_token": True}})
-    assert leg.status_code == 200, leg.text
-    params: dict[str, Any] = leg.json()["kv_transfer_params"]
-    return params
-
-
 async def _ask_and_leave(url: str, body: dict[str, Any], gate: Gate, decode: EngineLoop,
                          headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Send `body`, wait for the decode's loader to reach the gate, and leave; the decode's state just before."""
@@ -178,7 +168,7 @@ def test_a_client_that_leaves_before_the_transfer_gets_every_block_back_at_once(
     start_decode, start_prefill = _on_engine(decode, _decode_state), _on_engine(prefill, _prefill_state)
     body: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "temperature": 0.0}
     if via == "decode":
-        body["kv_transfer_params"] = _prefill_leg(pd)
+        body["kv_transfer_params"] = prefill_leg(pd, PROMPT)
         assert _on_engine(prefill, _prefill_state)["held"], "the prefill holds the prompt's KV for the decode"
     gate = Gate()
     gate.install(monkeypatch, *GATES[window])
@@ -282,7 +272,7 @@ def test_decode_legs_that_leave_while_waiting_for_their_block_ids_hold_no_loader
     asyncio.run(ask_and_leave())
     wait_for(lambda: _on_engine(decode, _decode_state) == start_decode, "the decode to be as before the requests",
              WAIT_S)
-    params = _prefill_leg(deployment)
+    params = prefill_leg(deployment, PROMPT)
     recomputed = _on_engine(decode, lambda e: e.scheduler.num_recomputed_loads)
     try:
         answer = httpx.post(f"{deployment.decode}/v1/completions", timeout=WAIT_S, json={

@@ -29,7 +29,7 @@ from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest
 from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import wait_for
-from tests.serving.tiny_instances import TIMEOUT, TinyPD, tiny_pd
+from tests.serving.tiny_instances import TIMEOUT, TinyPD, prefill_leg, tiny_pd
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +58,6 @@ def _state(engine: LLMEngine) -> dict[str, Any]:
     engine.check_integrity()
     return {"used": engine.block_manager.num_used_blocks(), "requests": sorted(engine.scheduler.requests),
             "held": sorted(engine.scheduler.held)}
-
-
-def _prefill_leg(pd: TinyPD) -> dict[str, Any]:
-    """The prefill's answer to a leg of PROMPT as the proxy sends it; its hold waits for a decode."""
-    leg = httpx.post(f"{pd.prefill}/v1/completions", timeout=TIMEOUT, json={
-        "model": "tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0,
-        "kv_transfer_params": {"do_remote_decode": True, "return_first_token": True}})
-    assert leg.status_code == 200, leg.text
-    params: dict[str, Any] = leg.json()["kv_transfer_params"]
-    return params
 
 
 class _Handshakes:
@@ -106,7 +96,7 @@ def test_a_load_that_fails_before_its_transfer_lets_the_prefill_free_at_once(
     prefill, decode = pd.loops
     start_prefill, start_decode = _on_engine(prefill, _state), _on_engine(decode, _state)
     recomputed = _on_engine(decode, lambda e: e.scheduler.num_recomputed_loads)
-    params = _prefill_leg(pd)
+    params = prefill_leg(pd, PROMPT)
     assert _on_engine(prefill, _state)["held"], "the prefill holds the prompt's KV for the decode"
     handshakes = _Handshakes(pd, monkeypatch, how)
     prompt = PROMPT[:-1] if how == "prompt length" else PROMPT  # the decode cannot plan the prefill's blocks
@@ -131,7 +121,7 @@ def test_a_client_that_leaves_during_the_handshake_frees_the_loader_and_the_pref
     loader thread stops waiting for the answer and tells the prefill, whose hold ends within the test's wait."""
     prefill, decode = pd.loops
     start_prefill, start_decode = _on_engine(prefill, _state), _on_engine(decode, _state)
-    params = _prefill_leg(pd)
+    params = prefill_leg(pd, PROMPT)
     handshakes = _Handshakes(pd, monkeypatch, "never")
 
     async def ask_and_leave() -> None:

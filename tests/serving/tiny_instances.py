@@ -52,6 +52,16 @@ class TinyPD:
     loops: list[EngineLoop]  # the prefill's, then the decode's
 
 
+def prefill_leg(pd: TinyPD, prompt: list[int]) -> dict[str, Any]:
+    """The prefill's kv_transfer_params for a leg of `prompt` as the proxy sends it; its hold waits for a decode."""
+    leg = httpx.post(f"{pd.prefill}/v1/completions", timeout=TIMEOUT, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+        "kv_transfer_params": {"do_remote_decode": True, "return_first_token": True}})
+    assert leg.status_code == 200, leg.text
+    params: dict[str, Any] = leg.json()["kv_transfer_params"]
+    return params
+
+
 @contextmanager
 def tiny_pd(tag: str, **kv_transfer: Any) -> Iterator[TinyPD]:
     """A tiny prefill and decode (engine ids `tag`-prefill, `tag`-decode) behind the real proxy, in this process;
