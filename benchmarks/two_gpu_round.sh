@@ -33,6 +33,8 @@
 #        `scheduler: {prompt_tokens_while_decoding: 0}` (no prompt-token cap beside decodes);
 #        SPY=path/to/py-spy records each instance's stacks (raw, per thread; SPY_GIL=1: only while holding the
 #        interpreter lock) over the first SPY_SECONDS (default 6) of every serve round's bench).
+#        WARM_BENCH=1 runs each serve round's bench once first with another seed (saved as NAME-first.json), so
+#        the measured bench finds a deployment that has served traffic (a fresh one's first bench runs cold).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
 part=${2:?PART: kv | compare | mixed | mixed-sweep | mixed-caps | multiturn | moe | turns1}
@@ -61,6 +63,10 @@ serve_round() {
                 "$SPY" record -p "$ipid" -d "${SPY_SECONDS:-6}" -r 500 -f raw --threads ${SPY_GIL:+--gil} --nonblocking \
                     -o "$out/spy-$name-${url##*:}.txt" > /dev/null 2>&1 &
             done
+        fi
+        if [ -n "${WARM_BENCH:-}" ]; then  # WARM_BENCH=1: the same bench once before, another seed, reported apart
+            TAIL=6 step "bench-$name-first" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
+                --seed 1001 --save-result --result-dir "$out" --result-filename "$name-first.json"
         fi
         TAIL=24 step "bench-$name" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
             --save-result --result-dir "$out" --result-filename "$name.json"
