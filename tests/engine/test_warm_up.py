@@ -114,3 +114,19 @@ def test_a_warm_up_step_out_of_memory_names_the_budget() -> None:
     assert caught.value.field == "scheduler.max_num_batched_tokens"
     assert "a step of 96 tokens (2 sequences) ran out of GPU memory" in str(caught.value)
     assert "Tried to allocate 2.00 GiB" in str(caught.value) and "more detail" not in str(caught.value)
+
+
+@pytest.mark.parametrize("max_model_len,budget,longest", [(64, 96, 64), (300, 96, 96), (300, 1000, 300)])
+def test_fresh_attention_warm_up_is_skipped_on_cpu_and_covers_one_step(max_model_len: int, budget: int, longest: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU runs no fresh prompt padded (model/fresh_attention.py), so its start-up builds no bucket; on CUDA the
+    buckets reach the longest fresh prompt of one step (its bucket may pass max_model_len by < 256 tokens)."""
+    import pdlaunch.runner.dry_steps as dry_steps
+
+    runner = _runner("colocated", budget, max_model_len)
+    asked: list[int] = []
+    monkeypatch.setattr(dry_steps, "warm_fresh_attention", lambda *args: asked.append(args[-1]) or 0)
+    assert runner._warm_fresh_attention() == 0 and asked == []
+    runner.device = torch.device("cuda", 0)  # only its type is read before the (recorded) warm-up
+    runner._warm_fresh_attention()
+    assert asked == [longest]
