@@ -78,6 +78,6 @@ def warm_fresh_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale
         q = torch.zeros(1, num_heads, n, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(1, num_kv_heads, n, head_dim, dtype=dtype, device=device)
         for layout in (lambda x: x, token_major):
-            F.scaled_dot_product_attention(layout(q), layout(kv), layout(kv), is_causal=True, scale=scale,
-                                           enable_gqa=True)
+            lq, lkv = layout(q), layout(kv)
+            F.scaled_dot_product_attention(lq, lkv, lkv, is_causal=True, scale=scale, enable_gqa=True)
     return len(sizes)
