@@ -25,7 +25,7 @@ from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import host_memory, memory, offload, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
-from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems, runs_fp8_kv_cache
+from pdlaunch.config.rules.checkpoint import block_fp8_tp_rule, checkpoint_problems, runs_fp8_kv_cache
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.config.strict_model import BLOCK_SIZES, MAX_GIB
@@ -260,8 +260,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += roles.stall_timeout_problems(out)
     problems += roles.cache_problems(out, info)
     if info is not None:
-        problems += roles.tp_problems(out, info)
-        problems += fp8_tp_problems(out)
+        problems += roles.tp_problems(out, info, block_fp8_tp_rule(out))
     problems += resources.port_problems(out)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here

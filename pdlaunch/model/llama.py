@@ -18,7 +18,6 @@ from pdlaunch.model.attention_plan import GroupPlan, build_group_plan
 from pdlaunch.model.decoder_layer import DecoderLayer
 from pdlaunch.model.pieces import PieceBuffers
 from pdlaunch.model.rms_norm import RMSNorm
-from pdlaunch.model.tp_split import check_split
 from pdlaunch.model.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from pdlaunch.model.weight_loader import ShardId
 
@@ -57,9 +56,8 @@ class CausalLM(nn.Module):
     }
 
     def __init__(self, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> None:
-        """`expert_parallel`: MoE layers place whole experts per rank instead of splitting every expert. A TP size
-        the model does not split over is refused here, in check-config's words, before any layer is built."""
-        check_split(arch, tp_size, expert_parallel)
+        """`expert_parallel`: MoE layers place whole experts per rank instead of splitting every expert. The TP size
+        is checked before (loader.meta_model, the one builder: model/tp_split.py's rules and the checkpoint's)."""
         super().__init__()
         self.arch = arch
         self.tp_rank, self.tp_size = tp_rank, tp_size

@@ -22,9 +22,11 @@ from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.experts import FusedExperts
+from pdlaunch.model.quant.block_tp import block_tp_rule
 from pdlaunch.model.quant.config import QuantConfig
 from pdlaunch.model.quant.experts import ExpertDequantizer, keeps_experts
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
+from pdlaunch.model.tp_split import check_split
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 from pdlaunch.model.weight_loader import ShardId
 
@@ -71,7 +73,10 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]
 def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
                expert_parallel: bool = False, quant: QuantConfig | None = None) -> CausalLM:
     """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory.
-    `quant`: FP8 linear layers get fp8 weights and float32 scale parameters."""
+    `quant`: FP8 linear layers get fp8 weights and float32 scale parameters. A TP size the model does not split over,
+    or that cuts block-FP8 projections off their scale blocks, is refused first, every problem in check-config's
+    words in one error (model/tp_split.py), before any layer is built."""
+    check_split(arch, tp_size, expert_parallel, block_tp_rule(arch, quant))
     with torch.device("meta"):
         model = CausalLM(arch, tp_rank, tp_size, expert_parallel)
     model = model.to(dtype)  # meta: changes dtypes only, allocates nothing (KV scales too: one rounding)

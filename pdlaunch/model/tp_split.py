@@ -1,6 +1,6 @@
 """What a TP size must divide for a model to split over it, read from config.json alone: check-config's TP rule
-(config/rules/roles.py `tp_problems`, per instance group) and the load (model/llama.py `CausalLM`, before any layer
-is built) say the same words. Torch-free.
+(config/rules/roles.py `tp_problems`, per instance group) and the load (model/loader.py `meta_model`, before any
+layer is built) say the same words. Torch-free.
 
 What tensor parallelism splits (model/parallel_linear.py, decoder_layer.py, moe/):
 - the attention heads: TP divides num_attention_heads; the KV heads are split when TP divides them and replicated
@@ -12,13 +12,18 @@ What tensor parallelism splits (model/parallel_linear.py, decoder_layer.py, moe/
 - Qwen2-MoE's shared expert: its width, with expert parallel too.
 TP need not divide hidden_size (every rank holds whole hidden rows) nor vocab_size (the embedding and the LM head
 pad the last rank's share: model/vocab_parallel.py).
+
+A checkpoint may add a rule of its own (`TPRule`: a block-FP8 one's 128 edges, model/quant/block_tp.py). Every problem
+of a TP size is reported at once, each hint naming the TP sizes that pass every rule: a user who fixed the first one
+and retried would otherwise meet the next, or be sent to a TP size another rule refuses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ConfigError
 from pdlaunch.model.moe.config import MoeArch
 
 # The families whose config.json names the expert width and count with other keys than Qwen-MoE's.
@@ -51,6 +56,11 @@ class SplitProblem(NamedTuple):
     hint: str
 
 
+# A checkpoint's own rule: what a TP size (with expert parallel or not) breaks beyond the split rules. It finds nothing
+# at TP 1: what breaks there breaks at every TP size, so it is the checkpoint's problem, reported as such.
+TPRule = Callable[[int, bool], list[SplitProblem]]
+
+
 def _not_divided(model: SplitSizes, tp: int, expert_parallel: bool) -> list[SplitProblem]:
     """Every size `tp` does not split, each with its own fix (tp_sizes adds the sizes that split them all)."""
     heads, kv_heads = model.num_heads, model.num_kv_heads
@@ -58,7 +68,7 @@ def _not_divided(model: SplitSizes, tp: int, expert_parallel: bool) -> list[Spli
     if heads % tp:
         found.append(SplitProblem(f"TP {tp} does not divide the model's {heads} attention heads (config.json "
                                   f"num_attention_heads {heads})", f"use a TP size that divides {heads}"))
-    elif tp % kv_heads and kv_heads % tp:
+    if tp % kv_heads and kv_heads % tp:
         found.append(SplitProblem(f"TP {tp} and the model's {kv_heads} KV heads do not divide each other "
                                   f"(config.json num_key_value_heads {kv_heads})",
                                   f"use a TP size that divides {kv_heads} or a multiple of it"))
@@ -92,25 +102,31 @@ def _not_divided(model: SplitSizes, tp: int, expert_parallel: bool) -> list[Spli
     return found
 
 
-def tp_sizes(model: SplitSizes, expert_parallel: bool) -> list[int]:
-    """Every TP size the model splits over (each divides the attention heads, so there are few)."""
+def _problems(model: SplitSizes, tp: int, expert_parallel: bool, rule: TPRule | None) -> list[SplitProblem]:
+    return _not_divided(model, tp, expert_parallel) + (rule(tp, expert_parallel) if rule is not None else [])
+
+
+def tp_sizes(model: SplitSizes, expert_parallel: bool, rule: TPRule | None = None) -> list[int]:
+    """Every TP size the model splits over and `rule` allows (each divides the attention heads, so there are few).
+    TP 1 always is one: it splits nothing, and a TPRule finds nothing there."""
     return [tp for tp in range(1, model.num_heads + 1)
-            if model.num_heads % tp == 0 and not _not_divided(model, tp, expert_parallel)]
+            if model.num_heads % tp == 0 and not _problems(model, tp, expert_parallel, rule)]
 
 
-def split_problems(model: SplitSizes, tp: int, expert_parallel: bool) -> list[SplitProblem]:
-    """What `tp` does not split (`expert_parallel`: whole routed experts per rank), each hint naming the TP sizes that
-    split the whole model; [] when it splits."""
-    found = _not_divided(model, tp, expert_parallel)
+def split_problems(model: SplitSizes, tp: int, expert_parallel: bool, rule: TPRule | None = None
+                   ) -> list[SplitProblem]:
+    """Everything `tp` does not split (`expert_parallel`: whole routed experts per rank), then what the checkpoint's
+    `rule` refuses, each hint naming the TP sizes that pass them all; [] when `tp` passes."""
+    found = _problems(model, tp, expert_parallel, rule)
     if not found:
         return []
-    sizes = ", ".join(map(str, tp_sizes(model, expert_parallel)))
+    sizes = ", ".join(map(str, tp_sizes(model, expert_parallel, rule)))
     return [SplitProblem(p.message, f"{p.hint}; this model splits over TP {sizes}") for p in found]
 
 
-def check_split(model: SplitSizes, tp: int, expert_parallel: bool) -> None:
-    """The load's refusal of a TP size the model does not split over: check-config's first problem as a
-    PdlaunchError (a ValueError from a layer would reach the user as a traceback)."""
-    found = split_problems(model, tp, expert_parallel)
+def check_split(model: SplitSizes, tp: int, expert_parallel: bool, rule: TPRule | None = None) -> None:
+    """The load's refusal of a TP size: every problem check-config names for it, in its words, in one ConfigError
+    (one `parallel.tp` line each; a ValueError from a layer would reach the user as a traceback)."""
+    found = split_problems(model, tp, expert_parallel, rule)
     if found:
-        raise PdlaunchError(found[0].message, field="parallel.tp", hint=found[0].hint)
+        raise ConfigError([("parallel.tp", f"{p.message} ({p.hint})") for p in found])

@@ -1,7 +1,7 @@
 """check-config refuses, per instance group, a TP size that does not divide a width TP splits (the dense MLP's
 intermediate_size, a Qwen-MoE's dense layers, the experts', Qwen2-MoE's shared expert), naming the config.json key
 and the TP sizes that work; the load refuses it in the same words as our error (a ValueError from a layer was a
-traceback for the user)."""
+traceback for the user). tests/config/test_tp_all_problems.py: a TP size that breaks several rules."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.config.rules import roles
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ConfigError
 from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.checkpoint import load_checkpoint
 from pdlaunch.model.loader import load_model
@@ -41,9 +41,10 @@ def test_check_config_names_the_group_whose_tp_does_not_divide_the_mlp_width(tmp
 
 def test_the_load_refuses_it_in_check_config_words_as_our_error(tmp_path: Path) -> None:
     model = write_model(tmp_path, intermediate_size=260)
-    with pytest.raises(PdlaunchError) as err:
+    with pytest.raises(ConfigError) as err:
         load_model(load_checkpoint(str(model)), torch.device("cpu"), torch.float32, tp_rank=7, tp_size=8)
-    assert (err.value.field, err.value.message, err.value.hint) == ("parallel.tp", *DENSE_260)
+    assert err.value.problems == [("parallel.tp", f"{DENSE_260[0]} ({DENSE_260[1]})")]
+    assert str(err.value) == f"parallel.tp: {DENSE_260[0]} ({DENSE_260[1]})"
 
 
 def test_serve_exits_1_with_one_line_a_group_and_no_traceback(tmp_path: Path) -> None:
@@ -59,16 +60,22 @@ def test_serve_exits_1_with_one_line_a_group_and_no_traceback(tmp_path: Path) ->
 @pytest.mark.slow
 def test_past_check_config_the_instances_load_refuses_it_without_a_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the TP rule off in serve's own check (a config checked where the checkpoint was another), both TP ranks
-    of each instance refuse the model at load: serve exits 1 with the message, and no log holds a traceback (the
-    launcher shows a log's last lines)."""
-    monkeypatch.setattr(roles, "tp_problems", lambda cfg, info: [])
-    model = write_model(tmp_path, intermediate_size=255)
+    """With the TP rules off in serve's own check (a config checked where the checkpoint was another), both TP ranks
+    of each instance refuse the model at load, naming every rule TP 2 breaks (the load named the first only): serve
+    exits 1 with the messages, and no log holds a traceback (the launcher shows a log's last lines)."""
+    monkeypatch.setattr(roles, "tp_problems", lambda *args: [])
+    # 3 heads of 32 and 3 KV heads, 255 = 3 x 5 x 17: TP 2 divides neither; TP 3 divides both
+    model = write_model(tmp_path, hidden_size=96, num_attention_heads=3, num_key_value_heads=3, intermediate_size=255)
     served = invoke(["serve", "--model", str(model), "--device", "cpu", "--tp", "2",
                      "--log-dir", str(tmp_path / "logs")])
     assert served.exit_code == 1, served.output
-    assert ("parallel.tp: TP 2 does not divide the MLP width (config.json intermediate_size 255) (use a TP size "
-            "that divides 255; this model splits over TP 1)") in " ".join(served.output.split()), served.output
+    said = " ".join(served.output.split())
+    for what, fix in [("the model's 3 attention heads (config.json num_attention_heads 3)", "divides 3"),
+                      ("the MLP width (config.json intermediate_size 255)", "divides 255")]:
+        assert f"parallel.tp: TP 2 does not divide {what} (use a TP size that {fix}; this model splits over TP 1, 3)" \
+            in said, served.output
+    assert ("parallel.tp: TP 2 and the model's 3 KV heads do not divide each other (config.json num_key_value_heads "
+            "3) (use a TP size that divides 3 or a multiple of it; this model splits over TP 1, 3)") in said
     logs = {log.name: log.read_text() for log in (tmp_path / "logs").glob("*.log")}
     assert logs and not [name for name, text in logs.items() if "Traceback" in text], logs
 

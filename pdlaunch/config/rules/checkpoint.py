@@ -4,7 +4,8 @@ Weights are never read: shapes come from the file headers and are fed as meta te
 loader's own `load_tensor` (the weight_loader of each parameter), so check-config and the load
 agree on every name and shape by construction. FP8 scales (a few KiB each) are read, so that a NaN or
 negative one is refused here as the load refuses it. A block-FP8 checkpoint's projections must also split
-on 128 edges at the TP size of every instance group (each rank's block scales cover whole blocks).
+on 128 edges at the TP size of every instance group (each rank's block scales cover whole blocks): `block_fp8_tp_rule`,
+which tp_problems reports with the other TP rules.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
+from pdlaunch.config.topology_config import group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from pdlaunch.model.arch import ModelArch
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.tokenizer import Tokenizer
+    from pdlaunch.model.tp_split import TPRule
     from pdlaunch.model.weight_files import TensorHeader
     from pdlaunch.model.weight_loader import ShardId
 
@@ -208,36 +210,20 @@ def _torch_dtype(name: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge
-    (model/quant/block_tp.py says which projections TP splits). One off a 128 edge at TP 1 already is the
-    checkpoint's problem, not a group's (weight_problems)."""
+def block_fp8_tp_rule(cfg: DeploymentConfig) -> TPRule | None:
+    """The TP rule of a block-FP8 checkpoint (model/quant/block_tp.py: which projections a TP size cuts off the
+    128-wide scale blocks), which tp_problems reports beside the split rules per instance group; None for any other
+    model. One off a 128 edge at TP 1 already is the checkpoint's problem, not a group's (weight_problems)."""
     from pdlaunch.model.arch import load_arch  # layering: lazy (torch stays off config-only paths)
-    from pdlaunch.model.quant.block_tp import SHARED_EXPERT, block_misaligned  # torch-free
-    from pdlaunch.model.quant.config import BLOCK, load_quant_config
+    from pdlaunch.model.quant.block_tp import block_tp_rule  # torch-free
+    from pdlaunch.model.quant.config import load_quant_config
 
     if cfg.model.path in ("demo", "tiny") or cfg.model.path.lower().endswith(".gguf"):
-        return []
+        return None
     directory = Path(os.path.expanduser(cfg.model.path))
     try:
         quant = load_quant_config(directory, cfg.model.quantization)
         arch = load_arch(directory)
     except PdlaunchError:
-        return []  # reported by checkpoint_problems
-    if quant is None or quant.scheme != "block" or block_misaligned(arch, 1, quant.skips):
-        # misaligned at TP 1 (k, v or up starts mid-block in its fused weight): refused at every TP size, once, by
-        # weight_problems in the load's words; "use a TP size ..." would send the user after sizes that cannot help
-        return []
-    problems: list[Problem] = []
-    for i, group in enumerate(cfg.instances):
-        tp = group.tp or 1
-        bad = block_misaligned(arch, tp, quant.skips)
-        if not bad:
-            continue
-        what = f"TP {tp} splits the block-FP8 projections {', '.join(bad)} off the {BLOCK}-wide scale blocks"
-        if group_expert_parallel(cfg.parallel, group) and any(name.startswith(SHARED_EXPERT) for name in bad):
-            what += " (expert parallel places whole routed experts but splits the shared expert by TP)"
-        problems.append(problem(f"instances[{i}].tp", what, f"use a TP size whose shards are whole {BLOCK}-row "
-                                "blocks (or a per-channel FP8 checkpoint, or the unquantized checkpoint with "
-                                "--quantization fp8)"))
-    return problems
+        return None  # reported by checkpoint_problems
+    return block_tp_rule(arch, quant)

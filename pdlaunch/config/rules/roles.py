@@ -11,7 +11,7 @@ from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
 from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
-from pdlaunch.model.tp_split import split_problems  # torch-free
+from pdlaunch.model.tp_split import TPRule, split_problems  # torch-free
 
 # More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
 # rank, so a typo such as `count: 3000000` must stop there instead of filling memory.
@@ -190,12 +190,13 @@ def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
                    "node's address")
 
 
-def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
+def tp_problems(cfg: DeploymentConfig, info: ModelInfo, rule: TPRule | None = None) -> list[Problem]:
     """Each group's TP size splits the model (model/tp_split.py: the heads, the MLP and expert widths, the experts
-    under expert parallel, as the load refuses them); P and D TP sizes divide one another (and, when they differ, KV
-    moves by pull: kv_transfer/reshard.py)."""
+    under expert parallel) and passes the checkpoint's `rule` (a block-FP8 one's 128 edges: checkpoint.py
+    `block_fp8_tp_rule`), every problem named, as the load refuses them; P and D TP sizes divide one another (and,
+    when they differ, KV moves by pull: kv_transfer/reshard.py)."""
     problems = [problem(f"instances[{i}].tp", found.message, found.hint) for i, group in enumerate(cfg.instances)
-                for found in split_problems(info, group.tp or 1, group_expert_parallel(cfg.parallel, group))]
+                for found in split_problems(info, group.tp or 1, group_expert_parallel(cfg.parallel, group), rule)]
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
     for p_tp in sorted(prefill):
