@@ -54,6 +54,10 @@ serve_round() {
     $py -m pdlaunch serve --model "$ckpt" --port $port --log-dir "$out/logs-$name" "$@" > "$out/serve-$name.log" 2>&1 &
     local pid=$!
     if wait_ready $port $pid 300; then
+        if [ -n "${WARM_BENCH:-}" ]; then  # WARM_BENCH=1: the same bench once before, another seed, reported apart
+            TAIL=6 step "bench-$name-first" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
+                --seed 1001 --save-result --result-dir "$out" --result-filename "$name-first.json"
+        fi
         $py benchmarks/serve_probe.py snap http://127.0.0.1:$port "$out/probe-$name-0.json"
         times > "$out/times-$name-0"
         if [ -n "${SPY:-}" ]; then  # SPY=py-spy's path: each instance's Python stacks over the bench's first seconds
@@ -63,10 +67,6 @@ serve_round() {
                 "$SPY" record -p "$ipid" -d "${SPY_SECONDS:-6}" -r 500 -f raw --threads ${SPY_GIL:+--gil} --nonblocking \
                     -o "$out/spy-$name-${url##*:}.txt" > /dev/null 2>&1 &
             done
-        fi
-        if [ -n "${WARM_BENCH:-}" ]; then  # WARM_BENCH=1: the same bench once before, another seed, reported apart
-            TAIL=6 step "bench-$name-first" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
-                --seed 1001 --save-result --result-dir "$out" --result-filename "$name-first.json"
         fi
         TAIL=24 step "bench-$name" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
             --save-result --result-dir "$out" --result-filename "$name.json"
