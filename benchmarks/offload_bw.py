@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
-from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec  # noqa: E402
+from pdlaunch.offload.transfer import CpuGpuTransfer  # noqa: E402
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

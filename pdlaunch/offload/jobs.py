@@ -15,7 +15,8 @@ import torch
 from pdlaunch.errors import EngineError
 from pdlaunch.offload import metrics
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
-from pdlaunch.offload.transfer import CpuGpuTransfer, TransferResult, TransferSpec
+from pdlaunch.offload.transfer import CpuGpuTransfer, TransferResult
+from pdlaunch.offload.transfer_spec import TransferSpec
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_manager import BlockManager, PrefixHit
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
 from pdlaunch.offload.jobs import OffloadJobs
-from pdlaunch.offload.transfer import CPULoadStoreSpec, GPULoadStoreSpec
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.kvcache.prefix_cache import PrefixNode
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
 from pdlaunch.offload.jobs import OffloadJobs
-from pdlaunch.offload.transfer import CPULoadStoreSpec, GPULoadStoreSpec
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec
 
 log = logging.getLogger(__name__)
 

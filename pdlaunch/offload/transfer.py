@@ -1,17 +1,6 @@
 """Block copies between the device KV cache and the CPU tier, for every KV-cache group in one job.
 
-Addressing. Both sides use the block-major layout of model/attention_metadata.py, one tensor per
-KV-cache group: `[num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim]`. A job moves a
-request's *logical* blocks (token block j of its sequence) 0..N-1 relative to the job:
-
-- the CPU side (`CPULoadStoreSpec.block_ids`) names one CPU block per `block_size_factor` logical
-  blocks; logical block j lives in CPU block `block_ids[j // f]` at sub-block `j % f` (a CPU block
-  holds f device blocks, in every group);
-- the device side (`GPULoadStoreSpec`) lists, group after group, the device block ids it moves:
-  `group_sizes[g]` ids for group g, the first of which is logical block `block_indices[g]`. A
-  sliding-window group that only keeps a request's tail starts later than a full-attention group,
-  and its start need not be a multiple of f (an unaligned start skips `block_indices[g] % f`
-  sub-blocks of its first CPU block and leaves them untouched).
+What a job moves and where its blocks lie on both sides (the specs, the addressing) is transfer_spec.py's.
 
 Ordering. One worker thread issues every job in submission order (on CUDA onto one transfer
 stream), so transfers never overtake each other: a load submitted after a store reads what that
@@ -34,38 +23,9 @@ import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import cuda_event, cuda_stream, event_done, set_device
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec, TransferSpec, copy_runs
 
-__all__ = ["CPULoadStoreSpec", "GPULoadStoreSpec", "TransferResult", "TransferSpec", "CpuGpuTransfer", "block_runs",
-           "device_fault"]
-
-
-@dataclass(frozen=True)
-class GPULoadStoreSpec:
-    """Device blocks of every group of one job (see the module docstring for the addressing)."""
-
-    block_ids: tuple[int, ...]  # sum(group_sizes) ids, group 0 first
-    group_sizes: tuple[int, ...]  # per group: how many of block_ids belong to it (0 = group not moved)
-    block_indices: tuple[int, ...]  # per group: logical block (job-relative) of its first id
-
-    def __post_init__(self) -> None:
-        if len(self.group_sizes) != len(self.block_indices):
-            raise EngineError(f"{len(self.group_sizes)} group sizes but {len(self.block_indices)} block indices",
-                              field="offload.spec", hint="give one block index per KV-cache group")
-        if sum(self.group_sizes) != len(self.block_ids) or min(self.group_sizes + self.block_indices, default=0) < 0:
-            raise EngineError(f"group sizes {self.group_sizes} do not split {len(self.block_ids)} block ids",
-                              field="offload.spec", hint="group_sizes must be >= 0 and sum to len(block_ids)")
-
-    def group_block_ids(self, group: int) -> tuple[int, ...]:
-        start = sum(self.group_sizes[:group])
-        return self.block_ids[start:start + self.group_sizes[group]]
-
-
-@dataclass(frozen=True)
-class CPULoadStoreSpec:
-    block_ids: tuple[int, ...]  # CPU blocks; logical block j of the job is in block_ids[j // factor]
-
-
-TransferSpec = tuple[GPULoadStoreSpec, CPULoadStoreSpec] | tuple[CPULoadStoreSpec, GPULoadStoreSpec]
+__all__ = ["TransferResult", "CpuGpuTransfer", "device_fault"]
 
 
 @dataclass
@@ -83,17 +43,6 @@ def device_fault(exc: BaseException) -> bool:
     """Whether `exc` is a CUDA runtime error (torch >= 2.8 raises AcceleratorError, older ones a
     RuntimeError naming it): unlike a bad spec or tensor, it can leave any copy on the device half done."""
     return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
-
-
-def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(src_start, dst_start, length) runs where both sides advance by one: fewer, larger copies."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
 
 
 @dataclass
@@ -144,32 +93,6 @@ class CpuGpuTransfer:
         self._worker = threading.current_thread()
         set_device(self.device_index)
 
-    # -- addressing ------------------------------------------------------------------------------
-    def _copies(self, gpu: GPULoadStoreSpec, cpu: CPULoadStoreSpec) -> list[tuple[int, list[tuple[int, int, int]]]]:
-        """Per group: runs of (device block, CPU sub-block, length)."""
-        if len(gpu.group_sizes) != len(self.gpu_caches):
-            raise EngineError(f"spec has {len(gpu.group_sizes)} groups, the cache {len(self.gpu_caches)}",
-                              field="offload.spec", hint="give group_sizes/block_indices for every group")
-        f = self.factor
-        out = []
-        for g in range(len(self.gpu_caches)):
-            ids = gpu.group_block_ids(g)
-            if not ids:
-                continue
-            first = gpu.block_indices[g]
-            if (first + len(ids) - 1) // f >= len(cpu.block_ids):
-                raise EngineError(
-                    f"group {g}: logical blocks {first}..{first + len(ids) - 1} need "
-                    f"{(first + len(ids) - 1) // f + 1} CPU blocks, the spec has {len(cpu.block_ids)}",
-                    field="offload.spec", hint="block_indices + group_sizes must fit the CPU block list")
-            subs = [cpu.block_ids[j // f] * f + j % f for j in range(first, first + len(ids))]
-            num_gpu, num_cpu = self.gpu_caches[g].shape[0], self.cpu_caches[g].shape[0]
-            if any(not 0 <= b < num_gpu for b in ids) or any(not 0 <= s < num_cpu for s in subs):
-                raise EngineError(f"group {g}: a block id is out of range", field="offload.spec",
-                                  hint=f"device blocks < {num_gpu}, CPU blocks < {num_cpu // f}")
-            out.append((g, block_runs(ids, subs)))
-        return out
-
     # -- jobs ------------------------------------------------------------------------------------
     def transfer_async(self, job_id: int, spec: TransferSpec) -> bool:
         """Queue one job (device->CPU when spec[0] is the device side). False when it cannot run."""
@@ -180,7 +103,7 @@ class CpuGpuTransfer:
             raise EngineError("a transfer spec pairs one device side with one CPU side", field="offload.spec")
         if self._closed or job_id in self._jobs:
             return False
-        copies = self._copies(gpu, cpu)
+        copies = copy_runs(gpu, cpu, self.gpu_caches, self.cpu_caches, self.factor)
         gpu_caches, cpu_caches = list(self.gpu_caches), list(self.cpu_caches)
         num_bytes = sum(n * gpu_caches[g][0].nbytes for g, runs in copies for _, _, n in runs)
         events = _CudaEvents(cuda_event(), cuda_event(timing=True), cuda_event(timing=True)) if self.cuda else None

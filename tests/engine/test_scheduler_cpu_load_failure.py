@@ -12,7 +12,7 @@ from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.errors import EngineError
 from pdlaunch.offload.manager import OffloadManager
-from pdlaunch.offload.transfer import TransferSpec
+from pdlaunch.offload.transfer_spec import TransferSpec
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req, step
 from tests.helpers.offload_tier import BASE, manager_holding_two_blocks
 

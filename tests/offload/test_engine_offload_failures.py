@@ -10,7 +10,7 @@ import pytest
 
 from pdlaunch.errors import EngineError
 from pdlaunch.offload import metrics
-from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
+from pdlaunch.offload.transfer_spec import GPULoadStoreSpec, TransferSpec
 from tests.engine.conftest import MakeEngine, run_all
 from tests.helpers.offload_tier import loads_fail_while_copying
 from tests.offload.test_engine_offload import GREEDY, OPTIONS, _hf, _prompts

@@ -12,7 +12,8 @@ from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.offload.cpu_tier import CPUTier
 from pdlaunch.offload.manager import OffloadManager
-from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferResult, TransferSpec, device_fault
+from pdlaunch.offload.transfer import TransferResult, device_fault
+from pdlaunch.offload.transfer_spec import GPULoadStoreSpec, TransferSpec
 
 BLOCK_SIZE = 4
 SHAPE = (1, 2, BLOCK_SIZE, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]

@@ -11,7 +11,8 @@ import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import bound_device_index
-from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec, block_runs
+from pdlaunch.offload.transfer import CpuGpuTransfer
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec, block_runs
 
 BLOCK_SHAPE = (2, 4, 2, 8)  # 2 (k, v), block_size 4, 2 kv heads, head_dim 8
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pdlaunch.errors import EngineError
-from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec, _CudaEvents, _Job
+from pdlaunch.offload.transfer import CpuGpuTransfer, _CudaEvents, _Job
+from pdlaunch.offload.transfer_spec import CPULoadStoreSpec, GPULoadStoreSpec
 
 SHAPE = (1, 2, 4, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]
 
