@@ -31,7 +31,6 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp
 
-from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.rules.chat_template import chat_template_problems
@@ -41,7 +40,8 @@ from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
-from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
+from pdlaunch.proxy.instance_flags import check_engine_ids, check_names, parse_instances
+from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, InstancePool
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
 from pdlaunch.proxy.workers import MAX_WORKERS, Supervisor
 from pdlaunch.server.watchdog import watch_parent
@@ -82,27 +82,6 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit and self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_shutdown)
         super().handle_exit(sig, frame)
-
-
-def _named(value: str) -> tuple[str, str]:
-    """--prefill/--decode/--colocated NAME=URL as (NAME, URL); a bare URL as ("", URL)."""
-    name, _, url = value.partition("=") if "=" in value.split("://", 1)[0] else ("", "", value)
-    return name, url
-
-
-def _names(role: Role, values: list[str]) -> list[str]:
-    """The instances' names: NAME of NAME=URL, else the launcher's name of the n-th instance of the role."""
-    return [_named(value)[0] or instance_name(role, index) for index, value in enumerate(values)]
-
-
-def parse_instances(role: Role, values: list[str]) -> list[Instance]:
-    out = []
-    for name, value in zip(_names(role, values), values):
-        url = _named(value)[1]
-        if not url.startswith(("http://", "https://")):
-            raise SystemExit(f"--{role} {value!r}: expected http://HOST:PORT (optionally NAME=URL)")
-        out.append(Instance(role=role, url=url.rstrip("/"), name=name))
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,39 +196,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if not stat.S_ISSOCK(kind):
             parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
                          "start the proxy with --workers N instead)")
-    _check_names(parser, args)
-    _check_engine_ids(parser, args)
+    check_names(parser, args)
+    check_engine_ids(parser, args)
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
         parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
-
-
-def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every instance has a name of its own: the proxy's routing, /instances, metrics and --engine-id key on it."""
-    seen: set[str] = set()
-    roles: tuple[Role, ...] = ("prefill", "decode", "colocated")
-    for role in roles:
-        for name in _names(role, getattr(args, role)):
-            if name in seen:
-                parser.error(f"--{role}: two instances are named {name!r}; give each its own NAME=URL")
-            seen.add(name)
-
-
-def _check_engine_ids(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--engine-id NAME=ID names an instance given as NAME=URL, once; becomes args.engine_ids (NAME -> ID)."""
-    names = {_named(value)[0] for value in args.prefill + args.decode + args.colocated} - {""}
-    args.engine_ids = {}
-    for value in args.engine_id:
-        name, _, engine_id = value.partition("=")
-        if not engine_id:
-            parser.error(f"--engine-id {value!r}: expected NAME=ENGINE_ID")
-        if name not in names:
-            parser.error(f"--engine-id {value!r}: no instance is named {name!r}; name it as "
-                         f"--prefill/--decode/--colocated {name}=URL (named: {', '.join(sorted(names)) or 'none'})")
-        if name in args.engine_ids:
-            parser.error(f"--engine-id {value!r}: {name} already has engine_id {args.engine_ids[name]!r}")
-        args.engine_ids[name] = engine_id
 
 
 def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

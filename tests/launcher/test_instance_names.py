@@ -14,7 +14,8 @@ from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.rules.host import _served_files
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.plan import plan_deployment
-from pdlaunch.proxy.__main__ import parse_args, parse_instances
+from pdlaunch.proxy.__main__ import parse_args
+from pdlaunch.proxy.instance_flags import parse_instances
 from tests.config.cli_helpers import check
 from tests.launcher.free_ports import free_on_both
 
