@@ -21,7 +21,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.engine_call import Call
-from pdlaunch.server.engine_thread import Abort, Add, EngineThread
+from pdlaunch.server.engine_commands import Abort, Add
+from pdlaunch.server.engine_thread import EngineThread
 from pdlaunch.server.request_stream import RequestStream
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only

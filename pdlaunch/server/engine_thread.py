@@ -18,24 +18,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.metrics.instance import INTER_TOKEN_LATENCY, KV_BLOCKS_TOTAL, TIME_TO_FIRST_TOKEN
 from pdlaunch.server.engine_call import Call
+from pdlaunch.server.engine_commands import Abort, Add, Command
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
 from pdlaunch.server.recent_itl import RecentItl
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
-    from llguidance import LLMatcher
-
     from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.engine.stats import EngineStats
 
@@ -43,20 +39,6 @@ log = logging.getLogger("pdlaunch.server")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
 CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
-
-
-@dataclass(eq=False)  # one per request submitted: EngineThread._adds holds them by identity
-class Add:
-    stream: RequestStream
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
-    matcher: Future[LLMatcher] | None = None  # structured output: its grammar's matcher, built (submit)
-
-
-@dataclass
-class Abort:
-    request_id: str
 
 
 class EngineThread:
@@ -74,7 +56,7 @@ class EngineThread:
         self.idle_wait_s = idle_wait_s
         self.quiescent_wait_s = quiescent_wait_s
         self._on_fatal = on_fatal
-        self._commands: queue.Queue[Add | Abort | Call[object] | None] = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         # submitted, not yet taken by the engine thread (queued, or its grammar builds): aborts if it stops first
         self._adds: set[Add] = set()
