@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
+from pdlaunch.config.target_host import TargetHost
 from pdlaunch.config.topology_config import NodeConfig
-from pdlaunch.config.validate import TargetHost
 from pdlaunch.errors import PdlaunchError
 
 SCONTROL_TIMEOUT_S = 30.0

@@ -27,15 +27,8 @@ from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
 from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
-from pdlaunch.config.validate import (
-    TargetHost,
-    checked_on_nodes,
-    cumem_reason,
-    gpu_memory_bytes,
-    model_info_for,
-    target_problems,
-    validate_deployment,
-)
+from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, target_problems
+from pdlaunch.config.validate import checked_on_nodes, cumem_reason, model_info_for, validate_deployment
 from pdlaunch.errors import ConfigError, PdlaunchError
 
 

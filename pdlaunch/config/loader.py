@@ -30,7 +30,7 @@ from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pdlaunch.config.validate import TargetHost
+    from pdlaunch.config.target_host import TargetHost
 
 logger = logging.getLogger(__name__)
 RENAMED_KEYS = {"cache.cpu_offload_gb": "cache.kv_offload_gb"}  # old YAML key -> its name now

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from pdlaunch.config.addresses import bind_problem
 from pdlaunch.config.deployment_config import DeploymentConfig
@@ -28,7 +27,8 @@ from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import block_fp8_tp_rule, checkpoint_problems, runs_fp8_kv_cache
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
-from pdlaunch.config.strict_model import BLOCK_SIZES, MAX_GIB
+from pdlaunch.config.strict_model import BLOCK_SIZES
+from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, visible_gpus
 from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.memory import host_devices
 
@@ -42,38 +42,6 @@ def _info_once(message: str) -> None:
     if message not in _logged_once:
         _logged_once.add(message)
         logger.info(message)
-
-
-@dataclass(frozen=True)
-class TargetHost:
-    """The GPU host a config is meant for (`--target-gpus N --target-gpu-memory GIB`), when not this one."""
-
-    gpus: int
-    gpu_memory_gib: float
-    source: str = "declared"  # where the figures come from, as check-config prints it
-
-
-def target_problems(
-    target_gpus: int | None, target_gpu_memory: float | None
-) -> tuple[TargetHost | None, list[Problem]]:
-    """The declared target host from the two check-config flags, or the problems with them."""
-    if target_gpus is None and target_gpu_memory is None:
-        return None, []
-    problems: list[Problem] = []
-    if target_gpus is None or target_gpu_memory is None:
-        missing = "--target-gpus" if target_gpus is None else "--target-gpu-memory"
-        problems.append(problem(missing, "a target host needs both --target-gpus and --target-gpu-memory",
-                                f"add {missing}"))
-    if target_gpus is not None and not 1 <= target_gpus <= roles.MAX_RANKS:
-        problems.append(problem("--target-gpus", f"must be 1..{roles.MAX_RANKS}, got {target_gpus}",
-                                "give the GPU count of one host"))
-    if target_gpu_memory is not None and not 0 < target_gpu_memory <= MAX_GIB:
-        problems.append(problem("--target-gpu-memory", f"must be a positive number of GiB up to {MAX_GIB}, "
-                                f"got {target_gpu_memory}", "e.g. --target-gpu-memory 80"))
-    if problems:
-        return None, problems
-    assert target_gpus is not None and target_gpu_memory is not None
-    return TargetHost(gpus=target_gpus, gpu_memory_gib=target_gpu_memory), []
 
 
 def checked_on_nodes(cfg: DeploymentConfig, target: TargetHost | None) -> bool:
@@ -203,14 +171,6 @@ def share_one_gpu(cfg: DeploymentConfig) -> None:
                "each (list `devices` per instance group to choose yourself).")
 
 
-def visible_gpus(device: str, target: TargetHost | None) -> int:
-    """GPUs per node that devices are checked against: the target host's, else this machine's (the nodes
-    gpu_nodes_here names)."""
-    if target is not None:
-        return target.gpus
-    return host_devices.device_count() if device == "cuda" else 0
-
-
 def gpu_nodes_here(cfg: DeploymentConfig, target: TargetHost | None) -> list[int]:
     """The nodes whose GPUs visible_gpus counts: each node, for a target host (it describes every host);
     else the node this machine is (parallel.node_rank), and none for the batch process of `--backend slurm`,
@@ -220,16 +180,6 @@ def gpu_nodes_here(cfg: DeploymentConfig, target: TargetHost | None) -> list[int
     if target is not None or not cfg.parallel.nodes:
         return list(range(nodes))
     return [] if checked_on_nodes(cfg, target) else [cfg.parallel.node_rank]
-
-
-def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
-    """Memory of one GPU (the smallest visible one), or None on CPU / without a GPU."""
-    if device != "cuda":
-        return None
-    if target is not None:
-        return int(target.gpu_memory_gib * memory.GIB)
-    count = host_devices.device_count()
-    return min(host_devices.device_total_bytes(i) for i in range(count)) if count else None
 
 
 def model_info_for(cfg: DeploymentConfig) -> tuple[ModelInfo | None, list[Problem]]:

@@ -36,7 +36,8 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
         stall_timeout_problems,
         tp_support_problems,
     )
-    from pdlaunch.config.validate import TargetHost, cumem_problems, device_rules, resolve
+    from pdlaunch.config.target_host import TargetHost
+    from pdlaunch.config.validate import cumem_problems, device_rules, resolve
     from pdlaunch.render.kubernetes import storage_connector_problems
     from pdlaunch.render.pod_ports import pod_port_problems
     from pdlaunch.render.reshard import reshard_problems

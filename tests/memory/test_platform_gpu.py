@@ -29,7 +29,7 @@ def test_to_device_async_copies_the_host_tensor_as_it_is_now() -> None:
 # Run in a fresh process: this test process has its own CUDA context already.
 _CHECK = """
 import os, subprocess, sys
-from pdlaunch.config.validate import gpu_memory_bytes
+from pdlaunch.config.target_host import gpu_memory_bytes
 total = gpu_memory_bytes("cuda", None)
 apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
                       capture_output=True, text=True, timeout=30).stdout.split()
