@@ -8,7 +8,7 @@ killed to be restarted once it has been stalled for supervision.stall_restart_se
 A dead prefill or decode is forgotten by its peers before it restarts (forget_peers.py): a peer's mapping of
 its GPU memory would keep that memory allocated, and the restarted instance would find it taken.
 Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
-stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too: their rows
+stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too (remote_rows.py): their rows
 follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them, and say
 "not this instance" where another server answers there (Deployment.answers_as_remote), and count for
 supervision.role_down_grace_seconds, which node 0 applies to every role; another node, to the roles wholly its own.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import signal
 import time
-from functools import partial
 
 import httpx
 from rich.console import Console
@@ -27,17 +26,16 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
-from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ChildExited
+from pdlaunch.launcher.remote_rows import RemoteRows
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
-from pdlaunch.launcher.stall_watch import NOT_ITSELF, StallWatch
+from pdlaunch.launcher.stall_watch import StallWatch
 from pdlaunch.launcher.status import StatusView
 
 PROBE_TIMEOUT_S = 1.0
 BLOCKS_REFRESH_S = 2.0  # how often the status table's KV blocks column asks each instance's /info
 BLOCKS_TIMEOUT_S = 1.0
-REMOTE_LIVE = frozenset({"ready", "sleeping"})  # /health states that count another node's instance live (_check_roles)
 
 
 class SupervisionFailed(PdlaunchError):
@@ -82,13 +80,11 @@ class Supervisor:
         self.console = console
         self.policy = RestartPolicy.from_config(deployment.cfg.supervision)
         self.records = _records(deployment)
-        # node 0's rows of instances other nodes run: set ready by the start's wait, then by their /health
-        self.remote = ([p for p in deployment.plan.instances if not p.local]
-                       if deployment.plan.proxy_url is not None else [])
+        self.remote = RemoteRows(deployment)  # node 0's rows of instances other nodes run
         # Node 0 sees every instance (the others' through their /health), so it judges every role, one with instances
         # on several nodes too; another node sees only its own, and judges only the roles wholly its own.
         local_roles = {r.role for _, r in self.records}
-        self.roles = sorted(local_roles | {p.spec.role for p in self.remote} if deployment.plan.proxy_url is not None
+        self.roles = sorted(local_roles | self.remote.roles() if deployment.plan.proxy_url is not None
                             else local_roles - {p.spec.role for p in deployment.plan.instances if not p.local})
         self.role_watch = RoleWatch(self.policy.grace_s)
         self.view = StatusView(console, list(deployment.rows.values()),
@@ -98,11 +94,10 @@ class Supervisor:
         self.stall_timeout_s = deployment.cfg.proxy.health_timeout_seconds
         self.stall_restart_s = deployment.cfg.supervision.stall_restart_seconds
         self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records}
-                                      | {p.spec.name: p.url + "/health" for p in self.remote}, self.stall_timeout_s,
-                                      is_itself={p.spec.name: partial(deployment.answers_as_remote, p)
-                                                 for p in self.remote})
-        for plan in self.remote:
-            self.stall_watch.watch(plan.spec.name, True)
+                                      | self.remote.health_urls(), self.stall_timeout_s,
+                                      is_itself=self.remote.identities())
+        for name in self.remote.health_urls():
+            self.stall_watch.watch(name, True)
         self._stalled: set[str] = set()  # names shown as stalled
         self.ask_forget = http_ask(internal_headers(deployment.cfg.security.deployment_secret))
         self.forget_timeout_s = FORGET_TIMEOUT_S
@@ -151,8 +146,7 @@ class Supervisor:
                 self._say(f"{record.name} is ready again after restart {record.restarts}")
                 if child is not self.deployment.proxy:
                     self.deployment.refresh_blocks(record.name)
-        for plan in self.remote:
-            self._follow_remote(plan)
+        self.remote.follow(self.stall_watch, self.stall_timeout_s, self._say)
         self._check_roles(now)
         if now >= self._blocks_due:  # the KV blocks column follows the load, not just the moment of readiness
             self._blocks_due = now + BLOCKS_REFRESH_S
@@ -161,30 +155,8 @@ class Supervisor:
                 if (record.ready and child is not self.deployment.proxy and child.poll() is None
                         and record.name not in self._stalled):
                     self.deployment.refresh_blocks(record.name, timeout=BLOCKS_TIMEOUT_S)
-            for plan in self.remote:
-                if self.deployment.rows[plan.spec.name].state == "ready":
-                    self.deployment.refresh_blocks(plan.spec.name, timeout=BLOCKS_TIMEOUT_S)
+            self.remote.refresh_blocks(BLOCKS_TIMEOUT_S)
         self.view.update()
-
-    def _follow_remote(self, plan: InstancePlan) -> None:
-        """The row of an instance another node runs (and restarts) says what its /health said last."""
-        name, row = plan.spec.name, self.deployment.rows[plan.spec.name]
-        health = self.stall_watch.health(name)
-        if health is None or health == row.state:
-            return
-        where = f"{name} on node {plan.node} ({plan.url})"
-        if health == NOT_ITSELF:
-            self._say(f"{where} is {'no longer ready' if row.state == 'ready' else 'not ready'}: another server "
-                      f"answers its /health, not with {self.deployment.remote_identity(plan)}; check what listens "
-                      f"on node {plan.node}'s port {plan.spec.port} (the proxy may still send it requests)")
-        elif row.state == "ready":
-            what = {"down": "refuses connections",
-                    "stalled": f"has not answered within {self.stall_timeout_s:g}s"}.get(health, f"says {health}")
-            self._say(f"{where} is no longer ready: its /health {what}; node "
-                      f"{plan.node}'s launcher supervises it, and the proxy routes around it meanwhile")
-        elif health == "ready":
-            self._say(f"{where} answers /health again")
-        row.state = health
 
     def _check_stall(self, child: ChildProcess, record: ProcessRecord) -> None:
         """A ready process that has stopped answering /health (alive: its exit was checked first) is
@@ -281,17 +253,14 @@ class Supervisor:
         says ready or sleeping (put to sleep on purpose; a local one that sleeps is live too): a stalled one (no
         answer) cannot be told from a node that is gone."""
         rows = self.deployment.rows
-        live = {role: any(r.live for c, r in self.records if r.role == role and c.running)
-                or any(rows[p.spec.name].state in REMOTE_LIVE for p in self.remote if p.spec.role == role)
+        live = {role: any(r.live for c, r in self.records if r.role == role and c.running) or self.remote.live(role)
                 for role in self.roles}
         role = self.role_watch.overdue(live, now)
         if role is None:
             return
         members = [(c, r) for c, r in self.records if r.role == role]
         states = "; ".join([f"{r.name} {rows[r.name].state} ({_outage(r)}; log {c.log_path})" for c, r in members]
-                           + [f"{p.spec.name} {rows[p.spec.name].state} (on node {p.node} at {p.url}; node "
-                              f"{p.node}'s launcher restarts it, and its log is there)"
-                              for p in self.remote if p.spec.role == role])
+                           + self.remote.states(role))
         what = "the proxy has not been live" if role == "proxy" else f"no live {role} instance"
         child = members[0][0] if members else self.deployment.proxy  # its log says how the proxy saw them go
         assert child is not None, "a role without local instances is judged only on node 0, which runs the proxy"
