@@ -17,14 +17,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.launcher.child_commands import (
-    cpu_threads,
-    instance_argv,
-    prefill_side_channels_env,
-    proxy_argv,
-    proxy_env,
-    rank_argv,
-)
+from pdlaunch.launcher.child_commands import instance_argv, proxy_argv, proxy_env
 from pdlaunch.launcher.deployment_secret import with_deployment_secret, write_private
 from pdlaunch.launcher.health_identity import is_remote_instance, lists_instances, names_engine_id, remote_identity
 from pdlaunch.launcher.log_dir_lock import LogDirLock
@@ -37,6 +30,7 @@ from pdlaunch.launcher.plan import (
 )
 from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ReadyWait
+from pdlaunch.launcher.spawn import spawn_children
 from pdlaunch.launcher.stall_watch import NOT_ITSELF, health_state
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
@@ -99,30 +93,7 @@ class Deployment:
         resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
         deployment_file = self.deployment_file
         write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
-        device = self.plan.instances[0].spec.device
-        threads = cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
-        prefills = prefill_side_channels_env(self.cfg, self.plan)
-        for plan in self.plan.instances:
-            spec = plan.spec
-            devices = f"cuda:{','.join(map(str, plan.physical_devices))}" if spec.device == "cuda" else spec.device
-            self.rows[spec.name] = StatusRow(spec.name, spec.role, devices, plan.url,
-                                             state="starting" if plan.local else "remote")
-            if plan.local:
-                child = ChildProcess(spec.name, instance_argv(deployment_file, plan),
-                                     self.log_dir / f"{spec.name}.log",
-                                     env={**threads, **plan.env, **(prefills if spec.role == "decode" else {})})
-                self.instances.append(child)  # known before it runs: stop() then reaches it whenever it comes
-                child.start()
-        for rank in self.plan.remote_ranks:
-            where = f"node {rank.placement.nodes[0]}"
-            devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
-            self.rows[rank.name] = StatusRow(rank.name, f"rank {rank.rank}", devices, f"rank 0 on {where}",
-                                             state="running")
-            # No --parent-pid watch, and no SIGTERM while it waits for rank 0's store: it dies with this launcher.
-            child = ChildProcess(rank.name, rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
-                                 env={**threads, **rank.env}, parent_death_signal=signal.SIGKILL)
-            self.ranks.append(child)
-            child.start()
+        spawn_children(self.cfg, self.plan, deployment_file, self.log_dir, self.rows, self.instances, self.ranks)
         if self.plan.proxy_url is not None:
             self.rows["proxy"] = StatusRow("proxy", "proxy", "-", self.plan.proxy_url, state="waiting")
         view = StatusView(self.console, list(self.rows.values()), title=f"pdlaunch: {self.cfg.model.path}")
