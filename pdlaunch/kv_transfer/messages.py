@@ -1,7 +1,6 @@
-"""The typed messages of the KV plane: side-channel requests (a discriminated union on "type"), their
-answers, and NIXL notifications (on "kind"). Everything a peer sends is validated against these before
-any handler runs; a message that does not fit is refused (side channel) or dropped (notification).
-Notifications are built from these models too (`encode_notification`), never as hand-made strings.
+"""The typed messages of the KV plane's side channel: requests (a discriminated union on "type") and their
+answers; the NIXL notifications (on "kind") are notifications.py's. Everything a peer sends is validated against
+these before any handler runs; a message that does not fit is refused.
 
 Bounds: ids and names at most 512 characters, at most MAX_GROUPS KV-cache groups, block ids in
 [-1, 2**31), NIXL metadata as lowercase hex, seconds finite and within a day (the prefill clamps
@@ -22,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdlaunch.kv_transfer.auth import JSONObject
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
@@ -34,8 +33,8 @@ MAX_NAME_CHARS = 512
 MAX_SECONDS = 86400.0  # a claim or push deadline beyond a day is not ours: 1e308 is refused
 MAX_METADATA_HEX = 512 << 10  # NIXL agent metadata is a few hundred bytes on CPU, KiBs with GPU rkeys
 
-_Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-_Nonce = Annotated[str, Field(min_length=1, max_length=64)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+Nonce = Annotated[str, Field(min_length=1, max_length=64)]
 _Hex = Annotated[str, Field(min_length=2, max_length=MAX_METADATA_HEX, pattern=r"^(?:[0-9a-f]{2})+$")]
 _BLOCK_ID_END = 2**31
 MAX_PUSH_BLOCKS = 1 << 20  # blocks of one group in one push request (a 16M-token prompt at block size 16)
@@ -52,7 +51,7 @@ class _Message(BaseModel):
 
 class HandshakeRequest(_Message):
     type: Literal["handshake"]
-    engine_id: _Name
+    engine_id: Name
 
 
 def _sent(value: object, what: str) -> object:
@@ -66,7 +65,7 @@ def _sent(value: object, what: str) -> object:
 
 
 class _Owned(_Message):
-    owner: _Nonce = Field("", validate_default=True)  # the nonce of the decode's load (module docstring)
+    owner: Nonce = Field("", validate_default=True)  # the nonce of the decode's load (module docstring)
 
     @field_validator("owner", mode="before")
     @classmethod
@@ -75,7 +74,7 @@ class _Owned(_Message):
 
 
 class _FromReader(_Message):
-    reader: _Name = Field("", validate_default=True)  # the decode engine id (its TP ranks share it)
+    reader: Name = Field("", validate_default=True)  # the decode engine id (its TP ranks share it)
 
     @field_validator("reader", mode="before")
     @classmethod
@@ -90,10 +89,10 @@ class PushRequest(_Owned, _FromReader):
     ~0.7 ms a push on an H200 host, and usually one run (RESULTS.md, 2026-11-24)."""
 
     type: Literal["push"]
-    request_id: _Name
-    nonce: _Nonce  # this push (a staged push: this chunk); its push_done/push_failed names it
+    request_id: Name
+    nonce: Nonce  # this push (a staged push: this chunk); its push_done/push_failed names it
     last: bool = True
-    agent_name: _Name
+    agent_name: Name
     agent_metadata: _Hex
     runs: list[list[tuple[_Start, _Start, _Count]]] = Field(max_length=MAX_GROUPS)
     base_addrs: list[_Address] = Field(max_length=MAX_GROUPS)
@@ -127,22 +126,22 @@ class StageRequest(_FromReader):
     `reader` (capped by `seconds`, decode's remaining time) until that reader's read_done/release."""
 
     type: Literal["stage"]
-    request_id: _Name
+    request_id: Name
     blocks: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
-    nonce: _Nonce | None = None  # names this request: one sent again gets the first copy's answer
+    nonce: Nonce | None = None  # names this request: one sent again gets the first copy's answer
     seconds: _Seconds
 
 
 class UnstageRequest(_Message):
     type: Literal["unstage"]
-    ticket: _Nonce
+    ticket: Nonce
 
 
 class ClaimReadRequest(_Message):
     type: Literal["claim_read"]
-    request_id: _Name
+    request_id: Name
     seconds: _Seconds
-    reader: _Name  # the decode engine id (its TP ranks share it): holds.py ends a hold per reader
+    reader: Name  # the decode engine id (its TP ranks share it): holds.py ends a hold per reader
 
 
 class CancelPushRequest(_Owned):
@@ -150,17 +149,17 @@ class CancelPushRequest(_Owned):
     before its transfer started."""
 
     type: Literal["cancel_push"]
-    request_id: _Name
+    request_id: Name
 
 
 class ForgetRequest(_Message):
     type: Literal["forget"]
-    agent_name: _Name
+    agent_name: Name
 
 
 class ListenRequest(_FromReader):
     type: Literal["listen"]
-    agent_name: _Name
+    agent_name: Name
     agent_metadata: _Hex
 
 
@@ -170,8 +169,8 @@ class HeldBlocksRequest(_Message):
     decode asks again, in short waits, until its deadline: HeldBlocksAnswer)."""
 
     type: Literal["held_blocks"]
-    request_id: _Name | None = None
-    client_request_id: _Name
+    request_id: Name | None = None
+    client_request_id: Name
     prompt_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     wait: _Seconds
 
@@ -209,7 +208,7 @@ class HandshakeAnswer(_Reply):
 
 
 class StageAnswer(_Reply):
-    ticket: _Nonce
+    ticket: Nonce
     slots: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
 
 
@@ -221,7 +220,7 @@ class HeldBlocksAnswer(_Reply):
     """The held request and its blocks; request_id None: none was held within the request's wait (the decode asks
     again while its load has time left and its client is still there)."""
 
-    request_id: _Name | None
+    request_id: Name | None
     block_ids: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
     kv_epoch: int = Field(0, ge=0, lt=2**31)
 
@@ -247,62 +246,3 @@ class Answer(_Message):
     ts: Annotated[float, Field(allow_inf_nan=False)]
     re: str | None = None
     answer: JSONObject
-
-
-# -- NIXL notifications ---------------------------------------------------------------------------
-class _Notif(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ReadDone(_Notif):
-    kind: Literal["read_done", "release"]
-    request_id: _Name
-    reader: _Name  # the decode engine id, as in its claim_read
-    readers: int = Field(1, ge=1, le=1024)  # ranks of that decode that each send one (resharding)
-
-
-class PushDone(_Notif):
-    kind: Literal["push_done"]
-    nonce: _Nonce
-
-
-class PushFailed(_Notif):
-    kind: Literal["push_failed"]
-    nonce: _Nonce
-    error: Annotated[str, Field(max_length=4096)] = ""
-
-
-class Forget(_Notif):
-    kind: Literal["forget"]
-    agent_name: _Name
-    kv_epoch: int | None = Field(None, ge=0, lt=2**31)
-
-
-Notification = Annotated[ReadDone | PushDone | PushFailed | Forget, Field(discriminator="kind")]
-
-# What a notification that never arrives costs its peer, by kind: each waits for its own timeout instead.
-_LOST_READ = "the prefill keeps the request's blocks until its hold's lease (kv_transfer.kv_lease_seconds) or the " \
-    "decode's READ claim ends"
-LOST_NOTIFICATION = {
-    "push_done": "the decode waits for it until its load's deadline (kv_transfer.transfer_timeout_seconds), "
-                 "then fails the request",
-    "push_failed": "the decode fails the request at its load's deadline (kv_transfer.transfer_timeout_seconds) "
-                   "and keeps its blocks until its drain ends",
-    "read_done": _LOST_READ,
-    "release": _LOST_READ,
-    "forget": "the decode keeps this prefill's Mooncake session until its next handshake with it",
-}
-_NOTIFICATION = TypeAdapter(Notification)
-
-
-def parse_notification(message: bytes) -> Notification | None:
-    """A NIXL notification as a validated model, or None when it is not one of ours (malformed)."""
-    try:
-        return _NOTIFICATION.validate_json(message)
-    except (ValidationError, ValueError):
-        return None
-
-
-def encode_notification(notif: ReadDone | PushDone | PushFailed | Forget) -> bytes:
-    """The bytes a NIXL (or Mooncake) notification carries."""
-    return notif.model_dump_json().encode()

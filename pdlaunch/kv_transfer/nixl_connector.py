@@ -25,7 +25,7 @@ from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.decode.table import DRAIN_GRACE_SECONDS
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
-from pdlaunch.kv_transfer.messages import Notification, parse_notification
+from pdlaunch.kv_transfer.notifications import Notification, parse_notification
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent

@@ -12,14 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    PushRequest,
-    ReadDone,
-    StageAnswer,
-    StageRequest,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushRequest, StageAnswer, StageRequest
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea

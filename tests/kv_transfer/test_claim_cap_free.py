@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import ClaimReadRequest, ReadDone
+from pdlaunch.kv_transfer.messages import ClaimReadRequest
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 

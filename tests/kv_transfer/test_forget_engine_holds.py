@@ -22,15 +22,8 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import (
-    ClaimReadRequest,
-    Empty,
-    ReadDone,
-    StageAnswer,
-    StageRequest,
-    UnstageRequest,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, StageAnswer, StageRequest, UnstageRequest
+from pdlaunch.kv_transfer.notifications import ReadDone, parse_notification
 from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.prefill.side import PrefillSide

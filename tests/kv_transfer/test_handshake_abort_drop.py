@@ -20,7 +20,8 @@ from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ReadDone, parse_notification
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest
+from pdlaunch.kv_transfer.notifications import ReadDone, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer

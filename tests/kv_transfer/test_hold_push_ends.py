@@ -18,16 +18,8 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    Empty,
-    PushDone,
-    PushFailed,
-    PushRequest,
-    ReadDone,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, Empty, PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, PushFailed, ReadDone, parse_notification
 from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender

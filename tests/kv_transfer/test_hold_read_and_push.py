@@ -16,16 +16,8 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    ClaimReadRequest,
-    Empty,
-    PushDone,
-    PushRequest,
-    ReadDone,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, ReadDone, parse_notification
 from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender

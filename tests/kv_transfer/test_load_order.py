@@ -37,12 +37,12 @@ from pdlaunch.kv_transfer.messages import (
     CancelPushAnswer,
     CancelPushRequest,
     Empty,
-    PushDone,
     PushRequest,
     StageAnswer,
     StageRequest,
     UnstageRequest,
 )
+from pdlaunch.kv_transfer.notifications import PushDone
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from pdlaunch.kv_transfer.staging import StagingArea

@@ -12,9 +12,9 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import PushDone, ReadDone, encode_notification
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent, PeerMetadata
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.notifications import PushDone, ReadDone, encode_notification
 
 WAIT_S = 30.0
 

@@ -15,10 +15,10 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import ReadDone, encode_notification, parse_notification
 from pdlaunch.kv_transfer.mooncake import notifier
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent, PeerMetadata
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.notifications import ReadDone, encode_notification, parse_notification
 
 WAIT_S = 30.0
 MAC_HEX = 64

@@ -23,12 +23,12 @@ from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.config.rules.host import kv_connector_problems
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV
-from pdlaunch.kv_transfer.messages import ReadDone, encode_notification
 from pdlaunch.kv_transfer.mooncake import connector as mooncake_connector
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake.connector import MooncakeConnector
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.notifications import ReadDone, encode_notification
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.memory import platform
 from tests.kv_transfer.deployment_secret import TEST_SECRET, secured

@@ -12,9 +12,10 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import PushDone, PushRequest, parse_notification
+from pdlaunch.kv_transfer.messages import PushRequest
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent, PeerMetadata
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.notifications import PushDone, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from tests.kv_transfer.pd_procs import make_spec

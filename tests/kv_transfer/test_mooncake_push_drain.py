@@ -16,9 +16,9 @@ from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.table import DRAIN_GRACE_SECONDS, LoadTable
-from pdlaunch.kv_transfer.messages import PushFailed
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, TransferPool
+from pdlaunch.kv_transfer.notifications import PushFailed
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 

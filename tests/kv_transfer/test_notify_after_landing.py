@@ -26,16 +26,10 @@ from pdlaunch.kv_transfer.decode.load import Load, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
-from pdlaunch.kv_transfer.messages import (
-    Empty,
-    PushDone,
-    StageAnswer,
-    StageRequest,
-    encode_notification,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import Empty, StageAnswer, StageRequest
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent, PeerMetadata
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.notifications import PushDone, encode_notification, parse_notification
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from tests.kv_transfer.deployment_secret import KEYS

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
-from pdlaunch.kv_transfer.messages import Forget, PushFailed, ReadDone, encode_notification, parse_notification
+from pdlaunch.kv_transfer.notifications import Forget, PushFailed, ReadDone, encode_notification, parse_notification
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest, check_kv_transfer_params, params_key
 from tests.kv_transfer.deployment_secret import TEST_SECRET, signed
 

@@ -11,13 +11,8 @@ from typing import Any, cast
 
 import pytest
 
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    PushFailed,
-    PushRequest,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushRequest
+from pdlaunch.kv_transfer.notifications import PushFailed, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from tests.kv_transfer.pd_procs import make_spec

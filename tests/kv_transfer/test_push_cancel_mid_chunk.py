@@ -12,7 +12,8 @@ from typing import Any, cast
 
 import pytest
 
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushDone, PushRequest, parse_notification
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS

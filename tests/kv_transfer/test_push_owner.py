@@ -23,15 +23,8 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    Empty,
-    Envelope,
-    PushDone,
-    PushRequest,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, Empty, Envelope, PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.remote_kv import RemoteKV

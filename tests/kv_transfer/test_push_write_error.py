@@ -9,7 +9,8 @@ from typing import Any, cast
 
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.pull import PullLoad
-from pdlaunch.kv_transfer.messages import PushFailed, PushRequest, parse_notification
+from pdlaunch.kv_transfer.messages import PushRequest
+from pdlaunch.kv_transfer.notifications import PushFailed, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.remote_kv import RemoteKV

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, ReadDone
+from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 
 

@@ -18,7 +18,7 @@ from pdlaunch.kv_transfer.decode.load import Load
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, compat_fields, compat_hash
-from pdlaunch.kv_transfer.messages import ReadDone, parse_notification
+from pdlaunch.kv_transfer.notifications import ReadDone, parse_notification
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from tests.kv_transfer.deployment_secret import KEYS

@@ -27,14 +27,8 @@ from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
-from pdlaunch.kv_transfer.messages import (
-    ClaimReadRequest,
-    Empty,
-    ReadDone,
-    StageRequest,
-    UnstageRequest,
-    parse_notification,
-)
+from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, StageRequest, UnstageRequest
+from pdlaunch.kv_transfer.notifications import ReadDone, parse_notification
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer

@@ -19,7 +19,8 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
-from pdlaunch.kv_transfer.messages import Empty, PushDone, PushFailed, PushRequest
+from pdlaunch.kv_transfer.messages import Empty, PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, PushFailed
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.staging import StagingArea
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import ReadDone, StageAnswer, StageRequest, UnstageRequest
+from pdlaunch.kv_transfer.messages import StageAnswer, StageRequest, UnstageRequest
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea

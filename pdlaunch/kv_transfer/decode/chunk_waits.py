@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from pdlaunch.kv_transfer.messages import PushDone, PushFailed
+from pdlaunch.kv_transfer.notifications import PushDone, PushFailed
 
 
 class ChunkWaits:

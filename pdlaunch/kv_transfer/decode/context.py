@@ -9,7 +9,7 @@ reshard_load.py) import these modules and load.py, never each other.
 Notifications to the prefill (read_done once a load's bytes are in, release when it gave up) are best
 effort, and `notify_prefill` is their one sender: they only let the prefill free a hold before its lease
 (or our READ claim's cap) ends, so a send that fails at once (a Mooncake peer no longer known, a NIXL send
-that raises) is logged once with the peer, the kind and what its loss costs (messages.LOST_NOTIFICATION),
+that raises) is logged once with the peer, the kind and what its loss costs (notifications.LOST_NOTIFICATION),
 and the load goes on: one whose bytes landed completes. What must reach the prefill for the bytes to move
 at all (a claim, a staging request, a push request: its delivery IS the transfer) goes on the side channel
 and fails the load when it fails.
@@ -35,19 +35,17 @@ from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.messages import (
-    LOST_NOTIFICATION,
     CancelPushAnswer,
     CancelPushRequest,
     ClaimReadRequest,
     Empty,
     PushRequest,
-    ReadDone,
     SideChannelRequest,
     StageAnswer,
     StageRequest,
     UnstageRequest,
-    encode_notification,
 )
+from pdlaunch.kv_transfer.notifications import LOST_NOTIFICATION, ReadDone, encode_notification
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import client
 from pdlaunch.kv_transfer.side_channel.client import Connections, Reply

@@ -22,7 +22,8 @@ from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.messages import Empty, ReadDone, encode_notification
+from pdlaunch.kv_transfer.messages import Empty
+from pdlaunch.kv_transfer.notifications import ReadDone, encode_notification
 
 
 class PullLoad(LoadStrategy):

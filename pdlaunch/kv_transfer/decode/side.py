@@ -17,8 +17,9 @@ from pdlaunch.kv_transfer.decode.compute_order import ComputeStream
 from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
-from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, PushDone, PushFailed
+from pdlaunch.kv_transfer.messages import Empty, ForgetRequest
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.notifications import Forget, PushDone, PushFailed
 from pdlaunch.kv_transfer.params import (
     KVTransferParams,
     PrefillAnswer,

@@ -19,7 +19,7 @@ from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.messages import ReadDone
+from pdlaunch.kv_transfer.notifications import ReadDone
 
 
 class StagedLoad(LoadStrategy):

@@ -22,7 +22,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
-from pdlaunch.kv_transfer.messages import PushDone, PushFailed
+from pdlaunch.kv_transfer.notifications import PushDone, PushFailed
 from pdlaunch.metrics.kv_transfer import count_kv_transfer_failure, observe_kv_transfer
 
 logger = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
-from pdlaunch.kv_transfer.messages import LOST_NOTIFICATION, parse_notification
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake.notifier import SessionNotifier
 from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, MooncakeXfer, TransferPool
+from pdlaunch.kv_transfer.notifications import LOST_NOTIFICATION, parse_notification
 
 logger = logging.getLogger(__name__)
 

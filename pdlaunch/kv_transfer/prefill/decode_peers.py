@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from pdlaunch.kv_transfer.messages import Forget, ForgetAnswer, ForgetRequest, ListenAnswer, ListenRequest
-from pdlaunch.kv_transfer.messages import encode_notification as encode
+from pdlaunch.kv_transfer.messages import ForgetAnswer, ForgetRequest, ListenAnswer, ListenRequest
+from pdlaunch.kv_transfer.notifications import Forget
+from pdlaunch.kv_transfer.notifications import encode_notification as encode
 from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)

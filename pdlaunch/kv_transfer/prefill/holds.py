@@ -12,14 +12,8 @@ from collections import OrderedDict
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    ClaimReadRequest,
-    Empty,
-    PushRequest,
-    ReadDone,
-)
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, PushRequest
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.hold import (
     Hold,
     cancel_push,

@@ -8,7 +8,7 @@ Its notifications to the decode: push_done is the decode's only word that the by
 delivery is part of the transfer: it travels with the WRITE (the transport sends it once the bytes are
 in; Mooncake tries twice), and a push of nothing sends it alone; a send that fails fails the push.
 push_failed is best effort (logged when its send fails): a lost one costs the decode a wait until its
-load's deadline (messages.LOST_NOTIFICATION).
+load's deadline (notifications.LOST_NOTIFICATION).
 
 A decode engine that ended (`drop_queued`, HoldTable.forget_engine) gets nothing more: its pushes still queued are
 dropped, one whose WRITE runs stops waiting for it (the WRITE is released, which cancels it where the transport
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, run_descriptors
-from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, encode_notification
+from pdlaunch.kv_transfer.messages import PushRequest
+from pdlaunch.kv_transfer.notifications import PushDone, PushFailed, encode_notification
 from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea

@@ -25,9 +25,9 @@ from pdlaunch.kv_transfer.messages import (
     HeldBlocksAnswer,
     HeldBlocksRequest,
     PushRequest,
-    ReadDone,
 )
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode
 from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
