@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode import context
+from pdlaunch.kv_transfer.decode import reads
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.pull import PullLoad
@@ -294,7 +294,7 @@ def test_a_draining_read_is_cancelled_at_the_drains_end_where_release_cancels_it
 
 def test_a_loader_read_past_its_deadline_holds_its_slots_until_it_ended(agent: _Agent,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(context, "READ_END_WAIT_SECONDS", 0.05)
+    monkeypatch.setattr(reads, "READ_END_WAIT_SECONDS", 0.05)
     table, load = _table(agent, _Strategy())
     load.deadline = time.monotonic() + 0.5
     thread, errors = _in_a_loader_thread(

@@ -1,10 +1,11 @@
 """What every load strategy of the decode side shares, built once per decode side (the connector
 makes it): the agent, the prefill side channels, the loader threads, a load's remaining time, the
 staging buffer, the lock that guards every Load's fields, and the calls to the prefill side that
-more than one strategy makes (claim a hold, READ a chunk through the prefill's staging, ask for a
-push, cancel it, release the prefill's blocks); staged pushes wait for their chunks in chunk_waits.py,
-and answer_checks.py checks what a prefill answered. The strategies (pull.py, push.py, staged.py,
-reshard_load.py) import these modules and load.py, never each other.
+more than one strategy makes (ask for a push, cancel it, release the prefill's blocks; the READs, claim a
+hold and READ a chunk through the prefill's staging or from its blocks, are its base's: reads.py);
+staged pushes wait for their chunks in chunk_waits.py, and answer_checks.py checks what a prefill answered.
+The strategies (pull.py, push.py, staged.py, reshard_load.py) import these modules and load.py, never each
+other.
 
 Notifications to the prefill (read_done once a load's bytes are in, release when it gave up) are best
 effort, and `notify_prefill` is their one sender: they only let the prefill free a hold before its lease
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,29 +28,19 @@ from dataclasses import dataclass, field
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
-from pdlaunch.kv_transfer.decode.answer_checks import check_staged
+from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.decode.chunk_waits import ChunkWaits
 from pdlaunch.kv_transfer.decode.compute_order import wait_compute
-from pdlaunch.kv_transfer.decode.load import Load, LoadState
-from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
-from pdlaunch.kv_transfer.messages import (
-    CancelPushAnswer,
-    CancelPushRequest,
-    ClaimReadRequest,
-    Empty,
-    PushRequest,
-    SideChannelRequest,
-    StageAnswer,
-    StageRequest,
-    UnstageRequest,
-)
+from pdlaunch.kv_transfer.decode.load import Load
+from pdlaunch.kv_transfer.decode.peers import PeerCache
+from pdlaunch.kv_transfer.decode.reads import LoadReads
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, Empty, PushRequest, SideChannelRequest
 from pdlaunch.kv_transfer.notifications import LOST_NOTIFICATION, ReadDone, encode_notification
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import client
 from pdlaunch.kv_transfer.side_channel.client import Connections, Reply
 from pdlaunch.kv_transfer.staging import StagingArea
-from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
+from pdlaunch.kv_transfer.transport import TransferAgent
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -58,9 +48,6 @@ logger = logging.getLogger(__name__)
 # Strategies that enforce the deadline in their loader thread (staged, reshard): seconds past it
 # before the engine thread fails a running load itself (covers a stuck thread).
 LOADER_DEADLINE_GRACE_SECONDS = 5.0
-# A loader's READ still running after its load's deadline or abort gets this long to end: as long as
-# the table drains a load past its deadline (table.py DRAIN_GRACE_SECONDS).
-READ_END_WAIT_SECONDS = 5.0
 
 
 def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
@@ -70,7 +57,7 @@ def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
 
 
 @dataclass
-class LoadContext:
+class LoadContext(LoadReads):
     agent: TransferAgent
     spec: Callable[[], KVCacheSpec]
     peers: PeerCache
@@ -113,117 +100,6 @@ class LoadContext:
             why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
             logger.warning("request %s: %s notification to prefill agent %s not sent: %s; %s", request_id,
                            notif.kind, agent_name, why, LOST_NOTIFICATION[notif.kind])
-
-    # -- reads (pull, staged pull, reshard) -------------------------------------------------------
-    def claim_read(self, load: Load, remote: RemoteKV) -> None:
-        """Keep the prefill's hold of `remote` past its lease (capped) while this load READs its blocks."""
-        self.send_claim_read(load, remote).answer(Empty)
-
-    def send_claim_read(self, load: Load, remote: RemoteKV) -> client.PendingCall:
-        """`claim_read`, sent now; the claim holds once its answer is read (`PendingCall.answer(Empty)`)."""
-        remaining = self.remaining(load, "READ claim")
-        message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining,
-                                   reader=self.reader)
-        return client.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
-                           self.keys, self.connections)
-
-    def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
-                   dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int], *,
-                   into_blocks: bool = True) -> None:
-        """READ remote blocks (or, from a staging prefill side, the slots it stages them in) of
-        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g] (`into_blocks`: the load's blocks);
-        waits for the READ, which counts only when seen done before the load's deadline."""
-        src, ticket = remote_ids, None
-        if remote.info.staging_slots:
-            # Each stage claims the hold for us (as claim_read does) until our read_done/release.
-            remaining = self.remaining(load, "prefill staging")
-            staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
-                                                   blocks=remote_ids, nonce=uuid.uuid4().hex, reader=self.reader,
-                                                   seconds=remaining),
-                              StageAnswer, remaining, "staging request")
-            src, ticket = staged.slots, staged.ticket
-        try:
-            if ticket is not None:
-                check_staged(staged.slots, remote_ids, remote.info.staging_slots, source, load.request_id)
-            local: list[tuple[int, int]] = []
-            rem: list[tuple[int, int]] = []
-            for g in range(len(dst)):
-                runs = coalesce(list(zip(dst[g], src[g])))
-                lo, ro = run_descriptors(runs, dst_bases[g], remote.info.base_addrs[g], block_bytes[g])
-                local += lo
-                rem += ro
-            if local:
-                xfer = self.post_read(load, local, rem, remote.agent_name, remote.info.device.index, b"",
-                                      into_blocks=into_blocks)
-                try:
-                    while (state := xfer.state()) == "PROC":
-                        self.remaining(load, "READ")
-                        time.sleep(0.0002)
-                    if state != "DONE":
-                        why = f": {xfer.error}" if xfer.error else ""
-                        raise KVTransferError(f"READ of {xfer.num_bytes} bytes failed{why}")
-                    # Seen done after our deadline, it does not count (as pull.py): the prefill's staging ticket
-                    # (or READ claim) outlives the deadline only by a margin, then its slots (blocks) serve others.
-                    self.remaining(load, "READ")
-                finally:
-                    self._end_read(load, xfer)
-        finally:
-            if ticket is not None:
-                try:
-                    self.ask(source, UnstageRequest(type="unstage", ticket=ticket), Empty, self.handshake_timeout,
-                             "unstage request")
-                except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
-                    logger.warning("%s", e)
-
-    def post_read(self, load: Load, local: list[tuple[int, int]], rem: list[tuple[int, int]], agent_name: str,
-                  device_index: int, notif: bytes, *, into_blocks: bool = True) -> Xfer:
-        """Post a READ into the load's blocks (after wait_compute) or slots, listed on the load from before the
-        post: an abort or failure that lands while the post runs drains it like a posted READ (decode/table.py)."""
-        if into_blocks:
-            wait_compute(load, self.remaining)
-        with self.lock:
-            if load.abandoned or load.state != LoadState.RUNNING:
-                raise KVTransferError(f"READ of request {load.request_id} not posted: {load.error or 'aborted'}")
-            load.read_posting = True
-        try:
-            xfer = self.agent.transfer("READ", local, rem, agent_name, device_index, notif)
-        except BaseException:
-            with self.lock:
-                load.read_posting = False
-            raise
-        with self.lock:
-            listed, load.read_posting = load.read_posting, False
-            if listed:
-                load.xfer = xfer
-        if not listed:  # the load's drain ran out while the post ran: no one else releases the READ
-            xfer.release()
-            raise KVTransferError(f"READ of request {load.request_id} posted after its load was given up")
-        return xfer
-
-    def _end_read(self, load: Load, xfer: Xfer) -> None:
-        """The loader stops polling its READ: wait while it still runs (its slots go back to the caller
-        after this), as long as the load's drain where releasing the READ cancels it (NIXL), else until it
-        ended (Mooncake: its own transfer timeout bounds the wait; until then the READ writes the slots,
-        and the load's blocks stay with the table's drain)."""
-        until = max(time.monotonic(), load.deadline) + READ_END_WAIT_SECONDS
-        while (state := xfer.state()) == "PROC" and time.monotonic() < until:
-            time.sleep(0.001)
-        if state == "PROC" and not self.agent.release_cancels:
-            logger.warning("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort and "
-                           "this transport cannot cancel it; its staging slots and blocks stay held until it ends "
-                           "(at the latest at Mooncake's transfer timeout, MC_TRANSFER_TIMEOUT)", load.request_id,
-                           xfer.num_bytes, READ_END_WAIT_SECONDS)
-            while xfer.state() == "PROC":
-                time.sleep(0.01)
-        elif state == "PROC":
-            logger.error("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort",
-                         load.request_id, xfer.num_bytes, READ_END_WAIT_SECONDS)
-        with self.lock:
-            mine = load.xfer is xfer  # else the table's drain ended and released it
-            if mine:
-                load.xfer = None
-        if mine:
-            xfer.release()
 
     def release_prefill(self, load: Load) -> None:
         """A load that READ (or would have READ) the prefill's blocks failed or was aborted: send "release"

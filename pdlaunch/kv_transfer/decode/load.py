@@ -73,7 +73,7 @@ class Load:
     state: LoadState = LoadState.HANDSHAKE
     strategy: LoadStrategy | None = None  # chosen once, after the handshake said how KV moves
     xfer: Xfer | None = None  # a posted READ the engine thread polls (pull)
-    read_posting: bool = False  # a READ into the load's blocks or slots is being posted (context.post_read)
+    read_posting: bool = False  # a READ into the load's blocks or slots is being posted (reads.py post_read)
     read_claimed: bool = False  # pull: the prefill answered the claim of its hold; the READ counts from then
     remote_agent: str | None = None
     num_bytes: int = 0

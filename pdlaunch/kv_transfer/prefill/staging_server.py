@@ -4,7 +4,7 @@ claims the hold for its reader (prefill/hold.py), so a staged pull's next chunk 
 
 A ticket outlives the decode's use of its slots: it ends a transfer timeout after its copy, the decode's load
 a transfer timeout after it started (before its stage request), and the decode counts a READ of the slots
-only when it saw it done before that (decode/context.py `read_chunk`). Only then may `expire` hand the slots
+only when it saw it done before that (decode/reads.py `read_chunk`). Only then may `expire` hand the slots
 to another request's copy. A decode engine that ended (its launcher told the prefill to forget it: `forget_engine`)
 reads nothing more: its tickets' slots go back at once, and a copy for it still queued or running keeps none.
 
