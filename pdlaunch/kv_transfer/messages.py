@@ -152,6 +152,19 @@ class CancelPushRequest(_Owned):
     request_id: Name
 
 
+class ReleaseRequest(_FromReader):
+    """One rank of decode `reader` gave up reading `request_id` (its load failed or was aborted): the "release"
+    notification (notifications.py ReadDone, counted the same: prefill/holds.py `on_read_done`), sent here by a
+    decode rank that has no NIXL agent of this prefill rank to notify, since it has not shaken hands with it (its
+    handshake failed, or was never tried). `nonce` names this release: sent again after a lost answer, it counts
+    once."""
+
+    type: Literal["release"]
+    request_id: Name
+    readers: int = Field(1, ge=1, le=1024)  # ranks of that decode that each send one (resharding), as ReadDone's
+    nonce: Nonce
+
+
 class ForgetRequest(_Message):
     type: Literal["forget"]
     agent_name: Name
@@ -177,7 +190,7 @@ class HeldBlocksRequest(_Message):
 
 SideChannelMessage = Annotated[
     HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest | CancelPushRequest
-    | ForgetRequest | ListenRequest | HeldBlocksRequest,
+    | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest,
     Field(discriminator="type"),
 ]
 
@@ -191,7 +204,7 @@ class Envelope(_Message):
 
 
 SideChannelRequest = (HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest
-                      | CancelPushRequest | ForgetRequest | ListenRequest | HeldBlocksRequest)
+                      | CancelPushRequest | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest)
 
 
 # -- side-channel answers (the body a handler returns; the server adds "ok") ---------------------

@@ -1,5 +1,6 @@
 """Issue 14's KV-read test: a peer without the deployment secret gets neither NIXL metadata nor data
-from a prefill's side channel, and can neither hold (claim_read) nor free (cancel_push) its blocks.
+from a prefill's side channel, and can neither hold (claim_read) nor free (cancel_push, release) its blocks;
+a decode with the secret frees them with a release (a rank that has not shaken hands with the prefill).
 Oversized frames, too many connections, replays and slow peers are refused; the server keeps serving."""
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
     for message in ({"type": "handshake", "engine_id": "auth-P"},
                     {"type": "claim_read", "request_id": HOLD, "seconds": 1e5, "reader": "auth-D"},
                     {"type": "cancel_push", "request_id": HOLD, "owner": "n"},
+                    {"type": "release", "request_id": HOLD, "reader": "auth-D", "readers": 1, "nonce": "n"},
                     {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]], "reader": "auth-D", "seconds": 1e5}):
         answer = exchange(port, authed(WRONG, message))
         assert answer is not None and answer["answer"] == {
@@ -84,6 +86,15 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
         client.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", WRONG)
     assert "Traceback" not in caplog.text
     assert "KV side channel: refused" in caplog.text
+
+
+def test_an_authenticated_release_frees_the_hold_as_the_release_notification_does(prefill: NixlConnector) -> None:
+    """The prefill's side channel serves "release" (a decode rank without a handshake with this one sends it there):
+    counted as that reader's release notification, so the hold ends at the next poll, long before its lease."""
+    release = {"type": "release", "request_id": HOLD, "reader": "auth-D", "readers": 1, "nonce": "n-1"}
+    assert client.call("127.0.0.1", prefill.sender.server.port, release, 5, "release", KEYS)["ok"]
+    assert _hold(prefill).notified == {"auth-D": 1}
+    wait_for(lambda: HOLD in prefill.get_finished().finished_sending, "the released hold freed")
 
 
 def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:

@@ -23,9 +23,9 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.context import RELEASE_TIMEOUT_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
-from pdlaunch.kv_transfer.decode.loads import RELEASE_TIMEOUT_SECONDS, DecodeLoads
+from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
 from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, HeldBlocksRequest
 from pdlaunch.kv_transfer.prefill.holds import HoldTable

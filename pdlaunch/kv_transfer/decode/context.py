@@ -11,9 +11,10 @@ Notifications to the prefill (read_done once a load's bytes are in, release when
 effort, and `notify_prefill` is their one sender: they only let the prefill free a hold before its lease
 (or our READ claim's cap) ends, so a send that fails at once (a Mooncake peer no longer known, a NIXL send
 that raises) is logged once with the peer, the kind and what its loss costs (notifications.LOST_NOTIFICATION),
-and the load goes on: one whose bytes landed completes. What must reach the prefill for the bytes to move
-at all (a claim, a staging request, a push request: its delivery IS the transfer) goes on the side channel
-and fails the load when it fails.
+and the load goes on: one whose bytes landed completes. A release to a prefill rank the load has not shaken
+hands with goes on the side channel instead (`send_release`), as best effort. What must reach the prefill for
+the bytes to move at all (a claim, a staging request, a push request: its delivery IS the transfer) goes on the
+side channel and fails the load when it fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +36,14 @@ from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.load import Load
 from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.decode.reads import LoadReads
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, Empty, PushRequest, SideChannelRequest
+from pdlaunch.kv_transfer.messages import (
+    CancelPushAnswer,
+    CancelPushRequest,
+    Empty,
+    PushRequest,
+    ReleaseRequest,
+    SideChannelRequest,
+)
 from pdlaunch.kv_transfer.notifications import LOST_NOTIFICATION, ReadDone, encode_notification
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import client
@@ -48,6 +57,10 @@ logger = logging.getLogger(__name__)
 # Strategies that enforce the deadline in their loader thread (staged, reshard): seconds past it
 # before the engine thread fails a running load itself (covers a stuck thread).
 LOADER_DEADLINE_GRACE_SECONDS = 5.0
+# How long a hold release sent on the side channel waits for the prefill (`send_release`, and decode/loads.py
+# `drop_unstarted`'s cancel). Best effort: it runs on a loader thread, often after a handshake that got no answer,
+# and the prefill's lease frees the blocks anyway.
+RELEASE_TIMEOUT_SECONDS = 2.0
 
 
 def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
@@ -107,6 +120,26 @@ class LoadContext(LoadReads):
         if load.remote_agent is not None:
             self.notify_prefill(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id,
                                                             reader=self.reader), load.request_id)
+
+    def send_release(self, load: Load, remote: RemoteKV, readers: int = 1) -> None:
+        """Send the prefill rank `remote` names "release" on its side channel (ReleaseRequest), for a rank this
+        load has not shaken hands with: it has no NIXL agent of that rank to notify, and shaking hands only for
+        this would wait up to the handshake timeout on a rank whose handshake may just have gone unanswered. The
+        side channel authenticates it with the deployment secret, as every request there. Best effort, within
+        RELEASE_TIMEOUT_SECONDS: a rank not told is logged, and its hold's lease frees the blocks.
+
+        Only for a request the prefill named in signed params (with its blocks): an unsigned push proxy's request
+        id is the client's word until the prefill confirmed it (decode/loads.py `drop_unstarted`), and releasing
+        it could free another client's hold."""
+        if not load.remote.request_id or load.remote.block_ids is None:
+            return
+        message = ReleaseRequest(type="release", request_id=load.remote.held_request_id, reader=self.reader,
+                                 readers=readers, nonce=uuid.uuid4().hex)
+        what = "hold release" if remote.tp_rank is None else f"hold release of TP rank {remote.tp_rank}"
+        try:
+            self.ask(remote, message, Empty, min(RELEASE_TIMEOUT_SECONDS, self.handshake_timeout), what)
+        except KVTransferError as e:
+            logger.warning("request %s: %s; %s", load.request_id, e.render(), LOST_NOTIFICATION["release"])
 
     # -- pushes (push, staged push) ---------------------------------------------------------------
     def request_push(self, load: Load, bases: list[int], pairs: list[list[tuple[int, int]]], spec: KVCacheSpec,

@@ -24,7 +24,7 @@ import time
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids, check_digests
-from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.context import RELEASE_TIMEOUT_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad
@@ -39,9 +39,6 @@ from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 logger = logging.getLogger(__name__)
 
-# How long an unstarted load's cancel waits for the prefill (`drop_unstarted`). Best effort: it runs on a loader
-# thread, often after a handshake that got no answer, and the prefill's lease frees the blocks anyway.
-RELEASE_TIMEOUT_SECONDS = 2.0
 # The longest one "held_blocks" ask waits on the prefill: an aborted load stops asking within it. A single ask for
 # the load's whole remaining time kept the loader thread (one of four) that long after the client left, from
 # every other load, and from the cancels of aborted pushes, whose blocks then drained until their deadline.

@@ -22,7 +22,7 @@ from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.notifications import LOST_NOTIFICATION, ReadDone
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.reshard import HeadSlice, ReshardPlan, Source
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
@@ -59,8 +59,8 @@ class ReshardLoad(LoadStrategy):
     after its blocks were read, release when the load failed or was aborted (each names `readers`,
     so the prefill rank frees after the last one); both best effort (decode/context.py): a lost one
     costs that rank its blocks until its lease ends. A rank whose handshake failed, or was not tried (an
-    earlier rank's failed), is shaken hands with once more for its release. It enforces the deadline in
-    its loader thread."""
+    earlier rank's failed), gets its release on its side channel, without a handshake. It enforces the deadline
+    in its loader thread."""
 
     mode = "pull"
     deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
@@ -113,19 +113,16 @@ class ReshardLoad(LoadStrategy):
                     self._release(load, src, remotes.get(src.rank))
 
     def _release(self, load: Load, src: Source, remote: RemoteEngine | None) -> None:
-        """Best effort: send source rank `src` its release, shaking hands with it first if need be."""
+        """Best effort: send source rank `src` its release: a NIXL notification to the agent this load shook hands
+        with (`remote`); without one (its handshake failed, or was not tried) on the rank's side channel, which needs
+        no handshake (LoadContext.send_release: no second handshake with a rank that may just have left the first
+        unanswered, which kept this loader thread up to the handshake timeout)."""
         ctx = self.ctx
-        notif = ReadDone(kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
-                         readers=src.readers)
         if remote is None:
-            try:
-                remote = ctx.peers.get(src.remote)
-            except Exception as e:  # noqa: BLE001 - best effort, and it runs in `run`'s finally
-                why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
-                logger.warning("request %s: release notification to %s not sent: %s; %s", load.request_id,
-                               f"{src.remote.where} (TP rank {src.rank})", why, LOST_NOTIFICATION["release"])
-                return
-        ctx.notify_prefill(remote.agent_name, notif, load.request_id)
+            ctx.send_release(load, src.remote, src.readers)
+            return
+        ctx.notify_prefill(remote.agent_name, ReadDone(kind="release", request_id=load.remote.held_request_id,
+                                                       reader=ctx.reader, readers=src.readers), load.request_id)
 
 
 def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KVCacheSpec) -> None:

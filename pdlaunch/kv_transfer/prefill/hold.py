@@ -8,7 +8,8 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
   cancelled its push ("cancel_push") or its push failed, or
 - a decode load ended before its transfer started (aborted or timed out during its handshake, its handshake
   failed, or it could not plan or check the blocks named: it sends "cancel_push" whatever its mode), or
-- decode says it gave up ("release"),
+- decode says it gave up ("release": a NIXL notification, or on the side channel from a decode rank that has not
+  shaken hands with this one, its handshake failed or never tried; one sent again counts once),
   each only once no other decode that took the hold is still at it (below), or
 - the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ, or staged pull, that has not
   ended keeps it), or
@@ -77,6 +78,7 @@ class Hold:
     notified: dict[str, int] = field(default_factory=dict)
     read: dict[str, int] = field(default_factory=dict)
     readers: dict[str, int] = field(default_factory=dict)
+    release_nonces: set[str] = field(default_factory=set)  # of the releases sent on the side channel: each counts once
     claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
     # Decode engines that ended while at the hold (`drop_engine`): through with it, their pushes given up.
     ended_engines: set[str] = field(default_factory=set)

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, ReleaseRequest
 from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.copy_claims import CopyClaims
 from pdlaunch.kv_transfer.prefill.hold import (
@@ -71,13 +71,16 @@ class HoldTable(CopyClaims):
                     return hold.request_id, [list(b) for b in hold.block_ids]
         return None
 
-    def on_read_done(self, notif: ReadDone) -> None:
+    def on_read_done(self, notif: ReadDone, nonce: str | None = None) -> None:
         """A decode agent finished reading (read_done) or gave up (release) on a request: the hold ends once
         that reader's notifications are all in and no other decode that took the hold is still at it (`through`:
-        a claimed READ, a push between its chunks)."""
+        a claimed READ, a push between its chunks). `nonce`: a release sent on the side channel (`on_release`)
+        names itself; one sent again after a lost answer counts once."""
         with self.lock:
             hold = self._holds.get(notif.request_id)
-            if hold is not None:
+            if hold is not None and (nonce is None or nonce not in hold.release_nonces):
+                if nonce is not None:
+                    hold.release_nonces.add(nonce)
                 take_notification(hold, notif.reader, notif.kind == "read_done", notif.readers)
             ended = None if hold is not None else self._ended.get(notif.request_id)
         if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
@@ -87,6 +90,14 @@ class HoldTable(CopyClaims):
             logger.warning("KV %s notification from %s for request %s, which is not held here (its lease of %gs "
                            "expired long ago, or the prefill restarted)", notif.kind, notif.reader, notif.request_id,
                            self.lease_seconds)
+
+    def on_release(self, message: ReleaseRequest) -> Empty:
+        """A decode rank's release sent on the side channel (messages.py ReleaseRequest): it has no NIXL agent of
+        ours to notify (it has not shaken hands with this rank). Counted as the release notification is; the side
+        channel authenticated it with the deployment secret, as it does every request."""
+        self.on_read_done(ReadDone(kind="release", request_id=message.request_id, reader=message.reader,
+                                   readers=message.readers), message.nonce)
+        return Empty()
 
     def release(self, request_id: str) -> bool:
         """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
