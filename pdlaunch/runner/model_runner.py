@@ -28,6 +28,7 @@ from pdlaunch.model.quant.fp8 import FP8_DTYPE
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, warn_unscaled
 from pdlaunch.runner.cuda_graphs import DecodeGraphs
 from pdlaunch.runner.graph_setup import GraphSetup, prompt_rows_setting
+from pdlaunch.runner.host_threads import settle_host_threads
 from pdlaunch.runner.kv_cache_tensors import KVCacheTensors
 from pdlaunch.runner.mixed_graphs import MixedGraphs
 from pdlaunch.runner.out_of_memory import first_line, free_text, out_of_memory
@@ -127,6 +128,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         # The argmax of the last step's logits rows when a decode graph computed it (None otherwise): the sampler's
         # greedy ids when no processor or grammar changes the logits.
         self.argmax: torch.Tensor | None = None
+        settle_host_threads(device)  # loaded, warmed and captured: from here on the host ops are small
 
     # -- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
