@@ -29,9 +29,11 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict
 
 from pdlaunch.engine.grammar_limits import is_limit_error, probe
+from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
+from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.errors import EngineError
 
 if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed; torch where masks are (the proxy
@@ -67,99 +69,12 @@ class StructuredOutput(BaseModel):
 
         if self.kind in ("json", "json_object"):
             text = '{"type": "object"}' if self.kind == "json_object" else self.value
-            if self.kind == "json" and not self.open_objects:
-                text = json.dumps(close_objects(json.loads(text)))
+            if self.kind == "json":  # every $ref resolved, or a SchemaRefError naming it (engine/schema_refs.py)
+                schema = root_pointers(json.loads(text), self.field)
+                text = json.dumps(schema if self.open_objects else close_objects(schema))
             return str(llguidance.LLMatcher.grammar_from_json_schema(
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
-
-
-# Keywords whose value is one subschema, a list of them, or a map of name -> subschema (JSON Schema 2020-12
-# and draft 7's `definitions`); `const`, `enum`, `default` and `examples` hold values, never schemas.
-_ONE_SCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
-               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
-_ITEM_LISTS = ("prefixItems", "items")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_UNIONS = ("anyOf", "oneOf")
-
-
-def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[str] = (),
-                  members_close: bool | None = None) -> JsonValue:
-    """`schema` with `"additionalProperties": false` on every object schema that declares `properties` and
-    leaves `additionalProperties` out: the keys it names are all it may have, as with xgrammar's default and
-    OpenAI's strict mode (a model otherwise invents keys until max_tokens). An explicit
-    `additionalProperties` (true, or a schema) is kept, and `{"type": "object"}` without `properties` stays
-    any object, and so do the members of an `allOf` themselves (each names only part of the keys) and an object
-    with `unevaluatedProperties`. A schema that is not an object (a bare true/false) comes back unchanged.
-
-    Beside an object's own `properties` (or allOf), its anyOf / oneOf members are parts of the same object (a
-    discriminated union): `additionalProperties` sees only the `properties` next to it, so closed alone the
-    object forbade its members' keys and the member its object's (a valid schema refused as unsatisfiable).
-    Such an object is closed to its keys and every member's, and each member to its own and the object's
-    (`beside`: named `{}` there, the object constrains them); a member whose keys cannot be listed (a `$ref`)
-    leaves them open. A union that is a whole allOf member, or a whole member of such a union, is part of the same
-    object too: its members close only where that object's would (`members_close`, default `close_self`), to their
-    keys and the rest of the object's; closed on their own they forbade the keys beside them."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _ONE_SCHEMA:
-        one = out.get(key)
-        if isinstance(one, dict):
-            out[key] = close_objects(one)
-    for key in _ITEM_LISTS:
-        many = out.get(key)
-        if isinstance(many, list):
-            out[key] = [close_objects(item) for item in many]
-    for key in _SCHEMA_MAPS:
-        named = out.get(key)
-        if isinstance(named, dict):
-            out[key] = {name: close_objects(sub) for name, sub in named.items()}
-    properties = out.get("properties")
-    own: list[str] = list(properties) if isinstance(properties, dict) else []
-    shared, alternatives = _member_keys(schema, ("allOf",)), _member_keys(schema, _UNIONS)
-    listed = (shared is not None and alternatives is not None
-              and not {"additionalProperties", "unevaluatedProperties"} & set(out))
-    closes = close_self and bool(own) and listed
-    parts = out.get("allOf")
-    if isinstance(parts, list):
-        # a member is never closed itself; a union in it closes as this object's would, to the keys beside it
-        out["allOf"] = [close_objects(item, False, [*beside, *own, *(alternatives or ()),
-                                                    *(_member_keys({"allOf": parts[:i] + parts[i + 1:]}, ("allOf",))
-                                                      or ())], close_self and listed)
-                        for i, item in enumerate(parts)]
-    whole = not own and "allOf" not in out  # its union's members are whole alternatives, each closed on its own
-    whole_close = close_self if members_close is None else members_close
-    for key in _UNIONS:
-        many = out.get(key)
-        if isinstance(many, list):
-            out[key] = [close_objects(item, whole_close, beside) if whole else
-                        close_objects(item, closes, [*beside, *own, *(shared or ())]) for item in many]
-    if closes and isinstance(properties, dict):
-        extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in own]
-        out["properties"] = {**properties, **{key: {} for key in extra}}
-        out["additionalProperties"] = False
-    return out
-
-
-def _member_keys(schema: dict[str, JsonValue], compositions: Sequence[str]) -> list[str] | None:
-    """The keys the members of `schema`'s `compositions` name (their own members' too), or None when a member's
-    cannot be listed: a `$ref`, `patternProperties`, or an `additionalProperties` other than false."""
-    keys: list[str] = []
-    for key in compositions:
-        members = schema.get(key)
-        for member in members if isinstance(members, list) else ():
-            if not isinstance(member, dict):
-                continue  # true / false: names no key
-            if "$ref" in member or "patternProperties" in member or member.get("additionalProperties", False) \
-                    is not False:
-                return None
-            named = member.get("properties")
-            nested = _member_keys(member, ("allOf", *_UNIONS))
-            if nested is None:
-                return None
-            keys.extend([*(named if isinstance(named, dict) else ()), *nested])
-    return keys
 
 
 def check(spec: StructuredOutput) -> str:
@@ -169,6 +84,8 @@ def check(spec: StructuredOutput) -> str:
 
     try:
         grammar = spec.grammar()
+    except SchemaRefError:
+        raise  # names the $ref's own path
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"{spec.field}: {exc}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)

@@ -5,10 +5,12 @@ OpenAI's `response_format` ({"type": "json_object"} or {"type": "json_schema", "
 and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. At most one
 may ask; options we do not implement (structural tags, whitespace patterns, a backend choice)
 are refused with a 400 naming them. JSON schemas are strict: an object schema with `properties` and
-no `additionalProperties` is closed (engine/structured_output.close_objects) unless the request sends
+no `additionalProperties` is closed (engine/strict_schema.close_objects) unless the request sends
 `structured_outputs: {"disable_additional_properties": false}`; JSON is compact unless it sends
 `structured_outputs: {"disable_any_whitespace": false}`. Both options apply to whichever field asked for the JSON
-(vLLM folds response_format into structured_outputs), a forced tool call's included (`json_options`).
+(vLLM folds response_format into structured_outputs), a forced tool call's included (`json_options`). A `$ref`
+that points to nothing in its schema is a 400 whose param is its path (`response_format.json_schema.schema.
+properties.a.$ref`; engine/schema_refs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
+from pdlaunch.engine.schema_refs import SchemaRefError
 from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
@@ -63,9 +66,14 @@ def checked(spec: StructuredOutput, parts: Sequence[StructuredOutput] = ()) -> S
             try:
                 check(part)
             except ValueError as part_exc:
-                raise OpenAIError(400, f"invalid grammar: {part_exc}", param=part.field) from None
-        raise OpenAIError(400, f"invalid grammar: {exc}", param=spec.field) from None
+                raise OpenAIError(400, f"invalid grammar: {part_exc}", param=_param(part_exc, part)) from None
+        raise OpenAIError(400, f"invalid grammar: {exc}", param=_param(exc, spec)) from None
     return spec
+
+
+def _param(error: ValueError, spec: StructuredOutput) -> str:
+    """The request field an error of `spec`'s grammar names: a `$ref` that points nowhere names its own path."""
+    return error.field or spec.field if isinstance(error, SchemaRefError) else spec.field
 
 
 def _from_response_format(value: JsonValue) -> StructuredOutput | None:
@@ -112,7 +120,7 @@ def _from_structured_outputs(value: JsonValue) -> list[StructuredOutput]:
 def json_options(structured_outputs: JsonValue) -> dict[str, bool]:
     """The StructuredOutput fields that structured_outputs' JSON options set, for the constraint of any field:
     disable_additional_properties: false opens the JSON schemas' objects (vLLM's guidance option; true, the
-    default here, closes the ones without additionalProperties: engine/structured_output.close_objects), and
+    default here, closes the ones without additionalProperties: engine/strict_schema.close_objects), and
     disable_any_whitespace: false allows whitespace between JSON tokens (off by default, as with true)."""
     if not isinstance(structured_outputs, Mapping):
         return {}

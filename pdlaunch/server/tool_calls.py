@@ -11,9 +11,10 @@
   far as they got (partial_required_calls), never the raw array as content. Over `tools: []` it is
   plain chat (vLLM's and OpenAI's "none"); any tool_choice but "none" without the tools field is a
   400, as in vLLM.
-- Tool parameter schemas are strict (engine/structured_output.close_objects): a required or
+- Tool parameter schemas are strict (engine/strict_schema.close_objects): a required or
   named call has only the properties its tool declares, unless the schema says
-  `"additionalProperties": true`.
+  `"additionalProperties": true`. A required call's grammar holds every tool's parameters, each one's `$ref`s
+  pointing into its own definitions there (engine/schema_refs.root_pointers).
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
@@ -31,6 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
@@ -72,8 +74,9 @@ class ToolCalling:
             return next(p for p, t in zip(self.parameter_grammars(), self.tools) if t.function.name == self.named)
         if self.mode == "required":
             one_of: list[JsonValue] = [{"type": "object",
-                       "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
-                       "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
+                       "properties": {"name": {"const": t.function.name}, "parameters": _embedded(t, i)},
+                       "required": ["name", "parameters"], "additionalProperties": False}
+                       for i, t in enumerate(self.tools)]
             schema: JsonObject = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
             if not self.parallel:
                 schema["maxItems"] = 1
@@ -145,6 +148,17 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
         raise OpenAIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice.function.name")
     return ToolCalling("named", parsed, name)
 
+
+
+def _embedded(tool: Tool, i: int) -> JsonValue:
+    """Tool `i`'s parameters schema where the required call's schema holds it: its `$ref`s name its own definitions
+    from there (a `#/$defs/x` of its own read from the root of that schema named nothing), or a 400 naming the one
+    that names nothing."""
+    try:
+        return root_pointers(_parameters(tool), f"tools.{i}.function.parameters",
+                             ("items", "anyOf", str(i), "properties", "parameters"))
+    except SchemaRefError as exc:
+        raise OpenAIError(400, f"invalid grammar: {exc}", param=exc.field) from None
 
 
 def _parameters(tool: Tool) -> JsonObject:

@@ -1,4 +1,4 @@
-"""Strict JSON schemas (engine/structured_output.close_objects): tool calls and json_schema outputs have only
+"""Strict JSON schemas (engine/strict_schema.close_objects): tool calls and json_schema outputs have only
 the keys their schema names unless it says `additionalProperties`, or the request opens them; a required
 tool call cut by max_tokens comes back as a partial call with finish_reason "length", never as content.
 
@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.engine.structured_output import StructuredOutput, check, close_objects
+from pdlaunch.engine.strict_schema import close_objects
+from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.structured_fields import structured_output_of
 from pdlaunch.server.tool_call_parsers import partial_required_calls

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.engine.structured_output import close_objects
+from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.http.sse import parse_sse
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
@@ -90,8 +90,10 @@ def test_a_union_beside_properties_closes_each_member_to_its_keys_and_the_object
     assert all(m["additionalProperties"] is False for m in closed["anyOf"])
     whole = close_objects({"anyOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]})
     assert [list(m["properties"]) for m in whole["anyOf"]] == [["x"], ["y"]]  # whole alternatives, as before
-    unknown = close_objects({**ALL_OF, "allOf": [{"$ref": "#/$defs/b"}], "$defs": {"b": {"type": "object"}}})
-    assert "additionalProperties" not in unknown  # the keys of a $ref are not listed: left open, still valid
+    referred = close_objects({**ALL_OF, "allOf": [{"$ref": "#/$defs/b"}], "$defs": {"b": {"type": "object"}}})
+    assert referred["additionalProperties"] is False  # its definition names no key, as the same member inline
+    unknown = close_objects({**ALL_OF, "allOf": [{"$ref": "other.json"}]})
+    assert "additionalProperties" not in unknown  # the keys of another document are not listed: left open, still valid
 
 
 @pytest.mark.parametrize(("schema", "keys"), [(ALL_OF, [{"a", "b"}]), (ANY_OF, [{"kind", "x"}, {"kind", "y"}])])
@@ -123,10 +125,10 @@ def test_a_required_tool_choice_names_the_tool_whose_schema_does_not_compile(url
     assert error["param"] == "tools.1.function.parameters" and "bogus" in error["message"], error
 
 
-# A union inside an allOf member, and one nested in the member of an object left open (explicitly, or for a $ref
-# member): (schema, an instance it accepts, the object's additionalProperties once closed). Closing each inner member
-# alone forbade the keys its object names: the first was a 400 "Unsatisfiable schema" (x is required), the others
-# refused a valid instance.
+# A union inside an allOf member, and one nested in the member of an object left open explicitly, or beside a $ref
+# member (closed as that member inline): (schema, an instance it accepts, the object's additionalProperties once
+# closed). Closing each inner member alone forbade the keys its object names: the first was a 400 "Unsatisfiable
+# schema" (x is required), the others refused a valid instance.
 NESTED_UNIONS = [
     ({"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x", "a"],
       "allOf": [{"anyOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]}]},
@@ -137,7 +139,7 @@ NESTED_UNIONS = [
     ({"type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"],
       "anyOf": [{"$ref": "#/$defs/r"}, {"anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}]}],
       "$defs": {"r": {"required": ["r"]}}},
-     {"kind": "k", "a": 1}, None),
+     {"kind": "k", "a": 1}, False),
 ]
 
 
