@@ -82,7 +82,9 @@ class Choices:
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
         tokenizer = engine_loop.engine.tokenizer
-        # A logprob's token reads as the choice's text does (special tokens kept or skipped alike), and text_offset
+        # A logprob's token is that token's own text, a special token's too whatever skip_special_tokens says: vLLM
+        # decodes each logprob token alone with its tokenizer's default, which keeps them (a sampled EOS reads
+        # "<|im_end|>", not "", and two special tokens among the top_logprobs are two keys, not one ""). text_offset
         # counts in the text decoded as the engine decodes it.
         skip_special, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
         calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
@@ -95,7 +97,7 @@ class Choices:
                 builder = ResponseBuilder(
                     endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
                     return_token_ids=body.return_token_ids, tool_calling=calling,
-                    detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
+                    detokenize=lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False),
                     decode=lambda ids: tokenizer.decode(ids, skip_special, spaces),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
                 recorder = RequestMetrics(request_id, builder.endpoint, arrival, group, params.max_tokens)

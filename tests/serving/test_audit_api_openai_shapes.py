@@ -4,8 +4,9 @@
 - Completions' `top_logprobs` hold the chosen token as well as the `logprobs` most likely ones (OpenAI's legacy
   completions: "up to logprobs+1 elements"; vLLM's): `logprobs: 0` answered `{}` at every position, and a
   sampled token outside the top ones was missing from its position's entry.
-- A logprob's token reads as the choice's text does: with `skip_special_tokens: false` a special token was ""
-  in the logprobs while the text held it, so text_offset did not index the text.
+- With `skip_special_tokens: false` a special token was "" in the logprobs while the text held it, so text_offset
+  did not index the text. A logprob's token is the token's own text now, a special token's whatever
+  skip_special_tokens says (vLLM's: tests/serving/test_logprob_special_tokens.py), and text_offset indexes the text.
 - `echo: true` with `max_tokens: 0` (how lm-evaluation-harness scores a prompt, which vLLM answers with the prompt
   and its logprobs) was a 400 "Input should be greater than or equal to 1"; it is the prompt, its logprobs and no
   output token now, and `max_tokens: 0` without echo says what it is for.
@@ -96,9 +97,9 @@ def test_a_content_part_a_text_model_cannot_take_is_named(url: str, path: str, p
 
 
 @pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
-def test_logprob_tokens_read_as_the_text_does(url: str, skip: bool) -> None:
-    """A request steered onto the BOS token (a special token) by logit_bias: its logprobs' tokens, joined, are its
-    text, and text_offset indexes that text; chat's logprob tokens likewise make its content."""
+def test_logprob_tokens_name_special_tokens_and_text_offset_indexes_the_text(url: str, skip: bool) -> None:
+    """A request steered onto the BOS token (a special token) by logit_bias: its logprobs' tokens name it whether the
+    text keeps it or not, and text_offset indexes the text; chat's logprob tokens likewise."""
     tokenized = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "return_token_strs": True}, timeout=TIMEOUT).json()
     bos, bos_text = tokenized["tokens"][0], tokenized["token_strs"][0]
     steer = {"max_tokens": 3, "temperature": 0.0, "logit_bias": {str(bos): 100}, "skip_special_tokens": skip}
@@ -107,14 +108,15 @@ def test_logprob_tokens_read_as_the_text_does(url: str, skip: bool) -> None:
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
     tokens, offsets = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
-    assert choice["text"] == ("" if skip else bos_text * 3) == "".join(tokens), choice
-    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))], choice
+    assert tokens == [bos_text] * 3 and choice["text"] == ("" if skip else bos_text * 3), choice
+    assert offsets == [0 if skip else len(bos_text) * i for i in range(3)], choice
     chat = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, **steer})
     assert chat.status_code == 200, chat.text
     chat_choice = chat.json()["choices"][0]
     content = chat_choice["message"]["content"]
-    assert content == "".join(e["token"] for e in chat_choice["logprobs"]["content"]) == ("" if skip else bos_text * 3)
+    assert [e["token"] for e in chat_choice["logprobs"]["content"]] == [bos_text] * 3
+    assert content == ("" if skip else bos_text * 3), chat_choice
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt(url: str) -> None:
