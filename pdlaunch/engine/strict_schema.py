@@ -87,6 +87,8 @@ class _Refs:
         if isinstance(ref, str) and ref in self._keys:
             return self._keys[ref]
         target = self.target(ref)
+        if isinstance(target, bool):
+            return []  # names no key, as a true / false member inline
         if not isinstance(target, dict):
             return None
         with self.following(ref):

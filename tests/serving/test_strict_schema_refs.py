@@ -23,7 +23,8 @@ import jsonschema
 import pytest
 
 from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
-from pdlaunch.engine.strict_schema import close_objects
+from pdlaunch.engine.strict_schema import MAX_INLINED_CHARS, close_objects
+from pdlaunch.engine.structured_output import StructuredOutput, check
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 TIMEOUT = 120.0  # a loaded 2-core machine
@@ -183,3 +184,23 @@ def test_refs_become_pointers_from_the_root() -> None:
     assert schema["$defs"]["bee"] == {"$anchor": "bee"}  # a copy
     under = root_pointers(schema, "f", ("items", "0"))
     assert isinstance(under, dict) and "$id" not in under and under["properties"]["d"]["$ref"] == "#/items/0"
+
+
+def test_definitions_in_a_cycle_stay_refs_and_leave_their_object_open() -> None:
+    schema = {"type": "object", "properties": {"a": {}}, "allOf": [{"$ref": "#/$defs/L"}],
+              "$defs": {"L": {"properties": {"l": {}}, "allOf": [{"$ref": "#/$defs/L"}]}}}
+    closed = close_objects(schema)
+    assert isinstance(closed, dict) and "additionalProperties" not in closed  # L's keys cannot be listed
+    assert closed["allOf"][0]["allOf"] == [{"$ref": "#/$defs/L"}]  # copied once, then left a $ref
+
+
+def test_definitions_that_double_in_layers_are_refused_past_the_bound() -> None:
+    """Each layer's definition refers to the next one twice: 2^30 copies once closed in place."""
+    layers = 30
+    defs: dict[str, Any] = {f"L{i}": {"properties": {f"k{i}": {"type": "integer"}},
+                                      "allOf": [{"$ref": f"#/$defs/L{i + 1}"}, {"$ref": f"#/$defs/L{i + 1}"}]}
+                            for i in range(layers)}
+    defs[f"L{layers}"] = {"properties": {"z": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {"a": {}}, "allOf": [{"$ref": "#/$defs/L0"}], "$defs": defs}
+    with pytest.raises(ValueError, match=f"more than {MAX_INLINED_CHARS:,} characters"):
+        check(StructuredOutput(kind="json", value=json.dumps(schema), field="guided_json"))
