@@ -23,15 +23,21 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.vocab_size = vocab_size
         self.shard_size = math.ceil(vocab_size / tp_size)
         self.vocab_start = tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
         set_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
         if loaded.shape[1] != param.shape[1]:
             raise ValueError(f"embedding width mismatch: checkpoint {loaded.shape[1]}, model {param.shape[1]}")
+        # A table of another height than vocab_size would load (padded with zeros, or cut) and serve ids whose rows
+        # are not the model's: refused, as transformers and vLLM refuse it.
+        if loaded.shape[0] != self.vocab_size:
+            raise ValueError(f"it has {loaded.shape[0]} vocabulary rows but config.json's vocab_size is "
+                             f"{self.vocab_size}")
+        rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
         # A rank whose share lies wholly past the vocabulary (a small one over a large TP: 10 ids over 8 ranks of 2)
         # holds padding only; narrow refuses a start past the table even for no rows.
         param.data[:rows].copy_(loaded.narrow(0, min(self.vocab_start, loaded.shape[0]), rows))
@@ -52,7 +58,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(vocab_size, hidden, tp_rank, tp_size)
-        self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""

@@ -103,6 +103,19 @@ def test_config_json_that_does_not_match_the_weights(llama_ckpt: Path, tmp_path:
     assert_invalid(_check(model), "--model", "shape mismatch")
 
 
+def test_config_vocab_size_other_than_the_embedding_tables_height(llama_ckpt: Path, tmp_path: Path) -> None:
+    """A vocab_size that does not match the tables was loaded padded with zero rows (or cut) and served ids the
+    model has no row for."""
+    model = _copy(llama_ckpt, tmp_path)
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "vocab_size": 1000}))  # the tables hold 512 rows
+    result = _check(model)
+    assert_invalid(result, "--model", "'model.embed_tokens.weight' in model.safetensors: it has 512 vocabulary rows "
+                                      "but config.json's vocab_size is 1000")
+    assert "'lm_head.weight'" in result.output
+    _serve_fails_the_same_way(model, result)
+
+
 def test_unexpected_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(llama_ckpt, tmp_path)
     weights = load_file(model / "model.safetensors")
