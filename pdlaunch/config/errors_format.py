@@ -122,6 +122,9 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
     if kind == "literal_error":
         return f"{short_repr(value)} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
+        if loc == ("model",) and isinstance(value, str):  # vLLM's configs name the model in one line
+            return f"expected a mapping of keys, got the string {short_repr(value)}", \
+                f"write `model: {{path: {value}}}`"
         return f"expected a mapping of keys, got {type(value).__name__}", "write `key: value` pairs under it"
     if kind == "list_type":
         return f"expected a list, got {type(value).__name__}", hint

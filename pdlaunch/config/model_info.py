@@ -91,6 +91,17 @@ def _positive_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _not_positive(hf: dict[str, object], keys: list[str]) -> str:
+    """`keys` of config.json that are not positive integers, each with what it holds: `lacks hidden_size;
+    num_attention_heads is '4', not a positive integer`."""
+    missing = [k for k in keys if hf.get(k) is None]
+    wrong = [f"{k} is {hf[k]!r}" for k in keys if hf.get(k) is not None]
+    parts = ([f"lacks {', '.join(missing)}"] if missing else []) + \
+        ([f"{', '.join(wrong)}, not {'a positive integer' if len(wrong) == 1 else 'positive integers'}"] if wrong
+         else [])
+    return "; ".join(parts)
+
+
 def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None, list[Problem]]:
     """A key config.json omits reads as the loader reads it: transformers' default for its architecture."""
     try:
@@ -101,7 +112,7 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
     ints = {k: _positive_int(hf.get(k)) for k in _REQUIRED_INTS}
     bad = [k for k, v in ints.items() if v is None]
     if bad:
-        return None, [problem("model.path", f"{source} lacks positive integers for {', '.join(bad)}",
+        return None, [problem("model.path", f"{source}: {_not_positive(hf, bad)}",
                               "use the checkpoint's original config.json")]
     size = {k: v for k, v in ints.items() if v is not None}
     heads = size["num_attention_heads"]
@@ -110,8 +121,9 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
     head_dim = hf.get("head_dim") or defaults.head_dim or size["hidden_size"] // heads
     max_pos = hf.get("max_position_embeddings")
     max_pos = defaults.max_position_embeddings if max_pos is None else max_pos
-    if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
-        return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
+    bad = [k for k, v in (("num_key_value_heads", kv_heads), ("head_dim", head_dim)) if _positive_int(v) is None]
+    if bad:
+        return None, [problem("model.path", f"{source}: {_not_positive(hf, bad)}",
                               "use the checkpoint's original config.json")]
     family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
     moe = None

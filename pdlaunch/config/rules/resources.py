@@ -70,7 +70,7 @@ def port_problems(cfg: DeploymentConfig) -> list[Problem]:
             continue
         for other in valid:
             if other.node == used.node and used.first <= other.last and other.first <= used.last:
-                problems.append(problem(used.field, f"{used.label()} collides with {other.field} {other.label()}"
+                problems.append(problem(used.field, f"{used.label()} {'collides' if used.count == 1 else 'collide'} with {other.field} {other.label()}"
                                         + (f" on node {used.node}" if cfg.parallel.nodes else ""),
                                         "move one of them; a group uses base_port..base_port+count-1"))
                 break

@@ -205,6 +205,10 @@ def parse_quant_config(cfg: object) -> QuantConfig | None:
         return None
     found = _object(cfg, "")
     method = found.get("quant_method")
+    if method is None:
+        raise _refuse("quantization_config names no quant_method", "quant_method",
+                      "restore the checkpoint's original config.json (an FP8 checkpoint says `\"quant_method\": "
+                      "\"fp8\"` or `\"compressed-tensors\"`)")
     if method == "fp8":
         return _block_fp8(found)
     if method == "compressed-tensors":

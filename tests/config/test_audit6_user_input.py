@@ -1,0 +1,58 @@
+"""Audit 6 of user input, through the real CLI as a new user types it: a config.json size that is missing or not a
+positive integer is named with what it holds, a quantization_config without a quant_method says so, a YAML
+`model: NAME` line (vLLM's habit) is answered with the form to write, and overlapping port ranges read as English."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.config.cli_helpers import assert_invalid, check, write_model, write_yaml
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.mark.parametrize(("changes", "said"), [
+    # was "lacks positive integers for num_attention_heads" for a key that is there, quoted
+    ({"num_attention_heads": "8"}, "num_attention_heads is '8', not a positive integer"),
+    ({"hidden_size": None}, "lacks hidden_size"),
+    ({"hidden_size": None, "num_hidden_layers": 0, "vocab_size": -1},
+     "lacks hidden_size; num_hidden_layers is 0, vocab_size is -1, not positive integers"),
+    # was "has invalid num_key_value_heads/head_dim", naming neither the key nor its value
+    ({"num_key_value_heads": -2}, "num_key_value_heads is -2, not a positive integer"),
+    ({"head_dim": "16"}, "head_dim is '16', not a positive integer"),
+])
+def test_a_config_json_size_names_its_key_and_value(tmp_path: Path, changes: dict[str, object], said: str) -> None:
+    model = write_model(tmp_path)
+    hf = json.loads((model / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del hf[key]
+        else:
+            hf[key] = value
+    (model / "config.json").write_text(json.dumps(hf))
+    result = check(["--model", str(model), *CPU])
+    assert_invalid(result, "--model", f"config.json: {said}; use the checkpoint's original config.json")
+
+
+def test_a_quantization_config_without_quant_method_says_so(tmp_path: Path) -> None:
+    model = write_model(tmp_path, quantization_config={"fmt": "e4m3", "weight_block_size": [128, 128],
+                                                       "activation_scheme": "dynamic"})
+    result = check(["--model", str(model), *CPU])
+    assert_invalid(result, "--model", "quantization_config names no quant_method")  # was "quant_method None"
+    assert "None" not in result.output
+
+
+def test_a_model_named_on_one_yaml_line_is_answered_with_the_form_to_write(tmp_path: Path) -> None:
+    result = check([str(write_yaml(tmp_path, "model: tiny\n")), *CPU])
+    assert_invalid(result, "model", "got the string 'tiny'; write `model: {path: tiny}`")
+
+
+def test_overlapping_port_ranges_collide(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "instances:\n  - {role: prefill, base_port: 18801}\n"
+                                "  - {role: decode, base_port: 18800, count: 2}\n")
+    result = check([str(path), "--model", "tiny", *CPU])
+    assert_invalid(result, "instances[1].base_port", "ports 18800-18801 (decode HTTP) collide with "
+                                                     "instances[0].base_port port 18801 (prefill HTTP)")
