@@ -89,8 +89,12 @@ class AccessPolicy:
         if self.api_key is not None:
             if has_key:
                 return None
-            message = ("invalid API key" if authorization else
-                       "missing API key: send the header `Authorization: Bearer KEY`")
+            if not authorization:
+                message = "missing API key: send the header `Authorization: Bearer KEY`"
+            elif scheme.lower() != "bearer":  # `Authorization: KEY` (or Basic): the key's scheme is missing
+                message = "the Authorization header is not `Bearer KEY`: send `Authorization: Bearer KEY`"
+            else:
+                message = "invalid API key"
             return OpenAIError(401, f"{message} (the key is the deployment's --api-key / PDLAUNCH_API_KEY)",
                                code="invalid_api_key")
         if path in CONTROL_PATHS:

@@ -58,7 +58,11 @@ def test_instance_needs_the_key_everywhere_but_health(instance: str) -> None:
                          ("POST", "/sleep"), ("GET", "/is_sleeping"), ("GET", "/no/such/route")):
         assert_401(httpx.request(method, f"{instance}{path}", json=COMPLETION))
         assert_401(httpx.request(method, f"{instance}{path}", json=COMPLETION, headers=bearer("sk-wrong")))
-    assert_401(httpx.post(f"{instance}/v1/completions", json=COMPLETION, headers={"Authorization": INSTANCE_KEY}))
+    no_scheme = httpx.post(f"{instance}/v1/completions", json=COMPLETION, headers={"Authorization": INSTANCE_KEY})
+    assert_401(no_scheme)  # the right key without `Bearer ` was answered "invalid API key"
+    assert no_scheme.json()["error"]["message"].startswith("the Authorization header is not `Bearer KEY`: send ")
+    assert httpx.get(f"{instance}/info", headers=bearer("sk-wrong")).json()["error"]["message"].startswith(
+        "invalid API key")
     assert httpx.post(f"{instance}/v1/completions", json=COMPLETION, headers=bearer(INSTANCE_KEY),
                       timeout=60).status_code == 200
     assert httpx.get(f"{instance}/info", headers=internal_headers(SECRET)).json()["role"] == "colocated"
