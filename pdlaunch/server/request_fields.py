@@ -46,6 +46,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = True  # vLLM's default: `stream_options: {}` asks for the usage chunk
     continuous_usage_stats: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data: object) -> object:
+        """A key of neither (`include_usge`, a newer OpenAI option) is ignored, as vLLM ignores it, and named in the
+        log as vLLM names it: a typo of include_usage would otherwise pass without a word."""
+        if isinstance(data, dict):
+            warn_ignored(data, cls.model_fields, chat=False, within="stream_options")
+        return data
+
     @model_validator(mode="after")
     def _refuse_continuous_usage(self) -> StreamOptions:
         if self.continuous_usage_stats:

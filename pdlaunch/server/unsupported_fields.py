@@ -77,11 +77,13 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def warn_ignored(body: Mapping[str, object], known: Iterable[str], chat: bool) -> list[str]:
+def warn_ignored(body: Mapping[str, object], known: Iterable[str], chat: bool, within: str = "") -> list[str]:
     """Log a warning naming the fields of `body` that are neither modelled (`known`) nor refused here,
-    each the first time a request carries it. Returns the fields it warned about now."""
-    table = {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}
-    unknown = [k for k in body if k not in table and k not in set(known)]
+    each the first time a request carries it. Returns the fields it warned about now. `within`: the field
+    `body` is the value of (`stream_options`), whose keys are named under it and refused by nothing here."""
+    table = {} if within else {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}
+    modelled = set(known)
+    unknown = [f"{within}.{k}" if within else k for k in body if k not in table and k not in modelled]
     with _warned_lock:
         new = [k for k in unknown if k not in _warned and len(_warned) < MAX_WARNED_FIELDS]
         _warned.update(new)
