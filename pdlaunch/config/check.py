@@ -101,8 +101,8 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     info, _ = model_info_for(cfg)
     if info is None or cfg.model.max_model_len is None or cfg.device == "auto":  # auto: dtype too is each node's
         return
-    memory = Table(title="memory estimate per TP rank (weights + KV of one max_model_len sequence)",
-                   title_justify="left")
+    kv = "KV of cache.num_gpu_blocks" if cfg.cache.num_gpu_blocks else "KV of one max_model_len sequence"
+    memory = Table(title=f"memory estimate per TP rank (weights + {kv})", title_justify="left")
     for column in ("group", "role", "weights GiB", "kv GiB", "total GiB", "budget GiB"):
         memory.add_column(column)
     on_nodes = checked_on_nodes(cfg, target)

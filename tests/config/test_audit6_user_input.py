@@ -56,3 +56,13 @@ def test_overlapping_port_ranges_collide(tmp_path: Path) -> None:
     result = check([str(path), "--model", "tiny", *CPU])
     assert_invalid(result, "instances[1].base_port", "ports 18800-18801 (decode HTTP) collide with "
                                                      "instances[0].base_port port 18801 (prefill HTTP)")
+
+
+def test_the_memory_table_says_what_its_kv_column_counts() -> None:
+    """With --num-gpu-blocks the KV column counts those blocks, not one max_model_len sequence as
+    the table's title said."""
+    fixed = check(["--model", "tiny", *CPU, "--num-gpu-blocks", "1000"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "memory estimate per TP rank (weights + KV of cache.num_gpu_blocks)" in fixed.output
+    sized = check(["--model", "tiny", *CPU])
+    assert "memory estimate per TP rank (weights + KV of one max_model_len sequence)" in sized.output
