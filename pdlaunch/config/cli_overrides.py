@@ -70,6 +70,9 @@ def split_positionals(args: list[str], overrides: Overrides) -> Path | None:
                 continue
             overrides.set("model.path", arg, POSITIONAL)
         else:
-            overrides.problems.append(problem(POSITIONAL, f"{arg!r} is neither a model nor a config file",
-                                              hub_id_hint(arg) or _NEITHER_HINT))
+            hint = hub_id_hint(arg) or _NEITHER_HINT
+            if "model.served_model_name" in overrides.flags:  # vLLM's `--served-model-name A B` takes several
+                hint += ("; a second served model name? --served-model-name takes one: list several in the YAML "
+                         "file, `model: {served_model_name: [A, B]}`")
+            overrides.problems.append(problem(POSITIONAL, f"{arg!r} is neither a model nor a config file", hint))
     return config

@@ -1,6 +1,7 @@
 """Audit 6 of user input, through the real CLI as a new user types it: a config.json size that is missing or not a
 positive integer is named with what it holds, a quantization_config without a quant_method says so, a YAML
-`model: NAME` line (vLLM's habit) is answered with the form to write, and overlapping port ranges read as English."""
+`model: NAME` line (vLLM's habit) is answered with the form to write, overlapping port ranges read as English, the
+memory table says what its KV column counts, and vLLM's `--served-model-name A B` is pointed at the YAML list."""
 
 from __future__ import annotations
 
@@ -66,3 +67,14 @@ def test_the_memory_table_says_what_its_kv_column_counts() -> None:
     assert "memory estimate per TP rank (weights + KV of cache.num_gpu_blocks)" in fixed.output
     sized = check(["--model", "tiny", *CPU])
     assert "memory estimate per TP rank (weights + KV of one max_model_len sequence)" in sized.output
+
+
+def test_vllms_several_served_model_names_get_the_yaml_list(tmp_path: Path) -> None:
+    """vLLM's `--served-model-name a b` takes both; here `b` was reported as neither a model nor a config file,
+    with nothing about the names."""
+    result = check(["--model", "tiny", *CPU, "--served-model-name", "alias-a", "alias-b"])
+    assert_invalid(result, "MODEL", "'alias-b' is neither a model nor a config file")
+    assert "--served-model-name takes one: list several in the YAML file, `model: {served_model_name: [A, B]}`" \
+        in " ".join(result.output.split())
+    listed = write_yaml(tmp_path, "model: {path: tiny, served_model_name: [alias-a, alias-b]}\n")
+    assert check([str(listed), *CPU]).exit_code == 0
