@@ -20,6 +20,9 @@ def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:
     that multiplies them (the proxy splits a list of prompts and checks it with this too)."""
     if num_prompts * best_of <= MAX_CHOICES:
         return
+    if best_of == 1:  # the prompts alone: no n to lower
+        raise OpenAIError(400, f"{num_prompts} prompts exceed {MAX_CHOICES} per request; send the prompts in several "
+                               "requests", param="prompt")
     field = "best_of" if best_of > n else "n"
     raise OpenAIError(400, f"{num_prompts} prompts x {best_of} samples ({field}) exceed {MAX_CHOICES} choices per "
                            f"request; lower {field} or send the prompts in several requests", param=field)

@@ -92,15 +92,19 @@ def test_pd_prompt_list_stream_without_usage_chunk_carries_no_usage(deployments:
     assert pd == colocated and pd["usage"] is None
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"n": 50}, "n"), ({"best_of": 50}, "best_of")])
+@pytest.mark.parametrize(("fields", "param"), [({"n": 50}, "n"), ({"best_of": 50}, "best_of"),
+                                               ({"prompt": ["Hi"] * 129}, "prompt")])
 def test_too_many_choices_name_the_field_that_multiplies_them(deployments: dict[str, Serve], fields: dict[str, Any],
                                                               param: str) -> None:
     """3 prompts x 50 samples: the same 400 through PD as colocated, naming n (or best_of) and the fix (before, PD
-    named `prompt` and neither said what to do)."""
+    named `prompt` and neither said what to do). 129 prompts of one sample each name the prompts (they read
+    "129 prompts x 1 samples (n) ...; lower n", which cannot go below 1)."""
     for serve in deployments.values():
         response = httpx.post(serve.url + "/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": PROMPTS, "max_tokens": 4, **fields})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == param and f"lower {param} or send the prompts in several requests" in \
-            error["message"], error
+        fix = "send the prompts in several requests" if param == "prompt" else \
+            f"lower {param} or send the prompts in several requests"
+        assert error["param"] == param and fix in error["message"], error
+        assert param != "prompt" or "lower" not in error["message"], error
