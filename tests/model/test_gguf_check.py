@@ -66,6 +66,22 @@ def test_no_tokenizer_in_the_metadata(llama_dir: Path, tmp_path: Path) -> None:
     assert "embeds its tokenizer" in result.output
 
 
+@pytest.mark.parametrize(("header", "said"), [
+    # the magic and version, then nothing: gguf's words were Python's, "not enough values to unpack ..."
+    (b"GGUF\x03\x00\x00\x00", "is not a readable GGUF file: its header does not parse ("),
+    (b"garbage\n", "is not a readable GGUF file: GGUF magic invalid"),
+    # a header of no tensors and no metadata: "GGUF architecture None is not supported"
+    (b"GGUF\x03\x00\x00\x00" + b"\x00" * 16, "the GGUF file names no architecture (general.architecture)"),
+], ids=["cut-after-the-version", "no-magic", "no-metadata"])
+def test_a_damaged_file_says_what_is_wrong_with_it(tmp_path: Path, header: bytes, said: str) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(header)
+    result = _check(path)
+    assert_invalid(result, "--model", said)
+    [error] = _errors(result)
+    assert "re-download" in error and "None" not in error, error
+
+
 def test_unreadable_quant_type_is_named(llama_dir: Path, tmp_path: Path) -> None:
     path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama", raw_types={"blk.0.ffn_up.weight": "Q8_1"})
     result = _check(path)

@@ -60,7 +60,10 @@ def open_reader(path: Path) -> GGUFReader:
     try:
         return GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf raises bare ValueError for bad magic
-        raise PdlaunchError(f"{path} is not a readable GGUF file: {exc}", field="model.path",
+        # Past the magic, gguf's own words are Python's (`not enough values to unpack`) for a header cut short.
+        why = str(exc) if "magic" in str(exc) or isinstance(exc, OSError) else \
+            f"its header does not parse ({exc}): a truncated or damaged file"
+        raise PdlaunchError(f"{path} is not a readable GGUF file: {why}", field="model.path",
                             hint="pass an intact .gguf file (re-download it) or an HF checkpoint directory") from exc
 
 
@@ -100,6 +103,10 @@ def unreadable_quant_types(reader: GGUFReader) -> list[str]:
 
 def architecture(reader: GGUFReader) -> str:
     arch = value(reader, "general.architecture")
+    if arch is None:
+        raise PdlaunchError("the GGUF file names no architecture (general.architecture)", field="model.path",
+                            hint="pass an intact .gguf file written by llama.cpp's converter (re-download it), or an "
+                                 "HF checkpoint directory")
     if arch not in SUPPORTED_ARCHS:
         raise PdlaunchError(f"GGUF architecture {arch!r} is not supported", field="model.path",
                             hint=f"pdlaunch reads GGUF files of these architectures: {', '.join(SUPPORTED_ARCHS)}")
