@@ -135,8 +135,8 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
         attention_bias = config_bool(hf, "attention_bias")
         qwen2_qkv_bias = family == "Qwen2ForCausalLM" and config_bool(hf, "qkv_bias", True)
     except PdlaunchError as exc:
-        return None, [problem("model.path", f"{source}: {exc.message}", exc.hint or "use the checkpoint's "
-                              "original config.json")]
+        return None, [problem("model.path", f"{source}: {exc.message.removeprefix('config.json ')}",
+                              exc.hint or "use the checkpoint's original config.json")]
     info = ModelInfo(
         architecture=arch,
         hidden_size=size["hidden_size"],

@@ -55,6 +55,9 @@ OLMOE = {**QWEN3_MOE, "architectures": ["OlmoeForCausalLM"]}
     (QWEN3_MOE, {"mlp_only_layers": "13"}, "mlp_only_layers", "is not a list"),  # was: layers 1 and 3
     (QWEN3_MOE, {"mlp_only_layers": ["a"]}, "mlp_only_layers", "is not a list"),
     (QWEN2_MOE, {"shared_expert_intermediate_size": None}, "shared_expert_intermediate_size", "lacks"),
+    # Mixtral's key: the message named Qwen's num_experts, which a Mixtral config.json never has
+    (MIXTRAL, {"num_local_experts": None}, "num_local_experts", "config.json lacks 'num_local_experts'"),
+    (QWEN3_MOE, {"num_experts": None}, "num_experts", "config.json lacks 'num_experts'"),
     (QWEN2_MOE, {"shared_expert_intermediate_size": -1}, "shared_expert_intermediate_size", "at least 0"),
     (QWEN2_MOE, {"shared_expert_intermediate_size": "x"}, "shared_expert_intermediate_size", "not an integer"),
 ])
@@ -134,6 +137,18 @@ def test_check_config_and_generate_refuse_a_bad_moe_config(changes: dict[str, ob
     _edit_config(path, **changes)
     for output in _cli_errors(path):
         assert f"--model: {path / 'config.json'}: {text}" in output
+
+
+def test_a_mixtral_config_without_its_experts_names_mixtrals_key(moe_ckpt: Callable[[str], Path],
+                                                                 tmp_path: Path) -> None:
+    """It read "config.json: config.json lacks 'num_experts'": Qwen's key, and config.json twice."""
+    path = _copy(moe_ckpt, "mixtral", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["num_local_experts"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    for output in _cli_errors(path):
+        assert f"--model: {path / 'config.json'}: lacks 'num_local_experts'; use the checkpoint's original " \
+            "config.json" in output
 
 
 def _load_error(path: Path) -> str:

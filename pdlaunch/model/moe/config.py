@@ -93,7 +93,10 @@ def _dense_layers(cfg: Mapping[str, object], num_layers: int) -> set[int]:
 
 def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArch:
     """The MoE part of a config.json of one of `MOE_ARCHITECTURES` (PdlaunchError naming the key)."""
-    experts = config_int(cfg, "num_experts", "num_local_experts")
+    # Mixtral names its experts num_local_experts: a config.json without either is told that key
+    names = ("num_local_experts", "num_experts") if architecture == "MixtralForCausalLM" else \
+        ("num_experts", "num_local_experts")
+    experts = config_int(cfg, *names)
     top_k = config_int(cfg, "num_experts_per_tok")
     if top_k > experts:
         raise PdlaunchError(f"num_experts_per_tok {top_k} must be between 1 and the {experts} experts",
