@@ -121,8 +121,9 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
     head_dim = hf.get("head_dim") or defaults.head_dim or size["hidden_size"] // heads
     max_pos = hf.get("max_position_embeddings")
     max_pos = defaults.max_position_embeddings if max_pos is None else max_pos
-    bad = [k for k, v in (("num_key_value_heads", kv_heads), ("head_dim", head_dim)) if _positive_int(v) is None]
-    if bad:
+    num_kv_heads, head_size = _positive_int(kv_heads), _positive_int(head_dim)
+    if num_kv_heads is None or head_size is None:
+        bad = [k for k, v in (("num_key_value_heads", num_kv_heads), ("head_dim", head_size)) if v is None]
         return None, [problem("model.path", f"{source}: {_not_positive(hf, bad)}",
                               "use the checkpoint's original config.json")]
     family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
@@ -142,8 +143,8 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
         hidden_size=size["hidden_size"],
         num_layers=size["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_size,
         intermediate_size=size["intermediate_size"],
         vocab_size=size["vocab_size"],
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,

@@ -70,7 +70,8 @@ def port_problems(cfg: DeploymentConfig) -> list[Problem]:
             continue
         for other in valid:
             if other.node == used.node and used.first <= other.last and other.first <= used.last:
-                problems.append(problem(used.field, f"{used.label()} {'collides' if used.count == 1 else 'collide'} with {other.field} {other.label()}"
+                verb = "collides" if used.count == 1 else "collide"
+                problems.append(problem(used.field, f"{used.label()} {verb} with {other.field} {other.label()}"
                                         + (f" on node {used.node}" if cfg.parallel.nodes else ""),
                                         "move one of them; a group uses base_port..base_port+count-1"))
                 break
