@@ -128,8 +128,8 @@ def device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     on_this_machine = target is None and not checked_on_nodes(cfg, target)
     if cfg.device == "cuda" and on_this_machine and not host_devices.cuda_available():
         problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
-                                "use --device cpu, or declare the GPU host with "
-                                "--target-gpus N --target-gpu-memory GIB"))
+                                "use --device cpu, or a machine with a CUDA GPU (`pdlaunch check-config --target-gpus "
+                                "N --target-gpu-memory GIB` checks a GPU host's deployment from here)"))
     if device == "cpu" and cfg.model.dtype == "float16":
         problems.append(problem("model.dtype", "float16 is not supported on CPU",
                                 "use --dtype bfloat16 or float32 (or auto) on CPU"))

@@ -1,7 +1,8 @@
 """Audit 6 of user input, through the real CLI as a new user types it: a config.json size that is missing or not a
 positive integer is named with what it holds, a quantization_config without a quant_method says so, a YAML
 `model: NAME` line (vLLM's habit) is answered with the form to write, overlapping port ranges read as English, the
-memory table says what its KV column counts, and vLLM's `--served-model-name A B` is pointed at the YAML list."""
+memory table says what its KV column counts, vLLM's `--served-model-name A B` is pointed at the YAML list, and
+`--device cuda` without CUDA names a fix that serve and smoke have."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.config.cli_helpers import assert_invalid, check, write_model, write_yaml
+from pdlaunch.memory.host_devices import cuda_available
+from tests.config.cli_helpers import assert_invalid, check, invoke, write_model, write_yaml
 
 CPU = ["--device", "cpu"]
 
@@ -78,3 +80,16 @@ def test_vllms_several_served_model_names_get_the_yaml_list(tmp_path: Path) -> N
         in " ".join(result.output.split())
     listed = write_yaml(tmp_path, "model: {path: tiny, served_model_name: [alias-a, alias-b]}\n")
     assert check([str(listed), *CPU]).exit_code == 0
+
+
+@pytest.mark.skipif(cuda_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["serve", "check-config", "smoke"])
+def test_cuda_where_there_is_none_names_a_fix_the_command_has(command: str, tmp_path: Path) -> None:
+    """serve and smoke were told to "declare the GPU host with --target-gpus N --target-gpu-memory GIB", options
+    only check-config has (`No such option: --target-gpus`)."""
+    result = invoke([command, "--model", "tiny", "--device", "cuda", "--log-dir", str(tmp_path / "logs")])
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: --device:")]
+    assert line == ("error: --device: cuda requested but no CUDA device is visible on this machine; use --device cpu, "
+                    "or a machine with a CUDA GPU (`pdlaunch check-config --target-gpus N --target-gpu-memory GIB` "
+                    "checks a GPU host's deployment from here)")
