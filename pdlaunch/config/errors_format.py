@@ -136,7 +136,8 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
         return what, fix or hint
     msg = str(err.get("msg", "invalid value"))
     msg = msg[0].lower() + msg[1:] if msg else "invalid value"
-    return f"{msg}, got {short_repr(value)}", hint
+    # pydantic's own text may already say what it got ("..., got a number with a fractional part")
+    return f"{msg}{'; it is' if ', got ' in msg else ', got'} {short_repr(value)}", hint
 
 
 def problems_from_validation_error(exc: ValidationError) -> list[Problem]:

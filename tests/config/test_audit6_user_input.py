@@ -93,3 +93,11 @@ def test_cuda_where_there_is_none_names_a_fix_the_command_has(command: str, tmp_
     assert line == ("error: --device: cuda requested but no CUDA device is visible on this machine; use --device cpu, "
                     "or a machine with a CUDA GPU (`pdlaunch check-config --target-gpus N --target-gpu-memory GIB` "
                     "checks a GPU host's deployment from here)")
+
+
+def test_a_fractional_count_reads_once(tmp_path: Path) -> None:
+    """It read "input should be a valid integer, got a number with a fractional part, got 1.5"."""
+    path = write_yaml(tmp_path, "instances:\n  - {role: prefill, count: 1.5}\n  - {role: decode}\n")
+    result = check([str(path), "--model", "tiny", *CPU])
+    assert_invalid(result, "instances[0].count", "input should be a valid integer, got a number with a fractional "
+                                                 "part; it is 1.5")
