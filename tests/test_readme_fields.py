@@ -108,9 +108,13 @@ NOTES: dict[str, str] = {
     "stream_options": "`include_usage` defaults to true (as vLLM: `{}` asks for the usage chunk); "
                       "`continuous_usage_stats` refused with 400; without `stream: true` a 400 (as OpenAI; vLLM "
                       "lets `{}` pass)",
-    "response_format": "type `structural_tag` refused with 400",
+    "response_format": "type `structural_tag` refused with 400; `json_schema.strict: true` keeps its schema closed "
+                       "and checks it (see `strict` under Structured output)",
+    "tools": "`function.strict: true` keeps a forced call's schema closed and checks it (see `strict` under "
+             "Structured output)",
     "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400; "
-                          "`disable_additional_properties: false` opens the schema's objects (see Strict JSON schemas)",
+                          "`disable_additional_properties: false` opens the schema's objects, not those of a "
+                          "`strict: true` schema or tool (see Strict JSON schemas)",
     "request_id": "send the `X-Request-Id` header instead",
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
                   "(a completion's `null` too)",

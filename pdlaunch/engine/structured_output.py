@@ -63,6 +63,9 @@ class StructuredOutput(BaseModel):
     # Object schemas that declare `properties` and say nothing of `additionalProperties` are closed
     # (close_objects) unless asked (structured_outputs disable_additional_properties: false).
     open_objects: bool = False
+    # The schema said `strict: true` (OpenAI's; server/strict_field.py): its objects are closed whatever
+    # open_objects says, as explicit `"additionalProperties": false` would be.
+    strict: bool = False
 
     def grammar(self) -> str:
         import llguidance
@@ -71,7 +74,7 @@ class StructuredOutput(BaseModel):
             text = '{"type": "object"}' if self.kind == "json_object" else self.value
             if self.kind == "json":  # every $ref resolved, or a SchemaRefError naming it (engine/schema_refs.py)
                 schema = root_pointers(json.loads(text), self.field)
-                text = json.dumps(schema if self.open_objects else close_objects(schema))
+                text = json.dumps(close_objects(schema) if self.strict or not self.open_objects else schema)
             return str(llguidance.LLMatcher.grammar_from_json_schema(
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))

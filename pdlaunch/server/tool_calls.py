@@ -15,6 +15,10 @@
   named call has only the properties its tool declares, unless the schema says
   `"additionalProperties": true`. A required call's grammar holds every tool's parameters, each one's `$ref`s
   pointing into its own definitions there (engine/schema_refs.root_pointers).
+- A tool's `function.strict: true` is OpenAI's strict mode (server/strict_field.py): its parameters schema is
+  checked as OpenAI checks it (a 400 naming the place, whatever tool_choice says), and a forced call of it stays
+  closed when the request opens objects. Auto calls are parsed from free text, never constrained: strict or
+  not, only a forced call (required, named) is sure to match its schema.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
@@ -33,10 +37,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
+from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
+from pdlaunch.server.strict_field import check_strict_schema, strict_flag
 from pdlaunch.server.tool_call_parsers import parse_auto, parse_required, tool_call
 
 
@@ -86,8 +92,8 @@ class ToolCalling:
     def parameter_grammars(self) -> list[StructuredOutput]:
         """Each tool's parameters schema as a grammar, named where the client wrote it (a required call's grammar
         that does not compile is named by the tool whose parameters do not)."""
-        return [StructuredOutput(kind="json", value=json.dumps(_parameters(t)), field=f"tools.{i}.function.parameters")
-                for i, t in enumerate(self.tools)]
+        return [StructuredOutput(kind="json", value=json.dumps(_parameters(t)), field=f"tools.{i}.function.parameters",
+                                 strict=_strict(t)) for i, t in enumerate(self.tools)]
 
     def parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
         """(content, tool calls) of a finished output."""
@@ -133,6 +139,8 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
             first = exc.errors()[0]
             param = f"tools.{i}." + param_of(first.get("loc", ()))
             raise OpenAIError(400, f"{param}: {error_text(first)}", param=param) from None
+        if strict_flag((parsed[-1].function.model_extra or {}).get("strict"), f"tools.{i}.function.strict"):
+            check_strict_schema(_parameters(parsed[-1]), f"tools.{i}.function.parameters")
     if tool_choice in (None, "auto"):
         return ToolCalling("auto", parsed)
     if tool_choice == "none":
@@ -153,12 +161,23 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
 def _embedded(tool: Tool, i: int) -> JsonValue:
     """Tool `i`'s parameters schema where the required call's schema holds it: its `$ref`s name its own definitions
     from there (a `#/$defs/x` of its own read from the root of that schema named nothing), or a 400 naming the one
-    that names nothing."""
+    that names nothing. A strict tool's parameters come closed (engine/strict_schema.close_objects, its `$ref`s read
+    from its own root): the required call's schema is not closed when the request opens objects."""
+    where = f"tools.{i}.function.parameters"
     try:
-        return root_pointers(_parameters(tool), f"tools.{i}.function.parameters",
-                             ("items", "anyOf", str(i), "properties", "parameters"))
+        parameters: JsonValue = _parameters(tool)
+        if _strict(tool):
+            parameters = close_objects(root_pointers(parameters, where))
+        return root_pointers(parameters, where, ("items", "anyOf", str(i), "properties", "parameters"))
     except SchemaRefError as exc:
         raise OpenAIError(400, f"invalid grammar: {exc}", param=exc.field) from None
+    except ValueError as exc:  # close_objects: its definitions copied where they are used grow past the bound
+        raise OpenAIError(400, f"invalid grammar: {where}: {exc}", param=where) from None
+
+
+def _strict(tool: Tool) -> bool:
+    """The tool's `function.strict` (checked a boolean as the tool was read)."""
+    return (tool.function.model_extra or {}).get("strict") is True
 
 
 def _parameters(tool: Tool) -> JsonObject:
