@@ -109,8 +109,8 @@ NOTES: dict[str, str] = {
                       "`continuous_usage_stats` refused with 400; without `stream: true` a 400 (as OpenAI; vLLM "
                       "lets `{}` pass)",
     "response_format": "type `structural_tag` refused with 400; `json_schema.strict: true` keeps its schema closed "
-                       "and checks it (see `strict` under Structured output)",
-    "tools": "`function.strict: true` keeps a forced call's schema closed and checks it (see `strict` under "
+                       "(see `strict` under Structured output)",
+    "tools": "`function.strict: true` keeps a forced call's schema closed (see `strict` under "
              "Structured output)",
     "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400; "
                           "`disable_additional_properties: false` opens the schema's objects, not those of a "

@@ -9,8 +9,8 @@ no `additionalProperties` is closed (engine/strict_schema.close_objects) unless 
 `structured_outputs: {"disable_additional_properties": false}`; JSON is compact unless it sends
 `structured_outputs: {"disable_any_whitespace": false}`. Both options apply to whichever field asked for the JSON
 (vLLM folds response_format into structured_outputs), a forced tool call's included (`json_options`), but
-`response_format.json_schema.strict: true` keeps its schema closed and checks it as OpenAI's strict mode does
-(server/strict_field.py). A `$ref` that points to nothing in its schema is a 400 whose param is its path
+`response_format.json_schema.strict: true` keeps its schema closed (server/strict_field.py). A `$ref` that points to
+nothing in its schema is a 400 whose param is its path
 (`response_format.json_schema.schema.properties.a.$ref`; engine/schema_refs.py).
 """
 
@@ -23,7 +23,7 @@ from pdlaunch.engine.schema_refs import SchemaRefError
 from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.server.strict_field import check_strict_schema, strict_flag
+from pdlaunch.server.strict_field import strict_flag
 
 # structured_outputs keys that ask for something we do not do (when truthy).
 _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern")
@@ -95,8 +95,6 @@ def _from_response_format(value: JsonValue) -> StructuredOutput | None:
                               param="response_format.json_schema.schema")
         field = "response_format.json_schema.schema"
         strict = strict_flag(inner.get("strict"), "response_format.json_schema.strict")
-        if strict:
-            check_strict_schema(dict(schema), field)
         return StructuredOutput(kind="json", value=json.dumps(schema), field=field, strict=strict)
     raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                       param="response_format.type")

@@ -15,9 +15,9 @@
   named call has only the properties its tool declares, unless the schema says
   `"additionalProperties": true`. A required call's grammar holds every tool's parameters, each one's `$ref`s
   pointing into its own definitions there (engine/schema_refs.root_pointers).
-- A tool's `function.strict: true` is OpenAI's strict mode (server/strict_field.py): its parameters schema is
-  checked as OpenAI checks it (a 400 naming the place, whatever tool_choice says), and a forced call of it stays
-  closed when the request opens objects. Auto calls are parsed from free text, never constrained: strict or
+- A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request
+  opens objects, and its `$ref`s are checked whatever tool_choice says. Auto calls are parsed from free text, never
+  constrained: strict or
   not, only a forced call (required, named) is sure to match its schema.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
