@@ -17,8 +17,7 @@
   pointing into its own definitions there (engine/schema_refs.root_pointers).
 - A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request
   opens objects, and its `$ref`s are checked whatever tool_choice says. Auto calls are parsed from free text, never
-  constrained: strict or
-  not, only a forced call (required, named) is sure to match its schema.
+  constrained: strict or not, only a forced call (required, named) is sure to match its schema.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
