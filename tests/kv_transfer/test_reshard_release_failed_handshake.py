@@ -5,14 +5,15 @@ it on that rank's side channel ("release"), without a handshake: the prefill ran
 channels. Only the ranks already shaken hands with used to get one, then each of the others was shaken hands with
 once more for it, which could keep the loader thread up to the handshake timeout on a rank that had just left a
 handshake unanswered; a rank that does not answer the release now costs it RELEASE_TIMEOUT_SECONDS, and is logged
-(its hold's lease frees the blocks)."""
+(its hold's lease frees the blocks). A load aborted while a rank leaves its handshake unanswered stops waiting for
+it at once, and releases every rank the same way."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -61,7 +62,7 @@ class _Peers:
         self.failures = failures
         self.tried: list[int] = []
 
-    def get(self, remote: RemoteKV) -> RemoteEngine:
+    def get(self, remote: RemoteKV, stopped: Callable[[], bool] | None = None) -> RemoteEngine:
         rank = remote.tp_rank
         assert rank is not None
         self.tried.append(rank)
@@ -119,9 +120,9 @@ def ranks() -> Iterator[list[_Rank]]:
             rank.server.server_close()
 
 
-def _failed_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolExecutor, ranks: list[_Rank],
-                 handshake_timeout: float = 1.0) -> str:
-    """Run the resharding load through the loader and the engine thread's poll; the load's error."""
+def _reshard_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolExecutor, ranks: list[_Rank],
+                  handshake_timeout: float) -> tuple[DecodeLoads, Load]:
+    """The decode's loads and, in their table, a resharding load of request p-1 from both prefill ranks."""
     ctx = LoadContext(agent=cast(Any, agent), spec=lambda: SPEC, peers=cast(Any, peers), keys=KEYS,
                       handshake_timeout=handshake_timeout, transfer_timeout=WAIT_S, verify_kv=False,
                       executor=executor, reader="decode")
@@ -133,10 +134,17 @@ def _failed_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolE
     load = Load("r-1", remote, [[(0, 1, 5), (1, 2, 6)], [(0, 1, 5), (1, 2, 6)]], deadline=now + WAIT_S, started=now)
     load.reshard = plan_reshard(remote, SPEC.tp_rank, SPEC.tp_size, SPEC.num_kv_heads)
     loads.table.add(load)
+    return loads, load
+
+
+def _failed_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolExecutor, ranks: list[_Rank],
+                 handshake_timeout: float = 1.0) -> str:
+    """Run the resharding load through the loader and the engine thread's poll; the load's error."""
+    loads, load = _reshard_load(agent, peers, executor, ranks, handshake_timeout)
     try:
         loads.run(load)
     finally:
-        ctx.connections.close()
+        loads.ctx.connections.close()
     finished, failed = loads.table.poll(time.monotonic())
     assert not finished and set(failed) == {"r-1"}
     return failed["r-1"]
@@ -221,3 +229,41 @@ def test_a_rank_that_answers_neither_handshake_nor_release_is_asked_once_and_log
     assert _released(agent) == []
     _side_channel_release(ranks[1])
     assert ranks[1].freed()
+
+
+def test_a_load_aborted_while_a_rank_leaves_its_handshake_unanswered_stops_waiting(ranks: list[_Rank]) -> None:
+    """The decode's real peer cache; rank 0 takes the handshake and answers only when the test ends; the load is
+    aborted (its client left) while it waits: its loader thread stops waiting within a look at the abort
+    (client.STOP_POLL_SECONDS), not the handshake timeout, and each rank gets its release on its side channel and
+    frees the request's blocks. The handshake used to be waited out, whatever became of the load."""
+    handshake_s = 600.0  # a load that waited it out would fail the test's own wait below
+    asked, answer, handshakes = threading.Event(), threading.Event(), []
+
+    def stalled_handshake(message: HandshakeRequest) -> HandshakeAnswer:
+        handshakes.append(message)
+        asked.set()
+        assert answer.wait(2 * WAIT_S), "the test never let the handshake answer"
+        raise KVTransferError("answered after the test")
+
+    ranks[0].server.handlers["handshake"] = stalled_handshake
+    agent = _Agent()
+    peers = PeerCache(cast(Any, agent), lambda: SPEC, lambda: DeviceInfo(type="cpu"), "pull", handshake_s, KEYS,
+                      "decode")
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        loads, load = _reshard_load(agent, peers, executor, ranks, handshake_s)
+        try:
+            running = executor.submit(loads.run, load)
+            assert asked.wait(WAIT_S), "the load never asked rank 0 for the handshake"
+            assert not loads.table.abort("r-1")  # nothing READ yet: no drain
+            aborted = time.monotonic()
+            running.result(timeout=WAIT_S)
+            took = time.monotonic() - aborted
+        finally:
+            answer.set()  # before the executor waits for its thread, should the load still wait
+    loads.ctx.connections.close()
+    assert took < WAIT_S / 2, f"the aborted load waited {took:.1f}s for its handshake"
+    assert load.error == "aborted" and len(handshakes) == 1
+    assert _released(agent) == []
+    for rank in ranks:
+        _side_channel_release(rank)
+        assert rank.freed()

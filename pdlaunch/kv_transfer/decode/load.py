@@ -99,6 +99,12 @@ class Load:
     def mode(self) -> str:
         return self.strategy.mode if self.strategy is not None else ""
 
+    def stopped(self) -> bool:
+        """The load ended (failed, timed out) or was aborted: a wait of its loader thread gives up (the `stopped`
+        of PeerCache.get and of the side channel's calls), and the thread goes back to other loads. Read without the
+        lock: a stale False only delays the give-up by one look (client.STOP_POLL_SECONDS)."""
+        return self.abandoned or self.state.ended
+
     def fail(self, error: str) -> None:
         """Mark the load failed unless it already ended (the lock is held)."""
         if not self.state.ended:

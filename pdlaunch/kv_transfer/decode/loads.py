@@ -74,7 +74,7 @@ class DecodeLoads:
                 started = True
                 strategy.run(load)
                 return
-            remote = self.peers.get(load.remote, stopped=lambda: load.abandoned or load.state.ended)
+            remote = self.peers.get(load.remote, stopped=load.stopped)
             check_block_ids(load, remote, load.where)
             check_digests(load, load.remote.checksums, load.where)
             strategy = self._choose(remote)

@@ -59,8 +59,9 @@ class ReshardLoad(LoadStrategy):
     after its blocks were read, release when the load failed or was aborted (each names `readers`,
     so the prefill rank frees after the last one); both best effort (decode/context.py): a lost one
     costs that rank its blocks until its lease ends. A rank whose handshake failed, or was not tried (an
-    earlier rank's failed), gets its release on its side channel, without a handshake. It enforces the deadline
-    in its loader thread."""
+    earlier rank's failed), gets its release on its side channel, without a handshake. A handshake gives up once the
+    load ended or was aborted (decode/peers.py), as a load without resharding's does: an aborted load used to wait
+    it out, up to the handshake timeout per source rank. It enforces the deadline in its loader thread."""
 
     mode = "pull"
     deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
@@ -78,7 +79,7 @@ class ReshardLoad(LoadStrategy):
         notified: set[int] = set()
         try:
             for src in plan.sources:
-                remotes[src.rank] = ctx.peers.get(src.remote)
+                remotes[src.rank] = ctx.peers.get(src.remote, stopped=load.stopped)
                 _check_source(src, remotes[src.rank], plan, spec)
                 check_block_ids(load, remotes[src.rank], src.remote.where)
                 if src.slices:  # _read_source verifies what it READs against them
