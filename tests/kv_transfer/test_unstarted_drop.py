@@ -1,8 +1,11 @@
 """A decode load that ends before its strategy was on it, after the prefill named the request's blocks for it, asks
-each prefill rank that holds them to drop its hold ("cancel_push" on the side channel, which needs no handshake),
-within a short timeout of its own: the prefill's real hold table behind a real side channel, the decode's loader.
-- vLLM's push proxy: the prefill named its blocks ("held_blocks") but the decode cannot plan them;
-- a resharding load failed by the test-only fault hook before its strategy ran: every rank it reads is told;
+each prefill rank that holds them to drop its hold (on the side channel, which needs no handshake), within a short
+timeout of its own: the prefill's real hold table behind a real side channel, the decode's loader.
+- vLLM's push proxy: the prefill named its blocks ("held_blocks") but the decode cannot plan them: "cancel_push";
+- a resharding load failed by the test-only fault hook before its strategy ran: every rank it reads gets the
+  "release" its strategy would send, naming how many decode ranks read that rank; with several (decode TP 2,
+  prefill TP 1) it counts as this rank's word, so the hold ends at the other rank's read_done. Its cancel used to
+  count as no rank's: the hold then waited for this rank until the other rank's READ claim's cap;
 - a prefill that does not answer the cancel: logged (its lease frees the blocks), and the loader thread is back
   within the cancel's own short timeout, not the handshake timeout.
 The handshake and planning failures through real instances: tests/serving/test_failed_handshake_release_e2e.py.
@@ -27,7 +30,15 @@ from pdlaunch.kv_transfer.decode.context import RELEASE_TIMEOUT_SECONDS, LoadCon
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, HeldBlocksRequest
+from pdlaunch.kv_transfer.messages import (
+    CancelPushAnswer,
+    CancelPushRequest,
+    ClaimReadRequest,
+    Empty,
+    HeldBlocksRequest,
+    ReleaseRequest,
+)
+from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.push_params import prompt_digest
@@ -44,11 +55,15 @@ LOGGER = "pdlaunch.kv_transfer.decode.loads"
 
 @dataclass
 class _Rank:
-    """One prefill rank: its hold table behind its side channel, and the cancels that reached it."""
+    """One prefill rank: its hold table behind its side channel, and the cancels and releases that reached it."""
 
     holds: HoldTable
     server: SideChannelServer
     cancels: list[str]
+    releases: list[ReleaseRequest]
+
+    def released(self) -> list[tuple[str, str, int]]:
+        return [(message.request_id, message.reader, message.readers) for message in self.releases]
 
     def freed(self, request_id: str) -> bool:
         """Poll the table as the prefill's engine thread does until it frees `request_id` (False after WAIT_S)."""
@@ -62,23 +77,30 @@ class _Rank:
 
 @pytest.fixture
 def ranks() -> Iterator[Callable[[], _Rank]]:
-    """Makes prefill ranks (60 s leases); each serves held_blocks (the prefill's real handler) and cancel_push."""
+    """Makes prefill ranks (60 s leases); each serves held_blocks (the prefill's real handler), cancel_push and
+    release."""
     made: list[_Rank] = []
 
     def make() -> _Rank:
         holds = HoldTable(lease_seconds=WAIT_S)
         prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
         cancels: list[str] = []
+        releases: list[ReleaseRequest] = []
 
         def cancel_push(message: CancelPushRequest) -> CancelPushAnswer:
             cancels.append(message.owner)
             return holds.cancel_push(message)
 
+        def release(message: ReleaseRequest) -> Empty:
+            releases.append(message)
+            return holds.on_release(message)
+
         def held_blocks(message: HeldBlocksRequest) -> Any:
             return PrefillSide._on_held_blocks(cast(Any, prefill), message)  # noqa: SLF001 - its real handler
 
-        server = SideChannelServer("127.0.0.1", 0, {"cancel_push": cancel_push, "held_blocks": held_blocks}, KEYS)
-        made.append(_Rank(holds, server, cancels))
+        server = SideChannelServer("127.0.0.1", 0, {"cancel_push": cancel_push, "held_blocks": held_blocks,
+                                                    "release": release}, KEYS)
+        made.append(_Rank(holds, server, cancels, releases))
         return made[-1]
 
     try:
@@ -141,8 +163,38 @@ def test_a_resharding_load_failed_before_its_strategy_ran_lets_every_rank_it_rea
     loads.faults = TransferFaults({ENV: "1"})
     loads.run(load)  # peers is None here: a handshake would raise AttributeError, not the injected fault
     assert load.state == LoadState.FAILED and ENV in (load.error or "")
-    assert rank0.cancels == rank1.cancels == [load.nonce]
+    assert rank0.cancels == rank1.cancels == []
+    assert rank0.released() == rank1.released() == [("p-1", "decode", 1)]  # decode TP 1: the one reader of each
     assert rank0.freed("p-1") and rank1.freed("p-1")
+
+
+@pytest.mark.parametrize("claimed_first", [True, False], ids=["claimed-first", "claimed-after"])
+def test_a_resharding_load_failed_before_its_strategy_ran_counts_as_one_of_the_ranks_reading_a_hold(
+        ranks: Callable[[], _Rank], loads: DecodeLoads, claimed_first: bool) -> None:
+    """Prefill TP 1, decode TP 2: both decode ranks read the prefill's one hold, which waits for one word from each.
+    Rank 0's load fails before its strategy ran (the test-only fault hook); rank 1 claims the hold for its READ,
+    before or after rank 0's word, and its read_done then ends the hold at once: rank 0's word counted as its rank's
+    (a cancel counted as none, and the hold lived on to rank 1's claim's cap, 65 s here; or, sent before the claim,
+    freed the blocks under rank 1's load, whose claim then failed)."""
+    prefill = ranks()
+    prefill.holds.hold("p-1", [[3]])
+    remote = RemoteKV(engine_id="P", request_id="p-1", host="127.0.0.1", port=prefill.server.port,
+                      block_ids=[[3]], tp_size=1, kv_heads_per_rank=2)
+    load = _load(remote)
+    load.reshard = plan_reshard(remote, 0, 2, 1)  # decode rank 0 of TP 2, one KV head per rank
+    assert [source.readers for source in load.reshard.sources] == [2]
+    rank1_claim = ClaimReadRequest(type="claim_read", request_id="p-1", seconds=WAIT_S, reader="decode")
+    if claimed_first:
+        prefill.holds.claim_read(rank1_claim)
+    loads.faults = TransferFaults({ENV: "1"})
+    loads.run(load)
+    assert load.state == LoadState.FAILED and ENV in (load.error or "")
+    assert prefill.cancels == [] and prefill.released() == [("p-1", "decode", 2)]
+    if not claimed_first:
+        prefill.holds.claim_read(rank1_claim)  # raises when rank 0's word freed the blocks
+    assert prefill.holds.poll(time.monotonic()) == set(), "freed while decode rank 1 READs"
+    prefill.holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader="decode", readers=2))
+    assert prefill.holds.poll(time.monotonic()) == {"p-1"}
 
 
 def test_a_prefill_that_does_not_answer_the_cancel_is_logged_and_not_waited_for_long(

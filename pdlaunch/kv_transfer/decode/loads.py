@@ -138,13 +138,21 @@ class DecodeLoads:
             load.pairs, load.plan = pairs, None
 
     def drop_unstarted(self, load: Load, ranks: list[RemoteKV] | None = None) -> None:
-        """The load ended before its strategy was on it: ask each prefill rank that holds its request for it (`ranks`;
-        default: those the load reads, `prefill_ranks`) to drop its hold now, else it keeps the request's blocks until
-        its lease ends. A cancel_push, whatever the mode: it needs no transfer agent (nor so a handshake, which may be
-        what failed) and ends this load's interest in the hold (prefill/hold.py), as a pull's release would; the
-        prefill frees the blocks unless another decode is at them. Best effort, on this loader thread (the executor
-        may be shutting down), each within RELEASE_TIMEOUT_SECONDS: a prefill that did not answer the handshake is
-        not waited for long again; one not told is logged, and its lease frees the blocks."""
+        """The load ended before its strategy was on it: tell each prefill rank that holds its request for it to drop
+        its hold now, else it keeps the request's blocks until its lease ends. On the side channel, which needs no
+        transfer agent (nor so a handshake, which may be what failed); best effort, on this loader thread (the
+        executor may be shutting down), each within RELEASE_TIMEOUT_SECONDS: a prefill that did not answer the
+        handshake is not waited for long again; one not told is logged, and its lease frees the blocks.
+        - A resharding load sends each source rank the release its strategy sends when it fails
+          (LoadContext.send_release, with the source's `readers`): such a hold ends once each decode rank that reads
+          it sent its one notification (prefill/hold.py), and this one is its rank's. A cancel counts as none: with
+          several decode ranks reading one hold (decode TP > prefill TP), the other ranks' read_done then left it
+          waiting for this rank's word until their READ claim's cap.
+        - Any other load sends cancel_push to `ranks` (default: the rank its params name). It ends this load's
+          interest (it names the load, `owner`), not its decode engine's, whatever the mode (unknown when the
+          handshake failed); for a hold one decode rank reads, the end a release would give. start_load's loads whose
+          params could not be planned name `ranks`: without a plan, the number of decode ranks that notify each
+          prefill rank is unknown, and each rank's cancel frees a hold no decode READ claimed."""
         if not load.remote.request_id:  # the params named no held request, or the prefill never named one
             return
         if load.remote.block_ids is None:
@@ -152,8 +160,12 @@ class DecodeLoads:
             # this prompt ("held_blocks" did not answer). A request held for another prompt is not this load's to
             # cancel: a client that learnt its id must not free another client's KV.
             return
+        if ranks is None and load.reshard is not None:
+            for source in load.reshard.sources:
+                self.ctx.send_release(load, source.remote, source.readers)
+            return
         timeout = min(RELEASE_TIMEOUT_SECONDS, self.ctx.handshake_timeout)
-        for remote in ranks if ranks is not None else prefill_ranks(load):
+        for remote in ranks if ranks is not None else [load.remote]:
             message = CancelPushRequest(type="cancel_push", request_id=remote.held_request_id, owner=load.nonce)
             try:
                 self.ctx.ask(remote, message, CancelPushAnswer, timeout, "hold release")
@@ -171,10 +183,3 @@ class DecodeLoads:
         self.ctx.executor.shutdown(wait=True, cancel_futures=True)
         self.ctx.connections.close()
 
-
-def prefill_ranks(load: Load) -> list[RemoteKV]:
-    """The prefill ranks that hold the load's request for it: the sources of its resharding plan, else the one rank
-    its params name."""
-    if load.reshard is not None:
-        return [source.remote for source in load.reshard.sources]
-    return [load.remote]

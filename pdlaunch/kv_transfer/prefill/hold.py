@@ -7,7 +7,8 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - push: a sender thread WROTE the last chunk into decode's blocks and notified decode, or a decode
   cancelled its push ("cancel_push") or its push failed, or
 - a decode load ended before its transfer started (aborted or timed out during its handshake, its handshake
-  failed, or it could not plan or check the blocks named: it sends "cancel_push" whatever its mode), or
+  failed, or it could not plan or check the blocks named: it sends "cancel_push" whatever its mode; a resharding
+  load sends its rank's "release", below, since the hold waits for one word from each decode rank), or
 - decode says it gave up ("release": a NIXL notification, or on the side channel from a decode rank that has not
   shaken hands with this one, its handshake failed or never tried; one sent again counts once),
   each only once no other decode that took the hold is still at it (below), or
