@@ -1,7 +1,9 @@
 """A decode load with params that name no blocks (vLLM's push proxy) asks the prefill which blocks hold its request
 ("held_blocks") in short waits, again and again until the load's deadline: the prefill's real handler behind a real
 side channel. A hold that comes during the asking is found; none by the deadline fails the load naming what was
-asked for; an abort ends the asking within one wait (the e2e test: tests/serving/test_abort_before_transfer_e2e.py)."""
+asked for; an abort ends the asking within one wait (the e2e test: tests/serving/test_abort_before_transfer_e2e.py),
+and while a prefill that took an ask leaves it unanswered, within a look at the abort (client.STOP_POLL_SECONDS): the
+ask used to be waited out, up to its wait + the handshake timeout."""
 
 from __future__ import annotations
 
@@ -37,13 +39,13 @@ class _Sides:
     holds: HoldTable  # the prefill's
     asks: list[HeldBlocksRequest]
     loads: DecodeLoads
-    port: int
+    server: SideChannelServer
 
     def load(self, seconds: float) -> Load:
         """A load of PROMPT by the client's X-Request-Id "client-1" (no request id), `seconds` to its deadline."""
         now = time.monotonic()
-        load = Load("client-1-0a1b2c3d", RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=self.port),
-                    [], deadline=now + seconds, started=now)
+        remote = RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=self.server.port)
+        load = Load("client-1-0a1b2c3d", remote, [], deadline=now + seconds, started=now)
         load.plan = lambda remote: [[(0, 9, (remote.block_ids or [[]])[0][0])]]
         load.prompt_digest = prompt_digest(PROMPT)
         return load
@@ -65,7 +67,7 @@ def sides() -> Iterator[_Sides]:
                       handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
                       reader="decode")
     try:
-        yield _Sides(holds, asks, DecodeLoads(ctx), server.port)
+        yield _Sides(holds, asks, DecodeLoads(ctx), server)
     finally:
         executor.shutdown(wait=True)
         ctx.connections.close()
@@ -105,9 +107,35 @@ def test_an_abort_ends_the_asking_within_one_wait(sides: _Sides) -> None:
     with sides.loads.ctx.lock:
         load.abandoned = True  # as LoadTable.abort marks it
     aborted = time.monotonic()
-    with pytest.raises(KVTransferError, match="aborted"):
+    with pytest.raises(KVTransferError, match="aborted|block ids request to prefill engine P at .*: given up"):
         asking.result(timeout=WAIT_S)
     assert time.monotonic() - aborted < WAIT_S / 2, "the asking went on long after the abort"
+
+
+def test_an_abort_ends_an_ask_a_stalled_prefill_leaves_unanswered(sides: _Sides) -> None:
+    """The prefill takes the ask and answers only when the test ends; the handshake timeout, which the ask adds to
+    its wait, is far above the test's waits: the abort alone ends it."""
+    sides.loads.ctx.handshake_timeout = 600.0
+    asked, answer = threading.Event(), threading.Event()
+
+    def stalled(message: HeldBlocksRequest) -> HeldBlocksAnswer:
+        asked.set()
+        assert answer.wait(2 * WAIT_S), "the test never let the ask answer"
+        return HeldBlocksAnswer(request_id=None, block_ids=[])
+
+    sides.server.handlers["held_blocks"] = stalled
+    load = sides.load(WAIT_S * 4)  # its deadline is no bound either
+    try:
+        asking = sides.loads.ctx.executor.submit(sides.loads._ask_block_ids, load)  # noqa: SLF001
+        assert asked.wait(WAIT_S), "the decode never asked"
+        with sides.loads.ctx.lock:
+            load.abandoned = True  # as LoadTable.abort marks it
+        aborted = time.monotonic()
+        with pytest.raises(KVTransferError, match="block ids request to prefill engine P at .*: given up before"):
+            asking.result(timeout=WAIT_S)
+        assert time.monotonic() - aborted < WAIT_S / 2, "the ask went on long after the abort"
+    finally:
+        answer.set()  # before the fixture's executor waits for its thread, should the ask still wait
 
 
 def test_an_answer_of_no_held_request_names_no_blocks() -> None:

@@ -99,10 +99,11 @@ class LoadContext(LoadReads):
         return remaining
 
     def ask(self, remote: RemoteKV, message: SideChannelRequest, reply: type[Reply], timeout: float,
-            what: str) -> Reply:
-        """One side-channel request to the prefill rank `remote` names."""
+            what: str, stopped: Callable[[], bool] | None = None) -> Reply:
+        """One side-channel request to the prefill rank `remote` names; `stopped` (e.g. Load.stopped): asked while it
+        waits for the answer, True gives up (client.PendingCall)."""
         return client.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
-                              self.keys, self.connections)
+                              self.keys, self.connections, stopped)
 
     def notify_prefill(self, agent_name: str, notif: ReadDone, request_id: str) -> None:
         """Send read_done/release to the prefill agent `agent_name`, best effort (module docstring): a send

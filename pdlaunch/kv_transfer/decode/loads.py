@@ -39,7 +39,7 @@ from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 logger = logging.getLogger(__name__)
 
-# The longest one "held_blocks" ask waits on the prefill: an aborted load stops asking within it. A single ask for
+# The longest one "held_blocks" ask waits on the prefill: an aborted load asks no more after it. A single ask for
 # the load's whole remaining time kept the loader thread (one of four) that long after the client left, from
 # every other load, and from the cancels of aborted pushes, whose blocks then drained until their deadline.
 HELD_BLOCKS_WAIT_SECONDS = 0.5
@@ -61,7 +61,7 @@ class DecodeLoads:
         plan the prefill's answer, or that answer fails its checks) is the loader's to tell the prefill about
         (`drop_unstarted`): the table tells it through the strategy, and sees none. Whether the strategy went on
         the load is decided under the lock that aborts and timeouts end it under, so the prefill is told once,
-        one way or the other. The handshake stops waiting once the load ended (decode/peers.py)."""
+        one way or the other. The block ids ask and the handshake stop waiting once the load ended (Load.stopped)."""
         started = False
         try:
             if load.plan is not None:
@@ -109,8 +109,10 @@ class DecodeLoads:
     def _ask_block_ids(self, load: Load) -> None:
         """The prefill names the blocks holding this prompt's request ("held_blocks", push_params.py). It may not
         hold it yet (the proxy sent both legs at once): asked again, each ask waiting at most
-        HELD_BLOCKS_WAIT_SECONDS there, until the load's deadline, or its abort (its client left), which so ends
-        the asking within one wait rather than at the deadline, and frees this loader thread for other loads."""
+        HELD_BLOCKS_WAIT_SECONDS there, until the load's deadline, or its abort (its client left). An ask gives up
+        its answer once the load is aborted or ended (`Load.stopped`, looked at every client.STOP_POLL_SECONDS), so
+        the asking ends then, not at the deadline, and frees this loader thread for other loads: a prefill that takes
+        the ask and does not answer it (stalled) used to keep the thread up to the wait + the handshake timeout."""
         assert load.plan is not None
         wanted = load.remote.request_id or f"with X-Request-Id {client_request_id(load.request_id)}"
         while True:
@@ -121,7 +123,7 @@ class DecodeLoads:
             # Its answer comes after the wait: read past it (else the last ask, waiting out the load's remaining
             # time, would time out on the socket as the prefill answers).
             answer = self.ctx.ask(load.remote, message, HeldBlocksAnswer, wait + self.ctx.handshake_timeout,
-                                  "block ids request")
+                                  "block ids request", stopped=load.stopped)
             if answer.request_id is not None:
                 break
             if time.monotonic() >= load.deadline:
