@@ -150,7 +150,7 @@ class DecodeLoads:
           it sent its one notification (prefill/hold.py), and this one is its rank's. A cancel counts as none: with
           several decode ranks reading one hold (decode TP > prefill TP), the other ranks' read_done then left it
           waiting for this rank's word until their READ claim's cap.
-        - Any other load sends cancel_push to `ranks` (default: the rank its params name). It ends this load's
+        - Every other load sends cancel_push to `ranks` (default: the rank its params name). It ends this load's
           interest (it names the load, `owner`), not its decode engine's, whatever the mode (unknown when the
           handshake failed); for a hold one decode rank reads, the end a release would give. start_load's loads whose
           params could not be planned name `ranks`: without a plan, the number of decode ranks that notify each
