@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pdlaunch.engine.grammar_limits import is_limit_error, probe
-from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
+from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.errors import EngineError
 
@@ -72,7 +72,7 @@ class StructuredOutput(BaseModel):
 
         if self.kind in ("json", "json_object"):
             text = '{"type": "object"}' if self.kind == "json_object" else self.value
-            if self.kind == "json":  # every $ref resolved, or a SchemaRefError naming it (engine/schema_refs.py)
+            if self.kind == "json":  # every $ref resolved, or a SchemaError naming where (engine/schema_refs.py)
                 schema = root_pointers(json.loads(text), self.field)
                 text = json.dumps(close_objects(schema) if self.strict or not self.open_objects else schema)
             return str(llguidance.LLMatcher.grammar_from_json_schema(
@@ -87,8 +87,8 @@ def check(spec: StructuredOutput) -> str:
 
     try:
         grammar = spec.grammar()
-    except SchemaRefError:
-        raise  # names the $ref's own path
+    except SchemaError:
+        raise  # names the place in the schema: a $ref, an $id, what nests too deep
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"{spec.field}: {exc}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)

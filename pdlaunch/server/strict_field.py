@@ -18,7 +18,7 @@ naming its place, strict or not.
 
 from __future__ import annotations
 
-from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
+from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.http import JsonValue
 from pdlaunch.http.errors import OpenAIError
 
@@ -35,5 +35,5 @@ def check_strict_schema(schema: JsonValue, param: str) -> None:
     whatever `tool_choice` says (without strict, a tool's schema is read only when a call is forced)."""
     try:
         root_pointers(schema, param)
-    except SchemaRefError as exc:
+    except SchemaError as exc:
         raise OpenAIError(400, f"invalid grammar: {exc}", param=exc.field) from None

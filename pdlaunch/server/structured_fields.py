@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from pdlaunch.engine.schema_refs import SchemaRefError
+from pdlaunch.engine.schema_refs import SchemaError
 from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
@@ -75,7 +75,7 @@ def checked(spec: StructuredOutput, parts: Sequence[StructuredOutput] = ()) -> S
 
 def _param(error: ValueError, spec: StructuredOutput) -> str:
     """The request field an error of `spec`'s grammar names: a `$ref` that points nowhere names its own path."""
-    return error.field or spec.field if isinstance(error, SchemaRefError) else spec.field
+    return error.field or spec.field if isinstance(error, SchemaError) else spec.field
 
 
 def _from_response_format(value: JsonValue) -> StructuredOutput | None:

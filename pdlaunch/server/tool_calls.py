@@ -35,7 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
+from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.errors import error_text
@@ -160,15 +160,16 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
 def _embedded(tool: Tool, i: int) -> JsonValue:
     """Tool `i`'s parameters schema where the required call's schema holds it: its `$ref`s name its own definitions
     from there (a `#/$defs/x` of its own read from the root of that schema named nothing), or a 400 naming the one
-    that names nothing. A strict tool's parameters come closed (engine/strict_schema.close_objects, its `$ref`s read
-    from its own root): the required call's schema is not closed when the request opens objects."""
+    that names nothing (or the `$id`, `$ref` or nesting past engine/schema_refs.py's bounds). A strict tool's
+    parameters come closed (engine/strict_schema.close_objects, its `$ref`s read from its own root): the required
+    call's schema is not closed when the request opens objects."""
     where = f"tools.{i}.function.parameters"
     try:
         parameters: JsonValue = _parameters(tool)
         if _strict(tool):
             parameters = close_objects(root_pointers(parameters, where))
         return root_pointers(parameters, where, ("items", "anyOf", str(i), "properties", "parameters"))
-    except SchemaRefError as exc:
+    except SchemaError as exc:
         raise OpenAIError(400, f"invalid grammar: {exc}", param=exc.field) from None
     except ValueError as exc:  # close_objects: its definitions copied where they are used grow past the bound
         raise OpenAIError(400, f"invalid grammar: {where}: {exc}", param=where) from None

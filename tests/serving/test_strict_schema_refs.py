@@ -156,6 +156,31 @@ def test_a_ref_that_points_nowhere_is_a_400_naming_its_path(url: str, body: dict
     assert "'#/$defs/nope' points to nothing in the schema" in error["message"], error
 
 
+NOT_A_URI = {"type": "object", "properties": {"a": {"$id": "http://[::1", "type": "integer"},
+                                            "b": {"$ref": "http://[::1/s.json"}, "c": {"$ref": "#/allOf/\u00b2"}},
+             "allOf": [{}]}
+
+
+@pytest.mark.parametrize("where", ["a.$id", "b.$ref", "c.$ref"], ids=["id", "ref", "superscript-index"])
+@pytest.mark.parametrize("field", ["guided_json", "required-tool", "named-tool"])
+def test_an_id_or_ref_urllib_or_int_refuses_is_a_400_naming_it(url: str, field: str, where: str) -> None:
+    """urllib refuses "http://[::1" (ValueError: Invalid IPv6 URL), and "²" is a digit to str.isdigit that int()
+    refuses: a tool's parameters holding one were a 500, a guided_json a 400 naming only the field."""
+    name, _, keyword = where.partition(".")
+    schema = {**NOT_A_URI, "properties": {name: NOT_A_URI["properties"][name]}}
+    tool = {"type": "function", "function": {"name": "g", "parameters": schema}}
+    bodies = {"guided_json": ({"guided_json": schema}, "guided_json"),
+              "required-tool": ({"tools": [GOOD_TOOL, tool], "tool_choice": "required"}, "tools.1.function.parameters"),
+              "named-tool": ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                             "tools.0.function.parameters")}
+    body, param = bodies[field]
+    answer = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                                  **body})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == f"{param}.properties.{where}", error
+
+
 @pytest.mark.parametrize(("ref", "why"), [
     ("#/$defs/missing", "points to nothing"), ("#/$defs/there/properties/t/type", "points to a str, not a schema"),
     ("#nameless", "no $anchor 'nameless'"), ("https://example.com/s.json", "other documents are not fetched"),
