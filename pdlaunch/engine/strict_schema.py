@@ -5,6 +5,11 @@ A definition a `$ref` names is closed as the same schema written inline would be
 in a property or an `items` reads), and as an `allOf` / `anyOf` member of an object, where it is only part of that
 object, as a copy closed to the object's keys (`_Refs.inline`). The schema's `$ref`s are pointers from its root by then
 (engine/schema_refs.root_pointers), so a copy reads the same definitions wherever it sits.
+
+Closing is bounded by what the schema costs, not by what it says: the copies of definitions add up to at most
+MAX_INLINED_CHARS, and the steps (a subschema visited, a member's keys listed, a key handed down to close beside) to at
+most MAX_CLOSING_STEPS; past either, a ValueError naming the bound (a 400). Each allOf member closes to the keys of
+all the others, so steps grow as the square of an allOf's members: a thousand of them is past the bound.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ _ANNOTATIONS = ("title", "description", "$comment", "examples", "default", "depr
 # JSON text the copies of referenced definitions may add up to (a request's schema is far smaller): past it, a schema
 # whose definitions refer to each other in layers (each one twice) would grow without end.
 MAX_INLINED_CHARS = 1_000_000
+# Steps closing one schema may take: a subschema visited, a member's keys listed, a key passed down to close beside.
+# Each allOf member is closed to its siblings' keys, so a 16 KB allOf of 4,000 `{}` took 16 million steps (15 s of a
+# server thread, and again on the engine's grammar thread); a real schema takes thousands, ~1 us each.
+MAX_CLOSING_STEPS = 1_000_000
 
 
 class _Refs:
@@ -35,8 +44,16 @@ class _Refs:
     def __init__(self, root: JsonValue) -> None:
         self.root = root
         self.copied = 0  # characters of JSON copied by `inline`
+        self.steps = 0  # of MAX_CLOSING_STEPS
         self._open: list[str] = []  # the $refs being copied or listed, outermost first: one met again is a cycle
         self._keys: dict[str, list[str] | None] = {}
+
+    def spend(self, steps: int) -> None:
+        self.steps += steps
+        if self.steps > MAX_CLOSING_STEPS:
+            raise ValueError(f"closing its objects takes more than {MAX_CLOSING_STEPS:,} steps (allOf / anyOf / oneOf "
+                             "members, each closed to the keys of the others); send a smaller schema, or "
+                             "structured_outputs.disable_additional_properties: false")
 
     def target(self, ref: JsonValue) -> JsonValue | None:
         path = pointer_path(ref[1:]) if isinstance(ref, str) and ref.startswith("#") else None
@@ -77,7 +94,8 @@ class _Refs:
             if key not in merged or theirs == value or key in _ANNOTATIONS:
                 merged[key] = value
             elif key == "required" and isinstance(value, list) and isinstance(theirs, list):
-                merged[key] = [*theirs, *(name for name in value if name not in theirs)]
+                named = {name for name in theirs if isinstance(name, str)}  # a set: both lists may be long
+                merged[key] = [*theirs, *(name for name in value if not isinstance(name, str) or name not in named)]
             else:  # the same keyword both sides: both apply
                 return {**beside, "allOf": [target]}
         return merged
@@ -115,9 +133,10 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
     forbade the keys beside them. A member given as a `$ref` (a pointer into the schema) is its definition's copy,
     closed as that member written inline; a member whose keys cannot be listed (`patternProperties`, a `$ref` to
     another document, or one in a cycle) leaves its object open."""
+    refs = refs if refs is not None else _Refs(schema)
+    refs.spend(1 + len(beside))  # the caller built `beside` for this call
     if not isinstance(schema, dict):
         return schema
-    refs = refs if refs is not None else _Refs(schema)
     if "$ref" in schema:
         if any(key in schema for key in _PARTS):  # one part of this object: an allOf member like the others
             rest = {key: value for key, value in schema.items() if key != "$ref"}
@@ -163,7 +182,7 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
             out[key] = [close_objects(item, whole_close, beside, refs=refs) if whole else
                         close_objects(item, closes, [*beside, *own, *(shared or ())], refs=refs) for item in many]
     if closes and isinstance(properties, dict):
-        extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in own]
+        extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in properties]
         out["properties"] = {**properties, **{key: {} for key in extra}}
         out["additionalProperties"] = False
     return out
@@ -176,6 +195,7 @@ def _member_keys(schema: dict[str, JsonValue], compositions: Sequence[str], refs
     for key in compositions:
         members = schema.get(key)
         for member in members if isinstance(members, list) else ():
+            refs.spend(1)
             if not isinstance(member, dict):
                 continue  # true / false: names no key
             found = _keys_of(member, refs)
@@ -195,4 +215,6 @@ def _keys_of(member: dict[str, JsonValue], refs: _Refs) -> list[str] | None:
     referred = refs.keys(member["$ref"]) if "$ref" in member else []
     if nested is None or referred is None:
         return None
-    return list(dict.fromkeys([*(named if isinstance(named, dict) else ()), *nested, *referred]))
+    found = [*(named if isinstance(named, dict) else ()), *nested, *referred]
+    refs.spend(len(found))
+    return list(dict.fromkeys(found))

@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 
 from pdlaunch.engine.schema_refs import SchemaRefError, root_pointers
-from pdlaunch.engine.strict_schema import MAX_INLINED_CHARS, close_objects
+from pdlaunch.engine.strict_schema import MAX_CLOSING_STEPS, MAX_INLINED_CHARS, close_objects
 from pdlaunch.engine.structured_output import StructuredOutput, check
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
@@ -220,12 +220,13 @@ def test_definitions_in_a_cycle_stay_refs_and_leave_their_object_open() -> None:
 
 
 def test_definitions_that_double_in_layers_are_refused_past_the_bound() -> None:
-    """Each layer's definition refers to the next one twice: 2^30 copies once closed in place."""
+    """Each layer's definition refers to the next one twice: 2^30 copies once closed in place (the bound on the steps
+    closing takes is met first, or the one on the characters copied)."""
     layers = 30
     defs: dict[str, Any] = {f"L{i}": {"properties": {f"k{i}": {"type": "integer"}},
                                       "allOf": [{"$ref": f"#/$defs/L{i + 1}"}, {"$ref": f"#/$defs/L{i + 1}"}]}
                             for i in range(layers)}
     defs[f"L{layers}"] = {"properties": {"z": {"type": "integer"}}}
     schema = {"type": "object", "properties": {"a": {}}, "allOf": [{"$ref": "#/$defs/L0"}], "$defs": defs}
-    with pytest.raises(ValueError, match=f"more than {MAX_INLINED_CHARS:,} characters"):
+    with pytest.raises(ValueError, match=f"more than ({MAX_INLINED_CHARS:,} characters|{MAX_CLOSING_STEPS:,} steps)"):
         check(StructuredOutput(kind="json", value=json.dumps(schema), field="guided_json"))
