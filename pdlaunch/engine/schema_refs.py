@@ -91,7 +91,8 @@ def at(schema: JsonValue, path: Path) -> JsonValue:
 
 def walk(schema: JsonValue, path: Path) -> tuple[Path, JsonValue]:
     """(`path` with its list indexes written as llguidance reads them, the value there); KeyError when nothing is
-    there. A pointer may write index 1 as "01" (llguidance reads "+1" so too): rewritten, it says "1"."""
+    there. A pointer may write index 1 as "01": rewritten, it says "1". "+1" names nothing (RFC 6901 indexes are
+    digits), though llguidance would read it as 1."""
     node, canonical = schema, []
     for key in path:
         if isinstance(node, dict) and key in node:
