@@ -66,13 +66,21 @@ def param_of(loc: Sequence[object]) -> str:
     return ".".join(parts) or "body"
 
 
+# Where FastAPI found a parameter, the first item of a RequestValidationError's location: not part of the name the
+# client sent (`query.level` is the query parameter `level`).
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
 def validation_error(exc: ValidationError | RequestValidationError) -> OpenAIError:
-    """The first problem of a pydantic error as a 400 naming the parameter."""
+    """The first problem of a pydantic error as a 400 naming the parameter as the client sent it."""
     errors = exc.errors()
     if not errors:
         return OpenAIError(400, "invalid request body")
     first = errors[0]
-    param = param_of(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if isinstance(exc, RequestValidationError) and len(loc) > 1 and loc[0] in _SOURCES:
+        loc = loc[1:]
+    param = param_of(loc)
     message = f"{param}: {error_text(first)}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"

@@ -31,15 +31,14 @@ TAGS = ("weights", "kv_cache")
 T = TypeVar("T")
 
 
-async def sleep(request: Request, level: int = Query(1)) -> JsonObject:
+async def sleep(request: Request, level: str = Query("1")) -> JsonObject:
     instance = _sleep_mode(request)
-    if level not in (1, 2):
-        raise OpenAIError(400, "level must be 1 (keep weights in host memory) or 2 (discard all)", param="level")
+    level_number = _level(level)
     pending = instance.engine_loop.num_pending
     if pending:
         raise OpenAIError(409, f"{pending} request(s) in flight; sleep when idle", code="busy")
-    result = await _on_engine(instance, _noting_state(instance, "falling_asleep", lambda e: e.sleep(level)),
-                              f"sleep (level {level})")
+    result = await _on_engine(instance, _noting_state(instance, "falling_asleep", lambda e: e.sleep(level_number)),
+                              f"sleep (level {level_number})")
     return {"is_sleeping": instance.sleeping, **result.model_dump()}
 
 
@@ -59,6 +58,19 @@ async def is_sleeping(request: Request) -> JsonObject:
     if not instance.config.model.enable_sleep_mode:  # as vLLM answers: an instance that cannot sleep is not sleeping
         return {"is_sleeping": False}
     return {"is_sleeping": await _on_engine(instance, lambda e: _note_sleeping(instance, e), "is_sleeping")}
+
+
+def _level(text: str) -> int:
+    """?level= as sent: 1 or 2, else a 400 naming the query parameter (not pydantic's `query.level`) and both
+    levels."""
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if level not in (1, 2):
+        raise OpenAIError(400, f"level must be 1 (keep weights in host memory) or 2 (discard all), got {text!r}",
+                          param="level")
+    return level
 
 
 def _sleep_mode(request: Request) -> Instance:
