@@ -118,6 +118,8 @@ NOTES: dict[str, str] = {
     "request_id": "send the `X-Request-Id` header instead",
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
                   "(a completion's `null` too)",
+    "max_completion_tokens": "sets the limit when `max_tokens` is sent too; that `max_tokens` must still be valid "
+                             "(a 400 naming it; vLLM drops it unread)",
     "guided_decoding_backend": "llguidance is the backend we run",
     "seed_offset": "pdlaunch's: draws of the seed's stream skipped before the first token (0 to "
                    "`max_model_len` + the prompt's tokens; a 400 when not 0 without `seed` or when greedy; each of "

@@ -7,10 +7,19 @@ import json
 from collections.abc import Sequence
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, template_message
@@ -120,6 +129,8 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens is None and self.max_completion_tokens is None
 
     def sampling_params(self) -> SamplingParams:
+        if self.max_completion_tokens is not None and self.max_tokens is not None:
+            self._check_max_tokens_beside()
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
@@ -127,6 +138,16 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_completion_tokens is not None:
             names["max_tokens"] = "max_completion_tokens"
         return self._sampling(max_tokens, logprobs, self.prompt_logprobs, names)
+
+    def _check_max_tokens_beside(self) -> None:
+        """max_tokens sent beside max_completion_tokens: the latter sets the limit (OpenAI's newer name; vLLM reads it
+        and leaves max_tokens unread, whatever its value), but a max_tokens that no request may have is a 400 naming
+        it, not dropped unread."""
+        try:
+            SamplingParams.model_validate({"max_tokens": self.max_tokens})
+        except ValidationError as exc:
+            raise OpenAIError(400, f"max_tokens: {error_text(exc.errors()[0])} (max_completion_tokens, sent as well, "
+                                   "sets the limit: drop max_tokens or send a valid one)", param="max_tokens") from None
 
     def template_messages(self) -> ChatPrompt:
         calling = self.tool_calling()
