@@ -20,7 +20,7 @@ from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes
 from pdlaunch.model.quant.kv_cache import scales_digest
 from pdlaunch.runner.dry_steps import DrySteps
-from pdlaunch.runner.out_of_memory import first_line, free_text, out_of_memory
+from pdlaunch.runner.out_of_memory import first_line, free_text, host_out_of_memory, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,32 @@ class KVCacheTensors(DrySteps):
                     for g in self.groups
                 ]
         except RuntimeError as exc:
-            if not out_of_memory(exc):
+            if not (out_of_memory(exc) or host_out_of_memory(exc)):
                 raise
             self.kv_caches = []
             raise self._kv_cache_oom(exc) from None
 
     def _kv_cache_oom(self, exc: RuntimeError) -> EngineError:
-        """The error for a KV cache that did not fit: usually other processes (another instance's KV cache
-        allocated after this one's profile, or anything else on the GPU) hold memory the budget counted on."""
+        """The error for a KV cache that did not fit, naming the setting that sized it: on a GPU usually other
+        processes (another instance's KV cache allocated after this one's profile, or anything else on the GPU)
+        hold memory the budget counted on; on the CPU the host refused the allocation (its overcommit limit, a
+        ulimit -v)."""
         needed = self.num_blocks * self.block_bytes
-        field = ("cache.num_gpu_blocks" if self.cache_config.num_gpu_blocks is not None
-                 else "cache.gpu_memory_utilization")
-        return EngineError(
-            f"the KV cache ({self.num_blocks} blocks, {needed / 2**30:.2f} GiB) did not fit in GPU memory"
-            f"{free_text(self.device)}: {first_line(exc)}",
-            field=field,
-            hint="lower it; instances sharing a GPU each take their fraction of the whole GPU, so theirs must add "
-                 "up to less than 1 with room for what other processes hold (nvidia-smi lists them)",
-        )
+        cuda = self.device.type == "cuda"
+        where = f"GPU memory{free_text(self.device)}" if cuda else "host memory"
+        if self.cache_config.num_gpu_blocks is not None:
+            field = "cache.num_gpu_blocks"
+            hint = (f"lower it: each block takes {self.block_bytes / 2**20:.2f} MiB, and they must fit beside what "
+                    f"other processes hold ({'nvidia-smi' if cuda else '`free -g`'} shows it)")
+        elif cuda:
+            field = "cache.gpu_memory_utilization"
+            hint = ("lower it; instances sharing a GPU each take their fraction of the whole GPU, so theirs must add "
+                    "up to less than 1 with room for what other processes hold (nvidia-smi lists them)")
+        else:
+            field = "cache.cpu_kv_cache_gb"
+            hint = "lower it to what the host can give each instance (`free -g` shows the memory in use)"
+        return EngineError(f"the KV cache ({self.num_blocks} blocks, {needed / 2**30:.2f} GiB) did not fit in "
+                           f"{where}: {first_line(exc)}", field=field, hint=hint)
 
     def kv_scales_digest(self) -> str:
         """Digest of the per-layer FP8 KV scales ("" when the cache is not fp8): P and D must agree."""

@@ -1,4 +1,5 @@
-"""The device running out of memory while the runner starts: recognized, and said in one line."""
+"""The device (or, for a CPU instance, the host) running out of memory while the runner starts: recognized, and
+said in one line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ def out_of_memory(exc: BaseException) -> bool:
     first launch of a kernel whose module CUDA loads lazily failed so after its tensor had been allocated)."""
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "CUDA error: out of memory" in str(exc))
+
+
+def host_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's CPU allocator refused memory (the kernel's overcommit limit, or a ulimit -v):
+    `DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes`."""
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 def free_text(device: torch.device) -> str:

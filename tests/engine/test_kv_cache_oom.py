@@ -57,3 +57,41 @@ def test_other_runtime_errors_while_loading_are_not_called_out_of_memory(monkeyp
     with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
         ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), max_model_len=64)
+
+
+HOST_REFUSED = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                            "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize(("cache", "field"), [(CacheConfig(num_gpu_blocks=32), "cache.num_gpu_blocks"),
+                                              (CacheConfig(cpu_kv_cache_gb=0.01), "cache.cpu_kv_cache_gb")],
+                         ids=["num_gpu_blocks", "cpu_kv_cache_gb"])
+def test_a_kv_cache_the_host_refuses_names_the_setting_that_sized_it(monkeypatch: pytest.MonkeyPatch,
+                                                                     cache: CacheConfig, field: str) -> None:
+    """A CPU instance's KV cache the kernel will not give (its overcommit limit, a ulimit -v): before, torch's
+    RuntimeError, named after nothing."""
+    runner = ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, cache,
+                         SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), max_model_len=64)
+
+    def refused(*args: object, **kwargs: object) -> torch.Tensor:
+        raise HOST_REFUSED
+
+    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", refused)
+    with pytest.raises(EngineError) as raised:
+        runner.allocate_kv_caches()
+    assert raised.value.field == field
+    assert raised.value.message.startswith(f"the KV cache ({runner.num_blocks} blocks, ")
+    assert "did not fit in host memory: [enforce fail" in raised.value.message
+    assert "`free -g`" in (raised.value.hint or "") and runner.kv_caches == []
+
+
+def test_other_runtime_errors_of_the_kv_cache_are_not_called_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
+                         SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), max_model_len=64)
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("trying to create tensor with negative dimension -1")
+
+    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", broken)
+    with pytest.raises(RuntimeError, match="negative dimension"):
+        runner.allocate_kv_caches()
