@@ -58,6 +58,7 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
                     ) -> NoReturn:
     """Validate the deployment, `run` it, and exit with the code it returns."""
     from pdlaunch.config.flag_names import flag_fields
+    from pdlaunch.config.flag_terms import flag_names_exported, name_error
 
     with _reported():
         cfg: DeploymentConfig | None = None
@@ -65,13 +66,14 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
             cfg = _loaded_unless_stopped(config, overrides)
             if cfg is None:
                 raise typer.Exit(code=0)
-            code = run(cfg)
+            # The instances' start-up errors name the flags too: they read the names from their environment.
+            with flag_names_exported(flag_fields(overrides, cfg.instances)):
+                code = run(cfg)
         except PdlaunchError as exc:
             # The launcher and the backends name a config path (`proxy.port`); the user typed a flag (`--port`).
             # A ConfigError's problems are named already.
-            if exc.field is not None and not isinstance(exc, ConfigError):
-                exc.field = flag_fields(overrides, cfg.instances if cfg is not None else None).get(exc.field,
-                                                                                                   exc.field)
+            if not isinstance(exc, ConfigError):
+                name_error(exc, flag_fields(overrides, cfg.instances if cfg is not None else None))
             raise
     raise typer.Exit(code=code)
 

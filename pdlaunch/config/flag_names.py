@@ -1,5 +1,6 @@
-"""Problems name what the user typed: a value set by a flag is reported as that flag (`--prefill`),
-a value from the YAML file by its key path (`instances[0].count`).
+"""Problems name what the user typed: a value set by a flag is reported as that flag (`--prefill`), and the
+paths its message mentions that flags set as those flags (flag_terms.py); a value from the YAML file by its key
+path (`instances[0].count`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import re
 from collections.abc import Mapping
 
 from pdlaunch.config.cli_overrides import Overrides
+from pdlaunch.config.flag_terms import in_flag_terms
 from pdlaunch.config.flags import SERVE_FLAGS
 from pdlaunch.config.problems import Problem
 
@@ -52,8 +54,10 @@ def flag_fields(overrides: Mapping[str, object], groups: object) -> dict[str, st
 
 def name_flags(problems: list[Problem], flags: dict[str, str]) -> list[Problem]:
     """Each problem about a flag-set value (or an item of it: `model.served_model_name[0]`), renamed to
-    the flag; the others unchanged."""
+    the flag, its message in flag terms ("lower --num-gpu-blocks to N", not `cache.num_gpu_blocks`); the
+    others unchanged (a file key's hint may say where a key belongs in the file)."""
     def named(field: str) -> str:
         return flags.get(field) or flags.get(re.sub(r"\[\d+\]$", "", field), field)
 
-    return [Problem(named(field), message) for field, message in problems]
+    return [Problem(named(field), message if named(field) == field else in_flag_terms(message, flags))
+            for field, message in problems]

@@ -1,7 +1,8 @@
 """One instance process: `python -m pdlaunch.server --deployment FILE.json --instance SPEC_JSON`.
 
 The launcher writes the validated DeploymentConfig to FILE.json and passes this instance's
-InstanceSpec as JSON. Exit code 0 on a requested shutdown, 1 when the engine failed.
+InstanceSpec as JSON; its environment names the flags the user typed (config/flag_terms.py), which an engine
+start-up error is written in. Exit code 0 on a requested shutdown, 1 when the engine failed.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
+from pdlaunch.config.flag_terms import flag_names_from_env, name_error
 from pdlaunch.config.gil_switch import gil_switch_seconds
-from pdlaunch.errors import ArgumentParser, argument_type
+from pdlaunch.errors import ArgumentParser, PdlaunchError, argument_type
 from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
                         format=f"%(asctime)s %(levelname)s {spec.name} %(name)s: %(message)s")
     log.info("starting %s on %s:%d (engine_id %s, device %s %s)",
              spec.name, spec.host, spec.port, spec.engine_id, spec.device, spec.devices)
+    try:
+        flags = flag_names_from_env(os.environ)
+    except PdlaunchError as exc:
+        log.error("exiting: %s", exc.render())
+        return 1
 
     server: uvicorn.Server | None = None
     failure: list[str] = []
@@ -81,7 +88,11 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
     def build_engine() -> LLMEngine:
         from pdlaunch.engine.llm_engine import LLMEngine
 
-        return LLMEngine(config, spec)
+        try:
+            return LLMEngine(config, spec)
+        except PdlaunchError as exc:  # says `--num-gpu-blocks` to a user who typed that, not `cache.num_gpu_blocks`
+            name_error(exc, flags)
+            raise
 
     engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal)
     app = build_app(engine_loop, config, spec)

@@ -73,7 +73,7 @@ TARGET = ["--model", "demo", "--device", "cuda", "--target-gpus", "1", "--target
     ([*CPU, "--gpu-memory-utilization", "0.5"],
      "warning: --gpu-memory-utilization: has no effect on the CPU: cache.cpu_kv_cache_gb sizes the KV cache there"),
     ([*TARGET, "--num-gpu-blocks", "600", "--gpu-memory-utilization", "0.3"],
-     "warning: --gpu-memory-utilization: has no effect: cache.num_gpu_blocks fixes the KV cache's size")])
+     "warning: --gpu-memory-utilization: has no effect: --num-gpu-blocks fixes the KV cache's size")])
 def test_a_kv_budget_setting_another_one_overrides_is_named(args: list[str], said: str) -> None:
     warned = warnings_of(args)
     assert len(warned) == 1 and warned[0].startswith(said), warned
