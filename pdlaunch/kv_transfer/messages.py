@@ -12,8 +12,12 @@ flight when two decodes push one request id (a proxy retried the decode leg). A 
 `reader` (the decode engine, as a claim_read does) and that decode's remaining `seconds`: it claims the hold for
 that reader (prefill/holds.py). A push and a listen name their `reader` too: the prefill keeps which decode engine
 each decode agent it loaded belongs to, so that it can forget a dead engine's agents (prefill/decode_peers.py; an
-agent's name does not say it). Both ends run the same pdlaunch version: a push or cancel without an owner, or a
-stage, push or listen without a reader (an older decode), is refused, naming the field and the fix.
+agent's name does not say it). A claim_read, stage request and release name their decode `load` too (decode/load.py
+`Load.load_id`, which the TP ranks of one decode share): the prefill counts claims and read_done/release notifications
+per (reader, load), so that one load's end never ends a hold another load of the same params on the same decode (a
+replayed or retried leg) still READs. Both ends run the same pdlaunch version: a push or cancel without an owner, a
+stage, push or listen without a reader, or a claim_read, stage or release without a load (an older decode), is
+refused, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ class _FromReader(_Message):
         return _sent(reader, "reader (the decode engine id)")
 
 
+class _OfLoad(_Message):
+    load: Nonce = Field("", validate_default=True)  # the decode load's id, which its TP ranks share (module docstring)
+
+    @field_validator("load", mode="before")
+    @classmethod
+    def _has_load(cls, load: object) -> object:
+        return _sent(load, "load (the id of the decode's load)")
+
+
 class PushRequest(_Owned, _FromReader):
     """WRITE held blocks into the decode's blocks (or staging slots). runs[g] = [[decode_start, prefill_start,
     count], ...]: decode ids [decode_start, +count) receive prefill blocks [prefill_start, +count). Runs, not
@@ -121,9 +134,9 @@ class PushRequest(_Owned, _FromReader):
         return [[b for _, p, count in group for b in range(p, p + count)] for group in self.runs]
 
 
-class StageRequest(_FromReader):
-    """Copy held blocks into staging slots for decode `reader` to READ. Like a claim_read, it claims the hold for
-    `reader` (capped by `seconds`, decode's remaining time) until that reader's read_done/release."""
+class StageRequest(_FromReader, _OfLoad):
+    """Copy held blocks into staging slots for decode `reader`'s `load` to READ. Like a claim_read, it claims the
+    hold for that load (capped by `seconds`, decode's remaining time) until that load's read_done/release."""
 
     type: Literal["stage"]
     request_id: Name
@@ -137,11 +150,11 @@ class UnstageRequest(_Message):
     ticket: Nonce
 
 
-class ClaimReadRequest(_Message):
+class ClaimReadRequest(_OfLoad):
     type: Literal["claim_read"]
     request_id: Name
     seconds: _Seconds
-    reader: Name  # the decode engine id (its TP ranks share it): holds.py ends a hold per reader
+    reader: Name  # the decode engine id (its TP ranks share it): holds.py counts claims per (reader, load)
 
 
 class CancelPushRequest(_Owned):
@@ -152,8 +165,8 @@ class CancelPushRequest(_Owned):
     request_id: Name
 
 
-class ReleaseRequest(_FromReader):
-    """One rank of decode `reader` gave up reading `request_id` (its load failed or was aborted): the "release"
+class ReleaseRequest(_FromReader, _OfLoad):
+    """One rank of decode `reader` gave up reading `request_id` (its `load` failed or was aborted): the "release"
     notification (notifications.py ReadDone, counted the same: prefill/holds.py `on_read_done`), sent here by a
     decode rank that has no NIXL agent of this prefill rank to notify, since it has not shaken hands with it (its
     handshake failed, or was never tried). `nonce` names this release: sent again after a lost answer, it counts

@@ -26,6 +26,7 @@ class ReadDone(_Notif):
     kind: Literal["read_done", "release"]
     request_id: Name
     reader: Name  # the decode engine id, as in its claim_read
+    load: Nonce  # the decode load's id, as in its claim_read (messages.py): the prefill counts per (reader, load)
     readers: int = Field(1, ge=1, le=1024)  # ranks of that decode that each send one (resharding)
 
 

@@ -16,7 +16,8 @@ def _cancel(table: HoldTable) -> CancelPushAnswer:
 
 
 def _claim(table: HoldTable, reader: str) -> Empty:
-    return table.claim_read(ClaimReadRequest(type="claim_read", request_id="r1", seconds=5.0, reader=reader))
+    return table.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id="r1", seconds=5.0,
+                                             reader=reader))
 
 
 def test_a_cancelled_push_leaves_a_hold_another_decodes_read_claimed() -> None:
@@ -25,7 +26,7 @@ def test_a_cancelled_push_leaves_a_hold_another_decodes_read_claimed() -> None:
     assert _claim(table, "decode-A") == Empty()  # decode A's READ runs
     assert _cancel(table) == CancelPushAnswer(in_flight=False)  # decode B gave up its push
     assert table.poll(time.monotonic()) == set(), "freed while decode A's READ runs"
-    table.on_read_done(ReadDone(kind="read_done", request_id="r1", reader="decode-A"))
+    table.on_read_done(ReadDone(load="load-0", kind="read_done", request_id="r1", reader="decode-A"))
     assert table.poll(time.monotonic()) == {"r1"}
     assert _claim(table, "decode-A") == Empty()  # A's late claim: A read the blocks while they were held
 
@@ -55,5 +56,5 @@ def test_a_resharding_readers_other_rank_claims_a_hold_after_a_cancelled_push() 
     _cancel(table)
     assert _claim(table, "decode-A") == Empty()
     for _ in range(2):
-        table.on_read_done(ReadDone(kind="read_done", request_id="r1", reader="decode-A", readers=2))
+        table.on_read_done(ReadDone(load="load-0", kind="read_done", request_id="r1", reader="decode-A", readers=2))
     assert table.poll(time.monotonic()) == {"r1"}

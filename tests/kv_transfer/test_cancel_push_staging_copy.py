@@ -45,7 +45,8 @@ def test_a_cancel_during_another_decodes_staging_copy_is_not_in_flight_and_frees
     stager.staging.gather = blocking_gather  # type: ignore[method-assign]
     answers: list[StageAnswer] = []
     stage = threading.Thread(target=lambda: answers.append(
-        stager.stage(StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], reader="decode", seconds=WAIT_S))))
+        stager.stage(StageRequest(type="stage", load="load-0", request_id="r1", blocks=[[3, 4]], reader="decode",
+                                  seconds=WAIT_S))))
     try:
         stage.start()
         assert copying.wait(WAIT_S), "the staging copy did not start"
@@ -55,7 +56,7 @@ def test_a_cancel_during_another_decodes_staging_copy_is_not_in_flight_and_frees
         stage.join(WAIT_S)
         assert not stage.is_alive() and len(answers) == 1
         assert holds.poll(time.monotonic()) == set(), "freed under the staging decode's claim"
-        holds.on_read_done(ReadDone(kind="read_done", request_id="r1", reader="decode"))
+        holds.on_read_done(ReadDone(load="load-0", kind="read_done", request_id="r1", reader="decode"))
         assert holds.poll(time.monotonic()) == {"r1"}
     finally:
         finish.set()

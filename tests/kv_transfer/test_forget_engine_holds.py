@@ -109,15 +109,16 @@ class _Prefill:
         wait_for(lambda: hold is None or not hold.busy, "the push to be sent", WAIT_S, poll=0.005)
 
     def claim(self, reader: str) -> Empty:
-        return self.holds.claim_read(ClaimReadRequest(type="claim_read", request_id="p-1", seconds=5.0,
+        return self.holds.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id="p-1", seconds=5.0,
                                                       reader=reader))
 
     def stage(self, reader: str) -> StageAnswer:
-        return self.stager.stage(StageRequest(type="stage", request_id="p-1", blocks=[[3, 4]], reader=reader,
+        return self.stager.stage(StageRequest(type="stage", load="load-0", request_id="p-1", blocks=[[3, 4]],
+                                              reader=reader,
                                               seconds=WAIT_S))
 
     def notify(self, reader: str, kind: str = "read_done", readers: int = 1) -> None:
-        self.holds.on_read_done(ReadDone(kind=kind, request_id="p-1", reader=reader, readers=readers))
+        self.holds.on_read_done(ReadDone(load="load-0", kind=kind, request_id="p-1", reader=reader, readers=readers))
 
     def kept(self) -> None:
         assert self.holds.poll(time.monotonic()) == set(), "freed while a live decode is at it"
@@ -245,7 +246,7 @@ def test_a_hold_another_decode_is_at_stays_for_it(executor: ThreadPoolExecutor, 
         p.notify(D1)
     p.freed_once()
     if other != "push":
-        with pytest.raises(KVTransferError, match=r"read by another decode \(decode-1-engine\)"):
+        with pytest.raises(KVTransferError, match=r"read by another load of its params \(load load-0 of decode-1-eng"):
             p.claim(D2)
 
 

@@ -200,7 +200,7 @@ def test_a_push_the_prefill_could_not_queue_leaves_a_read_hold_to_the_decodes_ca
     p.submit_fails = True
     with pytest.raises(KVTransferError, match="shut down"):
         p.on_push(p.chunk("000000000000000a"))
-    p.holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader=READER))
+    p.holds.on_read_done(ReadDone(load="load-0", kind="read_done", request_id="p-1", reader=READER))
     p.kept()
     p.cancel()
     p.freed_once()

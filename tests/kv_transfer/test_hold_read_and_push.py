@@ -47,11 +47,12 @@ def _push(spec: KVCacheSpec, holds: HoldTable, agent: LandingAgent, message: Pus
 
 
 def _claim(holds: HoldTable, reader: str = READER_A) -> Empty:
-    return holds.claim_read(ClaimReadRequest(type="claim_read", request_id="p-1", seconds=5.0, reader=reader))
+    return holds.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id="p-1", seconds=5.0,
+                                             reader=reader))
 
 
 def _notify(holds: HoldTable, kind: str = "read_done", reader: str = READER_A) -> None:
-    holds.on_read_done(ReadDone(kind=kind, request_id="p-1", reader=reader))  # type: ignore[arg-type]
+    holds.on_read_done(ReadDone(load="load-0", kind=kind, request_id="p-1", reader=reader))  # type: ignore[arg-type]
 
 
 def _done_nonces(agent: LandingAgent) -> list[str]:

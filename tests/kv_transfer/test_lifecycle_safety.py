@@ -28,6 +28,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.decode.load import load_id
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.metrics.kv_transfer import KV_EXPIRED_REQUESTS
@@ -377,7 +378,7 @@ def test_a_second_decode_given_the_same_params_after_the_first_read_fails_cleanl
         second.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         ev = _wait(second, lambda e: "r" in e.failed_recving or "r" in e.finished_recving, what="the second load")
         assert "r" not in ev.finished_recving, "the second decode loaded blocks another prompt reuses"
-        assert "read by another decode (engine-decode-0)" in ev.failed_recving["r"]
+        assert f"read by another load of its params (load {load_id('r')} of engine-decode-0)" in ev.failed_recving["r"]
     finally:
         for side in sides:
             side.close()

@@ -66,7 +66,7 @@ def test_a_lost_push_done_is_logged_with_the_peer_and_the_decodes_wait(
 
 def test_a_lost_read_done_says_the_prefill_keeps_the_blocks_until_its_lease(
         pool: TransferPool, caplog: pytest.LogCaptureFixture) -> None:
-    notif = ReadDone(kind="read_done", request_id="p-1", reader="D")
+    notif = ReadDone(load="load-0", kind="read_done", request_id="p-1", reader="D")
     with caplog.at_level(logging.WARNING, logger="pdlaunch.kv_transfer.mooncake.agent"):
         _send(pool, ValueError("bad session"), encode_notification(notif))
     [line] = [r.getMessage() for r in caplog.records]

@@ -58,7 +58,7 @@ def pool() -> Iterator[TransferPool]:
 
 
 def _release(request_id: str) -> bytes:
-    return encode_notification(ReadDone(kind="release", request_id=request_id, reader="D"))
+    return encode_notification(ReadDone(load="load-0", kind="release", request_id=request_id, reader="D"))
 
 
 def _until(condition: Any, what: str) -> None:

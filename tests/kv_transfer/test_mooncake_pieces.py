@@ -107,7 +107,7 @@ def test_notifications_without_the_deployment_mac_are_dropped(caplog: pytest.Log
     try:
         for agent in (ours, other):
             agent.add_remote(ours.metadata())
-        message = encode_notification(ReadDone(kind="release", request_id="someone-else", reader="d"))
+        message = encode_notification(ReadDone(load="load-0", kind="release", request_id="someone-else", reader="d"))
         other.notify("ours", message)  # MACed with another deployment's key
         other.engine.notify(ours.engine.session_id, "ours", message.decode())  # no MAC at all
         ours.notify("ours", message)

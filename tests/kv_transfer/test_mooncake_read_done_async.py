@@ -51,7 +51,7 @@ def test_a_read_is_done_once_its_bytes_landed_while_its_read_done_still_leaves(p
     engine = _Engine()
     agent = MooncakeAgent("decode-agent", cast(Any, engine), pool, "s" * 32)
     agent.add_remote(PeerMetadata(name="prefill-agent", session=SESSION, protocol="tcp").model_dump_json().encode())
-    notif = encode_notification(ReadDone(kind="read_done", request_id="p-1", reader="D"))
+    notif = encode_notification(ReadDone(load="load-0", kind="read_done", request_id="p-1", reader="D"))
     try:
         xfer = agent.transfer("READ", [(4096, 64)], [(8192, 64)], "prefill-agent", 0, notif)
         deadline = time.monotonic() + WAIT_S

@@ -81,14 +81,15 @@ def test_unsigned_forged_expired_and_overlong_params_are_refused() -> None:
 
 
 def test_notifications_are_typed_and_malformed_ones_dropped() -> None:
-    assert parse_notification(b'{"kind":"read_done","request_id":"r","reader":"d","readers":2}') == \
-        ReadDone(kind="read_done", request_id="r", reader="d", readers=2)
+    assert parse_notification(b'{"kind":"read_done","request_id":"r","reader":"d","load":"l","readers":2}') == \
+        ReadDone(kind="read_done", request_id="r", reader="d", load="l", readers=2)
     assert parse_notification(b'{"kind":"forget","agent_name":"a"}') == Forget(kind="forget", agent_name="a")
     sent = PushFailed(kind="push_failed", nonce="n1", error="boom")
     assert parse_notification(encode_notification(sent)) == sent
     for bad in (b"", b"\xff", b"[]", b'{"kind":"read_done"}',
                 b'{"kind":"read_done","request_id":"r","reader":"d","readers":"x"}',
-                b'{"kind":"read_done","request_id":"r"}',  # no reader
+                b'{"kind":"read_done","request_id":"r","load":"l"}',  # no reader
+                b'{"kind":"read_done","request_id":"r","reader":"d"}',  # no load (an older decode)
                 b'{"kind":"forget","agent_name":"a","kv_epoch":-1}', b'{"kind":"boom"}', b'{"kind":"push_done"}'):
         assert parse_notification(bad) is None, bad
 

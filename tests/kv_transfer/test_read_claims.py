@@ -19,11 +19,12 @@ from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 
 
 def _claim(table: HoldTable, request_id: str = "r1", reader: str = "decode-0") -> Empty:
-    return table.claim_read(ClaimReadRequest(type="claim_read", request_id=request_id, seconds=5.0, reader=reader))
+    return table.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id=request_id, seconds=5.0,
+                                             reader=reader))
 
 
 def _notify(table: HoldTable, kind: str, readers: int = 1, reader: str = "decode-0") -> None:
-    table.on_read_done(ReadDone(kind=kind, request_id="r1", reader=reader, readers=readers))  # type: ignore[arg-type]
+    table.on_read_done(ReadDone(load="load-0", kind=kind, request_id="r1", reader=reader, readers=readers))  # type: ignore[arg-type]
 
 
 def test_a_claim_before_the_read_done_extends_the_hold() -> None:
@@ -95,10 +96,10 @@ def test_another_decodes_claim_after_the_first_decodes_read_done_is_refused() ->
     table.hold("r1", [[3, 4]])
     _claim(table, reader="decode-0")
     _notify(table, "read_done", reader="decode-0")
-    with pytest.raises(KVTransferError, match="read by another decode \\(decode-0\\)"):
+    with pytest.raises(KVTransferError, match=r"read by another load of its params \(load load-0 of decode-0\)"):
         _claim(table, reader="decode-1")
     assert table.poll(time.monotonic()) == {"r1"}
-    with pytest.raises(KVTransferError, match="read by another decode"):
+    with pytest.raises(KVTransferError, match="read by another load"):
         _claim(table, reader="decode-1")
     assert _claim(table, reader="decode-0") == Empty()  # its own late claim: held throughout
 
@@ -144,7 +145,7 @@ def test_a_notification_after_the_hold_ended_is_expected_and_one_for_an_unknown_
     with caplog.at_level("DEBUG", logger="pdlaunch.kv_transfer.prefill.holds"):
         _notify(table, "release")
         _notify(table, "read_done")  # a READ posted before the abort ends after it
-        table.on_read_done(ReadDone(kind="release", request_id="r9", reader="decode-0"))
+        table.on_read_done(ReadDone(load="load-0", kind="release", request_id="r9", reader="decode-0"))
     levels = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [lvl for lvl, _ in levels] == ["DEBUG", "DEBUG", "WARNING"], levels
     assert "after its hold ended (released: its decode leg will not run)" in levels[0][1]

@@ -36,7 +36,7 @@ def test_release_held_leaves_a_claimed_read_alone() -> None:
     try:
         prefill.register_kv_caches(make_spec())
         prefill.request_finished("r1", [1, 2, 3, 4, 5], RemoteDecodeRequest(do_remote_decode=True), [[3, 4]])
-        prefill.sender.holds.claim_read(ClaimReadRequest(type="claim_read", request_id="r1", seconds=5.0,
+        prefill.sender.holds.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id="r1", seconds=5.0,
                                                                   reader="decode-0"))
         assert prefill.release_held("r1") is False
         assert prefill.info()["held_requests"] == 1

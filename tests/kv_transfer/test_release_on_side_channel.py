@@ -27,7 +27,8 @@ WAIT_S = 60.0  # the lease, and the decode's timeouts: far longer than any test 
 
 
 def _release(nonce: str, readers: int = 2) -> ReleaseRequest:
-    return ReleaseRequest(type="release", request_id="p-1", reader="decode", readers=readers, nonce=nonce)
+    return ReleaseRequest(type="release", load="load-0", request_id="p-1", reader="decode", readers=readers,
+                          nonce=nonce)
 
 
 def test_a_release_sent_again_counts_once() -> None:
@@ -35,11 +36,12 @@ def test_a_release_sent_again_counts_once() -> None:
     (readers=2). Rank 0's release arrives twice; the hold lives until rank 1's word."""
     holds = HoldTable(lease_seconds=WAIT_S)
     holds.hold("p-1", [[3, 4]])
-    holds.claim_read(ClaimReadRequest(type="claim_read", request_id="p-1", seconds=WAIT_S, reader="decode"))
+    holds.claim_read(ClaimReadRequest(type="claim_read", load="load-0", request_id="p-1", seconds=WAIT_S,
+                                      reader="decode"))
     assert holds.on_release(_release("rank-0")) == Empty()
     holds.on_release(_release("rank-0"))
     hold = holds.get("p-1")
-    assert hold is not None and hold.notified == {"decode": 1} and not hold.done
+    assert hold is not None and hold.notified == {("decode", "load-0"): 1} and not hold.done
     assert holds.poll(time.monotonic()) == set()
     holds.on_release(_release("rank-1"))
     assert holds.poll(time.monotonic()) == {"p-1"}

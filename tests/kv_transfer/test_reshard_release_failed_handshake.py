@@ -22,7 +22,7 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.context import RELEASE_TIMEOUT_SECONDS, LoadContext
-from pdlaunch.kv_transfer.decode.load import Load
+from pdlaunch.kv_transfer.decode.load import Load, load_id
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, compat_fields, compat_hash
@@ -151,14 +151,15 @@ def _failed_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolE
 
 
 def _released(agent: _Agent) -> list[str]:
-    assert all(n == ReadDone(kind="release", request_id="p-1", reader="decode", readers=1) for _, n in agent.sent)
+    release = ReadDone(kind="release", request_id="p-1", reader="decode", load=load_id("r-1"), readers=1)
+    assert all(n == release for _, n in agent.sent)
     return [peer for peer, _ in agent.sent]
 
 
 def _side_channel_release(rank: _Rank) -> None:
     """Rank `rank` got exactly one release on its side channel, the one a release notification would carry."""
     [message] = rank.releases
-    assert (message.request_id, message.reader, message.readers) == ("p-1", "decode", 1)
+    assert (message.request_id, message.reader, message.load, message.readers) == ("p-1", "decode", load_id("r-1"), 1)
 
 
 def test_every_planned_rank_is_released_when_the_first_ranks_handshake_fails(ranks: list[_Rank]) -> None:

@@ -69,10 +69,12 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
         assert answer is None or answer["answer"]["ok"] is False
     # A made-up HMAC (another secret) for each message that reveals or changes something.
     for message in ({"type": "handshake", "engine_id": "auth-P"},
-                    {"type": "claim_read", "request_id": HOLD, "seconds": 1e5, "reader": "auth-D"},
+                    {"type": "claim_read", "request_id": HOLD, "seconds": 1e5, "reader": "auth-D", "load": "load-0"},
                     {"type": "cancel_push", "request_id": HOLD, "owner": "n"},
-                    {"type": "release", "request_id": HOLD, "reader": "auth-D", "readers": 1, "nonce": "n"},
-                    {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]], "reader": "auth-D", "seconds": 1e5}):
+                    {"type": "release", "request_id": HOLD, "reader": "auth-D", "load": "load-0", "readers": 1,
+                     "nonce": "n"},
+                    {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]], "reader": "auth-D", "load": "load-0",
+                     "seconds": 1e5}):
         answer = exchange(port, authed(WRONG, message))
         assert answer is not None and answer["answer"] == {
             "ok": False, "error": "refused: the frame is not authenticated with this deployment's secret"}
@@ -91,9 +93,10 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
 def test_an_authenticated_release_frees_the_hold_as_the_release_notification_does(prefill: NixlConnector) -> None:
     """The prefill's side channel serves "release" (a decode rank without a handshake with this one sends it there):
     counted as that reader's release notification, so the hold ends at the next poll, long before its lease."""
-    release = {"type": "release", "request_id": HOLD, "reader": "auth-D", "readers": 1, "nonce": "n-1"}
+    release = {"type": "release", "request_id": HOLD, "reader": "auth-D", "load": "load-0", "readers": 1,
+               "nonce": "n-1"}
     assert client.call("127.0.0.1", prefill.sender.server.port, release, 5, "release", KEYS)["ok"]
-    assert _hold(prefill).notified == {"auth-D": 1}
+    assert _hold(prefill).notified == {("auth-D", "load-0"): 1}
     wait_for(lambda: HOLD in prefill.get_finished().finished_sending, "the released hold freed")
 
 
@@ -111,13 +114,14 @@ def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:
 def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
     port = prefill.sender.server.port
     for seconds, why in ((1e308, "less than or equal"), (-1.0, "greater than or equal"), (float("nan"), "finite")):
-        body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds, "reader": "auth-D"})
+        body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds, "reader": "auth-D",
+                         "load": "load-0"})
         from pdlaunch.kv_transfer.auth import mac
         answer = exchange(port, frame(body, mac(KEYS.request, body)))
         assert answer is not None and not answer["answer"]["ok"]
         assert "msg.claim_read.seconds" in answer["answer"]["error"] and why in answer["answer"]["error"]
     assert not _hold(prefill).read_claimed
-    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0, "reader": "auth-D"}
+    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0, "reader": "auth-D", "load": "load-0"}
     client.call("127.0.0.1", port, claim, 5, "claim", KEYS)
     hold = _hold(prefill)
     assert hold.read_claimed and hold.deadline - time.monotonic() <= 60.0 + 5.0 + 1.0  # lease + READ grace
@@ -177,7 +181,7 @@ def test_a_decode_closing_a_claim_it_no_longer_reads_is_not_a_refused_peer(prefi
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     # A decode whose load was aborted while its claim travelled closes the connection unread: a reset, not an attack.
     caplog.set_level(logging.DEBUG, logger="pdlaunch.kv_transfer.side_channel.server")
-    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 1.0, "reader": "auth-D"}
+    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 1.0, "reader": "auth-D", "load": "load-0"}
     sock = socket.create_connection(("127.0.0.1", prefill.sender.server.port), timeout=15)
     sock.sendall(authed(KEYS, claim))
     wait_for(lambda: _hold(prefill).read_claimed, "the claim to be served", 30)

@@ -181,7 +181,8 @@ def test_sleep_refused_while_a_staging_slot_is_held() -> None:
         host, port = params.remote_host, params.remote_port
         # What a pulling decode does first: prefill copies the blocks into slots until "unstage".
         staged = client.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]],
-                                          "reader": "D", "seconds": 10.0}, 10.0, "stage request", KEYS)
+                                          "reader": "D", "load": "load-0", "seconds": 10.0},
+                             10.0, "stage request", KEYS)
         with pytest.raises(RuntimeError, match=r"2 of 3 KV staging slots are in use by request\(s\) req-held"):
             prefill.call("before_sleep")
         assert prefill.call("info")["staging"]["slots"] == 3, "a refused sleep must keep the buffer"

@@ -24,7 +24,7 @@ import pytest
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, load_id
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
 from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, StageRequest, UnstageRequest
@@ -91,11 +91,12 @@ def _stager(spec: KVCacheSpec, holds: HoldTable, executor: ThreadPoolExecutor) -
 
 
 def _read_done(holds: HoldTable, reader: str) -> None:
-    holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader=reader))
+    holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader=reader, load="load-0"))
 
 
-def _claim(holds: HoldTable, reader: str) -> Empty:
-    return holds.claim_read(ClaimReadRequest(type="claim_read", request_id="p-1", seconds=5.0, reader=reader))
+def _claim(holds: HoldTable, reader: str, load: str = "load-0") -> Empty:
+    return holds.claim_read(ClaimReadRequest(type="claim_read", request_id="p-1", seconds=5.0, reader=reader,
+                                             load=load))
 
 
 def _staged_pull(spec: KVCacheSpec, stager: StagingServer, executor: ThreadPoolExecutor,
@@ -170,7 +171,7 @@ def test_a_staged_pull_between_its_chunks_keeps_the_hold_another_decode_ends(
     holds.on_read_done(done)
     assert holds.poll(time.monotonic()) == {"p-1"}
     assert holds.poll(time.monotonic()) == set(), "freed once"
-    assert _claim(holds, READER_A) == Empty(), "A read the blocks while they were held"
+    assert _claim(holds, READER_A, load_id("r-1")) == Empty(), "A read the blocks while they were held"
     assert stager.users() == set() and stager.staging is not None
     assert stager.staging.num_free() == stager.staging.num_slots
 
@@ -182,7 +183,7 @@ def test_the_hold_of_a_staged_pull_whose_decode_died_ends_at_its_claims_cap(exec
     spec, holds = held_table()
     stager = _stager(spec, holds, executor)
     now = time.monotonic()
-    answer = stager.stage(StageRequest(type="stage", request_id="p-1", blocks=[[3, 4]], reader=READER_A,
+    answer = stager.stage(StageRequest(type="stage", load="load-0", request_id="p-1", blocks=[[3, 4]], reader=READER_A,
                                        seconds=2 * LEASE_S))
     stager.unstage(UnstageRequest(type="unstage", ticket=answer.ticket))
     _read_done(holds, READER_B)  # another decode's end leaves the hold to A
@@ -190,7 +191,7 @@ def test_the_hold_of_a_staged_pull_whose_decode_died_ends_at_its_claims_cap(exec
     hold = holds.get("p-1")
     assert hold is not None
     assert holds.poll(now + LEASE_S + READ_GRACE_SECONDS + WAIT_S) == {"p-1"}
-    assert hold.unended_claims == [READER_A] and not hold.expired
+    assert hold.unended_claims == [f"load load-0 of {READER_A}"] and not hold.expired
 
 
 def test_a_chunk_read_seen_done_after_the_loads_deadline_does_not_count(executor: ThreadPoolExecutor) -> None:
@@ -211,7 +212,8 @@ def test_a_staging_copy_refused_for_its_blocks_claims_nothing(executor: ThreadPo
     spec, holds = held_table()
     stager = _stager(spec, holds, executor)
     with pytest.raises(KVTransferError, match="names blocks of group 0 it does not hold"):
-        stager.stage(StageRequest(type="stage", request_id="p-1", blocks=[[7]], reader=READER_A, seconds=5.0))
+        stager.stage(StageRequest(type="stage", load="load-0", request_id="p-1", blocks=[[7]], reader=READER_A,
+                                  seconds=5.0))
     assert holds.release("p-1"), "the refused stage claimed the hold"
     assert holds.poll(time.monotonic()) == {"p-1"}
 
@@ -223,7 +225,7 @@ def test_a_stage_without_reader_is_refused_naming_the_fix() -> None:
                r"the decode runs an older pdlaunch; run the same pdlaunch version on prefill and decode")
     try:
         with pytest.raises(KVTransferError, match=refused):
-            call("127.0.0.1", server.port, {"type": "stage", "request_id": "p-1", "blocks": [[3, 4]]}, 5,
+            call("127.0.0.1", server.port, {"type": "stage", "request_id": "p-1", "blocks": [[3, 4]], "load": "l"}, 5,
                  "old decode", KEYS)
     finally:
         server.close()

@@ -39,10 +39,12 @@ def test_a_stage_that_times_out_in_the_queue_is_dropped_with_its_claim() -> None
     stager.staging.gather = recording_gather  # type: ignore[method-assign]
     try:
         with pytest.raises(KVTransferError, match=r"staging 2 blocks of request r1 did not finish within 0\.2s"):
-            stager.stage(StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], reader="decode", seconds=0.2))
+            stager.stage(StageRequest(type="stage", load="load-0", request_id="r1", blocks=[[3, 4]], reader="decode",
+                                      seconds=0.2))
         hold = holds.get("r1")
         assert hold is not None and hold.busy == 0  # the decode gave up: the hold is not pinned by the copy
-        holds.on_read_done(ReadDone(kind="release", request_id="r1", reader="decode"))  # which ends its claim
+        holds.on_read_done(ReadDone(load="load-0", kind="release", request_id="r1",
+                                    reader="decode"))  # which ends its claim
         assert holds.poll(0.0) == {"r1"}  # freed: an engine reuses blocks 3 and 4 now
         blocker.set()
         busy.result(WAIT_S)
@@ -62,7 +64,8 @@ def _stager(holds: HoldTable, executor: ThreadPoolExecutor) -> StagingServer:
 
 
 def _stage(nonce: str = "5e9d0c4b7a3f1e26") -> StageRequest:
-    return StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], nonce=nonce, reader="decode", seconds=WAIT_S)
+    return StageRequest(type="stage", load="load-0", request_id="r1", blocks=[[3, 4]], nonce=nonce, reader="decode",
+                        seconds=WAIT_S)
 
 
 def test_a_stage_sent_again_while_its_first_copy_runs_gets_that_copys_answer() -> None:

@@ -34,7 +34,7 @@ def test_a_stage_whose_copy_registered_as_its_wait_ran_out_answers_staged() -> N
     holds.hold("r1", [[3, 4]])
     stager = StagingServer(holds, cast(Any, _CopyEndsAsTheWaitRunsOut()), transfer_timeout=WAIT_S)
     stager.spec, stager.staging = spec, StagingArea(spec.kv_caches, 4 * sum(spec.block_bytes))
-    answer = stager.stage(StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], reader="decode",
+    answer = stager.stage(StageRequest(type="stage", load="load-0", request_id="r1", blocks=[[3, 4]], reader="decode",
                                            seconds=WAIT_S))
     assert stager.users() == {"r1"} and stager.staging.num_free() == stager.staging.num_slots - 2
     assert len(answer.slots[0]) == 2

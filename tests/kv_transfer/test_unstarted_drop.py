@@ -183,7 +183,9 @@ def test_a_resharding_load_failed_before_its_strategy_ran_counts_as_one_of_the_r
     load = _load(remote)
     load.reshard = plan_reshard(remote, 0, 2, 1)  # decode rank 0 of TP 2, one KV head per rank
     assert [source.readers for source in load.reshard.sources] == [2]
-    rank1_claim = ClaimReadRequest(type="claim_read", request_id="p-1", seconds=WAIT_S, reader="decode")
+    # Rank 1 runs the same engine request: its load has rank 0's load id (a digest of that request id).
+    rank1_claim = ClaimReadRequest(type="claim_read", load=load.load_id, request_id="p-1", seconds=WAIT_S,
+                                   reader="decode")
     if claimed_first:
         prefill.holds.claim_read(rank1_claim)
     loads.faults = TransferFaults({ENV: "1"})
@@ -193,7 +195,8 @@ def test_a_resharding_load_failed_before_its_strategy_ran_counts_as_one_of_the_r
     if not claimed_first:
         prefill.holds.claim_read(rank1_claim)  # raises when rank 0's word freed the blocks
     assert prefill.holds.poll(time.monotonic()) == set(), "freed while decode rank 1 READs"
-    prefill.holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader="decode", readers=2))
+    prefill.holds.on_read_done(ReadDone(kind="read_done", request_id="p-1", reader="decode", load=load.load_id,
+                                        readers=2))
     assert prefill.holds.poll(time.monotonic()) == {"p-1"}
 
 

@@ -79,7 +79,9 @@ class LoadContext(LoadReads):
     transfer_timeout: float
     verify_kv: bool
     executor: ThreadPoolExecutor  # the loader threads (loader_pool: they bind the instance's device)
-    reader: str  # this decode's engine id: it names our claims and read_done/release notifications (prefill/holds.py)
+    # This decode's engine id: with the load's id (Load.load_id) it names our claims and read_done/release
+    # notifications, which the prefill counts per (reader, load) (prefill/hold.py).
+    reader: str
     staging: StagingArea | None = None  # this side's staging buffer (staging.py), None: direct
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Side-channel connections kept open between requests (push, claim_read, cancel_push, ...): a fresh
@@ -120,7 +122,7 @@ class LoadContext(LoadReads):
         (best effort: the prefill's lease frees them anyway)."""
         if load.remote_agent is not None:
             self.notify_prefill(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id,
-                                                            reader=self.reader), load.request_id)
+                                                            reader=self.reader, load=load.load_id), load.request_id)
 
     def send_release(self, load: Load, remote: RemoteKV, readers: int = 1) -> None:
         """Send the prefill rank `remote` names "release" on its side channel (ReleaseRequest), for a rank this
@@ -135,7 +137,7 @@ class LoadContext(LoadReads):
         if not load.remote.request_id or load.remote.block_ids is None:
             return
         message = ReleaseRequest(type="release", request_id=load.remote.held_request_id, reader=self.reader,
-                                 readers=readers, nonce=uuid.uuid4().hex)
+                                 load=load.load_id, readers=readers, nonce=uuid.uuid4().hex)
         what = "hold release" if remote.tp_rank is None else f"hold release of TP rank {remote.tp_rank}"
         try:
             self.ask(remote, message, Empty, min(RELEASE_TIMEOUT_SECONDS, self.handshake_timeout), what)

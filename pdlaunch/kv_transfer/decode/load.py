@@ -12,6 +12,7 @@ for the forwards the engine launched before the load (decode/compute_order.py).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -25,6 +26,15 @@ from pdlaunch.kv_transfer.reshard import ReshardPlan
 from pdlaunch.kv_transfer.transport import Xfer
 
 Pairs = list[list[tuple[int, int, int]]]  # per group: (block-table index, local id, remote id)
+
+
+def load_id(request_id: str) -> str:
+    """Names the load of engine request `request_id` in its READ claims, stage requests and read_done/release
+    notifications: the prefill counts them per (decode engine, load) (prefill/hold.py). A digest of the request id,
+    which every TP rank of this decode shares (each rank's `Load.nonce` is its own), so the ranks of one resharding
+    load count as one load, and two loads of the same params on one decode (a client replaying them, a leg retried
+    there: two request ids) as two."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:32]
 
 
 class LoadState(Enum):
@@ -94,6 +104,10 @@ class Load:
     @property
     def where(self) -> str:
         return self.remote.where
+
+    @property
+    def load_id(self) -> str:
+        return load_id(self.request_id)
 
     @property
     def mode(self) -> str:

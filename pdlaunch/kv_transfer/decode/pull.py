@@ -43,7 +43,8 @@ class PullLoad(LoadStrategy):
                                      spec.block_bytes[g])
             local += lo
             rem += ro
-        done = ReadDone(kind="read_done", request_id=load.remote.held_request_id, reader=self.ctx.reader)
+        done = ReadDone(kind="read_done", request_id=load.remote.held_request_id, reader=self.ctx.reader,
+                        load=load.load_id)
         if not local:  # nothing to read (1-token prompt, full prefix hit): still let prefill free
             self.ctx.notify_prefill(remote.agent_name, done, load.request_id)
             with self.ctx.lock:

@@ -67,7 +67,7 @@ class LoadReads:
         """`claim_read`, sent now; the claim holds once its answer is read (`PendingCall.answer(Empty)`)."""
         remaining = self.remaining(load, "READ claim")
         message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining,
-                                   reader=self.reader)
+                                   reader=self.reader, load=load.load_id)
         return client.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
                            self.keys, self.connections)
 
@@ -83,7 +83,7 @@ class LoadReads:
             remaining = self.remaining(load, "prefill staging")
             staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
                                                    blocks=remote_ids, nonce=uuid.uuid4().hex, reader=self.reader,
-                                                   seconds=remaining),
+                                                   load=load.load_id, seconds=remaining),
                               StageAnswer, remaining, "staging request")
             src, ticket = staged.slots, staged.ticket
         try:

@@ -103,8 +103,8 @@ class ReshardLoad(LoadStrategy):
                     _read_source(ctx, load, src, remotes[src.rank], area, spec)
                 notified.add(src.rank)  # its one notification, sent or lost: no release follows it
                 ctx.notify_prefill(remotes[src.rank].agent_name, ReadDone(
-                    kind="read_done", request_id=load.remote.held_request_id, reader=ctx.reader, readers=src.readers),
-                    load.request_id)
+                    kind="read_done", request_id=load.remote.held_request_id, reader=ctx.reader, load=load.load_id,
+                    readers=src.readers), load.request_id)
             with ctx.lock:
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
@@ -123,7 +123,8 @@ class ReshardLoad(LoadStrategy):
             ctx.send_release(load, src.remote, src.readers)
             return
         ctx.notify_prefill(remote.agent_name, ReadDone(kind="release", request_id=load.remote.held_request_id,
-                                                       reader=ctx.reader, readers=src.readers), load.request_id)
+                                                       reader=ctx.reader, load=load.load_id, readers=src.readers),
+                          load.request_id)
 
 
 def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KVCacheSpec) -> None:

@@ -85,7 +85,7 @@ class StagedLoad(LoadStrategy):
                     staging.release(slots)
         if self.mode == "pull" or longest == 0:
             ctx.notify_prefill(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id,
-                                                           reader=ctx.reader), load.request_id)
+                                                           reader=ctx.reader, load=load.load_id), load.request_id)
         with ctx.lock:
             if load.state == LoadState.RUNNING:
                 load.state = LoadState.OK

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.messages import PushRequest
-from pdlaunch.kv_transfer.prefill.hold import Hold, claim_for_read, end_claim, engine_ended, not_held
+from pdlaunch.kv_transfer.prefill.hold import (
+    Hold,
+    Reader,
+    claim_for_read,
+    end_claim,
+    engine_ended,
+    not_held,
+    takes,
+    too_many_loads,
+)
 
 
 class CopyClaims:
@@ -34,9 +43,9 @@ class CopyClaims:
         def _cap(self, seconds: float, field: str) -> float: ...
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-              exclusive: bool = False, wait: float = 0.0, reader: tuple[str, float] | None = None) -> Hold:
-        """reader: (decode engine id, its remaining seconds) of a staging copy, which also claims the hold for that
-        reader as `claim_read` does: a staged pull READs the slots chunk after chunk, and the blocks stay held
+              exclusive: bool = False, wait: float = 0.0, reader: tuple[Reader, float] | None = None) -> Hold:
+        """reader: ((decode engine id, load id), its remaining seconds) of a staging copy, which also claims the hold
+        for that load as `claim_read` does: a staged pull READs the slots chunk after chunk, and the blocks stay held
         (past the lease, capped) until its read_done/release."""
         read_claim = None if reader is None else (reader[0], self._cap(reader[1], "stage.seconds"))
         hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None, read_claim)
@@ -57,13 +66,13 @@ class CopyClaims:
 
     def _claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
                exclusive: bool, wait: float, push: PushRequest | None,
-               read_claim: tuple[str, float] | None = None) -> Hold | None:
+               read_claim: tuple[Reader, float] | None = None) -> Hold | None:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
         (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
         is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
         wait: NIXL hands decode the last chunk's push_done with the WRITE, so decode can ask for the next one
         before this side's sender thread has seen the WRITE end and unclaimed. Stagings of several decode
-        ranks reading one request (resharding) may overlap. read_claim: (reader, cap) a staging copy claims."""
+        ranks reading one request (resharding) may overlap. read_claim: (load, cap) a staging copy claims."""
         if spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
         if block_bytes != spec.block_bytes:
@@ -82,9 +91,11 @@ class CopyClaims:
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
                     raise not_held(request_id, self.lease_seconds)
-                reader = push.reader if push is not None else read_claim[0] if read_claim is not None else ""
+                reader = push.reader if push is not None else read_claim[0][0] if read_claim is not None else ""
                 if reader in hold.ended_engines:
                     raise engine_ended(request_id, reader)
+                if read_claim is not None and not takes(hold, read_claim[0]):
+                    raise too_many_loads(request_id)
                 if push is not None and push.owner in hold.cancelled_by:
                     raise KVTransferError(f"push of request {request_id} refused: its decode load {push.owner} "
                                           "cancelled it before", hint="that load was given up; nothing to load")

@@ -25,28 +25,34 @@ A claim that arrives after the READ's read_done (a small READ ends before the cl
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
 Staged pull (decode READs the prefill's staging slots, chunk after chunk: staging_server.py): each stage
-request claims the hold for its reader the same way (its copy takes the blocks only while the hold is servable,
-and the claim keeps them until that reader's read_done/release after its last chunk, or the cap), so no other
-decode's end, proxy release or lease ends the hold between two of its chunks. A staging copy, like a push
+request claims the hold for its load the same way (its copy takes the blocks only while the hold is servable,
+and the claim keeps them until that load's read_done/release after its last chunk, or the cap), so no other
+load's end, proxy release or lease ends the hold between two of its chunks. A staging copy, like a push
 WRITE, also keeps the blocks while it reads them (`busy`): no hold is freed under a copy.
-Claims, stage requests and notifications name their reader (the decode engine; its TP ranks share it); pushes
-and cancels name their decode load (`owner`). A proxy that retries a decode leg on another decode (the first
-one died) sends that decode the same params, so several decodes may take one hold, reading or pushing (decodes
-may load in different transfer modes). Every decode that took the hold keeps it until it is through
-(`through`): a reader whose READ (or staged pull) claimed it until all its notifications are in, a push the
-side channel accepted until its last chunk landed or it failed or was cancelled. The hold ends when a decode
-is through with it (a reader's notifications all in, a push's last chunk landed, a cancelled or failed push)
-and no other that took it is still at it; so a read_done never ends a hold another decode pushes from (between
-two chunks of a staged push) or pulls through staging slots (between two chunks), and a push's last chunk
-never ends one under a claimed READ. A decode that comes after the hold ended fails its load and computes the
-prompt: a late claim (its READ must neither see blocks freed after another decode's read_done nor be told
-"held throughout" of a hold another decode read), a stage request, or a push. A decode that died without a word
-(between two chunks of its push, or during its claimed READ or staged pull) is through once the prefill is told
-it ended (`drop_engine`: its launcher asks, HoldTable.forget_engine): its claims and notifications count no more,
-its pushes are given up (a WRITE of one still running keeps the blocks until it ends), a claim or push of its
-still on its way is refused (`engine_ended`), and the hold ends unless another decode is still at it. Untold (a
-decode of another deployment, or the ask lost), such a hold lives until its lease, or a claimed READ's cap if
-later. A hold no decode took stays: the proxy may still send its decode leg.
+Claims, stage requests and notifications name their reader (the decode engine) and its load (a `Reader`: both
+shared by the TP ranks of one decode, decode/load.py `Load.load_id`), and count per load; pushes and cancels name
+their decode load (`owner`). A proxy that retries a decode leg on another decode (the first one died) sends that
+decode the same params, and a client may send its params again, or a leg be retried, to the same decode: so several
+loads may take one hold, reading or pushing (decodes may load in different transfer modes). Every load that took the
+hold keeps it until it is through (`through`): a READ (or staged pull) that claimed it until all its notifications
+are in, a push the side channel accepted until its last chunk landed or it failed or was cancelled. The hold ends
+when a load is through with it (a reader's notifications all in, a push's last chunk landed, a cancelled or failed
+push) and no other that took it is still at it; so one load's release never frees blocks another load of the same
+decode still READs, a read_done never ends a hold another decode pushes from (between two chunks of a staged push)
+or pulls through staging slots (between two chunks), and a push's last chunk never ends one under a claimed READ.
+A load waits for the `readers` its first notification names (each of its ranks sends one when resharding; a later
+word's count does not change it: waiting for the largest count any word named, one inflated word kept the hold to its
+cap), and one whose notifications are all in counts no more (a release sent again, or more than `readers`): a load's
+release nonces are at most its `readers`, and a hold takes at most MAX_LOADS_PER_HOLD loads.
+A load that comes after the hold ended fails and computes the prompt: a late claim (its READ must neither see
+blocks freed after another load's read_done nor be told "held throughout" of a hold another load read), a stage
+request, or a push. A decode that died without a word (between two chunks of its push, or during its claimed READ
+or staged pull) is through once the prefill is told it ended (`drop_engine`: its launcher asks,
+HoldTable.forget_engine): its claims and notifications count no more, its pushes are given up (a WRITE of one still
+running keeps the blocks until it ends), a claim or push of its still on its way is refused (`engine_ended`), and
+the hold ends unless another decode is still at it. Untold (a decode of another deployment, or the ask lost), such
+a hold lives until its lease, or a claimed READ's cap if later. A hold no decode took stays: the proxy may still
+send its decode leg.
 A cancel ends the cancelling decode load's interest only: another decode's push goes on.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
@@ -56,6 +62,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
+
+Reader = tuple[str, str]  # a decode load that READs a hold: (its decode engine id, its load id)
+# Loads whose claims and notifications one hold counts: a few decodes (the proxy retried a leg), a client's replays.
+# Bounds what a peer can make a hold keep: with `readers` (at most 1024, fixed per load), its release nonces too.
+MAX_LOADS_PER_HOLD = 64
 
 
 @dataclass
@@ -74,17 +85,18 @@ class Hold:
     pushed: bool = False  # a push's last chunk landed
     cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
     done: bool = False  # may be freed
-    # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
-    # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
-    notified: dict[str, int] = field(default_factory=dict)
-    read: dict[str, int] = field(default_factory=dict)
-    readers: dict[str, int] = field(default_factory=dict)
-    release_nonces: set[str] = field(default_factory=set)  # of the releases sent on the side channel: each counts once
-    claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
+    # Per load (`Reader`): read_done/release notifications received, of them read_done, and how many to wait for
+    # (the `readers` its first notification named: its ranks each send one when resharding).
+    notified: dict[Reader, int] = field(default_factory=dict)
+    read: dict[Reader, int] = field(default_factory=dict)
+    readers: dict[Reader, int] = field(default_factory=dict)
+    # Per load, the releases sent on the side channel that counted (each counts once): at most its `readers`.
+    release_nonces: dict[Reader, set[str]] = field(default_factory=dict)
+    claimed_by: set[Reader] = field(default_factory=set)  # loads whose READ claimed the hold
     # Decode engines that ended while at the hold (`drop_engine`): through with it, their pushes given up.
     ended_engines: set[str] = field(default_factory=set)
     expired: bool = False
-    unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
+    unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: loads that never notified
     cancelled: bool = False  # the proxy released it (`release`): post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
     prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
@@ -98,20 +110,32 @@ class Hold:
         return self.cancelled or owner in self.cancelled_by or self.push_readers.get(owner) in self.ended_engines
 
 
-def reader_done(hold: Hold, reader: str) -> bool:
-    """`reader` sent every notification it will send (or ended: it sends none any more)."""
-    return reader in hold.ended_engines or hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+def reader_name(reader: Reader) -> str:
+    return f"load {reader[1]} of {reader[0]}"
+
+
+def reader_done(hold: Hold, reader: Reader) -> bool:
+    """Load `reader` sent every notification it will send (or its engine ended: it sends none any more)."""
+    return reader[0] in hold.ended_engines or hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+
+
+def takes(hold: Hold, reader: Reader) -> bool:
+    """Whether the hold counts a claim or notification of load `reader`: one it counts already, or a new one while
+    fewer than MAX_LOADS_PER_HOLD loads claimed or notified it."""
+    known = hold.claimed_by | hold.notified.keys()
+    return reader in known or len(known) < MAX_LOADS_PER_HOLD
 
 
 def read_running(hold: Hold) -> bool:
-    """A reader whose READ claimed the hold has not sent all its notifications: the claim keeps the blocks until
+    """A load whose READ claimed the hold has not sent all its notifications: the claim keeps the blocks until
     then, or until its cap (`read_claimed` stays set once a READ claimed the hold, after it ended too)."""
     return not all(reader_done(hold, r) for r in hold.claimed_by)
 
 
-def claim_for_read(hold: Hold, reader: str, cap: float) -> None:
-    """`reader` READs the blocks (a claim_read, or a staged pull's stage request): the hold lives until that
-    reader's notifications are all in, or until `cap` (time.monotonic()), even past its lease."""
+def claim_for_read(hold: Hold, reader: Reader, cap: float) -> None:
+    """Load `reader` READs the blocks (a claim_read, or a staged pull's stage request): the hold lives until that
+    load's notifications are all in, or until `cap` (time.monotonic()), even past its lease. The caller checked
+    that the hold `takes` it."""
     hold.read_claimed = True
     hold.claimed_by.add(reader)
     hold.deadline = max(hold.deadline, cap)
@@ -129,13 +153,18 @@ def given_up(hold: Hold) -> bool:
     return bool(hold.cancelled_by or hold.ended_engines) and through(hold)
 
 
-def take_notification(hold: Hold, reader: str, read: bool, readers: int) -> None:
-    """A read_done (`read`) or release notification from one of the `readers` ranks of decode `reader`: the hold
-    ends once that reader's notifications are all in and no other decode is at it (`through`)."""
+def take_notification(hold: Hold, reader: Reader, read: bool, readers: int) -> bool:
+    """A read_done (`read`) or release notification from one of the `readers` ranks of load `reader`: the hold
+    ends once that load's notifications are all in and no other is at it (`through`). The load's first notification
+    fixes how many it sends (a later inflated count must not keep the hold to its cap). False: not counted, since
+    that load's notifications are all in (or its engine ended), or the hold `takes` no more loads."""
+    if reader_done(hold, reader) or not takes(hold, reader):
+        return False
+    hold.readers.setdefault(reader, readers)
     hold.notified[reader] = hold.notified.get(reader, 0) + 1
     hold.read[reader] = hold.read.get(reader, 0) + read
-    hold.readers[reader] = max(hold.readers.get(reader, 1), readers)
     hold.done = hold.done or (reader_done(hold, reader) and through(hold))
+    return True
 
 
 def cancel_push(hold: Hold, owner: str) -> bool:
@@ -174,7 +203,7 @@ def drop_engine(hold: Hold, engine_id: str) -> bool:
         return False
     owners = {owner for owner, engine in hold.push_readers.items()
               if engine == engine_id and (owner in hold.push_owners or owner in hold.pushing)}
-    reading = (engine_id in hold.claimed_by or engine_id in hold.notified) and not reader_done(hold, engine_id)
+    reading = any(r[0] == engine_id and not reader_done(hold, r) for r in hold.claimed_by | hold.notified.keys())
     if not (owners or reading):
         return False
     hold.ended_engines.add(engine_id)
@@ -188,11 +217,11 @@ CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
 ENGINE_ENDED = "the decode engine that took it ended: "
 
 
-def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
+def how_it_ended(hold: Hold, read_by: frozenset[Reader]) -> str:
     if hold.expired:
         return LEASE_EXPIRED
     if read_by:
-        return "read by " + ", ".join(sorted(read_by))
+        return "read by " + ", ".join(map(reader_name, sorted(read_by)))
     if hold.unended_claims:
         return (CLAIM_CAPPED + ", ".join(hold.unended_claims)
                 + ", whose read_done/release never came")
@@ -204,11 +233,11 @@ def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
         return ENGINE_ENDED + ", ".join(sorted(hold.ended_engines))
     if given_up(hold):
         return "its decode cancelled its push"
-    return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
+    return "released by " + (", ".join(map(reader_name, sorted(hold.notified))) or "its reader")
 
 
-def readers_that_read(hold: Hold) -> frozenset[str]:
-    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry):
+def readers_that_read(hold: Hold) -> frozenset[Reader]:
+    """Loads each of whose ranks READ the blocks while they were held (read_done, no release, no expiry):
     a claimed READ's hold outlives a proxy's release (`HoldTable.release`)."""
     if hold.expired:
         return frozenset()
@@ -221,6 +250,12 @@ def engine_ended(request_id: str, engine_id: str) -> KVTransferError:
     after: it takes the hold no more."""
     return KVTransferError(f"request {request_id}: decode engine {engine_id} ended (this prefill was told to forget "
                            "it) before its message was served", hint="nothing to load")
+
+
+def too_many_loads(request_id: str) -> KVTransferError:
+    """A claim of `request_id` by a load beyond the MAX_LOADS_PER_HOLD that took its hold."""
+    return KVTransferError(f"request {request_id}: {MAX_LOADS_PER_HOLD} decode loads took its hold already",
+                           hint="its params were sent to decodes again and again; this one computes the prompt")
 
 
 def not_held(request_id: str, lease_seconds: float, how: str | None = None) -> KVTransferError:

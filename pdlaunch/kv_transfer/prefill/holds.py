@@ -16,7 +16,9 @@ from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, C
 from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.copy_claims import CopyClaims
 from pdlaunch.kv_transfer.prefill.hold import (
+    MAX_LOADS_PER_HOLD,
     Hold,
+    Reader,
     cancel_push,
     claim_for_read,
     drop_engine,
@@ -25,8 +27,11 @@ from pdlaunch.kv_transfer.prefill.hold import (
     not_held,
     read_running,
     reader_done,
+    reader_name,
     readers_that_read,
     take_notification,
+    takes,
+    too_many_loads,
 )
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
@@ -48,8 +53,8 @@ class HoldTable(CopyClaims):
         self._holds: dict[str, Hold] = {}
         # Requests whose hold ended, kept a lease long: a claim sent with its READ may arrive after the read_done
         # (claim_read answers it as claimed), and a decode's release may come after the proxy's (logged as
-        # expected, not as a lost hold). request id -> (when to forget it, the readers that read it, how it ended).
-        self._ended: OrderedDict[str, tuple[float, frozenset[str], str]] = OrderedDict()
+        # expected, not as a lost hold). request id -> (when to forget it, the loads that read it, how it ended).
+        self._ended: OrderedDict[str, tuple[float, frozenset[Reader], str]] = OrderedDict()
         self._pushes: OrderedDict[str, float] = OrderedDict()  # push nonces accepted (copy_claims.py)
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
@@ -73,16 +78,21 @@ class HoldTable(CopyClaims):
 
     def on_read_done(self, notif: ReadDone, nonce: str | None = None) -> None:
         """A decode agent finished reading (read_done) or gave up (release) on a request: the hold ends once
-        that reader's notifications are all in and no other decode that took the hold is still at it (`through`:
+        that load's notifications are all in and no other load that took the hold is still at it (`through`:
         a claimed READ, a push between its chunks). `nonce`: a release sent on the side channel (`on_release`)
         names itself; one sent again after a lost answer counts once."""
+        reader = (notif.reader, notif.load)
+        refused = False
         with self.lock:
             hold = self._holds.get(notif.request_id)
-            if hold is not None and (nonce is None or nonce not in hold.release_nonces):
-                if nonce is not None:
-                    hold.release_nonces.add(nonce)
-                take_notification(hold, notif.reader, notif.kind == "read_done", notif.readers)
+            if hold is not None and (nonce is None or nonce not in hold.release_nonces.get(reader, ())):
+                refused = not takes(hold, reader)
+                if take_notification(hold, reader, notif.kind == "read_done", notif.readers) and nonce is not None:
+                    hold.release_nonces.setdefault(reader, set()).add(nonce)
             ended = None if hold is not None else self._ended.get(notif.request_id)
+        if refused:
+            logger.warning("KV %s notification from %s for request %s not counted: %d loads took its hold already",
+                           notif.kind, reader_name(reader), notif.request_id, MAX_LOADS_PER_HOLD)
         if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
             logger.debug("KV %s notification from %s for request %s after its hold ended (%s)", notif.kind,
                          notif.reader, notif.request_id, ended[2])
@@ -96,7 +106,7 @@ class HoldTable(CopyClaims):
         ours to notify (it has not shaken hands with this rank). Counted as the release notification is; the side
         channel authenticated it with the deployment secret, as it does every request."""
         self.on_read_done(ReadDone(kind="release", request_id=message.request_id, reader=message.reader,
-                                   readers=message.readers), message.nonce)
+                                   load=message.load, readers=message.readers), message.nonce)
         return Empty()
 
     def release(self, request_id: str) -> bool:
@@ -147,7 +157,7 @@ class HoldTable(CopyClaims):
     def _end_at_deadline(self, hold: Hold) -> None:
         """The hold's lease, or the cap of a decode READ's claim, passed (under the lock)."""
         hold.done = True
-        hold.unended_claims = sorted(r for r in hold.claimed_by if not reader_done(hold, r))
+        hold.unended_claims = [reader_name(r) for r in sorted(hold.claimed_by) if not reader_done(hold, r)]
         # Fetched by one decode, or claimed by a READ that never said it ended: not a lease expiry.
         hold.expired = not (readers_that_read(hold) or hold.unended_claims)
         if hold.unended_claims:
@@ -169,6 +179,7 @@ class HoldTable(CopyClaims):
         read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
         a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
         cap = self._cap(message.seconds, "claim_read.seconds")
+        reader = (message.reader, message.load)
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is not None and message.reader in hold.ended_engines:
@@ -178,18 +189,21 @@ class HoldTable(CopyClaims):
                 how = how_it_ended(hold, read_by) if not hold.servable else None
             else:  # freed: who read it, if it was read
                 _, read_by, how = self._ended.get(message.request_id, (0.0, frozenset(), None))
-            if message.reader in read_by:
+            if reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
-            # Another rank of a reader that claimed the hold (resharding) may claim it while it lives.
-            claimed = hold is not None and message.reader in hold.claimed_by and not hold.done
+            # Another rank of a load that claimed the hold (resharding) may claim it while it lives.
+            claimed = hold is not None and reader in hold.claimed_by and not hold.done
             if hold is None or not (hold.servable or claimed):
                 if read_by:
                     raise KVTransferError(
-                        f"request {message.request_id} was read by another decode ({', '.join(sorted(read_by))}) "
-                        "and its blocks freed", hint="the proxy sent one prefill's KV to two decodes (the first "
-                        "died): this one computes the prompt itself")
+                        f"request {message.request_id} was read by another load of its params "
+                        f"({', '.join(map(reader_name, sorted(read_by)))}) and its blocks freed",
+                        hint="the proxy sent one prefill's KV to two decode loads (a decode died and its leg was "
+                        "retried, or the client sent its params again): this one computes the prompt itself")
                 raise not_held(message.request_id, self.lease_seconds, how)
-            claim_for_read(hold, message.reader, cap)
+            if not takes(hold, reader):
+                raise too_many_loads(message.request_id)
+            claim_for_read(hold, reader, cap)
         return Empty()
 
     def _cap(self, seconds: float, field: str) -> float:

@@ -122,9 +122,9 @@ class StagingServer:
             raise KVTransferError("this prefill engine does not stage its KV cache")
         blocks = message.blocks
         block_bytes = self.spec.block_bytes if self.spec else []
-        # Claims the hold for the staged pull's reader too, until its read_done/release (capped).
+        # Claims the hold for the staged pull's load too, until its read_done/release (capped).
         hold = self.holds.claim(message.request_id, blocks, block_bytes, self.spec,
-                                reader=(message.reader, message.seconds))
+                                reader=((message.reader, message.load), message.seconds))
         copy = _Copy()
         try:
             future = self.executor.submit(self._stage, hold, message.request_id, message.reader, blocks, copy)
