@@ -6,10 +6,13 @@ matchers) took 2.8 ms p50 with llguidance and 11.6 ms with xgrammar (benchmarks/
 llguidance needs no other package (xgrammar pulls transformers, triton and tvm-ffi).
 
 A request's `StructuredOutput` (kind + value, from response_format, structured_outputs or the
-guided_* fields) becomes an llguidance grammar; `check` compiles it without a tokenizer on the
-HTTP side and runs its first steps over single bytes, where a grammar too large for llguidance's
-limits fails (400 naming the request field; engine/grammar_limits.py). The engine makes one `LLMatcher` per request
-(`GrammarBackend.matcher`); each step the sampler fills the constrained rows of one int32 bitmask
+guided_* fields) becomes an llguidance grammar, once it is within the bounds of what may be compiled
+(engine/grammar_size.py: an object's keys, a regex's length, ...); `check` compiles it once on the HTTP side, over
+single bytes, and runs its first steps, where a grammar too large for llguidance's limits fails (400 naming the
+request field; engine/grammar_limits.py). Every compile runs on a thread with a large stack
+(engine/grammar_stack.py): llguidance recurses once for each `$ref` or rule of a chain. The engine compiles the
+grammar again over its own tokenizer (a compiled grammar is bound to its tokenizer's tokens), one `LLMatcher` per
+request (`GrammarBackend.matcher`); each step the sampler fills the constrained rows of one int32 bitmask
 [N, ceil(V / 32)] and applies it to the logits (everything else of the batch passes: all bits
 set), and the output processor advances the matcher with the sampled token. When the grammar is
 complete only EOS stays allowed: the request samples it and stops there, the EOS counted as an output
@@ -31,7 +34,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pdlaunch.engine.grammar_limits import is_limit_error, probe
+from pdlaunch.engine.grammar_limits import build_error, byte_matcher, is_limit_error, probe
+from pdlaunch.engine.grammar_size import check_grammar_size, check_schema_size, check_text_size
+from pdlaunch.engine.grammar_stack import on_grammar_stack
 from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.errors import EngineError
@@ -74,32 +79,53 @@ class StructuredOutput(BaseModel):
             text = '{"type": "object"}' if self.kind == "json_object" else self.value
             if self.kind == "json":  # every $ref resolved, or a SchemaError naming where (engine/schema_refs.py)
                 schema = root_pointers(json.loads(text), self.field)
-                text = json.dumps(close_objects(schema) if self.strict or not self.open_objects else schema)
+                if self.strict or not self.open_objects:
+                    schema = close_objects(schema)
+                check_schema_size(schema, self.field)  # as llguidance will compile it, before it spends seconds
+                text = json.dumps(schema)
             return str(llguidance.LLMatcher.grammar_from_json_schema(
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
+        if self.kind == "grammar":
+            check_grammar_size(self.value, self.field)
+        elif self.kind == "regex":
+            check_text_size(self.value)
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
 
 
 def check(spec: StructuredOutput) -> str:
-    """The grammar of `spec`, compiled once to find errors, and its first steps run to find the llguidance limits it
-    exceeds (engine/grammar_limits.py); ValueError naming what is wrong."""
-    import llguidance
-
+    """The grammar of `spec`, compiled once (over single bytes) to find errors, and its first steps run to find the
+    llguidance limits it exceeds (engine/grammar_limits.py); ValueError naming what is wrong."""
     try:
         grammar = spec.grammar()
     except SchemaError:
-        raise  # names the place in the schema: a $ref, an $id, what nests too deep
+        raise  # names the place in the schema: a $ref, an $id, what nests too deep, an object of too many keys
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"{spec.field}: {exc}") from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(f"{spec.field}: {error.strip()}")
-    stuck = probe(grammar)
-    if stuck is not None:
-        what = "too large: it runs past llguidance's limits" if is_limit_error(stuck) else "cannot be followed"
-        raise ValueError(f"{spec.field}: the grammar is {what} in its first output bytes ({stuck}); use a smaller "
-                         "pattern, schema or choice list")
+    try:
+        problem = on_grammar_stack(lambda: _first_problem(grammar))
+    except TimeoutError as exc:
+        raise ValueError(f"{spec.field}: {exc}; send a smaller grammar") from None
+    if problem is not None:
+        raise ValueError(f"{spec.field}: {problem}")
     return grammar
+
+
+def _first_problem(grammar: str) -> str | None:
+    """What is wrong with `grammar`, or None; on a thread with the stack a compile needs."""
+    import llguidance
+
+    matcher = byte_matcher(grammar)
+    if matcher.is_error():
+        too_large = build_error(matcher)
+        if too_large is not None:
+            return f"the grammar is too large: llguidance cannot build it ({too_large}); send a smaller one"
+        # Invalid, or valid but naming tokens a byte tokenizer lacks (special tokens): not probed.
+        return llguidance.LLMatcher.validate_grammar(grammar).strip() or None
+    stuck = probe(matcher)
+    if stuck is None:
+        return None
+    what = "too large: it runs past llguidance's limits" if is_limit_error(stuck) else "cannot be followed"
+    return f"the grammar is {what} in its first output bytes ({stuck}); use a smaller pattern, schema or choice list"
 
 
 class GrammarBackend:
@@ -155,7 +181,11 @@ class GrammarBackend:
 
         tokenizer = self._llg_tokenizer(spec.field)
         try:
-            matcher = llguidance.LLMatcher(tokenizer, spec.grammar())
+            grammar = spec.grammar()
+            matcher = on_grammar_stack(lambda: llguidance.LLMatcher(tokenizer, grammar))
+        except TimeoutError as exc:
+            raise EngineError(f"{spec.field}: {exc}", field=spec.field,
+                              hint="retry; the instance is overloaded") from None
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"{spec.field}: {exc}", field=spec.field) from None
         if matcher.is_error():

@@ -130,11 +130,11 @@ def test_a_tokenizer_llguidance_cannot_use_fails_the_request_not_the_engine() ->
 def test_limit_errors_are_told_from_rejected_tokens(engine) -> None:  # type: ignore[no-untyped-def]
     """A grammar past llguidance's limits says so (probe, and the output processor's message); a token the grammar
     does not allow is a rejected token, not a limit."""
-    from pdlaunch.engine.grammar_limits import is_limit_error, probe
+    from pdlaunch.engine.grammar_limits import byte_matcher, is_limit_error, probe
 
-    too_large = probe(StructuredOutput(kind="regex", value="a{1000000}").grammar())
+    too_large = probe(byte_matcher(StructuredOutput(kind="regex", value="a{1000000}").grammar()))
     assert too_large is not None and is_limit_error(too_large), too_large
-    assert probe(StructuredOutput(kind="regex", value="a{1000}").grammar()) is None
+    assert probe(byte_matcher(StructuredOutput(kind="regex", value="a{1000}").grammar())) is None
     matcher = engine.outputs.grammar_matcher(StructuredOutput(kind="regex", value="b+"))
     matcher.consume_token(engine.tokenizer.encode("a", add_special_tokens=False)[0])
     assert matcher.is_error() and not is_limit_error(matcher.get_error().splitlines()[0]), matcher.get_error()
