@@ -13,11 +13,11 @@ from pathlib import Path
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.config_sizes import config_sizes  # torch-free
 from pdlaunch.model.families import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 from pdlaunch.model.weight_files import gguf_hint  # torch-free: reads headers and file names only
 
-_REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -87,21 +87,6 @@ class ModelInfo:
         return 2 * self.num_layers * kv_heads_per_rank * self.head_dim * dtype_bytes
 
 
-def _positive_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _not_positive(hf: dict[str, object], keys: list[str]) -> str:
-    """`keys` of config.json that are not positive integers, each with what it holds: `lacks hidden_size;
-    num_attention_heads is '4', not a positive integer`."""
-    missing = [k for k in keys if hf.get(k) is None]
-    wrong = [f"{k} is {hf[k]!r}" for k in keys if hf.get(k) is not None]
-    parts = ([f"lacks {', '.join(missing)}"] if missing else []) + \
-        ([f"{', '.join(wrong)}, not {'a positive integer' if len(wrong) == 1 else 'positive integers'}"] if wrong
-         else [])
-    return "; ".join(parts)
-
-
 def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None, list[Problem]]:
     """A key config.json omits reads as the loader reads it: transformers' default for its architecture."""
     try:
@@ -109,28 +94,17 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
     except PdlaunchError as exc:
         return None, [problem("model.path", exc.message, exc.hint or "")]
     defaults = HF_DEFAULTS[arch]
-    ints = {k: _positive_int(hf.get(k)) for k in _REQUIRED_INTS}
-    bad = [k for k, v in ints.items() if v is None]
-    if bad:
-        return None, [problem("model.path", f"{source}: {_not_positive(hf, bad)}",
-                              "use the checkpoint's original config.json")]
-    size = {k: v for k, v in ints.items() if v is not None}
-    heads = size["num_attention_heads"]
-    kv_heads = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults.num_key_value_heads
-    kv_heads = kv_heads or heads
-    head_dim = hf.get("head_dim") or defaults.head_dim or size["hidden_size"] // heads
+    try:
+        size = config_sizes(hf, defaults, source)  # what the loader reads, refused in its words
+    except PdlaunchError as exc:
+        return None, [problem("model.path", exc.message, exc.hint or "")]
     max_pos = hf.get("max_position_embeddings")
     max_pos = defaults.max_position_embeddings if max_pos is None else max_pos
-    num_kv_heads, head_size = _positive_int(kv_heads), _positive_int(head_dim)
-    if num_kv_heads is None or head_size is None:
-        bad = [k for k, v in (("num_key_value_heads", num_kv_heads), ("head_dim", head_size)) if v is None]
-        return None, [problem("model.path", f"{source}: {_not_positive(hf, bad)}",
-                              "use the checkpoint's original config.json")]
     family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
     moe = None
     try:
         if arch in MOE_ARCHITECTURES:
-            moe = parse_moe(hf, arch, size["num_hidden_layers"])
+            moe = parse_moe(hf, arch, size.num_hidden_layers)
         # the loader's reading (model/arch.py): a quoted "false" is refused here too, not read as true
         tied = config_bool(hf, "tie_word_embeddings")
         attention_bias = config_bool(hf, "attention_bias")
@@ -140,13 +114,13 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
                               exc.hint or "use the checkpoint's original config.json")]
     info = ModelInfo(
         architecture=arch,
-        hidden_size=size["hidden_size"],
-        num_layers=size["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_size,
-        intermediate_size=size["intermediate_size"],
-        vocab_size=size["vocab_size"],
+        hidden_size=size.hidden_size,
+        num_layers=size.num_hidden_layers,
+        num_heads=size.num_attention_heads,
+        num_kv_heads=size.num_key_value_heads,
+        head_dim=size.head_dim,
+        intermediate_size=size.intermediate_size,
+        vocab_size=size.vocab_size,
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
         tie_word_embeddings=tied,
         qkv_bias=qwen2_qkv_bias or (family != "Qwen2ForCausalLM" and attention_bias),

@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.config_sizes import config_sizes
 from pdlaunch.model.families import HF_DEFAULTS, FamilyDefaults, LayerType, architecture_of, layer_types
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
 from pdlaunch.model.rope_config import RopeScaling, positive_float, rope
@@ -123,18 +124,18 @@ class ModelArch(BaseModel):
         return where
 
 
-def _kv_heads(cfg: Mapping[str, object], heads: int, defaults: FamilyDefaults) -> int:
-    """num_key_value_heads: config.json's, else the family class's default (null: as many as the heads, as every
-    class that accepts null reads it)."""
-    if "num_key_value_heads" in cfg:
-        return heads if cfg["num_key_value_heads"] is None else config_int(cfg, "num_key_value_heads")
-    kv_heads = defaults.num_key_value_heads or heads
-    if heads % kv_heads:
+def _check_kv_heads(cfg: Mapping[str, object], heads: int, kv_heads: int, defaults: FamilyDefaults) -> None:
+    """The KV heads divide the heads; a default that does not (config.json leaves num_key_value_heads out) is named
+    as the default it is."""
+    if not heads % kv_heads:
+        return
+    if "num_key_value_heads" not in cfg:
         raise PdlaunchError(
             f"config.json has no num_key_value_heads, so it is transformers' default for {defaults.model_type}, "
             f"{kv_heads}, which does not divide num_attention_heads {heads}", field="config.json:num_key_value_heads",
             hint="add the checkpoint's num_key_value_heads to config.json (k_proj's rows / head_dim)")
-    return kv_heads
+    raise PdlaunchError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
+                        field="config.json:num_key_value_heads")
 
 
 def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
@@ -142,18 +143,9 @@ def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelAr
     what transformers' config class of its architecture gives (HF_DEFAULTS); `source` names the file in errors."""
     architecture = architecture_of(cfg, source)
     defaults = HF_DEFAULTS[architecture]
-    try:
-        hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
-        kv_heads = _kv_heads(cfg, heads, defaults)
-        head_dim = int(cfg.get("head_dim") or defaults.head_dim or hidden // heads)
-        vocab, inter = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
-    except KeyError as exc:
-        raise PdlaunchError(f"config.json lacks {exc.args[0]!r}", field=f"config.json:{exc.args[0]}") from exc
-    if heads % kv_heads:
-        raise PdlaunchError(
-            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
-            field="config.json:num_key_value_heads",
-        )
+    size = config_sizes(cfg, defaults, source)  # check-config's reading and words (model/config_sizes.py)
+    heads, layers, kv_heads = size.num_attention_heads, size.num_hidden_layers, size.num_key_value_heads
+    _check_kv_heads(cfg, heads, kv_heads, defaults)
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU
         raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
@@ -169,13 +161,13 @@ def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelAr
     fields = {
         "architecture": architecture,
         "model_type": str(cfg.get("model_type", "")),
-        "hidden_size": hidden,
+        "hidden_size": size.hidden_size,
         "num_layers": layers,
         "num_heads": heads,
         "num_kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": vocab,
-        "intermediate_size": inter,
+        "head_dim": size.head_dim,
+        "vocab_size": size.vocab_size,
+        "intermediate_size": size.intermediate_size,
         "rope_theta": theta,
         "rope_scaling": scaling,
         "rms_norm_eps": positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", defaults.rms_norm_eps),
