@@ -183,8 +183,9 @@ def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: 
     _both_decodes_ready(serve)
     before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}')
     streams = [_Stream(serve, i) for i in range(STREAMS)]
+    pid = serve.instance_pid("decode-1")  # asked first: the kill follows the check at once
     _mid_stream(serve, "decode-1", streams)
-    os.kill(serve.instance_pid("decode-1"), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     _check(serve, streams, reference)
     moved = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}') - before
     print(f"\nSIGKILL: {moved:.0f} of {STREAMS} streams migrated, all texts equal the uninterrupted run")
