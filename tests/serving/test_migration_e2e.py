@@ -182,8 +182,8 @@ def _explain(serve: Serve, i: int, stream: _Stream, expected: str) -> str:
 def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: list[str]) -> None:
     _both_decodes_ready(serve)
     before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}')
+    pid = serve.instance_pid("decode-1")  # asked before the streams start: the kill follows the check at once
     streams = [_Stream(serve, i) for i in range(STREAMS)]
-    pid = serve.instance_pid("decode-1")  # asked first: the kill follows the check at once
     _mid_stream(serve, "decode-1", streams)
     os.kill(pid, signal.SIGKILL)
     _check(serve, streams, reference)
