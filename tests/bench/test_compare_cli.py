@@ -21,7 +21,7 @@ from pdlaunch.bench import compare, compare_layout, rate_sweep
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.compare_layout import Layout, resolve_layout
-from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.matmul_ceiling import MatmulCeiling, Yardstick
 from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import platform
@@ -81,6 +81,16 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
     return CompareConfig(model="tiny", rates=[2.0], out=tmp_path, **kw)
+
+
+@pytest.fixture
+def ceiling(monkeypatch: pytest.MonkeyPatch) -> MatmulCeiling:
+    """The matmul ceiling a run_compare with a fake run_deployment measures first, without its child process (a
+    torch import and 12 products of 1024^3: 2-6 s a run on 2 loaded cores). The child itself is tested in
+    test_matmul_ceiling.py, and the real compare runs below measure it."""
+    measured = MatmulCeiling(device="cpu (1 threads)", dtype="float32", n=1024, ms=40.0, tflops=0.054)
+    monkeypatch.setattr(compare_layout, "measure_in_child", lambda *_: measured)
+    return measured
 
 
 def test_duration_sends_as_many_seconds_of_requests_at_every_rate(tmp_path: Path) -> None:
@@ -405,12 +415,12 @@ def _measured_run(kind: str, layout: Layout) -> DeploymentRun:
 
 @pytest.mark.parametrize("run_advised", [True, False])
 def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                            run_advised: bool) -> None:
+                                                            run_advised: bool, ceiling: MatmulCeiling) -> None:
     ran: list[tuple[str, int, int]] = []
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
                  yardstick: Yardstick | None) -> DeploymentRun:
-        assert yardstick is not None and yardstick.ceiling is not None  # measured before the first deployment
+        assert yardstick is not None and yardstick.ceiling == ceiling  # measured before the first deployment
         ran.append((kind, layout.prefill, layout.decode))
         return _measured_run(kind, layout)
 
@@ -470,6 +480,7 @@ def _baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran: list[str], *
     return earlier
 
 
+@pytest.mark.usefixtures("ceiling")
 def test_a_baseline_run_reuses_its_colocated_and_pd_runs_and_runs_only_per_request_disaggregation(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ran: list[str] = []
@@ -487,6 +498,7 @@ def test_a_baseline_run_reuses_its_colocated_and_pd_runs_and_runs_only_per_reque
     assert (cfg.out / "conditional.json").exists()
 
 
+@pytest.mark.usefixtures("ceiling")
 @pytest.mark.parametrize(("change", "setting"), [
     ({"rates": [4.0]}, "rates"), ({"num_prompts": 20}, "num_prompts"), ({"tpot_slo_ms": 10.0}, "tpot_slo_ms"),
     ({"seed": 3}, "seed"),
@@ -503,6 +515,7 @@ def test_a_baseline_of_another_workload_is_refused_naming_the_setting(
     assert info.value.field == "--baseline" and ran == []  # nothing ran
 
 
+@pytest.mark.usefixtures("ceiling")
 def test_a_baseline_whose_files_do_not_parse_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path: Path) -> None:
     earlier = _baseline(tmp_path, monkeypatch, [])
