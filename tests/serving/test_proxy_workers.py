@@ -17,7 +17,9 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.workers import worker_argv
+from tests.config.cli_helpers import check
 from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_failures import ScriptedInstance
@@ -165,20 +167,28 @@ def test_a_worker_that_dies_takes_the_proxy_down_with_exit_1(tmp_path: Path) -> 
     assert f"(pid {workers[0]}) was killed by signal 9 (SIGKILL) while serving" in log, log[-2000:]
 
 
-def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The proxy's usage error for `argv` (parsed in this process: the entry point's exit status and one-line
+    error are test_a_usage_error_of_an_entry_point_exits_1_naming_the_flag's)."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--colocated", "http://127.0.0.1:1", *argv])
+    assert exited.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_bad_worker_counts_are_refused_naming_the_flag_or_field(capsys: pytest.CaptureFixture[str]) -> None:
     for value in ("0", "65"):
-        r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1",
-                            "--workers", value], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 1 and "--workers must be 1 to 64" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1", "--listen-fd",
-                        "99"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "--listen-fd 99: not an open socket" in r.stderr, r.stderr
+        assert "--workers must be 1 to 64" in _refused(["--workers", value], capsys)
+    read, write = os.pipe()  # an open descriptor that is not a socket
+    try:
+        assert f"--listen-fd {read}: not an open socket" in _refused(["--listen-fd", str(read)], capsys)
+    finally:
+        os.close(read)
+        os.close(write)
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
-    r = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", "--model", "tiny", "--proxy-workers", "0"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "--proxy-workers: must be >= 1, got 0" in r.stdout + r.stderr, r.stdout + r.stderr
-    assert "Traceback" not in r.stdout + r.stderr
+    result = check(["--model", "tiny", "--proxy-workers", "0"])  # asserts no traceback
+    assert result.exit_code == 1 and "--proxy-workers: must be >= 1, got 0" in result.output, result.output
 
 
 def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket() -> None:
