@@ -2,6 +2,9 @@
 
 Reads tokenizer_config.json (bos/eos, add_bos_token, chat_template), chat_template.jinja (newer
 HF saves the template there) and generation_config.json (extra EOS ids). No hub access.
+
+The chat template is compiled once per template text and reused by every request (compiling is what costs:
+1-2 ms for the demo model's template, ~7 ms for Llama 3's on a 2-core CPU, against ~10 us to render a short chat).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from pydantic import JsonValue
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -114,6 +117,7 @@ class Tokenizer:
             )
         self._tok = HFTokenizer.from_file(str(path))
         self._special: frozenset[int] | None = None
+        self._compiled: tuple[str, Template] | None = None  # (template text, its compiled template)
         config = _read_json(directory / "tokenizer_config.json")
         gen_config = _read_json(directory / "generation_config.json")
         model_config = _read_json(directory / "config.json")
@@ -225,10 +229,19 @@ class Tokenizer:
             raise PdlaunchError(f"chat template {value!r} is neither a file nor a Jinja2 template",
                                 field="model.chat_template", hint="give the path of a .jinja file")
         try:
-            template_environment().from_string(value)
+            compiled = template_environment().from_string(value)
         except TemplateError as exc:
             raise PdlaunchError(f"chat template does not compile: {exc}", field="model.chat_template") from None
         self.chat_template = value
+        self._compiled = (value, compiled)
+
+    def _compiled_template(self, text: str) -> Template:
+        """`text` (the chat template) compiled, once per text: `chat_template` may be replaced at any time. A Jinja
+        template renders from many threads at once (each render has its own context)."""
+        cached = self._compiled
+        if cached is None or (cached[0] is not text and cached[0] != text):
+            cached = self._compiled = (text, template_environment().from_string(text))
+        return cached[1]
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping[str, object]] | None = None,
@@ -243,7 +256,7 @@ class Tokenizer:
                 "or use /v1/completions with a plain prompt",
             )
         try:
-            return template_environment().from_string(self.chat_template).render(
+            return self._compiled_template(self.chat_template).render(
                 **{**self.template_special_tokens, **(extra or {})},  # chat_template_kwargs may replace them
                 messages=messages,
                 tools=tools,
