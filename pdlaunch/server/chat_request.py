@@ -109,6 +109,10 @@ class ChatCompletionRequest(SamplingFields):
     def tool_calling(self) -> ToolCalling | None:
         return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
 
+    def asks_for_grammar(self) -> bool:
+        """Also with tools: a required or named tool call's grammar is compiled as structured output's is."""
+        return super().asks_for_grammar() or self.tools is not None
+
     def structured_output(self) -> StructuredOutput | None:
         asked = super().structured_output()
         calling = self.tool_calling()

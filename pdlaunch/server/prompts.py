@@ -6,7 +6,12 @@ whatever the tokenizer does, so it is refused with a 400 before any tokenizing (
 tokenizers average 3-5 characters per token and the longest single tokens (runs of spaces in code
 vocabularies) stay well below 32, so nothing that could fit is refused. A chat's messages count their
 every templated field and one token each (_check_chat_size). Tokenizing and chat
-templating run in a worker thread (`asyncio.to_thread`); the engine thread only gets token ids.
+templating run off the engine thread, which only gets token ids: on the event loop for a prompt of at most
+INLINE_PROMPT_CHARS characters (and, for a chat, INLINE_CHAT_MESSAGES messages), else in a worker thread
+(`asyncio.to_thread`). The thread's hand-over and return cost more than such a prompt's tokenizing (~0.3 ms on an
+idle 2-core CPU, several ms on a busy one), and it keeps the event loop no freer while the tokenizer encodes:
+`tokenizers` holds the GIL for the whole encode. What a thread interleaves with the event loop is a long chat's
+template rendering (Python), hence the bounds.
 """
 
 from __future__ import annotations
@@ -24,32 +29,35 @@ if TYPE_CHECKING:
     from pdlaunch.model.tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32
+INLINE_PROMPT_CHARS = 8192  # encoded in ~2 ms on a 2-core CPU (the demo tokenizer), rendered in ~20 us
+INLINE_CHAT_MESSAGES = 64
 
 # Text, token ids, or a chat request (messages with text content, template controls).
 Prompt = str | list[int] | ChatPrompt
 
 
-def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
-    """400 when the prompt cannot fit in max_model_len tokens, decided without tokenizing."""
+def check_prompt_size(prompt: Prompt, max_model_len: int) -> int:
+    """400 when the prompt cannot fit in max_model_len tokens, decided without tokenizing; else the characters it
+    has (a chat's: ChatPrompt.num_chars; token ids: 0)."""
     param = "prompt"
     if isinstance(prompt, str):
         chars = len(prompt)
     elif isinstance(prompt, ChatPrompt):
-        _check_chat_size(prompt, max_model_len)
-        return
+        return _check_chat_size(prompt, max_model_len)
     else:
         if len(prompt) > max_model_len:
             raise OpenAIError(400, f"prompt has {len(prompt)} token ids; max_model_len is {max_model_len}",
                               param="prompt")
-        return
+        return 0
     bound = max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
     if chars > bound:
         raise OpenAIError(400, f"{param} has {chars} characters; at most {bound} can fit (max_model_len "
                                f"{max_model_len} x {MAX_PROMPT_CHARS_PER_TOKEN} characters per token); shorten it",
                           param=param)
+    return chars
 
 
-def _check_chat_size(prompt: ChatPrompt, max_model_len: int) -> None:
+def _check_chat_size(prompt: ChatPrompt, max_model_len: int) -> int:
     """Every message takes at least one token of the template's own (its role header or end-of-turn marker)
     besides its text: 100,000 empty messages hold no text, yet took 11 s to render and tokenize before the
     engine refused their 400,000 tokens."""
@@ -59,6 +67,7 @@ def _check_chat_size(prompt: ChatPrompt, max_model_len: int) -> None:
                                f"chat_template_kwargs) cannot fit in max_model_len {max_model_len}: each message takes "
                                f"at least one token and a token holds at most {MAX_PROMPT_CHARS_PER_TOKEN} characters; "
                                "send fewer or shorter messages", param="messages")
+    return chars
 
 
 def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:  # a Tokenizer; the proxy passes its optional one
@@ -76,8 +85,17 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:  # a Tokenizer; the p
     return list(prompt)  # token ids: the engine checks their range
 
 
+def tokenizes_inline(prompt: Prompt, chars: int) -> bool:
+    """Whether `prompt`, of `chars` characters (check_prompt_size), is tokenized on the event loop (module doc)."""
+    if isinstance(prompt, ChatPrompt) and len(prompt.messages) > INLINE_CHAT_MESSAGES:
+        return False
+    return chars <= INLINE_PROMPT_CHARS
+
+
 async def prompt_token_ids(tokenizer: Tokenizer, prompt: Prompt, max_model_len: int) -> list[int]:
-    check_prompt_size(prompt, max_model_len)
+    chars = check_prompt_size(prompt, max_model_len)
     if isinstance(prompt, list):
         return list(prompt)
+    if tokenizes_inline(prompt, chars):
+        return tokenize(tokenizer, prompt)
     return await asyncio.to_thread(tokenize, tokenizer, prompt)

@@ -152,6 +152,12 @@ class SamplingFields(BaseModel):
     def _known_fields(cls) -> set[str]:
         return {name for name, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values() if f.alias}
 
+    def asks_for_grammar(self) -> bool:
+        """Whether the body names structured output, whose grammar sampling_params compiles (a long guided_choice
+        list takes seconds): such a request is prepared off the event loop (server/completions.py)."""
+        return any(value is not None for value in (self.response_format, self.structured_outputs, self.guided_json,
+                                                   self.guided_regex, self.guided_choice, self.guided_grammar))
+
     def structured_output(self) -> StructuredOutput | None:
         guided: JsonObject = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
                   "grammar": self.guided_grammar}
