@@ -8,6 +8,9 @@ accept the proxy's requests with. `HeaderTimeoutProtocol` (uvicorn's h11 protoco
 after the first byte of a request on a kept-alive connection: with a 408 naming the wait when part of them came,
 silently when nothing did (as uvicorn ends an idle kept-alive connection). h11 bounds the headers' size (16 KiB).
 The body's own wait is BodyLimit's (limits.py).
+
+It also sends each response's head together with the start of its body (held_head.py): one send, one wakeup
+of the reader.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pdlaunch.http.errors import error_body
+from pdlaunch.http.held_head import HeldHeadTransport
 
 HEADER_TIMEOUT_SECONDS = 30.0
 
@@ -32,12 +36,13 @@ def _timeout_response() -> bytes:
 
 
 class HeaderTimeoutProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol (h11), closing a connection whose request headers take too long."""
+    """uvicorn's HTTP/1.1 protocol (h11), closing a connection whose request headers take too long; a response's
+    head goes out with its body (held_head.py)."""
 
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(HeldHeadTransport(transport, self.loop))
         self._wait_for_headers()
 
     def data_received(self, data: bytes) -> None:
