@@ -20,6 +20,7 @@ from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.limits import BodyLimit
 from pdlaunch.proxy import completions, routes
 from pdlaunch.proxy.disaggregate import Disaggregation, PromptTokens
+from pdlaunch.proxy.held_writes import held_writes_transport
 from pdlaunch.proxy.instances import InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
 from pdlaunch.proxy.metrics import CountRequests
@@ -125,7 +126,7 @@ def instance_transports(pool: InstancePool, limits: httpx.Limits) -> dict[str, h
     """A connection pool of its own per instance (httpx mounts by origin). httpcore walks every connection of a
     pool each time a request starts or ends, and for each idle one walks them all again (quadratic): with one
     pool for all instances, every leg paid for every instance's connections (12% of the proxy's CPU at 32
-    streams, benchmarks/proxy_relay.py)."""
+    streams, benchmarks/proxy_relay.py). Each sends a request's head and body in one send (held_writes.py)."""
     # netloc: host and port as written ([::1]:8100; a URL without a port has none: its pattern matches any).
     origins = {f"{url.scheme}://{url.netloc.decode('ascii')}" for url in (httpx.URL(i.url) for i in pool.instances)}
-    return {origin: httpx.AsyncHTTPTransport(limits=limits) for origin in sorted(origins)}
+    return {origin: held_writes_transport(limits) for origin in sorted(origins)}
