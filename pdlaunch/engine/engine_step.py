@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pdlaunch.distributed.executor import UniprocExecutor
     from pdlaunch.distributed.ray_executor import RayTPExecutor
     from pdlaunch.distributed.tp_executor import TPExecutor
+    from pdlaunch.engine.allocator_watch import AllocatorWatch
     from pdlaunch.engine.output_processor import OutputProcessor
     from pdlaunch.engine.sampler import Sampler
     from pdlaunch.engine.scheduler import Scheduler
@@ -52,6 +53,7 @@ class EngineStep:
     sampler: Sampler
     outputs: OutputProcessor
     clock: StepClock
+    allocator: AllocatorWatch | None
     async_scheduling: bool
     _in_flight: InFlight | None
     _admitted: list[tuple[Request, RequestOutput]]
@@ -103,6 +105,8 @@ class EngineStep:
         elif self.scheduler.waiting_for_kv and self._in_flight is None:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
         self.clock.collect()
+        if self.allocator is not None:
+            self.allocator.poll()
         update_metrics(self.scheduler, self.block_manager)
         return outputs
 

@@ -25,6 +25,7 @@ from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
 
 if TYPE_CHECKING:
+    from pdlaunch.engine.allocator_watch import AllocatorWatch
     from pdlaunch.engine.outputs import RequestOutput
     from pdlaunch.engine.scheduler import Scheduler
     from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
@@ -46,6 +47,7 @@ class SleepableEngine(Protocol):
     block_manager: BlockManager
     connector: KVConnector | None
     checkpoint: Checkpoint
+    allocator: AllocatorWatch | None
 
     def has_unfinished_requests(self) -> bool: ...
 
@@ -77,6 +79,7 @@ class EngineSleep:
             result = self.controller.sleep(level)
         finally:  # a sleep that failed may have left the memory asleep (MemorySleep._undo_sleep)
             set_sleep_state(self.controller.level)
+            self._rebase_allocator_watch()
         if self.engine.runner.device.type == "cuda":
             # What stays on the device while asleep: the CUDA context, the CUDA graphs' pool, NIXL/UCX.
             free, total = torch.cuda.mem_get_info(self.engine.runner.device)
@@ -90,6 +93,12 @@ class EngineSleep:
             return self.controller.wake_up(tags)
         finally:  # a wake-up that failed may have woken some of the memory
             set_sleep_state(self.controller.level)
+            self._rebase_allocator_watch()
+
+    def _rebase_allocator_watch(self) -> None:
+        """What sleeping and waking freed and allocated was meant: not the memory shortage the watch reports."""
+        if self.engine.allocator is not None:
+            self.engine.allocator.rebase()
 
     def is_sleeping(self) -> bool:
         return self.controller.is_sleeping()
