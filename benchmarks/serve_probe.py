@@ -61,6 +61,8 @@ STAGES = (("pdlaunch_time_to_first_token_seconds", "own TTFT (arrival to first t
           ("vllm:iteration_tokens_total", "tokens a step"))
 
 
+ALLOCATOR_SERIES = ("pdlaunch_device_cache_frees_total", "pdlaunch_device_allocator_retries_total",
+                    "pdlaunch_device_mallocs_total")  # engine/allocator_watch.py
 STEP_SERIES = ("pdlaunch_engine_steps_total", "pdlaunch_engine_step_seconds_total", "pdlaunch_engine_step_tokens_total")
 
 
@@ -76,6 +78,10 @@ def _histograms(url: str) -> dict[str, tuple[float, float]]:
             for suffix, slot in (("_sum", 0), ("_count", 1)):
                 if line.startswith(name + suffix + " ") or line.startswith(name + suffix + "{"):
                     out[name][slot] += float(line.split()[-1])
+        for series in ALLOCATOR_SERIES:
+            if line.startswith(series + " "):
+                value = float(line.split()[-1])
+                result_paths[f"allocator {series}"] = value
         if line.startswith("pdlaunch_engine_step_paths_total{"):
             path = line.split('path="', 1)[1].split('"', 1)[0]
             result_paths[path] = float(line.split()[-1])
@@ -89,7 +95,7 @@ def _histograms(url: str) -> dict[str, tuple[float, float]]:
         result[f"steps {kind}"] = (values.get(STEP_SERIES[1], 0.0), count)
         result[f"tokens {kind}"] = (values.get(STEP_SERIES[2], 0.0), count)
     for path, count in result_paths.items():
-        result[f"path {path}"] = (count, count)
+        result[path if path.startswith("allocator ") else f"path {path}"] = (count, count)
     return result
 
 
@@ -128,6 +134,12 @@ def diff(a_path: str, b_path: str) -> None:
                  for k, v in stages.items() if k.startswith("path ")}
         if any(paths.values()):
             print(f"  {name}: forwards by path: " + ", ".join(f"{p} {n:.0f}" for p, n in sorted(paths.items())))
+        grown = {k.split(" ", 1)[1].removeprefix("pdlaunch_device_").removesuffix("_total"):
+                 v[0] - a["stages"].get(name, {}).get(k, (0.0, 0.0))[0]
+                 for k, v in stages.items() if k.startswith("allocator ")}
+        if any(grown.values()):
+            counts = ", ".join(f"{k} {n:.0f}" for k, n in sorted(grown.items()))
+            print(f"  {name}: CUDA allocator while serving: {counts}")
         for key in sorted(k for k in stages if k.startswith("steps ")):
             kind = key.split(" ", 1)[1]
             (seconds, count), (tokens, _) = stages[key], stages[f"tokens {kind}"]
