@@ -31,7 +31,7 @@ from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choice_limits import check_choice_count, no_room_hint
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.prompts import Prompt, prompt_token_ids
+from pdlaunch.server.prompts import Prompt, prompts_token_ids
 from pdlaunch.server.request_metrics import RequestMetrics, SampleGroup
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem, error_of, output_of, peek
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
@@ -120,7 +120,7 @@ class Choices:
     async def start(self) -> None:
         """Tokenize, submit every choice (the first of each prompt first) and await their acceptance."""
         engine = self.engine_loop.engine
-        ids = [await prompt_token_ids(engine.tokenizer, p, engine.max_model_len) for p in self.prompts]
+        ids = await prompts_token_ids(engine.tokenizer, self.prompts, engine.max_model_len)
         self.prompt_ids = ids
         if self.fills_context:
             for c in self.choices:

@@ -6,17 +6,20 @@ whatever the tokenizer does, so it is refused with a 400 before any tokenizing (
 tokenizers average 3-5 characters per token and the longest single tokens (runs of spaces in code
 vocabularies) stay well below 32, so nothing that could fit is refused. A chat's messages count their
 every templated field and one token each (_check_chat_size). Tokenizing and chat
-templating run off the engine thread, which only gets token ids: on the event loop for a prompt of at most
-INLINE_PROMPT_CHARS characters (and, for a chat, INLINE_CHAT_MESSAGES messages), else in a worker thread
-(`asyncio.to_thread`). The thread's hand-over and return cost more than such a prompt's tokenizing (~0.3 ms on an
-idle 2-core CPU, several ms on a busy one), and it keeps the event loop no freer while the tokenizer encodes:
-`tokenizers` holds the GIL for the whole encode. What a thread interleaves with the event loop is a long chat's
-template rendering (Python), hence the bounds.
+templating run off the engine thread, which only gets token ids: on the event loop for a request whose prompts
+hold at most INLINE_PROMPT_CHARS characters together (and, for a chat, INLINE_CHAT_MESSAGES messages), else each
+prompt in a worker thread (`asyncio.to_thread`). The thread's hand-over and return cost more than such a prompt's
+tokenizing (~0.3 ms on an idle 2-core CPU, several ms on a busy one), and it keeps the event loop no freer while
+the tokenizer encodes: `tokenizers` holds the GIL for the whole encode. What a thread interleaves with the event
+loop is a long chat's template rendering (Python) and the encodes of a list of prompts, one at a time, hence the
+bounds, on the request's prompts together: a list of 128 prompts of 8,192 characters each, every one short alone,
+held the event loop ~0.5 s when each short one was tokenized there.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
@@ -85,17 +88,16 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:  # a Tokenizer; the p
     return list(prompt)  # token ids: the engine checks their range
 
 
-def tokenizes_inline(prompt: Prompt, chars: int) -> bool:
-    """Whether `prompt`, of `chars` characters (check_prompt_size), is tokenized on the event loop (module doc)."""
-    if isinstance(prompt, ChatPrompt) and len(prompt.messages) > INLINE_CHAT_MESSAGES:
-        return False
-    return chars <= INLINE_PROMPT_CHARS
+def tokenizes_inline(prompts: Sequence[Prompt], chars: int) -> bool:
+    """Whether a request's `prompts`, of `chars` characters together (check_prompt_size), are tokenized on the
+    event loop (module doc)."""
+    messages = sum(len(p.messages) for p in prompts if isinstance(p, ChatPrompt))
+    return chars <= INLINE_PROMPT_CHARS and messages <= INLINE_CHAT_MESSAGES
 
 
-async def prompt_token_ids(tokenizer: Tokenizer, prompt: Prompt, max_model_len: int) -> list[int]:
-    chars = check_prompt_size(prompt, max_model_len)
-    if isinstance(prompt, list):
-        return list(prompt)
-    if tokenizes_inline(prompt, chars):
-        return tokenize(tokenizer, prompt)
-    return await asyncio.to_thread(tokenize, tokenizer, prompt)
+async def prompts_token_ids(tokenizer: Tokenizer, prompts: Sequence[Prompt], max_model_len: int) -> list[list[int]]:
+    """Each prompt's token ids, every prompt's size checked before any is tokenized."""
+    chars = sum(check_prompt_size(p, max_model_len) for p in prompts)
+    if tokenizes_inline(prompts, chars):
+        return [list(p) if isinstance(p, list) else tokenize(tokenizer, p) for p in prompts]
+    return [list(p) if isinstance(p, list) else await asyncio.to_thread(tokenize, tokenizer, p) for p in prompts]

@@ -88,3 +88,13 @@ def test_a_request_with_a_grammar_or_many_choices_is_prepared_in_a_worker_thread
                                         "response_format": {"type": "json_object"}})
     _post(url, "/v1/completions", {"prompt": "many", "n": completions.INLINE_CHOICES + 1})
     assert where["choices"] == [False, False, False]
+
+
+def test_many_short_prompts_of_one_request_are_tokenized_in_worker_threads(
+        url: str, where: dict[str, list[bool]]) -> None:
+    """Each prompt of a list is short, together they are not: 128 prompts of 8,192 characters (a ~1 MB body) held
+    the event loop ~0.5 s when each short one was tokenized there, every other stream of the instance waiting."""
+    each = prompts.INLINE_PROMPT_CHARS // 4 + 1  # past the tiny model's 2048 tokens (a token per "a"): tokenized,
+    many = ["a" * each] * 4                       # then refused by the engine
+    assert "max_model_len" in _post(url, "/v1/completions", {"prompt": many}, status=400).json()["error"]["message"]
+    assert where["tokenize"] == [False] * len(many)
