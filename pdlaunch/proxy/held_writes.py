@@ -88,10 +88,12 @@ class HeldWritesBackend(httpcore.AsyncNetworkBackend):
 
 def held_writes_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
     """httpx's transport with `limits` (HTTP/1.1, as the proxy reaches instances), on HeldWritesBackend."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+    # One SSL context for both pools (the CA bundle loads in ~50 ms, per instance and proxy worker at start).
+    ssl_context = httpx.create_ssl_context()
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits)
     # httpx takes no network backend: its connection pool is replaced by one built as httpx builds it, on ours
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,
+        ssl_context=ssl_context, max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
         network_backend=HeldWritesBackend())
     return transport

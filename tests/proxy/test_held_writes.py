@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from typing import Any
 
 import httpcore
@@ -117,3 +118,18 @@ def test_a_large_body_goes_out_as_it_is_written() -> None:
         return [*sent_before_read, b"|", *inner.writes[len(sent_before_read):]]
 
     assert asyncio.run(run()) == [b"head" + b"x" * held_writes.HELD_BYTES, b"|", b"tail"]
+
+
+def test_a_transport_loads_the_certificate_authorities_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SSL context (the CA bundle loaded) takes ~50 ms to build: the proxy builds a transport per instance in
+    each worker at start, and the replaced pool's context was a second one, built and thrown away."""
+    built: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(create(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    held_writes.held_writes_transport(httpx.Limits())
+    assert len(built) == 1
