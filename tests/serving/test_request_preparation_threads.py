@@ -32,7 +32,9 @@ def url() -> Iterator[str]:
     config = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
         "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8}})
-    with in_process_instance(config, "request-preparation-0") as (address, _):
+    # Room for a request of INLINE_CHOICES + 1 samples whose first is still running when the others are submitted
+    # (the helper's default, 16 pending, answered that request 503 when the first had not finished by then).
+    with in_process_instance(config, "request-preparation-0", max_pending_requests=64) as (address, _):
         yield address
 
 
