@@ -1,0 +1,80 @@
+"""A PD request the decode would refuse for its output limits is refused before the prefill computes its prompt: through
+the real proxy in front of a prefill and a decode instance (tiny model, max_model_len 256, real NIXL on CPU, in this
+process). The prefill leg asks for one token; the limits the decode applies (the client's max_tokens or
+max_completion_tokens against max_model_len, 16 for a completion that names none, min_tokens against the room a
+request without a limit has) travel with it (server/decode_limits.py), and the prefill answers the decode's 400, word
+for word, without computing: its /info's prompt_tokens_computed does not move."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serving.tiny_instances import MODEL, TIMEOUT, TinyPD, tiny_pd
+
+_first_ids = itertools.count(3, 7)  # each prompt starts with its own token: nothing of it is in a prefix cache
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[TinyPD]:
+    with tiny_pd("decode-limits") as pd:
+        yield pd
+
+
+def _computed(url: str) -> int:
+    """The prompt tokens the instance at `url` computed since it started (its /info's stats)."""
+    computed: int = httpx.get(f"{url}/info", timeout=TIMEOUT).json()["stats"]["prompt_tokens_computed"]
+    return computed
+
+
+def _prompt(tokens: int) -> list[int]:
+    first = next(_first_ids)
+    return [first] + [(first + i) % 200 + 1 for i in range(1, tokens)]
+
+
+def _message(words: int) -> list[dict[str, str]]:
+    first = next(_first_ids)
+    return [{"role": "user", "content": " ".join(f"w{first}x{i}" for i in range(words))}]
+
+
+# (endpoint, body without its prompt, the prompt's length in tokens or the message's in words)
+REFUSED: dict[str, tuple[str, dict[str, Any], int]] = {
+    "max_tokens": ("completions", {"max_tokens": 250}, 10),
+    "default max_tokens (16)": ("completions", {}, 245),
+    "max_completion_tokens": ("chat/completions", {"max_completion_tokens": 250}, 4),
+    "chat max_tokens": ("chat/completions", {"max_tokens": 250}, 4),
+    "min_tokens without a limit": ("chat/completions", {"min_tokens": 300}, 4),
+}
+
+
+def _body(endpoint: str, extra: dict[str, Any], size: int) -> dict[str, Any]:
+    prompt = {"prompt": _prompt(size)} if endpoint == "completions" else {"messages": _message(size)}
+    return {"model": MODEL, "temperature": 0.0, **prompt, **extra}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_request_the_decode_refuses_costs_the_prefill_nothing(deployment: TinyPD, case: str) -> None:
+    endpoint, extra, size = REFUSED[case]
+    body = _body(endpoint, extra, size)
+    alone = httpx.post(f"{deployment.decode}/v1/{endpoint}", json=body, timeout=TIMEOUT)
+    assert alone.status_code == 400, alone.text  # the decode's own refusal, the answer the client is to get
+    before = _computed(deployment.prefill)
+    r = httpx.post(f"{deployment.proxy}/v1/{endpoint}", json=body, timeout=TIMEOUT)
+    assert (r.status_code, r.json()) == (400, alone.json())
+    assert _computed(deployment.prefill) == before, f"the prefill computed the prompt of a request refused: {r.text}"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_a_request_within_the_limits_is_prefilled_and_answered(deployment: TinyPD, endpoint: str) -> None:
+    """The same deployment serves a request at the limit: the prefill computes its prompt (the counter above moves
+    when it does) and the decode answers."""
+    body = _body(endpoint, {"max_tokens": 4}, 250 if endpoint == "completions" else 4)
+    before = _computed(deployment.prefill)
+    r = httpx.post(f"{deployment.proxy}/v1/{endpoint}", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert _computed(deployment.prefill) > before
