@@ -98,6 +98,7 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
 # Fields of our protocol models that vLLM's requests lack, after vLLM's in the table.
 PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
     "seed_offset": _BOTH,
+    "decode_limits": _BOTH,
 }
 
 # What an honoured field does not do (each is a 400 naming it), from the code where it has a list.
@@ -124,6 +125,9 @@ NOTES: dict[str, str] = {
     "seed_offset": "pdlaunch's: draws of the seed's stream skipped before the first token (0 to "
                    "`max_model_len` + the prompt's tokens; a 400 when not 0 without `seed` or when greedy; each of "
                    "`n` samples skips them); request migration sets it",
+    "decode_limits": "pdlaunch's: the PD proxy sets it on a prefill leg (`max_tokens`, `max_completion_tokens`, "
+                     "`min_tokens` as the client sent them) so that the prefill answers the 400 its decode leg would, "
+                     "before it computes the prompt",
 }
 
 _MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+TOO_LONG_HINT = "shorten the prompt or lower max_tokens"  # the refusal's fix, as the engine adds it to the message
 _TOO_LONG = re.compile(r"prompt \((\d+) tokens\) \+ max_tokens \((\d+)\) = (\d+) exceeds max_model_len (\d+)")
 
 

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pdlaunch.engine.context_limit import too_long_message
+from pdlaunch.engine.context_limit import TOO_LONG_HINT, too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_draws, skip_prefill_draw
 from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
@@ -110,7 +110,7 @@ class EngineRequests:
         if total > self.max_model_len:
             raise EngineError(
                 too_long_message(len(prompt), params.max_tokens, self.max_model_len), field="prompt",
-                hint="shorten the prompt or lower max_tokens")
+                hint=TOO_LONG_HINT)
         need = self._max_blocks_needed(total)
         if need > self.block_manager.num_blocks:
             raise EngineError(

@@ -131,7 +131,7 @@ class PromptRequest(DecodeLeg):
         first_token = continues_from_first_token(body)
         answered = None
         if decision not in ON_DECODE:
-            leg = prefill_body(body, chat, first_token)
+            leg = prefill_body(body, chat, first_token, decode_limits=state.proxy.kv.enabled)
             started = time.monotonic()
             prefill = self._choose("prefill", prompt).instance
             leg_id = self._leg_id()
@@ -161,8 +161,8 @@ class PromptRequest(DecodeLeg):
         if first_token and ended_by_first_token(body, chat, self.prefill_answer):
             # Its one token is the whole answer: the decode ends at admission without loading, so
             # the prefill's KV goes back now rather than at the end of its lease. The decode leg
-            # still runs: it applies the request's own limits (prompt + max_tokens against
-            # max_model_len) that the prefill's one-token leg never saw, as colocated would.
+            # still runs: it answers the request, and applies the request's own limits where the
+            # prefill could not (a foreign prefill, or the decode's own KV cache: server/decode_limits.py).
             self.release_held()
             self.held = None
         return target, leg

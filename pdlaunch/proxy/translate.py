@@ -21,12 +21,21 @@ from pdlaunch.server.responses import PROMPT_RECOMPUTED
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
 # computed once and the decode leg makes the samples; the decode leg keeps them all.
 _DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens", "n", "best_of", "echo")
+# The fields that set the decode leg's output limits (server/request_fields.DecodeLimits), by endpoint.
+_LIMITS = ("max_tokens", "min_tokens")
+_CHAT_LIMITS = ("max_tokens", "max_completion_tokens", "min_tokens")
+DECODE_LIMITS = "decode_limits"
 
 
-def prefill_body(body: Body, chat: bool, first_token: bool = False) -> JsonObject:
+def prefill_body(body: Body, chat: bool, first_token: bool = False, decode_limits: bool = False) -> JsonObject:
     """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode
-    (and, with `first_token`, to sign the token it sampled into its answer for the decode to continue from)."""
+    (and, with `first_token`, to sign the token it sampled into its answer for the decode to continue from).
+    With `decode_limits` (our own instances: vLLM's would ignore the field), the output limits the decode leg applies
+    go along as the client sent them, so that the prefill refuses a request its decode would before it computes the
+    prompt (server/decode_limits.py)."""
     leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
+    if decode_limits:
+        leg[DECODE_LIMITS] = {k: body[k] for k in (_CHAT_LIMITS if chat else _LIMITS) if k in body}
     leg["max_tokens"] = 1
     if chat and "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1

@@ -22,14 +22,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.engine.outputs import MAX_SEED, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
 from pdlaunch.server.chat_request import ChatCompletionRequest
-from pdlaunch.server.choice_limits import check_choice_count, no_room_hint
+from pdlaunch.server.choice_limits import as_sent, check_choice_count, min_tokens_past_room
 from pdlaunch.server.completion_request import CompletionRequest
+from pdlaunch.server.decode_limits import check_decode_leg
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompts_token_ids
 from pdlaunch.server.request_metrics import RequestMetrics, SampleGroup
@@ -72,10 +72,12 @@ class Choices:
         self.echo = isinstance(body, CompletionRequest) and body.echo
         self.echo_only = isinstance(body, CompletionRequest) and body.echo_only()
         # the fields the client sent, to name in the engine's refusals (which say prompt and max_tokens)
+        self.completion = completion
         self.prompt_field = "prompt" if completion else "messages"
         self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
             body.max_completion_tokens is not None else "max_tokens"
         self.fills_context = body.fills_context()
+        self.decode_limits = body.decode_limits  # a PD prefill leg's: its decode leg's limits (server/decode_limits.py)
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
         self.keep_logprobs = params.logprobs is not None
@@ -122,6 +124,8 @@ class Choices:
         engine = self.engine_loop.engine
         ids = await prompts_token_ids(engine.tokenizer, self.prompts, engine.max_model_len)
         self.prompt_ids = ids
+        # Before any of them is submitted: a prefill computes nothing for a request its decode leg would refuse.
+        check_decode_leg(self.decode_limits, not self.completion, [len(p) for p in ids], engine.max_model_len)
         if self.fills_context:
             for c in self.choices:
                 self._fill_context(c, len(ids[c.prompt_index]), engine.longest_request)
@@ -152,9 +156,9 @@ class Choices:
         fewer: `longest`, engine.longest_request): its max_tokens is the room its prompt leaves (at least 1, so
         a prompt that fills the context is refused as too long)."""
         room = max(1, longest - prompt_len)
-        if choice.params.min_tokens > room:
-            raise OpenAIError(400, f"min_tokens ({choice.params.min_tokens}) does not fit: the prompt has {prompt_len} "
-                                   f"tokens and a request may reach {longest}", param="min_tokens")
+        refusal = min_tokens_past_room(choice.params.min_tokens, prompt_len, longest)
+        if refusal is not None:
+            raise refusal
         choice.params = choice.params.model_copy(update={"max_tokens": room})
         choice.recorder.max_tokens = room
 
@@ -168,16 +172,7 @@ class Choices:
     def _as_sent(self, error: OpenAIError) -> OpenAIError:
         """An engine refusal in the names of the fields the client sent: a chat's prompt is its `messages`, and
         its limit max_completion_tokens when it sent that one."""
-        message = error.message
-        too_long = with_max_tokens(message, 0) is not None  # prompt + limit past max_model_len
-        if too_long and self.limit_field != "max_tokens":
-            message = message.replace(" + max_tokens (", f" + {self.limit_field} (").replace(
-                "lower max_tokens", f"lower {self.limit_field}")
-        message = message.replace("shorten the prompt", f"shorten the {self.prompt_field}")
-        if too_long and self.fills_context:
-            message = no_room_hint(message, self.prompt_field)
-        param = self.prompt_field if error.param == "prompt" else error.param
-        return OpenAIError(error.status, message, param=param, code=error.code)
+        return as_sent(error, self.prompt_field, self.limit_field, self.fills_context)
 
     async def response(self) -> JsonObject:
         """The whole response once every choice finished."""

@@ -63,6 +63,18 @@ class StreamOptions(BaseModel):
         return self
 
 
+class DecodeLimits(BaseModel):
+    """pdlaunch's `decode_limits`: the output limits of the request's decode leg as its client sent them (a key it did
+    not send is absent), which the PD proxy puts in the prefill leg (that asks for one token) so that the prefill
+    refuses what its decode would before it computes the prompt (server/decode_limits.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -105,6 +117,7 @@ class SamplingFields(BaseModel):
     kv_transfer_params: JsonObject | None = None
     prompt_logprobs: int | None = None  # engine/prompt_logprobs.py; completions' echo + logprobs asks too
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
+    decode_limits: DecodeLimits | None = None  # pdlaunch's, on a PD prefill leg: its decode leg's (DecodeLimits)
 
     chat: ClassVar[bool] = False
 

@@ -1,0 +1,56 @@
+"""A PD prefill leg refuses what its decode leg would refuse, before it computes the prompt.
+
+The proxy's prefill leg asks for one token (proxy/translate.py), so the output limits the client set are the
+decode's alone to check: prompt + max_tokens against max_model_len, and a request without a limit's min_tokens against
+the room its prompt leaves. Without this the decode refused such a request only after the prefill had computed the
+prompt's KV and held it for a decode leg that never loaded it, while the client waited for both (colocated, the same
+request is refused before any compute, as in vLLM). The leg carries those limits as the client sent them
+(`decode_limits`, request_fields.DecodeLimits); the prefill checks them once it has counted the prompt's tokens and
+answers the 400 the decode would have, word for word (choice_limits.as_sent names the fields the client sent).
+
+Every other refusal of the decode leg is made before the prefill leg or by the prefill leg itself: the proxy
+validates the client's whole body as an instance does (translate.parse_client_body: field types and ranges, n /
+best_of / echo / min_tokens <= max_tokens, stream_options), and the prefill leg keeps every field the engine checks
+against the model (the prompt's token ids, stop_token_ids, logit_bias, allowed_token_ids, seed_offset, structured
+output, tools). What only the decode's own KV cache decides is left to it: a request needing more blocks than the
+decode's cache has, and the room of a request without a limit when that cache holds fewer than max_model_len tokens
+(the prefill checks that room against max_model_len, the most any decode of the deployment allows: it never refuses
+what the decode would take).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pdlaunch.engine.context_limit import TOO_LONG_HINT, too_long_message
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.server.choice_limits import as_sent, min_tokens_past_room
+from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS, DecodeLimits
+
+
+def decode_leg_refusal(limits: DecodeLimits, chat: bool, prompt_len: int, max_model_len: int) -> OpenAIError | None:
+    """The 400 the decode leg of a prompt of `prompt_len` tokens would answer for its output limits, or None."""
+    named = chat and limits.max_completion_tokens is not None  # it sets the limit when max_tokens is sent too
+    limit_field = "max_completion_tokens" if named else "max_tokens"
+    limit = limits.max_completion_tokens if named else limits.max_tokens
+    # No limit: a chat without either field, a completion whose max_tokens is null (without the field: 16).
+    if limit is None and (chat or "max_tokens" in limits.model_fields_set):
+        return min_tokens_past_room(limits.min_tokens or 0, prompt_len, max_model_len)
+    # A max_tokens of 0 is echo's (the proxy refused it without echo): the engine samples one token.
+    max_tokens = max(1, limit if limit is not None else DEFAULT_MAX_TOKENS)
+    if prompt_len + max_tokens <= max_model_len:
+        return None
+    # The engine's refusal (engine_requests.add_request), as its server turns it into a 400 (engine_thread.py).
+    error = OpenAIError(400, f"{too_long_message(prompt_len, max_tokens, max_model_len)} ({TOO_LONG_HINT})",
+                        param="prompt")
+    return as_sent(error, "messages" if chat else "prompt", limit_field, fills_context=False)
+
+
+def check_decode_leg(limits: DecodeLimits | None, chat: bool, prompt_lens: Sequence[int], max_model_len: int) -> None:
+    """Raise the decode leg's 400 (decode_leg_refusal) for the first prompt it refuses; nothing without limits."""
+    if limits is None:
+        return
+    for prompt_len in prompt_lens:
+        refusal = decode_leg_refusal(limits, chat, prompt_len, max_model_len)
+        if refusal is not None:
+            raise refusal
