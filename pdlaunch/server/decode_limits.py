@@ -28,29 +28,37 @@ from pdlaunch.server.choice_limits import as_sent, min_tokens_past_room
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS, DecodeLimits
 
 
-def decode_leg_refusal(limits: DecodeLimits, chat: bool, prompt_len: int, max_model_len: int) -> OpenAIError | None:
-    """The 400 the decode leg of a prompt of `prompt_len` tokens would answer for its output limits, or None."""
+def decode_leg_refusal(limits: DecodeLimits, chat: bool, ids: Sequence[int], max_model_len: int,
+                       vocab_size: int) -> OpenAIError | None:
+    """The 400 the decode leg of the prompt `ids` would answer for its output limits, or None. In the decode's order:
+    a request without a limit has its min_tokens checked before the engine sees it (choices.py), a request with one
+    its prompt + max_tokens after the engine's checks of the prompt's ids (engine_requests.add_request), which the
+    prefill's engine makes as well, with the same 400: a prompt those refuse is left to them here."""
     named = chat and limits.max_completion_tokens is not None  # it sets the limit when max_tokens is sent too
     limit_field = "max_completion_tokens" if named else "max_tokens"
     limit = limits.max_completion_tokens if named else limits.max_tokens
     # No limit: a chat without either field, a completion whose max_tokens is null (without the field: 16).
     if limit is None and (chat or "max_tokens" in limits.model_fields_set):
-        return min_tokens_past_room(limits.min_tokens or 0, prompt_len, max_model_len)
+        return min_tokens_past_room(limits.min_tokens or 0, len(ids), max_model_len)
+    if not ids or not all(0 <= t < vocab_size for t in ids):
+        return None
     # A max_tokens of 0 is echo's (the proxy refused it without echo): the engine samples one token.
     max_tokens = max(1, limit if limit is not None else DEFAULT_MAX_TOKENS)
-    if prompt_len + max_tokens <= max_model_len:
+    if len(ids) + max_tokens <= max_model_len:
         return None
     # The engine's refusal (engine_requests.add_request), as its server turns it into a 400 (engine_thread.py).
-    error = OpenAIError(400, f"{too_long_message(prompt_len, max_tokens, max_model_len)} ({TOO_LONG_HINT})",
+    error = OpenAIError(400, f"{too_long_message(len(ids), max_tokens, max_model_len)} ({TOO_LONG_HINT})",
                         param="prompt")
     return as_sent(error, "messages" if chat else "prompt", limit_field, fills_context=False)
 
 
-def check_decode_leg(limits: DecodeLimits | None, chat: bool, prompt_lens: Sequence[int], max_model_len: int) -> None:
-    """Raise the decode leg's 400 (decode_leg_refusal) for the first prompt it refuses; nothing without limits."""
+def check_decode_leg(limits: DecodeLimits | None, chat: bool, prompts: Sequence[Sequence[int]], max_model_len: int,
+                     vocab_size: int) -> None:
+    """Raise the decode leg's 400 (decode_leg_refusal) for the first of the prompts (token ids) it refuses; nothing
+    without limits."""
     if limits is None:
         return
-    for prompt_len in prompt_lens:
-        refusal = decode_leg_refusal(limits, chat, prompt_len, max_model_len)
+    for ids in prompts:
+        refusal = decode_leg_refusal(limits, chat, ids, max_model_len, vocab_size)
         if refusal is not None:
             raise refusal

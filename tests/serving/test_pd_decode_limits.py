@@ -22,6 +22,7 @@ from pdlaunch.server.decode_limits import check_decode_leg, decode_leg_refusal
 from pdlaunch.server.request_fields import DecodeLimits
 
 MAX_MODEL_LEN = 256
+VOCAB = 1000
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 # Every field the prefill leg changes or drops, and who refuses what the decode would refuse for it.
@@ -154,16 +155,30 @@ def test_the_prefill_refuses_for_its_decode_leg(fields: dict[str, Any], chat: bo
     leg = (ChatCompletionRequest if chat else CompletionRequest).model_validate(
         prefill_body(body, chat, first_token=True, decode_limits=True))
     assert leg.decode_limits is not None
-    refusal = decode_leg_refusal(leg.decode_limits, chat, prompt_len, MAX_MODEL_LEN)
+    refusal = decode_leg_refusal(leg.decode_limits, chat, [7] * prompt_len, MAX_MODEL_LEN, VOCAB)
     assert (refusal and (refusal.status, refusal.message, refusal.param)) == (refused and (400, *refused))
     if refused is not None:
-        with pytest.raises(OpenAIError, match=r"^(prompt|min_tokens) \("):
-            check_decode_leg(leg.decode_limits, chat, [1, prompt_len], MAX_MODEL_LEN)  # a list's prompt it refuses
+        with pytest.raises(OpenAIError, match=r"^(prompt|min_tokens) \("):  # a list's prompt it refuses
+            check_decode_leg(leg.decode_limits, chat, [[7], [7] * prompt_len], MAX_MODEL_LEN, VOCAB)
+
+
+def test_a_prompt_the_engine_refuses_for_its_ids_is_left_to_the_engine() -> None:
+    """The decode's engine refuses an empty prompt, or an id outside the vocabulary, before it compares prompt +
+    max_tokens with max_model_len; the prefill's engine makes the same checks and answers the same 400. A request
+    without a limit has its min_tokens checked before the engine, on the decode as here."""
+    too_long = DecodeLimits(max_tokens=250)
+    assert decode_leg_refusal(too_long, False, [7] * 10, MAX_MODEL_LEN, VOCAB) is not None
+    assert decode_leg_refusal(too_long, False, [7] * 9 + [VOCAB], MAX_MODEL_LEN, VOCAB) is None
+    assert decode_leg_refusal(too_long, False, [-1] + [7] * 9, MAX_MODEL_LEN, VOCAB) is None
+    assert decode_leg_refusal(DecodeLimits(max_tokens=300), False, [], MAX_MODEL_LEN, VOCAB) is None
+    no_room = DecodeLimits(max_tokens=None, min_tokens=300)
+    refusal = decode_leg_refusal(no_room, False, [VOCAB] * 10, MAX_MODEL_LEN, VOCAB)
+    assert refusal is not None and refusal.param == "min_tokens"
 
 
 def test_without_limits_nothing_is_checked() -> None:
-    check_decode_leg(None, False, [10**6], MAX_MODEL_LEN)
-    check_decode_leg(DecodeLimits(), False, [1], MAX_MODEL_LEN)
+    check_decode_leg(None, False, [[7] * 10**4], MAX_MODEL_LEN, VOCAB)
+    check_decode_leg(DecodeLimits(), False, [[7]], MAX_MODEL_LEN, VOCAB)
 
 
 @pytest.mark.parametrize(("limits", "param"), [

@@ -78,3 +78,14 @@ def test_a_request_within_the_limits_is_prefilled_and_answered(deployment: TinyP
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert _computed(deployment.prefill) > before
+
+
+def test_a_prompt_outside_the_vocabulary_gets_the_decode_s_own_refusal(deployment: TinyPD) -> None:
+    """The decode's engine refuses the prompt's ids before its length with max_tokens: through PD, the same 400."""
+    body = {"model": MODEL, "prompt": [*_prompt(9), 10**6], "max_tokens": 250}
+    alone = httpx.post(f"{deployment.decode}/v1/completions", json=body, timeout=TIMEOUT)
+    assert alone.status_code == 400 and "vocabulary" in alone.json()["error"]["message"], alone.text
+    before = _computed(deployment.prefill)
+    r = httpx.post(f"{deployment.proxy}/v1/completions", json=body, timeout=TIMEOUT)
+    assert (r.status_code, r.json()) == (400, alone.json())
+    assert _computed(deployment.prefill) == before
