@@ -40,12 +40,10 @@ def decode_leg_refusal(limits: DecodeLimits, chat: bool, ids: Sequence[int], max
     # No limit: a chat without either field, a completion whose max_tokens is null (without the field: 16).
     if limit is None and (chat or "max_tokens" in limits.model_fields_set):
         return min_tokens_past_room(limits.min_tokens or 0, len(ids), max_model_len)
-    if not ids or not all(0 <= t < vocab_size for t in ids):
-        return None
     # A max_tokens of 0 is echo's (the proxy refused it without echo): the engine samples one token.
     max_tokens = max(1, limit if limit is not None else DEFAULT_MAX_TOKENS)
-    if len(ids) + max_tokens <= max_model_len:
-        return None
+    if len(ids) + max_tokens <= max_model_len or not ids or not all(0 <= t < vocab_size for t in ids):
+        return None  # the ids last: a pass over the prompt only for a request to refuse
     # The engine's refusal (engine_requests.add_request), as its server turns it into a 400 (engine_thread.py).
     error = OpenAIError(400, f"{too_long_message(len(ids), max_tokens, max_model_len)} ({TOO_LONG_HINT})",
                         param="prompt")
