@@ -89,20 +89,19 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
 def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
     """`work()` (loading or checking a deployment), or None when Ctrl-C/SIGTERM/SIGHUP came meanwhile: one line says
     so (nothing was started; the caller exits with `stopped_exit`). With --backend ray the work includes the connect
-    to the cluster (ray.init); a stop signal inside it ends this process at once, with `stopped_exit`, after its own
-    line (launcher/backends/ray_connect_stop.py: a cut-short ray.init must not be torn down)."""
+    to the cluster (ray.init, in a helper thread: config/ray_init.py); a stop signal during it ends this process at
+    once, with `stopped_exit`, after its own line (launcher/backends/ray_connect_stop.py: a cut-short ray.init must
+    not be torn down)."""
     from pdlaunch.config.ray_cluster import connecting_to
-    from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect, stop_signal_name
+    from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect
     from pdlaunch.launcher.serve import StopRequested, StopSignals
 
     with StopSignals() as signals:
         try:
             with signals.raising():
                 return work()
-        except (StopRequested, SystemExit) as exc:
-            name = stop_signal_name(exc, signals)
-            if name is None:
-                raise
+        except StopRequested:
+            name = signals.signal_name
         address = connecting_to()
         if address is not None:
             leave_stopped_connect(err_console, name, address, stopped_exit)

@@ -27,6 +27,7 @@ from typing import Literal
 from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_gcs import FIELD, check_gcs_answers
+from pdlaunch.config.ray_init import init_in_thread
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
@@ -194,14 +195,15 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
     global _connecting
     _connecting = address
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=False)
+        # in a helper thread: a stop signal's exception raised inside ray.init can hang the process (ray_init.py)
+        init_in_thread(ray, address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
+                       configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _connecting = None
         raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
-    # a stop signal inside ray.init leaves _connecting set: the process stops, naming the address (cli.py)
+    # a stop signal during ray.init leaves _connecting set: the process stops, naming the address (cli.py)
     _connecting = None
     return ray
 

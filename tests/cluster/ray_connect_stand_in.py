@@ -1,13 +1,19 @@
 """Stand-ins for the tests of a stop signal while `--backend ray` connects (launcher/backends/ray_connect_stop.py):
 ray.init and the cluster's node list, in which the stop arrives (and the head's address, which the launcher
-reads between them), and os._exit made to raise so that the test sees
-the exit code and the stack unwinds (the signal handlers are given back)."""
+reads between them), and os._exit made to raise so that the test sees the exit code and the stack unwinds (the
+signal handlers are given back).
+
+The stand-in ray.init sends the signal to this process and then goes on waiting, as a real one goes on
+connecting; it records whether an exception went through it, which must never happen (config/ray_init.py: one
+raised inside a real ray.init by a signal's handler can hang the process for good)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import NoReturn
 
@@ -15,7 +21,7 @@ import pytest
 
 from pdlaunch.config import ray_cluster
 
-SIGNAL_WAIT_S = 30.0  # the stand-in waits this long for the signal to end it
+SIGNAL_WAIT_S = 30.0  # the stand-in waits this long for the signal to end the process
 INSIDE_INIT = "inside ray.init"  # the connect cut short: ray_cluster.connecting_to() still names the address
 AFTER_INIT = "after ray.init"  # the connect completed; the stop comes while the cluster's nodes are listed
 
@@ -28,40 +34,53 @@ class Left(BaseException):
         self.code = code
 
 
-def _left(code: int) -> NoReturn:
-    raise Left(code)
+@dataclass
+class RayCalls:
+    """What the stand-in Ray saw: ray.shutdown's calls, as they were made, and the exceptions that went through
+    ray.init (type names)."""
+
+    shutdowns: list[str] = field(default_factory=list)
+    raised_in_init: list[str] = field(default_factory=list)
+    left: threading.Event = field(default_factory=threading.Event)  # os._exit was called
+
+    def leave(self, code: int) -> NoReturn:
+        self.left.set()
+        raise Left(code)
 
 
-def stopped(how: str) -> NoReturn:
-    """A stop signal arrives here: a real SIGINT (StopSignals' handler raises), or, for "SIGTERM", the SystemExit
-    that ray.init's own SIGTERM handler (sys.exit(signum)) raises in place of ours."""
-    if how == "SIGTERM":
-        raise SystemExit(signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGINT)
+def _signal_and_wait(how: str, calls: RayCalls) -> None:
+    """Send the stop signal `how` to this process, then wait until the process "leaves" (os._exit). In the main
+    thread the signal's handler raises inside this wait; in ray.init's thread it must not."""
+    os.kill(os.getpid(), signal.Signals[how])
     deadline = time.monotonic() + SIGNAL_WAIT_S
-    while time.monotonic() < deadline:  # the handler runs between these sleeps and ends the wait
+    while not calls.left.is_set():
+        assert time.monotonic() < deadline, f"{how} did not end the process within {SIGNAL_WAIT_S:.0f}s"
         time.sleep(0.01)
-    raise AssertionError(f"SIGINT did not end the wait within {SIGNAL_WAIT_S:.0f}s")
 
 
-def stand_in_ray(monkeypatch: pytest.MonkeyPatch, how: str, when: str) -> list[str]:
-    """ray.init and ray.nodes replaced so that the stop signal `how` arrives `when` (INSIDE_INIT or AFTER_INIT);
-    os._exit raises Left. Returns the calls of ray.shutdown, as they are made."""
+def stand_in_ray(monkeypatch: pytest.MonkeyPatch, how: str, when: str) -> RayCalls:
+    """ray.init and ray.nodes replaced so that the stop signal `how` ("SIGINT", "SIGTERM") arrives `when`
+    (INSIDE_INIT or AFTER_INIT); os._exit raises Left."""
     import ray
 
     initialized: list[bool] = []
-    shutdowns: list[str] = []
+    calls = RayCalls()
 
     def init(**kwargs: object) -> None:
         if when == INSIDE_INIT:
-            stopped(how)
+            try:
+                _signal_and_wait(how, calls)
+            except BaseException as exc:
+                calls.raised_in_init.append(type(exc).__name__)
+                raise
+            return  # the process left meanwhile: this connect is abandoned, never completed
         initialized.append(True)
 
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(initialized))
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
-    monkeypatch.setattr(ray, "nodes", lambda: stopped(how))
-    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append("shutdown"))
+    monkeypatch.setattr(ray, "nodes", lambda: _signal_and_wait(how, calls))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.shutdowns.append("shutdown"))
     monkeypatch.setattr(ray_cluster, "_connecting", None)  # a cut-short connect leaves it set: reset after the test
-    monkeypatch.setattr(os, "_exit", _left)
-    return shutdowns
+    monkeypatch.setattr(os, "_exit", calls.leave)
+    return calls

@@ -25,8 +25,9 @@ placement group Ray cannot place within launcher.ray_placement_timeout_seconds s
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
 error and the last lines of its log (read through log_dir's shared storage). The connect (ray.init) first checks,
 within a bounded wait, that what listens at launcher.ray_address answers as a GCS (config/ray_gcs.py); Ctrl-C/SIGTERM
-while connecting ends the launcher at once, exit 0, after one line (a ray.init it cut short is not torn down: Ray's
-shutdown of a half-made driver can crash; the cluster sees the driver gone). A built-in or GGUF model is fetched
+while connecting ends the launcher at once, exit 0, after one line (ray.init runs in a helper thread, so the signal
+never raises inside it: config/ray_init.py; a ray.init it cut short is not torn down: Ray's shutdown of a half-made
+driver can crash; the cluster sees the driver gone). A built-in or GGUF model is fetched
 or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
 Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
@@ -45,7 +46,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect, stop_signal_name
+from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
@@ -61,7 +62,7 @@ def run_ray(cfg: DeploymentConfig) -> int:
     console = Console()
     with StopSignals() as connecting:
         deployment = _connected(console, cfg, connecting)
-        return _serve(console, cfg, deployment)  # its own StopSignals: ray.init set a SIGTERM handler of Ray's
+        return _serve(console, cfg, deployment)
 
 
 def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment:
@@ -70,11 +71,8 @@ def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) ->
     try:
         with signals.raising():
             return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
-    except (StopRequested, SystemExit) as exc:
-        name = stop_signal_name(exc, signals)
-        if name is None:
-            raise
-        leave_stopped_connect(console, name, cfg.launcher.ray_address, 0)
+    except StopRequested:
+        leave_stopped_connect(console, signals.signal_name, cfg.launcher.ray_address, 0)
 
 
 def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:

@@ -3,11 +3,13 @@ place that ends the process then, for `pdlaunch serve` (exit 0, as any stop) and
 130: no verdict). Its callers: cli.py `_unless_stopped` (the connect of the config loader, serve's first ray.init)
 and launcher/backends/ray.py `_connected` (the deployment's own connect).
 
-A ray.init that a signal cut short leaves a half-made core worker behind, and tearing it down (ray.shutdown, or
-the atexit hook Ray registers, which a normal interpreter exit runs) can crash inside Ray's C++ core (SIGSEGV).
-So the process leaves with os._exit, after one line saying what was stopped, never through ray.shutdown: the
-GCS sees the driver's connection close and marks its job dead. A connect that did complete is ended with
-ray.shutdown first, the driver leaving the cluster as it would at any other stop.
+ray.init runs in a helper thread (config/ray_init.py: an exception raised inside it by a signal's handler can
+hang the process for good), so the stop is seen at once, in the main thread, while ray.init still runs. Tearing
+a ray.init down half-way (ray.shutdown, or the atexit hook Ray registers, which a normal interpreter exit runs)
+can crash inside Ray's C++ core (SIGSEGV). So the process leaves with os._exit, after one line saying what was
+stopped, never through ray.shutdown: the GCS sees the driver's connection close and marks its job dead. A
+connect that did complete is ended with ray.shutdown first, the driver leaving the cluster as it would at any
+other stop.
 """
 
 from __future__ import annotations
@@ -21,18 +23,6 @@ from typing import NoReturn
 from rich.console import Console
 
 from pdlaunch.config.ray_cluster import connecting_to
-from pdlaunch.launcher.serve import StopRequested, StopSignals
-
-
-def stop_signal_name(exc: BaseException, signals: StopSignals) -> str | None:
-    """The stop signal `exc` stands for, or None when it is no stop. ray.init installs its own SIGTERM handler
-    (sys.exit(SIGTERM)) over StopSignals' for the rest of the process, so a SIGTERM during or after the connect
-    arrives as that SystemExit, not as StopRequested."""
-    if isinstance(exc, StopRequested):
-        return signals.signal_name
-    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
-        return "SIGTERM"
-    return None
 
 
 def leave_stopped_connect(console: Console, signal_name: str, address: str, exit_code: int) -> NoReturn:
