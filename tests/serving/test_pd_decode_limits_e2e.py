@@ -14,7 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.serving.helpers import wait_for
 from tests.serving.tiny_instances import MODEL, TIMEOUT, TinyPD, tiny_pd
+
+RELEASED_WITHIN_S = 20.0  # well within the deployment's 30 s lease: a release, not the lease, freed it
 
 _first_ids = itertools.count(3, 7)  # each prompt starts with its own token: nothing of it is in a prefix cache
 
@@ -29,6 +32,12 @@ def _computed(url: str) -> int:
     """The prompt tokens the instance at `url` computed since it started (its /info's stats)."""
     computed: int = httpx.get(f"{url}/info", timeout=TIMEOUT).json()["stats"]["prompt_tokens_computed"]
     return computed
+
+
+def _holding(url: str) -> tuple[int, int]:
+    """(requests whose KV the instance at `url` holds for a decode, KV blocks it has in use): its /info's stats."""
+    stats = httpx.get(f"{url}/info", timeout=TIMEOUT).json()["stats"]
+    return stats["num_held"], stats["num_blocks_used"]
 
 
 def _prompt(tokens: int) -> list[int]:
@@ -48,6 +57,7 @@ REFUSED: dict[str, tuple[str, dict[str, Any], int]] = {
     "max_completion_tokens": ("chat/completions", {"max_completion_tokens": 250}, 4),
     "chat max_tokens": ("chat/completions", {"max_tokens": 250}, 4),
     "min_tokens without a limit": ("chat/completions", {"min_tokens": 300}, 4),
+    "streamed": ("completions", {"max_tokens": 250, "stream": True}, 10),
 }
 
 
@@ -62,10 +72,12 @@ def test_a_request_the_decode_refuses_costs_the_prefill_nothing(deployment: Tiny
     body = _body(endpoint, extra, size)
     alone = httpx.post(f"{deployment.decode}/v1/{endpoint}", json=body, timeout=TIMEOUT)
     assert alone.status_code == 400, alone.text  # the decode's own refusal, the answer the client is to get
-    before = _computed(deployment.prefill)
+    before, held = _computed(deployment.prefill), _holding(deployment.prefill)
     r = httpx.post(f"{deployment.proxy}/v1/{endpoint}", json=body, timeout=TIMEOUT)
     assert (r.status_code, r.json()) == (400, alone.json())
     assert _computed(deployment.prefill) == before, f"the prefill computed the prompt of a request refused: {r.text}"
+    # nothing held nor kept for the refused request (an earlier test's hold may only have gone back since)
+    assert all(now <= then for now, then in zip(_holding(deployment.prefill), held, strict=True))
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
@@ -89,3 +101,16 @@ def test_a_prompt_outside_the_vocabulary_gets_the_decode_s_own_refusal(deploymen
     r = httpx.post(f"{deployment.proxy}/v1/completions", json=body, timeout=TIMEOUT)
     assert (r.status_code, r.json()) == (400, alone.json())
     assert _computed(deployment.prefill) == before
+
+
+def test_a_refused_prompt_of_a_list_leaves_the_prefill_nothing_held(deployment: TinyPD) -> None:
+    """The proxy splits a list of prompts into a request each: one the decode would refuse gets the decode's 400
+    for the whole list, and what the prefill computed and held for the others goes back at once, not at the end of
+    its lease (30 s here)."""
+    body = {"model": MODEL, "temperature": 0.0, "prompt": [_prompt(10), _prompt(250)], "max_tokens": 20}
+    alone = httpx.post(f"{deployment.decode}/v1/completions", json=body, timeout=TIMEOUT)
+    assert alone.status_code == 400, alone.text
+    r = httpx.post(f"{deployment.proxy}/v1/completions", json=body, timeout=TIMEOUT)
+    assert (r.status_code, r.json()) == (400, alone.json())
+    wait_for(lambda: _holding(deployment.prefill) == (0, 0), "the prefill to hold no KV for the list's other prompt",
+             RELEASED_WITHIN_S)
