@@ -57,6 +57,8 @@ REFUSED: dict[str, tuple[str, dict[str, Any], int]] = {
     "max_completion_tokens": ("chat/completions", {"max_completion_tokens": 250}, 4),
     "chat max_tokens": ("chat/completions", {"max_tokens": 250}, 4),
     "min_tokens without a limit": ("chat/completions", {"min_tokens": 300}, 4),
+    # echo's prompt alone: the engine samples one token, which its refusal counts (not the 0 the client sent)
+    "echo's max_tokens 0": ("completions", {"echo": True, "max_tokens": 0}, 256),
     "streamed": ("completions", {"max_tokens": 250, "stream": True}, 10),
 }
 
