@@ -57,6 +57,8 @@ def client_limit_error(exc: OpenAIError, body: Body, chat: bool) -> OpenAIError:
     limit = token_limit(body, chat, "max_completion_tokens", "max_tokens")
     if limit is None and not chat and "max_tokens" not in body:
         limit = DEFAULT_MAX_TOKENS  # a completion that names no max_tokens gets 16, as the decode would say
+    if int_of(limit) == 0:
+        limit = 1  # echo's prompt alone: the engine samples one token and its refusal counts it (completion_request)
     if exc.status != 400:
         return exc
     if limit is None and with_max_tokens(exc.message, 0) is not None:  # no limit named: it may fill the context
