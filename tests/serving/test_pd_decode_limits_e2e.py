@@ -116,3 +116,14 @@ def test_a_refused_prompt_of_a_list_leaves_the_prefill_nothing_held(deployment: 
     assert (r.status_code, r.json()) == (400, alone.json())
     wait_for(lambda: _holding(deployment.prefill) == (0, 0), "the prefill to hold no KV for the list's other prompt",
              RELEASED_WITHIN_S)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_decode_limits_apply_to_a_prefill_leg_only(deployment: TinyPD, endpoint: str) -> None:
+    """A client's own `decode_limits` describe no other leg of its request: sent to an instance, or through the proxy
+    (which passes the client's fields on to the decode leg), they refuse nothing its own limits allow."""
+    body = {**_body(endpoint, {"max_tokens": 4}, 100 if endpoint == "completions" else 4),
+            "decode_limits": {"max_tokens": 1000}}
+    for url in (deployment.decode, deployment.proxy):
+        r = httpx.post(f"{url}/v1/{endpoint}", json=body, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
