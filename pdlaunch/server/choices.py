@@ -77,7 +77,10 @@ class Choices:
         self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
             body.max_completion_tokens is not None else "max_tokens"
         self.fills_context = body.fills_context()
-        self.decode_limits = body.decode_limits  # a PD prefill leg's: its decode leg's limits (server/decode_limits.py)
+        # A PD prefill leg's: its decode leg's limits (server/decode_limits.py). On any other request they describe no
+        # other leg: a client's own (the proxy passes a client's fields on to the decode leg) refuse nothing.
+        prefill_leg = (body.kv_transfer_params or {}).get("do_remote_decode") is True
+        self.decode_limits = body.decode_limits if prefill_leg else None
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
         self.keep_logprobs = params.logprobs is not None

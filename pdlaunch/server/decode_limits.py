@@ -7,6 +7,9 @@ prompt's KV and held it for a decode leg that never loaded it, while the client 
 request is refused before any compute, as in vLLM). The leg carries those limits as the client sent them
 (`decode_limits`, request_fields.DecodeLimits); the prefill checks them once it has counted the prompt's tokens and
 answers the 400 the decode would have, word for word (choice_limits.as_sent names the fields the client sent).
+They are read on a prefill leg only (kv_transfer_params.do_remote_decode, server/choices.py): a client's own on any
+other request, its decode leg's included (the proxy passes a client's fields on), describe no other leg and refuse
+nothing.
 
 Every other refusal of the decode leg is made before the prefill leg or by the prefill leg itself: the proxy
 validates the client's whole body as an instance does (translate.parse_client_body: field types and ranges, n /

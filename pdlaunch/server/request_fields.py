@@ -66,7 +66,8 @@ class StreamOptions(BaseModel):
 class DecodeLimits(BaseModel):
     """pdlaunch's `decode_limits`: the output limits of the request's decode leg as its client sent them (a key it did
     not send is absent), which the PD proxy puts in the prefill leg (that asks for one token) so that the prefill
-    refuses what its decode would before it computes the prompt (server/decode_limits.py)."""
+    refuses what its decode would before it computes the prompt (server/decode_limits.py). Only a prefill leg's
+    (kv_transfer_params.do_remote_decode) are read: elsewhere they describe no other leg (server/choices.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
