@@ -12,11 +12,11 @@ stopped process) rather than merely quiet.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-
-from pdlaunch.kvcache.prefix_cache import hash_block
 
 HEARTBEAT_S = 5.0  # an idle stream sends an empty line this often
 
@@ -58,12 +58,17 @@ def hash_hex(block_hash: int) -> str:
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[str]:
-    """Chained hashes of the prompt's full blocks, in order, as the instances name them."""
-    hashes: list[str] = []
-    parent: int | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, tuple(token_ids[start : start + block_size]))
-        hashes.append(hash_hex(parent))
+    """Chained hashes of the prompt's full blocks, in order, as the instances name them: hash_block's, with the ids
+    packed once rather than per block (the proxy hashes every routed prompt; half the time of a block-by-block
+    hash_block)."""
+    packed = array("q", token_ids[: len(token_ids) // block_size * block_size]).tobytes()
+    step, head, hashes = 8 * block_size, b"\x00", []
+    for start in range(0, len(packed), step):
+        digest = hashlib.blake2b(head, digest_size=16)
+        digest.update(packed[start : start + step])
+        block = digest.digest()
+        head = b"\x01" + block  # the parent hash, as hash_block writes it: 16 little-endian bytes
+        hashes.append(block[::-1].hex())  # hash_hex of the little-endian integer
     return hashes
 
 

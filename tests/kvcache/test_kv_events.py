@@ -32,3 +32,15 @@ def test_events_parse_by_type_and_refuse_bad_hashes() -> None:
     for bad in ({"type": "stored", "seq": 1, "hashes": ["xyz"]}, {"type": "moved", "seq": 1, "hashes": []}):
         with pytest.raises(ValidationError):
             KV_EVENT.validate_python(bad)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 128])
+def test_prompt_hashes_are_hash_block_chained_for_any_ids(block_size: int) -> None:
+    """prompt_block_hashes packs the ids once: the hashes stay hash_block's, chained, for ids up to int64's bound."""
+    tokens = [0, 1, 255, 256, 65_535, 2**31, 2**63 - 1, 128_000] * 40 + [7] * (block_size - 1)  # a partial block
+    parent, expected = None, []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash_block(parent, tuple(tokens[start : start + block_size]))
+        expected.append(hash_hex(parent))
+    assert prompt_block_hashes(tokens, block_size) == expected
+    assert prompt_block_hashes(tokens[: block_size - 1], block_size) == []
