@@ -11,10 +11,11 @@ Per request, on an asyncio event loop as the proxy runs it, each timed alone:
   when the proxy makes one; this is what the request waits for before the proxy picks its instances;
 - encode, hashes: the tokenizer's encode of the whole templated text and the block hashes alone (no thread).
 
-Two workloads: chat (/v1/chat/completions: a system message of --system-len words, each turn a user message of
---user-len words, each answer an assistant message of --answer-len words, as the bench's chat mode resends the
-answer's text) and completions (token ids: --system-len ids, then --user-len and --answer-len ids a turn, as the
-bench's default /v1/completions mode resends the server's own ids; the proxy never tokenizes those).
+Two workloads, every conversation with the same system prompt, as the bench's: chat (/v1/chat/completions: a
+system message of --system-len words, each turn a user message of --user-len words, each answer an assistant
+message of --answer-len words, as the bench's chat mode resends the answer's text) and completions (token ids:
+--system-len ids, then --user-len and --answer-len ids a turn, as the bench's default /v1/completions mode resends
+the server's own ids; the proxy never tokenizes those).
 The conversations run one after another, each turn after the previous one, as the bench's turns reach the proxy;
 figures are medians over the conversations per turn. To compare trees, run the script with another tree's
 package first on PYTHONPATH (it uses only what both trees have).
@@ -42,8 +43,10 @@ from pdlaunch.server.chat_template import render
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
-def conversation_bodies(args: argparse.Namespace, rng: np.random.Generator, chat: bool) -> list[dict[str, Any]]:
-    """One conversation's requests, turn by turn: each resends the whole conversation so far."""
+def conversation_bodies(args: argparse.Namespace, rng: np.random.Generator, chat: bool,
+                        system: tuple[str, list[int]]) -> list[dict[str, Any]]:
+    """One conversation's requests, turn by turn: each resends the whole conversation so far, after the system
+    prompt that every conversation shares (`system`: as words, as ids)."""
     def words(n: int) -> str:
         return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n).tolist())
 
@@ -52,8 +55,8 @@ def conversation_bodies(args: argparse.Namespace, rng: np.random.Generator, chat
 
     base: dict[str, Any] = {"model": "tiny", "max_tokens": args.answer_len, "stream": True}
     bodies = []
-    messages: list[dict[str, str]] = [{"role": "system", "content": words(args.system_len)}]
-    prompt = ids(args.system_len)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system[0]}]
+    prompt = list(system[1])
     for _ in range(args.turns):
         if chat:
             messages.append({"role": "user", "content": words(args.user_len)})
@@ -66,6 +69,11 @@ def conversation_bodies(args: argparse.Namespace, rng: np.random.Generator, chat
     return bodies
 
 
+def system_prompt(args: argparse.Namespace, rng: np.random.Generator) -> tuple[str, list[int]]:
+    return (" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), args.system_len).tolist()),
+            [int(t) for t in rng.integers(100, 30_000, args.system_len).tolist()])
+
+
 def ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
@@ -74,9 +82,11 @@ async def run(args: argparse.Namespace, chat: bool, tokenizer_dir: Path) -> list
     tokens = PromptTokens(tokenizer_dir)
     router = PrefixRouter(None, None, tokens, by_prefix=False)  # type: ignore[arg-type] # prompt() needs no pool
     rng = np.random.default_rng(args.seed)
-    warm = conversation_bodies(args, np.random.default_rng(args.seed + 1), chat)[0]
-    await router.prompt(warm, chat)  # first-use paths (the template's compile)
-    conversations = [conversation_bodies(args, rng, chat) for _ in range(args.conversations)]
+    other = np.random.default_rng(args.seed + 1)
+    warm = conversation_bodies(args, other, chat, system_prompt(args, other))[0]
+    await router.prompt(warm, chat)  # first-use paths (the template's compile), another system prompt
+    system = system_prompt(args, rng)
+    conversations = [conversation_bodies(args, rng, chat, system) for _ in range(args.conversations)]
     times: list[dict[str, list[float]]] = [{"parse": [], "prompt": [], "encode": [], "hashes": []}
                                            for _ in range(args.turns)]
     sizes: list[tuple[int, int]] = []

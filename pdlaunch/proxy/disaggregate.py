@@ -37,40 +37,82 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
+from jinja2 import TemplateError
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.bodies import Body
+from pdlaunch.proxy.prompt_pieces import PieceTokenizer
 from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.chat_template import ChatPrompt, render
 from pdlaunch.server.completion_request import CompletionRequest
-from pdlaunch.server.prompts import Prompt, tokenize
+from pdlaunch.server.prompts import INLINE_CHAT_MESSAGES, Prompt, tokenize, tokenizes_inline
 
 PD, DECODE_ONLY, SPILLED, DECODE_BUSY = "pd", "decode_only", "spilled", "pd_decode_busy"
 ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone
 
 
 class PromptTokens:
-    """A request's prompt token ids as an instance computes them (a 400 for a prompt it would refuse)."""
+    """A request's prompt token ids as an instance computes them (a 400 for a prompt it would refuse). The text is
+    encoded by pieces kept across requests (prompt_pieces.py): a conversation's turn encodes its new messages only.
+    A prompt is tokenized on the event loop when what it leaves to encode is short, as an instance tokenizes one
+    (server/prompts.py: a worker thread's hand-over and return cost more, and tokenizers holds the GIL while it
+    encodes); a longer one, or a chat of many messages, in a worker thread."""
 
     def __init__(self, tokenizer_dir: Path, chat_template: str | None = None) -> None:
         self._tokenizer = Tokenizer(tokenizer_dir)
         if chat_template is not None:  # the deployment's own (model.chat_template), as its instances apply it
             self._tokenizer.override_chat_template(chat_template)
+        self._pieces = PieceTokenizer(self._tokenizer)
 
     def ids_now(self, body: Body, chat: bool) -> list[int]:
-        prompt: Prompt
+        return tokenize(self._pieces, self._prompt(body, chat))
+
+    @staticmethod
+    def _prompt(body: Body, chat: bool) -> Prompt:
         if chat:
-            prompt = ChatCompletionRequest.model_validate(body).template_messages()
-        else:
-            prompt = CompletionRequest.model_validate(body).single_prompt()
-        return tokenize(self._tokenizer, prompt)
+            return ChatCompletionRequest.model_validate(body).template_messages()
+        return CompletionRequest.model_validate(body).single_prompt()
 
     async def ids(self, body: Body, chat: bool) -> list[int]:
-        """`ids_now`, off the event loop unless the prompt is token ids already."""
+        """`ids_now`, off the event loop unless the prompt is token ids or quick to encode (class doc)."""
         prompt = body.get("prompt")
-        ids = [t for t in prompt if isinstance(t, int) and not isinstance(t, bool)] if isinstance(prompt, list) else []
-        if not chat and isinstance(prompt, list) and len(ids) == len(prompt):
-            return ids
-        return await asyncio.to_thread(self.ids_now, body, chat)
+        if not chat and isinstance(prompt, list) and all(type(t) is int for t in prompt):  # JSON's ints: no bools
+            return cast(list[int], list(prompt))
+        if not _validated_inline(body, chat):
+            return await asyncio.to_thread(self.ids_now, body, chat)
+        validated = self._prompt(body, chat)
+        if isinstance(validated, list) or self._encodes_inline(validated):
+            return tokenize(self._pieces, validated)
+        return await asyncio.to_thread(tokenize, self._pieces, validated)
+
+    def _encodes_inline(self, prompt: str | ChatPrompt) -> bool:
+        if isinstance(prompt, str):
+            return tokenizes_inline(prompt, self._pieces.uncached_chars(prompt, True))
+        if len(prompt.messages) > INLINE_CHAT_MESSAGES:
+            return False
+        try:
+            text = render(self._tokenizer, prompt)
+        except (OpenAIError, PdlaunchError, TemplateError):  # tokenize answers it, here: a 400 is quick
+            return True
+        return tokenizes_inline(prompt, self._pieces.uncached_chars(text, prompt.add_special_tokens))
+
+
+def _validated_inline(body: Body, chat: bool) -> bool:
+    """Whether the body is small enough to validate on the event loop: a chat of at most INLINE_CHAT_MESSAGES
+    messages (content parts counted as messages), or one text prompt (validating it costs little whatever its size;
+    the chat's cost goes with its messages' count)."""
+    if not chat:
+        return isinstance(body.get("prompt"), str)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return True  # a 400 (validation refuses it at once)
+    contents = [m.get("content") for m in messages if isinstance(m, dict)]
+    parts = sum(len(content) for content in contents if isinstance(content, list))
+    return len(messages) + parts <= INLINE_CHAT_MESSAGES
 
 
 class Disaggregation:

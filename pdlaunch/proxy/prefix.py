@@ -84,7 +84,7 @@ class PrefixRouter:
         if self.tokens is None or (not chat and several_prompts(body.get("prompt"))):
             return None
         ids = await self.tokens.ids(body, chat)
-        if not all(0 <= t < _ID_BOUND for t in ids):  # no model's ids (the instance answers the 400): unhashable
+        if ids and (min(ids) < 0 or max(ids) >= _ID_BOUND):  # no model's ids (the instance answers the 400): unhashable
             return None
         return PromptBlocks(ids, reuses_cache=not wants_prompt_logprobs(body, chat))
 

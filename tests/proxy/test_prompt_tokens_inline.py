@@ -1,0 +1,96 @@
+"""Where the proxy tokenizes a prompt (proxy/disaggregate.py PromptTokens.ids): on the event loop when what is left
+to encode is short (a conversation's next turn, its earlier pieces kept), else in a worker thread; the ids and the
+400s are an instance's either way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.proxy import disaggregate
+from pdlaunch.proxy.disaggregate import PromptTokens
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
+from pdlaunch.server.prompts import INLINE_CHAT_MESSAGES, INLINE_PROMPT_CHARS, tokenize
+
+
+@pytest.fixture()
+def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions PromptTokens.ids hands to a worker thread."""
+    handed: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def recorded(function: Callable[..., Any], *args: Any) -> Any:
+        handed.append(function.__name__)
+        return await to_thread(function, *args)
+
+    monkeypatch.setattr(disaggregate.asyncio, "to_thread", recorded)
+    return handed
+
+
+def _instance_ids(body: dict[str, Any], chat: bool, template: str | None = None) -> list[int]:
+    """What an instance computes for the body (server/prompts.tokenize with its own tokenizer)."""
+    tokenizer = Tokenizer(resolve_model_path("tiny"))
+    if template is not None:
+        tokenizer.override_chat_template(template)
+    if chat:
+        return tokenize(tokenizer, ChatCompletionRequest.model_validate(body).template_messages())
+    return tokenize(tokenizer, CompletionRequest.model_validate(body).single_prompt())
+
+
+def _chat(messages: list[dict[str, str]]) -> dict[str, Any]:
+    return {"model": "tiny", "messages": messages}
+
+
+def test_a_conversations_turns_are_tokenized_on_the_event_loop_once_its_start_is_kept(threads: list[str]) -> None:
+    tokens = PromptTokens(resolve_model_path("tiny"))
+    messages = [{"role": "system", "content": "word " * (INLINE_PROMPT_CHARS // 5 + 100)}]  # past the bound alone
+    handed: list[list[str]] = []
+    for turn in range(3):
+        messages.append({"role": "user", "content": f"question {turn} " * 40})
+        body = _chat(list(messages))
+        assert asyncio.run(tokens.ids(body, chat=True)) == _instance_ids(body, chat=True)
+        handed.append(list(threads))
+        threads.clear()
+        messages.append({"role": "assistant", "content": f"answer {turn} " * 80})
+    assert handed == [["tokenize"], [], []]  # the long system prompt once, then only the new turns' pieces
+
+
+def test_short_prompts_stay_on_the_event_loop_and_long_or_many_go_to_a_thread(threads: list[str]) -> None:
+    tokens = PromptTokens(resolve_model_path("tiny"))
+    cases: list[tuple[dict[str, Any], bool, list[str]]] = [
+        ({"model": "tiny", "prompt": "a short prompt"}, False, []),
+        ({"model": "tiny", "prompt": [5, 6, 7]}, False, []),  # token ids: nothing to tokenize
+        (_chat([{"role": "user", "content": "hi"}]), True, []),
+        ({"model": "tiny", "prompt": "ab " * (INLINE_PROMPT_CHARS // 3 + 1)}, False, ["tokenize"]),
+        (_chat([{"role": "user", "content": "hi"}] * (INLINE_CHAT_MESSAGES + 1)), True, ["ids_now"]),
+    ]
+    for body, chat, expected in cases:
+        threads.clear()
+        assert asyncio.run(tokens.ids(body, chat)) == _instance_ids(body, chat)
+        assert threads == expected, body
+
+
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+             "{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+
+
+@pytest.mark.parametrize(("body", "template"), [
+    (_chat([{"role": "user", "content": "fine"}, {"role": "assistant", "content": "bad \ud800 text"}]), None),
+    (_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]), NO_SYSTEM),
+])
+def test_a_prompt_an_instance_refuses_is_refused_alike(body: dict[str, Any], template: str | None) -> None:
+    with pytest.raises(OpenAIError) as instance:
+        _instance_ids(body, True, template)
+    tokens = PromptTokens(resolve_model_path("tiny"), template)
+    for _ in range(2):  # the second time with the prompt's valid pieces kept
+        with pytest.raises(OpenAIError) as proxy:
+            asyncio.run(tokens.ids(body, chat=True))
+        assert (proxy.value.status, str(proxy.value), proxy.value.param) == \
+            (instance.value.status, str(instance.value), instance.value.param) and proxy.value.status == 400
