@@ -19,6 +19,14 @@ pass of the requests without the /metrics reads around each; steadier than wall 
 served processes run with OMP_NUM_THREADS=1 (--omp-threads), as a GPU instance serves: a CPU instance's torch pool
 spins on every core between its steps and starves its own HTTP side.
 
+The third deployment, pd-prefix, is the PD one with `--routing-policy prefix --disaggregate-min-tokens 2048`: every
+request runs on the decode alone (the tiny model's prompts are all shorter), after the proxy has tokenized it, hashed
+its blocks and chosen its decode by them. Its requests are the turns of multi-turn chats shaped as `pdlaunch bench
+serve --multi-turn` sends them, scaled to the tiny model's 2,048 tokens (a shared system message of --system-words
+words, then per turn a user message of --user-words and the earlier answers of --answer-words words: ~1,900 tokens by
+the fourth turn): request i is turn i % 4 of conversation i // 4, so a turn extends what the proxy saw one request
+before. Its own TTFT is the decode's alone.
+
 --busy N: N long streams (completions, 1,000 tokens, ignore_eos) run on every served tree meanwhile, so that the
 engine threads step while the measured requests come (the multi-turn case: a decode busy with other streams, whose
 HTTP side waits for the GIL at each hand-over). Their CPU is in the CPU figure then, and a request that a stream's
@@ -57,6 +65,10 @@ WARMUP = 3  # requests per target and cell before the measured ones: first-use p
 # (endpoint, stream, max_tokens): the requests of each deployment
 COLOCATED_CELLS = [("completions", False, 1), ("completions", True, 1), ("chat", False, 1), ("chat", True, 1)]
 PD_CELLS = [("chat", False, 1), ("chat", True, 2), ("completions", True, 2)]
+PREFIX_CELLS = [("chat turns", False, 1), ("chat turns", True, 1)]
+PREFIX_FLAGS = ["--routing-policy", "prefix", "--disaggregate-min-tokens", "2048"]
+TURNS = 4  # a chat turns cell's conversations
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
 @dataclass
@@ -68,6 +80,7 @@ class Target:
     url: str
     ttft_urls: list[str]
     markers: list[str]
+    first_tokens: int = 0  # first tokens a request adds to the histograms of ttft_urls; 0: one per instance
 
 
 def own_ttft(urls: list[str]) -> tuple[float, float]:
@@ -93,10 +106,31 @@ def cpu_seconds(markers: list[str]) -> float:
     return total
 
 
-def request_body(endpoint: str, stream: bool, max_tokens: int, i: int) -> bytes:
+def _words(seed: int, n: int) -> str:
+    return " ".join(WORDS[(seed * 7919 + k * k * 31 + k) % len(WORDS)] for k in range(n))
+
+
+def chat_turn(i: int, shape: tuple[int, int, int]) -> list[dict[str, str]]:
+    """Request i's messages: turn i % TURNS of conversation i // TURNS (module doc); `shape`: the system, user and
+    answer messages' words."""
+    system_words, user_words, answer_words = shape
+    conversation, turn = divmod(i, TURNS)
+    messages = [{"role": "system", "content": _words(0, system_words)}]
+    for t in range(turn + 1):
+        if t:
+            messages.append({"role": "assistant", "content": _words(conversation * 100 + 50 + t, answer_words)})
+        messages.append({"role": "user", "content": f"{conversation} {t}: " + _words(conversation * 100 + t,
+                                                                                         user_words)})
+    return messages
+
+
+def request_body(endpoint: str, stream: bool, max_tokens: int, i: int,
+                 shape: tuple[int, int, int] = (200, 16, 40)) -> bytes:
     text = f"request {i}: tell me about the weather in a city far away"
     body: dict[str, Any] = {"model": "tiny", "max_tokens": max_tokens, "stream": stream, "temperature": 0}
-    if endpoint == "chat":
+    if endpoint == "chat turns":
+        body["messages"] = chat_turn(i, shape)
+    elif endpoint == "chat":
         body["messages"] = [{"role": "user", "content": text}]
     else:
         body["prompt"] = text
@@ -109,14 +143,16 @@ def _turns(items: list[Any], i: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
-def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requests: int) -> dict[str, Any]:
-    """The cell's figures per tree, its requests taking turns between the trees and the bare app."""
+def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requests: int,
+             shape: tuple[int, int, int] = (200, 16, 40)) -> dict[str, Any]:
+    """The cell's figures per tree, its requests taking turns between the trees and the bare app (`shape`: a chat
+    turns cell's words per system, user and answer message)."""
     endpoint, stream, max_tokens = cell
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     clients = {t.tree: RawClient(t.url) for t in targets}
     for t in targets:
         for i in range(WARMUP):
-            _, data, events = clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, 10_000 + i))
+            _, data, events = clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, 10_000 + i, shape))
     # The bare app answers with the bytes of a real answer (its size, its number of stream events)
     httpx.post(f"{bare}/answer", json={"body": data.decode(), "events": events}, trust_env=False)
     bare_client = RawClient(bare)
@@ -124,7 +160,7 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
     bare_ms: list[float] = []
     failed = {t.tree: 0 for t in targets}
     for i in range(requests):
-        body = request_body(endpoint, stream, max_tokens, i)
+        body = request_body(endpoint, stream, max_tokens, i, shape)
         for t in _turns([*targets, None], i):
             if t is None:
                 bare_ms.append(bare_client.post(path, body)[0] * 1e3)
@@ -138,7 +174,7 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
                 clients[t.tree] = RawClient(t.url)
                 continue
             after = own_ttft(t.ttft_urls)
-            if after[1] - before[1] != len(t.ttft_urls):  # a --busy stream started meanwhile: its TTFT is in there
+            if after[1] - before[1] != (t.first_tokens or len(t.ttft_urls)):  # a --busy stream's TTFT is in there
                 continue
             own = after[0] - before[0]  # one first token per instance the request went through
             got = samples[t.tree]
@@ -149,7 +185,7 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
     for i in range(requests):
         for t in _turns(targets, i):
             try:
-                clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, requests + i))
+                clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, requests + i, shape))
             except (OSError, RuntimeError):
                 clients[t.tree] = RawClient(t.url)
     bare_median = statistics.median(bare_ms)
@@ -171,7 +207,8 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
 def served(args: argparse.Namespace, kind: str, logs: Path) -> Iterator[list[Target]]:
     """`kind` (colocated or pd) served from this tree and, with --baseline, from that one too."""
     flags = ["--model", args.model, "--device", args.device, *args.serve_flags,
-             *(["--colocated"] if kind == "colocated" else ["--prefill", "1", "--decode", "1"])]
+             *(["--colocated"] if kind == "colocated" else ["--prefill", "1", "--decode", "1"]),
+             *(PREFIX_FLAGS if kind == "pd-prefix" else [])]
     trees = [("this", str(CHECKOUT)), *([("baseline", str(args.baseline.resolve()))] if args.baseline else [])]
     with ExitStack() as stack:
         targets = []
@@ -184,8 +221,11 @@ def served(args: argparse.Namespace, kind: str, logs: Path) -> Iterator[list[Tar
                 targets.append(Target(tree, roles["colocated"], [roles["colocated"]], [str(log_dir)]))
             else:  # the proxy's command line does not name the log directory: its port does
                 port = proxy_url.rsplit(":", 1)[1]
-                targets.append(Target(tree, proxy_url, list(roles.values()),
-                                      [str(log_dir), f"pdlaunch.proxy --host 127.0.0.1 --port {port} "]))
+                markers = [str(log_dir), f"pdlaunch.proxy --host 127.0.0.1 --port {port} "]
+                if kind == "pd-prefix":  # every request on the decode alone
+                    targets.append(Target(tree, proxy_url, [roles["decode"]], markers, first_tokens=1))
+                else:
+                    targets.append(Target(tree, proxy_url, list(roles.values()), markers))
         yield targets
 
 
@@ -247,7 +287,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="requests per cell and tree, one at a time")
     parser.add_argument("--busy", type=int, default=0, help="long streams running on each served tree meanwhile")
     parser.add_argument("--baseline", type=Path, help="a pdlaunch package copy to serve beside this tree")
-    parser.add_argument("--skip", choices=("colocated", "pd"), help="leave one deployment out")
+    parser.add_argument("--skip", choices=("colocated", "pd", "pd-prefix"), action="append", default=[],
+                        help="leave a deployment out (again for another)")
+    parser.add_argument("--system-words", type=int, default=200, help="a chat turns cell's system message")
+    parser.add_argument("--user-words", type=int, default=16, help="a chat turns cell's user messages")
+    parser.add_argument("--answer-words", type=int, default=40, help="a chat turns cell's earlier answers")
     parser.add_argument("--omp-threads", default="1",
                         help="OMP_NUM_THREADS of the served processes: 1, as a GPU instance serves (a CPU instance's "
                              "own pool spins on every core between steps and starves the HTTP side); '' leaves it")
@@ -262,14 +306,18 @@ def main() -> None:
     json_path = args.json.resolve() if args.json else None
     os.chdir(logs)
     doc: dict[str, Any] = {"model": args.model, "device": args.device, "requests": args.requests,
-                           "omp_threads": args.omp_threads, "busy": args.busy, "baseline": str(args.baseline or "")}
+                           "omp_threads": args.omp_threads, "busy": args.busy, "baseline": str(args.baseline or ""),
+                           "chat_turns_words": [args.system_words, args.user_words, args.answer_words]}
     with bare_server() as bare:
+        shape = (args.system_words, args.user_words, args.answer_words)
         for kind, cells, title in (("colocated", COLOCATED_CELLS, "colocated, client -> instance (one hop)"),
-                                   ("pd", PD_CELLS, "PD, client -> proxy -> prefill, then -> decode")):
-            if args.skip == kind:
+                                   ("pd", PD_CELLS, "PD, client -> proxy -> prefill, then -> decode"),
+                                   ("pd-prefix", PREFIX_CELLS, "PD, prefix routing, decode only: client -> proxy -> "
+                                                               "decode")):
+            if kind in args.skip:
                 continue
             with served(args, kind, logs) as targets, busy(targets, args.busy):
-                rows = [run_cell(targets, bare, cell, args.requests) for cell in cells]
+                rows = [run_cell(targets, bare, cell, args.requests, shape) for cell in cells]
                 doc[kind] = {t.tree: [r[t.tree] for r in rows] for t in targets}
             show(title, doc[kind])
     if json_path is not None:
