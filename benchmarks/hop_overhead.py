@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -107,7 +108,7 @@ def cpu_seconds(markers: list[str]) -> float:
 
 
 def _words(seed: int, n: int) -> str:
-    return " ".join(WORDS[(seed * 7919 + k * k * 31 + k) % len(WORDS)] for k in range(n))
+    return " ".join(random.Random(seed).choices(WORDS, k=n))
 
 
 def chat_turn(i: int, shape: tuple[int, int, int]) -> list[dict[str, str]]:
@@ -115,12 +116,11 @@ def chat_turn(i: int, shape: tuple[int, int, int]) -> list[dict[str, str]]:
     answer messages' words."""
     system_words, user_words, answer_words = shape
     conversation, turn = divmod(i, TURNS)
-    messages = [{"role": "system", "content": _words(0, system_words)}]
+    messages = [{"role": "system", "content": _words(-1, system_words)}]
     for t in range(turn + 1):
         if t:
-            messages.append({"role": "assistant", "content": _words(conversation * 100 + 50 + t, answer_words)})
-        messages.append({"role": "user", "content": f"{conversation} {t}: " + _words(conversation * 100 + t,
-                                                                                         user_words)})
+            messages.append({"role": "assistant", "content": _words(2 * (conversation * TURNS + t), answer_words)})
+        messages.append({"role": "user", "content": _words(2 * (conversation * TURNS + t) + 1, user_words)})
     return messages
 
 
@@ -144,15 +144,17 @@ def _turns(items: list[Any], i: int) -> list[Any]:
 
 
 def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requests: int,
-             shape: tuple[int, int, int] = (200, 16, 40)) -> dict[str, Any]:
+             shape: tuple[int, int, int] = (200, 16, 40), first: int = 0) -> dict[str, Any]:
     """The cell's figures per tree, its requests taking turns between the trees and the bare app (`shape`: a chat
-    turns cell's words per system, user and answer message)."""
+    turns cell's words per system, user and answer message; `first`: its first request's number, each cell's
+    prompts its own)."""
     endpoint, stream, max_tokens = cell
     path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     clients = {t.tree: RawClient(t.url) for t in targets}
     for t in targets:
         for i in range(WARMUP):
-            _, data, events = clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, 10_000 + i, shape))
+            warm = request_body(endpoint, stream, max_tokens, first + 10_000 + i, shape)
+            _, data, events = clients[t.tree].post(path, warm)
     # The bare app answers with the bytes of a real answer (its size, its number of stream events)
     httpx.post(f"{bare}/answer", json={"body": data.decode(), "events": events}, trust_env=False)
     bare_client = RawClient(bare)
@@ -160,7 +162,7 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
     bare_ms: list[float] = []
     failed = {t.tree: 0 for t in targets}
     for i in range(requests):
-        body = request_body(endpoint, stream, max_tokens, i, shape)
+        body = request_body(endpoint, stream, max_tokens, first + i, shape)
         for t in _turns([*targets, None], i):
             if t is None:
                 bare_ms.append(bare_client.post(path, body)[0] * 1e3)
@@ -185,7 +187,7 @@ def run_cell(targets: list[Target], bare: str, cell: tuple[str, bool, int], requ
     for i in range(requests):
         for t in _turns(targets, i):
             try:
-                clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, requests + i, shape))
+                clients[t.tree].post(path, request_body(endpoint, stream, max_tokens, first + requests + i, shape))
             except (OSError, RuntimeError):
                 clients[t.tree] = RawClient(t.url)
     bare_median = statistics.median(bare_ms)
@@ -317,7 +319,8 @@ def main() -> None:
             if kind in args.skip:
                 continue
             with served(args, kind, logs) as targets, busy(targets, args.busy):
-                rows = [run_cell(targets, bare, cell, args.requests, shape) for cell in cells]
+                rows = [run_cell(targets, bare, cell, args.requests, shape, first=k * 1_000_000)
+                        for k, cell in enumerate(cells)]
                 doc[kind] = {t.tree: [r[t.tree] for r in rows] for t in targets}
             show(title, doc[kind])
     if json_path is not None:
