@@ -3,9 +3,10 @@ on a decode alone.
 
 A short prompt's prefill costs the decode little, while the PD path adds a prefill leg, a KV transfer
 and a handshake to its first token. The proxy tokenizes the prompt with the checkpoint's own tokenizer
-(the one the instances use: the same chat template, the same special tokens; PromptTokens: by pieces kept across
-requests, prompt_pieces.py, and off the event loop unless what is left to encode is short), and counts the tokens the chosen decode does not cache already: its KV cache events say
-which of the prompt's leading blocks it holds (kv_events.py, prefix.py; without them, every token counts).
+(the one the instances use: the same chat template, the same special tokens; PromptTokens: by pieces kept
+across requests, prompt_pieces.py, and off the event loop unless what is left to encode is short), and counts
+the tokens the chosen decode does not cache already: its KV cache events say which of the prompt's leading
+blocks it holds (kv_events.py, prefix.py; without them, every token counts).
 A prompt with fewer than N such tokens goes to the decode without kv_transfer_params: the decode
 computes what it lacks itself (as with kv_transfer.load_failure_policy recompute), and no KV moves.
 

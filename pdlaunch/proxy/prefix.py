@@ -84,7 +84,8 @@ class PrefixRouter:
         if self.tokens is None or (not chat and several_prompts(body.get("prompt"))):
             return None
         ids = await self.tokens.ids(body, chat)
-        if ids and (min(ids) < 0 or max(ids) >= _ID_BOUND):  # no model's ids (the instance answers the 400): unhashable
+        # A client's own token ids may be no model's (the instance answers the 400): unhashable. A tokenizer's are.
+        if isinstance(body.get("prompt"), list) and ids and (min(ids) < 0 or max(ids) >= _ID_BOUND):
             return None
         return PromptBlocks(ids, reuses_cache=not wants_prompt_logprobs(body, chat))
 

@@ -94,3 +94,14 @@ def test_a_prompt_an_instance_refuses_is_refused_alike(body: dict[str, Any], tem
             asyncio.run(tokens.ids(body, chat=True))
         assert (proxy.value.status, str(proxy.value), proxy.value.param) == \
             (instance.value.status, str(instance.value), instance.value.param) and proxy.value.status == 400
+
+
+@pytest.mark.parametrize(("prompt", "hashed"), [([5, 6, 7], True), ([-1, 5], False), ([5, 2**63], False)])
+def test_a_clients_token_ids_that_no_model_has_are_not_hashed(prompt: list[int], hashed: bool) -> None:
+    from pdlaunch.proxy.prefix import PrefixRouter
+
+    router = PrefixRouter(None, None, PromptTokens(resolve_model_path("tiny")), by_prefix=False)  # type: ignore[arg-type]
+    blocks = asyncio.run(router.prompt({"model": "tiny", "prompt": prompt}, chat=False))
+    assert (blocks is not None) == hashed and (blocks is None or blocks.token_ids == prompt)
+    chat = asyncio.run(router.prompt(_chat([{"role": "user", "content": "hi"}]), chat=True))
+    assert chat is not None and chat.token_ids == _instance_ids(_chat([{"role": "user", "content": "hi"}]), True)
