@@ -178,7 +178,8 @@ class PieceTokenizer:
         tokens = (contents[:256] * 2)[:512]
         text = "".join(t + words[i % len(words)] for i, t in enumerate(tokens)) + " tail"
         for flag in (False, True):
-            for sample in (text, "plain text only", *(t + t + " after" for t in contents[:4])):
+            doubled = [*contents[:4], *([self.tokenizer.bos_token] if self.tokenizer.bos_token else [])]
+            for sample in (text, "plain text only", *(t + t + " after" for t in doubled)):
                 pieces = self.pieces(sample, flag)
                 joined = [i for key in pieces or [] for i in self.tokenizer.encode(key[1], add_special_tokens=key[0])]
                 if pieces is not None and joined != self.tokenizer.encode(sample, add_special_tokens=flag):
