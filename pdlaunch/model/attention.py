@@ -40,7 +40,8 @@ def causal_lower_right_mask(q_len: int, k_len: int, device: torch.device) -> tor
     causal_lower_right to exactly these, so the outputs are equal bit for bit)."""
     if device.type == "cuda":
         # Imported here: torch.nn.attention.bias imports torch._dynamo (~2 s that a CPU instance's start need not
-        # pay); on CUDA the runner's start-up warm-up (a chunk over cached tokens) imports it.
+        # pay); on CUDA the runner's start-up warm-up imports it (its chunk over cached tokens longer than the
+        # paged prefill kernel takes: runner/dry_steps.py), so no serving step does.
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(q_len, k_len)

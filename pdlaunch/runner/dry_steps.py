@@ -19,6 +19,7 @@ from pdlaunch.model.decode_launch import launch_batch_sizes
 from pdlaunch.model.decoder_layer import Attention
 from pdlaunch.model.fresh_attention import warm_fresh_attention
 from pdlaunch.model.llama import CausalLM
+from pdlaunch.model.triton_prefill import PAGED_PREFILL_MAX_TOKENS
 from pdlaunch.runner.out_of_memory import first_line, out_of_memory
 from pdlaunch.runner.step_metadata import step_metadata
 
@@ -63,7 +64,10 @@ class DrySteps:
     def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
         to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
-        (a chunked prompt's later steps; fewer under a max_model_len of 32), then, unless this is a prefill
+        (a chunked prompt's later steps; fewer under a max_model_len of 32) and, where the budget allows one, a
+        chunk over them longer than PAGED_PREFILL_MAX_TOKENS (SDPA over gathered keys with torch's causal_lower_right
+        mask, whose first use imports torch._dynamo: measured on an H200, a 2 s stall of the first prompt step over
+        a cached prefix longer than that, model/attention.py), then, unless this is a prefill
         instance, decode batches of one size per paged-decode launch, alone and beside that chunk (a mixed
         step), each decode with one token of context."""
         budget = self.scheduler_config.token_budget(self.role)
@@ -73,6 +77,9 @@ class DrySteps:
             shapes.append((lens, [0] * len(lens)))
         chunk = max(1, min(16, self.max_model_len // 2))  # a chunk over as many cached tokens
         shapes.append(([chunk], [chunk]))
+        longest = min(budget, self.max_model_len - chunk)
+        if longest > PAGED_PREFILL_MAX_TOKENS:  # a chunk over cached tokens too long for the paged prefill kernel
+            shapes.append(([longest], [chunk]))
         if self.role == "prefill":
             return shapes
         max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))

@@ -48,6 +48,21 @@ def test_warm_up_shapes_cover_prompt_sizes_and_decode_launches() -> None:
     assert all(q == [16] or not any(c) for q, c in _runner("prefill", 96).warm_up_shapes())
 
 
+def test_warm_up_runs_a_chunk_over_cached_tokens_on_the_torch_path_where_the_budget_allows() -> None:
+    """A prompt step over a cached prefix with more tokens than the paged prefill kernel takes runs SDPA with
+    torch's causal_lower_right mask, whose first use imports torch._dynamo: a 2 s stall mid-serving on an H200 when
+    no warm-up step had taken that path."""
+    from pdlaunch.model.triton_prefill import PAGED_PREFILL_MAX_TOKENS
+
+    for role in ("prefill", "decode", "colocated"):
+        shapes = _runner(role, 2048, max_model_len=4096).warm_up_shapes()
+        assert ([2048], [16]) in shapes
+        assert 2048 > PAGED_PREFILL_MAX_TOKENS
+        shapes = _runner(role, 2048, max_model_len=520).warm_up_shapes()  # 520 - 16 = 504: the kernel's
+        assert not any(c[0] and q[0] > PAGED_PREFILL_MAX_TOKENS for q, c in shapes)
+    assert ([600], [16]) in _runner("prefill", 600, max_model_len=4096).warm_up_shapes()
+
+
 def test_warm_up_runs_every_shape_and_writes_nothing_to_the_cache() -> None:
     runner = _runner("colocated", 96)
     calls: list[int] = []
