@@ -1,6 +1,6 @@
 """The block manager's integrity check (BlockManager.check_integrity): every block free xor owned, ref counts equal to
 the owners, the cached-block maps and the prefix index agreeing with each other, the KV event log naming what its
-group caches. An instance runs it whenever its engine goes idle (server/engine_thread.py), tests after their steps.
+group caches. An instance runs it once its engine has been idle a while (server/idle_check.py), tests after their steps.
 """
 
 from __future__ import annotations

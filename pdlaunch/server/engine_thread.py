@@ -28,6 +28,7 @@ from pdlaunch.metrics.instance import INTER_TOKEN_LATENCY, KV_BLOCKS_TOTAL, TIME
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add, Command
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
+from pdlaunch.server.idle_check import IdleCheck
 from pdlaunch.server.recent_itl import RecentItl
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 
@@ -102,16 +103,18 @@ class EngineThread:
         self._ready.set()
         log.info("engine ready")
         busy = False
+        check = IdleCheck()
         try:
             while not self._stop.is_set():
                 wait = 0.0 if busy else self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
-                self._drain_commands(engine, wait)
+                self._drain_commands(engine, min(wait, check.due_in(time.monotonic())))
                 if self._stop.is_set():
                     break
                 self._dispatch(engine.step())
                 self._update_stats(engine)
-                was_busy, busy = busy, engine.has_unfinished_requests()
-                if was_busy and not busy:
+                busy = engine.has_unfinished_requests()
+                if check.after_step(busy, time.monotonic()) and self._commands.empty():
+                    check.ran(time.monotonic())
                     self._check_integrity(engine)
         except Exception as exc:  # noqa: BLE001 - a crashed engine fails every request and the instance
             self._fatal(f"engine step failed: {exc}", exc)
