@@ -128,7 +128,8 @@ class Choices:
         ids = await prompts_token_ids(engine.tokenizer, self.prompts, engine.max_model_len)
         self.prompt_ids = ids
         # Before any of them is submitted: a prefill computes nothing for a request its decode leg would refuse.
-        check_decode_leg(self.decode_limits, not self.completion, ids, engine.max_model_len, engine.vocab_size)
+        if self.decode_limits is not None:  # a PD prefill leg's
+            check_decode_leg(self.decode_limits, not self.completion, ids, engine.max_model_len, engine.vocab_size)
         if self.fills_context:
             for c in self.choices:
                 self._fill_context(c, len(ids[c.prompt_index]), engine.longest_request)
