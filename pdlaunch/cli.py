@@ -44,6 +44,20 @@ STOPPED_CHECK_EXIT = 130  # check-config stopped by a signal: no verdict (128 + 
 
 
 @contextmanager
+def _leaving_ray() -> Iterator[None]:
+    """A command that used Ray leaves the cluster itself as it exits, a stop signal from then on ending it at once
+    with the command's status (launcher/backends/ray_connect_stop.py: Ray's own atexit hook printed a traceback on a
+    Ctrl-C after check-config's verdict)."""
+    try:
+        yield
+    except typer.Exit as exc:
+        from pdlaunch.launcher.backends.ray_connect_stop import leave_ray_cluster
+
+        leave_ray_cluster(err_console, exc.exit_code)
+        raise
+
+
+@contextmanager
 def _reported() -> Iterator[None]:
     """A PdlaunchError leaves as its message and exit code 1, never as a traceback."""
     try:
@@ -60,7 +74,7 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
     from pdlaunch.config.flag_names import flag_fields
     from pdlaunch.config.flag_terms import flag_names_exported, name_error
 
-    with _reported():
+    with _leaving_ray(), _reported():
         cfg: DeploymentConfig | None = None
         try:
             cfg = _loaded_unless_stopped(config, overrides)
@@ -75,7 +89,7 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
             if not isinstance(exc, ConfigError):
                 name_error(exc, flag_fields(overrides, cfg.instances if cfg is not None else None))
             raise
-    raise typer.Exit(code=code)
+        raise typer.Exit(code=code)
 
 
 def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> DeploymentConfig | None:
@@ -88,12 +102,12 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
 
 def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
     """`work()` (loading or checking a deployment), or None when Ctrl-C/SIGTERM/SIGHUP came meanwhile: one line says
-    so (nothing was started; the caller exits with `stopped_exit`). With --backend ray the work includes the connect
-    to the cluster (ray.init, in a helper thread: config/ray_init.py); a stop signal during it ends this process at
-    once, with `stopped_exit`, after its own line (launcher/backends/ray_connect_stop.py: a cut-short ray.init must
-    not be torn down)."""
-    from pdlaunch.config.ray_cluster import connecting_to
-    from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect
+    so (nothing was started; the caller exits with `stopped_exit`). With --backend ray the work includes Ray calls
+    (the connect, the node list, the GPU probe), each in a helper thread (config/ray_thread.py); a stop signal during
+    one ends this process at once, with `stopped_exit`, after its own line (launcher/backends/ray_connect_stop.py: a
+    cut-short Ray call must not be torn down)."""
+    from pdlaunch.config.ray_thread import cut_short
+    from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
     from pdlaunch.launcher.serve import StopRequested, StopSignals
 
     with StopSignals() as signals:
@@ -102,9 +116,9 @@ def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
                 return work()
         except StopRequested:
             name = signals.signal_name
-        address = connecting_to()
-        if address is not None:
-            leave_stopped_connect(err_console, name, address, stopped_exit)
+        doing = cut_short()
+        if doing is not None:
+            leave_stopped_ray(err_console, name, doing, stopped_exit)
     err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
                       highlight=False, soft_wrap=True)
     return None
@@ -156,10 +170,12 @@ def check_config(
     """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
     from pdlaunch.config.check import run_check
 
-    with _reported():
-        code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory),
-                               stopped_exit=STOPPED_CHECK_EXIT)
-    raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
+    with _leaving_ray():
+        with _reported():
+            code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory),
+                                   stopped_exit=STOPPED_CHECK_EXIT)
+        # a stop signal after the verdict (while the driver leaves the cluster) keeps the verdict's status
+        raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
 
 
 @app.command()

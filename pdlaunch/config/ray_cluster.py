@@ -28,6 +28,7 @@ from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_gcs import FIELD, check_gcs_answers
 from pdlaunch.config.ray_init import init_in_thread
+from pdlaunch.config.ray_thread import in_ray_thread
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
@@ -35,8 +36,8 @@ from pdlaunch.memory import host_devices
 INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"
 CONNECT_TIMEOUT_S = 5.0  # the GCS port must accept a TCP connection within this
 GPU_PROBE_TIMEOUT_S = 120.0  # a one-GPU task reading the GPU's memory (a node's Python imports torch first)
+NODES_TIMEOUT_S = 60.0  # ray.nodes: one GCS request, answered within milliseconds by a live head
 NAMESPACE = "pdlaunch"  # Ray namespace of every actor the launcher makes
-_connecting: str | None = None  # the address inside ray.init (connect), for a stop signal's message
 
 Strategy = Literal["PACK", "SPREAD"]
 
@@ -192,25 +193,15 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
         gcs_probe(address)  # refused or unreachable: named at once
         check_gcs_answers(address, *check_address(address))  # accepted but silent: ray.init would retry for minutes
     logging.getLogger("ray").setLevel(logging.WARNING)
-    global _connecting
-    _connecting = address
     try:
         # in a helper thread: a stop signal's exception raised inside ray.init can hang the process (ray_init.py)
         init_in_thread(ray, address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                        configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        _connecting = None
         raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
-    # a stop signal during ray.init leaves _connecting set: the process stops, naming the address (cli.py)
-    _connecting = None
     return ray
-
-
-def connecting_to() -> str | None:
-    """The address ray.init is connecting to right now (a stop signal there names it), else None."""
-    return _connecting
 
 
 def _cause_of(exc: BaseException) -> str:
@@ -223,10 +214,13 @@ def _cause_of(exc: BaseException) -> str:
 
 
 def live_nodes(ray: ModuleType) -> list[RayNode]:
-    """The cluster's live nodes, with their total resources."""
+    """The cluster's live nodes, with their total resources (ray.nodes in a helper thread: config/ray_thread.py)."""
+    late = PdlaunchError(f"the Ray cluster did not list its nodes within {NODES_TIMEOUT_S:.0f}s", field=FIELD,
+                         hint="the head may be overloaded or stuck: check it with `ray status` there")
+    found = in_ray_thread(ray, ray.nodes, "listing the Ray cluster's nodes", NODES_TIMEOUT_S, late)
     return [RayNode(str(n["NodeID"]), str(n["NodeManagerAddress"]),
                     {str(k): float(v) for k, v in dict(n.get("Resources") or {}).items()})
-            for n in ray.nodes() if n.get("Alive")]
+            for n in found if n.get("Alive")]
 
 
 def cluster_has_gpus(nodes: list[RayNode]) -> bool:
@@ -262,9 +256,16 @@ def cluster_gpus(cfg: DeploymentConfig) -> tuple[int, float] | None:
     per_node = max((int(node.resources.get("GPU", 0.0)) for node in live_nodes(ray)), default=0)
     if per_node == 0:
         return None
-    probe = ray.remote(num_gpus=1)(gpu_total_bytes)
+    # in a helper thread (config/ray_thread.py): a stop signal's exception raised inside ray.get came out of Ray as
+    # a SystemError, reported as a GPU that could not be read; the main thread's bound is a backstop to ray.get's
+    late = PdlaunchError(f"the Ray cluster did not run a one-GPU task within {GPU_PROBE_TIMEOUT_S:.0f}s",
+                         field=FIELD, hint="every GPU may be held by other tasks (`ray status`)")
     try:
-        total = ray.get(probe.remote(), timeout=GPU_PROBE_TIMEOUT_S)
+        total = in_ray_thread(ray, lambda: ray.get(ray.remote(num_gpus=1)(gpu_total_bytes).remote(),
+                                                   timeout=GPU_PROBE_TIMEOUT_S),
+                              "reading a GPU's memory on the Ray cluster", GPU_PROBE_TIMEOUT_S + NODES_TIMEOUT_S, late)
+    except PdlaunchError:
+        raise
     except Exception as exc:  # noqa: BLE001 (Ray's task, timeout and node errors have no common base but this)
         raise PdlaunchError(f"could not read the memory of a GPU of the Ray cluster within {GPU_PROBE_TIMEOUT_S:.0f}s "
                             f"(a one-GPU task): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pdlaunch.config import ray_thread
+
 
 @pytest.fixture
 def term_guard() -> Iterator[None]:
@@ -16,3 +18,20 @@ def term_guard() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(autouse=True)
+def _stop_handlers_given_back(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A command that used (a stand-in) Ray keeps its exit handlers for stop signals to the process's end
+    (launcher/backends/ray_connect_stop.leave_ray_cluster): in pytest they are given back after each test, and
+    config/ray_thread's record of Ray calls is reset."""
+    monkeypatch.setattr(ray_thread, "_running", None)
+    monkeypatch.setattr(ray_thread, "_used", False)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.getsignal(sig) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -3,9 +3,10 @@ ray.init and the cluster's node list, in which the stop arrives (and the head's 
 reads between them), and os._exit made to raise so that the test sees the exit code and the stack unwinds (the
 signal handlers are given back).
 
-The stand-in ray.init sends the signal to this process and then goes on waiting, as a real one goes on
-connecting; it records whether an exception went through it, which must never happen (config/ray_init.py: one
-raised inside a real ray.init by a signal's handler can hang the process for good)."""
+ray.init and ray.nodes run in a helper thread (config/ray_thread.py): the stand-in ray.init sends the signal to
+this process and then goes on waiting, as a real one goes on connecting; it records whether an exception went
+through it, which must never happen (config/ray_init.py: one raised inside a real ray.init by a signal's handler can
+hang the process for good)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from typing import NoReturn
 
 import pytest
 
-from pdlaunch.config import ray_cluster
+from pdlaunch.config import ray_thread
 
 SIGNAL_WAIT_S = 30.0  # the stand-in waits this long for the signal to end the process
-INSIDE_INIT = "inside ray.init"  # the connect cut short: ray_cluster.connecting_to() still names the address
-AFTER_INIT = "after ray.init"  # the connect completed; the stop comes while the cluster's nodes are listed
+INSIDE_INIT = "inside ray.init"  # the connect cut short: ray_thread.cut_short() still names it
+AFTER_INIT = "after ray.init"  # the connect completed; the stop comes while the cluster's nodes are listed (cut short)
 
 
 class Left(BaseException):
@@ -81,6 +82,7 @@ def stand_in_ray(monkeypatch: pytest.MonkeyPatch, how: str, when: str) -> RayCal
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
     monkeypatch.setattr(ray, "nodes", lambda: _signal_and_wait(how, calls))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.shutdowns.append("shutdown"))
-    monkeypatch.setattr(ray_cluster, "_connecting", None)  # a cut-short connect leaves it set: reset after the test
+    monkeypatch.setattr(ray_thread, "_running", None)  # a cut-short Ray call leaves it set: reset after the test
+    monkeypatch.setattr(ray_thread, "_used", False)
     monkeypatch.setattr(os, "_exit", calls.leave)
     return calls

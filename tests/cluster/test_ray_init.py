@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pdlaunch.config import ray_init
+from pdlaunch.config import ray_init, ray_thread
 from pdlaunch.errors import PdlaunchError
 
 
@@ -34,7 +34,9 @@ def test_a_ray_init_that_never_returns_is_named_within_the_bound(monkeypatch: py
     monkeypatch.setattr(ray_init, "INIT_TIMEOUT_S", 1.0)
     release = threading.Event()
     unregistered: list[object] = []
-    monkeypatch.setattr(ray_init.atexit, "unregister", unregistered.append)
+    monkeypatch.setattr(ray_thread.atexit, "unregister", unregistered.append)
+    monkeypatch.setattr(ray_thread, "_running", None)  # the call left running: reset after the test
+    monkeypatch.setattr(ray_thread, "_used", False)
     started = time.monotonic()
     try:
         with pytest.raises(PdlaunchError) as caught:
@@ -47,3 +49,4 @@ def test_a_ray_init_that_never_returns_is_named_within_the_bound(monkeypatch: py
     assert "ray.init did not return within 1s of connecting to the Ray cluster at 10.0.0.5:6379" in \
         caught.value.message, caught.value.render()
     assert unregistered == [_shutdown], "Ray's exit hook would tear down the ray.init still running"
+    assert ray_thread.cut_short() == "connecting to the Ray cluster at 10.0.0.5:6379"  # the exit must not either

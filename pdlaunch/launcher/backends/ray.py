@@ -25,9 +25,9 @@ placement group Ray cannot place within launcher.ray_placement_timeout_seconds s
 (exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
 error and the last lines of its log (read through log_dir's shared storage). The connect (ray.init) first checks,
 within a bounded wait, that what listens at launcher.ray_address answers as a GCS (config/ray_gcs.py); Ctrl-C/SIGTERM
-while connecting ends the launcher at once, exit 0, after one line (ray.init runs in a helper thread, so the signal
-never raises inside it: config/ray_init.py; a ray.init it cut short is not torn down: Ray's shutdown of a half-made
-driver can crash; the cluster sees the driver gone). A built-in or GGUF model is fetched
+while connecting or listing the nodes ends the launcher at once, exit 0, after one line (those Ray calls run in a
+helper thread, so the signal never raises inside them: config/ray_thread.py; a call it cut short is not torn down:
+Ray's shutdown under a running call can crash; the cluster sees the driver gone). A built-in or GGUF model is fetched
 or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
 Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
@@ -46,7 +46,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_connect
+from pdlaunch.config.ray_thread import cut_short
+from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
@@ -66,13 +67,15 @@ def run_ray(cfg: DeploymentConfig) -> int:
 
 
 def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> RayDeployment:
-    """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait). A stop
-    signal meanwhile ends this process, exit 0 (ray_connect_stop.py: a cut-short ray.init is not torn down)."""
+    """The deployment, connected to the cluster (ray.init; the GCS checked first within a bounded wait) and its nodes
+    listed. A stop signal meanwhile ends this process, exit 0 (ray_connect_stop.py: a cut-short Ray call is not torn
+    down)."""
     try:
         with signals.raising():
             return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
     except StopRequested:
-        leave_stopped_connect(console, signals.signal_name, cfg.launcher.ray_address, 0)
+        doing = cut_short() or f"connecting to the Ray cluster at {cfg.launcher.ray_address}"
+        leave_stopped_ray(console, signals.signal_name, doing, 0)
 
 
 def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:
