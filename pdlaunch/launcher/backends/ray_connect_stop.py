@@ -10,15 +10,17 @@ cli.py `_unless_stopped` (the config loader's and check-config's Ray calls) and 
 
 At the command's end (`leave_ray_cluster`: check-config's verdict printed, serve stopped), the driver leaves the
 cluster here, with ray.shutdown in a helper thread, and Ray's atexit hook is dropped: it sleeps 0.5 s first, and a
-Ctrl-C there printed "Exception ignored in atexit callback" and a KeyboardInterrupt traceback. From then to the
-process's end a stop signal ends it at once, after one line, with the command's status: check-config's verdict
-stands (it was printed whole), serve's 0 stays 0. A completed connect that a stop cut short elsewhere is left the
-same way.
+Ctrl-C there printed "Exception ignored in atexit callback" and a KeyboardInterrupt traceback. A stop signal
+meanwhile ends the process at once, after one line, with the command's status: check-config's verdict stands (it was
+printed whole), serve's 0 stays 0. The process then ends with os._exit, its output flushed, rather than through the
+interpreter's exit, which puts the default handlers back before it is done. A completed connect that a stop cut
+short elsewhere is left the same way.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import sys
@@ -50,6 +52,7 @@ def _exit_on_stop(exit_code: int, doing: str) -> None:
 
 
 def _flushed_exit(exit_code: int) -> NoReturn:
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
@@ -86,12 +89,13 @@ def leave_stopped_ray(console: Console, signal_name: str, doing: str, exit_code:
 
 
 def leave_ray_cluster(console: Console, exit_code: int) -> None:
-    """The command is done and exits with `exit_code`: when it used Ray, the driver leaves the cluster now, and a
-    stop signal from here to the process's end ends it at once with `exit_code`. A Ray call still running (its wait
-    ended by its bound) is not torn down: the process leaves with os._exit."""
+    """The command is done and exits with `exit_code`: when it used Ray, the driver leaves the cluster now (a Ray
+    call still running, its wait ended by its bound, is not torn down), a stop signal meanwhile ending the process
+    at once with `exit_code`, and then the process ends with os._exit: the interpreter's own exit puts the default
+    handlers back before it is done (a stop there ended the process by the signal, -2 or -15, in 4 of 30 signals
+    sent at random moments after the verdict)."""
     if not used():
         return
     _exit_on_stop(exit_code, LEAVING)
     _shutdown(console, exit_code)
-    if cut_short() is not None:
-        _flushed_exit(exit_code)
+    _flushed_exit(exit_code)
