@@ -31,6 +31,7 @@ from pdlaunch.errors import PdlaunchError
 # A backstop: ray.init gives up on its own well before (its GCS client retries for about a minute), and the GCS
 # was seen answering just before it (ray_gcs.check_gcs_answers).
 INIT_TIMEOUT_S = 300.0
+_tried = False  # this process called ray.init: it has a driver to take off the cluster at its end
 _NO_SIGTERM_HANDLER = "SIGTERM handler is not set because current thread is not the main thread"
 
 
@@ -52,6 +53,8 @@ def init_in_thread(ray: ModuleType, address: str, **kwargs: object) -> None:
     """ray.init(address=address, **kwargs), run in a helper thread; what it raised is raised here. A stop signal
     meanwhile raises here (config/ray_thread.py), ray_thread.cut_short() saying "connecting to the Ray cluster at
     ADDRESS". PdlaunchError when ray.init has not returned within INIT_TIMEOUT_S."""
+    global _tried
+    _tried = True
     worker_log = logging.getLogger("ray._private.worker")
     worker_log.addFilter(_drop_no_sigterm_warning)  # kept while ray.init runs (a stop leaves it running)
     late = PdlaunchError(f"ray.init did not return within {INIT_TIMEOUT_S:.0f}s of connecting to the Ray cluster at "
@@ -64,3 +67,8 @@ def init_in_thread(ray: ModuleType, address: str, **kwargs: object) -> None:
         if cut_short() is None:  # ray.init returned (or raised): its warnings are its own again
             worker_log.removeFilter(_drop_no_sigterm_warning)
             _reclaim_signals()
+
+
+def tried() -> bool:
+    """Whether this process called ray.init (connected, or tried to): it has a driver to take off the cluster."""
+    return _tried

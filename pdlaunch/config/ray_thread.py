@@ -29,7 +29,6 @@ POLL_S = 0.1  # the longest a stop signal waits to be seen (Python runs handlers
 T = TypeVar("T")
 
 _running: str | None = None  # what the Ray call under way (or one cut short, still running) is doing
-_used = False  # this process has made a Ray call (it has Ray to leave at its end)
 
 
 def in_ray_thread(ray: ModuleType, work: Callable[[], T], doing: str, timeout_s: float, late: PdlaunchError,
@@ -38,7 +37,7 @@ def in_ray_thread(ray: ModuleType, work: Callable[[], T], doing: str, timeout_s:
     called `name`; what it returned is returned and what it raised is raised here. A stop signal meanwhile raises
     here within POLL_S. `late` (naming the bound) is raised when work() has not finished within `timeout_s`; it
     goes on running then, and cut_short() names it."""
-    global _running, _used
+    global _running
     results: list[T] = []
     errors: list[BaseException] = []
 
@@ -49,7 +48,7 @@ def in_ray_thread(ray: ModuleType, work: Callable[[], T], doing: str, timeout_s:
             errors.append(exc)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    _running, _used = doing, True
+    _running = doing
     thread.start()
     deadline = time.monotonic() + timeout_s
     while thread.is_alive() and time.monotonic() < deadline:
@@ -70,7 +69,3 @@ def cut_short() -> str | None:
     Ray must not be torn down under it), else None."""
     return _running
 
-
-def used() -> bool:
-    """Whether this process made a Ray call (connected, or tried to): it has Ray to leave at its end."""
-    return _used

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pdlaunch.config import ray_thread
+from pdlaunch.config import ray_init, ray_thread
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def _stop_handlers_given_back(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     (launcher/backends/ray_connect_stop.leave_ray_cluster): in pytest they are given back after each test, and
     config/ray_thread's record of Ray calls is reset."""
     monkeypatch.setattr(ray_thread, "_running", None)
-    monkeypatch.setattr(ray_thread, "_used", False)
+    monkeypatch.setattr(ray_init, "_tried", False)
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     before = {sig: signal.getsignal(sig) for sig in sigs}
     try:

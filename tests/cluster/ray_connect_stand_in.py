@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import pytest
 
-from pdlaunch.config import ray_thread
+from pdlaunch.config import ray_init, ray_thread
 
 SIGNAL_WAIT_S = 30.0  # the stand-in waits this long for the signal to end the process
 INSIDE_INIT = "inside ray.init"  # the connect cut short: ray_thread.cut_short() still names it
@@ -83,6 +83,6 @@ def stand_in_ray(monkeypatch: pytest.MonkeyPatch, how: str, when: str) -> RayCal
     monkeypatch.setattr(ray, "nodes", lambda: _signal_and_wait(how, calls))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.shutdowns.append("shutdown"))
     monkeypatch.setattr(ray_thread, "_running", None)  # a cut-short Ray call leaves it set: reset after the test
-    monkeypatch.setattr(ray_thread, "_used", False)
+    monkeypatch.setattr(ray_init, "_tried", False)
     monkeypatch.setattr(os, "_exit", calls.leave)
     return calls

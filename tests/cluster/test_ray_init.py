@@ -36,7 +36,7 @@ def test_a_ray_init_that_never_returns_is_named_within_the_bound(monkeypatch: py
     unregistered: list[object] = []
     monkeypatch.setattr(ray_thread.atexit, "unregister", unregistered.append)
     monkeypatch.setattr(ray_thread, "_running", None)  # the call left running: reset after the test
-    monkeypatch.setattr(ray_thread, "_used", False)
+    monkeypatch.setattr(ray_init, "_tried", False)
     started = time.monotonic()
     try:
         with pytest.raises(PdlaunchError) as caught:

@@ -29,7 +29,8 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from pdlaunch.config.ray_thread import cut_short, in_ray_thread, used
+from pdlaunch.config.ray_init import tried
+from pdlaunch.config.ray_thread import cut_short, in_ray_thread
 from pdlaunch.errors import PdlaunchError
 
 SHUTDOWN_TIMEOUT_S = 30.0  # ray.shutdown of a driver: a disconnect from the GCS, within a second when it answers
@@ -89,12 +90,12 @@ def leave_stopped_ray(console: Console, signal_name: str, doing: str, exit_code:
 
 
 def leave_ray_cluster(console: Console, exit_code: int) -> None:
-    """The command is done and exits with `exit_code`: when it used Ray, the driver leaves the cluster now (a Ray
+    """The command is done and exits with `exit_code`: when it called ray.init, the driver leaves the cluster now (a Ray
     call still running, its wait ended by its bound, is not torn down), a stop signal meanwhile ending the process
     at once with `exit_code`, and then the process ends with os._exit: the interpreter's own exit puts the default
     handlers back before it is done (a stop there ended the process by the signal, -2 or -15, in 4 of 30 signals
     sent at random moments after the verdict)."""
-    if not used():
+    if not tried():
         return
     _exit_on_stop(exit_code, LEAVING)
     _shutdown(console, exit_code)
