@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import socket
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -37,6 +38,7 @@ INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine a
 CONNECT_TIMEOUT_S = 5.0  # the GCS port must accept a TCP connection within this
 GPU_PROBE_TIMEOUT_S = 120.0  # a one-GPU task reading the GPU's memory (a node's Python imports torch first)
 NODES_TIMEOUT_S = 60.0  # ray.nodes: one GCS request, answered within milliseconds by a live head
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # e.g. RayTaskError's "\x1b[36mray::gpu_total_bytes()\x1b[39m"
 NAMESPACE = "pdlaunch"  # Ray namespace of every actor the launcher makes
 
 Strategy = Literal["PACK", "SPREAD"]
@@ -197,11 +199,19 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
         # in a helper thread: a stop signal's exception raised inside ray.init can hang the process (ray_init.py)
         init_in_thread(ray, address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                        configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except PdlaunchError:
+        raise  # ray.init not returning within its bound (ray_init.py) is named already
+    except Exception as exc:  # noqa: BLE001 (ConnectionError, RuntimeError for a version mismatch, ValueError, ...)
         raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
     return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message, without the terminal colours Ray puts in a task's name."""
+    lines = ANSI_ESCAPE.sub("", str(exc)).splitlines()
+    return lines[0] if lines else ""
 
 
 def _cause_of(exc: BaseException) -> str:
@@ -268,7 +278,7 @@ def cluster_gpus(cfg: DeploymentConfig) -> tuple[int, float] | None:
         raise
     except Exception as exc:  # noqa: BLE001 (Ray's task, timeout and node errors have no common base but this)
         raise PdlaunchError(f"could not read the memory of a GPU of the Ray cluster within {GPU_PROBE_TIMEOUT_S:.0f}s "
-                            f"(a one-GPU task): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                            f"(a one-GPU task): {type(exc).__name__}: {_first_line(exc)}",
                             field=FIELD, hint="every GPU may be held by other tasks (`ray status`), or a node's "
                             "CUDA or torch is broken; free a GPU, or check the nodes") from None
     return per_node, int(total) / (1 << 30)

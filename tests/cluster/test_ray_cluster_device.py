@@ -126,3 +126,37 @@ def test_a_refused_connection_names_rays_underlying_cause(monkeypatch: pytest.Mo
         ray_cluster.connect(cfg())
     assert "Failed to connect" in caught.value.message and "AuthenticationError: the token in ~/.ray/auth_token" in \
         caught.value.message and caught.value.field == "launcher.ray_address"
+
+
+def test_a_task_error_is_named_without_terminal_colours(monkeypatch: pytest.MonkeyPatch) -> None:
+    failed = RuntimeError("\x1b[36mray::gpu_total_bytes()\x1b[39m (pid=7, ip=10.0.0.1)\nAssertionError: no CUDA")
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([GPU_NODE], gpu_bytes=failed))
+    with pytest.raises(PdlaunchError) as caught:
+        backend_target(cfg("cuda"))
+    assert "RuntimeError: ray::gpu_total_bytes() (pid=7, ip=10.0.0.1);" in caught.value.message + ";", \
+        repr(caught.value.message)
+
+
+def test_any_error_of_ray_init_is_one_line_naming_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only ConnectionError, RuntimeError (a version mismatch) and ValueError: a TimeoutError of Ray's GCS
+    client went through as a traceback."""
+
+    class TimingOutRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**kwargs: Any) -> None:
+            raise TimeoutError("Timed out while waiting for the GCS to answer")
+
+        @staticmethod
+        def shutdown() -> None:
+            """ray.init's helper thread registers nothing: never called here."""
+
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: TimingOutRay)
+    with pytest.raises(PdlaunchError) as caught:
+        ray_cluster.connect(cfg())
+    assert caught.value.field == "launcher.ray_address"
+    assert caught.value.message == "cannot connect to the Ray cluster at auto: Timed out while waiting for the GCS " \
+                                   "to answer", caught.value.message
