@@ -12,7 +12,8 @@ The proxy runs here, as a child process, and knows each instance at its node's a
 Files: ray_deployment.py (`RayDeployment`: start, supervise, stop), ray_actors.py (each instance's
 placement group and actors), ray_proxy.py (the proxy here), ray_run.py (one instance as the launcher
 sees it), ray_head.py (the head's GCS watched), config/ray_gcs.py (the GCS checked before ray.init),
-ray_instance.py (the rank-0 actor), ray_connect_stop.py (a stop signal while connecting).
+ray_instance.py (the rank-0 actor), ray_connect_stop.py (how this process leaves Ray: a stop during a Ray call,
+and at the command's end).
 
 Supervision (launcher/restart_policy.py, as the local supervisor): an instance whose rank-0 `serve`
 call ends (the engine failed, an actor died, its node is gone) has its actors and placement group
