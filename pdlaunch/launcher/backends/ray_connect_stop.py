@@ -68,12 +68,13 @@ def _shutdown(console: Console, exit_code: int) -> None:
     atexit.unregister(ray.shutdown)  # done here; Ray's hook would sleep 0.5 s first, deaf to our handlers
     if cut_short() is not None or not ray.is_initialized():
         return
-    late = PdlaunchError(f"ray.shutdown did not return within {SHUTDOWN_TIMEOUT_S:.0f}s", field="launcher.ray_address")
+    late = PdlaunchError(f"ray.shutdown did not return within {SHUTDOWN_TIMEOUT_S:g}s", field="launcher.ray_address")
     try:
         in_ray_thread(ray, ray.shutdown, LEAVING, SHUTDOWN_TIMEOUT_S, late, name="ray.shutdown")
-    except PdlaunchError as exc:
-        console.print(f"{exc.message}; leaving without it (the cluster sees the driver gone)", highlight=False,
-                      soft_wrap=True)
+    except Exception as exc:  # noqa: BLE001 (the bound, or whatever Ray's disconnect raised: one line, not a traceback)
+        why = exc.message if isinstance(exc, PdlaunchError) else f"ray.shutdown failed: {type(exc).__name__}: {exc}"
+        console.print(f"{why}; leaving without it (the cluster sees the driver gone)", highlight=False,
+                      markup=False, soft_wrap=True)
         _flushed_exit(exit_code)
 
 
