@@ -92,14 +92,14 @@ class PromptTokens:
 
     def _encodes_inline(self, prompt: str | ChatPrompt) -> bool:
         if isinstance(prompt, str):
-            return tokenizes_inline(prompt, self._pieces.uncached_chars(prompt, True))
+            return tokenizes_inline([prompt], self._pieces.uncached_chars(prompt, True))
         if len(prompt.messages) > INLINE_CHAT_MESSAGES:
             return False
         try:
             text = render(self._tokenizer, prompt)
         except (OpenAIError, PdlaunchError, TemplateError):  # tokenize answers it, here: a 400 is quick
             return True
-        return tokenizes_inline(prompt, self._pieces.uncached_chars(text, prompt.add_special_tokens))
+        return tokenizes_inline([prompt], self._pieces.uncached_chars(text, prompt.add_special_tokens))
 
 
 def _validated_inline(body: Body, chat: bool) -> bool:
