@@ -165,3 +165,34 @@ def test_the_probe_at_start_refuses_pieces_that_the_checks_let_through(tmp_path:
     assert pieces.why_whole == "its pieces' ids differed from the whole text's on a probe"
     text = "<|user|>hello world<|end|>foo bar"
     assert pieces.encode(text, False) == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_the_added_tokens_scan_finds_the_leftmost_longest_as_an_alternation_does() -> None:
+    import random
+    import re
+
+    from pdlaunch.proxy.prompt_pieces import _added_pattern
+
+    rng = random.Random(7)
+    for _ in range(200):
+        contents = sorted({"".join(rng.choice("<|>ab") for _ in range(rng.randint(1, 5))) for _ in range(8)},
+                          key=len, reverse=True)
+        text = "".join(rng.choice("<|>abc") for _ in range(60))
+        alternation = re.compile("|".join(map(re.escape, contents)))
+        assert [m.span() for m in _added_pattern(contents).finditer(text)] == \
+            [m.span() for m in alternation.finditer(text)], (contents, text)
+
+
+def test_a_text_of_added_token_openings_is_scanned_in_time_under_thousands_of_added_tokens() -> None:
+    """The scan runs on the proxy's event loop: an alternation of 6,000 tokens tried each at every "<|" of a
+    client's text took ~4 s for these 600k characters (a 2-core CPU), the trie a few ms."""
+    import time
+
+    from pdlaunch.proxy.prompt_pieces import _added_pattern
+
+    contents = sorted([f"<|reserved_special_token_{i}|>" for i in range(6000)] + ["<|eot_id|>"], key=len, reverse=True)
+    pattern = _added_pattern(contents)
+    text = "<|" * 300_000 + "<|eot_id|>"
+    started = time.perf_counter()
+    assert [m.end() for m in pattern.finditer(text)] == [len(text)]
+    assert time.perf_counter() - started < 1.0
