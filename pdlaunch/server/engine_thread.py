@@ -69,6 +69,7 @@ class EngineThread:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._engine: LLMEngine | None = None
+        self._idle_check = IdleCheck()  # when the KV block integrity check runs
         self.state: EngineState = "loading"
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
@@ -103,7 +104,7 @@ class EngineThread:
         self._ready.set()
         log.info("engine ready")
         busy = False
-        check = IdleCheck()
+        check = self._idle_check
         try:
             while not self._stop.is_set():
                 wait = 0.0 if busy else self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
@@ -205,6 +206,7 @@ class EngineThread:
             self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
             return
         self.counts.started(stream.request_id)
+        self._idle_check.added()  # (one that ends within its first step never shows as busy)
         stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:

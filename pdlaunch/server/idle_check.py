@@ -24,6 +24,11 @@ class IdleCheck:
         self._idle_since: float | None = None
         self._ran_at: float | None = None
 
+    def added(self) -> None:
+        """A request was added: a check is due after it, even if it ends within the step it was added for (the
+        engine's idle time starts again after that step)."""
+        self._pending, self._idle_since = True, None
+
     def after_step(self, busy: bool, now: float) -> bool:
         if busy:
             self._pending, self._idle_since = True, None

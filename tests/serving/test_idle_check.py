@@ -31,6 +31,14 @@ def test_due_once_the_engine_was_idle_a_while_not_the_moment_it_went_idle() -> N
     assert not check.after_step(False, 11.0) and math.isinf(check.due_in(11.0))  # nothing ran since
 
 
+def test_a_request_that_ends_within_its_first_step_is_checked_after_too() -> None:
+    check = IdleCheck(idle_s=0.2, every_s=5.0)
+    check.after_step(False, 1.0)  # idle since 1.0
+    check.added()  # a prefill's request: added, computed and finished in the next step
+    assert not check.after_step(False, 5.0)  # idle again from 5.0, not since 1.0: no check at once
+    assert check.after_step(False, 5.25)
+
+
 def test_at_most_once_per_interval_under_steady_traffic() -> None:
     check = IdleCheck(idle_s=0.2, every_s=5.0)
     checks, now = 0, 0.0
