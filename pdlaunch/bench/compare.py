@@ -38,7 +38,7 @@ from pdlaunch.bench.compare_layout import (
 )
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import Yardstick
-from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
+from pdlaunch.bench.rate_sweep import DeploymentRun, check_sweep_fits, run_deployment
 from pdlaunch.bench.report import ServeDoc, write_atomic
 from pdlaunch.config.problems import with_article
 from pdlaunch.config.rules.host import make_output_dir
@@ -160,6 +160,7 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
     make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
+    check_sweep_fits(cfg)
     runs = baseline_runs(cfg)
     for run in runs:  # the out folder holds every deployment the report shows
         _keep(run, cfg.out / f"{run.kind}.json", kept)

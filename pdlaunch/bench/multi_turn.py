@@ -51,6 +51,7 @@ from pdlaunch.bench.report import (
 from pdlaunch.bench.serve import frozen_heap, prepare_outputs, save_result
 from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
 from pdlaunch.bench.workload import BenchRequest, arrival_times
+from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.errors import PdlaunchError
 
 COUNTERS = {"prompt_tokens_computed": PROMPT_TOKENS_COMPUTED, "kv_bytes_moved": KV_BYTES}
@@ -210,6 +211,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
         raise PdlaunchError("--multi-turn over chat sends words", field="--prompt-format", hint="drop --prompt-format")
     goodput_ms = parse_goodput(cfg.goodput)
     prepare_outputs(cfg)
+    check_workload_fits(cfg)
     conversations, duration, model, delta = asyncio.run(_bench(cfg, console))
     results = [r for c in conversations for r in c.results]
     metrics = calculate_metrics(results, duration, goodput_ms)

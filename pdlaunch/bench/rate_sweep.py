@@ -16,6 +16,7 @@ from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.report import ServeDoc
 from pdlaunch.bench.serve import measure
 from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
@@ -54,6 +55,15 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
         num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
         ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,
     )
+
+
+def check_sweep_fits(cfg: CompareConfig) -> None:
+    """Every rate's workload fits in the memory available (workload_size.py), checked before any deployment starts;
+    the flags named are `bench compare`'s."""
+    for index in range(len(cfg.rates)):
+        check_workload_fits(bench_config(cfg, "http://127.0.0.1", index),  # the URL sizes nothing
+                            "--duration" if cfg.duration is not None else "--num-prompts",
+                            "--input-lens" if cfg.input_lens is not None else "--input-len")
 
 
 def _latencies_text(point: RatePoint) -> str:

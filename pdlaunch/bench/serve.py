@@ -34,6 +34,7 @@ from pdlaunch.bench.report import (
 )
 from pdlaunch.bench.serve_config import ServeBenchConfig
 from pdlaunch.bench.workload import BenchRequest, arrival_times, sample_requests
+from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 
@@ -108,6 +109,7 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
     """Run the workload of `cfg` once; returns the metrics, per-request results and the JSON document.
     Prints only the progress line; a run where every request failed is returned, not raised."""
     goodput_ms = parse_goodput(cfg.goodput)
+    check_workload_fits(cfg)  # before the server is asked anything: the prompts are drawn before the run
     results, duration, model = asyncio.run(_bench(cfg, console))
     metrics = calculate_metrics(results, duration, goodput_ms)
     run_info: ServeDoc = {

@@ -88,6 +88,10 @@ class ServeBenchConfig(BaseModel):
         ignored = [flag for name, flag in other_mode.items() if getattr(self, name) != defaults[name].default]
         if self.multi_turn and not self.is_chat and self.prompt_format == "words":
             ignored.append("--prompt-format words (multi-turn completions resend the server's token ids)")
+        if self.multi_turn and self.num_conversations * self.num_turns > MAX_PROMPTS:
+            raise ValueError(f"--num-conversations {self.num_conversations} x --num-turns {self.num_turns} is "
+                             f"{self.num_conversations * self.num_turns} requests, more than {MAX_PROMPTS}; give fewer "
+                             "conversations or turns")
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: not used {'with' if self.multi_turn else 'without'} --multi-turn")
         if self.input_lens is not None:
