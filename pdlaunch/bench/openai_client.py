@@ -68,7 +68,11 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
             if data_str == "[DONE]":
                 done = True
                 break
-            data = json.loads(data_str)
+            try:
+                data = json.loads(data_str)
+            except json.JSONDecodeError:
+                result.error = f"a stream chunk is not JSON: {data_str[:300]}"
+                return chunks
             if not isinstance(data, dict):
                 result.error = f"a stream chunk is not a JSON object: {data_str[:300]}"
                 return chunks
@@ -76,8 +80,11 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 result.error = f"server error in stream: {str(data['error'])[:300]}"
                 return chunks
             if data.get("choices"):
-                choices = [c for c in data["choices"] if isinstance(c, dict)] \
-                    if isinstance(data["choices"], list) else []
+                choices = data["choices"]
+                if not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+                    # counted as a token, such a chunk made a TTFT and a token count out of no token
+                    result.error = f"a stream chunk's choices are not a list of objects: {data_str[:300]}"
+                    return chunks
                 ended = {c.get("finish_reason") for c in choices} & CUT_SHORT
                 if ended:
                     result.error = (f"the server ended the request with finish_reason {ended.pop()} after "
@@ -97,10 +104,14 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
             usage = data.get("usage")
             if isinstance(usage, dict):
                 completion = usage.get("completion_tokens")
+                prompt = usage.get("prompt_tokens")
+                if not all(count is None or (type(count) is int and count >= 0) for count in (completion, prompt)):
+                    result.error = f"the stream's usage counts are not token counts (integers >= 0): {data_str[:300]}"
+                    return chunks
                 if completion is not None:  # 0 is a count (an answer without a token), not a missing one
-                    result.output_len = int(completion)
+                    result.output_len = completion
                     usage_seen = True
-                result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+                result.prompt_len = prompt or req.prompt_len
     if not done:
         result.error = f"the stream ended before [DONE] after {chunks} chunk(s): the answer was cut short"
     elif usage_seen and result.output_len == 0 and chunks:
@@ -139,7 +150,12 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str
     """Check the server answers, and pick the model: --model, else the first of GET /v1/models."""
     try:
         resp = await client.get(cfg.models_url, timeout=30.0)
-    except httpx.ConnectError:
+    except httpx.ConnectError as exc:
+        if "SSL" in str(exc):  # https:// to a plain HTTP server: the TLS handshake got an HTTP answer
+            raise PdlaunchError(
+                f"the TLS handshake with {cfg.base_url} failed ({exc})", field="--base-url",
+                hint="does the server speak https? pdlaunch's proxy and instances serve http://",
+            ) from None
         raise PdlaunchError(
             f"cannot connect to {cfg.base_url}", field="--base-url", hint="is the server running and the URL right?"
         ) from None

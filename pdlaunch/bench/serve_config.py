@@ -69,6 +69,25 @@ class ServeBenchConfig(BaseModel):
             raise ValueError(f"{url!r}: port {parsed.port} is not in 1..65535; {fix}")
         return url
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_path(cls, endpoint: str) -> str:
+        """A path under --base-url ending in completions: "" or a whole URL was sent to the server's root or to
+        `BASE/http://...`, and failed later as every request's error without naming this flag."""
+        path = endpoint.strip().rstrip("/")
+        if "://" in path or not path.endswith("completions"):
+            raise ValueError(f"{endpoint!r} is not an OpenAI completions path; give /v1/completions or "
+                             "/v1/chat/completions (the server's address goes in --base-url)")
+        return endpoint
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str | None) -> str | None:
+        if model is not None and not model.strip():  # `--model "$MODEL"` with MODEL unset
+            raise ValueError("is empty (an unset variable?); give the served model's name, or drop the flag to "
+                             "use the first of the server's /v1/models")
+        return model
+
     @field_validator("result_filename")
     @classmethod
     def _file_name(cls, name: str | None) -> str | None:
