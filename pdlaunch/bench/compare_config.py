@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pdlaunch.bench.goodput import Slo
 from pdlaunch.bench.serve_config import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB
+from pdlaunch.config.strict_model import MAX_SECONDS
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S
 
 DeploymentKind = Literal["colocated", "pd", "conditional", "advised"]
@@ -61,8 +62,9 @@ class CompareConfig(BaseModel):
     config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
     # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
     baseline: Path | None = None
-    request_timeout: float = Field(600.0, gt=0)
-    ready_timeout: float = Field(READY_TIMEOUT_S, gt=0)
+    # the proxy's request timeout is set 30 s above it, and a deployment takes no timeout over MAX_SECONDS
+    request_timeout: float = Field(600.0, gt=0, le=MAX_SECONDS - 30, allow_inf_nan=False)
+    ready_timeout: float = Field(READY_TIMEOUT_S, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     out: Path
 
     @field_validator("rates")

@@ -15,7 +15,8 @@ from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.config.problems import Problem
+from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 
 
@@ -128,7 +129,11 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
         overrides["proxy.disaggregate_min_tokens"] = None
         overrides["proxy.disaggregate_max_queue_tokens"] = None
         overrides["proxy.disaggregate_max_itl_ms"] = None
-    deployment = load_valid_deployment(cfg.config, overrides)
+    try:
+        deployment = load_valid_deployment(cfg.config, overrides)
+    except ConfigError as exc:  # its problems name config paths; the user typed compare's flags and --config
+        raise ConfigError([Problem(_flag_of(problem.field, kind, cfg), problem.message)
+                           for problem in map(Problem._make, exc.problems)]) from None
     if kind in ("pd", "advised") and deployment.proxy.disaggregate_min_tokens is not None:
         raise PdlaunchError(
             f"the base config sets proxy.disaggregate_min_tokens: {deployment.proxy.disaggregate_min_tokens}, so the "
@@ -136,6 +141,23 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
             hint="drop it from the config and pass --disaggregate-min-tokens N: compare then runs always-PD and "
                  "per-request disaggregation side by side")
     return deployment
+
+
+# config paths compare sets from its own flags (deployment_config's overrides)
+_SET_BY_FLAG = {"model.path": "--model", "model.max_model_len": "--max-model-len",
+                "proxy.request_timeout_seconds": "--request-timeout", "device": "--device", "log_dir": "--out"}
+
+
+def _flag_of(path: str, kind: DeploymentKind, cfg: CompareConfig) -> str:
+    """The flag that set config path `path` in `kind`'s deployment, else the key of the --config file (`path` as
+    is when there is none)."""
+    if path.startswith("instances"):
+        return "--colocated-instances" if kind == "colocated" else "--prefill/--decode"
+    if path in _SET_BY_FLAG:
+        return _SET_BY_FLAG[path]
+    if cfg.config is None:
+        return path
+    return "--config" if path == "config" else f"{path} (in --config)"
 
 
 def _model_info(deployment: DeploymentConfig) -> ModelInfo:
