@@ -69,11 +69,11 @@ def _ports_of_group(cfg: DeploymentConfig, index: int) -> str:
     return f"{group.base_port}" if group.count <= 1 else f"{group.base_port}-{group.base_port + group.count - 1}"
 
 
-def _names_of_group(role: str, numbers: list[int]) -> str:
+def _names_of_group(role: str, numbers: range) -> str:
     """The group's instance names (numbered per role across groups): `decode-1`, or `decode-1..3` for several."""
     if not numbers:
         return "none"
-    return instance_name(role, numbers[0]) + (f"..{numbers[-1]}" if len(numbers) > 1 else "")
+    return instance_name(role, numbers[0]) + (f"..{numbers[-1]}" if numbers[-1] != numbers[0] else "")
 
 
 def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:

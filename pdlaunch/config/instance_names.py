@@ -25,13 +25,14 @@ def instance_name(role: str, number: int) -> str:
     return f"{role}-{number}"
 
 
-def role_numbers(groups: Sequence[InstanceGroupConfig]) -> list[list[int]]:
+def role_numbers(groups: Sequence[InstanceGroupConfig]) -> list[range]:
     """numbers[g][k]: the number (`instance_name`'s) of instance k of groups[g], counted per role across the
-    groups in order."""
+    groups in order. Ranges, not lists: check-config prints the names of a count too large to run (10**20, refused
+    with a problem) without making a number for each."""
     taken: dict[str, int] = {}  # role -> instances of it in the groups before
-    numbers: list[list[int]] = []
+    numbers: list[range] = []
     for group in groups:
         first = taken.get(group.role, 0)
-        numbers.append(list(range(first, first + group.count)))
+        numbers.append(range(first, first + group.count))
         taken[group.role] = first + group.count
     return numbers

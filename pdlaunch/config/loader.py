@@ -190,6 +190,8 @@ def _salvage(raw: dict[str, object], exc: ValidationError) -> DeploymentConfig |
     can still report their problems next to the field errors; None when that does not parse."""
     salvaged = copy.deepcopy(raw)
     for err in exc.errors():
+        if not err["loc"]:  # the whole document is wrong (a key that is no string): nothing to salvage
+            return None
         *parents, last = err["loc"]
         node: object = salvaged
         for part in parents:
