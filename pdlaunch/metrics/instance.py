@@ -15,6 +15,12 @@ PREEMPTED_TOKENS_RECOMPUTED = Counter(
 PROMPT_TOKENS_COMPUTED = Counter(
     "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed at admission: neither in its prefix "
     "cache (or CPU tier) nor loaded over a KV transfer (bench serve --multi-turn reads it)")
+KV_INTEGRITY_CHECKS = Counter(
+    "pdlaunch_kv_integrity_checks", "KV block integrity checks run (once the engine has been idle a while: "
+    "server/idle_check.py)")
+KV_INTEGRITY_FAILURES = Counter(
+    "pdlaunch_kv_integrity_failures", "KV block integrity checks that found the block bookkeeping inconsistent (a "
+    "pdlaunch bug: the instance's log says what; please report it)")
 KV_BLOCKS_USED = Gauge("pdlaunch_kv_blocks_used", "KV blocks in use")
 KV_BLOCKS_TOTAL = Gauge("pdlaunch_kv_blocks_total", "KV blocks in the cache")
 REQUESTS_RUNNING = Gauge("pdlaunch_requests_running", "Requests being computed")

@@ -24,7 +24,13 @@ from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.metrics.instance import INTER_TOKEN_LATENCY, KV_BLOCKS_TOTAL, TIME_TO_FIRST_TOKEN
+from pdlaunch.metrics.instance import (
+    INTER_TOKEN_LATENCY,
+    KV_BLOCKS_TOTAL,
+    KV_INTEGRITY_CHECKS,
+    KV_INTEGRITY_FAILURES,
+    TIME_TO_FIRST_TOKEN,
+)
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add, Command
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
@@ -267,7 +273,10 @@ class EngineThread:
         try:
             engine.check_integrity()
         except Exception as exc:  # noqa: BLE001 - a leak is logged loudly, serving goes on
+            KV_INTEGRITY_FAILURES.inc()
             log.error("KV block integrity check failed after the engine went idle: %s", exc)
+        finally:
+            KV_INTEGRITY_CHECKS.inc()
 
     def _fatal(self, message: str, exc: BaseException) -> None:
         self.state = "failed"

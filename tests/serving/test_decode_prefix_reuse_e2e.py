@@ -54,7 +54,8 @@ def _complete(serve: Serve, prompt: list[int]) -> list[int]:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    wanted = ("pdlaunch_kv_transfer_bytes_total", "pdlaunch_decode_prefix_hit_tokens_total")
+    wanted = ("pdlaunch_kv_transfer_bytes_total", "pdlaunch_decode_prefix_hit_tokens_total",
+              "pdlaunch_kv_integrity_checks_total", "pdlaunch_kv_integrity_failures_total")
     values = {name: 0.0 for name in wanted}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.partition(" ")
@@ -90,6 +91,7 @@ def test_turn_two_moves_only_the_blocks_the_decode_lacks(serve: Serve) -> None:
             cached = cached | set(event.hashes) if event.type == "stored" else cached - set(event.hashes)
 
     computed_before = _stats(prefill)["stats"]["prompt_tokens_computed"]
+    turn2_checks = {url: _metrics(url)["pdlaunch_kv_integrity_checks_total"] for url in (prefill, decode)}
     turn2_prompt = TURN1 + answer1 + NEW_MESSAGE
     answer2 = _complete(serve, turn2_prompt)
     turn2 = _metrics(decode)
@@ -106,5 +108,11 @@ def test_turn_two_moves_only_the_blocks_the_decode_lacks(serve: Serve) -> None:
 
     for url in (prefill, decode):  # every block came back (held KV freed, nothing leaked)
         wait_for(lambda url=url: _stats(url)["num_blocks_used"] == 0, f"{url} to free its blocks", 30)
+    # ... and the bookkeeping of both agrees: each ran an integrity check once turn 2 had started (a request added
+    # makes one due: after 0.2 s idle, at most every 5 s, server/idle_check.py), and no check failed
+    for url in (prefill, decode):
+        wait_for(lambda url=url: _metrics(url)["pdlaunch_kv_integrity_checks_total"]
+                 > turn2_checks[url], f"{url}'s integrity check after turn 2", 60)
+        assert _metrics(url)["pdlaunch_kv_integrity_failures_total"] == 0
     decode_log = (serve.log_dir / "decode-0.log").read_text(errors="replace")
     assert "integrity check failed" not in decode_log

@@ -80,3 +80,26 @@ def test_the_engine_thread_checks_once_after_its_requests_end() -> None:
         assert len(engine.checks) == 1
     finally:
         loop.stop()
+
+
+class BrokenEngine(ServingEngine):
+    def check_integrity(self) -> None:
+        super().check_integrity()
+        raise RuntimeError("group 0: block 3 has ref count 1 and free=True")
+
+
+def test_a_failed_check_is_counted_and_serving_goes_on() -> None:
+    from pdlaunch.metrics.instance import KV_INTEGRITY_CHECKS, KV_INTEGRITY_FAILURES
+
+    checks0, failures0 = KV_INTEGRITY_CHECKS._value.get(), KV_INTEGRITY_FAILURES._value.get()
+    engine = BrokenEngine(busy_steps=5)
+    loop = EngineLoop(lambda: engine, idle_wait_s=0.001, quiescent_wait_s=600.0)  # type: ignore[arg-type,return-value]
+    loop.start()
+    try:
+        assert loop.wait_ready(30), "the engine loop to start"
+        wait_for(lambda: KV_INTEGRITY_FAILURES._value.get() == failures0 + 1, "the failed check counted", 60)
+        assert KV_INTEGRITY_CHECKS._value.get() == checks0 + 1
+        steps = engine.steps
+        wait_for(lambda: engine.steps > steps, "the engine stepping on after a failed check", 60)
+    finally:
+        loop.stop()
