@@ -61,10 +61,13 @@ class RayCluster:
             if proc.returncode != 0:
                 raise RayUnavailable(f"`ray {' '.join(args)}` failed: {out[-2000:]}")
 
-    def start(self) -> None:
+    def start_head(self, *args: str) -> None:
+        """`ray start --head` on 127.0.0.1 under this cluster's directory, with `args` added."""
         self._ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-                   "--temp-dir", str(self.root), "--include-dashboard", "false",
-                   "--resources", json.dumps({HEAD_RESOURCE: 1}), *COMMON])
+                   "--temp-dir", str(self.root), "--include-dashboard", "false", *COMMON, *args])
+
+    def start(self) -> None:
+        self.start_head("--resources", json.dumps({HEAD_RESOURCE: 1}))
         for address, resource in WORKERS.items():  # one at a time: two raylets joining at once may time out
             self._ray(["start", "--address", self.address, "--node-ip-address", address,
                        "--resources", json.dumps({resource: 1}), *COMMON])
@@ -148,6 +151,23 @@ class RayCluster:
         for pid in self._tree(mine):
             signal_pid(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RayHead(RayCluster):
+    """A head alone (no worker raylets), started with `args` added to `ray start --head`."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__()
+        self.args = args
+
+    def start(self) -> None:
+        self.start_head(*self.args)
+
+
+def running_ray_head(*args: str) -> Iterator[RayCluster]:
+    """A module fixture's body: a started head alone (RayHead; the test skipped, saying why, where Ray cannot run
+    here), stopped after the last test."""
+    return running(RayHead(*args), RayUnavailable, "a Ray head")
 
 
 def running_ray() -> Iterator[RayCluster]:

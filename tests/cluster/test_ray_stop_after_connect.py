@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.cli import STOPPED_CHECK_EXIT
-from tests.cluster.ray_cluster import COMMON, RayCluster, RayUnavailable
+from tests.cluster.ray_cluster import RayCluster, running_ray_head
 from tests.serving.helpers import wait_for
 
 pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
@@ -73,17 +73,7 @@ ray.get = get
 @pytest.fixture(scope="module")
 def head() -> Iterator[RayCluster]:
     """One `ray start --head` with one (fake) GPU under its own temporary directory."""
-    cluster = RayCluster()
-    try:
-        cluster._ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(cluster.port),
-                      "--temp-dir", str(cluster.root), "--include-dashboard", "false", *COMMON, "--num-gpus", "1"])
-    except RayUnavailable as exc:
-        cluster.stop()
-        pytest.skip(f"a Ray head cannot start here: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_ray_head("--num-gpus", "1")
 
 
 def _check_config(head: RayCluster, tmp_path: Path, hook_text: str, device: str, sig: signal.Signals

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.launcher.log_dir_lock import LOCK_NAME
-from tests.cluster.ray_cluster import COMMON, RayCluster, RayUnavailable
+from tests.cluster.ray_cluster import RayCluster, running_ray_head
 from tests.serving.helpers import wait_for
 
 pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
@@ -86,17 +86,7 @@ state.GlobalStateAccessor = accessor
 @pytest.fixture(scope="module")
 def head() -> Iterator[RayCluster]:
     """One `ray start --head` (no workers: nothing is placed) under its own temporary directory."""
-    cluster = RayCluster()
-    try:
-        cluster._ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(cluster.port),
-                      "--temp-dir", str(cluster.root), "--include-dashboard", "false", *COMMON])
-    except RayUnavailable as exc:
-        cluster.stop()
-        pytest.skip(f"a Ray head cannot start here: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_ray_head()
 
 
 def _launch(command: str, address: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
