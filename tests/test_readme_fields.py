@@ -127,8 +127,8 @@ NOTES: dict[str, str] = {
                    "`n` samples skips them); request migration sets it",
     "decode_limits": "pdlaunch's: the PD proxy sets it on a prefill leg (`max_tokens`, `max_completion_tokens`, "
                      "`min_tokens` as the client sent them) so that the prefill answers the 400 its decode leg would, "
-                     "before it computes the prompt; ignored on a request without "
-                     "`kv_transfer_params.do_remote_decode: true`",
+                     "before it computes the prompt; refused with 400 on any other request (a client's own, at the "
+                     "proxy and at an instance)",
 }
 
 _MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}

@@ -14,6 +14,7 @@ from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choice_limits import no_room_hint
 from pdlaunch.server.completion_request import CompletionRequest
+from pdlaunch.server.decode_limits import DECODE_LIMITS_REFUSAL
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from pdlaunch.server.responses import PROMPT_RECOMPUTED
 
@@ -176,6 +177,8 @@ def parse_client_body(raw: bytes, chat: bool) -> JsonObject:
     here so that a bad request never costs a prefill leg (nor holds KV for a decode that refuses it).
     Fields the instances may support and we do not know (n, echo) are left for them to judge."""
     body = parse_json_object(raw)
+    if DECODE_LIMITS in body:  # the proxy's own, on a prefill leg it sends; a client's would describe no leg
+        raise OpenAIError(400, DECODE_LIMITS_REFUSAL, param=DECODE_LIMITS)
     request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
     request.sampling_params()
     return body

@@ -29,7 +29,7 @@ from pdlaunch.http.sse import DONE, sse_event
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choice_limits import as_sent, check_choice_count, min_tokens_past_room
 from pdlaunch.server.completion_request import CompletionRequest
-from pdlaunch.server.decode_limits import check_decode_leg
+from pdlaunch.server.decode_limits import DECODE_LIMITS_REFUSAL, check_decode_leg
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompts_token_ids
 from pdlaunch.server.request_metrics import RequestMetrics, SampleGroup
@@ -77,10 +77,12 @@ class Choices:
         self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
             body.max_completion_tokens is not None else "max_tokens"
         self.fills_context = body.fills_context()
-        # A PD prefill leg's: its decode leg's limits (server/decode_limits.py). On any other request they describe no
-        # other leg: a client's own (the proxy passes a client's fields on to the decode leg) refuse nothing.
+        # A PD prefill leg's: its decode leg's limits (server/decode_limits.py). On any other request they would
+        # describe no leg: refused, not ignored.
         prefill_leg = (body.kv_transfer_params or {}).get("do_remote_decode") is True
-        self.decode_limits = body.decode_limits if prefill_leg else None
+        if body.decode_limits is not None and not prefill_leg:
+            raise OpenAIError(400, DECODE_LIMITS_REFUSAL, param="decode_limits")
+        self.decode_limits = body.decode_limits
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
         self.keep_logprobs = params.logprobs is not None

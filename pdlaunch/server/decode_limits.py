@@ -53,6 +53,11 @@ def decode_leg_refusal(limits: DecodeLimits, chat: bool, ids: Sequence[int], max
     return as_sent(error, "messages" if chat else "prompt", limit_field, fills_context=False)
 
 
+DECODE_LIMITS_REFUSAL = ("decode_limits is set by pdlaunch's PD proxy on a prefill leg (one with "
+                         "kv_transfer_params.do_remote_decode: true) and describes no other request: remove it "
+                         "(max_tokens, max_completion_tokens and min_tokens set this request's own limits)")
+
+
 def check_decode_leg(limits: DecodeLimits | None, chat: bool, prompts: Sequence[Sequence[int]], max_model_len: int,
                      vocab_size: int) -> None:
     """Raise the decode leg's 400 (decode_leg_refusal) for the first of the prompts (token ids) it refuses; nothing

@@ -120,10 +120,16 @@ def test_a_refused_prompt_of_a_list_leaves_the_prefill_nothing_held(deployment: 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 def test_decode_limits_apply_to_a_prefill_leg_only(deployment: TinyPD, endpoint: str) -> None:
-    """A client's own `decode_limits` describe no other leg of its request: sent to an instance, or through the proxy
-    (which passes the client's fields on to the decode leg), they refuse nothing its own limits allow."""
+    """A client's own `decode_limits` describe no leg of its request: sent to an instance, or through the proxy
+    (before any leg, so the prefill computes nothing), they are refused with a 400 naming the field, never
+    ignored."""
     body = {**_body(endpoint, {"max_tokens": 4}, 100 if endpoint == "completions" else 4),
             "decode_limits": {"max_tokens": 1000}}
+    computed = _computed(deployment.prefill)
     for url in (deployment.decode, deployment.proxy):
         r = httpx.post(f"{url}/v1/{endpoint}", json=body, timeout=TIMEOUT)
-        assert r.status_code == 200, r.text
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "decode_limits" and "remove it" in r.json()["error"]["message"]
+    assert _computed(deployment.prefill) == computed
+    without = {k: v for k, v in body.items() if k != "decode_limits"}
+    assert httpx.post(f"{deployment.proxy}/v1/{endpoint}", json=without, timeout=TIMEOUT).status_code == 200
