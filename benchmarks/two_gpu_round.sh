@@ -20,7 +20,8 @@
 #               takes spilled prompts chunk them alike): OUT_DIR/cap-CAP/mixed, its table also as OUT_DIR/cap-CAP.json
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
-#               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
+#               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios);
+#               MT_SKIP_NO_REUSE, MT_SKIP_ROUND_ROBIN, MT_SKIP_PREFIX (non-empty) leave that deployment out
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs, rates 2-8 (issue 26; ~300 s on 2x H100)
 #   turns1      one GPU: the multiturn workload on one colocated instance (every turn where the decode-only turns
 #               of `multiturn` run), then one conversation alone: the instance's own TTFT by stage under that
@@ -129,7 +130,7 @@ multiturn)
     # With one decode, round robin reaches the decode that holds the conversation too, so decode-side reuse
     # serves it as well: the first run, without prefix caching, is what every turn cost before issue 31.
     [ -n "${MT_SKIP_NO_REUSE:-}" ] || serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
-    serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
+    [ -n "${MT_SKIP_ROUND_ROBIN:-}" ] || serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
     [ -n "${MT_SKIP_PREFIX:-}" ] || serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
     # ... and with per-request disaggregation: a turn whose conversation the decode holds runs there alone
     # (its new user tokens, fewer than MT_MIN_TOKENS, are all it lacks), so only first turns move KV.

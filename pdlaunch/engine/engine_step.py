@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
+from pdlaunch.engine.async_step import ArrivalWindow, InFlight, deferrable, in_flight
 from pdlaunch.engine.first_token import with_first_token
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
@@ -56,12 +56,14 @@ class EngineStep:
     allocator: AllocatorWatch | None
     async_scheduling: bool
     _in_flight: InFlight | None
+    _window: ArrivalWindow
     _admitted: list[tuple[Request, RequestOutput]]
 
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
             return self.take_admitted()
         outputs: list[RequestOutput] = []
+        started = self._window.stepping()
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
@@ -78,6 +80,7 @@ class EngineStep:
             vllm(ITERATION_TOKENS).observe(sched.num_batched_tokens)
             mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
+            self._window.launched(started)
             argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
@@ -110,6 +113,13 @@ class EngineStep:
         update_metrics(self.scheduler, self.block_manager)
         return outputs
 
+    def arrival_window_s(self) -> float:
+        """Seconds the engine loop may wait for new requests before the next `step` without the device running
+        out of work: with a step in flight on a GPU, what is left of its ArrivalWindow (async_step.py); else 0."""
+        if self._in_flight is None or self._in_flight.ready is None:
+            return 0.0
+        return self._window.seconds(self.clock.decode_step_s)
+
     def take_admitted(self) -> list[RequestOutput]:
         """The outputs of the PD decodes admitted since the last step with their prefill's first token(s) (add_request),
         without any compute: step() hands them out first; a server that stops takes them, so that a request its first
@@ -124,6 +134,7 @@ class EngineStep:
             return []
         step, self._in_flight = self._in_flight, None
         token_ids = step.read()
+        self._window.read()  # the device has started the step launched after it
         for request in step.requests:
             request.num_pending -= 1
         live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]

@@ -68,9 +68,11 @@ class StepClock:
     """Times steps and reports each to `observe`, in launch order: with device events from `event` (None: the
     host's clock)."""
 
-    def __init__(self, event: Callable[[], DeviceEvent] | None, observe: Observe = observe_step) -> None:
+    def __init__(self, event: Callable[[], DeviceEvent] | None, observe: Observe = observe_step,
+                 slow: SlowDecodeSteps | None = None) -> None:
         self._event = event
         self._observe = observe
+        self._slow = slow  # keeps the recent decode steps' mean
         self._open: deque[tuple[StepMark, DeviceEvent, DeviceEvent]] = deque()  # ended on the host, not yet seen
         # to end on the device: (step, begin, end)
 
@@ -105,6 +107,11 @@ class StepClock:
     def pending(self) -> int:
         """Steps ended on the host whose device work has not been seen to finish."""
         return len(self._open)
+
+    @property
+    def decode_step_s(self) -> float | None:
+        """The recent decode steps' mean device time (None before the first, or without a SlowDecodeSteps)."""
+        return self._slow.mean_s if self._slow is not None else None
 
 
 class SlowDecodeSteps:
@@ -147,4 +154,4 @@ def step_clock(device: torch.device) -> StepClock:
         observe_step(requests, tokens, seconds)
         slow.observe(requests, tokens, seconds)
 
-    return StepClock(cuda_timing_event if device.type == "cuda" else None, observe)
+    return StepClock(cuda_timing_event if device.type == "cuda" else None, observe, slow)

@@ -113,7 +113,9 @@ class EngineThread:
         check = self._idle_check
         try:
             while not self._stop.is_set():
-                wait = 0.0 if busy else self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
+                # busy: a new request may still join the next step while the device has work (async_step.py)
+                wait = engine.arrival_window_s() if busy else \
+                    self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
                 self._drain_commands(engine, min(wait, check.due_in(time.monotonic())))
                 if self._stop.is_set():
                     break
