@@ -65,7 +65,7 @@ class DrySteps:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
         to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
         (a chunked prompt's later steps; fewer under a max_model_len of 32) and, where the budget allows one, a
-        chunk over them longer than PAGED_PREFILL_MAX_TOKENS (SDPA over gathered keys with torch's causal_lower_right
+        chunk over one cached token longer than PAGED_PREFILL_MAX_TOKENS (SDPA over gathered keys with torch's causal_lower_right
         mask, whose first use imports torch._dynamo: measured on an H200, a 2 s stall of the first prompt step over
         a cached prefix longer than that, model/attention.py), then, unless this is a prefill
         instance, decode batches of one size per paged-decode launch, alone and beside that chunk (a mixed
@@ -77,9 +77,12 @@ class DrySteps:
             shapes.append((lens, [0] * len(lens)))
         chunk = max(1, min(16, self.max_model_len // 2))  # a chunk over as many cached tokens
         shapes.append(([chunk], [chunk]))
-        longest = min(budget, self.max_model_len - chunk)
-        if longest > PAGED_PREFILL_MAX_TOKENS:  # a chunk over cached tokens too long for the paged prefill kernel
-            shapes.append(([longest], [chunk]))
+        # A chunk over cached tokens too long for the paged prefill kernel, over one cached token: any context
+        # takes that path, and a prefix of one block smaller than `chunk` (block size < 16) leaves room for a
+        # chunk that a 16-token context would not (max_model_len 514-528)
+        longest = min(budget, self.max_model_len - 1)
+        if longest > PAGED_PREFILL_MAX_TOKENS:
+            shapes.append(([longest], [1]))
         if self.role == "prefill":
             return shapes
         max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))

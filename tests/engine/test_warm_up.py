@@ -56,11 +56,15 @@ def test_warm_up_runs_a_chunk_over_cached_tokens_on_the_torch_path_where_the_bud
 
     for role in ("prefill", "decode", "colocated"):
         shapes = _runner(role, 2048, max_model_len=4096).warm_up_shapes()
-        assert ([2048], [16]) in shapes
+        assert ([2048], [1]) in shapes
         assert 2048 > PAGED_PREFILL_MAX_TOKENS
-        shapes = _runner(role, 2048, max_model_len=520).warm_up_shapes()  # 520 - 16 = 504: the kernel's
+        # A one-block prefix of a block size under 16 leaves a 513-519-token chunk over it at max_model_len 520
+        shapes = _runner(role, 2048, max_model_len=520).warm_up_shapes()
+        assert ([519], [1]) in shapes
+        # ... and at max_model_len 513 no chunk over a cached token can pass the kernel's 512 tokens
+        shapes = _runner(role, 2048, max_model_len=PAGED_PREFILL_MAX_TOKENS + 1).warm_up_shapes()
         assert not any(c[0] and q[0] > PAGED_PREFILL_MAX_TOKENS for q, c in shapes)
-    assert ([600], [16]) in _runner("prefill", 600, max_model_len=4096).warm_up_shapes()
+    assert ([600], [1]) in _runner("prefill", 600, max_model_len=4096).warm_up_shapes()
 
 
 def test_warm_up_runs_every_shape_and_writes_nothing_to_the_cache() -> None:
