@@ -13,7 +13,7 @@ ckpt=${CKPT:-/tmp/l8b}
 
 # `one_side VALUE GPU`: serve with VAR=VALUE on GPU, load it, stop it (run in the background, one per GPU)
 one_side() {
-    local value=$1 gpu=$2 port=$((8100 + $2)) pid
+    local value=$1 gpu=$2 port=$((8100 + 100 * $2)) pid  # apart: each serve's instances take the ports after its own
     env "$var=$value" CUDA_VISIBLE_DEVICES=$gpu $py -m pdlaunch serve --model "$ckpt" --colocated \
         --max-model-len 4096 --port $port > "$logs/serve-$value-gpu$gpu.log" 2>&1 &
     pid=$!
@@ -23,6 +23,7 @@ one_side() {
             --random-input-len "${INPUT_LEN:-1024}" --random-output-len "${OUTPUT_LEN:-256}" \
             --max-concurrency "${CONCURRENCY:-64}" --ignore-eos --save-result --result-dir "$out" \
             --result-filename "ab-$value-gpu$gpu.json"
+        curl -s "http://127.0.0.1:$port/metrics" | grep -E "^pdlaunch_engine_(late_launches|steps)_total" | head -4
     else
         tail -20 "$logs/serve-$value-gpu$gpu.log"
     fi

@@ -63,6 +63,7 @@ STAGES = (("pdlaunch_time_to_first_token_seconds", "own TTFT (arrival to first t
 
 ALLOCATOR_SERIES = ("pdlaunch_device_cache_frees_total", "pdlaunch_device_allocator_retries_total",
                     "pdlaunch_device_mallocs_total")  # engine/allocator_watch.py
+LATE_SERIES = "pdlaunch_engine_late_launches_total"  # engine/arrival_window.py: the device waited for the host
 STEP_SERIES = ("pdlaunch_engine_steps_total", "pdlaunch_engine_step_seconds_total", "pdlaunch_engine_step_tokens_total")
 
 
@@ -82,6 +83,8 @@ def _histograms(url: str) -> dict[str, tuple[float, float]]:
             if line.startswith(series + " "):
                 value = float(line.split()[-1])
                 result_paths[f"allocator {series}"] = value
+        if line.startswith(LATE_SERIES + " "):
+            result_paths["late launches"] = float(line.split()[-1])
         if line.startswith("pdlaunch_engine_step_paths_total{"):
             path = line.split('path="', 1)[1].split('"', 1)[0]
             result_paths[path] = float(line.split()[-1])
@@ -95,7 +98,7 @@ def _histograms(url: str) -> dict[str, tuple[float, float]]:
         result[f"steps {kind}"] = (values.get(STEP_SERIES[1], 0.0), count)
         result[f"tokens {kind}"] = (values.get(STEP_SERIES[2], 0.0), count)
     for path, count in result_paths.items():
-        result[path if path.startswith("allocator ") else f"path {path}"] = (count, count)
+        result[path if path.startswith(("allocator ", "late ")) else f"path {path}"] = (count, count)
     return result
 
 
@@ -140,6 +143,9 @@ def diff(a_path: str, b_path: str) -> None:
         if any(grown.values()):
             counts = ", ".join(f"{k} {n:.0f}" for k, n in sorted(grown.items()))
             print(f"  {name}: CUDA allocator while serving: {counts}")
+        if "late launches" in stages:
+            late = stages["late launches"][0] - a["stages"].get(name, {}).get("late launches", (0.0, 0.0))[0]
+            print(f"  {name}: {late:.0f} late launches (the device waited for the host)")
         for key in sorted(k for k in stages if k.startswith("steps ")):
             kind = key.split(" ", 1)[1]
             (seconds, count), (tokens, _) = stages[key], stages[f"tokens {kind}"]

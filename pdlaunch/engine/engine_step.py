@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdlaunch.engine.async_step import ArrivalWindow, InFlight, deferrable, in_flight
+from pdlaunch.engine.arrival_window import ArrivalWindow
+from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
 from pdlaunch.engine.first_token import with_first_token
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
@@ -80,7 +81,7 @@ class EngineStep:
             vllm(ITERATION_TOKENS).observe(sched.num_batched_tokens)
             mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
-            self._window.launched(started)
+            self._window.launched(started, self._in_flight.done() if self._in_flight is not None else None)
             argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
@@ -115,7 +116,7 @@ class EngineStep:
 
     def arrival_window_s(self) -> float:
         """Seconds the engine loop may wait for new requests before the next `step` without the device running
-        out of work: with a step in flight on a GPU, what is left of its ArrivalWindow (async_step.py); else 0."""
+        out of work: with a step in flight on a GPU, what is left of its ArrivalWindow (arrival_window.py); else 0."""
         if self._in_flight is None or self._in_flight.ready is None:
             return 0.0
         return self._window.seconds(self.clock.decode_step_s)

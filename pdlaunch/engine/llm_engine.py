@@ -20,7 +20,8 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, in
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.allocator_watch import allocator_watch
-from pdlaunch.engine.async_step import ArrivalWindow, InFlight
+from pdlaunch.engine.arrival_window import ArrivalWindow
+from pdlaunch.engine.async_step import InFlight
 from pdlaunch.engine.engine_requests import EngineRequests
 from pdlaunch.engine.engine_step import EngineStep
 from pdlaunch.engine.output_processor import OutputProcessor
@@ -107,7 +108,7 @@ class LLMEngine(EngineRequests, EngineStep):
         self._arrival = itertools.count()
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
         self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
-        self._window = ArrivalWindow()  # how long the loop may wait for arrivals before the next step (async_step.py)
+        self._window = ArrivalWindow()  # how long the loop may wait for arrivals before the next step
         self.allocator = allocator_watch(self.device)  # its retries stall steps: counted and logged
         self.async_scheduling = self._async_scheduling(config)
         # first tokens taken from a prefill's answer, out next step (or take_admitted) unless their request was aborted

@@ -16,6 +16,8 @@ ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in 
 ENGINE_SLOW_DECODE_STEPS = Counter("pdlaunch_engine_slow_decode_steps", "Decode steps (no prompt tokens) of 50 ms "
                                    "or more and 4x the recent decode steps' mean: every stream waited that long "
                                    "(engine/step_clock.py)")
+ENGINE_LATE_LAUNCHES = Counter("pdlaunch_engine_late_launches", "Steps whose forward was queued after the step in "
+                               "flight had finished: the device waited for the host (engine/arrival_window.py)")
 STEP_PATHS = ("decode", "rows", "piecewise", "eager")
 ENGINE_STEP_PATHS = Counter("pdlaunch_engine_step_paths", "Forwards by how they ran: a decode CUDA graph (decode), "
                             "a decode graph with prompt tokens as rows (rows), graphs around eager attention "
@@ -36,6 +38,10 @@ def observe_step(num_requests: int, num_tokens: int, seconds: float) -> None:
 
 def count_slow_decode_step() -> None:
     ENGINE_SLOW_DECODE_STEPS.inc()
+
+
+def count_late_launch() -> None:
+    ENGINE_LATE_LAUNCHES.inc()
 
 
 def count_step_path(path: str) -> None:

@@ -65,9 +65,9 @@ class DrySteps:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
         to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
         (a chunked prompt's later steps; fewer under a max_model_len of 32) and, where the budget allows one, a
-        chunk over one cached token longer than PAGED_PREFILL_MAX_TOKENS (SDPA over gathered keys with torch's causal_lower_right
-        mask, whose first use imports torch._dynamo: measured on an H200, a 2 s stall of the first prompt step over
-        a cached prefix longer than that, model/attention.py), then, unless this is a prefill
+        chunk over one cached token longer than PAGED_PREFILL_MAX_TOKENS (SDPA over gathered keys with torch's
+        causal_lower_right mask, whose first use imports torch._dynamo: measured on an H200, a 2 s stall of the
+        first prompt step over a cached prefix longer than that, model/attention.py), then, unless this is a prefill
         instance, decode batches of one size per paged-decode launch, alone and beside that chunk (a mixed
         step), each decode with one token of context."""
         budget = self.scheduler_config.token_budget(self.role)

@@ -113,7 +113,7 @@ class EngineThread:
         check = self._idle_check
         try:
             while not self._stop.is_set():
-                # busy: a new request may still join the next step while the device has work (async_step.py)
+                # busy: a new request may still join the next step while the device has work (engine/arrival_window.py)
                 wait = engine.arrival_window_s() if busy else \
                     self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
                 self._drain_commands(engine, min(wait, check.due_in(time.monotonic())))

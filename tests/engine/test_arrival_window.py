@@ -1,5 +1,6 @@
-"""The arrival window of async scheduling (async_step.py): how long the engine loop may wait for a new request
-before it schedules the next step, and the loop's use of it (a command ends the wait at once)."""
+"""The arrival window of async scheduling (engine/arrival_window.py): how long the engine loop may wait for a new
+request before it schedules the next step, its margin learned from late launches, and the loop's use of it (a
+command ends the wait at once)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import threading
 
 import pytest
 
-from pdlaunch.engine import async_step
-from pdlaunch.engine.async_step import WINDOW_SAFETY_S, ArrivalWindow
+from pdlaunch.engine import arrival_window
+from pdlaunch.engine.arrival_window import EARLY_STEP_S, LATE_STEP_S, MIN_MARGIN_S, START_MARGIN_S, ArrivalWindow
 from pdlaunch.engine.stats import EngineStats
 from pdlaunch.server.engine_loop import EngineLoop
 
@@ -22,51 +23,107 @@ class Clock:
         return self.t
 
 
+def _window(clock: Clock, late: list[int] | None = None) -> ArrivalWindow:
+    counted = late if late is not None else []
+    return ArrivalWindow(clock, lambda: counted.append(1))
+
+
+def _launch(window: ArrivalWindow, clock: Clock, prep: float, late: bool | None) -> None:
+    started = window.stepping()
+    clock.t += prep
+    window.launched(started, late)
+
+
 def test_no_window_until_a_step_was_launched_read_and_timed() -> None:
     clock = Clock()
-    window = ArrivalWindow(clock)
+    window = _window(clock)
     assert window.seconds(0.007) == 0.0  # nothing launched or read yet
-    started = window.stepping()
-    clock.t += 0.001
-    window.launched(started)
+    _launch(window, clock, 0.001, None)
     assert window.seconds(0.007) == 0.0  # no step read yet
     window.read()
     assert window.seconds(None) == 0.0  # no decode step timed yet
 
 
-def test_the_window_ends_twice_the_launch_time_and_a_margin_before_the_device_runs_dry() -> None:
+def test_the_window_ends_the_launch_time_and_the_margin_before_the_device_runs_dry() -> None:
     clock = Clock()
-    window = ArrivalWindow(clock)
-    started = window.stepping()
-    clock.t += 0.001  # 1 ms to schedule and launch
-    window.launched(started)
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)  # 1 ms to schedule and launch
     window.read()  # the device starts the launched step now; it takes 7 ms
-    assert window.seconds(0.007) == pytest.approx(0.007 - 0.002 - WINDOW_SAFETY_S)
+    assert window.seconds(0.007) == pytest.approx(0.007 - 0.001 - START_MARGIN_S)
     clock.t += 0.003
-    assert window.seconds(0.007) == pytest.approx(0.007 - 0.002 - WINDOW_SAFETY_S - 0.003)
+    assert window.seconds(0.007) == pytest.approx(0.007 - 0.001 - START_MARGIN_S - 0.003)
     clock.t += 0.003
     assert window.seconds(0.007) == 0.0  # past its end: never negative
-    assert window.seconds(0.002) == 0.0  # a step shorter than the launch's time: no window
+    assert window.seconds(0.0015) == 0.0  # a step shorter than the launch's time and margin: no window
 
 
 def test_the_launch_time_is_a_recent_mean() -> None:
     clock = Clock()
-    window = ArrivalWindow(clock)
-    for prep in (0.001, 0.011):
-        started = window.stepping()
-        clock.t += prep
-        window.launched(started)
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)
+    _launch(window, clock, 0.011, None)
     assert window.prep_s == pytest.approx(0.9 * 0.001 + 0.1 * 0.011)
+
+
+def test_the_margin_narrows_while_windowed_launches_are_in_time_and_widens_when_one_is_late() -> None:
+    clock = Clock()
+    late: list[int] = []
+    window = _window(clock, late)
+    _launch(window, clock, 0.001, None)
+    margins = [window.margin_s]
+    for _ in range(100):  # each step: read, a window given, the next launch in time
+        window.read()
+        assert window.seconds(0.007) > 0
+        _launch(window, clock, 0.001, False)
+        margins.append(window.margin_s)
+    assert margins[1] == pytest.approx(START_MARGIN_S - EARLY_STEP_S)
+    assert margins[-1] == MIN_MARGIN_S  # never below the floor
+    window.read()
+    wide = window.seconds(0.007)
+    assert wide == pytest.approx(0.007 - 0.001 - MIN_MARGIN_S)
+    _launch(window, clock, 0.001, True)  # the device had run dry: the margin widens, the launch is counted
+    assert window.margin_s == pytest.approx(MIN_MARGIN_S + LATE_STEP_S)
+    assert late == [1]
+    window.read()
+    assert window.seconds(0.007) == pytest.approx(wide - LATE_STEP_S)
+
+
+def test_only_a_launch_after_a_window_moves_the_margin_but_every_late_launch_counts() -> None:
+    clock = Clock()
+    late: list[int] = []
+    window = _window(clock, late)
+    _launch(window, clock, 0.001, None)
+    window.read()
+    assert window.seconds(0.0015) == 0.0  # no window given (the step is too short for one)
+    _launch(window, clock, 0.001, True)
+    assert window.margin_s == START_MARGIN_S and late == [1]
+    window.read()
+    assert window.seconds(0.007) > 0
+    _launch(window, clock, 0.001, None)  # nothing in flight to ask (a step that could not be deferred)
+    assert window.margin_s == START_MARGIN_S
+
+
+def test_a_host_too_slow_for_the_device_closes_the_window() -> None:
+    clock = Clock()
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)
+    for _ in range(40):  # every windowed launch late
+        window.read()
+        if window.seconds(0.007) == 0.0:
+            break
+        _launch(window, clock, 0.001, True)
+    else:
+        raise AssertionError("late launches never closed the window")
+    assert window.margin_s >= 0.007 - 0.001
 
 
 def test_the_switch_turns_the_window_off(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
-    window = ArrivalWindow(clock)
-    started = window.stepping()
-    window.launched(started)
+    window = _window(clock)
+    _launch(window, clock, 0.0, None)
     window.read()
     assert window.seconds(0.007) > 0
-    monkeypatch.setattr(async_step, "WINDOW_ON", False)
+    monkeypatch.setattr(arrival_window, "WINDOW_ON", False)
     assert window.seconds(0.007) == 0.0
 
 
