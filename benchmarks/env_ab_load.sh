@@ -15,7 +15,7 @@ ckpt=${CKPT:-/tmp/l8b}
 one_side() {
     local value=$1 gpu=$2 port=$((8100 + 100 * $2)) pid  # apart: each serve's instances take the ports after its own
     env "$var=$value" CUDA_VISIBLE_DEVICES=$gpu $py -m pdlaunch serve --model "$ckpt" --colocated \
-        --max-model-len 4096 --port $port > "$logs/serve-$value-gpu$gpu.log" 2>&1 &
+        --max-model-len 4096 --port $port --log-dir "$logs/logs-$value-gpu$gpu" > "$logs/serve-$value-gpu$gpu.log" 2>&1 &
     pid=$!
     if wait_ready $port $pid 300; then
         TAIL=${TAIL:-12} step "bench-$value-gpu$gpu" 240 $py -m pdlaunch bench serve \

@@ -34,6 +34,9 @@ class HeldEngine:
     def is_quiescent(self) -> bool:
         return False
 
+    def arrival_window_s(self) -> float:  # no device step in flight: the loop never waits for arrivals
+        return 0.0
+
     def has_unfinished_requests(self) -> bool:
         return False
 

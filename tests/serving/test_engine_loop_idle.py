@@ -27,6 +27,9 @@ class CountingEngine:
     def is_quiescent(self) -> bool:
         return self.quiescent
 
+    def arrival_window_s(self) -> float:  # no device step in flight: the loop never waits for arrivals
+        return 0.0
+
     def has_unfinished_requests(self) -> bool:
         return False
 
