@@ -230,7 +230,9 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
         devices = [p.device for p in planned.ranks[:len(here)] if p.device is not None]
         if len(devices) < len(here) and local:
             raise _short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        # this launcher's own CUDA_VISIBLE_DEVICES renumbers the devices it counted: the child gets their names
+        env["CUDA_VISIBLE_DEVICES"] = host_devices.child_visible_devices(devices) if local else \
+            ",".join(str(d) for d in devices)
 
     # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
     spec = InstanceSpec(

@@ -24,6 +24,20 @@ def device_count() -> int:
     return torch.cuda.device_count() if cuda_available() else 0
 
 
+def child_visible_devices(indices: list[int], env: dict[str, str] | None = None) -> str:
+    """CUDA_VISIBLE_DEVICES for a child process that is to see the devices `indices` of this process's own
+    numbering (0..device_count()-1). When this process runs under a CUDA_VISIBLE_DEVICES of its own (a shared
+    host: `CUDA_VISIBLE_DEVICES=2,3 pdlaunch serve`), its index i is that list's i-th entry (a number, a GPU-
+    UUID or a MIG name), not physical GPU i: a child told "0" would run on the host's GPU 0, beside whatever
+    runs there."""
+    parent = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if parent is None:
+        return ",".join(str(i) for i in indices)
+    entries = [e.strip() for e in parent.split(",")]
+    # CUDA counts the entries up to the first it cannot use, so every index device_count() gives is in range
+    return ",".join(entries[i] for i in indices)
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> `cuda` when a CUDA device is visible, else `cpu`."""
     if device == "auto":
