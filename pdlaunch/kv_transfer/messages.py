@@ -12,10 +12,12 @@ flight when two decodes push one request id (a proxy retried the decode leg). A 
 `reader` (the decode engine, as a claim_read does) and that decode's remaining `seconds`: it claims the hold for
 that reader (prefill/holds.py). A push and a listen name their `reader` too: the prefill keeps which decode engine
 each decode agent it loaded belongs to, so that it can forget a dead engine's agents (prefill/decode_peers.py; an
-agent's name does not say it). A claim_read, stage request and release name their decode `load` too (decode/load.py
-`Load.load_id`, which the TP ranks of one decode share): the prefill counts claims and read_done/release notifications
-per (reader, load), so that one load's end never ends a hold another load of the same params on the same decode (a
-replayed or retried leg) still READs. Both ends run the same pdlaunch version: a push or cancel without an owner, a
+agent's name does not say it). A decode's handshake states its KV heads split (`DecodeLayout`): the prefill rank
+counts that decode's read_done/release notifications against the plan it implies (prefill/reader_plans.py). A
+claim_read, stage request and release name their decode `load` too (decode/load.py `Load.load_id`, which the TP ranks
+of one decode share): the prefill counts claims and read_done/release notifications per (reader, load), so that one
+load's end never ends a hold another load of the same params on the same decode (a replayed or retried leg) still
+READs. Both ends run the same pdlaunch version: a push or cancel without an owner, a
 stage, push or listen without a reader, or a claim_read, stage or release without a load (an older decode), is
 refused, naming the field and the fix.
 """
@@ -53,9 +55,20 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class DecodeLayout(_Message):
+    """How the decode that shakes hands splits its KV heads: the prefill rank works out from it how many of that
+    decode's ranks notify it per request (reshard.py `expected_readers`), rather than trusting each notification's
+    `readers` (prefill/reader_plans.py)."""
+
+    reader: Name  # the decode engine id, as its notifications name it
+    tp_size: int = Field(ge=1, le=1024)  # at most the `readers` a notification may name
+    kv_heads_per_rank: int = Field(ge=1, le=4096)
+
+
 class HandshakeRequest(_Message):
     type: Literal["handshake"]
-    engine_id: Name
+    engine_id: Name  # the prefill engine the decode expects to answer
+    decode: DecodeLayout | None = None  # None: a client that reads no KV states none (a probe)
 
 
 def _sent(value: object, what: str) -> object:

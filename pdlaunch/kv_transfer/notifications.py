@@ -27,7 +27,9 @@ class ReadDone(_Notif):
     request_id: Name
     reader: Name  # the decode engine id, as in its claim_read
     load: Nonce  # the decode load's id, as in its claim_read (messages.py): the prefill counts per (reader, load)
-    readers: int = Field(1, ge=1, le=1024)  # ranks of that decode that each send one (resharding)
+    # Ranks of that decode that each send one (resharding): the decode's word; the prefill counts against the plan
+    # of the layout the decode's handshake stated (prefill/reader_plans.py) and logs a count that disagrees.
+    readers: int = Field(1, ge=1, le=1024)
 
 
 class PushDone(_Notif):

@@ -13,14 +13,18 @@ like a prefill block, then copies its head slice into its own blocks (a strided 
   into the matching range of the decode block.
 - a prefill rank nobody reads (its heads are replicas read elsewhere) is still told, by one decode
   rank, that it may free the request.
+The prefill rank counts those notifications against the same plan (`expected_readers`, from the layout the decode's
+handshake stated: prefill/reader_plans.py), not against the count a notification names.
 Only pull: the decode side needs the whole remote block before it can slice it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.params import MAX_TP
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 
@@ -92,6 +96,39 @@ def notifying_ranks(tp: int, tp_src: int, total: int) -> dict[int, list[int]]:
         if not ranks:
             ranks.append(p * tp // tp_src)
     return out
+
+
+@lru_cache(maxsize=256)
+def expected_readers(rank: int, tp: int, heads: int, decode_tp: int, decode_heads: int) -> int | None:
+    """How many ranks of a decode of TP `decode_tp` (`decode_heads` KV heads per rank) send prefill rank `rank` (of
+    TP `tp`, `heads` KV heads per rank) one read_done/release per request: 1 without resharding (same TP), else what
+    `plan_reshard` gives each of those decode ranks as that source's `readers`. None: their heads cannot be mapped
+    (`plan_reshard` refuses such params, and the decode cancels its load instead of notifying)."""
+    if decode_tp == tp:
+        return 1
+    try:
+        total = total_kv_heads(tp, heads, decode_tp, decode_heads)
+    except KVTransferError:
+        return None
+    return len(notifying_ranks(decode_tp, tp, total)[rank])
+
+
+@lru_cache(maxsize=64)
+def plausible_readers(rank: int, tp: int, heads: int) -> frozenset[int]:
+    """The `readers` some decode of TP at most MAX_TP may name to prefill rank `rank` (`expected_readers` over every
+    decode layout that fits this prefill's heads): what a notification from a decode whose layout is unknown here
+    may name. With more than one head per rank the model has tp * heads KV heads; with one, at most tp of them."""
+    found = set()
+    for decode_tp in range(1, MAX_TP + 1):
+        if heads > 1:
+            decode_heads = [max(1, tp * heads // decode_tp)]
+        else:  # a decode with more than one head per rank holds at most the tp heads of the model
+            decode_heads = list(range(1, max(1, tp // decode_tp) + 1))
+        for h in decode_heads:
+            readers = expected_readers(rank, tp, heads, decode_tp, h)
+            if readers is not None:
+                found.add(readers)
+    return frozenset(found)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, check_layout
-from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
+from pdlaunch.kv_transfer.messages import DecodeLayout, HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import client
 from pdlaunch.kv_transfer.side_channel.client import STOP_POLL_SECONDS
@@ -151,7 +151,10 @@ class PeerCache:
 
     def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None,
                    stopped: Callable[[], bool] | None = None) -> RemoteEngine:
-        message = HandshakeRequest(type="handshake", engine_id=engine_id)
+        spec = self._spec()
+        # Our KV heads split: the prefill rank counts our ranks' read_done/release against the plan it implies.
+        layout = DecodeLayout(reader=self.reader, tp_size=spec.tp_size, kv_heads_per_rank=spec.num_kv_heads)
+        message = HandshakeRequest(type="handshake", engine_id=engine_id, decode=layout)
         what = f"KV handshake with prefill engine {engine_id}"
         info = client.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys,
                               stopped=stopped).info
@@ -167,7 +170,6 @@ class PeerCache:
             raise KVTransferError(f"the side channel at {host}:{port} is TP rank {info.tp_rank} of prefill engine "
                                   f"{engine_id}, not rank {rank}",
                                   hint="the prefill instance restarted or its ports moved; retry the request")
-        spec = self._spec()
         check_compatible(spec, info, reshard=rank is not None)
         where = f"prefill engine {engine_id} at {host}:{port}" + ("" if rank is None else f" (TP rank {rank})")
         check_layout(spec, info, where, reshard=rank is not None)

@@ -40,10 +40,12 @@ when a load is through with it (a reader's notifications all in, a push's last c
 push) and no other that took it is still at it; so one load's release never frees blocks another load of the same
 decode still READs, a read_done never ends a hold another decode pushes from (between two chunks of a staged push)
 or pulls through staging slots (between two chunks), and a push's last chunk never ends one under a claimed READ.
-A load waits for the `readers` its first notification names (each of its ranks sends one when resharding; a later
-word's count does not change it: waiting for the largest count any word named, one inflated word kept the hold to its
-cap), and one whose notifications are all in counts no more (a release sent again, or more than `readers`): a load's
-release nonces are at most its `readers`, and a hold takes at most MAX_LOADS_PER_HOLD loads.
+A load waits for the notifications its decode's plan gives this rank (each of its ranks sends one when resharding:
+reader_plans.py, which settles the count from the layout the decode's handshake stated, not from the `readers` a word
+names; without a handshake here, from its first counted word; waiting for the largest count any word named, one
+inflated word kept the hold to its cap), and one whose notifications are all in counts no more (a release sent again,
+or more than `readers`): a load's release nonces are at most its `readers`, and a hold takes at most
+MAX_LOADS_PER_HOLD loads.
 A load that comes after the hold ended fails and computes the prompt: a late claim (its READ must neither see
 blocks freed after another load's read_done nor be told "held throughout" of a hold another load read), a stage
 request, or a push. A decode that died without a word (between two chunks of its push, or during its claimed READ
@@ -65,7 +67,7 @@ from pdlaunch.errors import KVTransferError
 
 Reader = tuple[str, str]  # a decode load that READs a hold: (its decode engine id, its load id)
 # Loads whose claims and notifications one hold counts: a few decodes (the proxy retried a leg), a client's replays.
-# Bounds what a peer can make a hold keep: with `readers` (at most 1024, fixed per load), its release nonces too.
+# Bounds what a peer can make a hold keep: with `readers` (at most 1024, settled per load), its release nonces too.
 MAX_LOADS_PER_HOLD = 64
 
 
@@ -86,7 +88,7 @@ class Hold:
     cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
     done: bool = False  # may be freed
     # Per load (`Reader`): read_done/release notifications received, of them read_done, and how many to wait for
-    # (the `readers` its first notification named: its ranks each send one when resharding).
+    # (its ranks each send one when resharding: the count reader_plans.py settled).
     notified: dict[Reader, int] = field(default_factory=dict)
     read: dict[Reader, int] = field(default_factory=dict)
     readers: dict[Reader, int] = field(default_factory=dict)
@@ -154,13 +156,13 @@ def given_up(hold: Hold) -> bool:
 
 
 def take_notification(hold: Hold, reader: Reader, read: bool, readers: int) -> bool:
-    """A read_done (`read`) or release notification from one of the `readers` ranks of load `reader`: the hold
-    ends once that load's notifications are all in and no other is at it (`through`). The load's first notification
-    fixes how many it sends (a later inflated count must not keep the hold to its cap). False: not counted, since
-    that load's notifications are all in (or its engine ended), or the hold `takes` no more loads."""
+    """A read_done (`read`) or release notification from one of the `readers` ranks of load `reader` (the count the
+    caller settled: reader_plans.py): the hold ends once that load's notifications are all in and no other is at it
+    (`through`). False: not counted, since that load's notifications are all in (or its engine ended), or the hold
+    `takes` no more loads."""
     if reader_done(hold, reader) or not takes(hold, reader):
         return False
-    hold.readers.setdefault(reader, readers)
+    hold.readers[reader] = readers
     hold.notified[reader] = hold.notified.get(reader, 0) + 1
     hold.read[reader] = hold.read.get(reader, 0) + read
     hold.done = hold.done or (reader_done(hold, reader) and through(hold))

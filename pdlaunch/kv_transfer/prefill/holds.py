@@ -1,7 +1,8 @@
 """The prefill side's table of held requests (`HoldTable`, by request id): holds, their leases, the claims
 of decode READs (claim_read, or a staged pull's stage request), cancels and release notifications, and decode
 engines that ended (`forget_engine`); the claims of the copies that read a hold's blocks (push WRITEs and
-staging copies) are its base's (copy_claims.py). What one hold holds and when it ends: hold.py.
+staging copies) are its base's (copy_claims.py). What one hold holds and when it ends: hold.py. How many
+notifications a decode load sends (a resharding decode's ranks each send one): its decode's plan, reader_plans.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections import OrderedDict
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.auth import RateLimitedWarning
 from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, ReleaseRequest
 from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.copy_claims import CopyClaims
@@ -33,6 +35,7 @@ from pdlaunch.kv_transfer.prefill.hold import (
     takes,
     too_many_loads,
 )
+from pdlaunch.kv_transfer.prefill.reader_plans import Count, ReaderPlans
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
@@ -46,8 +49,10 @@ READ_GRACE_SECONDS = 5.0
 class HoldTable(CopyClaims):
     """Holds by request id; `poll` runs on the engine thread, claims on side-channel and sender threads."""
 
-    def __init__(self, lease_seconds: float) -> None:
+    def __init__(self, lease_seconds: float, plans: ReaderPlans | None = None) -> None:
         self.lease_seconds = lease_seconds
+        self.plans = plans if plans is not None else ReaderPlans()  # decode layouts from their handshakes
+        self._warn = RateLimitedWarning(logger)  # notifications whose `readers` the plan disowns: a peer's word
         self.lock = threading.Lock()
         self._unclaimed = threading.Condition(self.lock)  # a claim ended: an exclusive claim may go on
         self._holds: dict[str, Hold] = {}
@@ -80,16 +85,24 @@ class HoldTable(CopyClaims):
         """A decode agent finished reading (read_done) or gave up (release) on a request: the hold ends once
         that load's notifications are all in and no other load that took the hold is still at it (`through`:
         a claimed READ, a push between its chunks). `nonce`: a release sent on the side channel (`on_release`)
-        names itself; one sent again after a lost answer counts once."""
+        names itself; one sent again after a lost answer counts once. The load's notifications are counted against
+        its decode's plan (reader_plans.py), not the `readers` they name: one that disagrees is logged."""
         reader = (notif.reader, notif.load)
         refused = False
+        count = Count(None)
+        plan = self.plans.plan(notif.reader)  # outside the lock: a new layout's plan is worked out once, here
         with self.lock:
             hold = self._holds.get(notif.request_id)
             if hold is not None and (nonce is None or nonce not in hold.release_nonces.get(reader, ())):
                 refused = not takes(hold, reader)
-                if take_notification(hold, reader, notif.kind == "read_done", notif.readers) and nonce is not None:
+                count = self.plans.count(notif, plan, hold.readers.get(reader))
+                if count.wait is not None and take_notification(hold, reader, notif.kind == "read_done", count.wait) \
+                        and nonce is not None:
                     hold.release_nonces.setdefault(reader, set()).add(nonce)
             ended = None if hold is not None else self._ended.get(notif.request_id)
+        if count.problem is not None and not refused:
+            self._warn.warn("readers", "KV %s notification from %s for request %s names readers=%d, %s", notif.kind,
+                            reader_name(reader), notif.request_id, notif.readers, count.problem)
         if refused:
             logger.warning("KV %s notification from %s for request %s not counted: %d loads took its hold already",
                            notif.kind, reader_name(reader), notif.request_id, MAX_LOADS_PER_HOLD)
@@ -128,6 +141,7 @@ class HoldTable(CopyClaims):
         before it died and still on its way is refused). A hold no other decode is at is freed at the next `poll`
         (once a push WRITE or staging copy still reading it ended); one another decode is at, or none took, stays.
         Returns the request ids of the holds it was at."""
+        self.plans.forget(engine_id)
         with self.lock:
             return [hold.request_id for hold in self._holds.values() if drop_engine(hold, engine_id)]
 

@@ -70,6 +70,7 @@ class PrefillSide(NixlConnector):
     def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
         self.stager.spec = self.pusher.spec = spec
         self.stager.staging = self.pusher.staging = staging
+        self.holds.plans.set_local(spec)  # before the first handshake is answered: decodes' plans are against it
         self._handshake = self._handshake_info(spec, staging)
         if self.server is not None:
             return
@@ -187,8 +188,11 @@ class PrefillSide(NixlConnector):
 
     # -- side-channel threads -----------------------------------------------------------------
     def _on_handshake(self, message: HandshakeRequest) -> HandshakeAnswer:
+        """Answers this rank's KV layout, and keeps the decode's (prefill/reader_plans.py): how many of its ranks
+        notify this one per request follows from it."""
         if self._handshake is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
+        self.holds.plans.learn(message.decode)
         return HandshakeAnswer(info=self._handshake)
 
     def _on_push(self, message: PushRequest) -> Empty:
