@@ -14,10 +14,8 @@ from rich.text import Text
 from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
-from pdlaunch.config.gil_switch import gil_switch_warnings
 from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
-from pdlaunch.config.log_level import log_level_warnings
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
@@ -27,6 +25,7 @@ from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
 from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
+from pdlaunch.config.serving_env import serving_env_warnings
 from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, target_problems
 from pdlaunch.config.validate import checked_on_nodes, cumem_reason, model_info_for, validate_deployment
 from pdlaunch.errors import ConfigError, PdlaunchError
@@ -134,7 +133,7 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
     warnings = (world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
-                + log_level_warnings(os.environ) + gil_switch_warnings(os.environ))
+                + serving_env_warnings(os.environ))
     if resolved is not None:
         info = model_info_for(resolved)[0]
         warnings += name_flags(no_effect_warnings(resolved, info) + rendezvous_timeout_warnings(resolved),

@@ -23,9 +23,8 @@ from pdlaunch.config.deployment_config import DeploymentConfig, says_colocated
 from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
-from pdlaunch.config.gil_switch import gil_switch_warnings
-from pdlaunch.config.log_level import log_level_warnings
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.serving_env import serving_env_warnings
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
@@ -247,7 +246,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     found = (no_effect_warnings(resolved, info) + rendezvous_timeout_warnings(resolved)
              + host_memory_findings(resolved, info)[1])  # ray: not this machine's
     found = name_flags(found, flag_fields(overrides, resolved.instances))
-    found += log_level_warnings(os.environ) + gil_switch_warnings(os.environ)
+    found += serving_env_warnings(os.environ)
     for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + found:
         logger.warning("warning: %s: %s", field, message)
     return resolved
