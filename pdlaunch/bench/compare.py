@@ -31,16 +31,19 @@ from pdlaunch.bench.compare_layout import (
     Layout,
     advised_layout,
     check_request_fits,
+    checked_config,
     deployment_config,
     num_gpus,
+    own_setting_warnings,
     prefill_yardstick,
     resolve_layout,
+    say_once,
 )
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.rate_sweep import DeploymentRun, check_sweep_fits, run_deployment
 from pdlaunch.bench.report import ServeDoc, write_atomic
-from pdlaunch.config.problems import with_article
+from pdlaunch.config.problems import Problem, with_article
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 
@@ -158,8 +161,12 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
     kept = [] if kept is None else kept
     layout = resolve_layout(cfg)
     make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
+    said: list[Problem] = []  # each warning once, though every deployment's config is checked
+    say_once(own_setting_warnings(cfg), said)
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
-        check_request_fits(cfg, deployment_config(cfg, layout, kind))
+        deployment, warnings = checked_config(cfg, layout, kind)
+        say_once(warnings, said)
+        check_request_fits(cfg, deployment)
     check_sweep_fits(cfg)
     runs = baseline_runs(cfg)
     for run in runs:  # the out folder holds every deployment the report shows
@@ -180,8 +187,9 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
         console.print(advice.sentence(), highlight=False)
         best = advice.best
         if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
-            run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console,
-                                 yardstick)
+            advised = advised_layout(layout, best.prefill, best.decode)
+            say_once(checked_config(cfg, advised, "advised")[1], said)
+            run = run_deployment(cfg, advised, "advised", console, yardstick)
             _keep(run, cfg.out / "advised.json", kept)
             runs.append(run)
     return Comparison(runs=runs, advice=advice, yardstick=yardstick)

@@ -4,6 +4,7 @@ matmul ceiling of the prefill's device."""
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import BaseModel, JsonValue
@@ -13,11 +14,15 @@ from rich.markup import escape
 from pdlaunch.bench.compare_config import CompareConfig, DeploymentKind
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.loader import load_valid_deployment
+from pdlaunch.config.errors_format import short_repr
+from pdlaunch.config.loader import checked_deployment, file_value
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.problems import Problem
+from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
+
+logger = logging.getLogger(__name__)
 
 
 class Layout(BaseModel):
@@ -111,7 +116,15 @@ def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None
 
 
 def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
-    """The validated config of one deployment (the same validation as `pdlaunch serve`)."""
+    """The validated config of one deployment (the same validation as `pdlaunch serve`); its warnings are left to
+    checked_config's caller, which says them once for the whole comparison."""
+    return checked_config(cfg, layout, kind)[0]
+
+
+def checked_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind
+                   ) -> tuple[DeploymentConfig, list[Problem]]:
+    """deployment_config's config and the warnings about it (none about the settings of _OWN: own_setting_warnings
+    says those once)."""
     overrides: dict[str, JsonValue] = {
         "model.path": cfg.model, "device": layout.device, "colocated": kind == "colocated",
         "instances": _groups(kind, layout), "log_dir": str(cfg.out / "logs" / kind),
@@ -129,8 +142,9 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
         overrides["proxy.disaggregate_min_tokens"] = None
         overrides["proxy.disaggregate_max_queue_tokens"] = None
         overrides["proxy.disaggregate_max_itl_ms"] = None
+    own = [*_OWN, *(_NO_DISAGGREGATION if kind == "colocated" else ())]
     try:
-        deployment = load_valid_deployment(cfg.config, overrides)
+        deployment, warnings = checked_deployment(cfg.config, overrides, own)
     except ConfigError as exc:  # its problems name config paths; the user typed compare's flags and --config
         raise ConfigError([Problem(_flag_of(problem.field, kind, cfg), problem.message)
                            for problem in map(Problem._make, exc.problems)]) from None
@@ -140,7 +154,39 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
             "PD deployment would not disaggregate every request", field="--config",
             hint="drop it from the config and pass --disaggregate-min-tokens N: compare then runs always-PD and "
                  "per-request disaggregation side by side")
-    return deployment
+    return deployment, warnings
+
+
+# config paths compare sets for each deployment whatever --config says, no flag of the user's, and how
+_OWN = {"proxy.port": "its proxy on a free port", "log_dir": "its logs under --out (OUT/logs/<kind>)",
+        "instances": "the instances of --prefill, --decode and --colocated-instances",
+        "colocated": "colocated or prefill and decode instances by its kind"}
+_NO_DISAGGREGATION = ("proxy.disaggregate_min_tokens", "proxy.disaggregate_max_queue_tokens",
+                      "proxy.disaggregate_max_itl_ms")  # the colocated deployment's: none
+
+
+def own_setting_warnings(cfg: CompareConfig) -> list[Problem]:
+    """A warning for each setting of _OWN that the --config file makes: compare replaces it in every deployment,
+    so this says so once (as a flag replacing it, it was said for every deployment, with serve's flag names)."""
+    if cfg.config is None:
+        return []
+    try:
+        raw = read_yaml(cfg.config)
+    except ConfigError:  # said as the file's problems when the deployments are checked
+        return []
+    found = {path: value for path in _OWN if (value := file_value(raw, path)) is not None}
+    return [problem(f"{path} (in --config)", f"compare starts each deployment with {_OWN[path]}, so "
+                    f"{short_repr(in_file)} in {str(cfg.config)!r} is not used", "drop it from the file")
+            for path, (_, in_file) in found.items()]
+
+
+def say_once(warnings: list[Problem], said: list[Problem]) -> None:
+    """Log each of `warnings` not in `said` (the comparison's so far) and add it there: every deployment's config
+    is checked, mostly with the same warnings."""
+    for warning in warnings:
+        if warning not in said:
+            said.append(warning)
+            logger.warning("warning: %s: %s", warning.field, warning.message)
 
 
 # config paths compare sets from its own flags (deployment_config's overrides)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,7 +140,7 @@ def load_deployment(path: Path | None, overrides: Mapping[str, object]) -> Deplo
     return cfg
 
 
-def _file_value(raw: dict[str, object], path: str) -> tuple[str, object] | None:
+def file_value(raw: dict[str, object], path: str) -> tuple[str, object] | None:
     """(the file's key path, its value) where the file sets override path `path` (`instances[prefill].count`:
     the file's one group of that role), else None."""
     node: object = raw
@@ -160,8 +160,10 @@ def _file_value(raw: dict[str, object], path: str) -> tuple[str, object] | None:
     return where, node
 
 
-def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object]) -> list[Problem]:
-    """A warning for each flag that replaces a different value the file sets: the flag wins, silently otherwise."""
+def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object],
+                            own: Collection[str] = ()) -> list[Problem]:
+    """A warning for each flag that replaces a different value the file sets: the flag wins, silently otherwise.
+    `own`: override paths the caller sets itself, no flag of the user's (bench compare's proxy port): not warned."""
     if path is None or not overrides:
         return []
     try:
@@ -171,7 +173,7 @@ def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object]) 
     typed = typed_flags(overrides)
     warnings: list[Problem] = []
     for key, value in overrides.items():
-        found = _file_value(raw, key)
+        found = None if key in own else file_value(raw, key)
         if found is None or found[1] == value:
             continue
         where, in_file = found
@@ -222,10 +224,21 @@ def with_rule_problems(error: ConfigError, target: TargetHost | None = None) -> 
 
 
 def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) -> DeploymentConfig:
-    """Load, validate against this host, and resolve (sleep mode -> cumem, TP per group, device, dtype).
+    """Load, validate against this host, and resolve (sleep mode -> cumem, TP per group, device, dtype); each
+    warning about it is logged.
 
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
+    resolved, warnings = checked_deployment(path, overrides)
+    for field, message in warnings:
+        logger.warning("warning: %s: %s", field, message)
+    return resolved
+
+
+def checked_deployment(path: Path | None, overrides: Mapping[str, object],
+                       own: Collection[str] = ()) -> tuple[DeploymentConfig, list[Problem]]:
+    """load_valid_deployment's config and its warnings, for a caller that says them itself (bench compare, which
+    checks several deployments of one base config: each warning once). `own`: as in flag_over_file_warnings."""
     from pdlaunch.config.backend import backend_target, with_backend_nodes
     from pdlaunch.config.model_info import load_model_info
     from pdlaunch.config.rules.host_memory import host_memory_findings
@@ -247,9 +260,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
              + host_memory_findings(resolved, info)[1])  # ray: not this machine's
     found = name_flags(found, flag_fields(overrides, resolved.instances))
     found += serving_env_warnings(os.environ)
-    for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + found:
-        logger.warning("warning: %s: %s", field, message)
-    return resolved
+    return resolved, world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides, own) + found
 
 
 def example_yaml() -> str:
