@@ -40,6 +40,7 @@ app.add_typer(render_app, name="render")
 
 err_console = Console(stderr=True)
 T = TypeVar("T")  # what a stoppable piece of work returns (_unless_stopped)
+U = TypeVar("U")  # what comes of it
 STOPPED_CHECK_EXIT = 130  # check-config stopped by a signal: no verdict (128 + SIGINT, as a shell reports it)
 
 
@@ -97,15 +98,16 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
     the caller exits 0, as a stop later on does: nothing was started)."""
     from pdlaunch.config.loader import load_valid_deployment
 
-    return _unless_stopped(lambda: load_valid_deployment(config, overrides), stopped_exit=0)
+    return _unless_stopped(lambda: load_valid_deployment(config, overrides), lambda cfg: cfg, stopped_exit=0)
 
 
-def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
-    """`work()` (loading or checking a deployment), or None when Ctrl-C/SIGTERM/SIGHUP came meanwhile: one line says
-    so (nothing was started; the caller exits with `stopped_exit`). With --backend ray the work includes Ray calls
-    (the connect, the node list, the GPU probe), each in a helper thread (config/ray_thread.py); a stop signal during
-    one ends this process at once, with `stopped_exit`, after its own line (launcher/backends/ray_connect_stop.py: a
-    cut-short Ray call must not be torn down)."""
+def _unless_stopped(work: Callable[[], T], then: Callable[[T], U], stopped_exit: int) -> U | None:
+    """`then(work())` (loading or checking a deployment, then what comes of it), or None when Ctrl-C/SIGTERM/SIGHUP
+    came during `work`: one line says so (nothing was started; the caller exits with `stopped_exit`). A stop signal
+    during `then` is too late to stop anything: the work is done (check-config has its verdict), so it is let pass.
+    With --backend ray the work includes Ray calls (the connect, the node list, the GPU probe), each in a helper
+    thread (config/ray_thread.py); a stop signal during one ends this process at once, with `stopped_exit`, after
+    its own line (launcher/backends/ray_connect_stop.py: a cut-short Ray call must not be torn down)."""
     from pdlaunch.config.ray_thread import cut_short
     from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
     from pdlaunch.launcher.serve import StopRequested, StopSignals
@@ -113,9 +115,11 @@ def _unless_stopped(work: Callable[[], T], stopped_exit: int) -> T | None:
     with StopSignals() as signals:
         try:
             with signals.raising():
-                return work()
+                done = work()
         except StopRequested:
             name = signals.signal_name
+        else:
+            return then(done)  # outside raising(): a signal now is only noted, and the handlers go back after
         doing = cut_short()
         if doing is not None:
             leave_stopped_ray(err_console, name, doing, stopped_exit)
@@ -168,12 +172,14 @@ def check_config(
     target_gpu_memory: Annotated[float | None, typer.Option("--target-gpu-memory", help="GiB per GPU there.")] = None,
 ) -> None:
     """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
-    from pdlaunch.config.check import run_check
+    from pdlaunch.config.check import check_report, print_report
 
     with _leaving_ray():
         with _reported():
-            code = _unless_stopped(lambda: run_check(config, overrides, json_output, target_gpus, target_gpu_memory),
-                                   stopped_exit=STOPPED_CHECK_EXIT)
+            # the check may be stopped (exit 130: no verdict); once it is done, its report and verdict are printed
+            # and kept whatever signal comes
+            code = _unless_stopped(lambda: check_report(config, overrides, target_gpus, target_gpu_memory),
+                                   lambda report: print_report(report, json_output), stopped_exit=STOPPED_CHECK_EXIT)
         # a stop signal after the verdict (while the driver leaves the cluster) keeps the verdict's status
         raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
 

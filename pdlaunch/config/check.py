@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -128,9 +129,19 @@ def _port_warnings(cfg: DeploymentConfig) -> list[Problem]:
     return here + node_port_warnings(cfg)
 
 
-def run_check(config_path: Path | None, overrides: Mapping[str, object], json_output: bool,
-              target_gpus: int | None, target_gpu_memory: float | None) -> int:
-    """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
+class CheckReport(NamedTuple):
+    """What check-config found: print_report prints it."""
+
+    problems: list[Problem]
+    warnings: list[Problem]
+    resolved: DeploymentConfig | None
+    target: TargetHost | None
+
+
+def check_report(config_path: Path | None, overrides: Mapping[str, object], target_gpus: int | None,
+                 target_gpu_memory: float | None) -> CheckReport:
+    """Every problem and warning: the part of check-config that takes time (reading the checkpoint, asking a
+    cluster, probing ports), which a stop signal may cut short; printing the verdict is print_report's."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
     warnings = (world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
                 + serving_env_warnings(os.environ))
@@ -141,14 +152,20 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     if resolved is not None and not problems and target is None:
         found = _port_warnings(resolved) + host_memory_findings(resolved, info)[1]
         warnings += name_flags(found, flag_fields(overrides, resolved.instances))
+    return CheckReport(problems, warnings, resolved, target)
+
+
+def print_report(report: CheckReport, json_output: bool) -> int:
+    """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
+    problems, warnings, resolved, target = report
     if json_output:
-        report = {
+        doc = {
             "valid": not problems,
             "problems": [p.as_dict() for p in problems],
             "warnings": [w.as_dict() for w in warnings],
             "config": resolved.model_dump(mode="json") if resolved is not None else None,
         }
-        print(json.dumps(report, indent=2))
+        print(json.dumps(doc, indent=2))
         return 0 if not problems else 1
     console = Console(highlight=False, soft_wrap=True)
     if resolved is not None:

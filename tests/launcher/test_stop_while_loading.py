@@ -34,7 +34,7 @@ def test_a_stop_signal_while_loading_exits_0_with_one_line(sig: signal.Signals, 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_during_check_config_exits_130_with_one_line(sig: signal.Signals,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(check, "run_check", lambda *args: _signalled(sig))
+    monkeypatch.setattr(check, "check_report", lambda *args: _signalled(sig))
     result = CliRunner().invoke(cli.app, ["check-config", "--model", "tiny", "--device", "cpu", "--colocated"],
                                 catch_exceptions=False)
     assert result.exit_code == 130, result.output
