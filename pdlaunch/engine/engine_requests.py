@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pdlaunch.engine.context_limit import TOO_LONG_HINT, too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_draws, skip_prefill_draw
+from pdlaunch.engine.kv_capacity import KVCapacity, window_blocks
 from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request
@@ -111,11 +112,9 @@ class EngineRequests:
             raise EngineError(
                 too_long_message(len(prompt), params.max_tokens, self.max_model_len), field="prompt",
                 hint=TOO_LONG_HINT)
-        need = self._max_blocks_needed(total)
-        if need > self.block_manager.num_blocks:
-            raise EngineError(
-                f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
-                field="prompt", hint="shorten the request or give the KV cache more memory")
+        too_large = self.kv_capacity.refusal(total)  # it would preempt itself forever
+        if too_large is not None:
+            raise too_large
         check_token_ids(params, self.vocab_size)
         # A CPU generator skips them one draw at a time, here: bounded by max_model_len + the prompt's tokens. A
         # migration's continuation adds the g ids it carries to both (proxy/migrate.py), so an offset the client may
@@ -168,21 +167,17 @@ class EngineRequests:
         return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
     @property
+    def kv_capacity(self) -> KVCapacity:
+        """What this engine's KV cache holds of one request (engine/kv_capacity.py); a PD decode reports it."""
+        windows = [g.sliding_window for g in self.runner.groups]
+        return KVCapacity(num_blocks=self.block_manager.num_blocks, block_size=self.block_size,
+                          window_blocks=window_blocks(windows, self.block_size, self.scheduler.max_num_batched_tokens))
+
+    @property
     def longest_request(self) -> int:
         """The most tokens (prompt and output) one request may reach: max_model_len, or fewer when a
         full-attention group's KV cache holds fewer (a request that fills the context asks for no more)."""
-        held = self.block_manager.num_blocks * self.block_size
-        full = any(g.sliding_window is None for g in self.runner.groups)
-        return min(self.max_model_len, held) if full else self.max_model_len
-
-    def _max_blocks_needed(self, num_tokens: int) -> int:
-        """Most blocks a request of `num_tokens` holds in one group at any step (a request that
-        alone needs more than the cache has would preempt itself forever)."""
-        bs = self.block_size
-        whole = -(-num_tokens // bs)
-        chunk = self.scheduler.max_num_batched_tokens
-        return max(whole if g.sliding_window is None else min(whole, -(-(chunk + g.sliding_window) // bs) + 1)
-                   for g in self.runner.groups)
+        return self.kv_capacity.longest(self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; None when it is not running here."""
