@@ -126,9 +126,9 @@ NOTES: dict[str, str] = {
                    "`max_model_len` + the prompt's tokens; a 400 when not 0 without `seed` or when greedy; each of "
                    "`n` samples skips them); request migration sets it",
     "decode_limits": "pdlaunch's: the PD proxy sets it on a prefill leg (`max_tokens`, `max_completion_tokens`, "
-                     "`min_tokens` as the client sent them) so that the prefill answers the 400 its decode leg would, "
-                     "before it computes the prompt; refused with 400 on any other request (a client's own, at the "
-                     "proxy and at an instance)",
+                     "`min_tokens` as the client sent them, and `kv_cache`: the KV cache of the decode chosen for it) "
+                     "so that the prefill answers the 400 its decode leg would, before it computes the prompt; "
+                     "refused with 400 on any other request (a client's own, at the proxy and at an instance)",
 }
 
 _MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
+from pydantic import ValidationError
 
 from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
+from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 
@@ -53,6 +55,9 @@ class Instance:
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
     # its streams' mean time between tokens over the last second, as its /health last said (None: it says none)
     itl_ms: float | None = None
+    # what its KV cache holds of one request, as its /health last said (None: it says none); a prefill leg carries
+    # the decode's, so that the prefill refuses what this decode would (server/decode_limits.py)
+    kv_capacity: KVCapacity | None = None
     # the one the launcher planned for it ("" unknown; a * in it: any text, engine_ids.py): its /health must name it
     planned_engine_id: str = ""
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
@@ -93,6 +98,16 @@ def _itl_ms(body: dict[str, object]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         return None
     return float(value)
+
+
+def _kv_capacity(body: dict[str, object]) -> KVCapacity | None:
+    """The kv_capacity a pdlaunch instance's /health names (engine/kv_capacity.py); None for one that names none
+    (another server) or a value that is not one: the decode's KV cache is then left to the decode to check."""
+    raw = body.get("kv_capacity")
+    try:
+        return KVCapacity.model_validate(raw) if raw is not None else None
+    except ValidationError:
+        return None
 
 
 def foreign_answer(instance: Instance, body: dict[str, object]) -> str:
@@ -238,6 +253,7 @@ class InstancePool:
         """A 200 /health of the instance itself: ready."""
         engine_id = _engine_id(body)
         instance.itl_ms = _itl_ms(body)
+        instance.kv_capacity = _kv_capacity(body)
         since = self._stalled_since.pop(instance.name, None)
         if since is not None and instance.state == "stalled":
             log.info("%s (%s) answers again after a stall of %.1fs", instance.name, instance.url,

@@ -131,7 +131,8 @@ class PromptRequest(DecodeLeg):
         first_token = continues_from_first_token(body)
         answered = None
         if decision not in ON_DECODE:
-            leg = prefill_body(body, chat, first_token, decode_limits=state.proxy.kv.enabled)
+            leg = prefill_body(body, chat, first_token, decode_limits=state.proxy.kv.enabled,
+                               decode_kv_cache=target.kv_capacity)
             started = time.monotonic()
             prefill = self._choose("prefill", prompt).instance
             leg_id = self._leg_id()
@@ -162,7 +163,7 @@ class PromptRequest(DecodeLeg):
             # Its one token is the whole answer: the decode ends at admission without loading, so
             # the prefill's KV goes back now rather than at the end of its lease. The decode leg
             # still runs: it answers the request, and applies the request's own limits where the
-            # prefill could not (a foreign prefill, or the decode's own KV cache: server/decode_limits.py).
+            # prefill could not (a foreign prefill, or a decode whose KV cache it was not told: decode_limits.py).
             self.release_held()
             self.held = None
         return target, leg

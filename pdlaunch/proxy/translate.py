@@ -6,6 +6,7 @@ import httpx
 from pydantic import BaseModel, JsonValue, ValidationError
 
 from pdlaunch.engine.context_limit import with_max_tokens
+from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
@@ -26,17 +27,23 @@ _DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens", 
 _LIMITS = ("max_tokens", "min_tokens")
 _CHAT_LIMITS = ("max_tokens", "max_completion_tokens", "min_tokens")
 DECODE_LIMITS = "decode_limits"
+KV_CACHE = "kv_cache"  # in decode_limits: the decode's KV cache (engine/kv_capacity.py)
 
 
-def prefill_body(body: Body, chat: bool, first_token: bool = False, decode_limits: bool = False) -> JsonObject:
+def prefill_body(body: Body, chat: bool, first_token: bool = False, decode_limits: bool = False,
+                 decode_kv_cache: KVCapacity | None = None) -> JsonObject:
     """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode
     (and, with `first_token`, to sign the token it sampled into its answer for the decode to continue from).
     With `decode_limits` (our own instances: vLLM's would ignore the field), the output limits the decode leg applies
-    go along as the client sent them, so that the prefill refuses a request its decode would before it computes the
+    go along as the client sent them, and the KV cache of the decode chosen for the request (`decode_kv_cache`, as its
+    /health says it) where known, so that the prefill refuses a request its decode would before it computes the
     prompt (server/decode_limits.py)."""
     leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
     if decode_limits:
-        leg[DECODE_LIMITS] = {k: body[k] for k in (_CHAT_LIMITS if chat else _LIMITS) if k in body}
+        limits: JsonObject = {k: body[k] for k in (_CHAT_LIMITS if chat else _LIMITS) if k in body}
+        if decode_kv_cache is not None:
+            limits[KV_CACHE] = dict[str, JsonValue](decode_kv_cache.model_dump())
+        leg[DECODE_LIMITS] = limits
     leg["max_tokens"] = 1
     if chat and "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1

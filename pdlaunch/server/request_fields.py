@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.engine.outputs import MAX_INT32, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.errors import error_text
@@ -66,14 +67,17 @@ class StreamOptions(BaseModel):
 class DecodeLimits(BaseModel):
     """pdlaunch's `decode_limits`: the output limits of the request's decode leg as its client sent them (a key it did
     not send is absent), which the PD proxy puts in the prefill leg (that asks for one token) so that the prefill
-    refuses what its decode would before it computes the prompt (server/decode_limits.py). Only a prefill leg's
-    (kv_transfer_params.do_remote_decode) are read: elsewhere they describe no other leg (server/choices.py)."""
+    refuses what its decode would before it computes the prompt (server/decode_limits.py), and the KV cache of the
+    decode chosen for it, as that decode's /health says it (`kv_cache`; absent when the proxy knows none). Only a
+    prefill leg's (kv_transfer_params.do_remote_decode) are read: elsewhere they describe no other leg
+    (server/choices.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
     min_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+    kv_cache: KVCapacity | None = None
 
 
 class SamplingFields(BaseModel):

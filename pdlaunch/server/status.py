@@ -20,9 +20,14 @@ async def health(request: Request) -> JSONResponse:
     state, spec = instance.state, instance.spec
     if state == "ready":
         # itl_ms: the mean time between streamed tokens over the last second (0 when idle), for the proxy's
-        # proxy.disaggregate_max_itl_ms
-        return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id,
-                             "itl_ms": round(instance.engine_loop.recent_itl.ms(), 3)})
+        # proxy.disaggregate_max_itl_ms. kv_capacity: what the KV cache holds of one request, which the proxy passes
+        # to a prefill leg so that the prefill refuses what this decode would (engine/kv_capacity.py).
+        body: JsonObject = {"status": "ok", "role": spec.role, "engine_id": spec.engine_id,
+                            "itl_ms": round(instance.engine_loop.recent_itl.ms(), 3)}
+        engine = instance.engine_loop.built_engine
+        if engine is not None:
+            body["kv_capacity"] = dict[str, JsonValue](engine.kv_capacity.model_dump())
+        return JSONResponse(body)
     status = 500 if state == "failed" else 503
     body = error_body(status, instance.engine_loop.error or f"instance is {state}", code=state)
     body["status"] = state
