@@ -17,7 +17,7 @@ from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.problems import Problem, problem
 
 ARRIVAL_WINDOW_ENV = "PDLAUNCH_ARRIVAL_WINDOW"
-# engine/async_step.py reads exactly "off" as off; any other value leaves the window on
+# engine/arrival_window.py reads exactly "off" as off; any other value leaves the window on
 ARRIVAL_WINDOW_VALUES = ("on", "off")
 
 

@@ -68,16 +68,16 @@ def test_every_variable_of_the_table_warns_once_naming_itself_and_what_to_set() 
 
 
 def test_the_engine_turns_the_window_off_only_for_the_value_the_table_says() -> None:
-    """engine/async_step.py reads the variable once, at import: each value in a fresh import, in one child
+    """engine/arrival_window.py reads the variable once, at import: each value in a fresh import, in one child
     process (the engine imports torch)."""
     values = ["on", "off", *BAD_WINDOWS]
     script = (
         "import importlib, json, os, sys\n"
-        "from pdlaunch.engine import async_step\n"
+        "from pdlaunch.engine import arrival_window\n"
         "seen = {}\n"
         "for value in json.loads(sys.argv[1]):\n"
         f"    os.environ[{ARRIVAL_WINDOW_ENV!r}] = value\n"
-        "    seen[value] = importlib.reload(async_step).WINDOW_ON\n"
+        "    seen[value] = importlib.reload(arrival_window).WINDOW_ON\n"
         "print(json.dumps(seen))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, json.dumps(values)], capture_output=True, text=True,
