@@ -26,7 +26,7 @@ class InstancePlan:
     url: str
     local: bool  # runs on this node (else another node's launcher starts it)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the process
-    physical_devices: list[int] = field(default_factory=list)  # CUDA indices on the node (status view)
+    physical_devices: list[int] = field(default_factory=list)  # CUDA indices as its node's launcher counts them
     node: int = 0  # index into parallel.nodes
 
 
@@ -98,11 +98,12 @@ def _remote_rank_plan(spec: InstanceSpec, rank: int, placement: RankPlacement, p
                       side_port: int | None) -> RemoteRankPlan:
     """Rank `rank` of `spec` as the node hosting it runs it: it advertises that node's address, its
     connector binds spec.side_channel_port + rank (so that is its planned port), and on CUDA it sees
-    one device (CUDA_VISIBLE_DEVICES), index 0."""
+    one device (CUDA_VISIBLE_DEVICES), index 0: the entry of this launcher's own list (a SLURM step's GPUs)
+    for placed.device, which counts the devices this launcher sees, as for this node's instances."""
     env: dict[str, str] = {}
     devices: list[int] = []
     if placed.device is not None and spec.device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = str(placed.device)
+        env["CUDA_VISIBLE_DEVICES"] = host_devices.child_visible_devices([placed.device])
         devices = [0] * spec.tp
     rank_spec = spec.model_copy(update={
         "host": placement.hosts[rank], "devices": devices,
@@ -231,8 +232,9 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
         if len(devices) < len(here) and local:
             raise _short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
         # this launcher's own CUDA_VISIBLE_DEVICES renumbers the devices it counted: the child gets their names
-        env["CUDA_VISIBLE_DEVICES"] = host_devices.child_visible_devices(devices) if local else \
-            ",".join(str(d) for d in devices)
+        # (another node's instance gets its node's launcher's)
+        if local:
+            env["CUDA_VISIBLE_DEVICES"] = host_devices.child_visible_devices(devices)
 
     # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
     spec = InstanceSpec(

@@ -12,9 +12,11 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.security import SECRET_ENV
-from pdlaunch.launcher.plan import plan_deployment
+from pdlaunch.launcher.backends import slurm_node
+from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
 from pdlaunch.memory import host_devices
 from pdlaunch.memory.host_devices import child_visible_devices
+from tests.launcher.free_ports import free_on_both
 
 SECRET = "child-visible-devices-secret-0123456"
 
@@ -46,3 +48,43 @@ def test_each_local_instance_runs_on_the_gpu_the_launcher_was_given(
     plan = plan_deployment(cfg)
     assert [i.env["CUDA_VISIBLE_DEVICES"] for i in plan.local] == expected
     assert [i.spec.devices for i in plan.local] == [[0], [0]]  # each sees its one device as cuda:0
+
+
+def _node1_plan(monkeypatch: pytest.MonkeyPatch, visible: str, slurm_step: bool) -> DeploymentPlan:
+    """Node 1's plan of a two-node deployment whose prefill (TP 2) fills node 0's one listed GPU and continues on
+    node 1 (rank 1, node 1's device 0), next to node 1's own decode (its device 1); node 1's launcher runs under
+    `visible`. `slurm_step`: as a `--backend slurm` step's launcher (slurm_node.node_config, then serve's plan)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(host_devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(host_devices, "device_count", lambda: len(visible.split(",")))
+    monkeypatch.setattr(host_devices, "device_total_bytes", lambda index=0: 80 << 30)
+    base = free_on_both(60, "child visible devices test")  # node 1's plan claims its fixed ports
+    cfg = DeploymentConfig.model_validate({
+        "device": "cuda", "model": {"path": "tiny"}, "security": {"deployment_secret": SECRET},
+        "proxy": {"host": "0.0.0.0", "port": base},
+        "parallel": {"nodes": [{"address": "127.0.0.1", "devices": [0]}, {"address": "127.0.0.2"}],
+                     "master_port": base + 1},
+        "kv_transfer": {"side_channel_host": "0.0.0.0", "side_channel_port": base + 10},
+        "instances": [{"role": "prefill", "tp": 2, "node": 0, "base_port": base + 30},
+                      {"role": "decode", "node": 1, "base_port": base + 40}]})
+    if slurm_step:
+        cfg.launcher.backend = "slurm"
+        return plan_deployment(slurm_node.node_config(cfg.model_dump_json(), 1))
+    cfg.parallel.node_rank = 1
+    return plan_deployment(cfg)
+
+
+@pytest.mark.parametrize("slurm_step", [False, True], ids=["serve --node-rank 1", "slurm step"])
+@pytest.mark.parametrize("visible,expected", [("0,1", ("0", "1")), ("2,3", ("2", "3")), ("6,4", ("6", "4"))])
+def test_a_rank_of_another_nodes_instance_runs_on_the_gpu_its_launcher_was_given(
+        monkeypatch: pytest.MonkeyPatch, slurm_step: bool, visible: str, expected: tuple[str, str]) -> None:
+    # A SLURM step's launcher sees the GPUs the step was given ("2,3" on a shared node without ConstrainDevices),
+    # as does `CUDA_VISIBLE_DEVICES=2,3 pdlaunch serve --node-rank 1`: the rank placed on device 0 of the
+    # launcher's numbering must run on the first of them, not on the node's GPU 0 (another job's).
+    plan = _node1_plan(monkeypatch, visible, slurm_step)
+    [rank] = plan.remote_ranks
+    [decode] = plan.local
+    assert (rank.name, rank.physical_device, decode.physical_devices) == ("prefill-0-rank1", 0, [1])
+    assert (rank.env["CUDA_VISIBLE_DEVICES"], decode.env["CUDA_VISIBLE_DEVICES"]) == expected
+    assert rank.spec.devices == [0, 0] and decode.spec.devices == [0]  # each sees its one device as cuda:0
