@@ -140,10 +140,10 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
         proxy_alloc = ports.on(cfg.proxy.host)
         proxy_port = (proxy_alloc.free("proxy") if cfg.proxy.port == 0
                       else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
-    cuda_pool = list(range(host_devices.device_count())) if device == "cuda" and host_devices.cuda_available() else []
+    cuda_pool = _cuda_pool(cfg, device)
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []
-    every = plan_instances(cfg, cuda_pool if device == "cuda" else [])
+    every = plan_instances(cfg, cuda_pool)
     if device == "cuda" and cfg.parallel.nodes:
         check_node_gpus(cfg, every, len(cuda_pool))
     for planned in every:
@@ -155,6 +155,17 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                             hint="pass --prefill 1 --decode 1, or --colocated")
     return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port,
                           remote_ranks=remote_ranks)
+
+
+def _cuda_pool(cfg: DeploymentConfig, device: str) -> list[int]:
+    """The CUDA indices ranks are placed on ([] on CPU): the devices this launcher sees. Under --backend ray each
+    rank's actor runs on the one GPU Ray gives it (Ray sets its CUDA_VISIBLE_DEVICES; the rank uses its device 0):
+    this machine's GPUs place none, so each rank gets a slot (config/ray_cluster.py checks the cluster's GPUs)."""
+    if device != "cuda":
+        return []
+    if cfg.launcher.backend == "ray":
+        return list(range(sum(group.count * (group.tp or 1) for group in cfg.instances)))
+    return list(range(host_devices.device_count())) if host_devices.cuda_available() else []
 
 
 def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus: int) -> None:
@@ -232,8 +243,8 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
         if len(devices) < len(here) and local:
             raise _short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
         # this launcher's own CUDA_VISIBLE_DEVICES renumbers the devices it counted: the child gets their names
-        # (another node's instance gets its node's launcher's)
-        if local:
+        # (another node's instance gets its node's launcher's; a Ray actor, Ray's)
+        if local and cfg.launcher.backend != "ray":
             env["CUDA_VISIBLE_DEVICES"] = host_devices.child_visible_devices(devices)
 
     # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.

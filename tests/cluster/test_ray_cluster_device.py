@@ -15,7 +15,10 @@ from pdlaunch.config import ray_cluster
 from pdlaunch.config.backend import backend_target
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_cluster import bundle, with_ray_cluster
+from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.plan import plan_deployment
+from pdlaunch.memory import host_devices
 from tests.config.cli_helpers import check, check_json
 
 GIB = 1 << 30
@@ -76,6 +79,32 @@ def test_a_cuda_deployment_is_checked_against_the_clusters_gpus(monkeypatch: pyt
     target = backend_target(with_ray_cluster(cfg()))
     assert target is not None and (target.gpus, target.gpu_memory_gib) == (8, 80.0)
 
+
+
+@pytest.mark.parametrize("visible", [None, "", "3"], ids=["no GPU", "CUDA_VISIBLE_DEVICES=", "CUDA_VISIBLE_DEVICES=3"])
+def test_the_launchers_own_gpus_place_no_rank(monkeypatch: pytest.MonkeyPatch, visible: str | None) -> None:
+    """The launcher plans the instances Ray places: each rank's actor gets one GPU of Ray's (Ray sets its
+    CUDA_VISIBLE_DEVICES, and the rank uses its device 0). What this machine sees, no GPU or one under a
+    CUDA_VISIBLE_DEVICES of its own, must neither refuse the plan (it did: "this machine has 0 GPU(s)") nor give
+    an instance a CUDA_VISIBLE_DEVICES of this machine's."""
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([CPU_HEAD, GPU_NODE]))
+    sees = 0 if not visible else 1
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(host_devices, "cuda_available", lambda: sees > 0)
+    monkeypatch.setattr(host_devices, "device_count", lambda: sees)
+    config = with_ray_cluster(DeploymentConfig.model_validate({
+        "device": "cuda", "launcher": {"backend": "ray"}, "model": {"path": "tiny"},
+        "instances": [{"role": "prefill"}, {"role": "decode"}, {"role": "decode", "tp": 2}]}))
+    problems, resolved = validate_deployment(config, target=backend_target(config))
+    assert problems == []
+    resolved.proxy.port = 0  # picked free: other tests run next to this one
+    plan = plan_deployment(resolved)
+    assert [(i.spec.name, i.spec.tp, len(i.spec.devices)) for i in plan.instances] == \
+        [("prefill-0", 1, 1), ("decode-0", 1, 1), ("decode-1", 2, 2)]
+    assert all("CUDA_VISIBLE_DEVICES" not in i.env for i in plan.instances)
 
 def test_the_clusters_gpu_memory_bounds_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cluster of 1 GiB GPUs: the KV cache the config asks for cannot fit there, and check-config says so."""
