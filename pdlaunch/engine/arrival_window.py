@@ -6,9 +6,10 @@ before its own step, a whole step more than if it had come just before. On a dec
 conversations beside its streams (issue 31's decode-only turns) that step is ~5 ms of a ~25 ms time to first token.
 
 `ArrivalWindow` lets the loop wait for arrivals after reading N's tokens, until the launch of N+2 must start for
-the device not to run dry: the recent decode step's device time, less the host's recent time to schedule and
-launch a step (`prep_s`) and a margin. A request that comes in the window joins N+2; with none, N+2 is launched at
-the window's end.
+the device not to run dry: the recent decode steps' device time (the lower of their mean and the latest, so that a
+stalled step or a shrunk batch does not stretch it: step_clock.py `decode_step_s`), less the host's recent time to
+schedule and launch a step (`prep_s`) and a margin. A request that comes in the window joins N+2; with none, N+2 is
+launched at the window's end.
 
 The margin learns from the device. At each launch the host asks, without waiting, whether the step in flight has
 already finished: if so, the device waited for this launch (a late launch). A late launch after a window widens

@@ -110,8 +110,14 @@ class StepClock:
 
     @property
     def decode_step_s(self) -> float | None:
-        """The recent decode steps' mean device time (None before the first, or without a SlowDecodeSteps)."""
-        return self._slow.mean_s if self._slow is not None else None
+        """What the decode step in flight may take on the device (None before the first decode step, or without a
+        SlowDecodeSteps): the lower of the recent mean and the latest step not counted slow. The arrival window
+        waits on it while the device may have finished: the mean alone, after one stalled step (2 s: 5 ms steps read
+        105 ms) or once the batch shrank, outlasted the steps for dozens of them, the device idle meanwhile."""
+        slow = self._slow
+        if slow is None or slow.mean_s is None or slow.last_s is None:
+            return None
+        return min(slow.mean_s, slow.last_s)
 
 
 class SlowDecodeSteps:
@@ -121,6 +127,7 @@ class SlowDecodeSteps:
                  now: Callable[[], float] = time.monotonic) -> None:
         self._count, self._now = count, now
         self.mean_s: float | None = None  # recent decode steps' mean
+        self.last_s: float | None = None  # the latest decode step not counted slow
         self._unlogged = 0  # slow steps since the last log line
         self._longest_s = 0.0  # ... and the longest of them
         self._logged_at: float | None = None
@@ -133,6 +140,7 @@ class SlowDecodeSteps:
         # as slow within a few dozen steps
         self.mean_s = seconds if mean is None else (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * seconds
         if mean is None or seconds < SLOW_STEP_S or seconds < SLOW_FACTOR * mean:
+            self.last_s = seconds
             return
         self._count()
         self._unlogged += 1

@@ -12,6 +12,7 @@ import pytest
 from pdlaunch.engine import arrival_window
 from pdlaunch.engine.arrival_window import EARLY_STEP_S, LATE_STEP_S, MIN_MARGIN_S, START_MARGIN_S, ArrivalWindow
 from pdlaunch.engine.stats import EngineStats
+from pdlaunch.engine.step_clock import SlowDecodeSteps, StepClock
 from pdlaunch.server.engine_loop import EngineLoop
 
 
@@ -125,6 +126,27 @@ def test_the_switch_turns_the_window_off(monkeypatch: pytest.MonkeyPatch) -> Non
     assert window.seconds(0.007) > 0
     monkeypatch.setattr(arrival_window, "WINDOW_ON", False)
     assert window.seconds(0.007) == 0.0
+
+
+def _decode_clock(steps_ms: list[float]) -> StepClock:
+    """The engine's clock (its SlowDecodeSteps keeps the decode steps' times) after decode steps of these times."""
+    slow = SlowDecodeSteps(count=lambda: None)
+    for ms in steps_ms:
+        slow.observe(8, 8, ms / 1000)
+    return StepClock(None, lambda r, t, s: None, slow)
+
+
+@pytest.mark.parametrize("steps_ms", [[5.0] * 100 + [2000.0], [15.0] * 100 + [5.0]],
+                         ids=["after-one-stalled-step", "after-the-batch-shrank"])
+def test_the_window_never_outlasts_the_decode_steps_the_device_now_runs(steps_ms: list[float]) -> None:
+    """One 2 s step (a kernel compiled on first use) took the recent mean from 5 to 105 ms, and a batch that shrank
+    left it at 15 ms while steps took 5: the loop waited for arrivals that long while the device, done after 5 ms,
+    sat idle, every stream's next token late, for dozens of steps."""
+    clock = Clock()
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)
+    window.read()  # the step in flight takes 5 ms, as the device's decode steps now do
+    assert 0.0 < window.seconds(_decode_clock(steps_ms).decode_step_s) <= 0.005 - 0.001
 
 
 class BusyEngine:
