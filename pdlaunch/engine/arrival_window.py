@@ -13,10 +13,11 @@ launched at the window's end.
 
 The margin learns from the device. At each launch the host asks, without waiting, whether the step in flight has
 already finished: if so, the device waited for this launch (a late launch). A late launch after a window widens
-the margin by LATE_STEP_S; one in time narrows it by EARLY_STEP_S, down to MIN_MARGIN_S. So the window settles
-where about one windowed launch in LATE_STEP_S / EARLY_STEP_S is late, each by a fraction of a millisecond, and
-closes by itself on a host too slow to keep up (the margin grows to the whole step). Every late launch, windowed
-or not, is counted (`pdlaunch_engine_late_launches_total`): the device idled waiting for the host.
+the margin by LATE_STEP_S; one in time, after a window or not, narrows it by EARLY_STEP_S, down to MIN_MARGIN_S. So
+the window settles where about one windowed launch in LATE_STEP_S / EARLY_STEP_S is late, each by a fraction of a
+millisecond, and closes by itself on a host too slow to keep up (the margin grows to the whole step); closed so,
+it opens again once launches are in time again (a burst of late launches does not close it for good). Every late
+launch, windowed or not, is counted (`pdlaunch_engine_late_launches_total`): the device idled waiting for the host.
 
 PDLAUNCH_ARRIVAL_WINDOW=off schedules the next step at once (A/B measurements).
 """
@@ -61,7 +62,10 @@ class ArrivalWindow:
         self.prep_s = prep if self.prep_s is None else (1 - PREP_WEIGHT) * self.prep_s + PREP_WEIGHT * prep
         if late:
             self._count_late()
-        if self._opened and late is not None:
+        if late is False or (late and self._opened):
+            # A launch in time narrows the margin with or without a window: a window closed by the margin alone
+            # (after a burst of late launches) opens again once the host keeps up; a late one widens it only
+            # after a window (without one the loop did not wait)
             self.margin_s = min(self.margin_s + LATE_STEP_S, 1.0) if late else \
                 max(MIN_MARGIN_S, self.margin_s - EARLY_STEP_S)
         self._opened = False

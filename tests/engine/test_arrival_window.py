@@ -116,6 +116,27 @@ def test_a_host_too_slow_for_the_device_closes_the_window() -> None:
     else:
         raise AssertionError("late launches never closed the window")
     assert window.margin_s >= 0.007 - 0.001
+    for _ in range(40):  # the host keeps up again (the late launches were a burst, a GC pause): launches in time
+        window.read()
+        if window.seconds(0.007) > 0.0:
+            break
+        _launch(window, clock, 0.001, False)
+    else:
+        raise AssertionError("launches in time never opened the window again: closed for good, for nothing")
+
+
+def test_a_launch_in_time_without_a_window_narrows_the_margin_but_a_late_one_does_not_widen_it() -> None:
+    clock = Clock()
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)
+    window.read()
+    assert window.seconds(0.0015) == 0.0  # no window (the step is too short for one)
+    _launch(window, clock, 0.001, False)
+    assert window.margin_s == pytest.approx(START_MARGIN_S - EARLY_STEP_S)
+    window.read()
+    assert window.seconds(0.0015) == 0.0
+    _launch(window, clock, 0.001, True)  # late without a window: no window to blame
+    assert window.margin_s == pytest.approx(START_MARGIN_S - EARLY_STEP_S)
 
 
 def test_the_switch_turns_the_window_off(monkeypatch: pytest.MonkeyPatch) -> None:
