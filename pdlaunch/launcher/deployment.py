@@ -15,6 +15,7 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import planned_engine_id
+from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.child_commands import instance_argv, proxy_argv, proxy_env
@@ -48,7 +49,13 @@ class Deployment:
         self.console = console or Console()
         self.log_dir = Path(log_dir or cfg.log_dir)
         self.drain_timeout_s = drain_timeout_s
-        self.plan: DeploymentPlan = plan_deployment(cfg)
+        # Its ports are held against other launchers on this host from the plan until stop() (port_reservations.py).
+        self.reservations = PortReservations()
+        try:
+            self.plan: DeploymentPlan = plan_deployment(cfg, self.reservations)
+        except BaseException:
+            self.reservations.release()
+            raise
         self.instances: list[ChildProcess] = []
         self.ranks: list[ChildProcess] = []  # this node's ranks of instances whose rank 0 is on another node
         self.proxy: ChildProcess | None = None
@@ -264,6 +271,7 @@ class Deployment:
                 child.close_log()
             self._http.close()
             self._log_lock.release()
+            self.reservations.release()
 
     def __enter__(self) -> Deployment:
         return self

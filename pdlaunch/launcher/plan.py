@@ -12,6 +12,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.placement import PlacedRank, listed_devices, unplaced_error
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
+from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
 from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.distributed.placement import RankPlacement, interface_env
@@ -125,16 +126,18 @@ def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
     return cfg.model_copy(update={"parallel": parallel})
 
 
-def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
+def plan_deployment(cfg: DeploymentConfig, reservations: PortReservations | None = None) -> DeploymentPlan:
     """Assign every instance its ports, devices and engine_id. Raises PdlaunchError naming the field.
 
     Ranks and fixed ports come from config/port_plan.py (what check-config reports); this node's
-    launcher claims the ports of its own processes and picks the unset ones free."""
+    launcher claims the ports of its own processes and picks the unset ones free. A run passes
+    `reservations`: every port claimed is held there against other launchers on this host until the run
+    releases it (config/port_reservations.py)."""
     device = host_devices.resolve_device(cfg.device)
     if device not in ("cpu", "cuda"):
         raise PdlaunchError(f"unknown device {device!r}", field="device", hint="use auto, cpu or cuda")
     me = cfg.parallel.node_rank
-    ports = _Allocators()
+    ports = _Allocators(reservations)
     proxy_port: int | None = None
     if me == 0:
         proxy_alloc = ports.on(cfg.proxy.host)
@@ -213,11 +216,14 @@ def _short_of_gpus(cfg: DeploymentConfig, g: int, name: str, ranks: int, num_cud
 class _Allocators:
     """One PortAllocator per host this node binds on."""
 
-    def __init__(self) -> None:
+    def __init__(self, reservations: PortReservations | None) -> None:
         self._by_host: dict[str, PortAllocator] = {}
+        self._reservations = reservations
 
     def on(self, host: str) -> PortAllocator:
-        return self._by_host.setdefault(host, PortAllocator(host))
+        if host not in self._by_host:
+            self._by_host[host] = PortAllocator(host, self._reservations)
+        return self._by_host[host]
 
 
 def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str, ports: _Allocators,

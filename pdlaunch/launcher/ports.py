@@ -1,7 +1,9 @@
 """Ports for the processes of a deployment: configured ones are bind-tested, the rest picked free.
 
 The launcher binds a port only to test it, closes it and hands the number to the child, which binds
-it for real a moment later. A port handed out once is never handed out again by the same allocator.
+it for real a moment later (after loading its model: seconds). A port handed out once is never handed out again
+by the same allocator, and, given the deployment's PortReservations, by no other pdlaunch launcher on this host
+while the deployment runs (config/port_reservations.py): two deployments started at once no longer both take it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import random
 
 from pdlaunch.config.addresses import port_is_free
+from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.errors import PdlaunchError
 
 # Free consecutive ranges are searched here: above the usual service ports, below the Linux
@@ -19,21 +22,33 @@ _RANGE_LOW, _RANGE_HIGH = 20000, 32000
 class PortAllocator:
     """Hands out ports on one host without handing any out twice."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, reservations: PortReservations | None = None) -> None:
         self.host = host
         self.taken: set[int] = set()
+        self.reservations = reservations  # None: a plan only looked at (tests), nothing held for a run
 
     def claim(self, port: int, field: str, what: str) -> int:
-        """A configured port: it must be free now. `field` is the config path that set it."""
+        """A configured port: it must be free now and held by no other launcher. `field` is the config path
+        that set it."""
+        in_use = PdlaunchError(f"port {port} ({what}) on {self.host} is already in use", field=field,
+                               hint="stop what uses it or choose another port")
+        if port in self.taken:  # by another process of this deployment
+            raise in_use
+        holder = self._reserve(port)
+        if holder is not None:
+            raise PdlaunchError(f"port {port} ({what}) on {self.host} belongs to another pdlaunch deployment on this "
+                                f"host, starting or running ({holder})", field=field,
+                                hint="give this deployment other ports, or stop that one first")
         try:
-            free = port not in self.taken and port_is_free(self.host, port)
+            free = port_is_free(self.host, port)
         except PdlaunchError as exc:
+            self._unreserve([port])
             if exc.field == "port":
                 raise PdlaunchError(exc.message, field=field, hint=exc.hint) from None
             raise
         if not free:
-            raise PdlaunchError(f"port {port} ({what}) on {self.host} is already in use", field=field,
-                                hint="stop what uses it or choose another port")
+            self._unreserve([port])
+            raise in_use
         self.taken.add(port)
         return port
 
@@ -49,8 +64,29 @@ class PortAllocator:
         for _ in range(200):
             base = rng.randrange(_RANGE_LOW, _RANGE_HIGH - count)
             ports = range(base, base + count)
-            if not self.taken.intersection(ports) and all(port_is_free(self.host, p) for p in ports):
+            if self.taken.intersection(ports):
+                continue
+            held = []  # held first, tested after: a launcher that tests a port we hold does not get it
+            for p in ports:
+                if self._reserve(p) is not None:
+                    break
+                held.append(p)
+            free = False
+            try:
+                free = len(held) == count and all(port_is_free(self.host, p) for p in ports)
+            finally:
+                if not free:
+                    self._unreserve(held)
+            if free:
                 self.taken.update(ports)
                 return base
         raise PdlaunchError(f"found no {count} consecutive free port(s) for {what} on {self.host}",
                             hint="set kv_transfer.side_channel_port to a free range")
+
+    def _reserve(self, port: int) -> str | None:
+        return None if self.reservations is None else self.reservations.reserve(self.host, port)
+
+    def _unreserve(self, ports: list[int]) -> None:
+        if self.reservations is not None:
+            for port in ports:
+                self.reservations.release_port(self.host, port)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.port_reservations import reservation_holder
 from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
@@ -163,8 +164,9 @@ def run_smoke(cfg: DeploymentConfig) -> int:
                             hint=f"give --max-model-len {MIN_MODEL_LEN} or more, or leave it unset")
     console = Console()
     checks: list[Check] = []
-    if not port_is_free(cfg.proxy.host, cfg.proxy.port):
-        # A smoke run only needs some port; CI machines often have 8000 taken.
+    host, port = cfg.proxy.host, cfg.proxy.port
+    if not port_is_free(host, port) or reservation_holder(host, port) is not None:
+        # A smoke run only needs some port; CI machines often have 8000 taken (or a deployment starting there).
         taken = cfg.proxy.port
         cfg = cfg.model_copy(deep=True)
         cfg.proxy.port = PortAllocator(cfg.proxy.host).free("smoke proxy")

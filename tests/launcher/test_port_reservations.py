@@ -1,0 +1,115 @@
+"""Ports held against other launchers on this host (config/port_reservations.py) as the launcher's allocator uses
+them (launcher/ports.py): another launcher's configured port is refused naming the field and its holder, a free
+pick goes around it, and the kernel gives a port back when its holder dies however it dies. The e2e of two
+deployments started at once is test_two_deployments_e2e.py."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pdlaunch.config.port_reservations import PortReservations, reservation_holder
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.ports import PortAllocator
+from tests.config.cli_helpers import check
+from tests.serving.helpers import wait_for
+
+HOST = "127.0.0.1"
+HOLD = ("import sys; from pdlaunch.config.port_reservations import PortReservations; r = PortReservations(); "
+        "[r.reserve(sys.argv[1], int(p)) for p in sys.argv[2:]]; sys.stdin.read()")
+
+
+@pytest.fixture()
+def other_launcher() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Another process holding three consecutive ports (as a launcher does for its deployment's run)."""
+    base = PortAllocator(HOST).free_range(3, "held by the other launcher")
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, HOST, *(str(base + i) for i in range(3))],
+                            stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: reservation_holder(HOST, base + 2) is not None, "the other process to hold its ports", 60)
+        yield proc, base
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_a_port_another_launcher_holds_is_refused_naming_the_field_and_the_holder(
+        other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, base = other_launcher
+    mine = PortReservations()
+    with pytest.raises(PdlaunchError) as refused:
+        PortAllocator(HOST, mine).claim(base + 1, "instances[1].base_port", "decode-0 HTTP")
+    assert refused.value.field == "instances[1].base_port"
+    assert f"port {base + 1} (decode-0 HTTP) on {HOST} belongs to another pdlaunch deployment" in refused.value.message
+    assert f"pid {proc.pid}: " in refused.value.message and "port_reservations" in refused.value.message
+    assert mine.held == []
+
+
+def test_a_free_pick_goes_around_held_ports_and_holds_its_own(
+        other_launcher: tuple[subprocess.Popen[bytes], int], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, base = other_launcher
+    tried: list[int] = []
+    forced = iter([base + 1, base - 1])  # the first two ranges overlap the held ports; then random ones
+    draw = random.Random.randrange
+
+    def randrange(rng: random.Random, low: int, high: int) -> int:
+        tried.append(next(forced, None) or draw(rng, low, high))
+        return tried[-1]
+
+    monkeypatch.setattr(random.Random, "randrange", randrange)
+    mine = PortReservations()
+    first = PortAllocator(HOST, mine).free_range(2, "side channel")
+    assert tried[:2] == [base + 1, base - 1] and first == tried[-1] and len(tried) >= 3
+    assert mine.held == [(HOST, first), (HOST, first + 1)]  # nothing of the refused ranges is kept
+    assert reservation_holder(HOST, base - 1) is None
+    mine.release()
+    assert reservation_holder(HOST, first) is None
+
+
+def test_a_killed_holder_leaves_its_ports_free(other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, base = other_launcher
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert reservation_holder(HOST, base) is None
+    mine = PortReservations()
+    assert PortAllocator(HOST, mine).claim(base, "proxy.port", "proxy") == base
+    assert reservation_holder(HOST, base) is not None
+    mine.release()
+
+
+def test_a_port_in_use_is_not_held_after_the_refusal() -> None:
+    mine = PortReservations()
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(PdlaunchError, match="already in use"):
+            PortAllocator(HOST, mine).claim(port, "proxy.port", "proxy")
+    assert mine.held == [] and reservation_holder(HOST, port) is None
+
+
+def test_one_port_on_two_addresses_is_two_reservations() -> None:
+    """Two nodes of a multi-node test on one machine (127.0.0.1, 127.0.0.2) bind the same port numbers."""
+    port = PortAllocator(HOST).free("either node")
+    node0, node1 = PortReservations(), PortReservations()
+    assert node0.reserve(HOST, port) is None
+    assert node1.reserve("127.0.0.2", port) is None
+    assert node1.reserve(HOST, port) is not None
+    node0.release()
+    node1.release()
+
+
+def test_check_config_warns_of_a_port_another_launcher_holds(
+        other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
+    """A deployment that is starting holds its ports before its children bind them: check-config's "in use now"
+    counts them, as serve would refuse them."""
+    _, base = other_launcher
+    result = check(["--model", "tiny", "--device", "cpu", "--port", str(base)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: --port: port {base} (proxy) on 127.0.0.1: {base} in use now" in result.output, result.output
