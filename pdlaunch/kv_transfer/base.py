@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import JsonValue
@@ -74,6 +75,7 @@ class KVCacheSpec:
     tp_rank: int = 0
     kv_cache_dtype: torch.dtype | None = None  # the cache tensors' dtype (None: `dtype`); fp8 = float8_e4m3fn
     kv_scales: str = ""  # digest of every layer's (k_scale, v_scale) when the cache is fp8
+    checkpoint_path: Path | None = None  # the weights' directory (storage connector: model/weights_digest.py)
 
     @property
     def device(self) -> torch.device:

@@ -5,7 +5,9 @@ Layout under `kv_transfer.storage_path`:
     <root>/<compat_key>/<key[:2]>/<key>.safetensors    one file per block-aligned prompt chunk
 
 compat_key hashes what makes blocks interchangeable (model, dtype, block size, heads, layout, TP
-rank), so an incompatible engine never finds the files. Chunk i of a prompt holds positions
+rank, and a digest of the weights: model/weights_digest.py), so an incompatible engine never finds the
+files: neither another model, nor a fine-tune of the same architecture whose deployment shares the
+directory (the default one is per user, not per deployment). Chunk i of a prompt holds positions
 [i*B, i*B + len) and its key chains the token ids: key_0 = "", key_{i+1} = H(key_i, "full", tokens
 of block i); a tail shorter than a block is stored as H(key_i, "tail", tail tokens). A key names the
 whole prefix up to the chunk's end, so any later prompt that shares that prefix finds the file.
@@ -38,6 +40,7 @@ from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import compat_fields, compat_hash
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode, wants_remote_prefill
 from pdlaunch.metrics.kv_transfer import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES
+from pdlaunch.model.weights_digest import weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ class StorageConnector(KVConnector):
         self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
-        fields = {**compat_fields(spec), "tp_rank": spec.tp_rank}
+        weights = "" if spec.checkpoint_path is None else weights_digest(spec.checkpoint_path)
+        fields = {**compat_fields(spec), "tp_rank": spec.tp_rank, "weights": weights}
         self.root = self.base / compat_hash(fields)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
