@@ -62,6 +62,8 @@ def reservation_holder(host: str, port: int) -> str | None:
         except OSError:  # EAGAIN: the holder's backlog is full of earlier askers
             return "another pdlaunch launcher on this host (it did not say which)"
         pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+    if pid == 0:  # the kernel's answer for a process this PID namespace cannot see (another container)
+        return "a pdlaunch launcher in another container sharing this host's network"
     return f"pid {pid}: {_command_of(pid)}"
 
 
