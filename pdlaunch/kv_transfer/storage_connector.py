@@ -5,12 +5,13 @@ Layout under `kv_transfer.storage_path`:
     <root>/<compat_key>/<key[:2]>/<key>.safetensors    one file per block-aligned prompt chunk
 
 compat_key hashes what makes blocks interchangeable (model, dtype, block size, heads, layout, TP
-rank, and a digest of the weights: model/weights_digest.py), so an incompatible engine never finds the
-files: neither another model, nor a fine-tune of the same architecture whose deployment shares the
-directory (the default one is per user, not per deployment). Chunk i of a prompt holds positions
-[i*B, i*B + len) and its key chains the token ids: key_0 = "", key_{i+1} = H(key_i, "full", tokens
-of block i); a tail shorter than a block is stored as H(key_i, "tail", tail tokens). A key names the
-whole prefix up to the chunk's end, so any later prompt that shares that prefix finds the file.
+rank, a digest of the weights (model/weights_digest.py) and --quantization), so an incompatible engine
+never finds the files: neither another model, nor a fine-tune of the same architecture or the same
+checkpoint quantized at load, whose deployment shares the directory (the default one is per user).
+Chunk i of a prompt holds positions [i*B, i*B + len) and its key chains the token ids: key_0 = "",
+key_{i+1} = H(key_i, "full", tokens of block i); a tail shorter than a block is stored as
+H(key_i, "tail", tail tokens). A key names the whole prefix up to the chunk's end, so any later prompt
+that shares that prefix finds the file.
 Each file has one tensor per KV-cache group that held the block ("group_<g>": [num_layers, 2, len,
 num_kv_heads, head_dim]); sliding-window groups may lack early chunks, which they never read.
 
@@ -63,6 +64,7 @@ class StorageConnector(KVConnector):
         self.role = instance.role
         self.engine_id = instance.engine_id
         self.base = Path(self.kv.storage_path).expanduser()
+        self.quantization = config.model.quantization
         self.root: Path | None = None
         self.spec: KVCacheSpec | None = None
         self._plans: dict[str, tuple[int, list[Chunk | None]]] = {}
@@ -72,7 +74,9 @@ class StorageConnector(KVConnector):
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
         weights = "" if spec.checkpoint_path is None else weights_digest(spec.checkpoint_path)
-        fields = {**compat_fields(spec), "tp_rank": spec.tp_rank, "weights": weights}
+        # --quantization fp8 computes with other weights than the same checkpoint unquantized
+        fields = {**compat_fields(spec), "tp_rank": spec.tp_rank, "weights": weights,
+                  "quantization": self.quantization}
         self.root = self.base / compat_hash(fields)
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.engine_config import ModelConfig
 from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
@@ -126,3 +127,18 @@ def test_load_failure_is_reported_not_raised(tmp_path: Path) -> None:
     decode.start_load("d", prompt, None, [[4, 5, 6], [4, 5, 6]], 0, 2 * B)
     events = decode.get_finished()
     assert "d" in events.failed_recving and "loading stored KV failed" in events.failed_recving["d"]
+
+
+def test_a_decode_quantizing_at_load_finds_nothing_an_unquantized_prefill_stored(tmp_path: Path) -> None:
+    """--quantization fp8 computes with other weights than the same checkpoint unquantized: two deployments
+    sharing the directory (its default is one per user) must not share KV (test_storage_two_checkpoints_e2e.py)."""
+    prefill, _ = _connector("prefill", tmp_path, seed=1)
+    prompt = list(range(30, 30 + 2 * B + 1))
+    params = _save(prefill, prompt, [[1, 2, 3], [4, 5, 6]])
+    config = secured(DeploymentConfig(device="cpu", model=ModelConfig(quantization="fp8"), kv_transfer=KVTransferConfig(
+        connector="storage", storage_path=str(tmp_path))))
+    decode = create_connector(config, InstanceSpec(role="decode", port=1, engine_id="decode-fp8"))
+    decode.register_kv_caches(make_spec(block_size=B, groups=2, seed=2))
+    assert decode.get_num_new_matched_tokens("d", prompt, params, 0) == 0
+    same, _ = _connector("decode", tmp_path, seed=2)
+    assert same.get_num_new_matched_tokens("d", prompt, params, 0) == len(prompt) - 1

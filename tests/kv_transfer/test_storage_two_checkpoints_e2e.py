@@ -1,8 +1,9 @@
 """Two 1P1D deployments on one host with the storage connector and one `kv_transfer.storage_path` (its default,
-~/.cache/pdlaunch/kv, is one per user): the tiny model, and a fine-tune of it (same config.json, other weights),
-started at once. The store was keyed by the architecture and the config only, so the fine-tune's decode loaded
-the KV the base model's prefill had stored for the same prompt and answered from it: a silently wrong completion.
-Now the key holds a digest of the weights (model/weights_digest.py) and each answers as its own prefill does."""
+~/.cache/pdlaunch/kv, is one per user), started at once: the tiny model, and beside it either a fine-tune of it
+(same config.json, other weights) or the tiny model quantized at load (--quantization fp8). The store was keyed
+by the architecture and the config only, so the other deployment's decode loaded the KV the tiny model's prefill
+had stored for the same prompt and answered from it: a silently wrong completion. Now the key holds a digest of
+the weights (model/weights_digest.py) and the quantization, and each answers as its own prefill does."""
 
 from __future__ import annotations
 
@@ -35,18 +36,19 @@ def _fine_tune(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture()
-def base_and_tuned(tmp_path: Path) -> Iterator[dict[str, Serve]]:
+@pytest.fixture(params=["fine-tune", "fp8"])
+def base_and_other(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Serve]]:
     config = tmp_path / "storage.yaml"
     config.write_text(f"kv_transfer: {{connector: storage, storage_path: {tmp_path / 'kv'}}}\n")
     common = [str(config), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "256", "--block-size", "8"]
-    tuned = _fine_tune(tmp_path / "tuned")
+    other = (["--model", str(_fine_tune(tmp_path / "tuned"))] if request.param == "fine-tune"
+             else ["--model", "tiny", "--quantization", "fp8"])
     started: dict[str, Serve] = {}
     try:
-        for name, model in (("base", "tiny"), ("tuned", str(tuned))):  # at once: both load side by side
+        for name, model in (("base", ["--model", "tiny"]), ("other", other)):  # at once: they load side by side
             run = tmp_path / f"run-{name}"
             run.mkdir()
-            started[name] = Serve(run, ["--model", model, *common])
+            started[name] = Serve(run, [*model, *common])
         for serve in started.values():
             serve.wait_ready()
         yield started
@@ -62,11 +64,12 @@ def _complete(url: str) -> str:
     return str(answer.json()["choices"][0]["text"])
 
 
-def test_a_fine_tune_sharing_the_storage_path_never_loads_the_base_model_s_kv(
-        base_and_tuned: dict[str, Serve]) -> None:
-    own = {name: _complete(serve.instance_urls()["prefill-0"]) for name, serve in base_and_tuned.items()}
-    assert own["base"] != own["tuned"], own  # the fine-tune is another model
-    # The base model's PD answer first: its prefill stores the prompt's KV in the shared directory.
-    assert _complete(base_and_tuned["base"].url) == own["base"]
-    # The fine-tune's PD answer: its decode must not find the base model's KV for the same tokens.
-    assert _complete(base_and_tuned["tuned"].url) == own["tuned"]
+def test_another_model_sharing_the_storage_path_never_loads_the_tiny_model_s_kv(
+        base_and_other: dict[str, Serve]) -> None:
+    # what each computes alone: a prefill instance answers from its own prompt pass, never from the store
+    own = {name: _complete(serve.instance_urls()["prefill-0"]) for name, serve in base_and_other.items()}
+    assert own["base"] != own["other"], own  # the other deployment is another model
+    # The tiny model's PD answer first: its prefill stores the prompt's KV in the shared directory.
+    assert _complete(base_and_other["base"].url) == own["base"]
+    # The other's PD answer: its decode must not find the tiny model's KV for the same tokens.
+    assert _complete(base_and_other["other"].url) == own["other"]
