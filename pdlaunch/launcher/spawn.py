@@ -27,7 +27,7 @@ def spawn_children(cfg: DeploymentConfig, plan: DeploymentPlan, deployment_file:
     prefills = prefill_side_channels_env(cfg, plan)
     for instance in plan.instances:
         spec = instance.spec
-        devices = f"cuda:{','.join(map(str, instance.physical_devices))}" if spec.device == "cuda" else spec.device
+        devices = _cuda_label(instance.physical_devices, instance.env) if spec.device == "cuda" else spec.device
         rows[spec.name] = StatusRow(spec.name, spec.role, devices, instance.url,
                                     state="starting" if instance.local else "remote")
         if instance.local:
@@ -38,10 +38,22 @@ def spawn_children(cfg: DeploymentConfig, plan: DeploymentPlan, deployment_file:
             child.start()
     for rank in plan.remote_ranks:
         where = f"node {rank.placement.nodes[0]}"
-        devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
+        devices = _cuda_label([rank.physical_device], rank.env) if rank.physical_device is not None else \
+            rank.spec.device
         rows[rank.name] = StatusRow(rank.name, f"rank {rank.rank}", devices, f"rank 0 on {where}", state="running")
         # No --parent-pid watch, and no SIGTERM while it waits for rank 0's store: it dies with this launcher.
         child = ChildProcess(rank.name, rank_argv(deployment_file, rank), log_dir / f"{rank.name}.log",
                              env={**threads, **rank.env}, parent_death_signal=signal.SIGKILL)
         ranks.append(child)
         child.start()
+
+
+def _cuda_label(indices: list[int], env: dict[str, str]) -> str:
+    """The status table's GPUs of a process: the host's GPU numbers its CUDA_VISIBLE_DEVICES names (under a
+    launcher with a list of its own, `CUDA_VISIBLE_DEVICES=2,3 pdlaunch serve`, the launcher's device 0 is GPU 2,
+    as nvidia-smi numbers it); the launcher's own numbering where that list names GPUs by UUID or MIG name."""
+    names = env.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if len(names) == len(indices) and all(n.strip().isdigit() for n in names):
+        return "cuda:" + ",".join(n.strip() for n in names)
+    return "cuda:" + ",".join(map(str, indices))
+

@@ -88,3 +88,13 @@ def test_a_rank_of_another_nodes_instance_runs_on_the_gpu_its_launcher_was_given
     assert (rank.name, rank.physical_device, decode.physical_devices) == ("prefill-0-rank1", 0, [1])
     assert (rank.env["CUDA_VISIBLE_DEVICES"], decode.env["CUDA_VISIBLE_DEVICES"]) == expected
     assert rank.spec.devices == [0, 0] and decode.spec.devices == [0]  # each sees its one device as cuda:0
+
+
+def test_the_status_table_names_the_hosts_gpu_numbers() -> None:
+    from pdlaunch.launcher.spawn import _cuda_label
+
+    assert _cuda_label([0], {"CUDA_VISIBLE_DEVICES": "0"}) == "cuda:0"
+    assert _cuda_label([0, 1], {"CUDA_VISIBLE_DEVICES": "2,3"}) == "cuda:2,3"  # was cuda:0,1 under =2,3
+    uuid = "GPU-8a1b2c3d-0000-1111-2222-333344445555"
+    assert _cuda_label([1], {"CUDA_VISIBLE_DEVICES": uuid}) == "cuda:1"  # a UUID: the launcher's numbering
+    assert _cuda_label([1], {}) == "cuda:1"  # another node's instance: no list from this node
