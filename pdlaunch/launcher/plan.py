@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.engine_ids import planned_engine_id
-from pdlaunch.config.placement import PlacedRank, listed_devices, unplaced_error
+from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
 from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.gpu_plan import check_node_gpus, cuda_pool, short_of_gpus
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 
@@ -143,14 +144,14 @@ def plan_deployment(cfg: DeploymentConfig, reservations: PortReservations | None
         proxy_alloc = ports.on(cfg.proxy.host)
         proxy_port = (proxy_alloc.free("proxy") if cfg.proxy.port == 0
                       else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
-    cuda_pool = _cuda_pool(cfg, device)
+    gpus = cuda_pool(cfg, device)
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []
-    every = plan_instances(cfg, cuda_pool)
+    every = plan_instances(cfg, gpus)
     if device == "cuda" and cfg.parallel.nodes:
-        check_node_gpus(cfg, every, len(cuda_pool))
+        check_node_gpus(cfg, every, len(gpus))
     for planned in every:
-        plan, remotes = _plan_instance(cfg, planned, device, ports, len(cuda_pool))
+        plan, remotes = _plan_instance(cfg, planned, device, ports, len(gpus))
         plans.append(plan)
         remote_ranks += remotes
     if not plans:
@@ -158,59 +159,6 @@ def plan_deployment(cfg: DeploymentConfig, reservations: PortReservations | None
                             hint="pass --prefill 1 --decode 1, or --colocated")
     return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port,
                           remote_ranks=remote_ranks)
-
-
-def _cuda_pool(cfg: DeploymentConfig, device: str) -> list[int]:
-    """The CUDA indices ranks are placed on ([] on CPU): the devices this launcher sees. Under --backend ray each
-    rank's actor runs on the one GPU Ray gives it (Ray sets its CUDA_VISIBLE_DEVICES; the rank uses its device 0):
-    this machine's GPUs place none, so each rank gets a slot (config/ray_cluster.py checks the cluster's GPUs)."""
-    if device != "cuda":
-        return []
-    if cfg.launcher.backend == "ray":
-        return list(range(sum(group.count * (group.tp or 1) for group in cfg.instances)))
-    return list(range(host_devices.device_count())) if host_devices.cuda_available() else []
-
-
-def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus: int) -> None:
-    """This node has every GPU the plan puts its ranks on (`gpus`: the CUDA devices it sees). The plan is
-    the same on every node and never asks this machine (config/placement.py), so each node checks its own
-    count here. Raises PdlaunchError naming the field that placed ranks on a GPU this node lacks."""
-    me = cfg.parallel.node_rank
-    indices = {0: "", 1: ", CUDA device 0"}.get(gpus, f", CUDA devices 0-{gpus - 1}")
-    sees = f"node {me} ({_node_host(cfg, me)}) sees {gpus} GPU(s){indices}"
-    over = [(instance, rank.device) for instance in planned for rank in instance.ranks
-            if rank.node == me and rank.device is not None and rank.device >= gpus]
-    if not over:
-        return
-    instance, device = over[0]
-    group = f"instances[{instance.group}]"
-    if cfg.instances[instance.group].devices is not None and instance.node == me:
-        raise PdlaunchError(f"{instance.name} runs on GPU {device} ({group}.devices), but {sees}",
-                            field=f"{group}.devices", hint="list only this node's GPUs")
-    if cfg.parallel.nodes[me].devices:
-        raise PdlaunchError(f"parallel.nodes[{me}].devices lists GPU {device} ({instance.name} runs a rank there), "
-                            f"but {sees}", field=f"parallel.nodes[{me}].devices", hint="list only this node's GPUs")
-    if instance.node == me and cfg.instances[instance.group].devices is None and listed_devices(cfg, me):
-        raise unplaced_error(cfg, instance.group, range(gpus), sees)  # it skipped GPUs other groups list
-    names = ", ".join(dict.fromkeys(i.name for i, _ in over))
-    raise PdlaunchError(f"{sees}, but the plan puts {1 + max(d for _, d in over)} ranks on it, one GPU each ({names} "
-                        f"on GPU {gpus} and up): a node that lists no devices holds every rank placed on it, so "
-                        "that every node's launcher plans the same", field=f"parallel.nodes[{me}].devices",
-                        hint=f"list node {me}'s GPUs (devices: {list(range(gpus))}) so that a TP group larger than "
-                        "that spans the nodes after it, or place fewer ranks on this node")
-
-
-def _short_of_gpus(cfg: DeploymentConfig, g: int, name: str, ranks: int, num_cuda: int) -> PdlaunchError:
-    """Instance `name` of group g, on its node, got fewer GPUs than its ranks. A group that lists no devices takes
-    the ones no group lists there (config/placement.py), so the error names those taken."""
-    node, nodes = cfg.instances[g].node, cfg.parallel.nodes
-    if cfg.instances[g].devices is None:
-        if nodes and nodes[node].devices:
-            return unplaced_error(cfg, g, nodes[node].devices, f"parallel.nodes[{node}].devices lists "
-                                  f"{nodes[node].devices}")
-        return unplaced_error(cfg, g, range(num_cuda), f"this machine has {num_cuda} GPU(s)")
-    return PdlaunchError(f"{name} needs {ranks} GPU(s) but instances[{g}].devices lists fewer",
-                         field=f"instances[{g}].devices", hint="list count*tp device indices")
 
 
 class _Allocators:
@@ -247,7 +195,7 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
     if device == "cuda":
         devices = [p.device for p in planned.ranks[:len(here)] if p.device is not None]
         if len(devices) < len(here) and local:
-            raise _short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
+            raise short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
         # this launcher's own CUDA_VISIBLE_DEVICES renumbers the devices it counted: the child gets their names
         # (another node's instance gets its node's launcher's; a Ray actor, Ray's)
         if local and cfg.launcher.backend != "ray":
