@@ -11,7 +11,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
 
 
-def _node_host(cfg: DeploymentConfig, node: int) -> str:
+def node_host(cfg: DeploymentConfig, node: int) -> str:
+    """The address of node `node` (loopback for a deployment of one node)."""
     return cfg.parallel.nodes[node].address if cfg.parallel.nodes else "127.0.0.1"
 
 
@@ -32,7 +33,7 @@ def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus:
     count here. Raises PdlaunchError naming the field that placed ranks on a GPU this node lacks."""
     me = cfg.parallel.node_rank
     indices = {0: "", 1: ", CUDA device 0"}.get(gpus, f", CUDA devices 0-{gpus - 1}")
-    sees = f"node {me} ({_node_host(cfg, me)}) sees {gpus} GPU(s){indices}"
+    sees = f"node {me} ({node_host(cfg, me)}) sees {gpus} GPU(s){indices}"
     over = [(instance, rank.device) for instance in planned for rank in instance.ranks
             if rank.node == me and rank.device is not None and rank.device >= gpus]
     if not over:

@@ -17,7 +17,7 @@ from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_probl
 from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.gpu_plan import check_node_gpus, cuda_pool, short_of_gpus
+from pdlaunch.launcher.gpu_plan import check_node_gpus, cuda_pool, node_host, short_of_gpus
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 
@@ -68,10 +68,6 @@ def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
-
-
-def _node_host(cfg: DeploymentConfig, node: int) -> str:
-    return cfg.parallel.nodes[node].address if cfg.parallel.nodes else "127.0.0.1"
 
 
 def check_side_channel_reach(cfg: DeploymentConfig) -> None:
@@ -178,8 +174,8 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
                    num_cuda: int) -> tuple[InstancePlan, list[RemoteRankPlan]]:
     """One instance as this node sees it, and the ranks of it this node runs when rank 0 is elsewhere."""
     me, g, name, node = cfg.parallel.node_rank, planned.group, planned.name, planned.node
-    host, local = _node_host(cfg, node), node == me
-    placement = RankPlacement(nodes=planned.rank_nodes, hosts=[_node_host(cfg, n) for n in planned.rank_nodes])
+    host, local = node_host(cfg, node), node == me
+    placement = RankPlacement(nodes=planned.rank_nodes, hosts=[node_host(cfg, n) for n in planned.rank_nodes])
     if planned.spans_nodes:
         _check_spanning(cfg, g, name, planned.role)
     port = _http_port(planned, ports.on(host), local, me)
@@ -240,7 +236,7 @@ def _side_channel_ports(cfg: DeploymentConfig, planned: PlannedInstance,
     for ranks in planned.side_channels:
         if ranks.node != cfg.parallel.node_rank:
             continue
-        alloc = ports.on(_node_host(cfg, ranks.node))
+        alloc = ports.on(node_host(cfg, ranks.node))
         if ranks.first is None:
             first = alloc.free_range(len(ranks.ranks), f"{planned.name} side channel")
         else:

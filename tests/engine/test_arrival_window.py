@@ -14,6 +14,7 @@ from pdlaunch.engine.arrival_window import EARLY_STEP_S, LATE_STEP_S, MIN_MARGIN
 from pdlaunch.engine.stats import EngineStats
 from pdlaunch.engine.step_clock import SlowDecodeSteps, StepClock
 from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.test_engine_loop_idle import CountingEngine
 
 
 class Clock:
@@ -170,20 +171,13 @@ def test_the_window_never_outlasts_the_decode_steps_the_device_now_runs(steps_ms
     assert 0.0 < window.seconds(_decode_clock(steps_ms).decode_step_s) <= 0.005 - 0.001
 
 
-class BusyEngine:
+class BusyEngine(CountingEngine):
     """A busy engine whose arrival window is far longer than any test timeout: only a command can end the wait."""
 
-    rank_engine_ids: list[str] = []  # what /info shows: the executor knows no ranks, no connector
-    rank_nodes: list[str] = []
-    connector = None
-
     def __init__(self) -> None:
-        self.steps = 0
+        super().__init__()
+        self.quiescent = False
         self.windows = 0
-        self.lock = threading.Lock()
-
-    def is_quiescent(self) -> bool:
-        return False
 
     def has_unfinished_requests(self) -> bool:
         return True
@@ -192,23 +186,8 @@ class BusyEngine:
         self.windows += 1
         return 600.0
 
-    def step(self) -> list[object]:
-        with self.lock:
-            self.steps += 1
-        return []
-
-    def take_admitted(self) -> list[object]:  # no PD decode admitted with its first token
-        return []
-
     def stats(self) -> EngineStats:
-        return {"num_running": 1, "num_waiting": 0, "num_waiting_for_kv": 0, "num_blocks_total": 8,
-                "num_blocks_used": 1}  # type: ignore[typeddict-item]
-
-    def check_integrity(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
+        return {**super().stats(), "num_running": 1, "num_blocks_used": 1}
 
 
 def test_a_busy_loop_waits_out_the_window_unless_a_command_comes() -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdlaunch.model.demo import ensure_demo_checkpoint
-from tests.serving.e2e import Serve
+from tests.serving.e2e import Serve, serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,18 +43,13 @@ def base_and_other(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[d
     common = [str(config), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "256", "--block-size", "8"]
     other = (["--model", str(_fine_tune(tmp_path / "tuned"))] if request.param == "fine-tune"
              else ["--model", "tiny", "--quantization", "fp8"])
-    started: dict[str, Serve] = {}
-    try:
-        for name, model in (("base", ["--model", "tiny"]), ("other", other)):  # at once: they load side by side
-            run = tmp_path / f"run-{name}"
-            run.mkdir()
-            started[name] = Serve(run, [*model, *common])
-        for serve in started.values():
-            serve.wait_ready()
+    runs: dict[str, tuple[Path, list[str]]] = {}
+    for name, model in (("base", ["--model", "tiny"]), ("other", other)):  # at once: they load side by side
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        runs[name] = (run, [*model, *common])
+    with serving(runs) as started:
         yield started
-    finally:
-        for serve in started.values():
-            serve.stop()
 
 
 def _complete(url: str) -> str:

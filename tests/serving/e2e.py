@@ -119,11 +119,20 @@ def pd_and_colocated(tmp_path_factory: pytest.TempPathFactory, name: str) -> Ite
     The 1P1D runs with --async-scheduling (the default with CUDA, off by default on CPU), the colocated one
     without: a test that compares them compares the two schedulers too."""
     common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
+    with serving({"pd": (tmp_path_factory.mktemp(f"pd-{name}"),
+                         [*common, "--prefill", "1", "--decode", "1", "--async-scheduling"]),
+                  "colocated": (tmp_path_factory.mktemp(f"colocated-{name}"), [*common, "--colocated"])}) as started:
+        yield started
+
+
+@contextmanager
+def serving(runs: dict[str, tuple[Path, list[str]]]) -> Iterator[dict[str, Serve]]:
+    """Each run a `pdlaunch serve` (its directory, its arguments), all started before any is awaited (they load
+    side by side), then all ready; every one started is stopped at the end, also when another failed."""
     started: dict[str, Serve] = {}
     try:
-        started["pd"] = Serve(tmp_path_factory.mktemp(f"pd-{name}"), [*common, "--prefill", "1", "--decode", "1",
-                                                                     "--async-scheduling"])
-        started["colocated"] = Serve(tmp_path_factory.mktemp(f"colocated-{name}"), [*common, "--colocated"])
+        for name, (tmp, args) in runs.items():
+            started[name] = Serve(tmp, args)
         for serve in started.values():
             serve.wait_ready()
         yield started

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import uvicorn
 
 if TYPE_CHECKING:
@@ -131,4 +132,15 @@ def waiting_to_recompute(loop: EngineLoop, request_id: str) -> Iterator[None]:
         yield
     finally:
         asyncio.run(loop.call(unpark))
+
+
+def held_kv(url: str, timeout: float = 180.0) -> tuple[int, int]:
+    """(requests whose KV the instance at `url` holds for a decode, KV blocks it has in use): its /info's stats."""
+    stats = httpx.get(f"{url}/info", timeout=timeout).json()["stats"]
+    return stats["num_held"], stats["num_blocks_used"]
+
+
+def prompt_from(first: int, tokens: int) -> list[int]:
+    """`tokens` token ids starting with `first` (a prompt of its own: none of it in another's prefix cache)."""
+    return [first] + [(first + i) % 200 + 1 for i in range(1, tokens)]
 

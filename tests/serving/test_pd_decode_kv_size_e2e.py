@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.ports import PortAllocator
 from tests.kv_transfer.deployment_secret import TEST_SECRET
-from tests.serving.helpers import wait_for
+from tests.serving.helpers import held_kv, prompt_from, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -120,14 +120,11 @@ def _computed(url: str) -> float:
 
 
 def _holding(url: str) -> tuple[int, int]:
-    """(requests whose KV the instance at `url` holds for a decode, KV blocks it has in use): its /info's stats."""
-    stats = httpx.get(f"{url}/info", timeout=TIMEOUT).json()["stats"]
-    return stats["num_held"], stats["num_blocks_used"]
+    return held_kv(url, TIMEOUT)
 
 
 def _prompt(tokens: int) -> list[int]:
-    first = next(_first_ids)
-    return [first] + [(first + i) % 200 + 1 for i in range(1, tokens)]
+    return prompt_from(next(_first_ids), tokens)
 
 
 # (endpoint, body without its prompt, the prompt's tokens): prompt + max_tokens within max_model_len, past the 128

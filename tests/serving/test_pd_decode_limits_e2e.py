@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving.helpers import wait_for
+from tests.serving.helpers import held_kv, prompt_from, wait_for
 from tests.serving.tiny_instances import MODEL, TIMEOUT, TinyPD, tiny_pd
 
 RELEASED_WITHIN_S = 20.0  # well within the deployment's 30 s lease: a release, not the lease, freed it
@@ -35,14 +35,11 @@ def _computed(url: str) -> int:
 
 
 def _holding(url: str) -> tuple[int, int]:
-    """(requests whose KV the instance at `url` holds for a decode, KV blocks it has in use): its /info's stats."""
-    stats = httpx.get(f"{url}/info", timeout=TIMEOUT).json()["stats"]
-    return stats["num_held"], stats["num_blocks_used"]
+    return held_kv(url, TIMEOUT)
 
 
 def _prompt(tokens: int) -> list[int]:
-    first = next(_first_ids)
-    return [first] + [(first + i) % 200 + 1 for i in range(1, tokens)]
+    return prompt_from(next(_first_ids), tokens)
 
 
 def _message(words: int) -> list[dict[str, str]]:
