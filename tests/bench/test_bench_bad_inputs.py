@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
-from tests.bench.fake_openai import fake_server, free_port
+from tests.bench.fake_openai import fake_server
+from tests.helpers.ports import free_port
 
 SMALL = ["--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2"]
 KV_SMALL = ["--device", "cpu", "--mode", "pull", "--num-tokens", "9", "--num-layers", "2", "--num-kv-heads", "1",

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
-from tests.bench.fake_openai import MODEL, fake_server, free_port
+from tests.bench.fake_openai import MODEL, fake_server
+from tests.helpers.ports import free_port
 
 runner = CliRunner()
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.serve_config import ServeBenchConfig
 from pdlaunch.bench.workload import sample_requests
-from tests.bench.fake_openai import free_port
+from tests.helpers.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 READY_TIMEOUT_S = 240.0

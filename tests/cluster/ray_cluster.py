@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.cluster.running import running
-from tests.cluster.slurm_cluster import _free_port
 from tests.helpers.pids import signal_pid
+from tests.helpers.ports import free_port
 
 WORKERS = {"127.0.0.2": "pd_decode", "127.0.0.3": "pd_decode"}
 HEAD_RESOURCE = "pd_prefill"
@@ -42,7 +42,7 @@ def _ray_bin() -> str:
 class RayCluster:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pdray", dir="/tmp"))  # unix socket paths stay short
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         repo = str(Path(__file__).resolve().parents[2])
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",

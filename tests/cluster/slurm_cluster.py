@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from tests.cluster.running import running
 from tests.helpers.pids import pid_alive, signal_pid
+from tests.helpers.ports import free_ports
 
 NODES = {"pdn1": "127.0.0.1", "pdn2": "127.0.0.2"}
 START_TIMEOUT_S = 90.0
@@ -26,13 +26,6 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "si
 
 class SlurmUnavailable(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class SlurmCluster:
@@ -58,7 +51,7 @@ class SlurmCluster:
         self._daemon(["munged", "--force", f"--socket={socket_path}", f"--key-file={key}",
                       f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'run' / 'munged.pid'}",
                       f"--seed-file={r / 'state' / 'munged.seed'}"], r / "run" / "munged.pid")
-        ctld_port, node_ports = _free_port(), [_free_port() for _ in NODES]
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         nodes = "\n".join(f"NodeName={name} NodeAddr={addr} NodeHostname={name} Port={port} CPUs=2 State=UNKNOWN"
                           for (name, addr), port in zip(NODES.items(), node_ports))
         self.conf.write_text(f"""\

@@ -14,8 +14,8 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.topology_config import NodeConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm import cpus_per_node, srun_argv
-from tests.cluster.slurm_cluster import _free_port
 from tests.config.cli_helpers import check, check_json, invoke
+from tests.helpers.ports import free_port
 
 ALLOCATION = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
@@ -93,7 +93,7 @@ def test_check_config_inside_an_allocation(scontrol: Path, monkeypatch: pytest.M
     for key, value in ALLOCATION.items():
         monkeypatch.setenv(key, value)
     example = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "pd-1p1d.yaml"
-    report = check_json([str(example), "--model", "tiny", "--device", "cpu", "--port", str(_free_port())])
+    report = check_json([str(example), "--model", "tiny", "--device", "cpu", "--port", str(free_port())])
     assert report["valid"] is True, json.dumps(report["problems"])
     assert [n["address"] for n in report["config"]["parallel"]["nodes"]] == ["127.0.0.1", "127.0.0.2"]
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07")
@@ -105,5 +105,5 @@ def test_smoke_refuses_the_slurm_backend(scontrol: Path, monkeypatch: pytest.Mon
     for key, value in ALLOCATION.items():
         monkeypatch.setenv(key, value)
     result = invoke(["smoke", "--model", "tiny", "--device", "cpu", "--backend", "slurm", "--port",
-                     str(_free_port())])
+                     str(free_port())])
     assert result.exit_code == 1 and "smoke runs its deployment on this machine" in result.output

@@ -25,7 +25,7 @@ import pytest
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
 from tests.cluster.ray_cluster import HEAD_RESOURCE, WORKERS, RayCluster, running_ray
-from tests.cluster.slurm_cluster import _free_port
+from tests.helpers.ports import free_ports
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
 
@@ -116,7 +116,7 @@ def _answers_again(client: httpx.Client, proxy: str, ckpt: Path) -> list[list[in
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ckpt: Path, tmp_path: Path) -> None:
-    proxy_port, prefill_port, decode_port = _free_port(), _free_port(), _free_port()
+    proxy_port, prefill_port, decode_port = free_ports(3)
     config = _config(tmp_path / "pd.yaml", cluster, llama_ckpt, tmp_path / "logs", proxy_port, prefill_port,
                      decode_port)
     env = {k: v for k, v in cluster.env.items() if k != "UCX_NET_DEVICES"}
@@ -145,8 +145,8 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
             moved = kv_bytes_received(client, decode_url)
 
             # A deployment Ray cannot place (the head's only pd_prefill is held) fails within its timeout.
-            blocked = _config(tmp_path / "blocked.yaml", cluster, llama_ckpt, tmp_path / "logs2", _free_port(),
-                              _free_port(), _free_port(), timeout_s=3)
+            blocked = _config(tmp_path / "blocked.yaml", cluster, llama_ckpt, tmp_path / "logs2",
+                              *free_ports(3), timeout_s=3)
             done = subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(blocked)], env=env,
                                   capture_output=True, text=True, timeout=180)
             assert done.returncode == 1, done.stdout + done.stderr

@@ -31,8 +31,8 @@ import httpx
 import pytest
 
 from tests.cluster.ray_cluster import HEAD_RESOURCE, RayCluster, running_ray
-from tests.cluster.slurm_cluster import _free_port
 from tests.helpers.pids import pid_alive, signal_pid
+from tests.helpers.ports import free_ports
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS
 from tests.serving.helpers import wait_for
 
@@ -61,7 +61,7 @@ class Launcher:
     def __init__(self, cluster: RayCluster, ckpt: Path, tmp: Path, argv_head: list[str],
                  supervision: str = "{}") -> None:
         self.cluster, self.ckpt, self.logs = cluster, ckpt, tmp / "logs"
-        self.proxy_port = _free_port()
+        self.proxy_port, prefill_port, decode_port = free_ports(3)
         self.proxy = f"http://127.0.0.1:{self.proxy_port}"
         self.engine_id = uuid.uuid4().hex
         self.prefix = f"pdlaunch-{self.engine_id[:8]}-"  # of its actors' and placement groups' names
@@ -80,8 +80,8 @@ proxy: {{host: 127.0.0.1, port: {self.proxy_port}, migration_limit: 0, request_t
 supervision: {supervision}
 log_dir: {self.logs}
 instances:
-  - {{role: prefill, count: 1, tp: 1, base_port: {_free_port()}}}
-  - {{role: decode, count: 1, tp: 2, base_port: {_free_port()}}}
+  - {{role: prefill, count: 1, tp: 1, base_port: {prefill_port}}}
+  - {{role: decode, count: 1, tp: 2, base_port: {decode_port}}}
 """)
         self.out = tmp / "serve.out"
         self._file = open(self.out, "wb")

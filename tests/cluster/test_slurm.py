@@ -24,8 +24,9 @@ import pytest
 
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
-from tests.cluster.slurm_cluster import NODES, SlurmCluster, _free_port, running_slurm
+from tests.cluster.slurm_cluster import NODES, SlurmCluster, running_slurm
 from tests.config.cli_helpers import check
+from tests.helpers.ports import free_port, free_ports
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
 
@@ -54,7 +55,7 @@ def test_slurm_backend_outside_an_allocation_is_a_clear_error(monkeypatch: pytes
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sbatch_example_serves_1p1d_across_two_nodes(slurm: SlurmCluster, llama_ckpt: Path, tmp_path: Path) -> None:
-    proxy_port, prefill_port, decode_port = _free_port(), _free_port(), _free_port()
+    proxy_port, prefill_port, decode_port, master_port = free_ports(4)
     config = tmp_path / "pd.yaml"
     config.write_text(f"""\
 launcher: {{backend: slurm}}
@@ -66,7 +67,7 @@ proxy: {{host: 127.0.0.1, port: {proxy_port}}}
 log_dir: {tmp_path / "logs"}
 parallel:  # one rank slot on the first node: the decode's TP group spans both nodes
   nodes: [{{address: 127.0.0.1, devices: [0]}}, {{address: 127.0.0.1}}]
-  master_port: {_free_port()}
+  master_port: {master_port}
 instances:
   - {{role: prefill, count: 1, tp: 1, node: 1, base_port: {prefill_port}}}
   - {{role: decode, count: 1, tp: 2, node: 0, base_port: {decode_port}}}
@@ -136,7 +137,7 @@ def test_a_nodes_failed_check_is_the_launchers_one_error_line(slurm: SlurmCluste
     env = {**slurm.env, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(["salloc", "--nodes=2", sys.executable, "-m", "pdlaunch", "serve", "--model", "tiny",
-                           "--backend", "slurm", "--device", "cuda", "--enable-sleep-mode", "--port", str(_free_port()),
+                           "--backend", "slurm", "--device", "cuda", "--enable-sleep-mode", "--port", str(free_port()),
                            "--log-dir", str(tmp_path / "logs")], env=env, cwd=tmp_path, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
     text = done.stdout + done.stderr

@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.slurm_cluster import SlurmCluster, _free_port, running_slurm
+from tests.cluster.slurm_cluster import SlurmCluster, running_slurm
 from tests.helpers.pids import signal_pid
+from tests.helpers.ports import free_ports
 from tests.serving.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 def write_config(tmp: Path, model: Path) -> tuple[Path, str]:
     """A colocated instance on each node (no KV transfer: nothing but the stop is under test), the proxy
     on node 0; the config's path and the proxy's URL."""
-    proxy_port = _free_port()
+    proxy_port, node0_port, node1_port = free_ports(3)
     config = tmp / "pd.yaml"
     config.write_text(f"""\
 launcher: {{backend: slurm}}
@@ -53,8 +54,8 @@ proxy: {{host: 127.0.0.1, port: {proxy_port}}}
 log_dir: {tmp / "logs"}
 parallel: {{nodes: [{{address: 127.0.0.1}}, {{address: 127.0.0.1}}]}}
 instances:
-  - {{role: colocated, count: 1, tp: 1, node: 0, base_port: {_free_port()}}}
-  - {{role: colocated, count: 1, tp: 1, node: 1, base_port: {_free_port()}}}
+  - {{role: colocated, count: 1, tp: 1, node: 0, base_port: {node0_port}}}
+  - {{role: colocated, count: 1, tp: 1, node: 1, base_port: {node1_port}}}
 """)
     return config, f"http://127.0.0.1:{proxy_port}"
 

@@ -3,27 +3,21 @@ naming the flag or key, from check-config and from serve, not an OSError/ValueEr
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.config.cli_helpers import assert_invalid, check, invoke, write_model, write_yaml
+from tests.helpers.ports import free_port
 
 CPU = ["--model", "tiny", "--device", "cpu"]
 TOO_LONG = "x" * 300  # one path component past every Linux file system's 255-byte limit
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_log_dir_name_too_long_is_a_problem_of_check_config_and_serve(tmp_path: Path) -> None:
     log_dir = str(tmp_path / TOO_LONG / "logs")
     assert_invalid(check([*CPU, "--log-dir", log_dir]), "--log-dir", "File name too long")
-    served = invoke(["serve", *CPU, "--log-dir", log_dir, "--port", str(_free_port())])
+    served = invoke(["serve", *CPU, "--log-dir", log_dir, "--port", str(free_port())])
     assert served.exit_code == 1 and "error: --log-dir:" in served.output, served.output
     assert sorted(tmp_path.iterdir()) == []
 
@@ -31,13 +25,13 @@ def test_log_dir_name_too_long_is_a_problem_of_check_config_and_serve(tmp_path: 
 def test_log_dir_with_a_nul_byte_in_the_yaml_is_refused_before_serve(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, 'log_dir: "logs\\0x"\n')
     assert_invalid(check([str(path), *CPU]), "log_dir", "NUL character")
-    served = invoke(["serve", str(path), *CPU, "--port", str(_free_port())])
+    served = invoke(["serve", str(path), *CPU, "--port", str(free_port())])
     assert served.exit_code == 1 and "error: log_dir:" in served.output, served.output
 
 
 def test_serve_with_a_log_dir_the_kernel_will_not_create_names_the_flag(tmp_path: Path) -> None:
     """/proc takes no new directory, even from root, for whom check-config's permission look passes."""
-    served = invoke(["serve", *CPU, "--log-dir", "/proc/pdlaunch-audit-logs", "--port", str(_free_port())])
+    served = invoke(["serve", *CPU, "--log-dir", "/proc/pdlaunch-audit-logs", "--port", str(free_port())])
     assert served.exit_code == 1, served.output
     assert "error: --log-dir:" in served.output and "/proc/pdlaunch-audit-logs" in served.output, served.output
     assert not Path("/proc/pdlaunch-audit-logs").exists()

@@ -4,21 +4,15 @@ a path under a regular file or through a symlink to nothing. It makes nothing to
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from pdlaunch.config.rules import host
 from tests.config.cli_helpers import assert_invalid, check, invoke
+from tests.helpers.ports import free_port
 
 CPU = ["--model", "tiny", "--device", "cpu", "--colocated"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _problem_line(output: str) -> str:
@@ -30,7 +24,7 @@ def _problem_line(output: str) -> str:
 def _same_refusal_from_check_config_and_serve(log_dir: Path | str, text: str) -> None:
     checked = check([*CPU, "--log-dir", str(log_dir)])
     assert_invalid(checked, "--log-dir", text)
-    served = invoke(["serve", *CPU, "--log-dir", str(log_dir), "--port", str(_free_port())])
+    served = invoke(["serve", *CPU, "--log-dir", str(log_dir), "--port", str(free_port())])
     assert served.exit_code == 1, served.output
     assert _problem_line(checked.output) in served.output, served.output
 

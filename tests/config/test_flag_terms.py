@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,11 @@ from pdlaunch.config.flag_terms import FLAG_NAMES_ENV, flag_names_from_env, in_f
 from pdlaunch.config.rules import host_memory
 from pdlaunch.errors import EngineError, PdlaunchError
 from tests.config.cli_helpers import assert_invalid, check, check_json, invoke, write_yaml
+from tests.helpers.ports import free_port
 
 GIB = 1 << 30
 CPU = ["--model", "tiny", "--device", "cpu"]
 TOO_MANY = ["--num-gpu-blocks", "100000"]  # 6.1 GiB per rank of tiny: 12.2 GiB for 1P1D
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def free(monkeypatch: pytest.MonkeyPatch, gib: float) -> None:
@@ -68,7 +62,7 @@ def test_a_file_key_hint_is_not_rewritten_to_a_flag(tmp_path: Path) -> None:
 def test_serve_refuses_in_the_flag_terms_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     free(monkeypatch, 8)
     logs = tmp_path / "logs"
-    served = invoke(["serve", *CPU, *TOO_MANY, "--log-dir", str(logs), "--port", str(_free_port())])
+    served = invoke(["serve", *CPU, *TOO_MANY, "--log-dir", str(logs), "--port", str(free_port())])
     assert served.exit_code == 1, served.output
     [line] = error_lines(served.output, "--num-gpu-blocks")
     assert re.search(r"lower --num-gpu-blocks to \d+ or less", line) and "cache.num_gpu_blocks" not in line, line
@@ -100,7 +94,7 @@ def _start_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[s
     room): the instance's start-up error lines, as the launcher prints them from its log."""
     free(monkeypatch, 1 << 30)
     served = invoke(["serve", *args, *CPU, "--colocated", "--log-dir", str(tmp_path / "logs"),
-                     "--port", str(_free_port())])
+                     "--port", str(free_port())])
     assert served.exit_code == 1 and "colocated-0 (pid " in served.output, served.output
     failed = [line for line in served.output.splitlines() if "engine failed to start: " in line]
     assert failed, served.output

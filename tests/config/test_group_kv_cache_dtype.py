@@ -14,13 +14,8 @@ from pdlaunch.cli import app
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.launcher.plan import plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
 from tests.config.cli_helpers import assert_invalid, check, check_json
-
-
-def _free_port() -> int:
-    """A proxy port for the tests that plan the deployment (the default 8000 may be taken: `make serve`)."""
-    return PortAllocator("127.0.0.1").free("test proxy")
+from tests.helpers.ports import free_port
 
 
 def _write(tmp_path: Path, body: dict[str, Any]) -> Path:
@@ -41,7 +36,7 @@ def test_check_config_refuses_prefill_and_decode_of_different_kv_dtypes(tmp_path
 
 
 def test_a_per_group_setting_equal_to_the_others_is_accepted(tmp_path: Path) -> None:
-    config = _write(tmp_path, {"proxy": {"port": _free_port()},
+    config = _write(tmp_path, {"proxy": {"port": free_port()},
                                "instances": [{"role": "prefill", "kv_cache_dtype": "fp8"},
                                              {"role": "decode", "kv_cache_dtype": "fp8", "count": 2}]})
     assert check([str(config)]).exit_code == 0
@@ -50,7 +45,7 @@ def test_a_per_group_setting_equal_to_the_others_is_accepted(tmp_path: Path) -> 
 
 
 def test_colocated_groups_may_differ_and_each_instance_runs_its_own(tmp_path: Path) -> None:
-    config = _write(tmp_path, {"colocated": True, "proxy": {"port": _free_port()},
+    config = _write(tmp_path, {"colocated": True, "proxy": {"port": free_port()},
                                "instances": [{"role": "colocated", "kv_cache_dtype": "fp8"}, {"role": "colocated"}]})
     assert check([str(config)]).exit_code == 0
     cfg = load_valid_deployment(config, {})

@@ -27,6 +27,7 @@ from pdlaunch.config import addresses
 from pdlaunch.config.addresses import PROBE_TIMEOUT_S, probe_ports
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules import node_ports
+from tests.helpers.ports import free_port
 
 NODE1 = "127.0.0.2"
 CPU = ["--model", "tiny", "--device", "cpu"]
@@ -48,12 +49,6 @@ def invoke(args: list[str]) -> Result:
 
 def warnings_of(output: str, field: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith(f"warning: {field}:")]
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

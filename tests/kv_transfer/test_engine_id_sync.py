@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import socket
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.distributed.engine_id import sync_engine_id
+from tests.helpers.ports import free_port
 from tests.kv_transfer.deployment_secret import secured
 
 
@@ -32,9 +32,7 @@ def _rank(rank: int, port: int, queue: Any) -> None:
 
 @pytest.mark.slow  # starts a TP group of processes
 def test_rank0_engine_id_wins_on_every_rank() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(2)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from pdlaunch.kv_transfer.mooncake.sender import TransferPool
 from pdlaunch.kv_transfer.notifications import ReadDone, encode_notification
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.memory import platform
+from tests.helpers.ports import free_port
 from tests.kv_transfer.deployment_secret import TEST_SECRET, secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.pd_procs import make_spec, wait_events
@@ -187,9 +187,7 @@ def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
     """Peers register and look up their segments in Mooncake's HTTP metadata server instead of the P2P
     handshake (what kv_transfer.mooncake_metadata_server is for on clusters)."""
     pytest.importorskip("aiohttp", reason="Mooncake's HTTP metadata server needs aiohttp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mooncake.http_metadata_server", "--host", "127.0.0.1",
                                "--port", str(port), "--log-level", "WARNING"], stderr=subprocess.DEVNULL)
     try:

@@ -23,7 +23,7 @@ from pdlaunch.cli import app
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.render.objects import DEPLOYMENT_FILE
-from tests.cluster.slurm_cluster import _free_port
+from tests.helpers.ports import free_ports
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
 
@@ -98,17 +98,17 @@ def container_env(container: dict[str, Any], pod: dict[str, str], secret: dict[s
 
 
 def test_rendered_pods_serve_pd_like_colocated(pods: Pods, llama_ckpt: Path, tmp_path: Path) -> None:
-    side = _free_port()
+    side, proxy_port, prefill_port, decode_port = free_ports(4)
     config = tmp_path / "pd.yaml"
     config.write_text(f"""\
 device: cpu
 model: {{path: "{llama_ckpt}"}}
 cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
 kv_transfer: {{side_channel_port: {side}}}
-proxy: {{port: {_free_port()}}}
+proxy: {{port: {proxy_port}}}
 instances:
-  - {{role: prefill, count: 1, base_port: {_free_port()}}}
-  - {{role: decode, count: 1, base_port: {_free_port()}}}
+  - {{role: prefill, count: 1, base_port: {prefill_port}}}
+  - {{role: decode, count: 1, base_port: {decode_port}}}
 """)
     out = tmp_path / "manifests"
     result = CliRunner().invoke(app, ["render", "kubernetes", str(config), "--out", str(out), "--image", "x"])
