@@ -9,6 +9,14 @@ waits for the count the plan gives: the layout the decode's handshake stated (me
 the plan the decode runs (reshard.py `expected_readers`). A word that names another count is counted toward the
 plan's, with a warning naming the decode, its load and the request.
 
+One engine id may state more than one layout: a decode relaunched with another TP size under the same engine_id
+(a launcher started again with kv_transfer.engine_id set names its instances "<base>-<name>" again, and nothing told
+this prefill to forget the old one). Each layout then stands (the latest MAX_LAYOUTS_PER_ENGINE), and a load is
+counted against the one its words name (their count is one of those layouts' plans: each incarnation's ranks name
+their own), else against the largest, which never frees blocks a rank of either still READs. Keeping only the first
+layout counted the relaunched decode against the old one's plan: one rank's read_done freed the blocks its other
+ranks still READ (a silently wrong load), or its loads kept their blocks to their READ claims' caps.
+
 A decode that has not shaken hands with this rank (each handshake it tried failed, so its ranks send their releases
 on the side channel) has no plan here; it READs nothing here either (a READ needs the handshake's metadata). Its
 load waits for the count its first counted word named, when some decode layout gives this rank that many
@@ -33,14 +41,21 @@ logger = logging.getLogger(__name__)
 # Decode engines whose layout a prefill rank keeps; the least recently used goes first. A deployment has a few
 # decodes, each a new engine id at each restart: this bounds what handshakes (of a peer that spoofs ids) can add.
 MAX_DECODE_ENGINES = 4096
+# Distinct layouts one engine id keeps (module docstring): a relaunch under the same id states one more.
+MAX_LAYOUTS_PER_ENGINE = 4
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the handshake of one decode engine implies for this rank."""
+    """What the handshakes of one decode engine imply for this rank."""
 
-    readers: int  # notifications each of its loads sends this rank per request
-    basis: str  # where the count comes from, for warnings
+    counts: frozenset[int]  # notifications each of its loads sends this rank per request, by the layouts it stated
+    basis: str  # where the counts come from, for warnings
+
+    @property
+    def readers(self) -> int:
+        """The largest count: what a word naming none of them is counted toward (it frees no blocks early)."""
+        return max(self.counts)
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,7 @@ class ReaderPlans:
     def __init__(self, limit: int = MAX_DECODE_ENGINES) -> None:
         self.limit = limit
         self.local: tuple[int, int, int] | None = None  # this rank: (tp_rank, tp_size, KV heads per rank)
-        self._layouts: OrderedDict[str, DecodeLayout] = OrderedDict()
+        self._layouts: OrderedDict[str, list[DecodeLayout]] = OrderedDict()  # by engine id, latest last
         self._lock = threading.Lock()
 
     def set_local(self, spec: KVCacheSpec) -> None:
@@ -68,22 +83,29 @@ class ReaderPlans:
 
     def learn(self, layout: DecodeLayout | None) -> None:
         """A decode shook hands with this rank stating `layout` (None: a client that reads nothing, a probe). The
-        ranks of one decode engine state the same; one that states another layout than its engine's first is
-        logged and changes nothing (a restarted decode has a new engine id)."""
+        ranks of one decode engine state the same; another layout under a known engine id (a decode relaunched
+        under it: module docstring) is kept beside the earlier ones, and logged."""
         if layout is None:
             return
         with self._lock:
-            known = self._layouts.get(layout.reader)
-            if known is None:
-                self._layouts[layout.reader] = layout
-                while len(self._layouts) > self.limit:
-                    self._layouts.popitem(last=False)
-            else:
-                self._layouts.move_to_end(layout.reader)
-        if known is not None and known != layout:
-            logger.warning("decode engine %s shook hands stating TP %d with %d KV heads per rank, but it stated TP %d "
-                           "with %d before: its notifications are still counted against the first", layout.reader,
-                           layout.tp_size, layout.kv_heads_per_rank, known.tp_size, known.kv_heads_per_rank)
+            known = self._layouts.setdefault(layout.reader, [])
+            self._layouts.move_to_end(layout.reader)
+            while len(self._layouts) > self.limit:
+                self._layouts.popitem(last=False)
+            new = layout not in known
+            earlier = [k for k in known if k != layout]
+            known[:] = [*earlier, layout][-MAX_LAYOUTS_PER_ENGINE:]
+        if new and earlier:
+            logger.warning("decode engine %s shook hands stating TP %d with %d KV heads per rank, but it stated %s "
+                           "before (relaunched with another TP size under the same engine_id?): each of its loads "
+                           "is counted against the layout its notifications name, else the one that waits longest",
+                           layout.reader, layout.tp_size, layout.kv_heads_per_rank,
+                           ", ".join(f"TP {k.tp_size} with {k.kv_heads_per_rank}" for k in earlier))
+
+    def layouts(self, engine_id: str) -> list[DecodeLayout]:
+        """The layouts decode engine `engine_id` stated here, oldest first."""
+        with self._lock:
+            return list(self._layouts.get(engine_id, ()))
 
     def forget(self, engine_id: str) -> None:
         """Decode engine `engine_id` ended (prefill/side.py `forget_engine`)."""
@@ -92,27 +114,35 @@ class ReaderPlans:
 
     def plan(self, engine_id: str) -> Plan | None:
         """How many notifications each load of decode engine `engine_id` sends this rank; None when it has not
-        shaken hands with this rank (or stated no layout), or its layout cannot be mapped onto this rank's heads
-        (its decode then notifies nothing: it cannot plan the load)."""
+        shaken hands with this rank (or stated no layout), or no layout it stated can be mapped onto this rank's
+        heads (its decode then notifies nothing: it cannot plan the load)."""
         with self._lock:
-            layout = self._layouts.get(engine_id)
-            if layout is not None:
+            layouts = list(self._layouts.get(engine_id, ()))
+            if layouts:
                 self._layouts.move_to_end(engine_id)
-        if layout is None or self.local is None:
+        if self.local is None:
             return None
         rank, tp, heads = self.local
-        readers = expected_readers(rank, tp, heads, layout.tp_size, layout.kv_heads_per_rank)
-        if readers is None:
+        mapped = [(k, n) for k in layouts
+                  if (n := expected_readers(rank, tp, heads, k.tp_size, k.kv_heads_per_rank)) is not None]
+        if not mapped:
             return None
-        return Plan(readers, f"its handshake's layout (TP {layout.tp_size}, {layout.kv_heads_per_rank} KV heads per "
-                             f"rank) has {readers} of its ranks notify this one (TP rank {rank} of {tp})")
+        counts, here = frozenset(n for _, n in mapped), f"notify this one (TP rank {rank} of {tp})"
+        if len(mapped) == 1:
+            (layout, readers), = mapped
+            return Plan(counts, f"its handshake's layout (TP {layout.tp_size}, {layout.kv_heads_per_rank} KV heads "
+                                f"per rank) has {readers} of its ranks {here}")
+        stated = "; ".join(f"TP {k.tp_size}, {k.kv_heads_per_rank} KV heads per rank: {n}" for k, n in mapped)
+        return Plan(counts, f"its handshakes' layouts ({stated}) have that many of its ranks {here}")
 
     def count(self, notif: ReadDone, plan: Plan | None, first: int | None) -> Count:
         """How to count `notif` (of a load whose first counted notification named `first`, None: this is its first):
-        toward `plan` (this decode's, `plan()`), else toward `first`, else toward its own count when some decode
-        layout has that many ranks notify this one; else not at all."""
-        if plan is not None:
-            wait, basis = plan.readers, plan.basis
+        toward `plan` (this decode's, `plan()`: the count of one of its layouts, the one `first` or this word names,
+        else the largest), else toward `first`, else toward its own count when some decode layout has that many
+        ranks notify this one; else not at all."""
+        if plan is not None:  # the load's count, once settled, else the one its word names, else the longest wait
+            wait = next((n for n in (first, notif.readers) if n in plan.counts), plan.readers)
+            basis = plan.basis
         elif first is not None:
             wait, basis = first, f"its load's first notification here named {first}"
         elif self.local is None or notif.readers in plausible_readers(*self.local):
