@@ -110,10 +110,12 @@ class StepClock:
 
     @property
     def decode_step_s(self) -> float | None:
-        """What the decode step in flight may take on the device (None before the first decode step, or without a
+        """What the decode step in flight may take on the device (None before the second decode step, or without a
         SlowDecodeSteps): the lower of the recent mean and the latest step not counted slow. The arrival window
         waits on it while the device may have finished: the mean alone, after one stalled step (2 s: 5 ms steps read
-        105 ms) or once the batch shrank, outlasted the steps for dozens of them, the device idle meanwhile."""
+        105 ms) or once the batch shrank, outlasted the steps for dozens of them, the device idle meanwhile. The
+        first decode step is no estimate: with no mean to be judged slow against, a first-use stall there (a kernel
+        compiled on its first launch) read as the steps' time and held the loop that long once more."""
         slow = self._slow
         if slow is None or slow.mean_s is None or slow.last_s is None:
             return None
@@ -127,7 +129,7 @@ class SlowDecodeSteps:
                  now: Callable[[], float] = time.monotonic) -> None:
         self._count, self._now = count, now
         self.mean_s: float | None = None  # recent decode steps' mean
-        self.last_s: float | None = None  # the latest decode step not counted slow
+        self.last_s: float | None = None  # the latest decode step judged not slow (the first is not judged)
         self._unlogged = 0  # slow steps since the last log line
         self._longest_s = 0.0  # ... and the longest of them
         self._logged_at: float | None = None
@@ -139,7 +141,9 @@ class SlowDecodeSteps:
         # every step joins the mean, slow ones too: a lasting change (a batch grown from 1 to 256) stops reading
         # as slow within a few dozen steps
         self.mean_s = seconds if mean is None else (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * seconds
-        if mean is None or seconds < SLOW_STEP_S or seconds < SLOW_FACTOR * mean:
+        if mean is None:
+            return  # nothing to judge it against: neither counted slow nor taken as the steps' time (decode_step_s)
+        if seconds < SLOW_STEP_S or seconds < SLOW_FACTOR * mean:
             self.last_s = seconds
             return
         self._count()

@@ -171,6 +171,20 @@ def test_the_window_never_outlasts_the_decode_steps_the_device_now_runs(steps_ms
     assert 0.0 < window.seconds(_decode_clock(steps_ms).decode_step_s) <= 0.005 - 0.001
 
 
+def test_a_first_decode_step_alone_opens_no_window() -> None:
+    """The first decode step has no recent mean to be judged slow against: a first-use stall there (a kernel compiled
+    on its first launch, 2 s) read as the steps' time, and the loop waited for arrivals that long after the next
+    step, 5 ms on the device, had finished: the stall twice over for every stream."""
+    clock = Clock()
+    window = _window(clock)
+    _launch(window, clock, 0.001, None)
+    window.read()  # the second decode step runs; the first one (2 s) is all the clock has seen
+    assert _decode_clock([2000.0]).decode_step_s is None
+    assert window.seconds(_decode_clock([2000.0]).decode_step_s) == 0.0
+    assert 0.0 < window.seconds(_decode_clock([2000.0, 5.0]).decode_step_s) <= 0.005 - 0.001  # judged from the 2nd
+    assert window.seconds(_decode_clock([5.0, 5.0]).decode_step_s) == pytest.approx(0.005 - 0.001 - START_MARGIN_S)
+
+
 class BusyEngine(CountingEngine):
     """A busy engine whose arrival window is far longer than any test timeout: only a command can end the wait."""
 
