@@ -2,7 +2,17 @@
 and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
 supervisor's restart policy; the head watched; a stalled instance or proxy restarted after
 supervision.stall_restart_seconds: ray_stall.py; a dead prefill or decode forgotten by its peers before it is placed
-again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance."""
+again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance.
+
+The ports the plan hands out are held against every other pdlaunch launcher on this host (config/port_reservations.py)
+from the plan until `stop` (every end of the run calls it; a failure while the deployment is made gives them back
+there): the proxy's, which runs here, and each instance's HTTP,
+rendezvous and side-channel ports, which this launcher picks and bind-tests here, so that an instance Ray places on
+this host (a cluster of one machine, or its head) never meets another deployment started here. What is not held:
+those ports on the other nodes of the cluster. The names live in this host's kernel, and which node an instance lands
+on is known only once Ray has placed it, after its ports were chosen; a launcher there (or on a third machine
+reaching it through Ray) may take the same port, and the instance then fails to bind and is placed again, with the
+same ports, where Ray finds room (the restart policy's limits apply)."""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.ray_cluster import RayNode, connect, live_nodes, plan_instance
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
@@ -40,28 +51,36 @@ class RayDeployment:
         self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console
         self.log_dir = Path(cfg.log_dir).resolve()
-        self.plan = plan_deployment(cfg)
-        self.policy = RestartPolicy.from_config(cfg.supervision)
-        self.role_watch = RoleWatch(self.policy.grace_s)
-        self.head = HeadWatch.of(self.ray)
+        # The plan's ports are held from here until stop() (the module's docstring says which); a failure before
+        # stop() is reachable gives them back here, not when the half-made deployment is collected.
+        self.reservations = PortReservations()
         try:
-            nodes = live_nodes(self.ray)
-        except self.ray.exceptions.RayError as exc:  # the cluster answered the connect, then failed us
-            self.ray.shutdown()
-            raise RayDeploymentFailed(f"could not list the Ray cluster's nodes: {exc}", field="launcher.ray_address",
-                                      hint="check the cluster with `ray status`, then serve again") from None
-        groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
-        self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
-        self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
-        self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
-        # ready instances and the proxy alive but not answering /health
-        self.stalls = RayStalls(cfg, lambda text: self.say(text))
-        self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
-        self._lock = LogDirLock(self.log_dir)
-        self._stopped = False
-        self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
-        self.forget_timeout_s = FORGET_TIMEOUT_S
-        self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before it is placed
+            self.plan = plan_deployment(cfg, self.reservations)
+            self.policy = RestartPolicy.from_config(cfg.supervision)
+            self.role_watch = RoleWatch(self.policy.grace_s)
+            self.head = HeadWatch.of(self.ray)
+            try:
+                nodes = live_nodes(self.ray)
+            except self.ray.exceptions.RayError as exc:  # the cluster answered the connect, then failed us
+                self.ray.shutdown()
+                raise RayDeploymentFailed(f"could not list the Ray cluster's nodes: {exc}",
+                                          field="launcher.ray_address",
+                                          hint="check the cluster with `ray status`, then serve again") from None
+            groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
+            self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
+            self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
+            self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
+            # ready instances and the proxy alive but not answering /health
+            self.stalls = RayStalls(cfg, lambda text: self.say(text))
+            self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
+            self._lock = LogDirLock(self.log_dir)
+            self._stopped = False
+            self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
+            self.forget_timeout_s = FORGET_TIMEOUT_S
+            self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before placing it
+        except BaseException:  # a stop signal raised here too (ray.py `_connected`)
+            self.reservations.release()
+            raise
 
     def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
         group = self.cfg.instances[g]
@@ -240,3 +259,4 @@ class RayDeployment:
             self.stalls.stop()
             self._http.close()
             self._lock.release()
+            self.reservations.release()  # the proxy is stopped and every actor killed (or gone with the head)
