@@ -18,8 +18,9 @@ def node_host(cfg: DeploymentConfig, node: int) -> str:
 
 def cuda_pool(cfg: DeploymentConfig, device: str) -> list[int]:
     """The CUDA indices ranks are placed on ([] on CPU): the devices this launcher sees. Under --backend ray each
-    rank's actor runs on the one GPU Ray gives it (Ray sets its CUDA_VISIBLE_DEVICES; the rank uses its device 0):
-    this machine's GPUs place none, so each rank gets a slot (config/ray_cluster.py checks the cluster's GPUs)."""
+    rank's actor runs on the one GPU Ray gives it (Ray sets its CUDA_VISIBLE_DEVICES, also on a cluster that turned
+    that off: ray_actors.rank_actor_options; the rank uses its device 0): this machine's GPUs place none, so each
+    rank gets a slot (config/ray_cluster.py checks the cluster's GPUs)."""
     if device != "cuda":
         return []
     if cfg.launcher.backend == "ray":

@@ -30,6 +30,30 @@ if TYPE_CHECKING:
 
 STOP_TIMEOUT_S = 30.0  # instances drain and stop their ranks within this before their actors are killed
 CONTROL = CONTROL_GROUP  # the concurrency group of RayInstance.stop and RayRank.until_shutdown
+# Set to 1 (a raylet's environment, a job's runtime_env), Ray leaves an actor's CUDA_VISIBLE_DEVICES as its worker
+# inherited it (ray._private.accelerators.nvidia_gpu).
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def rank_actor_options(name: str, pg: PlacementGroup, rank: int, bundle: dict[str, float]) -> dict[str, object]:
+    """Ray options of TP rank `rank`'s actor, in bundle `rank` of `pg` (`bundle`: what each bundle holds).
+
+    On CUDA every rank runs on device 0 of what it sees (the launcher gives it devices [0]), which is the GPU of its
+    bundle because Ray sets the actor's CUDA_VISIBLE_DEVICES to it. Under NOSET_CUDA_VISIBLE_DEVICES=1 Ray does not,
+    and every rank saw all its node's GPUs and ran on GPU 0, beside the node's other ranks and instances: the actor's
+    own runtime_env turns the variable off for it alone (Ray merges it over the job's), so Ray sets
+    CUDA_VISIBLE_DEVICES to the GPU it gave the actor, as on any cluster. A CPU rank gets no runtime_env: one starts
+    a worker process of its own where an idle one would do."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    gpus = bundle.get("GPU", 0.0)
+    options: dict[str, object] = {
+        "name": name, "namespace": NAMESPACE, "max_restarts": 0, "num_cpus": 0 if gpus else 1, "num_gpus": gpus,
+        "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)}
+    if gpus:
+        options["runtime_env"] = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "0"}}
+    return options
 
 
 class RayActors:
@@ -77,8 +101,6 @@ class RayActors:
         """The placement group is placed: start the instance's actors in its bundles (False: a node of the
         group died between placement and now, and nothing was started). A decode is told the prefills'
         side channels (HOST:PORT,...)."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         from pdlaunch.distributed.ray_rank import RayRank
         from pdlaunch.launcher.backends.ray_instance import RayInstance
 
@@ -91,17 +113,14 @@ class RayActors:
         spec = run.plan.spec.model_copy(update={"host": hosts[0], "engine_id": engine_id,
                                                 "devices": [0] * run.plan.spec.tp if run.plan.spec.devices else []})
         run.spec = spec
-        own = {k: v for k, v in run.placement.bundles[0].items() if k not in ("CPU", "GPU")}
-        gpus = run.placement.bundles[0].get("GPU", 0.0)
         env = {"PYTHONUNBUFFERED": "1"}
         if spec.role == "decode":
             env[PREFILL_SIDE_CHANNELS_ENV] = prefill_side_channels
         base = f"pdlaunch-{self.token}-{run.name}-r{restart}"
 
         def options(rank: int) -> dict[str, object]:
-            return {"name": f"{base}-rank{rank}", "namespace": NAMESPACE, "max_restarts": 0,
-                    "num_cpus": 0 if gpus else 1, "num_gpus": gpus, "resources": own,
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(run.pg, placement_group_bundle_index=rank)}
+            assert run.pg is not None
+            return rank_actor_options(f"{base}-rank{rank}", run.pg, rank, run.placement.bundles[rank])
 
         ranks = []
         for rank in range(1, spec.tp):
