@@ -69,4 +69,5 @@ def kv_cache_spec(checkpoint: Checkpoint, runner: ModelRunner) -> KVCacheSpec:
         group_sliding_window=[g.sliding_window for g in runner.groups],
         model_name=f"{arch.architecture}-{digest}", tp_size=runner.tp_size, tp_rank=runner.tp_rank,
         kv_cache_dtype=runner.kv_dtype, kv_scales=runner.kv_scales_digest(), checkpoint_path=checkpoint.path,
+        weights_version=runner.weights_version,
     )

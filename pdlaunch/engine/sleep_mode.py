@@ -151,6 +151,7 @@ class EngineSleep:
                            fp8_kv_cache=runner.kv_dtype == FP8_DTYPE)
         try:
             _copy_weights(fresh, runner.model)  # a function of its own: no loop variable here keeps a tensor of it
+            runner.weights_version += 1  # the checkpoint's files may hold other weights than at start
         finally:
             # Each parameter's weight_loader holds its module, and so the parameter: only a cyclic collection frees
             # the copy, and an automatic one of the old generation, where the copy is by now, may be long in coming.

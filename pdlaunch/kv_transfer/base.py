@@ -76,6 +76,7 @@ class KVCacheSpec:
     kv_cache_dtype: torch.dtype | None = None  # the cache tensors' dtype (None: `dtype`); fp8 = float8_e4m3fn
     kv_scales: str = ""  # digest of every layer's (k_scale, v_scale) when the cache is fp8
     checkpoint_path: Path | None = None  # the weights' directory (storage connector: model/weights_digest.py)
+    weights_version: int = 0  # loads of the weights from checkpoint_path after the first (a level-2 wake reloads them)
 
     @property
     def device(self) -> torch.device:

@@ -71,9 +71,11 @@ class StorageConnector(KVConnector):
         self._finished: set[str] = set()
         self._failed: dict[str, str] = {}
         self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
+        # (checkpoint, weights_version) -> the digest of the weights that load gave the model
+        self._weights: tuple[Path, int, str] | None = None
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
-        weights = "" if spec.checkpoint_path is None else weights_digest(spec.checkpoint_path)
+        weights = self._weights_digest(spec)
         # --quantization fp8 computes with other weights than the same checkpoint unquantized
         fields = {**compat_fields(spec), "tp_rank": spec.tp_rank, "weights": weights,
                   "quantization": self.quantization}
@@ -84,6 +86,17 @@ class StorageConnector(KVConnector):
             raise KVTransferError(f"cannot create the KV storage directory {self.root}: {e.strerror or e}",
                                   field="kv_transfer.storage_path", hint="point it at a writable directory") from e
         self.spec = spec
+
+    def _weights_digest(self, spec: KVCacheSpec) -> str:
+        """The digest of the weights the model holds, read from its files when they were loaded (at the first
+        registration, and again after a level-2 wake-up reloaded them: the files may hold new weights by then); a
+        level-1 wake-up keeps the weights it backed up, so their digest stays too, whatever the files hold now."""
+        if spec.checkpoint_path is None:
+            return ""
+        loaded = (spec.checkpoint_path, spec.weights_version)
+        if self._weights is None or self._weights[:2] != loaded:
+            self._weights = (*loaded, weights_digest(spec.checkpoint_path))
+        return self._weights[2]
 
     def _path(self, key: str) -> Path:
         assert self.root is not None

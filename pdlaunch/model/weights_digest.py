@@ -8,12 +8,13 @@ default is one directory per user) never load each other's KV unless their weigh
 Per tensor: its name, dtype and shape, all of its bytes up to WHOLE_BYTES (norms, biases: a fine-tune of those
 alone changes them), and WINDOWS spread windows of a larger one (a fine-tune changes every element of a tensor it
 trains). About 4 KiB read per large tensor: milliseconds for the files the instance has just loaded. The same
-weights saved in another directory give the same digest; files rewritten in place give a new one.
+weights saved in another directory give the same digest; files rewritten in place give a new one. Nothing is kept
+between calls: the digest of the weights a model holds is the one computed when they were loaded, which the caller
+keeps (the storage connector, until a level-2 wake-up reloads them from the directory, which may hold new ones).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -33,7 +34,6 @@ def _windows(tensor: TensorHeader) -> list[tuple[int, int]]:
     return [(tensor.start + i * step, WINDOW_BYTES) for i in range(WINDOWS)]
 
 
-@functools.lru_cache(maxsize=4)
 def weights_digest(checkpoint: Path) -> str:
     """16 hex digits over the weights of the checkpoint directory (module doc). Raises PdlaunchError naming
     model.path for a file that cannot be read, as the loader would."""

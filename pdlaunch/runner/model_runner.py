@@ -102,6 +102,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
                      "than this GPU: split it over more GPUs (--tp), quantize it (--quantization fp8), or give it a "
                      "GPU of its own",
             ) from None
+        self.weights_version = 0  # a level-2 wake-up reloads the weights from the checkpoint: +1 (engine/sleep_mode.py)
         if after_load is not None:
             after_load()
         if self.kv_dtype == FP8_DTYPE and tp_rank == 0:

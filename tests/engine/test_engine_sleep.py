@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.engine import sleep_mode
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError, PdlaunchError
+from pdlaunch.kv_transfer.factory import create_connector
+from pdlaunch.kv_transfer.storage_connector import StorageConnector
 from pdlaunch.metrics.vllm_series import ENGINE_SLEEP_STATE, SLEEP_STATES, set_sleep_state, vllm
 from tests.engine.conftest import MakeEngine, run_all
+from tests.helpers.checkpoints import make_llama
+from tests.kv_transfer.deployment_secret import secured
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -108,3 +115,29 @@ def test_level2_wake_frees_the_reloaded_copy_at_once(llama_ckpt, make_engine: Ma
         gc.enable()
     assert copies and alive == 0, f"{alive} of the reload's {len(copies)} parameters outlived the wake-up"
     assert [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)] == before
+
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_stored_kv_is_keyed_by_the_weights_the_model_holds_after_a_wake(level: int, tmp_path: Path,
+                                                                        make_engine: MakeEngine) -> None:
+    """The storage connector keys its files by a digest of the weights (model/weights_digest.py). A level-2 wake
+    reloads them from the checkpoint directory, which may hold new ones by then (an RL trainer writes them there
+    while the instance sleeps): the key must become the new weights', or the prefill stores KV of the new weights
+    where KV of the old ones lies, and decodes of either load the other's. A level-1 wake keeps the weights it
+    backed up, and so their key, whatever the files hold now."""
+    checkpoint = make_llama(tmp_path / "ckpt", seed=0)
+    config = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(
+        connector="storage", storage_path=str(tmp_path / "kv"))))
+    connector = create_connector(config, InstanceSpec(role="prefill", port=1, engine_id="prefill-0"))
+    assert isinstance(connector, StorageConnector)
+    engine = make_engine(checkpoint, connector=connector, enable_sleep_mode=True)
+    first = connector.root
+    engine.sleep(level)
+    make_llama(checkpoint, seed=1)  # new weights written over the old ones in place
+    engine.wake_up()
+    # an instance started on the files as they are now keys its store by their digest
+    fresh = StorageConnector(config, InstanceSpec(role="prefill", port=2, engine_id="prefill-1"))
+    fresh.register_kv_caches(make_engine(checkpoint).kv_cache_spec())
+    assert first is not None and fresh.root != first
+    assert connector.root == (fresh.root if level == 2 else first)
