@@ -4,6 +4,7 @@ The launcher binds a port only to test it, closes it and hands the number to the
 it for real a moment later (after loading its model: seconds). A port handed out once is never handed out again
 by the same allocator, and, given the deployment's PortReservations, by no other pdlaunch launcher on this host
 while the deployment runs (config/port_reservations.py): two deployments started at once no longer both take it.
+A free pick goes around the ports other launchers hold, also where the allocator holds nothing itself.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 
 from pdlaunch.config.addresses import port_is_free
-from pdlaunch.config.port_reservations import PortReservations
+from pdlaunch.config.port_reservations import PortReservations, reservation_holder
 from pdlaunch.errors import PdlaunchError
 
 # Free consecutive ranges are searched here: above the usual service ports, below the Linux
@@ -68,7 +69,7 @@ class PortAllocator:
                 continue
             held = []  # held first, tested after: a launcher that tests a port we hold does not get it
             for p in ports:
-                if self._reserve(p) is not None:
+                if self._reserve(p) is not None or self._held_elsewhere(p):
                     break
                 held.append(p)
             free = False
@@ -85,6 +86,11 @@ class PortAllocator:
 
     def _reserve(self, port: int) -> str | None:
         return None if self.reservations is None else self.reservations.reserve(self.host, port)
+
+    def _held_elsewhere(self, port: int) -> bool:
+        """An allocator that holds nothing (`bench compare` and `smoke` pick a proxy port the deployment claims
+        later) still leaves out a port another launcher holds: that claim would refuse it."""
+        return self.reservations is None and reservation_holder(self.host, port) is not None
 
     def _unreserve(self, ports: list[int]) -> None:
         if self.reservations is not None:

@@ -113,3 +113,23 @@ def test_check_config_warns_of_a_port_another_launcher_holds(
     result = check(["--model", "tiny", "--device", "cpu", "--port", str(base)])
     assert result.exit_code == 0, result.output
     assert f"warning: --port: port {base} (proxy) on 127.0.0.1: {base} in use now" in result.output, result.output
+
+
+def test_a_free_pick_of_a_plan_that_holds_nothing_goes_around_held_ports(
+        other_launcher: tuple[subprocess.Popen[bytes], int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench compare` and `smoke` pick their proxy port with an allocator that holds nothing, before the
+    deployment claims it: a port another launcher holds (its children not bound yet) was picked, and the claim
+    then refused it as another deployment's, a port the user never chose."""
+    _, base = other_launcher
+    tried: list[int] = []
+    forced = iter([base + 1])
+    draw = random.Random.randrange
+
+    def randrange(rng: random.Random, low: int, high: int) -> int:
+        tried.append(next(forced, None) or draw(rng, low, high))
+        return tried[-1]
+
+    monkeypatch.setattr(random.Random, "randrange", randrange)
+    picked = PortAllocator(HOST).free("the proxy")
+    assert tried[0] == base + 1 and picked == tried[-1] and len(tried) >= 2
+    assert reservation_holder(HOST, picked) is None  # looked at, not held
