@@ -12,6 +12,12 @@ until its deployment stops, as a name in the host's abstract unix socket namespa
 - abstract names are scoped by network namespace, as TCP ports are: containers with their own network do not see
   each other's names, and every process that could take the port does.
 
+A port is held per address, as TCP binds it: two nodes of a multi-node test on one machine (127.0.0.1, 127.0.0.2)
+hold the same numbers. A wildcard address (0.0.0.0, ::) takes the port on every address, so its name and the
+port's names on other addresses exclude each other: a launcher holds its name, then looks for the other kind
+(the wildcards' names, or every name of the port that /proc/net/unix lists) and lets go when one is held. Of two
+launchers doing so at once, the later to look sees the other: never both keep the port.
+
 The holder listens on its names only so that a refused launcher can learn who holds one (SO_PEERCRED gives the
 listener's pid); it never accepts. Linux only: elsewhere nothing is held and the bind test stays the only check.
 """
@@ -31,14 +37,37 @@ logger = logging.getLogger(__name__)
 _NAME_MAX = 100  # an abstract name has at most 107 bytes after its NUL
 _BACKLOG = 8  # refused launchers asking who holds a name; never accepted, so a few is plenty
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PREFIX = "pdlaunch-port:"
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # a server bound there holds the port on every address of the host
 SUPPORTED = sys.platform.startswith("linux")
 
 
 def _name(host: str, port: int) -> bytes:
-    key = f"pdlaunch-port:{host.lower()}:{port}"
+    key = f"{_PREFIX}{host.lower()}:{port}"
     if len(key) > _NAME_MAX:  # a long host name: its digest keeps the key unique and short
-        key = f"pdlaunch-port:{hashlib.sha256(host.lower().encode()).hexdigest()[:32]}:{port}"
+        key = f"{_PREFIX}{hashlib.sha256(host.lower().encode()).hexdigest()[:32]}:{port}"
     return b"\0" + key.encode()
+
+
+def _names_of_port(port: int) -> set[bytes]:
+    """Every reservation name of `port` bound in this network namespace, whatever its address: /proc/net/unix
+    lists the abstract names bound there ('@' for the leading NUL), the same scope as the names."""
+    try:
+        lines = Path("/proc/net/unix").read_bytes().splitlines()[1:]
+    except OSError:
+        return set()
+    prefix, suffix = f"@{_PREFIX}".encode(), f":{port}".encode()
+    paths = (fields[7] for fields in (line.split(None, 7) for line in lines) if len(fields) == 8)
+    return {b"\0" + path[1:] for path in paths if path.startswith(prefix) and path.endswith(suffix)}
+
+
+def _overlapping(host: str, port: int) -> list[bytes]:
+    """The names of `port` on the addresses whose servers `host`'s would collide with: every other address for a
+    wildcard (IPv4 and IPv6 alike: an address of the other family is refused too, rarely needed), else the
+    wildcards."""
+    if host in WILDCARD_HOSTS:
+        return sorted(_names_of_port(port) - {_name(host, port)})
+    return [_name(wildcard, port) for wildcard in WILDCARD_HOSTS]
 
 
 def _command_of(pid: int) -> str:
@@ -50,13 +79,23 @@ def _command_of(pid: int) -> str:
 
 
 def reservation_holder(host: str, port: int) -> str | None:
-    """Who holds host:port for a deployment on this host ("pid N: command"), or None when no launcher does."""
+    """Who holds host:port for a deployment on this host ("pid N: command"), on that address or on one overlapping
+    it (module doc), or None when no launcher does."""
     if not SUPPORTED:
         return None
+    for name in [_name(host, port), *_overlapping(host, port)]:
+        holder = _holder(name)
+        if holder is not None:
+            return holder
+    return None
+
+
+def _holder(name: bytes) -> str | None:
+    """Who listens on reservation name `name`, or None when nobody does."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.setblocking(False)
         try:
-            probe.connect(_name(host, port))
+            probe.connect(name)
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # no such name: nobody holds the port
         except OSError:  # EAGAIN: the holder's backlog is full of earlier askers
@@ -92,9 +131,23 @@ class PortReservations:
                 if holder is not None:
                     return holder
                 continue
+            holder = self._overlap_holder(host, port)
+            if holder is not None:  # looked for after holding ours: of two launchers at once, one sees the other
+                sock.close()
+                return holder
             self._held[(host, port)] = sock
             return None
         return "another pdlaunch launcher on this host (it let go and took it again)"
+
+    def _overlap_holder(self, host: str, port: int) -> str | None:
+        """Who holds `port` on an address overlapping `host`, other than this deployment: one of its own processes
+        on such an address collides in its TCP bind, as it did before ports were held."""
+        ours = {_name(h, p) for h, p in self._held}
+        for name in _overlapping(host, port):
+            holder = None if name in ours else _holder(name)
+            if holder is not None:
+                return holder
+        return None
 
     def _cannot_hold(self, exc: OSError) -> None:
         """A sandbox without unix sockets: the bind test alone guards the ports, as before; said once."""

@@ -133,3 +133,25 @@ def test_a_free_pick_of_a_plan_that_holds_nothing_goes_around_held_ports(
     picked = PortAllocator(HOST).free("the proxy")
     assert tried[0] == base + 1 and picked == tried[-1] and len(tried) >= 2
     assert reservation_holder(HOST, picked) is None  # looked at, not held
+
+
+@pytest.mark.parametrize("theirs,mine", [("0.0.0.0", HOST), (HOST, "0.0.0.0")])
+def test_a_port_held_on_every_address_and_on_one_are_one_port(theirs: str, mine: str) -> None:
+    """A server on 0.0.0.0 takes the port on every address of the host, so a deployment whose proxy binds
+    --host 0.0.0.0 --port 8000 and one on 127.0.0.1:8000 cannot both run: the second launcher, started while the
+    first's instances loaded (its proxy binds last, after them), found the port free and held under another name,
+    and one of the two proxies failed on 'address already in use' once everything had loaded."""
+    port = PortAllocator(HOST).free("both deployments' proxy")
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, theirs, str(port)], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: reservation_holder(theirs, port) is not None, "the other process to hold its port", 60)
+        assert (reservation_holder(mine, port) or "").startswith(f"pid {proc.pid}: ")  # check-config's view too
+        held = PortReservations()
+        with pytest.raises(PdlaunchError) as refused:
+            PortAllocator(mine, held).claim(port, "proxy.port", "proxy")
+        assert f"belongs to another pdlaunch deployment on this host, starting or running (pid {proc.pid}: " \
+            in refused.value.message
+        assert held.held == []
+    finally:
+        proc.kill()
+        proc.wait(30)
