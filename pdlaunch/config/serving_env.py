@@ -5,13 +5,20 @@ its value, what the processes do instead and the values they take.
 
 The GPU tuning variables (PDLAUNCH_PDL, PDLAUNCH_BLAS, PDLAUNCH_PROMPT_ROWS, ...) are not here: a GPU instance
 refuses a value it does not take, naming the variable (model/overrides.py env_choice). README "Environment
-variables" lists every variable."""
+variables" lists every variable.
+
+MC_TRANSFER_TIMEOUT is Mooncake's own: its transfer engine reads the leading digits of the value, at least 5 s
+(`mooncake_transfer_timeout`), so `120s` is 120 s there and `abc` 5 s. The Mooncake connector waits past that
+reading for a WRITE it released (kv_transfer/mooncake/sender.py), and check-config and serve refuse a value Mooncake
+reads as another number than it shows, before anything starts (`mooncake_env_problems`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.gil_switch import DEFAULT_GIL_SWITCH_MS, GIL_SWITCH_ENV, MAX_GIL_SWITCH_MS, milliseconds
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.problems import Problem, problem
@@ -47,3 +54,45 @@ def serving_env_warnings(env: Mapping[str, str]) -> list[Problem]:
     """A warning for each variable of FALLBACK_VARIABLES that `env` sets to a value the processes do not take."""
     return [problem(v.name, f"{env[v.name]!r} is not {v.expected}, so {v.instead}", f"set it to {v.accepted}, or "
                     "unset it") for v in FALLBACK_VARIABLES if v.name in env and not v.takes(env[v.name])]
+
+
+MC_TRANSFER_TIMEOUT_ENV = "MC_TRANSFER_TIMEOUT"
+MC_TRANSFER_TIMEOUT_DEFAULT_S = 30  # Mooncake's transfer timeout when the variable is unset
+MC_TRANSFER_TIMEOUT_MIN_S = 5  # ... and at least this when it is set, whatever the value
+_C_INT_MAX = 2**31 - 1
+_C_SPACE = "[ \t\n\v\f\r]*"  # what strtol skips before the number (C's isspace)
+_STRTOL_PREFIX = re.compile(_C_SPACE + "([+-]?[0-9]+)")
+_WHOLE_SECONDS = re.compile(_C_SPACE + "[0-9]+" + _C_SPACE)
+
+
+def mooncake_transfer_timeout(env: Mapping[str, str]) -> int:
+    """The seconds Mooncake's transfer engine gives a synchronous transfer (plus a nanosecond a byte), read as
+    Mooncake 0.3.13 reads MC_TRANSFER_TIMEOUT (TransferEnginePy's constructor in mooncake/engine.so): 30 when it is
+    unset, else `max(5, (int)strtol(value, NULL, 10))`. So only the leading digits count (`120s` is 120 s, `1.5e3`
+    1 s and so 5), no digits read as 0 (`abc`, ``: 5 s), and a number past the C int range wraps. Measured: a WRITE
+    to a stopped peer failed after 5.0 s with `abc` and 8.0 s with `8s`."""
+    raw = env.get(MC_TRANSFER_TIMEOUT_ENV)
+    if raw is None:
+        return MC_TRANSFER_TIMEOUT_DEFAULT_S
+    digits = _STRTOL_PREFIX.match(raw)
+    value = int(digits.group(1)) if digits else 0
+    value = max(-(2**63), min(value, 2**63 - 1))  # strtol stops at the range of a long
+    value = (value + 2**31) % 2**32 - 2**31  # which is then cut to an int
+    return max(MC_TRANSFER_TIMEOUT_MIN_S, value)
+
+
+def mooncake_env_problems(env: Mapping[str, str], cfg: DeploymentConfig | None) -> list[Problem]:
+    """MC_TRANSFER_TIMEOUT set to a value that Mooncake does not read as the number it shows (anything but a whole
+    number of seconds from 5 to the C int's top), for a deployment that moves KV with Mooncake. Mooncake would not
+    say so, and the user would wait in vain for the timeout they meant."""
+    raw = env.get(MC_TRANSFER_TIMEOUT_ENV)
+    if raw is None or cfg is None or cfg.colocated or cfg.kv_transfer.connector != "mooncake":
+        return []
+    if _WHOLE_SECONDS.fullmatch(raw) and MC_TRANSFER_TIMEOUT_MIN_S <= int(raw) <= _C_INT_MAX:
+        return []
+    return [problem(MC_TRANSFER_TIMEOUT_ENV,
+                    f"{raw!r} is not a whole number of seconds from {MC_TRANSFER_TIMEOUT_MIN_S} to {_C_INT_MAX}: "
+                    f"Mooncake's transfer engine would read it as {mooncake_transfer_timeout(env)} s (its leading "
+                    f"digits, at least {MC_TRANSFER_TIMEOUT_MIN_S})",
+                    f"set it to a whole number of seconds, e.g. {MC_TRANSFER_TIMEOUT_DEFAULT_S} (Mooncake's default "
+                    "when it is unset), or unset it")]

@@ -15,32 +15,25 @@ current device while initialising); each pool thread binds that index once, in t
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from pdlaunch.config.serving_env import mooncake_transfer_timeout
 from pdlaunch.errors import KVTransferError
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
-MC_TRANSFER_TIMEOUT_DEFAULT_S = 30.0  # Mooncake's own transfer timeout when MC_TRANSFER_TIMEOUT is not set
-
 
 def release_wait_seconds(environ: Mapping[str, str]) -> float:
-    """How long release() waits for a running WRITE: past Mooncake's own transfer timeout
-    (MC_TRANSFER_TIMEOUT, seconds), which ends every transfer, with 15 s for the notification; at least 60 s.
-    A shorter wait would let the decode free blocks that a WRITE still lands in."""
-    raw = environ.get("MC_TRANSFER_TIMEOUT", "").strip()
-    try:
-        mooncake = float(raw) if raw else MC_TRANSFER_TIMEOUT_DEFAULT_S
-    except ValueError:
-        mooncake = MC_TRANSFER_TIMEOUT_DEFAULT_S
-    if not math.isfinite(mooncake) or mooncake <= 0:
-        mooncake = MC_TRANSFER_TIMEOUT_DEFAULT_S
-    return max(60.0, mooncake + 15.0)
+    """How long release() waits for a running WRITE: past Mooncake's own transfer timeout (MC_TRANSFER_TIMEOUT,
+    seconds), which ends every transfer, with 15 s for the notification; at least 60 s. The timeout is the one
+    Mooncake itself reads from the value (config/serving_env.py mooncake_transfer_timeout: `120s` is 120 s there,
+    not a value to skip for the 30 s default): a shorter wait would let the decode free blocks that a WRITE still
+    lands in. check-config and serve refuse such a value; an instance started another way still waits long enough."""
+    return max(60.0, mooncake_transfer_timeout(environ) + 15.0)
 
 
 # Mooncake stops a transfer by its own timeout; release() waits this long for a running one to end
