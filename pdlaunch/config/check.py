@@ -26,7 +26,7 @@ from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
 from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
-from pdlaunch.config.serving_env import mooncake_env_problems, serving_env_warnings
+from pdlaunch.config.serving_env import serving_env_problems, serving_env_warnings
 from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, target_problems
 from pdlaunch.config.validate import checked_on_nodes, cumem_reason, model_info_for, validate_deployment
 from pdlaunch.errors import ConfigError, PdlaunchError
@@ -143,7 +143,7 @@ def check_report(config_path: Path | None, overrides: Mapping[str, object], targ
     """Every problem and warning: the part of check-config that takes time (reading the checkpoint, asking a
     cluster, probing ports), which a stop signal may cut short; printing the verdict is print_report's."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
-    problems = problems + mooncake_env_problems(os.environ, resolved)
+    problems = problems + serving_env_problems(resolved)  # also when the config did not load
     warnings = (world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
                 + serving_env_warnings(os.environ))
     if resolved is not None:

@@ -24,7 +24,7 @@ from pdlaunch.config.errors_format import problems_from_validation_error, short_
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.serving_env import mooncake_env_problems, serving_env_warnings
+from pdlaunch.config.serving_env import serving_env_problems, serving_env_warnings
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
@@ -250,10 +250,11 @@ def checked_deployment(path: Path | None, overrides: Mapping[str, object],
     try:
         cfg = load_deployment(path, overrides)
     except ConfigError as exc:
+        exc.problems += serving_env_problems(None)  # said at once, with the config's own problems
         raise with_rule_problems(exc) from None
     cfg = with_backend_nodes(cfg)  # --backend slurm: the allocation's nodes (PdlaunchError outside one)
     problems, resolved = validate_deployment(cfg, target=backend_target(cfg))  # ray: the cluster's GPUs
-    problems += mooncake_env_problems(os.environ, resolved)
+    problems += serving_env_problems(resolved)
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     info, _ = load_model_info(resolved.model.path)

@@ -3,9 +3,12 @@ take, fall back to their default instead of refusing it. Those processes cannot 
 `PDLAUNCH_ARRIVAL_WINDOW=OFF` changed nothing and said nothing), so check-config and serve warn, naming the variable,
 its value, what the processes do instead and the values they take.
 
-The GPU tuning variables (PDLAUNCH_PDL, PDLAUNCH_BLAS, PDLAUNCH_PROMPT_ROWS, ...) are not here: a GPU instance
-refuses a value it does not take, naming the variable (model/overrides.py env_choice). README "Environment
-variables" lists every variable.
+The GPU tuning variables (PDLAUNCH_PDL, PDLAUNCH_BLAS, PDLAUNCH_PROMPT_ROWS, ...) and the test-only
+PDLAUNCH_TEST_FAIL_TRANSFER_RATE are refused instead: an instance refuses a value it does not take, naming the
+variable (model/overrides.py env_choice), but only where it first reads it, often after loading its weights. So
+check-config and serve run the instances' own parsers of REFUSED_VARIABLES before anything starts and report what
+they refuse, with their message (`refused_value_problems`), on any device. README "Environment variables" lists
+every variable.
 
 MC_TRANSFER_TIMEOUT is Mooncake's own: its transfer engine reads the leading digits of the value, at least 5 s
 (`mooncake_transfer_timeout`), so `120s` is 120 s there and `abc` 5 s. The Mooncake connector waits past that
@@ -14,6 +17,7 @@ reads as another number than it shows, before anything starts (`mooncake_env_pro
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -22,6 +26,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.gil_switch import DEFAULT_GIL_SWITCH_MS, GIL_SWITCH_ENV, MAX_GIL_SWITCH_MS, milliseconds
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 
 ARRIVAL_WINDOW_ENV = "PDLAUNCH_ARRIVAL_WINDOW"
 # engine/arrival_window.py reads exactly "off" as off; any other value leaves the window on
@@ -54,6 +59,75 @@ def serving_env_warnings(env: Mapping[str, str]) -> list[Problem]:
     """A warning for each variable of FALLBACK_VARIABLES that `env` sets to a value the processes do not take."""
     return [problem(v.name, f"{env[v.name]!r} is not {v.expected}, so {v.instead}", f"set it to {v.accepted}, or "
                     "unset it") for v in FALLBACK_VARIABLES if v.name in env and not v.takes(env[v.name])]
+
+
+# Each variable an instance refuses a value of, as its instance parser names it (_instance_parsers).
+REFUSED_VARIABLES = (
+    "PDLAUNCH_BLAS", "PDLAUNCH_PDL", "PDLAUNCH_FUSED_OPS", "PDLAUNCH_PAGED_DECODE", "PDLAUNCH_PAGED_PREFILL",
+    "PDLAUNCH_GEMV", "PDLAUNCH_SWIGLU", "PDLAUNCH_DECODE_GEMM", "PDLAUNCH_ATTN_EARLY", "PDLAUNCH_FP8_QK",
+    "PDLAUNCH_PROMPT_ROWS", "PDLAUNCH_MIXED_GRAPH_TOKENS", "PDLAUNCH_MOE_BACKEND", "PDLAUNCH_MOE_TILE",
+    "PDLAUNCH_DECODE_LAUNCH", "PDLAUNCH_GEMV_CONFIG", "PDLAUNCH_PREFILL_LAUNCH", "PDLAUNCH_TEST_FAIL_TRANSFER_RATE",
+)
+
+
+def _instance_parsers() -> dict[str, Callable[[], object]]:
+    """The parser an instance reads each of REFUSED_VARIABLES with, from os.environ, raising its PdlaunchError for
+    a value it does not take. Imported only when one of them is set: they import torch, which check-config and a
+    CPU deployment's launcher otherwise never load."""
+    import torch
+
+    from pdlaunch.kv_transfer.fault import TransferFaults  # layering: lazy (the decode's own check, when it is set)
+    from pdlaunch.model import decode_gemm, decode_launch, fused_ops, gemv, pdl, swiglu, triton_decode, triton_prefill
+    from pdlaunch.model.blas import blas_setting
+    from pdlaunch.model.moe import fused
+    from pdlaunch.runner.graph_setup import prompt_rows_setting  # layering: lazy (torch stays off config paths)
+    from pdlaunch.runner.mixed_graphs import max_mixed_tokens  # layering: lazy (torch stays off config paths)
+
+    def value(name: str) -> str:
+        return os.environ.get(name, "")
+
+    return {
+        "PDLAUNCH_BLAS": blas_setting,
+        "PDLAUNCH_PDL": pdl.pdl_setting,
+        "PDLAUNCH_FUSED_OPS": fused_ops.fused_ops_setting,
+        "PDLAUNCH_PAGED_DECODE": triton_decode.paged_decode_setting,
+        "PDLAUNCH_PAGED_PREFILL": triton_prefill.paged_prefill_setting,
+        "PDLAUNCH_GEMV": gemv.gemv_setting,
+        "PDLAUNCH_SWIGLU": swiglu.swiglu_setting,
+        "PDLAUNCH_DECODE_GEMM": decode_gemm.decode_gemm_setting,
+        "PDLAUNCH_ATTN_EARLY": triton_decode.attention_early,
+        "PDLAUNCH_FP8_QK": triton_decode.fp8_qk_f16,
+        "PDLAUNCH_PROMPT_ROWS": prompt_rows_setting,
+        "PDLAUNCH_MIXED_GRAPH_TOKENS": lambda: max_mixed_tokens(False),
+        "PDLAUNCH_MOE_BACKEND": lambda: fused.backend(torch.empty(0), 0),  # the variable first, then the tensor
+        "PDLAUNCH_MOE_TILE": lambda: fused.tile_override(value("PDLAUNCH_MOE_TILE")),
+        "PDLAUNCH_DECODE_LAUNCH": lambda: decode_launch.launch_override(value("PDLAUNCH_DECODE_LAUNCH")),
+        "PDLAUNCH_GEMV_CONFIG": lambda: gemv.config_override(value("PDLAUNCH_GEMV_CONFIG")),
+        "PDLAUNCH_PREFILL_LAUNCH": triton_prefill.prefill_launch,
+        "PDLAUNCH_TEST_FAIL_TRANSFER_RATE": TransferFaults,
+    }
+
+
+def refused_value_problems() -> list[Problem]:
+    """A problem for each of REFUSED_VARIABLES that os.environ (what the processes serve starts inherit) sets to a
+    value an instance would refuse: the instance's own error, field, message and hint."""
+    set_here = [name for name in REFUSED_VARIABLES if name in os.environ]
+    if not set_here:
+        return []
+    parsers = _instance_parsers()
+    found: list[Problem] = []
+    for name in set_here:
+        try:
+            parsers[name]()
+        except PdlaunchError as exc:
+            found.append(problem(exc.field or name, exc.message, exc.hint or ""))
+    return found
+
+
+def serving_env_problems(cfg: DeploymentConfig | None) -> list[Problem]:
+    """What check-config and serve refuse in os.environ before anything starts: refused_value_problems, and for a
+    deployment that moves KV with Mooncake (`cfg`, None when it did not load), mooncake_env_problems."""
+    return refused_value_problems() + mooncake_env_problems(os.environ, cfg)
 
 
 MC_TRANSFER_TIMEOUT_ENV = "MC_TRANSFER_TIMEOUT"
