@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import builtins
 import logging
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import pytest
 
 from pdlaunch.config import mooncake_install
@@ -30,8 +27,8 @@ from pdlaunch.kv_transfer.mooncake.sender import TransferPool
 from pdlaunch.kv_transfer.notifications import ReadDone, encode_notification
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.memory import platform
-from tests.helpers.ports import free_port
 from tests.kv_transfer.deployment_secret import TEST_SECRET, secured
+from tests.kv_transfer.mooncake_metadata import metadata_server
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.pd_procs import make_spec, wait_events
 
@@ -186,20 +183,7 @@ def test_sleep_deregisters_and_wake_registers_the_new_storage() -> None:
 def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
     """Peers register and look up their segments in Mooncake's HTTP metadata server instead of the P2P
     handshake (what kv_transfer.mooncake_metadata_server is for on clusters)."""
-    pytest.importorskip("aiohttp", reason="Mooncake's HTTP metadata server needs aiohttp")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mooncake.http_metadata_server", "--host", "127.0.0.1",
-                               "--port", str(port), "--log-level", "WARNING"], stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/metadata"
-        deadline = time.monotonic() + 30
-        while True:  # until the server answers (any HTTP status)
-            try:
-                httpx.get(url, params={"key": "probe"}, timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "Mooncake's metadata server did not start within 30s"
-                time.sleep(0.1)
+    with metadata_server() as url:
         kv = KVTransferConfig(connector="mooncake", mooncake_metadata_server=url, verify_kv=True)
         config = secured(DeploymentConfig(device="cpu", kv_transfer=kv))
         prefill, decode = (create_connector(config, InstanceSpec(role=role, port=1, engine_id=f"meta-{role}",
@@ -212,9 +196,6 @@ def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
         finally:
             decode.shutdown()
             prefill.shutdown()
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_cuda_kv_with_the_cpu_only_wheel_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:

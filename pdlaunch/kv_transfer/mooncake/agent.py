@@ -3,7 +3,7 @@ prefill side (prefill/: holds, leases, push sender pool) and decode side (decode
 strategies, drains, resharding) run unchanged on Mooncake.
 
 What maps to what:
-- agent metadata: {"name", "session", "protocol"} (the engine's "host:rpc_port", and tcp or rdma); the
+- agent metadata: {"name", "session", "protocol"} (the engine's session id, and tcp or rdma); the
   prefill gives it only in its authenticated handshake answer, the decode only in an authenticated push
   request (side_channel/). Each engine resolves `mooncake_protocol: auto` on its own host, and engines
   on different protocols cannot move bytes between each other: a peer on another one is refused when it

@@ -2,7 +2,9 @@
 
 Verified with mooncake-transfer-engine-non-cuda 0.3.13.post1 on CPU: `initialize(host, "P2PHANDSHAKE",
 "tcp", "")` listens for the P2P handshake on host:<rpc port> (session id "host:port"), and a peer's
-segment is opened on the first transfer to its session id, so no metadata server is needed.
+segment is opened on the first transfer to its session id, so no metadata server is needed. With a
+metadata server, the name given to `initialize` is only the key the engine registers under (it listens on
+a port of its own, on the address it finds, and registers those), and peers look it up by that key.
 `batch_transfer_sync_write/read` block (the GIL released) until the batch completed, failed or ran
 past Mooncake's own timeout; `get_batch_transfer_status` blocks the same way, so there is no cheap poll
 of a batch: callers run transfers on their own threads (mooncake/sender.py). A zero-length transfer
@@ -12,6 +14,7 @@ with a TransferNotify delivers just the notification to the peer's `get_notifies
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 from typing import Any
 
@@ -37,7 +40,8 @@ def _unused_port(host: str) -> int:
 
 
 class MooncakeEngine:
-    """One TransferEngine. `session_id` ("host:port") is how peers name it in transfers."""
+    """One TransferEngine. `session_id` is how peers name it in transfers: "host:rpc_port" over the P2P handshake,
+    "host-<16 hex digits>:port" registered with a metadata server."""
 
     def __init__(self, hostname: str, protocol: str, metadata_server: str | None) -> None:
         engine = import_engine()
@@ -46,8 +50,11 @@ class MooncakeEngine:
         self.metadata_server = metadata_server or "P2PHANDSHAKE"
         self.engine = engine.TransferEngine()
         # P2P handshake: the engine picks its RPC port and peers address it as host:port. With a metadata
-        # server the name given here is the key peers look up (not a listening port): unique per host.
-        name = f"{hostname}:{_unused_port(hostname)}" if metadata_server else hostname
+        # server the name given here is the key peers look up (not a listening port), and one server may hold
+        # the engines of several deployments and hosts: host and a port free here now are not unique there
+        # (every host of the default side_channel_host is 127.0.0.1, and a probed port is free again for the
+        # next engine), and Mooncake's HTTP server refuses a taken name. A random part makes it the engine's own.
+        name = f"{hostname}-{secrets.token_hex(8)}:{_unused_port(hostname)}" if metadata_server else hostname
         code = self.engine.initialize(name, self.metadata_server, protocol, "")
         if code != 0:
             raise KVTransferError(
