@@ -59,9 +59,11 @@ class EngineStep:
     _in_flight: InFlight | None
     _window: ArrivalWindow
     _admitted: list[tuple[Request, RequestOutput]]
+    _blocked = False  # the last step could run nothing until KV blocks are freed (is_blocked)
 
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
+            self._blocked = False
             return self.take_admitted()
         outputs: list[RequestOutput] = []
         started = self._window.stepping()
@@ -112,7 +114,21 @@ class EngineStep:
         if self.allocator is not None:
             self.allocator.poll()
         update_metrics(self.scheduler, self.block_manager)
+        s = self.scheduler
+        # Requests wait, yet nothing ran, changed or is in flight: the connector's events were applied before
+        # schedule(), so the next step finds the same until something frees blocks.
+        self._blocked = bool(s.waiting) and not (sched.scheduled or sched.preempted or outputs or s.running
+                                                 or s.waiting_for_kv or self._in_flight is not None)
         return outputs
+
+    def is_blocked(self) -> bool:
+        """True when the last step could run nothing and only something from outside the engine changes that:
+        requests wait for KV blocks while none runs or is in flight, and the blocks they need are held for decode legs
+        (until the decode's read_done/release, a release_held_kv or the lease's end), drain or wait for a failed
+        load's transfer, or are in a CPU-tier job. A step at once would find the same: the engine loop waits for a
+        command up to its blocked_wait_s instead (server/engine_thread.py). Never while a KV load is waited for
+        (waiting_for_kv): step() paces those polls itself, at the latency a load's end is found with."""
+        return self._blocked
 
     def arrival_window_s(self) -> float:
         """Seconds the engine loop may wait for new requests before the next `step` without the device running

@@ -5,7 +5,8 @@ every step, runs `step()`, and hands each request's outputs to that request's as
 `loop.call_soon_threadsafe`. When nothing runs it blocks on the command queue for at most
 `idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
 quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
-instance costs ~no CPU, and a command still wakes it at once.
+instance costs ~no CPU, and a command still wakes it at once. When its requests wait for KV blocks that only a
+release frees (`LLMEngine.is_blocked`), up to `blocked_wait_s`: stepping at once spun a core on the same step.
 
 vLLM's counts of what the engine did are taken here, as its outputs come, whether or not a client reads them
 (engine_counts.py).
@@ -58,10 +59,10 @@ class EngineThread:
         idle_wait_s: float,
         quiescent_wait_s: float,
         on_fatal: Callable[[str], None] | None,
+        blocked_wait_s: float,
     ) -> None:
         self._factory = engine_factory
-        self.idle_wait_s = idle_wait_s
-        self.quiescent_wait_s = quiescent_wait_s
+        self.idle_wait_s, self.quiescent_wait_s, self.blocked_wait_s = idle_wait_s, quiescent_wait_s, blocked_wait_s
         self._on_fatal = on_fatal
         self._commands: queue.Queue[Command] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
@@ -113,8 +114,9 @@ class EngineThread:
         check = self._idle_check
         try:
             while not self._stop.is_set():
-                # busy: a new request may still join the next step while the device has work (engine/arrival_window.py)
-                wait = engine.arrival_window_s() if busy else \
+                # busy: a new request may still join the next step while the device has work (engine/arrival_window.py);
+                # blocked: a command (abort, release_held_kv) or the next step's poll of the connector frees blocks
+                wait = (self.blocked_wait_s if engine.is_blocked() else engine.arrival_window_s()) if busy else \
                     self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
                 self._drain_commands(engine, min(wait, check.due_in(time.monotonic())))
                 if self._stop.is_set():

@@ -33,6 +33,9 @@ class CountingEngine:
     def has_unfinished_requests(self) -> bool:
         return False
 
+    def is_blocked(self) -> bool:  # never waits for KV blocks
+        return False
+
     def step(self) -> list[object]:
         with self.lock:
             self.steps += 1
