@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.ports import free_port
+
 PACKAGE = Path(__file__).resolve().parents[1] / "pdlaunch"
 LAZY_MARKER = "# layering: lazy"
 
@@ -231,6 +233,7 @@ def test_a_cpu_deployment_is_validated_and_planned_without_torch(tmp_path: Path)
         "from pdlaunch.launcher.plan import plan_deployment\n"
         f"cfg = load_valid_deployment(None, {{'model': {{'path': 'tiny'}}, 'device': 'cpu',\n"
         f"    'log_dir': {str(tmp_path)!r},\n"
+        f"    'proxy': {{'port': {free_port()}}},\n"
         "    'instances': [{'role': 'prefill', 'count': 1}, {'role': 'decode', 'count': 1}]})\n"
         "plan = plan_deployment(cfg)\n"
         "print(len(plan.instances), 'torch' in sys.modules)\n"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.cli import app
 from pdlaunch.model.demo_tokenizer import write_tokenizer_files
+from tests.helpers.ports import free_port
 
 LLAMA_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -25,6 +26,11 @@ LLAMA_CONFIG: dict[str, Any] = {
     "vocab_size": 1000,
     "max_position_embeddings": 1024,
 }
+
+
+# A proxy port free when the tests started, for the checks that are not about ports: check-config warns about a
+# port in use, and the default 8000 is `make serve`'s, which the README's two commands may run beside `make test`.
+FREE_PORT = ["--port", str(free_port())]
 
 
 def invoke(args: list[str]) -> Result:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.loader import load_valid_deployment
-from tests.config.cli_helpers import check
+from tests.config.cli_helpers import FREE_PORT, check
 
-CPU = ["--model", "demo", "--device", "cpu"]
+CPU = ["--model", "demo", "--device", "cpu", *FREE_PORT]
 COLOCATED = "has no effect: every instance is colocated"
 
 
@@ -34,7 +34,7 @@ def test_expert_parallel_on_a_dense_model_is_a_warning_naming_what_the_user_set(
             "experts to place; drop it, or serve a Mixture-of-Experts checkpoint") in " ".join(result.output.split())
     path = tmp_path / "ep.yaml"
     path.write_text("instances:\n  - {role: prefill, enable_expert_parallel: true}\n  - {role: decode}\n")
-    report = json.loads(check([str(path), "--model", "demo", "--device", "cpu", "--json"]).output)
+    report = json.loads(check([str(path), *CPU, "--json"]).output)
     assert report["valid"] and [w["field"] for w in report["warnings"]] == ["instances[0].enable_expert_parallel"]
     with caplog.at_level(logging.WARNING, logger="pdlaunch"):
         load_valid_deployment(path, {"model.path": "demo", "device": "cpu"})
@@ -42,7 +42,7 @@ def test_expert_parallel_on_a_dense_model_is_a_warning_naming_what_the_user_set(
 
 
 def test_expert_parallel_on_a_moe_model_is_no_warning(moe_ckpt: Callable[[str], Path]) -> None:
-    result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", "--enable-expert-parallel"])
+    result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", *FREE_PORT, "--enable-expert-parallel"])
     assert result.exit_code == 0 and "warning" not in result.output, result.output
 
 

@@ -17,9 +17,9 @@ from pdlaunch.config.rules.rendezvous import LAUNCHER_READY_S
 from pdlaunch.config.strict_model import MAX_SECONDS
 from pdlaunch.errors import ConfigError
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S
-from tests.config.cli_helpers import assert_invalid, check, write_yaml
+from tests.config.cli_helpers import FREE_PORT, assert_invalid, check, write_yaml
 
-CPU = ["--model", "tiny", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu", *FREE_PORT]
 FIELD = "parallel.rendezvous_timeout_seconds"
 
 

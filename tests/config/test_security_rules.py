@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.rules.security import SECRET_ENV
-from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
+from tests.config.cli_helpers import FREE_PORT, assert_invalid, check, invoke, write_yaml
 
-CPU = ["--model", "tiny", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu", *FREE_PORT]
 TWO_NODES = ("parallel: {nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]}\n"
              "instances:\n  - {role: prefill, node: 0}\n  - {role: decode, node: 0}\n")
 

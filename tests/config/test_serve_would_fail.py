@@ -13,9 +13,10 @@ from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
-from tests.config.cli_helpers import assert_invalid, check, check_json, invoke, write_yaml
+from tests.config.cli_helpers import FREE_PORT, assert_invalid, check, check_json, invoke, write_yaml
 
-CPU = ["--model", "tiny", "--device", "cpu"]
+CPU_ANY_PORT = ["--model", "tiny", "--device", "cpu"]
+CPU = [*CPU_ANY_PORT, *FREE_PORT]
 
 
 # --- log_dir ----------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def test_a_fixed_port_in_use_now_is_a_warning_naming_the_field(tmp_path: Path) -
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = check([*CPU, "--port", str(port)])
+        result = check([*CPU_ANY_PORT, "--port", str(port)])
         assert result.exit_code == 0, result.output
         assert f"warning: --port: port {port} (proxy) on 127.0.0.1: {port} in use now" in result.output
         path = write_yaml(tmp_path, "colocated: true\ninstances:\n"
@@ -124,9 +125,9 @@ def test_a_fixed_port_in_use_now_is_a_warning_naming_the_field(tmp_path: Path) -
         assert report["valid"], report
         assert [w["field"] for w in report["warnings"] if "in use now" in w["message"]] == ["instances[0].base_port"]
         # another host's ports cannot be probed from here: no warning when checking for a target host
-        assert "in use now" not in check([*CPU, "--port", str(port), "--target-gpus", "1",
+        assert "in use now" not in check([*CPU_ANY_PORT, "--port", str(port), "--target-gpus", "1",
                                           "--target-gpu-memory", "80"]).output
-    assert "in use now" not in check([*CPU, "--port", str(port)]).output
+    assert "in use now" not in check([*CPU_ANY_PORT, "--port", str(port)]).output
 
 # --- duplicate YAML keys ----------------------------------------------------------------------
 

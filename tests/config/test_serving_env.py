@@ -16,10 +16,10 @@ import pytest
 
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.serving_env import ARRIVAL_WINDOW_ENV, FALLBACK_VARIABLES, serving_env_warnings
-from tests.config.cli_helpers import check
+from tests.config.cli_helpers import FREE_PORT, check
 
 ROOT = Path(__file__).resolve().parents[2]
-CPU = ["--model", "tiny", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu", *FREE_PORT]
 BAD_WINDOWS = ["OFF", "0", "false", "no", " off", ""]
 SUBPROCESS_TIMEOUT_S = 300.0  # imports torch on a loaded 2-core machine
 
