@@ -133,6 +133,9 @@ def serving_env_problems(cfg: DeploymentConfig | None) -> list[Problem]:
 MC_TRANSFER_TIMEOUT_ENV = "MC_TRANSFER_TIMEOUT"
 MC_TRANSFER_TIMEOUT_DEFAULT_S = 30  # Mooncake's transfer timeout when the variable is unset
 MC_TRANSFER_TIMEOUT_MIN_S = 5  # ... and at least this when it is set, whatever the value
+# ... plus this for each byte the transfer moves: Mooncake's synchronous transfers give up at
+# `transfer_timeout_nsec_ + total_length` nanoseconds (TransferEnginePy::batchTransferSync), 1 s per GB.
+MC_TRANSFER_SECONDS_PER_BYTE = 1e-9
 _C_INT_MAX = 2**31 - 1
 _C_SPACE = "[ \t\n\v\f\r]*"  # what strtol skips before the number (C's isspace)
 _STRTOL_PREFIX = re.compile(_C_SPACE + "([+-]?[0-9]+)")
@@ -140,7 +143,8 @@ _WHOLE_SECONDS = re.compile(_C_SPACE + "[0-9]+" + _C_SPACE)
 
 
 def mooncake_transfer_timeout(env: Mapping[str, str]) -> int:
-    """The seconds Mooncake's transfer engine gives a synchronous transfer (plus a nanosecond a byte), read as
+    """The seconds Mooncake's transfer engine gives a synchronous transfer (plus a nanosecond a byte it
+    moves: MC_TRANSFER_SECONDS_PER_BYTE), read as
     Mooncake 0.3.13 reads MC_TRANSFER_TIMEOUT (TransferEnginePy's constructor in mooncake/engine.so): 30 when it is
     unset, else `max(5, (int)strtol(value, NULL, 10))`. So only the leading digits count (`120s` is 120 s, `1.5e3`
     1 s and so 5), no digits read as 0 (`abc`, ``: 5 s), and a number past the C int range wraps. Measured: a WRITE

@@ -148,6 +148,7 @@ class KVAgent:
     """One NIXL agent with the KV cache tensors of one engine (one TP rank) registered."""
 
     release_wait_seconds = 0.0  # XferHandle.release cancels a running transfer
+    release_wait_seconds_per_byte = 0.0
     release_cancels = True
 
     def __init__(self, name: str) -> None:

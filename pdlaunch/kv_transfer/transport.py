@@ -29,6 +29,8 @@ class TransferAgent(Protocol):
     # How long a running WRITE may still land after its sender released it: 0 where release() cancels it
     # (NIXL); a transport that cannot cancel waits this long for it before the sender says push_failed.
     release_wait_seconds: float
+    # ... and this much longer for each byte the WRITE moves (Mooncake's timeout grows with them; 0 for NIXL).
+    release_wait_seconds_per_byte: float
     # Whether Xfer.release() stops a transfer that runs (NIXL). False (Mooncake): a running transfer goes on
     # until it ends or the transport's own timeout stops it, so the memory it writes stays taken until then.
     release_cancels: bool

@@ -34,6 +34,7 @@ class _ReadAgent:
     name = "decode-agent"
     release_cancels = True
     release_wait_seconds = 0.0
+    release_wait_seconds_per_byte = 0.0
 
     def __init__(self) -> None:
         self.reads = 0

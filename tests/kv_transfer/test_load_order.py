@@ -111,6 +111,7 @@ class _Harness:
     device_id: int = 0
     release_cancels: bool = True
     release_wait_seconds: float = 0.0
+    release_wait_seconds_per_byte: float = 0.0
 
     def into_blocks(self, addr: int) -> bool:
         return any(t.data_ptr() <= addr < t.data_ptr() + t.numel() * t.element_size() for t in self.spec.kv_caches)

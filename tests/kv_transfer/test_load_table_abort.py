@@ -41,7 +41,7 @@ def _failures() -> float:
 @pytest.fixture
 def table() -> LoadTable:
     # NIXL's: a push drain ends DRAIN_GRACE_SECONDS after the deadline, releasing a READ cancels it
-    agent = SimpleNamespace(release_wait_seconds=0.0, release_cancels=True)
+    agent = SimpleNamespace(release_wait_seconds=0.0, release_wait_seconds_per_byte=0.0, release_cancels=True)
     ctx = LoadContext(agent=cast(Any, agent), spec=cast(Any, None), peers=cast(Any, None), keys=cast(Any, None),
                       handshake_timeout=1.0, transfer_timeout=30.0, verify_kv=False,
                       executor=cast(ThreadPoolExecutor, None), reader="decode")

@@ -26,3 +26,10 @@ def test_release_wait_outlasts_mooncakes_own_reading_of_the_timeout(value: str |
     environ = {} if value is None else {"MC_TRANSFER_TIMEOUT": value}
     wait = release_wait_seconds(environ)
     assert wait == max(60.0, mooncake + 15.0), (value, wait)
+
+
+@pytest.mark.parametrize("value", [None, "300"])
+def test_release_wait_grows_a_second_per_gb_as_mooncakes_timeout_does(value: str | None) -> None:
+    # Mooncake gives a transfer `transfer_timeout_nsec_ + total_length` ns: a 20 GB WRITE runs up to 20 s longer.
+    environ = {} if value is None else {"MC_TRANSFER_TIMEOUT": value}
+    assert release_wait_seconds(environ, 20 * 10**9) == release_wait_seconds(environ) + 20.0

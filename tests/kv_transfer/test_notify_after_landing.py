@@ -49,6 +49,7 @@ class _Agent:
     device_id = 0
     release_cancels = True
     release_wait_seconds = 0.0
+    release_wait_seconds_per_byte = 0.0
 
     def __init__(self, error: Exception) -> None:
         self.error = error

@@ -5,7 +5,8 @@ A load that fails or is aborted while a push WRITE may still land (or a READ cou
 once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
 ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline). A push
 over a transport that cannot cancel a running WRITE (Mooncake) drains up to the agent's
-release_wait_seconds longer: the prefill waits that long for its WRITE before it says push_failed.
+release_wait_seconds (plus release_wait_seconds_per_byte for each byte of the load: Mooncake's timeout grows
+with the bytes) longer: the prefill waits that long for its WRITE before it says push_failed.
 A READ of ours that the transport cannot cancel (Mooncake: `agent.release_cancels` is False) keeps the
 blocks past the drain's end until it ended: freed under it, they would be given to another request while
 the READ still writes them. Mooncake ends every transfer by its own timeout (MC_TRANSFER_TIMEOUT, 30 s by
@@ -107,7 +108,10 @@ class LoadTable:
     def _start_drain(self, load: Load, now: float) -> None:
         """Keep a failed/aborted load's blocks from the engine until no transfer can write them (lock held)."""
         pushing = load.push_sent and not load.write_ended
-        wait = self.ctx.agent.release_wait_seconds if pushing else 0.0
+        # The prefill waits for its running WRITE as long as it may land: Mooncake's timeout grows with the bytes
+        # (MooncakeXfer.release_wait); the load's bytes bound any one WRITE of its push.
+        agent = self.ctx.agent
+        wait = agent.release_wait_seconds + load.num_bytes * agent.release_wait_seconds_per_byte if pushing else 0.0
         load.drain_until = max(now, load.deadline) + wait + DRAIN_GRACE_SECONDS
         self._draining[load.request_id] = load
         if self._loads.get(load.request_id) is load:

@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdlaunch.config.serving_env import MC_TRANSFER_SECONDS_PER_BYTE
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
@@ -57,6 +58,7 @@ class MooncakeAgent:
     """One TransferEngine with one engine's (one TP rank's) KV cache registered."""
 
     release_wait_seconds = RELEASE_WAIT_SECONDS  # MooncakeXfer.release waits for a running WRITE
+    release_wait_seconds_per_byte = MC_TRANSFER_SECONDS_PER_BYTE  # ... longer by its bytes (MooncakeXfer.release_wait)
     release_cancels = False  # a running READ or WRITE ends only by itself or by Mooncake's transfer timeout
 
     def __init__(self, name: str, engine: MooncakeEngine, pool: TransferPool, secret: str) -> None:
