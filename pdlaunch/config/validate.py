@@ -113,11 +113,11 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     # One check stands for both: sleep mode needs of the platform what the cumem allocator needs.
     cuda = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
     problems = cumem_problems(cfg, device, cuda)
-    if (device == "cuda" and not cfg.colocated and not cfg.model.enable_cumem_allocator
-            and host_devices.expandable_segments_enabled()):
+    conf_variable = host_devices.expandable_segments_variable()
+    if device == "cuda" and not cfg.colocated and not cfg.model.enable_cumem_allocator and conf_variable:
         problems.append(problem(
             "model.enable_cumem_allocator",
-            "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which breaks KV connector memory registration",
+            f"{conf_variable} has expandable_segments:True, which breaks KV connector memory registration",
             "pass --enable-cumem-allocator or --enable-sleep-mode, or unset expandable_segments"))
     return problems
 

@@ -78,7 +78,23 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# Where torch reads its allocator settings from, in its order: only the first one set (even to an empty value) is
+# read (c10's AcceleratorAllocatorConfig::instance; PYTORCH_ALLOC_CONF is the newer name, torch 2.9+). Checked on
+# torch 2.13: with PYTORCH_CUDA_ALLOC_CONF set, PYTORCH_ALLOC_CONF is not read at all.
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def expandable_segments_variable() -> str | None:
+    """The variable whose allocator settings turn on expandable_segments (it breaks RDMA registration, vLLM
+    #33540), None when torch will not turn it on from the environment."""
+    for name in ALLOC_CONF_VARIABLES:
+        conf = os.environ.get(name)
+        if conf is not None:
+            on = any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
+            return name if on else None
+    return None
+
+
 def expandable_segments_enabled() -> bool:
-    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, vLLM #33540)."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
+    """True when the allocator settings torch reads turn on expandable_segments (expandable_segments_variable)."""
+    return expandable_segments_variable() is not None

@@ -60,7 +60,7 @@ def test_cumem_without_sleep_mode_stays_on_and_sleep_off() -> None:
 def test_expandable_segments_with_connector_needs_cumem(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:True")
     result = check(["--model", "tiny", *GPU2])
-    assert_invalid(result, "model.enable_cumem_allocator", "expandable_segments:True")
+    assert_invalid(result, "model.enable_cumem_allocator", "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True")
     line = next(x for x in result.output.splitlines() if "expandable_segments" in x)
     assert "--enable-cumem-allocator" in line and "--enable-sleep-mode" in line
 
@@ -74,6 +74,23 @@ def test_expandable_segments_allowed_with_cumem_or_without_connector(
 
 def test_expandable_segments_false_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert check(["--model", "tiny", *GPU2]).exit_code == 0
+
+
+def test_expandable_segments_in_pytorch_alloc_conf_needs_cumem_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PYTORCH_ALLOC_CONF is torch's newer name for the allocator settings: read when PYTORCH_CUDA_ALLOC_CONF is unset.
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    result = check(["--model", "tiny", *GPU2])
+    assert_invalid(result, "model.enable_cumem_allocator", "PYTORCH_ALLOC_CONF has expandable_segments:True")
+    assert check(["--model", "tiny", *GPU2, "--enable-cumem-allocator"]).exit_code == 0
+
+
+@pytest.mark.parametrize("cuda_conf", ["expandable_segments:False", ""])
+def test_pytorch_cuda_alloc_conf_set_hides_pytorch_alloc_conf(monkeypatch: pytest.MonkeyPatch, cuda_conf: str) -> None:
+    # torch reads only the first of PYTORCH_CUDA_ALLOC_CONF, PYTORCH_HIP_ALLOC_CONF, PYTORCH_ALLOC_CONF that is set
+    # (c10's AcceleratorAllocatorConfig), even to an empty value.
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", cuda_conf)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     assert check(["--model", "tiny", *GPU2]).exit_code == 0
 
 
