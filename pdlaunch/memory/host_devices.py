@@ -78,20 +78,19 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# Where torch reads its allocator settings from, in its order: only the first one set (even to an empty value) is
-# read (c10's AcceleratorAllocatorConfig::instance; PYTORCH_ALLOC_CONF is the newer name, torch 2.9+). Checked on
-# torch 2.13: with PYTORCH_CUDA_ALLOC_CONF set, PYTORCH_ALLOC_CONF is not read at all.
+# Where torch reads its allocator settings from. Which one wins when several are set changed between versions (torch
+# 2.13 reads only the first set of these, in this order, even an empty one; earlier sources read PYTORCH_ALLOC_CONF
+# first), and the GPU hosts' torch need not be the launcher's: any of them turning expandable_segments on counts.
 ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 def expandable_segments_variable() -> str | None:
     """The variable whose allocator settings turn on expandable_segments (it breaks RDMA registration, vLLM
-    #33540), None when torch will not turn it on from the environment."""
+    #33540), None when none of torch's allocator variables does (ALLOC_CONF_VARIABLES: whichever torch reads)."""
     for name in ALLOC_CONF_VARIABLES:
-        conf = os.environ.get(name)
-        if conf is not None:
-            on = any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
-            return name if on else None
+        conf = os.environ.get(name, "")
+        if any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(",")):
+            return name
     return None
 
 
