@@ -50,6 +50,7 @@ from pdlaunch.bench.report import (
 )
 from pdlaunch.bench.serve import frozen_heap, prepare_outputs, save_result
 from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
+from pdlaunch.bench.served_length import check_fits_served
 from pdlaunch.bench.workload import BenchRequest, arrival_times
 from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.errors import PdlaunchError
@@ -184,7 +185,9 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
                                                                   dict[str, float | None]]:
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
-        model = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        check_fits_served(cfg, served)
+        model = served.name
         rng = np.random.default_rng(cfg.seed)
         system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
         conversations = [_Conversation(cfg, _user_turns(cfg, rng), system_ids, system_text)

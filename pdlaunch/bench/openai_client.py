@@ -13,6 +13,7 @@ from pydantic import JsonValue
 
 from pdlaunch.bench.report import RequestResult
 from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.served_length import ServedModel, listed_max_model_len
 from pdlaunch.bench.workload import BenchRequest
 from pdlaunch.errors import PdlaunchError
 
@@ -146,8 +147,9 @@ async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: 
     return result
 
 
-async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str:
-    """Check the server answers, and pick the model: --model, else the first of GET /v1/models."""
+async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> ServedModel:
+    """Check the server answers, and pick the model: --model, else the first of GET /v1/models; with the
+    max_model_len the listing gives for it (served_length.py checks the workload against it)."""
     try:
         resp = await client.get(cfg.models_url, timeout=30.0)
     except httpx.ConnectError as exc:
@@ -168,17 +170,19 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str
             f"{cfg.models_url} gave no HTTP answer ({type(exc).__name__}: {exc})", field="--base-url",
             hint="is that the OpenAI server's port?",
         ) from None
-    if cfg.model:
-        return cfg.model
     try:
         listing = resp.json() if resp.status_code == 200 else {}
     except ValueError:
         listing = {}
-    models = listing.get("data") if isinstance(listing, dict) else None
-    first = models[0] if isinstance(models, list) and models else None
+    listed = listing.get("data") if isinstance(listing, dict) else None
+    models: list[object] = [*listed] if isinstance(listed, list) else []
+    if cfg.model:
+        entry = next((m for m in models if isinstance(m, dict) and m.get("id") == cfg.model), None)
+        return ServedModel(cfg.model, listed_max_model_len(entry))
+    first = models[0] if models else None
     if not isinstance(first, dict) or not first.get("id"):
         raise PdlaunchError(
             f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",
             hint="pass --model NAME",
         )
-    return str(first["id"])
+    return ServedModel(str(first["id"]), listed_max_model_len(first))

@@ -33,6 +33,7 @@ from pdlaunch.bench.report import (
     write_json,
 )
 from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.served_length import check_fits_served
 from pdlaunch.bench.workload import BenchRequest, arrival_times, sample_requests
 from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.config.rules.host import make_output_dir
@@ -85,7 +86,9 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        check_fits_served(cfg, served)
+        model = served.name
         rng = np.random.default_rng(cfg.seed)
         requests = sample_requests(cfg, cfg.num_prompts, rng)
         arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.burstiness, rng)

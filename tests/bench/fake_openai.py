@@ -2,7 +2,8 @@
 
 Streams one chunk per token (`max_tokens` of them) then a usage chunk, as vLLM does with
 stream_options.include_usage; answers /v1/completions and /v1/chat/completions. With
-`fail_every=k`, every k-th request (in arrival order) gets HTTP 500.
+`fail_every=k`, every k-th request (in arrival order) gets HTTP 500. With `max_model_len`, /v1/models lists it for
+the model, as pdlaunch's and vLLM's servers do.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from tests.helpers.ports import free_port
 MODEL = "fake-model"
 
 
-def make_app(seen: list[dict[str, Any]], fail_every: int = 0) -> FastAPI:
+def make_app(seen: list[dict[str, Any]], fail_every: int = 0, max_model_len: int | None = None) -> FastAPI:
     app = FastAPI()
     counter = itertools.count(1)
+    listed: dict[str, Any] = {"id": MODEL, "object": "model"}
+    if max_model_len is not None:
+        listed["max_model_len"] = max_model_len
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+        return {"object": "list", "data": [listed]}
 
     async def answer(request: Request, chat: bool) -> Any:
         body = await request.json()
@@ -65,11 +69,12 @@ def make_app(seen: list[dict[str, Any]], fail_every: int = 0) -> FastAPI:
 
 
 @contextmanager
-def fake_server(fail_every: int = 0, timeout_s: float = 20.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def fake_server(fail_every: int = 0, timeout_s: float = 20.0,
+                max_model_len: int | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Yields (base_url, request bodies seen); stops the server and joins its thread on exit."""
     seen: list[dict[str, Any]] = []
     port = free_port()
-    config = uvicorn.Config(make_app(seen, fail_every), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(make_app(seen, fail_every, max_model_len), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

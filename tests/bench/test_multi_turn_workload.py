@@ -21,6 +21,7 @@ from rich.console import Console
 from pdlaunch.bench import multi_turn
 from pdlaunch.bench.report import RequestResult
 from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.served_length import ServedModel
 from pdlaunch.bench.workload import BenchRequest, arrival_times
 
 DIGESTS = {
@@ -50,8 +51,8 @@ def _sent(monkeypatch: pytest.MonkeyPatch, cfg: ServeBenchConfig,
         on_choice({"index": 0, "text": f"a{seen}", "token_ids": [seen, seen + 1], "delta": {"content": f"a{seen}"}})
         return RequestResult(success=True, prompt_len=req.prompt_len, output_len=2, ttft=0.001, latency=0.002)
 
-    async def model(*_: object) -> str:
-        return "m"
+    async def model(*_: object) -> ServedModel:
+        return ServedModel("m")
 
     monkeypatch.setattr(multi_turn, "send_request", answer)
     monkeypatch.setattr(multi_turn, "resolve_model", model)
