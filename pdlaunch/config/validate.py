@@ -89,16 +89,25 @@ def cumem_problems(cfg: DeploymentConfig, device: str, cuda: bool) -> list[Probl
     if model.enable_sleep_mode:
         if not cuda:
             problems.append(problem("model.enable_sleep_mode", "sleep mode is not supported on current platform",
-                                    f"it needs CUDA (device is {device}); "
-                                    "drop --enable-sleep-mode or use --device cuda"))
+                                    _needs_cuda("--enable-sleep-mode", device)))
         elif not model.enable_cumem_allocator:
             _info_once(SLEEP_ENABLES_CUMEM)
             model.enable_cumem_allocator = True
     if model.enable_cumem_allocator and not cuda:
         problems.append(problem("model.enable_cumem_allocator", "cumem allocator is not supported on current platform",
-                                f"it needs CUDA (device is {device}); "
-                                "drop --enable-cumem-allocator or use --device cuda"))
+                                _needs_cuda("--enable-cumem-allocator", device)))
     return problems
+
+
+def _needs_cuda(flag: str, device: str) -> str:
+    """The fix for a CUDA-only setting refused here. Its device is cuda only where this machine has no usable CUDA
+    device: telling that user to `use --device cuda` (as examples/sleep-mode.yaml on a CPU machine was told) names
+    what they already have."""
+    if device == "cuda":
+        return (f"it needs CUDA, and this machine has no usable CUDA device (torch sees none, or the driver's "
+                f"libcuda.so.1 is missing); drop {flag}, or run on a CUDA host (`pdlaunch check-config --target-gpus N "
+                "--target-gpu-memory GIB` checks a GPU host's deployment from here)")
+    return f"it needs CUDA (device is {device}); drop {flag} or use --device cuda"
 
 
 def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:

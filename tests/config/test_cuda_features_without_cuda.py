@@ -1,0 +1,43 @@
+"""Sleep mode and the cumem allocator asked of a `device: cuda` deployment on a machine without a usable CUDA
+device: the problem says so, instead of telling the user (whose device is already cuda) to `use --device cuda`, as
+check-config of examples/sleep-mode.yaml on a CPU machine did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.memory.host_devices import is_cumem_allocator_available
+from tests.config.cli_helpers import assert_invalid, check
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+pytestmark = pytest.mark.skipif(is_cumem_allocator_available(), reason="this machine has CUDA: nothing is refused")
+
+
+def _lines(output: str, field: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(f"error: {field}:")]
+
+
+@pytest.mark.parametrize(("flag", "what"), [("--enable-sleep-mode", "sleep mode"),
+                                            ("--enable-cumem-allocator", "cumem allocator")])
+def test_device_cuda_without_cuda_names_the_machine_not_the_device(flag: str, what: str) -> None:
+    result = check(["--model", "tiny", "--device", "cuda", flag])
+    assert_invalid(result, flag, f"{what} is not supported on current platform")
+    line = _lines(result.output, flag)[0]
+    assert "use --device cuda" not in line, line
+    assert "this machine has no usable CUDA device" in line, line
+    assert f"drop {flag}" in line and "--target-gpus N --target-gpu-memory GIB" in line, line
+
+
+def test_the_sleep_mode_example_on_a_cpu_machine() -> None:
+    result = check([str(EXAMPLES / "sleep-mode.yaml")])
+    assert_invalid(result, "model.enable_sleep_mode", "this machine has no usable CUDA device")
+    assert "use --device cuda" not in result.output, result.output
+
+
+def test_device_cpu_still_points_at_cuda() -> None:
+    result = check(["--model", "tiny", "--device", "cpu", "--enable-sleep-mode"])
+    assert_invalid(result, "--enable-sleep-mode", "it needs CUDA (device is cpu); drop --enable-sleep-mode or use "
+                   "--device cuda")
