@@ -21,6 +21,10 @@ from pdlaunch.launcher.gpu_plan import check_node_gpus, cuda_pool, node_host, sh
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 
+# The proxy's port is fixed even where nothing sets it (8000), so a second deployment started with only its own
+# --log-dir meets the first one there: the fix names the flag, which the user may never have typed.
+PROXY_PORT_FIX = "pass another --port (the proxy's port, 8000 by default)"
+
 
 @dataclass
 class InstancePlan:
@@ -139,7 +143,7 @@ def plan_deployment(cfg: DeploymentConfig, reservations: PortReservations | None
     if me == 0:
         proxy_alloc = ports.on(cfg.proxy.host)
         proxy_port = (proxy_alloc.free("proxy") if cfg.proxy.port == 0
-                      else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
+                      else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy", fix=PROXY_PORT_FIX))
     gpus = cuda_pool(cfg, device)
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []

@@ -28,9 +28,9 @@ class PortAllocator:
         self.taken: set[int] = set()
         self.reservations = reservations  # None: a plan only looked at (tests), nothing held for a run
 
-    def claim(self, port: int, field: str, what: str) -> int:
+    def claim(self, port: int, field: str, what: str, fix: str = "give this deployment other ports") -> int:
         """A configured port: it must be free now and held by no other launcher. `field` is the config path
-        that set it."""
+        that set it; `fix` says how to give this deployment another (where another launcher holds it)."""
         in_use = PdlaunchError(f"port {port} ({what}) on {self.host} is already in use", field=field,
                                hint="stop what uses it or choose another port")
         if port in self.taken:  # by another process of this deployment
@@ -39,7 +39,7 @@ class PortAllocator:
         if holder is not None:
             raise PdlaunchError(f"port {port} ({what}) on {self.host} belongs to another pdlaunch deployment on this "
                                 f"host, starting or running ({holder})", field=field,
-                                hint="give this deployment other ports, or stop that one first")
+                                hint=f"{fix}, or stop that one first")
         try:
             free = port_is_free(self.host, port)
         except PdlaunchError as exc:
