@@ -56,7 +56,9 @@ def test_chat_prompts_are_counted_in_words_as_a_lower_bound() -> None:
                         "--random-input-len", "60", "--random-output-len", "8")
     assert result.exit_code == 1, result.output
     assert seen == []
-    assert "need at least 68 tokens" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "need at least 68 tokens" in text
+    assert "pass --random-input-len below 56 (a word is a token or more, and a chat template adds its own)" in text
 
 
 def test_a_multi_turn_conversation_is_counted_at_its_last_turn() -> None:
