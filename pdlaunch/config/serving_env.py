@@ -139,7 +139,8 @@ MC_TRANSFER_SECONDS_PER_BYTE = 1e-9
 _C_INT_MAX = 2**31 - 1
 _C_SPACE = "[ \t\n\v\f\r]*"  # what strtol skips before the number (C's isspace)
 _STRTOL_PREFIX = re.compile(_C_SPACE + "([+-]?[0-9]+)")
-_WHOLE_SECONDS = re.compile(_C_SPACE + "[0-9]+" + _C_SPACE)
+# A value Mooncake reads as the number it shows: strtol takes a leading + as it does the digits (`+40` is 40 s)
+_WHOLE_SECONDS = re.compile(_C_SPACE + "[+]?[0-9]+" + _C_SPACE)
 
 
 def mooncake_transfer_timeout(env: Mapping[str, str]) -> int:

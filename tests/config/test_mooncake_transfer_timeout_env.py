@@ -46,7 +46,8 @@ def test_serve_refuses_it_before_anything_starts(monkeypatch: pytest.MonkeyPatch
     assert _line(served.output, "120s").startswith(f"error: {VARIABLE}: '120s' is not a whole number of seconds")
 
 
-@pytest.mark.parametrize("value", ["5", "30", "300", " 120 ", "2147483647"])
+# "+40": strtol takes the sign, and Mooncake reads 40 (tests/kv_transfer/test_mooncake_release_wait.py READINGS)
+@pytest.mark.parametrize("value", ["5", "30", "300", " 120 ", "2147483647", "+40", "030"])
 def test_a_whole_number_of_seconds_mooncake_takes_as_it_is_passes(monkeypatch: pytest.MonkeyPatch,
                                                                   value: str) -> None:
     monkeypatch.setenv(VARIABLE, value)
