@@ -153,11 +153,21 @@ def mooncake_transfer_timeout(env: Mapping[str, str]) -> int:
     raw = env.get(MC_TRANSFER_TIMEOUT_ENV)
     if raw is None:
         return MC_TRANSFER_TIMEOUT_DEFAULT_S
-    digits = _STRTOL_PREFIX.match(raw)
-    value = int(digits.group(1)) if digits else 0
-    value = max(-(2**63), min(value, 2**63 - 1))  # strtol stops at the range of a long
-    value = (value + 2**31) % 2**32 - 2**31  # which is then cut to an int
+    value = (_strtol(raw) + 2**31) % 2**32 - 2**31  # the long strtol returns, cut to an int
     return max(MC_TRANSFER_TIMEOUT_MIN_S, value)
+
+
+def _strtol(text: str) -> int:
+    """strtol(text, NULL, 10): the leading digits (0 when there are none), stopped at the range of a long. Of a
+    number past that range only its first 20 significant digits are converted: enough to place it past the range,
+    and int() refuses a string of more than 4300 digits (ValueError) where strtol reads it."""
+    digits = _STRTOL_PREFIX.match(text)
+    if digits is None:
+        return 0
+    number = digits.group(1)
+    sign = "-" if number.startswith("-") else ""
+    value = int(sign + (number.lstrip("+-").lstrip("0")[:20] or "0"))
+    return max(-(2**63), min(value, 2**63 - 1))
 
 
 def mooncake_env_problems(env: Mapping[str, str], cfg: DeploymentConfig | None) -> list[Problem]:
@@ -167,7 +177,7 @@ def mooncake_env_problems(env: Mapping[str, str], cfg: DeploymentConfig | None) 
     raw = env.get(MC_TRANSFER_TIMEOUT_ENV)
     if raw is None or cfg is None or cfg.colocated or cfg.kv_transfer.connector != "mooncake":
         return []
-    if _WHOLE_SECONDS.fullmatch(raw) and MC_TRANSFER_TIMEOUT_MIN_S <= int(raw) <= _C_INT_MAX:
+    if _WHOLE_SECONDS.fullmatch(raw) and MC_TRANSFER_TIMEOUT_MIN_S <= _strtol(raw) <= _C_INT_MAX:
         return []
     return [problem(MC_TRANSFER_TIMEOUT_ENV,
                     f"{raw!r} is not a whole number of seconds from {MC_TRANSFER_TIMEOUT_MIN_S} to {_C_INT_MAX}: "

@@ -37,6 +37,20 @@ def test_check_config_refuses_a_timeout_mooncake_reads_otherwise(monkeypatch: py
     assert "set it to a whole number of seconds, e.g. 30 (Mooncake's default when it is unset), or unset it" in line
 
 
+def test_more_digits_than_python_converts_are_read_as_mooncake_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's int() refuses a string of more than 4300 digits (ValueError, a traceback of check-config), where
+    strtol reads it: nines stop at LONG_MAX, which Mooncake cuts to the int -1 (5 s); zeros before 45 are 45 s."""
+    monkeypatch.setenv(VARIABLE, "9" * 5000)
+    result = check(MOONCAKE)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    text = " ".join(result.output.split())
+    assert f"error: {VARIABLE}: '{'9' * 20}" in text, text[:500]
+    assert "Mooncake's transfer engine would read it as 5 s" in text, text[-500:]
+    monkeypatch.setenv(VARIABLE, "0" * 5000 + "45")
+    result = check(MOONCAKE)
+    assert result.exit_code == 0 and VARIABLE not in result.output, result.output[-500:]
+
+
 def test_serve_refuses_it_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[object] = []
     monkeypatch.setattr("pdlaunch.launcher.backends.run_deployment", lambda cfg: started.append(cfg) or 0)

@@ -18,6 +18,8 @@ READINGS: dict[str | None, int] = {
     "1e3": 5, "": 5, "abc": 5, "nan": 5, "inf": 5, "-5": 5, "0": 5, "3": 5, "0x100": 5,
     "4294967396": 100,  # 2**32 + 100: the long strtol returns is cut to a C int
     "2147483648": 5,  # 2**31: a negative int
+    # More digits than Python's int() converts (4300): strtol stops at LONG_MAX (cut to the int -1) or LONG_MIN (0)
+    "9" * 5000: 5, "-" + "9" * 5000: 5, "0" * 5000 + "45": 45,
 }
 
 
