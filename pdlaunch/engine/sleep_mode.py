@@ -59,7 +59,9 @@ class SleepableEngine(Protocol):
 class EngineSleep:
     def __init__(self, engine: SleepableEngine) -> None:
         self.engine = engine
-        self.controller = MemorySleep(self._backend(), reload_weights=self._reload_weights)
+        self._reloaded = False  # this wake-up reloaded the weights (level 2): the connector is told in _after_wake
+        self.backend = self._backend()
+        self.controller = MemorySleep(self.backend, reload_weights=self._reload_weights)
         self.controller.add_before_sleep_hook(self._before_sleep)
         self.controller.add_after_wake_hook(self._after_wake)
 
@@ -142,6 +144,11 @@ class EngineSleep:
                     cache.zero_()
             if engine.connector is not None:
                 engine.connector.register_kv_caches(engine.kv_cache_spec())
+        elif self._reloaded and engine.connector is not None and "kv_cache" not in self.backend.asleep_tags():
+            # the KV cache was woken (and registered, under the old weights) in an earlier call; one woken later is
+            # registered then, with the new weights
+            engine.connector.weights_reloaded(engine.kv_cache_spec())
+        self._reloaded = False
 
     def _reload_weights(self) -> None:
         runner = self.engine.runner
@@ -152,6 +159,7 @@ class EngineSleep:
         try:
             _copy_weights(fresh, runner.model)  # a function of its own: no loop variable here keeps a tensor of it
             runner.weights_version += 1  # the checkpoint's files may hold other weights than at start
+            self._reloaded = True  # _after_wake tells the connector (KVConnector.weights_reloaded)
         finally:
             # Each parameter's weight_loader holds its module, and so the parameter: only a cyclic collection frees
             # the copy, and an automatic one of the old generation, where the copy is by now, may be long in coming.

@@ -169,6 +169,11 @@ class KVConnector(ABC):
         memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called
         again after the wake-up, creates it anew. Raising refuses the sleep before anything is freed."""
 
+    def weights_reloaded(self, spec: KVCacheSpec) -> None:  # noqa: B027 - only the storage connector keys by weights
+        """A level-2 wake-up reloaded the weights from the checkpoint (`spec.weights_version` grew) after the KV
+        cache was woken and registered in an earlier call: the KV memory is the same, the weights may be new. A
+        connector that keys what it keeps by the weights (the storage connector) takes the new ones' key."""
+
     def info(self) -> ConnectorInfo:
         """What /info shows about the connector (transfer mode and why, agent names...)."""
         return {}

@@ -87,6 +87,9 @@ class StorageConnector(KVConnector):
                                   field="kv_transfer.storage_path", hint="point it at a writable directory") from e
         self.spec = spec
 
+    def weights_reloaded(self, spec: KVCacheSpec) -> None:
+        self.register_kv_caches(spec)  # the store of the weights reloaded (a KV cache woken first kept the old key)
+
     def _weights_digest(self, spec: KVCacheSpec) -> str:
         """The digest of the weights the model holds, read from its files when they were loaded (at the first
         registration, and again after a level-2 wake-up reloaded them: the files may hold new weights by then); a

@@ -118,14 +118,17 @@ def test_level2_wake_frees_the_reloaded_copy_at_once(llama_ckpt, make_engine: Ma
 
 
 
-@pytest.mark.parametrize("level", [1, 2])
-def test_stored_kv_is_keyed_by_the_weights_the_model_holds_after_a_wake(level: int, tmp_path: Path,
+@pytest.mark.parametrize(("level", "wakes"), [(1, [None]), (2, [None]), (2, [["kv_cache"], ["weights"]]),
+                                             (2, [["weights"], ["kv_cache"]])])
+def test_stored_kv_is_keyed_by_the_weights_the_model_holds_after_a_wake(level: int, wakes: list[list[str] | None],
+                                                                        tmp_path: Path,
                                                                         make_engine: MakeEngine) -> None:
     """The storage connector keys its files by a digest of the weights (model/weights_digest.py). A level-2 wake
     reloads them from the checkpoint directory, which may hold new ones by then (an RL trainer writes them there
     while the instance sleeps): the key must become the new weights', or the prefill stores KV of the new weights
     where KV of the old ones lies, and decodes of either load the other's. A level-1 wake keeps the weights it
-    backed up, and so their key, whatever the files hold now."""
+    backed up, and so their key, whatever the files hold now. Woken a part at a time, the KV cache first, the key
+    follows the weights woken (reloaded) after it."""
     checkpoint = make_llama(tmp_path / "ckpt", seed=0)
     config = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(
         connector="storage", storage_path=str(tmp_path / "kv"))))
@@ -135,7 +138,8 @@ def test_stored_kv_is_keyed_by_the_weights_the_model_holds_after_a_wake(level: i
     first = connector.root
     engine.sleep(level)
     make_llama(checkpoint, seed=1)  # new weights written over the old ones in place
-    engine.wake_up()
+    for tags in wakes:
+        engine.wake_up(tags)
     # an instance started on the files as they are now keys its store by their digest
     fresh = StorageConnector(config, InstanceSpec(role="prefill", port=2, engine_id="prefill-1"))
     fresh.register_kv_caches(make_engine(checkpoint).kv_cache_spec())
