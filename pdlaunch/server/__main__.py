@@ -47,9 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+MIN_PENDING_REQUESTS = 256
+PENDING_PER_SEQ = 8  # a few batches' worth
+
+
 def max_pending_requests(config: DeploymentConfig) -> int:
     """Requests an instance queues before answering 503: a few batches' worth."""
-    return max(256, 8 * config.scheduler.max_num_seqs)
+    return max(MIN_PENDING_REQUESTS, PENDING_PER_SEQ * config.scheduler.max_num_seqs)
+
+
+def pending_limit_source(config: DeploymentConfig) -> str:
+    """What sets max_pending_requests, as the 503 past it says: the setting to raise, as a user writes it."""
+    return (f"{PENDING_PER_SEQ} x scheduler.max_num_seqs ({config.scheduler.max_num_seqs}), at least "
+            f"{MIN_PENDING_REQUESTS}: raise `max_num_seqs` under `scheduler:` in the config YAML or `--max-num-seqs` "
+            "of `pdlaunch serve` (it also lets a batch grow), or add instances of this role")
 
 
 def server_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
@@ -94,7 +105,8 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
             name_error(exc, flags)
             raise
 
-    engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal)
+    engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal,
+                             pending_limit_source=pending_limit_source(config))
     app = build_app(engine_loop, config, spec)
     server = uvicorn.Server(server_config(app, spec.host, spec.port))
     if on_server is not None:

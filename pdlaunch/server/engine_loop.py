@@ -49,9 +49,11 @@ class EngineLoop(EngineThread):
         quiescent_wait_s: float = 0.5,
         on_fatal: Callable[[str], None] | None = None,
         blocked_wait_s: float = BLOCKED_WAIT_S,
+        pending_limit_source: str | None = None,
     ) -> None:
         super().__init__(engine_factory, idle_wait_s, quiescent_wait_s, on_fatal, blocked_wait_s)
         self.max_pending_requests = max_pending_requests
+        self.pending_limit_source = pending_limit_source  # what sets the limit, how to raise it: the 503 says it
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
         self._grammars = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # off the engine thread
 
@@ -111,9 +113,7 @@ class EngineLoop(EngineThread):
             if request_id in self._streams:
                 raise OpenAIError(409, f"request id {request_id!r} is already in flight", param="X-Request-Id")
             if len(self._streams) >= self.max_pending_requests:
-                raise OpenAIError(
-                    503, f"server overloaded: {len(self._streams)} requests pending "
-                    f"(limit {self.max_pending_requests}); retry later", code="overloaded")
+                raise OpenAIError(503, self._overloaded_message(), code="overloaded")
             self._streams[request_id] = stream
             self._adds.add(add)
         spec = params.structured_output
@@ -129,6 +129,12 @@ class EngineLoop(EngineThread):
             raise OpenAIError(503, "the server is stopping", code="shutting_down") from None
         add.matcher.add_done_callback(lambda _: self._commands.put(add))  # queued once its grammar is built
         return stream
+
+    def _overloaded_message(self) -> str:
+        source = f" ({self.pending_limit_source})" if self.pending_limit_source else ""
+        return (f"server overloaded: {len(self._streams)} requests pending, this instance's limit of "
+                f"{self.max_pending_requests}{source}; retry with backoff (a longer wait after each 503) or send fewer "
+                "requests at once")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client went away); its blocks are freed by the engine."""
