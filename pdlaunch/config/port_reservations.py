@@ -16,7 +16,9 @@ A port is held per address, as TCP binds it: two nodes of a multi-node test on o
 hold the same numbers. A wildcard address (0.0.0.0, ::) takes the port on every address, so its name and the
 port's names on other addresses exclude each other: a launcher holds its name, then looks for the other kind
 (the wildcards' names, or every name of the port that /proc/net/unix lists) and lets go when one is held. Of two
-launchers doing so at once, the later to look sees the other: never both keep the port.
+launchers doing so at once, the later to look sees the other: never both keep the port. An IP address is named in
+its one canonical spelling (ipaddress's: `::0` and `0:0:0:0:0:0:0:0` are `::`, `0:0::1` is `::1`), so every
+spelling of one address shares its name, and every spelling of a wildcard is one.
 
 The holder listens on its names only so that a refused launcher can learn who holds one (SO_PEERCRED gives the
 listener's pid); it never accepts. Linux only: elsewhere nothing is held and the bind test stays the only check.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -42,10 +45,28 @@ WILDCARD_HOSTS = ("0.0.0.0", "::")  # a server bound there holds the port on eve
 SUPPORTED = sys.platform.startswith("linux")
 
 
+def _canonical(host: str) -> str:
+    """`host` as its reservation is named: an IP address in ipaddress's spelling (`0:0:0:0:0:0:0:1` is `::1`), a
+    host name in lower case (DNS names are case-insensitive)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def _is_wildcard(host: str) -> bool:
+    """Whether a server bound at `host` holds the port on every address: 0.0.0.0 or ::, however written."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _name(host: str, port: int) -> bytes:
-    key = f"{_PREFIX}{host.lower()}:{port}"
+    host = _canonical(host)
+    key = f"{_PREFIX}{host}:{port}"
     if len(key) > _NAME_MAX:  # a long host name: its digest keeps the key unique and short
-        key = f"{_PREFIX}{hashlib.sha256(host.lower().encode()).hexdigest()[:32]}:{port}"
+        key = f"{_PREFIX}{hashlib.sha256(host.encode()).hexdigest()[:32]}:{port}"
     return b"\0" + key.encode()
 
 
@@ -65,7 +86,7 @@ def _overlapping(host: str, port: int) -> list[bytes]:
     """The names of `port` on the addresses whose servers `host`'s would collide with: every other address for a
     wildcard (IPv4 and IPv6 alike: an address of the other family is refused too, rarely needed), else the
     wildcards."""
-    if host in WILDCARD_HOSTS:
+    if _is_wildcard(host):
         return sorted(_names_of_port(port) - {_name(host, port)})
     return [_name(wildcard, port) for wildcard in WILDCARD_HOSTS]
 
@@ -115,6 +136,7 @@ class PortReservations:
 
     def reserve(self, host: str, port: int) -> str | None:
         """Hold host:port. None when it is held now (by us, or nothing can be held here); else who holds it."""
+        host = _canonical(host)  # held under its name's spelling: another spelling of it is the same port
         if not SUPPORTED or (host, port) in self._held:
             return None
         for _ in range(2):  # once more when the holder let go between our bind and our question
@@ -157,7 +179,7 @@ class PortReservations:
                            "started at once may pick the same port", exc.strerror or exc)
 
     def release_port(self, host: str, port: int) -> None:
-        sock = self._held.pop((host, port), None)
+        sock = self._held.pop((_canonical(host), port), None)
         if sock is not None:
             sock.close()
 

@@ -155,3 +155,39 @@ def test_a_port_held_on_every_address_and_on_one_are_one_port(theirs: str, mine:
     finally:
         proc.kill()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("first,second", [("::", "::0"), ("::0", "0:0:0:0:0:0:0:0"), ("::1", "0:0:0:0:0:0:0:1"),
+                                          ("LocalHost", "localhost")])
+def test_spellings_of_one_address_are_one_reservation(first: str, second: str) -> None:
+    """`::0` and `0:0:0:0:0:0:0:0` are `::` as a bind takes them (and a host name's case does not matter): held under
+    another name, a second launcher's claim of the port found it free, and one of the two servers failed on 'address
+    already in use'; a launcher holding a port under one spelling refused it to itself under another."""
+    port = PortAllocator(HOST).free("both deployments' proxy")
+    theirs, mine = PortReservations(), PortReservations()
+    try:
+        assert theirs.reserve(first, port) is None
+        assert (reservation_holder(second, port) or "").startswith("pid ")
+        assert mine.reserve(second, port) is not None and mine.held == []
+        assert theirs.reserve(second, port) is None and len(theirs.held) == 1  # ours already, under one name
+        theirs.release_port(second, port)
+        assert theirs.held == [] and reservation_holder(first, port) is None
+    finally:
+        theirs.release()
+        mine.release()
+
+
+@pytest.mark.parametrize("wildcard", ["::0", "0:0:0:0:0:0:0:0", "0::"])
+def test_a_wildcard_however_written_overlaps_every_address(wildcard: str) -> None:
+    """Any spelling of :: takes the port on every address, as `::` does: a port held there and one held on
+    127.0.0.1 exclude each other, in either order."""
+    port = PortAllocator(HOST).free("both deployments' proxy")
+    for theirs_host, mine_host in ((wildcard, HOST), (HOST, wildcard)):
+        theirs, mine = PortReservations(), PortReservations()
+        try:
+            assert theirs.reserve(theirs_host, port) is None
+            assert (reservation_holder(mine_host, port) or "").startswith("pid "), (theirs_host, mine_host)
+            assert mine.reserve(mine_host, port) is not None and mine.held == [], (theirs_host, mine_host)
+        finally:
+            theirs.release()
+            mine.release()
