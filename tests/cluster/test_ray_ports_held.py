@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 from rich.console import Console
 
@@ -155,3 +156,27 @@ def test_a_failure_before_the_first_placement_gives_the_ports_back(tmp_path: Pat
     assert planned.proxy_port is not None
     assert_released([(planned.proxy_host, planned.proxy_port),
                      *((i.spec.host, i.spec.port) for i in planned.instances)])
+
+
+def test_a_failure_after_the_http_clients_are_made_closes_them(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure late in RayDeployment.__init__ (here the proxy's supervisor; in a run, a stop signal) closes the
+    HTTP clients it had made (its /health checks, the stall watch's probes), as it gives the ports back: stop() never
+    runs for it."""
+    clients: list[httpx.Client] = []
+    real_client = httpx.Client
+
+    def client(**kwargs: object) -> httpx.Client:
+        clients.append(real_client(**kwargs))  # type: ignore[arg-type]
+        return clients[-1]
+
+    def proxy(*args: object) -> object:
+        raise KeyboardInterrupt  # what a stop signal raises in the launcher
+
+    monkeypatch.setattr(ray_deployment, "connect", lambda cfg: FakeRay())
+    monkeypatch.setattr(ray_deployment, "live_nodes", lambda ray_module: NODES)
+    monkeypatch.setattr(ray_deployment.httpx, "Client", client)
+    monkeypatch.setattr(ray_deployment, "RayProxy", proxy)
+    with pytest.raises(KeyboardInterrupt):
+        RayDeployment(ray_cfg(tmp_path), Console(file=io.StringIO()))
+    assert len(clients) == 2 and all(c.is_closed for c in clients), [c.is_closed for c in clients]

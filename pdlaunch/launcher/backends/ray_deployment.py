@@ -51,9 +51,13 @@ class RayDeployment:
         self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console
         self.log_dir = Path(cfg.log_dir).resolve()
-        # The plan's ports are held from here until stop() (the module's docstring says which); a failure before
-        # stop() is reachable gives them back here, not when the half-made deployment is collected.
+        # The plan's ports are held from here until stop() (the module's docstring says which), and the HTTP clients
+        # (/health here and on the stall watch's thread) open until then; a failure before stop() is reachable gives
+        # them back here, not when the half-made deployment is collected.
         self.reservations = PortReservations()
+        self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
+        # ready instances and the proxy alive but not answering /health
+        self.stalls = RayStalls(cfg, lambda text: self.say(text))
         try:
             self.plan = plan_deployment(cfg, self.reservations)
             self.policy = RestartPolicy.from_config(cfg.supervision)
@@ -69,9 +73,6 @@ class RayDeployment:
             groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
             self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
             self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
-            self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
-            # ready instances and the proxy alive but not answering /health
-            self.stalls = RayStalls(cfg, lambda text: self.say(text))
             self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
             self._lock = LogDirLock(self.log_dir)
             self._stopped = False
@@ -79,6 +80,8 @@ class RayDeployment:
             self.forget_timeout_s = FORGET_TIMEOUT_S
             self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before placing it
         except BaseException:  # a stop signal raised here too (ray.py `_connected`)
+            self.stalls.stop()  # its probe thread is not started yet: this only closes its client
+            self._http.close()
             self.reservations.release()
             raise
 
