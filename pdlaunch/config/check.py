@@ -107,8 +107,11 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
         memory.add_column(column)
     on_nodes = checked_on_nodes(cfg, target)
     gpu_bytes = None if on_nodes else gpu_memory_bytes(cfg.device, target)
+    # A cuda config on a machine without a GPU (the problems below say so): its budget is a GPU host's, not the
+    # CPU KV cache's, which it does not use; --target-gpus/--target-gpu-memory give one to size it by.
     budget = (f"{device_budget_bytes(cfg, gpu_bytes) / GIB:.2f}" if gpu_bytes is not None
               else "each node's GPU" if on_nodes and cfg.device == "cuda"
+              else "unknown: no GPU here" if cfg.device == "cuda"
               else f"{cfg.cache.num_gpu_blocks} blocks (cpu kv)" if cfg.cache.num_gpu_blocks is not None
               else f"{cfg.cache.cpu_kv_cache_gb:g} (cpu kv)")
     for est in estimate(cfg, info):

@@ -41,3 +41,15 @@ def test_device_cpu_still_points_at_cuda() -> None:
     result = check(["--model", "tiny", "--device", "cpu", "--enable-sleep-mode"])
     assert_invalid(result, "--enable-sleep-mode", "it needs CUDA (device is cpu); drop --enable-sleep-mode or use "
                    "--device cuda")
+
+
+@pytest.mark.parametrize("cache", [[], ["--num-gpu-blocks", "128"]])
+def test_the_memory_budget_of_a_cuda_config_is_unknown_here_not_the_cpu_kv_cache(cache: list[str]) -> None:
+    """The memory table's budget of a `device: cuda` config checked without a GPU read "1 (cpu kv)" (the CPU KV
+    cache's size, which a cuda instance does not use) or "128 blocks (cpu kv)"; it is a GPU host's, unknown here."""
+    result = check(["--model", "tiny", "--device", "cuda", *cache])
+    rows = [line for line in result.output.splitlines() if line.count("│") == 7]  # the memory table's 6 columns
+    assert len(rows) == 2 and all(row.rstrip(" │").endswith("unknown: no GPU here") for row in rows), result.output
+    assert "cpu kv" not in result.output, result.output
+    target = check(["--model", "tiny", "--device", "cuda", *cache, "--target-gpus", "2", "--target-gpu-memory", "80"])
+    assert target.exit_code == 0 and "72.00" in target.output, target.output  # 0.9 x 80 GiB
