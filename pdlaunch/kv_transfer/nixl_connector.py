@@ -11,6 +11,7 @@ The Mooncake connector (mooncake/connector.py) is the same two classes with anot
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from typing import Literal
@@ -50,18 +51,22 @@ def bind_ucx_to_loopback(side_channel_host: str) -> None:
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
-def staging_wait_hint(agent: TransferAgent, transfer_timeout: float, title: str) -> str:
-    """How long the transfers holding staging slots may still hold them (a refused sleep's hint). A load's
-    slots go back by its deadline (kv_transfer.transfer_timeout_seconds) plus DRAIN_GRACE_SECONDS (a READ
-    ending, a chunk's drain), a prefill's by its ticket's or push's deadline; a transport that cannot cancel
-    a running transfer adds its release_wait_seconds (Mooncake: past MC_TRANSFER_TIMEOUT, which ends it)."""
-    grace = DRAIN_GRACE_SECONDS + (0.0 if agent.release_cancels else agent.release_wait_seconds)
+def staging_wait_hint(agent: TransferAgent, transfer_timeout: float, title: str, num_bytes: int) -> str:
+    """How long the transfers holding staging slots (`num_bytes` of them) may still hold them (a refused sleep's
+    hint). A load's slots go back by its deadline (kv_transfer.transfer_timeout_seconds) plus DRAIN_GRACE_SECONDS
+    (a READ ending, a chunk's drain), a prefill's by its ticket's or push's deadline; a transport that cannot cancel
+    a running transfer adds its release_wait_seconds and its per-byte part for the bytes in those slots, which bound
+    what any one transfer through them moves (Mooncake: past MC_TRANSFER_TIMEOUT plus 1 s per GB, which ends it)."""
+    grace = DRAIN_GRACE_SECONDS
+    if not agent.release_cancels:  # whole seconds, rounded up: the per-byte part is a fraction of one for 1 GiB
+        grace = math.ceil(grace + agent.release_wait_seconds + num_bytes * agent.release_wait_seconds_per_byte)
     hint = (f"sleep once the KV transfers using them have ended: within {transfer_timeout + grace:g}s "
             f"(kv_transfer.transfer_timeout_seconds + {grace:g}s)")
     if agent.release_cancels:
         return hint
     return (f"{hint}; {title} cannot cancel a READ or WRITE that runs, which keeps its slots until it ends (at the "
-            "latest at Mooncake's transfer timeout, MC_TRANSFER_TIMEOUT)")
+            "latest at Mooncake's transfer timeout: MC_TRANSFER_TIMEOUT, plus 1 s per GB the transfer moves, here "
+            f"at most the {num_bytes / 1e9:.2g} GB of the slots in use)")
 
 
 AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
@@ -218,7 +223,8 @@ class NixlConnector(KVConnector):
                 f"{in_use} of {staging.num_slots} KV staging slots are in use by "
                 + (f"request(s) {', '.join(sorted(users))}" if users else "a transfer that is ending"),
                 field="sleep",
-                hint=staging_wait_hint(self.agent, self.kv.transfer_timeout_seconds, self.title),
+                hint=staging_wait_hint(self.agent, self.kv.transfer_timeout_seconds, self.title,
+                                       staging.nbytes * in_use // staging.num_slots),
             )
         self._forget_peers(self.kv_epoch)
         if staging is None:
