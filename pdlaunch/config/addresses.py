@@ -29,6 +29,17 @@ _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 HOST_FIX = "use an IP address (127.0.0.1 this machine only, 0.0.0.0 every interface) or a host name like node1.example"
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether a server bound at `host` takes its port on every address of the machine: 0.0.0.0 or ::, however
+    written (`::0`, `0:0:0:0:0:0:0:0`), or empty (uvicorn's and the socket module's every-interface)."""
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def host_syntax_error(value: str) -> str | None:
     """Why `value` is neither an IP literal nor a host name, or None when it is one."""
     try:

@@ -35,6 +35,8 @@ import struct
 import sys
 from pathlib import Path
 
+from pdlaunch.config.addresses import is_wildcard
+
 logger = logging.getLogger(__name__)
 
 _NAME_MAX = 100  # an abstract name has at most 107 bytes after its NUL
@@ -52,14 +54,6 @@ def _canonical(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host.lower()
-
-
-def _is_wildcard(host: str) -> bool:
-    """Whether a server bound at `host` holds the port on every address: 0.0.0.0 or ::, however written."""
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
 
 
 def _name(host: str, port: int) -> bytes:
@@ -86,7 +80,7 @@ def _overlapping(host: str, port: int) -> list[bytes]:
     """The names of `port` on the addresses whose servers `host`'s would collide with: every other address for a
     wildcard (IPv4 and IPv6 alike: an address of the other family is refused too, rarely needed), else the
     wildcards."""
-    if _is_wildcard(host):
+    if is_wildcard(host):
         return sorted(_names_of_port(port) - {_name(host, port)})
     return [_name(wildcard, port) for wildcard in WILDCARD_HOSTS]
 

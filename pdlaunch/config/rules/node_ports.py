@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdlaunch.config.addresses import probe_ports
+from pdlaunch.config.addresses import is_wildcard, probe_ports
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.resources import PortRange, port_plan
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
 from pdlaunch.errors import PdlaunchError
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _SHOWN = 5  # ports named per message; the rest are counted
 
 
@@ -58,7 +57,8 @@ def probed_nodes(cfg: DeploymentConfig) -> list[int]:
 
 def _probe_host(cfg: DeploymentConfig, used: PortRange) -> str:
     """Where a range's ports are reached: the node's address, or the proxy's own address when it binds one."""
-    if used.field == "proxy.port" and cfg.proxy.host not in WILDCARD_HOSTS + LOOPBACK_HOSTS:
+    if used.field == "proxy.port" and not is_wildcard(cfg.proxy.host) \
+            and cfg.proxy.host not in LOOPBACK_HOSTS:
         return cfg.proxy.host
     return cfg.parallel.nodes[used.node].address
 
