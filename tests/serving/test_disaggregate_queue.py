@@ -31,6 +31,7 @@ from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, DECODE_ONLY, PD, SPILLED, Disaggregation
 from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.helpers.ports import free_port
 from tests.serving.helpers import ThreadServer, wait_for
 
 QUEUE = 20  # disaggregate_max_queue_tokens
@@ -225,7 +226,8 @@ def test_the_launcher_passes_a_load_rule_and_the_proxy_refuses_it_alone(
         field: str, value: float, refusals: list[tuple[list[str], str]], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     cfg = DeploymentConfig.model_validate({
-        "model": {"path": "tiny"}, "device": "cpu", "proxy": {"disaggregate_min_tokens": 64, field: value}})
+        "model": {"path": "tiny"}, "device": "cpu",
+        "proxy": {"port": free_port(), "disaggregate_min_tokens": 64, field: value}})
     args = parse_args(Deployment(cfg, log_dir=tmp_path)._proxy_argv()[3:])  # noqa: SLF001
     assert (args.disaggregate_min_tokens, getattr(args, field)) == (64, value)
     base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--tokenizer", "tiny"]
