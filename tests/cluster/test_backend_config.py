@@ -107,3 +107,18 @@ def test_smoke_refuses_the_slurm_backend(scontrol: Path, monkeypatch: pytest.Mon
     result = invoke(["smoke", "--model", "tiny", "--device", "cpu", "--backend", "slurm", "--port",
                      str(free_port())])
     assert result.exit_code == 1 and "smoke runs its deployment on this machine" in result.output
+
+
+def test_a_group_on_a_node_past_the_allocation_says_how_many_nodes_to_allocate(
+        scontrol: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nodes under --backend slurm are the allocation's, not a parallel.nodes the user wrote: a one-node
+    `salloc`/`sbatch` for the two-node example said only `use an index into parallel.nodes`, a list it has none of."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07")
+    example = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "pd-1p1d.yaml"
+    result = check([str(example), "--model", "tiny", "--device", "cpu", "--port", str(free_port())])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "instances[1].node: node 1 is not in the SLURM allocation, which has 1 node" in text, text
+    assert "allocate 2 nodes (sbatch/salloc --nodes 2)" in text, text
+    assert "or set node: 0" in text and "parallel.nodes" not in text, text

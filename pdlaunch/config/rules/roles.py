@@ -134,8 +134,16 @@ def node_problems(cfg: DeploymentConfig) -> list[Problem]:
     if cfg.parallel.node_rank >= n_nodes:
         problems.append(problem("parallel.node_rank", f"{cfg.parallel.node_rank} is not below the node count {n_nodes}",
                                 f"use --node-rank 0..{n_nodes - 1}, or list the nodes under parallel.nodes"))
+    needed = 1 + max((group.node for group in cfg.instances), default=0)
     for i, group in enumerate(cfg.instances):
-        if group.node >= n_nodes:
+        if group.node < n_nodes:
+            continue
+        if cfg.launcher.backend == "slurm":  # the nodes are the allocation's: the user wrote no parallel.nodes
+            plural = "node" if n_nodes == 1 else "nodes"
+            problems.append(problem(f"instances[{i}].node", f"node {group.node} is not in the SLURM allocation, "
+                                    f"which has {n_nodes} {plural}", f"allocate {needed} nodes (sbatch/salloc "
+                                    f"--nodes {needed}), or set node: {'0' if n_nodes == 1 else f'0..{n_nodes - 1}'}"))
+        else:
             problems.append(problem(f"instances[{i}].node", f"node {group.node} does not exist ({n_nodes} node(s))",
                                     "use an index into parallel.nodes"))
     addresses = [node.address for node in cfg.parallel.nodes]
