@@ -16,11 +16,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.ray_cluster import NAMESPACE, live_nodes
+from pdlaunch.config.ray_cluster import NAMESPACE
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.errors import exit_text
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.backends.ray_unplaced import unplaced_message
 from pdlaunch.launcher.deployment import INSTANCE_TERM_TIMEOUT_S
 from pdlaunch.launcher.process import HURRY_POLL_S
 
@@ -80,13 +81,12 @@ class RayActors:
         if done:
             return True
         if time.monotonic() > run.placed_by:
-            nodes = "; ".join(f"{n.address} {n.resources}" for n in live_nodes(self.ray))
             raise RayDeploymentFailed(
-                f"Ray could not place {run.name}'s placement group within "
-                f"{self.cfg.launcher.ray_placement_timeout_seconds:g}s: it asks for {run.placement.describe()} "
-                f"(live nodes: {nodes})", field="launcher.ray_placement_timeout_seconds",
-                hint="free or add nodes with those resources (`ray status` shows what is in use), lower the TP "
-                "size, or change launcher.ray_resources")
+                unplaced_message(self.ray, run.name, run.placement, self.cfg.launcher.ray_placement_timeout_seconds),
+                field="launcher.ray_placement_timeout_seconds",
+                hint="free room on the cluster (`ray status` shows what holds it: other jobs, or this deployment's "
+                "instances placed first), add nodes with those resources, lower the TP size or the instance count, "
+                "or change launcher.ray_resources")
         return False
 
     def _bundle_nodes(self, pg: PlacementGroup) -> list[str] | None:
