@@ -5,6 +5,11 @@ reference of the CPU tests); on a GPU with FP8 support the expert loaders quanti
 128x128-block fp8 as it arrives (model/moe/experts.py `prepare_fp8_blocks`), which the fused MoE kernels read,
 unless the checkpoint keeps the layer's experts unquantized (`keeps_experts`).
 
+The MoE block's small replicated layers, the router and Qwen2-MoE's shared-expert gate (model/moe/block.py
+`Replicated`), are always computed in the model dtype: most checkpoints keep them so, but one that quantizes them
+(llm-compressor quantizes every Linear its `ignore` leaves, and the router pattern MoE recipes list,
+`re:.*mlp.gate$`, leaves `shared_expert_gate`) stores them in fp8 with a scale, and they are dequantized here too.
+
 Checkpoint order is free (a weight may come before or after its scale, in another shard), so tensors
 wait here until their partner arrives; `check_complete` names any that never found one.
 """
@@ -18,6 +23,10 @@ from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.names import expert_checkpoint_names
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
+
+# Checkpoint module names of the replicated layers (the routers, Qwen2-MoE's shared-expert gate): a float weight of one
+# loads as it is, without a scale, whatever the ignore list says (the model dtype is what they compute in anyway).
+_REPLICATED = (".mlp.gate", ".block_sparse_moe.gate", ".mlp.shared_expert_gate")
 
 
 def _blocks(size: int) -> int:
@@ -34,19 +43,22 @@ def keeps_experts(layer: str, moe: MoeArch, quant: QuantConfig) -> bool:
 
 class ExpertDequantizer:
     """feed(name, tensor) -> the (name, tensor) pairs to load now: other tensors pass through, an
-    expert's fp8 weight comes out dequantized (float32) once its scale has been fed too."""
+    expert's (or a router's, a shared-expert gate's) fp8 weight comes out dequantized (float32) once its scale has
+    been fed too."""
 
     def __init__(self, quant: QuantConfig) -> None:
         self.quant = quant
         self.weights: dict[str, torch.Tensor] = {}  # expert weight name -> fp8 weight awaiting its scale
         self.scales: dict[str, torch.Tensor] = {}  # expert weight name -> scale awaiting its weight
+        self.unscaled: set[str] = set()  # replicated layers' float weights, loaded as they are
 
     def _module(self, name: str) -> str | None:
-        """The expert module a weight or scale belongs to (None: not a quantized expert tensor)."""
+        """The expert (or replicated) module a weight or scale belongs to (None: not a quantized MoE tensor)."""
         for suffix in (".weight", "." + self.quant.scale_name):
-            if name.endswith(suffix) and ".experts." in name:
+            if name.endswith(suffix):
                 module = name.removesuffix(suffix)
-                return None if self.quant.skips(module) else module
+                if ".experts." in name or module.endswith(_REPLICATED):
+                    return None if self.quant.skips(module) else module
         return None
 
     def weight_name(self, name: str) -> str | None:
@@ -64,8 +76,13 @@ class ExpertDequantizer:
             return [(name, tensor)]
         weight_name = f"{module}.weight"
         if name == weight_name:
+            if module.endswith(_REPLICATED) and tensor.dtype != fp8.FP8_DTYPE and weight_name not in self.scales:
+                self.unscaled.add(weight_name)  # kept in the model dtype by the checkpoint: nothing to pair
+                return [(name, tensor)]
             self.weights[weight_name] = tensor
         else:
+            if weight_name in self.unscaled:
+                raise _scaled_float(weight_name, name)
             self.scales[weight_name] = tensor
         if weight_name not in self.weights or weight_name not in self.scales:
             return []
@@ -82,9 +99,7 @@ class ExpertDequantizer:
         else:
             want = ((), (1,))
         if weight.dtype != fp8.FP8_DTYPE:
-            raise PdlaunchError(f"tensor {weight_name!r} is {str(weight.dtype).removeprefix('torch.')} but has a scale "
-                                f"({scale_name!r}) and config.json quantizes this module", field="model.path",
-                                hint="the checkpoint does not match its config.json's quantization_config")
+            raise _scaled_float(weight_name, scale_name, weight.dtype)
         if tuple(scale.shape) not in want:
             raise PdlaunchError(f"tensor {scale_name!r} has shape {tuple(scale.shape)} for a [{rows}, {cols}] expert "
                                 f"weight; expected {want[0]}", field="model.path",
@@ -115,3 +130,11 @@ class ExpertDequantizer:
         more = len(self.weights) + len(self.scales) - 1
         return PdlaunchError(f"checkpoint lacks tensor(s) {lacking}" + (f" and {more} more" if more else ""),
                              field="model.path", hint="the checkpoint is incomplete or does not match its config.json")
+
+
+def _scaled_float(weight_name: str, scale_name: str, dtype: torch.dtype | None = None) -> PdlaunchError:
+    """The error for a weight stored in a float dtype beside an FP8 scale (`dtype` None: the one it was loaded in)."""
+    what = f"is {str(dtype).removeprefix('torch.')}" if dtype is not None else "is not fp8"
+    return PdlaunchError(f"tensor {weight_name!r} {what} but has a scale ({scale_name!r}) and config.json quantizes "
+                         "this module", field="model.path",
+                         hint="the checkpoint does not match its config.json's quantization_config")
