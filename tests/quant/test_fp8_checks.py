@@ -167,3 +167,18 @@ def test_fused_projections_off_a_block_edge_are_named_once(tmp_path: Path) -> No
         assert ("model.layers.0.self_attn.k_proj starts at row 64 of model.layers.0.self_attn.qkv_proj "
                 "(q_proj/k_proj/v_proj in one matmul), not on a 128 edge") in text
         assert "--quantization fp8" in text
+
+
+def test_static_activation_scales_of_a_quant_method_fp8_checkpoint_are_refused_saying_what_to_do() -> None:
+    """AutoFP8's per-tensor checkpoints with calibrated input scales (Mixtral-8x7B-Instruct-v0.1-FP8: activation_scheme
+    static, a weight_scale and an input_scale per projection). The refusal said only that pdlaunch loads dynamic
+    activation scales, not that the checkpoint's input_scale tensors are what it cannot use, nor what to serve instead
+    (compressed-tensors' static scheme named both already)."""
+    from pdlaunch.model.quant.config import parse_quant_config
+
+    with pytest.raises(PdlaunchError) as err:
+        parse_quant_config({"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]})
+    assert err.value.field == "config.json:quantization_config.activation_scheme"
+    assert "calibrated input_scale tensors" in err.value.message
+    assert err.value.hint is not None and "--quantization fp8" in err.value.hint
+    assert "activation_scheme dynamic" in err.value.hint

@@ -95,8 +95,12 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
         raise _refuse(f"FP8 format {fmt!r} is not supported (only e4m3)", "fmt")
     scheme = cfg.get("activation_scheme", "dynamic")
     if not isinstance(scheme, str) or scheme.lower() != "dynamic":  # transformers lowercases it
-        raise _refuse(f"activation_scheme {cfg.get('activation_scheme')!r} is not supported (only dynamic)",
-                      "activation_scheme")
+        static = " (calibrated input_scale tensors)" \
+            if isinstance(scheme, str) and scheme.lower() == "static" else ""
+        raise _refuse(f"activation_scheme {cfg.get('activation_scheme')!r}{static} is not supported: pdlaunch "
+                      "computes activation scales at run time (only dynamic)", "activation_scheme",
+                      "use an FP8 checkpoint with activation_scheme dynamic (or compressed-tensors FP8-Dynamic), or "
+                      "the bf16 original with --quantization fp8")
     ignore = _module_names(cfg, "modules_to_not_convert") + _module_names(cfg, "ignored_layers")
     block = cfg.get("weight_block_size")
     if block is None:
