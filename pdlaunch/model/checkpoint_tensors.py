@@ -111,8 +111,9 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         if wants_fp8:
             quantized = "quantizes this module"
         elif any(p.dtype == FP8_DTYPE for p in params.values()):
-            quantized = "does not quantize this module (modules_to_not_convert / ignore lists it, or it is an MoE " \
-                        "router)"
+            # an lm_head or MoE router the config quantizes meets its scale before this (quant/experts.py)
+            quantized = "does not quantize this module (modules_to_not_convert / ignore lists it, or it is not a " \
+                        "linear layer)"
         else:
             quantized = "has no FP8 quantization_config"
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "

@@ -87,8 +87,11 @@ def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: i
 
 
 def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequantizer | None:
-    """FP8 MoE experts are dequantized as they load (model/quant/experts.py); None when there are none."""
-    return ExpertDequantizer(quant) if quant is not None and arch.moe is not None else None
+    """FP8 MoE experts, and an fp8 lm_head or MoE router, are dequantized as they load (model/quant/experts.py);
+    None when there are none (no FP8 checkpoint, or a dense model with tied embeddings: no lm_head tensor)."""
+    if quant is None or (arch.moe is None and arch.tie_word_embeddings):
+        return None
+    return ExpertDequantizer(quant)
 
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

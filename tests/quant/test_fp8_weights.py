@@ -105,3 +105,38 @@ def test_block_fp8_moe_experts_dequantized_at_load(tmp_path: Path, make_engine: 
     prompts = random_prompts([5, 21], seed=7)
     for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
         assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_a_quantized_lm_head_is_dequantized_at_load(scheme: str, tmp_path: Path, make_engine: MakeEngine) -> None:
+    """A checkpoint whose ignore / modules_to_not_convert leaves lm_head out stores it in fp8 with its scale, as it
+    does every other linear layer (llm-compressor quantizes every Linear its ignore leaves). The output projection
+    computes in the model dtype: it is dequantized at load, and greedy ids equal transformers on those weights. It
+    was refused as a module config.json "does not quantize (modules_to_not_convert / ignore lists it ...)"."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers.fp8_checkpoints import _block_dequant, _block_quant, channel_quant
+
+    served, reference = make_fp8_qwen3(tmp_path, scheme)
+    tensors, ref = load_file(served / "model.safetensors"), load_file(reference / "model.safetensors")
+    if scheme == "block":
+        q, scale = _block_quant(ref["lm_head.weight"].float())
+        tensors["lm_head.weight"], tensors["lm_head.weight_scale_inv"] = q, scale
+        ref["lm_head.weight"] = _block_dequant(q, scale)
+    else:
+        q, scale = channel_quant(ref["lm_head.weight"].float())
+        tensors["lm_head.weight"], tensors["lm_head.weight_scale"] = q, scale
+        ref["lm_head.weight"] = q.float() * scale
+    save_file(tensors, served / "model.safetensors", metadata={"format": "pt"})
+    save_file(ref, reference / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((served / "config.json").read_text())
+    key = "modules_to_not_convert" if scheme == "block" else "ignore"
+    cfg["quantization_config"][key] = []
+    (served / "config.json").write_text(json.dumps(cfg))
+    engine = make_engine(served)
+    assert torch.equal(engine.runner.model.lm_head.weight, ref["lm_head.weight"])
+    prompt = random_prompts([9], seed=5)[0]
+    out = run_all(engine, [prompt], GREEDY)[0]
+    assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))

@@ -5,10 +5,11 @@ reference of the CPU tests); on a GPU with FP8 support the expert loaders quanti
 128x128-block fp8 as it arrives (model/moe/experts.py `prepare_fp8_blocks`), which the fused MoE kernels read,
 unless the checkpoint keeps the layer's experts unquantized (`keeps_experts`).
 
-The MoE block's small replicated layers, the router and Qwen2-MoE's shared-expert gate (model/moe/block.py
-`Replicated`), are always computed in the model dtype: most checkpoints keep them so, but one that quantizes them
-(llm-compressor quantizes every Linear its `ignore` leaves, and the router pattern MoE recipes list,
-`re:.*mlp.gate$`, leaves `shared_expert_gate`) stores them in fp8 with a scale, and they are dequantized here too.
+The layers pdlaunch always computes in the model dtype, the output projection `lm_head` and the MoE block's small
+replicated layers, the router and Qwen2-MoE's shared-expert gate (model/moe/block.py `Replicated`): most checkpoints
+keep them so, but one that quantizes them (llm-compressor quantizes every Linear its `ignore` leaves, and the router
+pattern MoE recipes list, `re:.*mlp.gate$`, leaves `shared_expert_gate`) stores them in fp8 with a scale, and they
+are dequantized here too.
 
 Checkpoint order is free (a weight may come before or after its scale, in another shard), so tensors
 wait here until their partner arrives; `check_complete` names any that never found one.
@@ -24,9 +25,15 @@ from pdlaunch.model.moe.names import expert_checkpoint_names
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
 
-# Checkpoint module names of the replicated layers (the routers, Qwen2-MoE's shared-expert gate): a float weight of one
-# loads as it is, without a scale, whatever the ignore list says (the model dtype is what they compute in anyway).
+# Checkpoint module names of the MoE blocks' replicated layers (the routers, Qwen2-MoE's shared-expert gate); with
+# lm_head, the layers kept in the model dtype (`_model_dtype`).
 _REPLICATED = (".mlp.gate", ".block_sparse_moe.gate", ".mlp.shared_expert_gate")
+
+
+def _model_dtype(module: str) -> bool:
+    """A layer computed in the model dtype whatever the checkpoint stores: a float weight of one loads as it is,
+    without a scale, whatever the ignore list says; an fp8 one is dequantized with its scale."""
+    return module == "lm_head" or module.endswith(_REPLICATED)
 
 
 def _blocks(size: int) -> int:
@@ -43,21 +50,21 @@ def keeps_experts(layer: str, moe: MoeArch, quant: QuantConfig) -> bool:
 
 class ExpertDequantizer:
     """feed(name, tensor) -> the (name, tensor) pairs to load now: other tensors pass through, an
-    expert's (or a router's, a shared-expert gate's) fp8 weight comes out dequantized (float32) once its scale has
-    been fed too."""
+    expert's (or lm_head's, a router's, a shared-expert gate's) fp8 weight comes out dequantized (float32) once its
+    scale has been fed too."""
 
     def __init__(self, quant: QuantConfig) -> None:
         self.quant = quant
         self.weights: dict[str, torch.Tensor] = {}  # expert weight name -> fp8 weight awaiting its scale
         self.scales: dict[str, torch.Tensor] = {}  # expert weight name -> scale awaiting its weight
-        self.unscaled: set[str] = set()  # replicated layers' float weights, loaded as they are
+        self.unscaled: set[str] = set()  # model-dtype layers' float weights, loaded as they are
 
     def _module(self, name: str) -> str | None:
-        """The expert (or replicated) module a weight or scale belongs to (None: not a quantized MoE tensor)."""
+        """The expert (or model-dtype) module a weight or scale belongs to (None: a tensor that passes through)."""
         for suffix in (".weight", "." + self.quant.scale_name):
             if name.endswith(suffix):
                 module = name.removesuffix(suffix)
-                if ".experts." in name or module.endswith(_REPLICATED):
+                if ".experts." in name or _model_dtype(module):
                     return None if self.quant.skips(module) else module
         return None
 
@@ -76,7 +83,7 @@ class ExpertDequantizer:
             return [(name, tensor)]
         weight_name = f"{module}.weight"
         if name == weight_name:
-            if module.endswith(_REPLICATED) and tensor.dtype != fp8.FP8_DTYPE and weight_name not in self.scales:
+            if _model_dtype(module) and tensor.dtype != fp8.FP8_DTYPE and weight_name not in self.scales:
                 self.unscaled.add(weight_name)  # kept in the model dtype by the checkpoint: nothing to pair
                 return [(name, tensor)]
             self.weights[weight_name] = tensor
