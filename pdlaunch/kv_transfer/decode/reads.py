@@ -155,8 +155,8 @@ class LoadReads:
         if state == "PROC" and not self.agent.release_cancels:
             logger.warning("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort and "
                            "this transport cannot cancel it; its staging slots and blocks stay held until it ends "
-                           "(at the latest at Mooncake's transfer timeout, MC_TRANSFER_TIMEOUT)", load.request_id,
-                           xfer.num_bytes, READ_END_WAIT_SECONDS)
+                           "(at the latest at Mooncake's transfer timeout: MC_TRANSFER_TIMEOUT plus 1 s per GB it "
+                           "moves)", load.request_id, xfer.num_bytes, READ_END_WAIT_SECONDS)
             while xfer.state() == "PROC":
                 time.sleep(0.01)
         elif state == "PROC":

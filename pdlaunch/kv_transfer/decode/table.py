@@ -154,7 +154,8 @@ class LoadTable:
         if first_hold:
             logger.warning("request %s: its KV READ still runs %.0fs after its deadline and this transport cannot "
                            "cancel it; its blocks stay held until the READ ends (at the latest at Mooncake's "
-                           "transfer timeout, MC_TRANSFER_TIMEOUT)", load.request_id, now - load.deadline)
+                           "transfer timeout: MC_TRANSFER_TIMEOUT plus 1 s per GB it moves)", load.request_id,
+                           now - load.deadline)
         elif busy and not held:
             logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
                            "its blocks", load.request_id, now - load.deadline)
