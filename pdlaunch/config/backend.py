@@ -7,7 +7,7 @@
   channel then binds every interface (each rank advertises its own node's address), as any
   multi-node deployment needs, and a deployment secret is made when none is given.
 - ray: the ray package and a Ray cluster at launcher.ray_address that has every resource the config
-  names (config/ray_cluster.py); a deployment secret is made when none is given.
+  names and room for the whole deployment (config/ray_check.py); a deployment secret is made when none is given.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = No
     if cfg.launcher.backend == "local":
         return cfg
     if cfg.launcher.backend == "ray":
-        from pdlaunch.config.ray_cluster import with_ray_cluster
+        from pdlaunch.config.ray_check import with_ray_cluster
 
         return with_shared_secret(with_ray_cluster(cfg), os.environ if env is None else env)
     env = os.environ if env is None else env

@@ -156,6 +156,10 @@ def check_report(config_path: Path | None, overrides: Mapping[str, object], targ
     if resolved is not None and not problems and target is None:
         found = _port_warnings(resolved) + host_memory_findings(resolved, info)[1]
         warnings += name_flags(found, flag_fields(overrides, resolved.instances))
+    if resolved is not None and not problems and resolved.launcher.backend == "ray":
+        from pdlaunch.config.ray_fit import free_warnings  # the ray package: only under --backend ray
+
+        warnings += free_warnings(resolved)  # the deployment fits the idle cluster: is that much free now?
     return CheckReport(problems, warnings, resolved, target)
 
 

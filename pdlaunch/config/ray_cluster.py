@@ -4,7 +4,8 @@
 - the cluster answering at `launcher.ray_address` (a GCS HOST:PORT is probed with a bounded TCP connect
   first: ray.init itself waits minutes on an address nothing listens at);
 - every custom resource named in `launcher.ray_resources` on at least one live node, and some node
-  (or, for a group that spreads, the cluster) able to hold one instance's bundles;
+  (or, for a group that spreads, the cluster) able to hold one instance's bundles (every instance's bundles
+  together: config/ray_fit.py; both in order: config/ray_check.py);
 - no field of the local launcher (parallel.nodes, node_rank, a group's node): Ray places the ranks.
 
 The placement plan of an instance (its bundles, PACK or SPREAD) is decided here too, from the live
@@ -63,7 +64,7 @@ class InstancePlacement:
 
     def describe(self) -> str:
         """The resources asked for, as an error message names them."""
-        return f"{len(self.bundles)} bundle(s) of {_fmt(self.bundles[0])} ({self.strategy})"
+        return f"{len(self.bundles)} bundle(s) of {fmt_resources(self.bundles[0])} ({self.strategy})"
 
 
 @dataclass
@@ -73,7 +74,8 @@ class ClusterCheck:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _fmt(resources: dict[str, float]) -> str:
+def fmt_resources(resources: dict[str, float]) -> str:
+    """`{CPU: 2, pd_decode: 0.01}`: resources as messages name them."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
@@ -101,16 +103,21 @@ def plan_instance(cfg: DeploymentConfig, role: Role, tp: int, nodes: list[RayNod
     return InstancePlacement([dict(one) for _ in range(tp)], "PACK" if fits_one else "SPREAD", role)
 
 
+def bundle_slots(one: dict[str, float], nodes: list[RayNode]) -> int:
+    """How many bundles `one` the idle `nodes` hold in all (a bundle is never split across nodes)."""
+    return sum(min(int(n.resources.get(k, 0.0) / v + 1e-9) for k, v in one.items()) for n in nodes)
+
+
 def unplaceable(placement: InstancePlacement, nodes: list[RayNode]) -> str | None:
     """Why the live nodes can never hold `placement` (None when they can, resources permitting)."""
     one = placement.bundles[0]
     hosts = [n for n in nodes if all(n.resources.get(k, 0.0) >= v for k, v in one.items())]
     if not hosts:
-        return f"no live node can hold one bundle {_fmt(one)}"
-    slots = sum(min(int(n.resources.get(k, 0.0) / v + 1e-9) for k, v in one.items()) for n in hosts)
+        return f"no live node can hold one bundle {fmt_resources(one)}"
+    slots = bundle_slots(one, hosts)
     if slots < len(placement.bundles):
-        return (f"the live nodes hold {slots} bundle(s) of {_fmt(one)} in all, and a {placement.role} instance "
-                f"needs {len(placement.bundles)} (its TP size)")
+        return (f"the live nodes hold {slots} bundle(s) of {fmt_resources(one)} in all, and a {placement.role} "
+                f"instance needs {len(placement.bundles)} (its TP size)")
     return None
 
 
@@ -125,7 +132,7 @@ def check_cluster(cfg: DeploymentConfig, nodes: list[RayNode]) -> list[tuple[str
         if missing:
             problems.append((f"launcher.ray_resources.{role}",
                              f"no live node of the Ray cluster has the resource(s) {', '.join(missing)} (nodes: "
-                             + "; ".join(f"{n.address} {_fmt(n.resources)}" for n in nodes) + ")"))
+                             + "; ".join(f"{n.address} {fmt_resources(n.resources)}" for n in nodes) + ")"))
     if problems:
         return problems
     for i, group in enumerate(cfg.instances):
@@ -283,19 +290,3 @@ def cluster_gpus(cfg: DeploymentConfig) -> tuple[int, float] | None:
                             "CUDA or torch is broken; free a GPU, or check the nodes") from None
     return per_node, int(total) / (1 << 30)
 
-
-def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
-    """`cfg` checked against the Ray cluster it names (connecting to it), its `device: auto` made the
-    cluster's. Raises PdlaunchError."""
-    check_local_fields(cfg)
-    ray = connect(cfg)
-    nodes = live_nodes(ray)
-    cfg = with_cluster_device(cfg, nodes)
-    problems = check_cluster(cfg, nodes)
-    if problems:
-        field_name, message = problems[0]
-        more = "; ".join(f"{f}: {m}" for f, m in problems[1:])
-        raise PdlaunchError(message + (f"; also {more}" if more else ""), field=field_name,
-                            hint="start nodes with those resources (`ray start --resources '{\"NAME\": 1}'`) "
-                            "or change launcher.ray_resources / the TP sizes")
-    return cfg

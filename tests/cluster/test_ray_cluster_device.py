@@ -14,7 +14,8 @@ import pytest
 from pdlaunch.config import ray_cluster
 from pdlaunch.config.backend import backend_target
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.ray_cluster import bundle, with_ray_cluster
+from pdlaunch.config.ray_check import with_ray_cluster
+from pdlaunch.config.ray_cluster import bundle
 from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
@@ -25,7 +26,7 @@ GIB = 1 << 30
 
 
 class StandInRay:
-    """What config/ray_cluster.py asks of ray: the live nodes, and a one-GPU task's answer."""
+    """What config/ray_cluster.py asks of ray: the live nodes, what is free on them, and a one-GPU task's answer."""
 
     def __init__(self, resources: list[dict[str, float]], gpu_bytes: int | Exception = 80 * GIB) -> None:
         self.resources, self.gpu_bytes = resources, gpu_bytes
@@ -34,6 +35,10 @@ class StandInRay:
     def nodes(self) -> list[dict[str, Any]]:
         return [{"NodeID": f"n{i}", "NodeManagerAddress": f"10.0.0.{i + 1}", "Resources": r, "Alive": True}
                 for i, r in enumerate(self.resources)]
+
+    def available_resources(self) -> dict[str, float]:
+        """An idle cluster: everything free (check-config warns when the deployment needs more: test_ray_fit.py)."""
+        return {k: sum(r.get(k, 0.0) for r in self.resources) for r in self.resources for k in r}
 
     def remote(self, **options: Any) -> Callable[[Callable[[], int]], SimpleNamespace]:
         self.tasks.append(options)

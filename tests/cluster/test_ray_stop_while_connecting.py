@@ -4,7 +4,7 @@ exit 0 (check-config: 130, no verdict), one line naming the connect, no tracebac
 cluster, no process left and log_dir never locked.
 
 The first ray.init of a serve runs while the config is loaded (config/backend.with_backend_nodes ->
-config/ray_cluster.with_ray_cluster -> connect); cli.py stops it there (before, a Ctrl-C ended the launcher with a
+config/ray_check.with_ray_cluster -> connect); cli.py stops it there (before, a Ctrl-C ended the launcher with a
 bare exit 130, at times a SIGSEGV inside Ray, and a SIGTERM with Ray's own handler: exit 15 and a C++ stack dump).
 
 The moment to signal comes from a sitecustomize on the launcher's PYTHONPATH (test code only) that wraps

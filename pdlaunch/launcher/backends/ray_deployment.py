@@ -26,7 +26,8 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_reservations import PortReservations
-from pdlaunch.config.ray_cluster import RayNode, connect, live_nodes, plan_instance
+from pdlaunch.config.ray_cluster import InstancePlacement, connect, live_nodes
+from pdlaunch.config.ray_fit import deployment_placements
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
@@ -70,8 +71,10 @@ class RayDeployment:
                 raise RayDeploymentFailed(f"could not list the Ray cluster's nodes: {exc}",
                                           field="launcher.ray_address",
                                           hint="check the cluster with `ray status`, then serve again") from None
-            groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
-            self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
+            # the placement groups check-config added up against the cluster (config/ray_fit.py), in the plan's order
+            placed = deployment_placements(cfg, nodes)
+            self.runs = [self._run(plan, g, placement)
+                         for plan, (g, placement) in zip(self.plan.instances, placed, strict=True)]
             self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
             self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
             self._lock = LogDirLock(self.log_dir)
@@ -85,10 +88,9 @@ class RayDeployment:
             self.reservations.release()
             raise
 
-    def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
+    def _run(self, plan: InstancePlan, g: int, placement: InstancePlacement) -> RayRun:
         group = self.cfg.instances[g]
         record = ProcessRecord(plan.spec.name, group.role, f"instances[{g}].restart", group.restart)
-        placement = plan_instance(self.cfg, group.role, plan.spec.tp, nodes)
         return RayRun(plan, g, record, placement, self.log_dir / f"{plan.spec.name}.log")
 
     @property

@@ -1,0 +1,29 @@
+"""`cfg` checked against the Ray cluster it names, before anything starts (check-config and serve): the fields of
+the local launcher refused, the cluster connected, `device: auto` made the cluster's, then what the cluster lacks:
+the resources named and room for each instance alone (config/ray_cluster.py), then room for every instance at once
+(config/ray_fit.py)."""
+
+from __future__ import annotations
+
+from pdlaunch.config import ray_cluster
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.ray_fit import refuse_unfit
+from pdlaunch.errors import PdlaunchError
+
+
+def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
+    """`cfg` checked against the Ray cluster it names (connecting to it), its `device: auto` made the
+    cluster's. Raises PdlaunchError."""
+    ray_cluster.check_local_fields(cfg)
+    ray = ray_cluster.connect(cfg)
+    nodes = ray_cluster.live_nodes(ray)
+    cfg = ray_cluster.with_cluster_device(cfg, nodes)
+    problems = ray_cluster.check_cluster(cfg, nodes)
+    if problems:
+        field_name, message = problems[0]
+        more = "; ".join(f"{f}: {m}" for f, m in problems[1:])
+        raise PdlaunchError(message + (f"; also {more}" if more else ""), field=field_name,
+                            hint="start nodes with those resources (`ray start --resources '{\"NAME\": 1}'`) "
+                            "or change launcher.ray_resources / the TP sizes")
+    refuse_unfit(cfg, nodes)  # each instance fits the idle cluster alone: all of them together?
+    return cfg
