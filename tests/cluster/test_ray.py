@@ -221,3 +221,19 @@ def test_resources_no_node_has_are_named_at_start(cluster: RayCluster, tmp_path:
     assert done.returncode == 1, done.stdout + done.stderr
     said = done.stdout + done.stderr
     assert "launcher.ray_resources.decode" in said and "pd_a100" in said and "Traceback" not in said, said
+
+
+@pytest.mark.e2e
+def test_a_deployment_larger_than_the_cluster_is_refused_by_check_config(cluster: RayCluster, tmp_path: Path) -> None:
+    """Four one-CPU prefills and two decodes of TP 2: 8 CPUs of bundles on three nodes of 2 CPUs. Each instance
+    alone fits; check-config adds them up and refuses the deployment, where serve waited out its placement timeout."""
+    config = tmp_path / "big.yaml"
+    config.write_text(f"launcher: {{backend: ray, ray_address: '{cluster.address}'}}\ndevice: cpu\n"
+                      "model: {path: tiny}\ninstances:\n  - {role: prefill, count: 4, tp: 1}\n"
+                      "  - {role: decode, count: 2, tp: 2}\n")
+    done = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", str(config)], env=cluster.env,
+                          capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said
+    assert "instances: the deployment's instances need {CPU: 8} in all" in said, said
+    assert "the cluster has {CPU: 6} in all" in said and "Traceback" not in said, said
