@@ -8,7 +8,7 @@ host, not against this machine: the pods run elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.errors import ConfigError, PdlaunchError
+
+if TYPE_CHECKING:
+    from pdlaunch.render.model_volume import ModelVolume
 
 render_app = typer.Typer(help="Write a deployment's manifests for a cluster manager.", no_args_is_help=True)
 
@@ -59,10 +62,26 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
         problems += chat_template_problems(resolved.model.chat_template)
     if not resolved.model.path.strip():  # `--model "$MODEL"` with MODEL unset: no pod would find a model there
         problems.append(problem("model.path", f"{resolved.model.path!r} names no model", "give the model's path in "
-                                "the image (or on a volume there), `demo` or `tiny`"))
+                                "the pod (in the image or on --model-volume), `demo` or `tiny`"))
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved
+
+
+def _model_volume(cfg: DeploymentConfig, overrides: Overrides, value: str | None,
+                  mount_path: str | None) -> ModelVolume | None:
+    """The model volume of a well-formed --model-volume, None without one. Raises ConfigError where the pods would
+    not find model.path on it (the field named as the user gave it: --model or model.path)."""
+    from pdlaunch.config.flag_names import flag_fields, name_flags
+    from pdlaunch.render.model_volume import model_volume
+    from pdlaunch.render.objects import POD_MOUNTS
+
+    if value is None:
+        return None
+    volume, problems = model_volume(value, mount_path, cfg.model.path, POD_MOUNTS)
+    if problems:
+        raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
+    return volume
 
 
 @render_app.command("kubernetes")
@@ -74,12 +93,21 @@ def kubernetes(
     # Secret's file into the current directory.
     out: Annotated[str, typer.Option("--out", metavar="PATH", help="Directory the manifests are written to.")],
     image: Annotated[str, typer.Option("--image", help="Container image with pdlaunch installed (and the model, "
-                                                       "or a volume at model.path).")],
+                                                       "unless --model-volume holds it).")],
     name: Annotated[str, typer.Option("--name", help="Prefix of every object's name.")] = "pdlaunch",
     namespace: Annotated[str | None, typer.Option("--namespace", help="Namespace of the objects.")] = None,
     gpus_per_node: Annotated[int, typer.Option(
         "--gpus-per-node", min=1, max=1024,
         help="GPUs of one node: a TP group larger than this runs one rank per pod.")] = 8,
+    model_volume: Annotated[str | None, typer.Option(
+        "--model-volume", metavar="pvc:CLAIM|hostpath:/DIR",
+        help="Volume holding the checkpoint, mounted read-only in every pod that reads it at the directory that "
+             "holds model.path (the path inside the pod): a PersistentVolumeClaim, or a node's directory "
+             "(single-node labs).")] = None,
+    model_mount_path: Annotated[str | None, typer.Option(
+        "--model-mount-path", metavar="PATH",
+        help="Where the pods mount --model-volume (default: the directory that holds model.path); model.path "
+             "must be under it.")] = None,
 ) -> None:
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
@@ -87,19 +115,22 @@ def kubernetes(
     from pdlaunch.config.rules.chat_template import template_file
     from pdlaunch.render.kubernetes import render_kubernetes
     from pdlaunch.render.manifest_files import write_manifests
+    from pdlaunch.render.model_volume import volume_flag_problems
     from pdlaunch.render.options import RenderOptions, option_problems
 
     console = Console(stderr=True)
     try:
-        flag_problems = option_problems(image, name, namespace)
+        flag_problems = option_problems(image, name, namespace) + volume_flag_problems(model_volume, model_mount_path)
         if not out.strip():
             flag_problems.append(("--out", f"{out!r} names no directory; give the directory to write the "
                                   "manifests to, e.g. --out manifests/"))
         if flag_problems:
             raise ConfigError(flag_problems)
         cfg = cluster_config(config, overrides, gpus_per_node)
+        volume = _model_volume(cfg, overrides, model_volume, model_mount_path)
         try:
-            options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node)
+            options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node,
+                                    model_volume=volume)
             written = write_manifests(render_kubernetes(cfg, options), Path(out))
         except ValidationError as exc:  # a name Kubernetes refuses (the LeaderWorkerSet model checks it)
             raise PdlaunchError(f"--name {name!r} makes invalid object names: {exc.errors()[0]['msg']}",

@@ -100,10 +100,24 @@ class EmptyDirVolumeSource(TypedDict):
 
 
 @with_config(_STRICT)
+class PersistentVolumeClaimVolumeSource(TypedDict):
+    claimName: str
+    readOnly: bool
+
+
+@with_config(_STRICT)
+class HostPathVolumeSource(TypedDict):
+    path: str
+    type: str
+
+
+@with_config(_STRICT)
 class Volume(TypedDict):
     name: str
     secret: NotRequired[SecretVolumeSource]
     emptyDir: NotRequired[EmptyDirVolumeSource]
+    persistentVolumeClaim: NotRequired[PersistentVolumeClaimVolumeSource]
+    hostPath: NotRequired[HostPathVolumeSource]
 
 
 @with_config(_STRICT)

@@ -12,6 +12,8 @@ What the launcher does on one host, Kubernetes does here; the objects, in apply 
   engine_id but for the pod's UID (`--engine-id NAME=<kv_transfer.engine_id>-<leader pod>-*`): a pod
   recreated with a new UID is still the instance, a server answering with another base or pod is not.
 
+With --model-volume, every pod that reads the checkpoint mounts it read-only where model.path is
+(render/model_volume.py).
 Ports come from the port plan, with fixed defaults where it leaves them to be picked (render/pod_ports.py).
 A TP group spread over pods waits longer for its ranks than the launcher's default: a worker pod may still be pulling
 a multi-GB image or waiting to be scheduled when its leader starts, and a leader that gives up makes LWS recreate the

@@ -12,13 +12,18 @@ from pdlaunch.render.core_api import (
     Deployment,
     EnvVar,
     Metadata,
+    PodSpec,
     PodTemplateSpec,
     Service,
     ServicePort,
+    Volume,
+    VolumeMount,
 )
 from pdlaunch.render.options import RenderOptions
 
 CONFIG_DIR = "/etc/pdlaunch"
+SHM_DIR = "/dev/shm"
+POD_MOUNTS = (CONFIG_DIR, SHM_DIR)  # what the engine pods mount besides the model volume
 DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
 API_KEY_ENV = "PDLAUNCH_API_KEY"
@@ -68,11 +73,13 @@ def secret_env(name: str, key: str, options: RenderOptions) -> EnvVar:
 
 def container(options: RenderOptions, module: str, args: list[str],
               env: list[EnvVar], ports: list[ContainerPort], gpus: int, leader: bool) -> Container:
+    mounts: list[VolumeMount] = [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
+                                 {"name": "dshm", "mountPath": SHM_DIR}]
+    if options.model_volume is not None:  # every engine pod (each role, each TP rank's) reads the checkpoint
+        mounts.append(options.model_volume.mount())
     engine: Container = {
         "name": "engine", "image": options.image, "command": ["python", "-m", module],
-        "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports,
-        "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports, "volumeMounts": mounts,
     }
     if gpus:
         engine["resources"] = {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
@@ -85,11 +92,12 @@ def container(options: RenderOptions, module: str, args: list[str],
 def pod_template(options: RenderOptions, role: str, engine: Container, leader: bool,
                  secret_digest: str) -> PodTemplateSpec:
     labels = {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true" if leader else "false"}
+    volumes: list[Volume] = [{"name": "deployment", "secret": {"secretName": f"{options.name}-deployment"}},
+                             {"name": "dshm", "emptyDir": {"medium": "Memory"}}]  # TP workers share tensors there
+    if options.model_volume is not None:
+        volumes.append(options.model_volume.volume())
     return {"metadata": {"labels": labels, "annotations": {SECRET_DIGEST_ANNOTATION: secret_digest}}, "spec": {
-        "containers": [engine],
-        "volumes": [{"name": "deployment", "secret": {"secretName": f"{options.name}-deployment"}},
-                    {"name": "dshm", "emptyDir": {"medium": "Memory"}}],  # TP workers share tensors there
-    }}
+        "containers": [engine], "volumes": volumes}}
 
 
 def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Service:
@@ -107,8 +115,13 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], en
                      options: RenderOptions, secret_digest: str) -> Deployment:
     """The proxy's pod: `urls` are (role, instance name, URL), `engine_ids` instance name -> the engine_id its
     /health must name (a * for the pod's UID)."""
-    # The proxy's tokenizer is the model in the image, as the instances read it.
-    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, lambda: cfg.model.path)]
+    tokenizes: list[bool] = []  # proxy_policy_args asks for the model's path only when the proxy tokenizes
+
+    def tokenizer() -> str:  # the model's path in the pod, as the instances read it
+        tokenizes.append(True)
+        return cfg.model.path
+
+    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, tokenizer)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
     for name, engine_id in engine_ids.items():
@@ -122,12 +135,16 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], en
                  "args": args, "env": env,
                  "ports": [{"name": "http", "containerPort": cfg.proxy.port, "protocol": "TCP"}],
                  "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}}
+    spec: PodSpec = {"containers": [proxy]}
+    if tokenizes and options.model_volume is not None:  # its tokenizer is the checkpoint's, on the volume
+        proxy["volumeMounts"] = [options.model_volume.mount()]
+        spec["volumes"] = [options.model_volume.volume()]
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"{options.name}-proxy", options,
                                                                              {ROLE_LABEL: "proxy"}),
             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": dict(labels),
                                                "annotations": {SECRET_DIGEST_ANNOTATION: secret_digest}},
-                                  "spec": {"containers": [proxy]}}}}
+                                  "spec": spec}}}
 
 
 def proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> Service:

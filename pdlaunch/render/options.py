@@ -1,10 +1,12 @@
-"""The options of `pdlaunch render kubernetes` (--image, --name, --namespace, --gpus-per-node), and what
-Kubernetes would refuse in them."""
+"""The options of `pdlaunch render kubernetes` (--image, --name, --namespace, --gpus-per-node, the model volume's in
+render/model_volume.py), and what Kubernetes would refuse in them."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from pdlaunch.render.model_volume import ModelVolume
 
 NAME_MAX = 40  # `NAME-colocated-G`, a LeaderWorkerSet's (so its StatefulSets') name, must stay within 52
 _NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")  # DNS-1035 label (Service names), also a label value
@@ -37,7 +39,8 @@ def option_problems(image: str, name: str, namespace: str | None) -> list[tuple[
 
 @dataclass(frozen=True)
 class RenderOptions:
-    image: str  # a container image with pdlaunch (and the checkpoint, or a volume mounted at model.path)
+    image: str  # a container image with pdlaunch (and the checkpoint, unless model_volume holds it)
     name: str = "pdlaunch"  # prefix of every object's name
     namespace: str | None = None
     gpus_per_node: int = 8  # a TP group larger than this is spread one rank per pod
+    model_volume: ModelVolume | None = None  # mounted read-only in every pod that reads the checkpoint
