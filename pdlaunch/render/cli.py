@@ -117,6 +117,7 @@ def kubernetes(
     from pdlaunch.render.manifest_files import write_manifests
     from pdlaunch.render.model_volume import volume_flag_problems
     from pdlaunch.render.options import RenderOptions, option_problems
+    from pdlaunch.render.pod_resources import cpu_estimates
 
     console = Console(stderr=True)
     try:
@@ -142,6 +143,11 @@ def kubernetes(
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
+    if cfg.device == "cpu" and cpu_estimates(cfg) is None:
+        console.print(f"the CPU pods' memory requests count their KV cache and runtime but not the weights: the "
+                      f"checkpoint {escape(cfg.model.path)} is not readable on this machine (its config.json or .gguf "
+                      "header sizes them); add the weights' size to each engine pod's `resources.requests.memory`, "
+                      "or render where the checkpoint is at model.path too", highlight=False, soft_wrap=True)
     if (template := template_file(cfg.model.chat_template)) is not None:
         console.print(f"the pods carry the text of the chat template {escape(str(template))} (a file of this "
                       "machine): render again after changing it", highlight=False, soft_wrap=True)

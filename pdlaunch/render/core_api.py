@@ -73,7 +73,7 @@ class Probe(TypedDict):
 @with_config(_STRICT)
 class Resources(TypedDict):
     requests: dict[str, str]
-    limits: dict[str, str]
+    limits: NotRequired[dict[str, str]]
 
 
 @with_config(_STRICT)

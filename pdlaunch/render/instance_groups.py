@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.rules.memory import GroupMemory
 from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.core_api import ContainerPort, EnvVar
@@ -41,6 +42,7 @@ from pdlaunch.render.objects import (
 )
 from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import GroupPorts
+from pdlaunch.render.pod_resources import engine_resources, engine_threads
 
 # Where a worker pod's container finds its leader pod's name (from LEADER_NAME_ANNOTATION).
 LEADER_NAME_ENV = "PDLAUNCH_LEADER_POD"
@@ -120,21 +122,23 @@ def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: boo
 
 
 def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, ports: GroupPorts,
-                      options: RenderOptions, secret_digest: str) -> LeaderWorkerSet:
+                      options: RenderOptions, secret_digest: str, estimates: list[GroupMemory] | None
+                      ) -> LeaderWorkerSet:
+    """`estimates`: the CPU pods' memory estimate per group (pod_resources.cpu_estimates)."""
     tp = group.tp or 1
     spread = _spread(cfg, group, options)
     ranks_here = 1 if spread else tp
-    gpus = ranks_here if cfg.device == "cuda" else 0
+    resources = engine_resources(cfg, g, ranks_here, estimates)  # a pod per rank when spread: one rank's each
     spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
     # The ranks in other pods join rank 0 over the cluster network: without a secret in their link's key, anyone
     # who can read the config's model path and ports could join in their place.
     link_secret = [secret_env(TP_SECRET_ENV, "deployment-secret", options)] if spread else []
-    env = pod_env(link_secret)
+    env = pod_env([*engine_threads(cfg), *link_secret])
     if spread:  # ranks 1..tp-1 are the worker pods `<leader pod>-<r>`; rank 0 listens on its pod's address
         hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
     leader = container(options, "pdlaunch.server", ["--instance", _instance_arg(spec, "$(POD_NAME)")], env,
-                        _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
+                        _ports(ports, group.role, range(ranks_here), tp, leader=True), resources, leader=True)
     template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
                                     worker_template=pod_template(options, group.role, leader, True, secret_digest),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
@@ -150,7 +154,7 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
                             ["--instance", _instance_arg(worker_spec, f"$({LEADER_NAME_ENV})"),
                              "--rank", f"$({WORKER_INDEX_ENV})", "--placement", placement],
                             pod_env([*link_secret, leader_name]),
-                            _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
+                            _ports(ports, group.role, range(1, tp), tp, leader=False), resources, leader=False)
         template.worker_template = pod_template(options, group.role, worker, False, secret_digest)
         template.size = tp
     return LeaderWorkerSet(

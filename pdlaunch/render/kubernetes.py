@@ -40,6 +40,7 @@ from pdlaunch.render.lws import LeaderWorkerSet
 from pdlaunch.render.objects import SECRET_ENV, meta, proxy_deployment, proxy_service, role_service
 from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import group_ports
+from pdlaunch.render.pod_resources import cpu_estimates
 
 Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
 # The pods' parallel.rendezvous_timeout_seconds unless the config sets one: as long as a remote rank waits for its
@@ -73,9 +74,10 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
     urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
     engine_ids: dict[str, str] = {}  # instance name -> the engine_id the proxy expects of it
     groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
+    estimates = cpu_estimates(cfg)
     for g, group in groups:
         ports = group_ports(cfg, g, [p for p in planned if p.group == g])
-        lws = leader_worker_set(cfg, g, group, ports, options, digest)
+        lws = leader_worker_set(cfg, g, group, ports, options, digest, estimates)
         manifests.append(lws)
         lws_name = lws.metadata.name
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`

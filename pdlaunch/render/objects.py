@@ -14,6 +14,7 @@ from pdlaunch.render.core_api import (
     Metadata,
     PodSpec,
     PodTemplateSpec,
+    Resources,
     Service,
     ServicePort,
     Volume,
@@ -29,7 +30,6 @@ SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
 API_KEY_ENV = "PDLAUNCH_API_KEY"
 PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"  # as distributed/placement.py reads it
 TP_SECRET_ENV = "PDLAUNCH_TP_SECRET"  # as distributed/placement.py mixes it into the TP rank link's key
-GPU_RESOURCE = "nvidia.com/gpu"
 ROLE_LABEL = "pdlaunch.io/role"
 LEADER_LABEL = "pdlaunch.io/leader"
 # A digest of the Secret's data on every pod that reads it: a pod reads the Secret only when it starts, so a render
@@ -72,7 +72,7 @@ def secret_env(name: str, key: str, options: RenderOptions) -> EnvVar:
 
 
 def container(options: RenderOptions, module: str, args: list[str],
-              env: list[EnvVar], ports: list[ContainerPort], gpus: int, leader: bool) -> Container:
+              env: list[EnvVar], ports: list[ContainerPort], resources: Resources, leader: bool) -> Container:
     mounts: list[VolumeMount] = [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
                                  {"name": "dshm", "mountPath": SHM_DIR}]
     if options.model_volume is not None:  # every engine pod (each role, each TP rank's) reads the checkpoint
@@ -80,9 +80,8 @@ def container(options: RenderOptions, module: str, args: list[str],
     engine: Container = {
         "name": "engine", "image": options.image, "command": ["python", "-m", module],
         "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports, "volumeMounts": mounts,
+        "resources": resources,  # render/pod_resources.py
     }
-    if gpus:
-        engine["resources"] = {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
     if leader:  # /health answers 200 once the engine is up (and stays open without the API key)
         engine["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"},
                                     "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}

@@ -1,0 +1,74 @@
+"""What an instance pod of `pdlaunch render kubernetes` asks Kubernetes for.
+
+GPU pods: their GPUs, as request and limit (an extended resource takes both, equal), nothing more: a GPU rank's
+weights and KV cache are in device memory, and the GPUs already choose the node. CPU pods (device cpu): CPU and
+memory requests, so the scheduler places them on a node with room for them rather than packing them onto one that
+then kills them for memory. A CPU rank allocates at start its whole KV cache (`cache.num_gpu_blocks` blocks when
+set, else `cache.cpu_kv_cache_gb` rounded down to whole blocks), its weight shard (config/rules/memory.py, from the
+checkpoint's config.json) and rank 0 the `cache.kv_offload_gb` tier, as config/rules/host_memory.py counts them on
+one host, plus RUNTIME_MIB_PER_RANK for the process itself. The weights count only when the checkpoint's
+config.json (or .gguf header) is readable here (`tiny`, `demo`, or a checkpoint at model.path on this machine too);
+else the request is KV and runtime only, and render says so.
+
+Requests only, no limits: the estimate is a lower bound (activations come on top), and a memory limit at it would
+have the kernel kill the instance; a CPU limit would throttle the engine's steps (CFS quota) while the node has idle
+cores. Each rank's torch thread pool is sized to the cores requested for it (OMP_NUM_THREADS), as the local
+launcher gives each instance its share of the cores (launcher/child_commands.py cpu_threads): else every pod would
+start one thread per core of the node, and a node's pods would contend for the same cores.
+"""
+
+from __future__ import annotations
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.model_info import load_model_info
+from pdlaunch.config.rules.memory import GIB, GroupMemory, estimate
+from pdlaunch.render.core_api import EnvVar, Resources
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# A CPU rank's cores: one for its engine's steps (torch's intra-op pool), one for the HTTP server's event loop,
+# tokenization and the KV transfer threads, which would otherwise wait behind a step.
+CPU_CORES_PER_RANK = 2
+# A CPU rank's process beyond its weights and KV cache (Python, torch, the server, a step's activations): a `tiny`
+# prefill or decode instance (`pdlaunch serve --model tiny --device cpu`: 10 MiB of float32 weights, the default
+# 1 GiB KV cache) held 1448 MiB resident (VmHWM) after serving requests, so about 415 MiB; 512 leaves room to spare.
+RUNTIME_MIB_PER_RANK = 512
+MIB = 1 << 20
+
+
+def cpu_estimates(cfg: DeploymentConfig) -> list[GroupMemory] | None:
+    """config/rules/memory.py's per-group estimate of the resolved CPU config; None on CUDA, or when the checkpoint's
+    config.json is not readable here (model.path is the pod's path: the model may be on its volume only)."""
+    if cfg.device != "cpu":
+        return None
+    info, _ = load_model_info(cfg.model.path)
+    return estimate(cfg, info) if info is not None else None
+
+
+def cpu_pod_bytes(cfg: DeploymentConfig, ranks: int, group: GroupMemory | None) -> int:
+    """What a CPU pod running `ranks` TP ranks of an instance (rank 0 among them) allocates, bytes; `group`: its
+    group's estimate, None when unknown (then no weights, and the KV cache at cpu_kv_cache_gb unless a block count
+    of unknown size sets it)."""
+    cache = cfg.cache
+    budget = int(cache.cpu_kv_cache_gb * GIB)
+    if group is None:
+        weights, kv = 0, budget if cache.num_gpu_blocks is None else 0
+    else:
+        block = max(1, group.kv_block_bytes)
+        weights = group.weights_bytes
+        kv = cache.num_gpu_blocks * block if cache.num_gpu_blocks is not None else budget // block * block
+    return ranks * (weights + kv + RUNTIME_MIB_PER_RANK * MIB) + int(cache.kv_offload_gb * GIB)
+
+
+def engine_resources(cfg: DeploymentConfig, group: int, ranks: int, estimates: list[GroupMemory] | None
+                     ) -> Resources:
+    """The resources of an instance pod running `ranks` TP ranks of instance group `group`: its GPUs on CUDA, else
+    CPU and memory requests (module docstring); `estimates`: cpu_estimates'."""
+    if cfg.device == "cuda":
+        return {"requests": {GPU_RESOURCE: str(ranks)}, "limits": {GPU_RESOURCE: str(ranks)}}
+    memory = cpu_pod_bytes(cfg, ranks, estimates[group] if estimates is not None else None)
+    return {"requests": {"cpu": str(CPU_CORES_PER_RANK * ranks), "memory": f"{-(-memory // MIB)}Mi"}}
+
+
+def engine_threads(cfg: DeploymentConfig) -> list[EnvVar]:
+    """A CPU pod's torch thread pool: a rank's share of the cores the pod requests (module docstring)."""
+    return [{"name": "OMP_NUM_THREADS", "value": str(CPU_CORES_PER_RANK)}] if cfg.device == "cpu" else []
