@@ -111,7 +111,9 @@ instances:
   - {{role: decode, count: 1, base_port: {decode_port}}}
 """)
     out = tmp_path / "manifests"
-    result = CliRunner().invoke(app, ["render", "kubernetes", str(config), "--out", str(out), "--image", "x"])
+    # The checkpoint "on the node" (hostpath), at model.path in the pods as here: mounted at its directory.
+    result = CliRunner().invoke(app, ["render", "kubernetes", str(config), "--out", str(out), "--image", "x",
+                                      "--model-volume", f"hostpath:{llama_ckpt.parent}"])
     assert result.exit_code == 0, result.output
     manifests = [yaml.safe_load(p.read_text()) for p in sorted(out.glob("*.yaml"))]
     secret = next(m for m in manifests if m["kind"] == "Secret")["stringData"]
@@ -124,6 +126,7 @@ instances:
         name = lws["metadata"]["name"]
         hosts[f"{name}-0.{name}"] = POD_IPS[role]
         container = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+        assert {"name": "model", "mountPath": str(llama_ckpt.parent), "readOnly": True} in container["volumeMounts"]
         pod = {"status.podIP": POD_IPS[role], "metadata.name": f"{name}-0", "metadata.uid": f"uid-{role}"}
         env = container_env(container, pod, secret)
         container = {**container, "args": [expand(a, env).replace(DEPLOYMENT_FILE, str(deployment))
