@@ -2,8 +2,9 @@
 resources the group asks for: each bundle against what the cluster has free now and in all, node by node.
 
 check-config and serve refuse an instance that no set of live nodes could ever hold (config/ray_cluster.py), and a
-deployment whose instances together never fit (config/ray_fit.py), so a group still waiting lacks free room: other jobs hold it, or this deployment's own instances placed before it. Only the
-resources the group asks for are shown; a node's memory and object store, in bytes, hid them."""
+deployment whose instances together never fit (config/ray_fit.py), so a group still waiting lacks free room: other
+jobs hold it, or this deployment's own instances placed before it. Only the resources the group asks for are shown;
+a node's memory and object store, in bytes, hid them."""
 
 from __future__ import annotations
 
