@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Mapping
 from multiprocessing.connection import Connection
 
 import torch
@@ -118,13 +119,25 @@ def failure_text(exc: BaseException) -> str:
     return f"{text} (raised at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})"
 
 
+def rank_threads(tp: int, environ: Mapping[str, str]) -> int | None:
+    """The intra-op threads of a TP rank > 0: its share of the cores (the group's ranks run side by side), or None
+    when OMP_NUM_THREADS is set (torch read it at import): the launcher's share per instance (child_commands.py), a
+    Kubernetes pod's cores (render/pod_resources.py) or the user's own. Overriding it gave a rank pod requesting 2
+    cores one thread per core of its whole node."""
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // tp)
+
+
 def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
                       dtype_name: str, max_model_len: int, master_port: int, store: SealedStore | None = None,
                       key: bytes | None = None) -> tuple[RankState, KVConnector | None, Ready]:
     """Rank `rank` (> 0) built: its shard joined to the group, its own connector (PD roles), and the
     Ready it reports to rank 0. A Ray rank actor (ray_rank.py) builds itself the same way."""
     tp = instance.tp if instance is not None else config.parallel.tp
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    threads = rank_threads(tp, os.environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = rank_device(device_type, instance, rank)
     if device.type == "cuda":
         set_device(device.index or 0)
