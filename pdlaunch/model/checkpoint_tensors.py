@@ -83,8 +83,10 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     are refused; otherwise they are not used (`_per_head_kv_scale`)."""
     if name.endswith(_IGNORED_SUFFIXES):
         return False
-    if name == "lm_head.weight" and arch.tie_word_embeddings:
-        return False  # tied: the embedding table is the output projection
+    if name.startswith("lm_head.") and arch.tie_word_embeddings:
+        # tied: the embedding table is the output projection; a stored lm_head is not used, nor its FP8 scales (as
+        # vLLM skips every lm_head. tensor of a tied model)
+        return False
     pname, shard = _target(name)
     param = params.get(pname)
     if param is None:

@@ -88,7 +88,8 @@ def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: i
 
 def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequantizer | None:
     """FP8 MoE experts, and an fp8 lm_head or MoE router, are dequantized as they load (model/quant/experts.py);
-    None when there are none (no FP8 checkpoint, or a dense model with tied embeddings: no lm_head tensor)."""
+    None when there are none (no FP8 checkpoint, or a dense model with tied embeddings: a stored lm_head and its
+    scales are not used, checkpoint_tensors.load_tensor)."""
     if quant is None or (arch.moe is None and arch.tie_word_embeddings):
         return None
     return ExpertDequantizer(quant)
