@@ -57,10 +57,14 @@ def max_pending_requests(config: DeploymentConfig) -> int:
 
 
 def pending_limit_source(config: DeploymentConfig) -> str:
-    """What sets max_pending_requests, as the 503 past it says: the setting to raise, as a user writes it."""
-    return (f"{PENDING_PER_SEQ} x scheduler.max_num_seqs ({config.scheduler.max_num_seqs}), at least "
-            f"{MIN_PENDING_REQUESTS}: raise `max_num_seqs` under `scheduler:` in the config YAML or `--max-num-seqs` "
-            "of `pdlaunch serve` (it also lets a batch grow), or add instances of this role")
+    """What sets max_pending_requests, as the 503 past it says: the setting to raise, as a user writes it. Where the
+    floor sets the limit, max_num_seqs raises it only past the value whose multiple is the floor: the message says so."""
+    seqs = config.scheduler.max_num_seqs
+    floor = MIN_PENDING_REQUESTS // PENDING_PER_SEQ  # 32: up to it, the floor is the limit
+    how_far = f" above {floor}" if seqs <= floor else ""
+    return (f"{PENDING_PER_SEQ} x scheduler.max_num_seqs ({seqs}), at least {MIN_PENDING_REQUESTS}: raise "
+            f"`max_num_seqs`{how_far} under `scheduler:` in the config YAML or `--max-num-seqs` of `pdlaunch serve` "
+            "(it also lets a batch grow), or add instances of this role")
 
 
 def server_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:

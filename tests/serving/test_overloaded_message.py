@@ -105,3 +105,17 @@ def test_the_overloaded_503_names_the_limit_its_settings_and_a_retry() -> None:
                                   json.dumps(error.body()).encode())
     assert relayed.status == 503 and relayed.code == "overloaded"
     assert relayed.message == f"colocated-0 is unavailable: {message}"
+
+
+def test_under_the_floor_the_503_says_how_far_max_num_seqs_must_rise() -> None:
+    """With max_num_seqs 16 the floor of 256 sets the limit (8 x 16 is 128): raising max_num_seqs to 32 changes
+    nothing, so the message says the value that does (above 32), not only "raise max_num_seqs"."""
+    config = DeploymentConfig.model_validate({"device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+                                              "scheduler": {"max_num_seqs": 16}})
+    assert max_pending_requests(config) == 256
+    source = pending_limit_source(config)
+    assert "8 x scheduler.max_num_seqs (16), at least 256" in source, source
+    assert "above 32" in source, source
+    above = DeploymentConfig.model_validate({"device": "cpu", "colocated": True,
+                                             "instances": [{"role": "colocated"}], "scheduler": {"max_num_seqs": 40}})
+    assert "above" not in pending_limit_source(above)
