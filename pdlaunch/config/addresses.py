@@ -31,13 +31,21 @@ HOST_FIX = "use an IP address (127.0.0.1 this machine only, 0.0.0.0 every interf
 
 def is_wildcard(host: str) -> bool:
     """Whether a server bound at `host` takes its port on every address of the machine: 0.0.0.0 or ::, however
-    written (`::0`, `0:0:0:0:0:0:0:0`), or empty (uvicorn's and the socket module's every-interface)."""
+    written (`::0`, `0:0:0:0:0:0:0:0`; `::ffff:0.0.0.0`, 0.0.0.0 mapped into IPv6, every IPv4 address), or empty
+    (uvicorn's and the socket module's every-interface)."""
     if not host:
         return True
     try:
-        return ipaddress.ip_address(host).is_unspecified
+        return unmapped(ipaddress.ip_address(host)).is_unspecified
     except ValueError:
         return False
+
+
+def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`ip`, or the IPv4 address an IPv4-mapped IPv6 one (`::ffff:127.0.0.1`) stands for: a bind there is a bind on
+    that IPv4 address (the kernel refuses one while the other is bound)."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip if mapped is None else mapped
 
 
 def host_syntax_error(value: str) -> str | None:

@@ -17,8 +17,8 @@ hold the same numbers. A wildcard address (0.0.0.0, ::) takes the port on every 
 port's names on other addresses exclude each other: a launcher holds its name, then looks for the other kind
 (the wildcards' names, or every name of the port that /proc/net/unix lists) and lets go when one is held. Of two
 launchers doing so at once, the later to look sees the other: never both keep the port. An IP address is named in
-its one canonical spelling (ipaddress's: `::0` and `0:0:0:0:0:0:0:0` are `::`, `0:0::1` is `::1`), so every
-spelling of one address shares its name, and every spelling of a wildcard is one.
+its one canonical spelling (ipaddress's: `::0` and `0:0:0:0:0:0:0:0` are `::`, `0:0::1` is `::1`; `::ffff:127.0.0.1`
+is `127.0.0.1`), so every spelling of one address shares its name, and every spelling of a wildcard is one.
 
 The holder listens on its names only so that a refused launcher can learn who holds one (SO_PEERCRED gives the
 listener's pid); it never accepts. Linux only: elsewhere nothing is held and the bind test stays the only check.
@@ -35,7 +35,7 @@ import struct
 import sys
 from pathlib import Path
 
-from pdlaunch.config.addresses import is_wildcard
+from pdlaunch.config.addresses import is_wildcard, unmapped
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,11 @@ SUPPORTED = sys.platform.startswith("linux")
 
 
 def _canonical(host: str) -> str:
-    """`host` as its reservation is named: an IP address in ipaddress's spelling (`0:0:0:0:0:0:0:1` is `::1`), a
-    host name in lower case (DNS names are case-insensitive)."""
+    """`host` as its reservation is named: an IP address in ipaddress's spelling (`0:0:0:0:0:0:0:1` is `::1`; an
+    IPv4-mapped one, `::ffff:127.0.0.1`, is its IPv4 address, as a bind takes it), a host name in lower case (DNS
+    names are case-insensitive)."""
     try:
-        return str(ipaddress.ip_address(host))
+        return str(unmapped(ipaddress.ip_address(host)))
     except ValueError:
         return host.lower()
 

@@ -158,11 +158,14 @@ def test_a_port_held_on_every_address_and_on_one_are_one_port(theirs: str, mine:
 
 
 @pytest.mark.parametrize("first,second", [("::", "::0"), ("::0", "0:0:0:0:0:0:0:0"), ("::1", "0:0:0:0:0:0:0:1"),
-                                          ("LocalHost", "localhost")])
+                                          ("LocalHost", "localhost"), ("127.0.0.1", "::ffff:127.0.0.1"),
+                                          ("::FFFF:7f00:1", "127.0.0.1")])
 def test_spellings_of_one_address_are_one_reservation(first: str, second: str) -> None:
     """`::0` and `0:0:0:0:0:0:0:0` are `::` as a bind takes them (and a host name's case does not matter): held under
     another name, a second launcher's claim of the port found it free, and one of the two servers failed on 'address
-    already in use'; a launcher holding a port under one spelling refused it to itself under another."""
+    already in use'; a launcher holding a port under one spelling refused it to itself under another. An
+    IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is its IPv4 address to a bind: the kernel refuses one while the
+    other is bound."""
     port = PortAllocator(HOST).free("both deployments' proxy")
     theirs, mine = PortReservations(), PortReservations()
     try:
@@ -177,10 +180,10 @@ def test_spellings_of_one_address_are_one_reservation(first: str, second: str) -
         mine.release()
 
 
-@pytest.mark.parametrize("wildcard", ["::0", "0:0:0:0:0:0:0:0", "0::"])
+@pytest.mark.parametrize("wildcard", ["::0", "0:0:0:0:0:0:0:0", "0::", "::ffff:0.0.0.0"])
 def test_a_wildcard_however_written_overlaps_every_address(wildcard: str) -> None:
-    """Any spelling of :: takes the port on every address, as `::` does: a port held there and one held on
-    127.0.0.1 exclude each other, in either order."""
+    """Any spelling of :: takes the port on every address, as `::` does (and `::ffff:0.0.0.0`, 0.0.0.0 mapped into
+    IPv6, on every IPv4 one): a port held there and one held on 127.0.0.1 exclude each other, in either order."""
     port = PortAllocator(HOST).free("both deployments' proxy")
     for theirs_host, mine_host in ((wildcard, HOST), (HOST, wildcard)):
         theirs, mine = PortReservations(), PortReservations()
