@@ -58,7 +58,7 @@ def max_pending_requests(config: DeploymentConfig) -> int:
 
 def pending_limit_source(config: DeploymentConfig) -> str:
     """What sets max_pending_requests, as the 503 past it says: the setting to raise, as a user writes it. Where the
-    floor sets the limit, max_num_seqs raises it only past the value whose multiple is the floor: the message says so."""
+    floor sets the limit, raising max_num_seqs helps only past floor / PENDING_PER_SEQ: the message says so."""
     seqs = config.scheduler.max_num_seqs
     floor = MIN_PENDING_REQUESTS // PENDING_PER_SEQ  # 32: up to it, the floor is the limit
     how_far = f" above {floor}" if seqs <= floor else ""
