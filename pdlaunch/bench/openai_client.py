@@ -180,6 +180,15 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> Ser
         entry = next((m for m in models if isinstance(m, dict) and m.get("id") == cfg.model), None)
         return ServedModel(cfg.model, listed_max_model_len(entry))
     first = models[0] if models else None
+    if resp.status_code != 200:
+        # Every OpenAI-compatible server (pdlaunch's proxy and instances, vLLM) lists its models: a 404 here is
+        # another service's port or a URL with a path the API is not under, which --model would not mend.
+        raise PdlaunchError(
+            f"{cfg.models_url} answered HTTP {resp.status_code}, not the model list an OpenAI-compatible server "
+            "gives", field="--base-url",
+            hint="give that server's root, e.g. http://127.0.0.1:8000 (the port `pdlaunch serve` printed); for a "
+                 "server without /v1/models pass --model NAME",
+        )
     if not isinstance(first, dict) or not first.get("id"):
         raise PdlaunchError(
             f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",

@@ -1,0 +1,47 @@
+"""`pdlaunch bench serve --base-url` at an HTTP server that is not an OpenAI-compatible one (a static file server,
+another service's port): the error names --base-url."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pdlaunch.bench.cli import bench_app
+
+runner = CliRunner()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        """No access log on the test's stderr."""
+
+
+@contextmanager
+def static_server(root: Path) -> Iterator[str]:
+    """Python's file server over `root`: GET /v1/models is 404, every POST 501 with an HTML page."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_server_without_v1_models_is_said_as_a_base_url_problem(tmp_path: Path) -> None:
+    with static_server(tmp_path) as url:
+        result = runner.invoke(bench_app, ["serve", "--base-url", url, "--num-prompts", "2"])
+    assert result.exit_code == 1
+    assert f"--base-url: {url}/v1/models answered HTTP 404" in result.output
+    assert "OpenAI-compatible" in result.output
+    assert "--model:" not in result.output
+    assert "Traceback" not in result.output
+
