@@ -4,7 +4,9 @@ so output lengths are exact), timed as report.py defines; and the model the serv
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -20,6 +22,17 @@ from pdlaunch.errors import PdlaunchError
 # finish_reason of a request the server gave up on (pdlaunch's engine, vLLM): its answer is not whole
 CUT_SHORT = frozenset({"abort", "error"})
 OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
+ERROR_BODY_CHARS = 300  # of an error answer's body, in a request's error
+_TAG = re.compile(r"<[^>]*>")
+
+
+def error_body_text(body: str, content_type: str) -> str:
+    """An error answer's body as one line of at most ERROR_BODY_CHARS: an HTML page (a web server's or a gateway's
+    error page, not an OpenAI server's JSON) without its markup, every run of whitespace one space, so that the
+    error list and the final error say the server's words, a request a line."""
+    if "html" in content_type.lower() or body.lstrip()[:1] == "<":
+        body = html.unescape(_TAG.sub(" ", body))
+    return " ".join(body.split())[:ERROR_BODY_CHARS]
 
 
 def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, JsonValue]:
@@ -59,7 +72,7 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")
-            result.error = f"HTTP {resp.status_code}: {body[:300]}"
+            result.error = f"HTTP {resp.status_code}: {error_body_text(body, resp.headers.get('content-type', ''))}"
             return chunks
         async for line in resp.aiter_lines():
             line = line.strip()

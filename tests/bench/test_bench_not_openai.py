@@ -1,5 +1,5 @@
 """`pdlaunch bench serve --base-url` at an HTTP server that is not an OpenAI-compatible one (a static file server,
-another service's port): the error names --base-url."""
+another service's port): the error names --base-url, and the server's HTML error page is one readable line."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def test_a_server_without_v1_models_is_said_as_a_base_url_problem(tmp_path: Path
     assert "--model:" not in result.output
     assert "Traceback" not in result.output
 
+
+def test_an_html_error_page_is_one_line_without_markup(tmp_path: Path) -> None:
+    with static_server(tmp_path) as url:
+        result = runner.invoke(bench_app, ["serve", "--base-url", url, "--model", "m", "--num-prompts", "2",
+                                           "--random-input-len", "4", "--random-output-len", "2"])
+    assert result.exit_code == 1
+    assert "all 2 requests failed" in result.output
+    assert "HTTP 501: " in result.output and "Unsupported method ('POST')" in result.output
+    assert "<html" not in result.output.lower() and "<p>" not in result.output
+    # each error a line: the page's own line breaks are gone
+    errors = [line for line in result.output.splitlines() if "HTTP 501" in line]
+    assert len(errors) == 3 and all("Unsupported method" in line for line in errors), result.output
