@@ -32,6 +32,10 @@ def serve(
         typer.Argument(metavar="SLO", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="PDLAUNCH_API_KEY", show_default=False,
+        help="Sent as Authorization: Bearer KEY, for a deployment served with --api-key (env PDLAUNCH_API_KEY).")
+    ] = None,
     endpoint: Annotated[
         str, typer.Option("--endpoint", help="/v1/completions or /v1/chat/completions.")
     ] = "/v1/completions",
@@ -98,7 +102,7 @@ def serve(
         raise fail([f"unexpected argument(s) {' '.join(stray)} (only NAME:MS SLOs may follow --goodput)"])
     with reported("no report"):
         cfg = ServeBenchConfig.model_validate(dict(
-            base_url=base_url, endpoint=endpoint, model=model, num_prompts=num_prompts,
+            base_url=base_url, api_key=api_key or None, endpoint=endpoint, model=model, num_prompts=num_prompts,
             random_input_len=random_input_len, input_lens=number_list(input_lens, "--input-lens", int),
             random_output_len=random_output_len,
             random_range_ratio=random_range_ratio, request_rate=request_rate, burstiness=burstiness,

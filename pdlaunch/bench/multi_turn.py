@@ -184,7 +184,8 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
                                                                   dict[str, float | None]]:
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0),
+                                 headers=cfg.headers) as client:
         served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
         check_fits_served(cfg, served)
         model = served.name

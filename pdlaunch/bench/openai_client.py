@@ -183,6 +183,13 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> Ser
             f"{cfg.models_url} gave no HTTP answer ({type(exc).__name__}: {exc})", field="--base-url",
             hint="is that the OpenAI server's port?",
         ) from None
+    if resp.status_code in (401, 403):  # pdlaunch's and vLLM's --api-key: every route but /health needs it
+        refused = "refused the API key given" if cfg.api_key else "needs an API key"
+        raise PdlaunchError(
+            f"{cfg.models_url} answered HTTP {resp.status_code}: the server {refused}", field="--api-key",
+            hint="pass the key the server was started with (`pdlaunch serve --api-key`), as --api-key KEY or in "
+                 "PDLAUNCH_API_KEY",
+        )
     try:
         listing = resp.json() if resp.status_code == 200 else {}
     except ValueError:

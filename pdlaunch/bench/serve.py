@@ -85,7 +85,7 @@ def frozen_heap() -> Iterator[None]:
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestResult], float, str]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=cfg.headers) as client:
         served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
         check_fits_served(cfg, served)
         model = served.name

@@ -26,6 +26,8 @@ class ServeBenchConfig(BaseModel):
     """Everything one `bench serve` run needs; built from the CLI flags."""
 
     base_url: str
+    # `Authorization: Bearer` of a deployment served with --api-key; never written to the result file
+    api_key: str | None = Field(None, repr=False)
     endpoint: str = "/v1/completions"
     model: str | None = None  # None: the first id from GET /v1/models
     num_prompts: int = Field(1000, ge=1, le=MAX_PROMPTS)
@@ -132,6 +134,11 @@ class ServeBenchConfig(BaseModel):
         if base.endswith("/v1") and path.startswith("/v1/"):
             path = path[3:]
         return base + path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Sent with every request (the model list, the prompts, multi-turn's /metrics reads)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def models_url(self) -> str:

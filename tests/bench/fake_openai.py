@@ -3,7 +3,8 @@
 Streams one chunk per token (`max_tokens` of them) then a usage chunk, as vLLM does with
 stream_options.include_usage; answers /v1/completions and /v1/chat/completions. With
 `fail_every=k`, every k-th request (in arrival order) gets HTTP 500. With `max_model_len`, /v1/models lists it for
-the model, as pdlaunch's and vLLM's servers do.
+the model, as pdlaunch's and vLLM's servers do. With `api_key`, every route answers 401 without
+`Authorization: Bearer <api_key>`, as `pdlaunch serve --api-key` does.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from tests.helpers.ports import free_port
 MODEL = "fake-model"
 
 
-def make_app(seen: list[dict[str, Any]], fail_every: int = 0, max_model_len: int | None = None) -> FastAPI:
+def make_app(seen: list[dict[str, Any]], fail_every: int = 0, max_model_len: int | None = None,
+             api_key: str | None = None) -> FastAPI:
     app = FastAPI()
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "invalid API key", "code": "invalid_api_key"}}, status_code=401)
+        return await call_next(request)
     counter = itertools.count(1)
     listed: dict[str, Any] = {"id": MODEL, "object": "model"}
     if max_model_len is not None:
@@ -69,12 +77,12 @@ def make_app(seen: list[dict[str, Any]], fail_every: int = 0, max_model_len: int
 
 
 @contextmanager
-def fake_server(fail_every: int = 0, timeout_s: float = 20.0,
-                max_model_len: int | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def fake_server(fail_every: int = 0, timeout_s: float = 20.0, max_model_len: int | None = None,
+                api_key: str | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Yields (base_url, request bodies seen); stops the server and joins its thread on exit."""
     seen: list[dict[str, Any]] = []
     port = free_port()
-    config = uvicorn.Config(make_app(seen, fail_every, max_model_len), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(make_app(seen, fail_every, max_model_len, api_key), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
