@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -47,10 +48,13 @@ def print_kv_transfer_table(console: Console, rows: list[KVTransferRow]) -> None
 
 
 def _print_kv_connector_table(console: Console, rows: list[KVTransferRow], which: str) -> None:
+    # No vertical rules and whole cells: eleven boxed columns did not fit 80 terminal columns, and rich cut the
+    # figures themselves to an ellipsis ("862.…" ms)
     table = Table(title=f"KV transfer through the connector{which}", title_justify="left",
-                  caption="raw, peer: GB/s of torch copies of the same bytes", caption_justify="left")
+                  caption="raw, peer: GB/s of torch copies of the same bytes", caption_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("mode", "tokens", "MiB", "descs", "ms", "GB/s", "raw", "%raw", "peer", "%peer", "ok"):
-        table.add_column(col, justify="left" if col in ("mode", "ok") else "right")
+        table.add_column(col, justify="left" if col in ("mode", "ok") else "right", no_wrap=True, overflow="fold")
     for r in rows:
         peer = r["peer_copy_gbps"]
         table.add_row(
