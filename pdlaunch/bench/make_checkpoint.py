@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -163,6 +164,9 @@ def _write_checkpoint(out: Path, cfg: HFConfigJson, shards: list[list[tuple[str,
     opened, so that a failure partway can remove each one."""
     weight_map: dict[str, str] = {}
     total = 0
+    umask = os.umask(0o077)  # read back at once (os has no getter); nothing is created between the two calls
+    os.umask(umask)
+    file_mode = 0o666 & ~umask  # what open() gives the config and tokenizer files
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         std = cfg["initializer_range"]
@@ -170,6 +174,7 @@ def _write_checkpoint(out: Path, cfg: HFConfigJson, shards: list[list[tuple[str,
                    for key, t in random_tensors(name, shape, dtype, seed, std, device, fp8).items()}
         written.append(out / fname)
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        (out / fname).chmod(file_mode)  # safetensors writes 0600: readable as the config is, by another user too
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))
         del tensors
