@@ -82,7 +82,8 @@ def fake_server(fail_every: int = 0, timeout_s: float = 20.0, max_model_len: int
     """Yields (base_url, request bodies seen); stops the server and joins its thread on exit."""
     seen: list[dict[str, Any]] = []
     port = free_port()
-    config = uvicorn.Config(make_app(seen, fail_every, max_model_len, api_key), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(make_app(seen, fail_every, max_model_len, api_key), host="127.0.0.1", port=port,
+                            log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

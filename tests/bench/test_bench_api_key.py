@@ -47,8 +47,8 @@ def test_the_key_from_the_flag_is_sent_and_not_saved(tmp_path: Path) -> None:
 
 def test_the_key_from_the_environment_is_sent_in_multi_turn_too() -> None:
     with fake_server(api_key=KEY) as (url, seen):
-        result = runner.invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", "--endpoint", "/v1/chat/completions",
-                                           "--num-conversations", "1",
+        result = runner.invoke(bench_app, ["serve", "--base-url", url, "--multi-turn",
+                                           "--endpoint", "/v1/chat/completions", "--num-conversations", "1",
                                            "--num-turns", "2", "--random-input-len", "4", "--random-output-len", "2",
                                            "--system-prompt-len", "4"], env={"PDLAUNCH_API_KEY": KEY})
     assert result.exit_code == 0, result.output
