@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pydantic import JsonValue
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from pdlaunch.bench.advisor import Advice
 from pdlaunch.bench.compare_config import CompareConfig
@@ -40,19 +42,25 @@ def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfi
     }
 
 
-def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
+def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> Group:
+    """The advisor's sentence, its per-rate table and the note on prompt_tokens_while_decoding. The sentence and the
+    note are paragraphs of their own: as the table's title and caption, rich wrapped them to its three columns, a
+    dozen centred lines of 40 characters."""
     run = advised_run(runs, advice)
-    table = Table(title=f"P:D advisor: {advice.sentence()}", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(box=box.SIMPLE_HEAD)
     decode = run.steps.get("decode") if run is not None else None
     now = f", now {decode.prompt_tokens_while_decoding}" if decode is not None else ""
-    table.caption = (f"goodput under the {cfg.advise_for} SLOs, measured on "
-                     f"{run.label if run is not None else 'no run'}; where prompts run beside decodes (colocated, "
-                     f"or spilled to a decode), at most {advice.prompt_token_cap()} prompt tokens a step keep "
-                     f"{advice.cap_batch:.0f} streams within TPOT {advice.tpot_target_ms:g} ms by the prefill's rate "
-                     f"alone, not counting a step's host work: measure it before lowering "
-                     f"scheduler.prompt_tokens_while_decoding{now}")
+    # the mean batch the cap is taken at, as measured: a CPU run's 1.6 said as 2 named a batch whose longer step
+    # leaves fewer prompt tokens than the cap
+    batch = f"{advice.cap_batch:.1f}".removesuffix(".0")
+    note = (f"goodput under the {cfg.advise_for} SLOs, measured on "
+            f"{run.label if run is not None else 'no run'}; where prompts run beside decodes (colocated, "
+            f"or spilled to a decode), at most {advice.prompt_token_cap()} prompt tokens a step keep "
+            f"{batch} streams within TPOT {advice.tpot_target_ms:g} ms by the prefill's rate "
+            f"alone, not counting a step's host work: measure it before lowering "
+            f"scheduler.prompt_tokens_while_decoding{now}")
     for col in ("rate /s", "predicted /s", "measured /s"):
         table.add_column(col, justify="right", no_wrap=True)
     for rate, predicted, measured in _per_rate(advice, run, cfg):
         table.add_row(f"{rate:g}", f"{predicted:.2f}", "-" if measured is None else f"{measured:.2f}")
-    return table
+    return Group(Text(f"P:D advisor: {advice.sentence()}"), table, Text(note))
