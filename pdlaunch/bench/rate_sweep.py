@@ -47,10 +47,12 @@ class DeploymentRun(BaseModel):
     raw: list[ServeDoc] = []  # the `bench serve` result document per rate
 
 
-def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchConfig:
+def bench_config(cfg: CompareConfig, base_url: str, index: int, api_key: str | None = None) -> ServeBenchConfig:
+    """The `bench serve` run of rate `index` against `base_url`; `api_key`: the deployment's security.api_key (a
+    --config that sets one: its proxy refuses requests without it)."""
     lengths = {"input_lens": cfg.input_lens} if cfg.input_lens is not None else {"random_input_len": cfg.input_len}
     return ServeBenchConfig(
-        base_url=base_url, num_prompts=cfg.prompts_at(index), **lengths,
+        base_url=base_url, api_key=api_key, num_prompts=cfg.prompts_at(index), **lengths,
         random_output_len=cfg.output_len, request_rate=cfg.rates[index], burstiness=cfg.burstiness,
         num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
         ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,
@@ -155,7 +157,7 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
         for i, rate in enumerate(cfg.rates):
             stage = f"failed at rate {rate:g}/s"
             probe.start()
-            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
+            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i, deployment.cfg.security.api_key), console)
             dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
             if dead is not None:
                 raise ChildExited(*dead)

@@ -301,10 +301,13 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
 def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: Path) -> None:
     """--input-lens 8,40 --disaggregate-min-tokens 24: colocated, PD and PD with per-request disaggregation, each
     sent the same mix; in the third the proxy runs the 8-token prompts on the decode alone, the 40-token ones PD.
-    A base config's step limits reach every deployment and the report."""
+    A base config's step limits and API key reach every deployment, the report and compare's own requests."""
     out = tmp_path / "mix"
     base = tmp_path / "base.yaml"
-    base.write_text("scheduler:\n  max_num_batched_tokens: 512\n  prompt_tokens_while_decoding: 16\n")
+    # an API key in the base config: compare's own requests must send it (they got 401 before)
+    base.write_text("scheduler:\n  max_num_batched_tokens: 512\n  prompt_tokens_while_decoding: 16\n"
+                    "security:\n  api_key: sk-compare-test\n")
+    base.chmod(0o600)
     workload = [a for a in WORKLOAD if a not in ("--input-len", "12", "--num-prompts", "5")]
     result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4", *workload, "--num-prompts", "6",
                       "--input-lens", "8,40", "--disaggregate-min-tokens", "24", "--config", str(base),
