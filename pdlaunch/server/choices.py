@@ -258,8 +258,7 @@ class Choices:
                     return
                 if c.echo_text and (out.new_text or out.finished):
                     out.new_text, c.echo_text = c.echo_text + out.new_text, ""
-                chunk = c.builder.chunk(out, final_usage)
-                if chunk is not None:
+                for chunk in c.builder.chunks(out, final_usage):
                     yield sse_event(chunk)
                 remaining -= out.finished
             if include_usage:

@@ -115,8 +115,9 @@ class ResponseBuilder:
         return body
 
     # -- streaming -----------------------------------------------------------------------------------
-    def chunk(self, out: RequestOutput, final_usage: bool) -> JsonObject | None:
-        """The chunk for one step's output, or None when it carries nothing to send.
+    def chunks(self, out: RequestOutput, final_usage: bool) -> list[JsonObject]:
+        """The chunks for one step's output: none when it carries nothing to send, two when it finishes the choice
+        with tool calls (_finish_apart).
 
         `final_usage`: the chunk that finishes the request also carries `usage` (when the client
         did not ask for a separate usage chunk, so that every stream ends with its usage).
@@ -125,9 +126,10 @@ class ResponseBuilder:
         carries = (out.new_text or out.finished or out.new_logprobs or (self.return_token_ids and out.new_token_ids)
                    or (self.endpoint == "chat" and not self._sent_role))
         if not carries:
-            return None  # e.g. a token that ends mid-character: its text comes with the next one
+            return []  # e.g. a token that ends mid-character: its text comes with the next one
         finish = out.finish_reason if out.finished else None
         choice: JsonObject
+        calls = False  # the chunk carries tool calls
         if self.endpoint == "completion":
             if self._stream_offsets is None:
                 self._stream_offsets = TextOffsets(self.decode, self.echo_chars, self.prompt_ids)
@@ -139,8 +141,9 @@ class ResponseBuilder:
         else:
             delta = self._delta(out)
             if delta is None:
-                return None  # held back: a tool call may be starting
-            finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened) \
+                return []  # held back: a tool call may be starting
+            calls = "tool_calls" in delta
+            finish = self._tool_finish_reason(calls or self._tool_stream.opened) \
                 if finish is not None and self._tool_stream is not None else finish
             choice = {"index": self.index, "delta": delta, "finish_reason": finish,
                       "stop_reason": out.stop_reason if out.finished else None,
@@ -161,7 +164,9 @@ class ResponseBuilder:
                 body["usage"] = self.usage()
                 if self.prompt_recomputed:
                     mark_recomputed(body)
-        return body
+        if finish is not None and calls:
+            return _finish_apart(body, choice)
+        return [body]
 
     def _delta(self, out: RequestOutput) -> JsonObject | None:
         """A chat chunk's delta (the role with the first), or None while a tool call may be starting."""
@@ -247,6 +252,20 @@ class ResponseBuilder:
             {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
             for lp in items
         ]}
+
+
+def _finish_apart(body: JsonObject, choice: JsonObject) -> list[JsonObject]:
+    """A chunk that finishes its choice with tool calls as two: the calls unfinished, then the finish with an empty
+    delta (and what a finishing chunk carries: usage, kv_transfer_params), as OpenAI's streams end. The openai
+    client's stream helper ends a call (its `tool_calls.function.arguments.done` event) only at the next call or at
+    a later chunk that finishes the choice, so a call sent with the finish never ended there."""
+    calls: JsonObject = {**body, "choices": [{**choice, "finish_reason": None, "stop_reason": None}]}
+    calls.pop("usage", None)
+    calls.pop("kv_transfer_params", None)
+    end: JsonObject = {**choice, "delta": {}, "logprobs": None}
+    if "token_ids" in end:
+        end["token_ids"] = []
+    return [calls, {k: v for k, v in body.items() if k != "prompt_token_ids"} | {"choices": [end]}]
 
 
 def _json_list(values: Sequence[JsonValue]) -> list[JsonValue]:

@@ -200,3 +200,30 @@ def test_a_whole_chat_answer_without_tools_has_an_empty_tool_calls_list_as_vllms
                               decode=lambda ids: "", text="Paris.", finish_reason="stop")
     message = builder.choice(0)["message"]
     assert message == {"role": "assistant", "content": "Paris.", "tool_calls": []}
+
+
+TWO_CALLS = (r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "Oslo", "days": 2\}\}</tool_call>'
+             r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "UTC"\}\}</tool_call>')
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_the_clients_stream_helper_ends_every_streamed_call(client: openai.OpenAI, choice: str) -> None:
+    """The openai client's stream helper (`client.chat.completions.stream`) ends a call's arguments (its
+    `tool_calls.function.arguments.done` event, which carries `parsed_arguments`) when the next call starts or when
+    a later chunk finishes the choice: a chunk carrying a call and the finish at once left the last call unended.
+    The finish comes in a chunk of its own after the calls (`delta: {}`), as OpenAI's streams end."""
+    extra = {"guided_regex": TWO_CALLS} if choice == "auto" else {}
+    with client.chat.completions.stream(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=choice,
+                                        max_tokens=400, temperature=0, extra_body=extra) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls" and calls
+    if choice == "auto":
+        assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    ended = [e.index for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert ended == list(range(len(calls)))
+    chunks = [e.chunk.model_dump(exclude_unset=True) for e in events if e.type == "chunk"]
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is not None]
+    assert len(finishing) == 1 and finishing[0]["choices"][0]["delta"] == {}
+    assert finishing[0] is chunks[-1]
