@@ -234,10 +234,9 @@ class Choices:
                           sum(b.num_cached_tokens for b in firsts))
 
     async def events(self, include_usage: bool) -> AsyncIterator[bytes]:
-        """SSE chunks of every choice as they come, then the usage chunk and [DONE]. One choice's last
-        chunk carries its usage unless the client asked for the usage chunk."""
+        """SSE chunks of every choice as they come, then the usage chunk when the client asked for it (only then is
+        usage sent, as vLLM's), and [DONE]."""
         merged: asyncio.Queue[tuple[Choice, StreamItem]] = asyncio.Queue()
-        final_usage = not include_usage and len(self.choices) == 1
 
         async def pump(c: Choice) -> None:
             while True:
@@ -258,7 +257,7 @@ class Choices:
                     return
                 if c.echo_text and (out.new_text or out.finished):
                     out.new_text, c.echo_text = c.echo_text + out.new_text, ""
-                for chunk in c.builder.chunks(out, final_usage):
+                for chunk in c.builder.chunks(out):
                     yield sse_event(chunk)
                 remaining -= out.finished
             if include_usage:

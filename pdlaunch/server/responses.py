@@ -115,13 +115,10 @@ class ResponseBuilder:
         return body
 
     # -- streaming -----------------------------------------------------------------------------------
-    def chunks(self, out: RequestOutput, final_usage: bool) -> list[JsonObject]:
+    def chunks(self, out: RequestOutput) -> list[JsonObject]:
         """The chunks for one step's output: none when it carries nothing to send, two when it finishes the choice
-        with tool calls (_finish_apart).
-
-        `final_usage`: the chunk that finishes the request also carries `usage` (when the client
-        did not ask for a separate usage chunk, so that every stream ends with its usage).
-        """
+        with tool calls (_finish_apart). Usage comes only in the usage chunk (usage_chunk), as vLLM's: a client that
+        did not ask for it gets none."""
         self.add(out)
         carries = (out.new_text or out.finished or out.new_logprobs or (self.return_token_ids and out.new_token_ids)
                    or (self.endpoint == "chat" and not self._sent_role))
@@ -157,13 +154,8 @@ class ResponseBuilder:
             # vLLM's places, once per stream (the proxy continues a migrated stream from them: proxy/migrate.py)
             (choice if self.endpoint == "completion" else body)["prompt_token_ids"] = _json_list(self.prompt_token_ids)
             self.prompt_token_ids = None
-        if out.finished:
-            if self.kv_transfer_params is not None:
-                body["kv_transfer_params"] = self.kv_transfer_params
-            if final_usage:
-                body["usage"] = self.usage()
-                if self.prompt_recomputed:
-                    mark_recomputed(body)
+        if out.finished and self.kv_transfer_params is not None:
+            body["kv_transfer_params"] = self.kv_transfer_params
         if finish is not None and calls:
             return _finish_apart(body, choice)
         return [body]
@@ -256,11 +248,10 @@ class ResponseBuilder:
 
 def _finish_apart(body: JsonObject, choice: JsonObject) -> list[JsonObject]:
     """A chunk that finishes its choice with tool calls as two: the calls unfinished, then the finish with an empty
-    delta (and what a finishing chunk carries: usage, kv_transfer_params), as OpenAI's streams end. The openai
+    delta (and what a finishing chunk carries: kv_transfer_params), as OpenAI's streams end. The openai
     client's stream helper ends a call (its `tool_calls.function.arguments.done` event) only at the next call or at
     a later chunk that finishes the choice, so a call sent with the finish never ended there."""
     calls: JsonObject = {**body, "choices": [{**choice, "finish_reason": None, "stop_reason": None}]}
-    calls.pop("usage", None)
     calls.pop("kv_transfer_params", None)
     end: JsonObject = {**choice, "delta": {}, "logprobs": None}
     if "token_ids" in end:

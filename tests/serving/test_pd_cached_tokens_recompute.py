@@ -2,8 +2,8 @@
 failed (PDLAUNCH_TEST_FAIL_TRANSFER_RATE) or its params had expired, and with kv_transfer.load_failure_policy
 recompute it computed the prompt itself. The count is then what this request reused: the decode's own prefix-cache
 hits, not the prefill's (which the proxy reports when the KV did come over: test_pd_cached_tokens.py). Real
-instances (tiny model, real NIXL on CPU) behind the real proxy, in this process; whole answers and streams (usage
-on the last chunk or in the usage chunk), completions and chat."""
+instances (tiny model, real NIXL on CPU) behind the real proxy, in this process; whole answers and streams (the usage
+chunk, asked for by `stream_options: {}`, vLLM's default include_usage, or by include_usage), completions and chat."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_a_decode_that_recomputed_the_prompt_reports_its_own_cached_tokens(
         deployment: Deployment, path: str, stream: dict[str, bool] | None) -> None:
     d = deployment
     seed = 100 * STREAMS.index(stream) + ("chat" in path)
-    extra: dict[str, Any] = {} if stream is None else {"stream": True, "stream_options": stream or None}
+    extra: dict[str, Any] = {} if stream is None else {"stream": True, "stream_options": stream}
     body = _body(path, seed, **extra)
     _warm(d, path, body)
     faults = d.loops["decode"].engine.connector.receiver.faults
@@ -168,7 +168,7 @@ def test_expired_params_computed_here_say_so(deployment: Deployment, stream: dic
     d = deployment
     body = _body("/v1/completions", 1000 + STREAMS.index(stream))
     if stream is not None:
-        body.update(stream=True, stream_options=stream or None)
+        body.update(stream=True, stream_options=stream)
     _warm(d, "/v1/completions", body)
     leg = _one_token(body, kv_transfer_params={"do_remote_decode": True})
     params = httpx.post(f"{d.prefill}/v1/completions", json=leg, timeout=120).json()["kv_transfer_params"]

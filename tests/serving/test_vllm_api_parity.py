@@ -4,7 +4,8 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
 
 - `tool_choice: "required"` with `tools: []` is a plain chat answer (vLLM: "none" without tools, as OpenAI); a
   tool_choice other than "none" without tools is a 400 naming tool_choice (vLLM refuses "auto" too).
-- `stream_options: {}` with `stream: true` gets the usage chunk: vLLM's include_usage defaults to true.
+- `stream_options: {}` with `stream: true` gets the usage chunk: vLLM's include_usage defaults to true. Without the
+  usage chunk no chunk carries usage (a stream's last choice chunk carried it).
 - An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
 - Whole chat and completion answers carry `system_fingerprint: null`, as vLLM's; stream chunks do not.
 """
@@ -86,6 +87,8 @@ def test_stream_options_include_usage_defaults_to_true(urls: dict[str, str], via
     assert len(separate) == usage_chunk, chunks
     if usage_chunk:
         assert chunks[-1] is separate[0] and separate[0]["usage"]["completion_tokens"] == 3, chunks
+    # vLLM's chunks carry usage only in that chunk: a client that did not ask for usage gets none
+    assert [c for c in chunks if "usage" in c] == separate, chunks
 
 
 @VIA
