@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -82,9 +83,10 @@ async def models(request: Request) -> JsonObject:
     instance = instance_of(request)
     engine = instance.engine_loop.built_engine
     max_model_len = engine.max_model_len if engine is not None else None
+    # vLLM's model card: created is when it was listed (a 0 reads as 1970 in the clients that show it)
     return {"object": "list", "data": [{
-        "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": instance.config.model.path,
-        "max_model_len": max_model_len,
+        "id": name, "object": "model", "created": int(time.time()), "owned_by": "pdlaunch",
+        "root": instance.config.model.path, "parent": None, "max_model_len": max_model_len,
     } for name in served_model_names(instance.config)]}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +46,8 @@ def test_health_info_models_metrics(server: tuple[str, EngineLoop]) -> None:
     assert info["num_blocks_total"] == 160 and "block-major" in info["kv_layout"].replace("_", "-")
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 2048
+    # vLLM's model card: created is the listing's time (0 read as 1970 in clients that show it), parent null
+    assert abs(models["data"][0]["created"] - time.time()) < 600 and models["data"][0]["parent"] is None
     httpx.post(f"{url}/v1/completions", json=_greedy(stream=True), timeout=60)
     text = httpx.get(f"{url}/metrics").text
     for name in ("pdlaunch_kv_blocks_total", "pdlaunch_requests_running", "pdlaunch_time_to_first_token_seconds",
