@@ -230,10 +230,19 @@ def error_from_exception(instance: Instance, exc: BaseException, timeout_s: floa
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return OpenAIError(504, f"request timed out after {timeout_s:g}s waiting for {instance.name} "
                                 "(proxy.request_timeout_seconds)", code="timeout")
-    message = f"{instance.name} ({instance.url}) failed mid-request: {type(exc).__name__}: {exc}"
     if is_connection_failure(exc):
-        return DroppedConnection(message)
-    return OpenAIError(502, message, code="instance_failed")
+        return DroppedConnection(f"{instance.name} ({instance.url}) closed the connection mid-request "
+                                 f"({exception_text(exc)}): it died, restarted or dropped the request; retry it "
+                                 "(GET /instances shows the instance's state)")
+    return OpenAIError(502, f"{instance.name} ({instance.url}) failed mid-request: {exception_text(exc)}",
+                       code="instance_failed")
+
+
+def exception_text(exc: BaseException) -> str:
+    """`ReadError: why`, or the bare class name: httpx's ReadError from a killed peer has no text, and a message
+    ending `ReadError: ` read as if its reason had been cut off."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class DroppedConnection(OpenAIError):
