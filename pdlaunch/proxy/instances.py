@@ -34,6 +34,7 @@ from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
 from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
+from pdlaunch.proxy.unready import health_refusal, none_ready_message
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -193,8 +194,7 @@ class InstancePool:
         of_role = [i for i in self.instances if i.role == role]
         ready = [i for i in of_role if i.state == "ready"]
         if not ready:
-            states = ", ".join(f"{i.name} {i.state}" for i in of_role) or "none configured"
-            raise OpenAIError(503, f"no {role} instance is ready ({states})", code="no_instance")
+            raise OpenAIError(503, none_ready_message(role, of_role), code="no_instance")
         return self.policy.choose(role, ready)
 
     def ready(self) -> bool:
@@ -237,7 +237,7 @@ class InstancePool:
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
         if status != 200:
-            _not_healthy(instance, f"/health answered {status}")
+            _not_healthy(instance, health_refusal(status, _health_body(content)))
             return
         body = _health_body(content)
         foreign = foreign_answer(instance, body)
