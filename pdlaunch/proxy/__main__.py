@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
-                        help=f"debug adds one line per request (its X-Request-Id, instances, outcome); "
+                        help=f"debug adds one line per request (its X-Request-Id, instances, outcome, time); "
                         f"default from {LOG_LEVEL_ENV}, else info.")
     parser.add_argument("--access-log", action="store_true", help="One line per HTTP request (uvicorn's).")
     parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT_S,

@@ -63,7 +63,7 @@ class PromptRequest(DecodeLeg):
         return suffixed(self.request_id, f"-leg{uuid.uuid4().hex[:12]}")
 
     async def serve(self) -> Response:
-        state = self.call.state
+        state, started = self.call.state, time.monotonic()
         try:
             # Token ids only where they decide something: prefix routing, or disaggregation by uncached tokens.
             wanted = state.router.by_prefix or state.disaggregation.min_tokens is not None
@@ -86,8 +86,11 @@ class PromptRequest(DecodeLeg):
         finally:
             if self.outcome != "streaming":  # a stream's ends when it closes
                 self.unqueue()
-            log.debug("request %s %s via %s: %s", self.request_id, self.call.path,
-                      " -> ".join(self.legs) or "no instance", self.outcome)
+            # the time tells where a slow request spent it: a stream's is until its decode answered (the decode's
+            # own line has the whole stream's), so a slow prefill leg or queue shows here
+            log.debug("request %s %s via %s: %s %s %.3fs", self.request_id, self.call.path,
+                      " -> ".join(self.legs) or "no instance", self.outcome,
+                      "after" if self.outcome == "streaming" else "in", time.monotonic() - started)
 
     def _choose(self, role: str, prompt: PromptBlocks | None) -> Choice:
         """An instance of `role` for the prompt (prefix.py); its uncached tokens count as queued there until
