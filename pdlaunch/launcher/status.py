@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -11,6 +13,10 @@ from rich.table import Table
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red",
                 "exited": "red", "stalled": "red", "not": "red", "port": "red", "down": "red", "unhealthy": "red",
                 "stopping": "magenta", "stopped": "dim"}
+# Without a TTY (nohup, systemd, a CI log) a row prints when its state changes, and when only its KV blocks did, at
+# most once this often: they change with every request, and a row printed at each 2 s refresh filled a day's log
+# with 43,200 `ready blocks N/M` lines an instance, burying the deaths and restarts among them.
+BLOCKS_LINE_EVERY_S = 60.0
 
 
 @dataclass
@@ -38,14 +44,18 @@ class StatusRow:
 
 
 class StatusView:
-    """Call `update()` whenever rows changed; on a TTY the table redraws, else changed rows print once."""
+    """Call `update()` whenever rows changed; on a TTY the table redraws, else changed rows print once (a change
+    of KV blocks alone at most every BLOCKS_LINE_EVERY_S)."""
 
-    def __init__(self, console: Console, rows: list[StatusRow], title: str) -> None:
+    def __init__(self, console: Console, rows: list[StatusRow], title: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
         self.rows = rows
         self.title = title
         self._live: Live | None = None
-        self._printed: dict[str, str] = {}
+        self._clock = clock
+        self._printed: dict[str, tuple[str, str]] = {}  # name: (state, blocks) as last printed
+        self._printed_at: dict[str, float] = {}
 
     def table(self) -> Table:
         table = Table(title=self.title, title_justify="left")
@@ -66,21 +76,28 @@ class StatusView:
         elif print_rows:
             self.update()
         else:
-            self._printed = {row.name: self._key(row) for row in self.rows}
+            now = self._clock()
+            for row in self.rows:
+                self._printed[row.name], self._printed_at[row.name] = self._key(row), now
 
     @staticmethod
-    def _key(row: StatusRow) -> str:
-        return f"{row.state}|{row.blocks if row.state == 'ready' else ''}"
+    def _key(row: StatusRow) -> tuple[str, str]:
+        return row.state, row.blocks if row.state == "ready" else ""
 
     def update(self) -> None:
         if self._live is not None:
             self._live.update(self.table())
             return
+        now = self._clock()
         for row in self.rows:
-            key = self._key(row)
-            if self._printed.get(row.name) != key:
-                self._printed[row.name] = key
-                self.console.print(f"[pdlaunch] {row.line()}", highlight=False, markup=False, soft_wrap=True)
+            key, printed = self._key(row), self._printed.get(row.name)
+            if printed == key:
+                continue
+            if (printed is not None and printed[0] == key[0]
+                    and now - self._printed_at[row.name] < BLOCKS_LINE_EVERY_S):
+                continue  # only its blocks changed, and its last line is recent: the next due update prints them
+            self._printed[row.name], self._printed_at[row.name] = key, now
+            self.console.print(f"[pdlaunch] {row.line()}", highlight=False, markup=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self._live is not None:
