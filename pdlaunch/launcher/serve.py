@@ -99,7 +99,9 @@ def report_child_exit(console: Console, exc: ChildExited) -> None:
 
 
 def run_serve(cfg: DeploymentConfig) -> int:
-    console = Console()
+    # soft_wrap: without a TTY (nohup, systemd) rich wrapped every line at 80 columns, splitting one message over two
+    # log lines (`...then stopping; Ctrl-C` / `again to stop at once`) that a grep for it then missed
+    console = Console(soft_wrap=True)
     deployment = Deployment(cfg, console)
     with StopSignals() as signals:
         try:
