@@ -125,7 +125,11 @@ class Supervisor:
                 self._peers_forgot(record.name)
                 record.restarts += 1
                 record.started = now
-                engine_id = self.deployment.restart_child(child, record.restarts, record.last_exit)
+                try:
+                    engine_id = self.deployment.restart_child(child, record.restarts, record.last_exit)
+                except PdlaunchError as exc:  # its log cannot be opened (a full or read-only disk), or no process
+                    self._not_restarted(child, record, exc, now)
+                    continue
                 row.state = f"restarting ({record.restarts})"
                 new_id = f" with engine_id {engine_id}" if engine_id else ""
                 self._say(f"{record.name}: restart {record.restarts}{new_id} (log: {child.log_path})")
@@ -208,6 +212,19 @@ class Supervisor:
         self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} "
                   f"in {decision.delay:.1f}s")
         self._forget(record)
+
+    def _not_restarted(self, child: ChildProcess, record: ProcessRecord, exc: PdlaunchError, now: float) -> None:
+        """A restart that could not start the process is a failed restart, retried after the backoff: it ended the
+        whole deployment, the other instances' requests cut, with the startup hint `pass --log-dir DIR`."""
+        decision = on_exit(record, f"could not be restarted ({exc.message})", now, self.policy)
+        row = self.deployment.rows[record.name]
+        if isinstance(decision, GiveUp):
+            row.state = "failed"
+            self.view.update()
+            raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
+        row.state = f"restarting ({record.restarts + 1})"
+        self._say(f"{record.name}: restart {record.restarts} failed: {exc.message}; restart {record.restarts + 1} "
+                  f"in {decision.delay:.1f}s (the others serve on)")
 
     def _forget(self, record: ProcessRecord) -> None:
         """Ask the dead instance's peers to forget its engine, from now until its restart (forget_peers.py): the
