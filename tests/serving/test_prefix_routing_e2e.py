@@ -18,7 +18,7 @@ same order every round (round robin first); with the order alternated (below) an
 or three busy loops measured 0.32-0.51 (0.32-0.48 under two), so the test asserts issue 31's 0.6x.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
-instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
+instances, at info level (the launcher's proxy's level: a debug proxy once wrote ~30 httpcore lines a request, and on
 two cores that alone raised the prefix policy's TTFT p50 from ~38 to ~52 ms). Both proxies start once; a short
 warm-up run through each makes the prefill-decode pairs' NIXL handshakes and the proxies' first requests, so
 round robin's first turns do not pay them. (The idle prefix proxy follows the decodes' KV events during round
