@@ -32,9 +32,9 @@ from pydantic import ValidationError
 
 from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
 from pdlaunch.engine.kv_capacity import KVCapacity
-from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.unready import health_refusal, none_ready_message
+from pdlaunch.server.retry_later import NO_INSTANCE_RETRY_AFTER_S, RetryLater
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -194,7 +194,7 @@ class InstancePool:
         of_role = [i for i in self.instances if i.role == role]
         ready = [i for i in of_role if i.state == "ready"]
         if not ready:
-            raise OpenAIError(503, none_ready_message(role, of_role), code="no_instance")
+            raise RetryLater(none_ready_message(role, of_role), "no_instance", NO_INSTANCE_RETRY_AFTER_S)
         return self.policy.choose(role, ready)
 
     def ready(self) -> bool:

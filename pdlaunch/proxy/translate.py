@@ -18,6 +18,7 @@ from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.decode_limits import DECODE_LIMITS_REFUSAL
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from pdlaunch.server.responses import PROMPT_RECOMPUTED
+from pdlaunch.server.retry_later import UNREACHABLE_RETRY_AFTER_S, RetryLater
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
@@ -203,9 +204,11 @@ class _InstanceErrorBody(BaseModel):
     error: _InstanceError
 
 
-def error_from_response(instance: Instance, status: int, content: bytes) -> OpenAIError:
+def error_from_response(instance: Instance, status: int, content: bytes,
+                        retry_after_s: int | None = None) -> OpenAIError:
     """An instance's non-200 answer. 4xx are the client's problem and pass through unchanged;
-    503 stays 503 (try again); any other 5xx becomes a 502 naming the instance. A body that is not an
+    503 stays 503 (try again), with the instance's Retry-After (`retry_after_s`, server/retry_later.py) where it
+    sent one; any other 5xx becomes a 502 naming the instance. A body that is not an
     OpenAI-format error (a message that is not text, say) is quoted as the message."""
     message, param, code = f"HTTP {status}", None, None
     try:
@@ -218,15 +221,18 @@ def error_from_response(instance: Instance, status: int, content: bytes) -> Open
     if status < 500:
         return OpenAIError(status, message, param=param, code=code)
     if status == 503:
-        return OpenAIError(503, f"{instance.name} is unavailable: {message}", code=code or "unavailable")
+        message = f"{instance.name} is unavailable: {message}"
+        if retry_after_s is not None:
+            return RetryLater(message, code or "unavailable", retry_after_s)
+        return OpenAIError(503, message, code=code or "unavailable")
     return OpenAIError(502, f"{instance.name} ({instance.url}) failed: {message}", code=code or "instance_failed")
 
 
 def error_from_exception(instance: Instance, exc: BaseException, timeout_s: float) -> OpenAIError:
     """A failed call to an instance: unreachable -> 503, dropped connection -> 502, too slow -> 504."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return OpenAIError(503, f"{instance.name} ({instance.url}) is unreachable: {exc or type(exc).__name__}",
-                           code="instance_unreachable")
+        return RetryLater(f"{instance.name} ({instance.url}) is unreachable: {exc or type(exc).__name__}",
+                          "instance_unreachable", UNREACHABLE_RETRY_AFTER_S)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return OpenAIError(504, f"request timed out after {timeout_s:g}s waiting for {instance.name} "
                                 "(proxy.request_timeout_seconds)", code="timeout")

@@ -27,6 +27,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
+from pdlaunch.server.retry_later import retry_after_of
 
 CONNECT_TIMEOUT_S = 5.0
 SHUTDOWN_MARGIN_S = 1.0  # streams end this long before the server's graceful-shutdown deadline
@@ -99,14 +100,14 @@ class Proxy:
         remaining = self._timeout(deadline)
         with instance.lease():
             try:
-                status, content = await asyncio.wait_for(self._post(instance.url + path, body, headers, remaining),
-                                                         remaining)
+                status, content, retry_after_s = await asyncio.wait_for(
+                    self._post(instance.url + path, body, headers, remaining), remaining)
             except (httpx.HTTPError, TimeoutError) as exc:
                 raise self.failed(instance, exc) from None
             except AnswerTooLarge as exc:
                 raise OpenAIError(502, f"{instance.name} ({instance.url}) sent {exc}", code="instance_failed") from None
         if status != 200:
-            raise error_from_response(instance, status, content)
+            raise error_from_response(instance, status, content, retry_after_s)
         try:
             # As strict as a client's body: a NaN or a lone surrogate would fail the proxy's own JSON answer (a 500).
             return parse_json_object(content)
@@ -115,12 +116,14 @@ class Proxy:
                                    f"JSON object ({exc.message.removeprefix('request ')})",
                               code="instance_failed") from None
 
-    async def _post(self, url: str, body: JsonObject, headers: dict[str, str], remaining: float) -> tuple[int, bytes]:
+    async def _post(self, url: str, body: JsonObject, headers: dict[str, str],
+                    remaining: float) -> tuple[int, bytes, int | None]:
+        """(status, body, the answer's Retry-After in seconds if it has a valid one)."""
         timeout = httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))
         async with self.http().stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
             if response.status_code != 200:
-                return response.status_code, await _error_body(response)
-            return 200, await read_body(response, MAX_ANSWER_BYTES)
+                return response.status_code, await _error_body(response), retry_after_of(response.headers)
+            return 200, await read_body(response, MAX_ANSWER_BYTES), None
 
     async def open_stream(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
                           deadline: float) -> Upstream:
@@ -149,7 +152,7 @@ class Proxy:
                     await response.aclose()
                 finally:  # a second cancellation may interrupt the close: the count ends all the same
                     instance.in_flight -= 1
-            raise error_from_response(instance, response.status_code, content)
+            raise error_from_response(instance, response.status_code, content, retry_after_of(response.headers))
         return Upstream(instance, response)
 
     async def relay(self, upstream: Upstream, deadline: float,

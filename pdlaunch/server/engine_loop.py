@@ -24,6 +24,7 @@ from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add
 from pdlaunch.server.engine_thread import EngineThread
 from pdlaunch.server.request_stream import RequestStream
+from pdlaunch.server.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
     from pdlaunch.engine.llm_engine import LLMEngine
@@ -113,7 +114,7 @@ class EngineLoop(EngineThread):
             if request_id in self._streams:
                 raise OpenAIError(409, f"request id {request_id!r} is already in flight", param="X-Request-Id")
             if len(self._streams) >= self.max_pending_requests:
-                raise OpenAIError(503, self._overloaded_message(), code="overloaded")
+                raise RetryLater(self._overloaded_message(), "overloaded", OVERLOADED_RETRY_AFTER_S)
             self._streams[request_id] = stream
             self._adds.add(add)
         spec = params.structured_output
