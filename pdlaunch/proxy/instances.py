@@ -32,9 +32,9 @@ from pydantic import ValidationError
 
 from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
 from pdlaunch.engine.kv_capacity import KVCapacity
+from pdlaunch.http.retry_later import NO_INSTANCE_RETRY_AFTER_S, RetryLater
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.unready import health_refusal, none_ready_message
-from pdlaunch.server.retry_later import NO_INSTANCE_RETRY_AFTER_S, RetryLater
 
 log = logging.getLogger("pdlaunch.proxy")
 

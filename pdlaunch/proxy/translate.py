@@ -9,6 +9,7 @@ from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
+from pdlaunch.http.retry_later import UNREACHABLE_RETRY_AFTER_S, RetryLater
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
@@ -18,7 +19,6 @@ from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.decode_limits import DECODE_LIMITS_REFUSAL
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from pdlaunch.server.responses import PROMPT_RECOMPUTED
-from pdlaunch.server.retry_later import UNREACHABLE_RETRY_AFTER_S, RetryLater
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
@@ -207,7 +207,7 @@ class _InstanceErrorBody(BaseModel):
 def error_from_response(instance: Instance, status: int, content: bytes,
                         retry_after_s: int | None = None) -> OpenAIError:
     """An instance's non-200 answer. 4xx are the client's problem and pass through unchanged;
-    503 stays 503 (try again), with the instance's Retry-After (`retry_after_s`, server/retry_later.py) where it
+    503 stays 503 (try again), with the instance's Retry-After (`retry_after_s`, http/retry_later.py) where it
     sent one; any other 5xx becomes a 502 naming the instance. A body that is not an
     OpenAI-format error (a message that is not text, say) is quoted as the message."""
     message, param, code = f"HTTP {status}", None, None

@@ -20,6 +20,7 @@ import httpx
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
+from pdlaunch.http.retry_later import retry_after_of
 from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.answers import AnswerTooLarge, read_body
 from pdlaunch.proxy.bodies import JsonObject
@@ -27,7 +28,6 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
-from pdlaunch.server.retry_later import retry_after_of
 
 CONNECT_TIMEOUT_S = 5.0
 SHUTDOWN_MARGIN_S = 1.0  # streams end this long before the server's graceful-shutdown deadline

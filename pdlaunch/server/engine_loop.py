@@ -20,11 +20,11 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add
 from pdlaunch.server.engine_thread import EngineThread
 from pdlaunch.server.request_stream import RequestStream
-from pdlaunch.server.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
     from pdlaunch.engine.llm_engine import LLMEngine

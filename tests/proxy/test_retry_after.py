@@ -14,10 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pdlaunch.http.errors import error_body
+from pdlaunch.http.retry_later import NO_INSTANCE_RETRY_AFTER_S, UNREACHABLE_RETRY_AFTER_S
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.retry_later import NO_INSTANCE_RETRY_AFTER_S, UNREACHABLE_RETRY_AFTER_S
 from tests.serving.helpers import ThreadServer, wait_for
 
 Proxies = tuple[str, str, InstancePool]

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pdlaunch.http.retry_later import OVERLOADED_RETRY_AFTER_S
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.retry_later import OVERLOADED_RETRY_AFTER_S
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 TIMEOUT = 120.0  # a loaded 2-core machine
