@@ -136,9 +136,11 @@ class ServeBenchConfig(BaseModel):
         return base + path
 
     @property
-    def headers(self) -> dict[str, str]:
-        """Sent with every request (the model list, the prompts, multi-turn's /metrics reads)."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def headers(self) -> dict[bytes, bytes]:
+        """Sent with every request (the model list, the prompts, multi-turn's /metrics reads). As bytes, the key in
+        UTF-8 (as curl sends one typed in a UTF-8 terminal, and as pdlaunch's auth reads it): httpx encodes a str
+        header as ASCII only, and a key beyond it ended the run in a UnicodeEncodeError that quoted the key."""
+        return {b"Authorization": b"Bearer " + self.api_key.encode()} if self.api_key else {}
 
     @property
     def models_url(self) -> str:

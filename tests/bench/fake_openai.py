@@ -4,7 +4,8 @@ Streams one chunk per token (`max_tokens` of them) then a usage chunk, as vLLM d
 stream_options.include_usage; answers /v1/completions and /v1/chat/completions. With
 `fail_every=k`, every k-th request (in arrival order) gets HTTP 500. With `max_model_len`, /v1/models lists it for
 the model, as pdlaunch's and vLLM's servers do. With `api_key`, every route answers 401 without
-`Authorization: Bearer <api_key>`, as `pdlaunch serve --api-key` does.
+`Authorization: Bearer <api_key>`, checked by pdlaunch's own AccessPolicy (a key beyond ASCII as UTF-8 or latin-1), as
+`pdlaunch serve --api-key` does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdlaunch.http.auth import AccessPolicy
 from tests.helpers.ports import free_port
 
 MODEL = "fake-model"
@@ -33,7 +35,8 @@ def make_app(seen: list[dict[str, Any]], fail_every: int = 0, max_model_len: int
 
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        refused = AccessPolicy(api_key=api_key).check(request.url.path, request.headers.get("authorization"), None)
+        if api_key is not None and refused is not None:
             return JSONResponse({"error": {"message": "invalid API key", "code": "invalid_api_key"}}, status_code=401)
         return await call_next(request)
     counter = itertools.count(1)

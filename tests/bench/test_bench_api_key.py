@@ -53,3 +53,13 @@ def test_the_key_from_the_environment_is_sent_in_multi_turn_too() -> None:
                                            "--system-prompt-len", "4"], env={"PDLAUNCH_API_KEY": KEY})
     assert result.exit_code == 0, result.output
     assert len(seen) == 2
+
+
+def test_a_key_beyond_ascii_is_sent_as_the_servers_take_it() -> None:
+    """`pdlaunch serve` takes any key (its check reads the header as UTF-8 or latin-1); httpx refuses a str header
+    beyond ASCII, and such a key ended the run in a UnicodeEncodeError traceback before any request."""
+    key = "pässwort-ключ"
+    with fake_server(api_key=key) as (url, seen):
+        result = runner.invoke(bench_app, ["serve", "--base-url", url, "--api-key", key, *SMALL])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(seen) == 3
