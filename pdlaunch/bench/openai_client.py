@@ -24,14 +24,17 @@ CUT_SHORT = frozenset({"abort", "error"})
 OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
 ERROR_BODY_CHARS = 300  # of an error answer's body, in a request's error
 _TAG = re.compile(r"<[^>]*>")
+# What a page holds that is not its text: CSS and scripts (a head's <style> filled the line before the page's words)
+# and comments, whose contents may hold `>` or tags of their own
+_NOT_TEXT = re.compile(r"<(style|script)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
 
 
 def error_body_text(body: str, content_type: str) -> str:
     """An error answer's body as one line of at most ERROR_BODY_CHARS: an HTML page (a web server's or a gateway's
     error page, not an OpenAI server's JSON) without its markup, every run of whitespace one space, so that the
-    error list and the final error say the server's words, a request a line."""
+    error list and the final error say the server's words, a request a line (its styles and scripts are no words)."""
     if "html" in content_type.lower() or body.lstrip()[:1] == "<":
-        body = html.unescape(_TAG.sub(" ", body))
+        body = html.unescape(_TAG.sub(" ", _NOT_TEXT.sub(" ", body)))
     return " ".join(body.split())[:ERROR_BODY_CHARS]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
+from pdlaunch.bench.openai_client import error_body_text
 
 runner = CliRunner()
 
@@ -57,3 +58,14 @@ def test_an_html_error_page_is_one_line_without_markup(tmp_path: Path) -> None:
     # each error a line: the page's own line breaks are gone
     errors = [line for line in result.output.splitlines() if "HTTP 501" in line]
     assert len(errors) == 3 and all("Unsupported method" in line for line in errors), result.output
+
+
+def test_an_error_pages_style_and_script_are_not_its_text() -> None:
+    """A page whose head carries CSS (Tomcat's, a CDN's) or a script: their code is no text of the page, and, kept,
+    it filled the 300 characters before the page's words (`HTTP Status 404 – Not Found body {font-family:...`)."""
+    css = "body {font-family:Tahoma,Arial,sans-serif;} h1, h2, h3, b {color:white;background-color:#525D76;} " * 4
+    page = (f'<!doctype html><html lang="en"><head><title>HTTP Status 502 – Bad Gateway</title>'
+            f'<style type="text/css">{css}</style><script>var x = "<b>" ;</script><!-- <p>a note</p> --></head>'
+            "<body><h1>HTTP Status 502 – Bad Gateway</h1><p><b>Description</b> The upstream is down.</p></body></html>")
+    text = error_body_text(page, "text/html;charset=utf-8")
+    assert text == "HTTP Status 502 – Bad Gateway HTTP Status 502 – Bad Gateway Description The upstream is down."
