@@ -174,7 +174,11 @@ def _write_checkpoint(out: Path, cfg: HFConfigJson, shards: list[list[tuple[str,
                    for key, t in random_tensors(name, shape, dtype, seed, std, device, fp8).items()}
         written.append(out / fname)
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        (out / fname).chmod(file_mode)  # safetensors writes 0600: readable as the config is, by another user too
+        # safetensors writes 0600: readable as the config is, by another user too. A courtesy, not part of the
+        # write: a filesystem without modes (vfat, a CIFS share) or a shard another user made (--overwrite in a
+        # shared folder: only a file's owner may chmod it) refuses it, and the checkpoint is whole without it.
+        with contextlib.suppress(PermissionError):
+            (out / fname).chmod(file_mode)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))
         del tensors

@@ -36,3 +36,22 @@ def test_every_file_of_the_checkpoint_has_the_same_readable_mode(tmp_path: Path)
     shards = [name for name in modes if name.endswith(".safetensors")]
     assert len(shards) > 1
     assert set(modes.values()) == {0o644}, {name: oct(mode) for name, mode in modes.items()}
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_shard_whose_mode_cannot_be_set_is_still_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the mode is a courtesy to other users, not part of writing the checkpoint: a filesystem without modes
+    (vfat, a CIFS share) or a shard another user made (--overwrite in a shared, group-writable folder: only a file's
+    owner may chmod it) refuses it with EPERM, and the whole checkpoint failed and was removed for it."""
+    chmod = Path.chmod
+
+    def refuse(path: Path, mode: int, **kwargs: bool) -> None:
+        if path.suffix == ".safetensors":
+            raise PermissionError(1, "Operation not permitted", str(path))
+        chmod(path, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "config.json").is_file()
