@@ -224,7 +224,7 @@ class Supervisor:
             raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
         row.state = f"restarting ({record.restarts + 1})"
         self._say(f"{record.name}: restart {record.restarts} failed: {exc.message}; restart {record.restarts + 1} "
-                  f"in {decision.delay:.1f}s (the others serve on)")
+                  f"in {decision.delay:.1f}s (the other processes run on)")
 
     def _forget(self, record: ProcessRecord) -> None:
         """Ask the dead instance's peers to forget its engine, from now until its restart (forget_peers.py): the

@@ -58,9 +58,8 @@ class MergedStream:
     index moved to p * n + i, one usage chunk (summed) at the end, then [DONE]. An error event from any
     stream is forwarded and ends the whole stream.
 
-    A prompt's stream of one choice puts that prompt's usage on its last chunk (server/choices.py) when the
-    client did not ask for the usage chunk; the merged stream has several choices, so, as a colocated
-    instance answering the whole list, it carries no usage then (one prompt's counts read as the request's)."""
+    Usage comes only in the usage chunk a client asked for (stream_options, as vLLM's streams): without it, the
+    merged stream carries no usage either, as a colocated instance answering the whole list."""
 
     def __init__(self, streams: list[ClosingStreamingResponse], n: int, response_id: str) -> None:
         self.streams, self.n, self.response_id = streams, n, response_id

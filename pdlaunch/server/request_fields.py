@@ -59,8 +59,9 @@ class StreamOptions(BaseModel):
     @model_validator(mode="after")
     def _refuse_continuous_usage(self) -> StreamOptions:
         if self.continuous_usage_stats:
-            raise OpenAIError(400, "stream_options.continuous_usage_stats is not supported; usage comes with the "
-                                   "last chunk", param="stream_options.continuous_usage_stats")
+            raise OpenAIError(400, "stream_options.continuous_usage_stats is not supported; usage comes in one "
+                                   "chunk at the end (stream_options.include_usage)",
+                              param="stream_options.continuous_usage_stats")
         return self
 
 
