@@ -202,6 +202,20 @@ class Supervisor:
         child.signal_group(signal.SIGKILL)
         self._forget_stall(record.name)
         how, record.killed_for = record.killed_for or child.describe_exit(), ""
+        delay = self._restart_after(child, record, how, now)
+        self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} in {delay:.1f}s")
+        self._forget(record)
+
+    def _not_restarted(self, child: ChildProcess, record: ProcessRecord, exc: PdlaunchError, now: float) -> None:
+        """A restart that could not start the process is a failed restart, retried after the backoff: it ended the
+        whole deployment, the other instances' requests cut, with the startup hint `pass --log-dir DIR`."""
+        delay = self._restart_after(child, record, f"could not be restarted ({exc.message})", now)
+        self._say(f"{record.name}: restart {record.restarts} failed: {exc.message}; restart {record.restarts + 1} "
+                  f"in {delay:.1f}s (the other processes run on)")
+
+    def _restart_after(self, child: ChildProcess, record: ProcessRecord, how: str, now: float) -> float:
+        """The supervision policy's answer to `record` ending `how`: SupervisionFailed when it gives up, else its row
+        marked restarting and the seconds until the restart."""
         decision = on_exit(record, how, now, self.policy)
         row = self.deployment.rows[record.name]
         if isinstance(decision, GiveUp):
@@ -209,22 +223,7 @@ class Supervisor:
             self.view.update()
             raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
         row.state = f"restarting ({record.restarts + 1})"
-        self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} "
-                  f"in {decision.delay:.1f}s")
-        self._forget(record)
-
-    def _not_restarted(self, child: ChildProcess, record: ProcessRecord, exc: PdlaunchError, now: float) -> None:
-        """A restart that could not start the process is a failed restart, retried after the backoff: it ended the
-        whole deployment, the other instances' requests cut, with the startup hint `pass --log-dir DIR`."""
-        decision = on_exit(record, f"could not be restarted ({exc.message})", now, self.policy)
-        row = self.deployment.rows[record.name]
-        if isinstance(decision, GiveUp):
-            row.state = "failed"
-            self.view.update()
-            raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
-        row.state = f"restarting ({record.restarts + 1})"
-        self._say(f"{record.name}: restart {record.restarts} failed: {exc.message}; restart {record.restarts + 1} "
-                  f"in {decision.delay:.1f}s (the other processes run on)")
+        return float(decision.delay)
 
     def _forget(self, record: ProcessRecord) -> None:
         """Ask the dead instance's peers to forget its engine, from now until its restart (forget_peers.py): the
