@@ -14,8 +14,9 @@ _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "re
                 "exited": "red", "stalled": "red", "not": "red", "port": "red", "down": "red", "unhealthy": "red",
                 "stopping": "magenta", "stopped": "dim"}
 # Without a TTY (nohup, systemd, a CI log) a row prints when its state changes, and when only its KV blocks did, at
-# most once this often: they change with every request, and a row printed at each 2 s refresh filled a day's log
-# with 43,200 `ready blocks N/M` lines an instance, burying the deaths and restarts among them.
+# most one such line this often: they change with every request, and a row printed at each 2 s refresh filled a
+# day's log with 43,200 `ready blocks N/M` lines an instance, burying the deaths and restarts among them. The first
+# change of blocks after a quiet minute prints at once (an operator watching the first requests sees them land).
 BLOCKS_LINE_EVERY_S = 60.0
 
 
@@ -45,7 +46,7 @@ class StatusRow:
 
 class StatusView:
     """Call `update()` whenever rows changed; on a TTY the table redraws, else changed rows print once (a change
-    of KV blocks alone at most every BLOCKS_LINE_EVERY_S)."""
+    of KV blocks alone: one line at most every BLOCKS_LINE_EVERY_S)."""
 
     def __init__(self, console: Console, rows: list[StatusRow], title: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -55,7 +56,7 @@ class StatusView:
         self._live: Live | None = None
         self._clock = clock
         self._printed: dict[str, tuple[str, str]] = {}  # name: (state, blocks) as last printed
-        self._printed_at: dict[str, float] = {}
+        self._blocks_line_at: dict[str, float] = {}  # name: when its last line for a change of blocks alone printed
 
     def table(self) -> Table:
         table = Table(title=self.title, title_justify="left")
@@ -76,9 +77,8 @@ class StatusView:
         elif print_rows:
             self.update()
         else:
-            now = self._clock()
             for row in self.rows:
-                self._printed[row.name], self._printed_at[row.name] = self._key(row), now
+                self._printed[row.name] = self._key(row)
 
     @staticmethod
     def _key(row: StatusRow) -> tuple[str, str]:
@@ -93,10 +93,11 @@ class StatusView:
             key, printed = self._key(row), self._printed.get(row.name)
             if printed == key:
                 continue
-            if (printed is not None and printed[0] == key[0]
-                    and now - self._printed_at[row.name] < BLOCKS_LINE_EVERY_S):
-                continue  # only its blocks changed, and its last line is recent: the next due update prints them
-            self._printed[row.name], self._printed_at[row.name] = key, now
+            if printed is not None and printed[0] == key[0]:  # only its blocks changed
+                if now - self._blocks_line_at.get(row.name, -BLOCKS_LINE_EVERY_S) < BLOCKS_LINE_EVERY_S:
+                    continue  # such a line printed within the minute: the next due update prints the latest
+                self._blocks_line_at[row.name] = now
+            self._printed[row.name] = key
             self.console.print(f"[pdlaunch] {row.line()}", highlight=False, markup=False, soft_wrap=True)
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ group or process of the deployment is left. One cluster serves every step (Ray s
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -236,4 +237,6 @@ def test_a_deployment_larger_than_the_cluster_is_refused_by_check_config(cluster
     said = done.stdout + done.stderr
     assert done.returncode == 1, said
     assert "instances: the deployment's instances need {CPU: 8} in all" in said, said
-    assert "the cluster has {CPU: 6} in all" in said and "Traceback" not in said, said
+    # the cluster's nodes (2 CPUs each): 6 CPUs with all three up, fewer while an earlier test's node restarts
+    total = re.search(r"and the cluster has \{CPU: (\d+)\} in all: it can never be placed", said)
+    assert total is not None and int(total.group(1)) < 8 and "Traceback" not in said, said

@@ -1,5 +1,6 @@
 """`--backend ray`: a stop signal after the connect, in a real `python -m pdlaunch check-config` subprocess against a
-real `ray start --head` (one fake GPU: `--num-gpus 1`, so that check-config of a CUDA deployment runs its GPU probe).
+real `ray start --head` (two fake GPUs: `--num-gpus 2`, so that check-config of a CUDA 1P1D deployment runs its GPU
+probe; with one, the whole deployment's fit refuses it first).
 
 - After the verdict, while the driver leaves the cluster: Ray's atexit hook (ray.shutdown) used to do that, and a
   Ctrl-C there printed "Exception ignored in atexit callback" and a KeyboardInterrupt traceback (a SIGTERM ended
@@ -72,8 +73,8 @@ ray.get = get
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[RayCluster]:
-    """One `ray start --head` with one (fake) GPU under its own temporary directory."""
-    yield from running_ray_head("--num-gpus", "1")
+    """One `ray start --head` with two (fake) GPUs under its own temporary directory: one per instance of 1P1D."""
+    yield from running_ray_head("--num-gpus", "2")
 
 
 def _check_config(head: RayCluster, tmp_path: Path, hook_text: str, device: str, sig: signal.Signals
