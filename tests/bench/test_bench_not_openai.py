@@ -3,7 +3,6 @@ another service's port): the error names --base-url, and the server's HTML error
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.openai_client import error_body_text
+from tests.helpers.http_server import served
 
 runner = CliRunner()
 
@@ -26,15 +26,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 @contextmanager
 def static_server(root: Path) -> Iterator[str]:
     """Python's file server over `root`: GET /v1/models is 404, every POST 501 with an HTML page."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with served(ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))) as url:
+        yield url
 
 
 def test_a_server_without_v1_models_is_said_as_a_base_url_problem(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ completions path and an empty --model are refused naming the flag."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
 from tests.bench.fake_openai import fake_server
+from tests.helpers.http_server import served
 
 SMALL = ["--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2", "--model", "m"]
 
@@ -44,15 +44,8 @@ def _streaming(body: bytes) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(20)
+    with served(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url
 
 
 def _output(*args: str) -> tuple[int | None, str]:

@@ -19,6 +19,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.status import StatusRow
+from tests.helpers.http_server import served
 
 BODIES = {
     "list": b"[1, 2, 3]",
@@ -45,14 +46,8 @@ class _Info(BaseHTTPRequestHandler):
 @pytest.fixture(params=sorted(BODIES))
 def info_url(request: pytest.FixtureRequest) -> Iterator[str]:
     handler = type("Info", (_Info,), {"body": BODIES[request.param]})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served(ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
+        yield url
 
 
 def test_an_info_answer_of_another_shape_leaves_the_blocks_unknown(info_url: str, tmp_path: Path) -> None:

@@ -6,31 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.stats import EngineStats
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.translate import error_from_response
 from pdlaunch.server.__main__ import max_pending_requests, pending_limit_source
 from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.test_engine_loop_idle import CountingEngine
 
 
-class HoldingEngine:
-    """An engine that takes every request and finishes none: each stays pending."""
-
-    rank_engine_ids: list[str] = []
-    rank_nodes: list[str] = []
-    connector = None
+class HoldingEngine(CountingEngine):
+    """An engine that takes every request and finishes none: each stays pending (nothing to step)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.added: list[str] = []
-        self.lock = threading.Lock()
 
     def check_kv_transfer_params(self, params: JsonObject | None) -> None:
         return None
@@ -39,36 +34,8 @@ class HoldingEngine:
         with self.lock:
             self.added.append(request_id)
 
-    def is_quiescent(self) -> bool:
-        return True
-
-    def arrival_window_s(self) -> float:
-        return 0.0
-
-    def has_unfinished_requests(self) -> bool:  # nothing to step: the requests only wait
-        return False
-
-    def is_blocked(self) -> bool:
-        return False
-
-    def step(self) -> list[object]:
-        return []
-
-    def take_admitted(self) -> list[object]:
-        return []
-
-    def stats(self) -> EngineStats:
-        return {"num_running": 0, "num_waiting": 0, "num_waiting_for_kv": 0, "num_blocks_total": 8,
-                "num_blocks_used": 0}  # type: ignore[typeddict-item]
-
-    def check_integrity(self) -> None:
-        pass
-
     def abort_request(self, request_id: str) -> None:
         return None
-
-    def shutdown(self) -> None:
-        pass
 
 
 def test_the_overloaded_503_names_the_limit_its_settings_and_a_retry() -> None:
