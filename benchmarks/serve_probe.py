@@ -9,7 +9,9 @@ split into the engine's queue and first-scheduled-to-first-token stages; and its
     python benchmarks/serve_probe.py diff A.json B.json        # a table of the deltas
 
 Client TTFT minus the instances' own TTFT is the time outside the instances: the proxy, the HTTP hops and the
-client. A process at ~1.0 core over the run is saturated, and a request it handles waits for it.
+client. The proxy's and each instance's time to first byte (http/first_byte.py) split it: client TTFT less the
+proxy's is the client and its hop, the proxy's less the instances' the proxy and its hops, an instance's less its
+own TTFT its HTTP side. A process at ~1.0 core over the run is saturated, and a request it handles waits for it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _processes() -> dict[str, float]:
 # (histogram, what its mean says): each instance's own stages of a request. The gaps between them:
 # arrival to engine (parsing, tokenizing, the hand-over to the engine thread) = TTFT - queue - prefill.
 STAGES = (("pdlaunch_time_to_first_token_seconds", "own TTFT (arrival to first token)"),
+          ("pdlaunch_time_to_first_byte_seconds", "time to first byte (HTTP in to first byte out)"),
           ("vllm:request_queue_time_seconds", "queued in the engine (added to first scheduled)"),
           ("vllm:request_prefill_time_seconds", "first scheduled to first token"),
           ("vllm:iteration_tokens_total", "tokens a step"))
@@ -102,9 +105,23 @@ def _histograms(url: str) -> dict[str, tuple[float, float]]:
     return result
 
 
+PROXY_FIRST_BYTE = "pdlaunch_proxy_time_to_first_byte_seconds"  # http/first_byte.py, at the proxy
+
+
+def _proxy_first_byte(proxy_url: str) -> tuple[float, float]:
+    """(sum, count) of the proxy's own time to first byte over its routes (not the instances' federated series)."""
+    text = httpx.get(f"{proxy_url}/metrics", timeout=10, trust_env=False).text
+    out = [0.0, 0.0]
+    for line in text.splitlines():
+        for suffix, slot in (("_sum{", 0), ("_count{", 1)):
+            if line.startswith(PROXY_FIRST_BYTE + suffix):
+                out[slot] += float(line.split()[-1])
+    return out[0], out[1]
+
+
 def snap(proxy_url: str, path: str) -> None:
     instances = httpx.get(f"{proxy_url}/instances", timeout=10, trust_env=False).json()
-    doc = {"time": time.monotonic(), "cpu": _processes(),
+    doc = {"time": time.monotonic(), "cpu": _processes(), "proxy_first_byte": _proxy_first_byte(proxy_url),
            "stages": {i["name"]: _histograms(i["url"]) for i in instances}}
     with open(path, "w") as f:
         json.dump(doc, f)
@@ -121,6 +138,11 @@ def diff(a_path: str, b_path: str) -> None:
         used = after - a["cpu"].get(key, 0.0)
         if used > 0.05:
             print(f"  {key[:70]:70s} {used:7.2f} cpu s = {used / wall:.2f} core")
+    (total, count), (t0, c0) = b.get("proxy_first_byte", (0.0, 0.0)), a.get("proxy_first_byte", (0.0, 0.0))
+    if count > c0:
+        mean_ms = (total - t0) / (count - c0) * 1000
+        print(f"  proxy: time to first byte (request in to first byte out): mean {mean_ms:.1f} ms over"
+              f" {count - c0:.0f} requests (client TTFT less this: the client and its hop)")
     for name, stages in sorted(b["stages"].items()):
         for stage, what in STAGES:
             total, count = stages[stage]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
+from pdlaunch.metrics.buckets import FIRST_BYTE_BUCKETS
+
 # pdlaunch_model_dtypes_info{weight_dtype="fp8 block 128x128 (checkpoint)",kv_cache_dtype="float8_e4m3fn"} 1
 MODEL_DTYPES = Info("pdlaunch_model_dtypes", "What the weights are computed in and the KV cache element type")
 PREEMPTED_TOKENS_RECOMPUTED = Counter(
@@ -28,6 +30,11 @@ REQUESTS_WAITING = Gauge("pdlaunch_requests_waiting", "Requests waiting for bloc
 TIME_TO_FIRST_TOKEN = Histogram(
     "pdlaunch_time_to_first_token_seconds", "Time to first token",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TIME_TO_FIRST_BYTE = Histogram(
+    "pdlaunch_time_to_first_byte_seconds", "From a POST reaching the instance's HTTP side to the first byte of its "
+    "2xx answer (a stream's first event): less pdlaunch_time_to_first_token_seconds, the instance's HTTP side "
+    "(http/first_byte.py)", buckets=FIRST_BYTE_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
     "pdlaunch_inter_token_latency_seconds", "Time between streamed tokens",

@@ -17,13 +17,14 @@ from fastapi.responses import Response
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
+from pdlaunch.http.first_byte import FirstByteTimer
 from pdlaunch.http.limits import BodyLimit
 from pdlaunch.proxy import completions, routes
 from pdlaunch.proxy.disaggregate import Disaggregation, PromptTokens
 from pdlaunch.proxy.held_writes import held_writes_transport
 from pdlaunch.proxy.instances import InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
-from pdlaunch.proxy.metrics import CountRequests
+from pdlaunch.proxy.metrics import CountRequests, RouteLabel
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs
 from pdlaunch.proxy.prefix import PrefixRouter
@@ -113,10 +114,11 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     app = FastAPI(title="pdlaunch proxy", lifespan=lifespan)
     app.state.proxy_state = state
     install_error_handlers(app)
-    # Outermost first: count every answer, then authenticate, then bound the body.
+    # Outermost first: time the first byte, count every answer, then authenticate, then bound the body.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
     app.add_middleware(CountRequests, counter=proxy.metrics.requests, router=app.router)
+    app.add_middleware(FirstByteTimer, histogram=proxy.metrics.time_to_first_byte, label=RouteLabel(app.router))
     for method, path, handler in ROUTES:  # HEAD wherever GET: a load balancer's probe is no 405 (RFC 9110 9.3.2)
         app.add_api_route(path, handler, methods=[method, "HEAD"] if method == "GET" else [method])
     return app

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdlaunch.metrics.buckets import FIRST_BYTE_BUCKETS
 from pdlaunch.proxy.instances import InstancePool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set for the workers of proxy.workers > 1 (workers.py)
@@ -27,6 +28,10 @@ class ProxyMetrics:
         self.prefill_seconds = Histogram(
             "pdlaunch_proxy_prefill_seconds", "Time of the prefill leg of PD requests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.time_to_first_byte = Histogram(
+            "pdlaunch_proxy_time_to_first_byte_seconds", "From a POST reaching the proxy to the first byte of its "
+            "2xx answer (a stream's first event): less the instance's own series, the proxy's work and its hop "
+            "(http/first_byte.py)", ["route"], buckets=FIRST_BYTE_BUCKETS, registry=self.registry)
         self.federation_errors = Counter(
             "pdlaunch_proxy_federation_errors", "Instances whose /metrics the proxy's /metrics could not include",
             registry=self.registry)
@@ -102,21 +107,27 @@ class _PoolCollector(Collector):
 OTHER_ROUTE = "other"
 
 
+class RouteLabel:
+    """A request path as a metric label: the path only when the app has that route, else OTHER_ROUTE: a scan of
+    random paths must not add a series per path (5,000 unknown GETs grew /metrics from 5 KB to 2.7 MB)."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router  # routes are added after the middleware: read them at the first request
+        self._known: frozenset[str] | None = None
+
+    def __call__(self, path: str) -> str:
+        if self._known is None:
+            self._known = frozenset(getattr(route, "path", "") for route in self._router.routes)
+        return path if path in self._known else OTHER_ROUTE
+
+
 class CountRequests:
-    """ASGI middleware counting every answer by route and status. The route label is the request's
-    path only when the app has that route, else OTHER_ROUTE: a scan of random paths must not add a
-    series per path (5,000 unknown GETs grew /metrics from 5 KB to 2.7 MB)."""
+    """ASGI middleware counting every answer by route (RouteLabel) and status."""
 
     def __init__(self, app: ASGIApp, counter: Counter, router: Router) -> None:
         self.app = app
         self.counter = counter
-        self._router = router  # routes are added after the middleware: read them at the first request
-        self._known: frozenset[str] | None = None
-
-    def _route_label(self, path: str) -> str:
-        if self._known is None:
-            self._known = frozenset(getattr(route, "path", "") for route in self._router.routes)
-        return path if path in self._known else OTHER_ROUTE
+        self._route_label = RouteLabel(router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -16,7 +16,9 @@ from fastapi import FastAPI
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
+from pdlaunch.http.first_byte import FirstByteTimer
 from pdlaunch.http.limits import BodyLimit
+from pdlaunch.metrics.instance import TIME_TO_FIRST_BYTE
 from pdlaunch.metrics.vllm_series import set_model_name
 from pdlaunch.server import completions, internal, kv_events, sleep, status, tokenize
 from pdlaunch.server.engine_loop import EngineLoop
@@ -41,6 +43,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     security = config.security  # the last middleware added runs first: no body is read before auth
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
+    app.add_middleware(FirstByteTimer, histogram=TIME_TO_FIRST_BYTE)
     instance = Instance(engine_loop, config, spec)
     app.state.instance = instance
     set_model_name(instance.model_name)
