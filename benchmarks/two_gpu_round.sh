@@ -21,7 +21,8 @@
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios);
-#               MT_SKIP_NO_REUSE, MT_SKIP_ROUND_ROBIN, MT_SKIP_PREFIX (non-empty) leave that deployment out
+#               MT_SKIP_NO_REUSE, MT_SKIP_ROUND_ROBIN, MT_SKIP_PREFIX (non-empty) leave that deployment out;
+#               MT_EXTRA adds serve flags to each of them (e.g. "--proxy-workers 4")
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs, rates 2-8 (issue 26; ~300 s on 2x H100)
 #   turns1      one GPU: the multiturn workload on one colocated instance (every turn where the decode-only turns
 #               of `multiturn` run), then one conversation alone: the instance's own TTFT by stage under that
@@ -129,13 +130,13 @@ multiturn)
         --random-input-len 256 --random-output-len 128 --request-rate 4"}
     # With one decode, round robin reaches the decode that holds the conversation too, so decode-side reuse
     # serves it as well: the first run, without prefix caching, is what every turn cost before issue 31.
-    [ -n "${MT_SKIP_NO_REUSE:-}" ] || serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
-    [ -n "${MT_SKIP_ROUND_ROBIN:-}" ] || serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
-    [ -n "${MT_SKIP_PREFIX:-}" ] || serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
+    [ -n "${MT_SKIP_NO_REUSE:-}" ] || serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching ${MT_EXTRA:-}
+    [ -n "${MT_SKIP_ROUND_ROBIN:-}" ] || serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin ${MT_EXTRA:-}
+    [ -n "${MT_SKIP_PREFIX:-}" ] || serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix ${MT_EXTRA:-}
     # ... and with per-request disaggregation: a turn whose conversation the decode holds runs there alone
     # (its new user tokens, fewer than MT_MIN_TOKENS, are all it lacks), so only first turns move KV.
     serve_round multiturn-prefix-decode-only --prefill 1 --decode 1 --routing-policy prefix \
-        --disaggregate-min-tokens "${MT_MIN_TOKENS:-512}"
+        --disaggregate-min-tokens "${MT_MIN_TOKENS:-512}" ${MT_EXTRA:-}
     ;;
 turns1)
     need_8b
