@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -46,6 +47,32 @@ def unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv
     that IPv4 address (the kernel refuses one while the other is bound)."""
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return ip if mapped is None else mapped
+
+
+def canonical_address(address: str) -> str:
+    """An IP address in its one spelling as a bind takes it: ipaddress's (`0:0:0:0:0:0:0:1` is `::1`, `::0` is `::`),
+    an IPv4-mapped one (`::ffff:127.0.0.1`) its IPv4 address. Raises ValueError for what is no IP address."""
+    return str(unmapped(ipaddress.ip_address(address)))
+
+
+@functools.lru_cache(maxsize=256)
+def host_addresses(host: str) -> tuple[str, ...]:
+    """Every IP address a server bound at `host` may take, each in canonical_address's spelling, sorted: an IP
+    address itself; a host name every address it resolves to within RESOLVE_TIMEOUT_S (`localhost`: 127.0.0.1, and
+    ::1 too where /etc/hosts lists both); () when it does not resolve. A name is looked up once a process: a
+    launcher's hosts do not move while it runs, and a free pick asks about every port it tries."""
+    try:
+        return (canonical_address(host),)
+    except ValueError:
+        pass
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        found = pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
+    except (concurrent.futures.TimeoutError, OSError, UnicodeError):  # socket.gaierror is an OSError
+        return ()
+    finally:
+        pool.shutdown(wait=False)
+    return tuple(sorted({canonical_address(sockaddr[0]) for _, sockaddr in found}))
 
 
 def host_syntax_error(value: str) -> str | None:

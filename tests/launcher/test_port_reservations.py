@@ -5,6 +5,7 @@ deployments started at once is test_two_deployments_e2e.py."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -194,3 +195,83 @@ def test_a_wildcard_however_written_overlaps_every_address(wildcard: str) -> Non
         finally:
             theirs.release()
             mine.release()
+
+
+def test_the_holder_is_named_however_many_launchers_ask(other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
+    """A holder listened with a backlog of 8 and never accepted, so every asker's connection stayed queued: from
+    the tenth question on (a busy host's free picks ask at every held port they meet) the refusal said "another
+    pdlaunch launcher on this host (it did not say which)" instead of the holder's pid and command."""
+    proc, base = other_launcher
+    mine = PortReservations()
+    for _ in range(40):
+        assert (reservation_holder(HOST, base) or "").startswith(f"pid {proc.pid}: ")
+    for _ in range(10):
+        with pytest.raises(PdlaunchError) as refused:
+            PortAllocator(HOST, mine).claim(base + 1, "instances[1].base_port", "decode-0 HTTP")
+        assert f"(pid {proc.pid}: " in refused.value.message, refused.value.message
+
+
+def test_the_holder_is_named_in_this_process_too() -> None:
+    """The same from another PortReservations of the launcher's own process (check-config's, smoke's view)."""
+    port = PortAllocator(HOST).free("held here")
+    theirs = PortReservations()
+    try:
+        assert theirs.reserve(HOST, port) is None
+        for _ in range(40):
+            assert (reservation_holder(HOST, port) or "").startswith(f"pid {os.getpid()}: ")
+    finally:
+        theirs.release()
+    assert reservation_holder(HOST, port) is None
+
+
+@pytest.mark.parametrize("theirs_host,mine_host", [("localhost", HOST), (HOST, "localhost")])
+def test_localhost_and_its_address_are_one_port(theirs_host: str, mine_host: str) -> None:
+    """`localhost` is 127.0.0.1 to a bind: held under the name, another launcher's claim of 127.0.0.1 found the port
+    free, and both deployments' servers then bound it, one failing on 'address already in use'."""
+    port = PortAllocator(HOST).free("both deployments' proxy")
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, theirs_host, str(port)], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: reservation_holder(theirs_host, port) is not None, "the other process to hold its port", 60)
+        assert (reservation_holder(mine_host, port) or "").startswith(f"pid {proc.pid}: ")
+        held = PortReservations()
+        with pytest.raises(PdlaunchError) as refused:
+            PortAllocator(mine_host, held).claim(port, "proxy.port", "proxy")
+        assert refused.value.field == "proxy.port"
+        assert f"port {port} (proxy) on {mine_host} belongs to another pdlaunch deployment on this host, starting " \
+            f"or running (pid {proc.pid}: " in refused.value.message
+        assert held.held == []
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_a_name_is_held_on_every_address_it_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where /etc/hosts gives localhost both 127.0.0.1 and ::1, a server on `localhost` may take either: the name
+    holds the port on both, so a launcher on either address is refused, and one on the name by a launcher on
+    either."""
+    name = "both-families.pdlaunch.test"  # looked up once per process: a name of this test alone
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host == name:
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    port = PortAllocator(HOST).free("both deployments' proxy")
+    theirs, mine = PortReservations(), PortReservations()
+    try:
+        assert theirs.reserve(name, port) is None
+        assert theirs.held == [("127.0.0.1", port), ("::1", port)]
+        for address in ("127.0.0.1", "::1", name):
+            assert (mine.reserve(address, port) or "").startswith(f"pid {os.getpid()}: "), address
+            assert mine.held == []
+        assert theirs.reserve("::1", port) is None and len(theirs.held) == 2  # ours already
+        theirs.release_port(name, port)
+        assert theirs.held == [] and reservation_holder("::1", port) is None
+        assert mine.reserve(HOST, port) is None  # free on 127.0.0.1 now: the other address is held by nobody either
+        assert (theirs.reserve(name, port) or "").startswith("pid ") and theirs.held == []  # nothing half-held
+    finally:
+        theirs.release()
+        mine.release()
