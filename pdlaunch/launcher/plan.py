@@ -162,15 +162,18 @@ def plan_deployment(cfg: DeploymentConfig, reservations: PortReservations | None
 
 
 class _Allocators:
-    """One PortAllocator per host this node binds on."""
+    """One PortAllocator per host this node binds on, handing out each port number once across them all, as
+    check-config counts collisions per node: the proxy's, the instances' and the side channel's hosts may overlap
+    (0.0.0.0 takes a port on every address)."""
 
     def __init__(self, reservations: PortReservations | None) -> None:
         self._by_host: dict[str, PortAllocator] = {}
         self._reservations = reservations
+        self._taken: set[int] = set()
 
     def on(self, host: str) -> PortAllocator:
         if host not in self._by_host:
-            self._by_host[host] = PortAllocator(host, self._reservations)
+            self._by_host[host] = PortAllocator(host, self._reservations, self._taken)
         return self._by_host[host]
 
 
@@ -233,14 +236,15 @@ def _http_port(planned: PlannedInstance, alloc: PortAllocator, local: bool, me: 
 
 def _side_channel_ports(cfg: DeploymentConfig, planned: PlannedInstance,
                         ports: _Allocators) -> tuple[int | None, dict[int, int]]:
-    """Claims this node's side-channel ports of the instance: (the port of its rank 0, when rank 0 runs
-    here; rank r binds it + r), and rank -> port for every rank on this node."""
+    """Claims this node's side-channel ports of the instance on kv_transfer.side_channel_host, the address its
+    ranks bind them on: (the port of its rank 0, when rank 0 runs here; rank r binds it + r), and rank -> port for
+    every rank on this node."""
     side_port: int | None = None
     side_ports: dict[int, int] = {}
     for ranks in planned.side_channels:
         if ranks.node != cfg.parallel.node_rank:
             continue
-        alloc = ports.on(node_host(cfg, ranks.node))
+        alloc = ports.on(cfg.kv_transfer.side_channel_host)  # where it binds them: kv_transfer/prefill/side.py
         if ranks.first is None:
             first = alloc.free_range(len(ranks.ranks), f"{planned.name} side channel")
         else:

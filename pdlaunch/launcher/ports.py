@@ -23,9 +23,11 @@ _RANGE_LOW, _RANGE_HIGH = 20000, 32000
 class PortAllocator:
     """Hands out ports on one host without handing any out twice."""
 
-    def __init__(self, host: str, reservations: PortReservations | None = None) -> None:
+    def __init__(self, host: str, reservations: PortReservations | None = None, taken: set[int] | None = None) -> None:
+        """`taken`: the port numbers handed out already, shared by the allocators of one node's plan (another host
+        of the node may overlap this one: a wildcard takes the port on every address)."""
         self.host = host
-        self.taken: set[int] = set()
+        self.taken: set[int] = set() if taken is None else taken
         self.reservations = reservations  # None: a plan only looked at (tests), nothing held for a run
 
     def claim(self, port: int, field: str, what: str, fix: str = "give this deployment other ports") -> int:

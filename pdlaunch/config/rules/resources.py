@@ -85,15 +85,17 @@ def busy_port_warnings(cfg: DeploymentConfig) -> list[Problem]:
     """Fixed ports this machine's node would bind that something else holds now: `pdlaunch serve` stops at
     the first. A warning, not a problem: the config is right and the port may be freed before it starts
     (check-config is also run next to a deployment that still serves). Addresses that are not this
-    machine's are skipped (another node's ports, or a bad address bind_problem reports). A port another
+    machine's are skipped (another node's ports, or a bad address bind_problem reports). Each port is tested on the
+    address its server binds: the proxy's on proxy.host, the KV side channel's on kv_transfer.side_channel_host,
+    the others on the node's address. A port another
     deployment's launcher holds (config/port_reservations.py: it is starting, its children not bound yet) is
     in use too."""
     warnings: list[Problem] = []
     for used in port_plan(cfg):
         if used.node != cfg.parallel.node_rank or used.first < 1 or used.last > 65535:
             continue
-        host = cfg.proxy.host if used.field == "proxy.port" else (
-            cfg.parallel.nodes[used.node].address if cfg.parallel.nodes else "127.0.0.1")
+        host = {"proxy.port": cfg.proxy.host, "kv_transfer.side_channel_port": cfg.kv_transfer.side_channel_host}.get(
+            used.field, cfg.parallel.nodes[used.node].address if cfg.parallel.nodes else "127.0.0.1")
         try:
             busy = [port for port in range(used.first, used.last + 1)
                     if not port_is_free(host, port) or reservation_holder(host, port) is not None]
