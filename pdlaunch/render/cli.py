@@ -108,6 +108,14 @@ def kubernetes(
         "--model-mount-path", metavar="PATH",
         help="Where the pods mount --model-volume (default: the directory that holds model.path); model.path "
              "must be under it.")] = None,
+    cpu_pod_memory: Annotated[str | None, typer.Option(
+        "--cpu-pod-memory", metavar="QUANTITY",
+        help="Memory request of every CPU engine pod (device cpu), a Kubernetes quantity such as 4Gi (default: "
+             "what the instance allocates at start, estimated).")] = None,
+    cpu_pod_memory_limit: Annotated[str | None, typer.Option(
+        "--cpu-pod-memory-limit", metavar="QUANTITY",
+        help="Memory limit of every CPU engine pod (device cpu), at least its request; the kernel kills an "
+             "instance above it (default: none).")] = None,
 ) -> None:
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
@@ -117,11 +125,12 @@ def kubernetes(
     from pdlaunch.render.manifest_files import write_manifests
     from pdlaunch.render.model_volume import volume_flag_problems
     from pdlaunch.render.options import RenderOptions, option_problems
-    from pdlaunch.render.pod_resources import cpu_estimates
+    from pdlaunch.render.pod_resources import cpu_estimates, memory_flag_problems, pod_memory_problems
 
     console = Console(stderr=True)
     try:
-        flag_problems = option_problems(image, name, namespace) + volume_flag_problems(model_volume, model_mount_path)
+        flag_problems = (option_problems(image, name, namespace) + volume_flag_problems(model_volume, model_mount_path)
+                         + memory_flag_problems(cpu_pod_memory, cpu_pod_memory_limit))
         if not out.strip():
             flag_problems.append(("--out", f"{out!r} names no directory; give the directory to write the "
                                   "manifests to, e.g. --out manifests/"))
@@ -129,9 +138,13 @@ def kubernetes(
             raise ConfigError(flag_problems)
         cfg = cluster_config(config, overrides, gpus_per_node)
         volume = _model_volume(cfg, overrides, model_volume, model_mount_path)
+        memory_problems = pod_memory_problems(cfg, cpu_pod_memory, cpu_pod_memory_limit, cpu_estimates(cfg))
+        if memory_problems:
+            raise ConfigError(memory_problems)
         try:
             options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node,
-                                    model_volume=volume)
+                                    model_volume=volume, cpu_pod_memory=cpu_pod_memory,
+                                    cpu_pod_memory_limit=cpu_pod_memory_limit)
             written = write_manifests(render_kubernetes(cfg, options), Path(out))
         except ValidationError as exc:  # a name Kubernetes refuses (the LeaderWorkerSet model checks it)
             raise PdlaunchError(f"--name {name!r} makes invalid object names: {exc.errors()[0]['msg']}",
@@ -143,7 +156,7 @@ def kubernetes(
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
-    if cfg.device == "cpu" and cpu_estimates(cfg) is None:
+    if cfg.device == "cpu" and cpu_pod_memory is None and cpu_estimates(cfg) is None:
         console.print(f"the CPU pods' memory requests count their KV cache and runtime but not the weights: the "
                       f"checkpoint {escape(cfg.model.path)} is not readable on this machine (its config.json or .gguf "
                       "header sizes them); add the weights' size to each engine pod's `resources.requests.memory`, "

@@ -128,7 +128,8 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
     tp = group.tp or 1
     spread = _spread(cfg, group, options)
     ranks_here = 1 if spread else tp
-    resources = engine_resources(cfg, g, ranks_here, estimates)  # a pod per rank when spread: one rank's each
+    resources = engine_resources(cfg, g, ranks_here, estimates,  # a pod per rank when spread: one rank's each
+                                 options.cpu_pod_memory, options.cpu_pod_memory_limit)
     spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
     # The ranks in other pods join rank 0 over the cluster network: without a secret in their link's key, anyone
     # who can read the config's model path and ports could join in their place.

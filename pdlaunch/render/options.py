@@ -1,5 +1,5 @@
-"""The options of `pdlaunch render kubernetes` (--image, --name, --namespace, --gpus-per-node, the model volume's in
-render/model_volume.py), and what Kubernetes would refuse in them."""
+"""The options of `pdlaunch render kubernetes` (--image, --name, --namespace, --gpus-per-node; the model volume's in
+render/model_volume.py, the CPU pods' memory in render/pod_resources.py), and what Kubernetes would refuse in them."""
 
 from __future__ import annotations
 
@@ -44,3 +44,5 @@ class RenderOptions:
     namespace: str | None = None
     gpus_per_node: int = 8  # a TP group larger than this is spread one rank per pod
     model_volume: ModelVolume | None = None  # mounted read-only in every pod that reads the checkpoint
+    cpu_pod_memory: str | None = None  # a CPU engine pod's memory request (a Kubernetes quantity); None: the estimate
+    cpu_pod_memory_limit: str | None = None  # a CPU engine pod's memory limit; None: no limit

@@ -92,3 +92,53 @@ def test_a_gpu_pod_asks_for_its_gpus_only(tmp_path: Path, args: list[str], gpus:
             assert engine["resources"] == {"requests": {"nvidia.com/gpu": gpus[role]},
                                            "limits": {"nvidia.com/gpu": gpus[role]}}
             assert all(e["name"] != "OMP_NUM_THREADS" for e in engine["env"])
+
+
+def test_cpu_pod_memory_flags_set_each_engine_pods_request_and_limit(tmp_path: Path) -> None:
+    """--cpu-pod-memory replaces the estimate as every CPU engine pod's memory request; --cpu-pod-memory-limit adds
+    a limit (the kernel kills the instance above it), as written: Kubernetes takes either spelling of a quantity."""
+    _, found = render(tmp_path / "both", "--model", "tiny", "--device", "cpu", "--prefill-tp", "2",
+                      "--cpu-pod-memory", "6Gi", "--cpu-pod-memory-limit", "8G")
+    for manifest in found:
+        check_schemas(manifest)
+    for role, containers in engines(found).items():
+        for engine in containers:
+            assert engine["resources"] == {"requests": {"cpu": "4" if role == "prefill" else "2", "memory": "6Gi"},
+                                           "limits": {"memory": "8G"}}, role
+    _, limited = render(tmp_path / "limit", "--model", "tiny", "--device", "cpu", "--cpu-pod-memory-limit", "4Gi")
+    for engine in engines(limited)["decode"]:  # the request stays the estimate
+        assert engine["resources"]["limits"] == {"memory": "4Gi"}
+        assert 10 + 1024 + RUNTIME_MIB_PER_RANK - 1 <= memory_mib(engine) <= 10 + 1024 + RUNTIME_MIB_PER_RANK + 1
+
+
+@pytest.mark.parametrize(("args", "flag", "said"), [
+    (["--cpu-pod-memory", "lots"], "--cpu-pod-memory", "'lots' is not a Kubernetes quantity"),
+    (["--cpu-pod-memory", "4GB"], "--cpu-pod-memory", "'4GB' is not a Kubernetes quantity"),
+    (["--cpu-pod-memory", "-1Gi"], "--cpu-pod-memory", "'-1Gi' is not a Kubernetes quantity"),
+    (["--cpu-pod-memory", "0"], "--cpu-pod-memory", "'0' is no memory"),
+    (["--cpu-pod-memory", "512m"], "--cpu-pod-memory", "'512m' is 0.512 bytes (m is milli): write 512Mi or 512M"),
+    (["--cpu-pod-memory-limit", ""], "--cpu-pod-memory-limit", "'' is not a Kubernetes quantity"),
+    (["--cpu-pod-memory", "2Gi", "--cpu-pod-memory-limit", "1Gi"], "--cpu-pod-memory-limit",
+     "1Gi is below the memory each CPU engine pod requests (2Gi, --cpu-pod-memory)"),
+    (["--cpu-pod-memory-limit", "1Gi"], "--cpu-pod-memory-limit",
+     "1Gi is below the memory prefill pods request (15"),  # 10 MiB of weights, 1 GiB KV cache, 512 MiB process
+])
+def test_a_cpu_pod_memory_kubernetes_would_refuse_is_refused_naming_the_flag(
+        tmp_path: Path, args: list[str], flag: str, said: str) -> None:
+    result = invoke(["render", "kubernetes", "--model", "tiny", "--device", "cpu", *args, "--out",
+                     str(tmp_path / "out"), "--image", "pdlaunch:test"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"error: {flag}: {said}" in text, text
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--cpu-pod-memory", "--cpu-pod-memory-limit"])
+def test_cpu_pod_memory_on_gpu_pods_is_refused(tmp_path: Path, flag: str) -> None:
+    """GPU pods ask for their GPUs only (module docstring of render/pod_resources.py): the flag would do nothing."""
+    result = invoke(["render", "kubernetes", "--model", "tiny", "--device", "cuda", flag, "4Gi", "--out",
+                     str(tmp_path / "out"), "--image", "pdlaunch:test"])
+    assert result.exit_code == 1, result.output
+    assert f"error: {flag}: sizes CPU engine pods (device cpu), and this deployment's pods run on GPUs" \
+        in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
