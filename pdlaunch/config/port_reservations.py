@@ -135,6 +135,8 @@ def _holder(name: bytes) -> str | None:
                 if time.monotonic() > deadline:
                     return "another pdlaunch launcher on this host (it did not answer: is it stopped?)"
                 time.sleep(0.01)
+            except OSError as exc:  # not expected of a unix socket's connect; still no traceback for it
+                return f"another pdlaunch launcher on this host (asking it failed: {exc.strerror or exc})"
         pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
     if pid == 0:  # the kernel's answer for a process this PID namespace cannot see (another container)
         return "a pdlaunch launcher in another container sharing this host's network"
