@@ -15,9 +15,10 @@ from pdlaunch.bench.compare_config import CompareConfig, DeploymentKind
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.errors_format import short_repr
-from pdlaunch.config.loader import checked_deployment, file_value
+from pdlaunch.config.loader import checked_deployment, file_value, load_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.proxy_config import ProxyConfig
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
@@ -128,7 +129,6 @@ def checked_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind
     overrides: dict[str, JsonValue] = {
         "model.path": cfg.model, "device": layout.device, "colocated": kind == "colocated",
         "instances": _groups(kind, layout), "log_dir": str(cfg.out / "logs" / kind),
-        "proxy.port": PortAllocator("127.0.0.1").free("the proxy"),
         # the client gives up on a request after --request-timeout; the proxy must not give up first
         "proxy.request_timeout_seconds": cfg.request_timeout + 30.0,
     }
@@ -142,6 +142,7 @@ def checked_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind
         overrides["proxy.disaggregate_min_tokens"] = None
         overrides["proxy.disaggregate_max_queue_tokens"] = None
         overrides["proxy.disaggregate_max_itl_ms"] = None
+    overrides["proxy.port"] = _free_proxy_port(cfg, overrides)
     own = [*_OWN, *(_NO_DISAGGREGATION if kind == "colocated" else ())]
     try:
         deployment, warnings = checked_deployment(cfg.config, overrides, own)
@@ -155,6 +156,23 @@ def checked_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind
             hint="drop it from the config and pass --disaggregate-min-tokens N: compare then runs always-PD and "
                  "per-request disaggregation side by side")
     return deployment, warnings
+
+
+def _free_proxy_port(cfg: CompareConfig, overrides: dict[str, JsonValue]) -> int:
+    """A free port on the address the deployment's proxy binds (proxy.host of --config): a proxy on 0.0.0.0 takes
+    its port on every address of this machine, so one in use on any of them is not free for it. A config that does
+    not load, or a proxy.host this machine cannot bind, gets a port on the default address: checked_deployment then
+    says what is wrong, naming the key of --config."""
+    try:
+        host = load_deployment(cfg.config, overrides).proxy.host
+    except ConfigError:
+        host = ProxyConfig().host
+    try:
+        return PortAllocator(host).free("the proxy")
+    except PdlaunchError as exc:
+        if exc.field != "host":
+            raise
+        return PortAllocator(ProxyConfig().host).free("the proxy")
 
 
 # config paths compare sets for each deployment whatever --config says, no flag of the user's, and how
