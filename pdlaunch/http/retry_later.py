@@ -4,9 +4,11 @@ clients wait for before their retry (the openai client: a value of 60 s or less,
 Which 503s do, and why these values:
 - an instance past its pending-request limit (`overloaded`): 1 s. A pending request ends within a few engine steps
   (milliseconds to a second), and the client's own backoff grows from there after each further 503.
-- the proxy with no ready instance of a role (`no_instance`, proxy/instances.py): NO_INSTANCE_RETRY_AFTER_S. That
-  is a restart under way: the launcher's backoff (serve's restart_backoff_seconds, 1 s at first) and then the
-  engine's load, seconds at the least; a retry sooner only meets the same 503.
+- the proxy with no ready instance of a role (`no_instance`, proxy/instances.py): when the soonest of them should be
+  ready again (proxy/unready.py). That is a restart under way: the launcher's backoff (supervision.
+  restart_backoff_seconds, which it passes as the proxy's --restart-backoff) and then the engine's load, as long as
+  the proxy saw that instance's last restart take; a retry sooner only meets the same 503. None while every one
+  of them is asleep (a wait does not end that).
 - the proxy refused by an instance it picked (`instance_unreachable`, proxy/translate.py): 1 s. The proxy marked it
   down, so the retry goes to another ready instance or gets `no_instance`, which carries its own wait.
 - an instance's 503 that the proxy passes on keeps the instance's `Retry-After` (`retry_after_of`).
@@ -26,7 +28,6 @@ from pdlaunch.http.errors import OpenAIError
 
 RETRY_AFTER = "Retry-After"
 OVERLOADED_RETRY_AFTER_S = 1
-NO_INSTANCE_RETRY_AFTER_S = 5
 UNREACHABLE_RETRY_AFTER_S = 1
 # An instance's value past this is not passed on (another server's, or a mistake): clients would wait that long.
 MAX_RETRY_AFTER_S = 3600

@@ -49,6 +49,7 @@ def proxy_argv(cfg: DeploymentConfig, host: str, port: int, drain_timeout_s: flo
     it, where known (its /health must name that, or that with -rN). The ray launcher builds it too."""
     argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host, "--port", str(port),
             "--drain-timeout", str(drain_timeout_s), "--parent-pid", str(os.getpid()),
+            "--restart-backoff", str(cfg.supervision.restart_backoff_seconds),
             *proxy_policy_args(cfg, lambda: str(resolve_model_path(cfg.model.path)))]
     for role, name, url in instances:
         argv += [f"--{role}", f"{name}={url}"]

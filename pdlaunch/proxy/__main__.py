@@ -41,7 +41,7 @@ from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instance_flags import check_engine_ids, check_names, parse_instances
-from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, InstancePool
+from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, RESTART_BACKOFF_S, InstancePool
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
 from pdlaunch.proxy.workers import MAX_WORKERS, Supervisor
 from pdlaunch.server.watchdog import watch_parent
@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT_S,
                         help="An instance whose /health does not answer within this is stalled; "
                         "proxy.health_timeout_seconds.")
+    parser.add_argument("--restart-backoff", type=float, default=RESTART_BACKOFF_S,
+                        help="The launcher's wait before it restarts a dead instance, seconds; the 503 no_instance's "
+                        "Retry-After counts on it until the proxy has seen an instance restart; "
+                        "supervision.restart_backoff_seconds.")
     parser.add_argument("--prefill-timeout", type=float, default=None,
                         help="Deadline of the prefill leg, seconds; default derived from the prompt's length and "
                         "the measured prefill speed; proxy.prefill_timeout_seconds.")
@@ -163,7 +167,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Every flag's range and the combinations the proxy needs (parser.error: exit 2 naming the flag)."""
     if args.max_request_bytes <= 0:
         parser.error("--max-request-bytes must be positive")
-    for name in ("request_timeout", "health_timeout", "prefill_timeout"):
+    for name in ("request_timeout", "health_timeout", "prefill_timeout", "restart_backoff"):
         value = getattr(args, name)
         if value is not None and not 0 < value < float("inf"):  # nan too
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                  + parse_instances("colocated", args.colocated))
     for instance in instances:
         instance.planned_engine_id = args.engine_ids.get(instance.name, "")
-    app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout), args.request_timeout,
+    app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout,
+                                       args.restart_backoff), args.request_timeout,
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,

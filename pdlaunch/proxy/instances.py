@@ -31,10 +31,12 @@ import httpx
 from pydantic import ValidationError
 
 from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
+from pdlaunch.config.launcher_config import SupervisionConfig
 from pdlaunch.engine.kv_capacity import KVCapacity
-from pdlaunch.http.retry_later import NO_INSTANCE_RETRY_AFTER_S, RetryLater
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.retry_later import RetryLater
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
-from pdlaunch.proxy.unready import health_refusal, none_ready_message
+from pdlaunch.proxy.unready import Outage, health_refusal, health_state, no_instance_retry_after, none_ready_message
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -43,6 +45,7 @@ State = Literal["starting", "ready", "unhealthy", "down", "stalled"]
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
 HEALTH_MAX_BYTES = 64 << 10  # an instance's /health is a few hundred bytes of JSON
+RESTART_BACKOFF_S = SupervisionConfig().restart_backoff_seconds  # the launcher's, unless --restart-backoff says
 
 
 @dataclass
@@ -61,6 +64,10 @@ class Instance:
     kv_capacity: KVCapacity | None = None
     # the one the launcher planned for it ("" unknown; a * in it: any text, engine_ids.py): its /health must name it
     planned_engine_id: str = ""
+    # the state its last /health refusal named ("loading", "sleeping"; "" when it is ready or named none)
+    health_state: str = ""
+    # since when it is not ready, and how long its last restart took: the Retry-After of no_instance (unready.py)
+    outage: Outage = field(default_factory=Outage, repr=False, compare=False)
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -170,13 +177,16 @@ class InstancePool:
     """All instances, a background health check, and the routing policy."""
 
     def __init__(self, instances: list[Instance], policy: str = "round_robin",
-                 health_timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+                 health_timeout_s: float = HEALTH_TIMEOUT_S, restart_backoff_s: float = RESTART_BACKOFF_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}")
         self.instances = instances
         self.policy_name = policy
         self.policy = POLICIES[policy]()
         self.health_timeout_s = health_timeout_s
+        self.restart_backoff_s = restart_backoff_s  # the launcher's wait before it restarts a dead instance
+        self.clock = clock
         self.on_stall: Callable[[Instance], None] = lambda instance: None  # metrics count each stall
         self.on_retry: Callable[[str, str], None] = lambda role, reason: None  # ... and each leg sent again
         self._stalled_since: dict[str, float] = {}
@@ -194,7 +204,11 @@ class InstancePool:
         of_role = [i for i in self.instances if i.role == role]
         ready = [i for i in of_role if i.state == "ready"]
         if not ready:
-            raise RetryLater(none_ready_message(role, of_role), "no_instance", NO_INSTANCE_RETRY_AFTER_S)
+            message = none_ready_message(role, of_role)
+            retry_after_s = no_instance_retry_after(of_role, self.restart_backoff_s, self.clock())
+            if retry_after_s is None:  # asleep: only a /wake_up ends it
+                raise OpenAIError(503, message, code="no_instance")
+            raise RetryLater(message, "no_instance", retry_after_s)
         return self.policy.choose(role, ready)
 
     def ready(self) -> bool:
@@ -220,25 +234,40 @@ class InstancePool:
         instance.stalled.set()
 
     async def _check(self, client: httpx.AsyncClient, instance: Instance) -> None:
+        """Probe the instance's /health and record what it found: its state, and its outage's start or end."""
+        engine_id = instance.engine_id
+        try:
+            await self._probe(client, instance)
+        finally:
+            restarted = bool(engine_id) and instance.engine_id != engine_id
+            instance.outage.observe(instance.state == "ready", self.clock(), restarted)
+
+    async def _probe(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:
             status, content = await fetch(client, "GET", f"{instance.url}/health", timeout_s=self.health_timeout_s,
                                           max_bytes=HEALTH_MAX_BYTES)
         except AnswerTooLarge as exc:
+            instance.health_state = ""
             _not_healthy(instance, f"/health answered with {exc}")
             return
         except (httpx.ReadTimeout, httpx.ConnectTimeout, TimeoutError):
             # Connected (the kernel's backlog accepts for a stopped process) but no answer in time, or not even
             # accepted (that backlog full under client traffic): alive or not, it answers nothing.
+            instance.health_state = ""
             self.mark_stalled(instance, f"/health did not answer within {self.health_timeout_s:g}s "
                                         "(proxy.health_timeout_seconds)")
             return
         except httpx.HTTPError as exc:
+            instance.health_state = ""  # a sleeping one that was killed is restarting: a wait ends that
             if instance.state != "starting":
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
         if status != 200:
-            _not_healthy(instance, health_refusal(status, _health_body(content)))
+            refusal = _health_body(content)
+            instance.health_state = health_state(refusal)
+            _not_healthy(instance, health_refusal(status, refusal))
             return
+        instance.health_state = ""
         body = _health_body(content)
         foreign = foreign_answer(instance, body)
         if foreign:

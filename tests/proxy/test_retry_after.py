@@ -14,13 +14,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pdlaunch.http.errors import error_body
-from pdlaunch.http.retry_later import NO_INSTANCE_RETRY_AFTER_S, UNREACHABLE_RETRY_AFTER_S
+from pdlaunch.http.retry_later import UNREACHABLE_RETRY_AFTER_S
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.instances import RESTART_BACKOFF_S, Instance, InstancePool
+from pdlaunch.proxy.unready import NO_INSTANCE_LOAD_S
 from tests.serving.helpers import ThreadServer, wait_for
 
 Proxies = tuple[str, str, InstancePool]
+# an instance never seen ready: the launcher's default backoff and a load (proxy/unready.py)
+NO_INSTANCE_RETRY_AFTER_S = int(RESTART_BACKOFF_S + NO_INSTANCE_LOAD_S)
 
 # prompt -> (the instance's 503 code, its Retry-After header or None)
 REFUSALS: dict[str, tuple[str, str | None]] = {
