@@ -54,4 +54,5 @@ class ProxyConfig(StrictModel):
     migration_limit: int = Field(
         3, ge=0, le=100, description="A request whose decode dies or stalls (health_timeout_seconds) mid-request "
         "goes on on another decode from its prompt + the tokens already sent, at most this many times per request "
-        "(then an error event with code migration_limit). 0: off (the stream ends with an error event).")
+        "(then an error event with code migration_limit). 0: off (a stream whose decode dies ends with an error "
+        "event; one whose decode stalls waits for it, at most request_timeout_seconds).")
