@@ -21,6 +21,7 @@ from tests.helpers.ports import free_ports
 
 NODES = {"pdn1": "127.0.0.1", "pdn2": "127.0.0.2"}
 START_TIMEOUT_S = 90.0
+FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")  # gres.conf File= of the fake GPUs
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "srun")
 
 
@@ -29,8 +30,12 @@ class SlurmUnavailable(Exception):
 
 
 class SlurmCluster:
-    def __init__(self, root: Path) -> None:
+    """`gpus_per_node`: each node's GRES of fake GPUs (gres.conf, AutoDetect=off: devices that exist and are no
+    GPU, as `man gres.conf` allows), so jobs get GPU IDs and steps SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES."""
+
+    def __init__(self, root: Path, gpus_per_node: int = 0) -> None:
         self.root = root
+        self.gpus_per_node = gpus_per_node
         self.conf = root / "etc" / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pid_files: list[Path] = []
@@ -52,8 +57,13 @@ class SlurmCluster:
                       f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'run' / 'munged.pid'}",
                       f"--seed-file={r / 'state' / 'munged.seed'}"], r / "run" / "munged.pid")
         ctld_port, *node_ports = free_ports(1 + len(NODES))
-        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} NodeHostname={name} Port={port} CPUs=2 State=UNKNOWN"
+        gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
+        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} NodeHostname={name} Port={port} CPUs=2{gres} State=UNKNOWN"
                           for (name, addr), port in zip(NODES.items(), node_ports))
+        if self.gpus_per_node:
+            files = FAKE_GPU_FILES[:self.gpus_per_node]
+            (self.root / "etc" / "gres.conf").write_text("AutoDetect=off\n" + "".join(f"Name=gpu File={f}\n"
+                                                                                     for f in files))
         self.conf.write_text(f"""\
 ClusterName=pdtest{ctld_port}
 SlurmctldHost=localhost(127.0.0.1)
@@ -64,6 +74,7 @@ AuthType=auth/munge
 CryptoType=crypto/munge
 AuthInfo=socket={socket_path}
 MpiDefault=none
+{"GresTypes=gpu" if self.gpus_per_node else ""}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -132,7 +143,7 @@ PartitionName=pd Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP O
             signal_pid(pid, signal.SIGKILL)
 
 
-def running_slurm(root: Path) -> Iterator[SlurmCluster]:
+def running_slurm(root: Path, gpus_per_node: int = 0) -> Iterator[SlurmCluster]:
     """A module fixture's body: a started cluster under `root` (the test skipped, saying why, where SLURM
     cannot run here), stopped after the last test."""
-    return running(SlurmCluster(root), SlurmUnavailable, "a SLURM cluster")
+    return running(SlurmCluster(root, gpus_per_node), SlurmUnavailable, "a SLURM cluster")

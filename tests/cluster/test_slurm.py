@@ -4,7 +4,7 @@ spanning both: its rank 1 is started by the second node's step and joins rank 0'
 first), answers equal a colocated engine's, the KV crosses from prefill to decode, and
 `scancel --signal=TERM --batch` stops every node cleanly; its `device: auto` is resolved by each node's step
 (cpu on both here), not by the batch script. Under salloc a node's failed check is the launcher's one error
-line. Outside an allocation the backend is an error.
+line (a node without the GPUs its ranks need says so in SLURM's terms). Outside an allocation the backend is an error.
 
 Both "nodes" share this machine's kernel, so only one TP group may rendezvous (the port plan numbers
 rendezvous ports per node, from parallel.master_port on each)."""
@@ -144,8 +144,12 @@ def test_a_nodes_failed_check_is_the_launchers_one_error_line(slurm: SlurmCluste
     assert done.returncode == 1, text
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, text
-    assert re.match(r"error: node [01]: device: cuda requested but no CUDA device is visible on this machine",
+    # the node's GPUs are its step's: too few (none) is said in SLURM's terms, with the sbatch option to fix it
+    assert re.match(r"error: node ([01]): parallel\.nodes\[\1\]: node \1 \(127\.0\.0\.[12]\) needs ([12]) GPU\(s\) "
+                    r"for the ranks the deployment places there, but its srun step sees 0 \(SLURM_GPUS_ON_NODE unset, "
+                    r"CUDA_VISIBLE_DEVICES unset\); allocate the GPUs with the job: sbatch/salloc --gres=gpu:\2 ",
                     errors[0]), text
+    assert "no CUDA device is visible" not in errors[0], text  # the same fact, said once
     assert "model.enable_sleep_mode: sleep mode is not supported" in errors[0], text
     assert "enable_cumem_allocator" not in errors[0], text  # only what the user asked for is named
     assert "stopped: every srun step ended" in text and "Traceback" not in text, text

@@ -3,8 +3,9 @@
 Inside `sbatch`/`salloc`, config/backend.py has made the allocation's nodes `parallel.nodes`. This
 process (the batch script's, or the salloc shell's) probes every node's fixed ports (config/rules/node_ports.py:
 something listening at one stops it before any step starts), then starts one step per node,
-`srun --nodes=1 --ntasks=1 --relative=K --overlap --export=ALL python -m pdlaunch.launcher.backends.slurm_node
---node-rank K` (srun's environment without SRUN_UNSET_ENV, so that srun neither labels the lines the step prints for
+`srun --nodes=1 --ntasks=1 --relative=K --overlap --export=ALL --gres=gpu:N python -m
+pdlaunch.launcher.backends.slurm_node --node-rank K` (N: every GPU the job has on node K, slurm_gres.py; srun's
+environment without SRUN_UNSET_ENV, so that srun neither labels the lines the step prints for
 this process nor sends them elsewhere than its log; --export=ALL over a batch script's SLURM_EXPORT_ENV=NONE),
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
@@ -50,8 +51,9 @@ from rich.markup import escape
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, gres_option, job_gpus_per_node, node_names
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, failure_lines, node_error, show_lines
-from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
+from pdlaunch.launcher.backends.slurm_steps import SlurmCallError, cancel_left_steps, step_name
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -66,7 +68,9 @@ HEALTH_TIMEOUT_S = 2.0
 # export for their own jobs) would put "0: " before every line the step prints, lines slurm_lines.py reads;
 # SLURM_STDOUTMODE / SLURM_STDERRMODE / SLURM_STDINMODE (`-o` / `-e` / `-i`) would send the step's output to a file
 # of their own instead of LOG_DIR/slurm-nodeK.log (or feed it another input).
-SRUN_UNSET_ENV = ("SLURM_LABELIO", "SLURM_STDOUTMODE", "SLURM_STDERRMODE", "SLURM_STDINMODE")
+# GPU_REQUEST_ENV (slurm_gres.py): the job's GPU options, which srun would apply to each one-node, one-task step
+# (a --gpus=16 job's step asking 16 GPUs of one node); each step asks for its node's GPUs itself.
+SRUN_UNSET_ENV = ("SLURM_LABELIO", "SLURM_STDOUTMODE", "SLURM_STDERRMODE", "SLURM_STDINMODE", *GPU_REQUEST_ENV)
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
 # slurmstepd, when SLURM ends a step: "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT
@@ -105,16 +109,34 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
     return SlurmEnd("; ".join(parts), failure or bool(failed_nodes))
 
 
-def srun_argv(node: int, cpus: int | None) -> list[str]:
-    """Node `node`'s step, with every CPU and all memory the job has there (`cpus`; a step gets one CPU
-    by default) and no CPU binding: its launcher divides them among its instances. --overlap lets the
-    steps share the allocation (each keeps access to its node's GPUs); --relative picks the node.
-    --export=ALL: the step needs this process's environment (the deployment, DEPLOYMENT_ENV; PATH and the
-    rest), and `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE, which srun would otherwise obey."""
+def srun_argv(node: int, cpus: int | None, gpus: int | None = None) -> list[str]:
+    """Node `node`'s step, with every CPU, all memory and every GPU the job has there (`cpus`: a step gets one
+    CPU by default; `gpus`: slurm_gres.py, None where SLURM did not say) and no CPU binding: its launcher divides
+    them among its instances. --overlap lets the steps share the allocation with the batch step; --relative picks
+    the node. --export=ALL: the step needs this process's environment (the deployment, DEPLOYMENT_ENV; PATH and
+    the rest), and `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE, which srun would otherwise obey."""
     return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", "--export=ALL",
             f"--job-name={step_name(node)}",
-            *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0",
+            *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0", *gres_option(gpus),
             sys.executable, "-m", "pdlaunch.launcher.backends.slurm_node", "--node-rank", str(node)]
+
+
+def step_gpus(console: Console, job: str, nodes: int) -> list[int | None]:
+    """The GPUs the job has on each of its `nodes` nodes (slurm_gres.py), for each step to ask for; None for
+    each, with a warning, where SLURM does not say (the steps then take SLURM's default: the GPUs the job asked
+    for, none of those an exclusive job has implicitly)."""
+    try:
+        gpus = job_gpus_per_node(job, node_names())
+        why = "it lists no GRES per node"
+    except SlurmCallError as exc:
+        gpus, why = None, str(exc)
+    if gpus is not None and len(gpus) == nodes:
+        return list(gpus)
+    console.print(f"[yellow]warning:[/yellow] could not read job {job}'s GPUs per node from `scontrol show job -d "
+                  f"{job}` ({escape(why)}): each srun step gets SLURM's default GPUs, which under `sbatch "
+                  "--exclusive` alone are none; ask for them with sbatch/salloc --gres=gpu:N if a node's step "
+                  "sees too few", highlight=False, soft_wrap=True)
+    return [None] * nodes
 
 
 def cpus_per_node(value: str | None, nodes: int) -> list[int | None]:
@@ -184,19 +206,21 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     log_dir = Path(cfg.log_dir)
     env = {DEPLOYMENT_ENV: cfg.model_dump_json()}
     cpus = cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE"), len(cfg.parallel.nodes))
+    job = os.environ.get("SLURM_JOB_ID", "?")
+    gpus = step_gpus(console, job, len(cfg.parallel.nodes))
     # A launcher that dies (OOM killer, kill -9) leaves its srun clients running, and under salloc the
     # allocation lives on: the kernel sends each srun STOP_SIGNAL then, so the nodes drain and stop as on
     # Ctrl-C. This thread starts the steps and waits for them to end, as parent_death_signal requires.
-    steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env,
+    steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k], gpus[k]), log_dir / f"slurm-node{k}.log", env=env,
                           parent_death_signal=STOP_SIGNAL, unset_env=SRUN_UNSET_ENV)
              for k in range(len(cfg.parallel.nodes))]
-    job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
     # This process writes LOG_DIR/slurm-nodeK.log: a second deployment in a live one's directory (a second job
     # with the default `logs`) is refused here, before it truncates those logs or starts a step (LogDirInUse).
     lock = LogDirLock(log_dir)
     lock.acquire(url)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
+    gpu_text = f" (GPUs of each: {', '.join(map(str, gpus))})" if any(gpus) else ""
     devices = NodeDevices(cfg, [step.log_path for step in steps])
     with StopSignals() as signals:
         signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
@@ -207,7 +231,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
         def supervise() -> int:
             for step in steps:
                 step.start()
-            console.print(f"slurm: {len(steps)} srun steps on {nodes}; waiting for the proxy at {url} "
+            console.print(f"slurm: {len(steps)} srun steps on {nodes}{gpu_text}; waiting for the proxy at {url} "
                           f"(steps' output in {log_dir}/slurm-node*.log)", highlight=False, soft_wrap=True)
             deadline = time.monotonic() + READY_TIMEOUT_S
             while not _proxy_ready(url):

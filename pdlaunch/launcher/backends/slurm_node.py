@@ -1,7 +1,8 @@
 """One node's launcher under `--backend slurm`: `python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
 started by launcher/backends/slurm.py through srun. It reads the deployment from PDLAUNCH_SLURM_DEPLOYMENT,
 checks it against this node (ports, checkpoint, log directory, and what the batch process left to the nodes:
-`device: auto`, CUDA, GPU count and memory, sleep mode / the cumem allocator, RAM), says which device it serves
+`device: auto`, CUDA, GPU count and memory, sleep mode / the cumem allocator, RAM; too few GPUs for the ranks placed
+here is said in SLURM's terms, slurm_node_gpus.py), says which device it serves
 on and serves node K exactly as `pdlaunch serve --node-rank K` does; a failed check is one line, `error: node K:
 FIELD: MESSAGE`, which the batch process repeats (slurm_lines.py). Its logs go to LOG_DIR/nodeK/ (log_dir is
 often shared).
@@ -21,7 +22,9 @@ from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import ArgumentParser, PdlaunchError, error_text
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL
 from pdlaunch.launcher.backends.slurm_lines import device_line, error_line
+from pdlaunch.launcher.backends.slurm_node_gpus import gpu_shortage
 from pdlaunch.launcher.serve import run_serve
+from pdlaunch.memory import host_devices
 
 
 def node_config(raw: str, node_rank: int) -> DeploymentConfig:
@@ -33,7 +36,13 @@ def node_config(raw: str, node_rank: int) -> DeploymentConfig:
     cfg.launcher.backend = "local"  # this process runs its node's processes itself
     cfg.parallel.node_rank = node_rank
     cfg.log_dir = os.path.join(cfg.log_dir, f"node{node_rank}")
+    # A node's GPUs are what SLURM gave its step: too few is said in SLURM's terms (slurm_node_gpus.py).
+    seen = host_devices.device_count() if cfg.device != "cpu" else 0
+    short = gpu_shortage(cfg, node_rank, seen, os.environ) if cfg.device == "cuda" or seen else None
     problems, resolved = validate_deployment(cfg, target=None)
+    if short is not None:
+        shortage, explained = short
+        problems = [shortage, *(p for p in problems if p not in explained)]
     if problems:
         raise PdlaunchError("; ".join(f"{field}: {message}" for field, message in problems),
                             hint=f"checked on node {node_rank} ({cfg.parallel.nodes[node_rank].address})")
