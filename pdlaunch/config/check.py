@@ -55,6 +55,10 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
 
 
 def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
+    if cfg.launcher.backend == "ray":  # the instances run on the cluster's nodes, never on this machine
+        from pdlaunch.config.ray_check import ray_host_line
+
+        return ray_host_line(cfg, target)
     if target is not None:
         return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB ({target.source})"
     if checked_on_nodes(cfg, target):

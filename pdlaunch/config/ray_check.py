@@ -8,6 +8,7 @@ from __future__ import annotations
 from pdlaunch.config import ray_cluster
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_fit import refuse_unfit
+from pdlaunch.config.target_host import TargetHost
 from pdlaunch.errors import PdlaunchError
 
 
@@ -27,3 +28,20 @@ def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
                             "or change launcher.ray_resources / the TP sizes")
     refuse_unfit(cfg, nodes)  # each instance fits the idle cluster alone: all of them together?
     return cfg
+
+
+def ray_host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
+    """Where check-config's summary says the instances of a `--backend ray` config run: the Ray cluster, not this
+    machine (it runs the launcher and the proxy only). For a CUDA config, the GPU host it was checked against
+    (config/backend.backend_target); else the cluster's live nodes and CPUs as they are now (Ray places each
+    instance on them), or only its address where it cannot be asked again."""
+    if target is not None:
+        return (f"the Ray cluster at {cfg.launcher.ray_address}, checked per node as {target.gpus} GPU(s) x "
+                f"{target.gpu_memory_gib:g} GiB ({target.source}); Ray places each instance")
+    try:
+        nodes = ray_cluster.live_nodes(ray_cluster.connect(cfg))
+    except PdlaunchError:
+        return f"the Ray cluster at {cfg.launcher.ray_address} ({cfg.device}; Ray places each instance on its nodes)"
+    cpus = sum(node.resources.get("CPU", 0.0) for node in nodes)
+    return (f"the Ray cluster at {cfg.launcher.ray_address} ({cfg.device}; {len(nodes)} live node(s), {cpus:g} CPU(s) "
+            "in all; Ray places each instance on them)")
