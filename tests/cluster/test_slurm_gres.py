@@ -46,8 +46,9 @@ def test_a_nodes_gres_counts_its_gpus_in_each_form_scontrol_prints() -> None:
     assert gres_gpus("gpu:a100:2(IDX:0,2),nic:1(IDX:0)") == 2  # typed GPUs beside another GRES
     assert gres_gpus("gpu:a100:1(IDX:0),gpu:v100:2(IDX:1-2)") == 3
     assert gres_gpus("gpu(IDX:0-1,3)") == 3  # before 20.11: the indices only
-    assert gres_gpus("nic:1(IDX:0)") == 0
     assert gres_gpus("") == 0 and gres_gpus("(null)") == 0
+    assert gres_gpus("nic:1(IDX:0)") is None  # other GRES only: SLURM's default gives the step all of them
+    assert gres_gpus("shard:2") is None and gres_gpus("mps:100") is None  # they carry GPUs: --gres=none drops them
 
 
 def test_the_jobs_gpus_per_node_come_from_its_node_details() -> None:
@@ -62,7 +63,7 @@ def test_the_jobs_gpus_per_node_come_from_its_node_details() -> None:
 def test_each_step_asks_for_its_nodes_gpus_or_none() -> None:
     assert "--gres=gpu:8" in srun_argv(1, 72, 8)
     assert "--gres=none" in srun_argv(1, 72, 0)  # a step asking GPUs of a job without GRES is refused
-    assert not any(arg.startswith("--gres") for arg in srun_argv(1, 72, None))  # unknown: SLURM's default
+    assert not any(arg.startswith("--gres") for arg in srun_argv(1, 72, None))  # unknown, or shards: SLURM's
 
 
 # srun: writes its argv and the GPU variables of its environment to FAKE_DIR/srun-K, then fails as a step whose

@@ -131,7 +131,7 @@ def step_gpus(console: Console, job: str, nodes: int) -> list[int | None]:
     except SlurmCallError as exc:
         gpus, why = None, str(exc)
     if gpus is not None and len(gpus) == nodes:
-        return list(gpus)
+        return gpus
     console.print(f"[yellow]warning:[/yellow] could not read job {job}'s GPUs per node from `scontrol show job -d "
                   f"{job}` ({escape(why)}): each srun step gets SLURM's default GPUs, which under `sbatch "
                   "--exclusive` alone are none; ask for them with sbatch/salloc --gres=gpu:N if a node's step "
@@ -220,7 +220,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     lock = LogDirLock(log_dir)
     lock.acquire(url)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
-    gpu_text = f" (GPUs of each: {', '.join(map(str, gpus))})" if any(gpus) else ""
+    gpu_text = (f" (GPUs of each: {', '.join('SLURM default' if n is None else str(n) for n in gpus)})"
+                if any(gpus) else "")
     devices = NodeDevices(cfg, [step.log_path for step in steps])
     with StopSignals() as signals:
         signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)

@@ -33,27 +33,29 @@ GPU_REQUEST_ENV = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_SOCKET",
 _ITEMS = re.compile(r",(?![^(]*\))")  # the commas between GRES entries, not those in "(IDX:0-1,3)"
 
 
-def gres_gpus(value: str) -> int:
+def gres_gpus(value: str) -> int | None:
     """The GPUs in one node's GRES of `scontrol show job -d` ("gpu:2(IDX:0-1)", "gpu:a100:2(IDX:0,2),nic:1",
-    "gpu(IDX:0-1)" before 20.11, "" or "(null)": none): the count, else the indices listed."""
-    count = 0
-    for item in _ITEMS.split(value):
+    "gpu(IDX:0-1)" before 20.11, "" or "(null)": 0): the count, else the indices listed. None for GRES without a
+    gpu entry ("shard:2(...)", "mps:100"): those carry GPUs too, and the step keeps SLURM's default, all of them."""
+    count, others = 0, False
+    for item in filter(None, _ITEMS.split("" if value == "(null)" else value)):
         name, _, indices = item.partition("(IDX:")
         parts = name.split(":")
         if parts[0] != "gpu":
+            others = True
             continue
         if len(parts) > 1 and parts[-1].isdigit():
             count += int(parts[-1])
         else:
             count += sum(int(b) - int(a) + 1 if b else 1 for a, _, b in
                          (part.partition("-") for part in indices.rstrip(")").split(",") if part[:1].isdigit()))
-    return count
+    return None if others and not count else count
 
 
-def gpus_by_node_list(details: str) -> list[tuple[str, int]]:
-    """(host list, GPUs the job has on each of those nodes) for each `Nodes=... GRES=...` of
+def gpus_by_node_list(details: str) -> list[tuple[str, int | None]]:
+    """(host list, GPUs the job has on each of those nodes: gres_gpus) for each `Nodes=... GRES=...` of
     `scontrol show job -d --oneliner`; [] where it lists no node details."""
-    found: list[tuple[str, int]] = []
+    found: list[tuple[str, int | None]] = []
     nodes: str | None = None
     for word in details.split():
         key, _, value = word.partition("=")
@@ -69,10 +71,11 @@ def gpus_by_node_list(details: str) -> list[tuple[str, int]]:
     return found
 
 
-def job_gpus_per_node(job: str, names: list[str]) -> list[int] | None:
-    """The GPUs job `job` has on each of its nodes `names` (SLURM's order), or None where `scontrol show job -d`
-    does not say (no node details: the step then takes SLURM's default). Raises SlurmCallError."""
-    by_name: dict[str, int] = {}
+def job_gpus_per_node(job: str, names: list[str]) -> list[int | None] | None:
+    """The GPUs job `job` has on each of its nodes `names` (SLURM's order; None for a node whose GPUs are shards
+    or MPS: gres_gpus), or None where `scontrol show job -d` does not say (no node details: the steps then take
+    SLURM's default). Raises SlurmCallError."""
+    by_name: dict[str, int | None] = {}
     for host_list, gpus in gpus_by_node_list(slurm_call("scontrol", "show", "job", "-d", "--oneliner", job)):
         for name in slurm_call("scontrol", "show", "hostnames", host_list).split():
             by_name[name] = gpus
