@@ -198,16 +198,18 @@ def test_each_step_gets_its_nodes_gpus_from_slurm(gpu_slurm: SlurmCluster, tmp_p
     node's step gets the job's two GPUs there, as its error line shows (CUDA sees none of the fake GPUs)."""
     env = {**gpu_slurm.env, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(["salloc", "--nodes=2", *allocation, sys.executable, "-m", "pdlaunch", "serve", "--model",
-                           "tiny", "--backend", "slurm", "--device", "cuda", "--port", str(free_port()),
-                           "--log-dir", str(tmp_path / "logs")], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
+    config = tmp_path / "pd.yaml"  # a rank on each node: whichever node's step stops first needs a GPU
+    config.write_text("launcher: {backend: slurm}\ndevice: cuda\nmodel: {path: tiny}\ninstances:\n"
+                      "  - {role: prefill, count: 1, tp: 1, node: 1}\n  - {role: decode, count: 1, tp: 1, node: 0}\n")
+    done = subprocess.run(["salloc", "--nodes=2", *allocation, sys.executable, "-m", "pdlaunch", "serve", str(config),
+                           "--port", str(free_port()), "--log-dir", str(tmp_path / "logs")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
     text = done.stdout + done.stderr
     assert done.returncode == 1, text
     assert "(GPUs of each: 2, 2)" in text, text
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, text
-    assert re.match(r"error: node ([01]): parallel\.nodes\[\1\]: node \1 \(127\.0\.0\.[12]\) needs \d GPU\(s\) .* its "
+    assert re.match(r"error: node ([01]): parallel\.nodes\[\1\]: node \1 \(127\.0\.0\.[12]\) needs 1 GPU\(s\) .* its "
                     r"srun step sees 0 \(SLURM_GPUS_ON_NODE=2, CUDA_VISIBLE_DEVICES=0,1\); SLURM gave the step 2 GPU",
                     errors[0]), text
     assert "stopped: every srun step ended" in text and "Traceback" not in text, text
