@@ -9,6 +9,7 @@ restarted, its restarts keep failing, or a role stayed without a live instance p
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from rich.markup import escape
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
+from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
@@ -100,8 +102,9 @@ def report_child_exit(console: Console, exc: ChildExited) -> None:
 
 def run_serve(cfg: DeploymentConfig) -> int:
     # soft_wrap: without a TTY (nohup, systemd) rich wrapped every line at 80 columns, splitting one message over two
-    # log lines (`...then stopping; Ctrl-C` / `again to stop at once`) that a grep for it then missed
-    console = Console(soft_wrap=True)
+    # log lines (`...then stopping; Ctrl-C` / `again to stop at once`) that a grep for it then missed. LossyOutput: a
+    # status line that cannot be written (a full disk, a closed pipe) is lost, not the deployment (output.py).
+    console = Console(soft_wrap=True, file=LossyOutput(sys.stdout).as_text_io())
     deployment = Deployment(cfg, console)
     with StopSignals() as signals:
         try:
