@@ -26,6 +26,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
+from pdlaunch.launcher.log_space import LogSpaceWatch
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ChildExited
 from pdlaunch.launcher.remote_rows import RemoteRows
@@ -102,6 +103,7 @@ class Supervisor:
         self.ask_forget = http_ask(internal_headers(deployment.cfg.security.deployment_secret))
         self.forget_timeout_s = FORGET_TIMEOUT_S
         self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited at its restart
+        self.log_space = LogSpaceWatch(deployment.log_dir)  # a full log disk loses lines silently: said (log_space.py)
 
     def __enter__(self) -> Supervisor:
         self.view.start(print_rows=False)
@@ -151,6 +153,8 @@ class Supervisor:
                 if child is not self.deployment.proxy:
                     self.deployment.refresh_blocks(record.name)
         self.remote.follow(self.stall_watch, self.stall_timeout_s, self._say)
+        for line in self.log_space.check(now):
+            self._say(line)
         self._check_roles(now)
         if now >= self._blocks_due:  # the KV blocks column follows the load, not just the moment of readiness
             self._blocks_due = now + BLOCKS_REFRESH_S
