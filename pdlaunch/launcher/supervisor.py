@@ -222,6 +222,7 @@ class Supervisor:
         marked restarting and the seconds until the restart."""
         decision = on_exit(record, how, now, self.policy)
         row = self.deployment.rows[record.name]
+        row.blocks_used = row.blocks_total = None  # the dead process's count: its blocks went with it
         if isinstance(decision, GiveUp):
             row.state = "failed"
             self.view.update()
