@@ -29,6 +29,10 @@ from pdlaunch.errors import PdlaunchError, exit_text
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Who else sends a SIGKILL: what an operator checks first
+OUTSIDE_SIGKILL = ("a SIGKILL pdlaunch did not send: most often the kernel's OOM killer (`dmesg | grep -i oom` or "
+                   "`journalctl -k` names the process; give it more memory, or run fewer or smaller instances on this "
+                   "machine), else someone's `kill -9`")
 
 
 @contextmanager
@@ -103,6 +107,7 @@ class ChildProcess:
         self.parent_death_signal = parent_death_signal
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._killed = False  # the launcher sent the running process SIGKILL (since its last start)
 
     @property
     def pid(self) -> int | None:
@@ -111,6 +116,7 @@ class ChildProcess:
     def start(self, note: str | None = None) -> None:
         """Start the process. With `note` (a restart), the log is appended to, after a line saying so."""
         self.close_log()
+        self._killed = False
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab" if note else "wb")
@@ -138,6 +144,10 @@ class ChildProcess:
         """How the process ended, in words ("was killed by signal 9 (SIGKILL)", "exited with code 1")."""
         return exit_text(self.poll())
 
+    def outside_kill(self) -> str | None:
+        """For a process that a SIGKILL the launcher did not send ended: who else sends one, and where to look."""
+        return OUTSIDE_SIGKILL if self.poll() == -signal.SIGKILL and not self._killed else None
+
     def poll(self) -> int | None:
         """Exit code once the process ended (it is reaped then), else None."""
         return self.popen.poll() if self.popen is not None else None
@@ -150,6 +160,8 @@ class ChildProcess:
         """Send `sig` to the child's whole process group (gone already: nothing to do)."""
         if self.popen is None:
             return
+        if sig == signal.SIGKILL and self.popen.poll() is None:
+            self._killed = True  # its death is the launcher's doing, not the OOM killer's
         try:
             os.killpg(self.popen.pid, sig)
         except (ProcessLookupError, PermissionError):

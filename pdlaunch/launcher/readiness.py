@@ -28,7 +28,9 @@ class ChildExited(PdlaunchError):
     def __init__(self, child: ChildProcess, code: int) -> None:
         self.child = child
         self.code = code
-        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}", hint=f"its log: {child.log_path}")
+        outside = child.outside_kill() if child.poll() == code else None
+        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}" + (f" ({outside})" if outside else ""),
+                         hint=f"its log: {child.log_path}")
 
 
 @dataclass

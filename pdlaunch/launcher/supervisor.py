@@ -205,9 +205,11 @@ class Supervisor:
         # (after the backoff, and when the group's id may have been taken by another process).
         child.signal_group(signal.SIGKILL)
         self._forget_stall(record.name)
+        outside = None if record.killed_for else child.outside_kill()  # the OOM killer, most often
         how, record.killed_for = record.killed_for or child.describe_exit(), ""
-        delay = self._restart_after(child, record, how, now)
-        self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} in {delay:.1f}s")
+        delay = self._restart_after(child, record, how, now, outside)
+        self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} in {delay:.1f}s"
+                  + (f" ({outside})" if outside else ""))
         self._forget(record)
 
     def _not_restarted(self, child: ChildProcess, record: ProcessRecord, exc: PdlaunchError, now: float) -> None:
@@ -217,16 +219,19 @@ class Supervisor:
         self._say(f"{record.name}: restart {record.restarts} failed: {exc.message}; restart {record.restarts + 1} "
                   f"in {delay:.1f}s (the other processes run on)")
 
-    def _restart_after(self, child: ChildProcess, record: ProcessRecord, how: str, now: float) -> float:
-        """The supervision policy's answer to `record` ending `how`: SupervisionFailed when it gives up, else its row
-        marked restarting and the seconds until the restart."""
+    def _restart_after(self, child: ChildProcess, record: ProcessRecord, how: str, now: float,
+                       outside: str | None = None) -> float:
+        """The supervision policy's answer to `record` ending `how`: SupervisionFailed when it gives up (`outside`: who
+        sent the SIGKILL that ended it, ChildProcess.outside_kill), else its row marked restarting and the seconds until
+        the restart."""
         decision = on_exit(record, how, now, self.policy)
         row = self.deployment.rows[record.name]
         row.blocks_used = row.blocks_total = None  # the dead process's count: its blocks went with it
         if isinstance(decision, GiveUp):
             row.state = "failed"
             self.view.update()
-            raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
+            said = f"{decision.reason}; it ended by {outside}" if outside else decision.reason
+            raise SupervisionFailed(f"{said} (log: {child.log_path})", child)
         row.state = f"restarting ({record.restarts + 1})"
         return float(decision.delay)
 

@@ -27,5 +27,8 @@ class FakeChild:
     def describe_exit(self) -> str:
         return exit_text(self.code)
 
+    def outside_kill(self) -> str | None:
+        return None  # the supervision tests' SIGKILLs are the launcher's own
+
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)

@@ -29,7 +29,8 @@ def test_lines_the_disk_refused_are_dropped_and_said_missing_once_it_takes_lines
     console = Console(file=LossyOutput(target, clock=lambda: failed_at).as_text_io(), soft_wrap=True)
     console.print("[pdlaunch] decode-0 is ready", highlight=False, markup=False)
     target.full = True
-    console.print("[pdlaunch] decode-0 (pid 7) was killed by signal 9 (SIGKILL); restart 1 in 1.0s", highlight=False, markup=False)
+    console.print("[pdlaunch] decode-0 (pid 7) was killed by signal 9 (SIGKILL); restart 1 in 1.0s", highlight=False,
+                  markup=False)
     console.print("[pdlaunch] decode-0: restart 1", highlight=False, markup=False)
     target.full = False
     console.print("[pdlaunch] decode-0 is ready again after restart 1", highlight=False, markup=False)
