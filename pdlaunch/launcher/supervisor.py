@@ -185,7 +185,7 @@ class Supervisor:
                 then = "it is left running (supervision.stall_restart_seconds is unset)"
             else:
                 then = f"it is restarted after supervision.stall_restart_seconds: {self.stall_restart_s:g}s"
-            what = "the proxy routes around it" if child is not self.deployment.proxy else "clients wait"
+            what = self._around(record)
             self._say(f"{name} (pid {child.pid}) is stalled: alive, but /health has not answered within "
                       f"{self.stall_timeout_s:g}s (stopped, hung or swapping?); {what}; {then}")
         if self.stall_restart_s is not None and stalled_for >= self.stall_restart_s:
@@ -195,6 +195,17 @@ class Supervisor:
             record.killed_for = (f"was stalled for {stalled_for:.0f}s (no /health answer; supervision."
                                  f"stall_restart_seconds: {self.stall_restart_s:g}) and killed to restart it")
             child.signal_group(signal.SIGKILL)  # a stopped process dies of SIGKILL too; its exit restarts it
+
+    def _around(self, record: ProcessRecord) -> str:
+        """What a stall of `record` means for requests: the proxy routes around it only to another ready instance."""
+        if record.role == "proxy":
+            return "clients wait"
+        others = any(r.role == record.role and r.name != record.name and r.live and c.running
+                     and r.name not in self._stalled for c, r in self.records) or self.remote.live(record.role)
+        if others:
+            return "the proxy routes around it"
+        return (f"no other {record.role} instance is ready, so the proxy has none to send its requests to until it "
+                "answers")
 
     def _forget_stall(self, name: str) -> None:
         self.stall_watch.watch(name, False)

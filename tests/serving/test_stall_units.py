@@ -331,3 +331,23 @@ def test_the_blocks_column_does_not_ask_a_stalled_instance(supervised: Any) -> N
     _stalled(supervisor, {})
     supervisor.tick(now=20.0)
     assert "prefill-0" in refreshed
+
+
+def test_a_stalled_instance_with_no_other_of_its_role_is_not_said_routed_around(supervised: Any) -> None:
+    """1P1D, the one decode SIGSTOPped: the line said `the proxy routes around it` while every request waited on it
+    or was refused; with a second decode it does route around it."""
+    _, supervisor = supervised()
+    _stalled(supervisor, {"decode-0": 2.5})
+    supervisor.tick(now=10.0)
+    said = next(line for line in supervisor.lines if "decode-0 (pid 1000) is stalled" in line)
+    assert "routes around" not in said
+    assert "no other decode instance is ready, so the proxy has none to send its requests to until it answers" in said
+    _, supervisor = supervised(instances=[{"role": "prefill"}, {"role": "decode", "count": 2}])
+    _stalled(supervisor, {"decode-1": 2.5})
+    supervisor.tick(now=10.0)
+    said = next(line for line in supervisor.lines if "decode-1 (pid 1000) is stalled" in line)
+    assert "the proxy routes around it" in said
+    _stalled(supervisor, {"decode-1": 3.5, "decode-0": 2.5})  # then the other one too
+    supervisor.tick(now=11.0)
+    said = next(line for line in supervisor.lines if "decode-0 (pid 1000) is stalled" in line)
+    assert "no other decode instance is ready" in said
