@@ -33,6 +33,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OUTSIDE_SIGKILL = ("a SIGKILL pdlaunch did not send: most often the kernel's OOM killer (`dmesg | grep -i oom` or "
                    "`journalctl -k` names the process; give it more memory, or run fewer or smaller instances on this "
                    "machine), else someone's `kill -9`")
+EXIT_WORD = " pdlaunch.server: exiting: "  # an instance's last log line when it ends on an error (server/__main__.py)
+RESTART_MARK = "===== pdlaunch: "  # start(note=...) writes it before a restart's lines
 
 
 @contextmanager
@@ -198,6 +200,17 @@ class ChildProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def exit_reason(self) -> str | None:
+        """Why the ended process said it ended: its last `exiting: REASON` log line since its last (re)start."""
+        if self.poll() in (None, 0):
+            return None
+        lines = self.tail(40)
+        marks = [i for i, line in enumerate(lines) if line.startswith(RESTART_MARK)]
+        for line in reversed(lines[marks[-1] + 1:] if marks else lines):
+            if EXIT_WORD in line:
+                return line.split(EXIT_WORD, 1)[1].strip() or None
+        return None
 
     def tail(self, lines: int = 20) -> list[str]:
         """The last `lines` lines of the child's log."""

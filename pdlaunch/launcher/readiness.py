@@ -28,9 +28,10 @@ class ChildExited(PdlaunchError):
     def __init__(self, child: ChildProcess, code: int) -> None:
         self.child = child
         self.code = code
-        outside = child.outside_kill() if child.poll() == code else None
-        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}" + (f" ({outside})" if outside else ""),
-                         hint=f"its log: {child.log_path}")
+        ours = child.poll() == code  # (not a code a test made up)
+        outside, reason = (child.outside_kill(), child.exit_reason()) if ours else (None, None)
+        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}" + (f": {reason}" if reason else "")
+                         + (f" ({outside})" if outside else ""), hint=f"its log: {child.log_path}")
 
 
 @dataclass

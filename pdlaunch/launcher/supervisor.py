@@ -217,7 +217,9 @@ class Supervisor:
         child.signal_group(signal.SIGKILL)
         self._forget_stall(record.name)
         outside = None if record.killed_for else child.outside_kill()  # the OOM killer, most often
-        how, record.killed_for = record.killed_for or child.describe_exit(), ""
+        reason = None if record.killed_for else child.exit_reason()  # its own `exiting: ...` log line
+        how = record.killed_for or child.describe_exit() + (f": {reason}" if reason else "")
+        record.killed_for = ""
         delay = self._restart_after(child, record, how, now, outside)
         self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} in {delay:.1f}s"
                   + (f" ({outside})" if outside else ""))

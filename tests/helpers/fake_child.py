@@ -16,6 +16,7 @@ class FakeChild:
     code: int | None = None  # None: running
     pid: int = 1000
     signals: list[int] = field(default_factory=list)
+    reason: str | None = None  # what its log's `exiting: ...` line says
 
     def poll(self) -> int | None:
         return self.code
@@ -26,6 +27,9 @@ class FakeChild:
 
     def describe_exit(self) -> str:
         return exit_text(self.code)
+
+    def exit_reason(self) -> str | None:
+        return self.reason if self.code not in (None, 0) else None
 
     def outside_kill(self) -> str | None:
         return None  # the supervision tests' SIGKILLs are the launcher's own

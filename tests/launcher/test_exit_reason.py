@@ -1,0 +1,74 @@
+"""Why an instance ended, in the launcher's own error line: an instance that cannot start logs `exiting: REASON`
+as its last word, and serve said only `prefill-0 (pid N) exited with code 1; stopping the deployment`, the reason
+five lines further down in the log's tail (a model directory that vanished between the check and the start)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.readiness import ChildExited
+from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
+from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
+
+REASON = ("engine failed to start: --model: model directory '/models/gone' does not exist (pass a local Hugging "
+          "Face checkpoint directory ...)")
+
+
+def _instance(tmp_path: Path, said: str, code: int) -> ChildProcess:
+    script = ("import sys; print('INFO:     Started server process'); "
+              f"print({said!r}); print('INFO:     Finished server process'); sys.exit({code})")
+    return ChildProcess("prefill-0", [sys.executable, "-c", script], tmp_path / "prefill-0.log")
+
+
+def _exited(child: ChildProcess) -> ChildExited:
+    assert child.wait(30.0)
+    code = child.poll()
+    assert code is not None
+    return ChildExited(child, code)
+
+
+def test_the_instances_last_word_is_in_the_startup_error(tmp_path: Path) -> None:
+    child = _instance(tmp_path, f"2026-11-30 09:23:07,417 ERROR prefill-0 pdlaunch.server: exiting: {REASON}", 1)
+    child.start()
+    assert _exited(child).message == f"prefill-0 (pid {child.pid}) exited with code 1: {REASON}"
+
+
+def test_a_restart_is_not_blamed_on_what_the_run_before_it_said(tmp_path: Path) -> None:
+    child = _instance(tmp_path, f"2026-11-30 09:23:07,417 ERROR prefill-0 pdlaunch.server: exiting: {REASON}", 1)
+    child.start()
+    _exited(child)
+    child.argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    child.start(note="restart 1 of prefill-0 (exited with code 1)")
+    assert _exited(child).message == f"prefill-0 (pid {child.pid}) exited with code 3"
+    assert child.exit_reason() is None
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, restart: bool) -> None:
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0},
+                                           "instances": [{"role": "prefill"}, {"role": "decode", "restart": restart}]})
+    deployment = FakeDeployment(cfg, tmp_path)
+    console = Console(record=True, width=1000, file=open(os.devnull, "w"))  # noqa: SIM115
+    supervisor = Supervisor(deployment, console)
+    try:
+        decode = deployment.instances[1]
+        decode.code, decode.reason = 1, "engine loop failed: RuntimeError: boom"  # type: ignore[attr-defined]
+        if restart:
+            supervisor.tick(now=100.0)
+            assert ("[pdlaunch] decode-0 (pid 1000) exited with code 1: engine loop failed: RuntimeError: boom; "
+                    "restart 1 in 1.0s") in console.export_text()
+        else:
+            with pytest.raises(SupervisionFailed) as failed:
+                supervisor.tick(now=100.0)
+            assert failed.value.message.startswith(
+                "decode-0 exited with code 1: engine loop failed: RuntimeError: boom, and restarts are off for it")
+    finally:
+        supervisor.__exit__()
+        console.file.close()
