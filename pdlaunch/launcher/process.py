@@ -121,15 +121,18 @@ class ChildProcess:
         self._killed = False
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab" if note else "wb")
-            if note:
-                self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
-                self._log.flush()
+            # unbuffered: nothing of ours is left to flush (and fail) at close; the child writes to the fd anyway
+            self._log = open(self.log_path, "ab" if note else "wb", buffering=0)
         except OSError as exc:
             self.close_log()
             raise PdlaunchError(f"cannot write {self.name}'s log {str(self.log_path)!r}: {exc.strerror or exc}",
                                 field="log_dir", hint="pass --log-dir DIR (or set log_dir) to a directory you "
                                 "can write, or remove what is in the way") from None
+        if note:
+            try:
+                self._log.write(f"\n{RESTART_MARK}{note} =====\n".encode())
+            except OSError:
+                pass  # a full disk: the restart goes on without its mark (serve says the log directory is full)
         env = {**{k: v for k, v in os.environ.items() if k not in self.unset_env}, "PYTHONUNBUFFERED": "1", **self.env}
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         with signals_deferred():  # a child exists only once self.popen holds it
