@@ -28,7 +28,7 @@ class ChildExited(PdlaunchError):
     def __init__(self, child: ChildProcess, code: int) -> None:
         self.child = child
         self.code = code
-        ours = child.poll() == code  # (not a code a test made up)
+        ours = child.poll() == code  # its log and its kill describe the run that ended with `code`
         outside, reason = (child.outside_kill(), child.exit_reason()) if ours else (None, None)
         super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}" + (f": {reason}" if reason else "")
                          + (f" ({outside})" if outside else ""), hint=f"its log: {child.log_path}")
