@@ -169,10 +169,21 @@ def test_deployment_is_stopped_when_the_run_is_interrupted(monkeypatch: pytest.M
 
 
 class _DeadChild:
+    """A ChildProcess that ended with SIGKILL (-9), the launcher's own kill: no outside kill, no reason logged."""
+
     name, pid, log_path = "decode-0", 4242, Path("decode-0.log")
 
     def tail(self, lines: int) -> list[str]:
         return ["CUDA error: out of memory"]
+
+    def poll(self) -> int:
+        return -9
+
+    def outside_kill(self) -> None:
+        return None
+
+    def exit_reason(self) -> None:
+        return None
 
 
 def test_a_process_lost_during_a_rate_fails_the_run_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -143,8 +143,9 @@ def test_the_slurm_step_of_such_a_node_exits_1_naming_the_field(monkeypatch: pyt
     _sees(monkeypatch, 2)
     assert slurm_node.main(["--node-rank", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: node 1: parallel.nodes[1].devices: node 1 needs 3 GPUs"), err
-    assert "devices: [0, 1]" in err and "Traceback" not in err
+    # The step's own count, what the node's ranks need and the allocation that gives them (slurm_node.py)
+    assert err.startswith("error: node 1: parallel.nodes[1]: node 1 (127.0.0.2) needs 3 GPU(s)"), err
+    assert "its srun step sees 2" in err and "--gres=gpu:3" in err and "Traceback" not in err
 
 
 def test_each_node_checks_its_own_gpus_and_the_slurm_batch_process_none(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,8 +80,9 @@ def test_a_node_without_gpus_still_refuses(monkeypatch: pytest.MonkeyPatch, tmp_
     message = err.value.message
     assert "model.enable_sleep_mode: sleep mode is not supported on current platform" in message, message
     assert "model.enable_cumem_allocator" not in message, message  # the user gave no --enable-cumem-allocator
-    if device == "cuda":
-        assert "device: cuda requested but no CUDA device is visible" in message, message
+    if device == "cuda":  # the step's GPU count, and the allocation that would give it one
+        assert "parallel.nodes[1]: node 1 (127.0.0.2) needs 1 GPU(s)" in message, message
+        assert "its srun step sees 0" in message and "--gres=gpu:1" in message, message
     assert err.value.hint == "checked on node 1 (127.0.0.2)"
 
 
