@@ -16,7 +16,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
-from pdlaunch.model.quant.fp8 import FP8_DTYPE, scale_problem
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, scale_problem, weight_dtype_problem
 from pdlaunch.model.weight_loader import ShardId, default_weight_loader
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -95,17 +95,17 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
                             hint="an FP8 scale: config.json lacks (or does not match) the quantization_config it "
                                  "belongs to" if scale else
                                  f"the checkpoint does not match its config.json ({arch.architecture})")
-    if not tensor.is_floating_point():
-        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
-                            "not a float dtype", field="model.path",
-                            hint="pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    dtype_problem = weight_dtype_problem(tensor)
+    if dtype_problem is not None and not tensor.is_floating_point():
+        raise PdlaunchError(f"tensor {name!r} in {file.name} {dtype_problem[0]}", field="model.path",
+                            hint=dtype_problem[1])
     if name.endswith(_KV_SCALES) and tensor.numel() > 1:
         return _per_head_kv_scale(name, tensor, file, fp8_kv_cache)
     if name.endswith(SCALE_SUFFIXES):
         _check_scale(name, tensor, file)
-    if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
-        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
-                            field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
+    if dtype_problem is not None:  # an e5m2 weight (an e5m2 scale failed _check_scale above)
+        raise PdlaunchError(f"tensor {name!r} in {file.name} {dtype_problem[0]}", field="model.path",
+                            hint=dtype_problem[1])
     # fp8 experts that quantize float tensors as they load (FusedExperts.prepare_fp8_blocks) take no fp8 one: its
     # values would be taken for real ones without their scale
     wants_fp8 = param.dtype == FP8_DTYPE and not getattr(param, "quantized_on_load", False)

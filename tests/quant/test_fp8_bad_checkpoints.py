@@ -271,3 +271,25 @@ def test_an_fp8_router_the_quantization_config_keeps_is_refused_naming_it(fp8_ba
     (path / "config.json").write_text(json.dumps(cfg))
     assert "tensor 'model.layers.0.mlp.gate.weight' in model.safetensors is float8_e4m3fn but config.json does " \
            "not quantize this module" in _load_error(path)
+
+
+EXPERT_WEIGHT = "model.layers.0.mlp.experts.1.up_proj.weight"
+
+
+@pytest.mark.parametrize("dtype,text", [
+    (torch.float8_e5m2, f"tensor {EXPERT_WEIGHT!r} is float8_e5m2; pdlaunch loads FP8 weights in e4m3 "
+                        "(float8_e4m3fn) only"),
+    (torch.int8, f"tensor {EXPERT_WEIGHT!r} is int8, not a float dtype; pdlaunch loads float32/bfloat16/float16 "
+                 "weights and FP8 (e4m3) checkpoints"),
+])
+def test_an_expert_weight_of_another_8_bit_dtype_is_named_as_such(dtype: torch.dtype, text: str,
+                                                                  fp8_bases: dict[str, Path], tmp_path: Path) -> None:
+    """An expert's e5m2 or int8 weight beside its scale read "is float8_e5m2 but has a scale and config.json quantizes
+    this module": as if a float weight had a stray scale. A dense projection's says what is wrong: the dtype."""
+    path = _broken(fp8_bases, "moe", tmp_path,
+                   lambda t: t.__setitem__(EXPERT_WEIGHT, t[EXPERT_WEIGHT].float().to(dtype)))
+    result = check(["--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert f"--model: {text}" in " ".join(result.output.split())
+    message, hint = text.split("; ", 1)
+    assert f"{message} ({hint})" in _load_error(path)

@@ -105,6 +105,9 @@ class ExpertDequantizer:
             want = ((rows, 1), (rows,))
         else:
             want = ((), (1,))
+        dtype_problem = fp8.weight_dtype_problem(weight)
+        if dtype_problem is not None:  # e5m2 or int8: not a float weight with a stray scale
+            raise PdlaunchError(f"tensor {weight_name!r} {dtype_problem[0]}", field="model.path", hint=dtype_problem[1])
         if weight.dtype != fp8.FP8_DTYPE:
             raise _scaled_float(weight_name, scale_name, weight.dtype)
         if tuple(scale.shape) not in want:

@@ -18,6 +18,18 @@ INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's 
 _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by zero)
 
 
+def weight_dtype_problem(tensor: torch.Tensor) -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) for a weight whose dtype pdlaunch cannot load, e.g. ("is int8, not a float
+    dtype", ...), or None: an int or a 1-byte float other than e4m3 (e5m2), which no scale makes a weight here."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if not tensor.is_floating_point():
+        return (f"is {dtype}, not a float dtype",
+                "pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
+        return f"is {dtype}", "pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only"
+    return None
+
+
 def scale_problem(scale: torch.Tensor, positive: bool = False) -> str | None:
     """What makes a checkpoint's scale unusable, or None: a value that is NaN, infinite or negative (quantizers
     write amax / 448), or zero where it is a divisor (`positive`: the KV cache stores k / k_scale). None for a
