@@ -95,7 +95,10 @@ def make_shaped_checkpoint(
         raise PdlaunchError("must be at least 1", field="--num-layers",
                             hint=f"{base['num_hidden_layers']} is the real {shape} depth")
     cfg: HFConfigJson = {**base, "num_hidden_layers": num_layers, **(overrides or {})}
-    if "head_dim" not in (overrides or {}):
+    resized = {"hidden_size", "num_attention_heads"} & set(overrides or {})
+    if resized and "head_dim" not in (overrides or {}):
+        # a test's tiny width without its own head_dim; a real shape keeps its own (Qwen3-30B-A3B's 128 is not
+        # hidden_size / num_attention_heads = 64)
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")

@@ -188,3 +188,18 @@ def test_cli_names_every_shape_for_an_unknown_one(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--shape", "gpt-oss-120b"])
     assert result.exit_code == 1 and "--shape" in result.output and "Traceback" not in result.output
     assert all(shape in result.output for shape in ("llama3-8b", "qwen3-30b-a3b", "mixtral-8x7b"))
+
+
+def test_the_qwen3_30b_a3b_checkpoint_keeps_the_real_head_dim(tmp_path: Path) -> None:
+    """Qwen3-30B-A3B's heads are 128 wide though hidden_size / num_attention_heads is 64: the written config.json
+    said head_dim 64 (recomputed from hidden_size), so q_proj was (2048, 2048) instead of (4096, 2048) and the KV
+    cache half the real one's bytes per token. Fewer and narrower experts and a small vocabulary keep it quick; the
+    attention keeps the real shape."""
+    from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint
+
+    small = {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 128, "vocab_size": 1024}
+    path = make_shaped_checkpoint(tmp_path / "moe", shape="qwen3-30b-a3b", num_layers=1, overrides=small)
+    assert json.loads((path / "config.json").read_text())["head_dim"] == 128
+    with safe_open(str(path / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert tuple(f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape()) == (4096, 2048)
+        assert tuple(f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape()) == (512, 2048)
