@@ -293,3 +293,24 @@ def test_an_expert_weight_of_another_8_bit_dtype_is_named_as_such(dtype: torch.d
     assert f"--model: {text}" in " ".join(result.output.split())
     message, hint = text.split("; ", 1)
     assert f"{message} ({hint})" in _load_error(path)
+
+
+@pytest.mark.parametrize("quant,key", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "quant_method"),
+    ({"quant_method": "mxfp4"}, "quant_method"),  # gpt-oss's experts
+    ({**BLOCK, "weight_block_size": [64, 64]}, "weight_block_size"),
+    ({**CHANNEL, "format": "int-quantized"}, "format"),
+])
+def test_an_unsupported_quantization_says_what_to_serve_instead(quant: dict[str, Any], key: str,
+                                                                 fp8_bases: dict[str, Path], tmp_path: Path) -> None:
+    """The refusal listed the formats pdlaunch loads, not what a user with a GPTQ, MXFP4 or 64-block checkpoint can
+    do about it: serve the unquantized original, quantized at load if they want FP8."""
+    path = Path(shutil.copytree(fp8_bases["moe_float"], tmp_path / "moe"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    for args in (["check-config"], ["generate", "--prompt", "hi", "--max-tokens", "2"]):
+        result = invoke([*args, "--model", str(path), "--device", "cpu"])
+        assert result.exit_code == 1, result.output
+        output = " ".join(result.output.split())
+        assert f"(config.json:quantization_config.{key})" in output
+        assert "serve the model's unquantized checkpoint instead (--quantization fp8 quantizes it at load)" in output

@@ -57,10 +57,13 @@ class QuantConfig(BaseModel):
         return False
 
 
+_INSTEAD = "serve the model's unquantized checkpoint instead (--quantization fp8 quantizes it at load)"
+
+
 def _refuse(message: str, key: str = "", hint: str | None = None) -> PdlaunchError:
     return PdlaunchError(message, field=f"{_FIELD}.{key}" if key else _FIELD,
                          hint=hint or "pdlaunch loads e4m3 FP8 checkpoints with 128x128 block, per-channel or "
-                                      "per-tensor weight scales and dynamic activation scales")
+                                      f"per-tensor weight scales and dynamic activation scales; {_INSTEAD}")
 
 
 def _object(value: object, key: str) -> dict[str, object]:
@@ -218,7 +221,8 @@ def parse_quant_config(cfg: object) -> QuantConfig | None:
     if method == "compressed-tensors":
         return _compressed_tensors(found)
     raise _refuse(f"quant_method {method!r} is not supported", "quant_method",
-                  "pdlaunch loads fp8 (block or per-tensor) and compressed-tensors float-quantized checkpoints")
+                  "pdlaunch loads fp8 (block or per-tensor) and compressed-tensors float-quantized checkpoints; "
+                  + _INSTEAD)
 
 
 def online_quant_config() -> QuantConfig:
