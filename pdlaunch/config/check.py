@@ -16,7 +16,12 @@ from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.instance_names import instance_name, role_numbers
-from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
+from pdlaunch.config.loader import (
+    flag_over_file_warnings,
+    load_deployment,
+    role_flag_warnings,
+    with_rule_problems,
+)
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
@@ -152,7 +157,7 @@ def check_report(config_path: Path | None, overrides: Mapping[str, object], targ
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
     problems = problems + serving_env_problems(resolved)  # also when the config did not load
     warnings = (world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
-                + serving_env_warnings(os.environ))
+                + role_flag_warnings(config_path, overrides) + serving_env_warnings(os.environ))
     if resolved is not None:
         info = model_info_for(resolved)[0]
         warnings += name_flags(no_effect_warnings(resolved, info) + rendezvous_timeout_warnings(resolved),

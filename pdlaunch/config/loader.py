@@ -80,6 +80,8 @@ def _set_role_field(raw: dict[str, object], role: str, key: str, value: object, 
                         f"set `count` on each {role} group in the file instead of {flag}")]
     if matching:
         matching[0][key] = value
+    elif key != "count" and says_colocated(raw):
+        pass  # a role's setting with no such group to take it: role_flag_warnings says so (a new group is refused)
     else:
         groups.append({"role": role, key: value})
     return []
@@ -158,6 +160,30 @@ def file_value(raw: dict[str, object], path: str) -> tuple[str, object] | None:
             return None
         node = node[part]
     return where, node
+
+
+def role_flag_warnings(path: Path | None, overrides: Mapping[str, object]) -> list[Problem]:
+    """A warning for each per-role flag (--decode-expert-parallel) of a colocated deployment without a group of that
+    role: it has no effect. A group made for it was refused as "a decode group in a colocated deployment; remove the
+    group (and --prefill/--decode)", a group and flags the user never wrote."""
+    try:
+        raw = read_yaml(path) if path is not None else {}
+    except ConfigError:  # reported as the config's own problems
+        return []
+    colocated = says_colocated({**raw, **({"colocated": overrides["colocated"]} if "colocated" in overrides else {})})
+    groups = raw.get("instances")
+    roles = {g.get("role") for g in groups if isinstance(g, dict)} if isinstance(groups, list) else set()
+    typed = typed_flags(overrides)
+    warnings: list[Problem] = []
+    for key in overrides:
+        match = ROLE_PATH.match(key)
+        if not colocated or match is None or match.group(2) == "count" or match.group(1) in roles:
+            continue
+        warnings.append(problem(typed.get(key) or FLAG_FOR_PATH.get(key, key),
+                                f"has no effect: every instance is colocated, with no {match.group(1)} instance to "
+                                "take it", "drop it; colocated instances follow --enable-expert-parallel "
+                                           "(parallel.enable_expert_parallel)"))
+    return warnings
 
 
 def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object],
@@ -262,7 +288,8 @@ def checked_deployment(path: Path | None, overrides: Mapping[str, object],
              + host_memory_findings(resolved, info)[1])  # ray: not this machine's
     found = name_flags(found, flag_fields(overrides, resolved.instances))
     found += serving_env_warnings(os.environ)
-    return resolved, world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides, own) + found
+    return resolved, (world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides, own)
+                      + role_flag_warnings(path, overrides) + found)
 
 
 def example_yaml() -> str:

@@ -107,6 +107,19 @@ def test_expert_parallel_needs_experts_to_divide_by_tp(moe_ckpt: Callable[[str],
     assert "heads" not in check(["--model", path, "--device", "cpu", "--tp", "4"]).output
 
 
+@pytest.mark.parametrize("flag,role", [("--decode-expert-parallel", "decode"),
+                                       ("--no-prefill-expert-parallel", "prefill")])
+def test_a_role_expert_parallel_flag_on_a_colocated_deployment_has_no_effect(flag: str, role: str,
+                                                                             moe_ckpt: Callable[[str], Path]) -> None:
+    """It made a {role} group, refused as "a decode group in a colocated deployment; remove the group (and
+    --prefill/--decode)": a group and flags the user never wrote. --decode-tp warns that it has no effect there."""
+    result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", "--colocated", flag])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    assert f"warning: {flag}: has no effect: every instance is colocated, with no {role} instance to take it; " \
+           "drop it; colocated instances follow --enable-expert-parallel (parallel.enable_expert_parallel)" in output
+
+
 def test_expert_parallel_per_instance_group(moe_ckpt: Callable[[str], Path]) -> None:
     """`--decode-expert-parallel` (YAML `instances[i].enable_expert_parallel`) overrides the deployment's mode
     for one group: check-config checks E % tp for that group only, and the launcher's spec carries it."""
