@@ -184,3 +184,21 @@ def test_one_tensor_in_two_shards_is_refused(moe_ckpt: Callable[[str], Path], tm
     checked = " ".join(check(["--model", str(path), "--device", "cpu"]).output.split())
     for text in (checked, _load_error(path)):
         assert f"tensor {name!r} is in both model-extra.safetensors and model.safetensors" in text
+
+
+@pytest.mark.parametrize("kind,key,name", [
+    ("qwen3_moe", "moe_intermediate_size", "model.layers.0.mlp.experts.0.gate_proj.weight"),
+    ("mixtral", "intermediate_size", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+])
+def test_a_misshapen_expert_names_the_config_keys_its_shape_comes_from(kind: str, key: str, name: str,
+                                                                       moe_ckpt: Callable[[str], Path],
+                                                                       tmp_path: Path) -> None:
+    """It said the model expects (16, 64) and that the checkpoint does not match its config.json, not which keys:
+    Mixtral's expert width is intermediate_size, Qwen's moe_intermediate_size."""
+    path = _copy(moe_ckpt, kind, tmp_path)
+    _edit_config(path, **{key: 16})
+    text = f"tensor {name!r} in model.safetensors: shape mismatch for expert 0 gate projection: checkpoint (32, 64), " \
+           f"model expects (16, 64) from config.json hidden_size 64 and {key} 16"
+    for output in _cli_errors(path):
+        assert text in output
+    assert f"from config.json hidden_size 64 and {key} 16" in _load_error(path)  # the load meets down_proj first

@@ -68,7 +68,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize, self.tp_size = moe.top_k, moe.norm_topk_prob, tp_size
         self.gate = Replicated(hidden, moe.num_experts)
         self.experts = FusedExperts(moe.num_experts, hidden, moe.expert_intermediate_size, tp_rank, tp_size,
-                                    expert_parallel)
+                                    expert_parallel, moe.intermediate_key)
         self.shared_expert: SharedExpert | None = None
         self.shared_expert_gate: Replicated | None = None
         if moe.shared_expert_intermediate_size:

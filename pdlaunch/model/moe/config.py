@@ -42,6 +42,9 @@ class MoeArch(BaseModel):
     # "mlp": `mlp.gate`, `mlp.experts.{e}.gate_proj/up_proj/down_proj`;
     # "block_sparse_moe" (Mixtral): `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1/w3/w2`.
     checkpoint_style: CheckpointStyle = "mlp"
+    # the config.json key of expert_intermediate_size (Mixtral's and OLMoE's experts take intermediate_size), for
+    # messages about an expert's shape
+    intermediate_key: str = "moe_intermediate_size"
 
     def is_sparse(self, layer: int) -> bool:
         return self.sparse_layers[layer]
@@ -103,13 +106,15 @@ def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArc
                             field="config.json:num_experts_per_tok")
     if architecture == "MixtralForCausalLM":
         return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=config_int(cfg, "intermediate_size"),
-                       norm_topk_prob=True, sparse_layers=[True] * num_layers, checkpoint_style="block_sparse_moe")
+                       norm_topk_prob=True, sparse_layers=[True] * num_layers, checkpoint_style="block_sparse_moe",
+                       intermediate_key="intermediate_size")
     if architecture == "OlmoeForCausalLM":
         if cfg.get("clip_qkv") is not None:
             raise PdlaunchError("OLMoE with clip_qkv is not supported", field="config.json:clip_qkv",
                                 hint="only checkpoints with clip_qkv null load")
         return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=config_int(cfg, "intermediate_size"),
-                       norm_topk_prob=config_bool(cfg, "norm_topk_prob"), sparse_layers=[True] * num_layers)
+                       norm_topk_prob=config_bool(cfg, "norm_topk_prob"), sparse_layers=[True] * num_layers,
+                       intermediate_key="intermediate_size")
     # Qwen2-MoE / Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers, every
     # decoder_sparse_step-th layer (1-based), as their decoder layers choose.
     step = config_int(cfg, "decoder_sparse_step") if cfg.get("decoder_sparse_step") is not None else 1

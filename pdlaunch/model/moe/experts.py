@@ -34,9 +34,10 @@ def _per_rank(size: int, tp_size: int, what: str) -> int:
 
 class FusedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, tp_rank: int = 0, tp_size: int = 1,
-                 expert_parallel: bool = False) -> None:
+                 expert_parallel: bool = False, intermediate_key: str = "moe_intermediate_size") -> None:
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.intermediate_key = intermediate_key  # config.json's name for `intermediate`, for shape messages
         if expert_parallel:
             self.num_local = _per_rank(num_experts, tp_size, "number of experts")
             self.expert_start = tp_rank * self.num_local
@@ -61,7 +62,9 @@ class FusedExperts(nn.Module):
 
     def _check(self, loaded: torch.Tensor, expected: tuple[int, int], what: str) -> None:
         if tuple(loaded.shape) != expected:
-            raise ValueError(f"shape mismatch for {what}: checkpoint {tuple(loaded.shape)}, model expects {expected}")
+            raise ValueError(f"shape mismatch for {what}: checkpoint {tuple(loaded.shape)}, model expects {expected} "
+                             f"from config.json hidden_size {self.hidden} and {self.intermediate_key} "
+                             f"{self.intermediate}")
 
     def w13_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard | None = None) -> None:
         if not isinstance(shard_id, tuple):
