@@ -12,9 +12,11 @@ Which 503s do, and why these values:
 - the proxy refused by an instance it picked (`instance_unreachable`, proxy/translate.py): 1 s. The proxy marked it
   down, so the retry goes to another ready instance or gets `no_instance`, which carries its own wait.
 - an instance's 503 that the proxy passes on keeps the instance's `Retry-After` (`retry_after_of`).
+- the proxy's `shutting_down` for a request its drain at shutdown cut (proxy/shutdown_answer.py): 1 s. The retry
+  goes to a running server: another replica behind the load balancer, or this one once restarted.
 
-Not the ones a wait does not end: `shutting_down` (the server is stopping: retry on a running one), `sleeping`
-(until someone POSTs /wake_up), `not_ready` (loading, failed or stopped: the proxy routes nothing to such an
+Not the ones a wait does not end: an instance's `shutting_down` (the server is stopping: retry on a running one),
+`sleeping` (until someone POSTs /wake_up), `not_ready` (loading, failed or stopped: the proxy routes nothing to such an
 instance), nor the engine call past its timeout (an operator's /sleep, /wake_up, ...).
 """
 

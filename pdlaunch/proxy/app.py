@@ -28,6 +28,7 @@ from pdlaunch.proxy.metrics import CountRequests, RouteLabel
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs
 from pdlaunch.proxy.prefix import PrefixRouter
+from pdlaunch.proxy.shutdown_answer import ShutdownAnswer
 from pdlaunch.proxy.state import ProxyState
 from pdlaunch.proxy.upstream import Proxy
 
@@ -114,7 +115,9 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     app = FastAPI(title="pdlaunch proxy", lifespan=lifespan)
     app.state.proxy_state = state
     install_error_handlers(app)
-    # Outermost first: time the first byte, count every answer, then authenticate, then bound the body.
+    # Outermost first: time the first byte, count every answer, then authenticate, then bound the body, then
+    # answer 503 shutting_down to a request the drain at shutdown cuts before its response began.
+    app.add_middleware(ShutdownAnswer, stopping=proxy.stopping)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
     app.add_middleware(CountRequests, counter=proxy.metrics.requests, router=app.router)
