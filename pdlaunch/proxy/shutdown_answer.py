@@ -10,6 +10,7 @@ with its own shutting_down event (upstream.py). A request that arrives after tha
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,7 +34,7 @@ class ShutdownAnswer(HTTPMiddleware):
         self.stopping = stopping
         self._waiting: set[asyncio.Task[object]] = set()  # requests whose response has not started
         self._cut: set[asyncio.Task[object]] = set()  # those cancelled here: their CancelledError is ours
-        self._watch: asyncio.Future[object] | None = None
+        self._watch: asyncio.Task[Literal[True]] | None = None
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -44,8 +45,8 @@ class ShutdownAnswer(HTTPMiddleware):
                 await shutting_down().response()(scope, receive, send)
             return
         if self._watch is None:  # one watch per process, on the serving loop
-            self._watch = asyncio.ensure_future(self.stopping.wait())
-            self._watch.add_done_callback(self._cut_waiting)
+            watch = self._watch = asyncio.ensure_future(self.stopping.wait())
+            watch.add_done_callback(self._cut_waiting)
         started = False
 
         async def send_started(message: Message) -> None:
@@ -68,7 +69,7 @@ class ShutdownAnswer(HTTPMiddleware):
             self._waiting.discard(task)
             self._cut.discard(task)
 
-    def _cut_waiting(self, watch: asyncio.Future[object]) -> None:
+    def _cut_waiting(self, watch: asyncio.Task[Literal[True]]) -> None:
         if watch.cancelled():
             return
         for task in self._waiting:
