@@ -23,6 +23,7 @@ from pdlaunch.config.loader import (
     with_rule_problems,
 )
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.proxy_workers import workers_text
 from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
@@ -102,7 +103,8 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
                 else f"{cfg.kv_transfer.connector}, mode {cfg.kv_transfer.transfer_mode}")
     side = cfg.kv_transfer.side_channel_port
     fixed = ", ".join((f"node {r.node} " if cfg.parallel.nodes else "") + r.label() for r in port_plan(cfg)) or "none"
-    console.print(Text(f"proxy {cfg.proxy.host}:{cfg.proxy.port}  side channel "
+    console.print(Text(f"proxy {cfg.proxy.host}:{cfg.proxy.port}  workers {workers_text(cfg.proxy.workers)}  "
+                       f"side channel "
                        f"{cfg.kv_transfer.side_channel_host}:{side if side is not None else 'free'}  "
                        f"fixed: {fixed}"))
     console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "

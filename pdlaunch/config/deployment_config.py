@@ -127,7 +127,7 @@ def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> li
             "--health-timeout", str(proxy.health_timeout_seconds),
             "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
             "--migration-limit", str(proxy.migration_limit)]
-    if proxy.workers > 1:
+    if proxy.workers != 1:  # auto: resolved by the proxy process, from the CPUs where it runs
         args += ["--workers", str(proxy.workers)]
     if proxy.prefill_timeout_seconds is not None:
         args += ["--prefill-timeout", str(proxy.prefill_timeout_seconds)]

@@ -46,7 +46,7 @@ proxy:
   host: 127.0.0.1
   port: 8000
   routing_policy: round_robin    # round_robin | least_loaded | prefix (longest cached prefix vs queue)
-  workers: 1                     # proxy processes sharing the port (streams outrunning one proxy core)
+  workers: auto                  # proxy processes sharing the port: auto (1 per 8 usable CPUs, 1-4) | 1-64
   request_timeout_seconds: 300
   health_timeout_seconds: 2      # no /health answer within this: the instance is stalled, routed around
   # prefill_timeout_seconds: 30  # unset: derived from prompt length and measured prefill speed

@@ -64,8 +64,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("device", str | None, "device", "auto | cpu | cuda."),
     Flag("host", str | None, "proxy.host", "Proxy bind address."),
     Flag("port", int | None, "proxy.port", "Proxy port."),
-    Flag("proxy_workers", int | None, "proxy.workers",
-         "Proxy processes sharing the port (for streams that outrun one proxy process; each routes on its own)."),
+    Flag("proxy_workers", str | None, "proxy.workers",
+         "Proxy processes sharing the port: auto (default: one per 8 usable CPUs, 1 to 4) or 1 to 64; each routes "
+         "on its own.", metavar="auto|N"),
     Flag("routing_policy", str | None, "proxy.routing_policy",
          "round_robin | least_loaded | prefix (the instance caching the longest prefix of the prompt, weighed "
          "against its queue)."),

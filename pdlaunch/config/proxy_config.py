@@ -3,12 +3,25 @@ disaggregation."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from pdlaunch.config.addresses import Host
+from pdlaunch.config.proxy_workers import MAX_WORKERS
 from pdlaunch.config.strict_model import MAX_ITL_MS, MAX_SECONDS, MAX_TOKENS, StrictModel
+
+
+def _workers(value: object) -> object:
+    """`auto` or a whole number of workers; a flag's text "4" reads as 4."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS):
+        return value
+    raise ValueError(f"must be auto or a whole number from 1 to {MAX_WORKERS}, got {value!r}")
+
+
+ProxyWorkers = Annotated[int | Literal["auto"], BeforeValidator(_workers)]
 
 
 class ProxyConfig(StrictModel):
@@ -21,11 +34,13 @@ class ProxyConfig(StrictModel):
     request_timeout_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="Whole-request timeout at the "
                                            "proxy (at most a week).")
     restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
-    workers: int = Field(
-        1, ge=1, le=64, description="Proxy processes sharing the port, for fleets whose streams outrun one proxy "
-        "process (a few thousand events a second per core; README \"Proxy workers\"). Each is a whole proxy with "
-        "its own routing state (round robin, queue weights and disaggregate_max_queue_tokens count its own "
-        "requests); /metrics sums their counters. A worker that dies restarts the whole proxy.")
+    workers: ProxyWorkers = Field(
+        "auto", description="Proxy processes sharing the port: auto (the default: one per 8 CPUs the proxy may use "
+        "where it runs, affinity and cgroup CPU limit counted, 1 to 4) or 1 to 64. One worker adds latency to every "
+        "request long before it fills a core (new requests wait behind each decode step's burst of stream events; "
+        "README \"Proxy workers\"). Each is a whole proxy with its own routing state (round robin, queue weights "
+        "and disaggregate_max_queue_tokens count its own requests); /metrics sums their counters. A worker that "
+        "dies restarts the whole proxy.")
     health_timeout_seconds: float = Field(
         2.0, gt=0, le=60, description="An instance whose /health does not answer within this is marked stalled "
         "and gets no new requests until it answers again (probed every second; the launcher uses it too).")

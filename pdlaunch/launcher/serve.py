@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.proxy_workers import workers_text
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
 from pdlaunch.launcher.output import LossyOutput
@@ -164,5 +165,6 @@ def _announce(console: Console, deployment: Deployment) -> None:
         console.print(f"node {deployment.cfg.parallel.node_rank}: instances ready; the proxy runs on node 0")
         return
     console.print(f"[green]ready[/green]: OpenAI API at [bold]{deployment.proxy_url}/v1[/bold] "
-                  f"(model {deployment.cfg.model.path!r}; logs in {deployment.log_dir}); Ctrl-C to stop",
+                  f"(model {deployment.cfg.model.path!r}; proxy workers {workers_text(deployment.cfg.proxy.workers)}; "
+                  f"logs in {deployment.log_dir}); Ctrl-C to stop",
                   soft_wrap=True)

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp
 
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
+from pdlaunch.config.proxy_workers import MAX_WORKERS, auto_workers
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
@@ -43,7 +44,7 @@ from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instance_flags import check_engine_ids, check_names, parse_instances
 from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, RESTART_BACKOFF_S, InstancePool
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
-from pdlaunch.proxy.workers import MAX_WORKERS, Supervisor
+from pdlaunch.proxy.workers import Supervisor
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
@@ -106,9 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
                         help="On SIGTERM, wait this long for in-flight requests.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", default="1", metavar="auto|N",
                         help="Proxy processes sharing the port (each a whole proxy with its own routing state; "
-                        "counters summed in /metrics); proxy.workers.")
+                        "counters summed in /metrics): 1 to 64, or auto: one per 8 CPUs this process may use "
+                        "(affinity and cgroup CPU limit), 1 to 4; proxy.workers (whose default is auto).")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
@@ -191,8 +193,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--chat-template: {message}")
     if args.migration_limit < 0:
         parser.error("--migration-limit must be 0 or more")
-    if not 1 <= args.workers <= MAX_WORKERS:
-        parser.error(f"--workers must be 1 to {MAX_WORKERS}")
+    workers = args.workers.strip()
+    if workers != "auto" and not (workers.isascii() and workers.isdigit() and 1 <= int(workers) <= MAX_WORKERS):
+        parser.error(f"--workers must be 1 to {MAX_WORKERS}, or auto (got {args.workers!r})")
+    args.workers = workers if workers == "auto" else int(workers)
     if args.listen_fd is not None:  # internal: the supervisor's listening socket (workers.py)
         try:
             kind = os.fstat(args.listen_fd).st_mode
@@ -232,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {who} %(name)s: %(message)s")
     quiet_http_client_logs()
-    if args.workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
-        return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, args.workers,
+    workers = args.workers
+    if workers == "auto" and args.listen_fd is None:  # from the CPUs this process may use, here
+        auto = auto_workers()
+        logging.getLogger(__name__).info("proxy: %s", auto.line())
+        workers = auto.workers
+    if workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
+        return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, workers,
                           args.drain_timeout, args.parent_pid).run()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))

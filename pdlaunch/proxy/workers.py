@@ -1,4 +1,5 @@
-"""proxy.workers N > 1: N proxy processes accepting on one listening socket.
+"""proxy.workers N > 1 (or auto resolved to N > 1, config/proxy_workers.py): N proxy processes accepting on one
+listening socket.
 
 One proxy process relays a few thousand stream events a second per core (benchmarks/proxy_relay.py; README,
 "Proxy workers"): a fleet whose decodes stream more than that is bound by the proxy. With N workers, the
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 KILL_GRACE_S = 15.0  # past the drain timeout, before a worker that has not exited is killed
 LISTEN_BACKLOG = 2048
-MAX_WORKERS = 64
 
 
 def worker_argv(argv: list[str], fd: int, index: int) -> list[str]:

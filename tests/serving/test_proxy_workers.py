@@ -188,15 +188,18 @@ def test_bad_worker_counts_are_refused_naming_the_flag_or_field(capsys: pytest.C
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
     result = check(["--model", "tiny", "--proxy-workers", "0"])  # asserts no traceback
-    assert result.exit_code == 1 and "--proxy-workers: must be >= 1, got 0" in result.output, result.output
+    assert result.exit_code == 1 and "--proxy-workers: must be auto or a whole number from 1 to 64, got 0" \
+        in result.output, result.output
 
 
 def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket() -> None:
     cfg = DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 3}})
     args = proxy_policy_args(cfg, lambda: "tiny")
     assert args[args.index("--workers") + 1] == "3"
-    assert "--workers" not in proxy_policy_args(DeploymentConfig.model_validate({"model": {"path": "tiny"}}),
-                                                lambda: "tiny")
+    assert "--workers" not in proxy_policy_args(
+        DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 1}}), lambda: "tiny")
+    default = proxy_policy_args(DeploymentConfig.model_validate({"model": {"path": "tiny"}}), lambda: "tiny")
+    assert default[default.index("--workers") + 1] == "auto"  # resolved by the proxy process where it runs
     argv = ["--port", "8000", "--workers", "3", "--parent-pid", "77", "--workers=3", "--decode", "x"]
     assert worker_argv(argv, 9, 1) == ["--port", "8000", "--decode", "x", "--listen-fd", "9", "--worker-index", "1",
                                        "--parent-pid", str(os.getpid())]
