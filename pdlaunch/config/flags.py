@@ -67,6 +67,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("proxy_workers", str | None, "proxy.workers",
          "Proxy processes sharing the port: auto (default: one per 8 usable CPUs, 1 to 4) or 1 to 64; each routes "
          "on its own.", metavar="auto|N"),
+    Flag("drain_timeout_seconds", float | None, "supervision.drain_timeout_seconds",
+         "On Ctrl-C / SIGTERM, seconds the proxy lets requests in flight finish (then 503 shutting_down) before "
+         "the instances stop (default 5, at most 3600).", metavar="<s>"),
     Flag("routing_policy", str | None, "proxy.routing_policy",
          "round_robin | least_loaded | prefix (the instance caching the longest prefix of the prompt, weighed "
          "against its queue)."),
@@ -181,7 +184,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
                               "max_num_batched_tokens", "prompt_tokens_while_decoding", "async_scheduling",
                               "no_async_scheduling"),
-    "Server": ("host", "port", "routing_policy", "proxy_workers", "log_dir"),
+    "Server": ("host", "port", "routing_policy", "proxy_workers", "drain_timeout_seconds", "log_dir"),
     "Security": ("api_key",),
 }
 _PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}

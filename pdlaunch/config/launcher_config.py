@@ -1,6 +1,6 @@
 """How the deployment's processes are started and kept running: the `launcher` section (backend, Ray
-resources), `supervision` (restarts) and `security` (the API key and deployment secret the launcher hands every
-process, the request size bound)."""
+resources), `supervision` (restarts, the drain at a stop) and `security` (the API key and deployment secret the
+launcher hands every process, the request size bound)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from pdlaunch.config.strict_model import MAX_REQUEST_BYTES, MAX_SECONDS, Role, StrictModel
+
+DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
+MAX_DRAIN_S = 3600.0
 
 
 class SecurityConfig(StrictModel):
@@ -38,6 +41,11 @@ class SupervisionConfig(StrictModel):
                               "process before the deployment stops with exit 1.")
     role_down_grace_seconds: float = Field(120.0, gt=0, le=MAX_SECONDS, description="Stop with exit 1 when a role "
                                            "has had no live instance for this long (at most a week).")
+    drain_timeout_seconds: float = Field(
+        DRAIN_TIMEOUT_S, gt=0, le=MAX_DRAIN_S, description="On a stop signal (Ctrl-C, SIGTERM), how long the proxy "
+        "lets requests in flight finish before it answers the rest 503 shutting_down (streams: an error event) and "
+        "the instances are stopped (at most an hour; under Kubernetes the proxy pod's termination grace grows to "
+        "fit).")
     stall_restart_seconds: float | None = Field(
         None, gt=0, le=MAX_SECONDS, description="Restart an instance that is alive but has not answered /health for "
         "this long (stalled; at most a week). Unset: never; it is shown as stalled and the proxy routes around it "

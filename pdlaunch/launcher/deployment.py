@@ -37,18 +37,18 @@ from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
 
 HTTP_TIMEOUT_S = 2.0
-DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
 INSTANCE_TERM_TIMEOUT_S = 5.0
 
 
 class Deployment:
     def __init__(self, cfg: DeploymentConfig, console: Console | None = None, log_dir: Path | None = None,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+                 drain_timeout_s: float | None = None) -> None:
         check_side_channel_reach(cfg)
         self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console or Console()
         self.log_dir = Path(log_dir or cfg.log_dir)
-        self.drain_timeout_s = drain_timeout_s
+        # In-flight requests finish at the proxy for this long before the instances are stopped.
+        self.drain_timeout_s = cfg.supervision.drain_timeout_seconds if drain_timeout_s is None else drain_timeout_s
         # Its ports are held against other launchers on this host from the plan until stop() (port_reservations.py).
         self.reservations = PortReservations()
         try:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.proxy_workers import workers_text
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
+from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
@@ -122,7 +122,7 @@ def run_serve(cfg: DeploymentConfig) -> int:
                 while not signals.requested.wait(SUPERVISE_POLL_S):
                     supervisor.tick()
             console.print(f"{signals.signal_name} received: draining in-flight requests "
-                          f"(up to {DRAIN_TIMEOUT_S:.0f}s), then stopping; Ctrl-C again to stop at once",
+                          f"(up to {deployment.drain_timeout_s:g}s), then stopping; Ctrl-C again to stop at once",
                           highlight=False)
             signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
             deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)

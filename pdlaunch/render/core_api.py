@@ -124,6 +124,7 @@ class Volume(TypedDict):
 class PodSpec(TypedDict):
     containers: list[Container]
     volumes: NotRequired[list[Volume]]
+    terminationGracePeriodSeconds: NotRequired[int]
 
 
 @with_config(_STRICT)

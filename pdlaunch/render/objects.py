@@ -5,7 +5,10 @@ Deployment and Service. Their shapes are the TypedDicts of render/core_api.py.
 
 from __future__ import annotations
 
+import math
+
 from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.launcher_config import DRAIN_TIMEOUT_S
 from pdlaunch.render.core_api import (
     Container,
     ContainerPort,
@@ -36,6 +39,8 @@ LEADER_LABEL = "pdlaunch.io/leader"
 # with another secret or API key must change the pod templates for `kubectl apply` to replace the pods (else a
 # proxy that kept the old deployment secret is refused by every instance pod started since).
 SECRET_DIGEST_ANNOTATION = "pdlaunch.io/secret-digest"
+POD_GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
+PROXY_STOP_MARGIN_S = 15.0  # past the proxy's drain: its lifespan's end and a supervisor's reaping of workers
 
 
 def meta(name: str, options: RenderOptions, labels: dict[str, str] | None = None) -> Metadata:
@@ -121,6 +126,9 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], en
         return cfg.model.path
 
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, tokenizer)]
+    drain_s = cfg.supervision.drain_timeout_seconds
+    if drain_s != DRAIN_TIMEOUT_S:
+        args += ["--drain-timeout", str(drain_s)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
     for name, engine_id in engine_ids.items():
@@ -135,6 +143,8 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], en
                  "ports": [{"name": "http", "containerPort": cfg.proxy.port, "protocol": "TCP"}],
                  "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}}
     spec: PodSpec = {"containers": [proxy]}
+    if drain_s + PROXY_STOP_MARGIN_S > POD_GRACE_S:  # the kubelet's SIGKILL would cut the drain short
+        spec["terminationGracePeriodSeconds"] = math.ceil(drain_s + PROXY_STOP_MARGIN_S)
     if tokenizes and options.model_volume is not None:  # its tokenizer is the checkpoint's, on the volume
         proxy["volumeMounts"] = [options.model_volume.mount()]
         spec["volumes"] = [options.model_volume.volume()]

@@ -4,7 +4,8 @@
 
 The drain is held open for as long as the test wants: the decode's rank-0 actor process is frozen
 (SIGSTOP), so a stream in flight through the proxy never finishes and the decode never stops by
-itself; the launcher runs with its drain and stop deadlines raised to an hour (the LONG shim). A
+itself; the launcher runs with its drain and stop deadlines raised to an hour (drain_timeout_seconds and
+the LONG shim). A
 launcher that exits within the test's generous timeouts therefore did not wait for either deadline.
 
 - a second SIGINT while the proxy drains that stream: "second signal: stopping now", once; the proxy
@@ -41,10 +42,11 @@ ray = pytest.importorskip("ray", reason="--backend ray needs the ray package (pi
 START_TIMEOUT_S = 300.0  # Ray actors importing torch and building engines on a loaded 2-core machine
 EXIT_TIMEOUT_S = 120.0  # far below the hour the LONG launcher would wait for its drain or its instances
 MAX_TOKENS = 400
-# `pdlaunch serve` with the proxy's drain and the instances' stop given an hour, not seconds.
+# `pdlaunch serve` with the instances' stop given an hour, not seconds (the proxy's drain: the config's
+# supervision.drain_timeout_seconds, an hour too in long_launcher).
 LONG = ("import sys\n"
-        "from pdlaunch.launcher.backends import ray, ray_actors, ray_proxy\n"
-        "ray.DRAIN_TIMEOUT_S = ray_proxy.DRAIN_TIMEOUT_S = ray_actors.STOP_TIMEOUT_S = 3600.0\n"
+        "from pdlaunch.launcher.backends import ray_actors\n"
+        "ray_actors.STOP_TIMEOUT_S = 3600.0\n"
         "from pdlaunch.cli import main\n"
         "main()\n")
 
@@ -178,7 +180,8 @@ def _frozen_decode(launcher: Launcher) -> int:
 
 @pytest.fixture
 def long_launcher(cluster: RayCluster, llama_ckpt: Path, tmp_path: Path) -> Iterator[Launcher]:
-    launcher = Launcher(cluster, llama_ckpt, tmp_path, [sys.executable, "-c", LONG])
+    launcher = Launcher(cluster, llama_ckpt, tmp_path, [sys.executable, "-c", LONG],
+                        supervision="{drain_timeout_seconds: 3600}")
     try:
         launcher.wait_ready()
         yield launcher

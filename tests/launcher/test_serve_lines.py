@@ -21,6 +21,7 @@ class StartedDeployment:
     def __init__(self, cfg: DeploymentConfig, console: Any) -> None:
         self.cfg, self.log_dir, self.left_running = cfg, Path(cfg.log_dir), list[str]()
         self.proxy_url = "http://127.0.0.1:1"
+        self.drain_timeout_s = cfg.supervision.drain_timeout_seconds
 
     def start(self, should_stop: Any) -> bool:
         return True

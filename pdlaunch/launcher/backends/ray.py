@@ -51,7 +51,6 @@ from pdlaunch.config.ray_thread import cut_short
 from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.readiness import POLL_S
 from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopRequested, StopSignals
 from pdlaunch.model.demo import resolve_model_path
@@ -103,8 +102,8 @@ def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -
             while not signals.requested.wait(POLL_S):
                 deployment.tick()
             console.print(f"{signals.signal_name} received: draining in-flight requests (up to "
-                          f"{DRAIN_TIMEOUT_S:.0f}s), then removing every actor and placement group; Ctrl-C again "
-                          "to stop at once", highlight=False, soft_wrap=True)
+                          f"{cfg.supervision.drain_timeout_seconds:g}s), then removing every actor and placement "
+                          "group; Ctrl-C again to stop at once", highlight=False, soft_wrap=True)
             deployment.stop(drain=not signals.forced, hurry=hurry)
             console.print("stopped: every actor and placement group removed", highlight=False)
             return 0

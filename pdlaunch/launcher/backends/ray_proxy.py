@@ -18,7 +18,6 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_stall import RayStalls
 from pdlaunch.launcher.child_commands import proxy_argv, proxy_env
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.plan import DeploymentPlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -44,7 +43,8 @@ class RayProxy:
         self.record.killed_for = ""
         self.last_start = note or "its first start"
         self.urls = {r.name: r.url or r.plan.url for r in runs}
-        argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
+        argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port,
+                          self.cfg.supervision.drain_timeout_seconds,
                           [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs],
                           {r.name: r.plan.spec.engine_id for r in runs})
         if self.process is None:
@@ -137,5 +137,5 @@ class RayProxy:
     def stop(self, drain: bool, hurry: Callable[[], bool]) -> None:
         """Let it drain (up to the drain timeout, when `drain`) and stop; killed once `hurry()` turns true."""
         if self.process is not None:
-            self.process.stop(DRAIN_TIMEOUT_S + 2.0 if drain else 0.5, hurry)
+            self.process.stop(self.cfg.supervision.drain_timeout_seconds + 2.0 if drain else 0.5, hurry)
             self.process.close_log()

@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.launcher_config import DRAIN_TIMEOUT_S
 from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, gres_option, job_gpus_per_node, node_names
@@ -61,7 +62,7 @@ from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopSignals
 
 DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig as JSON, for slurm_node
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
-STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
+STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests (the default drain) and stops its processes
 STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
 HEALTH_TIMEOUT_S = 2.0
 # srun reads these from its environment as if given on its command line. SLURM_LABELIO (`--label`, which users
@@ -229,6 +230,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
         def hurry() -> bool:  # a second signal: end the steps without waiting for the nodes' drain
             return signals.forced
 
+        stop_wait_s = step_stop_timeout_s(cfg)
+
         def supervise() -> int:
             for step in steps:
                 step.start()
@@ -251,8 +254,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                 if failed(console, cfg, steps, devices, job):
                     return 1
             console.print(f"{signals.signal_name} received: stopping every node (up to "
-                          f"{STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C again to stop at once", highlight=False)
-            return stopped_by_signal(console, steps, job, hurry)
+                          f"{stop_wait_s:.0f}s); Ctrl-C again to stop at once", highlight=False)
+            return stopped_by_signal(console, steps, job, hurry, stop_wait_s)
 
         left: list[str] = []
         try:
@@ -261,9 +264,9 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             # After a failure (a step ended, the proxy never answered) nobody asked for a drain: a first
             # Ctrl-C ends the other steps at once. After a stop signal they have ended already.
             if any(step.running for step in steps):
-                console.print(f"stopping the other nodes (up to {STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C to stop at "
+                console.print(f"stopping the other nodes (up to {stop_wait_s:.0f}s); Ctrl-C to stop at "
                               "once", highlight=False)
-            stop_steps(steps, signals.requested.is_set)
+            stop_steps(steps, signals.requested.is_set, stop_wait_s)
             cancelled, left = cancel_left_steps(console, steps, job)
             if left:
                 console.print(f"[red]stopped, but job {job} may still run {', '.join(left)}[/red] (see above)",
@@ -292,10 +295,18 @@ def step_exit(cfg: DeploymentConfig, dead: ChildProcess, steps: list[ChildProces
             + (f": {end.reason}" if end is not None else ""))
 
 
-def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str, hurry: Callable[[], bool]) -> int:
-    """Stop every step after a stop signal (at once when `hurry()` turns true); 1 if SLURM sent it because
-    the job failed (a node failure, the time limit, preemption), saying so, else 0."""
-    end = stop_steps(steps, hurry)
+def step_stop_timeout_s(cfg: DeploymentConfig) -> float:
+    """How long the nodes get to stop: STEP_STOP_TIMEOUT_S, longer by as much as the config's drain
+    (supervision.drain_timeout_seconds) passes the default one."""
+    return STEP_STOP_TIMEOUT_S + max(0.0, cfg.supervision.drain_timeout_seconds - DRAIN_TIMEOUT_S)
+
+
+def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str, hurry: Callable[[], bool],
+                      wait_s: float | None = None) -> int:
+    """Stop every step after a stop signal (at once when `hurry()` turns true), waiting up to `wait_s` (None:
+    STEP_STOP_TIMEOUT_S); 1 if SLURM sent it because the job failed (a node failure, the time limit,
+    preemption), saying so, else 0."""
+    end = stop_steps(steps, hurry, wait_s)
     if end is None:
         return 0
     if not end.failure:
@@ -306,9 +317,10 @@ def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str, hur
     return 1
 
 
-def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = None) -> SlurmEnd | None:
+def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = None,
+               wait_s: float | None = None) -> SlurmEnd | None:
     """Ask every node to stop (SIGUSR1, which srun forwards to its task: SIGTERM would make srun kill
-    the step at once), wait up to STEP_STOP_TIMEOUT_S for all, or until `hurry()` turns true (a second
+    the step at once), wait up to `wait_s` (None: STEP_STOP_TIMEOUT_S) for all, or until `hurry()` turns true (a second
     Ctrl-C), then end what is left: SIGTERM, SIGKILL after STEP_KILL_TIMEOUT_S (the steps of srun clients
     killed so are cancel_left_steps's). Returns why SLURM ended steps as their output said before that
     SIGTERM: slurmstepd writes the same line as for a scancel when srun kills its step at this process's
@@ -316,7 +328,7 @@ def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = Non
     for step in steps:
         if step.running:
             step.signal_group(STOP_SIGNAL)
-    deadline = time.monotonic() + STEP_STOP_TIMEOUT_S
+    deadline = time.monotonic() + (STEP_STOP_TIMEOUT_S if wait_s is None else wait_s)
     for step in steps:
         if not step.wait(deadline - time.monotonic(), hurry) and hurry is not None and hurry():
             break
