@@ -110,6 +110,7 @@ class ChildProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._killed = False  # the launcher sent the running process SIGKILL (since its last start)
+        self._run_start = 0  # the log's size when the last (re)start's own lines began (after its restart mark)
 
     @property
     def pid(self) -> int | None:
@@ -133,6 +134,11 @@ class ChildProcess:
                 self._log.write(f"\n{RESTART_MARK}{note} =====\n".encode())
             except OSError:
                 pass  # a full disk: the restart goes on without its mark (serve says the log directory is full)
+        # Where this run's lines begin: exit_reason reads from here, not from the mark, which a full disk leaves out
+        try:
+            self._run_start = self._log.seek(0, os.SEEK_END)
+        except OSError:  # a log that cannot seek (a FIFO): its whole tail is read
+            self._run_start = 0
         env = {**{k: v for k, v in os.environ.items() if k not in self.unset_env}, "PYTHONUNBUFFERED": "1", **self.env}
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         with signals_deferred():  # a child exists only once self.popen holds it
@@ -205,22 +211,22 @@ class ChildProcess:
             self._log = None
 
     def exit_reason(self) -> str | None:
-        """Why the ended process said it ended: its last `exiting: REASON` log line since its last (re)start."""
+        """Why the ended process said it ended: its last `exiting: REASON` log line since its last (re)start (the
+        log's lines past that start's offset: a full disk leaves out the restart's mark and the run's own lines, and
+        the line before them was the run before's)."""
         if self.poll() in (None, 0):
             return None
-        lines = self.tail(40)
-        marks = [i for i, line in enumerate(lines) if line.startswith(RESTART_MARK)]
-        for line in reversed(lines[marks[-1] + 1:] if marks else lines):
+        for line in reversed(self.tail(40, since=self._run_start)):
             if EXIT_WORD in line:
                 return line.split(EXIT_WORD, 1)[1].strip() or None
         return None
 
-    def tail(self, lines: int = 20) -> list[str]:
-        """The last `lines` lines of the child's log."""
+    def tail(self, lines: int = 20, since: int = 0) -> list[str]:
+        """The last `lines` lines of the child's log (of its part from byte `since` on)."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
+                f.seek(max(since, f.tell() - 64 * 1024))
                 return [line.decode(errors="replace").rstrip() for line in deque(f, maxlen=lines)]
         except OSError:
             return []

@@ -4,14 +4,18 @@ five lines further down in the log's tail (a model directory that vanished betwe
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher import process
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
@@ -72,3 +76,26 @@ def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, 
     finally:
         supervisor.__exit__()
         console.file.close()
+
+
+def test_a_restart_whose_mark_could_not_be_written_is_not_blamed_on_the_run_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a full log disk the restart's mark is not written (process.py goes on without it), and neither is anything
+    the restarted run says: the last `exiting:` line in the log was the run before's, and serve's line blamed the
+    restart's exit on it (`exited with code 3: engine failed to start: ... does not exist`)."""
+    child = _instance(tmp_path, f"2026-11-30 09:23:07,417 ERROR prefill-0 pdlaunch.server: exiting: {REASON}", 1)
+    child.start()
+    _exited(child)
+
+    class FullDisk(io.FileIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full(path: Path, mode: str, buffering: int = -1) -> FullDisk:
+        return FullDisk(path, mode)
+
+    monkeypatch.setattr(process, "open", open_full, raising=False)  # the log opens; writing to it fails
+    child.argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    child.start(note="restart 1 of prefill-0 (exited with code 1)")
+    assert _exited(child).message == f"prefill-0 (pid {child.pid}) exited with code 3"
+    assert child.exit_reason() is None
