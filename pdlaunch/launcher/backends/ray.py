@@ -40,6 +40,7 @@ servers to stop. The actors and placement groups are not detached: a launcher th
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from pdlaunch.config.ray_thread import cut_short
 from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
+from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.readiness import POLL_S
 from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopRequested, StopSignals
 from pdlaunch.model.demo import resolve_model_path
@@ -60,7 +62,8 @@ LOG_TAIL_BYTES = 64 * 1024  # the tail is read from this much of the log's end (
 
 def run_ray(cfg: DeploymentConfig) -> int:
     """`pdlaunch serve --backend ray`: 0 after a clean stop, 1 when the deployment could not keep serving."""
-    console = Console()
+    # LossyOutput: a status line that cannot be written (a full disk, a closed pipe) is lost, not the deployment
+    console = Console(file=LossyOutput(sys.stdout).as_text_io())
     with StopSignals() as connecting:
         deployment = _connected(console, cfg, connecting)
         return _serve(console, cfg, deployment)

@@ -56,6 +56,7 @@ from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, gres_option, 
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, failure_lines, node_error, show_lines
 from pdlaunch.launcher.backends.slurm_steps import SlurmCallError, cancel_left_steps, step_name
 from pdlaunch.launcher.log_dir_lock import LogDirLock
+from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopSignals
@@ -199,7 +200,8 @@ def failed(console: Console, cfg: DeploymentConfig, steps: list[ChildProcess], d
 
 def run_slurm(cfg: DeploymentConfig) -> int:
     """Serve `cfg` (nodes already taken from the allocation) until a signal; 0 after a clean stop."""
-    console = Console()
+    # LossyOutput: a status line that cannot be written (a full disk, a closed pipe) is lost, not the deployment
+    console = Console(file=LossyOutput(sys.stdout).as_text_io())
     # Before any step binds a port: one something else listens at is named here, not in that node's step log.
     # The ports are the ones each step plans, whatever GPUs this process's machine has (a login node's none).
     for field, message in check_node_ports(cfg):
