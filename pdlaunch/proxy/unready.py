@@ -75,7 +75,9 @@ class Outage:
         """Seconds until the instance should be ready again (at least 1)."""
         expected = self.last_restart_s if self.last_restart_s is not None else restart_backoff_s + NO_INSTANCE_LOAD_S
         left = expected - (now - self.since if self.since is not None else 0.0)
-        return left if left >= 1.0 else max(1.0, min(expected, OVERDUE_RETRY_AFTER_S))
+        if left > 0:  # not overdue yet: its last second too (a retry then may find it back)
+            return max(1.0, left)
+        return max(1.0, min(expected, OVERDUE_RETRY_AFTER_S))
 
 
 def health_state(body: dict[str, object]) -> str:

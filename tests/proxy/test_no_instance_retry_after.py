@@ -154,3 +154,19 @@ def test_the_launcher_passes_the_deployments_backoff() -> None:
     cfg = DeploymentConfig.model_validate({"model": {"path": "tiny"}, "supervision": {"restart_backoff_seconds": 7}})
     argv = proxy_argv(cfg, "127.0.0.1", 8000, 5.0, [("colocated", "colocated-0", "http://127.0.0.1:1")])
     assert argv[argv.index("--restart-backoff") + 1] == "7.0"
+
+
+def test_the_last_second_before_the_expected_return_is_a_wait_of_one_second(setup: Setup) -> None:
+    """Less than a second before the instance should be back (as long as its last restart took), the answer said
+    Retry-After: 5, the wait of an overdue outage, though the instance was not overdue: a client waited up to 4 s
+    past its return."""
+    url, _, _, clock = setup
+    _set(setup, "loading")
+    clock.now += 23
+    _set(setup, "ok", "colocated-0-e-r1")
+    clock.now += 100
+    _set(setup, "loading")
+    clock.now += 22.5  # 0.5 s left of the 23 s the last restart took
+    assert _refused(url).headers["retry-after"] == "1"
+    clock.now += 0.5  # due now, and then past it: overdue
+    assert _refused(url).headers["retry-after"] == str(int(OVERDUE_RETRY_AFTER_S))
