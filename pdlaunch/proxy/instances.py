@@ -240,7 +240,8 @@ class InstancePool:
             await self._probe(client, instance)
         finally:
             restarted = bool(engine_id) and instance.engine_id != engine_id
-            instance.outage.observe(instance.state == "ready", self.clock(), restarted)
+            instance.outage.observe(instance.state == "ready", self.clock(), restarted,
+                                    stalled=instance.state == "stalled")
 
     async def _probe(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:

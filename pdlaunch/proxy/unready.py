@@ -57,15 +57,19 @@ class Unready(Protocol):
 @dataclass
 class Outage:
     """When an instance stopped being ready (monotonic seconds; None while ready), and how long its last restart
-    took, from leaving ready to ready again under a new engine_id (None: none seen)."""
+    took, from leaving ready to ready again under a new engine_id (None: none seen). A stall starts no outage: the
+    instance is alive until supervision.stall_restart_seconds has it killed, and only then does its restart begin
+    (counted in, the stall made the next outage's wait the stall's and the restart's together)."""
 
     since: float | None = None
     last_restart_s: float | None = None
 
-    def observe(self, ready: bool, now: float, restarted: bool = False) -> None:
-        """A probe's finding: ready or not; `restarted`, ready under another engine_id than before."""
+    def observe(self, ready: bool, now: float, restarted: bool = False, stalled: bool = False) -> None:
+        """A probe's finding: ready or not (`stalled`: alive, its /health silent); `restarted`, ready under another
+        engine_id than before."""
         if not ready:
-            self.since = now if self.since is None else self.since
+            if self.since is None and not stalled:
+                self.since = now
             return
         if self.since is not None and restarted:
             self.last_restart_s = now - self.since

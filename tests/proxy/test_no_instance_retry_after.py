@@ -6,6 +6,7 @@ load. An instance that is asleep comes back only when someone wakes it: no Retry
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ def instance_app(health: Health) -> FastAPI:
 
     @app.get("/health")
     async def get_health() -> Any:
+        while health.state == "stalled":  # alive but not answering (SIGSTOP): the proxy's probe times out
+            await asyncio.sleep(0.05)
         if health.state == "ok":
             return {"status": "ok", "role": "colocated", "engine_id": health.engine_id}
         body = error_body(503, f"instance is {health.state}", code=health.state)
@@ -77,6 +80,8 @@ def _set(setup: Setup, state: str, engine_id: str = "colocated-0-e") -> None:
     if state == "ok":
         wait_for(lambda: instance.state == "ready" and instance.engine_id == engine_id
                  and instance.outage.since is None, f"colocated-0 ready as {engine_id} at the proxy")
+    elif state == "stalled":
+        wait_for(lambda: instance.state == "stalled", "colocated-0 stalled at the proxy")
     else:  # the outage's start recorded too: the clock may move on
         wait_for(lambda: instance.state == "unhealthy" and instance.health_state == state
                  and instance.outage.since is not None, f"colocated-0 {state} at the proxy")
@@ -170,3 +175,18 @@ def test_the_last_second_before_the_expected_return_is_a_wait_of_one_second(setu
     assert _refused(url).headers["retry-after"] == "1"
     clock.now += 0.5  # due now, and then past it: overdue
     assert _refused(url).headers["retry-after"] == str(int(OVERDUE_RETRY_AFTER_S))
+
+
+def test_a_stall_before_a_restart_is_not_counted_as_the_restarts_time(setup: Setup) -> None:
+    """A stalled instance (alive, /health silent) is restarted only when supervision.stall_restart_seconds kills
+    it; the restart takes as long from then as after a crash. The time it sat stalled was counted in, and the next
+    outage's Retry-After said the stall and the restart together (here 50 s for a 20 s restart)."""
+    url, _, _, clock = setup
+    _set(setup, "stalled")
+    clock.now += 30  # until the launcher kills it
+    _set(setup, "loading")  # killed, restarted, loading
+    clock.now += 20
+    _set(setup, "ok", "colocated-0-e-r1")
+    clock.now += 100
+    _set(setup, "loading")
+    assert _refused(url).headers["retry-after"] == "20"
