@@ -4,6 +4,7 @@ again): the instances serve on, but their logs lose every line that does not fit
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.supervisor import Supervisor
+from tests.serving.helpers import wait_for
 from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
 
 MIB = 1024 * 1024
@@ -60,3 +62,42 @@ def test_a_log_directory_that_fills_up_is_said_once_and_its_room_again(watched: 
     disk["free"] = 3 * MIB
     supervisor.tick(now=151.0)
     assert f"the log directory {tmp_path} has only 3.0 MiB free:" in console.export_text(clear=True)
+
+
+def test_a_log_directory_that_does_not_answer_does_not_hold_the_tick(
+        watched: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """shutil.disk_usage ran on the supervisor's tick with no timeout: a hung network mount under the log directory
+    held supervision (restarts, stall kills, status rows) for as long as it hung. The tick returns; the directory
+    that does not answer is said once, and again when it answers."""
+    supervisor, console, disk = watched
+    answer = threading.Event()
+    asked: list[Any] = []
+    real = shutil.disk_usage
+
+    def hung_disk_usage(path: Any) -> Any:
+        asked.append(path)
+        answer.wait()  # a hung NFS server: the call returns once it answers again
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", hung_disk_usage)
+    try:
+        for now in (100.0, 101.0, 103.0, 111.0, 121.0):
+            ticking = threading.Thread(target=supervisor.tick, kwargs={"now": now}, daemon=True)
+            ticking.start()
+            ticking.join(timeout=30)
+            assert not ticking.is_alive(), f"the tick at {now} waited on the log directory's file system"
+        assert len(asked) == 1  # one question at a time: no thread more at each check while it hangs
+        text = console.export_text(clear=True)
+        assert text.count(f"[pdlaunch] the log directory {tmp_path} does not answer: asking its file system for "
+                          "free space has not returned within 2s") == 1, text
+    finally:
+        answer.set()
+    now = 130.0
+
+    def answered() -> bool:
+        nonlocal now
+        now += 1.0
+        supervisor.tick(now=now)
+        return f"[pdlaunch] the log directory {tmp_path} answers again" in console.export_text(clear=False)
+
+    wait_for(answered, "the log directory's answer to be said", 30)
