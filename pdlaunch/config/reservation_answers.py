@@ -4,15 +4,27 @@ must take those connections off its name: unaccepted, each stayed queued, and on
 question) every later asker learned only that some launcher held the port. One daemon thread per process accepts
 and closes them, on epoll: a name is given back by its listener's close at once, where select or poll would keep the
 socket open until they return.
+
+An accept that fails other than for want of askers (EMFILE: the process is out of file descriptors) leaves the
+asker queued, so the same readiness comes back at once: the thread pauses, PAUSE_MIN_S doubling up to PAUSE_MAX_S,
+and says so once. Askers need no accept to learn the pid; only a backlog full of them goes unanswered meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import select
 import socket
 import sys
 import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+PAUSE_MIN_S = 0.05
+PAUSE_MAX_S = 1.0  # an asker whose backlog is full waits 2 s (port_reservations._ASK_TIMEOUT_S): answered before
 
 
 class Answerer:
@@ -22,6 +34,7 @@ class Answerer:
         self._lock = threading.RLock()  # RLock: a PortReservations' __del__ may run in the thread, under the lock
         self._listeners: dict[int, socket.socket] = {}
         self._epoll: select.epoll | None = None
+        self._warned = False
 
     def add(self, listener: socket.socket) -> None:
         with self._lock:
@@ -42,22 +55,49 @@ class Answerer:
             listener.close()
 
     def _run(self, epoll: select.epoll) -> None:
+        pause_s = 0.0
         while True:
             ready = epoll.poll()
+            failure: OSError | None = None
             with self._lock:  # a listener closed meanwhile is no longer in the map: nothing accepts on its fd
                 for fd, _ in ready:
-                    listener = self._listeners.get(fd)
-                    while listener is not None:
-                        try:
-                            listener.accept()[0].close()  # the asker read our pid at its connect
-                        except OSError:  # BlockingIOError: no asker left
-                            break
+                    failure = self._take_askers(self._listeners.get(fd)) or failure
+            if failure is None:
+                pause_s = 0.0
+                continue
+            self._say_failure(failure)
+            pause_s = min(max(2 * pause_s, PAUSE_MIN_S), PAUSE_MAX_S)
+            time.sleep(pause_s)  # out of the lock: a release goes on meanwhile
+
+    @staticmethod
+    def _take_askers(listener: socket.socket | None) -> OSError | None:
+        """Accept and close every asker queued on `listener`; the error that stopped it, if not the queue's end."""
+        while listener is not None:
+            try:
+                listener.accept()[0].close()  # the asker read our pid at its connect
+            except BlockingIOError:  # no asker left
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:  # that asker gave up already: the next one
+                    continue
+                return exc
+        return None
+
+    def _say_failure(self, exc: OSError) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        fix = " (raise the open-file limit: ulimit -n)" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+        logger.warning("cannot take other pdlaunch launchers' questions about this deployment's ports off the "
+                       "queue: %s%s; retrying every %gs at most, and a launcher that asks meanwhile may be told "
+                       "the holder does not answer", exc.strerror or exc, fix, PAUSE_MAX_S)
 
     def forked(self) -> None:
         """In a forked child: no thread runs there; its own holds (if any) start one."""
         self._lock = threading.RLock()
         self._listeners = {}
         self._epoll = None
+        self._warned = False
 
 
 answerer = Answerer()
