@@ -227,5 +227,6 @@ class PortReservations:
     def held(self) -> list[tuple[str, int]]:
         return sorted(self._held)
 
-    def __del__(self) -> None:  # a plan dropped without a stop (a failed start): no ResourceWarning, names freed
+    def __del__(self) -> None:  # a plan dropped without a stop (a failed start): no ResourceWarning, names freed;
+        # at the interpreter's shutdown without waiting on the answer thread (reservation_answers.Answerer.close)
         self.release()

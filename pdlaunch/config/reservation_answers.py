@@ -47,12 +47,20 @@ class Answerer:
             self._epoll.register(listener.fileno(), select.EPOLLIN)
 
     def close(self, listener: socket.socket) -> None:
-        with self._lock:
+        # At the interpreter's shutdown (a PortReservations' __del__) the daemon thread is frozen where it stands,
+        # maybe holding the lock for good: waiting for it hung the exit. The close alone gives the name back (and
+        # takes the fd out of the epoll set); the map's entry goes with the process.
+        if not self._lock.acquire(blocking=not sys.is_finalizing()):
+            listener.close()
+            return
+        try:
             fd = listener.fileno()
             if self._epoll is not None and self._listeners.get(fd) is listener:
                 del self._listeners[fd]
                 self._epoll.unregister(fd)
             listener.close()
+        finally:
+            self._lock.release()
 
     def _run(self, epoll: select.epoll) -> None:
         pause_s = 0.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -59,3 +61,41 @@ def test_out_of_file_descriptors_the_answer_thread_backs_off_and_says_so(
         assert len([r for r in caplog.records if "cannot take" in r.getMessage()]) == 1
     finally:
         mine.release()
+
+
+EXIT_HOLDING = """
+import sys
+from pdlaunch.config.port_reservations import PortReservations, reservation_holder
+# In a namespace of its own: the answer thread's frame, frozen at shutdown, keeps it (and not __main__) alive.
+blocking = {}
+exec('''
+import socket, threading
+inside, never = threading.Event(), threading.Event()
+real_accept = socket.socket.accept
+def accept(sock):
+    if sock.family == socket.AF_UNIX:
+        inside.set()
+        never.wait()  # the answer thread is here, holding the answerer's lock, when the process exits
+    return real_accept(sock)
+socket.socket.accept = accept
+''', blocking)
+held = PortReservations()  # never released: its __del__ gives the ports back at the interpreter's shutdown
+assert held.reserve("127.0.0.1", int(sys.argv[1])) is None
+assert reservation_holder("127.0.0.1", int(sys.argv[1])) is not None
+assert blocking["inside"].wait(30), "the answer thread did not take the question"
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_that_exits_holding_ports_exits_while_the_answer_thread_holds_its_lock() -> None:
+    """A PortReservations dropped at the interpreter's shutdown gives its names back in __del__, under the answer
+    thread's lock; a daemon thread is frozen where it stands at shutdown, so one caught holding that lock (accepting
+    an asker) hung the exit of a launcher that stopped without releasing (a failed start, an uncaught error)."""
+    port = PortAllocator(HOST).free("held by the exiting process")
+    try:
+        done = subprocess.run([sys.executable, "-c", EXIT_HOLDING, str(port)], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit within 60s of its last line: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0 and done.stdout == "exiting\n", (done.returncode, done.stdout, done.stderr)
+    assert reservation_holder(HOST, port) is None  # the kernel took the names back with the process
