@@ -108,8 +108,9 @@ def _command_of(pid: int) -> str:
 
 
 def reservation_holder(host: str, port: int) -> str | None:
-    """Who holds host:port for a deployment on this host ("pid N: command"), on one of `host`'s addresses or on one
-    overlapping it (module doc), or None when no launcher does."""
+    """Who holds host:port for a deployment on this host ("pid N: command", or a phrase saying why its launcher is not
+    named: refusals put it in parentheses, so it has none itself), on one of `host`'s addresses or on one overlapping
+    it (module doc), or None when no launcher does."""
     if not SUPPORTED:
         return None
     for address in _addresses(host):
@@ -133,13 +134,13 @@ def _holder(name: bytes) -> str | None:
                 return None  # no such name: nobody holds the port
             except BlockingIOError:  # EAGAIN: the holder's backlog is full of askers its thread has yet to accept
                 if time.monotonic() > deadline:
-                    return "another pdlaunch launcher on this host (it did not answer: is it stopped?)"
+                    return f"its launcher did not say which it is within {_ASK_TIMEOUT_S:g}s: is it stopped?"
                 time.sleep(0.01)
             except OSError as exc:  # not expected of a unix socket's connect; still no traceback for it
-                return f"another pdlaunch launcher on this host (asking it failed: {exc.strerror or exc})"
+                return f"asking its launcher which it is failed: {exc.strerror or exc}"
         pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
     if pid == 0:  # the kernel's answer for a process this PID namespace cannot see (another container)
-        return "a pdlaunch launcher in another container sharing this host's network"
+        return "its launcher runs in another container sharing this host's network"
     return f"pid {pid}: {_command_of(pid)}"
 
 
@@ -189,7 +190,7 @@ class PortReservations:
             self._held[(address, port)] = sock
             answerer.add(sock)
             return None
-        return "another pdlaunch launcher on this host (it let go and took it again)"
+        return "its launcher let go of the port and took it again while asked which it is"
 
     def _overlap_holder(self, address: str, port: int) -> str | None:
         """Who holds `port` on an address overlapping `address`, other than this deployment: one of its own

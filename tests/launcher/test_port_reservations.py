@@ -275,3 +275,60 @@ def test_a_name_is_held_on_every_address_it_resolves_to(monkeypatch: pytest.Monk
     finally:
         theirs.release()
         mine.release()
+
+
+def _depth(text: str) -> int:
+    """How deep parentheses nest in `text`."""
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_a_holder_that_does_not_answer_is_refused_in_one_plain_sentence(
+        other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
+    """A stopped holder (SIGSTOP) whose backlog is full of askers cannot say who it is: the refusal read "... starting
+    or running (another pdlaunch launcher on this host (it did not answer: is it stopped?))"."""
+    proc, base = other_launcher
+    askers: list[socket.socket] = []
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(1000):  # fill the backlog its stopped thread no longer empties
+            asker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            asker.setblocking(False)
+            askers.append(asker)
+            try:
+                asker.connect(f"\0pdlaunch-port:{HOST}:{base + 1}".encode())
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the holder's backlog did not fill up")
+        with pytest.raises(PdlaunchError) as refused:
+            PortAllocator(HOST, PortReservations()).claim(base + 1, "instances[1].base_port", "decode-0 HTTP")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        for asker in askers:
+            asker.close()
+    assert refused.value.message == (
+        f"port {base + 1} (decode-0 HTTP) on {HOST} belongs to another pdlaunch deployment on this host, starting or "
+        "running (its launcher did not say which it is within 2s: is it stopped?)"), refused.value.message
+    assert _depth(refused.value.message) == 1
+
+
+def test_a_holder_that_cannot_be_asked_is_refused_in_one_plain_sentence(
+        other_launcher: tuple[subprocess.Popen[bytes], int], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, base = other_launcher
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: object) -> None:
+        if sock.family == socket.AF_UNIX:
+            raise PermissionError(1, "Operation not permitted")  # a sandbox refusing unix connects (seccomp)
+        real_connect(sock, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    with pytest.raises(PdlaunchError) as refused:
+        PortAllocator(HOST, PortReservations()).claim(base + 1, "instances[1].base_port", "decode-0 HTTP")
+    assert refused.value.message.endswith(
+        "starting or running (asking its launcher which it is failed: Operation not permitted)"), refused.value.message
+    assert _depth(refused.value.message) == 1
