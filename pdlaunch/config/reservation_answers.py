@@ -24,7 +24,7 @@ import time
 logger = logging.getLogger(__name__)
 
 PAUSE_MIN_S = 0.05
-PAUSE_MAX_S = 1.0  # an asker whose backlog is full waits 2 s (port_reservations._ASK_TIMEOUT_S): answered before
+PAUSE_MAX_S = 1.0  # below the 2 s an asker waits on a full backlog (port_reservations._ASK_TIMEOUT_S)
 
 
 class Answerer:
