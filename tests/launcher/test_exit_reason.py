@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
 
-from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher import process
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
-from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
-from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
+from pdlaunch.launcher.supervisor import SupervisionFailed
+from tests.serving.test_fault_tolerance_supervisor import supervised_pd
 
 REASON = ("engine failed to start: --model: model directory '/models/gone' does not exist (pass a local Hugging "
           "Face checkpoint directory ...)")
@@ -56,12 +54,7 @@ def test_a_restart_is_not_blamed_on_what_the_run_before_it_said(tmp_path: Path) 
 
 @pytest.mark.parametrize("restart", [True, False])
 def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, restart: bool) -> None:
-    cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0},
-                                           "instances": [{"role": "prefill"}, {"role": "decode", "restart": restart}]})
-    deployment = FakeDeployment(cfg, tmp_path)
-    console = Console(record=True, width=1000, file=open(os.devnull, "w"))  # noqa: SIM115
-    supervisor = Supervisor(deployment, console)
-    try:
+    with supervised_pd(tmp_path, restart) as (deployment, supervisor, console):
         decode = deployment.instances[1]
         decode.code, decode.reason = 1, "engine loop failed: RuntimeError: boom"  # type: ignore[attr-defined]
         if restart:
@@ -73,9 +66,6 @@ def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, 
                 supervisor.tick(now=100.0)
             assert failed.value.message.startswith(
                 "decode-0 exited with code 1: engine loop failed: RuntimeError: boom, and restarts are off for it")
-    finally:
-        supervisor.__exit__()
-        console.file.close()
 
 
 def test_a_restart_whose_mark_could_not_be_written_is_not_blamed_on_the_run_before_it(

@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.process import OUTSIDE_SIGKILL, ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
-from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
-from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
+from pdlaunch.launcher.supervisor import SupervisionFailed
+from tests.serving.test_fault_tolerance_supervisor import supervised_pd
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -57,12 +55,7 @@ def test_the_launchers_own_sigkill_is_not_blamed_on_the_oom_killer(tmp_path: Pat
 
 @pytest.mark.parametrize("restart", [True, False])
 def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, restart: bool) -> None:
-    cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0},
-                                           "instances": [{"role": "prefill"}, {"role": "decode", "restart": restart}]})
-    deployment = FakeDeployment(cfg, tmp_path)
-    console = Console(record=True, width=1000, file=open(os.devnull, "w"))  # noqa: SIM115
-    supervisor = Supervisor(deployment, console)
-    try:
+    with supervised_pd(tmp_path, restart) as (deployment, supervisor, console):
         decode = deployment.instances[1]
         decode.code = -9  # type: ignore[attr-defined]
         decode.outside_kill = lambda: OUTSIDE_SIGKILL  # type: ignore[method-assign]
@@ -76,6 +69,3 @@ def test_serve_says_it_on_the_restart_line_and_when_it_gives_up(tmp_path: Path, 
             assert failed.value.message == (
                 "decode-0 was killed by signal 9 (SIGKILL), and restarts are off for it (instances[1].restart: false); "
                 f"it ended by {OUTSIDE_SIGKILL} (log: {tmp_path / 'decode-0.log'})")
-    finally:
-        supervisor.__exit__()
-        console.file.close()

@@ -3,8 +3,10 @@ restarted when, with which engine_id, what the status rows say, and when serve g
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,22 @@ class FakeDeployment(Deployment):
 
     def refresh_blocks(self, name: str, timeout: float = 1.0) -> None:
         pass
+
+
+@contextmanager
+def supervised_pd(tmp_path: Path, restart: bool) -> Iterator[tuple[FakeDeployment, Supervisor, Console]]:
+    """A fake 1P1D deployment (the decode's `restart` as given) under a Supervisor whose console records what it
+    says (`console.export_text()`); the supervisor is closed on exit."""
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0},
+                                           "instances": [{"role": "prefill"}, {"role": "decode", "restart": restart}]})
+    deployment = FakeDeployment(cfg, tmp_path)
+    with open(os.devnull, "w") as devnull:
+        console = Console(record=True, width=1000, file=devnull)
+        supervisor = Supervisor(deployment, console)
+        try:
+            yield deployment, supervisor, console
+        finally:
+            supervisor.__exit__()
 
 
 @pytest.fixture()
