@@ -17,7 +17,8 @@ TINY_COMPARE = ["--model", "tiny", "--device", "cpu", "--input-len", "12", "--ou
 
 @pytest.mark.parametrize(("args", "file_text", "said"), [
     (["--config", "{file}"], "device: [unclosed\n", "error: --config: YAML syntax error in"),
-    (["--config", "{file}"], "proxy:\n  workers: abc\n", "error: proxy.workers (in --config): input should be a valid"),
+    (["--config", "{file}"], "proxy:\n  workers: abc\n",
+     "error: proxy.workers (in --config): must be auto or a whole number"),
     (["--colocated-instances", "1000000"], None, "error: --colocated-instances: 1000000 instances x TP 1"),
     (["--request-timeout", "inf"], None, "error: --request-timeout: Input should be a finite number"),
     (["--request-timeout", "1e9"], None, "error: --request-timeout: Input should be less than or equal to 604770"),

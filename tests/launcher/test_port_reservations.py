@@ -286,6 +286,12 @@ def _depth(text: str) -> int:
     return deepest
 
 
+def _process_state(pid: int) -> str:
+    """The state letter of process `pid` (/proc/PID/stat: R running, S sleeping, T stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_holder_that_does_not_answer_is_refused_in_one_plain_sentence(
         other_launcher: tuple[subprocess.Popen[bytes], int]) -> None:
     """A stopped holder (SIGSTOP) whose backlog is full of askers cannot say who it is: the refusal read "... starting
@@ -294,6 +300,8 @@ def test_a_holder_that_does_not_answer_is_refused_in_one_plain_sentence(
     askers: list[socket.socket] = []
     proc.send_signal(signal.SIGSTOP)
     try:
+        # A signal takes effect a moment later: until the holder is stopped its thread still answers askers.
+        wait_for(lambda: _process_state(proc.pid) == "T", "the holder to be stopped (state T)", 60.0)
         for _ in range(1000):  # fill the backlog its stopped thread no longer empties
             asker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             asker.setblocking(False)
