@@ -42,6 +42,9 @@ class _Proxy:
     def describe_exit(self) -> str:
         return f"exited with code {self.exited}"
 
+    def outside_kill(self) -> str | None:
+        return None  # every SIGKILL here is the launcher's (signal_group)
+
     def signal_group(self, sig: int) -> None:
         _Proxy.events.append(f"signal {sig}")
         self.exited = -sig

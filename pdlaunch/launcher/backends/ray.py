@@ -18,7 +18,9 @@ and at the command's end).
 Supervision (launcher/restart_policy.py, as the local supervisor): an instance whose rank-0 `serve`
 call ends (the engine failed, an actor died, its node is gone) has its actors and placement group
 removed and, after the backoff, is placed again where Ray finds room, with a new engine_id
-(planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. An instance
+(planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. An actor (or the proxy)
+that a kill from outside ended is said so as the local launcher says it: the OOM killer on its node, or Ray's memory
+monitor where Ray reports that (ray_killed.py). An instance
 whose actor is alive but whose /health stops answering is said to be stalled, and is ended and restarted the same
 way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py); so is the proxy, killed then and
 restarted after the backoff, as the local supervisor does. A

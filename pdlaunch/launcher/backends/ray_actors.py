@@ -20,6 +20,7 @@ from pdlaunch.config.ray_cluster import NAMESPACE
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.errors import exit_text
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.backends.ray_killed import outside_kill
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_unplaced import unplaced_message
 from pdlaunch.launcher.deployment import INSTANCE_TERM_TIMEOUT_S
@@ -171,11 +172,14 @@ class RayActors:
         try:
             code = self.ray.get(run.serve_ref)
         except self.ray.exceptions.RayTaskError as exc:  # serve raised: the cause, not Ray's task headline
-            return f"failed in its Ray actor ({ray_failure(exc)})"
+            killed = outside_kill(str(exc))  # a rank actor killed (rank 0's watchdog quotes Ray's death cause)
+            return f"failed in its Ray actor ({ray_failure(exc)})" + (f"; that actor ended by {killed}" if killed
+                                                                      else "")
         except self.ray.exceptions.RayActorError as exc:
             if getattr(exc, "actor_init_failed", False):  # e.g. log_dir not writable on its node
                 return f"could not start its Ray actor ({ray_failure(exc)})"
-            return f"lost its Ray actor ({ray_failure(exc)})"
+            # the OOM killer or Ray's memory monitor: said as the local launcher says it, not Ray's paragraph
+            return f"lost its Ray actor ({outside_kill(str(exc)) or ray_failure(exc)})"
         except self.ray.exceptions.RayError as exc:
             return f"lost its Ray actor ({ray_failure(exc)})"
         return exit_text(code)

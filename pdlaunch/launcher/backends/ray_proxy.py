@@ -97,11 +97,14 @@ class RayProxy:
             return
         if record.due is None and proxy.poll() is not None:
             self.stalls.forget(RayStalls.PROXY)
+            outside = None if record.killed_for else proxy.outside_kill()  # the OOM killer, most often
             how, record.killed_for = record.killed_for or proxy.describe_exit(), ""  # SIGKILL alone does not say why
             decision = on_exit(record, how, now, policy)
             if isinstance(decision, GiveUp):
-                raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})", log_path=proxy.log_path)
-            self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})")
+                said = f"{decision.reason}; it ended by {outside}" if outside else decision.reason
+                raise RayDeploymentFailed(f"{said} (log: {proxy.log_path})", log_path=proxy.log_path)
+            self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})"
+                     + (f" ({outside})" if outside else ""))
         elif record.due is not None and now >= record.due:
             record.due, record.started = None, now
             record.restarts += 1
