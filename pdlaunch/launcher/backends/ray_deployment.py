@@ -2,7 +2,8 @@
 and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
 supervisor's restart policy; the head watched; a stalled instance or proxy restarted after
 supervision.stall_restart_seconds: ray_stall.py; a dead prefill or decode forgotten by its peers before it is placed
-again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance.
+again, as the local supervisor does: launcher/forget_peers.py; the log directory's free space watched, as the local
+supervisor watches it: launcher/log_space.py); stopped proxy first, then every instance.
 
 The ports the plan hands out are held against every other pdlaunch launcher on this host (config/port_reservations.py)
 from the plan until `stop` (every end of the run calls it; a failure while the deployment is made gives them back
@@ -37,6 +38,7 @@ from pdlaunch.launcher.backends.ray_stall import RayStalls
 from pdlaunch.launcher.deployment_secret import with_deployment_secret
 from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
 from pdlaunch.launcher.log_dir_lock import LogDirLock
+from pdlaunch.launcher.log_space import LogSpaceWatch
 from pdlaunch.launcher.plan import InstancePlan, plan_deployment
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
@@ -78,6 +80,7 @@ class RayDeployment:
             self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
             self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, lambda text: self.say(text), self.stalls)
             self._lock = LogDirLock(self.log_dir)
+            self.log_space = LogSpaceWatch(self.log_dir)  # a full log disk loses the instances' lines silently: said
             self._stopped = False
             self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
             self.forget_timeout_s = FORGET_TIMEOUT_S
@@ -157,6 +160,8 @@ class RayDeployment:
         """One round of supervision; RayDeploymentFailed when the deployment has to stop."""
         now = time.monotonic()
         self._check_head(now)
+        for line in self.log_space.check(now):
+            self.say(line)
         for run in self.runs:
             if run.state in ("starting", "ready"):
                 how = self.actors.exit_of(run)
