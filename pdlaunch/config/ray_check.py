@@ -5,6 +5,10 @@ the resources named and room for each instance alone (config/ray_cluster.py), th
 
 from __future__ import annotations
 
+import os
+import sys
+from types import ModuleType
+
 from pdlaunch.config import ray_cluster
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_fit import refuse_unfit
@@ -30,18 +34,46 @@ def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
     return cfg
 
 
+def connected_address(ray: ModuleType | None) -> str | None:
+    """The GCS address (HOST:PORT) of the cluster `ray` is connected to; None when not connected or not said."""
+    initialized = getattr(ray, "is_initialized", None)
+    if ray is None or (initialized is not None and not initialized()):
+        return None
+    context = getattr(ray, "get_runtime_context", None)
+    try:
+        address = str(context().gcs_address) if context is not None else ""
+    except Exception:  # noqa: BLE001 (a cluster that went away meanwhile: the address is not known)
+        return None
+    return address or None
+
+
+def cluster_words(address: str, ray: ModuleType | None = None) -> str:
+    """How a message names the Ray cluster at launcher.ray_address `address`. `auto` names none a reader can use:
+    it is the cluster this machine is part of (RAY_ADDRESS, else the one a `ray start` here runs), said with its
+    GCS address once `ray` is connected to it."""
+    if address != "auto":
+        return f"the Ray cluster at {address}"
+    env = os.environ.get("RAY_ADDRESS")
+    how = f"RAY_ADDRESS={env}" if env else "RAY_ADDRESS is not set: the one a `ray start` on this machine runs"
+    known = connected_address(ray)
+    return (f"the Ray cluster this machine is part of (launcher.ray_address auto: {how})"
+            + (f", at {known}" if known else ""))
+
+
 def ray_host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
     """Where check-config's summary says the instances of a `--backend ray` config run: the Ray cluster, not this
     machine (it runs the launcher and the proxy only). For a CUDA config, the GPU host it was checked against
     (config/backend.backend_target); else the cluster's live nodes and CPUs as they are now (Ray places each
     instance on them), or only its address where it cannot be asked again."""
-    if target is not None:
-        return (f"the Ray cluster at {cfg.launcher.ray_address}, checked per node as {target.gpus} GPU(s) x "
+    address = cfg.launcher.ray_address
+    if target is not None:  # checked against the cluster already, where it was asked: named as connected then
+        return (f"{cluster_words(address, sys.modules.get('ray'))}, checked per node as {target.gpus} GPU(s) x "
                 f"{target.gpu_memory_gib:g} GiB ({target.source}); Ray places each instance")
     try:
-        nodes = ray_cluster.live_nodes(ray_cluster.connect(cfg))
+        ray = ray_cluster.connect(cfg)
+        nodes = ray_cluster.live_nodes(ray)
     except PdlaunchError:
-        return f"the Ray cluster at {cfg.launcher.ray_address} ({cfg.device}; Ray places each instance on its nodes)"
+        return f"{cluster_words(address)} ({cfg.device}; Ray places each instance on its nodes)"
     cpus = sum(node.resources.get("CPU", 0.0) for node in nodes)
-    return (f"the Ray cluster at {cfg.launcher.ray_address} ({cfg.device}; {len(nodes)} live node(s), {cpus:g} CPU(s) "
-            "in all; Ray places each instance on them)")
+    return (f"{cluster_words(address, ray)} ({cfg.device}; {len(nodes)} live node(s), {cpus:g} CPU(s) in all; Ray "
+            "places each instance on them)")

@@ -49,7 +49,10 @@ class Actors:
 
 def test_an_instance_placed_again_while_starting_is_live_once_ready(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    deployment = deployment_on(FakeRay(), tmp_path, monkeypatch)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    deployment = deployment_on(FakeRay(gcs_address="10.0.0.1:6379"), tmp_path, monkeypatch)
+    said: list[str] = []
+    monkeypatch.setattr(deployment, "say", said.append)
     deployment.policy = dataclasses.replace(deployment.policy, backoff_s=0.01)  # placed again at the next poll
     actors = Actors()
     deployment.actors = actors  # type: ignore[assignment]
@@ -62,6 +65,10 @@ def test_an_instance_placed_again_while_starting_is_live_once_ready(tmp_path: Pa
     finally:
         deployment._lock.release()
     prefill = deployment.runs[0]
+    # launcher.ray_address auto, said as what it found (before: "asked of the cluster at auto")
+    assert any(line.startswith("ray: 2 placement group(s) asked of the Ray cluster this machine is part of "
+                               "(launcher.ray_address auto: RAY_ADDRESS is not set: the one a `ray start` on this "
+                               "machine runs), at 10.0.0.1:6379 (timeout") for line in said), said
     assert actors.events.count("place prefill-0") == 2 and prefill.record.restarts == 1, actors.events
     assert prefill.state == "ready" and prefill.record.live, prefill.record
     grace = deployment.policy.grace_s

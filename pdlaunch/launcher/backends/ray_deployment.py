@@ -27,6 +27,7 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_reservations import PortReservations
+from pdlaunch.config.ray_check import cluster_words
 from pdlaunch.config.ray_cluster import InstancePlacement, connect, live_nodes
 from pdlaunch.config.ray_fit import deployment_placements
 from pdlaunch.http.auth import internal_headers
@@ -124,7 +125,8 @@ class RayDeployment:
         self._lock.acquire(self.plan.proxy_url)  # the model is ready: ray.run_ray fetched or converted it
         for run in self.runs:
             self.actors.place(run)
-        self.say(f"ray: {len(self.runs)} placement group(s) asked of the cluster at {self.cfg.launcher.ray_address} "
+        self.say(f"ray: {len(self.runs)} placement group(s) asked of "
+                 f"{cluster_words(self.cfg.launcher.ray_address, self.ray)} "
                  f"(timeout {self.cfg.launcher.ray_placement_timeout_seconds:g}s); logs in {self.log_dir}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while any(r.state != "ready" for r in self.runs):
