@@ -64,10 +64,15 @@ class Instance:
         return "sleeping" if self.sleeping else self.engine_loop.state
 
     def check_model(self, model: str | None) -> None:
-        """404 for a `model` this instance does not serve (None: the client did not name one)."""
+        """404 for a `model` this instance does not serve (None: the client did not name one). Worded for the
+        deployment: the proxy passes the answer on as it is, and every instance of a deployment serves the same
+        names."""
         if model is not None and model not in self.accepted_names:
-            raise OpenAIError(404, f"model {model!r} is not served here (this instance serves {self.model_name!r})",
-                              param="model", code="model_not_found")
+            served = served_model_names(self.config)
+            them = "them" if len(served) > 1 else "it"
+            raise OpenAIError(404, f"model {model!r} is not served here: this deployment serves "
+                              f"{', '.join(map(repr, served))} (GET /v1/models lists {them})", param="model",
+                              code="model_not_found")
 
     def check_serving(self) -> None:
         """503 unless the instance takes requests now (awake, engine ready)."""
