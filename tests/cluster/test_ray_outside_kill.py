@@ -141,3 +141,17 @@ def test_a_proxy_the_launcher_killed_names_no_oom_killer(tmp_path: Path, monkeyp
     _ended(proxy.process)
     proxy.check(deployment.runs, 10.0, deployment.policy)  # type: ignore[attr-defined]
     assert len(said) == 1 and "OOM killer" not in said[0], said
+
+
+def test_a_proxy_killed_from_outside_while_starting_names_the_oom_killer(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    deployment, said = _proxy_of(tmp_path, monkeypatch)
+    proxy = deployment.proxy  # type: ignore[attr-defined]
+    monkeypatch.setattr(proxy, "answers", lambda: False)
+    os.kill(proxy.process.pid, signal.SIGKILL)
+    _ended(proxy.process)
+    with pytest.raises(RayDeploymentFailed) as failed:
+        proxy.wait_ready(float("inf"), lambda: False)
+    assert failed.value.message.startswith("the proxy was killed by signal 9 (SIGKILL) while starting (a SIGKILL "
+                                           "pdlaunch did not send: most often the kernel's OOM killer"), \
+        failed.value.message

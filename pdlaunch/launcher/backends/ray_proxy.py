@@ -79,7 +79,9 @@ class RayProxy:
                 return False
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RayDeploymentFailed(f"the proxy {self.process.describe_exit()} while starting",
+                outside = self.process.outside_kill()  # the OOM killer, most often
+                raise RayDeploymentFailed(f"the proxy {self.process.describe_exit()} while starting"
+                                          + (f" ({outside})" if outside else ""),
                                           hint=f"its log: {self.process.log_path}", log_path=self.process.log_path)
             if time.monotonic() > deadline:
                 raise RayDeploymentFailed(f"the proxy did not answer within {READY_TIMEOUT_S:.0f}s",
