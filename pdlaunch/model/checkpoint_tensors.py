@@ -16,6 +16,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
+from pdlaunch.model.quant.config import QuantConfig
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, scale_problem, weight_dtype_problem
 from pdlaunch.model.weight_loader import ShardId, default_weight_loader
 
@@ -73,14 +74,15 @@ def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = No
 
 def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
                 file: Path, filled: dict[tuple[str, ShardId], tuple[str, str]] | None = None,
-                fp8_kv_cache: bool = False) -> bool:
+                fp8_kv_cache: bool = False, quant: QuantConfig | None = None) -> bool:
     """Copy one checkpoint tensor into its parameter through the parameter's weight_loader (which
     checks the unsharded shape). False when the tensor is deliberately not used. With meta parameters
     and a meta tensor only the name and shape are checked: what `check-config` does from headers.
     `filled` (parameter, shard) -> (tensor, file) of the tensors loaded so far: a second tensor for the same
     part (one expert under two names, Mixtral's and Qwen's, or one name in two shards) is an error, not a
     silent overwrite. `fp8_kv_cache`: the KV cache applies the k/v scales (--kv-cache-dtype fp8), so per-head ones
-    are refused; otherwise they are not used (`_per_head_kv_scale`)."""
+    are refused; otherwise they are not used (`_per_head_kv_scale`). `quant`: the checkpoint's quantization, so a
+    tensor of a module its modules_to_not_convert / ignore lists is refused naming that list."""
     if name.endswith(_IGNORED_SUFFIXES):
         return False
     if name.startswith("lm_head.") and arch.tie_word_embeddings:
@@ -89,8 +91,17 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         return False
     pname, shard = _target(name)
     param = params.get(pname)
+    module = name.rsplit(".", 1)[0]
+    # the key of the quantization_config list that keeps this module unquantized; None when none does
+    kept_by = quant.ignore_key if quant is not None and quant.source == "checkpoint" and quant.skips(module) else None
     if param is None:
         scale = name.endswith(_WEIGHT_SCALES)
+        if scale and kept_by is not None:
+            raise PdlaunchError(f"tensor {name!r} in {file.name} is an FP8 scale of module {module!r}, which "
+                                f"config.json's quantization_config lists in {kept_by} (kept unquantized)",
+                                field="model.path",
+                                hint=f"remove {module!r} from {kept_by} if the module is FP8, or drop its "
+                                     "scale tensor(s) if it is stored unquantized")
         raise PdlaunchError(f"unexpected tensor {name!r} in {file.name}", field="model.path",
                             hint="an FP8 scale: config.json lacks (or does not match) the quantization_config it "
                                  "belongs to" if scale else
@@ -111,16 +122,20 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     wants_fp8 = param.dtype == FP8_DTYPE and not getattr(param, "quantized_on_load", False)
     if (tensor.dtype == FP8_DTYPE) != wants_fp8:
         if wants_fp8:
-            quantized = "quantizes this module"
+            quantized = "config.json quantizes this module"
+        elif kept_by is not None:
+            quantized = f"config.json's quantization_config lists {module!r} in {kept_by} (kept unquantized)"
         elif any(p.dtype == FP8_DTYPE for p in params.values()):
             # an lm_head or MoE router the config quantizes meets its scale before this (quant/experts.py)
-            quantized = "does not quantize this module (modules_to_not_convert / ignore lists it, or it is not a " \
-                        "linear layer)"
+            quantized = "config.json does not quantize this module (modules_to_not_convert / ignore lists it, or " \
+                        "it is not a linear layer)"
         else:
-            quantized = "has no FP8 quantization_config"
+            quantized = "config.json has no FP8 quantization_config"
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
-                            f"config.json {quantized}", field="model.path",
-                            hint="the checkpoint does not match its config.json's quantization_config")
+                            f"{quantized}", field="model.path",
+                            hint=f"remove {module!r} from {kept_by} if the module is FP8" if kept_by is not None
+                            and tensor.dtype == FP8_DTYPE else
+                            "the checkpoint does not match its config.json's quantization_config")
     if filled is not None:
         first = filled.setdefault((pname, shard), (name, file.name))
         if first != (name, file.name):

@@ -132,7 +132,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         with torch.no_grad():
             for raw_name, raw, file in _iter_tensors(files):
                 for name, tensor in experts.feed(raw_name, raw) if experts is not None else [(raw_name, raw)]:
-                    if load_tensor(params, ckpt.arch, name, tensor, file, filled, fp8_kv_cache):
+                    if load_tensor(params, ckpt.arch, name, tensor, file, filled, fp8_kv_cache, ckpt.quant):
                         seen.add(name)
                 if progress is not None:
                     progress.advance(task, raw.numel() * raw.element_size())

@@ -269,8 +269,9 @@ def test_an_fp8_router_the_quantization_config_keeps_is_refused_naming_it(fp8_ba
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", "model.layers.0.mlp.gate"]
     (path / "config.json").write_text(json.dumps(cfg))
-    assert "tensor 'model.layers.0.mlp.gate.weight' in model.safetensors is float8_e4m3fn but config.json does " \
-           "not quantize this module" in _load_error(path)
+    assert "tensor 'model.layers.0.mlp.gate.weight' in model.safetensors is float8_e4m3fn but config.json's " \
+           "quantization_config lists 'model.layers.0.mlp.gate' in modules_to_not_convert (kept unquantized)" \
+           in _load_error(path)
 
 
 EXPERT_WEIGHT = "model.layers.0.mlp.experts.1.up_proj.weight"
@@ -314,3 +315,45 @@ def test_an_unsupported_quantization_says_what_to_serve_instead(quant: dict[str,
         output = " ".join(result.output.split())
         assert f"(config.json:quantization_config.{key})" in output
         assert "serve the model's unquantized checkpoint instead (--quantization fp8 quantizes it at load)" in output
+
+
+KEPT = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("kind,key,scale", [("block", "modules_to_not_convert", "weight_scale_inv"),
+                                            ("channel", "ignore", "weight_scale")])
+def test_a_scale_of_a_module_the_config_keeps_names_the_module_and_the_list(kind: str, key: str, scale: str,
+                                                                            fp8_bases: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """A module modules_to_not_convert (compressed-tensors: ignore) lists, stored in the model dtype but with its
+    FP8 scale beside it, read "config.json lacks (or does not match) the quantization_config": which it has. The
+    message names the module, the list and both ways out."""
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{KEPT}.weight"] = tensors[f"{KEPT}.weight"].float().to(torch.bfloat16)
+    path = _broken(fp8_bases, kind, tmp_path, edit)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"][key] = ["lm_head", KEPT]
+    (path / "config.json").write_text(json.dumps(cfg))
+    result = check(["--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    checked = " ".join(result.output.split())
+    text = (f"tensor '{KEPT}.{scale}' in model.safetensors is an FP8 scale of module {KEPT!r}, which config.json's "
+            f"quantization_config lists in {key} (kept unquantized)")
+    assert f"--model: {text}" in checked, checked
+    assert f"remove {KEPT!r} from {key} if the module is FP8, or drop its scale tensor(s)" in checked
+    assert "lacks (or does not match)" not in checked
+    assert text in _load_error(path)
+
+
+def test_an_fp8_weight_of_a_module_the_config_keeps_names_the_list(fp8_bases: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    path = Path(shutil.copytree(fp8_bases["block"], tmp_path / "kept"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", KEPT]
+    (path / "config.json").write_text(json.dumps(cfg))
+    result = check(["--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    checked = " ".join(result.output.split())
+    assert (f"tensor '{KEPT}.weight' in model.safetensors is float8_e4m3fn but config.json's quantization_config "
+            f"lists {KEPT!r} in modules_to_not_convert (kept unquantized)") in checked, checked
+    assert f"tensor '{KEPT}.weight_scale_inv' in model.safetensors is an FP8 scale of module {KEPT!r}" in checked

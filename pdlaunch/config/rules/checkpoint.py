@@ -169,7 +169,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
             scale = _scale_values(header, dtype)
             meta = scale if scale is not None else torch.empty(header.shape, dtype=dtype, device="meta")
             for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
-                if load_tensor(params, arch, name, tensor, header.file, filled, fp8_kv_cache):
+                if load_tensor(params, arch, name, tensor, header.file, filled, fp8_kv_cache, quant):
                     seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))

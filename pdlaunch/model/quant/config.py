@@ -42,6 +42,7 @@ class QuantConfig(BaseModel):
     source: Literal["checkpoint", "online"]
     scale_name: str  # checkpoint tensor suffix of the weight scale: weight_scale_inv | weight_scale
     ignore: tuple[str, ...] = ()  # module names (or `re:` patterns) kept in the model dtype
+    ignore_key: str = "modules_to_not_convert"  # the quantization_config key `ignore` came from, for messages
     description: str  # for /info and logs, e.g. "fp8 block 128x128 (checkpoint)"
 
     def skips(self, module: str) -> bool:
@@ -104,15 +105,18 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
                       "computes activation scales at run time (only dynamic)", "activation_scheme",
                       "use an FP8 checkpoint with activation_scheme dynamic (or compressed-tensors FP8-Dynamic), or "
                       "the bf16 original with --quantization fp8")
-    ignore = _module_names(cfg, "modules_to_not_convert") + _module_names(cfg, "ignored_layers")
+    kept, ignored_layers = _module_names(cfg, "modules_to_not_convert"), _module_names(cfg, "ignored_layers")
+    ignore = kept + ignored_layers
+    ignore_key = " / ".join(key for key, names in (("modules_to_not_convert", kept), ("ignored_layers", ignored_layers))
+                            if names) or "modules_to_not_convert"
     block = cfg.get("weight_block_size")
     if block is None:
         return QuantConfig(scheme="tensor", source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                           description="fp8 per-tensor (checkpoint)")
+                           ignore_key=ignore_key, description="fp8 per-tensor (checkpoint)")
     if not isinstance(block, list) or block != [BLOCK, BLOCK]:
         raise _refuse(f"weight_block_size {block} is not supported (only [{BLOCK}, {BLOCK}])", "weight_block_size")
     return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv", ignore=ignore,
-                       description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
+                       ignore_key=ignore_key, description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
 
 
 def _scheme(group: dict[str, object]) -> str:
@@ -163,12 +167,12 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
             raise _refuse(f"block_structure {block} is not supported (only [{BLOCK}, {BLOCK}])",
                           f"{key}.weights.block_structure")
         return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                           description=f"fp8 block {BLOCK}x{BLOCK} (compressed-tensors)")
+                           ignore_key="ignore", description=f"fp8 block {BLOCK}x{BLOCK} (compressed-tensors)")
     if strategy not in ("channel", "tensor"):
         raise _refuse(f"weight strategy {strategy!r} is not supported (channel, tensor or block)",
                       f"{key}.weights.strategy")
     return QuantConfig(scheme=strategy, source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                       description=f"fp8 per-{strategy} (compressed-tensors)")
+                       ignore_key="ignore", description=f"fp8 per-{strategy} (compressed-tensors)")
 
 
 def _input_activations(acts: dict[str, object], key: str) -> None:
