@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -22,10 +23,11 @@ from pdlaunch.config.loader import (
     role_flag_warnings,
     with_rule_problems,
 )
+from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.proxy_workers import workers_text
 from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
-from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
+from pdlaunch.config.rules.memory import GIB, deployment_quant_config, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
 from pdlaunch.config.rules.node_ports import node_port_warnings
 from pdlaunch.config.rules.rendezvous import rendezvous_timeout_warnings
@@ -34,6 +36,7 @@ from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
 from pdlaunch.config.serving_env import serving_env_problems, serving_env_warnings
 from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, target_problems
+from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.config.validate import checked_on_nodes, cumem_reason, model_info_for, validate_deployment
 from pdlaunch.errors import ConfigError, PdlaunchError
 
@@ -58,6 +61,9 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
         return name_flags(found, flag_fields(overrides, cfg.instances)), None, target
     found, resolved = validate_deployment(cfg, target)
     return name_flags(found, flag_fields(overrides, cfg.instances)), resolved, target
+
+
+_WIDEST_TABLE = 1000  # columns: a bound for measuring the instances table's natural width
 
 
 def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
@@ -86,17 +92,64 @@ def _names_of_group(role: str, numbers: range) -> str:
     return instance_name(role, numbers[0]) + (f"..{numbers[-1]}" if numbers[-1] != numbers[0] else "")
 
 
-def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:
-    console.print(Text(f"model {cfg.model.path}  dtype {cfg.model.dtype}  max_model_len {cfg.model.max_model_len}  "
-                       f"block_size {cfg.cache.block_size}  on {_host_line(cfg, target)}"))
+class GroupSettings(NamedTuple):
+    """What an instance group runs with that several flags decide: expert parallelism (None: not a MoE model, or
+    its config.json did not parse) and the KV cache dtype ("auto" resolved to the model dtype)."""
+
+    expert_parallel: bool | None
+    kv_cache_dtype: str
+
+
+def group_settings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[GroupSettings]:
+    """Per instance group of the resolved config, in order."""
+    moe = info is not None and info.moe is not None
+    return [GroupSettings(group_expert_parallel(cfg.parallel, group) if moe else None,
+                          "fp8" if group_kv_cache_dtype(cfg.cache, group) == "fp8" else cfg.model.dtype)
+            for group in cfg.instances]
+
+
+def weights_quantization(cfg: DeploymentConfig) -> str | None:
+    """The weights' FP8 format (the checkpoint's, or --quantization fp8's), e.g. "fp8 block 128x128 (checkpoint)";
+    None when unquantized, or when the quantization_config is malformed (a problem reported on its own)."""
+    quant = deployment_quant_config(cfg)
+    return None if quant is None else quant.description
+
+
+def _instances(console: Console, cfg: DeploymentConfig, info: ModelInfo | None, target: TargetHost | None) -> None:
+    """The model line and the instances table."""
+    quantization = weights_quantization(cfg)
+    # CPU has no FP8 GEMM: the weights are dequantized into the model dtype as they load
+    weights = "" if quantization is None else f"  weights {quantization}" + (
+        f", dequantized to {cfg.model.dtype} on cpu" if cfg.device == "cpu" else "")
+    settings = group_settings(cfg, info)
+    kv_dtypes = {s.kv_cache_dtype for s in settings}
+    # one fp8 KV cache for every group: said on the model line; groups that differ (colocated): a column
+    kv_column = len(kv_dtypes) > 1
+    kv_line = "  kv cache fp8" if kv_dtypes == {"fp8"} else ""
+    console.print(Text(f"model {cfg.model.path}  dtype {cfg.model.dtype}{weights}  max_model_len "
+                       f"{cfg.model.max_model_len}  block_size {cfg.cache.block_size}{kv_line}  "
+                       f"on {_host_line(cfg, target)}"))
+    ep = any(s.expert_parallel is not None for s in settings)  # a MoE model
     table = Table(title="instances", title_justify="left")
-    for column in ("group", "role", "count", "names", "tp", "devices", "node", "http ports"):
+    extra_columns = (["ep"] if ep else []) + (["kv cache"] if kv_column else [])
+    for column in ("group", "role", "count", "names", "tp", *extra_columns, "devices", "node", "http ports"):
         table.add_column(column)
-    for i, (group, numbers) in enumerate(zip(cfg.instances, role_numbers(cfg.instances))):
+    for i, (group, numbers, setting) in enumerate(zip(cfg.instances, role_numbers(cfg.instances), settings)):
         devices = "cpu" if cfg.device == "cpu" else (",".join(map(str, group.devices)) if group.devices else "auto")
+        extra = (["on" if setting.expert_parallel else "off"] if ep else []) + (
+            [setting.kv_cache_dtype] if kv_column else [])
         table.add_row(str(i), group.role, str(group.count), _names_of_group(group.role, numbers), str(group.tp),
-                      devices, str(group.node), _ports_of_group(cfg, i))
+                      *extra, devices, str(group.node), _ports_of_group(cfg, i))
+    # wider than the terminal: printed whole (the terminal wraps it) rather than with names cut to "prefil…"
+    whole = Measurement.get(console, console.options.update_width(_WIDEST_TABLE), table).maximum
+    if whole > console.width:
+        table.width = whole
     console.print(table)
+
+
+def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:
+    info, _ = model_info_for(cfg)
+    _instances(console, cfg, info, target)
     if size_problems(cfg):  # reported below; planning its ports or memory would walk every rank
         return
     transfer = ("none (colocated)" if cfg.colocated
@@ -109,7 +162,6 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
                        f"fixed: {fixed}"))
     console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "
                        f"sleep mode: {'on' if cfg.model.enable_sleep_mode else 'off'}"))
-    info, _ = model_info_for(cfg)
     if info is None or cfg.model.max_model_len is None or cfg.device == "auto":  # auto: dtype too is each node's
         return
     kv = "KV of cache.num_gpu_blocks" if cfg.cache.num_gpu_blocks else "KV of one max_model_len sequence"
@@ -174,6 +226,15 @@ def check_report(config_path: Path | None, overrides: Mapping[str, object], targ
     return CheckReport(problems, warnings, resolved, target)
 
 
+def _json_summary(cfg: DeploymentConfig) -> dict[str, object]:
+    """The summary's derived settings for --json: what `config` holds only as flags and defaults."""
+    settings = group_settings(cfg, model_info_for(cfg)[0])
+    return {"weights_quantization": weights_quantization(cfg),
+            "instances": [{"group": i, "role": group.role, "expert_parallel": setting.expert_parallel,
+                           "kv_cache_dtype": setting.kv_cache_dtype}
+                          for i, (group, setting) in enumerate(zip(cfg.instances, settings))]}
+
+
 def print_report(report: CheckReport, json_output: bool) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, warnings, resolved, target = report
@@ -183,6 +244,7 @@ def print_report(report: CheckReport, json_output: bool) -> int:
             "problems": [p.as_dict() for p in problems],
             "warnings": [w.as_dict() for w in warnings],
             "config": resolved.model_dump(mode="json") if resolved is not None else None,
+            "summary": _json_summary(resolved) if resolved is not None else None,
         }
         print(json.dumps(doc, indent=2))
         return 0 if not problems else 1

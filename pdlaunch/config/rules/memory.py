@@ -45,7 +45,7 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
     """Per-rank estimate of every instance group of the resolved config (dtype and max_model_len concrete)."""
     dtype_bytes = DTYPE_BYTES.get(cfg.model.dtype, 4)
     weights = info.num_parameters() * dtype_bytes
-    quant = _quant_config(cfg) if cfg.device == "cuda" else None  # CPU: FP8 weights dequantized into the dtype
+    quant = deployment_quant_config(cfg) if cfg.device == "cuda" else None  # CPU: FP8 weights dequantized
     block = max(1, cfg.cache.block_size)  # an invalid block size is reported by rules; estimate anyway
     max_len = cfg.model.max_model_len or info.max_position_embeddings or 0
     tokens = cfg.cache.num_gpu_blocks * block if cfg.cache.num_gpu_blocks else -(-max_len // block) * block
@@ -60,7 +60,7 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
     return out
 
 
-def _quant_config(cfg: DeploymentConfig) -> QuantConfig | None:
+def deployment_quant_config(cfg: DeploymentConfig) -> QuantConfig | None:
     """The checkpoint's FP8 format (or --quantization fp8's); None when unquantized or unreadable (a broken
     quantization_config is checkpoint_problems' to report)."""
     path = cfg.model.path
