@@ -92,11 +92,10 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     pname, shard = _target(name)
     param = params.get(pname)
     module = name.rsplit(".", 1)[0]
-    # the key of the quantization_config list that keeps this module unquantized; None when none does
-    kept_by = quant.ignore_key if quant is not None and quant.source == "checkpoint" and quant.skips(module) else None
     if param is None:
         scale = name.endswith(_WEIGHT_SCALES)
-        if scale and kept_by is not None:
+        kept_by = _kept_by(quant, module) if scale else None
+        if kept_by is not None:
             raise PdlaunchError(f"tensor {name!r} in {file.name} is an FP8 scale of module {module!r}, which "
                                 f"config.json's quantization_config lists in {kept_by} (kept unquantized)",
                                 field="model.path",
@@ -121,6 +120,7 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     # values would be taken for real ones without their scale
     wants_fp8 = param.dtype == FP8_DTYPE and not getattr(param, "quantized_on_load", False)
     if (tensor.dtype == FP8_DTYPE) != wants_fp8:
+        kept_by = _kept_by(quant, module)
         if wants_fp8:
             quantized = "config.json quantizes this module"
         elif kept_by is not None:
@@ -151,6 +151,12 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name}: {exc}", field="model.path",
                             hint="the checkpoint does not match its config.json") from exc
     return True
+
+
+def _kept_by(quant: QuantConfig | None, module: str) -> str | None:
+    """The quantization_config key whose list keeps checkpoint module `module` unquantized (modules_to_not_convert,
+    ignore); None when none does. Asked only for a refusal's message: a regex list per tensor costs a load time."""
+    return quant.ignore_key if quant is not None and quant.source == "checkpoint" and quant.skips(module) else None
 
 
 def _per_head_kv_scale(name: str, scale: torch.Tensor, file: Path, fp8_kv_cache: bool) -> bool:
