@@ -23,6 +23,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # makes a small matmul ~20x slower than with one thread (measured 9.3 ms vs 0.39 ms).
 torch.set_num_threads(int(os.environ.get("PDLAUNCH_TEST_TORCH_THREADS", "1")))
 
+# proxy.workers defaults to auto: one proxy process per 8 CPUs it may use (config/proxy_workers.py). The suite's
+# deployments are written for one proxy process, as CI's 2 cores give: on a bigger machine, this process and every
+# process it starts keep to 7 CPUs, where auto is 1 (tests/proxy/test_proxy_workers_auto.py resolves auto from fake
+# CPU counts; tests/serving/test_proxy_workers.py runs several workers by name).
+_AUTO_ONE_WORKER_CPUS = 7
+if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > _AUTO_ONE_WORKER_CPUS:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:_AUTO_ONE_WORKER_CPUS])
+
 
 _EXIT_STATUS: list[int] = []
 
