@@ -253,10 +253,19 @@ def _declared(cfg: object) -> tuple[str, object]:
     return "quantization_config", cfg.get("quantization_config")
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where the path cannot be asked (a name too long, no permission): the checkpoint rules
+    report an unreadable model path on their own."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _side_file_refusal(directory: Path) -> PdlaunchError | None:
     """The error naming a quantization file beside config.json (config.json itself declares none), or None."""
     for name, method in _SIDE_FILES.items():
-        if (directory / name).is_file():
+        if _is_file(directory / name):
             return PdlaunchError(f"{directory / name} says the weights are {method}-quantized, which pdlaunch does "
                                  "not load", field="model.path",
                                  hint="pdlaunch loads bf16/fp16/fp32 checkpoints and FP8 ones whose config.json has "
@@ -270,7 +279,7 @@ def load_quant_config(directory: Path, quantization: str | None = None) -> Quant
     `--quantization fp8` on a checkpoint that is already FP8 keeps the checkpoint's scales."""
     path = Path(directory) / "config.json"
     try:
-        key, raw = _declared(json.loads(path.read_text()) if path.is_file() else None)
+        key, raw = _declared(json.loads(path.read_text()) if _is_file(path) else None)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         key, raw = "quantization_config", None  # load_arch reports the unreadable config.json
     try:
@@ -281,7 +290,7 @@ def load_quant_config(directory: Path, quantization: str | None = None) -> Quant
         # the same checks, the key the checkpoint spells named
         raise PdlaunchError(exc.message, (exc.field or _FIELD).replace(_FIELD, f"config.json:{key}", 1),
                             exc.hint) from None
-    if found is None and path.is_file():
+    if found is None and _is_file(path):
         refusal = _side_file_refusal(Path(directory))
         if refusal is not None:
             raise refusal
