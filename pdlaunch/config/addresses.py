@@ -65,13 +65,10 @@ def host_addresses(host: str) -> tuple[str, ...]:
         return (canonical_address(host),)
     except ValueError:
         pass
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        found = pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
+        found = _resolve_in_time(host)
     except (concurrent.futures.TimeoutError, OSError, UnicodeError):  # socket.gaierror is an OSError
         return ()
-    finally:
-        pool.shutdown(wait=False)
     return tuple(sorted({canonical_address(sockaddr[0]) for _, sockaddr in found}))
 
 
@@ -110,19 +107,26 @@ def _resolve(host: str) -> list[tuple[int, tuple[str, int]]]:
     return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
 
 
+def _resolve_in_time(host: str) -> list[tuple[int, tuple[str, int]]]:
+    """_resolve on a thread of its own, waited for RESOLVE_TIMEOUT_S at most (a resolver that hangs is left behind):
+    raises concurrent.futures.TimeoutError past it, and what getaddrinfo raises."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def bind_problem(field: str, host: str) -> Problem | None:
     """Whether a server on this machine can bind `host`: it resolves (within RESOLVE_TIMEOUT_S) and is
     one of this machine's addresses. Ports are not the question here (port 0 is bound)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        addresses = pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
+        addresses = _resolve_in_time(host)
     except concurrent.futures.TimeoutError:
         return problem(field, f"{host!r} did not resolve within {RESOLVE_TIMEOUT_S:.0f}s", HOST_FIX)
     except (socket.gaierror, UnicodeError) as exc:
         return problem(field, f"{host!r} does not resolve on this machine ({exc})",
                        "use an IP address, or a name listed in /etc/hosts or DNS")
-    finally:
-        pool.shutdown(wait=False)
     family, sockaddr = addresses[0]
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
