@@ -1,12 +1,17 @@
 """`pdlaunch serve` whose own output cannot be written (`nohup pdlaunch serve > serve.log` on a disk that filled up,
 a pipe whose reader went away) serves on: the first status line it could not print raised ENOSPC out of the
-supervisor and stopped every instance, though they served fine. /dev/full answers every write with ENOSPC."""
+supervisor and stopped every instance, though they served fine. /dev/full answers every write with ENOSPC.
+
+The test reads the launcher's output until its `ready` line and then closes the pipe (every later line is an EPIPE);
+its stderr is /dev/full. An instance killed before that line (as soon as the proxy answered) is a failed start, which
+stops the deployment by design: the test once killed it while the launcher still waited for the proxy's /health."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -27,7 +32,19 @@ def test_serve_restarts_and_stops_cleanly_when_its_output_cannot_be_written(tmp_
     argv = [sys.executable, "-m", "pdlaunch", "serve", str(config), "--colocated", "--model", "tiny", "--device", "cpu",
             "--num-gpu-blocks", "256", "--port", str(port), "--log-dir", str(tmp_path / "logs")]
     with open("/dev/full", "w") as full:
-        launcher = subprocess.Popen(argv, stdout=full, stderr=full, stdin=subprocess.DEVNULL)
+        launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=full, stdin=subprocess.DEVNULL, text=True)
+    output = launcher.stdout
+    assert output is not None
+    announced = threading.Event()
+
+    def read_until_ready() -> None:
+        for line in output:  # ends at EOF too: the launcher exited before it was ready
+            if line.startswith("ready"):
+                announced.set()
+                return
+
+    reader = threading.Thread(target=read_until_ready, daemon=True)
+    reader.start()
     children: list[int] = []
     try:
         def instance_pid() -> int | None:
@@ -44,7 +61,12 @@ def test_serve_restarts_and_stops_cleanly_when_its_output_cannot_be_written(tmp_
             except httpx.HTTPError:
                 return False
 
-        first = wait_for(instance_pid, "the deployment to serve with its output on /dev/full", START_TIMEOUT_S, 0.5)
+        wait_for(lambda: announced.is_set() or launcher.poll() is not None, "the launcher's `ready` line",
+                 START_TIMEOUT_S, 0.5)
+        assert announced.is_set(), f"pdlaunch serve exited with {launcher.returncode} (logs in {tmp_path})"
+        reader.join(10)
+        output.close()  # every line from now on fails with EPIPE
+        first = wait_for(instance_pid, "the deployment to serve with its output closed", START_TIMEOUT_S, 0.5)
         children = children_of(launcher.pid)
         subprocess.run(["kill", "-KILL", str(first)], check=True)  # its restart is announced on the full output
         wait_for(lambda: (instance_pid() or first) != first and serving(), "the killed instance's restart",
