@@ -9,6 +9,7 @@ ids an FP8 checkpoint must reproduce. Sizes are multiples of the 128 FP8 block (
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -168,3 +169,13 @@ def make_block_fp8_qwen2_moe(directory: Path, shared: int, seed: int = 13) -> Pa
     cfg["quantization_config"] = _quant_config("block")
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     return directory
+
+
+def weight_only_copy(served: Path, directory: Path) -> Path:
+    """A copy of the compressed-tensors checkpoint `served` under `directory` whose config group quantizes only the
+    weights (no input_activations: an FP8 weight-only checkpoint)."""
+    path = Path(shutil.copytree(served, Path(directory) / f"{Path(served).name}-weight-only"))
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from pdlaunch.cli import app
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.helpers.checkpoints import hf_greedy
+from tests.helpers.fp8_checkpoints import weight_only_copy
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, pd_pair, run_pd
 from tests.serving.e2e import Serve
 
@@ -58,6 +59,16 @@ def test_generate_cli_with_dynamic_per_tensor_activations(scheme: str, fp8_ckpts
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]["strategy"] = "tensor"
     (path / "config.json").write_text(json.dumps(cfg))
+    _generate_matches_reference(path, reference, [])
+
+
+@pytest.mark.parametrize("scheme", ["channel", "tensor"])
+def test_generate_cli_with_weight_only_fp8(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]],
+                                           tmp_path: Path) -> None:
+    """A compressed-tensors checkpoint that quantizes only its weights (a group without input_activations: FP8
+    weight-only, W8A16) loads: on CPU its weights are dequantized at load, as every FP8 checkpoint's are."""
+    served, reference = fp8_ckpts[scheme]
+    path = weight_only_copy(served, tmp_path)
     _generate_matches_reference(path, reference, [])
 
 

@@ -10,6 +10,9 @@ group for block weights) also where a compressed-tensors checkpoint says per ten
 - `quant_method: compressed-tensors`, `format: float-quantized` (llm-compressor FP8-Dynamic): a
   `weight_scale` per output channel ([out, 1]) or per tensor, or per 128x128 block;
 - `quant_method: fp8` without a block size (per-tensor `weight_scale`, dynamic activations).
+A compressed-tensors group without `input_activations` (FP8 weight-only, W8A16) loads too, and on an FP8 GPU runs the
+same FP8 GEMMs with activations quantized per token at run time: vLLM runs such checkpoints with bf16 activations
+(its Marlin weight-only kernels); per-token FP8 activations are the FP8-Dynamic accuracy, slightly below that.
 Anything else (static activation scales, e5m2, other block sizes, int formats) is refused with the
 config.json key that says so, and so is a quantization declared beside config.json (ModelOpt's
 hf_quant_config.json, GPTQ's quantize_config.json, AWQ's quant_config.json).
