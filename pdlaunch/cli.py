@@ -212,6 +212,9 @@ def generate(
     quantization: Annotated[str | None, typer.Option("--quantization", help="fp8: FP8 weights quantized at load.")
                             ] = None,
     kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto | fp8.")] = "auto",
+    chat: Annotated[bool, typer.Option("--chat", help="Each prompt is a user message, rendered with the model's "
+                                       "chat template (as /v1/chat/completions); without it the prompt is raw text "
+                                       "(as /v1/completions).")] = False,
 ) -> None:
     """Offline generation with the engine (no server)."""
     from pdlaunch.engine.llm import run_generate
@@ -226,7 +229,7 @@ def generate(
                                 field="--model")
         run_generate(model_arg or model or "demo", device, prompt or ["Hello, my name is"], max_tokens, temperature,
                      dtype, json_output, {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype},
-                     model_flag="MODEL" if model_arg is not None else "--model")
+                     model_flag="MODEL" if model_arg is not None else "--model", chat=chat)
 
 
 @config_app.command("schema")

@@ -1,5 +1,6 @@
-"""Offline use: `LLM(model="demo").generate(prompts, SamplingParams(...))`, no server; and `pdlaunch generate`
-(run_generate), the same from the command line."""
+"""Offline use: `LLM(model="demo").generate(prompts, SamplingParams(...))` (raw prompts) or `.chat(conversations)`
+(the model's chat template applied), no server; and `pdlaunch generate` (run_generate; `--chat` for the latter),
+the same from the command line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -85,6 +87,17 @@ class LLM:
             raise
         return [r for r in results if r is not None]
 
+    def chat(self, conversations: Sequence[str | Sequence[Mapping[str, object]]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """The assistant's reply to each conversation (one user message's text, or a list of {"role", "content"}
+        messages), rendered with the model's chat template and its generation prompt, as vLLM's `LLM.chat`; the
+        rendered text is encoded as it is (a BOS only where the template writes one). Each output's prompt is the
+        rendered text. A checkpoint without a chat template: PdlaunchError (model.path)."""
+        rendered = [self.tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c)
+                    for c in conversations]
+        outputs = self.generate([self.tokenizer.encode(text, add_special_tokens=False) for text in rendered], params)
+        return [replace(out, prompt=text) for out, text in zip(outputs, rendered, strict=True)]
+
     @staticmethod
     def _completion(prompt: str | None, prompt_ids: list[int], out: RequestOutput,
                     logprobs: list[TokenLogprob]) -> CompletionOutput:
@@ -126,10 +139,12 @@ def _checked_config(model: str, device: str, dtype: str, options: Mapping[str, o
 
 
 def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, temperature: float, dtype: str,
-                 json_output: bool, options: dict[str, str | None] | None = None, model_flag: str = "--model") -> None:
+                 json_output: bool, options: dict[str, str | None] | None = None, model_flag: str = "--model",
+                 chat: bool = False) -> None:
     """Generate for every prompt; with `json_output` one {"prompt", "text", "token_ids"} per line.
     `options`: further model/cache config fields (quantization, kv_cache_dtype); `model_flag`: how the user gave
-    the model (`MODEL`, the positional argument, or `--model`), which a problem with it names."""
+    the model (`MODEL`, the positional argument, or `--model`), which a problem with it names; `chat`: each prompt
+    is a user message, rendered with the model's chat template (`--chat`; the output's prompt stays as typed)."""
     flags = {**_GENERATE_FLAGS, "model.path": model_flag}
     if not 1 <= max_tokens <= MAX_INT32:
         raise EngineError(f"{max_tokens} is out of range", field="--max-tokens",
@@ -144,7 +159,13 @@ def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, t
                           field="--max-tokens", hint=f"use --max-tokens {limit - 1} or less")
     try:
         with LLM(model, device=device, dtype=dtype, **(options or {})) as llm:
-            outputs = llm.generate(prompts, params)
+            if chat and not llm.tokenizer.chat_template:
+                raise PdlaunchError(f"{model!r} has no chat template to render the prompts with", field="--chat",
+                                    hint="drop --chat to generate from the raw prompts, or give a checkpoint whose "
+                                         "tokenizer_config.json (or chat_template.jinja) has a chat template")
+            outputs = ([replace(out, prompt=typed) for out, typed in zip(llm.chat(prompts, params), prompts,
+                                                                          strict=True)]
+                       if chat else llm.generate(prompts, params))
     except PdlaunchError as exc:
         flag = flags.get(exc.field or "")
         if flag is None or isinstance(exc, ConfigError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -87,3 +89,38 @@ def test_a_failed_generate_leaves_no_request_behind(llama_ckpt) -> None:  # type
         [out] = llm.generate([[5, 6, 7]], params)
         assert len(out.token_ids) == 4 and out.finish_reason == "length"
         llm.engine.check_integrity()
+
+
+def test_llm_chat_renders_the_models_chat_template() -> None:
+    """`LLM.chat` (vLLM's): a user message's text, or a list of messages, rendered with the chat template and its
+    generation prompt, encoded as rendered (no second BOS); the output's prompt is the rendered text."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LLM("tiny", device="cpu", num_gpu_blocks=64, block_size=8) as llm:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+        one, two = llm.chat(["hi", messages], params)
+        for out, conversation in ((one, [{"role": "user", "content": "hi"}]), (two, messages)):
+            rendered = llm.tokenizer.apply_chat_template(conversation)
+            assert out.prompt == rendered and "hi" in rendered and rendered != "hi"
+            assert out.prompt_token_ids == llm.tokenizer.encode(rendered, add_special_tokens=False)
+            assert out.token_ids == llm.generate([out.prompt_token_ids], params)[0].token_ids
+
+
+@pytest.mark.slow
+def test_generate_command_chat_renders_the_prompt_as_a_user_message(llama_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`pdlaunch generate --chat`: an instruct model answers a question; without it the prompt is raw text (a chat
+    model given a bare question often answers nothing). A checkpoint without a chat template: a --chat error."""
+    result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--json", "--max-tokens", "4",
+                                      "--chat", "--prompt", "hi"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output.strip().splitlines()[-1])
+    with LLM("tiny", device="cpu") as llm:
+        expected = llm.chat(["hi"], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert line["prompt"] == "hi" and line["token_ids"] == expected.token_ids
+    plain = Path(shutil.copytree(llama_ckpt, tmp_path / "no-template"))
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["generate", "--model", str(plain), "--device", "cpu", "--chat",
+                                      "--prompt", "hi"])
+    assert result.exit_code == 1, result.output
+    assert "--chat" in result.output and "no chat template" in result.output and "Traceback" not in result.output
