@@ -5,13 +5,12 @@ the resources named and room for each instance alone (config/ray_cluster.py), th
 
 from __future__ import annotations
 
-import os
 import sys
-from types import ModuleType
 
 from pdlaunch.config import ray_cluster
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_fit import refuse_unfit
+from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.config.target_host import TargetHost
 from pdlaunch.errors import PdlaunchError
 
@@ -32,32 +31,6 @@ def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
                             "or change launcher.ray_resources / the TP sizes")
     refuse_unfit(cfg, nodes)  # each instance fits the idle cluster alone: all of them together?
     return cfg
-
-
-def connected_address(ray: ModuleType | None) -> str | None:
-    """The GCS address (HOST:PORT) of the cluster `ray` is connected to; None when not connected or not said."""
-    initialized = getattr(ray, "is_initialized", None)
-    if ray is None or (initialized is not None and not initialized()):
-        return None
-    context = getattr(ray, "get_runtime_context", None)
-    try:
-        address = str(context().gcs_address) if context is not None else ""
-    except Exception:  # noqa: BLE001 (a cluster that went away meanwhile: the address is not known)
-        return None
-    return address or None
-
-
-def cluster_words(address: str, ray: ModuleType | None = None) -> str:
-    """How a message names the Ray cluster at launcher.ray_address `address`. `auto` names none a reader can use:
-    it is the cluster this machine is part of (RAY_ADDRESS, else the one a `ray start` here runs), said with its
-    GCS address once `ray` is connected to it."""
-    if address != "auto":
-        return f"the Ray cluster at {address}"
-    env = os.environ.get("RAY_ADDRESS")
-    how = f"RAY_ADDRESS={env}" if env else "RAY_ADDRESS is not set: the one a `ray start` on this machine runs"
-    known = connected_address(ray)
-    return (f"the Ray cluster this machine is part of (launcher.ray_address auto: {how})"
-            + (f", at {known}" if known else ""))
 
 
 def ray_host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:

@@ -29,7 +29,7 @@ from typing import Literal
 from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_gcs import FIELD, check_gcs_answers
-from pdlaunch.config.ray_init import init_in_thread
+from pdlaunch.config.ray_init import cluster_words, init_in_thread
 from pdlaunch.config.ray_thread import in_ray_thread
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
@@ -209,7 +209,7 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
     except PdlaunchError:
         raise  # ray.init not returning within its bound (ray_init.py) is named already
     except Exception as exc:  # noqa: BLE001 (ConnectionError, RuntimeError for a version mismatch, ValueError, ...)
-        raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
+        raise PdlaunchError(f"cannot connect to {cluster_words(address)}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
     return ray

@@ -20,6 +20,7 @@ Python handlers are put back as ray.init returns.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import ModuleType
@@ -49,19 +50,46 @@ def _reclaim_signals() -> None:
             signal.signal(sig, handler)
 
 
+def connected_address(ray: ModuleType | None) -> str | None:
+    """The GCS address (HOST:PORT) of the cluster `ray` is connected to; None when not connected or not said."""
+    initialized = getattr(ray, "is_initialized", None)
+    if ray is None or (initialized is not None and not initialized()):
+        return None
+    context = getattr(ray, "get_runtime_context", None)
+    try:
+        address = str(context().gcs_address) if context is not None else ""
+    except Exception:  # noqa: BLE001 (a cluster that went away meanwhile: the address is not known)
+        return None
+    return address or None
+
+
+def cluster_words(address: str, ray: ModuleType | None = None) -> str:
+    """How a message names the Ray cluster at launcher.ray_address `address`. `auto` names none a reader can use:
+    it is the cluster this machine is part of (RAY_ADDRESS, else the one a `ray start` here runs), said with its
+    GCS address once `ray` is connected to it."""
+    if address != "auto":
+        return f"the Ray cluster at {address}"
+    env = os.environ.get("RAY_ADDRESS")
+    how = f"RAY_ADDRESS={env}" if env else "RAY_ADDRESS is not set: the one a `ray start` on this machine runs"
+    known = connected_address(ray)
+    return (f"the Ray cluster this machine is part of (launcher.ray_address auto: {how})"
+            + (f", at {known}" if known else ""))
+
+
 def init_in_thread(ray: ModuleType, address: str, **kwargs: object) -> None:
     """ray.init(address=address, **kwargs), run in a helper thread; what it raised is raised here. A stop signal
-    meanwhile raises here (config/ray_thread.py), ray_thread.cut_short() saying "connecting to the Ray cluster at
-    ADDRESS". PdlaunchError when ray.init has not returned within INIT_TIMEOUT_S."""
+    meanwhile raises here (config/ray_thread.py), ray_thread.cut_short() saying "connecting to CLUSTER" (as
+    cluster_words names it). PdlaunchError when ray.init has not returned within INIT_TIMEOUT_S."""
     global _tried
     _tried = True
     worker_log = logging.getLogger("ray._private.worker")
     worker_log.addFilter(_drop_no_sigterm_warning)  # kept while ray.init runs (a stop leaves it running)
-    late = PdlaunchError(f"ray.init did not return within {INIT_TIMEOUT_S:.0f}s of connecting to the Ray cluster at "
-                         f"{address}", field=FIELD, hint=f"check the head with `ray status --address {address}` "
-                         "there; it may be overloaded or stuck")
+    cluster = cluster_words(address)
+    status = "ray status" + (f" --address {address}" if address != "auto" else "")
+    late = PdlaunchError(f"ray.init did not return within {INIT_TIMEOUT_S:.0f}s of connecting to {cluster}",
+                         field=FIELD, hint=f"check the head with `{status}` there; it may be overloaded or stuck")
     try:
-        in_ray_thread(ray, lambda: ray.init(address=address, **kwargs), f"connecting to the Ray cluster at {address}",
+        in_ray_thread(ray, lambda: ray.init(address=address, **kwargs), f"connecting to {cluster}",
                       INIT_TIMEOUT_S, late, name="ray.init")
     finally:
         if cut_short() is None:  # ray.init returned (or raised): its warnings are its own again

@@ -22,6 +22,10 @@ from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.memory import host_devices
 from tests.config.cli_helpers import check, check_json
 
+# how `--ray-address auto` is named while RAY_ADDRESS is unset (config/ray_init.cluster_words)
+AUTO = ("the Ray cluster this machine is part of (launcher.ray_address auto: RAY_ADDRESS is not set: the one a "
+        "`ray start` on this machine runs)")
+
 GIB = 1 << 30
 
 
@@ -188,9 +192,10 @@ def test_any_error_of_ray_init_is_one_line_naming_the_address(monkeypatch: pytes
         def shutdown() -> None:
             """ray.init's helper thread registers nothing: never called here."""
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: TimingOutRay)
     with pytest.raises(PdlaunchError) as caught:
         ray_cluster.connect(cfg())
     assert caught.value.field == "launcher.ray_address"
-    assert caught.value.message == "cannot connect to the Ray cluster at auto: Timed out while waiting for the GCS " \
-                                   "to answer", caught.value.message
+    assert caught.value.message == f"cannot connect to {AUTO}: Timed out while waiting for the GCS to answer", \
+        caught.value.message

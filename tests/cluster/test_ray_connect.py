@@ -9,12 +9,15 @@ In-process, stand-in servers and a stand-in ray.init; no cluster."""
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -27,6 +30,7 @@ from pdlaunch.launcher.backends import ray as backend  # noqa: E402
 from pdlaunch.launcher.log_dir_lock import LOCK_NAME  # noqa: E402
 from tests.cluster.ray_connect_stand_in import AFTER_INIT, INSIDE_INIT, Left, stand_in_ray  # noqa: E402
 from tests.cluster.test_backend_failures_ray import ray_cfg  # noqa: E402
+from tests.cluster.test_ray_cluster_device import AUTO  # noqa: E402
 
 
 class Server:
@@ -110,12 +114,13 @@ def test_a_grpc_server_passes_and_another_service_is_named(tmp_path: Path) -> No
 def test_a_stop_signal_while_connecting_exits_0_at_once(how: str, when: str, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     calls = stand_in_ray(monkeypatch, how, when)
     with pytest.raises(Left) as left:
         backend.run_ray(_cfg(tmp_path, "auto"))  # the deployment's own connect: RayDeployment -> connect -> ray.init
     assert left.value.code == 0
     output = " ".join(capsys.readouterr().out.split())
-    doing = "connecting to the Ray cluster at auto" if when == INSIDE_INIT else "listing the Ray cluster's nodes"
+    doing = f"connecting to {AUTO}" if when == INSIDE_INIT else "listing the Ray cluster's nodes"
     assert f"{how} received while {doing}; stopping (nothing was placed on the cluster)" in output, output
     # A Ray call cut short (ray.init, ray.nodes) is never torn down (Ray's shutdown of its half-made core worker
     # can SIGSEGV).
@@ -134,3 +139,34 @@ def test_another_exit_while_connecting_is_not_taken_for_a_signal(tmp_path: Path,
     with pytest.raises(SystemExit) as caught:
         backend.run_ray(_cfg(tmp_path, "auto"))
     assert caught.value.code == 3
+
+
+def test_auto_with_no_cluster_here_names_ray_address_and_ray_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ray-address auto` (the default) on a machine that is part of no Ray cluster, RAY_ADDRESS unset: the real
+    ray.init finds none. The error said "the Ray cluster at auto", which names nothing a user can act on; it says
+    where auto looked now. Ray's own discovery (a `ray start` recorded here, any raylet running here) is made to
+    find nothing, whatever other clusters run on this machine."""
+    from ray._private import services
+
+    from pdlaunch import cli
+
+    def leave(code: int) -> NoReturn:
+        raise Left(code)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "_cached_find_gcs_addresses", functools.cache(frozenset))  # no raylet runs here
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setattr(os, "_exit", leave)  # the command leaves Ray with os._exit once it called ray.init
+    assert not ray.is_initialized()
+    with pytest.raises(Left) as left:
+        cli.app(["check-config", "--backend", "ray", "--ray-address", "auto", "--model", "tiny", "--device", "cpu",
+                 "--log-dir", str(tmp_path / "logs")], prog_name="pdlaunch", standalone_mode=False)
+    said = capsys.readouterr()
+    text = " ".join((said.out + said.err).split())
+    assert left.value.code == 1, text
+    assert "the Ray cluster at auto" not in text, text
+    assert ("cannot connect to the Ray cluster this machine is part of (--ray-address auto: RAY_ADDRESS is not set: "
+            "the one a `ray start` on this machine runs): Could not find any running Ray instance") in text, text
+    assert "ray start --head" in text and "Traceback" not in text, text
+    assert not ray.is_initialized()

@@ -17,6 +17,7 @@ pytest.importorskip("ray", reason="--backend ray needs the ray package (pip inst
 
 from pdlaunch import cli  # noqa: E402 (after the importorskip)
 from tests.cluster.ray_connect_stand_in import AFTER_INIT, INSIDE_INIT, Left, stand_in_ray  # noqa: E402
+from tests.cluster.test_ray_cluster_device import AUTO  # noqa: E402
 
 COMMANDS = {"serve": 0, "check-config": cli.STOPPED_CHECK_EXIT}  # each command's exit status after a stop
 
@@ -30,14 +31,14 @@ def _args(command: str) -> list[str]:
 def test_a_stop_inside_ray_init_leaves_at_once_with_the_commands_status(command: str, how: str,
                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # auto is then the cluster a `ray start` here runs
     calls = stand_in_ray(monkeypatch, how, INSIDE_INIT)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Left) as left:
         cli.app(_args(command), prog_name="pdlaunch", standalone_mode=False)
     assert left.value.code == COMMANDS[command]
     err = " ".join(capsys.readouterr().err.split())
-    assert err == f"{how} received while connecting to the Ray cluster at auto; stopping (nothing was placed on the " \
-                  "cluster)", err
+    assert err == f"{how} received while connecting to {AUTO}; stopping (nothing was placed on the cluster)", err
     assert calls.raised_in_init == [], "the signal's exception went through ray.init"
     assert calls.shutdowns == [], "a cut-short ray.init was torn down"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # given back

@@ -50,6 +50,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.config.ray_thread import cut_short
 from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
@@ -79,7 +80,7 @@ def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) ->
         with signals.raising():
             return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
     except StopRequested:
-        doing = cut_short() or f"connecting to the Ray cluster at {cfg.launcher.ray_address}"
+        doing = cut_short() or f"connecting to {cluster_words(cfg.launcher.ray_address)}"
         leave_stopped_ray(console, signals.signal_name, doing, 0)
 
 

@@ -27,9 +27,9 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_reservations import PortReservations
-from pdlaunch.config.ray_check import cluster_words
 from pdlaunch.config.ray_cluster import InstancePlacement, connect, live_nodes
 from pdlaunch.config.ray_fit import deployment_placements
+from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
