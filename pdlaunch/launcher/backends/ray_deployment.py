@@ -33,6 +33,7 @@ from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
+from pdlaunch.launcher.backends.ray_killed import quiet_worker_deaths
 from pdlaunch.launcher.backends.ray_proxy import RayProxy
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_stall import RayStalls
@@ -52,6 +53,7 @@ class RayDeployment:
 
     def __init__(self, cfg: DeploymentConfig, console: Console) -> None:
         self.ray: ModuleType = connect(cfg)
+        quiet_worker_deaths(self.ray)  # a dead actor is said in the launcher's line alone, not beside Ray's paragraph
         self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console
         self.log_dir = Path(cfg.log_dir).resolve()

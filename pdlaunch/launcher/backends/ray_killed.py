@@ -5,15 +5,27 @@ Ray does not hand the driver the signal that ended an actor's worker process; it
 actor's death cause (ActorDiedError): `Worker exit type: NODE_OUT_OF_MEMORY` when Ray's own memory monitor killed it,
 `Worker exit type: SYSTEM_ERROR` with `Worker exit detail: Worker unexpectedly exits with a connection error code ...`
 when the process vanished without exiting (a SIGKILL: the kernel's OOM killer most often), as Ray 2.x words it.
+
+Ray also tells the driver of such a death itself: its raylet publishes "A worker died or was killed while executing a
+task by an unexpected system error. ..." (or "N worker(s) were killed due to the node running low on memory. ...") and
+every driver prints what its raylets publish (ray._private.worker.listen_error_messages, a thread each driver runs
+whatever log_to_driver says), a paragraph beside the launcher's own line for the same death. quiet_worker_deaths drops
+those two; every other message of Ray's (a node marked dead, ...) is printed as Ray prints it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 RAY_MEMORY_MONITOR = "NODE_OUT_OF_MEMORY"
 UNEXPECTED_EXIT = re.compile(r"Worker exit type: SYSTEM_ERROR\b.*unexpectedly exits", re.DOTALL)
 NODE_IP = re.compile(r"^\s*ip: (\S+)$", re.MULTILINE)  # the field Ray's ActorDiedError lists
+# what the raylet publishes to the driver when a worker dies (Ray 2.60's raylet words them so)
+WORKER_DEATH_NOTICES = ("A worker died or was killed while executing a task",
+                        "were killed due to the node running low on memory")
 
 
 def outside_kill(ray_error: str) -> str | None:
@@ -30,3 +42,28 @@ def outside_kill(ray_error: str) -> str | None:
                 "oom` or `journalctl -k` there names the process; give it more memory, or run fewer or smaller "
                 "instances on it), else someone's `kill -9` or a crash (SIGSEGV; the instance's log)")
     return None
+
+
+def _is_worker_death(line: object) -> bool:
+    return isinstance(line, str) and any(notice in line for notice in WORKER_DEATH_NOTICES)
+
+
+def quiet_worker_deaths(ray: ModuleType) -> None:
+    """Drop, from what the driver `ray` (connected) prints of its raylets' messages, those telling of a worker's death
+    (the module's docstring says why); idempotent. Nothing changes where Ray's driver does not print them through
+    ray._private.worker.print_to_stdstream (another Ray version)."""
+    worker: Any = getattr(getattr(ray, "_private", None), "worker", None)
+    printer: Callable[[dict[str, Any], bool], None] | None = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "pdlaunch_quiet", False):
+        return
+
+    def without_worker_deaths(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines")
+        if data.get("pid") == "raylet" and isinstance(lines, list):
+            data = {**data, "lines": [line for line in lines if not _is_worker_death(line)]}
+            if not data["lines"]:
+                return
+        printer(data, ignore_prefix)
+
+    without_worker_deaths.pdlaunch_quiet = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = without_worker_deaths
