@@ -186,8 +186,11 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
     text = serve.output
     assert code == 0, text
     assert "moved to" in text and "stopped: every actor and placement group removed" in text, text
-    # the deaths are said in the launcher's own lines, not beside Ray's paragraph for each
+    # the deaths are said in the launcher's own lines, not beside Ray's paragraph for each; the rank actor's SIGKILL
+    # (rank 0 exits with code 1) is named as one from outside
     assert "A worker died or was killed" not in text and "Unhandled error" not in text, text
+    assert "decode-0 exited with code 1 (its TP rank 1 actor ended by a SIGKILL pdlaunch did not send: most often " \
+           "the kernel's OOM killer on node " in text, text
     assert "TP rank 1 (Ray actor on" in (tmp_path / "logs" / "decode-0.log").read_text(errors="replace")
 
     left = cluster.query(

@@ -127,6 +127,64 @@ def test_an_actor_that_raised_or_lost_its_node_names_no_oom_killer(fake: FakeRay
         assert how is not None and "OOM killer" not in how and "memory monitor" not in how, how
 
 
+DIED_IN_ITS_CONSTRUCTOR = f"{DIED_SIGKILL}\nThe actor never ran - it was cancelled before it started running."
+
+
+def test_an_actor_killed_from_outside_in_its_constructor_names_the_oom_killer(fake: FakeRay, deployment: RayDeployment,
+                                                                              said: list[str]) -> None:
+    """Rank 0's actor SIGKILLed while Ray built it (before the instance answered): Ray 2.60 gives the same death cause
+    as for a running actor (not a failed constructor: actor_init_failed is false), with "never ran" after it."""
+    run = deployment.runs[0]
+    run.state, run.serve_ref = "starting", "serve"  # type: ignore[assignment]
+    fake.failures["serve"] = actor_died(DIED_IN_ITS_CONSTRUCTOR)  # type: ignore[assignment]
+    deployment.tick()
+    line = next(s for s in said if s.startswith("prefill-0 "))
+    assert line.startswith("prefill-0 lost its Ray actor (a SIGKILL pdlaunch did not send: most often the kernel's OOM "
+                           "killer on node 10.0.0.2"), line
+
+
+class RankActor:
+    """A rank actor's handle as exit_of calls it: `node_address.remote()` gives the ref `ref`."""
+
+    def __init__(self, ref: str) -> None:
+        self.node_address = type("Method", (), {"remote": staticmethod(lambda: ref)})()
+
+
+class ExitingRay(FakeRay):
+    """`serve` returns `code` (rank 0 exited so: a rank's actor died under it)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def get(self, ref: str) -> int:
+        return self.code if ref == "serve" and ref not in self.failures else super().get(ref)
+
+
+@pytest.mark.parametrize("death", [DIED_SIGKILL, DIED_IN_ITS_CONSTRUCTOR], ids=["serving", "in its constructor"])
+def test_a_rank_actor_killed_from_outside_is_named_where_rank_0_exits(death: str, deployment: RayDeployment,
+                                                                       said: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's actor dies (built or serving): rank 0's engine fails and `serve` returns 1, which said "exited with
+    code 1" alone (tests/cluster/test_ray.py saw it on a real cluster); the dead rank's actor is asked now, and Ray's
+    death cause it answers with names the kill."""
+    exiting = ExitingRay(1)
+    monkeypatch.setattr(deployment.actors, "ray", exiting)
+    run = deployment.runs[1]
+    run.state, run.serve_ref = "ready", "serve"  # type: ignore[assignment]
+    run.actors = [RankActor("node-0"), RankActor("node-1"), RankActor("node-2")]
+    exiting.failures["node-2"] = actor_died(death)  # type: ignore[assignment]
+    deployment.tick()
+    line = next(s for s in said if s.startswith("decode-0 "))
+    assert line.startswith("decode-0 exited with code 1 (its TP rank 2 actor ended by a SIGKILL pdlaunch did not send: "
+                           "most often the kernel's OOM killer on node 10.0.0.2"), line
+
+    exiting.failures["node-2"] = actor_died("The actor died because its node has died. Node Id: 6f1c")  # type: ignore[assignment]
+    run.serve_ref = "serve"  # type: ignore[assignment]
+    run.actors = [RankActor("node-0"), RankActor("node-1"), RankActor("node-2")]
+    assert deployment.actors.exit_of(run) == "exited with code 1"  # not killed from outside: rank 0's log says it
+
+
 def _ended(process: ChildProcess) -> None:
     wait_for(lambda: process.poll() is not None, "the proxy process to end", 30.0, poll=0.05)
 

@@ -19,8 +19,10 @@ Supervision (launcher/restart_policy.py, as the local supervisor): an instance w
 call ends (the engine failed, an actor died, its node is gone) has its actors and placement group
 removed and, after the backoff, is placed again where Ray finds room, with a new engine_id
 (planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. An actor (or the proxy)
-that a kill from outside ended is said so as the local launcher says it: the OOM killer on its node, or Ray's memory
-monitor where Ray reports that (ray_killed.py). An instance
+that a kill from outside ended, while it was built or while it served, is said so as the local launcher says it: the
+OOM killer on its node, or Ray's memory monitor where Ray reports that (ray_killed.py; a rank 1..T-1 actor's death,
+after which rank 0 exits with code 1, is read from that actor: ray_actors.py), in that line alone (Ray's own paragraph
+for a dead worker is not printed beside it). An instance
 whose actor is alive but whose /health stops answering is said to be stalled, and is ended and restarted the same
 way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py); so is the proxy, killed then and
 restarted after the backoff, as the local supervisor does. A

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 STOP_TIMEOUT_S = 30.0  # instances drain and stop their ranks within this before their actors are killed
+# a call to a dead rank actor fails at once; a live one, which rank 0 shut down as it exited, answers at once
+RANK_PROBE_TIMEOUT_S = 2.0
 CONTROL = CONTROL_GROUP  # the concurrency group of RayInstance.stop and RayRank.until_shutdown
 # Set to 1 (a raylet's environment, a job's runtime_env), Ray leaves an actor's CUDA_VISIBLE_DEVICES as its worker
 # inherited it (ray._private.accelerators.nvidia_gpu).
@@ -182,7 +184,28 @@ class RayActors:
             return f"lost its Ray actor ({outside_kill(str(exc)) or ray_failure(exc)})"
         except self.ray.exceptions.RayError as exc:
             return f"lost its Ray actor ({ray_failure(exc)})"
-        return exit_text(code)
+        killed = self._rank_killed(run) if code != 0 else None
+        return exit_text(code) + (f" ({killed})" if killed else "")
+
+    def _rank_killed(self, run: RayRun) -> str | None:
+        """Which of the instance's ranks 1..T-1 a kill from outside ended (while it was built or while it served), said
+        as ray_killed.py says it; None when none was. Rank 0 exits with code 1 when a rank's actor dies (its log names
+        the rank and Ray's death cause): the cause is read again here from a call to each rank's actor, which Ray
+        fails with it at once when the actor is dead."""
+        refs = [actor.node_address.remote() for actor in run.actors[1:]]
+        if not refs:
+            return None
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=RANK_PROBE_TIMEOUT_S)
+        for rank, ref in enumerate(refs, start=1):
+            if ref not in done:
+                continue
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as exc:
+                killed = outside_kill(str(exc))
+                if killed is not None:
+                    return f"its TP rank {rank} actor ended by {killed}"
+        return None
 
     def stop(self, runs: list[RayRun], drain: bool, hurry: Callable[[], bool]) -> None:
         """Ask every instance to stop (its server drains when `drain`), wait for them, then kill every actor
