@@ -50,3 +50,23 @@ def test_a_ray_init_that_never_returns_is_named_within_the_bound(monkeypatch: py
         caught.value.message, caught.value.render()
     assert unregistered == [_shutdown], "Ray's exit hook would tear down the ray.init still running"
     assert ray_thread.cut_short() == "connecting to the Ray cluster at 10.0.0.5:6379"  # the exit must not either
+
+
+def test_a_late_ray_init_on_auto_names_where_auto_looked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` (the default launcher.ray_address) named "the Ray cluster at auto"; RAY_ADDRESS unset, it is the one a
+    `ray start` on this machine runs, and `ray status` (no --address) asks that one."""
+    monkeypatch.setattr(ray_init, "INIT_TIMEOUT_S", 1.0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(ray_thread.atexit, "unregister", lambda hook: None)
+    monkeypatch.setattr(ray_thread, "_running", None)  # the call left running: reset after the test
+    monkeypatch.setattr(ray_init, "_tried", False)
+    try:
+        with pytest.raises(PdlaunchError) as caught:
+            ray_init.init_in_thread(SimpleNamespace(init=lambda **_: release.wait(30), shutdown=_shutdown), "auto")
+    finally:
+        release.set()
+    assert "ray.init did not return within 1s of connecting to the Ray cluster this machine is part of " \
+           "(launcher.ray_address auto: RAY_ADDRESS is not set: the one a `ray start` on this machine runs)" in \
+        caught.value.message, caught.value.render()
+    assert "`ray status` there" in (caught.value.hint or ""), caught.value.hint
