@@ -16,9 +16,7 @@ those two; every other message of Ray's (a node marked dead, ...) is printed as 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 RAY_MEMORY_MONITOR = "NODE_OUT_OF_MEMORY"
 UNEXPECTED_EXIT = re.compile(r"Worker exit type: SYSTEM_ERROR\b.*unexpectedly exits", re.DOTALL)
@@ -52,18 +50,19 @@ def quiet_worker_deaths(ray: ModuleType) -> None:
     """Drop, from what the driver `ray` (connected) prints of its raylets' messages, those telling of a worker's death
     (the module's docstring says why); idempotent. Nothing changes where Ray's driver does not print them through
     ray._private.worker.print_to_stdstream (another Ray version)."""
-    worker: Any = getattr(getattr(ray, "_private", None), "worker", None)
-    printer: Callable[[dict[str, Any], bool], None] | None = getattr(worker, "print_to_stdstream", None)
-    if printer is None or getattr(printer, "pdlaunch_quiet", False):
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    printer = getattr(worker, "print_to_stdstream", None)
+    if not isinstance(worker, ModuleType) or not callable(printer) or getattr(printer, "pdlaunch_quiet", False):
         return
 
-    def without_worker_deaths(data: dict[str, Any], ignore_prefix: bool) -> None:
+    def without_worker_deaths(data: dict[str, object], ignore_prefix: bool) -> None:
         lines = data.get("lines")
         if data.get("pid") == "raylet" and isinstance(lines, list):
-            data = {**data, "lines": [line for line in lines if not _is_worker_death(line)]}
-            if not data["lines"]:
+            kept = [line for line in lines if not _is_worker_death(line)]
+            if not kept:
                 return
+            data = {**data, "lines": kept}
         printer(data, ignore_prefix)
 
     without_worker_deaths.pdlaunch_quiet = True  # type: ignore[attr-defined]
-    worker.print_to_stdstream = without_worker_deaths
+    vars(worker)["print_to_stdstream"] = without_worker_deaths  # the name listen_error_messages calls
