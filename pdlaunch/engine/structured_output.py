@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 
 from pdlaunch.engine.grammar_limits import build_error, byte_matcher, is_limit_error, probe
 from pdlaunch.engine.grammar_size import check_grammar_size, check_schema_size, check_text_size
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed; tor
 
     from pdlaunch.model.tokenizer import Tokenizer
 
-Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+Kind = Literal["json", "json_object", "regex", "choice", "grammar", "tool_calls"]
 TOKENIZER_BUILD_TIMEOUT_S = 120.0
 _FORMATS: dict[str, Literal["regex", "choice", "grammar"]] = {"regex": "regex", "choice": "choice",
                                                               "grammar": "grammar"}
@@ -60,7 +60,9 @@ class StructuredOutput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Kind
-    value: str  # JSON schema text, regex, JSON list of choices, or Lark / GBNF grammar
+    # JSON schema text, regex, JSON list of choices, Lark / GBNF grammar, or tool calls in free text (JSON of
+    # `tool_calls_grammar`'s arguments: {"calls", "start", "end", "parallel"})
+    value: str
     field: str = "structured_outputs"
     # JSON without free whitespace between tokens unless asked (structured_outputs
     # disable_any_whitespace: false): small models otherwise emit whitespace until max_tokens.
@@ -72,7 +74,9 @@ class StructuredOutput(BaseModel):
     # open_objects says, as explicit `"additionalProperties": false` would be.
     strict: bool = False
 
-    def grammar(self) -> str:
+    def grammar(self, is_token: Callable[[str], bool] | None = None) -> str:
+        """llguidance's grammar of this output. `is_token(text)`: whether the tokenizer the grammar is compiled for
+        holds `text` as one added token (a tool call's markers may be written as one); None: bytes only."""
         import llguidance
 
         if self.kind in ("json", "json_object"):
@@ -85,11 +89,59 @@ class StructuredOutput(BaseModel):
                 text = json.dumps(schema)
             return str(llguidance.LLMatcher.grammar_from_json_schema(
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
+        if self.kind == "tool_calls":
+            return tool_calls_grammar(**json.loads(self.value), field=self.field, any_whitespace=self.any_whitespace,
+                                      is_token=is_token)
         if self.kind == "grammar":
             check_grammar_size(self.value, self.field)
         elif self.kind == "regex":
             check_text_size(self.value)
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
+
+
+def tool_calls_grammar(calls: JsonValue, start: str, end: str, parallel: bool, field: str,
+                       any_whitespace: bool = False, is_token: Callable[[str], bool] | None = None) -> str:
+    """Free text with tool calls in it: any text until the model writes `start` (a lazy lexeme: it ends at the first
+    `start`), then one JSON object of the schema `calls` (each tool's {"name", "arguments"}), then `end`, then free
+    text or (`parallel`) another call. Where no call has begun any text goes, EOS included; once `start` is written
+    the call must follow. Without `parallel` the text after a call may not hold `start` again. The JSON is written
+    with ", " and ": " (as json.dumps writes it, the form tool-calling models learnt) unless `any_whitespace`.
+
+    A marker the tokenizer holds as one added token (`is_token`; Qwen's `<tool_call>` and `</tool_call>`) may be
+    written as that token too, which is how the model writes it: llguidance reads every added token as a special
+    one, which a text literal never matches (its `<...>` syntax names it), so bytes alone would forbid the token
+    the model was trained to write. Other special tokens never match text: where a call may begin only EOS is."""
+    import llguidance
+
+    schema = root_pointers(calls, field)
+    check_schema_size(schema, field)
+    if not isinstance(schema, dict):
+        raise SchemaError("the tool calls' schema must be an object", field=field)
+    layout: JsonValue = ({"whitespace_flexible": True} if any_whitespace else
+                         {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+    body = json.dumps({**schema, "x-guidance": layout})
+    no_start = f"/(?s:.*)/ & ~/(?s:.*){_lark_regex(start)}(?s:.*)/"  # text that does not hold `start`
+    start_token = is_token is not None and is_token(start)
+    end_token = is_token is not None and is_token(end)
+    lark = "\n".join([
+        "%llguidance {}",
+        f"start: call{'*' if parallel else '?'} {'TEXT' if parallel else 'REST'}",
+        "call: head SPACE body SPACE end",
+        # the text up to the first `start` written in bytes, or text without it and then `start`'s token
+        f"head: text_head{f' | REST {start}' if start_token else ''}",
+        f"text_head[lazy]: TEXT {json.dumps(start)}",
+        f"end: {json.dumps(end)}{f' | {end}' if end_token else ''}",
+        f"body: %json {body}",
+        r"SPACE: /[ \n]{0,2}/",  # Hermes / Qwen put a newline on each side of the JSON
+        r"TEXT: /(?s:.*)/",
+        f"REST: {no_start}",
+    ])
+    return str(llguidance.LLMatcher.grammar_from_lark(lark))
+
+
+def _lark_regex(text: str) -> str:
+    """`text` matched literally inside a Lark `/.../` regex."""
+    return "".join(c if c.isalnum() or c in "_<>" else "\\" + c for c in text)
 
 
 def check(spec: StructuredOutput) -> str:
@@ -181,7 +233,7 @@ class GrammarBackend:
 
         tokenizer = self._llg_tokenizer(spec.field)
         try:
-            grammar = spec.grammar()
+            grammar = spec.grammar(lambda text: _one_token(tokenizer, text))
             matcher = on_grammar_stack(lambda: llguidance.LLMatcher(tokenizer, grammar))
         except TimeoutError as exc:
             raise EngineError(f"{spec.field}: {exc}", field=spec.field,
@@ -191,6 +243,12 @@ class GrammarBackend:
         if matcher.is_error():
             raise EngineError(f"{spec.field}: {matcher.get_error()}", field=spec.field)
         return matcher
+
+
+def _one_token(tokenizer: LLTokenizer, text: str) -> bool:
+    """Whether `text` is one added token of `tokenizer` (one llguidance names as `<text>` in a grammar)."""
+    ids = tokenizer.tokenize_str(text, parse_special=True)
+    return len(ids) == 1 and tokenizer.is_special_token(ids[0]) and text.startswith("<") and text.endswith(">")
 
 
 def grammar_backend(tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:

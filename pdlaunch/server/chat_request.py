@@ -117,7 +117,7 @@ class ChatCompletionRequest(SamplingFields):
         asked = super().structured_output()
         calling = self.tool_calling()
         forced = calling.structured_output() if calling is not None else None
-        if forced is None or calling is None:
+        if forced is None or calling is None or (asked is not None and calling.mode == "auto"):  # tool_calls.py
             return asked
         if asked is not None:
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "
@@ -126,7 +126,7 @@ class ChatCompletionRequest(SamplingFields):
         # Compiled here as an asked grammar is: a tool's schema that does not compile is a 400 naming that tool. A
         # required call's grammar is made of every tool's parameters; a named one's is its tool's alone (already
         # named so), which another tool's bad schema did not break.
-        parts = calling.parameter_grammars() if calling.mode == "required" else []
+        parts = calling.grammar_parts()
         return checked(forced.model_copy(update=options), [p.model_copy(update=options) for p in parts])
 
     def fills_context(self) -> bool:

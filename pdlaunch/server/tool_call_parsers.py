@@ -21,6 +21,7 @@ import uuid
 from pdlaunch.http import JsonObject
 
 HERMES_START = "<tool_call>"
+HERMES_END = "</tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 PYTHON_TAG = "<|python_tag|>"
 

@@ -16,8 +16,17 @@
   `"additionalProperties": true`. A required call's grammar holds every tool's parameters, each one's `$ref`s
   pointing into its own definitions there (engine/schema_refs.root_pointers).
 - A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request
-  opens objects, and its `$ref`s are checked whatever tool_choice says. Auto calls are parsed from free text, never
-  constrained: strict or not, only a forced call (required, named) is sure to match its schema.
+  opens objects, and its `$ref`s are checked whatever tool_choice says. Under auto a strict tool's calls match its
+  schema too, as OpenAI guarantees: when any tool is strict, auto's output is constrained by a lazy grammar
+  (engine/structured_output.tool_calls_grammar) of the Hermes / Qwen format: free text until the model writes
+  `<tool_call>`, then one JSON object {"name": one of the tools, "arguments": that tool's closed parameters}
+  (a tool that is not strict: any JSON object), then `</tool_call>`, then free text or (parallel_tool_calls not
+  false) another call. Text that never writes `<tool_call>` is not touched. A Llama 3 JSON call (a bare JSON object
+  as the whole answer) is not constrained, strict or not: it has no marker that says a call begins (the
+  `<|python_tag|>` is optional), and forcing every answer that starts with "{" into a call would turn JSON content
+  into calls; it stays parsed from free text. Without a strict tool, auto's output is not constrained at all. With
+  response_format / structured_outputs beside auto, the asked grammar constrains the output and calls are parsed
+  from it as before (one grammar per request): strict calls are then not guaranteed.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
@@ -42,7 +51,7 @@ from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.strict_field import check_strict_schema, strict_flag
-from pdlaunch.server.tool_call_parsers import parse_auto, parse_required, tool_call
+from pdlaunch.server.tool_call_parsers import HERMES_END, HERMES_START, parse_auto, parse_required, tool_call
 
 
 class ToolFunction(BaseModel):
@@ -74,12 +83,17 @@ class ToolCalling:
         return [t.model_dump() for t in self.tools]
 
     def structured_output(self) -> StructuredOutput | None:
-        """The grammar that required / named tool choice imposes (None for auto)."""
+        """The grammar that required / named tool choice imposes, and auto's when a tool is strict (None for auto
+        without a strict tool, and for none)."""
+        if self.mode == "auto" and any(_strict(t) for t in self.tools):
+            return self._strict_auto()
         if self.mode == "named":  # a schema that does not compile is named where the client wrote it
             return next(p for p, t in zip(self.parameter_grammars(), self.tools) if t.function.name == self.named)
         if self.mode == "required":
             one_of: list[JsonValue] = [{"type": "object",
-                       "properties": {"name": {"const": t.function.name}, "parameters": _embedded(t, i)},
+                       "properties": {"name": {"const": t.function.name},
+                                      "parameters": _embedded(t, i, ("items", "anyOf", str(i), "properties",
+                                                                     "parameters"))},
                        "required": ["name", "parameters"], "additionalProperties": False}
                        for i, t in enumerate(self.tools)]
             schema: JsonObject = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
@@ -87,6 +101,29 @@ class ToolCalling:
                 schema["maxItems"] = 1
             return StructuredOutput(kind="json", value=json.dumps(schema), field="tools")  # every tool's parameters
         return None
+
+    def _strict_auto(self) -> StructuredOutput:
+        """Auto with a strict tool: free text and Hermes `<tool_call>` blocks (engine/structured_output.py's
+        tool_calls_grammar), each block one of the tools by name with, for a strict tool, its closed parameters as
+        arguments; a tool that is not strict takes any JSON object, as unconstrained auto would have parsed."""
+        calls: list[JsonValue] = []
+        for i, t in enumerate(self.tools):
+            arguments: JsonValue = {"type": "object"}  # not strict: any object, as a parsed call's
+            if _strict(t):
+                arguments = _embedded(t, i, ("anyOf", str(i), "properties", "arguments"))
+            calls.append({"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": arguments},
+                          "required": ["name", "arguments"], "additionalProperties": False})
+        value = {"calls": {"anyOf": calls}, "start": HERMES_START, "end": HERMES_END, "parallel": self.parallel}
+        return StructuredOutput(kind="tool_calls", value=json.dumps(value), field="tools", strict=True)
+
+    def grammar_parts(self) -> list[StructuredOutput]:
+        """The grammars `structured_output`'s is made of, each named where the client wrote it: every tool's
+        parameters for required, the strict tools' for auto (none for named: its grammar is its tool's alone)."""
+        if self.mode == "required":
+            return self.parameter_grammars()
+        if self.mode == "auto":
+            return [g for g, t in zip(self.parameter_grammars(), self.tools) if _strict(t)]
+        return []
 
     def parameter_grammars(self) -> list[StructuredOutput]:
         """Each tool's parameters schema as a grammar, named where the client wrote it (a required call's grammar
@@ -157,8 +194,9 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
 
 
 
-def _embedded(tool: Tool, i: int) -> JsonValue:
-    """Tool `i`'s parameters schema where the required call's schema holds it: its `$ref`s name its own definitions
+def _embedded(tool: Tool, i: int, at: tuple[str, ...]) -> JsonValue:
+    """Tool `i`'s parameters schema where a call's schema holds it (at the path `at` of a required call's array, of
+    strict auto's calls): its `$ref`s name its own definitions
     from there (a `#/$defs/x` of its own read from the root of that schema named nothing), or a 400 naming the one
     that names nothing (or the `$id`, `$ref` or nesting past engine/schema_refs.py's bounds). A strict tool's
     parameters come closed (engine/strict_schema.close_objects, its `$ref`s read from its own root): the required
@@ -168,7 +206,7 @@ def _embedded(tool: Tool, i: int) -> JsonValue:
         parameters: JsonValue = _parameters(tool)
         if _strict(tool):
             parameters = close_objects(root_pointers(parameters, where))
-        return root_pointers(parameters, where, ("items", "anyOf", str(i), "properties", "parameters"))
+        return root_pointers(parameters, where, at)
     except SchemaError as exc:
         raise OpenAIError(400, f"invalid grammar: {exc}", param=exc.field) from None
     except ValueError as exc:  # close_objects: its definitions copied where they are used grow past the bound
