@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
@@ -74,9 +75,9 @@ class StructuredOutput(BaseModel):
     # open_objects says, as explicit `"additionalProperties": false` would be.
     strict: bool = False
 
-    def grammar(self, is_token: Callable[[str], bool] | None = None) -> str:
-        """llguidance's grammar of this output. `is_token(text)`: whether the tokenizer the grammar is compiled for
-        holds `text` as one added token (a tool call's markers may be written as one); None: bytes only."""
+    def grammar(self, added: AddedTokens | None = None) -> str:
+        """llguidance's grammar of this output; `added`: the added tokens of the tokenizer it is compiled for (tool
+        calls' free text and markers may be written with them), None: over bytes alone."""
         import llguidance
 
         if self.kind in ("json", "json_object"):
@@ -91,7 +92,7 @@ class StructuredOutput(BaseModel):
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
         if self.kind == "tool_calls":
             return tool_calls_grammar(**json.loads(self.value), field=self.field, any_whitespace=self.any_whitespace,
-                                      is_token=is_token)
+                                      added=added)
         if self.kind == "grammar":
             check_grammar_size(self.value, self.field)
         elif self.kind == "regex":
@@ -99,18 +100,34 @@ class StructuredOutput(BaseModel):
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
 
 
+@dataclass(frozen=True)
+class AddedTokens:
+    """The added tokens of a tokenizer (its special ones and the others it adds, as Qwen's `<tool_call>` or `<think>`):
+    llguidance reads every one as special, which a text literal or regex never matches; a grammar names one as
+    `<text>` or `<[id]>`."""
+
+    ids: Mapping[str, int]  # text -> token id
+    eos: frozenset[int]  # the grammar's EOS: it ends the output, never a token the grammar names
+
+    @staticmethod
+    def of(tokenizer: LLTokenizer) -> AddedTokens:
+        found = (i for i in range(tokenizer.vocab_size) if tokenizer.is_special_token(i))  # ~4 ms for 49k tokens
+        return AddedTokens({tokenizer.decode_bytes([i]).decode("utf-8", "replace"): i for i in found},
+                           frozenset(tokenizer.eos_tokens))
+
+
 def tool_calls_grammar(calls: JsonValue, start: str, end: str, parallel: bool, field: str,
-                       any_whitespace: bool = False, is_token: Callable[[str], bool] | None = None) -> str:
+                       any_whitespace: bool = False, added: AddedTokens | None = None) -> str:
     """Free text with tool calls in it: any text until the model writes `start` (a lazy lexeme: it ends at the first
     `start`), then one JSON object of the schema `calls` (each tool's {"name", "arguments"}), then `end`, then free
     text or (`parallel`) another call. Where no call has begun any text goes, EOS included; once `start` is written
     the call must follow. Without `parallel` the text after a call may not hold `start` again. The JSON is written
     with ", " and ": " (as json.dumps writes it, the form tool-calling models learnt) unless `any_whitespace`.
 
-    A marker the tokenizer holds as one added token (`is_token`; Qwen's `<tool_call>` and `</tool_call>`) may be
-    written as that token too, which is how the model writes it: llguidance reads every added token as a special
-    one, which a text literal never matches (its `<...>` syntax names it), so bytes alone would forbid the token
-    the model was trained to write. Other special tokens never match text: where a call may begin only EOS is."""
+    Over a tokenizer's `added` tokens (llguidance reads each as special, which text never matches): a marker the
+    tokenizer holds as one token (Qwen's `<tool_call>` and `</tool_call>`) may be written as that token too, which is
+    how the model writes it, and the free text may hold the other added tokens (Qwen 3's `<think>`), as it may
+    unconstrained: bytes alone would forbid the tokens the model was trained to write."""
     import llguidance
 
     schema = root_pointers(calls, field)
@@ -121,16 +138,19 @@ def tool_calls_grammar(calls: JsonValue, start: str, end: str, parallel: bool, f
                          {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
     body = json.dumps({**schema, "x-guidance": layout})
     no_start = f"/(?s:.*)/ & ~/(?s:.*){_lark_regex(start)}(?s:.*)/"  # text that does not hold `start`
-    start_token = is_token is not None and is_token(start)
-    end_token = is_token is not None and is_token(end)
+    ids = dict(added.ids) if added is not None else {}
+    start_token, end_token = ids.pop(start, None), ids.get(end)
+    others = sorted(i for i in ids.values() if added is None or i not in added.eos)  # `end`'s too: a stray one is text
+    # free text before a call, and the rest: text without `start` and the other added tokens, in turns
+    texts = f"(REST <[{','.join(map(str, others))}]>)* " if others else ""
     lark = "\n".join([
         "%llguidance {}",
-        f"start: call{'*' if parallel else '?'} {'TEXT' if parallel else 'REST'}",
+        f"start: call{'*' if parallel else '?'} {texts}{'TEXT' if parallel else 'REST'}",
         "call: head SPACE body SPACE end",
         # the text up to the first `start` written in bytes, or text without it and then `start`'s token
-        f"head: text_head{f' | REST {start}' if start_token else ''}",
+        f"head: {texts}text_head{f' | {texts}REST <[{start_token}]>' if start_token is not None else ''}",
         f"text_head[lazy]: TEXT {json.dumps(start)}",
-        f"end: {json.dumps(end)}{f' | {end}' if end_token else ''}",
+        f"end: {json.dumps(end)}{f' | <[{end_token}]>' if end_token is not None else ''}",
         f"body: %json {body}",
         r"SPACE: /[ \n]{0,2}/",  # Hermes / Qwen put a newline on each side of the JSON
         r"TEXT: /(?s:.*)/",
@@ -191,6 +211,7 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self._eos = eos_token_id
         self._tokenizer: LLTokenizer | None = None
+        self._added: AddedTokens | None = None  # read from the tokenizer once a grammar needs them
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._started = False
@@ -225,6 +246,12 @@ class GrammarBackend:
             raise EngineError(f"structured output cannot use this tokenizer: {self._error}", field=field)
         return self._tokenizer
 
+    def _added_tokens(self, tokenizer: LLTokenizer) -> AddedTokens:
+        with self._start_lock:
+            if self._added is None:
+                self._added = AddedTokens.of(tokenizer)
+            return self._added
+
     def matcher(self, spec: StructuredOutput) -> LLMatcher:
         """A new matcher of `spec`'s grammar over the engine's tokenizer: its compile takes as long as the grammar
         is large (a JSON schema of 1,000 keys: ~30 ms over a 49k vocabulary), so the server builds it off the engine
@@ -233,7 +260,7 @@ class GrammarBackend:
 
         tokenizer = self._llg_tokenizer(spec.field)
         try:
-            grammar = spec.grammar(lambda text: _one_token(tokenizer, text))
+            grammar = spec.grammar(self._added_tokens(tokenizer))
             matcher = on_grammar_stack(lambda: llguidance.LLMatcher(tokenizer, grammar))
         except TimeoutError as exc:
             raise EngineError(f"{spec.field}: {exc}", field=spec.field,
@@ -243,12 +270,6 @@ class GrammarBackend:
         if matcher.is_error():
             raise EngineError(f"{spec.field}: {matcher.get_error()}", field=spec.field)
         return matcher
-
-
-def _one_token(tokenizer: LLTokenizer, text: str) -> bool:
-    """Whether `text` is one added token of `tokenizer` (one llguidance names as `<text>` in a grammar)."""
-    ids = tokenizer.tokenize_str(text, parse_special=True)
-    return len(ids) == 1 and tokenizer.is_special_token(ids[0]) and text.startswith("<") and text.endswith(">")
 
 
 def grammar_backend(tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:

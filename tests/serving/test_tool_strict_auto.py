@@ -25,9 +25,10 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.grammar_limits import byte_matcher
-from pdlaunch.engine.structured_output import check
+from pdlaunch.engine.structured_output import GrammarBackend, check, grammar_backend
 from pdlaunch.model.demo import ensure_demo_checkpoint
-from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
+from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID, VOCAB_SIZE
+from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from tests.serving.helpers import in_process_instance
 
@@ -162,6 +163,32 @@ def marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
                                                  "add_special_tokens": False}, timeout=TIMEOUT).json()["tokens"]
     assert len(tokens) == 1, tokens  # the marker is one token
     return {str(tokens[0]): 100.0, str(EOS_TOKEN_ID): 50.0}
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint: Path) -> GrammarBackend:
+    return grammar_backend(Tokenizer(checkpoint), VOCAB_SIZE)
+
+
+@pytest.mark.parametrize(("text", "accepted"), [
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>', True),  # both markers as their added tokens
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><|user|> and more', True),
+    ("<|system|> text <|user|></tool_call> text", True),  # other added tokens are free text, as unconstrained
+    ('<|user|><tool_call>{"name": "f", "arguments": {"a": 2}}</tool_call>', False),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1, "b": 1}}</tool_call>', False),
+    ("<tool_call> no call", False),
+])
+def test_the_markers_as_added_tokens_open_and_close_a_call_that_matches(backend: GrammarBackend, checkpoint: Path,
+                                                                        text: str, accepted: bool) -> None:
+    """Over a tokenizer holding `<tool_call>` as an added token (Qwen's; llguidance reads it as special, which a text
+    literal never matches): the token opens a call as the bytes do, and the tokenizer's other added tokens may be
+    written in the free text."""
+    tokens = Tokenizer(checkpoint).encode(text, add_special_tokens=False)
+    assert {505, 506} & set(tokens) or "<tool_call>" not in text  # the markers came as their tokens
+    spec = _calling([_tool("f", A, {"strict": True})]).structured_output()
+    assert spec is not None
+    matcher = backend.matcher(spec)
+    assert (all(matcher.consume_token(t) for t in tokens) and bool(matcher.is_accepting())) == accepted
 
 
 def _chat(url: str, model: str, body: dict[str, Any]) -> dict[str, Any]:
