@@ -123,11 +123,10 @@ def test_a_strict_tools_refs_are_read_from_its_own_root() -> None:
 
 # ---- through the HTTP API ----
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with `<tool_call>` and `</tool_call>` as added tokens (not special, as Qwen's), in the ids
-    of its last two BPE merges (nothing merges further from them)."""
-    source, target = ensure_demo_checkpoint(), tmp_path_factory.mktemp("tool-markers")
+def marker_checkpoint(target: Path) -> Path:
+    """The tiny checkpoint in `target` with `<tool_call>` and `</tool_call>` as added tokens (not special, as Qwen's),
+    in the ids of its last two BPE merges (nothing merges further from them)."""
+    source = ensure_demo_checkpoint()
     for file in source.iterdir():
         if file.name == "model.safetensors":
             (target / file.name).symlink_to(file)
@@ -145,6 +144,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+def marker_bias(token_ids: list[int]) -> dict[str, float]:
+    """`<tool_call>` (its one token) first wherever it may go, then EOS: the random model opens a call, then stops."""
+    assert len(token_ids) == 1, token_ids  # the marker is one token
+    return {str(token_ids[0]): 100.0, str(EOS_TOKEN_ID): 50.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return marker_checkpoint(tmp_path_factory.mktemp("tool-markers"))
+
+
 @pytest.fixture(scope="module")
 def url(checkpoint: Path) -> Iterator[str]:
     cfg = DeploymentConfig.model_validate({
@@ -156,13 +166,10 @@ def url(checkpoint: Path) -> Iterator[str]:
         yield address
 
 
-@pytest.fixture(scope="module")
-def marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
-    """`<tool_call>` first wherever it may go, then EOS: the random model opens a call, then stops."""
-    tokens = httpx.post(f"{url}/tokenize", json={"model": checkpoint.name, "prompt": "<tool_call>",
-                                                 "add_special_tokens": False}, timeout=TIMEOUT).json()["tokens"]
-    assert len(tokens) == 1, tokens  # the marker is one token
-    return {str(tokens[0]): 100.0, str(EOS_TOKEN_ID): 50.0}
+@pytest.fixture(scope="module", name="marker_bias")
+def _marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
+    return marker_bias(httpx.post(f"{url}/tokenize", timeout=TIMEOUT, json={
+        "model": checkpoint.name, "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"])
 
 
 @pytest.fixture(scope="module")
