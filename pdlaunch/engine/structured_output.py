@@ -6,7 +6,7 @@ matchers) took 2.8 ms p50 with llguidance and 11.6 ms with xgrammar (benchmarks/
 llguidance needs no other package (xgrammar pulls transformers, triton and tvm-ffi).
 
 A request's `StructuredOutput` (kind + value, from response_format, structured_outputs or the
-guided_* fields) becomes an llguidance grammar, once it is within the bounds of what may be compiled
+guided_* fields, or a tool choice's calls: server/tool_calls.py) becomes an llguidance grammar, once it is within the bounds of what may be compiled
 (engine/grammar_size.py: an object's keys, a regex's length, ...); `check` compiles it once on the HTTP side, over
 single bytes, and runs its first steps, where a grammar too large for llguidance's limits fails (400 naming the
 request field; engine/grammar_limits.py). Every compile runs on a thread with a large stack
