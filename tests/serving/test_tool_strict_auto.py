@@ -29,6 +29,7 @@ from pdlaunch.engine.structured_output import GrammarBackend, check, grammar_bac
 from pdlaunch.model.demo import ensure_demo_checkpoint
 from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID, VOCAB_SIZE
 from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from tests.serving.helpers import in_process_instance
 
@@ -119,6 +120,21 @@ def test_a_strict_tools_refs_are_read_from_its_own_root() -> None:
     calling = _calling([_tool("get_weather", CITY, {"strict": True}), _tool("plan", parameters, {"strict": True})])
     assert _accepts(calling, _call("plan", '{"day": "mon"}'))
     assert not _accepts(calling, _call("plan", '{"day": "sun"}'))
+
+
+@pytest.mark.parametrize(("options", "compact", "spaced"), [({}, False, True),
+                                                         ({"disable_any_whitespace": False}, True, True)])
+def test_the_calls_json_is_written_as_json_dumps_writes_it_unless_whitespace_is_free(
+        options: dict[str, Any], compact: bool, spaced: bool) -> None:
+    """The chat request's path: structured_outputs' JSON options apply to the strict auto calls' grammar."""
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": HI, "structured_outputs": options,
+                                                    "tools": [_tool("get_weather", CITY, {"strict": True})]})
+    spec = request.structured_output()
+    assert spec is not None and spec.kind == "tool_calls"
+    for text, accepted in (('<tool_call>{"name":"get_weather","arguments":{"city":"Oslo","days":3}}</tool_call>',
+                            compact), (_call("get_weather", OSLO), spaced)):
+        matcher = byte_matcher(check(spec))
+        assert (all(matcher.consume_token(b) for b in text.encode()) and bool(matcher.is_accepting())) == accepted
 
 
 # ---- through the HTTP API ----
