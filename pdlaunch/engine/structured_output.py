@@ -5,18 +5,17 @@ and a JSON schema, a step of 64 constrained rows (fill the masks, apply them, ad
 matchers) took 2.8 ms p50 with llguidance and 11.6 ms with xgrammar (benchmarks/RESULTS.md), and
 llguidance needs no other package (xgrammar pulls transformers, triton and tvm-ffi).
 
-A request's `StructuredOutput` (kind + value, from response_format, structured_outputs or the
-guided_* fields, or a tool choice's calls: server/tool_calls.py) becomes an llguidance grammar, once it is within the bounds of what may be compiled
-(engine/grammar_size.py: an object's keys, a regex's length, ...); `check` compiles it once on the HTTP side, over
-single bytes, and runs its first steps, where a grammar too large for llguidance's limits fails (400 naming the
-request field; engine/grammar_limits.py). Every compile runs on a thread with a large stack
+A request's `StructuredOutput` (kind + value, from response_format, structured_outputs or the guided_* fields, or a
+tool choice's calls: server/tool_calls.py) becomes an llguidance grammar, once it is within the bounds of what may
+be compiled (engine/grammar_size.py: an object's keys, a regex's length, ...); `check` compiles it once on the HTTP
+side, over single bytes, and runs its first steps, where a grammar too large for llguidance's limits fails (400
+naming the request field; engine/grammar_limits.py). Every compile runs on a thread with a large stack
 (engine/grammar_stack.py): llguidance recurses once for each `$ref` or rule of a chain. The engine compiles the
 grammar again over its own tokenizer (a compiled grammar is bound to its tokenizer's tokens), one `LLMatcher` per
 request (`GrammarBackend.matcher`); each step the sampler fills the constrained rows of one int32 bitmask
-[N, ceil(V / 32)] and applies it to the logits (everything else of the batch passes: all bits
-set), and the output processor advances the matcher with the sampled token. When the grammar is
-complete only EOS stays allowed: the request samples it and stops there, the EOS counted as an output
-token (vLLM's; engine/output_processor.py).
+[N, ceil(V / 32)] and applies it to the logits (everything else of the batch passes: all bits set), and the output
+processor advances the matcher with the sampled token. When the grammar is complete only EOS stays allowed: the request
+samples it and stops there, the EOS counted as an output token (vLLM's; engine/output_processor.py).
 
 PD: the prefill leg samples its one token under the same grammar (the leg carries the request's
 structured-output fields). A decode that continues from that token (engine/first_token.py) takes
