@@ -15,18 +15,18 @@
   named call has only the properties its tool declares, unless the schema says
   `"additionalProperties": true`. A required call's grammar holds every tool's parameters, each one's `$ref`s
   pointing into its own definitions there (engine/schema_refs.root_pointers).
-- A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request
-  opens objects, and its `$ref`s are checked whatever tool_choice says. Under auto a strict tool's calls match its
-  schema too, as OpenAI guarantees: when any tool is strict, auto's output is constrained by a lazy grammar
+- A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request opens
+  objects, and its `$ref`s are checked whatever tool_choice says. Under auto a strict tool's calls match its schema
+  too, as OpenAI guarantees: when any tool is strict, auto's output is constrained by a lazy grammar
   (engine/structured_output.tool_calls_grammar) of the Hermes / Qwen format: free text until the model writes
-  `<tool_call>`, then one JSON object {"name": one of the tools, "arguments": that tool's closed parameters}
-  (a tool that is not strict: any JSON object), then `</tool_call>`, then free text or (parallel_tool_calls not
-  false) another call. Text that never writes `<tool_call>` is not touched. A Llama 3 JSON call (a bare JSON object
-  as the whole answer) is not constrained, strict or not: it has no marker that says a call begins (the
+  `<tool_call>`, then one JSON object {"name": one of the tools, "arguments": that tool's closed parameters} (either
+  key first; a tool that is not strict: any JSON object), then `</tool_call>`, then free text or (parallel_tool_calls
+  not false) another call. Text that never writes `<tool_call>` is not touched. A Llama 3 JSON call (a bare JSON
+  object as the whole answer) is not constrained, strict or not: it has no marker that says a call begins (the
   `<|python_tag|>` is optional), and forcing every answer that starts with "{" into a call would turn JSON content
   into calls; it stays parsed from free text. Without a strict tool, auto's output is not constrained at all. With
-  response_format / structured_outputs beside auto, the asked grammar constrains the output and calls are parsed
-  from it as before (one grammar per request): strict calls are then not guaranteed.
+  response_format / structured_outputs beside auto, the asked grammar constrains the output and calls are parsed from
+  it as before (one grammar per request): strict calls are then not guaranteed.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
@@ -105,14 +105,18 @@ class ToolCalling:
     def _strict_auto(self) -> StructuredOutput:
         """Auto with a strict tool: free text and Hermes `<tool_call>` blocks (engine/structured_output.py's
         tool_calls_grammar), each block one of the tools by name with, for a strict tool, its closed parameters as
-        arguments; a tool that is not strict takes any JSON object, as unconstrained auto would have parsed."""
+        arguments; a tool that is not strict takes any JSON object, as unconstrained auto would have parsed. Either
+        key may come first: Qwen writes the name first, Hermes 2 Pro / Hermes 3 the arguments (each order its own
+        copy of the schema: llguidance writes an object's keys in the order its schema lists them)."""
         calls: list[JsonValue] = []
-        for i, t in enumerate(self.tools):
-            arguments: JsonValue = {"type": "object"}  # not strict: any object, as a parsed call's
-            if _strict(t):
-                arguments = _embedded(t, i, ("anyOf", str(i), "properties", "arguments"))
-            calls.append({"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": arguments},
-                          "required": ["name", "arguments"], "additionalProperties": False})
+        for keys in (("name", "arguments"), ("arguments", "name")):
+            for i, t in enumerate(self.tools):
+                arguments: JsonValue = {"type": "object"}  # not strict: any object, as a parsed call's
+                if _strict(t):
+                    arguments = _embedded(t, i, ("anyOf", str(len(calls)), "properties", "arguments"))
+                named: dict[str, JsonValue] = {"name": {"const": t.function.name}, "arguments": arguments}
+                calls.append({"type": "object", "properties": {key: named[key] for key in keys},
+                              "required": list(keys), "additionalProperties": False})
         value = {"calls": {"anyOf": calls}, "start": HERMES_START, "end": HERMES_END, "parallel": self.parallel}
         return StructuredOutput(kind="tool_calls", value=json.dumps(value), field="tools", strict=True)
 

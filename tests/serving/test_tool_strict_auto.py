@@ -68,6 +68,8 @@ ACCEPTED = {
     "plain text": "It is sunny in Oslo { not a call }",
     "text, then a call, then text": "Let me look. " + _call("get_weather", OSLO) + " Done.",
     "a call without newlines": f'<tool_call>{{"name": "get_weather", "arguments": {OSLO}}}</tool_call>',
+    "the arguments first (Hermes 2 Pro's order)": f'<tool_call>\n{{"arguments": {OSLO}, "name": "get_weather"}}'
+                                                  "\n</tool_call>",
     "two calls": _call("get_weather", OSLO) + _call("get_weather", ROME),
     "a Llama 3 JSON call (not constrained)": '{"name": "get_weather", "parameters": {"city": "Reykjavik!!", '
                                              '"days": 99}}',
@@ -78,6 +80,8 @@ REFUSED = {
     "a key the strict schema does not name": _call("get_weather", '{"city": "Oslo", "days": 3, "unit": "C"}'),
     "a required key missing": _call("get_weather", '{"city": "Oslo"}'),
     "a tool that is not there": _call("get_time", "{}"),
+    "the arguments first, out of the schema": '<tool_call>{"arguments": {"city": "Oslo", "days": 9}, '
+                                              '"name": "get_weather"}</tool_call>',
     "not JSON after the marker": "<tool_call> I will call it",
     "parameters for arguments": '<tool_call>{"name": "get_weather", "parameters": {"city": "Oslo", "days": 3}}'
                                 "</tool_call>",
@@ -120,6 +124,8 @@ def test_a_strict_tools_refs_are_read_from_its_own_root() -> None:
     calling = _calling([_tool("get_weather", CITY, {"strict": True}), _tool("plan", parameters, {"strict": True})])
     assert _accepts(calling, _call("plan", '{"day": "mon"}'))
     assert not _accepts(calling, _call("plan", '{"day": "sun"}'))
+    assert _accepts(calling, '<tool_call>{"arguments": {"day": "tue"}, "name": "plan"}</tool_call>')  # its copy's
+    assert not _accepts(calling, '<tool_call>{"arguments": {"day": "sun"}, "name": "plan"}</tool_call>')
 
 
 @pytest.mark.parametrize(("options", "compact", "spaced"), [({}, False, True),
