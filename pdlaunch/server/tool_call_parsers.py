@@ -5,13 +5,13 @@
   it), so a whole answer's content is what a stream of the same output sends.
 - A Llama 3 JSON call (`{"name": ..., "parameters": {...}}`, optionally after <|python_tag|>, several joined
   by ";"), when no Hermes block is there (`parse_auto`).
+- The JSON array of {"name", "parameters"} that a required tool choice's grammar writes (`parse_required`),
+  cut or whole.
 
 Which format a call takes is read from the output, not set per model. A strict tool under auto constrains the
 Hermes format only (server/tool_calls.py: the text from `HERMES_START` to `HERMES_END` must be a call of the
 tools); a Llama 3 JSON call is never constrained, strict or not: nothing marks where it begins (the tag is
 optional), and forcing every answer that opens with "{" into a call would turn JSON content into calls.
-- The JSON array of {"name", "parameters"} that a required tool choice's grammar writes (`parse_required`),
-  cut or whole.
 
 Every call comes out as OpenAI's `{"id", "type": "function", "function": {"name", "arguments"}}`, its
 arguments a JSON string.
