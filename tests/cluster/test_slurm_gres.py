@@ -24,7 +24,15 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends import slurm
 from pdlaunch.launcher.backends.slurm import run_slurm, srun_argv
-from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, gpus_by_node_list, gres_gpus
+from pdlaunch.launcher.backends.slurm_gres import (
+    GPU_REQUEST_ENV,
+    SLURM_DEFAULT,
+    NodeGres,
+    gpus_by_node_list,
+    gres_by_node_list,
+    gres_gpus,
+    node_gres,
+)
 from pdlaunch.launcher.backends.slurm_node import node_config
 from pdlaunch.launcher.backends.slurm_node_gpus import gpus_needed
 from tests.cluster.slurm_cluster import SlurmCluster, running_slurm
@@ -47,7 +55,8 @@ def test_a_nodes_gres_counts_its_gpus_in_each_form_scontrol_prints() -> None:
     assert gres_gpus("gpu:a100:1(IDX:0),gpu:v100:2(IDX:1-2)") == 3
     assert gres_gpus("gpu(IDX:0-1,3)") == 3  # before 20.11: the indices only
     assert gres_gpus("") == 0 and gres_gpus("(null)") == 0
-    assert gres_gpus("nic:1(IDX:0)") is None  # other GRES only: SLURM's default gives the step all of them
+    assert gres_gpus("nic:1(IDX:0)") == 0  # other GRES only: the step asks for them (and no GPU)
+    assert gres_gpus("gpu(CNT:2)") == 2  # GPUs without device files
     assert gres_gpus("shard:2") is None and gres_gpus("mps:100") is None  # they carry GPUs: --gres=none drops them
 
 
@@ -61,9 +70,25 @@ def test_the_jobs_gpus_per_node_come_from_its_node_details() -> None:
 
 
 def test_each_step_asks_for_its_nodes_gpus_or_none() -> None:
-    assert "--gres=gpu:8" in srun_argv(1, 72, 8)
-    assert "--gres=none" in srun_argv(1, 72, 0)  # a step asking GPUs of a job without GRES is refused
-    assert not any(arg.startswith("--gres") for arg in srun_argv(1, 72, None))  # unknown, or shards: SLURM's
+    assert "--gres=gpu:8" in srun_argv(1, 72, NodeGres(8))
+    assert "--gres=none" in srun_argv(1, 72, NodeGres(0))  # a step asking GPUs of a job without GRES is refused
+    assert not any(arg.startswith("--gres") for arg in srun_argv(1, 72, SLURM_DEFAULT))  # unknown, or shards
+
+
+def test_a_nodes_other_gres_stay_in_its_steps_request() -> None:
+    """A step that names GRES gets those alone (the job's request is copied to a step that names none): the node's
+    other GRES, typed or count-only, go with its GPUs, and a node with only other GRES asks for those."""
+    assert node_gres("gpu:a100:2(IDX:0,2),nvme:1(IDX:0),nic:mlx:2(IDX:0-1)") == NodeGres(2, ("nvme:1", "nic:mlx:2"))
+    assert node_gres("gpu:2(IDX:0-1),bw(CNT:4)") == NodeGres(2, ("bw:4",))  # count-only beside device files
+    assert node_gres("nic(IDX:0,2)") == NodeGres(0, ("nic:2",))  # before 20.11: the indices only
+    assert node_gres("shard:2(IDX:0),nvme:1(IDX:0)") == SLURM_DEFAULT  # GPU shards: SLURM's default keeps them
+    assert "--gres=gpu:8,nvme:1" in srun_argv(1, 72, NodeGres(8, ("nvme:1",)))
+    assert "--gres=nvme:1" in srun_argv(1, 72, NodeGres(0, ("nvme:1",)))  # --gres=none would drop the nvme
+    # count-only GRES (no device files) are in no node's details: the job's per-node request names them
+    details = ("JobId=7 JOB_GRES=gpu:4 TresPerNode=gres:gpu:2,gres:bw:4G,gres:nvme:1 Nodes=pdn[1-2] CPU_IDs=0-1 "
+               "Mem=0 GRES=gpu:2(IDX:0-1),nvme:1(IDX:0)")
+    assert gres_by_node_list(details) == [("pdn[1-2]", NodeGres(2, ("nvme:1", "bw:4G")))]
+    assert gres_by_node_list(details.replace("gres:", "gres/")) == gres_by_node_list(details)  # 23.02+
 
 
 # srun: writes its argv and the GPU variables of its environment to FAKE_DIR/srun-K, then fails as a step whose
@@ -134,6 +159,19 @@ def test_steps_of_a_job_without_gpus_ask_for_none(fake_dir: Path, term_guard: No
     assert run_slurm(two_nodes(fake_dir / "logs")) == 1
     assert " --gres=none " in (fake_dir / "srun-0").read_text().splitlines()[0]
     assert "GPUs of each" not in capsys.readouterr().out
+
+
+def test_the_steps_keep_the_jobs_other_gres_beside_its_gpus(fake_dir: Path, term_guard: None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`sbatch -N2 --gres=gpu:2,nvme:1,bw:4G` (bw count-only): a step asking `--gres=gpu:2` alone would lose
+    the nvme and the bandwidth the job holds on its node."""
+    (fake_dir / "details").write_text(
+        "JobId=7 JOB_GRES=gpu:4,nvme:2 TresPerNode=gres:gpu:2,gres:nvme:1,gres:bw:4G Nodes=pdn1 CPU_IDs=0-1 Mem=0 "
+        "GRES=gpu:2(IDX:0-1),nvme:1(IDX:0) Nodes=pdn2 CPU_IDs=0-1 Mem=0 GRES=nvme:1(IDX:0)\n")
+    assert run_slurm(two_nodes(fake_dir / "logs")) == 1
+    steps = [(fake_dir / f"srun-{k}").read_text().splitlines()[0] for k in (0, 1)]
+    assert " --gres=gpu:2,nvme:1,bw:4G " in steps[0] and " --gres=nvme:1,bw:4G " in steps[1], steps
+    assert "(GPUs of each: 2, 0)" in capsys.readouterr().out
 
 
 def test_without_node_details_the_steps_take_slurms_default_and_the_launcher_says_so(

@@ -52,7 +52,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.launcher_config import DRAIN_TIMEOUT_S
 from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, gres_option, job_gpus_per_node, node_names
+from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, NodeGres, gres_option, job_gres_per_node, node_names
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, failure_lines, node_error, show_lines
 from pdlaunch.launcher.backends.slurm_steps import SlurmCallError, cancel_left_steps, step_name
 from pdlaunch.launcher.log_dir_lock import LogDirLock
@@ -111,24 +111,25 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
     return SlurmEnd("; ".join(parts), failure or bool(failed_nodes))
 
 
-def srun_argv(node: int, cpus: int | None, gpus: int | None = None) -> list[str]:
-    """Node `node`'s step, with every CPU, all memory and every GPU the job has there (`cpus`: a step gets one
-    CPU by default; `gpus`: slurm_gres.py, None where SLURM did not say) and no CPU binding: its launcher divides
-    them among its instances. --overlap lets the steps share the allocation with the batch step; --relative picks
-    the node. --export=ALL: the step needs this process's environment (the deployment, DEPLOYMENT_ENV; PATH and
-    the rest), and `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE, which srun would otherwise obey."""
+def srun_argv(node: int, cpus: int | None, gres: NodeGres | None = None) -> list[str]:
+    """Node `node`'s step, with every CPU, all memory and every GPU (and other GRES) the job has there (`cpus`: a
+    step gets one CPU by default; `gres`: slurm_gres.py, None where SLURM did not say) and no CPU binding: its
+    launcher divides them among its instances. --overlap lets the steps share the allocation with the batch step;
+    --relative picks the node. --export=ALL: the step needs this process's environment (the deployment,
+    DEPLOYMENT_ENV; PATH and the rest), and `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE, which srun would
+    otherwise obey."""
     return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", "--export=ALL",
             f"--job-name={step_name(node)}",
-            *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0", *gres_option(gpus),
+            *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0", *gres_option(gres),
             sys.executable, "-m", "pdlaunch.launcher.backends.slurm_node", "--node-rank", str(node)]
 
 
-def step_gpus(console: Console, job: str, nodes: int) -> list[int | None]:
-    """The GPUs the job has on each of its `nodes` nodes (slurm_gres.py), for each step to ask for; None for
-    each, with a warning, where SLURM does not say (the steps then take SLURM's default: the GPUs the job asked
-    for, none of those an exclusive job has implicitly)."""
+def step_gpus(console: Console, job: str, nodes: int) -> list[NodeGres]:
+    """The GRES the job has on each of its `nodes` nodes (slurm_gres.py), for each step to ask for; SLURM's
+    default for each, with a warning, where SLURM does not say (the steps then take SLURM's default: the GPUs the
+    job asked for, none of those an exclusive job has implicitly)."""
     try:
-        gpus = job_gpus_per_node(job, node_names())
+        gpus = job_gres_per_node(job, node_names())
         why = "it lists no GRES per node"
     except SlurmCallError as exc:
         gpus, why = None, str(exc)
@@ -138,7 +139,7 @@ def step_gpus(console: Console, job: str, nodes: int) -> list[int | None]:
                   f"{job}` ({escape(why)}): each srun step gets SLURM's default GPUs, which under `sbatch "
                   "--exclusive` alone are none; ask for them with sbatch/salloc --gres=gpu:N if a node's step "
                   "sees too few", highlight=False, soft_wrap=True)
-    return [None] * nodes
+    return [NodeGres(None)] * nodes
 
 
 def cpus_per_node(value: str | None, nodes: int) -> list[int | None]:
@@ -223,8 +224,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     lock = LogDirLock(log_dir)
     lock.acquire(url)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
-    gpu_text = (f" (GPUs of each: {', '.join('SLURM default' if n is None else str(n) for n in gpus)})"
-                if any(gpus) else "")
+    gpu_text = (f" (GPUs of each: {', '.join('SLURM default' if g.gpus is None else str(g.gpus) for g in gpus)})"
+                if any(g.gpus for g in gpus) else "")
     devices = NodeDevices(cfg, [step.log_path for step in steps])
     with StopSignals() as signals:
         signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)

@@ -1,4 +1,4 @@
-"""The GPUs each `--backend slurm` step asks SLURM for: every GPU the job has on the step's node.
+"""The GRES each `--backend slurm` step asks SLURM for: every GPU (and other GRES) the job has on the step's node.
 
 A step that asks no GRES gets "all of the generic resources that have been requested by the job, except those
 implicitly requested when a job is exclusive" (`man srun`, --gres; the same from 19.05 to 26.05), and srun reads
@@ -13,12 +13,17 @@ Each step therefore runs without those variables (GPU_REQUEST_ENV) and asks `--g
 has on its node, as `scontrol show job -d` lists them per node (`Nodes=gpu[1-2] ... GRES=gpu:8(IDX:0-7)`; exclusive
 jobs included), or `--gres=none` on a node where the job has none (a step asking GPUs of a job without GRES is
 refused). `--overlap` (SLURM >= 22.05: CPUs, memory and GRES) lets the steps share them with the batch step.
+A step that names any GRES gets those alone: slurmctld copies the job's GRES request to a step only when the step
+asks none (step_mgr.c, _copy_job_tres_to_step). So the step's --gres also names the job's other GRES on its node
+(`--gres=gpu:8,nvme:1` for `GRES=gpu:8(IDX:0-7),nvme:1(IDX:0)`), and those scontrol lists for no node (count-only
+GRES, without device files) as the job asked for them per node (`TresPerNode=gres:bw:4G`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from pdlaunch.launcher.backends.slurm_steps import slurm_call
 
@@ -31,64 +36,124 @@ GPU_REQUEST_ENV = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_SOCKET",
                    "SLURM_NTASKS_PER_GPU")
 
 _ITEMS = re.compile(r",(?![^(]*\))")  # the commas between GRES entries, not those in "(IDX:0-1,3)"
+SHARED_GPU_GRES = ("shard", "mps")  # GRES that are shares of GPUs
+
+
+@dataclass(frozen=True)
+class NodeGres:
+    """The GRES a job has on one node, for its step there to ask for: `gpus` (None: no gpu entry but GPU shards
+    or MPS, which the step leaves to SLURM's default) and the node's other GRES as `--gres` entries ("nvme:1",
+    "nic:mlx:1")."""
+
+    gpus: int | None
+    others: tuple[str, ...] = ()
+
+
+SLURM_DEFAULT = NodeGres(None)  # a step that asks no GRES: SLURM gives it what the job asked for
+
+
+def gres_entries(value: str) -> list[tuple[str, str]]:
+    """(name[:type], count) of each entry of one node's GRES in `scontrol show job -d`: "gpu:a100:2(IDX:0,2)",
+    "nvme:1(IDX:0)", "bw(CNT:4)" (no device files), "shard:2(gpu:0:1,...)" (23.11+), "gpu(IDX:0-1,3)" (before
+    20.11: the indices only), "" or "(null)": none. The count as SLURM printed it (TresPerNode's may be "4G")."""
+    found: list[tuple[str, str]] = []
+    for item in filter(None, _ITEMS.split("" if value == "(null)" else value)):
+        head, _, inner = item.partition("(")
+        inner = inner.rstrip(")")
+        name, _, count = head.rpartition(":")
+        if inner.startswith("CNT:"):
+            found.append((head, inner[4:]))
+        elif name and count[:1].isdigit():
+            found.append((name, count))
+        elif inner.startswith("IDX:"):
+            found.append((head, str(sum(int(b) - int(a) + 1 if b else 1 for a, _, b in
+                                        (part.partition("-") for part in inner[4:].split(",") if part[:1].isdigit())))))
+        else:
+            found.append((head, "1"))  # "name" alone: srun's count defaults to 1
+    return found
+
+
+def _base(name: str) -> str:
+    return name.partition(":")[0]
+
+
+def node_gres(value: str, job_only: tuple[str, ...] = ()) -> NodeGres:
+    """A node's GRES (gres_entries) as its step asks for them: the GPUs counted, the rest kept, for a step that
+    names GRES gets those alone (srun --gres replaces the job's whole GRES request for the step), with
+    `job_only`: the job's GRES that no node's details list (count-only GRES, without device files: scontrol
+    leaves them out), as `--gres` entries."""
+    gpus, others, shared = 0, [], False
+    for name, count in gres_entries(value):
+        if _base(name) == "gpu":
+            gpus += int(count)
+        elif count not in ("0", ""):
+            others.append(f"{name}:{count}")
+            shared = shared or _base(name) in SHARED_GPU_GRES
+    if shared and not gpus:
+        return SLURM_DEFAULT
+    return NodeGres(gpus, (*others, *job_only))
 
 
 def gres_gpus(value: str) -> int | None:
     """The GPUs in one node's GRES of `scontrol show job -d` ("gpu:2(IDX:0-1)", "gpu:a100:2(IDX:0,2),nic:1",
-    "gpu(IDX:0-1)" before 20.11, "" or "(null)": 0): the count, else the indices listed. None for GRES without a
-    gpu entry ("shard:2(...)", "mps:100"): those carry GPUs too, and the step keeps SLURM's default, all of them."""
-    count, others = 0, False
-    for item in filter(None, _ITEMS.split("" if value == "(null)" else value)):
-        name, _, indices = item.partition("(IDX:")
-        parts = name.split(":")
-        if parts[0] != "gpu":
-            others = True
-            continue
-        if len(parts) > 1 and parts[-1].isdigit():
-            count += int(parts[-1])
-        else:
-            count += sum(int(b) - int(a) + 1 if b else 1 for a, _, b in
-                         (part.partition("-") for part in indices.rstrip(")").split(",") if part[:1].isdigit()))
-    return None if others and not count else count
+    "gpu(IDX:0-1)" before 20.11, "" or "(null)": 0). None for GPU shards or MPS without a gpu entry ("shard:2(...)",
+    "mps:100"): those carry GPUs too, and the step keeps SLURM's default, all of them."""
+    return node_gres(value).gpus
 
 
 def gpus_by_node_list(details: str) -> list[tuple[str, int | None]]:
     """(host list, GPUs the job has on each of those nodes: gres_gpus) for each `Nodes=... GRES=...` of
     `scontrol show job -d --oneliner`; [] where it lists no node details."""
-    found: list[tuple[str, int | None]] = []
+    return [(nodes, gres.gpus) for nodes, gres in gres_by_node_list(details)]
+
+
+def gres_by_node_list(details: str) -> list[tuple[str, NodeGres]]:
+    """(host list, the GRES the job has on each of those nodes: node_gres) for each `Nodes=... GRES=...` of
+    `scontrol show job -d --oneliner`; [] where it lists no node details. The job's per-node request
+    (TresPerNode=gres:nvme:1, or gres/nvme:1 since 23.02) names the GRES the node details cannot: count-only
+    ones, which every node of the job has."""
+    listed: list[tuple[str, str]] = []
     nodes: str | None = None
+    per_node = ""
     for word in details.split():
         key, _, value = word.partition("=")
-        if key == "Nodes":
+        if key == "TresPerNode":
+            per_node = value
+        elif key == "Nodes":
             if nodes is not None:  # no GRES named for the previous nodes: none there
-                found.append((nodes, 0))
+                listed.append((nodes, ""))
             nodes = value
         elif key in ("GRES", "GRES_IDX") and nodes is not None:
-            found.append((nodes, gres_gpus(value)))
+            listed.append((nodes, value))
             nodes = None
     if nodes is not None:
-        found.append((nodes, 0))
-    return found
+        listed.append((nodes, ""))
+    seen = {_base(name) for _, value in listed for name, _ in gres_entries(value)}
+    requested = [re.sub(r"^gres[:/]", "", item) for item in per_node.split(",") if re.match(r"gres[:/]", item)]
+    job_only = tuple(f"{name}:{count}" for name, count in gres_entries(",".join(requested))
+                     if _base(name) not in seen and _base(name) != "gpu")
+    return [(nodes, node_gres(value, job_only)) for nodes, value in listed]
 
 
-def job_gpus_per_node(job: str, names: list[str]) -> list[int | None] | None:
-    """The GPUs job `job` has on each of its nodes `names` (SLURM's order; None for a node whose GPUs are shards
-    or MPS: gres_gpus), or None where `scontrol show job -d` does not say (no node details: the steps then take
-    SLURM's default). Raises SlurmCallError."""
-    by_name: dict[str, int | None] = {}
-    for host_list, gpus in gpus_by_node_list(slurm_call("scontrol", "show", "job", "-d", "--oneliner", job)):
+def job_gres_per_node(job: str, names: list[str]) -> list[NodeGres] | None:
+    """The GRES job `job` has on each of its nodes `names` (SLURM's order; node_gres), or None where `scontrol
+    show job -d` does not say (no node details: the steps then take SLURM's default). Raises SlurmCallError."""
+    by_name: dict[str, NodeGres] = {}
+    for host_list, gres in gres_by_node_list(slurm_call("scontrol", "show", "job", "-d", "--oneliner", job)):
         for name in slurm_call("scontrol", "show", "hostnames", host_list).split():
-            by_name[name] = gpus
+            by_name[name] = gres
     if not by_name or any(name not in by_name for name in names):
         return None
     return [by_name[name] for name in names]
 
 
-def gres_option(gpus: int | None) -> list[str]:
-    """The step's GRES request: its node's `gpus`, `--gres=none` for none, nothing when unknown (SLURM's default)."""
-    if gpus is None:
+def gres_option(gres: NodeGres | None) -> list[str]:
+    """The step's GRES request: its node's GPUs and other GRES, `--gres=none` for none, nothing for SLURM's
+    default (None: not known)."""
+    if gres is None or gres.gpus is None:
         return []
-    return [f"--gres=gpu:{gpus}" if gpus else "--gres=none"]
+    entries = [f"gpu:{gres.gpus}"] * bool(gres.gpus) + list(gres.others)
+    return [f"--gres={','.join(entries)}" if entries else "--gres=none"]
 
 
 def node_names() -> list[str]:
