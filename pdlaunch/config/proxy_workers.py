@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")  # this process's cgroup in each hierarchy
 CPUS_PER_WORKER = 8
 MAX_AUTO_WORKERS = 4
 MAX_WORKERS = 64
@@ -31,24 +32,51 @@ class AutoWorkers(NamedTuple):
         return f"{self.workers} worker{'s' if self.workers != 1 else ''} ({self.why})"
 
 
-def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPUs the cgroup's CPU quota allows (a Kubernetes CPU limit), None without one: cgroup v2's cpu.max
-    ("200000 100000": 2 CPUs; "max 100000": none), else cgroup v1's cpu.cfs_quota_us / cpu.cfs_period_us (-1:
-    none). A file that is absent or unreadable counts as no quota."""
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+    """The CPUs the CPU quota of this process's cgroup allows (a Kubernetes CPU limit), None without one: the
+    smallest quota of its cgroup and each cgroup above it (a parent's bounds its children), as `self_cgroup`
+    (/proc/self/cgroup) names it under `root` (the cgroup mount). cgroup v2 (`0::/PATH`): ROOT/PATH/cpu.max
+    ("200000 100000": 2 CPUs; "max 100000": none); cgroup v1 (`N:cpu,cpuacct:/PATH`):
+    ROOT/cpu,cpuacct/PATH/cpu.cfs_quota_us / cpu.cfs_period_us (-1: none), or ROOT/cpu/PATH. A cgroup not
+    mounted where /proc names it (a container without its own cgroup namespace sees its own cgroup at the mount
+    itself) is read at the mount; a file that is absent or unreadable counts as no quota, and an unreadable
+    `self_cgroup` as the root cgroup."""
     try:
-        fields = (root / "cpu.max").read_text().split()
-        if len(fields) == 2 and fields[0] != "max":
-            return _ratio(fields[0], fields[1])
-        if fields:
-            return None
-    except (OSError, ValueError):
-        pass
-    for v1 in (root / "cpu", root / "cpu,cpuacct"):
-        try:
-            return _ratio((v1 / "cpu.cfs_quota_us").read_text(), (v1 / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        lines = ["0::/"]
+    quotas: list[float] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if not path.startswith("/"):
             continue
-    return None
+        if controllers == "":
+            quotas += filter(None, (_v2_quota(cgroup) for cgroup in _up(root, path)))
+        elif "cpu" in controllers.split(","):
+            for mount in dict.fromkeys((root / controllers, root / "cpu,cpuacct", root / "cpu")):
+                quotas += filter(None, (_v1_quota(cgroup) for cgroup in _up(mount, path)))
+    return min(quotas, default=None)
+
+
+def _up(mount: Path, path: str) -> list[Path]:
+    """The cgroup `path` under `mount`, each cgroup above it, and the mount itself."""
+    parts = [part for part in path.split("/") if part]
+    return [mount.joinpath(*parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _v2_quota(cgroup: Path) -> float | None:
+    try:
+        fields = (cgroup / "cpu.max").read_text().split()
+        return _ratio(fields[0], fields[1]) if len(fields) == 2 and fields[0] != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(cgroup: Path) -> float | None:
+    try:
+        return _ratio((cgroup / "cpu.cfs_quota_us").read_text(), (cgroup / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _ratio(quota: str, period: str) -> float | None:
@@ -63,14 +91,14 @@ def usable_cpus(affinity: int, quota: float | None) -> int:
     return max(1, min(affinity, math.floor(quota)))
 
 
-def auto_workers(affinity: int | None = None, quota: float | None = None, root: Path | None = CGROUP_ROOT
-                 ) -> AutoWorkers:
+def auto_workers(affinity: int | None = None, quota: float | None = None, root: Path | None = CGROUP_ROOT,
+                 self_cgroup: Path = SELF_CGROUP) -> AutoWorkers:
     """What `auto` resolves to here: clamp(usable CPUs // 8, 1, 4). `affinity` defaults to this process's
-    os.sched_getaffinity; `quota` to the cgroup's under `root` (None root: no cgroup read)."""
+    os.sched_getaffinity; `quota` to its cgroup's (`self_cgroup`) under `root` (None root: no cgroup read)."""
     if affinity is None:
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if quota is None and root is not None:
-        quota = cgroup_cpu_quota(root)
+        quota = cgroup_cpu_quota(root, self_cgroup)
     usable = usable_cpus(affinity, quota)
     workers = min(MAX_AUTO_WORKERS, max(1, usable // CPUS_PER_WORKER))
     bound = f", CPU quota {quota:g} of {affinity} CPUs" if quota is not None and quota < affinity else ""

@@ -27,37 +27,79 @@ def test_auto_is_one_worker_per_8_usable_cpus_from_1_to_4(cpus: int, workers: in
     assert auto.why == f"auto: {cpus} usable CPU{'s' if cpus > 1 else ''}"
 
 
-def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
+V2_ROOT = "0::/\n"  # /proc/self/cgroup in a container with its own cgroup namespace (cgroup v2)
+V1_ROOT = "4:memory:/\n3:cpu,cpuacct:/\n2:cpuset:/\n"  # the same under cgroup v1
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str], self_cgroup: str = V2_ROOT) -> tuple[Path, Path]:
+    """A fake cgroup mount under tmp_path/sys (its `files`) and the process's /proc/self/cgroup (`self_cgroup`)."""
+    for name, text in {**{f"sys/{name}": text for name, text in files.items()}, "self_cgroup": self_cgroup}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    return tmp_path
+    return tmp_path / "sys", tmp_path / "self_cgroup"
 
 
 def test_a_cgroup_v2_cpu_limit_bounds_the_affinity(tmp_path: Path) -> None:
-    root = _cgroup(tmp_path, {"cpu.max": "200000 100000\n"})  # a Kubernetes limit of 2 CPUs on a 64-core node
-    assert cgroup_cpu_quota(root) == 2.0
-    auto = auto_workers(affinity=64, root=root)
+    root, own = _cgroup(tmp_path, {"cpu.max": "200000 100000\n"})  # a Kubernetes limit of 2 CPUs on 64 cores
+    assert cgroup_cpu_quota(root, own) == 2.0
+    auto = auto_workers(affinity=64, root=root, self_cgroup=own)
     assert (auto.workers, auto.usable_cpus) == (1, 2) and "CPU quota 2 of 64 CPUs" in auto.why, auto
     assert auto.line() == "1 worker (auto: 2 usable CPUs, CPU quota 2 of 64 CPUs)"
-    big = auto_workers(affinity=64, root=_cgroup(tmp_path / "b", {"cpu.max": "1650000 100000"}))  # 16.5 CPUs
+    big = auto_workers(affinity=64, root=_cgroup(tmp_path / "b", {"cpu.max": "1650000 100000"})[0],
+                       self_cgroup=own)  # 16.5 CPUs
     assert (big.workers, big.usable_cpus) == (2, 16)
 
 
 def test_no_quota_leaves_the_affinity(tmp_path: Path) -> None:
-    assert cgroup_cpu_quota(_cgroup(tmp_path / "max", {"cpu.max": "max 100000\n"})) is None
-    assert cgroup_cpu_quota(tmp_path / "none") is None  # no cgroup files at all
-    assert cgroup_cpu_quota(_cgroup(tmp_path / "v1none", {"cpu/cpu.cfs_quota_us": "-1\n",
-                                                           "cpu/cpu.cfs_period_us": "100000\n"})) is None
-    auto = auto_workers(affinity=32, root=tmp_path / "max")
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "max", {"cpu.max": "max 100000\n"})) is None
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "none", {})) is None  # no cgroup files at all
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v1none", {"cpu/cpu.cfs_quota_us": "-1\n",
+                                                            "cpu/cpu.cfs_period_us": "100000\n"}, V1_ROOT)) is None
+    auto = auto_workers(affinity=32, root=tmp_path / "max" / "sys", self_cgroup=tmp_path / "max" / "self_cgroup")
     assert (auto.workers, auto.line()) == (4, "4 workers (auto: 32 usable CPUs)")
     assert usable_cpus(8, 0.5) == 1  # half a CPU: still one
 
 
 def test_a_cgroup_v1_cfs_quota_bounds_the_affinity(tmp_path: Path) -> None:
-    root = _cgroup(tmp_path, {"cpu,cpuacct/cpu.cfs_quota_us": "1600000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000"})
-    assert cgroup_cpu_quota(root) == 16.0
-    assert auto_workers(affinity=96, root=root).workers == 2
+    root, own = _cgroup(tmp_path, {"cpu,cpuacct/cpu.cfs_quota_us": "1600000\n",
+                                   "cpu,cpuacct/cpu.cfs_period_us": "100000"}, V1_ROOT)
+    assert cgroup_cpu_quota(root, own) == 16.0
+    assert auto_workers(affinity=96, root=root, self_cgroup=own).workers == 2
+
+
+def test_the_quota_is_the_processs_own_cgroups_the_smallest_up_to_the_root(tmp_path: Path) -> None:
+    """A process in a nested cgroup (systemd slice, a pod without its own cgroup namespace): its cgroup is the one
+    /proc/self/cgroup names, and a parent's quota bounds it too. The mount's own cpu.max is not the process's."""
+    pod = "kubepods.slice/kubepods-pod1.slice/cri-abc.scope"
+    root, own = _cgroup(tmp_path, {"kubepods.slice/cpu.max": "6400000 100000\n",  # the node's pods: 64 CPUs
+                                   "kubepods.slice/kubepods-pod1.slice/cpu.max": "300000 100000\n",  # the pod: 3
+                                   f"{pod}/cpu.max": "max 100000\n"}, f"0::/{pod}\n")
+    assert cgroup_cpu_quota(root, own) == 3.0
+    auto = auto_workers(affinity=96, root=root, self_cgroup=own)
+    assert (auto.workers, auto.usable_cpus) == (1, 3) and "CPU quota 3 of 96 CPUs" in auto.why, auto
+    v1_root, v1_own = _cgroup(tmp_path / "v1", {"cpu/docker/cpu.cfs_quota_us": "800000", "cpu/docker/cpu.cfs_period_us":
+                                                "100000", "cpu/docker/c1/cpu.cfs_quota_us": "2400000",
+                                                "cpu/docker/c1/cpu.cfs_period_us": "100000"}, "2:cpu:/docker/c1\n")
+    assert cgroup_cpu_quota(v1_root, v1_own) == 8.0  # the parent's 8 CPUs bound the container's 24
+    assert auto_workers(affinity=64, root=v1_root, self_cgroup=v1_own).workers == 1
+
+
+def test_a_v1_container_sees_its_own_cgroup_at_the_mount(tmp_path: Path) -> None:
+    """Docker without a cgroup namespace: /proc/self/cgroup names the host's path, but the container's cpu mount
+    holds its own cgroup's files at its top."""
+    root, own = _cgroup(tmp_path, {"cpu,cpuacct/cpu.cfs_quota_us": "400000", "cpu,cpuacct/cpu.cfs_period_us":
+                                   "100000"}, "5:cpu,cpuacct:/docker/0123abcd\n")
+    assert cgroup_cpu_quota(root, own) == 4.0
+
+
+def test_unreadable_cgroup_files_fall_back_to_the_affinity(tmp_path: Path) -> None:
+    root, own = _cgroup(tmp_path, {"a/cpu.max": "garbage\n", "a/b/cpu.max": "100000\n"}, "0::/a/b\n")
+    assert cgroup_cpu_quota(root, own) is None
+    assert cgroup_cpu_quota(root, tmp_path / "no-proc") is None  # no /proc/self/cgroup: the mount's own files
+    (root / "a" / "b" / "cpu.max").unlink()
+    (root / "a" / "b" / "cpu.max").mkdir()  # a directory where the file should be: unreadable
+    assert auto_workers(affinity=16, root=root, self_cgroup=own).line() == "2 workers (auto: 16 usable CPUs)"
+    assert cgroup_cpu_quota(root, own) is None
 
 
 def test_the_config_takes_auto_by_default_or_a_count() -> None:
