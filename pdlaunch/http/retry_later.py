@@ -14,9 +14,10 @@ Which 503s do, and why these values:
 - an instance's 503 that the proxy passes on keeps the instance's `Retry-After` (`retry_after_of`).
 - the proxy's `shutting_down` for a request its drain at shutdown cut (proxy/shutdown_answer.py): 1 s. The retry
   goes to a running server: another replica behind the load balancer, or this one once restarted.
+- an instance's `shutting_down` for a request its engine's stop cut (server/engine_thread.py): 1 s, as the proxy's.
+  The engine stops once the instance's drain has run out; the proxy sends the retry to another instance.
 
-Not the ones a wait does not end: an instance's `shutting_down` (the server is stopping: retry on a running one),
-`sleeping` (until someone POSTs /wake_up), `not_ready` (loading, failed or stopped: the proxy routes nothing to such an
+Not the ones a wait does not end: `sleeping` (until someone POSTs /wake_up), `not_ready` (loading, failed or stopped: the proxy routes nothing to such an
 instance), nor the engine call past its timeout (an operator's /sleep, /wake_up, ...).
 """
 

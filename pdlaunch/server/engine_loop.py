@@ -23,7 +23,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add
-from pdlaunch.server.engine_thread import EngineThread
+from pdlaunch.server.engine_thread import EngineThread, shutting_down
 from pdlaunch.server.request_stream import RequestStream
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
@@ -127,7 +127,7 @@ class EngineLoop(EngineThread):
             with self._lock:
                 self._streams.pop(request_id, None)
                 self._adds.discard(add)
-            raise OpenAIError(503, "the server is stopping", code="shutting_down") from None
+            raise shutting_down("the server is stopping") from None
         add.matcher.add_done_callback(lambda _: self._commands.put(add))  # queued once its grammar is built
         return stream
 

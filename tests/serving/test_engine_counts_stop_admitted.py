@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.retry_later import RetryLater
 from pdlaunch.server.request_stream import Accepted, StreamItem
 from tests.serving.helpers import wait_for
 from tests.serving.test_engine_counts import HOLD, TIMEOUT, ScriptedEngine, _started, counts, delta
@@ -74,7 +75,7 @@ def test_a_stop_answers_admitted_outputs_and_aborts_the_rest_once() -> None:
     assert loop.state == "stopped" and engine.shut_down
     assert isinstance(ended[0], Accepted) and isinstance(ended[-1], RequestOutput)
     assert ended[-1].finish_reason == "length", ended
-    assert [type(i) for i in opened[1:]] == [RequestOutput, RequestOutput, OpenAIError], opened
+    assert [type(i) for i in opened[1:]] == [RequestOutput, RequestOutput, RetryLater], opened  # with Retry-After
     assert isinstance(opened[-1], OpenAIError) and opened[-1].code == "shutting_down"
     assert delta(before) == {"prompt": 2 + 2, "generation": 2 + 2, "length": 1, "abort": 0, "error": 0}
     assert loop.num_aborted == 1 and not loop.counts.running
