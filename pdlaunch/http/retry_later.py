@@ -17,8 +17,9 @@ Which 503s do, and why these values:
 - an instance's `shutting_down` for a request its engine's stop cut (server/engine_thread.py): 1 s, as the proxy's.
   The engine stops once the instance's drain has run out; the proxy sends the retry to another instance.
 
-Not the ones a wait does not end: `sleeping` (until someone POSTs /wake_up), `not_ready` (loading, failed or stopped: the proxy routes nothing to such an
-instance), nor the engine call past its timeout (an operator's /sleep, /wake_up, ...).
+Not the ones a wait does not end: `sleeping` (until someone POSTs /wake_up), `not_ready` (loading, failed or
+stopped: the proxy routes nothing to such an instance), nor the engine call past its timeout (an operator's /sleep,
+/wake_up, ...).
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ from tests.helpers.ports import free_ports
 NODES = {"pdn1": "127.0.0.1", "pdn2": "127.0.0.2"}
 START_TIMEOUT_S = 90.0
 FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")  # gres.conf File= of the fake GPUs
+# other GRES (other_gres): gres.conf lines; an nvme with a device file, and bw, count-only (no file: `bw(CNT:N)` in
+# scontrol's node details)
+OTHER_GRES = {"nvme": "Name=nvme File=/dev/random\n", "bw": "Name=bw Count=8 Flags=CountOnly\n"}
+NODE_GRES = {"gpu": "gpu:{gpus}", "nvme": "nvme:1", "bw": "bw:8"}  # slurm.conf Gres= of each node
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "srun")
 
 
@@ -31,11 +35,13 @@ class SlurmUnavailable(Exception):
 
 class SlurmCluster:
     """`gpus_per_node`: each node's GRES of fake GPUs (gres.conf, AutoDetect=off: devices that exist and are no
-    GPU, as `man gres.conf` allows), so jobs get GPU IDs and steps SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES."""
+    GPU, as `man gres.conf` allows), so jobs get GPU IDs and steps SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES.
+    `other_gres`: each node also has OTHER_GRES, a GRES with a device file and a count-only one."""
 
-    def __init__(self, root: Path, gpus_per_node: int = 0) -> None:
+    def __init__(self, root: Path, gpus_per_node: int = 0, other_gres: bool = False) -> None:
         self.root = root
         self.gpus_per_node = gpus_per_node
+        self.other_gres = other_gres
         self.conf = root / "etc" / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pid_files: list[Path] = []
@@ -57,13 +63,15 @@ class SlurmCluster:
                       f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'run' / 'munged.pid'}",
                       f"--seed-file={r / 'state' / 'munged.seed'}"], r / "run" / "munged.pid")
         ctld_port, *node_ports = free_ports(1 + len(NODES))
-        gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
+        names = ["gpu"] * bool(self.gpus_per_node) + list(OTHER_GRES) * self.other_gres
+        gres = f" Gres={','.join(NODE_GRES[name].format(gpus=self.gpus_per_node) for name in names)}" if names else ""
         nodes = "\n".join(f"NodeName={name} NodeAddr={addr} NodeHostname={name} Port={port} CPUs=2{gres} State=UNKNOWN"
                           for (name, addr), port in zip(NODES.items(), node_ports))
-        if self.gpus_per_node:
+        if names:
             files = FAKE_GPU_FILES[:self.gpus_per_node]
             (self.root / "etc" / "gres.conf").write_text("AutoDetect=off\n" + "".join(f"Name=gpu File={f}\n"
-                                                                                     for f in files))
+                                                                                     for f in files)
+                                                         + "".join(OTHER_GRES.values()) * self.other_gres)
         self.conf.write_text(f"""\
 ClusterName=pdtest{ctld_port}
 SlurmctldHost=localhost(127.0.0.1)
@@ -74,7 +82,7 @@ AuthType=auth/munge
 CryptoType=crypto/munge
 AuthInfo=socket={socket_path}
 MpiDefault=none
-{"GresTypes=gpu" if self.gpus_per_node else ""}
+{f"GresTypes={','.join(names)}" if names else ""}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -143,7 +151,7 @@ PartitionName=pd Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP O
             signal_pid(pid, signal.SIGKILL)
 
 
-def running_slurm(root: Path, gpus_per_node: int = 0) -> Iterator[SlurmCluster]:
+def running_slurm(root: Path, gpus_per_node: int = 0, other_gres: bool = False) -> Iterator[SlurmCluster]:
     """A module fixture's body: a started cluster under `root` (the test skipped, saying why, where SLURM
     cannot run here), stopped after the last test."""
-    return running(SlurmCluster(root, gpus_per_node), SlurmUnavailable, "a SLURM cluster")
+    return running(SlurmCluster(root, gpus_per_node, other_gres), SlurmUnavailable, "a SLURM cluster")

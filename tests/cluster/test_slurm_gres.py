@@ -79,14 +79,15 @@ def test_a_nodes_other_gres_stay_in_its_steps_request() -> None:
     """A step that names GRES gets those alone (the job's request is copied to a step that names none): the node's
     other GRES, typed or count-only, go with its GPUs, and a node with only other GRES asks for those."""
     assert node_gres("gpu:a100:2(IDX:0,2),nvme:1(IDX:0),nic:mlx:2(IDX:0-1)") == NodeGres(2, ("nvme:1", "nic:mlx:2"))
-    assert node_gres("gpu:2(IDX:0-1),bw(CNT:4)") == NodeGres(2, ("bw:4",))  # count-only beside device files
+    assert node_gres("gpu:2(IDX:0-1),nvme:1(IDX:0),bw(CNT:4)") == NodeGres(2, ("nvme:1", "bw:4"))  # bw: count-only
+    # (22.05, the fake cluster of the e2e test below)
     assert node_gres("nic(IDX:0,2)") == NodeGres(0, ("nic:2",))  # before 20.11: the indices only
     assert node_gres("shard:2(IDX:0),nvme:1(IDX:0)") == SLURM_DEFAULT  # GPU shards: SLURM's default keeps them
     assert "--gres=gpu:8,nvme:1" in srun_argv(1, 72, NodeGres(8, ("nvme:1",)))
     assert "--gres=nvme:1" in srun_argv(1, 72, NodeGres(0, ("nvme:1",)))  # --gres=none would drop the nvme
-    # count-only GRES (no device files) are in no node's details: the job's per-node request names them
-    details = ("JobId=7 JOB_GRES=gpu:4 TresPerNode=gres:gpu:2,gres:bw:4G,gres:nvme:1 Nodes=pdn[1-2] CPU_IDs=0-1 "
-               "Mem=0 GRES=gpu:2(IDX:0-1),nvme:1(IDX:0)")
+    # a GRES the job asked for per node that no node's details list: its per-node request names it
+    details = ("JobId=7 JOB_GRES=gpu:4 TresPerNode=gres:gpu:2,gres:bw:4G,gres:nvme:1,gres:scratch:0 Nodes=pdn[1-2] "
+               "CPU_IDs=0-1 Mem=0 GRES=gpu:2(IDX:0-1),nvme:1(IDX:0)")
     assert gres_by_node_list(details) == [("pdn[1-2]", NodeGres(2, ("nvme:1", "bw:4G")))]
     assert gres_by_node_list(details.replace("gres:", "gres/")) == gres_by_node_list(details)  # 23.02+
 
@@ -163,8 +164,8 @@ def test_steps_of_a_job_without_gpus_ask_for_none(fake_dir: Path, term_guard: No
 
 def test_the_steps_keep_the_jobs_other_gres_beside_its_gpus(fake_dir: Path, term_guard: None,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """`sbatch -N2 --gres=gpu:2,nvme:1,bw:4G` (bw count-only): a step asking `--gres=gpu:2` alone would lose
-    the nvme and the bandwidth the job holds on its node."""
+    """`sbatch -N2 --gres=gpu:2,nvme:1,bw:4G`, bw not in the node details: a step asking `--gres=gpu:2` alone would
+    lose the nvme and the bandwidth the job holds on its node."""
     (fake_dir / "details").write_text(
         "JobId=7 JOB_GRES=gpu:4,nvme:2 TresPerNode=gres:gpu:2,gres:nvme:1,gres:bw:4G Nodes=pdn1 CPU_IDs=0-1 Mem=0 "
         "GRES=gpu:2(IDX:0-1),nvme:1(IDX:0) Nodes=pdn2 CPU_IDs=0-1 Mem=0 GRES=nvme:1(IDX:0)\n")
@@ -251,3 +252,39 @@ def test_each_step_gets_its_nodes_gpus_from_slurm(gpu_slurm: SlurmCluster, tmp_p
                     r"srun step sees 0 \(SLURM_GPUS_ON_NODE=2, CUDA_VISIBLE_DEVICES=0,1\); SLURM gave the step 2 GPU",
                     errors[0]), text
     assert "stopped: every srun step ended" in text and "Traceback" not in text, text
+
+
+# Under salloc: each node's step as the launcher builds it (step_gpus, srun_argv), running `scontrol show step` on
+# itself in place of the node's launcher: what SLURM gave the step.
+SHOW_STEPS = """
+import os, subprocess, sys
+from rich.console import Console
+from pdlaunch.launcher.backends.slurm import srun_argv, step_gpus
+gres = step_gpus(Console(), os.environ["SLURM_JOB_ID"], 2)
+for k, node in enumerate(gres):
+    argv = srun_argv(k, None, node)
+    argv = argv[:argv.index("-m") - 1] + ["bash", "-c", "scontrol show step $SLURM_JOB_ID.$SLURM_STEP_ID --oneliner"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    print(f"step {k} ({done.returncode}): {done.stdout.strip()} {done.stderr.strip()}")
+"""
+
+
+@pytest.fixture(scope="module")
+def gres_slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    yield from running_slurm(tmp_path_factory.mktemp("slurm-other-gres"), gpus_per_node=2, other_gres=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("allocation", "bw"), [(["--gres=gpu:2,nvme:1,bw:4"], 4), (["--exclusive"], 8)])
+def test_each_step_keeps_the_jobs_other_gres_on_its_node(gres_slurm: SlurmCluster, allocation: list[str],
+                                                         bw: int) -> None:
+    """Nodes with two fake GPUs, an nvme (a device file) and 8 of bw (count-only): each step the launcher builds asks
+    SLURM for the GPUs and the other GRES the job has on its node, and SLURM gives it them all."""
+    env = {**gres_slurm.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["salloc", "--nodes=2", *allocation, sys.executable, "-c", SHOW_STEPS], env=env,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    for k in (0, 1):
+        assert re.search(rf"step {k} \(0\): StepId=\d+\.\d+ .*TresPerNode=gres:gpu:2,gres:nvme:1,gres:bw:{bw}\b",
+                         text), text

@@ -15,8 +15,9 @@ jobs included), or `--gres=none` on a node where the job has none (a step asking
 refused). `--overlap` (SLURM >= 22.05: CPUs, memory and GRES) lets the steps share them with the batch step.
 A step that names any GRES gets those alone: slurmctld copies the job's GRES request to a step only when the step
 asks none (step_mgr.c, _copy_job_tres_to_step). So the step's --gres also names the job's other GRES on its node
-(`--gres=gpu:8,nvme:1` for `GRES=gpu:8(IDX:0-7),nvme:1(IDX:0)`), and those scontrol lists for no node (count-only
-GRES, without device files) as the job asked for them per node (`TresPerNode=gres:bw:4G`).
+(`--gres=gpu:8,nvme:1` for `GRES=gpu:8(IDX:0-7),nvme:1(IDX:0)`; a count-only GRES, without device files, reads
+`bw(CNT:4)` there), and any the job asked for per node that no node's details list, as it asked for them
+(`TresPerNode=gres:bw:4G`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ def _base(name: str) -> str:
 def node_gres(value: str, job_only: tuple[str, ...] = ()) -> NodeGres:
     """A node's GRES (gres_entries) as its step asks for them: the GPUs counted, the rest kept, for a step that
     names GRES gets those alone (srun --gres replaces the job's whole GRES request for the step), with
-    `job_only`: the job's GRES that no node's details list (count-only GRES, without device files: scontrol
-    leaves them out), as `--gres` entries."""
+    `job_only`: the job's GRES that no node's details list, as `--gres` entries."""
     gpus, others, shared = 0, [], False
     for name, count in gres_entries(value):
         if _base(name) == "gpu":
@@ -110,8 +110,8 @@ def gpus_by_node_list(details: str) -> list[tuple[str, int | None]]:
 def gres_by_node_list(details: str) -> list[tuple[str, NodeGres]]:
     """(host list, the GRES the job has on each of those nodes: node_gres) for each `Nodes=... GRES=...` of
     `scontrol show job -d --oneliner`; [] where it lists no node details. The job's per-node request
-    (TresPerNode=gres:nvme:1, or gres/nvme:1 since 23.02) names the GRES the node details cannot: count-only
-    ones, which every node of the job has."""
+    (TresPerNode=gres:nvme:1, or gres/nvme:1 since 23.02) names any GRES the node details leave out, which
+    every node of the job has."""
     listed: list[tuple[str, str]] = []
     nodes: str | None = None
     per_node = ""
@@ -131,7 +131,7 @@ def gres_by_node_list(details: str) -> list[tuple[str, NodeGres]]:
     seen = {_base(name) for _, value in listed for name, _ in gres_entries(value)}
     requested = [re.sub(r"^gres[:/]", "", item) for item in per_node.split(",") if re.match(r"gres[:/]", item)]
     job_only = tuple(f"{name}:{count}" for name, count in gres_entries(",".join(requested))
-                     if _base(name) not in seen and _base(name) != "gpu")
+                     if _base(name) not in seen and _base(name) != "gpu" and count != "0")
     return [(nodes, node_gres(value, job_only)) for nodes, value in listed]
 
 
