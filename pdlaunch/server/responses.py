@@ -207,7 +207,9 @@ class ResponseBuilder:
         token_logprobs: list[JsonValue] = [lp.logprob for lp in items]
         top: list[JsonValue] = []
         for tok, lp in zip(tokens, items, strict=True):
-            alternatives: JsonObject = {self.detokenize(t): v for t, v in lp.top.items()}
+            alternatives: JsonObject = {}
+            for t, v in lp.top.items():  # most likely first: of two sharing a text, the key keeps the likelier's
+                alternatives.setdefault(self.detokenize(t), v)
             alternatives[tok] = lp.logprob  # the chosen token's own, should another token share its text
             top.append(alternatives)
         if first_has_none and items:
