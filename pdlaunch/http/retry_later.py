@@ -12,8 +12,9 @@ Which 503s do, and why these values:
 - the proxy refused by an instance it picked (`instance_unreachable`, proxy/translate.py): 1 s. The proxy marked it
   down, so the retry goes to another ready instance or gets `no_instance`, which carries its own wait.
 - an instance's 503 that the proxy passes on keeps the instance's `Retry-After` (`retry_after_of`).
-- the proxy's `shutting_down` for a request its drain at shutdown cut (proxy/shutdown_answer.py): 1 s. The retry
-  goes to a running server: another replica behind the load balancer, or this one once restarted.
+- `shutting_down` for a request the drain at shutdown cut, the proxy's and an instance's (http/shutdown_answer.py):
+  1 s. The retry goes to a running server: another replica behind the load balancer, another instance of the role
+  (through the proxy), or this one once restarted.
 - an instance's `shutting_down` for a request its engine's stop cut (server/engine_thread.py): 1 s, as the proxy's.
   The engine stops once the instance's drain has run out; the proxy sends the retry to another instance.
 

@@ -19,14 +19,11 @@ the internal token derived from it; see pdlaunch/http/auth.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
 import stat
 import sys
-from collections.abc import Callable
-from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -36,6 +33,7 @@ from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.proxy_workers import MAX_WORKERS, auto_workers
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.errors import ArgumentParser, PdlaunchError
+from pdlaunch.http.draining_server import DrainingServer
 from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
@@ -65,25 +63,6 @@ def quiet_http_client_logs() -> None:
     buried in them. Their warnings still show."""
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server that also tells the app when a shutdown signal arrives (uvicorn itself says so
-    only once every connection closed), so that open streams can end with an event of their own."""
-
-    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_shutdown = on_shutdown
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._on_shutdown)
-        super().handle_exit(sig, frame)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

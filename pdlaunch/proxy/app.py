@@ -19,6 +19,7 @@ from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.first_byte import FirstByteTimer
 from pdlaunch.http.limits import BodyLimit
+from pdlaunch.http.shutdown_answer import ShutdownAnswer
 from pdlaunch.proxy import completions, routes
 from pdlaunch.proxy.disaggregate import Disaggregation, PromptTokens
 from pdlaunch.proxy.held_writes import held_writes_transport
@@ -28,7 +29,6 @@ from pdlaunch.proxy.metrics import CountRequests, RouteLabel
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs
 from pdlaunch.proxy.prefix import PrefixRouter
-from pdlaunch.proxy.shutdown_answer import ShutdownAnswer
 from pdlaunch.proxy.state import ProxyState
 from pdlaunch.proxy.upstream import Proxy
 

@@ -22,7 +22,9 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, in
 from pdlaunch.config.flag_terms import flag_names_from_env, name_error
 from pdlaunch.config.gil_switch import gil_switch_seconds
 from pdlaunch.errors import ArgumentParser, PdlaunchError, argument_type
+from pdlaunch.http.draining_server import DrainingServer
 from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
+from pdlaunch.http.shutdown_answer import stop_before_deadline
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
     engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal,
                              pending_limit_source=pending_limit_source(config))
     app = build_app(engine_loop, config, spec)
-    server = uvicorn.Server(server_config(app, spec.host, spec.port))
+    # What still runs shortly before the drain's end is answered 503 shutting_down (http/shutdown_answer.py).
+    server = DrainingServer(server_config(app, spec.host, spec.port),
+                            on_shutdown=lambda: stop_before_deadline(app.state.stopping, GRACEFUL_SHUTDOWN_S))
     if on_server is not None:
         on_server(server)
     if args.parent_pid is not None:

@@ -18,6 +18,7 @@ from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.first_byte import FirstByteTimer
 from pdlaunch.http.limits import BodyLimit
+from pdlaunch.http.shutdown_answer import ShutdownAnswer
 from pdlaunch.metrics.instance import TIME_TO_FIRST_BYTE
 from pdlaunch.metrics.vllm_series import set_model_name
 from pdlaunch.server import completions, internal, kv_events, sleep, status, tokenize
@@ -28,7 +29,9 @@ ROUTE_MODULES = (status, completions, tokenize, sleep, internal, kv_events)
 
 
 def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceSpec) -> FastAPI:
-    """The FastAPI app of one instance. The lifespan starts and stops the engine thread."""
+    """The FastAPI app of one instance. The lifespan starts and stops the engine thread. Setting
+    `app.state.stopping` (server/__main__.py: shortly before the drain at shutdown runs out) answers what is still
+    running 503 shutting_down, a stream its error event (http/shutdown_answer.py)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +43,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     app = FastAPI(title=f"pdlaunch {spec.name}", lifespan=lifespan)
     install_error_handlers(app)
+    app.state.stopping = stopping = asyncio.Event()
     security = config.security  # the last middleware added runs first: no body is read before auth
+    app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True)
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
     app.add_middleware(FirstByteTimer, histogram=TIME_TO_FIRST_BYTE)

@@ -1,0 +1,104 @@
+"""The answer of a request the drain at shutdown cuts (the proxy's and an instance's alike): a 503 JSON error with
+code shutting_down and Retry-After, rather than uvicorn's bare `500 Internal Server Error` and a traceback in the log
+when its graceful-shutdown deadline cancels the request's task.
+
+When the app's `stopping` event is set (the drain less a margin: http/draining_server.py tells the app when shutdown
+began), every request whose response has not started is cancelled in its own task and answered so. A stream already
+under way ends with a shutting_down error event and [DONE] where `cut_streams` (an instance: its streams know nothing
+of the shutdown); the proxy's end with their own (proxy/upstream.py). A request that arrives after that is answered
+the 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdlaunch.http.asgi import HTTPMiddleware
+from pdlaunch.http.errors import error_body
+from pdlaunch.http.retry_later import RetryLater
+from pdlaunch.http.sse import DONE, sse_event
+
+# The client's retry goes to a running server (another replica behind the load balancer, another instance of the
+# role, or this one restarted): the drain has run out, so no wait here would help.
+SHUTTING_DOWN_RETRY_AFTER_S = 1
+# Requests are cut this long before the server's graceful-shutdown deadline, so their answers are sent before
+# uvicorn cancels what is left.
+SHUTDOWN_MARGIN_S = 1.0
+SSE = b"text/event-stream"
+
+
+def shutting_down() -> RetryLater:
+    return RetryLater("the server is shutting down: this request ended before it finished; retry on a running "
+                      "server", code="shutting_down", retry_after_s=SHUTTING_DOWN_RETRY_AFTER_S)
+
+
+def stop_before_deadline(stopping: asyncio.Event, drain_s: float) -> None:
+    """Shutdown began, with `drain_s` seconds of graceful drain: set `stopping` SHUTDOWN_MARGIN_S before its end."""
+    asyncio.get_running_loop().call_later(max(0.0, drain_s - SHUTDOWN_MARGIN_S), stopping.set)
+
+
+class ShutdownAnswer(HTTPMiddleware):
+    """Answers the requests still running when `stopping` is set (module doc)."""
+
+    def __init__(self, app: ASGIApp, stopping: asyncio.Event, cut_streams: bool = False) -> None:
+        super().__init__(app)
+        self.stopping = stopping
+        self.cut_streams = cut_streams
+        self._running: set[asyncio.Task[object]] = set()  # requests whose response has not started, or SSE streams
+        self._cut: set[asyncio.Task[object]] = set()  # those cancelled here: their CancelledError is ours
+        self._watch: asyncio.Task[Literal[True]] | None = None
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if self.stopping.is_set() or task is None:
+            if task is None:  # not run by asyncio: nothing to cancel
+                await self.app(scope, receive, send)
+            else:
+                await shutting_down().response()(scope, receive, send)
+            return
+        if self._watch is None:  # one watch per process, on the serving loop
+            watch = self._watch = asyncio.ensure_future(self.stopping.wait())
+            watch.add_done_callback(self._cut_running)
+        started = stream = ended = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started, stream, ended
+            if message["type"] == "http.response.start":
+                started = True
+                stream = self.cut_streams and dict(message.get("headers", [])).get(b"content-type", b"") \
+                    .startswith(SSE)
+                if not stream:
+                    self._running.discard(task)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+                self._running.discard(task)
+            await send(message)
+
+        cancelling = task.cancelling()
+        self._running.add(task)
+        try:
+            await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            # Ours alone (not the client gone or uvicorn's own deadline), and the answer not yet ended: say why.
+            if task not in self._cut or task.uncancel() > cancelling or ended or (started and not stream):
+                raise
+            if not started:
+                await shutting_down().response()(scope, receive, send)
+            else:
+                body = error_body(503, "the server is shutting down: this stream ended before it finished; retry "
+                                       "on a running server", code="shutting_down")
+                await send({"type": "http.response.body", "body": sse_event(body) + DONE, "more_body": False})
+        finally:
+            self._running.discard(task)
+            self._cut.discard(task)
+
+    def _cut_running(self, watch: asyncio.Task[Literal[True]]) -> None:
+        if watch.cancelled():
+            return
+        for task in self._running:
+            self._cut.add(task)
+            task.cancel(msg="the drain at shutdown ended before this request's answer did")
+        self._running.clear()

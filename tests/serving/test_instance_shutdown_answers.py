@@ -1,0 +1,113 @@
+"""What a client whose request is still running gets when an instance's drain at shutdown runs out: a non-streaming
+request a 503 JSON error with code shutting_down and `Retry-After: 1`, a stream a shutting_down error event then
+[DONE] (it was a bare `500 Internal Server Error` text, a cut stream, and a traceback in the instance's log: uvicorn
+cancelled the request's task at its graceful-shutdown deadline). Through `python -m pdlaunch.server` as the
+launcher starts it (the tiny model on CPU, about 30 tokens a second here: a 1500-token request outlasts the drain),
+SIGTERM as the launcher sends it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.server.__main__ import GRACEFUL_SHUTDOWN_S
+from tests.serving.helpers import wait_for
+
+START_TIMEOUT_S = 180.0  # the tiny model on CPU, on a loaded 2-core machine
+TIMEOUT_S = 120.0
+LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CPU: still running at the drain's end
+
+
+@contextmanager
+def instance(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """One colocated instance process of the tiny model: (its URL, the process, its log) once /health answers."""
+    deployment = tmp_path / "deployment.json"
+    deployment.write_text(DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8},
+    }).model_dump_json())
+    port = PortAllocator("127.0.0.1").free("the test instance")
+    spec = {"role": "colocated", "port": port, "engine_id": "shutdown-answers"}
+    log = tmp_path / "instance.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment),
+                                 "--instance", json.dumps(spec), "--parent-pid", str(os.getpid())],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the instance exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+        try:
+            return httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, "the instance to serve the tiny model", START_TIMEOUT_S, poll=0.2)
+        yield url, proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _running(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10, trust_env=False).text.splitlines():
+        if line.startswith("pdlaunch_requests_running"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback(tmp_path: Path) -> None:
+    events: list[str] = []
+    streaming = threading.Event()
+    with instance(tmp_path) as (url, proc, log):
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
+                              json={"prompt": "stream a while", "stream": True, **LONG}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        streaming.set()
+
+        def whole() -> httpx.Response:
+            return httpx.post(f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
+                              json={"prompt": "answer at length", **LONG})
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(whole)
+            assert streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
+            wait_for(lambda: _running(url) >= 2, "the stream and the request to run", TIMEOUT_S, poll=0.2)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            r = answer.result(TIMEOUT_S)
+        waited = time.monotonic() - sent
+        reader.join(TIMEOUT_S)
+        # uvicorn re-raises the SIGTERM it caught once it has shut down
+        assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    text = log.read_text(errors="replace")
+    assert r.status_code == 503, (r.status_code, r.text[:300], text[-3000:])
+    assert r.json()["error"]["code"] == "shutting_down" and "shutting down" in r.json()["error"]["message"], r.text
+    assert r.headers["retry-after"] == "1", r.headers
+    assert waited < GRACEFUL_SHUTDOWN_S + 5, waited  # answered at the drain's end
+    assert not reader.is_alive() and events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
+    for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
+        assert bad not in text, text[-3000:]
