@@ -3,10 +3,11 @@ code shutting_down and Retry-After, rather than uvicorn's bare `500 Internal Ser
 when its graceful-shutdown deadline cancels the request's task.
 
 When the app's `stopping` event is set (the drain less a margin: http/draining_server.py tells the app when shutdown
-began), every request whose response has not started is cancelled in its own task and answered so. A stream already
-under way ends with a shutting_down error event and [DONE] where `cut_streams` (an instance: its streams know nothing
-of the shutdown); the proxy's end with their own (proxy/upstream.py). A request that arrives after that is answered
-the 503 at once.
+began), every request whose response has not started is cancelled in its own task and answered so. Where
+`cut_streams` (an instance: its streams know nothing of the shutdown), a streamed body already under way (one without
+Content-Length) is cut too and ends whole: an SSE stream with a shutting_down error event and [DONE], another (the
+NDJSON KV events) after its last whole line; the proxy's streams end with their own event (proxy/upstream.py). A
+request that arrives after that is answered the 503 at once.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ShutdownAnswer(HTTPMiddleware):
         super().__init__(app)
         self.stopping = stopping
         self.cut_streams = cut_streams
-        self._running: set[asyncio.Task[object]] = set()  # requests whose response has not started, or SSE streams
+        self._running: set[asyncio.Task[object]] = set()  # requests whose response has not started, or streams
         self._cut: set[asyncio.Task[object]] = set()  # those cancelled here: their CancelledError is ours
         self._watch: asyncio.Task[Literal[True]] | None = None
 
@@ -62,14 +63,15 @@ class ShutdownAnswer(HTTPMiddleware):
         if self._watch is None:  # one watch per process, on the serving loop
             watch = self._watch = asyncio.ensure_future(self.stopping.wait())
             watch.add_done_callback(self._cut_running)
-        started = stream = ended = False
+        started = stream = sse = ended = False
 
         async def send_tracked(message: Message) -> None:
-            nonlocal started, stream, ended
+            nonlocal started, stream, sse, ended
             if message["type"] == "http.response.start":
                 started = True
-                stream = self.cut_streams and dict(message.get("headers", [])).get(b"content-type", b"") \
-                    .startswith(SSE)
+                headers = dict(message.get("headers", []))
+                stream = self.cut_streams and b"content-length" not in headers
+                sse = headers.get(b"content-type", b"").startswith(SSE)
                 if not stream:
                     self._running.discard(task)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -87,10 +89,11 @@ class ShutdownAnswer(HTTPMiddleware):
                 raise
             if not started:
                 await shutting_down().response()(scope, receive, send)
-            else:
+            else:  # a stream's sends are whole events (lines): one cancelled waited before it wrote anything
                 body = error_body(503, "the server is shutting down: this stream ended before it finished; retry "
                                        "on a running server", code="shutting_down")
-                await send({"type": "http.response.body", "body": sse_event(body) + DONE, "more_body": False})
+                await send({"type": "http.response.body", "body": sse_event(body) + DONE if sse else b"",
+                            "more_body": False})
         finally:
             self._running.discard(task)
             self._cut.discard(task)

@@ -111,3 +111,38 @@ def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback
     assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_an_open_kv_events_stream_cleanly(tmp_path: Path) -> None:
+    """The KV events stream a proxy follows (NDJSON, open until the engine stops) ended only by uvicorn's deadline:
+    a cut connection and a traceback in the instance's log. It ends at the drain's end like the others, whole lines,
+    and the client reconnects (server/kv_events.py)."""
+    lines: list[str] = []
+    opened = threading.Event()
+    ended: list[BaseException | None] = []
+    with instance(tmp_path) as (url, proc, log):
+        def follow() -> None:
+            try:
+                with httpx.stream("GET", f"{url}/v1/kv_events", timeout=TIMEOUT_S, trust_env=False) as response:
+                    for line in response.iter_lines():
+                        lines.append(line)
+                        opened.set()
+                ended.append(None)
+            except httpx.HTTPError as exc:
+                ended.append(exc)
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        assert opened.wait(TIMEOUT_S), f"no snapshot within {TIMEOUT_S}s"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        reader.join(TIMEOUT_S)
+        waited = time.monotonic() - sent
+        assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    text = log.read_text(errors="replace")
+    assert ended == [None], (ended, text[-3000:])  # the stream ended whole, not cut
+    assert json.loads(lines[0])["engine_id"] == "shutdown-answers", lines[:1]
+    assert waited < GRACEFUL_SHUTDOWN_S + 5, waited
+    for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
+        assert bad not in text, text[-3000:]
