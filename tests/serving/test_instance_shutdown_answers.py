@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -32,9 +32,14 @@ TIMEOUT_S = 120.0
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CPU: still running at the drain's end
 
 
+# A launcher that starts the instance as its child, as `pdlaunch serve` does, and waits for it.
+LAUNCHER = "import os, subprocess, sys; sys.exit(subprocess.call(sys.argv[1:] + ['--parent-pid', str(os.getpid())]))"
+
+
 @contextmanager
-def instance(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """One colocated instance process of the tiny model: (its URL, the process, its log) once /health answers."""
+def instance(tmp_path: Path, launcher: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """One colocated instance process of the tiny model: (its URL, the process, its log) once /health answers.
+    With `launcher`, the process is a launcher whose child the instance is, watching it (--parent-pid)."""
     deployment = tmp_path / "deployment.json"
     deployment.write_text(DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
@@ -44,9 +49,11 @@ def instance(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Pat
     spec = {"role": "colocated", "port": port, "engine_id": "shutdown-answers"}
     log = tmp_path / "instance.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment),
-                                 "--instance", json.dumps(spec), "--parent-pid", str(os.getpid())],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        command = [sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment),
+                   "--instance", json.dumps(spec)]
+        command = [sys.executable, "-c", LAUNCHER, *command] if launcher else [*command, "--parent-pid",
+                                                                                str(os.getpid())]
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -59,10 +66,10 @@ def instance(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Pat
     try:
         wait_for(ready, "the instance to serve the tiny model", START_TIMEOUT_S, poll=0.2)
         yield url, proc, log
-    finally:
-        if proc.poll() is None:
+    finally:  # its whole session: the instance too, where the launcher is gone
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        proc.wait(10)
 
 
 def _running(url: str) -> float:
@@ -144,5 +151,26 @@ def test_sigterm_ends_an_open_kv_events_stream_cleanly(tmp_path: Path) -> None:
     assert ended == [None], (ended, text[-3000:])  # the stream ended whole, not cut
     assert json.loads(lines[0])["engine_id"] == "shutdown-answers", lines[:1]
     assert waited < GRACEFUL_SHUTDOWN_S + 5, waited
+    for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
+        assert bad not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_a_launcher_gone_answers_what_the_drain_cuts_with_shutting_down(tmp_path: Path) -> None:
+    """The instance's watchdog stops it when its launcher is gone (killed: no signal reaches the instance); only a
+    signal told the app that shutdown began, so a request still running got uvicorn's bare 500 there."""
+    with instance(tmp_path, launcher=True) as (url, proc, log):
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
+                                 json={"prompt": "answer at length", **LONG})
+            wait_for(lambda: _running(url) >= 1, "the request to run", TIMEOUT_S, poll=0.2)
+            proc.kill()
+            r = answer.result(TIMEOUT_S)
+        wait_for(lambda: "Finished server process" in log.read_text(errors="replace"), "the instance to stop",
+                 TIMEOUT_S, poll=0.2)
+    text = log.read_text(errors="replace")
+    assert "is gone; shutting down" in text, text[-3000:]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", (r.status_code, r.text[:300])
+    assert r.headers["retry-after"] == "1", r.headers
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in text, text[-3000:]
