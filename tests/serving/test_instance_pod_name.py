@@ -6,55 +6,25 @@ command line, naming the field, by the instance's server and by a remote TP rank
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from pdlaunch.distributed import remote_rank
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server import __main__ as server
-from tests.serving.helpers import tiny_colocated, wait_for
+from tests.serving.helpers import tiny_colocated
+from tests.serving.instance_process import instance_process
 
 POD = "pd-colocated-0-1"
-START_TIMEOUT_S = 180.0  # the tiny model on CPU, on a loaded 2-core machine
 
 
 def test_an_instance_named_after_its_pod_says_so_in_info_and_its_log_lines(tmp_path: Path) -> None:
-    deployment = tmp_path / "deployment.json"
-    deployment.write_text(tiny_colocated(256).model_dump_json())
-    port = PortAllocator("127.0.0.1").free("the test instance")
-    spec = {"role": "colocated", "port": port, "engine_id": "pod-named", "pod": POD}
-    log = tmp_path / "instance.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment),
-                                 "--instance", json.dumps(spec), "--parent-pid", str(os.getpid())],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"the instance exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-        try:
-            return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, "the instance to serve the tiny model", START_TIMEOUT_S, poll=0.2)
+    spec = {"role": "colocated", "engine_id": "pod-named", "pod": POD}
+    with instance_process(tmp_path, tiny_colocated(256), spec) as (url, _, log):
         info = httpx.get(f"{url}/info", timeout=10, trust_env=False).json()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     assert info["name"] == POD
+    port = url.rsplit(":", 1)[1]
     assert f" {POD} pdlaunch.server: starting {POD} on 127.0.0.1:{port}" in log.read_text()
 
 

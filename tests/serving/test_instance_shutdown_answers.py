@@ -8,68 +8,34 @@ SIGTERM as the launcher sends it."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.__main__ import GRACEFUL_SHUTDOWN_S
 from tests.serving.helpers import wait_for
+from tests.serving.instance_process import instance_process
 
-START_TIMEOUT_S = 180.0  # the tiny model on CPU, on a loaded 2-core machine
 TIMEOUT_S = 120.0
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CPU: still running at the drain's end
 
 
-# A launcher that starts the instance as its child, as `pdlaunch serve` does, and waits for it.
-LAUNCHER = "import os, subprocess, sys; sys.exit(subprocess.call(sys.argv[1:] + ['--parent-pid', str(os.getpid())]))"
-
-
 @contextmanager
 def instance(tmp_path: Path, launcher: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """One colocated instance process of the tiny model: (its URL, the process, its log) once /health answers.
-    With `launcher`, the process is a launcher whose child the instance is, watching it (--parent-pid)."""
-    deployment = tmp_path / "deployment.json"
-    deployment.write_text(DeploymentConfig.model_validate({
+    cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8},
-    }).model_dump_json())
-    port = PortAllocator("127.0.0.1").free("the test instance")
-    spec = {"role": "colocated", "port": port, "engine_id": "shutdown-answers"}
-    log = tmp_path / "instance.log"
-    with open(log, "wb") as out:
-        command = [sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment),
-                   "--instance", json.dumps(spec)]
-        command = [sys.executable, "-c", LAUNCHER, *command] if launcher else [*command, "--parent-pid",
-                                                                                str(os.getpid())]
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"the instance exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-        try:
-            return httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, "the instance to serve the tiny model", START_TIMEOUT_S, poll=0.2)
-        yield url, proc, log
-    finally:  # its whole session: the instance too, where the launcher is gone
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8}})
+    with instance_process(tmp_path, cfg, {"role": "colocated", "engine_id": "shutdown-answers"}, launcher) as up:
+        yield up
 
 
 def _running(url: str) -> float:
