@@ -110,12 +110,16 @@ def test_a_cancellation_not_its_own_goes_on() -> None:
     asyncio.run(run())
 
 
-@pytest.mark.parametrize(("media", "end"), [(b"text/event-stream", "event"), (b"application/x-ndjson", "whole")])
-def test_a_stream_is_cut_whole_where_cut_streams(media: bytes, end: str) -> None:
+@pytest.mark.parametrize(("media", "moves", "end"), [
+    (b"text/event-stream", False, "event"),
+    (b"text/event-stream", True, "whole"),  # the proxy continues it on another decode: no event to end it
+    (b"application/x-ndjson", False, "whole"),
+])
+def test_a_stream_is_cut_whole_where_cut_streams(media: bytes, moves: bool, end: str) -> None:
     async def run() -> None:
         stopping = asyncio.Event()
         app = App(head=[(b"content-type", media)])
-        running, sent = _start(ShutdownAnswer(app, stopping, cut_streams=True))
+        running, sent = _start(ShutdownAnswer(app, stopping, cut_streams=True, moves_streams=lambda _: moves))
         await _until(app)
         stopping.set()
         await asyncio.wait_for(running, TIMEOUT_S)

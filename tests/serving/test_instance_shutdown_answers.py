@@ -21,11 +21,13 @@ import httpx
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.http.auth import internal_headers
 from pdlaunch.server.__main__ import GRACEFUL_SHUTDOWN_S
 from tests.serving.helpers import wait_for
 from tests.serving.instance_process import instance_process
 
 TIMEOUT_S = 120.0
+SECRET = "test-deployment-secret-0123456789"
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CPU: still running at the drain's end
 
 
@@ -33,7 +35,8 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CP
 def instance(tmp_path: Path, launcher: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8}})
+        "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8},
+        "security": {"deployment_secret": SECRET}})
     with instance_process(tmp_path, cfg, {"role": "colocated", "engine_id": "shutdown-answers"}, launcher) as up:
         yield up
 
@@ -45,34 +48,47 @@ def _running(url: str) -> float:
     return 0.0
 
 
+class Stream(threading.Thread):
+    """A long streamed completion read to its end: its `data:` payloads, and whether it ended whole (no cut)."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.headers = url, headers or {}
+        self.events: list[str] = []
+        self.streaming = threading.Event()
+        self.whole = False
+
+    def run(self) -> None:
+        with httpx.stream("POST", f"{self.url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
+                          headers=self.headers, json={"prompt": "stream a while", "stream": True, **LONG}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line[6:])
+                    self.streaming.set()
+        self.whole = True
+
+
 @pytest.mark.slow
 def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback(tmp_path: Path) -> None:
-    events: list[str] = []
-    streaming = threading.Event()
+    """A client's stream ends with the shutting_down event; the proxy's (its internal token) after its last whole
+    event alone: the proxy takes that for its decode gone and continues the stream on another (proxy/migrate.py),
+    where the event would have ended it at the client."""
     with instance(tmp_path) as (url, proc, log):
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
-                              json={"prompt": "stream a while", "stream": True, **LONG}) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        streaming.set()
-
-        def whole() -> httpx.Response:
-            return httpx.post(f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
-                              json={"prompt": "answer at length", **LONG})
-
-        reader = threading.Thread(target=stream, daemon=True)
-        reader.start()
+        client, proxy = Stream(url), Stream(url, internal_headers(SECRET))
+        client.start()
+        proxy.start()
         with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(whole)
-            assert streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
-            wait_for(lambda: _running(url) >= 2, "the stream and the request to run", TIMEOUT_S, poll=0.2)
+            answer = pool.submit(httpx.post, f"{url}/v1/completions", timeout=TIMEOUT_S, trust_env=False,
+                                 json={"prompt": "answer at length", **LONG})
+            for stream in (client, proxy):
+                assert stream.streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
+            wait_for(lambda: _running(url) >= 3, "the streams and the request to run", TIMEOUT_S, poll=0.2)
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             r = answer.result(TIMEOUT_S)
         waited = time.monotonic() - sent
-        reader.join(TIMEOUT_S)
+        client.join(TIMEOUT_S)
+        proxy.join(TIMEOUT_S)
         # uvicorn re-raises the SIGTERM it caught once it has shut down
         assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
     text = log.read_text(errors="replace")
@@ -80,8 +96,9 @@ def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback
     assert r.json()["error"]["code"] == "shutting_down" and "shutting down" in r.json()["error"]["message"], r.text
     assert r.headers["retry-after"] == "1", r.headers
     assert waited < GRACEFUL_SHUTDOWN_S + 5, waited  # answered at the drain's end
-    assert not reader.is_alive() and events[-1] == "[DONE]", events[-3:]
-    assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
+    assert client.whole and client.events[-1] == "[DONE]", client.events[-3:]
+    assert json.loads(client.events[-2])["error"]["code"] == "shutting_down", client.events[-3:]
+    assert proxy.whole and json.loads(proxy.events[-1])["choices"][0]["finish_reason"] is None, proxy.events[-3:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in text, text[-3000:]
 
