@@ -1,0 +1,97 @@
+"""A decode stopped on its own (SIGTERM, as when its pod is deleted) while the proxy runs: at the end of its drain it
+ends the streams the proxy relays after their last whole event, with no shutting_down event (http/shutdown_answer.py),
+so the proxy continues each on the other decode (proxy/migrate.py) and the client's stream finishes without an error;
+its own log has no traceback. Through `pdlaunch serve` (1 prefill + 2 decodes, the tiny model on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving.e2e import Serve
+from tests.serving.helpers import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CONFIG = """\
+proxy: {migration_limit: 3}
+instances:
+  - {role: prefill, count: 1}
+  - {role: decode, count: 2}
+"""
+STREAMS = 4  # round robin: two on each decode
+MAX_TOKENS = 1500  # the tiny model on CPU made ~320 tokens a stream by the end of the decode's 3 s drain here
+TIMEOUT_S = 180.0
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    config = tmp_path / "pd.yaml"
+    config.write_text(CONFIG)
+    deployment = Serve(tmp_path, [str(config), "--model", "tiny", "--num-gpu-blocks", "512"])
+    try:
+        yield deployment.wait_ready()
+    finally:
+        deployment.stop()
+
+
+class Stream(threading.Thread):
+    """One client stream: its `data:` payloads; `cut` names an httpx error that ended it."""
+
+    def __init__(self, url: str, i: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.i = url, i
+        self.events: list[str] = []
+        self.streaming = threading.Event()
+        self.cut = ""
+
+    def run(self) -> None:
+        body = {"prompt": f"decode stops under stream {self.i}", "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=TIMEOUT_S,
+                              trust_env=False) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line[6:])
+                        self.streaming.set()
+        except httpx.HTTPError as exc:
+            self.cut = f"{type(exc).__name__}: {exc}"
+
+
+def _running(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10, trust_env=False).text.splitlines():
+        if line.startswith("pdlaunch_requests_running"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_streams_of_a_decode_stopped_by_sigterm_go_on_on_the_other(serve: Serve) -> None:
+    streams = [Stream(serve.url, i) for i in range(STREAMS)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.streaming.wait(TIMEOUT_S), f"stream {stream.i}: no token within {TIMEOUT_S}s"
+    decode = serve.instance_urls()["decode-1"]
+    wait_for(lambda: _running(decode) >= 1, "a stream to run on decode-1", TIMEOUT_S, poll=0.2)
+    os.kill(serve.instance_pid("decode-1"), signal.SIGTERM)
+    for stream in streams:
+        stream.join(TIMEOUT_S)
+        assert not stream.is_alive(), f"stream {stream.i} did not end"
+    log = (serve.log_dir / "decode-1.log").read_text(errors="replace")
+    proxy_log = (serve.log_dir / "proxy.log").read_text(errors="replace")
+    for stream in streams:
+        errors = [e for e in stream.events if e.startswith('{"error"')]
+        assert not stream.cut and not errors and stream.events[-1] == "[DONE]", (stream.i, stream.cut, errors)
+        ends = [c.get("finish_reason") for e in stream.events[:-1] for c in json.loads(e).get("choices", [])]
+        assert ends[-1] == "length", (stream.i, stream.events[-3:])  # every token made, on one decode or two
+    assert "continuing on decode-0" in proxy_log, proxy_log[-3000:]
+    for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
+        assert bad not in log, log[-3000:]
