@@ -111,8 +111,9 @@ class AddedTokens:
     @staticmethod
     def of(tokenizer: LLTokenizer) -> AddedTokens:
         found = (i for i in range(tokenizer.vocab_size) if tokenizer.is_special_token(i))  # ~4 ms for 49k tokens
-        return AddedTokens({tokenizer.decode_bytes([i]).decode("utf-8", "replace"): i for i in found},
-                           frozenset(tokenizer.eos_tokens))
+        # newer llguidance lists every EOS id (eos_tokens); 1.6 has eos_token alone (pyproject allows >= 1.0)
+        eos = getattr(tokenizer, "eos_tokens", None) or [tokenizer.eos_token]
+        return AddedTokens({tokenizer.decode_bytes([i]).decode("utf-8", "replace"): i for i in found}, frozenset(eos))
 
 
 def tool_calls_grammar(calls: JsonValue, start: str, end: str, parallel: bool, field: str,

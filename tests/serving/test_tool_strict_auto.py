@@ -291,3 +291,23 @@ def test_response_format_beside_strict_auto_constrains_the_output(url: str, chec
             "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": A}}}
     whole = _chat(url, checkpoint.name, body)
     assert whole["message"]["content"] == '{"a":1}' and whole["finish_reason"] == "stop", whole
+
+
+def test_added_tokens_of_an_llguidance_without_eos_tokens() -> None:
+    """llguidance 1.6 (which pyproject's llguidance>=1.0 allows) has `eos_token` alone, no `eos_tokens`: every
+    grammar's matcher read its added tokens through the latter and failed with AttributeError (found on a GPU host
+    with 1.6.1)."""
+    from pdlaunch.engine.structured_output import AddedTokens
+
+    class OldTokenizer:  # the attributes LLTokenizer 1.6 has of those AddedTokens.of reads
+        vocab_size = 4
+        eos_token = 3
+
+        def is_special_token(self, token: int) -> bool:
+            return token in (0, 3)
+
+        def decode_bytes(self, tokens: list[int]) -> bytes:
+            return {0: b"<tool_call>", 3: b"</s>"}.get(tokens[0], b"x")
+
+    added = AddedTokens.of(OldTokenizer())  # type: ignore[arg-type]
+    assert added.eos == frozenset({3}) and added.ids == {"<tool_call>": 0, "</s>": 3}
