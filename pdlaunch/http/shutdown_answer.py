@@ -21,6 +21,7 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdlaunch.http import JsonObject
 from pdlaunch.http.asgi import HTTPMiddleware
 from pdlaunch.http.errors import error_body
 from pdlaunch.http.retry_later import RetryLater
@@ -32,15 +33,24 @@ SHUTTING_DOWN_RETRY_AFTER_S = 1
 # Requests are cut this long before the server's graceful-shutdown deadline, so their answers are sent before
 # uvicorn cancels what is left.
 SHUTDOWN_MARGIN_S = 1.0
+SHUTTING_DOWN_CODE = "shutting_down"  # the code of every answer a server that stops gives (the proxy's, an instance's)
 SSE = b"text/event-stream"
+
+
+def stream_cut_body() -> JsonObject:
+    """The error event that ends a stream the drain at shutdown cut (an instance's, or the proxy's own)."""
+    return error_body(503, "the server is shutting down: this stream ended before it finished; retry on a running "
+                           "server", code=SHUTTING_DOWN_CODE)
+
+
 # The end of an SSE stream the drain cut: its error event, then [DONE] (as every OpenAI stream's error event).
-_STREAM_CUT = sse_event(error_body(503, "the server is shutting down: this stream ended before it finished; retry on "
-                                        "a running server", code="shutting_down")) + DONE
+_STREAM_CUT = sse_event(stream_cut_body()) + DONE
 
 
-def shutting_down() -> RetryLater:
-    return RetryLater("the server is shutting down: this request ended before it finished; retry on a running "
-                      "server", code="shutting_down", retry_after_s=SHUTTING_DOWN_RETRY_AFTER_S)
+def shutting_down(message: str = "the server is shutting down: this request ended before it finished; retry on a "
+                                 "running server") -> RetryLater:
+    """The 503 shutting_down, with its Retry-After, of a request a server that stops cuts or refuses."""
+    return RetryLater(message, code=SHUTTING_DOWN_CODE, retry_after_s=SHUTTING_DOWN_RETRY_AFTER_S)
 
 
 def stop_before_deadline(stopping: asyncio.Event, drain_s: float) -> None:

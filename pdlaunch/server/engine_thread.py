@@ -25,7 +25,7 @@ from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.http.retry_later import RetryLater
+from pdlaunch.http.shutdown_answer import shutting_down as shutting_down  # engine_loop.py imports it from here
 from pdlaunch.metrics.instance import (
     INTER_TOKEN_LATENCY,
     KV_BLOCKS_TOTAL,
@@ -48,14 +48,10 @@ log = logging.getLogger("pdlaunch.server")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
 # The engine stops once uvicorn's graceful drain at shutdown has ended (the app's lifespan), so a request it cuts has
-# no drain time left to wait for: the client retries at once, on a running instance (through the proxy, another one
-# of the role, or this one restarted), as after the proxy's own shutting_down.
-SHUTTING_DOWN_RETRY_AFTER_S = 1
-
-
-def shutting_down(message: str = "server is shutting down") -> RetryLater:
-    """The 503 a request (or engine call) the engine's stop cuts gets, with its Retry-After."""
-    return RetryLater(message, "shutting_down", SHUTTING_DOWN_RETRY_AFTER_S)
+# no drain time left to wait for: its 503 shutting_down (http/shutdown_answer.py) has the same Retry-After as those the
+# drain's end cuts, and the client retries at once, on a running instance (through the proxy, another one of the role,
+# or this one restarted).
+ENGINE_STOPPED = "server is shutting down"
 
 CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
 
@@ -145,7 +141,7 @@ class EngineThread:
             if self.state == "ready":  # not failed by _fatal
                 self.state = "stopped"
                 self._abort_open(engine)
-            self._fail_all(shutting_down())
+            self._fail_all(shutting_down(ENGINE_STOPPED))
             self._shutdown_engine(engine)
 
     def _drain_commands(self, engine: LLMEngine, wait: float) -> None:
@@ -209,7 +205,7 @@ class EngineThread:
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
             self.counts.count_abort()
-            self._finish(stream.request_id, shutting_down())
+            self._finish(stream.request_id, shutting_down(ENGINE_STOPPED))
             return
         try:
             matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
