@@ -17,9 +17,11 @@ from typing import TypeVar
 
 import httpx
 
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.shutdown_answer import stream_cut_body
 from pdlaunch.http.sse import SSEParser
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body, stream_payloads
+from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, stream_payloads
 
 T = TypeVar("T")
 
@@ -34,6 +36,17 @@ class Stalled(Exception):
     def __init__(self, instance: Instance) -> None:
         super().__init__(instance.name)
         self.instance = instance
+
+
+class ShutDown(Exception):
+    """A decode answered 503 shutting_down (`error`): it is stopping and cut the leg, or refused it, before any of its
+    answer was sent. The leg goes on on another decode, as when a decode drops the connection (migrate.py); `error`
+    is the client's answer where no other decode may take it."""
+
+    def __init__(self, instance: Instance, error: OpenAIError) -> None:
+        super().__init__(instance.name)
+        self.instance = instance
+        self.error = error
 
 
 async def unless_stalled(pool: InstancePool, instance: Instance, work: Awaitable[T],
@@ -86,7 +99,7 @@ async def leg_events(proxy: Proxy, upstream: Upstream, deadline: float) -> Async
                 chunk = await reader.next()
             except Interrupted as stop:
                 if stop.reason == "stopping":  # the drain at shutdown ran out: the stream ends, not migrated
-                    yield json.dumps(shutting_down_body(), separators=(",", ":"))
+                    yield json.dumps(stream_cut_body(), separators=(",", ":"))
                     return
                 if stop.reason == "stalled":
                     yield Failure("stalled", f"{instance.name} ({instance.url}) stalled (no /health answer "

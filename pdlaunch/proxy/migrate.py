@@ -7,6 +7,9 @@ client's stream, no text repeated or missing (stream_progress.py). Requests whos
 the continuation cannot rebuild from token ids are not migrated (continuation.not_migratable): their
 stream ends with the error event, as without migration.
 
+A decode that answers 503 shutting_down (it is stopping: SIGTERM, its pod deleted) before any of its answer
+was sent is taken for gone too (leg_failure.ShutDown).
+
 A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
 decode (which computes the prompt itself). At most `limit` migrations per request; then the request
 fails with code `migration_limit`.
@@ -25,9 +28,10 @@ from pdlaunch.http.sse import sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object
 from pdlaunch.proxy.continuation import continuation_body, not_migratable
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.proxy.leg_failure import Failure, Stalled, another, leg_events, others, unless_stalled
+from pdlaunch.proxy.leg_failure import Failure, ShutDown, Stalled, another, leg_events, others, unless_stalled
 from pdlaunch.proxy.retry import gone, on_live_instance
 from pdlaunch.proxy.stream_progress import Progress
+from pdlaunch.proxy.translate import is_shutting_down
 from pdlaunch.proxy.upstream import Proxy, Upstream
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -62,7 +66,7 @@ class Migrations:
     async def answer(self, target: Instance, path: str, leg: JsonObject, body: Body, headers: dict[str, str],
                      deadline: float, request_id: str,
                      on_migrate: Callable[[], None] = lambda: None) -> tuple[Instance, JsonObject]:
-        """A whole (not streamed) answer; a decode that dies or stalls before answering is replaced by
+        """A whole (not streamed) answer; a decode that dies, stalls or shuts down before answering is replaced by
         another that computes the prompt itself (`on_migrate()` first: the prefill's held KV goes back),
         at most `limit` times."""
         pool, migrations = self.proxy.pool, 0
@@ -72,13 +76,17 @@ class Migrations:
                                          deadline=deadline)
                 return await on_live_instance(pool, target.role, target, call)
             except Stalled as stalled:
-                failed, reason = stalled.instance, "stalled"
+                failed, reason, what = stalled.instance, "stalled", "stalled"
+            except ShutDown as stop:
+                if not others(pool, stop.instance):
+                    raise stop.error from None  # without another decode its answer stands
+                failed, reason, what = stop.instance, "died", "shut down"
             except OpenAIError as exc:
                 # A refused or dropped connection (the leg went to another decode once: retry.py); an error
                 # answer is the instance's word.
                 if not gone(exc) or self.limit == 0 or not others(pool, target):
                     raise  # without another decode the first error stands
-                failed, reason = target, "died"
+                failed, reason, what = target, "died", "died"
             if migrations >= self.limit:
                 raise self._exhausted(request_id)
             migrations += 1
@@ -87,13 +95,13 @@ class Migrations:
             target = another(pool, failed)
             leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
             log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,
-                     failed.name, reason, target.name, migrations, self.limit)
+                     failed.name, what, target.name, migrations, self.limit)
 
     async def open_stream(self, target: Instance, path: str, leg: JsonObject, body: Body, headers: dict[str, str],
                           deadline: float, request_id: str, on_migrate: Callable[[], None]) -> tuple[Upstream, int]:
-        """(the decode leg's open stream, migrations it took). A decode marked stalled before it answers the
-        response headers is left for another, which gets the request whole (nothing reached the client yet;
-        `on_migrate()` first: the prefill's held KV goes back), at most `limit` times."""
+        """(the decode leg's open stream, migrations it took). A decode marked stalled, or that answers shutting_down,
+        before it answers the response headers is left for another, which gets the request whole (nothing reached the
+        client yet; `on_migrate()` first: the prefill's held KV goes back), at most `limit` times."""
         migrations = 0
         while True:
             call = functools.partial(self._open_unless_stalled, path=path, leg=leg, headers=headers,
@@ -102,30 +110,48 @@ class Migrations:
                 _, upstream = await on_live_instance(self.proxy.pool, target.role, target, call)
                 return upstream, migrations
             except Stalled as stalled:
-                failed = stalled.instance
+                failed, reason, what = stalled.instance, "stalled", "stalled"
+            except ShutDown as stop:
+                if not others(self.proxy.pool, stop.instance):
+                    raise stop.error from None  # without another decode its answer stands
+                failed, reason, what = stop.instance, "died", "shut down"
             if migrations >= self.limit:
                 raise self._exhausted(request_id)
             migrations += 1
-            self.on_migrate("stalled")
+            self.on_migrate(reason)
             on_migrate()
             target = another(self.proxy.pool, failed)
             # return_token_ids as the first leg had it: asked for a stream relayed with migration (relay)
             asked_ids = {"return_token_ids": True} if leg.get("return_token_ids") else {}
             leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, **asked_ids}
-            log.info("request %s: %s stalled before answering the stream's headers; sent again to %s (migration "
-                     "%d of %d)", request_id, failed.name, target.name, migrations, self.limit)
+            log.info("request %s: %s %s before answering the stream's headers; sent again to %s (migration "
+                     "%d of %d)", request_id, failed.name, what, target.name, migrations, self.limit)
 
     async def _open_unless_stalled(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                                    deadline: float) -> Upstream:
+        """The leg's open stream; Stalled or ShutDown for a decode to leave (not retried by on_live_instance: the
+        leg goes on on another decode without its KV params, as a migration)."""
         stream = self.proxy.open_stream(instance, path, leg, headers, deadline)
-        return await unless_stalled(self.proxy.pool, instance, stream, discard=Upstream.close)
+        try:
+            return await unless_stalled(self.proxy.pool, instance, stream, discard=Upstream.close)
+        except OpenAIError as exc:
+            if is_shutting_down(exc):
+                raise ShutDown(instance, exc) from None
+            raise
 
     async def _post_unless_stalled(self, instance: Instance, path: str, leg: JsonObject,
                                    headers: dict[str, str], deadline: float) -> JsonObject:
+        """The leg's whole answer; Stalled or ShutDown for a decode to leave (as _open_unless_stalled). Without
+        migration, a decode that answers shutting_down is retried once by on_live_instance, as a gone one."""
+        post = self.proxy.post_json(instance, path, leg, headers, deadline)
         if self.limit == 0:
-            return await self.proxy.post_json(instance, path, leg, headers, deadline)
-        return await unless_stalled(self.proxy.pool, instance, self.proxy.post_json(instance, path, leg, headers,
-                                                                                    deadline))
+            return await post
+        try:
+            return await unless_stalled(self.proxy.pool, instance, post)
+        except OpenAIError as exc:
+            if is_shutting_down(exc):
+                raise ShutDown(instance, exc) from None
+            raise
 
     async def relay(self, upstream: Upstream, path: str, body: Body, chat: bool, headers: dict[str, str],
                     deadline: float, request_id: str, on_migrate: Callable[[], None],
@@ -135,7 +161,8 @@ class Migrations:
         migrations the request took before its headers (open_stream)."""
         progress = Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
         current, continued, migrations = upstream, False, migrated
-        # (the decode, why) when a continuation's decode stalled before its stream's headers: nothing to read
+        # (the decode, why) when a continuation's decode stalled or shut down before its stream's headers: nothing to
+        # read
         stalled_open: tuple[Instance, Failure] | None = None
         try:
             while True:
@@ -199,6 +226,9 @@ class Migrations:
                 except Stalled as stalled:
                     stalled_open = (stalled.instance, Failure("stalled", f"{stalled.instance.name} "
                                     f"({stalled.instance.url}) stalled before answering the stream's headers"))
+                except ShutDown as stop:
+                    stalled_open = (stop.instance, Failure("died", f"{stop.instance.name} ({stop.instance.url}) "
+                                                           "answered shutting_down: it is stopping"))
         except OpenAIError as exc:
             yield sse_event(exc.body())
         finally:

@@ -1,12 +1,13 @@
 """One retry on another instance when the picked one is gone.
 
 An instance that refused the connection, or dropped it before answering, is dead or restarting (the
-proxy marks it down at once): sending the leg to another live instance of the same role hides the
-kill from the client (with 2 prefill + 2 decode, 1-2 requests per kill failed before; a killed
+proxy marks it down at once), and so is one that answered 503 shutting_down (it is stopping: SIGTERM, its pod
+deleted; translate.is_shutting_down): sending the leg to another live instance of the same role hides the
+kill or the stop from the client (with 2 prefill + 2 decode, 1-2 requests per kill failed before; a killed
 process often leaves a pooled keep-alive connection that drops on the next request rather than
 refusing it). Running a leg twice is safe: generation has no side effect, and a prefill's KV held for
 a leg that died with its instance is gone with it. Nothing else is retried: a timeout may be a slow
-instance, an error answer is the instance's word, and a streamed answer is never retried once any
+instance, any other error answer is the instance's word, and a streamed answer is never retried once any
 byte reached the client (this runs before the stream is handed to the client). A prefill leg that
 outlives its own deadline (a stalled instance) is retried by prefill_leg.py.
 """
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.translate import DroppedConnection
+from pdlaunch.proxy.translate import DroppedConnection, is_shutting_down
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -28,15 +29,16 @@ REFUSED_CODE = "instance_unreachable"  # translate.error_from_exception's code f
 
 
 def gone(exc: OpenAIError) -> bool:
-    """The instance refused the connection or dropped it before answering (translate.DroppedConnection)."""
-    return exc.code == REFUSED_CODE or isinstance(exc, DroppedConnection)
+    """The instance refused the connection, dropped it before answering (translate.DroppedConnection), or answered
+    that it is shutting down."""
+    return exc.code == REFUSED_CODE or isinstance(exc, DroppedConnection) or is_shutting_down(exc)
 
 
 async def on_live_instance(pool: InstancePool, role: str, first: Instance,
                            call: Callable[[Instance], Awaitable[T]]) -> tuple[Instance, T]:
     """(instance that answered, its result): `call(first)`, or, when `first` is gone (refused or
-    dropped the connection), `call` once on another ready instance of `role`. The first error stands
-    when there is none."""
+    dropped the connection, or answered shutting_down), `call` once on another ready instance of `role`.
+    The first error stands when there is none."""
     try:
         return first, await call(first)
     except OpenAIError as exc:

@@ -10,6 +10,7 @@ from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.retry_later import UNREACHABLE_RETRY_AFTER_S, RetryLater
+from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_CODE
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
@@ -258,6 +259,12 @@ class DroppedConnection(OpenAIError):
 
     def __init__(self, message: str) -> None:
         super().__init__(502, message, code="instance_failed")
+
+
+def is_shutting_down(exc: OpenAIError) -> bool:
+    """The instance answered 503 shutting_down: it is stopping (SIGTERM, its pod deleted; http/shutdown_answer.py) and
+    cut the request, or refused it, before any of its answer was sent: as gone as one that dropped the connection."""
+    return exc.status == 503 and exc.code == SHUTTING_DOWN_CODE
 
 
 def is_connection_failure(exc: BaseException) -> bool:

@@ -21,16 +21,16 @@ from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.retry_later import retry_after_of
+from pdlaunch.http.shutdown_answer import stop_before_deadline, stream_cut_body
 from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.answers import AnswerTooLarge, read_body
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
-from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
+from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure, is_shutting_down
 
 CONNECT_TIMEOUT_S = 5.0
-SHUTDOWN_MARGIN_S = 1.0  # streams end this long before the server's graceful-shutdown deadline
 MAX_ANSWER_BYTES = MAX_EVENT_BYTES  # as one stream event: a long prompt's prompt_logprobs pass 100 MiB
 ERROR_MAX_BYTES = 1 << 20  # an error answer is a message of a few lines
 
@@ -68,7 +68,7 @@ class Proxy:
         """Shutdown began (SIGTERM/Ctrl-C): streams may finish for `drain_s` seconds less a margin, then
         each one still running gets an SSE error event saying so and ends, before the server's own
         drain deadline cancels its task (a bare connection error for the client, a traceback in the log)."""
-        asyncio.get_running_loop().call_later(max(0.0, drain_s - SHUTDOWN_MARGIN_S), self.stopping.set)
+        stop_before_deadline(self.stopping, drain_s)
 
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -107,7 +107,7 @@ class Proxy:
             except AnswerTooLarge as exc:
                 raise OpenAIError(502, f"{instance.name} ({instance.url}) sent {exc}", code="instance_failed") from None
         if status != 200:
-            raise error_from_response(instance, status, content, retry_after_s)
+            raise self._answered(instance, status, content, retry_after_s)
         try:
             # As strict as a client's body: a NaN or a lone surrogate would fail the proxy's own JSON answer (a 500).
             return parse_json_object(content)
@@ -152,8 +152,16 @@ class Proxy:
                     await response.aclose()
                 finally:  # a second cancellation may interrupt the close: the count ends all the same
                     instance.in_flight -= 1
-            raise error_from_response(instance, response.status_code, content, retry_after_of(response.headers))
+            raise self._answered(instance, response.status_code, content, retry_after_of(response.headers))
         return Upstream(instance, response)
+
+    def _answered(self, instance: Instance, status: int, content: bytes, retry_after_s: int | None) -> OpenAIError:
+        """An instance's error answer; one that says it is shutting down marks it down at once, as a dropped
+        connection does (it takes no more requests; the leg goes on elsewhere: retry.py, migrate.py)."""
+        error = error_from_response(instance, status, content, retry_after_s)
+        if is_shutting_down(error):
+            self.pool.mark_down(instance, "it answered 503 shutting_down: it is stopping")
+        return error
 
     async def relay(self, upstream: Upstream, deadline: float,
                     not_migrated: str | None = None) -> AsyncGenerator[bytes, None]:
@@ -171,7 +179,7 @@ class Proxy:
                     chunk = await reader.next()
                 except Interrupted as stop:
                     if stop.reason == "stopping":
-                        yield sse_event(shutting_down_body())
+                        yield sse_event(stream_cut_body())
                         return
                     raise self.timed_out() from None
                 if chunk is None:
@@ -280,9 +288,3 @@ class ChunkReader:
         self._timer.cancel()
         for watch in self._watches:
             watch.cancel()
-
-
-def shutting_down_body() -> JsonObject:
-    """The error event that ends a stream still open when the drain at shutdown runs out."""
-    return error_body(503, "the server is shutting down: this stream ended before it finished; retry on a "
-                           "running server", code="shutting_down")

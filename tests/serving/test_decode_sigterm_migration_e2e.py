@@ -1,7 +1,9 @@
 """A decode stopped on its own (SIGTERM, as when its pod is deleted) while the proxy runs: at the end of its drain it
 ends the streams the proxy relays after their last whole event, with no shutting_down event (http/shutdown_answer.py),
 so the proxy continues each on the other decode (proxy/migrate.py) and the client's stream finishes without an error;
-its own log has no traceback. Through `pdlaunch serve` (1 prefill + 2 decodes, the tiny model on CPU)."""
+a request that is not streamed, which the decode answers 503 shutting_down, is sent again whole to the other decode
+and answered 200 with the uninterrupted run's greedy text; the decode's own log has no traceback. Through
+`pdlaunch serve` (1 prefill + 2 decodes, the tiny model on CPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -27,6 +30,7 @@ instances:
   - {role: decode, count: 2}
 """
 STREAMS = 4  # round robin: two on each decode
+WHOLE = 4  # requests not streamed, sent once the streams run: two on each decode
 MAX_TOKENS = 1500  # the tiny model on CPU made ~320 tokens a stream by the end of the decode's 3 s drain here
 TIMEOUT_S = 180.0
 
@@ -66,6 +70,31 @@ class Stream(threading.Thread):
             self.cut = f"{type(exc).__name__}: {exc}"
 
 
+class Whole(threading.Thread):
+    """One request that is not streamed: its status and text (or its error's body)."""
+
+    def __init__(self, url: str, i: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.i = url, i
+        self.status = 0
+        self.text = ""
+
+    def run(self) -> None:
+        self.status, self.text = _whole(self.url, self.i)
+
+
+def _whole(url: str, i: int) -> tuple[int, str]:
+    body = {"prompt": f"decode stops under whole request {i}", "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True}
+    try:
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT_S, trust_env=False)
+    except httpx.HTTPError as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+    if response.status_code != 200:
+        return response.status_code, response.text
+    return 200, response.json()["choices"][0]["text"]
+
+
 def _running(url: str) -> float:
     for line in httpx.get(url + "/metrics", timeout=10, trust_env=False).text.splitlines():
         if line.startswith("pdlaunch_requests_running"):
@@ -73,18 +102,30 @@ def _running(url: str) -> float:
     return 0.0
 
 
-def test_streams_of_a_decode_stopped_by_sigterm_go_on_on_the_other(serve: Serve) -> None:
+def test_streams_and_whole_requests_of_a_decode_stopped_by_sigterm_go_on_on_the_other(serve: Serve) -> None:
+    with ThreadPoolExecutor(WHOLE) as pool:  # the uninterrupted run's greedy texts
+        reference = list(pool.map(lambda i: _whole(serve.url, i), range(WHOLE)))
+    assert all(status == 200 for status, _ in reference), reference
     streams = [Stream(serve.url, i) for i in range(STREAMS)]
     for stream in streams:
         stream.start()
     for stream in streams:
         assert stream.streaming.wait(TIMEOUT_S), f"stream {stream.i}: no token within {TIMEOUT_S}s"
-    decode = serve.instance_urls()["decode-1"]
-    wait_for(lambda: _running(decode) >= 1, "a stream to run on decode-1", TIMEOUT_S, poll=0.2)
+    wholes = [Whole(serve.url, i) for i in range(WHOLE)]
+    for whole in wholes:
+        whole.start()
+    urls = serve.instance_urls()
+    decode = urls["decode-1"]
+    # Every request runs on a decode, and decode-1 holds a whole one besides its two streams.
+    wait_for(lambda: _running(decode) >= STREAMS // 2 + 1 and _running(decode) + _running(urls["decode-0"])
+             >= STREAMS + WHOLE, "every request to run on a decode, a whole one on decode-1", TIMEOUT_S, poll=0.2)
     os.kill(serve.instance_pid("decode-1"), signal.SIGTERM)
     for stream in streams:
         stream.join(TIMEOUT_S)
         assert not stream.is_alive(), f"stream {stream.i} did not end"
+    for whole in wholes:
+        whole.join(TIMEOUT_S)
+        assert not whole.is_alive(), f"whole request {whole.i} did not end"
     log = (serve.log_dir / "decode-1.log").read_text(errors="replace")
     proxy_log = (serve.log_dir / "proxy.log").read_text(errors="replace")
     for stream in streams:
@@ -93,5 +134,7 @@ def test_streams_of_a_decode_stopped_by_sigterm_go_on_on_the_other(serve: Serve)
         ends = [c.get("finish_reason") for e in stream.events[:-1] for c in json.loads(e).get("choices", [])]
         assert ends[-1] == "length", (stream.i, stream.events[-3:])  # every token made, on one decode or two
     assert "continuing on decode-0" in proxy_log, proxy_log[-3000:]
+    assert [(w.status, w.text) for w in wholes] == reference
+    assert "decode-1 shut down mid-request; sent again to decode-0" in proxy_log, proxy_log[-3000:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in log, log[-3000:]

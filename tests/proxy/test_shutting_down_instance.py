@@ -1,0 +1,142 @@
+"""An instance that answers 503 shutting_down (it is stopping: SIGTERM, its pod deleted; http/shutdown_answer.py) is
+taken for gone, as one that dropped the connection: a decode's request that is not streamed, or a stream it refuses
+before its headers, goes on on another decode (a migration, without the prefill's KV params; the held KV goes back),
+a prefill's leg goes to another prefill (retry.py), and the instance is marked down. With nowhere else to go, or
+proxy.migration_limit 0, the client gets the instance's 503 shutting_down with its Retry-After. Through the proxy's
+HTTP app in front of fake instances."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from pdlaunch.http.shutdown_answer import shutting_down
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.test_proxy_hardening import SECRET, Prefill
+
+
+class _Stopping:
+    """An instance that is shutting down: its /health still answers (its drain runs), every request gets 503
+    shutting_down."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Response:
+        self.bodies.append(await request.json())
+        error = shutting_down()
+        return Response(json.dumps(error.body()), status_code=503, media_type="application/json",
+                        headers={"Retry-After": str(error.retry_after_s)})
+
+
+class _Decode:
+    """Answers every request "done", whole or as a stream of one chunk and [DONE]."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        choice = {"index": 0, "text": "done", "finish_reason": "length"}
+        answer = {"id": "cmpl-a", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+        if not body.get("stream"):
+            return answer
+        if body.get("return_token_ids"):
+            choice.update(token_ids=[7], prompt_token_ids=[1, 2])
+        chunks = [f"data: {json.dumps(answer)}\n\n".encode(), b"data: [DONE]\n\n"]
+        return StreamingResponse(iter(chunks), media_type="text/event-stream")
+
+
+class _Deployment:
+    """The proxy in front of `prefills` and `decodes` (name, app), each picked in the order given."""
+
+    def __init__(self, prefills: list[FastAPI], decodes: list[FastAPI], migration_limit: int = 3) -> None:
+        self.ports = PortAllocator("127.0.0.1")
+        self.servers = [ThreadServer(app, self.ports.free(f"p{i}")) for i, app in enumerate(prefills)] + \
+            [ThreadServer(app, self.ports.free(f"d{i}")) for i, app in enumerate(decodes)]
+        self.prefills, self.decodes, self.limit = len(prefills), len(decodes), migration_limit
+
+    def __enter__(self) -> _Deployment:
+        urls = [s.__enter__().url for s in self.servers]
+        self.pool = InstancePool(
+            [Instance("prefill", u, f"prefill-{i}") for i, u in enumerate(urls[:self.prefills])]
+            + [Instance("decode", u, f"decode-{i}") for i, u in enumerate(urls[self.prefills:])])
+        app = build_proxy_app(self.pool, 60.0, deployment_secret=SECRET, migration_limit=self.limit)
+        self.proxy = ThreadServer(app, self.ports.free("proxy"))
+        self.url = self.proxy.__enter__().url
+        wait_for(lambda: all(i.state == "ready" for i in self.pool.instances), "the proxy to see every instance", 30)
+        self.pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # the first ready one
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proxy.__exit__(*exc)
+        for server in reversed(self.servers):
+            server.__exit__(*exc)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def state(self, name: str) -> str:
+        return next(i.state for i in self.pool.instances if i.name == name)
+
+
+def test_a_whole_request_whose_decode_answers_shutting_down_is_answered_by_the_other_decode() -> None:
+    prefill, stopping, decode = Prefill(), _Stopping(), _Decode()
+    with _Deployment([prefill.app], [stopping.app, decode.app]) as pd:
+        answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == "done"
+        assert "kv_transfer_params" in stopping.bodies[0]  # the first decode got the prefill's KV to load
+        assert "kv_transfer_params" not in decode.bodies[0]  # the other computes the prompt itself
+        wait_for(lambda: prefill.released == prefill.legs, "the prefill's held KV to be released", 10.0)
+        assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in pd.metrics()
+        assert pd.state("decode-0") == "down"
+
+
+def test_a_stream_whose_decode_answers_shutting_down_before_its_headers_goes_on_on_the_other_decode() -> None:
+    prefill, stopping, decode = Prefill(), _Stopping(), _Decode()
+    with _Deployment([prefill.app], [stopping.app, decode.app]) as pd:
+        text = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4, "stream": True},
+                          timeout=30).text
+        assert text.endswith("data: [DONE]\n\n") and '"error"' not in text, text
+        assert '"done"' in text
+        assert len(stopping.bodies) == 1 and "kv_transfer_params" not in decode.bodies[0]
+        assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in pd.metrics()
+
+
+def test_a_prefill_that_answers_shutting_down_leaves_the_leg_to_another_prefill() -> None:
+    stopping, prefill, decode = _Stopping(), Prefill(), _Decode()
+    with _Deployment([stopping.app, prefill.app], [decode.app]) as pd:
+        answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert len(stopping.bodies) == 1 and len(prefill.legs) == 1
+        assert decode.bodies[0]["kv_transfer_params"]["remote_request_id"] == prefill.legs[0]
+        assert 'pdlaunch_proxy_legs_retried_total{reason="instance_gone",role="prefill"} 1.0' in pd.metrics()
+        assert pd.state("prefill-0") == "down"
+
+
+def test_with_no_other_instance_the_client_gets_the_503_shutting_down_and_without_migration_one_retry() -> None:
+    for prefills, decodes, limit in (([Prefill().app], [_Stopping().app], 3), ([_Stopping().app], [_Decode().app], 3),
+                                     ([Prefill().app], [_Stopping().app, _Decode().app], 0)):
+        with _Deployment(prefills, decodes, migration_limit=limit) as pd:
+            answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
+            if len(decodes) == 1:
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] == "shutting_down"
+                assert answer.headers["retry-after"] == "1"
+            else:  # migration off: the leg is still retried once on another decode (retry.py), as a gone one
+                assert answer.status_code == 200, answer.text
