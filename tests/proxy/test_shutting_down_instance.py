@@ -140,3 +140,50 @@ def test_with_no_other_instance_the_client_gets_the_503_shutting_down_and_withou
                 assert answer.headers["retry-after"] == "1"
             else:  # migration off: the leg is still retried once on another decode (retry.py), as a gone one
                 assert answer.status_code == 200, answer.text
+
+
+class _Continuing:
+    """A decode that streams one chunk and ends without [DONE] (`finish` None: a dead decode's stream), or, for a
+    continuation (a prompt of ids), one chunk "B" with finish_reason `finish` and [DONE]."""
+
+    def __init__(self, finish: str | None) -> None:
+        self.finish = finish
+        self.bodies: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        continued = isinstance(body["prompt"], list)
+        choice: dict[str, Any] = {"index": 0, "text": "B" if continued else "A", "token_ids": [7],
+                                  "finish_reason": self.finish if continued else None}
+        if not continued:
+            choice["prompt_token_ids"] = [1, 2]
+        chunk = {"id": "cmpl-z", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+        events = [f"data: {json.dumps(chunk)}\n\n".encode()]
+        if choice["finish_reason"]:
+            events.append(b"data: [DONE]\n\n")
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+
+def test_a_continuation_whose_decode_answers_shutting_down_goes_on_on_another_decode() -> None:
+    ending, stopping, finishing = _Continuing(None), _Stopping(), _Continuing("length")
+    with _Deployment([Prefill().app], [ending.app, stopping.app, finishing.app]) as pd:
+        picks = ["decode-0", "decode-1", "decode-2"]  # the stream, its continuation, the continuation again
+
+        def choose(role: str, ready: list[Instance]) -> Instance:
+            named = [i for i in ready if picks and i.name == picks[0]] if role == "decode" else []
+            if named:
+                picks.pop(0)
+            return (named or ready)[0]
+
+        pd.pool.policy.choose = choose  # type: ignore[method-assign]
+        text = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4, "stream": True},
+                          timeout=30).text
+        assert text.endswith("data: [DONE]\n\n") and '"error"' not in text, text
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == "AB"
+        assert stopping.bodies[0]["prompt"] == finishing.bodies[0]["prompt"] == [1, 2, 7]
+        assert 'pdlaunch_proxy_migrations_total{reason="died"} 2.0' in pd.metrics()
