@@ -1,9 +1,10 @@
 """An instance that answers 503 shutting_down (it is stopping: SIGTERM, its pod deleted; http/shutdown_answer.py) is
-taken for gone, as one that dropped the connection: a decode's request that is not streamed, or a stream it refuses
-before its headers, goes on on another decode (a migration, without the prefill's KV params; the held KV goes back),
-a prefill's leg goes to another prefill (retry.py), and the instance is marked down. With nowhere else to go, or
-proxy.migration_limit 0, the client gets the instance's 503 shutting_down with its Retry-After. Through the proxy's
-HTTP app in front of fake instances."""
+taken for gone, as one that dropped the connection: a decode's request that is not streamed, a stream it refuses
+before its headers, or a stream's continuation goes on on another decode (a `died` migration, without the prefill's KV
+params; the held KV goes back), a prefill's leg goes to another prefill (retry.py), and the instance is marked down.
+With no other instance of its role the client gets the instance's 503 shutting_down with its Retry-After; with
+proxy.migration_limit 0 a decode leg is retried once on another decode, as a gone one. Through the proxy's HTTP app in
+front of fake instances."""
 
 from __future__ import annotations
 
