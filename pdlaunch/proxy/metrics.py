@@ -40,8 +40,9 @@ class ProxyMetrics:
             "a /health probe past proxy.health_timeout_seconds", ["role"], registry=self.registry)
         self.legs_retried = Counter(
             "pdlaunch_proxy_legs_retried", "Legs sent again after their instance failed them, by role and why "
-            "(instance_gone: refused or dropped; stalled: no answer within the leg's deadline; recompute: the "
-            "prefill leg given up and the prompt computed by the decode)", ["role", "reason"], registry=self.registry)
+            "(instance_gone: refused, dropped or answered shutting_down; stalled: no answer within the leg's "
+            "deadline; recompute: the prefill leg given up and the prompt computed by the decode)", ["role", "reason"],
+            registry=self.registry)
         self.migrations = Counter(
             "pdlaunch_proxy_migrations", "Requests moved to another decode mid-request (proxy.migration_limit), by "
             "why (died: dropped or ended its stream unfinished; stalled: marked stalled by the /health probe)",
