@@ -19,39 +19,27 @@ from pdlaunch.http.shutdown_answer import shutting_down
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.helpers.fake_instances import FakeInstance
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
 
 
-class _Stopping:
+class _Stopping(FakeInstance):
     """An instance that is shutting down: its /health still answers (its drain runs), every request gets 503
     shutting_down."""
 
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.app = FastAPI()
-        self.app.get("/health")(lambda: {"status": "ok"})
-        self.app.post("/v1/completions")(self.completions)
-
     async def completions(self, request: Request) -> Response:
-        self.bodies.append(await request.json())
+        await self.body(request)
         error = shutting_down()
         return Response(json.dumps(error.body()), status_code=503, media_type="application/json",
                         headers={"Retry-After": str(error.retry_after_s)})
 
 
-class _Decode:
+class _Decode(FakeInstance):
     """Answers every request "done", whole or as a stream of one chunk and [DONE]."""
 
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.app = FastAPI()
-        self.app.get("/health")(lambda: {"status": "ok"})
-        self.app.post("/v1/completions")(self.completions)
-
     async def completions(self, request: Request) -> Any:
-        body = await request.json()
-        self.bodies.append(body)
+        body = await self.body(request)
         choice = {"index": 0, "text": "done", "finish_reason": "length"}
         answer = {"id": "cmpl-a", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
         if not body.get("stream"):
@@ -143,20 +131,16 @@ def test_with_no_other_instance_the_client_gets_the_503_shutting_down_and_withou
                 assert answer.status_code == 200, answer.text
 
 
-class _Continuing:
+class _Continuing(FakeInstance):
     """A decode that streams one chunk and ends without [DONE] (`finish` None: a dead decode's stream), or, for a
     continuation (a prompt of ids), one chunk "B" with finish_reason `finish` and [DONE]."""
 
     def __init__(self, finish: str | None) -> None:
+        super().__init__()
         self.finish = finish
-        self.bodies: list[dict[str, Any]] = []
-        self.app = FastAPI()
-        self.app.get("/health")(lambda: {"status": "ok"})
-        self.app.post("/v1/completions")(self.completions)
 
     async def completions(self, request: Request) -> Any:
-        body = await request.json()
-        self.bodies.append(body)
+        body = await self.body(request)
         continued = isinstance(body["prompt"], list)
         choice: dict[str, Any] = {"index": 0, "text": "B" if continued else "A", "token_ids": [7],
                                   "finish_reason": self.finish if continued else None}
