@@ -260,7 +260,8 @@ class GrammarBackend:
 
         tokenizer = self._llg_tokenizer(spec.field)
         try:
-            grammar = spec.grammar(self._added_tokens(tokenizer))
+            # only tool calls' grammar names added tokens: the others need not read them
+            grammar = spec.grammar(self._added_tokens(tokenizer) if spec.kind == "tool_calls" else None)
             matcher = on_grammar_stack(lambda: llguidance.LLMatcher(tokenizer, grammar))
         except TimeoutError as exc:
             raise EngineError(f"{spec.field}: {exc}", field=spec.field,

@@ -28,6 +28,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.stream_progress import Progress
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
+from tests.helpers.fake_instances import FakeInstance
 from tests.helpers.stalling_instance import StallingInstance
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
@@ -199,15 +200,9 @@ class _StallingDecode(StallingInstance):
         return {}
 
 
-class _AnsweringDecode:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.app = FastAPI()
-        self.app.get("/health")(lambda: {"status": "ok"})
-        self.app.post("/v1/completions")(self.completions)
-
+class _AnsweringDecode(FakeInstance):
     async def completions(self, request: Request) -> Any:
-        self.bodies.append(await request.json())
+        await self.body(request)
         return {"id": "cmpl-a", "choices": [{"index": 0, "text": "done", "finish_reason": "length"}]}
 
 
