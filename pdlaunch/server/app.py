@@ -34,7 +34,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     """The FastAPI app of one instance. The lifespan starts and stops the engine thread. Setting
     `app.state.stopping` (server/__main__.py: shortly before the drain at shutdown runs out) answers what is still
     running 503 shutting_down, a stream its error event (the proxy's stream its end alone, to continue it on another
-    decode; http/shutdown_answer.py)."""
+    decode, where proxy.migration_limit lets it; http/shutdown_answer.py)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -51,7 +51,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     policy = AccessPolicy.from_secrets(security.api_key, security.deployment_secret)
 
     def from_proxy(scope: Scope) -> bool:  # the proxy continues a stream cut here on another decode
-        return policy.is_internal(Headers(scope=scope).get(INTERNAL_TOKEN_HEADER))
+        # ... unless proxy.migration_limit is 0: it relays the stream's end as it comes, and the shutting_down event
+        # tells its client to retry (a bare end became `502 instance_failed ... closed the stream`)
+        return config.proxy.migration_limit > 0 and policy.is_internal(Headers(scope=scope).get(INTERNAL_TOKEN_HEADER))
 
     app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True, moves_streams=from_proxy)
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)

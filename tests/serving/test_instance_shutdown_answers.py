@@ -32,11 +32,12 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}  # ~50 s of the tiny model on CP
 
 
 @contextmanager
-def instance(tmp_path: Path, launcher: bool = False) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def instance(tmp_path: Path, launcher: bool = False, migration_limit: int = 3,
+             ) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
         "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 512, "block_size": 8},
-        "security": {"deployment_secret": SECRET}})
+        "security": {"deployment_secret": SECRET}, "proxy": {"migration_limit": migration_limit}})
     with instance_process(tmp_path, cfg, {"role": "colocated", "engine_id": "shutdown-answers"}, launcher) as up:
         yield up
 
@@ -101,6 +102,24 @@ def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback
     assert proxy.whole and json.loads(proxy.events[-1])["choices"][0]["finish_reason"] is None, proxy.events[-3:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_without_migration_the_proxys_stream_ends_with_the_shutting_down_event(tmp_path: Path) -> None:
+    """proxy.migration_limit 0: the proxy does not continue a decode's stream elsewhere, it relays the decode's end as
+    it comes. A stream it relays that the drain cuts ends with the shutting_down event then [DONE], as a client's:
+    ended bare, the proxy's client got `502 instance_failed ... closed the stream before it finished` instead of the
+    503 shutting_down that says to retry on a running server."""
+    with instance(tmp_path, migration_limit=0) as (url, proc, log):
+        proxy = Stream(url, internal_headers(SECRET))
+        proxy.start()
+        assert proxy.streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
+        proc.send_signal(signal.SIGTERM)
+        proxy.join(TIMEOUT_S)
+        assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    assert proxy.whole and proxy.events[-1] == "[DONE]", proxy.events[-3:]
+    assert json.loads(proxy.events[-2])["error"]["code"] == "shutting_down", proxy.events[-3:]
+    assert "Traceback" not in log.read_text(errors="replace")
 
 
 @pytest.mark.slow
