@@ -1,13 +1,16 @@
 """The decode leg of one prompt's request (a base of prompt_request.PromptRequest): the decode's stream passed
 through to the client, moved to another decode when that one fails (migrate.py), or its whole answer; either
 reports the cached tokens of the prefill leg's instance. Once the decode leg will not read the KV a prefill
-holds for it, the hold goes back (release.py).
+holds for it, the hold goes back (release.py): also when the leg is retried on another decode because its own
+dropped the connection or answered shutting_down (retry.py), since that one may have read the KV already; the
+new decode computes the prompt, as after a migration.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import JSONResponse, Response
 
@@ -16,6 +19,7 @@ from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.call import Call
 from pdlaunch.proxy.continuation import not_migratable
 from pdlaunch.proxy.instances import Instance
+from pdlaunch.proxy.migrate import afresh
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import prefill_cached_tokens, with_cached_tokens, with_prompt_logprobs
 from pdlaunch.proxy.upstream import Upstream
@@ -44,9 +48,10 @@ class DecodeLeg:
             self.held = None  # once: a migration and the request's end may both ask
 
     def moved(self) -> None:
-        """The decode leg moves to another decode (migrate.py): the prefill's held KV goes back, and its prompt
-        tokens stop counting as queued (or spilled) on the decode it leaves (a restarted decode would otherwise
-        look busy with requests that run elsewhere until they end)."""
+        """The decode leg moves to another decode without the prefill's KV (a migration, or a retry after its decode
+        dropped the connection or answered shutting_down: migrate.py `afresh`): the prefill's held KV goes back, and
+        its prompt tokens stop counting as queued (or spilled) on the decode it leaves (a restarted decode would
+        otherwise look busy with requests that run elsewhere until they end)."""
         self.release_held()
         self.unqueue()
         self.migrated = True
@@ -85,11 +90,15 @@ class DecodeLeg:
                 upstream, migrated = await call.watch.run(state.migrations.open_stream(
                     target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.moved),
                     discard=lambda opened: opened[0].close())
-            else:
+            else:  # one retry when the decode is gone (retry.py), without the prefill's KV if it may have read it
                 migrated = 0
+
+                def open_leg(decode: Instance, leg: JsonObject) -> Awaitable[Upstream]:
+                    return state.proxy.open_stream(decode, call.path, leg, self.headers, call.deadline)
+
                 _, upstream = await call.watch.run(on_live_instance(
-                    state.pool, target.role, target,
-                    lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)),
+                    state.pool, target.role, target, functools.partial(open_leg, leg=leg),
+                    afresh(leg, body, open_leg, self.moved)),
                     discard=lambda opened: opened[1].close())
             if migrating:
                 events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,

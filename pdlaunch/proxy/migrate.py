@@ -13,6 +13,11 @@ was sent is taken for gone too (leg_failure.ShutDown).
 A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
 decode (which computes the prompt itself). At most `limit` migrations per request; then the request
 fails with code `migration_limit`.
+
+Every leg that moves goes without the prefill's kv_transfer_params (`fresh_leg`), the prefill's hold released first:
+the decode it leaves may have read that KV, and the prefill freed it at the read_done. So does the one retry of a leg
+whose decode dropped the connection, or answered shutting_down, with migration off too (retry.py; `afresh`); only a
+decode that refused the connection never got the leg, and the retry keeps the params.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import sse_data, sse_event
@@ -29,7 +34,7 @@ from pdlaunch.proxy.bodies import Body, JsonObject, as_object
 from pdlaunch.proxy.continuation import continuation_body, not_migratable
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.leg_failure import Failure, ShutDown, Stalled, another, leg_events, others, unless_stalled
-from pdlaunch.proxy.retry import gone, on_live_instance
+from pdlaunch.proxy.retry import Afresh, gone, on_live_instance
 from pdlaunch.proxy.stream_progress import Progress
 from pdlaunch.proxy.translate import is_shutting_down
 from pdlaunch.proxy.upstream import Proxy, Upstream
@@ -38,6 +43,30 @@ log = logging.getLogger("pdlaunch.proxy")
 
 DEFAULT_MIGRATION_LIMIT = 3
 LIMIT_CODE = "migration_limit"
+
+T = TypeVar("T")
+
+
+def fresh_leg(body: Body, leg: JsonObject) -> JsonObject:
+    """The decode leg of `body` for a decode that computes the prompt itself: the client's request without
+    kv_transfer_params, return_token_ids as `leg` (the leg it replaces) asked."""
+    asked_ids = {"return_token_ids": True} if leg.get("return_token_ids") else {}
+    return {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, **asked_ids}
+
+
+def afresh(leg: JsonObject, body: Body, send: Callable[[Instance, JsonObject], Awaitable[T]],
+           on_migrate: Callable[[], None]) -> Afresh[T] | None:
+    """How `leg` goes to another decode when its own may have begun it (retry.py `Afresh`): `on_migrate()` (the
+    prefill's held KV goes back), then `send(decode, fresh_leg(...))`. None for a leg that names no prefill's KV: it
+    goes again as it is."""
+    if "kv_transfer_params" not in leg:
+        return None
+
+    async def call(instance: Instance) -> T:
+        on_migrate()
+        return await send(instance, fresh_leg(body, leg))
+
+    return Afresh(call, "the prefill's kv_transfer_params (it computes the prompt itself)")
 
 
 class Migrations:
@@ -68,13 +97,16 @@ class Migrations:
                      on_migrate: Callable[[], None] = lambda: None) -> tuple[Instance, JsonObject]:
         """A whole (not streamed) answer; a decode that dies, stalls or shuts down before answering is replaced by
         another that computes the prompt itself (`on_migrate()` first: the prefill's held KV goes back),
-        at most `limit` times."""
+        at most `limit` times; with `limit` 0, once as retry.py retries a gone instance's leg (`afresh`)."""
         pool, migrations = self.proxy.pool, 0
+
+        def post(instance: Instance, leg: JsonObject) -> Awaitable[JsonObject]:
+            return self._post_unless_stalled(instance, path, leg, headers, deadline)
+
         while True:
             try:
-                call = functools.partial(self._post_unless_stalled, path=path, leg=leg, headers=headers,
-                                         deadline=deadline)
-                return await on_live_instance(pool, target.role, target, call)
+                return await on_live_instance(pool, target.role, target, functools.partial(post, leg=leg),
+                                              afresh(leg, body, post, on_migrate))
             except Stalled as stalled:
                 failed, reason, what = stalled.instance, "stalled", "stalled"
             except ShutDown as stop:
@@ -93,7 +125,7 @@ class Migrations:
             self.on_migrate(reason)
             on_migrate()
             target = another(pool, failed)
-            leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+            leg = fresh_leg(body, leg)
             log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,
                      failed.name, what, target.name, migrations, self.limit)
 
@@ -103,11 +135,15 @@ class Migrations:
         before it answers the response headers is left for another, which gets the request whole (nothing reached the
         client yet; `on_migrate()` first: the prefill's held KV goes back), at most `limit` times."""
         migrations = 0
+
+        def open_leg(instance: Instance, leg: JsonObject) -> Awaitable[Upstream]:
+            return self._open_unless_stalled(instance, path, leg, headers, deadline)
+
         while True:
-            call = functools.partial(self._open_unless_stalled, path=path, leg=leg, headers=headers,
-                                     deadline=deadline)
             try:
-                _, upstream = await on_live_instance(self.proxy.pool, target.role, target, call)
+                _, upstream = await on_live_instance(self.proxy.pool, target.role, target,
+                                                     functools.partial(open_leg, leg=leg),
+                                                     afresh(leg, body, open_leg, on_migrate))
                 return upstream, migrations
             except Stalled as stalled:
                 failed, reason, what = stalled.instance, "stalled", "stalled"
@@ -122,8 +158,7 @@ class Migrations:
             on_migrate()
             target = another(self.proxy.pool, failed)
             # return_token_ids as the first leg had it: asked for a stream relayed with migration (relay)
-            asked_ids = {"return_token_ids": True} if leg.get("return_token_ids") else {}
-            leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, **asked_ids}
+            leg = fresh_leg(body, leg)
             log.info("request %s: %s %s before answering the stream's headers; sent again to %s (migration "
                      "%d of %d)", request_id, failed.name, what, target.name, migrations, self.limit)
 

@@ -10,13 +10,23 @@ a leg that died with its instance is gone with it. Nothing else is retried: a ti
 instance, any other error answer is the instance's word, and a streamed answer is never retried once any
 byte reached the client (this runs before the stream is handed to the client). A prefill leg that
 outlives its own deadline (a stalled instance) is retried by prefill_leg.py.
+
+Only a refused connection says the instance never got the leg. One that dropped the connection, or answered
+shutting_down (mostly a leg the end of its drain cut: it ran until then), may have begun it: a decode leg's decode
+may have read the prefill's KV, and the prefill freed that hold at its read_done, so the same kv_transfer_params
+would fail the next decode's load (kv_transfer.load_failure_policy fail: the request fails; recompute: a refused
+claim, then the prompt computed). The caller says how such a leg goes again (`Afresh`): a decode leg goes as a
+migration does (migrate.py `fresh_leg`), the client's request without the params and the prefill's hold released,
+and the new decode computes the prompt. Either way the retry counts in pdlaunch_proxy_legs_retried (reason
+instance_gone) and is logged.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -34,10 +44,26 @@ def gone(exc: OpenAIError) -> bool:
     return exc.code == REFUSED_CODE or isinstance(exc, DroppedConnection) or is_shutting_down(exc)
 
 
+def refused(exc: OpenAIError) -> bool:
+    """The instance refused the connection: it never got the request."""
+    return exc.code == REFUSED_CODE
+
+
+@dataclass(frozen=True)
+class Afresh(Generic[T]):
+    """How a leg goes to another instance when the gone one may have begun it (dropped the connection, or answered
+    shutting_down): `call`, in place of the leg's own; `without` names what it goes without, for the log."""
+
+    call: Callable[[Instance], Awaitable[T]]
+    without: str
+
+
 async def on_live_instance(pool: InstancePool, role: str, first: Instance,
-                           call: Callable[[Instance], Awaitable[T]]) -> tuple[Instance, T]:
+                           call: Callable[[Instance], Awaitable[T]],
+                           afresh: Afresh[T] | None = None) -> tuple[Instance, T]:
     """(instance that answered, its result): `call(first)`, or, when `first` is gone (refused or
-    dropped the connection, or answered shutting_down), `call` once on another ready instance of `role`.
+    dropped the connection, or answered shutting_down), `call` once on another ready instance of `role`;
+    `afresh.call` instead where given and `first` did not refuse the connection (it may have begun the leg).
     The first error stands when there is none."""
     try:
         return first, await call(first)
@@ -48,6 +74,10 @@ async def on_live_instance(pool: InstancePool, role: str, first: Instance,
         if not others:
             raise
         second = pool.policy.choose(role, others)
-        log.info("%s is gone (%s); retrying on %s", first.name, exc.code, second.name)
         pool.on_retry(role, "instance_gone")
-        return second, await call(second)
+        if afresh is None or refused(exc):
+            log.info("%s is gone (%s); retrying on %s", first.name, exc.code, second.name)
+            return second, await call(second)
+        log.info("%s is gone (%s) and may have begun the leg; retrying on %s without %s", first.name, exc.code,
+                 second.name, afresh.without)
+        return second, await afresh.call(second)
