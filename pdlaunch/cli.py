@@ -6,7 +6,7 @@ for a user mistake). The work lives in the modules each command calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -98,16 +98,20 @@ def _loaded_unless_stopped(config: Path | None, overrides: dict[str, Any]) -> De
     the caller exits 0, as a stop later on does: nothing was started)."""
     from pdlaunch.config.loader import load_valid_deployment
 
-    return _unless_stopped(lambda: load_valid_deployment(config, overrides), lambda cfg: cfg, stopped_exit=0)
+    return _unless_stopped(lambda: load_valid_deployment(config, overrides), lambda cfg: cfg, stopped_exit=0,
+                           overrides=overrides)
 
 
-def _unless_stopped(work: Callable[[], T], then: Callable[[T], U], stopped_exit: int) -> U | None:
+def _unless_stopped(work: Callable[[], T], then: Callable[[T], U], stopped_exit: int, overrides: Mapping[str, object]
+                    ) -> U | None:
     """`then(work())` (loading or checking a deployment, then what comes of it), or None when Ctrl-C/SIGTERM/SIGHUP
     came during `work`: one line says so (nothing was started; the caller exits with `stopped_exit`). A stop signal
     during `then` is too late to stop anything: the work is done (check-config has its verdict), so it is let pass.
     With --backend ray the work includes Ray calls (the connect, the node list, the GPU probe), each in a helper
     thread (config/ray_thread.py); a stop signal during one ends this process at once, with `stopped_exit`, after
-    its own line (launcher/backends/ray_connect_stop.py: a cut-short Ray call must not be torn down)."""
+    its own line (launcher/backends/ray_connect_stop.py: a cut-short Ray call must not be torn down), which names
+    the settings as the user typed them (`overrides`: the flags)."""
+    from pdlaunch.config.flag_names import flag_fields
     from pdlaunch.config.ray_thread import cut_short
     from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
     from pdlaunch.launcher.serve import StopRequested, StopSignals
@@ -122,7 +126,7 @@ def _unless_stopped(work: Callable[[], T], then: Callable[[T], U], stopped_exit:
             return then(done)  # outside raising(): a signal now is only noted, and the handlers go back after
         doing = cut_short()
         if doing is not None:
-            leave_stopped_ray(err_console, name, doing, stopped_exit)
+            leave_stopped_ray(err_console, name, doing, stopped_exit, flag_fields(overrides, None))
     err_console.print(f"{name} received while loading the deployment; stopping (nothing was started)",
                       highlight=False, soft_wrap=True)
     return None
@@ -179,7 +183,8 @@ def check_config(
             # the check may be stopped (exit 130: no verdict); once it is done, its report and verdict are printed
             # and kept whatever signal comes
             code = _unless_stopped(lambda: check_report(config, overrides, target_gpus, target_gpu_memory),
-                                   lambda report: print_report(report, json_output), stopped_exit=STOPPED_CHECK_EXIT)
+                                   lambda report: print_report(report, json_output), stopped_exit=STOPPED_CHECK_EXIT,
+                                   overrides=overrides)
         # a stop signal after the verdict (while the driver leaves the cluster) keeps the verdict's status
         raise typer.Exit(code=STOPPED_CHECK_EXIT if code is None else code)
 

@@ -38,7 +38,9 @@ def test_a_stop_inside_ray_init_leaves_at_once_with_the_commands_status(command:
         cli.app(_args(command), prog_name="pdlaunch", standalone_mode=False)
     assert left.value.code == COMMANDS[command]
     err = " ".join(capsys.readouterr().err.split())
-    assert err == f"{how} received while connecting to {AUTO}; stopping (nothing was placed on the cluster)", err
+    # auto named as the user typed it, --ray-address (the connect's errors too), not the key launcher.ray_address
+    typed = AUTO.replace("launcher.ray_address auto", "--ray-address auto")
+    assert err == f"{how} received while connecting to {typed}; stopping (nothing was placed on the cluster)", err
     assert calls.raised_in_init == [], "the signal's exception went through ray.init"
     assert calls.shutdowns == [], "a cut-short ray.init was torn down"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # given back

@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.flag_terms import flag_names_from_env, name_error
 from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.config.ray_thread import cut_short
 from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
@@ -83,7 +84,8 @@ def _connected(console: Console, cfg: DeploymentConfig, signals: StopSignals) ->
             return RayDeployment(cfg, console)  # connects (config/ray_cluster.connect: the GCS checked first)
     except StopRequested:
         doing = cut_short() or f"connecting to {cluster_words(cfg.launcher.ray_address)}"
-        leave_stopped_ray(console, signals.signal_name, doing, 0)
+        # in the terms the user typed (`--ray-address auto`), as `pdlaunch serve` hands them to what it runs
+        leave_stopped_ray(console, signals.signal_name, doing, 0, flag_names_from_env(os.environ))
 
 
 def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -> int:
@@ -116,6 +118,7 @@ def _serve(console: Console, cfg: DeploymentConfig, deployment: RayDeployment) -
             console.print("stopped: every actor and placement group removed", highlight=False)
             return 0
         except RayDeploymentFailed as exc:
+            name_error(exc, deployment.flags)  # `--ray-address: the Ray cluster's head is gone`, when the flag set it
             console.print(f"[red]error:[/red] {escape(exc.render())}; stopping the deployment", highlight=False,
                           soft_wrap=True)
             if exc.log_path is not None:

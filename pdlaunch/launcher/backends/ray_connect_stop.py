@@ -25,10 +25,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from typing import NoReturn
 
 from rich.console import Console
 
+from pdlaunch.config.flag_terms import in_flag_terms
 from pdlaunch.config.ray_init import tried
 from pdlaunch.config.ray_thread import cut_short, in_ray_thread
 from pdlaunch.errors import PdlaunchError
@@ -78,15 +80,17 @@ def _shutdown(console: Console, exit_code: int) -> None:
         _flushed_exit(exit_code)
 
 
-def leave_stopped_ray(console: Console, signal_name: str, doing: str, exit_code: int) -> NoReturn:
+def leave_stopped_ray(console: Console, signal_name: str, doing: str, exit_code: int,
+                      flags: Mapping[str, str]) -> NoReturn:
     """`signal_name` arrived while this process was `doing` (e.g. "connecting to the Ray cluster at ADDRESS";
-    nothing placed there yet): one line says so, then the process ends at once with `exit_code`. A Ray call still
-    running is not torn down; a completed connect is left with ray.shutdown first. A second stop signal meanwhile
-    ends the process at once too."""
+    nothing placed there yet): one line says so, in the terms the user typed (`flags`: config path -> the flag that
+    set it; `--ray-address auto`, not launcher.ray_address, when the flag set it), then the process ends at once with
+    `exit_code`. A Ray call still running is not torn down; a completed connect is left with ray.shutdown first. A
+    second stop signal meanwhile ends the process at once too."""
     _exit_on_stop(exit_code, LEAVING)
     _shutdown(console, exit_code)
-    console.print(f"{signal_name} received while {doing}; stopping (nothing was placed on the cluster)",
-                  highlight=False, soft_wrap=True)
+    console.print(f"{signal_name} received while {in_flag_terms(doing, flags)}; stopping (nothing was placed on the "
+                  "cluster)", highlight=False, soft_wrap=True)
     _flushed_exit(exit_code)
 
 

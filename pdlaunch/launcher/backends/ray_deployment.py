@@ -17,6 +17,7 @@ same ports, where Ray finds room (the restart policy's limits apply)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.flag_terms import flag_names_from_env, in_flag_terms
 from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.ray_cluster import InstancePlacement, connect, live_nodes
 from pdlaunch.config.ray_fit import deployment_placements
@@ -56,6 +58,8 @@ class RayDeployment:
         quiet_worker_deaths(self.ray)  # a dead actor is said in the launcher's line alone, not beside Ray's paragraph
         self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console
+        # config path -> the flag that set it, as `pdlaunch serve` hands them over: lines name what the user typed
+        self.flags = flag_names_from_env(os.environ)
         self.log_dir = Path(cfg.log_dir).resolve()
         # The plan's ports are held from here until stop() (the module's docstring says which), and the HTTP clients
         # (/health here and on the stall watch's thread) open until then; a failure before stop() is reachable gives
@@ -128,7 +132,7 @@ class RayDeployment:
         for run in self.runs:
             self.actors.place(run)
         self.say(f"ray: {len(self.runs)} placement group(s) asked of "
-                 f"{cluster_words(self.cfg.launcher.ray_address, self.ray)} "
+                 f"{in_flag_terms(cluster_words(self.cfg.launcher.ray_address, self.ray), self.flags)} "
                  f"(timeout {self.cfg.launcher.ray_placement_timeout_seconds:g}s); logs in {self.log_dir}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while any(r.state != "ready" for r in self.runs):
