@@ -76,11 +76,12 @@ def _stopped_inside_init(command: str, args: list[str], monkeypatch: pytest.Monk
     return " ".join(capsys.readouterr().err.split())
 
 
-@pytest.mark.parametrize("address", [GIVEN])
+@pytest.mark.parametrize("address", [GIVEN, "[fd00::5]:6379", "[::1]:6379"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_stop_while_connecting_to_an_address_given_names_it(command: str, address: str,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`[fd00::5]` read as a rich markup tag was dropped from the line ("the Ray cluster at :6379")."""
     monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")  # not what Ray connects to when an address is given
     monkeypatch.setattr(ray_cluster, "gcs_probe", lambda address: None)  # a GCS answers there
     monkeypatch.setattr(ray_cluster, "check_gcs_answers", lambda address, host, port: None)

@@ -89,8 +89,9 @@ def leave_stopped_ray(console: Console, signal_name: str, doing: str, exit_code:
     second stop signal meanwhile ends the process at once too."""
     _exit_on_stop(exit_code, LEAVING)
     _shutdown(console, exit_code)
+    # markup=False: an address such as [fd00::5]:6379 read as a markup tag was dropped from the line
     console.print(f"{signal_name} received while {in_flag_terms(doing, flags)}; stopping (nothing was placed on the "
-                  "cluster)", highlight=False, soft_wrap=True)
+                  "cluster)", highlight=False, markup=False, soft_wrap=True)
     _flushed_exit(exit_code)
 
 
