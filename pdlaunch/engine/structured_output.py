@@ -6,7 +6,8 @@ matchers) took 2.8 ms p50 with llguidance and 11.6 ms with xgrammar (benchmarks/
 llguidance needs no other package (xgrammar pulls transformers, triton and tvm-ffi).
 
 A request's `StructuredOutput` (kind + value, from response_format, structured_outputs or the guided_* fields, or a
-tool choice's calls: server/tool_calls.py) becomes an llguidance grammar, once it is within the bounds of what may
+tool choice's calls: server/tool_calls.py, strict auto's in engine/tool_calls_grammar.py, a JSON answer beside them
+one of their grammar's choices) becomes an llguidance grammar, once it is within the bounds of what may
 be compiled (engine/grammar_size.py: an object's keys, a regex's length, ...); `check` compiles it once on the HTTP
 side, over single bytes, and runs its first steps, where a grammar too large for llguidance's limits fails (400
 naming the request field; engine/grammar_limits.py). Every compile runs on a thread with a large stack
@@ -28,17 +29,17 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from pdlaunch.engine.grammar_limits import build_error, byte_matcher, is_limit_error, probe
 from pdlaunch.engine.grammar_size import check_grammar_size, check_schema_size, check_text_size
 from pdlaunch.engine.grammar_stack import on_grammar_stack
 from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
+from pdlaunch.engine.tool_calls_grammar import AddedTokens, tool_calls_grammar
 from pdlaunch.errors import EngineError
 
 if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed; torch where masks are (the proxy
@@ -60,8 +61,7 @@ class StructuredOutput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Kind
-    # JSON schema text, regex, JSON list of choices, Lark / GBNF grammar, or tool calls in free text (JSON of
-    # `tool_calls_grammar`'s arguments: {"calls", "start", "end", "parallel"})
+    # JSON schema text, regex, JSON list of choices, Lark / GBNF grammar, or tool calls (a `ToolCallsFormat`'s JSON)
     value: str
     field: str = "structured_outputs"
     # JSON without free whitespace between tokens unless asked (structured_outputs
@@ -80,88 +80,73 @@ class StructuredOutput(BaseModel):
         import llguidance
 
         if self.kind in ("json", "json_object"):
-            text = '{"type": "object"}' if self.kind == "json_object" else self.value
-            if self.kind == "json":  # every $ref resolved, or a SchemaError naming where (engine/schema_refs.py)
-                schema = root_pointers(json.loads(text), self.field)
-                if self.strict or not self.open_objects:
-                    schema = close_objects(schema)
-                check_schema_size(schema, self.field)  # as llguidance will compile it, before it spends seconds
-                text = json.dumps(schema)
             return str(llguidance.LLMatcher.grammar_from_json_schema(
-                text, defaults={"whitespace_flexible": self.any_whitespace}))
+                json.dumps(self.json_schema()), defaults={"whitespace_flexible": self.any_whitespace}))
         if self.kind == "tool_calls":
-            return tool_calls_grammar(**json.loads(self.value), field=self.field, any_whitespace=self.any_whitespace,
-                                      added=added)
+            return self._tool_calls_grammar(added)
         if self.kind == "grammar":
             check_grammar_size(self.value, self.field)
         elif self.kind == "regex":
             check_text_size(self.value)
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
 
+    def json_schema(self) -> JsonValue:
+        """A json or json_object output's schema as llguidance is to compile it: every `$ref` resolved (or a
+        SchemaError naming where: engine/schema_refs.py), objects closed unless asked open, within the size bounds
+        (checked before llguidance spends seconds on it)."""
+        if self.kind == "json_object":
+            return {"type": "object"}
+        if self.kind != "json":
+            raise ValueError(f"{self.field}: a {self.kind} output has no JSON schema")
+        schema = root_pointers(json.loads(self.value), self.field)
+        if self.strict or not self.open_objects:
+            schema = close_objects(schema)
+        check_schema_size(schema, self.field)
+        return schema
 
-@dataclass(frozen=True)
-class AddedTokens:
-    """The added tokens of a tokenizer (its special ones and the others it adds, as Qwen's `<tool_call>` or `<think>`):
-    llguidance reads every one as special, which a text literal or regex never matches; a grammar names one as
-    `<text>` or `<[id]>`."""
-
-    ids: Mapping[str, int]  # text -> token id
-    eos: frozenset[int]  # the grammar's EOS: it ends the output, never a token the grammar names
-
-    @staticmethod
-    def of(tokenizer: LLTokenizer) -> AddedTokens:
-        found = (i for i in range(tokenizer.vocab_size) if tokenizer.is_special_token(i))  # ~4 ms for 49k tokens
-        # newer llguidance lists every EOS id (eos_tokens); 1.6 has eos_token alone (pyproject allows >= 1.0)
-        eos = getattr(tokenizer, "eos_tokens", None) or [tokenizer.eos_token]
-        return AddedTokens({tokenizer.decode_bytes([i]).decode("utf-8", "replace"): i for i in found}, frozenset(eos))
-
-
-def tool_calls_grammar(calls: JsonValue, start: str, end: str, parallel: bool, field: str,
-                       any_whitespace: bool = False, added: AddedTokens | None = None) -> str:
-    """Free text with tool calls in it: any text until the model writes `start` (a lazy lexeme: it ends at the first
-    `start`), then one JSON object of the schema `calls` (each tool's {"name", "arguments"}), then `end`, then free
-    text or (`parallel`) another call. Where no call has begun any text goes, EOS included; once `start` is written
-    the call must follow. Without `parallel` the text after a call may not hold `start` again. The JSON is written
-    with ", " and ": " (as json.dumps writes it, the form tool-calling models learnt) unless `any_whitespace`.
-
-    Over a tokenizer's `added` tokens (llguidance reads each as special, which text never matches): a marker the
-    tokenizer holds as one token (Qwen's `<tool_call>` and `</tool_call>`) may be written as that token too, which is
-    how the model writes it, and the free text may hold the other added tokens (Qwen 3's `<think>`), as it may
-    unconstrained: bytes alone would forbid the tokens the model was trained to write."""
-    import llguidance
-
-    schema = root_pointers(calls, field)
-    check_schema_size(schema, field)
-    if not isinstance(schema, dict):
-        raise SchemaError("the tool calls' schema must be an object", field=field)
-    layout: JsonValue = ({"whitespace_flexible": True} if any_whitespace else
-                         {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
-    body = json.dumps({**schema, "x-guidance": layout})
-    no_start = f"/(?s:.*)/ & ~/(?s:.*){_lark_regex(start)}(?s:.*)/"  # text that does not hold `start`
-    ids = dict(added.ids) if added is not None else {}
-    start_token, end_token = ids.pop(start, None), ids.get(end)
-    others = sorted(i for i in ids.values() if added is None or i not in added.eos)  # `end`'s too: a stray one is text
-    # free text before a call, and the rest: text without `start` and the other added tokens, in turns
-    texts = f"(REST <[{','.join(map(str, others))}]>)* " if others else ""
-    lark = "\n".join([
-        "%llguidance {}",
-        f"start: call{'*' if parallel else '?'} {texts}{'TEXT' if parallel else 'REST'}",
-        "call: head SPACE body SPACE end",
-        # the text up to the first `start` written in bytes, or text without it and then `start`'s token
-        f"head: {texts}text_head{f' | {texts}REST <[{start_token}]>' if start_token is not None else ''}",
-        f"text_head[lazy]: TEXT {json.dumps(start)}",
-        f"end: {json.dumps(end)}{f' | <[{end_token}]>' if end_token is not None else ''}",
-        f"body: %json {body}",
-        r"SPACE: /[ \n]{0,2}/",  # Hermes / Qwen put a newline on each side of the JSON
-        r"TEXT: /(?s:.*)/",
-        f"REST: {no_start}",
-    ])
-    return str(llguidance.LLMatcher.grammar_from_lark(lark))
+    def _tool_calls_grammar(self, added: AddedTokens | None) -> str:
+        calls = ToolCallsFormat.model_validate_json(self.value)
+        tools = [(t.name, t.arguments.json_schema() if t.arguments is not None else None) for t in calls.tools]
+        # each schema once, all of them within a schema's bounds (as a required call's array of every tool)
+        check_schema_size({"anyOf": [schema for _, schema in tools if schema is not None]}, self.field)
+        answer = calls.answer.json_schema() if calls.answer is not None else None
+        return tool_calls_grammar(tools, calls.start, calls.end, calls.parallel, self.any_whitespace, added, answer)
 
 
-def _lark_regex(text: str) -> str:
-    """`text` matched literally inside a Lark `/.../` regex."""
-    return "".join(c if c.isalnum() or c in "_<>" else "\\" + c for c in text)
+class CalledTool(BaseModel):
+    """A tool that tool calls' grammar lets the model call."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    arguments: StructuredOutput | None = None  # a strict tool's parameters (json); None: any JSON object
+
+    @field_validator("arguments")
+    @classmethod
+    def _json(cls, value: StructuredOutput | None) -> StructuredOutput | None:
+        if value is not None and value.kind != "json":
+            raise ValueError("a tool's arguments are a JSON schema (kind json)")
+        return value
+
+
+class ToolCallsFormat(BaseModel):
+    """What a `tool_calls` output is (engine/tool_calls_grammar.py): Hermes / Qwen calls between `start` and `end`,
+    in free text or, beside an `answer` (the JSON that response_format / structured_outputs asks for), instead of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tools: list[CalledTool] = Field(min_length=1)
+    start: str
+    end: str
+    parallel: bool = True
+    answer: StructuredOutput | None = None
+
+    @field_validator("answer")
+    @classmethod
+    def _json(cls, value: StructuredOutput | None) -> StructuredOutput | None:
+        if value is not None and value.kind not in ("json", "json_object"):
+            raise ValueError("the answer beside tool calls is JSON (kind json or json_object)")
+        return value
 
 
 def check(spec: StructuredOutput) -> str:

@@ -107,26 +107,31 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
     def tool_calling(self) -> ToolCalling | None:
-        return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        calling = tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if calling is not None and calling.mode == "auto" and self.asked_output() is not None:
+            calling.answer_asked = True  # the asked output is the answer, not a call (tool_calls.py)
+        return calling
 
     def asks_for_grammar(self) -> bool:
         """Also with tools: a required or named tool call's grammar is compiled as structured output's is."""
         return super().asks_for_grammar() or self.tools is not None
 
     def structured_output(self) -> StructuredOutput | None:
-        asked = super().structured_output()
+        """The output's one grammar: the asked one, a forced call's, or auto's strict calls' (the asked JSON answer
+        one of its choices, tool_calls.py); a 400 naming the field whose grammar does not compile."""
+        asked = self.asked_output()
         calling = self.tool_calling()
-        forced = calling.structured_output() if calling is not None else None
-        if forced is None or calling is None or (asked is not None and calling.mode == "auto"):  # tool_calls.py
-            return asked
-        if asked is not None:
+        forced = calling.structured_output(asked if calling.mode == "auto" else None) if calling is not None else None
+        if forced is None or calling is None:
+            return checked(asked) if asked is not None else None
+        if asked is not None and calling.mode != "auto":
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "
                                    "send one", param="tool_choice")
         options = json_options(self.structured_outputs)  # structured_outputs' JSON options apply to it too
         # Compiled here as an asked grammar is: a tool's schema that does not compile is a 400 naming that tool. A
         # required call's grammar is made of every tool's parameters; a named one's is its tool's alone (already
-        # named so), which another tool's bad schema did not break.
-        parts = calling.grammar_parts()
+        # named so), which another tool's bad schema did not break; auto's of its strict tools' and the asked answer.
+        parts = calling.grammar_parts() + ([asked] if asked is not None else [])
         return checked(forced.model_copy(update=options), [p.model_copy(update=options) for p in parts])
 
     def fills_context(self) -> bool:

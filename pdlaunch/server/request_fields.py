@@ -31,7 +31,7 @@ from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
-from pdlaunch.server.structured_fields import structured_output_of
+from pdlaunch.server.structured_fields import asked_output_of, structured_output_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported, warn_ignored
 
 DEFAULT_MAX_TOKENS = 16  # a completion that does not name max_tokens (OpenAI's and vLLM's default)
@@ -178,9 +178,15 @@ class SamplingFields(BaseModel):
                                                    self.guided_regex, self.guided_choice, self.guided_grammar))
 
     def structured_output(self) -> StructuredOutput | None:
-        guided: JsonObject = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
-                  "grammar": self.guided_grammar}
-        return structured_output_of(self.response_format, self.structured_outputs, guided)
+        return structured_output_of(self.response_format, self.structured_outputs, self._guided())
+
+    def asked_output(self) -> StructuredOutput | None:
+        """What the structured-output fields ask for, not compiled yet (chat joins it to strict tool calls)."""
+        return asked_output_of(self.response_format, self.structured_outputs, self._guided())
+
+    def _guided(self) -> JsonObject:
+        return {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                "grammar": self.guided_grammar}
 
     def _check_prompt_logprobs(self, asked: int | None, field: str) -> None:
         """Prompt logprobs come whole with the first output: not streamed (as vLLM refuses them with

@@ -38,6 +38,14 @@ _OPTIONS = (*_KINDS, *_SWITCHES, "disable_additional_properties", *_UNSUPPORTED_
 def structured_output_of(response_format: JsonValue, structured_outputs: JsonValue,
                          guided: JsonObject) -> StructuredOutput | None:
     """The one structured-output request of a body (checked: the grammar compiles), or None."""
+    asked = asked_output_of(response_format, structured_outputs, guided)
+    return checked(asked) if asked is not None else None
+
+
+def asked_output_of(response_format: JsonValue, structured_outputs: JsonValue,
+                    guided: JsonObject) -> StructuredOutput | None:
+    """The one structured-output request of a body, its JSON options applied, not compiled yet (a 400 when its
+    fields are malformed), or None."""
     found: list[StructuredOutput] = []
     if response_format is not None:
         spec = _from_response_format(response_format)
@@ -54,8 +62,7 @@ def structured_output_of(response_format: JsonValue, structured_outputs: JsonVal
                                f"{found[0].field})", param=found[1].field)
     if not found:
         return None
-    # whichever field asked for it
-    return checked(found[0].model_copy(update=json_options(structured_outputs)))
+    return found[0].model_copy(update=json_options(structured_outputs))  # whichever field asked for it
 
 
 def checked(spec: StructuredOutput, parts: Sequence[StructuredOutput] = ()) -> StructuredOutput:

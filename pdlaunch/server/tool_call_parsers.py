@@ -11,7 +11,9 @@
 Which format a call takes is read from the output, not set per model. A strict tool under auto constrains the
 Hermes format only (server/tool_calls.py: the text from `HERMES_START` to `HERMES_END` must be a call of the
 tools); a Llama 3 JSON call is never constrained, strict or not: nothing marks where it begins (the tag is
-optional), and forcing every answer that opens with "{" into a call would turn JSON content into calls.
+optional), and forcing every answer that opens with "{" into a call would turn JSON content into calls. When the
+request asks for the answer's form (response_format / structured_outputs), a JSON answer is that answer: no Llama 3
+call is read out of it (`parse_auto(..., json_calls=False)`).
 
 Every call comes out as OpenAI's `{"id", "type": "function", "function": {"name", "arguments"}}`, its
 arguments a JSON string.
@@ -31,15 +33,15 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 PYTHON_TAG = "<|python_tag|>"
 
 
-def parse_auto(text: str) -> tuple[str | None, list[JsonObject]]:
-    """Hermes / Qwen blocks, else a Llama 3 JSON call; (text, []) when neither parses."""
+def parse_auto(text: str, json_calls: bool = True) -> tuple[str | None, list[JsonObject]]:
+    """Hermes / Qwen blocks, else (`json_calls`) a Llama 3 JSON call; (text, []) when neither parses."""
     start = text.find(HERMES_START)
     if start >= 0:
         calls = _calls_of(_HERMES.findall(text[start:]))
         # As written, whitespace kept (vLLM's hermes parser), so it is what a stream sent before the call.
         return (text[:start] or None, calls) if calls else (text, [])
     stripped = text.strip().removeprefix(PYTHON_TAG).strip()
-    if not stripped.startswith("{"):
+    if not json_calls or not stripped.startswith("{"):
         return text, []
     calls = _llama_calls(stripped)
     return (None, calls) if calls is not None else (text, [])

@@ -18,15 +18,18 @@
 - A tool's `function.strict: true` (server/strict_field.py): a forced call of it stays closed when the request opens
   objects, and its `$ref`s are checked whatever tool_choice says. Under auto a strict tool's calls match its schema
   too, as OpenAI guarantees: when any tool is strict, auto's output is constrained by a lazy grammar
-  (engine/structured_output.tool_calls_grammar) of the Hermes / Qwen format: free text until the model writes
+  (engine/tool_calls_grammar.py) of the Hermes / Qwen format: free text until the model writes
   `<tool_call>`, then one JSON object {"name": one of the tools, "arguments": that tool's closed parameters} (either
   key first; a tool that is not strict: any JSON object), then `</tool_call>`, then free text or (parallel_tool_calls
   not false) another call. Text that never writes `<tool_call>` is not touched. A Llama 3 JSON call (a bare JSON
   object as the whole answer) is not constrained, strict or not: it has no marker that says a call begins (the
   `<|python_tag|>` is optional), and forcing every answer that starts with "{" into a call would turn JSON content
-  into calls; it stays parsed from free text. Without a strict tool, auto's output is not constrained at all. With
-  response_format / structured_outputs beside auto, the asked grammar constrains the output and calls are parsed from
-  it as before (one grammar per request): strict calls are then not guaranteed.
+  into calls; it stays parsed from free text. Each strict tool's schema is compiled once, whichever key comes first.
+  Without a strict tool, auto's output is not constrained at all (by the asked grammar alone, when one is asked).
+  With a JSON response_format / structured_outputs (json_schema, json_object, json, guided_json) beside strict auto,
+  one grammar holds both: the output is that JSON answer (content) or Hermes calls, and no free text (the content is
+  the asked JSON); a regex, choice or grammar cannot be joined to calls: a 400 naming it and the strict tool. With
+  any asked output beside auto, a JSON answer is content, never read as a Llama 3 JSON call (`answer_asked`).
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 - A whole answer's content beside named or required calls is "" (vLLM's), beside auto's calls the text
@@ -46,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
-from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.engine.structured_output import CalledTool, StructuredOutput, ToolCallsFormat
 from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
@@ -75,6 +78,9 @@ class ToolCalling:
     tools: list[Tool]
     named: str | None = None
     parallel: bool = True  # parallel_tool_calls: false keeps one call
+    # response_format / structured_outputs sets the answer's form (auto): a JSON answer is content, never read as a
+    # Llama 3 JSON call (`{"name": ...}` is an answer's key as often as a call's); Hermes blocks are still calls
+    answer_asked: bool = False
 
     def template_tools(self) -> list[JsonObject]:
         """The tools as vLLM passes them to the template: every declared field, a missing description or
@@ -82,11 +88,12 @@ class ToolCalling:
         other fields."""
         return [t.model_dump() for t in self.tools]
 
-    def structured_output(self) -> StructuredOutput | None:
+    def structured_output(self, answer: StructuredOutput | None = None) -> StructuredOutput | None:
         """The grammar that required / named tool choice imposes, and auto's when a tool is strict (None for auto
-        without a strict tool, and for none)."""
+        without a strict tool, and for none). `answer`: what response_format / structured_outputs asks for (not
+        compiled yet), which auto's strict calls' grammar holds beside them."""
         if self.mode == "auto" and any(_strict(t) for t in self.tools):
-            return self._strict_auto()
+            return self._strict_auto(answer)
         if self.mode == "named":  # a schema that does not compile is named where the client wrote it
             return next(p for p, t in zip(self.parameter_grammars(), self.tools) if t.function.name == self.named)
         if self.mode == "required":
@@ -102,23 +109,23 @@ class ToolCalling:
             return StructuredOutput(kind="json", value=json.dumps(schema), field="tools")  # every tool's parameters
         return None
 
-    def _strict_auto(self) -> StructuredOutput:
-        """Auto with a strict tool: free text and Hermes `<tool_call>` blocks (engine/structured_output.py's
-        tool_calls_grammar), each block one of the tools by name with, for a strict tool, its closed parameters as
-        arguments; a tool that is not strict takes any JSON object, as unconstrained auto would have parsed. Either
-        key may come first: Qwen writes the name first, Hermes 2 Pro / Hermes 3 the arguments (each order its own
-        copy of the schema: llguidance writes an object's keys in the order its schema lists them)."""
-        calls: list[JsonValue] = []
-        for keys in (("name", "arguments"), ("arguments", "name")):
-            for i, t in enumerate(self.tools):
-                arguments: JsonValue = {"type": "object"}  # not strict: any object, as a parsed call's
-                if _strict(t):
-                    arguments = _embedded(t, i, ("anyOf", str(len(calls)), "properties", "arguments"))
-                named: dict[str, JsonValue] = {"name": {"const": t.function.name}, "arguments": arguments}
-                calls.append({"type": "object", "properties": {key: named[key] for key in keys},
-                              "required": list(keys), "additionalProperties": False})
-        value = {"calls": {"anyOf": calls}, "start": HERMES_START, "end": HERMES_END, "parallel": self.parallel}
-        return StructuredOutput(kind="tool_calls", value=json.dumps(value), field="tools", strict=True)
+    def _strict_auto(self, answer: StructuredOutput | None) -> StructuredOutput:
+        """Auto with a strict tool: Hermes `<tool_call>` blocks (engine/tool_calls_grammar.py), each one of the tools
+        by name with, for a strict tool, its closed parameters as arguments (each schema compiled once, whichever key
+        comes first); a tool that is not strict takes any JSON object, as unconstrained auto would have parsed. The
+        calls come in free text, or beside a JSON `answer` instead of it: then the output is that JSON or calls. An
+        answer that is not JSON (a regex, choice or grammar) cannot be joined to calls: a 400 naming both fields."""
+        if answer is not None and answer.kind not in ("json", "json_object"):
+            strict = f"tools.{next(i for i, t in enumerate(self.tools) if _strict(t))}.function.strict"
+            raise OpenAIError(400, f"{answer.field} cannot constrain the output beside {strict}: under tool_choice "
+                                   "auto a strict tool's calls are constrained, and only a JSON answer "
+                                   "(response_format json_schema / json_object, structured_outputs.json, guided_json) "
+                                   f"can be the other choice of that grammar; drop {answer.field} or the tool's "
+                                   "strict, or ask for JSON", param=answer.field)
+        tools = [CalledTool(name=t.function.name, arguments=g if _strict(t) else None)
+                 for g, t in zip(self.parameter_grammars(), self.tools)]
+        calls = ToolCallsFormat(tools=tools, start=HERMES_START, end=HERMES_END, parallel=self.parallel, answer=answer)
+        return StructuredOutput(kind="tool_calls", value=calls.model_dump_json(), field="tools", strict=True)
 
     def grammar_parts(self) -> list[StructuredOutput]:
         """The grammars `structured_output`'s is made of, each named where the client wrote it: every tool's
@@ -148,7 +155,7 @@ class ToolCalling:
             return "", [tool_call(self.named or "", text)]
         if self.mode == "required":
             return "", parse_required(text)  # cut by max_tokens: never the array as content
-        return parse_auto(text)
+        return parse_auto(text, json_calls=not self.answer_asked)
 
 
 def tool_calling_of(tools: JsonValue, tool_choice: JsonValue, parallel: bool | None = None) -> ToolCalling | None:
@@ -199,8 +206,8 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
 
 
 def _embedded(tool: Tool, i: int, at: tuple[str, ...]) -> JsonValue:
-    """Tool `i`'s parameters schema where a call's schema holds it (at the path `at` of a required call's array, of
-    strict auto's calls): its `$ref`s name its own definitions
+    """Tool `i`'s parameters schema where a call's schema holds it (at the path `at` of a required call's array):
+    its `$ref`s name its own definitions
     from there (a `#/$defs/x` of its own read from the root of that schema named nothing), or a 400 naming the one
     that names nothing (or the `$id`, `$ref` or nesting past engine/schema_refs.py's bounds). A strict tool's
     parameters come closed (engine/strict_schema.close_objects, its `$ref`s read from its own root): the required

@@ -2,8 +2,8 @@
 function: {name, arguments}}`, later ones only `{index, function: {arguments}}`.
 
 A named call streams its arguments as they come; auto streams content until a tool call may start (the text
-from `<tool_call>`, or a reply that opens with "{", is held back) and sends the parsed calls when the request
-ends; required sends them at the end too.
+from `<tool_call>`, or a reply that opens with "{" unless response_format / structured_outputs asked for the answer,
+is held back) and sends the parsed calls when the request ends; required sends them at the end too.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ class ToolStream:
         start = self.text.find(HERMES_START)
         if start >= 0:
             return start
-        if self.text.lstrip().startswith(("{", PYTHON_TAG)):
+        json_calls = not self.calling.answer_asked  # a Llama 3 JSON call may come (tool_calls.py)
+        if json_calls and self.text.lstrip().startswith(("{", PYTHON_TAG)):
             return 0
         if finished:
             return len(self.text)
-        if PYTHON_TAG.startswith(self.text.lstrip()):  # the tag may be arriving in pieces
+        if json_calls and PYTHON_TAG.startswith(self.text.lstrip()):  # the tag may be arriving in pieces
             return 0
         for n in range(min(len(HERMES_START) - 1, len(self.text)), 0, -1):  # a marker may be arriving
             if HERMES_START.startswith(self.text[-n:]):

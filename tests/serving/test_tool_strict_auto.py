@@ -1,5 +1,5 @@
 """A `function.strict: true` tool under tool_choice auto: its calls match its schema (server/tool_calls.py, engine/
-structured_output.tool_calls_grammar). Auto was parsed from free text only, so a strict tool's call could break its
+tool_calls_grammar.py). Auto was parsed from free text only, so a strict tool's call could break its
 schema; now the output is free text until `<tool_call>`, then a call of one of the tools, a strict one's arguments
 closed to its parameters.
 
@@ -8,7 +8,7 @@ break the schema. Through a real instance's HTTP API: a tiny checkpoint whose to
 `</tool_call>` as added tokens, as Qwen's does (two of the random model's last BPE merges give their ids), and a
 logit_bias towards `<tool_call>`: the random model then writes the marker first, and with a strict tool the call
 that follows matches the schema, whole and streamed; without a strict tool the output is what it was (the same text
-as tool_choice none: nothing constrains it).
+as tool_choice none: nothing constrains it). response_format beside strict auto: test_tool_strict_auto_answer.py.
 """
 
 from __future__ import annotations
@@ -284,20 +284,11 @@ def test_a_strict_tools_schema_that_does_not_compile_is_a_400_naming_it_under_au
     assert answer.json()["error"]["param"] == "tools.1.function.parameters", answer.text
 
 
-def test_response_format_beside_strict_auto_constrains_the_output(url: str, checkpoint: Path,
-                                                                  marker_bias: dict[str, float]) -> None:
-    """One grammar a request: the asked one (as before), here a JSON object; no marker can be written."""
-    body = {"tools": [_tool("f", A, {"strict": True})], "logit_bias": marker_bias, "max_tokens": 24,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": A}}}
-    whole = _chat(url, checkpoint.name, body)
-    assert whole["message"]["content"] == '{"a":1}' and whole["finish_reason"] == "stop", whole
-
-
 def test_added_tokens_of_an_llguidance_without_eos_tokens() -> None:
     """llguidance 1.6 (which pyproject's llguidance>=1.0 allows) has `eos_token` alone, no `eos_tokens`: every
     grammar's matcher read its added tokens through the latter and failed with AttributeError (found on a GPU host
     with 1.6.1)."""
-    from pdlaunch.engine.structured_output import AddedTokens
+    from pdlaunch.engine.tool_calls_grammar import AddedTokens
 
     class OldTokenizer:  # the attributes LLTokenizer 1.6 has of those AddedTokens.of reads
         vocab_size = 4
