@@ -35,8 +35,9 @@ def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             s.stop()
 
 
-def _calls(serve: Serve) -> list[tuple[str, Any]]:
-    """(name, arguments) of the whole answer's calls, checked the same streamed."""
+def _calls(serve: Serve, asked: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, arguments) of the whole answer's calls, checked the same streamed; `asked`: the request's other
+    constraint (response_format), joined to the calls' grammar."""
     model = httpx.get(f"{serve.url}/v1/models", timeout=5).json()["data"][0]["id"]
     tokens = httpx.post(f"{serve.url}/tokenize", timeout=30, json={"model": model, "prompt": "<tool_call>",
                                                                    "add_special_tokens": False}).json()["tokens"]
@@ -44,7 +45,7 @@ def _calls(serve: Serve) -> list[tuple[str, Any]]:
     kwargs: dict[str, Any] = {
         "model": model, "messages": [{"role": "user", "content": "Call f"}], "max_tokens": 48, "temperature": 0,
         "tools": [{"type": "function", "function": {"name": "f", "parameters": A, "strict": True}}],
-        "parallel_tool_calls": False, "logit_bias": marker_bias(tokens)}
+        "parallel_tool_calls": False, "logit_bias": marker_bias(tokens), **asked}
     whole = client.chat.completions.create(**kwargs).choices[0]
     assert whole.finish_reason == "tool_calls", whole
     calls = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]
@@ -54,7 +55,10 @@ def _calls(serve: Serve) -> list[tuple[str, Any]]:
     return calls
 
 
-def test_a_strict_tools_auto_call_matches_its_schema_pd_equals_colocated(deployments: dict[str, Serve]) -> None:
-    pd, colocated = _calls(deployments["pd"]), _calls(deployments["colocated"])
+@pytest.mark.parametrize("asked", [{}, {"response_format": {"type": "json_schema", "json_schema": {
+    "name": "answer", "schema": {"type": "object", "properties": {"x": {"type": "integer"}}}}}}])
+def test_a_strict_tools_auto_call_matches_its_schema_pd_equals_colocated(deployments: dict[str, Serve],
+                                                                         asked: dict[str, Any]) -> None:
+    pd, colocated = _calls(deployments["pd"], asked), _calls(deployments["colocated"], asked)
     assert pd == colocated and [name for name, _ in pd] == ["f"]
     jsonschema.validate(pd[0][1], {**A, "additionalProperties": False})
