@@ -34,7 +34,7 @@ from pdlaunch.config.ray_fit import deployment_placements
 from pdlaunch.config.ray_init import cluster_words
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
-from pdlaunch.launcher.backends.ray_head import HeadWatch
+from pdlaunch.launcher.backends.ray_head import LOST_S, HeadWatch
 from pdlaunch.launcher.backends.ray_killed import quiet_worker_deaths
 from pdlaunch.launcher.backends.ray_proxy import RayProxy
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
@@ -92,6 +92,7 @@ class RayDeployment:
             self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
             self.forget_timeout_s = FORGET_TIMEOUT_S
             self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before placing it
+            self._held: set[str] = set()  # ended instances left as they are while the head does not answer
         except BaseException:  # a stop signal raised here too (ray.py `_connected`)
             self.stalls.stop()  # its probe thread is not started yet: this only closes its client
             self._http.close()
@@ -148,10 +149,10 @@ class RayDeployment:
                     self._restart_when_due(run, time.monotonic())
                 elif run.state == "starting":
                     how = self.actors.exit_of(run)
-                    if how is not None:
+                    if how is not None and self._head_answers(run, how, time.monotonic()):
                         raise RayDeploymentFailed(f"{run.name} {how} while starting", hint=f"its log: {run.log_path}",
                                                   log_path=run.log_path)
-                    if self.answers(run):
+                    if how is None and self.answers(run):
                         # ready for its restart record too: one placed again meanwhile (it lost a node) is live
                         run.state, run.record.ready = "ready", True
                         self.say(f"{run.name} is ready at {run.url}")
@@ -205,7 +206,24 @@ class RayDeployment:
             self.actors.place(run)
             self.say(f"{run.name}: restart {record.restarts}: placement group asked of Ray")
 
+    def _head_answers(self, run: RayRun, how: str, now: float) -> bool:
+        """Whether the head's GCS accepts connections now, so that the end of `run` (`how` it ended) can be acted on
+        with Ray calls. An actor seen dead while it does not most often died with the head (ray_head.py): then every
+        Ray call that asks the GCS would block until Ray ends this process, so the run is left as it is (said once)
+        until the GCS answers again or the head watch finds it gone (LOST_S) and the deployment stops."""
+        if self.head.answers_now(now):
+            self._held.discard(run.name)
+            return True
+        if run.name not in self._held:
+            self._held.add(run.name)
+            self.say(f"{run.name} {how}; the Ray cluster's head does not answer (its GCS at {self.head.address}): "
+                     f"nothing is removed until it does, and the deployment stops if it has not within "
+                     f"{LOST_S:.0f}s")
+        return False
+
     def _ended(self, run: RayRun, how: str, now: float) -> None:
+        if not self._head_answers(run, how, now):
+            return  # looked at again next tick: the head watch ends the deployment, or the GCS is back
         self.stalls.forget(run.name)
         self.actors.remove(run)
         run.state = "down"
@@ -270,7 +288,12 @@ class RayDeployment:
         hurried = hurry or (lambda: False)
         try:
             self.proxy.stop(drain, hurried)
-            if self.head.lost:  # every Ray call that asks the GCS would block until Ray ends this process
+            if not self.head.answers_now(time.monotonic()):
+                # every Ray call that asks the GCS would block until Ray ends this process; Ray ends the actors and
+                # placement groups of a driver gone (none is detached), the raylets those of a dead GCS
+                if not self.head.lost:
+                    self.say(f"the Ray cluster's head does not answer (its GCS at {self.head.address}): the actors "
+                             "and placement groups are left to Ray, which ends them with this launcher")
                 return
             self.actors.stop(self.runs, drain, hurried)
         finally:

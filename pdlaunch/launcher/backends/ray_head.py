@@ -6,6 +6,11 @@ its own: no pdlaunch error, and calls such as removing a placement group block u
 launcher probes the GCS port itself (a TCP connect, no Ray call) every PROBE_S; once it has refused
 connections for LOST_S in a row the deployment stops with an error naming the address, and skips the
 Ray calls that would block (the raylets end the actors themselves when their GCS is gone).
+
+The actors may die with the head (a head that is the only node, or whose raylet held them) and be seen dead before
+LOST_S: an actor's end is acted on (its actors killed, its placement group removed: Ray calls that ask the GCS)
+only once `answers_now` found the GCS accepting connections; until then the instance is left as it is, and the
+head's loss ends the deployment after LOST_S (ray_deployment.py).
 """
 
 from __future__ import annotations
@@ -45,18 +50,36 @@ class HeadWatch:
 
     def check(self, now: float) -> str | None:
         """Probe when due (`now`: time.monotonic()); what went wrong once the GCS refused for LOST_S, else None."""
-        if self._where is None or self.lost or now < self._next_probe:
+        if self._where is None or self.lost:
             return None
+        if now >= self._next_probe:
+            self._probe(now)
+        if self._down_since is None or now - self._down_since < LOST_S:
+            return None
+        self.lost = True
+        return (f"the Ray cluster's head is gone: its GCS at {self.address} has not accepted a connection "
+                f"for {now - self._down_since:.0f}s ({self._why})")
+
+    def answers_now(self, now: float) -> bool:
+        """Whether the GCS accepts a connection now, probed at once (a refusal seen within PROBE_S stands): False
+        when it refuses (or was found gone), and then every Ray call that asks it (killing an actor, removing a
+        placement group) would block until Ray ends this process. A refusal counts towards LOST_S as check's do.
+        True where there is nothing to probe (left to Ray)."""
+        if self.lost:
+            return False
+        if self._where is None:
+            return True
+        if self._down_since is None or now >= self._next_probe:
+            self._probe(now)
+        return self._down_since is None
+
+    def _probe(self, now: float) -> None:
+        assert self._where is not None
         self._next_probe = now + PROBE_S
         try:
             socket.create_connection(self._where, timeout=CONNECT_TIMEOUT_S).close()
         except OSError as exc:
             if self._down_since is None:
                 self._down_since, self._why = now, str(exc) or type(exc).__name__
-            if now - self._down_since < LOST_S:
-                return None
-            self.lost = True
-            return (f"the Ray cluster's head is gone: its GCS at {self.address} has not accepted a connection "
-                    f"for {now - self._down_since:.0f}s ({self._why})")
+            return
         self._down_since = None
-        return None
