@@ -260,3 +260,19 @@ def test_rays_own_paragraph_for_a_dead_worker_is_not_printed_beside_the_launcher
     out = capsys.readouterr().out
     assert "A worker died" not in out and "running low on memory" not in out, out
     assert out.count("has been marked dead because the detector has missed") == 1, out
+
+
+@pytest.mark.parametrize("failure", ["raised", "ray error"])
+def test_a_rank_whose_address_call_failed_otherwise_is_named(failure: str, deployment: RayDeployment,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 exited with code 1 and rank 2's `node_address` call failed with an error other than its actor's death:
+    a RayTaskError (the call raised) or another RayError escaped exit_of, and the launcher's tick, as a traceback."""
+    exiting = ExitingRay(1)
+    monkeypatch.setattr(deployment.actors, "ray", exiting)
+    run = deployment.runs[1]
+    run.serve_ref = "serve"  # type: ignore[assignment]
+    run.actors = [RankActor("node-0"), RankActor("node-1"), RankActor("node-2")]
+    exiting.failures["node-2"] = (task_error("ray::RayRank.node_address()", OSError("no route to host"))  # type: ignore[assignment]
+                                  if failure == "raised" else ray.exceptions.RaySystemError("the raylet went away"))
+    cause = "OSError: no route to host" if failure == "raised" else "System error: the raylet went away"
+    assert deployment.actors.exit_of(run) == f"exited with code 1 (its TP rank 2 actor failed ({cause}))"

@@ -191,7 +191,8 @@ class RayActors:
         """Which of the instance's ranks 1..T-1 a kill from outside ended (while it was built or while it served), said
         as ray_killed.py says it; None when none was. Rank 0 exits with code 1 when a rank's actor dies (its log names
         the rank and Ray's death cause): the cause is read again here from a call to each rank's actor, which Ray
-        fails with it at once when the actor is dead."""
+        fails with it at once when the actor is dead. A call that failed otherwise (it raised: RayTaskError; another
+        RayError) is that rank's failure, named by its cause."""
         refs = [actor.node_address.remote() for actor in run.actors[1:]]
         if not refs:
             return None
@@ -205,6 +206,8 @@ class RayActors:
                 killed = outside_kill(str(exc))
                 if killed is not None:
                     return f"its TP rank {rank} actor ended by {killed}"
+            except self.ray.exceptions.RayError as exc:  # its call raised (RayTaskError), or Ray failed it otherwise
+                return f"its TP rank {rank} actor failed ({ray_failure(exc)})"
         return None
 
     def stop(self, runs: list[RayRun], drain: bool, hurry: Callable[[], bool]) -> None:
