@@ -16,6 +16,7 @@ from rich.text import Text
 from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
+from pdlaunch.config.flag_terms import in_flag_terms
 from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.loader import (
     flag_over_file_warnings,
@@ -66,11 +67,12 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
 _WIDEST_TABLE = 1000  # columns: a bound for measuring the instances table's natural width
 
 
-def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
+def _host_line(cfg: DeploymentConfig, target: TargetHost | None, flags: Mapping[str, str]) -> str:
     if cfg.launcher.backend == "ray":  # the instances run on the cluster's nodes, never on this machine
         from pdlaunch.config.ray_check import ray_host_line
 
-        return ray_host_line(cfg, target)
+        # `--ray-address auto` typed: named as the flag, not the key launcher.ray_address the user never wrote
+        return in_flag_terms(ray_host_line(cfg, target), flags)
     if target is not None:
         return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB ({target.source})"
     if checked_on_nodes(cfg, target):
@@ -115,8 +117,9 @@ def weights_quantization(cfg: DeploymentConfig) -> str | None:
     return None if quant is None else quant.description
 
 
-def _instances(console: Console, cfg: DeploymentConfig, info: ModelInfo | None, target: TargetHost | None) -> None:
-    """The model line and the instances table."""
+def _instances(console: Console, cfg: DeploymentConfig, info: ModelInfo | None, target: TargetHost | None,
+               flags: Mapping[str, str]) -> None:
+    """The model line and the instances table (`flags`: config path -> the flag that set it)."""
     quantization = weights_quantization(cfg)
     # CPU has no FP8 GEMM: the weights are dequantized into the model dtype as they load
     weights = "" if quantization is None else f"  weights {quantization}" + (
@@ -128,7 +131,7 @@ def _instances(console: Console, cfg: DeploymentConfig, info: ModelInfo | None, 
     kv_line = "  kv cache fp8" if kv_dtypes == {"fp8"} else ""
     console.print(Text(f"model {cfg.model.path}  dtype {cfg.model.dtype}{weights}  max_model_len "
                        f"{cfg.model.max_model_len}  block_size {cfg.cache.block_size}{kv_line}  "
-                       f"on {_host_line(cfg, target)}"))
+                       f"on {_host_line(cfg, target, flags)}"))
     ep = any(s.expert_parallel is not None for s in settings)  # a MoE model
     table = Table(title="instances", title_justify="left")
     extra_columns = (["ep"] if ep else []) + (["kv cache"] if kv_column else [])
@@ -147,9 +150,9 @@ def _instances(console: Console, cfg: DeploymentConfig, info: ModelInfo | None, 
     console.print(table)
 
 
-def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:
+def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None, flags: Mapping[str, str]) -> None:
     info, _ = model_info_for(cfg)
-    _instances(console, cfg, info, target)
+    _instances(console, cfg, info, target, flags)
     if size_problems(cfg):  # reported below; planning its ports or memory would walk every rank
         return
     transfer = ("none (colocated)" if cfg.colocated
@@ -202,6 +205,7 @@ class CheckReport(NamedTuple):
     warnings: list[Problem]
     resolved: DeploymentConfig | None
     target: TargetHost | None
+    flags: Mapping[str, str]  # config path -> the flag that set it: the summary names what the user typed
 
 
 def check_report(config_path: Path | None, overrides: Mapping[str, object], target_gpus: int | None,
@@ -223,7 +227,8 @@ def check_report(config_path: Path | None, overrides: Mapping[str, object], targ
         from pdlaunch.config.ray_fit import free_warnings  # the ray package: only under --backend ray
 
         warnings += free_warnings(resolved)  # the deployment fits the idle cluster: is that much free now?
-    return CheckReport(problems, warnings, resolved, target)
+    flags = flag_fields(overrides, resolved.instances) if resolved is not None else {}
+    return CheckReport(problems, warnings, resolved, target, flags)
 
 
 def _json_summary(cfg: DeploymentConfig) -> dict[str, object]:
@@ -237,7 +242,7 @@ def _json_summary(cfg: DeploymentConfig) -> dict[str, object]:
 
 def print_report(report: CheckReport, json_output: bool) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
-    problems, warnings, resolved, target = report
+    problems, warnings, resolved, target, flags = report
     if json_output:
         doc = {
             "valid": not problems,
@@ -250,7 +255,7 @@ def print_report(report: CheckReport, json_output: bool) -> int:
         return 0 if not problems else 1
     console = Console(highlight=False, soft_wrap=True)
     if resolved is not None:
-        _summary(console, resolved, target)
+        _summary(console, resolved, target, flags)
     for field, message in warnings:
         line = Text("warning: ", style="bold yellow")
         line.append(f"{field}: {message}")

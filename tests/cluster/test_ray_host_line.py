@@ -4,6 +4,7 @@ runs the proxy only. A stand-in for the ray module (test_ray_cluster_device.py's
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -57,3 +58,26 @@ def test_a_cluster_that_cannot_be_asked_again_is_named_by_its_address(monkeypatc
     assert ray_host_line(cfg("cpu"), None) == ("the Ray cluster this machine is part of (launcher.ray_address auto: "
                                                "RAY_ADDRESS=10.0.0.7:6379) (cpu; Ray places each instance on its "
                                                "nodes)")
+
+
+def test_auto_typed_as_the_flag_is_named_as_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--ray-address auto` typed: the host line said `launcher.ray_address auto`, a key the user never wrote (the
+    connect's errors and serve's lines say --ray-address)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: ConnectedRay([CPU_HEAD, CPU_HEAD]))
+    result = check(["--model", "tiny", "--backend", "ray", "--ray-address", "auto"])
+    assert result.exit_code == 0, result.output
+    assert ("on the Ray cluster this machine is part of (--ray-address auto: RAY_ADDRESS is not set: the one a `ray "
+            "start` on this machine runs), at 10.0.0.1:6379 (cpu;" in " ".join(result.output.split())), result.output
+    assert "launcher.ray_address" not in result.output, result.output
+
+
+def test_auto_from_the_file_is_named_by_its_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: ConnectedRay([CPU_HEAD, CPU_HEAD]))
+    config = tmp_path / "pd.yaml"
+    config.write_text("launcher: {backend: ray, ray_address: auto}\nmodel: {path: tiny}\n")
+    result = check([str(config)])
+    assert result.exit_code == 0, result.output
+    assert "(launcher.ray_address auto: RAY_ADDRESS is not set" in " ".join(result.output.split()), result.output
+    assert "--ray-address" not in result.output, result.output
