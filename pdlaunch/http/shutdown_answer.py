@@ -6,17 +6,16 @@ When the app's `stopping` event is set (the drain less a margin: http/draining_s
 began), every request whose response has not started is cancelled in its own task and answered so. Where
 `cut_streams` (an instance: its streams know nothing of the shutdown), a streamed body already under way (one without
 Content-Length) is cut too and ends whole: an SSE stream with a shutting_down error event and [DONE], another (the
-NDJSON KV events) after its last whole line; the proxy's streams end with their own event (proxy/upstream.py). An
-SSE stream whose caller `moves_streams` itself (an instance's proxy: its internal token) ends after its last whole
-event, with no error event: the proxy reads that as its decode gone and continues the stream on another decode
-(proxy/leg_failure.py, proxy/migrate.py), where an error event would end the client's stream. A request that arrives
-after that is answered the 503 at once.
+NDJSON KV events) after its last whole line; the proxy's streams end with their own event (proxy/upstream.py). The
+instance's proxy gets the event too: it takes it for its decode gone and continues the stream on another decode where
+it can, and passes it on to its client where it cannot (no other decode ready, the request not migratable, migration
+off or past its limit: proxy/migrate.py), which only the proxy knows. A request that arrives after that is answered
+the 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,12 +60,10 @@ def stop_before_deadline(stopping: asyncio.Event, drain_s: float) -> None:
 class ShutdownAnswer(HTTPMiddleware):
     """Answers the requests still running when `stopping` is set (module doc)."""
 
-    def __init__(self, app: ASGIApp, stopping: asyncio.Event, cut_streams: bool = False,
-                 moves_streams: Callable[[Scope], bool] = lambda _: False) -> None:
+    def __init__(self, app: ASGIApp, stopping: asyncio.Event, cut_streams: bool = False) -> None:
         super().__init__(app)
         self.stopping = stopping
         self.cut_streams = cut_streams
-        self.moves_streams = moves_streams
         self._running: set[asyncio.Task[object]] = set()  # requests whose response has not started, or streams
         self._cut: set[asyncio.Task[object]] = set()  # those cancelled here: their CancelledError is ours
         self._watch: asyncio.Task[Literal[True]] | None = None
@@ -109,8 +106,7 @@ class ShutdownAnswer(HTTPMiddleware):
             if not started:
                 await shutting_down().response()(scope, receive, send)
             else:  # a stream's sends are whole events (lines): one cancelled waited before it wrote anything
-                last = sse and not self.moves_streams(scope)
-                await send({"type": "http.response.body", "body": _STREAM_CUT if last else b"", "more_body": False})
+                await send({"type": "http.response.body", "body": _STREAM_CUT if sse else b"", "more_body": False})
         finally:
             self._running.discard(task)
             self._cut.discard(task)

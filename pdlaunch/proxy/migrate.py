@@ -7,8 +7,11 @@ client's stream, no text repeated or missing (stream_progress.py). Requests whos
 the continuation cannot rebuild from token ids are not migrated (continuation.not_migratable): their
 stream ends with the error event, as without migration.
 
-A decode that answers 503 shutting_down (it is stopping: SIGTERM, its pod deleted) before any of its answer
-was sent is taken for gone too (leg_failure.ShutDown).
+A decode that is stopping (SIGTERM, its pod deleted) is taken for gone too: one that answers 503 shutting_down before
+any of its answer was sent (leg_failure.ShutDown), and one whose drain cuts a stream, which it ends with the
+shutting_down error event (http/shutdown_answer.py; upstream.cut_by_shutdown): the stream goes on elsewhere, the event
+not relayed. Where nothing can go on (no other decode ready, the limit reached, a stream that cannot be continued),
+the client gets that 503 shutting_down, or the event, which says to retry on a running server, not a 502.
 
 A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
 decode (which computes the prompt itself). At most `limit` migrations per request; then the request
@@ -37,7 +40,7 @@ from pdlaunch.proxy.leg_failure import Failure, ShutDown, Stalled, another, leg_
 from pdlaunch.proxy.retry import Afresh, gone, on_live_instance
 from pdlaunch.proxy.stream_progress import Progress
 from pdlaunch.proxy.translate import is_shutting_down
-from pdlaunch.proxy.upstream import Proxy, Upstream
+from pdlaunch.proxy.upstream import STOPPING, Proxy, Upstream, cut_by_shutdown
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -45,6 +48,8 @@ DEFAULT_MIGRATION_LIMIT = 3
 LIMIT_CODE = "migration_limit"
 
 T = TypeVar("T")
+# A continuation that did not open: (its decode, why, that decode's shutting_down event where it stopped)
+Unopened = tuple[Instance, Failure, str | None]
 
 
 def fresh_leg(body: Body, leg: JsonObject) -> JsonObject:
@@ -104,6 +109,7 @@ class Migrations:
             return self._post_unless_stalled(instance, path, leg, headers, deadline)
 
         while True:
+            stopped: OpenAIError | None = None  # the 503 of a decode that stops: the answer if nothing goes on
             try:
                 return await on_live_instance(pool, target.role, target, functools.partial(post, leg=leg),
                                               afresh(leg, body, post, on_migrate))
@@ -112,7 +118,7 @@ class Migrations:
             except ShutDown as stop:
                 if not others(pool, stop.instance):
                     raise stop.error from None  # without another decode its answer stands
-                failed, reason, what = stop.instance, "died", "shut down"
+                failed, reason, what, stopped = stop.instance, "died", "shut down", stop.error
             except OpenAIError as exc:
                 # A refused or dropped connection (the leg went to another decode once: retry.py); an error
                 # answer is the instance's word.
@@ -120,7 +126,8 @@ class Migrations:
                     raise  # without another decode the first error stands
                 failed, reason, what = target, "died", "died"
             if migrations >= self.limit:
-                raise self._exhausted(request_id)
+                exhausted = self._exhausted(request_id)
+                raise stopped or exhausted  # a 503 shutting_down says to retry
             migrations += 1
             self.on_migrate(reason)
             on_migrate()
@@ -140,6 +147,7 @@ class Migrations:
             return self._open_unless_stalled(instance, path, leg, headers, deadline)
 
         while True:
+            stopped: OpenAIError | None = None  # the 503 of a decode that stops: the answer if nothing goes on
             try:
                 _, upstream = await on_live_instance(self.proxy.pool, target.role, target,
                                                      functools.partial(open_leg, leg=leg),
@@ -150,9 +158,10 @@ class Migrations:
             except ShutDown as stop:
                 if not others(self.proxy.pool, stop.instance):
                     raise stop.error from None  # without another decode its answer stands
-                failed, reason, what = stop.instance, "died", "shut down"
+                failed, reason, what, stopped = stop.instance, "died", "shut down", stop.error
             if migrations >= self.limit:
-                raise self._exhausted(request_id)
+                exhausted = self._exhausted(request_id)
+                raise stopped or exhausted  # a 503 shutting_down says to retry
             migrations += 1
             self.on_migrate(reason)
             on_migrate()
@@ -193,21 +202,27 @@ class Migrations:
                     migrated: int = 0) -> AsyncGenerator[bytes, None]:
         """The client's stream: `upstream`'s events, continued on another decode when it fails
         (`on_migrate()` runs before each continuation: the prefill's held KV goes back); `migrated`:
-        migrations the request took before its headers (open_stream)."""
+        migrations the request took before its headers (open_stream). A decode that stops (its shutting_down event,
+        or its 503 to a continuation) fails as a dead one; where the stream cannot go on, its client gets the
+        shutting_down event (it says to retry) rather than a 502."""
         progress = Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
         current, continued, migrations = upstream, False, migrated
-        # (the decode, why) when a continuation's decode stalled or shut down before its stream's headers: nothing to
-        # read
-        stalled_open: tuple[Instance, Failure] | None = None
+        unopened: Unopened | None = None  # a continuation's decode that stalled or stopped before its headers
         try:
             while True:
-                failed, failure = stalled_open or (current.instance, None)
-                stalled_open = None
+                # stopped: the failed decode's shutting_down event, the client's end if nothing goes on
+                failed, failure, stopped = unopened or (current.instance, None, None)
+                unopened = None
                 if failure is None:  # a leg whose stream opened: read on until it ends or fails
                     events = leg_events(self.proxy, current, deadline)
                     async for event in events:
                         if isinstance(event, Failure):
                             failure = event
+                            break
+                        if cut_by_shutdown(event) and not self.proxy.stopping.is_set():  # the decode's, not ours
+                            self.proxy.pool.mark_down(failed, STOPPING)
+                            stopped, failure = event, Failure("died", f"{failed.name} ({failed.url}) is shutting "
+                                                                      "down: its drain cut the stream")
                             break
                         if event == "[DONE]" or event.startswith('{"error"'):
                             progress.done = True
@@ -237,14 +252,14 @@ class Migrations:
                         yield sse_data("[DONE]")
                         return
                     if progress.head is not None and progress.prompt_ids is None:
-                        yield sse_event(error_body(502, failure.message + " (its stream carried no prompt token ids "
-                                                   "to continue from; not migrated)", code="instance_failed"))
+                        yield _final(stopped, error_body(502, failure.message + " (its stream carried no prompt token "
+                                                         "ids to continue from; not migrated)", code="instance_failed"))
                         return
                 if not others(self.proxy.pool, failed):  # nowhere to go: the failure as it is
-                    yield sse_event(error_body(502, failure.message, code="instance_failed"))
+                    yield _final(stopped, error_body(502, failure.message, code="instance_failed"))
                     return
                 if migrations >= self.limit:
-                    yield sse_event(self._exhausted(request_id).body())
+                    yield _final(stopped, self._exhausted(request_id).body())
                     return
                 migrations += 1
                 self.on_migrate(failure.reason)
@@ -253,21 +268,37 @@ class Migrations:
                 leg_path, leg, continued = _next_leg(progress, path, body, chat)
                 log.info("request %s: %s; continuing on %s from %d output tokens (migration %d of %d)",
                          request_id, failure.message, target.name, progress.committed, migrations, self.limit)
-                # As the first leg (open_stream): a decode that stalls before the headers leaves the leg for another.
-                open_leg = functools.partial(self._open_unless_stalled, path=leg_path, leg=leg, headers=headers,
-                                             deadline=deadline)
-                try:
-                    _, current = await on_live_instance(self.proxy.pool, target.role, target, open_leg)
-                except Stalled as stalled:
-                    stalled_open = (stalled.instance, Failure("stalled", f"{stalled.instance.name} "
-                                    f"({stalled.instance.url}) stalled before answering the stream's headers"))
-                except ShutDown as stop:
-                    stalled_open = (stop.instance, Failure("died", f"{stop.instance.name} ({stop.instance.url}) "
-                                                           "answered shutting_down: it is stopping"))
+                opened = await self._open_continuation(target, leg_path, leg, headers, deadline)
+                if isinstance(opened, Upstream):
+                    current = opened
+                else:
+                    unopened = opened
         except OpenAIError as exc:
             yield sse_event(exc.body())
         finally:
             await current.close()
+
+    async def _open_continuation(self, target: Instance, path: str, leg: JsonObject, headers: dict[str, str],
+                                 deadline: float) -> Upstream | Unopened:
+        """The continuation's open stream, on `target` (or once on another where `target` is gone: retry.py); or, as
+        for the first leg (open_stream), the decode that stalled or answered shutting_down before the stream's headers,
+        why, and its 503 as a stream's event (the client's end if nothing goes on)."""
+        open_leg = functools.partial(self._open_unless_stalled, path=path, leg=leg, headers=headers, deadline=deadline)
+        try:
+            return (await on_live_instance(self.proxy.pool, target.role, target, open_leg))[1]
+        except Stalled as stalled:
+            return stalled.instance, Failure("stalled", f"{stalled.instance.name} ({stalled.instance.url}) stalled "
+                                                        "before answering the stream's headers"), None
+        except ShutDown as stop:
+            return stop.instance, Failure("died", f"{stop.instance.name} ({stop.instance.url}) answered "
+                                                  "shutting_down: it is stopping"), \
+                json.dumps(stop.error.body(), separators=(",", ":"))
+
+
+def _final(stopped: str | None, error: JsonObject) -> bytes:
+    """The error event that ends a stream that cannot go on (the response adds [DONE]: sse.ending_with_done): the
+    shutting_down event of the decode that stopped (`stopped`), as it came, or else `error`'s."""
+    return sse_data(stopped) if stopped is not None else sse_event(error)
 
 
 def _next_leg(progress: Progress, path: str, body: Body, chat: bool) -> tuple[str, JsonObject, bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.retry_later import retry_after_of
-from pdlaunch.http.shutdown_answer import stop_before_deadline, stream_cut_body
+from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_CODE, stop_before_deadline, stream_cut_body
 from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.answers import AnswerTooLarge, read_body
-from pdlaunch.proxy.bodies import JsonObject
+from pdlaunch.proxy.bodies import JsonObject, as_object
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
@@ -33,6 +34,7 @@ from pdlaunch.proxy.translate import error_from_exception, error_from_response, 
 CONNECT_TIMEOUT_S = 5.0
 MAX_ANSWER_BYTES = MAX_EVENT_BYTES  # as one stream event: a long prompt's prompt_logprobs pass 100 MiB
 ERROR_MAX_BYTES = 1 << 20  # an error answer is a message of a few lines
+STOPPING = "it answered shutting_down: it is stopping"  # why an instance is marked down (`_answered`, `relay`)
 
 
 @dataclass
@@ -160,7 +162,7 @@ class Proxy:
         connection does (it takes no more requests; the leg goes on elsewhere: retry.py, migrate.py)."""
         error = error_from_response(instance, status, content, retry_after_s)
         if is_shutting_down(error):
-            self.pool.mark_down(instance, "it answered 503 shutting_down: it is stopping")
+            self.pool.mark_down(instance, STOPPING)
         return error
 
     async def relay(self, upstream: Upstream, deadline: float,
@@ -187,6 +189,8 @@ class Proxy:
                 for data in stream_payloads(parser, chunk, instance):
                     if data == "[DONE]" or data.startswith('{"error"'):
                         finished = True
+                        if cut_by_shutdown(data):  # its drain cut the stream: the client's end, and it takes no more
+                            self.pool.mark_down(instance, STOPPING)
                     yield sse_data(data)
             if not finished:
                 yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
@@ -199,6 +203,19 @@ class Proxy:
         finally:
             reader.close()
             await upstream.close()
+
+
+def cut_by_shutdown(data: str) -> bool:
+    """Whether a stream's event (its payload) is the shutting_down error event an instance's drain at shutdown ends a
+    stream with (http/shutdown_answer.py): the instance is stopping (SIGTERM, its pod deleted)."""
+    if not data.startswith('{"error"'):
+        return False
+    try:
+        event = as_object(json.loads(data))
+    except ValueError:
+        return False
+    error = as_object(event.get("error")) if event is not None else None
+    return error is not None and error.get("code") == SHUTTING_DOWN_CODE
 
 
 async def _error_body(response: httpx.Response) -> bytes:

@@ -12,11 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.datastructures import Headers
-from starlette.types import Scope
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
-from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, AccessPolicy, RequireAuth
+from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.first_byte import FirstByteTimer
 from pdlaunch.http.limits import BodyLimit
@@ -33,8 +31,8 @@ ROUTE_MODULES = (status, completions, tokenize, sleep, internal, kv_events)
 def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceSpec) -> FastAPI:
     """The FastAPI app of one instance. The lifespan starts and stops the engine thread. Setting
     `app.state.stopping` (server/__main__.py: shortly before the drain at shutdown runs out) answers what is still
-    running 503 shutting_down, a stream its error event (the proxy's stream its end alone, to continue it on another
-    decode, where proxy.migration_limit lets it; http/shutdown_answer.py)."""
+    running 503 shutting_down, a stream its error event, the proxy's too (http/shutdown_answer.py: the proxy continues
+    the stream on another decode where it can, else passes the event on to its client)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -49,13 +47,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     app.state.stopping = stopping = asyncio.Event()
     security = config.security  # the last middleware added runs first: no body is read before auth
     policy = AccessPolicy.from_secrets(security.api_key, security.deployment_secret)
-
-    def from_proxy(scope: Scope) -> bool:  # the proxy continues a stream cut here on another decode
-        # ... unless proxy.migration_limit is 0: it relays the stream's end as it comes, and the shutting_down event
-        # tells its client to retry (a bare end became `502 instance_failed ... closed the stream`)
-        return config.proxy.migration_limit > 0 and policy.is_internal(Headers(scope=scope).get(INTERNAL_TOKEN_HEADER))
-
-    app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True, moves_streams=from_proxy)
+    app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True)
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
     app.add_middleware(RequireAuth, policy=policy)
     app.add_middleware(FirstByteTimer, histogram=TIME_TO_FIRST_BYTE)

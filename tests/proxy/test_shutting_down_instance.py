@@ -9,13 +9,13 @@ front of fake instances."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from pdlaunch.http.shutdown_answer import shutting_down
+from pdlaunch.http.shutdown_answer import shutting_down, stream_cut_body
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -53,17 +53,19 @@ class _Decode(FakeInstance):
 class _Deployment:
     """The proxy in front of `prefills` and `decodes` (name, app), each picked in the order given."""
 
-    def __init__(self, prefills: list[FastAPI], decodes: list[FastAPI], migration_limit: int = 3) -> None:
+    def __init__(self, prefills: list[FastAPI], decodes: list[FastAPI], migration_limit: int = 3,
+                 decode_role: Literal["decode", "colocated"] = "decode") -> None:
         self.ports = PortAllocator("127.0.0.1")
         self.servers = [ThreadServer(app, self.ports.free(f"p{i}")) for i, app in enumerate(prefills)] + \
             [ThreadServer(app, self.ports.free(f"d{i}")) for i, app in enumerate(decodes)]
         self.prefills, self.decodes, self.limit = len(prefills), len(decodes), migration_limit
+        self.decode_role = decode_role
 
     def __enter__(self) -> _Deployment:
         urls = [s.__enter__().url for s in self.servers]
         self.pool = InstancePool(
             [Instance("prefill", u, f"prefill-{i}") for i, u in enumerate(urls[:self.prefills])]
-            + [Instance("decode", u, f"decode-{i}") for i, u in enumerate(urls[self.prefills:])])
+            + [Instance(self.decode_role, u, f"{self.decode_role}-{i}") for i, u in enumerate(urls[self.prefills:])])
         app = build_proxy_app(self.pool, 60.0, deployment_secret=SECRET, migration_limit=self.limit)
         self.proxy = ThreadServer(app, self.ports.free("proxy"))
         self.url = self.proxy.__enter__().url
@@ -172,3 +174,91 @@ def test_a_continuation_whose_decode_answers_shutting_down_goes_on_on_another_de
         assert "".join(e["choices"][0]["text"] for e in events) == "AB"
         assert stopping.bodies[0]["prompt"] == finishing.bodies[0]["prompt"] == [1, 2, 7]
         assert 'pdlaunch_proxy_migrations_total{reason="died"} 2.0' in pd.metrics()
+
+
+class _Cut(FakeInstance):
+    """A decode whose drain at shutdown cuts every stream it runs: one chunk ("A", or "B" for a continuation: a prompt
+    of ids), then the shutting_down event and [DONE], as an instance's ShutdownAnswer ends it."""
+
+    async def completions(self, request: Request) -> Any:
+        body = await self.body(request)
+        continued = isinstance(body["prompt"], list)
+        choice: dict[str, Any] = {"index": 0, "text": "B" if continued else "A", "token_ids": [7],
+                                  "finish_reason": None}
+        if not continued:
+            choice["prompt_token_ids"] = [1, 2]
+        chunk = {"id": "cmpl-c", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+        events = [f"data: {json.dumps(chunk)}\n\n".encode(), f"data: {json.dumps(stream_cut_body())}\n\n".encode(),
+                  b"data: [DONE]\n\n"]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+
+def _stream(url: str, **fields: Any) -> list[str]:
+    """The `data:` payloads of a streamed completion through the proxy at `url`."""
+    text = httpx.post(f"{url}/v1/completions", json={"prompt": "go", "max_tokens": 4, "stream": True, **fields},
+                      timeout=30).text
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def _ends_shutting_down(events: list[str]) -> None:
+    """The stream ends with the decode's shutting_down event then [DONE]: the client's 503, which says to retry, not a
+    502 instance_failed ("closed the stream before it finished")."""
+    assert events[-1] == "[DONE]", events
+    errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
+    assert [e["code"] for e in errors] == ["shutting_down"] and "shutting down" in errors[0]["message"], events
+
+
+def test_a_stream_its_decode_ends_with_the_shutting_down_event_goes_on_on_the_other_decode() -> None:
+    """The decode's drain cut the stream: the proxy takes its shutting_down event for the decode gone (a `died`
+    migration, the decode marked down) and the client gets the whole text, no error event."""
+    cut, finishing = _Cut(), _Continuing("length")
+    with _Deployment([Prefill().app], [cut.app, finishing.app]) as pd:
+        events = _stream(pd.url)
+        assert events[-1] == "[DONE]" and not [e for e in events if e.startswith('{"error"')], events
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == "AB", events
+        assert finishing.bodies[0]["prompt"] == [1, 2, 7]
+        assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in pd.metrics()
+        assert pd.state("decode-0") == "down"
+
+
+def test_a_stream_its_decode_cuts_ends_with_the_shutting_down_event_where_it_cannot_go_on() -> None:
+    """No other decode ready (1P1D whose decode is stopped, one colocated instance whose pod is deleted), the request
+    not migratable (a `stop` string), migration off, or the limit reached: the client gets the decode's shutting_down
+    event as the stream's end (it was `502 instance_failed ... closed the stream before it finished` where migration
+    was on)."""
+    cases: list[tuple[str, list[FastAPI], list[FastAPI], int, dict[str, Any], str]] = [
+        ("no other decode", [Prefill().app], [_Cut().app], 3, {}, "decode"),
+        ("one colocated instance", [], [_Cut().app], 3, {}, "colocated"),
+        ("not migratable", [Prefill().app], [_Cut().app, _Decode().app], 3, {"stop": ["zz"]}, "decode"),
+        ("migration off", [Prefill().app], [_Cut().app, _Decode().app], 0, {}, "decode"),
+        ("limit reached", [Prefill().app], [_Cut().app, _Cut().app, _Decode().app], 1, {}, "decode"),
+    ]
+    for name, prefills, decodes, limit, fields, role in cases:
+        with _Deployment(prefills, decodes, migration_limit=limit, decode_role=role) as pd:  # type: ignore[arg-type]
+            events = _stream(pd.url, **fields)
+            try:
+                _ends_shutting_down(events)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
+            assert events[0].startswith("{") and json.loads(events[0])["choices"][0]["text"] == "A", (name, events)
+
+
+def test_a_stream_whose_decode_and_the_next_one_both_stop_ends_with_shutting_down() -> None:
+    """The decode's drain cut the stream, and the only other decode answers the continuation 503 shutting_down: nowhere
+    left to go, the client gets the shutting_down event (not a 502 naming the second decode's answer)."""
+    with _Deployment([Prefill().app], [_Cut().app, _Stopping().app]) as pd:
+        events = _stream(pd.url)
+        _ends_shutting_down(events)
+        assert 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in pd.metrics()
+
+
+def test_past_the_migration_limit_a_request_whose_last_decode_stopped_gets_the_503_shutting_down() -> None:
+    """Every decode the request went to answered 503 shutting_down until proxy.migration_limit: the client gets that
+    503 with its Retry-After (it says to retry), not the 502 migration_limit; whole, or a stream before its headers."""
+    for stream in (False, True):
+        with _Deployment([Prefill().app], [_Stopping().app, _Stopping().app, _Decode().app], migration_limit=1) as pd:
+            answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4, "stream": stream},
+                                timeout=30)
+            assert answer.status_code == 503, (stream, answer.text)
+            assert answer.json()["error"]["code"] == "shutting_down" and answer.headers["retry-after"] == "1", \
+                (stream, answer.text)

@@ -1,6 +1,7 @@
 """A decode stopped on its own (SIGTERM, as when its pod is deleted) while the proxy runs: at the end of its drain it
-ends the streams the proxy relays after their last whole event, with no shutting_down event (http/shutdown_answer.py),
-so the proxy continues each on the other decode (proxy/migrate.py) and the client's stream finishes without an error;
+ends the streams the proxy relays with the shutting_down event (http/shutdown_answer.py), which the proxy takes for the
+decode gone: it continues each on the other decode (proxy/migrate.py), the event not relayed, and the client's stream
+finishes without an error;
 a request that is not streamed, which the decode answers 503 shutting_down, is sent again whole to the other decode
 and answered 200 with the uninterrupted run's greedy text; the decode's own log has no traceback. Through
 `pdlaunch serve` (1 prefill + 2 decodes, the tiny model on CPU)."""

@@ -22,8 +22,11 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import internal_headers
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.__main__ import GRACEFUL_SHUTDOWN_S
-from tests.serving.helpers import wait_for
+from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.instance_process import instance_process
 
 TIMEOUT_S = 120.0
@@ -71,9 +74,9 @@ class Stream(threading.Thread):
 
 @pytest.mark.slow
 def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback(tmp_path: Path) -> None:
-    """A client's stream ends with the shutting_down event; the proxy's (its internal token) after its last whole
-    event alone: the proxy takes that for its decode gone and continues the stream on another (proxy/migrate.py),
-    where the event would have ended it at the client."""
+    """A client's stream ends with the shutting_down event, and so does the proxy's (its internal token): the proxy
+    takes the event for its decode gone and continues the stream on another where it can, and passes it on to its
+    client where it cannot (proxy/migrate.py); the instance cannot tell which. It ended the proxy's stream bare."""
     with instance(tmp_path) as (url, proc, log):
         client, proxy = Stream(url), Stream(url, internal_headers(SECRET))
         client.start()
@@ -97,28 +100,36 @@ def test_sigterm_answers_what_the_drain_cuts_with_shutting_down_and_no_traceback
     assert r.json()["error"]["code"] == "shutting_down" and "shutting down" in r.json()["error"]["message"], r.text
     assert r.headers["retry-after"] == "1", r.headers
     assert waited < GRACEFUL_SHUTDOWN_S + 5, waited  # answered at the drain's end
-    assert client.whole and client.events[-1] == "[DONE]", client.events[-3:]
-    assert json.loads(client.events[-2])["error"]["code"] == "shutting_down", client.events[-3:]
-    assert proxy.whole and json.loads(proxy.events[-1])["choices"][0]["finish_reason"] is None, proxy.events[-3:]
+    for stream in (client, proxy):
+        assert stream.whole and stream.events[-1] == "[DONE]", stream.events[-3:]
+        assert json.loads(stream.events[-2])["error"]["code"] == "shutting_down", stream.events[-3:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
         assert bad not in text, text[-3000:]
 
 
 @pytest.mark.slow
-def test_without_migration_the_proxys_stream_ends_with_the_shutting_down_event(tmp_path: Path) -> None:
-    """proxy.migration_limit 0: the proxy does not continue a decode's stream elsewhere, it relays the decode's end as
-    it comes. A stream it relays that the drain cuts ends with the shutting_down event then [DONE], as a client's:
-    ended bare, the proxy's client got `502 instance_failed ... closed the stream before it finished` instead of the
-    503 shutting_down that says to retry on a running server."""
-    with instance(tmp_path, migration_limit=0) as (url, proc, log):
-        proxy = Stream(url, internal_headers(SECRET))
-        proxy.start()
-        assert proxy.streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
-        proc.send_signal(signal.SIGTERM)
-        proxy.join(TIMEOUT_S)
-        assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
-    assert proxy.whole and proxy.events[-1] == "[DONE]", proxy.events[-3:]
-    assert json.loads(proxy.events[-2])["error"]["code"] == "shutting_down", proxy.events[-3:]
+@pytest.mark.parametrize("migration_limit", [3, 0])
+def test_a_stream_through_the_proxy_to_its_only_instance_ends_with_shutting_down(tmp_path: Path,
+                                                                                migration_limit: int) -> None:
+    """One colocated instance (its pod deleted, SIGTERM) behind the proxy: its drain cuts the client's stream, which
+    has no other instance to go on on, with migration on or off: the client gets the shutting_down event then [DONE],
+    which says to retry on a running server. With migration on it got `502 instance_failed ... closed the stream
+    before it finished` (the instance ended the proxy's stream bare, for the proxy to continue elsewhere)."""
+    ports = PortAllocator("127.0.0.1")
+    with instance(tmp_path, migration_limit=migration_limit) as (url, proc, log):
+        pool = InstancePool([Instance("colocated", url, "colocated-0")])
+        app = build_proxy_app(pool, TIMEOUT_S, deployment_secret=SECRET, migration_limit=migration_limit)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: pool.instances[0].state == "ready", "the proxy to see the instance", TIMEOUT_S)
+            client = Stream(proxy.url)
+            client.start()
+            assert client.streaming.wait(TIMEOUT_S), f"no streamed token within {TIMEOUT_S}s"
+            proc.send_signal(signal.SIGTERM)
+            client.join(TIMEOUT_S)
+            assert proc.wait(TIMEOUT_S) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    assert client.whole and client.events[-1] == "[DONE]", client.events[-3:]
+    error = json.loads(client.events[-2])["error"]
+    assert error["code"] == "shutting_down" and "retry" in error["message"], client.events[-3:]
     assert "Traceback" not in log.read_text(errors="replace")
 
 
