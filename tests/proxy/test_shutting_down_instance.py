@@ -9,9 +9,11 @@ front of fake instances."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 import httpx
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -221,11 +223,13 @@ def test_a_stream_its_decode_ends_with_the_shutting_down_event_goes_on_on_the_ot
         assert pd.state("decode-0") == "down"
 
 
-def test_a_stream_its_decode_cuts_ends_with_the_shutting_down_event_where_it_cannot_go_on() -> None:
+def test_a_stream_its_decode_cuts_ends_with_the_shutting_down_event_where_it_cannot_go_on(
+        caplog: pytest.LogCaptureFixture) -> None:
     """No other decode ready (1P1D whose decode is stopped, one colocated instance whose pod is deleted), the request
     not migratable (a `stop` string), migration off, or the limit reached: the client gets the decode's shutting_down
     event as the stream's end (it was `502 instance_failed ... closed the stream before it finished` where migration
-    was on)."""
+    was on), and the decode is marked down, as one that answers 503 shutting_down."""
+    caplog.set_level(logging.WARNING, logger="pdlaunch.proxy")
     cases: list[tuple[str, list[FastAPI], list[FastAPI], int, dict[str, Any], str]] = [
         ("no other decode", [Prefill().app], [_Cut().app], 3, {}, "decode"),
         ("one colocated instance", [], [_Cut().app], 3, {}, "colocated"),
@@ -241,6 +245,9 @@ def test_a_stream_its_decode_cuts_ends_with_the_shutting_down_event_where_it_can
             except AssertionError as exc:
                 raise AssertionError(f"{name}: {exc}") from None
             assert events[0].startswith("{") and json.loads(events[0])["choices"][0]["text"] == "A", (name, events)
+            marked = f"{role}-0 ({pd.servers[len(prefills)].url}) marked down: it answered shutting_down"
+            assert marked in caplog.text, name
+            caplog.clear()
 
 
 def test_a_stream_whose_decode_and_the_next_one_both_stop_ends_with_shutting_down() -> None:
