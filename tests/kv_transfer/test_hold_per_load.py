@@ -84,6 +84,24 @@ def test_a_load_that_claims_after_another_load_of_its_decode_ended_the_hold_is_r
     assert _claim(holds, FIRST) == Empty()
 
 
+def test_a_refused_claim_says_what_each_load_failure_policy_does_then() -> None:
+    """The prefill does not know the decode's kv_transfer.load_failure_policy: a refused claim names both outcomes
+    (it said "this one computes the prompt itself", which under `fail` is not what happens: the request fails)."""
+    holds = _held()
+    _notify(holds, "read_done", FIRST)
+    with pytest.raises(KVTransferError) as refused:
+        _claim(holds, SECOND)
+    loads = [load_id(f"cmpl-{n}") for n in range(MAX_LOADS_PER_HOLD + 1)]
+    crowded = _held()
+    for load in loads[:MAX_LOADS_PER_HOLD]:
+        _claim(crowded, load)
+    with pytest.raises(KVTransferError) as too_many:
+        _claim(crowded, loads[-1])
+    for error in (refused.value, too_many.value):
+        assert "kv_transfer.load_failure_policy, recompute: the decode computes the prompt itself; fail: the " \
+               "request fails" in str(error), error
+
+
 def test_a_loads_readers_are_fixed_by_its_first_notification() -> None:
     """Decode TP 2 reads prefill TP 1: the load's two ranks each send one word (readers=2). A word that names more
     ranks than the first did changes nothing: the load is through at its second rank's word, not at the cap."""

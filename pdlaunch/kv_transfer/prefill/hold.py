@@ -31,8 +31,10 @@ load's end, proxy release or lease ends the hold between two of its chunks. A st
 WRITE, also keeps the blocks while it reads them (`busy`): no hold is freed under a copy.
 Claims, stage requests and notifications name their reader (the decode engine) and its load (a `Reader`: both
 shared by the TP ranks of one decode, decode/load.py `Load.load_id`), and count per load; pushes and cancels name
-their decode load (`owner`). A proxy that retries a decode leg on another decode (the first one died) sends that
-decode the same params, and a client may send its params again, or a leg be retried, to the same decode: so several
+their decode load (`owner`). pdlaunch's proxy retries a decode leg on another decode with the same params only after
+the first refused the connection (it never got the leg); after a dropped connection or a shutting_down answer, as in a
+migration, the leg goes without them and the hold is released (proxy/retry.py). But a client may send its params
+again, a proxy of another make retry a leg with them, or a leg be retried, to the same decode or another: so several
 loads may take one hold, reading or pushing (decodes may load in different transfer modes). Every load that took the
 hold keeps it until it is through (`through`): a READ (or staged pull) that claimed it until all its notifications
 are in, a push the side channel accepted until its last chunk landed or it failed or was cancelled. The hold ends
@@ -46,7 +48,8 @@ names; without a handshake here, from its first counted word; waiting for the la
 inflated word kept the hold to its cap), and one whose notifications are all in counts no more (a release sent again,
 or more than `readers`): a load's release nonces are at most its `readers`, and a hold takes at most
 MAX_LOADS_PER_HOLD loads.
-A load that comes after the hold ended fails and computes the prompt: a late claim (its READ must neither see
+A load that comes after the hold ended fails (its decode computes the prompt, or the request fails:
+kv_transfer.load_failure_policy): a late claim (its READ must neither see
 blocks freed after another load's read_done nor be told "held throughout" of a hold another load read), a stage
 request, or a push. A decode that died without a word (between two chunks of its push, or during its claimed READ
 or staged pull) is through once the prefill is told it ended (`drop_engine`: its launcher asks,
@@ -254,10 +257,15 @@ def engine_ended(request_id: str, engine_id: str) -> KVTransferError:
                            "it) before its message was served", hint="nothing to load")
 
 
+# What a refused load's decode does; the prefill that refuses it does not know the decode's policy.
+REFUSED_LOAD = ("this load fails, and by its decode's kv_transfer.load_failure_policy, recompute: the decode computes "
+                "the prompt itself; fail: the request fails")
+
+
 def too_many_loads(request_id: str) -> KVTransferError:
     """A claim of `request_id` by a load beyond the MAX_LOADS_PER_HOLD that took its hold."""
     return KVTransferError(f"request {request_id}: {MAX_LOADS_PER_HOLD} decode loads took its hold already",
-                           hint="its params were sent to decodes again and again; this one computes the prompt")
+                           hint=f"its params were sent to decodes again and again; {REFUSED_LOAD}")
 
 
 def not_held(request_id: str, lease_seconds: float, how: str | None = None) -> KVTransferError:

@@ -19,6 +19,7 @@ from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.copy_claims import CopyClaims
 from pdlaunch.kv_transfer.prefill.hold import (
     MAX_LOADS_PER_HOLD,
+    REFUSED_LOAD,
     Hold,
     Reader,
     cancel_push,
@@ -212,8 +213,9 @@ class HoldTable(CopyClaims):
                     raise KVTransferError(
                         f"request {message.request_id} was read by another load of its params "
                         f"({', '.join(map(reader_name, sorted(read_by)))}) and its blocks freed",
-                        hint="the proxy sent one prefill's KV to two decode loads (a decode died and its leg was "
-                        "retried, or the client sent its params again): this one computes the prompt itself")
+                        hint="one prefill's kv_transfer_params reached two decode loads (a client sent them again, "
+                        "or a proxy retried a decode leg with them after its decode had read the KV); "
+                        f"{REFUSED_LOAD}")
                 raise not_held(message.request_id, self.lease_seconds, how)
             if not takes(hold, reader):
                 raise too_many_loads(message.request_id)
