@@ -8,7 +8,8 @@ across requests, prompt_pieces.py, and off the event loop unless what is left to
 the tokens the chosen decode does not cache already: its KV cache events say which of the prompt's leading
 blocks it holds (kv_events.py, prefix.py; without them, every token counts).
 A prompt with fewer than N such tokens goes to the decode without kv_transfer_params: the decode
-computes what it lacks itself (as with kv_transfer.load_failure_policy recompute), and no KV moves.
+computes what it lacks itself (as with kv_transfer.load_failure_policy recompute), and no KV moves. A PD request whose
+prefill leg can run nowhere goes the same way under that policy (prefill_leg.py).
 
 With proxy.disaggregate_max_queue_tokens Q, a prompt that would go PD is spilled to its decode too
 while every ready prefill instance has at least Q uncached prompt tokens queued (prefill legs sent, not

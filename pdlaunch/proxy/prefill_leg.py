@@ -1,16 +1,28 @@
-"""The prefill leg under its own deadline: a stalled prefill is abandoned, never waited on.
+"""The prefill leg under its own deadline: a stalled prefill is abandoned, never waited on; and what happens when no
+prefill can run the leg.
 
 A prefill that is alive but does not answer (SIGSTOPped, hung in a collective, swapped out) keeps the
 connection open: without a deadline of its own the leg would wait for the whole request's
 (proxy.request_timeout_seconds). Past the prefill deadline, or as soon as the health probe marks the
-instance stalled (instances.py), the leg is abandoned, retried once on
-another ready prefill, and when that is not possible either the prompt is computed by the decode
-(kv_transfer.load_failure_policy: recompute, as a decode does when it cannot load the KV) or the
-request fails with a 504 naming the stall (policy fail).
+instance stalled (instances.py), the leg is abandoned and retried once on another ready prefill. A prefill that is
+gone (refused the connection, dropped it before answering, or answered 503 shutting_down while it stops: retry.py)
+leaves the leg to another ready prefill, once (retry.py on_live_instance).
+
+When the leg can run nowhere (every prefill tried stalled or was gone, none other is ready, or none was ready when the
+request came: all restarting, being rolled, asleep), kv_transfer.load_failure_policy decides, whatever the cause:
+recompute (the default) sends the client's request to the decode alone, without kv_transfer_params, as a short prompt
+goes under proxy.disaggregate_min_tokens: the decode computes the prompt itself, as it does when it cannot load the
+KV; logged (WARNING) and counted in pdlaunch_proxy_legs_retried{role="prefill",reason="recompute"}. Under fail the
+request fails: a 504 prefill_stalled naming the stall when a prefill stalled, else a 503 no_instance with Retry-After
+(when the soonest prefill should be ready again: unready.py) naming the prefills, the policy's field and how to
+change it. A 1P1D deployment whose prefill restarts thus keeps answering under recompute, slower (each decode
+computes its prompts) but without errors.
 
 The abandoned leg holds no KV for long: closing its connection is a client leaving, so the prefill,
 once it runs again, aborts the request or releases what it held for it (server/app.py), and the
-KV lease (kv_transfer.kv_lease_seconds) frees anything left.
+KV lease (kv_transfer.kv_lease_seconds) frees anything left. A gone prefill holds none past its end: one that
+refused the connection never got the leg, one that dropped it died or saw its client leave (as an abandoned leg),
+and one that answered shutting_down stops, its KV with it; the lease frees what a prefill that lives on still holds.
 
 The deadline (PrefillDeadline): proxy.prefill_timeout_seconds when set; else derived from the
 prompt's length and the measured prefill speed:
@@ -29,12 +41,15 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.retry_later import RetryLater
 from pdlaunch.proxy.bodies import Body, JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.retry import on_live_instance
+from pdlaunch.proxy.retry import gone, on_live_instance
+from pdlaunch.proxy.unready import no_instance_retry_after
 from pdlaunch.proxy.upstream import Proxy
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -43,6 +58,9 @@ FLOOR_S = 5.0  # a short prompt on a loaded instance, and the scheduling of a ba
 SLACK = 4.0  # how much slower than the average a prefill may be before it counts as stalled
 COLD_S = 60.0  # before any prefill leg answered: model warm-up, first CUDA graphs and kernels
 ALPHA = 0.2  # weight of the newest leg in the average
+NO_INSTANCE = "no_instance"  # InstancePool.pick's code: no instance of the role is ready
+UNDER_FAIL = ("kv_transfer.load_failure_policy is fail, so the decode does not compute the prompt itself; set it to "
+              "recompute (the default) to have the decode compute prompts while no prefill can")
 T = TypeVar("T")
 
 
@@ -86,6 +104,14 @@ class PrefillStalled(Exception):
                          if marked else f"{instance.name} did not answer the prefill leg within {seconds:.1f}s")
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """No prefill answered the leg, and the decode computes the prompt itself (policy recompute): `why`, for the
+    request's log line."""
+
+    why: str  # "stalled", "gone", "none ready"
+
+
 async def _cancel(task: asyncio.Future[T]) -> None:
     if not task.done():
         task.cancel()
@@ -100,6 +126,7 @@ class PrefillLegs:
         self.pool: InstancePool = proxy.pool
         self.deadline = deadline
         self.recompute = recompute  # kv_transfer.load_failure_policy == "recompute"
+        self.without_prefill = 0  # requests the decode computed since no prefill was ready (said once: none_ready)
 
     async def _leg(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                    request_deadline: float, budget: float) -> JsonObject:
@@ -121,14 +148,19 @@ class PrefillLegs:
         raise PrefillStalled(instance, budget)
 
     async def run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
-                  request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | None:
-        """(prefill that answered, its answer), or None: no prefill answered in time and the decode is to
-        compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail.
+                  request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | Recompute:
+        """(prefill that answered, its answer), or Recompute: no prefill answered (stalled, or gone with no other
+        ready) and the decode is to compute the prompt itself. Under policy fail raises a 504 OpenAIError naming the
+        stall, or, with no stall, a 503 no_instance naming the prefill that was gone (module doc).
         The leg's X-Request-Id (headers) is one no other request uses (prompt_request._leg_id): cancelled (the
         client left), the leg asks every prefill it was sent to, a replacement for one that was gone
         included, to release what it holds for that id: one that answered as the client left holds KV
         for params nobody read (it saw no disconnect: its answer was already sent). In front of foreign
         instances the releaser is off and the id may be the client's own."""
+        if self.without_prefill:
+            log.info("%s is ready again: PD requests have a prefill leg again (%d computed by decodes meanwhile)",
+                     first.name, self.without_prefill)
+            self.without_prefill = 0
         sent: list[Instance] = []
         try:
             return await self._run(first, path, leg, headers, request_deadline, chars, sent)
@@ -138,9 +170,11 @@ class PrefillLegs:
             raise
 
     async def _run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
-                   request_deadline: float, chars: int, sent: list[Instance]) -> tuple[Instance, JsonObject] | None:
+                   request_deadline: float, chars: int,
+                   sent: list[Instance]) -> tuple[Instance, JsonObject] | Recompute:
         tried: list[Instance] = []  # the candidates chosen here; on_live_instance may send to one more each
-        stalls: list[PrefillStalled] = []
+        failures: list[str] = []
+        stalled = False
         candidate: Instance | None = first
         while candidate is not None and len(tried) < 2:
             budget = min(self.deadline.seconds_for(chars), self.proxy.remaining(request_deadline))
@@ -154,23 +188,67 @@ class PrefillLegs:
             try:
                 prefill, answer = await on_live_instance(self.pool, "prefill", candidate, call)
             except PrefillStalled as stall:
-                stalls.append(stall)
+                stalled = True
+                failures.append(str(stall))
                 log.warning("request %s: %s; abandoned (its KV, if any, is released when it runs again or "
                             "by the lease)", headers.get("X-Request-Id", "?"), stall)
                 others = [i for i in self.pool.instances
-                          if i.role == "prefill" and i.state == "ready" and i not in tried]
+                          if i.role == "prefill" and i.state == "ready" and i not in sent]
                 candidate = self.pool.policy.choose("prefill", others) if others and len(tried) < 2 else None
                 if candidate is not None:
                     self.pool.on_retry("prefill", "stalled")
                 continue
+            except OpenAIError as exc:
+                if not gone(exc):
+                    raise
+                # on_live_instance found no other ready prefill, or the other was gone too: none is left to try
+                failures.append(f"{sent[-1].name} is gone ({exc.message}), and no other prefill instance is ready")
+                break
             self.deadline.observe(chars, time.monotonic() - started)
             return prefill, answer
-        what = "; ".join(str(s) for s in stalls)
-        if self.recompute and request_deadline > time.monotonic():
+        return self._nowhere(failures, stalled, headers.get("X-Request-Id", "?"), request_deadline)
+
+    def _nowhere(self, failures: list[str], stalled: bool, request_id: str,
+                 request_deadline: float) -> Recompute:
+        """No prefill answered the leg: Recompute under policy recompute (a stall's only while the request has
+        time left), else the error that says why (module doc)."""
+        what = "; ".join(failures)
+        if self.recompute and (not stalled or request_deadline > time.monotonic()):
             self.pool.on_retry("prefill", "recompute")
             log.warning("request %s: %s; the decode computes the prompt itself "
-                        "(kv_transfer.load_failure_policy: recompute)", headers.get("X-Request-Id", "?"), what)
-            return None
-        why = "kv_transfer.load_failure_policy: fail" if not self.recompute else "proxy.request_timeout_seconds"
-        raise OpenAIError(504, f"prefill stalled: {what} (proxy.prefill_timeout_seconds), and no other prefill "
-                               f"instance answered in time ({why})", code="prefill_stalled")
+                        "(kv_transfer.load_failure_policy: recompute)", request_id, what)
+            return Recompute("stalled" if stalled else "gone")
+        if stalled:
+            why = "kv_transfer.load_failure_policy: fail" if not self.recompute else "proxy.request_timeout_seconds"
+            raise OpenAIError(504, f"prefill stalled: {what} (proxy.prefill_timeout_seconds), and no other prefill "
+                                   f"instance answered in time ({why})", code="prefill_stalled")
+        raise self._unavailable(f"the prefill leg could not run: {what}")
+
+    def none_ready(self, exc: OpenAIError, request_id: str) -> Recompute:
+        """No prefill instance was ready for a request (`exc`: InstancePool.pick's 503 no_instance): Recompute under
+        policy recompute, else that 503, its Retry-After kept, saying what the policy does and how to change it."""
+        if not self.recompute:
+            message = f"{exc.message}; {UNDER_FAIL}"
+            if isinstance(exc, RetryLater):
+                raise RetryLater(message, NO_INSTANCE, exc.retry_after_s) from None
+            raise OpenAIError(503, message, code=NO_INSTANCE) from None
+        self.pool.on_retry("prefill", "recompute")
+        states = ", ".join(f"{i.name} {i.state}" for i in self.pool.instances if i.role == "prefill")
+        # Said once, then at DEBUG until a prefill is ready again: a prefill's restart would log every request.
+        log.log(logging.DEBUG if self.without_prefill else logging.WARNING,
+                "request %s: no prefill instance is ready (%s); the decode computes the prompt itself "
+                "(kv_transfer.load_failure_policy: recompute), as it does for every request until a prefill is ready "
+                "(counted in pdlaunch_proxy_legs_retried{role=\"prefill\",reason=\"recompute\"})", request_id,
+                states or "none configured")
+        self.without_prefill += 1
+        return Recompute("none ready")
+
+    def _unavailable(self, what: str) -> OpenAIError:
+        """The 503 no_instance of a leg that no prefill could run under policy fail: Retry-After when the soonest
+        prefill should be ready again (none while every one is asleep: a wait does not end that)."""
+        prefills = [i for i in self.pool.instances if i.role == "prefill"]
+        message = f"{what}; {UNDER_FAIL}, or retry later (GET /instances shows each instance's state)"
+        retry_after_s = no_instance_retry_after(prefills, self.pool.restart_backoff_s, self.pool.clock())
+        if retry_after_s is None:
+            return OpenAIError(503, message, code=NO_INSTANCE)
+        return RetryLater(message, NO_INSTANCE, retry_after_s)

@@ -21,7 +21,7 @@ from pdlaunch.proxy.call import Call, suffixed
 from pdlaunch.proxy.decode_leg import DecodeLeg
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.proxy.prefill_leg import prompt_chars
+from pdlaunch.proxy.prefill_leg import NO_INSTANCE, Recompute, prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
 from pdlaunch.proxy.translate import (
     client_limit_error,
@@ -132,34 +132,13 @@ class PromptRequest(DecodeLeg):
                                 f"disaggregate_max_itl_ms {disaggregation.max_itl_ms:g}"
                                 if decision == DECODE_BUSY else "") + ")")
         first_token = continues_from_first_token(body)
-        answered = None
-        if decision not in ON_DECODE:
-            leg = prefill_body(body, chat, first_token, decode_limits=state.proxy.kv.enabled,
-                               decode_kv_cache=target.kv_capacity)
-            started = time.monotonic()
-            prefill = self._choose("prefill", prompt).instance
-            leg_id = self._leg_id()
-
-            async def release(done: tuple[Instance, JsonObject] | None) -> None:
-                """An answer that came in as the request was cancelled: what the prefill holds goes back."""
-                if done is not None:
-                    state.proxy.kv.release_client_soon(done[0], leg_id)
-
-            try:
-                answered = await self.call.watch.run(state.prefill_legs.run(
-                    prefill, self.call.path, leg, {**self.headers, "X-Request-Id": leg_id},
-                    self.call.deadline, prompt_chars(body)), discard=release)
-            except OpenAIError as exc:
-                raise client_limit_error(exc, body, chat) from None
-            finally:
-                self.unqueue_prefill()
-        if answered is None:  # a short prompt, or no prefill answered in time: the decode computes it
-            if decision not in ON_DECODE:
-                self.legs.append("no prefill (stalled)")
+        answered = None if decision in ON_DECODE else await self._prefill_leg(prompt, target, first_token)
+        if not isinstance(answered, tuple):  # a short prompt, or no prefill could answer: the decode computes it
+            if answered is not None:
+                self.legs.append(f"no prefill ({answered.why})")
             return target, {k: v for k, v in body.items() if k != "kv_transfer_params"}
         prefill, self.prefill_answer = answered
         self.legs.append(prefill.name)
-        state.proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
         self.held = (prefill, kv_params_of(prefill, self.prefill_answer))
         leg = decode_body(body, self.held[1])
         if first_token and ended_by_first_token(body, chat, self.prefill_answer):
@@ -170,6 +149,40 @@ class PromptRequest(DecodeLeg):
             self.release_held()
             self.held = None
         return target, leg
+
+    async def _prefill_leg(self, prompt: PromptBlocks | None, decode: Instance,
+                           first_token: bool) -> tuple[Instance, JsonObject] | Recompute:
+        """(the prefill that answered, its answer), or Recompute: no prefill could answer, none was ready included,
+        and the decode computes the prompt (kv_transfer.load_failure_policy recompute; under fail the error that
+        says why: prefill_leg.py)."""
+        state, body, chat = self.call.state, self.body, self.call.chat
+        leg = prefill_body(body, chat, first_token, decode_limits=state.proxy.kv.enabled,
+                           decode_kv_cache=decode.kv_capacity)
+        started = time.monotonic()
+        try:
+            prefill = self._choose("prefill", prompt).instance
+        except OpenAIError as exc:
+            if exc.code != NO_INSTANCE:
+                raise
+            return state.prefill_legs.none_ready(exc, self.request_id)
+        leg_id = self._leg_id()
+
+        async def release(done: tuple[Instance, JsonObject] | Recompute) -> None:
+            """An answer that came in as the request was cancelled: what the prefill holds goes back."""
+            if isinstance(done, tuple):
+                state.proxy.kv.release_client_soon(done[0], leg_id)
+
+        try:
+            answered = await self.call.watch.run(state.prefill_legs.run(
+                prefill, self.call.path, leg, {**self.headers, "X-Request-Id": leg_id},
+                self.call.deadline, prompt_chars(body)), discard=release)
+        except OpenAIError as exc:
+            raise client_limit_error(exc, body, chat) from None
+        finally:
+            self.unqueue_prefill()
+        if isinstance(answered, tuple):
+            state.proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
+        return answered
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:

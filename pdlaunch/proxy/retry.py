@@ -11,6 +11,12 @@ instance, any other error answer is the instance's word, and a streamed answer i
 byte reached the client (this runs before the stream is handed to the client). A prefill leg that
 outlives its own deadline (a stalled instance) is retried by prefill_leg.py.
 
+With no other ready instance of the role (or the other gone too) the error stands, and the caller decides: a decode
+leg's goes to its client (503 instance_unreachable or shutting_down, 502 for a dropped connection), while a prefill
+leg's prompt is left to the decode, which computes it itself, under kv_transfer.load_failure_policy recompute, or the
+request fails with a 503 no_instance naming the policy under fail (prefill_leg.py), as when no prefill was ready at
+all.
+
 Only a refused connection says the instance never got the leg. One that dropped the connection, or answered
 shutting_down (mostly a leg the end of its drain cut: it ran until then), may have begun it: a decode leg's decode
 may have read the prefill's KV, and the prefill freed that hold at its read_done, so the same kv_transfer_params
@@ -64,7 +70,7 @@ async def on_live_instance(pool: InstancePool, role: str, first: Instance,
     """(instance that answered, its result): `call(first)`, or, when `first` is gone (refused or
     dropped the connection, or answered shutting_down), `call` once on another ready instance of `role`;
     `afresh.call` instead where given and `first` did not refuse the connection (it may have begun the leg).
-    The first error stands when there is none."""
+    The first error stands when there is none (a prefill leg's then falls back: prefill_leg.py)."""
     try:
         return first, await call(first)
     except OpenAIError as exc:

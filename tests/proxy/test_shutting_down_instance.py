@@ -2,7 +2,8 @@
 taken for gone, as one that dropped the connection: a decode's request that is not streamed, a stream it refuses
 before its headers, or a stream's continuation goes on on another decode (a `died` migration, without the prefill's KV
 params; the held KV goes back), a prefill's leg goes to another prefill (retry.py), and the instance is marked down.
-With no other instance of its role the client gets the instance's 503 shutting_down with its Retry-After; with
+With no other decode the client gets the instance's 503 shutting_down with its Retry-After (with no other prefill the
+decode computes the prompt under kv_transfer.load_failure_policy recompute: prefill_leg.py); with
 proxy.migration_limit 0 a decode leg is retried once on another decode, as a gone one. Through the proxy's HTTP app in
 front of fake instances."""
 
@@ -123,7 +124,7 @@ def test_a_prefill_that_answers_shutting_down_leaves_the_leg_to_another_prefill(
 
 
 def test_with_no_other_instance_the_client_gets_the_503_shutting_down_and_without_migration_one_retry() -> None:
-    for prefills, decodes, limit in (([Prefill().app], [_Stopping().app], 3), ([_Stopping().app], [_Decode().app], 3),
+    for prefills, decodes, limit in (([Prefill().app], [_Stopping().app], 3),
                                      ([Prefill().app], [_Stopping().app, _Decode().app], 0)):
         with _Deployment(prefills, decodes, migration_limit=limit) as pd:
             answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
@@ -133,6 +134,17 @@ def test_with_no_other_instance_the_client_gets_the_503_shutting_down_and_withou
                 assert answer.headers["retry-after"] == "1"
             else:  # migration off: the leg is still retried once on another decode (retry.py), as a gone one
                 assert answer.status_code == 200, answer.text
+
+
+def test_with_no_other_prefill_the_decode_computes_the_prompt_of_a_prefill_that_answers_shutting_down() -> None:
+    """Under kv_transfer.load_failure_policy recompute (the default), as for a stalled prefill (prefill_leg.py); the
+    other cases, and policy fail's 503: test_prefill_gone_recompute.py."""
+    stopping, decode = _Stopping(), _Decode()
+    with _Deployment([stopping.app], [decode.app]) as pd:
+        answer = httpx.post(f"{pd.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert len(stopping.bodies) == 1 and "kv_transfer_params" not in decode.bodies[0]
+        assert 'pdlaunch_proxy_legs_retried_total{reason="recompute",role="prefill"} 1.0' in pd.metrics()
 
 
 class _Continuing(FakeInstance):

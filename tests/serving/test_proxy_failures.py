@@ -105,25 +105,36 @@ def test_unreachable_prefill_is_retried_on_a_live_one_and_marked_down(setup: Any
     assert {i["name"]: i["state"] for i in r}["prefill-1"] == "down"
 
 
-def test_unreachable_prefill_without_another_is_a_503(setup: Any) -> None:
+def _recomputed(url: str) -> float:
+    """The proxy's count of prompts the decode computed because no prefill could (prefill_leg.py)."""
+    name = 'pdlaunch_proxy_legs_retried_total{reason="recompute",role="prefill"} '
+    lines = [line for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines() if line.startswith(name)]
+    return float(lines[0][len(name):]) if lines else 0.0
+
+
+def test_unreachable_prefill_without_another_leaves_the_prompt_to_the_decode(setup: Any) -> None:
     """Only the unreachable prefill-1 is left: prefill-0 answers /health 503, so the proxy's probe keeps it out
     (a state set by hand on a healthy instance is undone by the next probe, a second later: on a loaded machine
-    the request could come after it). Whether the request tries prefill-1 (instance_unreachable) or the probe
-    has marked it down first (no_instance), the client gets a 503 that names it."""
-    url, _, pool, prefill = setup
+    the request could come after it). Whether the request tries prefill-1 (refused) or the probe has marked it down
+    first (none ready), the prefill leg can run nowhere, and under kv_transfer.load_failure_policy recompute (the
+    default) the decode computes the prompt: the client's request, without kv_transfer_params (policy fail's 503:
+    tests/proxy/test_prefill_gone_recompute.py)."""
+    url, decode, pool, prefill = setup
+    recomputed = _recomputed(url)
     _mark_ready(pool)
     prefill.healthy = False
     try:
         wait_for(lambda: pool.instances[0].state == "unhealthy", "the probe to mark prefill-0 unhealthy")
         pool.instances[2].state = "ready"
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True}, timeout=10)
-        assert r.status_code == 503, r.text
-        assert r.json()["error"]["code"] in ("instance_unreachable", "no_instance")
-        assert "prefill-1" in r.json()["error"]["message"]
-        # once the leg found it unreachable (or the probe did), it is down: the next request says so too
+        assert r.status_code == 200, r.text
+        assert "kv_transfer_params" not in decode.requests[-1] and decode.requests[-1]["prompt"] == "ok"
+        # once the leg found it unreachable (or the probe did), it is down: the next request finds no prefill ready
         wait_for(lambda: pool.instances[2].state == "down", "prefill-1 to be marked down")
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=10)
-        assert r.status_code == 503 and "prefill-1 down" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True, "max_tokens": 3}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert "kv_transfer_params" not in decode.requests[-1] and decode.requests[-1]["max_tokens"] == 3
+        assert _recomputed(url) == recomputed + 2
     finally:
         prefill.healthy = True
     wait_for(lambda: pool.instances[0].state == "ready", "prefill-0 to be ready again")

@@ -23,7 +23,7 @@ from pdlaunch.launcher.stall_watch import StallWatch
 from pdlaunch.launcher.supervisor import Supervisor
 from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.prefill_leg import COLD_S, FLOOR_S, SLACK, PrefillDeadline, PrefillLegs, prompt_chars
+from pdlaunch.proxy.prefill_leg import COLD_S, FLOOR_S, SLACK, PrefillDeadline, PrefillLegs, Recompute, prompt_chars
 from pdlaunch.proxy.upstream import Proxy
 from tests.config.cli_helpers import assert_invalid, check
 from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
@@ -114,7 +114,7 @@ def test_a_prefill_leg_is_abandoned_as_soon_as_the_health_probe_marks_its_instan
 
 def test_when_no_prefill_answers_in_time_the_decode_computes_the_prompt_under_policy_recompute() -> None:
     proxy, legs = _proxy(stalled={"p0", "p1"})
-    assert asyncio.run(_run(legs)) is None
+    assert asyncio.run(_run(legs)) == Recompute("stalled")
     assert _retried(proxy, "stalled") == 1 and _retried(proxy, "recompute") == 1
 
 
