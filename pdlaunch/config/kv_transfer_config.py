@@ -30,7 +30,9 @@ class KVTransferConfig(StrictModel):
     verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
     load_failure_policy: Literal["recompute", "fail"] = Field(
         "recompute", description="When a decode cannot load a request's KV (prefill gone, lease expired, "
-        "transfer failed): recompute the prompt locally and answer normally, or fail the request (502).")
+        "transfer failed): recompute the prompt locally and answer normally, or fail the request (502). The proxy "
+        "reads it too: a prompt whose prefill leg can run on no prefill (stalled, gone, none ready) goes to the "
+        "decode alone under recompute, and fails under fail (504 for a stall, else 503 no_instance).")
     mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
         "auto",
         description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")

@@ -47,8 +47,8 @@ class ProxyConfig(StrictModel):
     prefill_timeout_seconds: float | None = Field(
         None, gt=0, le=MAX_SECONDS, description="Deadline of the prefill leg: past it the leg is abandoned and retried "
         "once on another prefill, else computed by the decode (kv_transfer.load_failure_policy: recompute) or "
-        "failed with a 504 (at most a week). Unset: derived from the prompt's length and the measured prefill "
-        "speed (README).")
+        "failed with a 504 (at most a week); a prefill that is gone (refused or dropped the connection, stopping) "
+        "is left the same way. Unset: derived from the prompt's length and the measured prefill speed (README).")
     disaggregate_min_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS, description=f"A prompt of fewer tokens (counted by the proxy with the model's "
         f"tokenizer; at most {MAX_TOKENS}) runs on a decode instance alone: no prefill leg, no KV transfer. Unset: "
