@@ -76,10 +76,14 @@ def build_error(matcher: LLMatcher) -> str | None:
     return error if matcher.is_error() and error.startswith("panic") else None
 
 
-def probe(matcher: LLMatcher, steps: int = PROBE_STEPS) -> str | None:
-    """The first line of the error llguidance hits in the first `steps` bytes of a `byte_matcher`, or None."""
+def probe(matcher: LLMatcher, steps: int = PROBE_STEPS, opened: bytes = b"") -> str | None:
+    """The first line of the error llguidance hits in the first `steps` bytes of a `byte_matcher`, or None; with
+    `opened`, in the first `steps` bytes after those (a tool call's marker: the lowest bytes never write it)."""
     import numpy as np
 
+    for byte in opened:
+        if not matcher.consume_token(byte):
+            return _first_line(matcher.get_error())
     for _ in range(steps):
         mask = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
         if matcher.is_error():

@@ -158,8 +158,12 @@ def check(spec: StructuredOutput) -> str:
         raise  # names the place in the schema: a $ref, an $id, what nests too deep, an object of too many keys
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"{spec.field}: {exc}") from None
+    # Tool calls in free text: the probe's lowest bytes never write the marker, and a call's start is where the grammar
+    # is widest (three items of llguidance's parser row a tool: 700 tools make 2,103, past its 2,000), so a call's
+    # first bytes are probed too.
+    call_start = ToolCallsFormat.model_validate_json(spec.value).start if spec.kind == "tool_calls" else None
     try:
-        problem = on_grammar_stack(lambda: _first_problem(grammar))
+        problem = on_grammar_stack(lambda: _first_problem(grammar, call_start))
     except TimeoutError as exc:
         raise ValueError(f"{spec.field}: {exc}; send a smaller grammar") from None
     if problem is not None:
@@ -167,8 +171,9 @@ def check(spec: StructuredOutput) -> str:
     return grammar
 
 
-def _first_problem(grammar: str) -> str | None:
-    """What is wrong with `grammar`, or None; on a thread with the stack a compile needs."""
+def _first_problem(grammar: str, call_start: str | None = None) -> str | None:
+    """What is wrong with `grammar`, or None; on a thread with the stack a compile needs. `call_start`: tool calls'
+    marker, after which a call's first bytes are probed as the output's are."""
     import llguidance
 
     matcher = byte_matcher(grammar)
@@ -178,11 +183,16 @@ def _first_problem(grammar: str) -> str | None:
             return f"the grammar is too large: llguidance cannot build it ({too_large}); send a smaller one"
         # Invalid, or valid but naming tokens a byte tokenizer lacks (special tokens): not probed.
         return llguidance.LLMatcher.validate_grammar(grammar).strip() or None
+    call = matcher.deep_copy() if call_start is not None else None
     stuck = probe(matcher)
+    where, smaller = "its first output bytes", "use a smaller pattern, schema or choice list"
+    if stuck is None and call is not None and call_start is not None:
+        where, smaller = "a tool call's first bytes", "send fewer tools, or none strict (auto is then not constrained)"
+        stuck = probe(call, opened=call_start.encode())
     if stuck is None:
         return None
     what = "too large: it runs past llguidance's limits" if is_limit_error(stuck) else "cannot be followed"
-    return f"the grammar is {what} in its first output bytes ({stuck}); use a smaller pattern, schema or choice list"
+    return f"the grammar is {what} in {where} ({stuck}); {smaller}"
 
 
 class GrammarBackend:

@@ -92,3 +92,25 @@ def test_the_strict_tools_together_are_bounded_as_one_schema() -> None:
         _request([_tool("a", half), _tool("b", half)]).structured_output()
     assert caught.value.status == 400 and caught.value.param == "tools", caught.value.message
     assert f"{MAX_SCHEMA_PROPERTIES:,} properties" in caught.value.message
+
+
+@pytest.mark.parametrize("strict", ["all", "one"])
+def test_a_call_too_many_tools_for_llguidance_is_a_400_before_anything_runs(strict: str) -> None:
+    """700 tools: the row of llguidance's parser after `<tool_call>` holds an item per tool's call (2,103 of at most
+    2,000). The probe walked free text only (the lowest byte never opens a call), so the request ran and failed at the
+    model's first call, the point of strict tools; now the call's first bytes are probed too."""
+    parameters = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": parameters,
+                                               "strict": strict == "all" or i == 0}} for i in range(700)]
+    with pytest.raises(OpenAIError) as caught:
+        _request(tools).structured_output()
+    assert caught.value.status == 400 and caught.value.param == "tools", caught.value.message
+    assert "too large" in caught.value.message and "max is 2000" in caught.value.message, caught.value.message
+
+
+def test_as_many_tools_as_llguidance_follows_are_accepted() -> None:
+    """600 tools, one strict: within the parser's row limit, a call of the last one is followed to its end."""
+    tools = [_tool(f"t{i}", {"type": "object", "properties": {"a": {"type": "integer"}}}) for i in range(600)]
+    request = _request(tools)
+    assert _accepts(request, '<tool_call>\n{"name": "t599", "arguments": {"a": 1}}\n</tool_call>')
+    assert _accepts(request, '<tool_call>{"arguments": {"a": 1}, "name": "t0"}</tool_call>')
