@@ -4,7 +4,8 @@ asked for to the actors killed and the group removed.
 Once Ray has placed an instance's group, rank 0 is a `RayInstance` actor in bundle 0 (ray_instance.py)
 and ranks 1..T-1 are `RayRank` actors in the other bundles (distributed/ray_rank.py); each binds and
 advertises the address of the node Ray placed its bundle on. Rank 0's `serve` call runs until the
-instance ends; how it ended (the engine failed, an actor died, its node is gone) is read from it.
+instance ends; how it ended (the engine failed, an actor died, its node is gone) is read from it. Ray failing it
+because the actor is temporarily unavailable is not an end yet (ray_unreachable.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.backends.ray_killed import outside_kill
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_unplaced import unplaced_message
+from pdlaunch.launcher.backends.ray_unreachable import Unreachable, unavailable_why
 from pdlaunch.launcher.deployment import INSTANCE_TERM_TIMEOUT_S
 from pdlaunch.launcher.process import HURRY_POLL_S
 
@@ -34,6 +36,9 @@ STOP_TIMEOUT_S = 30.0  # instances drain and stop their ranks within this before
 # a call to a dead rank actor fails at once; a live one, which rank 0 shut down as it exited, answers at once
 RANK_PROBE_TIMEOUT_S = 2.0
 CONTROL = CONTROL_GROUP  # the concurrency group of RayInstance.stop and RayRank.until_shutdown
+# RayInstance.served's: each waits until `serve` ends; one left waiting by a connection that broke again keeps its
+# place, and a call past those waits for serve to end before it runs, which returns at once then
+WATCH = "watch"
 # Set to 1 (a raylet's environment, a job's runtime_env), Ray leaves an actor's CUDA_VISIBLE_DEVICES as its worker
 # inherited it (ray._private.accelerators.nvidia_gpu).
 NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -131,7 +136,7 @@ class RayActors:
             ranks.append(self.ray.remote(concurrency_groups={CONTROL: 1})(RayRank).options(**options(rank)).remote(
                 rank, cfg.model_dump_json(), spec.model_copy(update={"host": hosts[rank]}).model_dump_json(),
                 str(self.log_dir / f"{run.name}-rank{rank}.log"), env))
-        leader = self.ray.remote(concurrency_groups={CONTROL: 2})(RayInstance).options(**options(0)).remote(
+        leader = self.ray.remote(concurrency_groups={CONTROL: 2, WATCH: 2})(RayInstance).options(**options(0)).remote(
             run.name, str(run.log_path), env)
         run.actors = [leader, *ranks]
         run.serve_ref = leader.serve.remote(self._config_on(hosts[0], hosts[0]).model_dump_json(),
@@ -159,15 +164,19 @@ class RayActors:
                 pass  # gone already
         run.actors = []
         run.serve_ref = None
+        run.unreachable = None
         if run.pg is not None:
             self.ray.util.remove_placement_group(run.pg)
             run.pg = None
             run.pg_ready = None
 
     def exit_of(self, run: RayRun) -> str | None:
-        """How the instance's rank 0 ended ("exited with code 1", "lost its Ray actor (why)"), None while it serves."""
+        """How the instance's rank 0 ended ("exited with code 1", "lost its Ray actor (why)"), None while it serves,
+        or while its actor is unreachable within ray_unreachable.UNREACHABLE_GRACE_S."""
         if run.serve_ref is None:
             return None
+        if run.unreachable is not None:
+            return self._still_unreachable(run, run.unreachable)
         done, _ = self.ray.wait([run.serve_ref], timeout=0)
         if not done:
             return None
@@ -177,15 +186,48 @@ class RayActors:
             killed = outside_kill(str(exc))  # a rank actor killed (rank 0's watchdog quotes Ray's death cause)
             return f"failed in its Ray actor ({ray_failure(exc)})" + (f"; that actor ended by {killed}" if killed
                                                                       else "")
-        except self.ray.exceptions.RayActorError as exc:
-            if getattr(exc, "actor_init_failed", False):  # e.g. log_dir not writable on its node
-                return f"could not start its Ray actor ({ray_failure(exc)})"
-            # the OOM killer or Ray's memory monitor: said as the local launcher says it, not Ray's paragraph
-            return f"lost its Ray actor ({outside_kill(str(exc)) or ray_failure(exc)})"
+        except self.ray.exceptions.ActorUnavailableError as exc:  # may come back: not dead yet
+            node = run.spec.host if run.spec is not None else "?"
+            run.unreachable = Unreachable(node, time.monotonic(), unavailable_why(exc))
+            self.say(run.unreachable.said(run.name))
+            return self._still_unreachable(run, run.unreachable)
         except self.ray.exceptions.RayError as exc:
-            return f"lost its Ray actor ({ray_failure(exc)})"
+            return self._lost(exc)
         killed = self._rank_killed(run) if code != 0 else None
         return exit_text(code) + (f" ({killed})" if killed else "")
+
+    def _lost(self, exc: BaseException) -> str:
+        """How an instance whose rank-0 actor Ray failed with `exc` (not a task's own exception) ended."""
+        if not isinstance(exc, self.ray.exceptions.RayActorError):
+            return f"lost its Ray actor ({ray_failure(exc)})"
+        if getattr(exc, "actor_init_failed", False):  # e.g. log_dir not writable on its node
+            return f"could not start its Ray actor ({ray_failure(exc)})"
+        # the OOM killer or Ray's memory monitor: said as the local launcher says it, not Ray's paragraph
+        return f"lost its Ray actor ({outside_kill(str(exc)) or ray_failure(exc)})"
+
+    def _still_unreachable(self, run: RayRun, lost: Unreachable) -> str | None:
+        """Ask the unreachable rank-0 actor again (one call at a time): None while the grace runs or once it answered
+        (its end watched anew), how it ended once Ray reports it dead or the grace is over."""
+        if lost.probe is not None:
+            done, _ = self.ray.wait([lost.probe], timeout=0)
+            if done:
+                probe, lost.probe = lost.probe, None
+                try:
+                    self.ray.get(probe)
+                except self.ray.exceptions.ActorUnavailableError as exc:
+                    lost.why = unavailable_why(exc)
+                except self.ray.exceptions.RayError as exc:
+                    return self._lost(exc)
+                else:
+                    run.unreachable = None
+                    run.serve_ref = run.actors[0].served.options(concurrency_group=WATCH).remote()
+                    self.say(f"{run.name}: its Ray actor on node {lost.node} answers again after "
+                             f"{time.monotonic() - lost.since:.0f}s; it is kept serving")
+                    return None
+        over = lost.over(time.monotonic())
+        if over is None and lost.probe is None:
+            lost.probe = run.actors[0].node_address.options(concurrency_group=CONTROL).remote()
+        return over
 
     def _rank_killed(self, run: RayRun) -> str | None:
         """Which of the instance's ranks 1..T-1 a kill from outside ended (while it was built or while it served), said
@@ -202,6 +244,8 @@ class RayActors:
                 continue
             try:
                 self.ray.get(ref)
+            except self.ray.exceptions.ActorUnavailableError as exc:
+                return f"its TP rank {rank} actor is unreachable (Ray: {unavailable_why(exc)})"
             except self.ray.exceptions.RayActorError as exc:
                 killed = outside_kill(str(exc))
                 if killed is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.config.ray_cluster import InstancePlacement
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.ray_unreachable import Unreachable
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.restart_policy import ProcessRecord
 
@@ -45,7 +46,8 @@ class RayRun:
     pg_ready: ObjectRef[bool] | None = None
     placed_by: float = 0.0  # monotonic deadline of the current placement
     actors: list[ActorHandle] = field(default_factory=list)  # rank 0 first
-    serve_ref: ObjectRef[int] | None = None
+    serve_ref: ObjectRef[int] | None = None  # its `serve` call, or the `served` call watching it once that was lost
+    unreachable: Unreachable | None = None  # while Ray reports its rank-0 actor temporarily unavailable
     spec: InstanceSpec | None = None  # as running now: its node's address, its engine_id
     started: float = 0.0
 

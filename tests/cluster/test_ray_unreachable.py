@@ -1,0 +1,222 @@
+"""`--backend ray`: an instance's rank-0 actor that Ray reports "temporarily unavailable" (ActorUnavailableError: the
+driver lost its connection to the actor, a network blip, its node's raylet out of touch; the actor may come back) is
+not dead yet. Before, any RayActorError failing the instance's `serve` call ended the instance at once: its actors
+killed, its placement group removed, a restart planned, for a blip of a second. Now the instance is kept (the proxy's
+/health probe decides where requests go meanwhile) and its actor asked again each tick; one that answers within
+ray_unreachable.UNREACHABLE_GRACE_S is kept serving (its end watched through a new call, its `serve` call being lost),
+one that does not is ended naming how long its node has been unreachable, and one that Ray then reports dead is ended
+as a dead one. Ray's own exception classes; a stand-in for the ray module and the rank-0 actor's handle."""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
+
+from pdlaunch.config.deployment_config import InstanceSpec  # noqa: E402 (after the importorskip)
+from pdlaunch.launcher.backends import ray_unreachable  # noqa: E402
+from pdlaunch.launcher.backends.ray_actors import CONTROL, WATCH  # noqa: E402
+from pdlaunch.launcher.backends.ray_deployment import RayDeployment  # noqa: E402
+from pdlaunch.launcher.backends.ray_instance import ServeOutcome  # noqa: E402
+from pdlaunch.launcher.backends.ray_run import RayRun  # noqa: E402
+from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on, ray, task_error  # noqa: E402
+from tests.cluster.test_ray_outside_kill import DIED_SIGKILL, actor_died  # noqa: E402
+
+SOCKET_CLOSED = "The actor is temporarily unavailable: RpcError: RPC Error message: Socket closed; RPC Error details: "
+NODE = "10.0.0.2"
+
+
+def unavailable() -> BaseException:
+    """What Ray 2.60 raises for a call whose connection to its actor broke while the GCS still has it alive."""
+    return ray.exceptions.ActorUnavailableError(SOCKET_CLOSED, b"\x02" * 16)
+
+
+class Method:
+    """`handle.METHOD.options(concurrency_group=G).remote()`: each call a fresh ref `METHOD-N`, its group recorded."""
+
+    def __init__(self, name: str, calls: list[tuple[str, str | None]]) -> None:
+        self.name, self.calls = name, calls
+
+    def options(self, concurrency_group: str | None = None) -> types.SimpleNamespace:
+        def remote() -> str:
+            self.calls.append((self.name, concurrency_group))
+            return f"{self.name}-{sum(1 for name, _ in self.calls if name == self.name)}"
+        return types.SimpleNamespace(remote=remote)
+
+
+class Leader:
+    """The rank-0 actor's handle."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+        self.node_address, self.served = Method("node_address", self.calls), Method("served", self.calls)
+
+
+class ScriptedRay(FakeRay):
+    """`get` raises what `failures` holds, returns what `results` holds (else 0); `pending` refs are not done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: dict[str, object] = {}
+        self.pending: set[str] = set()
+
+    def wait(self, refs: list[str], num_returns: int = 1, timeout: float | None = None) -> tuple[list[str], list[str]]:
+        return [r for r in refs if r not in self.pending], [r for r in refs if r in self.pending]
+
+    def get(self, ref: str) -> object:
+        if ref in self.failures:
+            raise self.failures[ref]
+        return self.results.get(ref, 0)
+
+
+@pytest.fixture
+def fake() -> ScriptedRay:
+    return ScriptedRay()
+
+
+@pytest.fixture
+def deployment(fake: ScriptedRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayDeployment]:
+    made = deployment_on(fake, tmp_path, monkeypatch)
+    try:
+        yield made
+    finally:
+        made.stop(drain=False, hurry=lambda: True)
+
+
+@pytest.fixture
+def said(deployment: RayDeployment, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    lines: list[str] = []
+    monkeypatch.setattr(deployment, "say", lines.append)
+    deployment.actors.say = lines.append
+    return lines
+
+
+@pytest.fixture
+def run(deployment: RayDeployment, fake: ScriptedRay) -> RayRun:
+    """prefill-0, ready on node NODE; its `serve` call failed because Ray lost touch with its actor."""
+    run = deployment.runs[0]
+    run.state, run.serve_ref, run.actors = "ready", "serve", [Leader()]  # type: ignore[assignment,list-item]
+    run.spec = InstanceSpec(role="prefill", port=8100, host=NODE, engine_id="e")
+    fake.failures["serve"] = unavailable()
+    return run
+
+
+def leader(run: RayRun) -> Leader:
+    """The run's rank-0 actor handle (taken before a tick that may end the run: its actors are forgotten then)."""
+    found = run.actors[0]
+    assert isinstance(found, Leader)
+    return found
+
+
+def test_an_actor_unreachable_for_a_few_ticks_then_answering_is_kept(deployment: RayDeployment, fake: ScriptedRay,
+                                                                      run: RayRun, said: list[str]) -> None:
+    fake.failures["node_address-1"] = unavailable()
+    fake.failures["node_address-2"] = unavailable()
+    fake.results["node_address-3"] = NODE
+    for _ in range(4):
+        deployment.tick()
+    assert run.state == "ready" and "kill" not in fake.calls, (said, fake.calls)
+    assert not any("restart" in s for s in said), said
+    first = [s for s in said if "does not answer" in s]
+    assert len(first) == 1 and first[0].startswith(f"prefill-0: its Ray actor on node {NODE} does not answer "
+                                                   f"(Ray: {SOCKET_CLOSED.strip()}"), said
+    assert f"kept for up to {ray_unreachable.UNREACHABLE_GRACE_S:.0f}s" in first[0], first
+    assert any(s.startswith(f"prefill-0: its Ray actor on node {NODE} answers again") for s in said), said
+    # the probes run beside serve (its default group is busy with it); the instance's end is watched anew
+    assert leader(run).calls == [("node_address", CONTROL)] * 3 + [("served", WATCH)], leader(run).calls
+    assert run.serve_ref == "served-1"
+
+    fake.results["served-1"] = 1  # the instance ends later: that is seen, as before the blip
+    deployment.tick()
+    assert run.state == "down", said
+    assert any(s.startswith("prefill-0 exited with code 1; its actors and placement group are removed; restart 1")
+               for s in said), said
+
+
+def test_an_actor_unreachable_past_the_grace_is_ended_naming_it(deployment: RayDeployment, fake: ScriptedRay,
+                                                                 run: RayRun, said: list[str]) -> None:
+    fake.pending.add("node_address-1")  # its node's raylet stopped: the call is not answered at all
+    handle = leader(run)
+    deployment.tick()
+    deployment.tick()
+    assert run.state == "ready" and run.unreachable is not None, said
+    run.unreachable.since -= ray_unreachable.UNREACHABLE_GRACE_S  # that long ago
+    deployment.tick()
+    assert run.state == "down" and run.unreachable is None, said
+    ended = [s for s in said if s.startswith("prefill-0 lost its Ray actor")]
+    assert len(ended) == 1, said
+    assert ended[0].startswith(f"prefill-0 lost its Ray actor: on node {NODE} it has been unreachable for "
+                               f"{ray_unreachable.UNREACHABLE_GRACE_S:.0f}s (Ray: {SOCKET_CLOSED.strip()}"), ended
+    assert "its actors and placement group are removed; restart 1" in ended[0], ended
+    assert handle.calls == [("node_address", CONTROL)], "a second probe went out while one was unanswered"
+
+
+def test_an_unreachable_actor_ray_then_reports_dead_is_ended_as_dead(deployment: RayDeployment, fake: ScriptedRay,
+                                                                      run: RayRun, said: list[str]) -> None:
+    fake.failures["node_address-1"] = unavailable()
+    fake.failures["node_address-2"] = actor_died(DIED_SIGKILL)  # type: ignore[assignment]
+    for _ in range(3):  # serve's failure and the first probe; its answer and the second; the second's answer
+        deployment.tick()
+    assert run.state == "down", said
+    assert any(s.startswith(f"prefill-0 lost its Ray actor (a SIGKILL pdlaunch did not send: most often the kernel's "
+                            f"OOM killer on node {NODE}") for s in said), said
+
+
+def test_an_instance_that_failed_while_unreachable_names_its_failure(deployment: RayDeployment, fake: ScriptedRay,
+                                                                     run: RayRun, said: list[str]) -> None:
+    """It answers again, but its serve had already raised: the watch on its end says what it raised."""
+    fake.results["node_address-1"] = NODE
+    fake.failures["served-1"] = task_error("ray::RayInstance.served()", RuntimeError("CUDA error: out of memory"))
+    for _ in range(3):  # serve's failure and the probe; the probe's answer and the watch; the watch's answer
+        deployment.tick()
+    assert any(s.startswith("prefill-0 failed in its Ray actor (RuntimeError: CUDA error: out of memory)")
+               for s in said), said
+
+
+def test_a_died_actor_keeps_being_ended_at_once(deployment: RayDeployment, fake: ScriptedRay, run: RayRun,
+                                               said: list[str]) -> None:
+    fake.failures["serve"] = actor_died("The actor died because its node has died. Node Id: 6f1c")  # type: ignore[assignment]
+    handle = leader(run)
+    deployment.tick()
+    assert run.state == "down" and handle.calls == [], said
+
+
+class RankActor:
+    def __init__(self, ref: str) -> None:
+        self.node_address = types.SimpleNamespace(remote=lambda: ref)
+
+
+def test_an_unreachable_rank_actor_is_named_where_rank_0_exits(deployment: RayDeployment, fake: ScriptedRay,
+                                                               run: RayRun) -> None:
+    """Rank 0 exited with code 1 because it lost touch with TP rank 1: said, as a killed rank is."""
+    fake.failures.pop("serve")
+    fake.results["serve"] = 1
+    run.actors = [Leader(), RankActor("rank-1")]  # type: ignore[list-item]
+    fake.failures["rank-1"] = unavailable()
+    assert deployment.actors.exit_of(run) == f"exited with code 1 (its TP rank 1 actor is unreachable (Ray: " \
+                                             f"{SOCKET_CLOSED.strip()}))"
+
+
+def test_the_serve_outcome_is_handed_to_a_later_watch() -> None:
+    """RayInstance.served, the watch on an instance's end once its `serve` call is lost: what serve returned or raised,
+    once it has; an error at once when serve never began."""
+    outcome = ServeOutcome()
+    with pytest.raises(RuntimeError, match="never began"):
+        outcome.wait(began_within_s=0.01)
+    outcome.begin()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(outcome.wait(began_within_s=0.01)))
+    waiter.start()
+    outcome.end(3)
+    waiter.join(timeout=30.0)
+    assert got == [3]
+    failed = ServeOutcome()
+    failed.begin()
+    failed.end(ValueError("engine exploded"))
+    with pytest.raises(ValueError, match="engine exploded"):
+        failed.wait(began_within_s=0.01)
