@@ -16,19 +16,16 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.ray_cluster import RayCluster, RayHead, RayUnavailable
+from tests.cluster.ray_serve import ray_serve
 from tests.cluster.running import running
 from tests.helpers.pids import signal_pid
-from tests.helpers.ports import free_ports
-from tests.multinode.two_node_run import NUM_BLOCKS
 from tests.serving.helpers import wait_for
 
 pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
@@ -61,53 +58,22 @@ def _head_processes(head: RayCluster) -> list[int]:
 @pytest.mark.timeout(600)
 def test_a_killed_head_stops_serve_with_our_error_before_ray_ends_it(head: RayCluster, llama_ckpt: Path,
                                                                       tmp_path: Path) -> None:
-    proxy_port, prefill_port, decode_port = free_ports(3)
-    logs = tmp_path / "logs"
-    config = tmp_path / "pd.yaml"
-    config.write_text(f"""\
-launcher:
-  backend: ray
-  ray_resources: {{prefill: {{{NODE_RESOURCE}: 1}}, decode: {{{NODE_RESOURCE}: 1}}}}
-device: cpu
-model: {{path: "{llama_ckpt}"}}
-cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
-kv_transfer: {{connector: nixl, engine_id: {uuid.uuid4().hex}}}
-proxy: {{host: 127.0.0.1, port: {proxy_port}}}
-log_dir: {logs}
-instances:
-  - {{role: prefill, count: 1, tp: 1, base_port: {prefill_port}}}
-  - {{role: decode, count: 1, tp: 1, base_port: {decode_port}}}
-""")
-    env = {k: v for k, v in head.env.items() if k != "UCX_NET_DEVICES"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = tmp_path / "serve.out"
-    err = tmp_path / "serve.err"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", str(config), "--backend", "ray",
-                                 "--ray-address", head.address], stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL, env=env)
-    try:
-        def said(text: str) -> bool:
-            output = out.read_text(errors="replace")
-            assert proc.poll() is None or text in output, \
-                f"pdlaunch serve exited with {proc.returncode} before saying {text!r}:\n{output}\n{err.read_text()}"
-            return text in output
-
-        wait_for(lambda: said("ready: OpenAI API at"), "the ray deployment to be ready", START_TIMEOUT_S, poll=1.0)
+    with ray_serve(head, llama_ckpt, tmp_path, NODE_RESOURCE) as serve:
+        wait_for(lambda: serve.said("ready: OpenAI API at"), "the ray deployment to be ready", START_TIMEOUT_S,
+                 poll=1.0)
         proxy_pids = [pid for pid, (ppid, args) in head._processes().items()
-                      if ppid == proc.pid and f"--port {proxy_port}" in args]
+                      if ppid == serve.proc.pid and f"--port {serve.proxy_port}" in args]
         assert len(proxy_pids) == 1, "the proxy, the launcher's child, was not found"
 
         killed = time.monotonic()
         for pid in _head_processes(head):  # the head's GCS, raylet and the actors' workers, at once
             signal_pid(pid, signal.SIGKILL)
         try:
-            code = proc.wait(EXIT_BOUND_S)
+            code = serve.proc.wait(EXIT_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"pdlaunch serve still runs {EXIT_BOUND_S:.0f}s after its head was killed:\n"
-                        f"{out.read_text(errors='replace')}\n{err.read_text(errors='replace')}")
+            pytest.fail(f"pdlaunch serve still runs {EXIT_BOUND_S:.0f}s after its head was killed:\n{serve.output()}")
         took = time.monotonic() - killed
-        text = " ".join(f"{out.read_text(errors='replace')}\n{err.read_text(errors='replace')}".split())
+        text = " ".join(serve.output().split())
         assert code == 1, text
         # the GCS's address as Ray reports it: the head at the machine's own address, on the port the test gave it
         assert re.search(rf"--ray-address: the Ray cluster's head is gone: its GCS at \S+:{head.port} ", text), text
@@ -116,11 +82,7 @@ instances:
         assert took < EXIT_BOUND_S, took
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in proxy_pids), "the proxy to be reaped",
                  30.0, poll=0.2)
-        assert not head.processes(f"--port {proxy_port} "), "the proxy was left running"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert not head.processes(f"--port {serve.proxy_port} "), "the proxy was left running"
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +22,8 @@ import httpx
 import pytest
 
 from tests.cluster.ray_cluster import RayCluster, RayHead, RayUnavailable
+from tests.cluster.ray_serve import ray_serve
 from tests.cluster.running import running
-from tests.helpers.ports import free_ports
-from tests.multinode.two_node_run import NUM_BLOCKS
 from tests.serving.helpers import wait_for
 
 pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
@@ -65,41 +62,10 @@ def test_a_broken_connection_to_a_live_actor_does_not_restart_its_instance(head:
                                                                           tmp_path: Path) -> None:
     if subprocess.run(["ss", "-V"], capture_output=True).returncode != 0:
         pytest.skip("needs `ss` (iproute2) to destroy the launcher's connections")
-    proxy_port, prefill_port, decode_port = free_ports(3)
-    logs = tmp_path / "logs"
-    config = tmp_path / "pd.yaml"
-    config.write_text(f"""\
-launcher:
-  backend: ray
-  ray_resources: {{prefill: {{{NODE_RESOURCE}: 1}}, decode: {{{NODE_RESOURCE}: 1}}}}
-device: cpu
-model: {{path: "{llama_ckpt}"}}
-cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
-kv_transfer: {{connector: nixl, engine_id: {uuid.uuid4().hex}}}
-proxy: {{host: 127.0.0.1, port: {proxy_port}}}
-log_dir: {logs}
-instances:
-  - {{role: prefill, count: 1, tp: 1, base_port: {prefill_port}}}
-  - {{role: decode, count: 1, tp: 1, base_port: {decode_port}}}
-""")
-    env = {k: v for k, v in head.env.items() if k != "UCX_NET_DEVICES"}
-    env["OMP_NUM_THREADS"] = "1"
-    out, err = tmp_path / "serve.out", tmp_path / "serve.err"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", str(config), "--backend", "ray",
-                                 "--ray-address", head.address], stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL, env=env)
-    try:
-        def output() -> str:
-            return f"{out.read_text(errors='replace')}\n{err.read_text(errors='replace')}"
-
-        def said(text: str) -> bool:
-            assert proc.poll() is None or text in output(), \
-                f"pdlaunch serve exited with {proc.returncode} before saying {text!r}:\n{output()}"
-            return text in output()
-
+    with ray_serve(head, llama_ckpt, tmp_path, NODE_RESOURCE) as serve:
+        proc, output, said = serve.proc, serve.output, serve.said
         wait_for(lambda: said("ready: OpenAI API at"), "the ray deployment to be ready", START_TIMEOUT_S, poll=1.0)
-        found = RANK0_PID.search((logs / "prefill-0.log").read_text(errors="replace"))
+        found = RANK0_PID.search((serve.logs / "prefill-0.log").read_text(errors="replace"))
         assert found is not None, "prefill-0's log does not name its rank-0 actor's pid"
         actor = int(found.group(1))
         ports = _listening_ports(actor)
@@ -126,7 +92,3 @@ instances:
         text = " ".join(output().split())
         assert "stopped: every actor and placement group removed" in text and "Traceback" not in text, text
         assert "restart 1" not in text, text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -21,6 +21,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy import instances
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.helpers.probes import first_probes_over
 from tests.proxy.test_retried_decode_leg_kv import _dropping
 from tests.proxy.test_shutting_down_instance import _Decode, _Stopping
 from tests.serving.helpers import ThreadServer, wait_for
@@ -57,20 +58,11 @@ def _deployment(prefill_url: str, decode: _Decode, policy: str, prefill_state: s
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
         d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
         pool = InstancePool([Instance("prefill", prefill_url, "prefill-0"), Instance("decode", d.url, "decode-0")])
-        checked: set[str] = set()
-        check = pool._check
-
-        async def counted(client: httpx.AsyncClient, instance: Instance) -> None:
-            try:
-                await check(client, instance)
-            finally:
-                checked.add(instance.name)
-
-        patch.setattr(pool, "_check", counted)
+        probes_over = first_probes_over(pool, patch)
         app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, load_failure_policy=policy)
         proxy = stack.enter_context(ThreadServer(app, ports.free("proxy")))
         # every first probe over, the refusing prefill's too: one that ended later would set its state again
-        wait_for(lambda: len(checked) == 2, "the proxy's first probe of each instance", 30)
+        wait_for(probes_over, "the proxy's first probes of each instance", 30)
         assert pool.instances[1].state == "ready", pool.instances[1]
         pool.instances[0].state = prefill_state
         yield proxy.url, pool

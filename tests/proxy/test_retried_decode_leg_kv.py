@@ -23,6 +23,7 @@ from pdlaunch.proxy import instances
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
 from tests.helpers.http_server import served
+from tests.helpers.probes import first_probes_over
 from tests.proxy.test_shutting_down_instance import _Decode, _Stopping
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
@@ -73,20 +74,11 @@ def _deployment(prefill: Prefill, first_decode: str | None, decode: _Decode, mig
         first = first_decode or f"http://127.0.0.1:{ports.free('nothing listens')}"
         pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", first, "decode-0"),
                              Instance("decode", d.url, "decode-1")])
-        checked: set[str] = set()
-        check = pool._check
-
-        async def counted(client: httpx.AsyncClient, instance: Instance) -> None:
-            try:
-                await check(client, instance)
-            finally:
-                checked.add(instance.name)
-
-        patch.setattr(pool, "_check", counted)
+        probes_over = first_probes_over(pool, patch)
         app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=migration_limit)
         proxy = stack.enter_context(ThreadServer(app, ports.free("proxy")))
         # every first probe over, the dead one's too: one that ended after the line below would mark it down again
-        wait_for(lambda: len(checked) == 3, "the proxy's first probe of each instance", 30)
+        wait_for(probes_over, "the proxy's first probes of each instance", 30)
         probed = pool.instances if first_decode else [pool.instances[0], pool.instances[2]]
         assert all(i.state == "ready" for i in probed), [(i.name, i.state, i.detail) for i in pool.instances]
         pool.instances[1].state = "ready"  # (the dead one: as its last probe before it died saw it)
