@@ -185,6 +185,7 @@ class PrefillLegs:
                 return await self._leg(instance, path, leg, headers, request_deadline, budget)
 
             tried.append(candidate)
+            before = len(sent)
             try:
                 prefill, answer = await on_live_instance(self.pool, "prefill", candidate, call)
             except PrefillStalled as stall:
@@ -201,8 +202,12 @@ class PrefillLegs:
             except OpenAIError as exc:
                 if not gone(exc):
                     raise
-                # on_live_instance found no other ready prefill, or the other was gone too: none is left to try
-                failures.append(f"{sent[-1].name} is gone ({exc.message}), and no other prefill instance is ready")
+                # on_live_instance found no other ready prefill, or the other was gone too: none is left to try. Each
+                # one it sent to is named (the error is the last one's): the first was gone as well.
+                names = [i.name for i in sent[before:]]
+                failures.append(f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} gone "
+                                f"({'the last: ' if len(names) > 1 else ''}{exc.message}), and no other prefill "
+                                "instance is ready")
                 break
             self.deadline.observe(chars, time.monotonic() - started)
             return prefill, answer
