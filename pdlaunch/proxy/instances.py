@@ -191,6 +191,7 @@ class InstancePool:
         self.on_retry: Callable[[str, str], None] = lambda role, reason: None  # ... and each leg sent again
         self._stalled_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.been_ready = False  # every role has had a ready instance at once (routes.health's degraded answer)
 
     @property
     def colocated(self) -> bool:
@@ -296,6 +297,7 @@ class InstancePool:
                         instance.engine_id, engine_id)
         instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
         instance.stalled.clear()
+        self.been_ready = self.been_ready or self.ready()
 
     def start_monitor(self, client: httpx.AsyncClient) -> None:
         """One probe loop per instance: a stalled one, whose probe takes the whole health timeout, does

@@ -38,15 +38,23 @@ CONTROL_MAX_BYTES = 1 << 20
 
 
 async def health(request: Request) -> JSONResponse:
-    pool = state_of(request).pool
-    ok = pool.ready()
-    body = {"status": "ok" if ok else "unavailable", "pid": os.getpid(),
-            "instances": [i.as_dict() for i in pool.instances]}
-    if not ok:
-        missing = [r for r in pool.required_roles()
-                   if not any(i.role == r and i.state == "ready" for i in pool.instances)]
+    """200 while every role has a ready instance; 503 naming the roles that have none. Once the deployment has been
+    ready, a PD deployment without a ready prefill still answers every request under kv_transfer.load_failure_policy
+    recompute (its decodes compute the prompts: prefill_leg.py), so a ready decode keeps the proxy 200, `degraded`
+    saying why (a Kubernetes readiness probe would otherwise take the proxy out of its Service while a prefill pod
+    restarts). Before the deployment's first ready moment it waits for every role, as the launcher's start does."""
+    state = state_of(request)
+    pool = state.pool
+    missing = [r for r in pool.required_roles() if not any(i.role == r and i.state == "ready" for i in pool.instances)]
+    body: dict[str, object] = {"status": "ok" if not missing else "unavailable", "pid": os.getpid(),
+                               "instances": [i.as_dict() for i in pool.instances]}
+    if missing == ["prefill"] and pool.been_ready and state.prefill_legs.recompute:
+        body.update(status="ok", degraded="no ready prefill instance: the decodes compute the prompts "
+                                          "(kv_transfer.load_failure_policy recompute) until one is ready again")
+        return JSONResponse(body)
+    if missing:
         body.update(error_body(503, f"no ready {' / '.join(missing)} instance"))
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=503 if missing else 200)
 
 
 async def instances(request: Request) -> JSONResponse:

@@ -154,3 +154,34 @@ def test_while_no_prefill_is_ready_the_fallback_is_said_once_and_a_ready_prefill
         assert decode.bodies[2]["kv_transfer_params"]["remote_request_id"] == prefill.legs[0]
         assert any(r.levelno == logging.INFO and "prefill-0 is ready again" in r.getMessage()
                    and "2 computed by decodes" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("policy", "code"), [("recompute", 200), ("fail", 503)])
+def test_the_proxys_health_while_a_ready_deployments_prefill_is_down(policy: str, code: int) -> None:
+    """Under recompute the decode answers every request, so the proxy stays ready (a Kubernetes readiness probe would
+    otherwise take it out of its Service while a prefill pod restarts), saying it is degraded; under fail it is not."""
+    prefill, decode = Prefill(), _Decode()
+    with ThreadServer(prefill.app, PortAllocator("127.0.0.1").free("prefill")) as p, \
+            _deployment(p.url, decode, policy, prefill_state="down") as (url, pool):
+        assert pool.been_ready  # both instances answered their first probes
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == code, health.text
+        if code == 200:
+            assert health.json()["status"] == "ok" and "decodes compute the prompts" in health.json()["degraded"]
+            assert _post(url, False).status_code == 200
+        else:
+            assert "no ready prefill instance" in health.text
+        pool.instances[0].state = "ready"
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 200 and "degraded" not in health.json(), health.text
+
+
+def test_the_proxys_health_waits_for_a_prefill_before_the_deployment_was_first_ready() -> None:
+    """Before every role has been ready once (a deployment starting), a decode alone does not make the proxy ready,
+    whatever the policy: the launcher's start and the tests wait for the whole deployment."""
+    decode = _Decode()
+    with _prefill("refused") as (prefill_url, _), \
+            _deployment(prefill_url, decode, "recompute", prefill_state="down") as (url, pool):
+        assert not pool.been_ready
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 503 and "no ready prefill instance" in health.text, health.text
