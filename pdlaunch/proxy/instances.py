@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ class InstancePool:
         self._stalled_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.been_ready = False  # every role has had a ready instance at once (routes.health's degraded answer)
+        self.readied: Counter[str] = Counter()  # per role, how often an instance of it became ready (by a probe)
 
     @property
     def colocated(self) -> bool:
@@ -295,6 +297,8 @@ class InstancePool:
             # Restarted between two checks: it was never seen down, but it is a new engine.
             log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
                         instance.engine_id, engine_id)
+        if instance.state != "ready":
+            self.readied[instance.role] += 1
         instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
         instance.stalled.clear()
         self.been_ready = self.been_ready or self.ready()

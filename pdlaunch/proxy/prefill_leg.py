@@ -127,6 +127,7 @@ class PrefillLegs:
         self.deadline = deadline
         self.recompute = recompute  # kv_transfer.load_failure_policy == "recompute"
         self.without_prefill = 0  # requests the decode computed since no prefill was ready (said once: none_ready)
+        self._readied = 0  # pool.readied["prefill"] when that outage was said: a prefill ready since ends it
 
     async def _leg(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                    request_deadline: float, budget: float) -> JsonObject:
@@ -238,6 +239,13 @@ class PrefillLegs:
                 raise RetryLater(message, NO_INSTANCE, exc.retry_after_s) from None
             raise OpenAIError(503, message, code=NO_INSTANCE) from None
         self.pool.on_retry("prefill", "recompute")
+        readied = self.pool.readied["prefill"]
+        if self.without_prefill and readied != self._readied:
+            # a prefill was ready between two outages with no PD request to end the first (run's line): a new one
+            log.info("a prefill instance was ready again meanwhile (%d requests computed by decodes in the outage "
+                     "before)", self.without_prefill)
+            self.without_prefill = 0
+        self._readied = readied
         states = ", ".join(f"{i.name} {i.state}" for i in self.pool.instances if i.role == "prefill")
         # Said once, then at DEBUG until a prefill is ready again: a prefill's restart would log every request.
         log.log(logging.DEBUG if self.without_prefill else logging.WARNING,

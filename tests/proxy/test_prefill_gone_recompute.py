@@ -185,3 +185,19 @@ def test_the_proxys_health_waits_for_a_prefill_before_the_deployment_was_first_r
         assert not pool.been_ready
         health = httpx.get(f"{url}/health", timeout=10)
         assert health.status_code == 503 and "no ready prefill instance" in health.text, health.text
+
+
+def test_a_second_outage_is_said_again_though_no_pd_request_came_between(caplog: pytest.LogCaptureFixture) -> None:
+    """A prefill ready again between two outages, with no request to run a prefill leg meanwhile (an idle time): the
+    second outage's first request warns again, after a line that the first one ended."""
+    prefill, decode = Prefill(), _Decode()
+    with ThreadServer(prefill.app, PortAllocator("127.0.0.1").free("prefill")) as p, \
+            _deployment(p.url, decode, "recompute", prefill_state="down") as (url, pool), \
+            caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
+        assert _post(url, False).status_code == 200
+        pool._answered(pool.instances[0], {"status": "ok"})  # its probe: ready again
+        pool.instances[0].state = "down"  # and gone again before any request
+        assert _post(url, False).status_code == 200
+        said = [r for r in caplog.records if "no prefill instance is ready" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING, logging.WARNING], [r.getMessage() for r in said]
+        assert any("was ready again meanwhile (1 requests" in r.getMessage() for r in caplog.records)
