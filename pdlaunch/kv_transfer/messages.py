@@ -214,9 +214,22 @@ class HeldBlocksRequest(_Message):
     wait: _Seconds
 
 
+class DropHeldRequest(_Owned):
+    """A decode load of push params without block ids gave up (its client left, or it timed out) before "held_blocks"
+    named the request: the prefill drops the hold of that request (named as HeldBlocksRequest names it, and only of
+    the same prompt) now, or as soon as it holds it within `seconds` (the decode's transfer timeout; clamped to the
+    lease). Else a prefill leg that ends after the decode leg left keeps its blocks for the lease."""
+
+    type: Literal["drop_held"]
+    request_id: Name | None = None
+    client_request_id: Name
+    prompt_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    seconds: _Seconds
+
+
 SideChannelMessage = Annotated[
     HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest | CancelPushRequest
-    | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest,
+    | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest | DropHeldRequest,
     Field(discriminator="type"),
 ]
 
@@ -230,7 +243,8 @@ class Envelope(_Message):
 
 
 SideChannelRequest = (HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest
-                      | CancelPushRequest | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest)
+                      | CancelPushRequest | ReleaseRequest | ForgetRequest | ListenRequest | HeldBlocksRequest
+                      | DropHeldRequest)
 
 
 # -- side-channel answers (the body a handler returns; the server adds "ok") ---------------------

@@ -21,10 +21,11 @@ from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.side_channel_client import authed, frame, read_answer
 from tests.kv_transfer.test_nixl_local import _connector
 
-TYPES = ["handshake", "push", "stage", "unstage", "claim_read", "cancel_push", "release", "forget", "listen", "nope",
-         ""]
+TYPES = ["handshake", "push", "stage", "unstage", "claim_read", "cancel_push", "release", "forget", "listen",
+         "held_blocks", "drop_held", "nope", ""]
 FIELDS = ["engine_id", "request_id", "nonce", "owner", "last", "agent_name", "agent_metadata", "runs", "base_addrs",
-          "block_bytes", "device_id", "deadline_in", "blocks", "ticket", "seconds", "reader", "readers", "extra"]
+          "block_bytes", "device_id", "deadline_in", "blocks", "ticket", "seconds", "reader", "readers",
+          "client_request_id", "prompt_digest", "wait", "extra"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),

@@ -33,7 +33,15 @@ from pdlaunch.kv_transfer.decode.reshard_load import ReshardLoad, ReshardStaging
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
 from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.fault import TransferFaults
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, HeldBlocksAnswer, HeldBlocksRequest
+from pdlaunch.kv_transfer.messages import (
+    MAX_SECONDS,
+    CancelPushAnswer,
+    CancelPushRequest,
+    DropHeldRequest,
+    Empty,
+    HeldBlocksAnswer,
+    HeldBlocksRequest,
+)
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
@@ -155,12 +163,15 @@ class DecodeLoads:
           handshake failed); for a hold one decode rank reads, the end a release would give. start_load's loads whose
           params could not be planned name `ranks`: without a plan, the number of decode ranks that notify each
           prefill rank is unknown, and each rank's cancel frees a hold no decode READ claimed."""
-        if not load.remote.request_id:  # the params named no held request, or the prefill never named one
-            return
         if load.remote.block_ids is None:
-            # vLLM's push proxy's params: the client named a request id, which the prefill never confirmed holds
-            # this prompt ("held_blocks" did not answer). A request held for another prompt is not this load's to
-            # cancel: a client that learnt its id must not free another client's KV.
+            # vLLM's push proxy's params: the prefill never named the request of this prompt ("held_blocks" did not
+            # answer). The id the client named is its word alone: a request held for another prompt is not this
+            # load's to cancel (a client that learnt its id must not free another client's KV). The prefill is
+            # told what was asked for instead: it drops that request's hold, now or when it comes (drop_held).
+            if load.plan is not None:
+                self._drop_held(load)
+            return
+        if not load.remote.request_id:  # the params named no held request
             return
         if ranks is None and load.reshard is not None:
             for source in load.reshard.sources:
@@ -174,6 +185,23 @@ class DecodeLoads:
             except KVTransferError as e:
                 logger.warning("request %s: %s; the prefill keeps the request's blocks until its hold's lease ends "
                                "(kv_transfer.kv_lease_seconds)", load.request_id, e.render())
+
+    def _drop_held(self, load: Load) -> None:
+        """The load gave up asking "held_blocks": the prefill drops the hold of what it asked for, now or once the
+        prefill leg ends, within a transfer timeout (messages.py DropHeldRequest; a load that timed out asking gave
+        up at its deadline, and its prefill leg may end after it). Else a prefill leg that ends after its client left
+        the decode leg (vLLM's push proxy sends both legs at once) keeps the blocks for the whole lease. Best effort,
+        as `drop_unstarted`."""
+        message = DropHeldRequest(type="drop_held", request_id=load.remote.request_id,
+                                  client_request_id=client_request_id(load.request_id),
+                                  prompt_digest=load.prompt_digest, owner=load.nonce,
+                                  seconds=min(self.ctx.transfer_timeout, MAX_SECONDS))  # the prefill clamps it
+        try:
+            self.ctx.ask(load.remote, message, Empty, min(RELEASE_TIMEOUT_SECONDS, self.ctx.handshake_timeout),
+                         "hold drop")
+        except KVTransferError as e:
+            logger.warning("request %s: %s; a prefill that holds its request later keeps the blocks until the hold's "
+                           "lease ends (kv_transfer.kv_lease_seconds)", load.request_id, e.render())
 
     def _set_failed(self, load: Load, error: str) -> None:
         with self.ctx.lock:

@@ -80,7 +80,8 @@ class PrefillSide(NixlConnector):
             {"handshake": self._on_handshake, "push": self._on_push, "stage": self.stager.stage,
              "unstage": self.stager.unstage, "claim_read": self.holds.claim_read,
              "cancel_push": self.holds.cancel_push, "release": self.holds.on_release, "forget": self.decodes.forget,
-             "listen": self.decodes.listen, "held_blocks": self._on_held_blocks},
+             "listen": self.decodes.listen, "held_blocks": self._on_held_blocks,
+             "drop_held": self.holds.drop_held},
             self.keys,
         )
         logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id, spec.tp_rank,

@@ -1,0 +1,177 @@
+"""A decode load of vLLM push-proxy params (no block ids) that gives up asking "held_blocks" (its client left, or it
+timed out) tells the prefill what it asked for ("drop_held"): the prefill drops that request's hold now if it holds
+it, else as it makes it within the time the decode would have gone on asking. Before, a prefill leg that ended after
+its client left the decode leg kept its blocks for the whole lease (600 s in the e2e test,
+tests/serving/test_abort_before_transfer_e2e.py). Only a hold of the same client request and prompt is dropped, and
+only by its own decode's interest (a decode that pushed from it keeps it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from pydantic import ValidationError
+
+from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.load import Load
+from pdlaunch.kv_transfer.decode.loads import DecodeLoads
+from pdlaunch.kv_transfer.messages import DropHeldRequest, Empty, HeldBlocksAnswer, HeldBlocksRequest
+from pdlaunch.kv_transfer.prefill.holds import MAX_DROPPED_ASKS, HoldTable
+from pdlaunch.kv_transfer.prefill.side import PrefillSide
+from pdlaunch.kv_transfer.push_params import prompt_digest
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
+from tests.kv_transfer.deployment_secret import KEYS
+
+PROMPT = list(range(100, 120))
+DIGEST = prompt_digest(PROMPT)
+OTHER_DIGEST = prompt_digest(list(range(200, 220)))
+LEASE_S = 60.0
+WAIT_S = 30.0  # generous: a loaded 2-core machine
+OWNER = "aaaaaaaaaaaaaaaa"
+
+
+def _drop(client_id: str = "client-1", digest: str = DIGEST, seconds: float = LEASE_S,
+          request_id: str | None = None) -> DropHeldRequest:
+    return DropHeldRequest(type="drop_held", request_id=request_id, client_request_id=client_id, prompt_digest=digest,
+                           owner=OWNER, seconds=seconds)
+
+
+def test_a_hold_made_after_its_decode_gave_up_is_freed_at_the_next_poll() -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    assert holds.drop_held(_drop()) == Empty()
+    holds.hold("client-1-0a1b2c3d", [[4, 5]], DIGEST)
+    assert holds.poll(time.monotonic()) == {"client-1-0a1b2c3d"}
+    holds.hold("client-1-77777777", [[6]], DIGEST)  # the same client and prompt again: that ask was used up
+    assert holds.poll(time.monotonic()) == set() and holds.get("client-1-77777777") is not None
+
+
+def test_a_held_request_is_freed_when_its_decode_gives_up() -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.hold("client-1-0a1b2c3d", [[4, 5]], DIGEST)
+    holds.drop_held(_drop())
+    assert holds.poll(time.monotonic()) == {"client-1-0a1b2c3d"}
+
+
+@pytest.mark.parametrize("asked", [
+    {"digest": OTHER_DIGEST},  # another prompt under the same X-Request-Id: not this load's to free
+    {"client_id": "client-2"},
+    {"request_id": "client-1-ffffffff"},  # named by request id: that one only
+], ids=["other prompt", "other client", "other request id"])
+def test_only_the_request_the_decode_asked_for_is_dropped(asked: dict[str, Any]) -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.hold("client-1-0a1b2c3d", [[4]], DIGEST)
+    holds.drop_held(_drop(**asked))
+    holds.hold("client-1-12345678", [[5]], DIGEST)
+    assert holds.poll(time.monotonic()) == set()
+    assert holds.get("client-1-0a1b2c3d") is not None and holds.get("client-1-12345678") is not None
+
+
+def test_an_ask_is_forgotten_after_its_seconds_and_the_oldest_past_the_cap() -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.drop_held(_drop(seconds=5.0))
+    holds.poll(time.monotonic() + 6.0)  # its time is up: a hold made now is not its
+    holds.hold("client-1-0a1b2c3d", [[4]], DIGEST)
+    assert holds.poll(time.monotonic()) == set()
+    holds.drop_held(_drop(client_id="client-first"))
+    for i in range(MAX_DROPPED_ASKS):
+        holds.drop_held(_drop(client_id=f"client-{i}-more"))
+    holds.hold("client-first-0a1b2c3d", [[5]], DIGEST)
+    holds.hold(f"client-{MAX_DROPPED_ASKS - 1}-more-0a1b2c3d", [[6]], DIGEST)
+    assert holds.poll(time.monotonic()) == {f"client-{MAX_DROPPED_ASKS - 1}-more-0a1b2c3d"}
+
+
+def test_the_seconds_are_clamped_to_the_lease() -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.drop_held(_drop(seconds=3600.0))
+    holds.poll(time.monotonic() + LEASE_S + 1.0)
+    holds.hold("client-1-0a1b2c3d", [[4]], DIGEST)
+    assert holds.poll(time.monotonic()) == set()
+
+
+@pytest.mark.parametrize("bad", [{"prompt_digest": "zz"}, {"seconds": float("inf")}, {"seconds": -1.0},
+                                 {"owner": ""}, {"client_request_id": "x" * 513}])
+def test_a_malformed_drop_is_refused(bad: dict[str, Any]) -> None:
+    fields = {"type": "drop_held", "client_request_id": "client-1", "prompt_digest": DIGEST, "owner": OWNER,
+              "seconds": 1.0, **bad}
+    with pytest.raises(ValidationError):
+        DropHeldRequest.model_validate(fields)
+
+
+@dataclass
+class _Sides:
+    holds: HoldTable
+    drops: list[DropHeldRequest]
+    loads: DecodeLoads
+    server: SideChannelServer
+
+
+@pytest.fixture
+def sides() -> Iterator[_Sides]:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
+    drops: list[DropHeldRequest] = []
+
+    def held_blocks(message: HeldBlocksRequest) -> HeldBlocksAnswer:
+        return PrefillSide._on_held_blocks(cast(Any, prefill), message)  # noqa: SLF001 - its real handler
+
+    def drop_held(message: DropHeldRequest) -> Empty:
+        drops.append(message)
+        return holds.drop_held(message)
+
+    server = SideChannelServer("127.0.0.1", 0, {"held_blocks": held_blocks, "drop_held": drop_held}, KEYS)
+    executor = ThreadPoolExecutor(max_workers=1)
+    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
+                      handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
+                      reader="decode")
+    try:
+        yield _Sides(holds, drops, DecodeLoads(ctx), server)
+    finally:
+        executor.shutdown(wait=True)
+        ctx.connections.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _load(sides: _Sides, seconds: float) -> Load:
+    """A load of PROMPT by the client's X-Request-Id "client-1" (no request id, no blocks: vLLM's push proxy)."""
+    now = time.monotonic()
+    remote = RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=sides.server.port)
+    load = Load("client-1-0a1b2c3d", remote, [], deadline=now + seconds, started=now)
+    load.plan = lambda remote: [[(0, 9, (remote.block_ids or [[]])[0][0])]]
+    load.prompt_digest = DIGEST
+    return load
+
+
+def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(sides: _Sides) -> None:
+    load = _load(sides, WAIT_S)
+    load.abandoned = True  # its client left before the first ask (as LoadTable.abort marks it)
+    sides.loads.run(load)
+    assert [(d.client_request_id, d.prompt_digest, d.request_id, d.owner) for d in sides.drops] == [
+        ("client-1", DIGEST, None, load.nonce)]
+    assert 0.0 < sides.drops[0].seconds <= WAIT_S
+    sides.holds.hold("client-1-ffff0000", [[4, 5]], DIGEST)  # the prefill leg ends only now
+    assert sides.holds.poll(time.monotonic()) == {"client-1-ffff0000"}
+
+
+def test_a_load_that_timed_out_asking_tells_the_prefill_too(sides: _Sides) -> None:
+    load = _load(sides, 1.0)
+    sides.loads.run(load)
+    assert load.error is not None and "no request with X-Request-Id client-1" in load.error
+    assert [d.client_request_id for d in sides.drops] == ["client-1"]
+
+
+def test_a_load_whose_hold_was_named_cancels_it_and_drops_nothing(sides: _Sides) -> None:
+    """Once "held_blocks" named the request, the load's end goes through cancel_push (tests/kv_transfer/
+    test_unstarted_drop.py): drop_held is for what was asked for and never named."""
+    sides.server.handlers["cancel_push"] = lambda message: sides.holds.cancel_push(message)
+    sides.holds.hold("client-1-ffff0000", [[4, 5]], DIGEST)
+    load = _load(sides, WAIT_S)
+    load.plan = lambda remote: (_ for _ in ()).throw(ValueError("cannot plan"))  # ends before its strategy
+    sides.loads.run(load)
+    assert sides.drops == [] and sides.holds.poll(time.monotonic()) == {"client-1-ffff0000"}
