@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load
-from pdlaunch.kv_transfer.decode.loads import DecodeLoads
-from pdlaunch.kv_transfer.messages import DropHeldRequest, Empty, HeldBlocksAnswer, HeldBlocksRequest
+from pdlaunch.kv_transfer.messages import DropHeldRequest, Empty
 from pdlaunch.kv_transfer.prefill.holds import MAX_DROPPED_ASKS, HoldTable
-from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.push_params import prompt_digest
-from pdlaunch.kv_transfer.remote_kv import RemoteKV
-from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
-from tests.kv_transfer.deployment_secret import KEYS
+from tests.kv_transfer.held_sides import LEASE_S, PROMPT, HeldSides, held_sides
 
-PROMPT = list(range(100, 120))
 DIGEST = prompt_digest(PROMPT)
 OTHER_DIGEST = prompt_digest(list(range(200, 220)))
-LEASE_S = 60.0
 WAIT_S = 30.0  # generous: a loaded 2-core machine
 OWNER = "aaaaaaaaaaaaaaaa"
 
@@ -103,53 +92,14 @@ def test_a_malformed_drop_is_refused(bad: dict[str, Any]) -> None:
         DropHeldRequest.model_validate(fields)
 
 
-@dataclass
-class _Sides:
-    holds: HoldTable
-    drops: list[DropHeldRequest]
-    loads: DecodeLoads
-    server: SideChannelServer
-
-
 @pytest.fixture
-def sides() -> Iterator[_Sides]:
-    holds = HoldTable(lease_seconds=LEASE_S)
-    prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
-    drops: list[DropHeldRequest] = []
-
-    def held_blocks(message: HeldBlocksRequest) -> HeldBlocksAnswer:
-        return PrefillSide._on_held_blocks(cast(Any, prefill), message)  # noqa: SLF001 - its real handler
-
-    def drop_held(message: DropHeldRequest) -> Empty:
-        drops.append(message)
-        return holds.drop_held(message)
-
-    server = SideChannelServer("127.0.0.1", 0, {"held_blocks": held_blocks, "drop_held": drop_held}, KEYS)
-    executor = ThreadPoolExecutor(max_workers=1)
-    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
-                      handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
-                      reader="decode")
-    try:
-        yield _Sides(holds, drops, DecodeLoads(ctx), server)
-    finally:
-        executor.shutdown(wait=True)
-        ctx.connections.close()
-        server.shutdown()
-        server.server_close()
+def sides() -> Iterator[HeldSides]:
+    with held_sides(WAIT_S) as made:
+        yield made
 
 
-def _load(sides: _Sides, seconds: float) -> Load:
-    """A load of PROMPT by the client's X-Request-Id "client-1" (no request id, no blocks: vLLM's push proxy)."""
-    now = time.monotonic()
-    remote = RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=sides.server.port)
-    load = Load("client-1-0a1b2c3d", remote, [], deadline=now + seconds, started=now)
-    load.plan = lambda remote: [[(0, 9, (remote.block_ids or [[]])[0][0])]]
-    load.prompt_digest = DIGEST
-    return load
-
-
-def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(sides: _Sides) -> None:
-    load = _load(sides, WAIT_S)
+def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(sides: HeldSides) -> None:
+    load = sides.load(WAIT_S)
     load.abandoned = True  # its client left before the first ask (as LoadTable.abort marks it)
     sides.loads.run(load)
     assert [(d.client_request_id, d.prompt_digest, d.request_id, d.owner) for d in sides.drops] == [
@@ -159,19 +109,19 @@ def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(si
     assert sides.holds.poll(time.monotonic()) == {"client-1-ffff0000"}
 
 
-def test_a_load_that_timed_out_asking_tells_the_prefill_too(sides: _Sides) -> None:
-    load = _load(sides, 1.0)
+def test_a_load_that_timed_out_asking_tells_the_prefill_too(sides: HeldSides) -> None:
+    load = sides.load(1.0)
     sides.loads.run(load)
     assert load.error is not None and "no request with X-Request-Id client-1" in load.error
     assert [d.client_request_id for d in sides.drops] == ["client-1"]
 
 
-def test_a_load_whose_hold_was_named_cancels_it_and_drops_nothing(sides: _Sides) -> None:
+def test_a_load_whose_hold_was_named_cancels_it_and_drops_nothing(sides: HeldSides) -> None:
     """Once "held_blocks" named the request, the load's end goes through cancel_push (tests/kv_transfer/
     test_unstarted_drop.py): drop_held is for what was asked for and never named."""
     sides.server.handlers["cancel_push"] = lambda message: sides.holds.cancel_push(message)
     sides.holds.hold("client-1-ffff0000", [[4, 5]], DIGEST)
-    load = _load(sides, WAIT_S)
+    load = sides.load(WAIT_S)
     load.plan = lambda remote: (_ for _ in ()).throw(ValueError("cannot plan"))  # ends before its strategy
     sides.loads.run(load)
     assert sides.drops == [] and sides.holds.poll(time.monotonic()) == {"client-1-ffff0000"}

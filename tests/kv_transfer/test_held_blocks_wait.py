@@ -10,72 +10,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load
-from pdlaunch.kv_transfer.decode.loads import HELD_BLOCKS_WAIT_SECONDS, DecodeLoads
+from pdlaunch.kv_transfer.decode.loads import HELD_BLOCKS_WAIT_SECONDS
 from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
-from pdlaunch.kv_transfer.prefill.holds import HoldTable
-from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.push_params import prompt_digest
-from pdlaunch.kv_transfer.remote_kv import RemoteKV
-from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
-from tests.kv_transfer.deployment_secret import KEYS
+from tests.kv_transfer.held_sides import PROMPT, HeldSides, held_sides
 
-PROMPT = list(range(100, 120))
 WAIT_S = 30.0  # generous: a loaded 2-core machine
 
 
-@dataclass
-class _Sides:
-    holds: HoldTable  # the prefill's
-    asks: list[HeldBlocksRequest]
-    loads: DecodeLoads
-    server: SideChannelServer
-
-    def load(self, seconds: float) -> Load:
-        """A load of PROMPT by the client's X-Request-Id "client-1" (no request id), `seconds` to its deadline."""
-        now = time.monotonic()
-        remote = RemoteKV(engine_id="P", request_id=None, host="127.0.0.1", port=self.server.port)
-        load = Load("client-1-0a1b2c3d", remote, [], deadline=now + seconds, started=now)
-        load.plan = lambda remote: [[(0, 9, (remote.block_ids or [[]])[0][0])]]
-        load.prompt_digest = prompt_digest(PROMPT)
-        return load
-
-
 @pytest.fixture
-def sides() -> Iterator[_Sides]:
-    holds = HoldTable(lease_seconds=60.0)
-    prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
-    asks: list[HeldBlocksRequest] = []
-
-    def held_blocks(message: HeldBlocksRequest) -> HeldBlocksAnswer:
-        asks.append(message)
-        return PrefillSide._on_held_blocks(cast(Any, prefill), message)  # noqa: SLF001 - its real handler
-
-    server = SideChannelServer("127.0.0.1", 0, {"held_blocks": held_blocks}, KEYS)
-    executor = ThreadPoolExecutor(max_workers=1)
-    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
-                      handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
-                      reader="decode")
-    try:
-        yield _Sides(holds, asks, DecodeLoads(ctx), server)
-    finally:
-        executor.shutdown(wait=True)
-        ctx.connections.close()
-        server.shutdown()
-        server.server_close()
+def sides() -> Iterator[HeldSides]:
+    with held_sides(WAIT_S) as made:
+        yield made
 
 
-def test_a_hold_that_comes_while_the_decode_asks_is_found(sides: _Sides) -> None:
+def test_a_hold_that_comes_while_the_decode_asks_is_found(sides: HeldSides) -> None:
     load = sides.load(WAIT_S)
     later = threading.Timer(3 * HELD_BLOCKS_WAIT_SECONDS, sides.holds.hold, ("client-1-ffff0000", [[4, 5]],
                                                                            prompt_digest(PROMPT)))
@@ -88,7 +42,7 @@ def test_a_hold_that_comes_while_the_decode_asks_is_found(sides: _Sides) -> None
     assert len(sides.asks) >= 2 and all(ask.wait <= HELD_BLOCKS_WAIT_SECONDS for ask in sides.asks)
 
 
-def test_no_hold_by_the_deadline_fails_the_load_saying_what_it_asked_for(sides: _Sides) -> None:
+def test_no_hold_by_the_deadline_fails_the_load_saying_what_it_asked_for(sides: HeldSides) -> None:
     load = sides.load(4 * HELD_BLOCKS_WAIT_SECONDS)
     with pytest.raises(KVTransferError, match="no request with X-Request-Id client-1 of this prompt is held at "
                                               "prefill engine P") as raised:
@@ -97,7 +51,7 @@ def test_no_hold_by_the_deadline_fails_the_load_saying_what_it_asked_for(sides: 
     assert time.monotonic() >= load.deadline and len(sides.asks) >= 2
 
 
-def test_an_abort_ends_the_asking_within_one_wait(sides: _Sides) -> None:
+def test_an_abort_ends_the_asking_within_one_wait(sides: HeldSides) -> None:
     load = sides.load(WAIT_S)
     asking = sides.loads.ctx.executor.submit(sides.loads._ask_block_ids, load)  # noqa: SLF001
     until = time.monotonic() + WAIT_S
@@ -112,7 +66,7 @@ def test_an_abort_ends_the_asking_within_one_wait(sides: _Sides) -> None:
     assert time.monotonic() - aborted < WAIT_S / 2, "the asking went on long after the abort"
 
 
-def test_an_abort_ends_an_ask_a_stalled_prefill_leaves_unanswered(sides: _Sides) -> None:
+def test_an_abort_ends_an_ask_a_stalled_prefill_leaves_unanswered(sides: HeldSides) -> None:
     """The prefill takes the ask and answers only when the test ends; the handshake timeout, which the ask adds to
     its wait, is far above the test's waits: the abort alone ends it."""
     sides.loads.ctx.handshake_timeout = 600.0
