@@ -6,7 +6,8 @@ answers equal a colocated engine's and the KV crossed from prefill to decode; ea
 the node every rank ran on (the prefill on the head, both decode ranks on one worker); a second
 deployment whose prefill cannot be placed (the first holds the head's pd_prefill) fails within its
 placement timeout naming what it asked for; killing the raylet holding the decode restarts the decode on
-the other worker with a new engine_id, and the service answers again; so does killing the decode's rank 1
+the other worker with a new engine_id (ended as soon as the dead raylet refuses a connection), and the service
+answers again; so does killing the decode's rank 1
 actor (rank 0's watchdog names it); after SIGINT no actor, placement
 group or process of the deployment is left. One cluster serves every step (Ray starts slowly)."""
 
@@ -186,6 +187,11 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
     text = serve.output
     assert code == 0, text
     assert "moved to" in text and "stopped: every actor and placement group removed" in text, text
+    # kill_node SIGKILLs the decode node's raylet (its host stays up): Ray first reports the decode's actor
+    # unavailable, and the decode is ended as soon as that raylet refuses a connection, not after the grace a blip gets
+    gone = re.search(rf"decode-0 lost its Ray actor on node {re.escape(decode_node)}: its raylet at "
+                     rf"{re.escape(decode_node)}:\d+ refuses connections: the node is gone \(Ray: ", text)
+    assert gone is not None, text
     # the deaths are said in the launcher's own lines, not beside Ray's paragraph for each; the rank actor's SIGKILL
     # (rank 0 exits with code 1) is named as one from outside
     assert "A worker died or was killed" not in text and "Unhandled error" not in text, text

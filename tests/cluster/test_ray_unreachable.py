@@ -5,11 +5,18 @@ killed, its placement group removed, a restart planned, for a blip of a second. 
 /health probe decides where requests go meanwhile) and its actor asked again each tick; one that answers within
 ray_unreachable.UNREACHABLE_GRACE_S is kept serving (its end watched through a new call, its `serve` call being lost),
 one that does not is ended naming how long its node has been unreachable, and one that Ray then reports dead is ended
-as a dead one. Ray's own exception classes; a stand-in for the ray module and the rank-0 actor's handle."""
+as a dead one. Ray's own exception classes; a stand-in for the ray module and the rank-0 actor's handle.
+
+A node killed outright (its raylet gone, its host up) was reported unavailable too, and kept for the whole grace: now
+its raylet (recorded at launch from Ray's node table) is asked for a TCP connection, and one it refuses ends the
+instance at once, naming the raylet; one accepted, or one that times out (a blip), keeps the grace. Real sockets.
+"""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +31,7 @@ from pdlaunch.launcher.backends.ray_actors import CONTROL, WATCH  # noqa: E402
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment  # noqa: E402
 from pdlaunch.launcher.backends.ray_instance import ServeOutcome  # noqa: E402
 from pdlaunch.launcher.backends.ray_run import RayRun  # noqa: E402
+from pdlaunch.launcher.backends.ray_unreachable import RayletAnswer, RayletProbe  # noqa: E402
 from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on, ray, task_error  # noqa: E402
 from tests.cluster.test_ray_outside_kill import DIED_SIGKILL, actor_died  # noqa: E402
 
@@ -220,3 +228,102 @@ def test_the_serve_outcome_is_handed_to_a_later_watch() -> None:
     failed.end(ValueError("engine exploded"))
     with pytest.raises(ValueError, match="engine exploded"):
         failed.wait(began_within_s=0.01)
+
+
+@pytest.fixture
+def listening() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts connections: a raylet alive."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+@pytest.fixture
+def closed() -> int:
+    """A port on 127.0.0.1 nothing listens on: a raylet gone, its host up (the kernel refuses the connection)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        return int(taken.getsockname()[1])
+
+
+@pytest.fixture
+def silent() -> Iterator[int]:
+    """A port on 127.0.0.1 whose connects never complete: a listener whose accept queue is full drops every further
+    SYN, as a host out of touch leaves them unanswered."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        held: list[socket.socket] = []
+        try:
+            for _ in range(16):  # the kernel queues a connection or two past a backlog of 0: fill them
+                client = socket.socket()
+                held.append(client)
+                client.settimeout(0.5)
+                try:
+                    client.connect(server.getsockname())
+                except TimeoutError:
+                    break
+            else:
+                pytest.fail("the full listener kept accepting connections: no connect to leave unanswered")
+            yield server.getsockname()[1]
+        finally:
+            for client in held:
+                client.close()
+
+
+def answer(probe: RayletProbe, within_s: float = 30.0) -> RayletAnswer:
+    """Ask `probe` each few milliseconds until it tells how its connect ended."""
+    deadline = time.monotonic() + within_s
+    while (got := probe.check(time.monotonic())) is None:
+        assert time.monotonic() < deadline, f"the probe of {probe.where} told nothing within {within_s:.0f}s"
+        time.sleep(0.01)
+    return got
+
+
+def test_a_raylet_probe_tells_a_live_raylet_a_gone_one_and_a_silent_one(listening: int, closed: int,
+                                                                         silent: int) -> None:
+    assert answer(RayletProbe("127.0.0.1", listening)) == "accepts"
+    assert answer(RayletProbe("127.0.0.1", closed)) == "refuses"
+    probe = RayletProbe("127.0.0.1", silent, timeout_s=0.3, every_s=0.0)
+    assert probe.check(time.monotonic()) is None, "the connect in flight was waited for: it blocked the round"
+    assert answer(probe) == "silent"  # a timeout: a blip, not a dead node
+    assert answer(probe) == "silent", "the next round's connect"
+    assert RayletProbe("fd00::2", 1).where == "[fd00::2]:1"
+    assert RayletProbe("not-an-address", 1).check(time.monotonic()) is None  # nothing to ask: the grace decides
+
+
+def test_a_raylet_probe_connects_at_most_once_per_period(listening: int) -> None:
+    probe = RayletProbe("127.0.0.1", listening, every_s=3600.0)
+    assert answer(probe) == "accepts"
+    assert probe.check(time.monotonic()) is None, "a second connect within the period"
+
+
+def test_an_actor_whose_raylet_refuses_is_ended_at_once_naming_it(deployment: RayDeployment, run: RayRun,
+                                                                   said: list[str], closed: int) -> None:
+    """Its node killed outright: Ray reports the actor unavailable, but its node's raylet refuses connections."""
+    run.raylet = ("127.0.0.1", closed)
+    deployment.tick()
+    assert run.state == "down" and run.unreachable is None, said
+    assert not any("does not answer" in s for s in said), "a grace said for a node known gone"
+    ended = [s for s in said if s.startswith("prefill-0 lost its Ray actor")]
+    assert len(ended) == 1, said
+    assert ended[0].startswith(f"prefill-0 lost its Ray actor on node {NODE}: its raylet at 127.0.0.1:{closed} "
+                               f"refuses connections: the node is gone (Ray: {SOCKET_CLOSED.strip()}"), ended
+    assert "its actors and placement group are removed; restart 1" in ended[0], ended
+
+
+@pytest.mark.parametrize("raylet", ["listening", "silent"])
+def test_an_actor_whose_raylet_accepts_or_is_silent_keeps_the_grace(deployment: RayDeployment, fake: ScriptedRay,
+                                                                     run: RayRun, said: list[str], raylet: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    fake.pending.add("node_address-1")
+    run.raylet = ("127.0.0.1", request.getfixturevalue(raylet))
+    deadline = time.monotonic() + 30.0
+    while run.unreachable is None or run.unreachable.raylet is None or run.unreachable.raylet.last is None:
+        deployment.tick()  # until the raylet's first connect has ended
+        assert run.state == "ready" and time.monotonic() < deadline, said
+        time.sleep(0.01)
+    assert run.unreachable.raylet.last == ("accepts" if raylet == "listening" else "silent")
+    assert run.state == "ready" and not any("lost its Ray actor" in s for s in said), said
+    assert len([s for s in said if "does not answer" in s]) == 1, said

@@ -24,7 +24,8 @@ OOM killer on its node, or Ray's memory monitor where Ray reports that (ray_kill
 after which rank 0 exits with code 1, is read from that actor: ray_actors.py), in that line alone (Ray's own paragraph
 for a dead worker is not printed beside it). A rank-0 actor Ray reports temporarily unavailable (the launcher lost
 touch with it) is not dead yet: the instance is kept and asked again each round, and ended as a dead one only once Ray
-reports it dead or it has not answered for ray_unreachable.UNREACHABLE_GRACE_S. An instance
+reports it dead, its node's raylet refuses a TCP connection (the node is gone, its host up), or it has not answered
+for ray_unreachable.UNREACHABLE_GRACE_S. An instance
 whose actor is alive but whose /health stops answering is said to be stalled, and is ended and restarted the same
 way once stalled for supervision.stall_restart_seconds, when set (ray_stall.py); so is the proxy, killed then and
 restarted after the backoff, as the local supervisor does. A

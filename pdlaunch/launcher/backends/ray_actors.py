@@ -24,7 +24,7 @@ from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.backends.ray_killed import outside_kill
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_unplaced import unplaced_message
-from pdlaunch.launcher.backends.ray_unreachable import Unreachable, unavailable_why
+from pdlaunch.launcher.backends.ray_unreachable import RayletProbe, Unreachable, unavailable_why
 from pdlaunch.launcher.deployment import INSTANCE_TERM_TIMEOUT_S
 from pdlaunch.launcher.process import HURRY_POLL_S
 
@@ -97,13 +97,15 @@ class RayActors:
                 "or change launcher.ray_resources")
         return False
 
-    def _bundle_nodes(self, pg: PlacementGroup) -> list[str] | None:
-        """The address of the node holding each bundle of `pg`, in bundle order (None: a node is gone)."""
+    def _bundle_nodes(self, pg: PlacementGroup) -> list[tuple[str, int | None]] | None:
+        """The address of the node holding each bundle of `pg` and its raylet's port (None where Ray lists none), in
+        bundle order (None: a node is gone)."""
         table = self.ray.util.placement_group_table(pg)
-        address = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in self.ray.nodes() if n.get("Alive")}
+        nodes = {str(n["NodeID"]): (str(n["NodeManagerAddress"]), int(n["NodeManagerPort"]) if n.get("NodeManagerPort")
+                                    else None) for n in self.ray.nodes() if n.get("Alive")}
         by_bundle = {int(k): str(v) for k, v in dict(table.get("bundles_to_node_id") or {}).items()}
-        nodes = [address.get(by_bundle.get(i, "")) for i in range(len(pg.bundle_specs))]
-        return None if None in nodes else [n for n in nodes if n is not None]
+        found = [nodes.get(by_bundle.get(i, "")) for i in range(len(pg.bundle_specs))]
+        return None if None in found else [n for n in found if n is not None]
 
     def launch(self, run: RayRun, prefill_side_channels: str) -> bool:
         """The placement group is placed: start the instance's actors in its bundles (False: a node of the
@@ -113,9 +115,11 @@ class RayActors:
         from pdlaunch.launcher.backends.ray_instance import RayInstance
 
         assert run.pg is not None
-        hosts = self._bundle_nodes(run.pg)
-        if hosts is None:
+        nodes = self._bundle_nodes(run.pg)
+        if nodes is None:
             return False
+        hosts = [host for host, _ in nodes]
+        run.raylet = (hosts[0], nodes[0][1]) if nodes[0][1] is not None else None
         restart = run.record.restarts
         engine_id = run.plan.spec.engine_id + (f"-r{restart}" if restart else "")
         spec = run.plan.spec.model_copy(update={"host": hosts[0], "engine_id": engine_id,
@@ -164,6 +168,8 @@ class RayActors:
                 pass  # gone already
         run.actors = []
         run.serve_ref = None
+        if run.unreachable is not None:
+            run.unreachable.close()
         run.unreachable = None
         if run.pg is not None:
             self.ray.util.remove_placement_group(run.pg)
@@ -186,9 +192,14 @@ class RayActors:
             killed = outside_kill(str(exc))  # a rank actor killed (rank 0's watchdog quotes Ray's death cause)
             return f"failed in its Ray actor ({ray_failure(exc)})" + (f"; that actor ended by {killed}" if killed
                                                                       else "")
-        except self.ray.exceptions.ActorUnavailableError as exc:  # may come back: not dead yet
+        except self.ray.exceptions.ActorUnavailableError as exc:  # may come back unless its node's raylet is gone
             node = run.spec.host if run.spec is not None else "?"
-            run.unreachable = Unreachable(node, time.monotonic(), unavailable_why(exc))
+            now = time.monotonic()
+            run.unreachable = Unreachable(node, now, unavailable_why(exc),
+                                          raylet=RayletProbe(*run.raylet) if run.raylet is not None else None)
+            gone = run.unreachable.over(now)  # a raylet on this host refuses at once: no grace said, then ended
+            if gone is not None:
+                return gone
             self.say(run.unreachable.said(run.name))
             return self._still_unreachable(run, run.unreachable)
         except self.ray.exceptions.RayError as exc:
@@ -219,6 +230,7 @@ class RayActors:
                 except self.ray.exceptions.RayError as exc:
                     return self._lost(exc)
                 else:
+                    lost.close()
                     run.unreachable = None
                     run.serve_ref = run.actors[0].served.options(concurrency_group=WATCH).remote()
                     self.say(f"{run.name}: its Ray actor on node {lost.node} answers again after "

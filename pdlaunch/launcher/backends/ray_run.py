@@ -49,6 +49,7 @@ class RayRun:
     serve_ref: ObjectRef[int] | None = None  # its `serve` call, or the `served` call watching it once that was lost
     unreachable: Unreachable | None = None  # while Ray reports its rank-0 actor temporarily unavailable
     spec: InstanceSpec | None = None  # as running now: its node's address, its engine_id
+    raylet: tuple[str, int] | None = None  # rank 0's node's raylet (node manager address, port) as Ray listed it
     started: float = 0.0
 
     @property

@@ -9,13 +9,26 @@ requests go to it. The actor is asked (`node_address`, in the control group besi
 round, one call at a time. An answer means it is back: its `serve` call is lost (Ray failed it for good), so its end
 is watched through `served` (ray_instance.py), a call that returns what `serve` returns. Ray reporting it dead ends
 it as any dead actor; no answer within UNREACHABLE_GRACE_S ends it naming its node and how long.
+
+A node killed outright (its raylet gone, the host up) is first reported the same way: the GCS marks the node dead only
+once it has missed its health checks, and the grace would keep a dead instance for its whole length. So from the first
+failure on, the raylet of the actor's node (its node manager address:port in Ray's node table, recorded when the
+instance was launched) is asked for a TCP connection, at most one in flight and one per RAYLET_PROBE_S: one it REFUSES
+(the host answered, no process listens: ConnectionRefusedError) means the raylet is gone, and with it every actor of
+the node (a raylet is not restarted in place), and ends the instance at once. A connection accepted, one that times out
+or a host unreachable keeps the grace: that is a blip, or a node out of touch that may come back. The connect never
+blocks the supervision loop: the socket is non-blocking, its outcome read by a poll that does not wait on later rounds,
+and one that has not completed within RAYLET_CONNECT_TIMEOUT_S counts as a timeout.
 """
 
 from __future__ import annotations
 
+import errno
 import re
+import select
+import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pdlaunch.distributed.ray_rank import ray_failure
 
@@ -26,9 +39,74 @@ if TYPE_CHECKING:
 # not answer its health checks (5 checks 3 s apart by default): past that, an actor that comes back has most often
 # been ended by Ray with its node, and what is left of the instance is not worth waiting for.
 UNREACHABLE_GRACE_S = 15.0
+RAYLET_CONNECT_TIMEOUT_S = 1.0  # a raylet alive answers a connect within a round trip; past this it is a blip
+RAYLET_PROBE_S = 1.0  # a connect to a live raylet at most this often while the grace runs
 # Ray's words around the reason: "The actor <hex id> is unavailable: <reason>. The task may or may not have been ..."
 _RAY_FRAME = re.compile(r"^The actor \S+ is unavailable: (?P<why>.*?)\.? The task may or may not have been executed "
                         r"on the actor\.?$", re.DOTALL)
+
+
+RayletAnswer = Literal["accepts", "refuses", "silent"]  # silent: timed out, or the host or network unreachable
+
+
+class RayletProbe:
+    """Whether the raylet at `host`:`port` (a node's node manager, as Ray's node table lists it) accepts a TCP
+    connection, asked without blocking (the module's docstring says how)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = RAYLET_CONNECT_TIMEOUT_S,
+                 every_s: float = RAYLET_PROBE_S) -> None:
+        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.timeout_s, self.every_s = timeout_s, every_s
+        try:  # Ray lists nodes by IP address: numeric, so this asks no resolver
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_NUMERICHOST)[0]
+            self._target: tuple[socket.AddressFamily, tuple[object, ...]] | None = (family, address)
+        except (socket.gaierror, IndexError):
+            self._target = None  # not an address to connect to: the grace alone decides
+        self._sock: socket.socket | None = None
+        self._started = 0.0
+        self._next = 0.0
+        self._early: int | None = None  # the connect's error when it failed before returning
+        self.last: RayletAnswer | None = None  # how the latest connect ended
+
+    def check(self, now: float) -> RayletAnswer | None:
+        """Start a connect when none is in flight and one is due (`now`: time.monotonic()); how the one in flight
+        ended if it has, None while it has not (or none is due)."""
+        if self._sock is None:
+            if self._target is None or now < self._next:
+                return None
+            self._start(now)
+        assert self._sock is not None
+        if self._early is not None:
+            error = self._early
+        else:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLOUT)
+            if not poller.poll(0):
+                if now - self._started < self.timeout_s:
+                    return None
+                self.close()
+                self.last = "silent"
+                return self.last
+            error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.close()
+        self.last = "accepts" if error == 0 else "refuses" if error == errno.ECONNREFUSED else "silent"
+        return self.last
+
+    def _start(self, now: float) -> None:
+        assert self._target is not None
+        family, address = self._target
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setblocking(False)
+        self._started, self._next = now, now + self.every_s
+        error = self._sock.connect_ex(address)
+        self._early = None if error in (errno.EINPROGRESS, errno.EAGAIN) else error
+
+    def close(self) -> None:
+        """Drop the connect in flight, if any (idempotent)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock, self._early = None, None
 
 
 @dataclass
@@ -39,6 +117,8 @@ class Unreachable:
     since: float
     why: str  # Ray's reason, as unavailable_why says it
     probe: ObjectRef[str] | None = None  # the call asking the actor, while unanswered
+    raylet: RayletProbe | None = None  # its node's raylet, asked whether it still accepts connections
+    gone: bool = False  # its raylet refused a connection
 
     def said(self, name: str) -> str:
         """The line said when the instance's actor is first found unreachable."""
@@ -47,11 +127,20 @@ class Unreachable:
                 "proxy routes by its /health)")
 
     def over(self, now: float) -> str | None:
-        """How the instance ended once the grace is over, else None."""
+        """How the instance ended once its node's raylet refused a connection or the grace is over, else None."""
+        if self.raylet is not None and (self.gone or self.raylet.check(now) == "refuses"):
+            self.gone = True  # said again while the end waits on the head (ray_deployment._head_answers)
+            return (f"lost its Ray actor on node {self.node}: its raylet at {self.raylet.where} refuses connections: "
+                    f"the node is gone (Ray: {self.why})")
         gone = now - self.since
         if gone < UNREACHABLE_GRACE_S:
             return None
         return f"lost its Ray actor: on node {self.node} it has been unreachable for {gone:.0f}s (Ray: {self.why})"
+
+    def close(self) -> None:
+        """Drop the raylet's connect in flight (the instance answered again, or is removed)."""
+        if self.raylet is not None:
+            self.raylet.close()
 
 
 def unavailable_why(exc: BaseException) -> str:
