@@ -96,10 +96,13 @@ class RayletProbe:
     def _start(self, now: float) -> None:
         assert self._target is not None
         family, address = self._target
+        self._started, self._next = now, now + self.every_s
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setblocking(False)
-        self._started, self._next = now, now + self.every_s
-        error = self._sock.connect_ex(address)
+        try:
+            error = self._sock.connect_ex(address)
+        except OSError as exc:  # e.g. no address of that family here
+            error = exc.errno or errno.EHOSTUNREACH
         self._early = None if error in (errno.EINPROGRESS, errno.EAGAIN) else error
 
     def close(self) -> None:
