@@ -50,8 +50,11 @@ def reachable(address: str, port: int) -> bool:
 
 
 def outsider(port: int) -> dist.TCPStore:
-    """A client that knows the port and nothing else."""
-    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1))
+    """A client that knows the port and nothing else. It connects within a generous timeout (a loaded 2-core
+    machine: 1 s failed CI), then waits 1 s at most for a key that is not there."""
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    client.set_timeout(timedelta(seconds=1))
+    return client
 
 
 def settled(store: dist.Store) -> None:
