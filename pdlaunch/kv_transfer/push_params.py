@@ -14,7 +14,10 @@ gives us:
   prefill then matches the held request by the client's X-Request-Id, shared by both legs.
 Such a decode leg may come before the prefill holds the request: the decode asks again, each ask waiting
 at most decode/loads.py's HELD_BLOCKS_WAIT_SECONDS on the prefill, until its load's deadline; a client
-that leaves meanwhile ends the asking within one wait and frees the loader thread for other loads.
+that leaves meanwhile ends the asking within one wait and frees the loader thread for other loads, and the decode
+tells the prefill what it asked for ("drop_held"): the hold of that request, made later, ends as it is made
+(prefill/dropped_asks.py). A client that can name a held request (its id or X-Request-Id, and its prompt) could
+take its KV with "held_blocks" already; "drop_held" lets it free that hold too, and no more.
 """
 
 from __future__ import annotations

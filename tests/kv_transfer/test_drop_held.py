@@ -7,15 +7,21 @@ only by its own decode's interest (a decode that pushed from it keeps it)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
 
-from pdlaunch.kv_transfer.messages import DropHeldRequest, Empty
-from pdlaunch.kv_transfer.prefill.holds import MAX_DROPPED_ASKS, HoldTable
+from pdlaunch.kv_transfer.messages import ClaimReadRequest, DropHeldRequest, Empty, HeldBlocksRequest
+from pdlaunch.kv_transfer.prefill.dropped_asks import MAX_DROPPED_ASKS, AskedFor
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
+from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from tests.kv_transfer.held_sides import LEASE_S, PROMPT, HeldSides, held_sides
 
@@ -23,6 +29,7 @@ DIGEST = prompt_digest(PROMPT)
 OTHER_DIGEST = prompt_digest(list(range(200, 220)))
 WAIT_S = 30.0  # generous: a loaded 2-core machine
 OWNER = "aaaaaaaaaaaaaaaa"
+ASK_WAIT_S = 5.0  # an ask still waiting while the test drops and holds (a few ms)
 
 
 def _drop(client_id: str = "client-1", digest: str = DIGEST, seconds: float = LEASE_S,
@@ -45,6 +52,50 @@ def test_a_held_request_is_freed_when_its_decode_gives_up() -> None:
     holds.hold("client-1-0a1b2c3d", [[4, 5]], DIGEST)
     holds.drop_held(_drop())
     assert holds.poll(time.monotonic()) == {"client-1-0a1b2c3d"}
+
+
+def test_a_hold_another_decode_read_is_kept_when_one_decode_gives_up(caplog: pytest.LogCaptureFixture) -> None:
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.hold("client-1-0a1b2c3d", [[4, 5]], DIGEST)
+    holds.claim_read(ClaimReadRequest(type="claim_read", load="load-b", request_id="client-1-0a1b2c3d", seconds=5.0,
+                                      reader="decode-b"))
+    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.prefill.holds"):
+        holds.drop_held(_drop())
+    assert holds.poll(time.monotonic()) == set() and holds.get("client-1-0a1b2c3d") is not None
+    assert "KV of request client-1-0a1b2c3d kept for another decode at it" in caplog.text
+
+
+def test_a_retry_of_the_same_client_request_that_asks_keeps_its_hold() -> None:
+    """The client sends the same X-Request-Id and prompt again after its first decode leg gave up: the retry's
+    decode leg asks for it, and the retry's hold is its, not the dropped ask's."""
+    holds = HoldTable(lease_seconds=LEASE_S)
+    holds.drop_held(_drop())
+    holds.asked((None, "client-1", DIGEST))
+    holds.hold("client-1-77777777", [[6]], DIGEST)
+    assert holds.poll(time.monotonic()) == set() and holds.get("client-1-77777777") is not None
+
+
+def test_an_ask_of_the_dropping_load_still_waiting_does_not_take_the_drop_back(sides: HeldSides) -> None:
+    """The decode gave up its ask, but the prefill's handler of it still waits (up to its `wait`) when the drop comes:
+    the hold made then is dropped, and that handler does not hand it out."""
+    started = threading.Event()
+
+    def asked(what: AskedFor) -> None:
+        sides.holds.asked(what)
+        started.set()
+
+    holds = SimpleNamespace(asked=asked, find=sides.holds.find)
+    prefill = SimpleNamespace(holds=holds, kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S), kv_epoch=0)
+    ask = HeldBlocksRequest(type="held_blocks", client_request_id="client-1", prompt_digest=DIGEST, wait=ASK_WAIT_S)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(PrefillSide._on_held_blocks, cast(Any, prefill), ask)  # noqa: SLF001 - its real handler
+        assert started.wait(WAIT_S), "the handler never took the ask"
+        sides.holds.drop_held(_drop())
+        sides.holds.hold("client-1-0a1b2c3d", [[4, 5]], DIGEST)
+        assert sides.holds.poll(time.monotonic()) == {"client-1-0a1b2c3d"}
+        sides.holds.hold("client-9-0a1b2c3d", [[7]], prompt_digest([1]))  # not what it waits for
+        assert not waiting.done()
+    assert waiting.result().request_id is None
 
 
 @pytest.mark.parametrize("asked", [

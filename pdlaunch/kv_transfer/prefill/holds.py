@@ -24,6 +24,7 @@ from pdlaunch.kv_transfer.messages import (
 )
 from pdlaunch.kv_transfer.notifications import ReadDone
 from pdlaunch.kv_transfer.prefill.copy_claims import CopyClaims
+from pdlaunch.kv_transfer.prefill.dropped_asks import AskedFor, DroppedAsks, named
 from pdlaunch.kv_transfer.prefill.hold import (
     MAX_LOADS_PER_HOLD,
     REFUSED_LOAD,
@@ -44,7 +45,6 @@ from pdlaunch.kv_transfer.prefill.hold import (
     too_many_loads,
 )
 from pdlaunch.kv_transfer.prefill.reader_plans import Count, ReaderPlans
-from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics.kv_transfer import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
 logger = logging.getLogger(__name__)
@@ -52,19 +52,6 @@ logger = logging.getLogger(__name__)
 # A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
 # decode gives up); decode accepts a READ only when it saw it done before its own deadline.
 READ_GRACE_SECONDS = 5.0
-# Gave-up "held_blocks" asks kept at once (drop_held): a hold of one of them is dropped as it is made.
-MAX_DROPPED_ASKS = 1024
-
-# How "held_blocks" and "drop_held" name a request: (its request id or None, the client's X-Request-Id, prompt digest).
-AskedFor = tuple[str | None, str, str]
-
-
-def named(hold: Hold, asked: AskedFor) -> bool:
-    """Whether `hold` is the request a decode asked for: by request id if it named one, else by the client's
-    X-Request-Id; only when its prompt's digest is the decode's (push_params.py)."""
-    request_id, client_id, digest = asked
-    by_name = hold.request_id == request_id if request_id else client_request_id(hold.request_id) == client_id
-    return by_name and hold.prompt_digest == digest
 
 
 class HoldTable(CopyClaims):
@@ -82,39 +69,43 @@ class HoldTable(CopyClaims):
         # expected, not as a lost hold). request id -> (when to forget it, the loads that read it, how it ended).
         self._ended: OrderedDict[str, tuple[float, frozenset[Reader], str]] = OrderedDict()
         self._pushes: OrderedDict[str, float] = OrderedDict()  # push nonces accepted (copy_claims.py)
-        # Decode loads that gave up asking "held_blocks" before the request was held (drop_held): what they asked
-        # for -> (until when, the load's nonce). Its hold, made in that time, ends at once.
-        self._dropped: OrderedDict[AskedFor, tuple[float, str]] = OrderedDict()
+        self._dropped = DroppedAsks(lease_seconds)  # loads that gave up asking "held_blocks" (drop_held)
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         now = time.monotonic()
         with self.lock:
             hold = self._holds[request_id] = Hold(request_id, [list(b) for b in block_ids], now + self.lease_seconds,
                                                   prompt_digest=prompt_digest)
-            gave_up = next((k for k, (until, _) in self._dropped.items() if until >= now and named(hold, k)), None)
-            if gave_up is not None:
-                cancel_push(hold, self._dropped.pop(gave_up)[1])
-        if gave_up is not None:
+            dropped_by = self._dropped.take(hold, now)
+            if dropped_by is not None:
+                cancel_push(hold, dropped_by)
+        if dropped_by is not None:
             logger.info("KV of request %s released at once: the decode leg that asked for it gave up before it was "
                         "held", request_id)
+
+    def asked(self, asked: AskedFor) -> None:
+        """A decode asks "held_blocks" for `asked` (once per ask, as it comes): an ask for the same request that
+        another load dropped is taken back (dropped_asks.py), so a retry of the same client request keeps its hold.
+        Not in `find`, which the handler calls until the hold comes: an ask of the dropping load still waiting there
+        would take its own drop back."""
+        with self.lock:
+            self._dropped.asked_again(asked)
 
     def drop_held(self, message: DropHeldRequest) -> Empty:
         """A decode load gave up asking "held_blocks" for a request (messages.py DropHeldRequest): its hold ends now
         if it is held (once no other decode is at it: hold.py `cancel_push`), else as it is made within the
-        message's `seconds` (clamped to the lease). At most MAX_DROPPED_ASKS such asks are kept: the oldest go."""
+        message's `seconds` (clamped to the lease; dropped_asks.py)."""
         asked: AskedFor = (message.request_id, message.client_request_id, message.prompt_digest)
-        until = time.monotonic() + min(message.seconds, self.lease_seconds)
         with self.lock:
             hold = next((h for h in self._holds.values() if h.servable and named(h, asked)), None)
             if hold is None:
-                self._dropped[asked] = (until, message.owner)
-                self._dropped.move_to_end(asked)
-                while len(self._dropped) > MAX_DROPPED_ASKS:
-                    self._dropped.popitem(last=False)
+                self._dropped.add(asked, message.owner, message.seconds, time.monotonic())
             else:
                 cancel_push(hold, message.owner)
+            freed = hold is not None and hold.done
         if hold is not None:
-            logger.info("KV of request %s released: the decode leg that asked for it gave up", hold.request_id)
+            logger.info("KV of request %s %s: the decode leg that asked for it gave up", hold.request_id,
+                        "released" if freed else "kept for another decode at it")
         return Empty()
 
     def get(self, request_id: str) -> Hold | None:
@@ -215,8 +206,7 @@ class HoldTable(CopyClaims):
                 self._ended.popitem(last=False)
             while self._pushes and next(iter(self._pushes.values())) < now:
                 self._pushes.popitem(last=False)
-            for asked in [k for k, (until, _) in self._dropped.items() if until < now]:
-                del self._dropped[asked]
+            self._dropped.expire(now)
         return finished
 
     def _end_at_deadline(self, hold: Hold) -> None:

@@ -220,6 +220,7 @@ class PrefillSide(NixlConnector):
         (capped by the transfer timeout): the decode leg may arrive before the prefill finished. Not held by
         then: an answer without a request id (the decode asks again while its load has time left)."""
         deadline = time.monotonic() + min(message.wait, self.kv.transfer_timeout_seconds)
+        self.holds.asked((message.request_id, message.client_request_id, message.prompt_digest))
         while True:
             found = self.holds.find(message.request_id, message.client_request_id, message.prompt_digest)
             if found is not None:
