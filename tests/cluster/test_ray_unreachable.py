@@ -14,6 +14,8 @@ instance at once, naming the raylet; one accepted, or one that times out (a blip
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import threading
 import time
@@ -327,3 +329,18 @@ def test_an_actor_whose_raylet_accepts_or_is_silent_keeps_the_grace(deployment: 
     assert run.unreachable.raylet.last == ("accepts" if raylet == "listening" else "silent")
     assert run.state == "ready" and not any("lost its Ray actor" in s for s in said), said
     assert len([s for s in said if "does not answer" in s]) == 1, said
+
+
+@pytest.mark.parametrize("error", [errno.EAFNOSUPPORT, errno.EMFILE], ids=["EAFNOSUPPORT", "EMFILE"])
+def test_a_raylet_probe_whose_socket_cannot_be_made_is_silent(monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    """An IPv6 raylet address on a launcher host without IPv6 (EAFNOSUPPORT), or the launcher out of descriptors
+    (EMFILE): no socket to connect with reads as a blip (the grace decides), not a crash of the supervision round."""
+    def no_socket(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(error, os.strerror(error))
+
+    probe = RayletProbe("fd00::2", 1)
+    monkeypatch.setattr(ray_unreachable.socket, "socket", no_socket)
+    assert probe.check(time.monotonic()) == "silent"
+    assert probe.check(time.monotonic() + 2 * ray_unreachable.RAYLET_PROBE_S) == "silent", "the next round's connect"
+    lost = ray_unreachable.Unreachable(NODE, time.monotonic(), "why", raylet=RayletProbe("127.0.0.1", 1))
+    assert lost.over(time.monotonic()) is None, "the grace runs"

@@ -18,7 +18,9 @@ instance was launched) is asked for a TCP connection, at most one in flight and 
 the node (a raylet is not restarted in place), and ends the instance at once. A connection accepted, one that times out
 or a host unreachable keeps the grace: that is a blip, or a node out of touch that may come back. The connect never
 blocks the supervision loop: the socket is non-blocking, its outcome read by a poll that does not wait on later rounds,
-and one that has not completed within RAYLET_CONNECT_TIMEOUT_S counts as a timeout.
+and one that has not completed within RAYLET_CONNECT_TIMEOUT_S counts as a timeout. A connect that cannot even be
+made (no socket of the address's family on this host: an IPv6 node without IPv6 here; out of file descriptors) keeps
+the grace too, as a timeout does.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ class RayletProbe:
         self._sock: socket.socket | None = None
         self._started = 0.0
         self._next = 0.0
-        self._early: int | None = None  # the connect's error when it failed before returning
         self.last: RayletAnswer | None = None  # how the latest connect ended
 
     def check(self, now: float) -> RayletAnswer | None:
@@ -75,41 +76,54 @@ class RayletProbe:
         if self._sock is None:
             if self._target is None or now < self._next:
                 return None
-            self._start(now)
+            early = self._start(now)
+            if early is not None:
+                return self._ended(early)
         assert self._sock is not None
-        if self._early is not None:
-            error = self._early
-        else:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLOUT)
-            if not poller.poll(0):
-                if now - self._started < self.timeout_s:
-                    return None
-                self.close()
-                self.last = "silent"
-                return self.last
-            error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.close()
-        self.last = "accepts" if error == 0 else "refuses" if error == errno.ECONNREFUSED else "silent"
-        return self.last
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        if not poller.poll(0):
+            if now - self._started < self.timeout_s:
+                return None
+            return self._ended("silent")
+        error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return self._ended(_answer(error))
 
-    def _start(self, now: float) -> None:
+    def _start(self, now: float) -> RayletAnswer | None:
+        """Start a connect; how it ended when it did at once (None: in flight, self._sock)."""
         assert self._target is not None
         family, address = self._target
         self._started, self._next = now, now + self.every_s
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setblocking(False)
+        made: socket.socket | None = None
         try:
-            error = self._sock.connect_ex(address)
-        except OSError as exc:  # e.g. no address of that family here
-            error = exc.errno or errno.EHOSTUNREACH
-        self._early = None if error in (errno.EINPROGRESS, errno.EAGAIN) else error
+            made = socket.socket(family, socket.SOCK_STREAM)
+            made.setblocking(False)
+            error = made.connect_ex(address)
+        except OSError:  # no socket of that family here (EAFNOSUPPORT), out of descriptors (EMFILE): a blip
+            if made is not None:
+                made.close()
+            return "silent"
+        if error in (errno.EINPROGRESS, errno.EAGAIN):
+            self._sock = made
+            return None
+        made.close()
+        return _answer(error)
+
+    def _ended(self, answer: RayletAnswer) -> RayletAnswer:
+        self.close()
+        self.last = answer
+        return answer
 
     def close(self) -> None:
         """Drop the connect in flight, if any (idempotent)."""
         if self._sock is not None:
             self._sock.close()
-            self._sock, self._early = None, None
+            self._sock = None
+
+
+def _answer(error: int) -> RayletAnswer:
+    """What a connect that ended with `error` (0: connected) says of the raylet."""
+    return "accepts" if error == 0 else "refuses" if error == errno.ECONNREFUSED else "silent"
 
 
 @dataclass
