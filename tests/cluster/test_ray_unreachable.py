@@ -301,18 +301,63 @@ def test_a_raylet_probe_connects_at_most_once_per_period(listening: int) -> None
     assert probe.check(time.monotonic()) is None, "a second connect within the period"
 
 
-def test_an_actor_whose_raylet_refuses_is_ended_at_once_naming_it(deployment: RayDeployment, run: RayRun,
-                                                                   said: list[str], closed: int) -> None:
-    """Its node killed outright: Ray reports the actor unavailable, but its node's raylet refuses connections."""
-    run.raylet = ("127.0.0.1", closed)
-    deployment.tick()
+def healthy_until(deployment: RayDeployment, fake: ScriptedRay, run: RayRun, said: list[str],
+                  within_s: float = 30.0) -> RayletProbe:
+    """Supervision rounds of the healthy instance (its `serve` call running) until the connect asked of its node's
+    raylet meanwhile has ended; that raylet's probe."""
+    fake.pending.add("serve")
+    probe = run.raylet
+    assert probe is not None
+    deadline = time.monotonic() + within_s
+    while probe.last is None:
+        deployment.tick()
+        assert run.state == "ready" and time.monotonic() < deadline, said
+        time.sleep(0.01)
+    fake.pending.discard("serve")  # the next round sees serve failed: Ray lost touch with the actor
+    return probe
+
+
+def test_an_actor_whose_raylet_refuses_is_ended_at_once_naming_it(deployment: RayDeployment, fake: ScriptedRay,
+                                                                   run: RayRun, said: list[str]) -> None:
+    """Its node killed outright: Ray reports the actor unavailable, and its node's raylet, which accepted a
+    connection from here while the instance was healthy, now refuses them."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        run.raylet = RayletProbe("127.0.0.1", port, every_s=0.0)  # its healthy-time connect long ago
+        assert healthy_until(deployment, fake, run, said).last == "accepts"
+    deployment.tick()  # the raylet is gone: nothing listens on its port any more
     assert run.state == "down" and run.unreachable is None, said
     assert not any("does not answer" in s for s in said), "a grace said for a node known gone"
     ended = [s for s in said if s.startswith("prefill-0 lost its Ray actor")]
     assert len(ended) == 1, said
-    assert ended[0].startswith(f"prefill-0 lost its Ray actor on node {NODE}: its raylet at 127.0.0.1:{closed} "
+    assert ended[0].startswith(f"prefill-0 lost its Ray actor on node {NODE}: its raylet at 127.0.0.1:{port} "
                                f"refuses connections: the node is gone (Ray: {SOCKET_CLOSED.strip()}"), ended
     assert "its actors and placement group are removed; restart 1" in ended[0], ended
+
+
+def test_a_healthy_instance_s_raylet_is_asked_once(deployment: RayDeployment, fake: ScriptedRay, run: RayRun,
+                                                   said: list[str]) -> None:
+    """The connect that tells whether this host reaches the raylet is made once: a healthy node is not asked again."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        run.raylet = RayletProbe("127.0.0.1", server.getsockname()[1], every_s=0.0)
+        healthy_until(deployment, fake, run, said)
+        fake.pending.add("serve")
+        for _ in range(20):
+            deployment.tick()
+        assert run.state == "ready" and run.raylet.accepted, said
+        server.setblocking(False)
+        made = 0
+        while True:
+            try:
+                server.accept()[0].close()
+            except BlockingIOError:
+                break
+            made += 1
+    assert made == 1, f"{made} connects to a healthy node's raylet"
 
 
 @pytest.mark.parametrize("raylet", ["listening", "silent"])
@@ -320,7 +365,7 @@ def test_an_actor_whose_raylet_accepts_or_is_silent_keeps_the_grace(deployment: 
                                                                      run: RayRun, said: list[str], raylet: str,
                                                                      request: pytest.FixtureRequest) -> None:
     fake.pending.add("node_address-1")
-    run.raylet = ("127.0.0.1", request.getfixturevalue(raylet))
+    run.raylet = RayletProbe("127.0.0.1", request.getfixturevalue(raylet))
     deadline = time.monotonic() + 30.0
     while run.unreachable is None or run.unreachable.raylet is None or run.unreachable.raylet.last is None:
         deployment.tick()  # until the raylet's first connect has ended
@@ -344,3 +389,25 @@ def test_a_raylet_probe_whose_socket_cannot_be_made_is_silent(monkeypatch: pytes
     assert probe.check(time.monotonic() + 2 * ray_unreachable.RAYLET_PROBE_S) == "silent", "the next round's connect"
     lost = ray_unreachable.Unreachable(NODE, time.monotonic(), "why", raylet=RayletProbe("127.0.0.1", 1))
     assert lost.over(time.monotonic()) is None, "the grace runs"
+
+
+def test_a_refusal_from_a_raylet_never_seen_accepting_keeps_the_grace(deployment: RayDeployment, fake: ScriptedRay,
+                                                                      run: RayRun, said: list[str],
+                                                                      closed: int) -> None:
+    """A firewall that REJECTs (icmp-port-unreachable, tcp-reset) refuses every connect from here as a raylet gone
+    would: a refusal is not trusted from a raylet that never accepted one from this host."""
+    fake.pending.add("node_address-1")
+    run.raylet = RayletProbe("127.0.0.1", closed)
+    assert healthy_until(deployment, fake, run, said).last == "refuses"  # while the instance was healthy
+    for _ in range(3):
+        deployment.tick()
+    assert run.state == "ready" and run.unreachable is not None, said
+    assert run.unreachable.raylet is not None and run.unreachable.raylet.last == "refuses", "not asked during the grace"
+    assert not any("lost its Ray actor" in s for s in said), said
+    grace = [s for s in said if "does not answer" in s]
+    assert len(grace) == 1 and grace[0].endswith(f"; its raylet at 127.0.0.1:{closed} has not accepted a connection "
+                                                 "from here, so a refusal from it is not taken as the node gone"), said
+    run.unreachable.since -= ray_unreachable.UNREACHABLE_GRACE_S
+    deployment.tick()  # the plain grace ends it
+    assert run.state == "down" and any(s.startswith(f"prefill-0 lost its Ray actor: on node {NODE} it has been "
+                                                    "unreachable for") for s in said), said

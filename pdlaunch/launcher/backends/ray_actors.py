@@ -119,7 +119,7 @@ class RayActors:
         if nodes is None:
             return False
         hosts = [host for host, _ in nodes]
-        run.raylet = (hosts[0], nodes[0][1]) if nodes[0][1] is not None else None
+        run.raylet = RayletProbe(hosts[0], nodes[0][1]) if nodes[0][1] is not None else None
         restart = run.record.restarts
         engine_id = run.plan.spec.engine_id + (f"-r{restart}" if restart else "")
         spec = run.plan.spec.model_copy(update={"host": hosts[0], "engine_id": engine_id,
@@ -171,6 +171,9 @@ class RayActors:
         if run.unreachable is not None:
             run.unreachable.close()
         run.unreachable = None
+        if run.raylet is not None:
+            run.raylet.close()
+        run.raylet = None
         if run.pg is not None:
             self.ray.util.remove_placement_group(run.pg)
             run.pg = None
@@ -183,6 +186,8 @@ class RayActors:
             return None
         if run.unreachable is not None:
             return self._still_unreachable(run, run.unreachable)
+        if run.raylet is not None and run.raylet.last is None:  # once while healthy: does a connect from here reach
+            run.raylet.check(time.monotonic())  # it? (only then is its refusal trusted; ray_unreachable.py)
         done, _ = self.ray.wait([run.serve_ref], timeout=0)
         if not done:
             return None
@@ -196,8 +201,8 @@ class RayActors:
             node = run.spec.host if run.spec is not None else "?"
             now = time.monotonic()
             run.unreachable = Unreachable(node, now, unavailable_why(exc),
-                                          raylet=RayletProbe(*run.raylet) if run.raylet is not None else None)
-            gone = run.unreachable.over(now)  # a raylet on this host refuses at once: no grace said, then ended
+                                          raylet=run.raylet)
+            gone = run.unreachable.over(now)  # a raylet seen accepting refuses at once: no grace said, then ended
             if gone is not None:
                 return gone
             self.say(run.unreachable.said(run.name))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.config.ray_cluster import InstancePlacement
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.backends.ray_unreachable import Unreachable
+from pdlaunch.launcher.backends.ray_unreachable import RayletProbe, Unreachable
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.restart_policy import ProcessRecord
 
@@ -49,7 +49,7 @@ class RayRun:
     serve_ref: ObjectRef[int] | None = None  # its `serve` call, or the `served` call watching it once that was lost
     unreachable: Unreachable | None = None  # while Ray reports its rank-0 actor temporarily unavailable
     spec: InstanceSpec | None = None  # as running now: its node's address, its engine_id
-    raylet: tuple[str, int] | None = None  # rank 0's node's raylet (node manager address, port) as Ray listed it
+    raylet: RayletProbe | None = None  # rank 0's node's raylet (node manager address:port as Ray listed it at launch)
     started: float = 0.0
 
     @property

@@ -21,6 +21,13 @@ blocks the supervision loop: the socket is non-blocking, its outcome read by a p
 and one that has not completed within RAYLET_CONNECT_TIMEOUT_S counts as a timeout. A connect that cannot even be
 made (no socket of the address's family on this host: an IPv6 node without IPv6 here; out of file descriptors) keeps
 the grace too, as a timeout does.
+
+A refusal is trusted only from a raylet that ACCEPTED a connection from this host before: a firewall between the two
+that rejects (icmp-port-unreachable, tcp-reset) reads as a refusal too, and would end the instance at every blip. So the
+raylet is asked once while the instance is healthy (from its launch on, in the supervision rounds, the same
+non-blocking connect, until one ends; a healthy node is not asked again), and a refusal ends the instance only if that
+connect, or one made during the grace, was accepted. A raylet never seen accepting keeps the plain grace (its grace
+line says so).
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ RayletAnswer = Literal["accepts", "refuses", "silent"]  # silent: timed out, or 
 
 class RayletProbe:
     """Whether the raylet at `host`:`port` (a node's node manager, as Ray's node table lists it) accepts a TCP
-    connection, asked without blocking (the module's docstring says how)."""
+    connection, asked without blocking (the module's docstring says how); `accepted`: whether one ever did, without
+    which a refusal says nothing (a firewall rejecting this host's connects)."""
 
     def __init__(self, host: str, port: int, timeout_s: float = RAYLET_CONNECT_TIMEOUT_S,
                  every_s: float = RAYLET_PROBE_S) -> None:
@@ -69,6 +77,7 @@ class RayletProbe:
         self._started = 0.0
         self._next = 0.0
         self.last: RayletAnswer | None = None  # how the latest connect ended
+        self.accepted = False  # a connect from this host was accepted once: a refusal from it is trusted
 
     def check(self, now: float) -> RayletAnswer | None:
         """Start a connect when none is in flight and one is due (`now`: time.monotonic()); how the one in flight
@@ -112,6 +121,7 @@ class RayletProbe:
     def _ended(self, answer: RayletAnswer) -> RayletAnswer:
         self.close()
         self.last = answer
+        self.accepted = self.accepted or answer == "accepts"
         return answer
 
     def close(self) -> None:
@@ -135,17 +145,27 @@ class Unreachable:
     why: str  # Ray's reason, as unavailable_why says it
     probe: ObjectRef[str] | None = None  # the call asking the actor, while unanswered
     raylet: RayletProbe | None = None  # its node's raylet, asked whether it still accepts connections
-    gone: bool = False  # its raylet refused a connection
+    gone: bool = False  # its raylet refused a connection, having accepted one before
 
     def said(self, name: str) -> str:
         """The line said when the instance's actor is first found unreachable."""
         return (f"{name}: its Ray actor on node {self.node} does not answer (Ray: {self.why}); the instance is kept "
                 f"for up to {UNREACHABLE_GRACE_S:.0f}s in case it comes back, asked again each round meanwhile (the "
-                "proxy routes by its /health)")
+                f"proxy routes by its /health){self._untrusted()}")
+
+    def _untrusted(self) -> str:
+        if self.raylet is None or self.raylet.accepted:
+            return ""
+        return (f"; its raylet at {self.raylet.where} has not accepted a connection from here, so a refusal from it "
+                "is not taken as the node gone")
 
     def over(self, now: float) -> str | None:
-        """How the instance ended once its node's raylet refused a connection or the grace is over, else None."""
-        if self.raylet is not None and (self.gone or self.raylet.check(now) == "refuses"):
+        """How the instance ended once its node's raylet, seen accepting a connection before, refused one, or the grace
+        is over; else None."""
+        if self.raylet is not None and not self.gone:
+            trusted = self.raylet.accepted  # before this connect: a refusal now says the raylet went away
+            self.gone = self.raylet.check(now) == "refuses" and trusted
+        if self.raylet is not None and self.gone:
             self.gone = True  # said again while the end waits on the head (ray_deployment._head_answers)
             return (f"lost its Ray actor on node {self.node}: its raylet at {self.raylet.where} refuses connections: "
                     f"the node is gone (Ray: {self.why})")
