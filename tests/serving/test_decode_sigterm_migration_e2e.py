@@ -32,7 +32,14 @@ instances:
 """
 STREAMS = 4  # round robin: two on each decode
 WHOLE = 4  # requests not streamed, sent once the streams run: two on each decode
-MAX_TOKENS = 1500  # the tiny model on CPU made ~320 tokens a stream by the end of the decode's 3 s drain here
+# Every request must still run when decode-1's drain cuts it (2 s after its SIGTERM, ~3 s after the streams began):
+# on a 2-core machine shared with other suites the tiny model had made 175-495 tokens a request by then (ten runs),
+# so 1200 leaves a margin of 2.4x. The tokens past the cut are most of the test's time, each costing more than the
+# last (CPU attention over the whole context): the test body took ~60 s with 1500 and 512 blocks, ~23 s now.
+MAX_TOKENS = 1200
+# Blocks of 16 tokens: decode-0 ends up holding all 8 requests, 8 x ceil((prompt + 1200) / 16) = 608 blocks; at 512
+# it preempted and recomputed some (~1400 tokens of work, a few seconds), which the test does not check.
+NUM_GPU_BLOCKS = 1024
 TIMEOUT_S = 180.0
 
 
@@ -40,7 +47,7 @@ TIMEOUT_S = 180.0
 def serve(tmp_path: Path) -> Iterator[Serve]:
     config = tmp_path / "pd.yaml"
     config.write_text(CONFIG)
-    deployment = Serve(tmp_path, [str(config), "--model", "tiny", "--num-gpu-blocks", "512"])
+    deployment = Serve(tmp_path, [str(config), "--model", "tiny", "--num-gpu-blocks", str(NUM_GPU_BLOCKS)])
     try:
         yield deployment.wait_ready()
     finally:
@@ -134,7 +141,8 @@ def test_streams_and_whole_requests_of_a_decode_stopped_by_sigterm_go_on_on_the_
         assert not stream.cut and not errors and stream.events[-1] == "[DONE]", (stream.i, stream.cut, errors)
         ends = [c.get("finish_reason") for e in stream.events[:-1] for c in json.loads(e).get("choices", [])]
         assert ends[-1] == "length", (stream.i, stream.events[-3:])  # every token made, on one decode or two
-    assert "continuing on decode-0" in proxy_log, proxy_log[-3000:]
+    assert "continuing on decode-0" in proxy_log, ("no stream was cut mid-way: did they end before decode-1's drain"
+                                                   " did (MAX_TOKENS' comment)?", proxy_log[-3000:])
     assert [(w.status, w.text) for w in wholes] == reference
     assert "decode-1 shut down mid-request; sent again to decode-0" in proxy_log, proxy_log[-3000:]
     for bad in ("Traceback", "graceful shutdown exceeded", "Exception in ASGI application"):
