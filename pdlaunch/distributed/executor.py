@@ -57,7 +57,8 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
         decode_graphs = graphs and (instance is None or instance.role != "prefill")
         runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler,
                              max_model_len, use_cumem=config.model.enable_cumem_allocator,
-                             decode_graphs=decode_graphs, mixed_graphs=graphs,
+                             sleep_mode=config.model.enable_sleep_mode, decode_graphs=decode_graphs,
+                             mixed_graphs=graphs,
                              role=instance.role if instance is not None else "colocated")
         return UniprocExecutor(runner, engine_id)
     if config.model.enable_sleep_mode:

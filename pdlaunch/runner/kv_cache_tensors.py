@@ -11,6 +11,8 @@ the activations of a profiled `max_num_batched_tokens` step (`SchedulerConfig.to
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import torch
 
@@ -28,6 +30,22 @@ log = logging.getLogger(__name__)
 NON_TORCH_CAP_BYTES = 2 * 2**30
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, resizable: bool = False) -> torch.Tensor:
+    """A zeroed cache tensor. On the CPU, fresh anonymous memory: the kernel gives each page, zeroed, when it is
+    first touched, so a GiB-sized cache costs nothing at start and takes RAM as blocks are written (torch.zeros
+    wrote every byte: ~1 s a GiB, several seconds an instance on a busy host). A host that refuses the mapping
+    (overcommit limit, ulimit -v) raises OSError ENOMEM here, as torch's allocator refused it before. `resizable`
+    (sleep mode without cumem: memory/sleep.py's TensorSleepBackend frees a tensor by resizing its storage, which
+    a mapping's cannot be): torch.zeros there too."""
+    if device.type != "cpu" or resizable:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # the tensor holds the mapping (frombuffer keeps a reference); it is unmapped with the last view of it
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVCacheTensors(DrySteps):
     """ModelRunner's KV cache (a part of it: ModelRunner.__init__ sets the attributes below); the memory
     profile that sizes it is a dry step."""
@@ -35,6 +53,7 @@ class KVCacheTensors(DrySteps):
     dtype: torch.dtype
     cache_config: CacheConfig
     use_cumem: bool
+    sleep_mode: bool
     num_blocks: int
 
     @property
@@ -49,17 +68,17 @@ class KVCacheTensors(DrySteps):
         try:
             with memory_pool_context(self.use_cumem, "kv_cache"):
                 self.kv_caches = [
-                    torch.zeros(self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads,
-                                self.head_dim, dtype=self.kv_dtype, device=self.device)
+                    zeros((self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads, self.head_dim),
+                          self.kv_dtype, self.device, resizable=self.sleep_mode)
                     for g in self.groups
                 ]
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             if not (out_of_memory(exc) or host_out_of_memory(exc)):
                 raise
             self.kv_caches = []
             raise self._kv_cache_oom(exc) from None
 
-    def _kv_cache_oom(self, exc: RuntimeError) -> EngineError:
+    def _kv_cache_oom(self, exc: RuntimeError | OSError) -> EngineError:
         """The error for a KV cache that did not fit, naming the setting that sized it: on a GPU usually other
         processes (another instance's KV cache allocated after this one's profile, or anything else on the GPU)
         hold memory the budget counted on; on the CPU the host refused the allocation (its overcommit limit, a

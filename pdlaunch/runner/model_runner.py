@@ -52,6 +52,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         tp_rank: int = 0,
         tp_size: int = 1,
         use_cumem: bool = False,
+        sleep_mode: bool = False,
         agree_num_blocks: Callable[[int], int] | None = None,
         after_load: Callable[[], None] | None = None,
         decode_graphs: bool = False,
@@ -81,6 +82,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         self.max_model_len = max_model_len
         self.block_size = cache.block_size
         self.use_cumem = use_cumem
+        self.sleep_mode = sleep_mode  # a CPU KV cache then stays resizable (kv_cache_tensors.zeros)
         arch = checkpoint.arch
         self.groups = arch.kv_cache_groups()
         self.tp_rank, self.tp_size, self.expert_parallel = tp_rank, tp_size, expert_parallel

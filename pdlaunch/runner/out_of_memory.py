@@ -3,6 +3,8 @@ said in one line."""
 
 from __future__ import annotations
 
+import errno
+
 import torch
 
 from pdlaunch.memory.platform import device_memory_bytes
@@ -17,8 +19,11 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def host_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is torch's CPU allocator refused memory (the kernel's overcommit limit, or a ulimit -v):
-    `DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes`."""
+    """Whether `exc` is the host refusing memory (the kernel's overcommit limit, or a ulimit -v): torch's CPU
+    allocator's `DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes`, or an anonymous
+    mapping's OSError ENOMEM (the CPU KV cache's, kv_cache_tensors.zeros)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOMEM
     return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 

@@ -20,7 +20,7 @@ def test_kv_cache_out_of_memory_names_the_field(monkeypatch: pytest.MonkeyPatch)
     def no_memory(*args: object, **kwargs: object) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 33.55 GiB.\nmore lines")
 
-    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", no_memory)
+    monkeypatch.setattr(kv_cache_tensors, "zeros", no_memory)
     with pytest.raises(EngineError) as raised:
         runner.allocate_kv_caches()
     assert raised.value.field == "cache.num_gpu_blocks"  # the block count was given: that is what to lower
@@ -76,7 +76,7 @@ def test_a_kv_cache_the_host_refuses_names_the_setting_that_sized_it(monkeypatch
     def refused(*args: object, **kwargs: object) -> torch.Tensor:
         raise HOST_REFUSED
 
-    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", refused)
+    monkeypatch.setattr(kv_cache_tensors, "zeros", refused)
     with pytest.raises(EngineError) as raised:
         runner.allocate_kv_caches()
     assert raised.value.field == field
@@ -92,6 +92,6 @@ def test_other_runtime_errors_of_the_kv_cache_are_not_called_out_of_memory(monke
     def broken(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("trying to create tensor with negative dimension -1")
 
-    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", broken)
+    monkeypatch.setattr(kv_cache_tensors, "zeros", broken)
     with pytest.raises(RuntimeError, match="negative dimension"):
         runner.allocate_kv_caches()
