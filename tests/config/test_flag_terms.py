@@ -106,7 +106,7 @@ def test_an_instance_start_up_error_names_the_flag(monkeypatch: pytest.MonkeyPat
     for line in _start_failure(monkeypatch, tmp_path, ["--num-gpu-blocks", str(HUGE_BLOCKS)]):
         assert f"engine failed to start: --num-gpu-blocks: the KV cache ({HUGE_BLOCKS} blocks, 1024.00 GiB) did " \
                "not fit in host memory: " in line, line
-        assert "can't allocate memory" in line and "cache.num_gpu_blocks" not in line, line
+        assert "Cannot allocate memory" in line and "cache.num_gpu_blocks" not in line, line  # the mapping's ENOMEM
     assert FLAG_NAMES_ENV not in os.environ  # handed to the children only while serve ran
 
 
