@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from tests.serving.e2e import Serve
-from tests.serving.helpers import wait_for
+from tests.serving.helpers import steady_load, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RECOMPUTED = 'pdlaunch_proxy_legs_retried_total{reason="recompute",role="prefill"}'
@@ -43,22 +42,7 @@ def _recomputed(serve: Serve) -> float:
 
 
 def test_requests_while_the_only_prefill_restarts_are_answered_by_the_decode(serve: Serve) -> None:
-    results: list[tuple[float, int, str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=60) as client:
-            i = 0
-            while not stop.is_set():
-                started = time.monotonic()
-                r = client.post(f"{serve.url}/v1/completions", json={
-                    "model": "tiny", "prompt": f"request {i} of a steady stream", "max_tokens": 2})
-                results.append((started, r.status_code, r.text[:300]))
-                i += 1
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with steady_load(serve.url) as results:
         wait_for(lambda: len(results) >= 4, "a few requests before the kill", 60)
         killed_at = time.monotonic()
         os.kill(serve.instance_pid("prefill-0"), signal.SIGKILL)
@@ -70,9 +54,6 @@ def test_requests_while_the_only_prefill_restarts_are_answered_by_the_decode(ser
         wait_for(lambda: _state(serve, "prefill-0") == "ready", "the killed prefill restarted and ready", 240, 0.5)
         after_restart = len(results)
         wait_for(lambda: len(results) >= after_restart + 4, "requests after the restart", 60)
-    finally:
-        stop.set()
-        thread.join(60)
     failed = [(status, text) for started, status, text in results if started > killed_at and status != 200]
     assert not failed, failed
     recomputed = _recomputed(serve)

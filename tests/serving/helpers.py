@@ -144,3 +144,30 @@ def prompt_from(first: int, tokens: int) -> list[int]:
     """`tokens` token ids starting with `first` (a prompt of its own: none of it in another's prefix cache)."""
     return [first] + [(first + i) % 200 + 1 for i in range(1, tokens)]
 
+
+
+@contextmanager
+def steady_load(url: str) -> Iterator[list[tuple[float, int, str]]]:
+    """Completions of the tiny model sent one after another to `url` (a proxy) from a thread while the block runs,
+    each recorded as (when it was sent, time.monotonic(); its status; its body's first 300 characters). The thread
+    stops and is joined when the block ends."""
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            i = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                r = client.post(f"{url}/v1/completions", json={
+                    "model": "tiny", "prompt": f"request {i} of a steady stream", "max_tokens": 2})
+                results.append((started, r.status_code, r.text[:300]))
+                i += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        thread.join(60)

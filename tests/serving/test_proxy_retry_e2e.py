@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.serving.e2e import Serve
-from tests.serving.helpers import wait_for
+from tests.serving.helpers import steady_load, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -29,31 +28,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
 
 @pytest.mark.slow
 def test_requests_after_a_prefill_kill_all_succeed(serve: Serve) -> None:
-    results: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=60) as client:
-            i = 0
-            while not stop.is_set():
-                started = time.monotonic()
-                r = client.post(f"{serve.url}/v1/completions", json={
-                    "model": "tiny", "prompt": f"request {i} of a steady stream", "max_tokens": 2})
-                results.append((started, r.status_code))
-                i += 1
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    try:
+    with steady_load(serve.url) as results:
         wait_for(lambda: len(results) >= 4, "a few requests before the kill", 60)
         pid = serve.instance_pid("prefill-0")
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: len([s for s in results if s[0] > killed_at]) >= 8, "requests after the kill", 120)
-    finally:
-        stop.set()
-        thread.join(60)
-    after = [status for started, status in results if started > killed_at]
+    after = [status for started, status, _ in results if started > killed_at]
     assert after and all(status == 200 for status in after), after
     wait_for(lambda: {i["name"]: i["state"] for i in httpx.get(f"{serve.url}/instances", timeout=5).json()}
              ["prefill-0"] == "ready", "the killed prefill to be restarted and ready again", 240, poll=0.5)
