@@ -20,6 +20,7 @@ import sys
 import traceback
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,17 @@ def deployment_on(fake: FakeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ray_deployment, "connect", lambda cfg: fake)
     monkeypatch.setattr(ray_deployment, "live_nodes", lambda ray_module: NODES)
     return ray_deployment.RayDeployment(ray_cfg(tmp_path), Console(file=io.StringIO()))
+
+
+@contextmanager
+def running_on(fake: FakeRay, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[ray_deployment.RayDeployment]:
+    """`deployment_on`, stopped when the block ends (its proxy killed, its ports given back)."""
+    made = deployment_on(fake, tmp_path, monkeypatch)
+    try:
+        yield made
+    finally:
+        made.stop(drain=False, hurry=lambda: True)
 
 
 def test_how_an_instance_ended_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

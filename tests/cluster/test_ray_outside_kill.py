@@ -26,7 +26,7 @@ from pdlaunch.launcher.backends.ray_killed import quiet_worker_deaths  # noqa: E
 from pdlaunch.launcher.backends.ray_proxy import RayProxy  # noqa: E402
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed  # noqa: E402
 from pdlaunch.launcher.process import ChildProcess  # noqa: E402
-from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on, ray, task_error  # noqa: E402
+from tests.cluster.test_backend_failures_ray import FakeRay, ray, running_on, task_error  # noqa: E402
 from tests.serving.helpers import wait_for  # noqa: E402
 
 DIED_SIGKILL = (
@@ -58,11 +58,8 @@ def fake() -> FakeRay:
 def deployment(fake: FakeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayDeployment]:
     """A deployment of one prefill and one decode on `fake`, its proxy not started; stopped after the test (its proxy
     killed, its ports given back)."""
-    made = deployment_on(fake, tmp_path, monkeypatch)
-    try:
+    with running_on(fake, tmp_path, monkeypatch) as made:
         yield made
-    finally:
-        made.stop(drain=False, hurry=lambda: True)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from pdlaunch.launcher.backends.ray_deployment import RayDeployment  # noqa: E40
 from pdlaunch.launcher.backends.ray_instance import ServeOutcome  # noqa: E402
 from pdlaunch.launcher.backends.ray_run import RayRun  # noqa: E402
 from pdlaunch.launcher.backends.ray_unreachable import RayletAnswer, RayletProbe  # noqa: E402
-from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on, ray, task_error  # noqa: E402
+from tests.cluster.test_backend_failures_ray import FakeRay, ray, running_on, task_error  # noqa: E402
 from tests.cluster.test_ray_outside_kill import DIED_SIGKILL, actor_died  # noqa: E402
 
 SOCKET_CLOSED = "The actor is temporarily unavailable: RpcError: RPC Error message: Socket closed; RPC Error details: "
@@ -91,11 +91,8 @@ def fake() -> ScriptedRay:
 
 @pytest.fixture
 def deployment(fake: ScriptedRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayDeployment]:
-    made = deployment_on(fake, tmp_path, monkeypatch)
-    try:
+    with running_on(fake, tmp_path, monkeypatch) as made:
         yield made
-    finally:
-        made.stop(drain=False, hurry=lambda: True)
 
 
 @pytest.fixture
