@@ -24,7 +24,7 @@ LAZY_MARKER = "# layering: lazy"
 # Bottom first. A folder (or a top-level module) imports from lower layers only; the members of one
 # layer do not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "metrics"),  # our error types; the process-wide Prometheus registry
+    ("errors", "metrics", "signal_flag"),  # our error types; the process-wide Prometheus registry; a stop flag
     ("memory", "model"),  # platform, CuMem pools, sleep; checkpoint loading, layers, attention
     ("config",),  # the deployment schema and its validation (reads checkpoints and the platform)
     ("kvcache", "runner"),  # KV block bookkeeping (block tables, prefix cache); one step's forward on a rank

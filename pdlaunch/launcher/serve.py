@@ -27,6 +27,7 @@ from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
 from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.signal_flag import SignalFlag
 
 SUPERVISE_POLL_S = 0.2
 LOG_TAIL_LINES = 20
@@ -42,10 +43,11 @@ class StopRequested(BaseException):
 
 class StopSignals:
     """SIGINT/SIGTERM/SIGHUP set a flag instead of raising (inside `raising()` they raise as well); a second
-    signal asks to skip the drain. A SIGHUP that is ignored (nohup) stays ignored."""
+    signal asks to skip the drain. A SIGHUP that is ignored (nohup) stays ignored. `requested` is a SignalFlag: a
+    threading.Event set by the handler hung the launcher for good when the signal landed inside its own wait."""
 
     def __init__(self) -> None:
-        self.requested = threading.Event()
+        self.requested = SignalFlag()
         self.forced = False
         self.signal_name = ""
         self.on_second: Callable[[], None] | None = None  # said once when a second signal hurries the stop

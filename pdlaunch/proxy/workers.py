@@ -26,13 +26,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from types import FrameType
 
 from pdlaunch.errors import exit_text
 from pdlaunch.proxy.metrics import MULTIPROC_ENV
 from pdlaunch.server.watchdog import watch_parent
+from pdlaunch.signal_flag import SignalFlag
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ class Supervisor:
         self.argv, self.host, self.port, self.workers = argv, host, port, workers
         self.drain_s, self.parent_pid = drain_s, parent_pid
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._stop = threading.Event()  # a signal or the launcher gone: every worker was asked to stop
+        # a signal or the launcher gone: every worker was asked to stop. A SignalFlag, not a threading.Event: the
+        # signal handler sets it, and an Event's set() there waited for good when the main thread was inside set()
+        self._stop = SignalFlag()
 
     def request_stop(self, why: str) -> None:
         if self._stop.is_set():
