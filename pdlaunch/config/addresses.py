@@ -30,6 +30,16 @@ _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 HOST_FIX = "use an IP address (127.0.0.1 this machine only, 0.0.0.0 every interface) or a host name like node1.example"
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL or a `host:port` writes it: an IPv6 literal in brackets (`[fd00::2]`)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 literal bracketed (`[fd00::2]:8000`), as URLs, connect strings and messages write it."""
+    return f"{url_host(host)}:{port}"
+
+
 def is_wildcard(host: str) -> bool:
     """Whether a server bound at `host` takes its port on every address of the machine: 0.0.0.0 or ::, however
     written (`::0`, `0:0:0:0:0:0:0:0`; `::ffff:0.0.0.0`, 0.0.0.0 mapped into IPv6, every IPv4 address), or empty

@@ -11,6 +11,7 @@ import socket
 import struct
 from multiprocessing.connection import Connection
 
+from pdlaunch.config.addresses import host_port
 from pdlaunch.errors import EngineError
 
 # A node that vanishes without closing its links (power loss, a network partition) sends no FIN or reset, and
@@ -81,7 +82,7 @@ def peer_address(conn: Connection) -> str | None:
         if probe.family not in (socket.AF_INET, socket.AF_INET6):
             return None
         host, port = probe.getpeername()[:2]
-        return f"[{host}]:{port}" if probe.family == socket.AF_INET6 else f"{host}:{port}"
+        return host_port(host, port)
     except OSError:
         return None
     finally:

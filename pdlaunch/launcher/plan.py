@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdlaunch.config.addresses import url_host
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.placement import PlacedRank
@@ -71,7 +72,7 @@ class DeploymentPlan:
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
+    return url_host(host)
 
 
 def check_side_channel_reach(cfg: DeploymentConfig) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdlaunch.config.addresses import is_wildcard, probe_ports
+from pdlaunch.config.addresses import host_port, is_wildcard, probe_ports
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.resources import PortRange, port_plan
@@ -20,10 +20,6 @@ from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
 from pdlaunch.errors import PdlaunchError
 
 _SHOWN = 5  # ports named per message; the rest are counted
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class NodePortsInUse:
     ports: list[int]
 
     def what(self) -> str:
-        shown = ", ".join(_host_port(self.host, port) for port in self.ports[:_SHOWN])
+        shown = ", ".join(host_port(self.host, port) for port in self.ports[:_SHOWN])
         more = f" and {len(self.ports) - _SHOWN} more" if len(self.ports) > _SHOWN else ""
         return (f"{self.used.label()} on node {self.used.node}: something listens at {shown}{more} now, so node "
                 f"{self.used.node}'s launcher would stop there")

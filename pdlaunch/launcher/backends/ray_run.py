@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pdlaunch.config.addresses import host_port
 from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.config.ray_cluster import InstancePlacement
 from pdlaunch.errors import PdlaunchError
@@ -61,5 +62,4 @@ class RayRun:
         """Where the instance answers: its node's address as Ray reports it, bracketed when IPv6 (`fd00::2`)."""
         if self.spec is None:
             return None
-        host = self.spec.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.port}"
+        return f"http://{host_port(self.spec.host, self.spec.port)}"

@@ -39,6 +39,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from pdlaunch.config.addresses import host_port
 from pdlaunch.distributed.ray_rank import ray_failure
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class RayletProbe:
 
     def __init__(self, host: str, port: int, timeout_s: float = RAYLET_CONNECT_TIMEOUT_S,
                  every_s: float = RAYLET_PROBE_S) -> None:
-        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.where = host_port(host, port)
         self.timeout_s, self.every_s = timeout_s, every_s
         try:  # Ray lists nodes by IP address: numeric, so this asks no resolver
             family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,

@@ -48,6 +48,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from pdlaunch.config.addresses import host_port
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.launcher_config import DRAIN_TIMEOUT_S
 from pdlaunch.config.rules.node_ports import check_node_ports
@@ -157,7 +158,7 @@ def proxy_url(cfg: DeploymentConfig) -> str:
     host = cfg.proxy.host
     if host in ("0.0.0.0", "::", ""):
         host = cfg.parallel.nodes[0].address if cfg.parallel.nodes else "127.0.0.1"
-    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.proxy.port}"
+    return f"http://{host_port(host, cfg.proxy.port)}"
 
 
 def _proxy_ready(url: str) -> bool:
