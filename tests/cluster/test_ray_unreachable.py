@@ -21,6 +21,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,15 @@ def closed() -> int:
 
 @pytest.fixture
 def silent() -> Iterator[int]:
-    """A port on 127.0.0.1 whose connects never complete: a listener whose accept queue is full drops every further
-    SYN, as a host out of touch leaves them unanswered."""
+    """A port on 127.0.0.1 whose connects never complete: a raylet out of touch."""
+    with full_listener() as server:
+        yield server.getsockname()[1]
+
+
+@contextmanager
+def full_listener() -> Iterator[socket.socket]:
+    """A listener on 127.0.0.1 whose accept queue is full: it drops every further SYN, as a host out of touch leaves
+    them unanswered, until what it queued is accepted (`drain`)."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(0)
@@ -265,10 +273,22 @@ def silent() -> Iterator[int]:
                     break
             else:
                 pytest.fail("the full listener kept accepting connections: no connect to leave unanswered")
-            yield server.getsockname()[1]
+            yield server
         finally:
             for client in held:
                 client.close()
+
+
+def drain(server: socket.socket) -> int:
+    """Accept and close every connection `server` has queued; how many there were."""
+    server.setblocking(False)
+    made = 0
+    while True:
+        try:
+            server.accept()[0].close()
+        except BlockingIOError:
+            return made
+        made += 1
 
 
 def answer(probe: RayletProbe, within_s: float = 30.0) -> RayletAnswer:
@@ -336,25 +356,79 @@ def test_an_actor_whose_raylet_refuses_is_ended_at_once_naming_it(deployment: Ra
 
 def test_a_healthy_instance_s_raylet_is_asked_once(deployment: RayDeployment, fake: ScriptedRay, run: RayRun,
                                                    said: list[str]) -> None:
-    """The connect that tells whether this host reaches the raylet is made once: a healthy node is not asked again."""
+    """The connect that tells whether this host reaches the raylet: once one is accepted, a healthy node is not asked
+    again."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(64)
-        run.raylet = RayletProbe("127.0.0.1", server.getsockname()[1], every_s=0.0)
+        run.raylet = RayletProbe("127.0.0.1", server.getsockname()[1], every_s=0.0, retry_s=0.0)
         healthy_until(deployment, fake, run, said)
         fake.pending.add("serve")
         for _ in range(20):
             deployment.tick()
         assert run.state == "ready" and run.raylet.accepted, said
-        server.setblocking(False)
-        made = 0
-        while True:
-            try:
-                server.accept()[0].close()
-            except BlockingIOError:
-                break
-            made += 1
+        made = drain(server)
     assert made == 1, f"{made} connects to a healthy node's raylet"
+
+
+def healthy_answer(probe: RayletProbe, now: float, within_s: float = 30.0) -> RayletAnswer:
+    """Ask `probe`, as a healthy instance's round does at `now`, each few milliseconds until its connect has ended."""
+    deadline = time.monotonic() + within_s
+    while (got := probe.check_healthy(now)) is None:
+        assert time.monotonic() < deadline, f"the probe of {probe.where} told nothing within {within_s:.0f}s"
+        time.sleep(0.01)
+    return got
+
+
+def test_a_raylet_not_seen_accepting_is_asked_again_while_healthy_until_it_accepts(
+        closed: int, listening: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A healthy instance's raylet whose connect did not end accepted (refused, timed out: a blip at launch) is asked
+    again, after retry_s, then twice as long each time up to retry_max_s, one connect at a time; once one is
+    accepted it is not asked again while the instance is healthy."""
+    made: list[object] = []
+    real = socket.socket
+
+    def counted(*args: object, **kwargs: object) -> socket.socket:
+        made.append(args)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    refusing = RayletProbe("127.0.0.1", closed, every_s=0.0, retry_s=2.0, retry_max_s=5.0)
+    accepting = RayletProbe("127.0.0.1", listening, every_s=0.0, retry_s=2.0, retry_max_s=5.0)
+    monkeypatch.setattr(ray_unreachable.socket, "socket", counted)
+    now = 100.0
+    assert healthy_answer(refusing, now) == "refuses" and len(made) == 1
+    for wait in (2.0, 4.0, 5.0, 5.0):
+        asked = len(made)
+        assert refusing.check_healthy(now + wait - 0.01) is None and len(made) == asked, f"asked again before {wait}s"
+        now += wait
+        assert healthy_answer(refusing, now) == "refuses" and len(made) == asked + 1, f"not asked again after {wait}s"
+    assert healthy_answer(accepting, now) == "accepts" and accepting.accepted
+    asked = len(made)
+    assert accepting.check_healthy(now + 3600.0) is None and len(made) == asked, "a raylet seen accepting asked again"
+
+
+def test_a_raylet_silent_while_healthy_is_asked_again_then_its_refusal_ends_at_once(
+        deployment: RayDeployment, fake: ScriptedRay, run: RayRun, said: list[str]) -> None:
+    """A blip at launch: the connect to the raylet made while the instance was healthy timed out. The raylet is asked
+    again while the instance serves; once it accepted, the node killed outright ends the instance at once, not after
+    the whole grace."""
+    with full_listener() as server:
+        port = server.getsockname()[1]
+        run.raylet = RayletProbe("127.0.0.1", port, timeout_s=0.3, every_s=0.0, retry_s=0.05, retry_max_s=0.2)
+        assert healthy_until(deployment, fake, run, said).last == "silent"
+        fake.pending.add("serve")  # still healthy; the blip is over: what the listener queued is accepted
+        deadline = time.monotonic() + 30.0
+        while not run.raylet.accepted:
+            drain(server)
+            deployment.tick()
+            assert run.state == "ready", said
+            assert time.monotonic() < deadline, f"a raylet silent once was not asked again (last: {run.raylet.last})"
+            time.sleep(0.01)
+        fake.pending.discard("serve")  # the next round sees serve failed: Ray lost touch with the actor
+    deployment.tick()  # the raylet is gone: nothing listens on its port any more
+    assert run.state == "down" and not any("does not answer" in s for s in said), said
+    assert any(s.startswith(f"prefill-0 lost its Ray actor on node {NODE}: its raylet at 127.0.0.1:{port} refuses "
+                            "connections: the node is gone") for s in said), said
 
 
 @pytest.mark.parametrize("raylet", ["listening", "silent"])

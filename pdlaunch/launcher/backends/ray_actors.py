@@ -186,8 +186,8 @@ class RayActors:
             return None
         if run.unreachable is not None:
             return self._still_unreachable(run, run.unreachable)
-        if run.raylet is not None and run.raylet.last is None:  # once while healthy: does a connect from here reach
-            run.raylet.check(time.monotonic())  # it? (only then is its refusal trusted; ray_unreachable.py)
+        if run.raylet is not None:  # while healthy, until one is accepted: does a connect from here reach it? (only
+            run.raylet.check_healthy(time.monotonic())  # then is its refusal trusted; ray_unreachable.py)
         done, _ = self.ray.wait([run.serve_ref], timeout=0)
         if not done:
             return None

@@ -24,10 +24,11 @@ the grace too, as a timeout does.
 
 A refusal is trusted only from a raylet that ACCEPTED a connection from this host before: a firewall between the two
 that rejects (icmp-port-unreachable, tcp-reset) reads as a refusal too, and would end the instance at every blip. So the
-raylet is asked once while the instance is healthy (from its launch on, in the supervision rounds, the same
-non-blocking connect, until one ends; a healthy node is not asked again), and a refusal ends the instance only if that
-connect, or one made during the grace, was accepted. A raylet never seen accepting keeps the plain grace (its grace
-line says so).
+raylet is asked while the instance is healthy (from its launch on, in the supervision rounds, the same non-blocking
+connect, at most one in flight) until one connect is accepted: one refused, timed out or unreachable (a blip at launch)
+is followed by another RAYLET_RETRY_S after it ended, the wait doubling after each up to RAYLET_RETRY_MAX_S; once
+one is accepted a healthy node is not asked again. A refusal ends the instance only if one of those connects, or one
+made during the grace, was accepted. A raylet never seen accepting keeps the plain grace (its grace line says so).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
 UNREACHABLE_GRACE_S = 15.0
 RAYLET_CONNECT_TIMEOUT_S = 1.0  # a raylet alive answers a connect within a round trip; past this it is a blip
 RAYLET_PROBE_S = 1.0  # a connect to a live raylet at most this often while the grace runs
+# while the instance is healthy and its raylet not yet seen accepting: the wait after a connect that was not accepted,
+# doubled after each, up to the bound (a firewall that rejects for good costs one connect a minute)
+RAYLET_RETRY_S = 2.0
+RAYLET_RETRY_MAX_S = 60.0
 # Ray's words around the reason: "The actor <hex id> is unavailable: <reason>. The task may or may not have been ..."
 _RAY_FRAME = re.compile(r"^The actor \S+ is unavailable: (?P<why>.*?)\.? The task may or may not have been executed "
                         r"on the actor\.?$", re.DOTALL)
@@ -62,12 +67,18 @@ RayletAnswer = Literal["accepts", "refuses", "silent"]  # silent: timed out, or 
 class RayletProbe:
     """Whether the raylet at `host`:`port` (a node's node manager, as Ray's node table lists it) accepts a TCP
     connection, asked without blocking (the module's docstring says how); `accepted`: whether one ever did, without
-    which a refusal says nothing (a firewall rejecting this host's connects)."""
+    which a refusal says nothing (a firewall rejecting this host's connects). `check` asks at most once per `every_s`
+    (the grace); `check_healthy`, while the instance is healthy, until one is accepted, `retry_s` after one that was
+    not, doubling up to `retry_max_s`."""
 
     def __init__(self, host: str, port: int, timeout_s: float = RAYLET_CONNECT_TIMEOUT_S,
-                 every_s: float = RAYLET_PROBE_S) -> None:
+                 every_s: float = RAYLET_PROBE_S, retry_s: float = RAYLET_RETRY_S,
+                 retry_max_s: float = RAYLET_RETRY_MAX_S) -> None:
         self.where = host_port(host, port)
         self.timeout_s, self.every_s = timeout_s, every_s
+        self.retry_s, self.retry_max_s = retry_s, retry_max_s
+        self._retry_at = 0.0  # while healthy: no connect before this (time.monotonic())
+        self._retry_wait = retry_s  # while healthy: the wait after the next connect not accepted
         try:  # Ray lists nodes by IP address: numeric, so this asks no resolver
             family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_NUMERICHOST)[0]
@@ -98,6 +109,17 @@ class RayletProbe:
             return self._ended("silent")
         error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         return self._ended(_answer(error))
+
+    def check_healthy(self, now: float) -> RayletAnswer | None:
+        """As `check`, for an instance that is healthy: nothing once a connect was accepted; else the connect in flight
+        polled, or one started when the wait after the last one not accepted is over (the module's docstring)."""
+        if self.accepted or (self._sock is None and now < self._retry_at):
+            return None
+        answer = self.check(now)
+        if answer is not None and answer != "accepts":
+            self._retry_at = now + self._retry_wait
+            self._retry_wait = min(2 * self._retry_wait, self.retry_max_s)
+        return answer
 
     def _start(self, now: float) -> RayletAnswer | None:
         """Start a connect; how it ended when it did at once (None: in flight, self._sock)."""
