@@ -14,6 +14,7 @@ import os
 import re
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -118,13 +119,36 @@ def _resolve(host: str) -> list[tuple[int, tuple[str, int]]]:
 
 
 def _resolve_in_time(host: str) -> list[tuple[int, tuple[str, int]]]:
-    """_resolve on a thread of its own, waited for RESOLVE_TIMEOUT_S at most (a resolver that hangs is left behind):
-    raises concurrent.futures.TimeoutError past it, and what getaddrinfo raises."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
-    finally:
-        pool.shutdown(wait=False)
+    """_resolve within RESOLVE_TIMEOUT_S (_resolved_within): raises concurrent.futures.TimeoutError past it, and
+    what getaddrinfo raises."""
+    found = _resolved_within({host}).get(host)
+    if found is None:
+        raise concurrent.futures.TimeoutError(f"{host} did not resolve within {RESOLVE_TIMEOUT_S:.0f}s")
+    if isinstance(found, BaseException):
+        raise found
+    return found
+
+
+def _resolved_within(hosts: set[str]) -> dict[str, list[tuple[int, tuple[str, int]]] | BaseException]:
+    """Each host's _resolve, or the exception it raised, all looked up at once; a host missing did not resolve
+    within RESOLVE_TIMEOUT_S. Each lookup runs on a daemon thread, left behind when it hangs: the workers of a
+    ThreadPoolExecutor are joined at the interpreter's exit, and `check-config --host NAME` said "did not resolve
+    within 5s", then sat until getaddrinfo gave up (40 s, or for good)."""
+    found: dict[str, list[tuple[int, tuple[str, int]]] | BaseException] = {}
+
+    def look_up(host: str) -> None:
+        try:
+            found[host] = _resolve(host)
+        except Exception as exc:  # noqa: BLE001 (socket.gaierror, UnicodeError: handed to the caller)
+            found[host] = exc
+
+    threads = [threading.Thread(target=look_up, args=(host,), name=f"resolve {host}", daemon=True) for host in hosts]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + RESOLVE_TIMEOUT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return {host: found[host] for host in hosts if host in found}
 
 
 def bind_problem(field: str, host: str) -> Problem | None:
@@ -217,20 +241,16 @@ def _resolve_all(hosts: set[str]) -> dict[str, tuple[int, tuple[str, int]] | Por
     """Each host's first address (as bind_problem takes it), or why it has none; all looked up at once."""
     if not hosts:
         return {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts))
-    try:
-        futures = {host: pool.submit(_resolve, host) for host in hosts}
-        concurrent.futures.wait(futures.values(), timeout=RESOLVE_TIMEOUT_S)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a lookup still hanging is left to finish alone
+    looked_up = _resolved_within(hosts)
     found: dict[str, tuple[int, tuple[str, int]] | PortAnswer] = {}
-    for host, future in futures.items():
-        if not future.done():
+    for host in hosts:
+        result = looked_up.get(host)
+        if result is None:
             found[host] = PortAnswer("unreached", f"{host} did not resolve within {RESOLVE_TIMEOUT_S:.0f}s")
-        elif future.exception() is not None:  # socket.gaierror, or UnicodeError for a label too long for IDNA
-            found[host] = PortAnswer("unreached", f"{host} does not resolve here ({future.exception()})")
+        elif isinstance(result, BaseException):  # socket.gaierror, or UnicodeError for a label too long for IDNA
+            found[host] = PortAnswer("unreached", f"{host} does not resolve here ({result})")
         else:
-            found[host] = future.result()[0]
+            found[host] = result[0]
     return found
 
 
