@@ -4,7 +4,9 @@
 whose reader went away (`pdlaunch serve | tee serve.log`, tee killed): the next status line raised ENOSPC or
 EPIPE out of the supervisor's tick, and serve stopped every instance though they served on fine (rich itself
 exits on a broken pipe). Written through LossyOutput, such lines are dropped, and once the output takes lines
-again the first one says since when lines are missing and why.
+again the first one says since when lines are missing and why. So is a line a stop signal's handler writes (the second
+Ctrl-C's "stopping now") while the main thread's own write is blocked on a slow reader: Python's buffered writer
+refuses that reentrant call with a RuntimeError, which ended the stop in a traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class LossyOutput:
             if self.failing_since is None:
                 self.failing_since = self._clock()
             self._reason = exc.strerror or type(exc).__name__
+            return False
+        except RuntimeError as exc:  # a signal handler's line (a second Ctrl-C) while a write of its thread blocked
+            if "reentrant call" not in str(exc):
+                raise
+            if self.failing_since is None:
+                self.failing_since = self._clock()
+            self._reason = "a line came from a signal handler while a write was under way"
             return False
         return True
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 KILL_GRACE_S = 15.0  # past the drain timeout, before a worker that has not exited is killed
+KILL_WAIT_S = 10.0  # after SIGKILL: a worker still there then is stuck in the kernel, and is named and left
 LISTEN_BACKLOG = 2048
 
 
@@ -165,4 +166,9 @@ class Supervisor:
                 log.error("proxy worker %d (pid %d) did not stop within %.0f s; killing it", index, proc.pid,
                           KILL_GRACE_S)
                 proc.kill()
-                proc.wait(10)
+                try:
+                    proc.wait(KILL_WAIT_S)
+                except subprocess.TimeoutExpired:  # stuck in the kernel (a device or network filesystem wait)
+                    log.error("proxy worker %d (pid %d) still runs %.0f s after SIGKILL (stuck in the kernel: "
+                              "`ps -o pid,stat,wchan -p %d` shows where); leaving it", index, proc.pid,
+                              KILL_WAIT_S, proc.pid)

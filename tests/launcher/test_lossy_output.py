@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import signal
+import threading
 import time
+from types import FrameType
 
 from rich.console import Console
 
@@ -50,3 +54,37 @@ def test_a_closed_pipe_is_no_error_either() -> None:
     output = LossyOutput(ClosedPipe())
     Console(file=output.as_text_io()).print("a line nobody reads")  # rich alone exits on EPIPE
     assert output.failing_since is not None
+
+
+def test_a_line_from_a_signal_handler_while_a_write_blocks_is_dropped_not_raised() -> None:
+    """The second Ctrl-C's line written from the handler, while the main thread's write waits on a full pipe."""
+    read_end, write_end = os.pipe()
+    target = open(write_end, "w")  # noqa: SIM115 (closed below, after the blocked write returns)
+    output = LossyOutput(target)
+    drained: list[bytes] = []
+
+    def drain() -> None:
+        with open(read_end, "rb") as pipe:
+            drained.append(pipe.read())
+
+    reader = threading.Thread(target=drain)
+
+    def second_signal(signum: int, _: FrameType | None) -> None:
+        reader.start()  # the blocked write goes on once the handler returns
+        output.write("second signal: stopping now\n")
+
+    previous = signal.signal(signal.SIGALRM, second_signal)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        output.write("x" * (1 << 20))  # far more than a pipe holds: blocks until the reader drains it
+        output.write("stopped\n")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        target.close()
+    reader.join(30)
+    assert drained[0].startswith(b"x" * (1 << 20))
+    tail = drained[0][1 << 20:].decode()
+    assert "second signal" not in tail and tail.endswith("stopped\n")
+    assert ("are missing: it could not be written (a line came from a signal handler while a write was under way)"
+            in tail)
