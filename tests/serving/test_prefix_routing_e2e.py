@@ -15,7 +15,16 @@ before, 0.43-0.66. A decode-alone turn is computed on a process that is busy ste
 the cores are oversubscribed it slows more than round robin's prefill leg, on an otherwise idle process: the
 margin comes from what round robin recomputes, which grows with the answers. Those runs took the policies in the
 same order every round (round robin first); with the order alternated (below) and four rounds, ten runs under two
-or three busy loops measured 0.32-0.51 (0.32-0.48 under two), so the test asserts issue 31's 0.6x.
+or three busy loops measured 0.32-0.51 (0.32-0.48 under two), so the test asserts issue 31's 0.6x. Rerun at
+3ff3e86: 0.41-0.46 in four runs with other suites on the machine (load average 6-10; the test's call 91-170 s),
+0.31-0.43 in three with one busy loop besides (96-111 s).
+
+Nine conversations in two rounds would halve the test (four runs, not eight; a run's time is its turns' answers,
+decoded together whatever their count) but measured 0.22-0.47 alone and 0.46, 0.60 and 0.61 (a failure) with one
+busy loop: each decode then steps four or five streams, and the decode-alone turns slow with them, while the fewer
+runs leave a burst of load on one run half a policy's samples. Each turn of a run is one burst of near-lockstep
+requests that the same moment's load weighs on, so the runs' turns (16 a policy here), not the conversations, are
+the independent samples.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy once wrote ~30 httpcore lines a request, and on
@@ -136,6 +145,7 @@ def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serv
         "kv_bytes_moved_per_request": float(np.mean([d["multi_turn"]["kv_bytes_moved_per_request"] for d in docs])),
         "ttft_p50_ms": float(np.median([t for d in docs for t in d["ttfts"]]) * 1000),
         "ttft_p50_ms_per_round": [round(d["multi_turn"]["ttft_p50_ms"], 1) for d in docs],
+        "run_s": [round(d["duration"], 1) for d in docs],
     } for policy, docs in runs.items()}
     round_robin, prefix = figures["round_robin"], figures["prefix"]
     print(f"\nround robin: {round_robin}\nprefix:      {prefix}\nlegs routed by prefix: {routed:.0f}")
