@@ -22,9 +22,17 @@ or three busy loops measured 0.32-0.51 (0.32-0.48 under two), so the test assert
 Nine conversations in two rounds would halve the test (four runs, not eight; a run's time is its turns' answers,
 decoded together whatever their count) but measured 0.22-0.47 alone and 0.46, 0.60 and 0.61 (a failure) with one
 busy loop: each decode then steps four or five streams, and the decode-alone turns slow with them, while the fewer
-runs leave a burst of load on one run half a policy's samples. Each turn of a run is one burst of near-lockstep
-requests that the same moment's load weighs on, so the runs' turns (16 a policy here), not the conversations, are
-the independent samples.
+runs leave a burst of load on one run half a policy's samples. With the conversations started at once, each turn
+of a run is one burst of near-lockstep requests that the same moment's load weighs on, so the runs' turns (16 a
+policy), not the conversations, are the independent samples.
+
+So the conversations start a quarter second apart (`--request-rate 4`, regular gaps), not at once: their turns
+then reach the deployment one at a time, as bench serve's docstring puts it, rather than five at once, and TTFT
+measures the deployment, not the queue of a burst (a prefill instance computing two or three conversations'
+~470 tokens together; a decode two or three turns); a burst of load lands on a few of a run's twenty TTFTs,
+not on a whole turn's five. Measured at 3ff3e86 with other suites on the machine (load average 6-10), against
+the test started at once in the same hour: 0.22 and 0.24 (at once: 0.31-0.36), and 0.37 and 0.42 with one busy
+loop besides (at once: 0.34-0.48); each run ~1 s longer (the last conversation starts 1 s in).
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy once wrote ~30 httpcore lines a request, and on
@@ -80,7 +88,7 @@ SECRET = "prefix-routing-e2e-deployment-secret"
 # conversations measured round robin's bytes at 48 blocks, not ~86); with an odd count each turn goes to the
 # other instance, as it would for traffic that is not in lockstep.
 SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", "64", "--random-input-len", "8",
-         "--random-output-len", "224"]
+         "--random-output-len", "224", "--request-rate", "4", "--burstiness", "1000"]
 REQUESTS = 20
 # Warm-ups, one through each proxy before the rounds: the prefill-decode pairs' NIXL handshakes and each
 # proxy's first requests (its tokenizer, its connections), with short answers.
