@@ -43,25 +43,35 @@ class LossyOutput:
         try:
             self._target.write(text)
             self._target.flush()
-        except OSError as exc:  # ENOSPC, EPIPE (BrokenPipeError), EIO (a terminal that went away)
-            if self.failing_since is None:
-                self.failing_since = self._clock()
-            self._reason = exc.strerror or type(exc).__name__
-            return False
-        except RuntimeError as exc:  # a signal handler's line (a second Ctrl-C) while a write of its thread blocked
-            if "reentrant call" not in str(exc):
-                raise
-            if self.failing_since is None:
-                self.failing_since = self._clock()
-            self._reason = "a line came from a signal handler while a write was under way"
+        except (OSError, RuntimeError) as exc:
+            self._failed(exc)
             return False
         return True
 
     def flush(self) -> None:
+        """What the target holds goes out; if it cannot, it stays in its buffer, and the next write says lines are
+        missing if it fails again. Rich flushes after each print: a signal handler's print reaches here too."""
         try:
             self._target.flush()
         except OSError:
-            pass  # what it held stays in its buffer; the next write says lines are missing if it fails again
+            pass
+        except RuntimeError as exc:
+            if not _reentrant(exc):
+                raise
+
+    def _failed(self, exc: OSError | RuntimeError) -> None:
+        """Note why the output refused a line: ENOSPC, EPIPE (BrokenPipeError), EIO (a terminal that went away); or
+        Python's buffered writer refusing a reentrant call, from a signal handler (a second Ctrl-C's line) while the
+        write of its thread blocked. Any other RuntimeError is a bug and is raised."""
+        if isinstance(exc, RuntimeError):
+            if not _reentrant(exc):
+                raise exc
+            reason = "a line came from a signal handler while a write was under way"
+        else:
+            reason = exc.strerror or type(exc).__name__
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+        self._reason = reason
 
     def isatty(self) -> bool:
         return self._target.isatty()
@@ -77,3 +87,8 @@ class LossyOutput:
         """This stream as the IO[str] rich's Console takes: of a file it calls only write, flush, isatty, fileno
         and encoding."""
         return cast(IO[str], self)
+
+
+def _reentrant(exc: RuntimeError) -> bool:
+    """Whether `exc` is Python's buffered writer refusing a call made while its own thread is inside it."""
+    return "reentrant call" in str(exc)

@@ -1,6 +1,6 @@
-"""Every `host:port` and URL pdlaunch writes brackets an IPv6 literal, as URLs need: one helper for all of them
-(config/addresses.py host_port, url_host), used by the plan's URLs, the Ray and SLURM backends' URLs, the raylet
-probe's and the TP links' messages, and the node-port check."""
+"""Every URL pdlaunch writes brackets an IPv6 literal, as URLs need, through one helper (config/addresses.py
+host_port, url_host): the plan's URLs, the Ray and SLURM backends' URLs, and the raylet probe's, the TP links' and the
+node-port check's host:port. (Other messages still write a bare host:port.)"""
 
 from __future__ import annotations
 

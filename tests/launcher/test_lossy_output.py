@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import select
 import signal
 import threading
 import time
@@ -57,34 +58,44 @@ def test_a_closed_pipe_is_no_error_either() -> None:
 
 
 def test_a_line_from_a_signal_handler_while_a_write_blocks_is_dropped_not_raised() -> None:
-    """The second Ctrl-C's line written from the handler, while the main thread's write waits on a full pipe."""
+    """The second Ctrl-C's line, printed by the handler while the main thread's print waits on a full pipe (rich writes,
+    then flushes: both refuse the reentrant call). The handler acts only once the pipe is full, i.e. once the main
+    thread's write blocks; until then it looks again every 50 ms."""
     read_end, write_end = os.pipe()
     target = open(write_end, "w")  # noqa: SIM115 (closed below, after the blocked write returns)
-    output = LossyOutput(target)
+    console = Console(file=LossyOutput(target).as_text_io(), soft_wrap=True)
+    release = threading.Event()  # set by the handler (the main thread never waits on it); else by the rescue bound
     drained: list[bytes] = []
 
     def drain() -> None:
+        release.wait(60)  # a handler that never acted: the write is released anyway, and the asserts fail
         with open(read_end, "rb") as pipe:
             drained.append(pipe.read())
 
     reader = threading.Thread(target=drain)
+    reader.start()
 
     def second_signal(signum: int, _: FrameType | None) -> None:
-        reader.start()  # the blocked write goes on once the handler returns
-        output.write("second signal: stopping now\n")
+        if select.select([], [write_end], [], 0)[1]:  # room left in the pipe: the main thread's write is not blocked
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        console.print("second signal: stopping now", highlight=False)
+        release.set()
 
     previous = signal.signal(signal.SIGALRM, second_signal)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        output.write("x" * (1 << 20))  # far more than a pipe holds: blocks until the reader drains it
-        output.write("stopped\n")
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        console.print("x" * (1 << 20), highlight=False)  # far more than a pipe holds: blocks until the handler
+        console.print("stopped", highlight=False)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        release.set()
         target.close()
-    reader.join(30)
-    assert drained[0].startswith(b"x" * (1 << 20))
-    tail = drained[0][1 << 20:].decode()
+    reader.join(60)
+    assert drained[0].startswith(b"x" * (1 << 20) + b"\n"), "the main thread's line was cut"
+    tail = drained[0][(1 << 20) + 1:].decode()
     assert "second signal" not in tail and tail.endswith("stopped\n")
+    assert tail.startswith("[pdlaunch] lines of this output since ")
     assert ("are missing: it could not be written (a line came from a signal handler while a write was under way)"
             in tail)
