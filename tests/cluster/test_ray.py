@@ -187,11 +187,15 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
     text = serve.output
     assert code == 0, text
     assert "moved to" in text and "stopped: every actor and placement group removed" in text, text
-    # kill_node SIGKILLs the decode node's raylet (its host stays up): Ray first reports the decode's actor
-    # unavailable, and the decode is ended as soon as that raylet refuses a connection, not after the grace a blip gets
+    # kill_node SIGKILLs the decode node's raylet (its host stays up): Ray mostly reports the decode's actor
+    # unavailable first, and the decode is ended as soon as that raylet refuses a connection, not after the grace a
+    # blip gets. On a loaded machine Ray's GCS may declare the node dead (its health checks) before any such report
+    # (CI, 2026-11-30: "The actor died because its node has died", no unavailable line): Ray's word ends it then.
     gone = re.search(rf"decode-0 lost its Ray actor on node {re.escape(decode_node)}: its raylet at "
                      rf"{re.escape(decode_node)}:\d+ refuses connections: the node is gone \(Ray: ", text)
-    assert gone is not None, text
+    died = "decode-0 lost its Ray actor (The actor died because its node has died" in text
+    assert gone is not None or died, text
+    assert "has been unreachable for" not in text, text
     # the deaths are said in the launcher's own lines, not beside Ray's paragraph for each; the rank actor's SIGKILL
     # (rank 0 exits with code 1) is named as one from outside
     assert "A worker died or was killed" not in text and "Unhandled error" not in text, text
