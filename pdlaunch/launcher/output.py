@@ -62,7 +62,7 @@ class LossyOutput:
     def _failed(self, exc: OSError | RuntimeError) -> None:
         """Note why the output refused a line: ENOSPC, EPIPE (BrokenPipeError), EIO (a terminal that went away); or
         Python's buffered writer refusing a reentrant call, from a signal handler (a second Ctrl-C's line) while the
-        write of its thread blocked. Any other RuntimeError is a bug and is raised."""
+        write of its thread blocked. Another RuntimeError is a bug and is raised."""
         if isinstance(exc, RuntimeError):
             if not _reentrant(exc):
                 raise exc
