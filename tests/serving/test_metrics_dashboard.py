@@ -10,6 +10,8 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+import pdlaunch.metrics.instance  # noqa: F401 - registers the instance's series (alone, the test missed five)
+import pdlaunch.metrics.kv_transfer  # noqa: F401 - ... and the KV transfer's
 from pdlaunch.metrics.vllm_series import set_model_name
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
