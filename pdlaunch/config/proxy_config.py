@@ -38,9 +38,9 @@ class ProxyConfig(StrictModel):
         "auto", description="Proxy processes sharing the port: auto (the default: one per 8 CPUs the proxy may use "
         "where it runs, affinity and cgroup CPU limit counted, 1 to 4) or 1 to 64. One worker adds latency to every "
         "request long before it fills a core (new requests wait behind each decode step's burst of stream events; "
-        "README \"Proxy workers\"). Each is a whole proxy with its own routing state (round robin, queue weights "
-        "and disaggregate_max_queue_tokens count its own requests); /metrics sums their counters. A worker that "
-        "dies restarts the whole proxy.")
+        "README \"Proxy workers\"). Each is a whole proxy; their load counts are shared (least_loaded, the prefix "
+        "policy's queue weights and disaggregate_max_queue_tokens count every worker's requests); /metrics sums "
+        "their counters. A worker that dies restarts the whole proxy.")
     health_timeout_seconds: float = Field(
         2.0, gt=0, le=60, description="An instance whose /health does not answer within this is marked stalled "
         "and gets no new requests until it answers again (probed every second; the launcher uses it too).")

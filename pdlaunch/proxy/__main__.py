@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import sys
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -40,7 +41,8 @@ from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instance_flags import check_engine_ids, check_names, parse_instances
-from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, RESTART_BACKOFF_S, InstancePool
+from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, RESTART_BACKOFF_S, Instance, InstancePool
+from pdlaunch.proxy.load_board import BoardMismatch, LoadBoard
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
 from pdlaunch.proxy.workers import Supervisor
 from pdlaunch.server.watchdog import watch_parent
@@ -87,11 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="On SIGTERM, wait this long for in-flight requests.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
     parser.add_argument("--workers", default="1", metavar="auto|N",
-                        help="Proxy processes sharing the port (each a whole proxy with its own routing state; "
-                        "counters summed in /metrics): 1 to 64, or auto: one per 8 CPUs this process may use "
+                        help="Proxy processes sharing the port (each a whole proxy; load counts shared, counters "
+                        "summed in /metrics): 1 to 64, or auto: one per 8 CPUs this process may use "
                         "(affinity and cgroup CPU limit), 1 to 4; proxy.workers (whose default is auto).")
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--load-board", type=Path, default=None, help=argparse.SUPPRESS)  # load_board.py
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
                         help=f"debug adds one line per request (its X-Request-Id, instances, outcome, time); "
                         f"default from {LOG_LEVEL_ENV}, else info.")
@@ -184,12 +187,28 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if not stat.S_ISSOCK(kind):
             parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
                          "start the proxy with --workers N instead)")
+    _check_worker_flags(parser, args)
     check_names(parser, args)
     check_engine_ids(parser, args)
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
         parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
+
+
+def _check_worker_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The internal flags a supervisor gives its workers (workers.worker_argv): together, and what they name exists."""
+    given = [f"--{name.replace('_', '-')}" for name in ("listen_fd", "worker_index", "load_board")
+             if getattr(args, name) is not None]
+    if given and len(given) != 3:
+        parser.error(f"{' and '.join(given)} without the rest of --listen-fd, --worker-index and --load-board (the "
+                     "proxy's supervisor passes all three to its workers; start the proxy with --workers N instead)")
+    if args.worker_index is not None and args.worker_index < 0:
+        parser.error(f"--worker-index {args.worker_index}: must be 0 or more (the proxy's supervisor passes it; "
+                     "start the proxy with --workers N instead)")
+    if args.load_board is not None and not args.load_board.is_file():
+        parser.error(f"--load-board {args.load_board}: no such file (the proxy's supervisor makes it; start the "
+                     "proxy with --workers N instead)")
 
 
 def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -209,6 +228,17 @@ def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namesp
                      "run on a decode: give --disaggregate-min-tokens N too")
 
 
+def _load_board(args: argparse.Namespace, instances: list[Instance]) -> LoadBoard | None:
+    """A worker's row of the load board its supervisor made (None: a single proxy, which counts on its own)."""
+    if args.load_board is None:
+        return None
+    try:
+        return LoadBoard.open(args.load_board, [i.name for i in instances], args.worker_index)
+    except (OSError, BoardMismatch) as exc:
+        raise SystemExit(f"proxy[{args.worker_index}]: --load-board {exc} (the proxy's supervisor makes it for the "
+                         "instances of its own flags: start the proxy with --workers N instead)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     who = "proxy" if args.worker_index is None else f"proxy[{args.worker_index}]"
@@ -220,15 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         auto = auto_workers()
         logging.getLogger(__name__).info("proxy: %s", auto.line())
         workers = auto.workers
-    if workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
-        return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, workers,
-                          args.drain_timeout, args.parent_pid).run()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))
+    if workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
+        return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, workers,
+                          args.drain_timeout, args.parent_pid, [i.name for i in instances]).run()
     for instance in instances:
         instance.planned_engine_id = args.engine_ids.get(instance.name, "")
     app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout,
-                                       args.restart_backoff), args.request_timeout,
+                                       args.restart_backoff, board=_load_board(args, instances)), args.request_timeout,
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,

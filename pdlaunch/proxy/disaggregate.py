@@ -13,7 +13,8 @@ prefill leg can run nowhere goes the same way under that policy (prefill_leg.py)
 
 With proxy.disaggregate_max_queue_tokens Q, a prompt that would go PD is spilled to its decode too
 while every ready prefill instance has at least Q uncached prompt tokens queued (prefill legs sent, not
-answered: prefix.PrefixRouter.queued) and that decode has fewer than Q tokens of spilled prompts in flight. A
+answered: prefix.queued) and that decode has fewer than Q tokens of spilled prompts in flight (both counted over
+every proxy worker: load_board.py). A
 burst of long prompts then waits on one prefill GPU no longer than Q tokens of prefill work: the decode GPU
 takes its share, as a colocated instance computes its own prompts, and the cap keeps its running streams from
 paying for more than about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
@@ -47,6 +48,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.bodies import Body
+from pdlaunch.proxy.instances import Instance
+from pdlaunch.proxy.load_board import SPILLED_TOKENS
 from pdlaunch.proxy.prompt_pieces import PieceTokenizer
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.chat_template import ChatPrompt, render
@@ -117,6 +120,11 @@ def _validated_inline(body: Body, chat: bool) -> bool:
     return len(messages) + parts <= INLINE_CHAT_MESSAGES
 
 
+def spilled_on(decode: Instance) -> int:
+    """Uncached prompt tokens of the requests spilled onto `decode` and in flight, every proxy worker's."""
+    return decode.total(SPILLED_TOKENS)
+
+
 class Disaggregation:
     """Decides, per request, PD or decode only; `min_tokens` None: always PD (no tokenizer needed).
     `max_queue_tokens`: spill PD prompts to the decode while the prefill queue is that full; `max_itl_ms`:
@@ -136,7 +144,6 @@ class Disaggregation:
         self.min_tokens, self.max_queue_tokens = min_tokens, max_queue_tokens
         self.max_itl_ms = max_itl_ms
         self.tokens = PromptTokens(tokenizer_dir, chat_template) if min_tokens is not None and tokenizer_dir else None
-        self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled requests in flight
 
     def prompt_tokens(self, body: Body, chat: bool) -> int:
         """The prompt's token count as an instance computes it (a 400 for a prompt it would refuse)."""
@@ -144,9 +151,9 @@ class Disaggregation:
             raise ValueError("no tokenizer: disaggregate_min_tokens is not set")
         return len(self.tokens.ids_now(body, chat))
 
-    def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None,
+    def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: Instance | None = None,
                  decode_itl_ms: float | None = None, decode_in_flight: int = 0) -> str:
-        """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (named `decode`, its streams
+        """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (`decode`, its streams
         waiting `decode_itl_ms` per token, `decode_in_flight` requests of this proxy on it) lacks
         `uncached_tokens`, while the least-queued ready prefill has `prefill_queued` tokens queued."""
         if self.min_tokens is None:
@@ -163,22 +170,22 @@ class Disaggregation:
             return DECODE_BUSY
         return on_decode
 
-    def _room_to_spill(self, decode: str | None, tokens: int, cap: int) -> bool:
+    def _room_to_spill(self, decode: Instance | None, tokens: int, cap: int) -> bool:
         """Whether `decode` may take a spilled prompt of `tokens`: fewer than `cap` spilled tokens in flight on it;
         with max_itl_ms, those and this prompt's together no more than `cap` (module doc)."""
-        spilled = self.spilled.get(decode or "", 0)
+        spilled = spilled_on(decode) if decode is not None else 0
         return spilled + tokens <= cap if self.max_itl_ms is not None else spilled < cap
 
-    def spill(self, decode: str, tokens: int) -> Callable[[], None]:
+    def spill(self, decode: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` spilled onto `decode` until the returned callable runs (once; later calls do nothing)."""
-        self.spilled[decode] = self.spilled.get(decode, 0) + tokens
+        decode.count(SPILLED_TOKENS, tokens)
         done = False
 
         def release() -> None:
             nonlocal done
             if not done:
                 done = True
-                self.spilled[decode] -= tokens
+                decode.count(SPILLED_TOKENS, -tokens)
 
         return release
 

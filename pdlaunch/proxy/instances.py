@@ -1,5 +1,9 @@
 """The instances behind the proxy: their health, their in-flight counts, and how one is picked.
 
+The counts (legs in flight, prompt tokens queued or spilled) live on the pool's load board (load_board.py): with
+proxy.workers N > 1 every worker's, so that least_loaded, the prefix policy and disaggregation weigh the proxy's
+whole load; health states are each worker's own probes.
+
 A /health probe that times out (proxy.health_timeout_seconds, for the whole answer: one that trickles in
 is no answer) marks the instance "stalled": it took the connection (the kernel accepts into the listen
 backlog even for a SIGSTOPped process) but does not answer: stopped, hung, or swapped out. Like "down",
@@ -37,6 +41,7 @@ from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.retry_later import RetryLater
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
+from pdlaunch.proxy.load_board import IN_FLIGHT, LoadBoard
 from pdlaunch.proxy.unready import Outage, health_refusal, health_state, no_instance_retry_after, none_ready_message
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -55,7 +60,6 @@ class Instance:
     url: str  # http://host:port, no trailing slash
     name: str
     state: State = "starting"
-    in_flight: int = 0
     detail: str = ""  # why it is not ready
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
     # its streams' mean time between tokens over the last second, as its /health last said (None: it says none)
@@ -71,6 +75,26 @@ class Instance:
     outage: Outage = field(default_factory=Outage, repr=False, compare=False)
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    # Its load counts: column group `board_index` of the pool's board (shared by every proxy worker, load_board.py);
+    # its own one-row board until a pool takes it.
+    board: LoadBoard = field(init=False, repr=False, compare=False)
+    board_index: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.board = LoadBoard.in_process([self.name])
+
+    @property
+    def in_flight(self) -> int:
+        """Legs in flight on it, from every proxy worker."""
+        return self.board.total(self.board_index, IN_FLIGHT)
+
+    def count(self, column: int, delta: int) -> None:
+        """Add `delta` to this worker's count of `column` (load_board.COLUMNS) on this instance."""
+        self.board.add(self.board_index, column, delta)
+
+    def total(self, column: int) -> int:
+        """Every worker's count of `column` on this instance."""
+        return self.board.total(self.board_index, column)
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
@@ -79,11 +103,11 @@ class Instance:
     @contextmanager
     def lease(self) -> Iterator[Instance]:
         """Counts a leg in flight on this instance (least_loaded reads it)."""
-        self.in_flight += 1
+        self.count(IN_FLIGHT, 1)
         try:
             yield self
         finally:
-            self.in_flight -= 1
+            self.count(IN_FLIGHT, -1)
 
 
 def _health_body(content: bytes) -> dict[str, object]:
@@ -147,21 +171,23 @@ def _not_healthy(instance: Instance, why: str) -> None:
 
 
 class RoundRobin:
-    """Candidates in turn, one counter per role."""
+    """Candidates in turn, one counter per role, each from `start` (a proxy worker's index: N workers that each
+    see their first request do not all send it to the same instance)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
         self._counters: dict[str, Iterator[int]] = {}
+        self._start = start
 
     def choose(self, role: str, candidates: list[Instance]) -> Instance:
-        counter = self._counters.setdefault(role, itertools.count())
+        counter = self._counters.setdefault(role, itertools.count(self._start))
         return candidates[next(counter) % len(candidates)]
 
 
 class LeastLoaded:
-    """Fewest legs in flight at this proxy; ties go round robin so equal instances share work."""
+    """Fewest legs in flight at this proxy (every worker's); ties go round robin so equal instances share work."""
 
-    def __init__(self) -> None:
-        self._tie_break = RoundRobin()
+    def __init__(self, start: int = 0) -> None:
+        self._tie_break = RoundRobin(start)
 
     def choose(self, role: str, candidates: list[Instance]) -> Instance:
         fewest = min(c.in_flight for c in candidates)
@@ -179,12 +205,19 @@ class InstancePool:
 
     def __init__(self, instances: list[Instance], policy: str = "round_robin",
                  health_timeout_s: float = HEALTH_TIMEOUT_S, restart_backoff_s: float = RESTART_BACKOFF_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, board: LoadBoard | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}")
+        names = [i.name for i in instances]
+        if board is not None and board.names != names:
+            raise ValueError(f"the load board counts instances {board.names}, the pool has {names}")
+        # A proxy worker's board is shared with the other workers (load_board.py); a single proxy's is its own.
+        self.board = board or LoadBoard.in_process(names)
+        for index, instance in enumerate(instances):
+            instance.board, instance.board_index = self.board, index
         self.instances = instances
         self.policy_name = policy
-        self.policy = POLICIES[policy]()
+        self.policy = POLICIES[policy](self.board.row)
         self.health_timeout_s = health_timeout_s
         self.restart_backoff_s = restart_backoff_s  # the launcher's wait before it restarts a dead instance
         self.clock = clock

@@ -87,7 +87,8 @@ class _PoolCollector(Collector):
         self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily("pdlaunch_proxy_instance_in_flight", "Legs in flight per instance",
+        in_flight = GaugeMetricFamily("pdlaunch_proxy_instance_in_flight", "Legs in flight per instance (every "
+                                      "proxy worker's)",
                                       labels=["instance", "role"])
         up = GaugeMetricFamily("pdlaunch_proxy_instance_up", "1 when the instance is ready",
                                labels=["instance", "role"])

@@ -16,7 +16,7 @@ For every ready instance i of the role:
   (a PD decode leg, which loads the prompt without its logprobs, is counted so too: its count also decides
   whether the decode computes the prompt alone, logprobs and all).
 - queued_tokens(i): uncached prompt tokens of the legs this proxy has in flight on i (a prefill leg until it
-  answers, a decode leg until its answer ends).
+  answers, a decode leg until its answer ends), every proxy worker's (load_board.py).
 - ALPHA = 1: a token queued ahead of ours costs i about what a token of our prompt that it must compute
   does, so i's time to our first token goes with queued(i) + (prompt - matched(i)), which the highest score
   minimises. A hot prefix thus stays on one instance only while the work piled up there is less than what
@@ -38,6 +38,7 @@ from pdlaunch.proxy.bodies import Body, several_prompts
 from pdlaunch.proxy.disaggregate import PromptTokens
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
+from pdlaunch.proxy.load_board import QUEUED_TOKENS
 
 ALPHA = 1.0  # weight of a queued prompt token against a matched one (module doc)
 _ID_BOUND = 1 << 63  # block hashes pack token ids as int64 (kvcache/prefix_cache.hash_block)
@@ -76,7 +77,6 @@ class PrefixRouter:
         if by_prefix and (feed is None or tokens is None):
             raise ValueError("prefix routing needs the instances' KV cache events and the checkpoint's tokenizer")
         self.pool, self.feed, self.tokens, self.by_prefix, self.alpha = pool, feed, tokens, by_prefix, alpha
-        self.queued: dict[str, int] = {}  # instance name -> uncached prompt tokens of its legs in flight here
 
     async def prompt(self, body: Body, chat: bool) -> PromptBlocks | None:
         """The request's prompt as token ids, when there is a tokenizer to count them and one prompt to count
@@ -104,7 +104,7 @@ class PrefixRouter:
         if not ready:
             self.pool.pick(role)  # raises the 503 naming every instance's state
         matched = {i.name: self.matched_tokens(i, prompt) for i in ready}
-        scores = {i.name: matched[i.name] - self.alpha * self.queued.get(i.name, 0) for i in ready}
+        scores = {i.name: matched[i.name] - self.alpha * queued(i) for i in ready}
         best = max(scores.values())
         tied = [i for i in ready if scores[i.name] == best]
         instance = tied[0] if len(tied) == 1 else self.pool.policy.choose(role, tied)
@@ -112,21 +112,26 @@ class PrefixRouter:
 
     def least_queued(self, role: str) -> int:
         """The fewest tokens queued on a ready instance of `role` (0 when none is ready)."""
-        ready = [self.queued.get(i.name, 0) for i in self.pool.instances if i.role == role and i.state == "ready"]
+        ready = [queued(i) for i in self.pool.instances if i.role == role and i.state == "ready"]
         return min(ready, default=0)
 
     def enqueue(self, instance: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` queued on `instance` until the returned callable runs (once; later calls do nothing)."""
-        self.queued[instance.name] = self.queued.get(instance.name, 0) + tokens
+        instance.count(QUEUED_TOKENS, tokens)
         done = False
 
         def release() -> None:
             nonlocal done
             if not done:
                 done = True
-                self.queued[instance.name] -= tokens
+                instance.count(QUEUED_TOKENS, -tokens)
 
         return release
+
+
+def queued(instance: Instance) -> int:
+    """Uncached prompt tokens of the legs in flight on `instance`, from every proxy worker (load_board.py)."""
+    return instance.total(QUEUED_TOKENS)
 
 
 def wants_prompt_logprobs(body: Body, chat: bool) -> bool:

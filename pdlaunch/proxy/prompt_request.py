@@ -119,10 +119,10 @@ class PromptRequest(DecodeLeg):
             uncached = len(prompt.token_ids) - decode.matched_tokens
             queued = state.router.least_queued("prefill")
             in_flight = target.in_flight
-            decision = disaggregation.decision(uncached, queued, target.name, target.itl_ms, in_flight)
+            decision = disaggregation.decision(uncached, queued, target, target.itl_ms, in_flight)
             state.proxy.metrics.disaggregation.labels(decision).inc()
             if decision == SPILLED:  # counted against the decode's cap until the request ends
-                self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
+                self.unqueue = _both(self.unqueue, disaggregation.spill(target, uncached))
             self.legs.append(f"{decision} ({len(prompt.token_ids)} prompt tokens, {decode.matched_tokens} cached on "
                              f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
                              f"{disaggregation.min_tokens}"

@@ -27,6 +27,7 @@ from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_
 from pdlaunch.proxy.answers import AnswerTooLarge, read_body
 from pdlaunch.proxy.bodies import JsonObject, as_object
 from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.load_board import IN_FLIGHT
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure, is_shutting_down
@@ -49,7 +50,7 @@ class Upstream:
         if self.closed:
             return
         self.closed = True
-        self.instance.in_flight -= 1
+        self.instance.count(IN_FLIGHT, -1)
         await self.response.aclose()
 
 
@@ -134,14 +135,14 @@ class Proxy:
         client = self.http()
         request = client.build_request("POST", instance.url + path, json=body, headers=headers, timeout=httpx.Timeout(
             remaining, connect=min(CONNECT_TIMEOUT_S, remaining)))
-        instance.in_flight += 1
+        instance.count(IN_FLIGHT, 1)
         try:
             response = await asyncio.wait_for(client.send(request, stream=True), remaining)
         except (httpx.HTTPError, TimeoutError) as exc:
-            instance.in_flight -= 1
+            instance.count(IN_FLIGHT, -1)
             raise self.failed(instance, exc) from None
         except asyncio.CancelledError:  # given up (its decode stalled before the headers: migrate.py)
-            instance.in_flight -= 1
+            instance.count(IN_FLIGHT, -1)
             raise
         if response.status_code != 200:
             try:  # by the request's deadline: an answer that trickles in resets each read's timeout
@@ -153,7 +154,7 @@ class Proxy:
                 try:
                     await response.aclose()
                 finally:  # a second cancellation may interrupt the close: the count ends all the same
-                    instance.in_flight -= 1
+                    instance.count(IN_FLIGHT, -1)
             raise self._answered(instance, response.status_code, content, retry_after_of(response.headers))
         return Upstream(instance, response)
 

@@ -5,15 +5,20 @@ One proxy process relays a few thousand stream events a second per core (benchma
 "Proxy workers"): a fleet whose decodes stream more than that is bound by the proxy. With N workers, the
 process the launcher starts (`python -m pdlaunch.proxy --workers N`) is a supervisor: it binds the client port
 once and starts N workers (`python -m pdlaunch.proxy` with the same flags, the socket's descriptor as
-`--listen-fd`, itself as `--parent-pid`). Each worker is a whole proxy (its own routing state, health probes,
-KV event feeds and connection pools); the kernel hands each new client connection to one of them. The
-supervisor forwards SIGTERM / SIGINT to the workers (each drains its own requests) and reaps them. When a
-worker exits while nothing asked it to, the supervisor stops the others and exits 1, so the launcher sees the
-proxy die and restarts it (proxy.restart) rather than serving on with fewer workers than configured.
+`--listen-fd`, its index as `--worker-index`, the load board's file as `--load-board`, itself as `--parent-pid`).
+Each worker is a whole proxy (its own health probes, KV event feeds and connection pools); the kernel hands each
+new client connection to one of them. Their load counts are one view: legs in flight and prompt tokens queued or
+spilled per instance live on a load board (load_board.py: one row per worker, read as the sum of the rows), so
+least_loaded, the prefix policy's queue weights and disaggregate_max_queue_tokens weigh every worker's requests,
+and each worker's round robin starts at its own index. The supervisor forwards SIGTERM / SIGINT to the workers
+(each drains its own requests) and reaps them. When a worker exits while nothing asked it to, the supervisor stops
+the others and exits 1, so the launcher sees the proxy die and restarts it (proxy.restart, with a new board)
+rather than serving on with fewer workers than configured.
 
 Their counters and histograms are summed into every worker's /metrics through prometheus_client's multiprocess
-files (PROMETHEUS_MULTIPROC_DIR, a directory the supervisor makes and removes); the per-instance gauges, /health
-and /instances are the answering worker's own view.
+files (PROMETHEUS_MULTIPROC_DIR, a directory the supervisor makes and removes, the load board's file with them); the
+per-instance in-flight gauge and /instances' in_flight count every worker's legs; instance states (/health, the up
+gauge, /instances' state) are the answering worker's own probes.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 from pdlaunch.errors import exit_text
+from pdlaunch.proxy.load_board import LoadBoard
 from pdlaunch.proxy.metrics import MULTIPROC_ENV
 from pdlaunch.server.watchdog import watch_parent
 from pdlaunch.signal_flag import SignalFlag
@@ -42,10 +49,11 @@ KILL_WAIT_S = 10.0  # after SIGKILL: a worker still there then is stuck in the k
 LISTEN_BACKLOG = 2048
 
 
-def worker_argv(argv: list[str], fd: int, index: int) -> list[str]:
-    """A worker's command-line flags: the supervisor's, without --workers and --parent-pid (the supervisor is the
-    worker's parent), with the listening socket's descriptor and the worker's index. (A process given --listen-fd
-    never supervises, whatever --workers says; of two --parent-pid the last, ours, wins.)"""
+def worker_argv(argv: list[str], fd: int, index: int, board: Path) -> list[str]:
+    """A worker's command-line flags: the supervisor's, without --workers, --parent-pid (the supervisor is the
+    worker's parent) and --load-board, with the listening socket's descriptor, the worker's index and the load
+    board's file. (A process given --listen-fd never supervises, whatever --workers says; of two --parent-pid the
+    last, ours, wins.)"""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -53,11 +61,12 @@ def worker_argv(argv: list[str], fd: int, index: int) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--workers", "--parent-pid"):
+        if name in ("--workers", "--parent-pid", "--load-board"):
             skip = "=" not in arg
             continue
         out.append(arg)
-    return out + ["--listen-fd", str(fd), "--worker-index", str(index), "--parent-pid", str(os.getpid())]
+    return out + ["--listen-fd", str(fd), "--worker-index", str(index), "--load-board", str(board),
+                  "--parent-pid", str(os.getpid())]
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -80,8 +89,9 @@ class Supervisor:
     """Starts, watches and stops the workers (module doc)."""
 
     def __init__(self, argv: list[str], host: str, port: int, workers: int, drain_s: float,
-                 parent_pid: int | None) -> None:
+                 parent_pid: int | None, instances: list[str]) -> None:
         self.argv, self.host, self.port, self.workers = argv, host, port, workers
+        self.instances = instances  # their names, in the order every worker's pool has them (the load board's)
         self.drain_s, self.parent_pid = drain_s, parent_pid
         self.procs: list[subprocess.Popen[bytes]] = []
         # a signal or the launcher gone: every worker was asked to stop. A SignalFlag, not a threading.Event: the
@@ -101,11 +111,14 @@ class Supervisor:
         sock = listening_socket(self.host, self.port)
         metrics_dir = tempfile.mkdtemp(prefix="pdlaunch-proxy-metrics-")
         env = dict(os.environ, **{MULTIPROC_ENV: metrics_dir})
+        # Not among the metrics files (prometheus_client reads every *.db there): a sibling in the same directory.
+        board = Path(metrics_dir) / "load-board"
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            LoadBoard.create(board, self.instances, self.workers)
             for index in range(self.workers):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "pdlaunch.proxy", *worker_argv(self.argv, sock.fileno(), index)],
+                    [sys.executable, "-m", "pdlaunch.proxy", *worker_argv(self.argv, sock.fileno(), index, board)],
                     pass_fds=[sock.fileno()], env=env))
             log.info("proxy on %s:%d: %d workers (pids %s)", self.host, self.port, self.workers,
                      ", ".join(str(p.pid) for p in self.procs))

@@ -38,7 +38,7 @@ class Unkillable:
 def test_a_worker_that_survives_sigkill_is_named_and_left(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(workers, "KILL_GRACE_S", 0.0)
-    supervisor = Supervisor([], "127.0.0.1", 0, 1, drain_s=1.0, parent_pid=None)
+    supervisor = Supervisor([], "127.0.0.1", 0, 1, drain_s=1.0, parent_pid=None, instances=["colocated-0"])
     stuck = Unkillable()
     supervisor.procs = [cast(subprocess.Popen[bytes], stuck)]
     with caplog.at_level(logging.ERROR, logger=workers.log.name):

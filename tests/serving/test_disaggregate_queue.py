@@ -29,7 +29,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.disaggregate import DECODE_BUSY, DECODE_ONLY, PD, SPILLED, Disaggregation
+from pdlaunch.proxy.disaggregate import DECODE_BUSY, DECODE_ONLY, PD, SPILLED, Disaggregation, spilled_on
 from pdlaunch.proxy.instances import Instance, InstancePool
 from tests.helpers.ports import free_port
 from tests.serving.helpers import ThreadServer, wait_for
@@ -83,10 +83,11 @@ def _event(chunk: dict[str, Any]) -> bytes:
 
 
 @pytest.fixture
-def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]]:
-    """One prefill, one decode, a proxy with disaggregate_min_tokens 8 and the queue cap QUEUE."""
-    with _fleet() as (url, prefill, decode, disaggregation, _):
-        yield url, prefill, decode, disaggregation
+def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Instance]]:
+    """One prefill, one decode, a proxy with disaggregate_min_tokens 8 and the queue cap QUEUE; the last: the
+    proxy's decode instance (whose spilled tokens the cap counts)."""
+    with _fleet() as (url, prefill, decode, _, pool):
+        yield url, prefill, decode, next(i for i in pool.instances if i.role == "decode")
 
 
 @contextmanager
@@ -123,25 +124,30 @@ def _decisions(url: str) -> dict[str, float]:
             for line in text.splitlines() if line.startswith(prefix)}
 
 
+def _decodes() -> tuple[Instance, Instance]:
+    return Instance("decode", "http://127.0.0.1:1", "d"), Instance("decode", "http://127.0.0.1:2", "e")
+
+
 def test_the_decision_spills_only_past_the_queue_and_under_the_decodes_cap() -> None:
+    d, e = _decodes()
     decider = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
-    assert decider.decision(4, prefill_queued=100, decode="d") == DECODE_ONLY  # short: decode alone regardless
-    assert decider.decision(24, prefill_queued=QUEUE - 1, decode="d") == PD
-    assert decider.decision(24, prefill_queued=QUEUE, decode="d") == SPILLED
-    release = decider.spill("d", QUEUE)
-    assert decider.decision(24, prefill_queued=QUEUE, decode="d") == PD  # d's cap is full
-    assert decider.decision(24, prefill_queued=QUEUE, decode="e") == SPILLED  # another decode's is not
+    assert decider.decision(4, prefill_queued=100, decode=d) == DECODE_ONLY  # short: decode alone regardless
+    assert decider.decision(24, prefill_queued=QUEUE - 1, decode=d) == PD
+    assert decider.decision(24, prefill_queued=QUEUE, decode=d) == SPILLED
+    release = decider.spill(d, QUEUE)
+    assert decider.decision(24, prefill_queued=QUEUE, decode=d) == PD  # d's cap is full
+    assert decider.decision(24, prefill_queued=QUEUE, decode=e) == SPILLED  # another decode's is not
     release()
     release()  # once: a second call changes nothing
-    assert decider.spilled["d"] == 0 and decider.decision(24, prefill_queued=QUEUE, decode="d") == SPILLED
-    assert Disaggregation(8, resolve_model_path("tiny")).decision(24, prefill_queued=10**6, decode="d") == PD
+    assert spilled_on(d) == 0 and decider.decision(24, prefill_queued=QUEUE, decode=d) == SPILLED
+    assert Disaggregation(8, resolve_model_path("tiny")).decision(24, prefill_queued=10**6, decode=d) == PD
     with pytest.raises(ValueError, match="disaggregate_min_tokens"):
         Disaggregation(None, resolve_model_path("tiny"), QUEUE)
 
 
 def test_a_full_prefill_queue_sends_the_next_prompt_to_the_decode_alone(
-        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation], caplog: pytest.LogCaptureFixture) -> None:
-    url, prefill, decode, disaggregation = fleet
+        fleet: tuple[str, GatedInstance, GatedInstance, Instance], caplog: pytest.LogCaptureFixture) -> None:
+    url, prefill, decode, decode_instance = fleet
     prefill.gate.clear()
     with ThreadPoolExecutor(2) as pool, caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
         first: Future[httpx.Response] = pool.submit(_post, url, PROMPT, "first")
@@ -161,12 +167,12 @@ def test_a_full_prefill_queue_sends_the_next_prompt_to_the_decode_alone(
     assert "request second /v1/completions via spilled (24 prompt tokens, 0 cached on decode-0, 24 uncached; " \
         "disaggregate_min_tokens 8; prefill queue 24 tokens, disaggregate_max_queue_tokens 20) " \
         "-> decode-0: ok" in caplog.text
-    wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
+    wait_for(lambda: spilled_on(decode_instance) == 0, "the spilled request's tokens to be released")
 
 
 def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
-        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation]) -> None:
-    url, prefill, decode, disaggregation = fleet
+        fleet: tuple[str, GatedInstance, GatedInstance, Instance]) -> None:
+    url, prefill, decode, decode_instance = fleet
     prefill.gate.clear()
     decode.gate.clear()
     with ThreadPoolExecutor(3) as pool:
@@ -174,7 +180,7 @@ def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
         wait_for(lambda: len(prefill.requests) == 1, "the first prompt's prefill leg to reach the held prefill")
         spilled = pool.submit(_post, url, PROMPT, "spilled")
         wait_for(lambda: len(decode.requests) == 1, "the spilled prompt to reach the held decode")
-        assert disaggregation.spilled["decode-0"] == len(PROMPT)  # >= QUEUE: the decode's cap is reached
+        assert spilled_on(decode_instance) == len(PROMPT)  # >= QUEUE: the decode's cap is reached
         third = pool.submit(_post, url, PROMPT, "third")
         wait_for(lambda: len(prefill.requests) == 2, "the third prompt to queue for the prefill")
         prefill.gate.set()
@@ -182,15 +188,15 @@ def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
         answers = [f.result(timeout=GATE_TIMEOUT_S) for f in (first, spilled, third)]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
-    wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
+    wait_for(lambda: spilled_on(decode_instance) == 0, "the spilled request's tokens to be released")
 
 
 def test_a_spilled_stream_holds_the_decodes_cap_until_it_ends(
-        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation]) -> None:
+        fleet: tuple[str, GatedInstance, GatedInstance, Instance]) -> None:
     """The cap counts a spilled request until its answer ends, not only until its first token: released at the
     first token, twice the prompts spilled on 2x H200 and the decode's TPOT went past the SLO (RESULTS.md,
     twenty-seventh session)."""
-    url, prefill, decode, disaggregation = fleet
+    url, prefill, decode, decode_instance = fleet
     prefill.gate.clear()
     decode.tail.clear()
     with ThreadPoolExecutor(2) as pool:
@@ -201,12 +207,12 @@ def test_a_spilled_stream_holds_the_decodes_cap_until_it_ends(
             assert stream.status_code == 200
             lines = stream.iter_lines()
             assert '"text": "first"' in next(line for line in lines if line.startswith("data:"))
-            assert disaggregation.spilled["decode-0"] == len(PROMPT)  # streaming: still counted
+            assert spilled_on(decode_instance) == len(PROMPT)  # streaming: still counted
             third = pool.submit(_post, url, PROMPT, "third")  # the cap is full: it queues for the prefill
             wait_for(lambda: len(prefill.requests) == 2, "the third prompt to queue for the prefill")
             decode.tail.set()
             assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
-        wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the ended stream to leave the cap")
+        wait_for(lambda: spilled_on(decode_instance) == 0, "the ended stream to leave the cap")
         prefill.gate.set()
         assert first.result(timeout=GATE_TIMEOUT_S).status_code == 200
         assert third.result(timeout=GATE_TIMEOUT_S).status_code == 200
@@ -238,21 +244,22 @@ def test_the_launcher_passes_a_load_rule_and_the_proxy_refuses_it_alone(
 
 
 def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None:
+    d, _ = _decodes()
     decider = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=9.0)
-    assert decider.decision(4, decode="d", decode_itl_ms=8.9) == DECODE_ONLY
-    assert decider.decision(4, decode="d", decode_itl_ms=9.0) == DECODE_BUSY  # at the threshold: no headroom
-    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
-    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=12.0) == DECODE_BUSY
-    assert decider.decision(24, prefill_queued=0, decode="d", decode_itl_ms=12.0) == PD  # PD anyway: plain PD
+    assert decider.decision(4, decode=d, decode_itl_ms=8.9) == DECODE_ONLY
+    assert decider.decision(4, decode=d, decode_itl_ms=9.0) == DECODE_BUSY  # at the threshold: no headroom
+    assert decider.decision(12, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED
+    assert decider.decision(12, prefill_queued=QUEUE, decode=d, decode_itl_ms=12.0) == DECODE_BUSY
+    assert decider.decision(24, prefill_queued=0, decode=d, decode_itl_ms=12.0) == PD  # PD anyway: plain PD
     assert Disaggregation(8, resolve_model_path("tiny")).decision(4, decode_itl_ms=1e6) == DECODE_ONLY  # unset
     # "idle" from a /health that predates the requests the proxy has on the decode now: not known to have room
-    assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=0) == DECODE_ONLY
-    assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=3) == DECODE_BUSY
-    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0, decode_in_flight=1) == \
+    assert decider.decision(4, decode=d, decode_itl_ms=0.0, decode_in_flight=0) == DECODE_ONLY
+    assert decider.decision(4, decode=d, decode_itl_ms=0.0, decode_in_flight=3) == DECODE_BUSY
+    assert decider.decision(12, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0, decode_in_flight=1) == \
         DECODE_BUSY
-    assert decider.decision(4, decode="d", decode_itl_ms=6.0, decode_in_flight=3) == DECODE_ONLY  # measured room
+    assert decider.decision(4, decode=d, decode_itl_ms=6.0, decode_in_flight=3) == DECODE_ONLY  # measured room
     # a decode that reports no itl_ms (another server) is never held to be busy
-    assert decider.decision(4, decode="d", decode_itl_ms=None, decode_in_flight=3) == DECODE_ONLY
+    assert decider.decision(4, decode=d, decode_itl_ms=None, decode_in_flight=3) == DECODE_ONLY
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
             Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
@@ -263,19 +270,21 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
 def test_with_a_tpot_rule_the_spill_cap_bounds_the_prompts_on_the_decode_this_one_included() -> None:
     """Without disaggregate_max_itl_ms a prompt spills while the decode holds fewer than Q spilled tokens (a 24-token
     prompt past Q = 20 does); with it, only while those and the prompt together stay within Q."""
+    d, e = _decodes()
     plain = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
-    assert plain.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
-    plain.spill("d", 12)
-    assert plain.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # 12 < 20 before it
+    assert plain.decision(24, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED
+    plain.spill(d, 12)
+    assert plain.decision(12, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED  # 12 < 20 before it
+    d, e = _decodes()  # nothing spilled yet (the count is the instance's)
     ruled = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=9.0)
-    assert ruled.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == PD  # 24 > 20 alone
-    assert ruled.decision(QUEUE, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # exactly Q
-    release = ruled.spill("d", 12)
-    assert ruled.decision(8, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # 12 + 8 = Q
-    assert ruled.decision(9, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == PD  # 12 + 9 > Q
-    assert ruled.decision(9, prefill_queued=QUEUE, decode="e", decode_itl_ms=0.0) == SPILLED  # another decode
+    assert ruled.decision(24, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == PD  # 24 > 20 alone
+    assert ruled.decision(QUEUE, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED  # exactly Q
+    release = ruled.spill(d, 12)
+    assert ruled.decision(8, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED  # 12 + 8 = Q
+    assert ruled.decision(9, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == PD  # 12 + 9 > Q
+    assert ruled.decision(9, prefill_queued=QUEUE, decode=e, decode_itl_ms=0.0) == SPILLED  # another decode
     release()
-    assert ruled.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
+    assert ruled.decision(12, prefill_queued=QUEUE, decode=d, decode_itl_ms=0.0) == SPILLED
 
 
 def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:

@@ -19,7 +19,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.state import ProxyState
+from pdlaunch.proxy.prefix import queued
 from tests.serving.helpers import ThreadServer, wait_for
 
 STALL_S = 60.0  # a stalled fake answers nothing for this long (or until the test ends)
@@ -142,7 +142,6 @@ def test_a_migrated_stream_stops_counting_as_queued_on_the_decode_it_left() -> N
         pool = InstancePool([Instance("colocated", c0.url, "colocated-0"),
                              Instance("colocated", c1.url, "colocated-1")], "prefix")
         app = build_proxy_app(pool, 30.0, migration_limit=1, tokenizer_dir=resolve_model_path("tiny"))
-        state: ProxyState = app.state.proxy_state
         try:
             with ThreadServer(app, ports.free("proxy")) as proxy:
                 wait_for(lambda: all(i.state == "ready" for i in pool.instances), "both instances ready")
@@ -158,10 +157,10 @@ def test_a_migrated_stream_stops_counting_as_queued_on_the_decode_it_left() -> N
                 reader.start()
                 assert fake.continued.wait(30), "the stream never moved"
                 # (the proxy counts the move before it opens the continuation)
-                assert state.router.queued.get("colocated-0") == 0, state.router.queued
+                assert queued(pool.instances[0]) == 0
                 fake.gate.set()
                 reader.join(30)
         finally:
             fake.gate.set()
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in text[:-1]) == "ABC" and text[-1] == "data: [DONE]"
-    assert state.router.queued == {"colocated-0": 0}
+    assert [queued(i) for i in pool.instances] == [0, 0]

@@ -35,7 +35,7 @@ from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation, PromptTokens
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import CachedBlocks, KvEventFeed
-from pdlaunch.proxy.prefix import PrefixRouter, PromptBlocks
+from pdlaunch.proxy.prefix import PrefixRouter, PromptBlocks, queued
 from pdlaunch.proxy.state import ProxyState
 from tests.serving.helpers import ThreadServer, follow_decode_feed, wait_for
 
@@ -203,7 +203,7 @@ def test_queued_tokens_weigh_against_a_cached_prefix() -> None:
     release_more()
     release_more()  # a second call does nothing
     release()
-    assert router.queued == {"prefill-0": 0}
+    assert [queued(i) for i in instances] == [0, 0]
     # An instance whose /health names another engine than its events (restarted, stream not caught up): unused.
     instances[0].engine_id = "restarted"
     feed.cached["prefill-0"].engine_id = "before"

@@ -10,6 +10,7 @@ import pytest
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.app import instance_transports
 from pdlaunch.proxy.instances import Instance, InstancePool, LeastLoaded, RoundRobin
+from pdlaunch.proxy.load_board import IN_FLIGHT
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
     DroppedConnection,
@@ -36,11 +37,12 @@ def test_round_robin_cycles_per_role() -> None:
 
 def test_least_loaded_picks_fewest_in_flight_and_shares_ties() -> None:
     policy, decode = LeastLoaded(), _instances("decode", 3)
-    decode[0].in_flight, decode[1].in_flight, decode[2].in_flight = 2, 0, 1
+    for instance, legs in zip(decode, (2, 0, 1), strict=True):
+        instance.count(IN_FLIGHT, legs)
     assert policy.choose("decode", decode).name == "decode-1"
-    decode[1].in_flight = 2
+    decode[1].count(IN_FLIGHT, 2)
     assert policy.choose("decode", decode).name == "decode-2"
-    decode[2].in_flight = 2
+    decode[2].count(IN_FLIGHT, 1)
     assert {policy.choose("decode", decode).name for _ in range(3)} == {"decode-0", "decode-1", "decode-2"}
 
 

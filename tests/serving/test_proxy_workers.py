@@ -201,8 +201,9 @@ def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket()
     default = proxy_policy_args(DeploymentConfig.model_validate({"model": {"path": "tiny"}}), lambda: "tiny")
     assert default[default.index("--workers") + 1] == "auto"  # resolved by the proxy process where it runs
     argv = ["--port", "8000", "--workers", "3", "--parent-pid", "77", "--workers=3", "--decode", "x"]
-    assert worker_argv(argv, 9, 1) == ["--port", "8000", "--decode", "x", "--listen-fd", "9", "--worker-index", "1",
-                                       "--parent-pid", str(os.getpid())]
+    assert worker_argv(argv, 9, 1, Path("/tmp/b")) == [
+        "--port", "8000", "--decode", "x", "--listen-fd", "9", "--worker-index", "1", "--load-board", "/tmp/b",
+        "--parent-pid", str(os.getpid())]
 
 
 @pytest.mark.e2e
