@@ -91,6 +91,10 @@ def serve(
     num_turns: Annotated[int, typer.Option("--num-turns", help="--multi-turn: turns per conversation.")] = 4,
     system_prompt_len: Annotated[int, typer.Option("--system-prompt-len", help="--multi-turn: tokens of the "
                                                    "system prompt every conversation starts with.")] = 256,
+    last_answer_len: Annotated[int | None, typer.Option(
+        "--last-answer-len", help="--multi-turn: tokens asked for each conversation's last answer, which no turn "
+        "resends (default: --random-output-len); a few end the run sooner, every prompt sent the same.")
+    ] = None,
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
     from pdlaunch.bench.multi_turn import run_multi_turn
@@ -113,6 +117,7 @@ def serve(
             result_filename=result_filename, plot_dir=path_flag(plot, "--plot", "the folder for the plots, or drop "
                                                                 "the flag"), multi_turn=multi_turn,
             num_conversations=num_conversations, num_turns=num_turns, system_prompt_len=system_prompt_len,
+            last_answer_len=last_answer_len,
         ))
         if multi_turn:
             run_multi_turn(cfg, Console())

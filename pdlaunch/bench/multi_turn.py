@@ -2,7 +2,9 @@
 
 Every conversation starts with the same system prompt (`--system-prompt-len` tokens, or words for chat);
 turn t sends the whole conversation so far: the system prompt, each earlier turn's user message and
-answer, then a new user message (`--random-input-len`), and asks for `--random-output-len` tokens. Over
+answer, then a new user message (`--random-input-len`), and asks for `--random-output-len` tokens (the last
+turn `--last-answer-len` when given: no turn resends that answer, so a run that measures TTFT and the prompt
+work can ask few tokens of it and end sooner). Over
 /v1/completions the answer is taken as the server's own token ids (`return_token_ids`), so each prompt
 extends the previous one token for token, as a chat client's resend does; over /v1/chat/completions it is
 the answer's text, as an assistant message. Each turn is sent when the previous one's answer is complete;
@@ -132,9 +134,9 @@ class _Conversation:
         self.messages = [{"role": "system", "content": system_text}] if system_text else []
         self.results: list[RequestResult] = []
 
-    def next_request(self) -> BenchRequest:
-        """The next turn: the conversation so far and a new user message."""
-        out, user_len = self.cfg.random_output_len, self.cfg.random_input_len
+    def next_request(self, turn: int) -> BenchRequest:
+        """Turn `turn` (0-based): the conversation so far and a new user message."""
+        out, user_len = self.cfg.answer_len(turn), self.cfg.random_input_len
         if self.cfg.is_chat:
             self.messages.append({"role": "user", "content": _text(self.user_turns, user_len)})
             return BenchRequest(prompt="", prompt_len=sum(len(m["content"].split()) for m in self.messages),
@@ -148,7 +150,7 @@ class _Conversation:
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         for turn in range(self.cfg.num_turns):
             answer = _Answer()
-            result = await send_request(client, self.cfg, model, self.next_request(), start, answer.keep)
+            result = await send_request(client, self.cfg, model, self.next_request(turn), start, answer.keep)
             self.results.append(result)
             if result.success and not self.cfg.is_chat and not answer.ids:
                 result.success = False
@@ -194,11 +196,12 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
         conversations = [_Conversation(cfg, _user_turns(cfg, rng), system_ids, system_text)
                          for _ in range(cfg.num_conversations)]
         offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
+        last = "" if cfg.last_answer_len is None else f" ({cfg.last_answer_len} for the last)"
         starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
         console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {escape(cfg.url)} "
                       f"(model {escape(model)}): "
                       f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
-                      f"{cfg.random_output_len} per answer, {starts}")
+                      f"{cfg.random_output_len} per answer{last}, {starts}")
         before = await _counters(client, cfg)
         start = time.perf_counter()
         with frozen_heap():
@@ -244,6 +247,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
         "answer_len": cfg.random_output_len, "seed": cfg.seed, "goodput_slos_ms": {**goodput_ms},
         "conversation_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
         "burstiness": cfg.burstiness,
+        **({} if cfg.last_answer_len is None else {"last_answer_len": cfg.last_answer_len}),
         "multi_turn": summary.model_dump()})
     if cfg.save_result or cfg.result_filename:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"

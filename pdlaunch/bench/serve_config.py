@@ -55,6 +55,8 @@ class ServeBenchConfig(BaseModel):
     num_conversations: int = Field(8, ge=1, le=MAX_PROMPTS)
     num_turns: int = Field(4, ge=1, le=MAX_PROMPTS)
     system_prompt_len: int = Field(256, ge=0, le=MAX_TOKENS)  # the prompt every conversation starts with
+    # Each conversation's last answer, which no later turn resends (None: random_output_len like the others).
+    last_answer_len: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
     @field_validator("base_url")
     @classmethod
@@ -127,6 +129,17 @@ class ServeBenchConfig(BaseModel):
     def is_chat(self) -> bool:
         return self.endpoint.rstrip("/").endswith("chat/completions")
 
+    def answer_len(self, turn: int) -> int:
+        """--multi-turn: the tokens asked for turn `turn`'s answer (0-based): --last-answer-len for the last turn
+        when given, --random-output-len otherwise."""
+        last = turn == self.num_turns - 1
+        return self.last_answer_len if last and self.last_answer_len is not None else self.random_output_len
+
+    @property
+    def answers_len(self) -> int:
+        """--multi-turn: the answer tokens a conversation holds by its end (every turn's answer)."""
+        return sum(self.answer_len(turn) for turn in range(self.num_turns))
+
     @property
     def url(self) -> str:
         base = self.base_url.rstrip("/")
@@ -153,4 +166,4 @@ _INDEPENDENT_ONLY = {"num_prompts": "--num-prompts", "random_range_ratio": "--ra
                      "input_lens": "--input-lens",
                      "max_concurrency": "--max-concurrency", "num_warmups": "--num-warmups", "plot_dir": "--plot"}
 _MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--num-turns",
-                    "system_prompt_len": "--system-prompt-len"}
+                    "system_prompt_len": "--system-prompt-len", "last_answer_len": "--last-answer-len"}

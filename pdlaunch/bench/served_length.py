@@ -51,14 +51,21 @@ def check_fits_served(cfg: ServeBenchConfig, served: ServedModel) -> None:
     at_least = "at least " if words else ""
     where = f"the max_model_len {limit} that {cfg.models_url} lists for '{served.name}'"
     if cfg.multi_turn:
-        need = cfg.system_prompt_len + cfg.num_turns * (cfg.random_input_len + cfg.random_output_len)
+        need = cfg.system_prompt_len + cfg.num_turns * cfg.random_input_len + cfg.answers_len
         if need > limit:
+            if cfg.last_answer_len is None:
+                sizes = (f"--num-turns {cfg.num_turns} x (--random-input-len {cfg.random_input_len} + "
+                         f"--random-output-len {cfg.random_output_len})")
+            else:
+                sizes = (f"--num-turns {cfg.num_turns} x --random-input-len {cfg.random_input_len} + "
+                         f"{cfg.num_turns - 1} x --random-output-len {cfg.random_output_len} + --last-answer-len "
+                         f"{cfg.last_answer_len}")
+            last = "" if cfg.last_answer_len is None else ", --last-answer-len"
             raise PdlaunchError(
                 f"a conversation's last turn needs {at_least}{need} tokens (--system-prompt-len "
-                f"{cfg.system_prompt_len} + --num-turns {cfg.num_turns} x (--random-input-len {cfg.random_input_len} "
-                f"+ --random-output-len {cfg.random_output_len})), more than {where}: the server would refuse it with "
+                f"{cfg.system_prompt_len} + {sizes}), more than {where}: the server would refuse it with "
                 "HTTP 400", field="--num-turns",
-                hint="lower --num-turns, --random-input-len, --random-output-len or --system-prompt-len")
+                hint=f"lower --num-turns, --random-input-len, --random-output-len{last} or --system-prompt-len")
         return
     ratio = cfg.random_range_ratio
     prompt = max(cfg.input_lens) if cfg.input_lens else _longest(cfg.random_input_len, ratio)

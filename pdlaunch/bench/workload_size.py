@@ -31,7 +31,7 @@ def tokens_held(cfg: ServeBenchConfig) -> int:
     """Prompt tokens in memory at once: every independent prompt (warmups too) at its longest, or every
     conversation's history at its last turn."""
     if cfg.multi_turn:
-        history = cfg.system_prompt_len + cfg.num_turns * (cfg.random_input_len + cfg.random_output_len)
+        history = cfg.system_prompt_len + cfg.num_turns * cfg.random_input_len + cfg.answers_len
         return cfg.num_conversations * history
     longest = max(cfg.input_lens) if cfg.input_lens else math.ceil(cfg.random_input_len * (1 + cfg.random_range_ratio))
     return (cfg.num_prompts + cfg.num_warmups) * longest

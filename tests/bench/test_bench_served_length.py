@@ -73,6 +73,25 @@ def test_a_multi_turn_conversation_is_counted_at_its_last_turn() -> None:
     assert "lower --num-turns, --random-input-len, --random-output-len or --system-prompt-len" in text
 
 
+def test_a_short_last_answer_is_counted_as_asked() -> None:
+    """--last-answer-len 8: the last turn needs 64 + 4 x 64 + 3 x 64 + 8 = 520 tokens (576 with every answer 64),
+    which a max_model_len of 520 holds and 512 does not."""
+    shape = ["--multi-turn", "--num-conversations", "2", "--num-turns", "4", "--system-prompt-len", "64",
+             "--random-input-len", "64", "--random-output-len", "64"]
+    with fake_server(max_model_len=520) as (url, seen):
+        result = _serve(url, *shape, "--last-answer-len", "8")
+    assert "last turn needs" not in result.output, result.output
+    with fake_server(max_model_len=512) as (url, seen):
+        result = _serve(url, *shape, "--last-answer-len", "8")
+    assert result.exit_code == 1, result.output
+    assert seen == []
+    text = " ".join(result.output.split())
+    assert ("--num-turns: a conversation's last turn needs 520 tokens (--system-prompt-len 64 + --num-turns 4 x "
+            "--random-input-len 64 + 3 x --random-output-len 64 + --last-answer-len 8), more than the max_model_len "
+            "512") in text
+    assert "lower --num-turns, --random-input-len, --random-output-len, --last-answer-len or --system-prompt-len" in text
+
+
 def test_a_workload_that_fits_runs() -> None:
     with fake_server(max_model_len=1024) as (url, seen):
         result = _serve(url, "--num-prompts", "3", "--random-input-len", "896", "--random-output-len", "128")

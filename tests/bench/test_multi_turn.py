@@ -23,6 +23,7 @@ ANSWER = 3  # tokens per answer
 class _Server:
     def __init__(self) -> None:
         self.prompts: list[list[int]] = []
+        self.asked: dict[int, list[int]] = {}  # prompt length -> the max_tokens each request of that length asked
         self.answers: dict[tuple[int, ...], list[int]] = {}  # prompt -> the answer's token ids
         self.chats: list[list[dict[str, str]]] = []
         self.computed, self.moved = 1000.0, 5.0
@@ -49,11 +50,13 @@ class _Server:
         self.computed += 10
         self.moved += 100
         start = len(self.prompts) * 1000
+        tokens = body.get("max_tokens") or body["max_completion_tokens"]  # as asked (ignore_eos)
         if not chat:
-            self.answers[tuple(body["prompt"])] = [start + i for i in range(ANSWER)]
+            self.answers[tuple(body["prompt"])] = [start + i for i in range(tokens)]
+            self.asked.setdefault(len(body["prompt"]), []).append(tokens)
 
         async def events() -> AsyncIterator[bytes]:
-            for i in range(ANSWER):
+            for i in range(tokens):
                 choice: dict[str, Any] = {"index": 0, "finish_reason": None}
                 if chat:
                     choice["delta"] = {"content": f"w{start + i} "}
@@ -95,6 +98,23 @@ def test_each_turn_resends_the_conversation_with_the_servers_answer(tmp_path: Pa
                        "kv_bytes_moved_per_request": 100.0, "ttft_p50_ms": summary["ttft_p50_ms"]}
 
 
+def test_the_last_answer_is_asked_for_last_answer_len_tokens(tmp_path: Path) -> None:
+    """--last-answer-len 1: each conversation's third (last) turn asks for 1 token, the others for --random-output-len
+    (ANSWER); every prompt is the same as without the flag, and the JSON says it. Without it every turn asks ANSWER
+    and the JSON has no such key (a user's default output is unchanged)."""
+    server = _Server()
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        doc = _run_doc(fake.url, tmp_path, "--last-answer-len", "1")
+    assert server.asked == {7: [ANSWER] * 2, 12: [ANSWER] * 2, 17: [1, 1]}  # 5 system + 2 a turn + ANSWER an answer
+    assert doc["last_answer_len"] == 1 and doc["answer_len"] == ANSWER
+    assert doc["output_lens"] == [ANSWER, ANSWER, 1] * 2 and doc["multi_turn"]["requests"] == 6
+    server = _Server()
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        doc = _run_doc(fake.url, tmp_path)
+    assert server.asked == {7: [ANSWER] * 2, 12: [ANSWER] * 2, 17: [ANSWER] * 2}
+    assert "last_answer_len" not in doc and doc["output_lens"] == [ANSWER] * 6
+
+
 def test_conversations_start_at_the_request_rate(tmp_path: Path) -> None:
     """--request-rate 5 with near-regular gaps (--burstiness 1000): the 3 conversations start ~0.2 s apart,
     each one's turns back to back; without it all start at once (the previous test)."""
@@ -122,7 +142,8 @@ def test_flags_of_the_other_mode_are_refused_not_ignored() -> None:
     for extra, named in ((["--multi-turn", "--num-prompts", "5"], "--num-prompts"),
                          (["--multi-turn", "--max-concurrency", "2"], "--max-concurrency"),
                          (["--multi-turn", "--prompt-format", "words"], "--prompt-format words"),
-                         (["--num-turns", "3"], "--num-turns")):
+                         (["--num-turns", "3"], "--num-turns"),
+                         (["--last-answer-len", "8"], "--last-answer-len")):
         result = CliRunner().invoke(bench_app, [*url, *extra])
         assert result.exit_code == 1, (extra, result.output)
         assert named in result.output and "--multi-turn" in result.output, result.output
