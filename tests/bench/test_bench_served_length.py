@@ -89,7 +89,8 @@ def test_a_short_last_answer_is_counted_as_asked() -> None:
     assert ("--num-turns: a conversation's last turn needs 520 tokens (--system-prompt-len 64 + --num-turns 4 x "
             "--random-input-len 64 + 3 x --random-output-len 64 + --last-answer-len 8), more than the max_model_len "
             "512") in text
-    assert "lower --num-turns, --random-input-len, --random-output-len, --last-answer-len or --system-prompt-len" in text
+    assert ("lower --num-turns, --random-input-len, --random-output-len, --last-answer-len or --system-prompt-len"
+            in text)
 
 
 def test_a_workload_that_fits_runs() -> None:

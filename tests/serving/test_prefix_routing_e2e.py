@@ -45,6 +45,11 @@ the test weighs on both policies alike), every run with its own seed (its own sy
 one run to the next). The token and byte counts are deltas of the instances' counters, summed over the rounds; the
 TTFTs are pooled over the rounds, so that a burst of load from whatever else shares the two cores lands on both
 policies' samples.
+
+Each conversation's last answer is asked for 8 tokens, not 224 (`--last-answer-len`, SHAPE's comment): every prompt,
+and so every count, is the same, and each run ~4 s shorter. Measured at c0f39e8c with other suites on the machine
+(load average 4-6), three runs alternated with three of the test before it: the call 74-94 s against 116 s (run_s
+7-13 against 12-15), TTFT ratio 0.29-0.34 against 0.26-0.33, tokens 0.07x and bytes 0.05-0.06x in both.
 """
 
 from __future__ import annotations
@@ -73,8 +78,8 @@ instances:
 """
 SECRET = "prefix-routing-e2e-deployment-secret"
 # 5 conversations x 4 turns: a 64-token system prompt, 8 new tokens per user turn, 224-token answers (the last
-# turn: 64 + 4 * 8 + 3 * 224 = 768 prompt tokens, 992 with its answer, under --max-model-len 1024). A chat answer
-# runs to a few hundred tokens; the test ran 96-token answers before (TTFT ratio 0.43-0.66: too close to 0.6).
+# turn: 64 + 4 * 8 + 3 * 224 = 768 prompt tokens, 776 with its 8-token answer, under --max-model-len 1024). A chat
+# answer runs to a few hundred tokens; the test ran 96-token answers before (TTFT ratio 0.43-0.66: too close to 0.6).
 # The answers are what round robin recomputes: each turn lands on the prefill instance that did not serve the
 # conversation's previous turn, which has cached the prompt of the turn before that at most, so it computes the
 # two latest answers and user turns again (~470 tokens), while a decode that holds the conversation computes the
@@ -87,8 +92,11 @@ SECRET = "prefix-routing-e2e-deployment-secret"
 # turn (it caches it: a baseline as sticky as prefix routing, by accident of the count; a CI run at 4
 # conversations measured round robin's bytes at 48 blocks, not ~86); with an odd count each turn goes to the
 # other instance, as it would for traffic that is not in lockstep.
+# The last turn's answer is asked for 8 tokens (--last-answer-len): no turn resends it and nothing here reads it, and
+# its 224 tokens were a quarter of each run's time; its prompt, the tokens it computes and the KV it moves are those
+# of a 224-token answer, and 8 tokens (not 1: max_tokens 1 ends at the prefill) keep its decode leg.
 SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", "64", "--random-input-len", "8",
-         "--random-output-len", "224", "--request-rate", "4", "--burstiness", "1000"]
+         "--random-output-len", "224", "--last-answer-len", "8", "--request-rate", "4", "--burstiness", "1000"]
 REQUESTS = 20
 # Warm-ups, one through each proxy before the rounds: the prefill-decode pairs' NIXL handshakes and each
 # proxy's first requests (its tokenizer, its connections), with short answers.
