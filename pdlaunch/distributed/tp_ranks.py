@@ -118,7 +118,8 @@ class TPRanks:
             lock.release()
 
     def stop(self) -> None:
-        """Tell every rank to shut down, reap the local ones (killing those that stay), close every link."""
+        """Tell every rank to shut down, reap the local ones (killing those that stay, and at once those stopped by
+        SIGSTOP or a debugger), close every link."""
         self.closing.set()
         for conn in self.links:
             try:
@@ -127,10 +128,15 @@ class TPRanks:
             except OSError:  # that rank is gone already, or hung with its buffer full: it is killed below
                 pass
         for rank, proc in self.procs.items():
-            proc.join(JOIN_TIMEOUT_S)
+            stopped = _is_stopped(proc.pid)  # it cannot act on "shutdown" before it is continued: no wait for it
+            if not stopped:
+                proc.join(JOIN_TIMEOUT_S)
             if proc.is_alive():  # a worker ignores SIGTERM (worker.py): killed, not terminated
-                log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
-                            JOIN_TIMEOUT_S)
+                if stopped:
+                    log.warning("%s is stopped (SIGSTOP or a debugger): killing it", self.where(rank))
+                else:
+                    log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
+                                JOIN_TIMEOUT_S)
                 proc.kill()
                 proc.join(JOIN_TIMEOUT_S)
                 if proc.is_alive():  # SIGKILL waits for it to leave the kernel: it is stuck there

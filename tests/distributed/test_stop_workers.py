@@ -1,11 +1,18 @@
-"""Rank 0 stopping its workers: one that has not exited within JOIN_TIMEOUT_S after "shutdown" (hung, stopped)
-is killed at once. Workers ignore SIGTERM (so the launcher's Ctrl-C to the group does not kill them before rank 0
-stops them), so terminating it first only waited another JOIN_TIMEOUT_S."""
+"""Rank 0 stopping its workers: one that has not exited within JOIN_TIMEOUT_S after "shutdown" (hung) is killed at
+once. Workers ignore SIGTERM (so the launcher's Ctrl-C to the group does not kill them before rank 0 stops them), so
+terminating it first only waited another JOIN_TIMEOUT_S. One that is stopped (SIGSTOP, a debugger) cannot act on
+"shutdown" before it is continued: it is killed without that wait (before, every stop with a stopped rank took
+JOIN_TIMEOUT_S, 10 s)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -74,3 +81,48 @@ def test_a_worker_that_survives_sigkill_is_named_and_left_within_a_bound(
     assert worker.waited == [0.1, 0.1]
     assert "TP rank 1 (pid 4242) did not exit within 0.1s of SIGKILL: it is stuck in an uninterruptible call" in \
         caplog.text, caplog.text
+
+
+class _StoppedWorker(_HungWorker):
+    """A real process stopped by SIGSTOP (its /proc state T), joined and killed through the calls TPRanks makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.pid = self.proc.pid  # type: ignore[misc]
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.calls.append("join")
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        self.proc.kill()
+
+
+def test_a_stopped_worker_is_killed_without_waiting_for_an_exit_it_cannot_make(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ranks = TPRanks("engine", 2)
+    worker = _StoppedWorker()
+    try:
+        deadline = time.monotonic() + GUARD_S
+        while open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the worker did not stop"
+            time.sleep(0.01)
+        ranks.procs = {1: worker}  # type: ignore[dict-item]
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger=tp_ranks.__name__):
+            ranks.stop()
+        assert worker.calls == ["kill", "join"] and not worker.is_alive()
+        assert time.monotonic() - began < tp_ranks.JOIN_TIMEOUT_S / 2
+        assert f"TP rank 1 (pid {worker.pid}) is stopped (SIGSTOP or a debugger)" in caplog.text, caplog.text
+    finally:
+        worker.proc.kill()
+        worker.proc.wait(GUARD_S)
