@@ -7,13 +7,12 @@ dropped, and a chat request was told about `max_tokens` and `prompt`, fields it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.serving.e2e import Serve, pd_and_colocated
+from tests.serving.e2e import Serve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -22,9 +21,9 @@ TOO_MANY = 2045  # with the chat template around "hi", past the tiny model's max
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
-    yield from pd_and_colocated(tmp_path_factory, "audit-limits")
+@pytest.fixture
+def deployments(pd_and_colocated_deployments: dict[str, Serve]) -> dict[str, Serve]:
+    return pd_and_colocated_deployments  # tests/serving/conftest.py: one pair for every module that compares them
 
 
 @pytest.mark.parametrize(("path", "body", "param", "says"), [

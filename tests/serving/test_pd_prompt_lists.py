@@ -5,14 +5,13 @@ answers (choices indexed prompt * n + sample, text, token ids, finish reasons, u
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from pdlaunch.http.sse import parse_sse
-from tests.serving.e2e import Serve, pd_and_colocated
+from tests.serving.e2e import Serve
 
 pytestmark = pytest.mark.e2e
 
@@ -20,9 +19,9 @@ PROMPTS = ["The capital of France is a city with", "Once upon a time in a small 
 SEEDED = {"temperature": 1.0, "seed": 77}
 
 
-@pytest.fixture(scope="module")
-def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
-    yield from pd_and_colocated(tmp_path_factory, "lists")
+@pytest.fixture
+def deployments(pd_and_colocated_deployments: dict[str, Serve]) -> dict[str, Serve]:
+    return pd_and_colocated_deployments  # tests/serving/conftest.py: one pair for every module that compares them
 
 
 def _ask(serve: Serve, body: dict[str, Any]) -> dict[str, Any]:

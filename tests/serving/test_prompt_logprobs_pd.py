@@ -5,22 +5,21 @@ logprobs is refused in PD with a 400 naming echo (the decode never computes the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.serving.e2e import Serve, pd_and_colocated
+from tests.serving.e2e import Serve
 
 pytestmark = pytest.mark.e2e
 
 PROMPT = "Prompt logprobs come from the prefill instance, which computes every position of"
 
 
-@pytest.fixture(scope="module")
-def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
-    yield from pd_and_colocated(tmp_path_factory, "plp")
+@pytest.fixture
+def deployments(pd_and_colocated_deployments: dict[str, Serve]) -> dict[str, Serve]:
+    return pd_and_colocated_deployments  # tests/serving/conftest.py: one pair for every module that compares them
 
 
 def _ask(serve: Serve, path: str, body: dict[str, Any]) -> httpx.Response:
