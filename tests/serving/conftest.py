@@ -12,8 +12,8 @@ from tests.serving.e2e import Serve, pd_and_colocated
 @pytest.fixture(scope="session")
 def pd_and_colocated_deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
     """The 1P1D and the colocated deployment of e2e.pd_and_colocated, started once per test process for every module
-    that compares the two: those modules only send requests and compare the answers (nothing they do changes what
-    another reads), so they share one pair rather than each starting its own (~10 s of five processes importing torch
-    on two cores, for each module). Under `make test`'s --dist loadfile each worker that runs one of them starts it,
-    at its first use."""
+    that compares the two, and for test_api_edge_cases.py (its colocated instance): those modules only send requests
+    and read the answers (nothing they do changes what another reads), so they share one pair rather than each
+    starting its own (~10 s of five processes importing torch on two cores, for each module). Under `make test`'s
+    --dist loadfile each worker that runs one of them starts it, at its first use."""
     yield from pd_and_colocated(tmp_path_factory, "shared")

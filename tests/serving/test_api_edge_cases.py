@@ -14,7 +14,6 @@ as OpenAI documents, a 400 in OpenAI's error shape naming the field, or a 200 of
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -31,15 +30,10 @@ CALL = {"role": "assistant", "tool_calls": [
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The colocated instance of a `pdlaunch serve --colocated` (stopped and reaped at the end)."""
-    deployment = Serve(tmp_path_factory.mktemp("api-edges"), [
-        "--model", "tiny", "--colocated", "--num-gpu-blocks", "256", "--max-model-len", "256"])
-    try:
-        deployment.wait_ready()
-        yield deployment.instance_urls()["colocated-0"]
-    finally:
-        deployment.stop()
+def url(pd_and_colocated_deployments: dict[str, Serve]) -> str:
+    """The colocated instance of a `pdlaunch serve --colocated`: the one tests/serving/conftest.py shares with the
+    modules that compare it with PD (every request here sends max_tokens or is refused: no answer runs long)."""
+    return pd_and_colocated_deployments["colocated"].instance_urls()["colocated-0"]
 
 
 def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
