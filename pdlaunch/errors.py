@@ -46,6 +46,19 @@ class KVTransferError(PdlaunchError):
     """A KV transfer failure: handshake, engine_id mismatch, incompatibility, timeout, checksum."""
 
 
+_JSON_KINDS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object",
+                                list: "list", type(None): "null"}
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, for an error: `an integer`, `a list of integers and strings`."""
+    if isinstance(value, list):
+        kinds = sorted({_JSON_KINDS.get(type(v), "value") for v in value})
+        return f"a list of {' and '.join(k + 's' for k in kinds)}" if kinds else "an empty list"
+    kind = _JSON_KINDS.get(type(value), "value")
+    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
 def error_text(error: Mapping[str, object]) -> str:
     """A pydantic error's message as a user reads it: our validators' own words, without the "Value error, "
     pydantic puts before the text of a ValueError."""

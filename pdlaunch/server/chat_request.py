@@ -19,7 +19,7 @@ from pydantic import (
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
-from pdlaunch.errors import error_text
+from pdlaunch.errors import error_text, json_kind
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, template_message
@@ -37,6 +37,14 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[JsonObject] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: object) -> object:
+        """A message that is no JSON object is named as such (pydantic's words name this class)."""
+        if not isinstance(data, (dict, cls)):
+            raise ValueError(f'must be an object (got {json_kind(data)}), e.g. {{"role": "user", "content": "..."}}')
+        return data
 
     @field_validator("content", mode="wrap")
     @classmethod

@@ -28,7 +28,7 @@ from pydantic import (
 from pdlaunch.engine.kv_capacity import KVCapacity
 from pdlaunch.engine.outputs import MAX_INT32, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
-from pdlaunch.errors import error_text
+from pdlaunch.errors import error_text, json_kind
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.structured_fields import asked_output_of, structured_output_of
@@ -244,20 +244,7 @@ def one_of(value: object, handler: ValidatorFunctionWrapHandler, shapes: str) ->
     try:
         return handler(value)
     except ValidationError:
-        raise ValueError(f"must be {shapes} (got {_kind(value)})") from None
-
-
-_JSON_KINDS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object",
-                                list: "list", type(None): "null"}
-
-
-def _kind(value: object) -> str:
-    """What a JSON value is, for an error: `an integer`, `a list of integers and strings`."""
-    if isinstance(value, list):
-        kinds = sorted({_JSON_KINDS.get(type(v), "value") for v in value})
-        return f"a list of {' and '.join(k + 's' for k in kinds)}" if kinds else "an empty list"
-    kind = _JSON_KINDS.get(type(value), "value")
-    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
+        raise ValueError(f"must be {shapes} (got {json_kind(value)})") from None
 
 
 _PASSED_THROUGH = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",

@@ -16,6 +16,7 @@ Tokenizing runs in a worker thread, bounded like a completion's prompt (server/p
 from __future__ import annotations
 
 import asyncio
+import difflib
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +43,13 @@ class TokenizeCompletionRequest(BaseModel):
     add_special_tokens: bool = True
     return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            _refuse_unknown(data, cls, "/tokenize")
+        return data
+
 
 class TokenizeChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -52,7 +60,7 @@ class TokenizeChatRequest(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False  # as /v1/chat/completions encodes (vLLM's default)
     chat_template_kwargs: JsonObject | None = None
-    tools: list[JsonObject] | None = None
+    tools: list[JsonValue] | None = None  # each checked by tool_calling_of, which names one that is no object
     return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
     mm_processor_kwargs: JsonObject | None = None  # a text model: only {} (asks for nothing) passes
 
@@ -62,11 +70,12 @@ class TokenizeChatRequest(BaseModel):
         """vLLM's fields we do not honour get the chat route's message rather than "extra input"."""
         if isinstance(data, dict):
             refuse_unsupported({k: data.get(k) for k in ("chat_template", "mm_processor_kwargs")}, chat=True)
+            _refuse_unknown(data, cls, "/tokenize")
         return data
 
     def chat_prompt(self) -> ChatPrompt:
         check_messages(self.messages)
-        calling = tool_calling_of(list[JsonValue](self.tools) if self.tools is not None else None, None)
+        calling = tool_calling_of(self.tools, None)
         return ChatPrompt([m.as_template_input(i) for i, m in enumerate(self.messages)], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
                           self.chat_template_kwargs, self.add_special_tokens)
@@ -78,13 +87,23 @@ class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            _refuse_unknown(data, cls, "/detokenize")
+        return data
+
 
 async def tokenize_route(request: Request) -> JsonObject:
     instance = instance_of(request)
     data = await read_json_object(request)
-    body: TokenizeChatRequest | TokenizeCompletionRequest = (
-        TokenizeChatRequest.model_validate(data) if "messages" in data
-        else TokenizeCompletionRequest.model_validate(data))
+    if "messages" in data and "prompt" in data:
+        raise OpenAIError(400, "the body sends both prompt (a text) and messages (a chat): send one of them",
+                          param="prompt")
+    form: type[TokenizeChatRequest | TokenizeCompletionRequest] = (
+        TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest)
+    body = form.model_validate(data)
     instance.check_model(body.model)
     engine = instance.engine_loop.require_ready()
     if isinstance(body, TokenizeChatRequest):
@@ -114,6 +133,18 @@ async def version(request: Request) -> dict[str, str]:
 
 def version_body() -> dict[str, str]:
     return {"version": pdlaunch.__version__}
+
+
+def _refuse_unknown(data: JsonObject, form: type[BaseModel], route: str) -> None:
+    """A 400 naming the first field `form` does not take, the closest one it does and all it takes (pydantic's
+    words were "Extra inputs are not permitted", and a misspelt required field was reported as missing first)."""
+    fields = list(form.model_fields)
+    for name in data:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            raise OpenAIError(400, f"{name}: is not a field of {route} ({guess}it takes {', '.join(fields)}); "
+                              "remove it or correct its name", param=name)
 
 
 def _decode(tokenizer: Tokenizer, tokens: list[int]) -> str:

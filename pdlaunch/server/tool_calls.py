@@ -45,12 +45,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.engine.structured_output import CalledTool, StructuredOutput, ToolCallsFormat
-from pdlaunch.errors import error_text
+from pdlaunch.errors import error_text, json_kind
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.strict_field import check_strict_schema, strict_flag
@@ -70,6 +70,15 @@ class Tool(BaseModel):
 
     type: Literal["function"] = "function"
     function: ToolFunction
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: object) -> object:
+        """A tool that is no JSON object is named as such (pydantic's words name this class)."""
+        if not isinstance(data, (dict, cls)):
+            raise ValueError(f'must be an object (got {json_kind(data)}), e.g. '
+                             '{"type": "function", "function": {"name": "...", "parameters": {...}}}')
+        return data
 
 
 @dataclass
@@ -184,7 +193,8 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
             parsed.append(Tool.model_validate(tool))
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = f"tools.{i}." + param_of(first.get("loc", ()))
+            loc = tuple(first.get("loc", ()))
+            param = f"tools.{i}" + (f".{param_of(loc)}" if loc else "")
             raise OpenAIError(400, f"{param}: {error_text(first)}", param=param) from None
         if strict_flag((parsed[-1].function.model_extra or {}).get("strict"), f"tools.{i}.function.strict"):
             check_strict_schema(_parameters(parsed[-1]), f"tools.{i}.function.parameters")

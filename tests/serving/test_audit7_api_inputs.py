@@ -1,0 +1,79 @@
+"""Client input whose 400 named a field the client never wrote or a Python class (real HTTP, the tiny random model
+on CPU, one colocated instance for every probe): each is now a 400 naming the field as sent, what it got and what
+to send.
+
+- A tool that is not an object (`"tools": [1]`) read `tools.0.body: Input should be a valid dictionary or instance
+  of Tool`: `body` is no field of the request, and `Tool` is pdlaunch's class.
+- A message that is not an object read `messages.0: Input should be a valid dictionary or instance of ChatMessage`.
+- A misspelt field of /tokenize or /detokenize read `promt: Extra inputs are not permitted`, and a /tokenize body
+  with both `prompt` and `messages` read `prompt: Extra inputs are not permitted`, as if prompt were no field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from tests.serving.helpers import in_process_instance
+
+TIMEOUT = 120.0  # a loaded 2-core machine
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
+        "security": {"deployment_secret": "audit7-inputs-secret-0123456789"},
+    })
+    with in_process_instance(cfg, "audit7-inputs-0") as (instance_url, _):
+        yield instance_url
+
+
+def assert_400(answer: httpx.Response, param: str, *says: str) -> None:
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert all(part in error["message"] for part in says), error
+    assert "instance of" not in error["message"] and ".body" not in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("tool", "got"), [(1, "an integer"), (None, "null"), ("f", "a string"), ([], "an empty list")])
+def test_a_tool_that_is_no_object_is_named_as_sent(url: str, path: str, tool: object, got: str) -> None:
+    body: dict[str, Any] = {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}, tool]}
+    if path.startswith("/v1"):
+        body["max_tokens"] = 2
+    assert_400(httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT), "tools.1",
+               f"tools.1: must be an object (got {got})", '{"type": "function", "function": {"name": ')
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("message", "got"), [(1, "an integer"), (None, "null"), ("hi", "a string")])
+def test_a_message_that_is_no_object_is_named_as_sent(url: str, path: str, message: object, got: str) -> None:
+    body: dict[str, Any] = {"messages": [*HI, message]}
+    if path.startswith("/v1"):
+        body["max_tokens"] = 2
+    assert_400(httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT), "messages.1",
+               f"messages.1: must be an object (got {got})", '{"role": "user", "content": ')
+
+
+@pytest.mark.parametrize(("path", "body", "param", "says"), [
+    ("/tokenize", {"promt": "hi"}, "promt", ["promt: is not a field of /tokenize", "prompt", "remove it"]),
+    ("/tokenize", {"messages": HI, "add_generaton_prompt": True}, "add_generaton_prompt",
+     ["add_generaton_prompt: is not a field of /tokenize", "add_generation_prompt"]),
+    ("/detokenize", {"tokens": [1], "token": [2]}, "token", ["token: is not a field of /detokenize", "tokens"]),
+], ids=["tokenize-prompt", "tokenize-chat", "detokenize"])
+def test_a_misspelt_field_says_which_fields_the_route_takes(url: str, path: str, body: dict[str, Any], param: str,
+                                                          says: list[str]) -> None:
+    assert_400(httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT), param, *says)
+
+
+def test_tokenize_with_prompt_and_messages_says_to_send_one(url: str) -> None:
+    answer = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "messages": HI}, timeout=TIMEOUT)
+    assert_400(answer, "prompt", "sends both prompt (a text) and messages (a chat)", "send one of them")
