@@ -2,12 +2,14 @@
 without a word, so a file that sets `port` twice would silently run on the second value), a value
 that is not what its tag says (`!!int abc`, `!!bool maybe`, a date with month 13) or an integer too
 long to print refused by its key path, and every other failure reported as a problem naming the
-file, line and column.
+file, line and column. A path that is no regular file (a FIFO would hold the read forever) or a file
+past MAX_CONFIG_BYTES (parsed whole, 60 MB took two minutes) is refused before any read.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import yaml
@@ -15,6 +17,10 @@ import yaml
 from pdlaunch.config.problems import Problem, problem, with_article
 from pdlaunch.errors import ConfigError
 
+# A deployment config is a few KiB (an inline chat template adds a few more); parsing is ~2 s a MiB on one core.
+MAX_CONFIG_BYTES = 1 << 20
+_NOT_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
 # Python refuses to print an int of more than 4300 digits (sys.get_int_max_str_digits), and no setting takes one.
 _MAX_INT_BITS = 4000 * 332 // 100  # 4000 digits
@@ -112,7 +118,7 @@ def read_yaml(path: Path) -> dict[str, object]:
     """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
     try:
         # os.path.expanduser leaves `~nosuchuser` as is (Path.expanduser raises RuntimeError).
-        text = Path(os.path.expanduser(str(path))).read_text(encoding="utf-8")
+        text = _read_text(Path(os.path.expanduser(str(path))), path)
     except FileNotFoundError:
         raise ConfigError([problem("config", f"file {str(path)!r} does not exist", "check the path")]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -136,3 +142,21 @@ def read_yaml(path: Path) -> dict[str, object]:
         what = f"{str(path)!r} holds {with_article(type(data).__name__)}, not a mapping of keys"
         raise ConfigError([problem("config", what, "write `key: value` lines, e.g. `model: {path: demo}`")])
     return data
+
+
+def _read_text(file: Path, path: Path) -> str:
+    """The file's text; a ConfigError naming `path` (as the user typed it) when it is no regular file (a FIFO would
+    block the read until a writer came) or larger than MAX_CONFIG_BYTES. OSError / UnicodeDecodeError as read."""
+    info = file.stat()
+    kind = next((name for is_kind, name in _NOT_FILES if is_kind(info.st_mode)), None)
+    if kind is not None:
+        raise ConfigError([problem("config", f"{str(path)!r} is {kind}, not a regular file",
+                                   "pass the YAML file itself (write a pipe's output to a file first)")])
+    with file.open("rb") as f:  # a directory raises IsADirectoryError here, read as any OSError
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        size = max(info.st_size, len(data)) / (1 << 20)
+        raise ConfigError([problem("config", f"{str(path)!r} is {size:.1f} MiB; a deployment config is a few KiB "
+                                   f"and at most {MAX_CONFIG_BYTES >> 20} MiB here",
+                                   "check that this is the config file you meant")])
+    return data.decode("utf-8")
