@@ -25,7 +25,12 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import host_memory, memory, offload, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import block_fp8_tp_rule, checkpoint_problems, runs_fp8_kv_cache
-from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
+from pdlaunch.config.rules.host import (
+    kv_connector_problems,
+    log_dir_problems,
+    model_cache_problems,
+    storage_path_problems,
+)
 from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.config.strict_model import BLOCK_SIZES
 from pdlaunch.config.target_host import TargetHost, gpu_memory_bytes, visible_gpus
@@ -223,7 +228,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += resources.port_problems(out)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here
-        problems += log_dir_problems(out)
+        problems += log_dir_problems(out) + model_cache_problems(out)
     if target is None and not checked_on_nodes(out, target):  # the slurm batch process: the nodes' own checks
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)

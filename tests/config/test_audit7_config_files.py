@@ -54,3 +54,24 @@ def test_a_config_of_a_real_size_still_loads(tmp_path: Path) -> None:
     fine.write_text("model:\n  path: tiny\n" + "# a comment line\n" * 2000)
     result = invoke(["check-config", str(fine), "--device", "cpu", *FREE_PORT])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("model", ["demo", "tiny"])
+def test_check_config_finds_a_model_cache_serve_cannot_create(tmp_path: Path, model: str) -> None:
+    """PDLAUNCH_CACHE_DIR naming a file: check-config said `valid` and serve then stopped with `cannot create the
+    demo model cache at ...: [Errno 17] File exists` (a built-in model not fetched or built yet)."""
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file, not a directory\n")
+    env = {"PDLAUNCH_CACHE_DIR": str(not_a_dir)}
+    for command in ("check-config", "serve"):
+        done = subprocess.run([sys.executable, "-m", "pdlaunch", command, "--model", model, "--device", "cpu",
+                               "--log-dir", str(tmp_path / "logs"), *FREE_PORT], capture_output=True, text=True,
+                              timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=REPO,
+                              stdin=subprocess.DEVNULL)
+        output = done.stdout + done.stderr
+        assert done.returncode == 1 and "Traceback" not in output, output
+        assert (f"error: PDLAUNCH_CACHE_DIR: {str(not_a_dir)!r} (where the {model} model is built on first use) "
+                "exists and is a file, not a directory") in output, output
+        assert "set PDLAUNCH_CACHE_DIR to a directory you can write" in output, output
+    assert not (tmp_path / "logs").exists()  # serve stopped before it made anything
+

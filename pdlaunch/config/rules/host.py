@@ -1,5 +1,6 @@
 """What this host must provide before serve starts anything: a log_dir serve can create and write its files
-in (instead of a FileExistsError traceback from the launcher), the storage connector's directory, and what the
+in (instead of a FileExistsError traceback from the launcher), the storage connector's directory, the model
+cache a built-in model is built into on first use, and what the
 chosen KV connector needs installed (Mooncake's wheel, the libraries it links, RDMA devices). Also
 `make_output_dir`, the same for a command's output folder (bench results, manifests, checkpoints), made
 before the command's work.
@@ -90,20 +91,41 @@ def storage_path_problems(cfg: DeploymentConfig) -> list[Problem]:
     return writable_dir_problems("kv_transfer.storage_path", path, _STORAGE_FIX)
 
 
-def writable_dir_problems(field: str, value: str, fix: str) -> list[Problem]:
-    """Problems with the directory `value` (of config `field`) that a process creates with its parents, then writes."""
+def model_cache_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """The cache (PDLAUNCH_CACHE_DIR) that a built-in model not built yet is fetched or built into on first use:
+    found here, not as serve's `cannot create the demo model cache ...: [Errno 17] File exists`."""
+    from pdlaunch.model.demo import DEMO_MODEL, DEMO_NAME, TINY_MODEL  # lazy: the model package is heavier
+    from pdlaunch.model.demo_model import DEMO_MODEL_NAME, cache_dir
+
+    built = {TINY_MODEL: DEMO_NAME, DEMO_MODEL: DEMO_MODEL_NAME}.get(cfg.model.path)
+    if built is None:
+        return []
+    root = cache_dir()
+    try:
+        if (root / built / "config.json").is_file():
+            return []  # only read
+    except OSError:
+        pass  # named below by writable_dir_problems
+    return writable_dir_problems("PDLAUNCH_CACHE_DIR", str(root), "set PDLAUNCH_CACHE_DIR to a directory you can write",
+                                 what=f"(where the {cfg.model.path} model is built on first use)")
+
+
+def writable_dir_problems(field: str, value: str, fix: str, what: str = "") -> list[Problem]:
+    """Problems with the directory `value` (of config `field`) that a process creates with its parents, then writes;
+    `what` says after the value what the directory is for, where the field alone does not."""
+    named = f"{value!r} {what}" if what else repr(value)
     if not value.strip():
         return [problem(field, "is empty", fix)]
     if "\0" in value:  # the kernel cannot take the name: every os call on it raises ValueError
-        return [problem(field, f"{value!r} contains a NUL character", fix)]
+        return [problem(field, f"{named} contains a NUL character", fix)]
     try:
         refusal = _dir_refusal(Path(value))
     except OSError as exc:  # a name too long for the file system, a loop of symlinks, an I/O error
-        return [problem(field, f"{value!r} cannot be used: {exc.strerror or exc}", fix)]
+        return [problem(field, f"{named} cannot be used: {exc.strerror or exc}", fix)]
     if refusal is None:
         return []
     reason, remove = refusal
-    return [problem(field, f"{value!r} {reason}", f"{remove}{fix}")]
+    return [problem(field, f"{named} {reason}", f"{remove}{fix}")]
 
 
 def _dir_refusal(path: Path) -> tuple[str, str] | None:
