@@ -10,6 +10,7 @@ so that a client repeating one cannot flood the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping
@@ -68,8 +69,15 @@ def refuse_unsupported(body: Mapping[str, object], chat: bool) -> None:
         value = body.get(name)
         if value is None or any(value == v and type(value) is type(v) for v in neutral):
             continue
-        raise OpenAIError(400, f"{name} is not supported by this server (got {_short(value)}); "
-                               "leave it out", param=name, code="unsupported_parameter")
+        instead = f" or send {' or '.join(_json_short(v) for v in neutral)}" if neutral else ""
+        raise OpenAIError(400, f"{name} is not supported by this server (got {_json_short(value)}); "
+                               f"leave it out{instead}", param=name, code="unsupported_parameter")
+
+
+def _json_short(value: object) -> str:
+    """A client's value as it sent it (JSON), cut to a readable length."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _short(value: object) -> str:

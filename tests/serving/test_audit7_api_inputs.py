@@ -77,3 +77,18 @@ def test_a_misspelt_field_says_which_fields_the_route_takes(url: str, path: str,
 def test_tokenize_with_prompt_and_messages_says_to_send_one(url: str) -> None:
     answer = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "messages": HI}, timeout=TIMEOUT)
     assert_400(answer, "prompt", "sends both prompt (a text) and messages (a chat)", "send one of them")
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("store", True, "store is not supported by this server (got true); leave it out or send false"),
+    ("functions", [{"name": "f"}], 'functions is not supported by this server (got [{"name": "f"}]); leave it out '
+                                   "or send []"),
+    ("reasoning_effort", "high", 'reasoning_effort is not supported by this server (got "high"); leave it out'),
+])
+def test_an_unsupported_field_is_quoted_as_json(url: str, field: str, value: object, says: str) -> None:
+    """The value was quoted as Python writes it (`got True`, `[{'name': 'f'}]`), not as the client sent it, and the
+    values that ask for nothing (and pass) were not named."""
+    body = {"messages": HI, "max_tokens": 2, field: value}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"] == says, answer.text
