@@ -175,7 +175,13 @@ def tool_calling_of(tools: JsonValue, tool_choice: JsonValue, parallel: bool | N
     return calling
 
 
+_CHOICE_SHAPES = "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}"
+
+
 def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | None:
+    if tool_choice is not None and tool_choice not in ("none", "auto", "required") and not isinstance(tool_choice,
+                                                                                                   Mapping):
+        raise OpenAIError(400, _CHOICE_SHAPES, param="tool_choice")  # named as such, with tools or without
     # As vLLM's check_tool_usage: a tool_choice but "none" needs the tools field, and "required" over an empty
     # list is plain chat ("none" without tools, as OpenAI answers it).
     if tools is None:
@@ -207,8 +213,7 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
     function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):
-        raise OpenAIError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", "
-                               "\"function\": {\"name\": ...}}", param="tool_choice")
+        raise OpenAIError(400, _CHOICE_SHAPES, param="tool_choice")
     if name not in {t.function.name for t in parsed}:
         raise OpenAIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice.function.name")
     return ToolCalling("named", parsed, name)

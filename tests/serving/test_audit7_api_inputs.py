@@ -92,3 +92,11 @@ def test_an_unsupported_field_is_quoted_as_json(url: str, field: str, value: obj
     answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["message"] == says, answer.text
+
+
+@pytest.mark.parametrize("tool_choice", [5, "sometimes", ["auto"], True])
+def test_a_tool_choice_of_no_known_shape_is_named_so_without_tools(url: str, tool_choice: object) -> None:
+    """Without tools, such a tool_choice read `tool_choice needs tools`, as if it were a valid choice."""
+    body = {"messages": HI, "max_tokens": 2, "tool_choice": tool_choice}
+    assert_400(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT), "tool_choice",
+               "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
