@@ -32,6 +32,36 @@ class SecurityConfig(StrictModel):
                              "`python -c 'import secrets; print(secrets.token_hex(32))'`), or leave it unset")
         return value
 
+    @field_validator("api_key")
+    @classmethod
+    def _sendable(cls, value: str | None) -> str | None:
+        """A key a client can send: header values hold no control character, and their surrounding whitespace is
+        dropped (a YAML `api_key: |` block ends the key with a newline), so such a key would answer 401 to all."""
+        what = None if value is None or not value.strip() else _unsendable(value)
+        if what is not None:
+            raise ValueError(f"the key {what}: no HTTP client can send it in `Authorization: Bearer KEY` (header "
+                             "values hold no control character, and their surrounding whitespace is dropped), so "
+                             "every request would get 401; remove it (a YAML `|` block adds a newline: write the "
+                             "key on the `api_key:` line)")
+        return value
+
+
+def _unsendable(key: str) -> str | None:
+    """What in `key` a client cannot send in a header, or None."""
+    tail = key[len(key.rstrip()):]
+    if tail:
+        return "ends with a newline" if "\n" in tail or "\r" in tail else "ends with whitespace"
+    if key != key.lstrip():
+        return "starts with whitespace"
+    for char in key:
+        if char in "\r\n":
+            return "holds a newline"
+        if char == "\t":
+            return "holds a tab"
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            return f"holds a control character (U+{ord(char):04X})"
+    return None
+
 
 class SupervisionConfig(StrictModel):
     restart_backoff_seconds: float = Field(1.0, gt=0, le=MAX_SECONDS, description="Wait before the first restart "
