@@ -11,6 +11,7 @@ import httpx
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pdlaunch.bench.report import parse_goodput
+from pdlaunch.config.launcher_config import unsendable_key, unsendable_text
 
 # Token ids below this are left out: byte-level and sentencepiece vocabularies keep control and
 # special tokens there.
@@ -57,6 +58,16 @@ class ServeBenchConfig(BaseModel):
     system_prompt_len: int = Field(256, ge=0, le=MAX_TOKENS)  # the prompt every conversation starts with
     # Each conversation's last answer, which no later turn resends (None: random_output_len like the others).
     last_answer_len: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+    @field_validator("api_key")
+    @classmethod
+    def _sendable_key(cls, value: str | None) -> str | None:
+        """A key httpx cannot put in a header was reported as the server's fault (`--base-url: ... gave no HTTP
+        answer (LocalProtocolError: Illegal header value ...)`)."""
+        what = None if value is None else unsendable_key(value)
+        if what is not None:
+            raise ValueError(f"{unsendable_text(what)}; remove it (the deployment's key has none)")
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -37,16 +37,20 @@ class SecurityConfig(StrictModel):
     def _sendable(cls, value: str | None) -> str | None:
         """A key a client can send: header values hold no control character, and their surrounding whitespace is
         dropped (a YAML `api_key: |` block ends the key with a newline), so such a key would answer 401 to all."""
-        what = None if value is None or not value.strip() else _unsendable(value)
+        what = None if value is None or not value.strip() else unsendable_key(value)
         if what is not None:
-            raise ValueError(f"the key {what}: no HTTP client can send it in `Authorization: Bearer KEY` (header "
-                             "values hold no control character, and their surrounding whitespace is dropped), so "
-                             "every request would get 401; remove it (a YAML `|` block adds a newline: write the "
-                             "key on the `api_key:` line)")
+            raise ValueError(f"{unsendable_text(what)}, so every request would get 401; remove it (a YAML `|` block "
+                             "adds a newline: write the key on the `api_key:` line)")
         return value
 
 
-def _unsendable(key: str) -> str | None:
+def unsendable_text(what: str) -> str:
+    """Why a key that `what` (unsendable_key's answer) describes fails, for an error."""
+    return (f"the key {what}: no HTTP client can send it in `Authorization: Bearer KEY` (header values hold no "
+            "control character, and their surrounding whitespace is dropped)")
+
+
+def unsendable_key(key: str) -> str | None:
     """What in `key` a client cannot send in a header, or None."""
     tail = key[len(key.rstrip()):]
     if tail:

@@ -43,3 +43,18 @@ def test_a_key_with_inner_spaces_still_passes() -> None:
     """`Authorization: Bearer a b` reaches the server as the key `a b`: that one is sendable."""
     result = invoke(["check-config", "--model", "tiny", "--device", "cpu", "--api-key", "sk abc def", *FREE_PORT])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_bench_serve_names_the_key_not_the_base_url(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """bench serve sent such a key and blamed the server: `--base-url: ... gave no HTTP answer (LocalProtocolError:
+    Illegal header value b'Bearer k\\n') (is that the OpenAI server's port?)`."""
+    args = ["bench", "serve", "--base-url", "http://127.0.0.1:1", "--num-prompts", "1"]
+    if how == "flag":
+        args += ["--api-key", "sk-abc\ndef"]
+    else:
+        monkeypatch.setitem(os.environ, "PDLAUNCH_API_KEY", "sk-abcdef\n")
+    result = invoke(args)
+    assert result.exit_code == 1, result.output
+    assert "--api-key: the key " in result.output and "no HTTP client can send it" in result.output, result.output
+    assert "--base-url" not in result.output, result.output
