@@ -148,9 +148,10 @@ class TPRanks:
 
 
 def _is_stopped(pid: int | None) -> bool:
-    """True when process `pid` is stopped by a signal or traced (Linux /proc; False elsewhere)."""
+    """True when process `pid` is stopped by a signal (state T: SIGSTOP, SIGTSTP; Linux /proc; False
+    elsewhere). Not a tracing stop (t: a py-spy or strace sample pauses it for a moment): that one exits in time."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+            return stat.read().rsplit(")", 1)[1].split()[0] == "T"
     except (OSError, IndexError):
         return False

@@ -190,8 +190,11 @@ class LeastLoaded:
         self._tie_break = RoundRobin(start)
 
     def choose(self, role: str, candidates: list[Instance]) -> Instance:
-        fewest = min(c.in_flight for c in candidates)
-        return self._tie_break.choose(role, [c for c in candidates if c.in_flight == fewest])
+        # Each count read once: other workers change the board between two reads, and a second read could leave no
+        # candidate at the fewest (an empty list for the tie-break).
+        loads = [c.in_flight for c in candidates]
+        fewest = min(loads)
+        return self._tie_break.choose(role, [c for c, load in zip(candidates, loads, strict=True) if load == fewest])
 
 
 # prefix: the request's own choice is prefix.py's (by cached prefix); least loaded is its tie-break and the

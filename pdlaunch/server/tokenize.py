@@ -70,6 +70,8 @@ class TokenizeChatRequest(BaseModel):
         """vLLM's fields we do not honour get the chat route's message rather than "extra input"."""
         if isinstance(data, dict):
             refuse_unsupported({k: data.get(k) for k in ("chat_template", "mm_processor_kwargs")}, chat=True)
+            if data.get("chat_template") is None:  # vLLM's client sends its null: not sent, as the chat route reads it
+                data = {k: v for k, v in data.items() if k != "chat_template"}
             _refuse_unknown(data, cls, "/tokenize")
         return data
 

@@ -162,3 +162,27 @@ def test_the_internal_worker_flags_go_together(tmp_path: Path, capsys: pytest.Ca
         assert parse_args(["--colocated", "http://127.0.0.1:1", "--listen-fd", fd, "--worker-index", "0",
                            "--load-board", str(board)]).load_board == board
     assert os.path.exists(board)
+
+
+class _MovingBoard(LoadBoard):
+    """A board whose other workers change decode-0's legs between two reads: each read of it sees one more."""
+
+    def __init__(self) -> None:
+        board = LoadBoard.in_process(NAMES)
+        super().__init__(bytearray(board._buffer), NAMES, 0, 1)
+        self.reads = 0
+
+    def total(self, instance: int, column: int) -> int:
+        if NAMES[instance] != "decode-0" or column != IN_FLIGHT:
+            return super().total(instance, column)
+        self.reads += 1
+        return self.reads - 1
+
+
+def test_least_loaded_reads_each_count_once_while_other_workers_change_them() -> None:
+    # With two reads (the fewest, then who has it), decode-0 read 0 then 1: nobody was at the fewest, and the
+    # tie-break's round robin over no candidate raised ZeroDivisionError (a 500 to the client).
+    board = _MovingBoard()
+    pool = InstancePool(_instances(), "least_loaded", board=board)
+    assert pool.pick("decode").name == "decode-0"
+    assert board.reads == 1

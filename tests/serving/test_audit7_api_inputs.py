@@ -74,6 +74,14 @@ def test_a_misspelt_field_says_which_fields_the_route_takes(url: str, path: str,
     assert_400(httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT), param, *says)
 
 
+def test_tokenize_takes_a_null_chat_template_as_not_sent(url: str) -> None:
+    # vLLM's client sends its TokenizeChatRequest's chat_template: null; it read "is not a field of /tokenize".
+    answer = httpx.post(f"{url}/tokenize", json={"messages": HI, "chat_template": None}, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["tokens"] == httpx.post(f"{url}/tokenize", json={"messages": HI}, timeout=TIMEOUT).json()[
+        "tokens"]
+
+
 def test_tokenize_with_prompt_and_messages_says_to_send_one(url: str) -> None:
     answer = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "messages": HI}, timeout=TIMEOUT)
     assert_400(answer, "prompt", "sends both prompt (a text) and messages (a chat)", "send one of them")
