@@ -1,0 +1,302 @@
+"""README.md (and docs/) claims that the code can check: the configuration reference's defaults and flags, the
+flags of every command example, the metric names, the module maps and the troubleshooting table's messages.
+
+tests/test_readme.py checks the other direction (every config key is in the reference) and the set-up commands;
+tests/test_readme_fields.py the request fields table. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+import pdlaunch.proxy.__main__ as proxy_main
+from pdlaunch.cli import app
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.engine_config import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET
+from pdlaunch.config.topology_config import InstanceGroupConfig
+from pdlaunch.errors import ArgumentParser
+from pdlaunch.render.kubernetes import POD_RENDEZVOUS_TIMEOUT_S
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pdlaunch"
+README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+SOURCE = {path: path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*|(?<![\w-])-[a-z]{1,2}\b")
+
+
+def section(text: str, heading: str, end: str) -> str:
+    start = text.index(heading)
+    return text[start:text.index(end, start + len(heading))]
+
+
+# --- the configuration reference ---------------------------------------------------------------------------
+
+# Defaults the models leave unset (None) or draw (a factory) and a rule fills in: the cell README gives them.
+DERIVED_DEFAULTS = {
+    "scheduler.max_num_batched_tokens":
+        f"`{PROMPT_TOKEN_BUDGET}` colocated and prefill, `{DECODE_TOKEN_BUDGET}` decode",
+    "scheduler.async_scheduling": "unset: on with CUDA, off on CPU",
+    "parallel.rendezvous_timeout_seconds": f"`120.0` (`{POD_RENDEZVOUS_TIMEOUT_S}` in `render kubernetes` manifests)",
+    "kv_transfer.engine_id": "`new uuid`",
+    "instances": " + ".join(f"{g.count} {g.role}" for g in DeploymentConfig().instances).join("``"),
+}
+
+
+def field_default(model: type[BaseModel], dotted: str) -> Any:
+    *parents, name = dotted.split(".")
+    for part in parents:
+        annotation = model.model_fields[part].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel), f"{dotted}: {part} is no section"
+        model = annotation
+    assert name in model.model_fields, f"README's configuration reference names `{dotted}`, which no model has"
+    field = model.model_fields[name]
+    if field.default is PydanticUndefined:
+        return "required" if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
+    return field.default
+
+
+def reference_rows() -> list[tuple[type[BaseModel], str, str, str]]:
+    """(model, key, default cell, flag cell) of each row of the two configuration tables."""
+    text = section(README, "## Configuration reference", "### Environment variables")
+    groups = text.index("Instance group keys")
+    rows = []
+    for match in re.finditer(r"^\| `([a-z_.]+)` \| (.*?) \| (.*?) \|", text, re.M):
+        group_row = match.start() > groups
+        rows.append((InstanceGroupConfig if group_row else DeploymentConfig, match.group(1), match.group(2),
+                     "" if group_row else match.group(3)))
+    return rows
+
+
+def serve_options() -> set[str]:
+    return command_options()["serve"]
+
+
+def command_options() -> dict[str, set[str]]:
+    """Every option of every `pdlaunch ...` command, by its command line ("serve", "bench compare")."""
+    found: dict[str, set[str]] = {}
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                walk(sub, (*path, name))
+            return
+        found[" ".join(path)] = {"--help", "-h"} | {
+            o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", [])) if o.startswith("-")}
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+class _Parser(Exception):
+    pass
+
+
+def proxy_options(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The flags of `python -m pdlaunch.proxy`, from the parser its parse_args builds."""
+
+    class Recording(ArgumentParser):
+        def parse_args(self, *args: Any, **kwargs: Any) -> Any:
+            raise _Parser(self)
+
+    monkeypatch.setattr(proxy_main, "ArgumentParser", Recording)
+    with pytest.raises(_Parser) as caught:
+        proxy_main.parse_args([])
+    parser = caught.value.args[0]
+    assert isinstance(parser, argparse.ArgumentParser)
+    return set(parser._option_string_actions)
+
+
+def test_the_reference_gives_each_key_its_default_and_flags() -> None:
+    wrong = []
+    serve = serve_options()
+    for model, key, cell, flags in reference_rows():
+        default = field_default(model, key)
+        expected = DERIVED_DEFAULTS.get(key, f"`{default}`")
+        if cell != expected:
+            wrong.append(f"`{key}`: README says {cell}, the code {expected}")
+        wrong += [f"`{key}`: `serve` has no {flag}" for flag in FLAG.findall(flags) if flag not in serve]
+    assert not wrong, "README's configuration reference is wrong:\n" + "\n".join(wrong)
+
+
+# --- the flags of command examples ---------------------------------------------------------------------------
+
+def command_examples(text: str, commands: list[str]) -> list[tuple[str, str, str]]:
+    """(command, flags text, line) for each `pdlaunch CMD ...` / `python -m pdlaunch.proxy ...` in a code span or
+    fenced block: what follows the command up to the next command, shell operator or comment."""
+    longest_first = sorted(commands, key=len, reverse=True)
+    names = "|".join(map(re.escape, longest_first))
+    command = re.compile(rf"(?:\bpdlaunch|python -m pdlaunch)\s+({names})(?![\w-])|python -m (pdlaunch\.proxy)\b")
+    found = []
+    for code in re.findall(r"```.*?```|`[^`\n]+`", text, re.S):
+        for line in code.splitlines():
+            matches = list(command.finditer(line))
+            for i, match in enumerate(matches):
+                end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
+                tail = re.split(r"\s(?:&&|\|\||\||;)\s|\s#", line[match.end():end])[0]
+                found.append((match.group(1) or "proxy", tail, line.strip()))
+    return found
+
+
+@pytest.mark.parametrize("doc", ["README.md", *DOCS])
+def test_every_flag_of_a_command_example_exists(doc: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = {**command_options(), "proxy": proxy_options(monkeypatch)}
+    text = README if doc == "README.md" else DOCS[doc]
+    unknown = [f"{command}: {flag} in {line!r}" for command, tail, line in command_examples(text, list(options))
+               for flag in FLAG.findall(tail) if flag not in options[command] and flag != "-"]
+    assert not unknown, f"{doc} shows flags these commands do not have:\n" + "\n".join(unknown)
+
+
+# --- metric names ---------------------------------------------------------------------------------------------
+
+# Names README gives as what is *not* exported (a former name): they must stay absent.
+NOT_EXPORTED = {"vllm:time_per_output_token_seconds"}
+SUFFIXES = ("_total", "_bucket", "_count", "_sum")
+
+
+def metric_names(text: str) -> set[str]:
+    names = set()
+    for match in re.finditer(r"(?:pdlaunch_|vllm:)[a-z0-9_]*(?:\{[a-z0-9_,]+\}[a-z0-9_]*)?", text):
+        name = match.group(0)
+        braces = re.search(r"\{([a-z0-9_,]+)\}", name)
+        if braces and "," in braces.group(1):  # pdlaunch_kv_offload_{stored,loaded}_blocks_total
+            names |= {name.replace(braces.group(0), part) for part in braces.group(1).split(",")}
+        else:
+            names.add(name.split("{")[0])
+    return {name for name in names if not name.endswith(("_", ":"))}
+
+
+def exported(name: str) -> bool:
+    """Whether a metric of that name (less prometheus_client's suffixes) is a string in pdlaunch/."""
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return any(f'"{name}"' in text or f"'{name}'" in text for text in SOURCE.values())
+
+
+@pytest.mark.parametrize("doc", ["README.md", *DOCS])
+def test_every_metric_named_is_exported(doc: str) -> None:
+    names = metric_names(README if doc == "README.md" else DOCS[doc])
+    missing = sorted(name for name in names - NOT_EXPORTED if not exported(name))
+    assert not missing, f"{doc} names metrics that pdlaunch/ does not export: {missing}"
+    assert not [name for name in NOT_EXPORTED if exported(name)]
+
+
+# --- the module maps ------------------------------------------------------------------------------------------
+
+def test_readme_module_map_lists_the_package() -> None:
+    block = section(README, "## Module map", "```\n\n")
+    listed = set(re.findall(r"^  ([\w]+/|[\w]+\.py)\s", block, re.M))
+    on_disk = {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    on_disk |= {p.name for p in PACKAGE.glob("*.py") if p.name not in {"__init__.py", "__main__.py"}}
+    assert listed == on_disk, f"README's module map: not on disk {listed - on_disk}, unlisted {on_disk - listed}"
+    top = set(re.findall(r"^([\w]+)/\s", block, re.M)) - {"pdlaunch"}
+    assert all((ROOT / name).is_dir() for name in top), top
+
+
+def modules_sections() -> list[tuple[Path, str]]:
+    """(folder, text) of each `## folder/ - ...` section of docs/modules.md; the rest belongs to pdlaunch/."""
+    sections = []
+    for part in re.split(r"^## ", DOCS["modules.md"], flags=re.M)[1:]:
+        head, _, body = part.partition("\n")
+        folder = re.match(r"(\w+)/ ", head)
+        sections.append((PACKAGE / folder.group(1) if folder else PACKAGE, body))
+    return sections
+
+
+def test_docs_modules_names_every_module_and_only_those() -> None:
+    wrong = []
+    for folder, body in modules_sections():
+        for name in re.findall(r"`([\w/]+\.py)`", body):
+            if not ((folder / name).exists() or (PACKAGE / name).exists() or (ROOT / name).exists()
+                    or any(folder.rglob(name))):
+                wrong.append(f"{folder.relative_to(ROOT)}: `{name}` does not exist")
+        if folder == PACKAGE:
+            continue
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder)
+            if path.name != "__init__.py" and not re.search(rf"(?<![\w/]){re.escape(path.name)}`", body) \
+                    and f"`{relative}`" not in body:
+                wrong.append(f"{folder.relative_to(ROOT)}: {relative} is not described")
+    package_text = "".join(body for folder, body in modules_sections() if folder == PACKAGE)
+    for path in sorted([*PACKAGE.glob("*.py"), *(PACKAGE / "metrics").glob("*.py")]):
+        if path.name != "__init__.py" and f"`{path.name}`" not in package_text:
+            wrong.append(f"{path.relative_to(ROOT)} is not described")
+    assert not wrong, "docs/modules.md is out of date:\n" + "\n".join(wrong)
+
+
+# --- troubleshooting messages ---------------------------------------------------------------------------------
+
+# Messages put together at run time from parts (a variable holds the middle): no three of their words in a row
+# stand in one string of the source. Each entry: the message's start -> a piece of the source that makes it.
+COMPOSED = {
+    "needs N GPUs but": "GPUs (count x tp summed over groups) but",
+    "parallel.nodes[K].devices: node K needs": "GPUs (count x tp summed over ",
+    "shape mismatch for expert": "shape mismatch for {",
+    "--num-gpu-blocks: the KV cache": "did not fit in ",
+    "SIGINT received while connecting": "received while {doing}; stopping",
+    "SIGINT received while listing": "listing the Ray cluster's nodes",
+    "SIGINT received while disconnecting": "disconnecting from the Ray cluster",
+    "error: node K: device: auto resolved": "auto resolved to {device} on node {node}",
+    "... due to time limit": 'f" due to {due.strip().lower()}"',
+    "... due to preemption": 'f" due to {due.strip().lower()}"',
+    "kv_cache_scheme quantizes": "kv_cache_scheme quantizes the KV cache to {",
+    "tensor '...weight_scale_inv' holds nan": "but a scale is finite and {",
+    "...k_scale' holds 0.0": "but a scale is finite and {",
+    "see its lines": "its lines ('{self.name} rank {rank}') in {where}",
+    "sent a message this version cannot read": "a message this version cannot read",
+    "sent a malformed": "{peer} sent {what}",
+    "config: cannot read": "cannot read {",
+    "error: no live decode instance": 'f"no live {role} instance"',
+    "kv_transfer.mooncake_protocol: Mooncake peer": "moves KV over {peer.protocol} and this engine ",
+}
+
+
+def one_line(text: str) -> str:
+    """Source with the strings Python joins (one literal per line) joined, and its whitespace collapsed."""
+    joined = re.sub(r"([\"'])\s*\n\s*(?:#[^\n]*\n\s*)*[rfb]*([\"'])", "", text)
+    return " ".join(joined.split())
+
+
+SOURCE_TEXT = " ".join(one_line(text) for text in SOURCE.values())
+
+
+def troubleshooting_messages() -> list[str]:
+    text = README[README.index("## Troubleshooting"):]
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `")]
+    return [message for row in rows for message in re.findall(r"`([^`]+)`", row)]
+
+
+def word_runs(message: str) -> list[str]:
+    """The runs of three or more plain words (no placeholder, number, flag or path among them)."""
+    runs, run = [], []
+    for word in [*message.split(), "|"]:
+        if re.fullmatch(r"[a-z][a-z']*,?", word):
+            run.append(word)
+            continue
+        if len(run) >= 3:
+            runs.append(" ".join(run))
+        run = []
+    return runs
+
+
+def test_troubleshooting_messages_are_the_codes() -> None:
+    """Each quoted message's words stand in pdlaunch/ (a run of three in one string); N, M, '...', numbers and
+    names are the parts it fills in."""
+    wrong = []
+    for message in troubleshooting_messages():
+        runs = word_runs(message)
+        composed = [piece for start, piece in COMPOSED.items() if message.lstrip().startswith(start)]
+        if composed:
+            wrong += [f"{message!r}: COMPOSED's {piece!r} is not in the source" for piece in composed
+                      if piece not in SOURCE_TEXT]
+        elif runs and not any(run in SOURCE_TEXT for run in runs):
+            wrong.append(f"{message!r}: none of {runs} is in pdlaunch/")
+    assert not wrong, "README's troubleshooting table quotes messages the code does not print:\n" + "\n".join(wrong)
