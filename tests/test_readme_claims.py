@@ -21,6 +21,7 @@ import pdlaunch.proxy.__main__ as proxy_main
 from pdlaunch.cli import app
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_config import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET
+from pdlaunch.config.flags import KV_TRANSFER_CONFIG, SERVE_FLAGS
 from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import ArgumentParser
 from pdlaunch.render.kubernetes import POD_RENDEZVOUS_TIMEOUT_S
@@ -125,6 +126,30 @@ def test_the_reference_gives_each_key_its_default_and_flags() -> None:
             wrong.append(f"`{key}`: README says {cell}, the code {expected}")
         wrong += [f"`{key}`: `serve` has no {flag}" for flag in FLAG.findall(flags) if flag not in serve]
     assert not wrong, "README's configuration reference is wrong:\n" + "\n".join(wrong)
+
+
+def test_every_serve_flag_is_on_its_keys_row() -> None:
+    """README: "Every flag has a YAML key (table below)": each flag (not a refused vLLM spelling) is named on the
+    row of the key it sets; `instances[ROLE].KEY` on KEY's row of the instance group table."""
+    rows = {(model, key): flags for model, key, _, flags in reference_rows()}
+    group_rows = {key: line for line in README.splitlines() for key in InstanceGroupConfig.model_fields
+                  if line.startswith(f"| `{key}` |") and "instances[i]" not in line}
+    missing = []
+    for flag in SERVE_FLAGS:
+        if flag.refused:
+            continue
+        role_key = re.fullmatch(r"instances\[\w+\]\.(\w+)", flag.path)
+        if flag.path == KV_TRANSFER_CONFIG:
+            row = rows[(DeploymentConfig, "kv_transfer.connector")]
+        elif role_key and role_key.group(1) == "count":
+            row = rows[(DeploymentConfig, "instances")]
+        elif role_key:
+            row = group_rows[role_key.group(1)]
+        else:
+            row = rows[(DeploymentConfig, flag.path)]
+        missing += [f"{option} ({flag.path})" for option in flag.declaration.split("/")
+                    if not re.search(rf"`{re.escape(option)}(?![\w-])", row)]
+    assert not missing, f"README's configuration reference does not name these flags on their key's row: {missing}"
 
 
 # --- the flags of command examples ---------------------------------------------------------------------------
