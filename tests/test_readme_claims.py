@@ -25,6 +25,7 @@ from pdlaunch.config.flags import KV_TRANSFER_CONFIG, SERVE_FLAGS
 from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import ArgumentParser
 from pdlaunch.render.kubernetes import POD_RENDEZVOUS_TIMEOUT_S
+from tests.test_layering import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pdlaunch"
@@ -222,6 +223,10 @@ def test_readme_module_map_lists_the_package() -> None:
     on_disk = {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     on_disk |= {p.name for p in PACKAGE.glob("*.py") if p.name not in {"__init__.py", "__main__.py"}}
     assert listed == on_disk, f"README's module map: not on disk {listed - on_disk}, unlisted {on_disk - listed}"
+    order = [name.removesuffix("/").removesuffix(".py") for name in re.findall(r"^  ([\w]+/|[\w]+\.py)\s", block, re.M)]
+    layer = {name: index for index, names in enumerate(LAYERS) for name in names}
+    assert [layer[name] for name in order] == sorted(layer[name] for name in order), \
+        f"README's module map is not bottom layer first (tests/test_layering.py LAYERS): {order}"
     top = set(re.findall(r"^([\w]+)/\s", block, re.M)) - {"pdlaunch"}
     assert all((ROOT / name).is_dir() for name in top), top
 
