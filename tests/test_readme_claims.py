@@ -153,6 +153,29 @@ def test_every_serve_flag_is_on_its_keys_row() -> None:
     assert not missing, f"README's configuration reference does not name these flags on their key's row: {missing}"
 
 
+def config_path_exists(path: str) -> bool:
+    model: Any = DeploymentConfig
+    for part in path.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False
+        model = model.model_fields[part].annotation
+    return True
+
+
+@pytest.mark.parametrize("doc", ["README.md", *DOCS])
+def test_every_dotted_config_key_named_exists(doc: str) -> None:
+    """A code span that starts with a config section's dotted key (`proxy.workers`, `kv_transfer.engine_id: X`)
+    names a key of the models; file names (`proxy.log`, `security.py`) and tensor names are not keys."""
+    sections = [name for name, field in DeploymentConfig.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)]
+    key = re.compile(rf"({'|'.join(sections)})(\.[a-z_]+)+(?![\w.-])")
+    text = README if doc == "README.md" else DOCS[doc]
+    named = {m.group(0) for span in re.findall(r"`([^`\n]+)`", text) if (m := key.match(span))}
+    unknown = {path for path in named
+               if not path.endswith((".py", ".log", ".safetensors", ".json")) and not config_path_exists(path)}
+    assert not unknown, f"{doc} names config keys the models lack: {sorted(unknown)}"
+
+
 # --- the flags of command examples ---------------------------------------------------------------------------
 
 def command_examples(text: str, commands: list[str]) -> list[tuple[str, str, str]]:
