@@ -8,6 +8,7 @@ tests/test_readme_fields.py the request fields table. Nothing here starts a proc
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,33 @@ def test_troubleshooting_messages_are_the_codes() -> None:
         elif runs and not any(run in SOURCE_TEXT for run in runs):
             wrong.append(f"{message!r}: none of {runs} is in pdlaunch/")
     assert not wrong, "README's troubleshooting table quotes messages the code does not print:\n" + "\n".join(wrong)
+
+
+# --- environment variables ------------------------------------------------------------------------------------
+
+def env_choices() -> dict[str, list[str]]:
+    """Each `env_choice("PDLAUNCH_X", (...))` of pdlaunch/: the variable's values, its default first."""
+    found = {}
+    for text in SOURCE.values():
+        for call in ast.walk(ast.parse(text)):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "env_choice" \
+                    and isinstance(call.args[0], ast.Constant) and isinstance(call.args[1], ast.Tuple):
+                found[call.args[0].value] = [element.value for element in call.args[1].elts
+                                             if isinstance(element, ast.Constant)]
+    return found
+
+
+def test_environment_variables_list_the_values_the_code_takes() -> None:
+    """README's Environment variables table gives an `env_choice` variable's values as the code has them."""
+    table = section(README, "### Environment variables", "## Troubleshooting")
+    choices = env_choices()
+    assert choices, "no env_choice call found in pdlaunch/"
+    wrong = []
+    for variable, values in choices.items():
+        rows = [line.split(" | ") for line in table.splitlines()
+                if line.startswith("| ") and f"`{variable}`" in line.split(" | ")[0]]
+        if len(rows) != 1:
+            wrong.append(f"{variable}: {len(rows)} rows")
+        elif re.findall(r"`([^`]+)`", rows[0][2]) != values:
+            wrong.append(f"{variable}: README gives {rows[0][2]!r}, the code takes {values} ({values[0]} unset)")
+    assert not wrong, "README's Environment variables table is wrong:\n" + "\n".join(wrong)
