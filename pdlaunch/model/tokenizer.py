@@ -18,6 +18,7 @@ from pydantic import JsonValue
 from tokenizers import Tokenizer as HFTokenizer
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.chat_template_file import chat_template_text
 from pdlaunch.model.template_environment import template_environment
 
 
@@ -215,19 +216,7 @@ class Tokenizer:
 
     def override_chat_template(self, value: str) -> None:
         """Use `value` (a file path, or the template text itself) instead of the checkpoint's template."""
-        path = Path(value)
-        try:
-            is_file = path.is_file()
-        except (OSError, ValueError):  # template text longer than a file name may be, or holding a NUL: not a path
-            is_file = False
-        if is_file:
-            try:
-                value = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PdlaunchError(f"cannot read chat template {path}: {exc}", field="model.chat_template") from None
-        elif "{{" not in value and "{%" not in value:
-            raise PdlaunchError(f"chat template {value!r} is neither a file nor a Jinja2 template",
-                                field="model.chat_template", hint="give the path of a .jinja file")
+        value = chat_template_text(value)
         try:
             compiled = template_environment().from_string(value)
         except TemplateError as exc:
