@@ -21,6 +21,9 @@ from pdlaunch.config.strict_model import (
 )
 
 _Name = Annotated[str, Field(min_length=1, max_length=256)]
+# The engine takes a prompt of at least one token and max_tokens of at least one (engine_requests.add_request,
+# SamplingParams), so no request fits a shorter max_model_len.
+MIN_MODEL_LEN = 2
 
 
 class ModelConfig(StrictModel):
@@ -30,8 +33,8 @@ class ModelConfig(StrictModel):
     quantization: Quantization | None = Field(
         None, description="fp8: quantize a bf16/fp16/fp32 checkpoint's linear weights to FP8 at load, one scale per "
         "output channel (vLLM's --quantization fp8). FP8 checkpoints are detected from config.json without it.")
-    max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS, description="Longest prompt+output (at most "
-                                         f"{MAX_TOKENS}); default: the model's limit.")
+    max_model_len: int | None = Field(None, ge=MIN_MODEL_LEN, le=MAX_TOKENS, description="Longest prompt+output "
+                                      f"({MIN_MODEL_LEN} to {MAX_TOKENS}); default: the model's limit.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
@@ -42,6 +45,16 @@ class ModelConfig(StrictModel):
     chat_template: str | None = Field(
         None, min_length=1, description="Jinja2 chat template that overrides the checkpoint's: a file path, or the "
         "template itself on one line (as vLLM's --chat-template).")
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _room_for_a_request(cls, value: object) -> object:
+        """1 passed as valid, and then the engine refused every request as too long."""
+        if isinstance(value, int) and not isinstance(value, bool) and value < MIN_MODEL_LEN:
+            raise ValueError(f"{value} leaves no room for a request: one needs a prompt of at least 1 token and "
+                             f"max_tokens of at least 1; give {MIN_MODEL_LEN} or more (the smallest that can serve is "
+                             f"{MIN_MODEL_LEN}), or leave it out for the model's limit")
+        return value
 
     @field_validator("served_model_name", mode="before")
     @classmethod

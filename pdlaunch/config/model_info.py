@@ -15,6 +15,7 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.config_sizes import config_sizes  # torch-free
 from pdlaunch.model.families import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
+from pdlaunch.model.file_kind import special_file_kind
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 from pdlaunch.model.weight_files import gguf_hint  # torch-free: reads headers and file names only
 
@@ -165,6 +166,9 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         return None, [problem("model.path", f"{path!r} cannot be read: {exc.strerror or exc}", _LOCAL_MODEL)]
     if path.lower().endswith(".gguf") and is_file:
         return _from_gguf(model_dir)
+    if (special := special_file_kind(model_dir)) is not None:  # read as "is a file" (or, by some, as missing)
+        return None, [problem("model.path", f"{path!r} is {special}, not a checkpoint directory or .gguf file",
+                              f"{_LOCAL_MODEL} (write a pipe's output to a file first)")]
     if not exists:
         return None, [problem("model.path", f"{path!r} does not exist", hub_id_hint(path) or _LOCAL_MODEL)]
     if not is_dir:

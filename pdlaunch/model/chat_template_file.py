@@ -6,32 +6,16 @@ refuse the same values with the same words.
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.file_kind import special_file_kind
 
 FIELD = "model.chat_template"
 # Chat templates are a few KiB (the largest on the Hugging Face hub, with tool-calling instructions, tens of KiB).
 # A template's literal text lands in every prompt (~4 bytes a token), so one of 256 KiB would already spend ~64k
 # tokens of each request's context: a 57 MB file passed and then every chat request was refused as too long.
 MAX_CHAT_TEMPLATE_BYTES = 256 << 10
-# What a path may be besides a file or a directory: reading a FIFO waits for a writer, a device never ends.
-_SPECIAL = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def special_file_kind(path: Path) -> str | None:
-    """"a named pipe (FIFO)", "a character device", ... when `path` (symlinks followed) is one; None when it is a
-    regular file, a directory, or nothing that can be looked at (missing, a name too long for a path)."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    return next((name for is_kind, name in _SPECIAL if is_kind(mode)), None)
-
-
 def _path_kind(value: str) -> str | None:
     """"file", "directory", a special kind, or None: nothing there (a long one-line template is no name the kernel
     takes, and raises)."""
