@@ -77,7 +77,8 @@ def serve(
     result_dir: Annotated[str, typer.Option("--result-dir", metavar="PATH", help="Folder of the JSON result file.")
                           ] = ".",
     result_filename: Annotated[
-        str | None, typer.Option("--result-filename", help="JSON file name (implies --save-result).")
+        str | None, typer.Option("--result-filename",
+                                 help="JSON file name under --result-dir, or an absolute path (implies --save-result).")
     ] = None,
     plot: Annotated[
         str | None, typer.Option("--plot", metavar="PATH", help="Write PNG latency plots here (needs matplotlib).")

@@ -10,8 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from pdlaunch.bench.flag_numbers import finite
 from pdlaunch.bench.goodput import Slo
-from pdlaunch.bench.serve_config import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB
+from pdlaunch.bench.serve_config import BURSTINESS, MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, SECONDS
 from pdlaunch.config.strict_model import MAX_SECONDS
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S
 
@@ -22,6 +23,7 @@ BASELINE_FILES = ("compare.json", "colocated.json", "pd.json")  # what --baselin
 BASELINE_FREE = frozenset({"out", "baseline", "disaggregate_min_tokens", "disaggregate_max_queue_tokens",
                            "disaggregate_max_itl_ms", "run_advised", "advise_for", "request_timeout", "ready_timeout"})
 SloSet = Literal["relaxed", "tight"]
+MILLISECONDS = "a positive number of milliseconds, e.g. 200"
 
 
 class CompareConfig(BaseModel):
@@ -35,15 +37,15 @@ class CompareConfig(BaseModel):
     num_prompts: int = Field(160, ge=1, le=MAX_PROMPTS)
     # seconds of arrivals per rate: each rate sends round(rate x duration) requests instead of num_prompts, so a
     # high rate is measured over as long a stretch as a low one
-    duration: float | None = Field(None, gt=0, allow_inf_nan=False)
+    duration: Annotated[float | None, finite("a positive number of seconds, e.g. 60")] = Field(None, gt=0)
     input_len: int = Field(3072, ge=1, le=MAX_TOKENS)
     # a mix; replaces input_len
     input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
     output_len: int = Field(128, ge=1, le=MAX_TOKENS)
-    ttft_slo_ms: float = Field(400.0, gt=0)
-    tpot_slo_ms: float = Field(15.0, gt=0)
-    tight_ttft_slo_ms: float = Field(1000.0, gt=0)
-    tight_tpot_slo_ms: float = Field(10.0, gt=0)
+    ttft_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(400.0, gt=0)
+    tpot_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(15.0, gt=0)
+    tight_ttft_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(1000.0, gt=0)
+    tight_tpot_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(10.0, gt=0)
     advise_for: SloSet = "relaxed"  # whose TPOT target sizes the decode side
     run_advised: bool = True  # run the advised split when it is not the PD split already run
     colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
@@ -51,10 +53,10 @@ class CompareConfig(BaseModel):
     # ... and in that deployment, spill PD prompts to the decode while the prefill queue holds this many tokens
     disaggregate_max_queue_tokens: int | None = Field(None, ge=1)
     # ... and no prompt on a decode whose streams wait this many ms per token (proxy.disaggregate_max_itl_ms)
-    disaggregate_max_itl_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    disaggregate_max_itl_ms: Annotated[float | None, finite(MILLISECONDS)] = Field(None, gt=0)
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
-    burstiness: float = Field(1.0, gt=0)
+    burstiness: Annotated[float, finite(BURSTINESS)] = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
     num_warmups: int = Field(2, ge=0, le=MAX_PROMPTS)
     vocab_size: int = Field(500, gt=10, le=MAX_VOCAB)
@@ -63,8 +65,8 @@ class CompareConfig(BaseModel):
     # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
     baseline: Path | None = None
     # the proxy's request timeout is set 30 s above it, and a deployment takes no timeout over MAX_SECONDS
-    request_timeout: float = Field(600.0, gt=0, le=MAX_SECONDS - 30, allow_inf_nan=False)
-    ready_timeout: float = Field(READY_TIMEOUT_S, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    request_timeout: Annotated[float, finite(SECONDS)] = Field(600.0, gt=0, le=MAX_SECONDS - 30)
+    ready_timeout: Annotated[float, finite(SECONDS)] = Field(READY_TIMEOUT_S, gt=0, le=MAX_SECONDS)
     out: Path
 
     @field_validator("rates")

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pdlaunch.bench.flag_numbers import non_finite
 from pdlaunch.errors import PdlaunchError
 
 ServeDoc = dict[str, JsonValue]  # a `bench serve` result document (vLLM's field names), as written to JSON
@@ -107,7 +108,10 @@ def parse_goodput(specs: list[str]) -> dict[str, float]:
             ms = float(value)
         except ValueError:
             raise PdlaunchError(f"bad SLO value in {spec!r}", field="--goodput", hint="MS must be a number") from None
-        if not ms > 0:  # also NaN, which no latency would meet
+        why = non_finite(ms, "a positive number of milliseconds, e.g. ttft:200")
+        if why is not None:  # NaN no latency would meet; an infinite SLO every one meets
+            raise PdlaunchError(f"SLO {spec!r}: {why.replace('; give', ': give', 1)}", field="--goodput")
+        if not ms > 0:
             raise PdlaunchError(f"SLO {spec!r} must be positive", field="--goodput", hint="give milliseconds > 0")
         if name in slos:
             raise PdlaunchError(f"{name} is given twice ({slos[name]:g} and {ms:g} ms)", field="--goodput",

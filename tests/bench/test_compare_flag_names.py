@@ -20,9 +20,9 @@ TINY_COMPARE = ["--model", "tiny", "--device", "cpu", "--input-len", "12", "--ou
     (["--config", "{file}"], "proxy:\n  workers: abc\n",
      "error: proxy.workers (in --config): must be auto or a whole number"),
     (["--colocated-instances", "1000000"], None, "error: --colocated-instances: 1000000 instances x TP 1"),
-    (["--request-timeout", "inf"], None, "error: --request-timeout: Input should be a finite number"),
+    (["--request-timeout", "inf"], None, "error: --request-timeout: inf is infinite; give a positive"),
     (["--request-timeout", "1e9"], None, "error: --request-timeout: Input should be less than or equal to 604770"),
-    (["--ready-timeout", "inf"], None, "error: --ready-timeout: Input should be a finite number"),
+    (["--ready-timeout", "inf"], None, "error: --ready-timeout: inf is infinite; give a positive"),
 ])
 def test_compare_names_the_flag_or_file_before_a_deployment(tmp_path: Path, args: list[str], file_text: str | None,
                                                            said: str) -> None:
