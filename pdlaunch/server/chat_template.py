@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from jinja2.defaults import DEFAULT_NAMESPACE
 
+from pdlaunch.errors import json_kind
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 
@@ -142,6 +143,11 @@ def _template_tool_call(call: object, param: str) -> JsonObject:
         except json.JSONDecodeError as exc:
             raise OpenAIError(400, f"tool call arguments are not JSON: {exc}",
                               param=f"{param}.function.arguments") from None
+    elif arguments is not None and not isinstance(arguments, dict):  # vLLM passes an object (or null) through as is
+        where = f"{param}.function.arguments"
+        raise OpenAIError(400, f"{where}: must be a JSON string of the arguments (got {json_kind(arguments)}), e.g. "
+                               f"{json.dumps(json.dumps({'city': 'Oslo'}))}, as OpenAI sends them (an object is "
+                               "taken too)", param=where)
     function["arguments"] = arguments
     return {**call, "type": call.get("type", "function"), "function": function}
 

@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pdlaunch.engine.schema_refs import SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
@@ -63,6 +63,16 @@ class ToolFunction(BaseModel):
     name: str
     description: str | None = None
     parameters: JsonObject | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, name: str) -> str:
+        """"" was taken, and no call the model writes can name it. vLLM takes any other name, so only a blank one is
+        refused (OpenAI's own rule is 1 to 64 of letters, digits, `_` and `-`)."""
+        if not name.strip():
+            raise ValueError("is empty; give the name the model calls the tool by, e.g. \"get_weather\" (letters, "
+                             "digits, _ and -, as OpenAI takes)")
+        return name
 
 
 class Tool(BaseModel):
