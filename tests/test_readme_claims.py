@@ -291,6 +291,7 @@ def test_docs_modules_names_every_module_and_only_those() -> None:
 # Messages put together at run time from parts (a variable holds the middle): no three of their words in a row
 # stand in one string of the source. Each entry: the message's start -> a piece of the source that makes it.
 COMPOSED = {
+    "--burstiness: nan is not a number": "is not a number (NaN); give ",
     "needs N GPUs but": "GPUs (count x tp summed over groups) but",
     "parallel.nodes[K].devices: node K needs": "GPUs (count x tp summed over ",
     "shape mismatch for expert": "shape mismatch for {",
