@@ -113,6 +113,21 @@ def in_process_instance(cfg: DeploymentConfig, engine_id: str, max_pending_reque
 
 
 @contextmanager
+def tiny_instance(name: str) -> Iterator[str]:
+    """The tiny model as one colocated CPU instance in this process (max_model_len 512, 64 KV blocks); yields its
+    URL. `name`: its engine id and the root of its deployment secret."""
+    from pdlaunch.config.deployment_config import DeploymentConfig
+
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
+        "security": {"deployment_secret": f"{name}-secret-0123456789"},
+    })
+    with in_process_instance(cfg, f"{name}-0") as (url, _):
+        yield url
+
+
+@contextmanager
 def waiting_to_recompute(loop: EngineLoop, request_id: str) -> Iterator[None]:
     """A request in the scheduler's recompute queue (its KV load failed; it waits for its old blocks to be safe to
     free) while the block runs, put there and taken out on the engine thread between two steps."""

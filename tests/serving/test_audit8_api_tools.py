@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.deployment_config import DeploymentConfig
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import tiny_instance
 
 TIMEOUT = 120.0  # a loaded 2-core machine
 HI = [{"role": "user", "content": "hi"}]
@@ -25,12 +24,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
-        "security": {"deployment_secret": "audit8-tools-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "audit8-tools-0") as (instance_url, _):
+    with tiny_instance("audit8-tools") as instance_url:
         yield instance_url
 
 
