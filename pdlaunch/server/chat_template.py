@@ -136,14 +136,16 @@ def _template_tool_call(call: object, param: str) -> JsonObject:
     function: JsonObject = dict(function_of)
     if not isinstance(function.get("name"), str):
         raise OpenAIError(400, "a tool call's function needs a `name`", param=f"{param}.function.name")
-    arguments = function.get("arguments", "{}")
-    if isinstance(arguments, str):
+    arguments = function.get("arguments")
+    if isinstance(arguments, str) and arguments:
         try:
-            arguments = json.loads(arguments or "{}")
+            arguments = json.loads(arguments)
         except json.JSONDecodeError as exc:
             raise OpenAIError(400, f"tool call arguments are not JSON: {exc}",
                               param=f"{param}.function.arguments") from None
-    elif arguments is not None and not isinstance(arguments, dict):  # vLLM passes an object (or null) through as is
+    if not arguments:  # as vLLM reads them: none, null, "", "null", false, 0, [] are no arguments
+        arguments = {}
+    elif not isinstance(arguments, dict):  # an object (vLLM's clients send one too) or its JSON text
         where = f"{param}.function.arguments"
         raise OpenAIError(400, f"{where}: must be a JSON string of the arguments (got {json_kind(arguments)}), e.g. "
                                f"{json.dumps(json.dumps({'city': 'Oslo'}))}, as OpenAI sends them (an object is "
