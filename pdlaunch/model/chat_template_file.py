@@ -13,9 +13,10 @@ from pdlaunch.model.file_kind import special_file_kind
 
 FIELD = "model.chat_template"
 # Chat templates are a few KiB (the largest on the Hugging Face hub, with tool-calling instructions, tens of KiB).
-# A template's literal text lands in every prompt (~4 bytes a token), so one of 256 KiB would already spend ~64k
-# tokens of each request's context: a 57 MB file passed and then every chat request was refused as too long.
-MAX_CHAT_TEMPLATE_BYTES = 256 << 10
+# A template's literal text lands in every prompt (~4 bytes a token): a 57 MB file passed and then every chat
+# request was refused as too long. And its text may travel as one command-line argument (the proxy's
+# --chat-template, a Kubernetes container's args: render/kubernetes.py), which Linux refuses from 128 KiB on.
+MAX_CHAT_TEMPLATE_BYTES = 96 << 10
 def _path_kind(value: str) -> str | None:
     """"file", "directory", a special kind, or None: nothing there (a long one-line template is no name the kernel
     takes, and raises)."""
@@ -63,4 +64,8 @@ def chat_template_text(value: str) -> str:
         what = "is a directory" if kind == "directory" else "is neither an existing file nor a Jinja2 template"
         raise PdlaunchError(f"{value!r} {what}", field=FIELD, hint="give the path of an existing .jinja file (relative "
                             "to where serve runs), or the template text itself")
+    if len(value.encode()) > MAX_CHAT_TEMPLATE_BYTES:
+        raise PdlaunchError(f"the chat template text given inline is {len(value.encode()) >> 10} KiB; a chat template "
+                            f"is a few KiB and at most {MAX_CHAT_TEMPLATE_BYTES >> 10} KiB here (its text lands in "
+                            "every prompt)", field=FIELD, hint="check that this is the template you meant")
     return value

@@ -39,16 +39,25 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _big_template(path: Path) -> Path:
     with path.open("w") as f:
         f.write(GOOD)
-        f.write("{# " + "x" * (4 * MAX_CHAT_TEMPLATE_BYTES) + " #}")  # 1 MiB
+        f.write("{# " + "x" * (1 << 20) + " #}")  # 1 MiB
     return path
 
 
 def test_a_chat_template_file_past_the_cap_is_refused(tmp_path: Path) -> None:
     big = _big_template(tmp_path / "big.jinja")
-    text = f"the chat template file {str(big)!r} is 1.0 MiB; a chat template is a few KiB and at most 256 KiB here"
+    text = f"the chat template file {str(big)!r} is 1.0 MiB; a chat template is a few KiB and at most 96 KiB here"
     assert_invalid(check([*CPU, "--chat-template", str(big)]), "--chat-template", text)
     config = write_yaml(tmp_path, f"model:\n  path: tiny\n  chat_template: {str(big)!r}\n")
     assert_invalid(check([str(config), "--device", "cpu", *FREE_PORT]), "model.chat_template", text)
+
+
+def test_an_inline_template_past_the_cap_is_refused(tmp_path: Path) -> None:
+    # Inline, its text would be one argument of the proxy's command line (--chat-template): Linux refuses one of
+    # 128 KiB or more, so the proxy could not start.
+    inline = GOOD + "{# " + "x" * (MAX_CHAT_TEMPLATE_BYTES + 1) + " #}"
+    config = write_yaml(tmp_path, f"model:\n  path: tiny\n  chat_template: {inline!r}\n")
+    assert_invalid(check([str(config), "--device", "cpu", *FREE_PORT]), "model.chat_template",
+                   "the chat template text given inline is 96 KiB; a chat template is a few KiB and at most 96 KiB")
 
 
 def test_serve_refuses_a_template_past_the_cap_before_starting_anything(tmp_path: Path) -> None:
@@ -56,7 +65,7 @@ def test_serve_refuses_a_template_past_the_cap_before_starting_anything(tmp_path
     served = invoke(["serve", *CPU, "--colocated", "--chat-template", str(_big_template(tmp_path / "big.jinja")),
                      "--log-dir", str(logs)])
     assert served.exit_code == 1, served.output
-    assert "error: --chat-template:" in served.output and "at most 256 KiB" in served.output, served.output
+    assert "error: --chat-template:" in served.output and "at most 96 KiB" in served.output, served.output
     assert not logs.exists()  # no instance was started
 
 
@@ -87,7 +96,7 @@ def test_the_instance_tokenizer_refuses_the_same(tmp_path: Path) -> None:
     tokenizer = Tokenizer(write_model(tmp_path))
     fifo = tmp_path / "pipe.jinja"
     os.mkfifo(fifo)
-    for value, says in [(str(_big_template(tmp_path / "big.jinja")), "at most 256 KiB"),
+    for value, says in [(str(_big_template(tmp_path / "big.jinja")), "at most 96 KiB"),
                         (str(fifo), "is a named pipe (FIFO)"), ("/dev/zero", "is a character device")]:
         with pytest.raises(PdlaunchError) as caught:
             tokenizer.override_chat_template(value)
