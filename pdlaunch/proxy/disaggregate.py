@@ -154,7 +154,7 @@ class Disaggregation:
     def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: Instance | None = None,
                  decode_itl_ms: float | None = None, decode_in_flight: int = 0) -> str:
         """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (`decode`, its streams
-        waiting `decode_itl_ms` per token, `decode_in_flight` requests of this proxy on it) lacks
+        waiting `decode_itl_ms` per token, `decode_in_flight` requests of every proxy worker on it) lacks
         `uncached_tokens`, while the least-queued ready prefill has `prefill_queued` tokens queued."""
         if self.min_tokens is None:
             return PD
@@ -178,16 +178,7 @@ class Disaggregation:
 
     def spill(self, decode: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` spilled onto `decode` until the returned callable runs (once; later calls do nothing)."""
-        decode.count(SPILLED_TOKENS, tokens)
-        done = False
-
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                decode.count(SPILLED_TOKENS, -tokens)
-
-        return release
+        return decode.held_count(SPILLED_TOKENS, tokens)
 
     async def decide(self, body: Body, chat: bool) -> tuple[str, int | None]:
         """(PD or DECODE_ONLY, the prompt's tokens when counted), every prompt token counted as uncached."""

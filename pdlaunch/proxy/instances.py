@@ -96,6 +96,20 @@ class Instance:
         """Every worker's count of `column` on this instance."""
         return self.board.total(self.board_index, column)
 
+    def held_count(self, column: int, amount: int) -> Callable[[], None]:
+        """Add `amount` to this worker's count of `column` until the returned callable runs (once; later calls do
+        nothing)."""
+        self.count(column, amount)
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.count(column, -amount)
+
+        return release
+
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
                 "in_flight": self.in_flight, "detail": self.detail, "engine_id": self.engine_id, "itl_ms": self.itl_ms}

@@ -117,16 +117,7 @@ class PrefixRouter:
 
     def enqueue(self, instance: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` queued on `instance` until the returned callable runs (once; later calls do nothing)."""
-        instance.count(QUEUED_TOKENS, tokens)
-        done = False
-
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                instance.count(QUEUED_TOKENS, -tokens)
-
-        return release
+        return instance.held_count(QUEUED_TOKENS, tokens)
 
 
 def queued(instance: Instance) -> int:
