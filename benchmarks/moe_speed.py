@@ -100,8 +100,10 @@ class RouteCounter:
 
 
 def random_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-                 expert_parallel: bool = False) -> torch.nn.Module:
-    """The model with random weights drawn on `device` (std 0.02, norms 1) instead of a checkpoint load."""
+                 expert_parallel: bool = False, fp8_kv_cache: bool = False) -> torch.nn.Module:
+    """The model with random weights drawn on `device` (std 0.02, norms 1) instead of a checkpoint load.
+    Takes every argument the runner passes `load_model` (tests/bench/test_moe_speed_count.py); `fp8_kv_cache` asks
+    nothing of it: random weights carry no k/v scales, so an fp8 KV cache runs with scales of 1.0."""
     model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel)
     _materialize(model, device)
     gen = torch.Generator(device=device).manual_seed(0)

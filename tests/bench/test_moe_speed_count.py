@@ -116,3 +116,25 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         engine.shutdown()
     with pytest.raises(SystemExit, match="unknown"):
         moe_speed.ablate(["layernorm"], 1, 2, 8, 16, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_random_model_stands_in_for_the_runners_load(moe_ckpt: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+                                                     kv_cache_dtype: str) -> None:
+    """moe_speed.py puts `random_model` in the runner's place of `load_model`: the runner's call must fit it (a
+    keyword added to load_model's call once broke every run of the script on a GPU host with a TypeError)."""
+    import pdlaunch.runner.model_runner as model_runner
+
+    moe_speed = _moe_speed(monkeypatch)
+    monkeypatch.setattr(model_runner, "load_model", moe_speed.random_model)
+    path = moe_ckpt("qwen3_moe")
+    engine = LLMEngine(build_config(str(path), "cpu", "float32", {
+        "max_num_seqs": 2, "enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype}))
+    try:
+        engine.add_request("r0", [5, 9, 11, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        for _ in range(2):
+            engine.step()
+        norms = [p for n, p in engine.runner.model.named_parameters() if n.endswith("norm.weight")]
+        assert norms and all(bool((p == 1.0).all()) for p in norms)  # random_model's weights, not the checkpoint's
+    finally:
+        engine.shutdown()
