@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+from typing import ClassVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,20 +36,27 @@ from pdlaunch.server.tool_calls import tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 
-class TokenizeCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _KnownFieldsOnly(BaseModel):
+    """A body whose unknown fields are refused with a 400 naming them (`_refuse_unknown`) for its `ROUTE`."""
 
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ROUTE: ClassVar[str]
 
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: object) -> object:
         if isinstance(data, dict):
-            _refuse_unknown(data, cls, "/tokenize")
+            _refuse_unknown(data, cls, cls.ROUTE)
         return data
+
+
+class TokenizeCompletionRequest(_KnownFieldsOnly):
+    ROUTE: ClassVar[str] = "/tokenize"
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
 
 
 class TokenizeChatRequest(BaseModel):
@@ -83,18 +91,11 @@ class TokenizeChatRequest(BaseModel):
                           self.chat_template_kwargs, self.add_special_tokens)
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class DetokenizeRequest(_KnownFieldsOnly):
+    ROUTE: ClassVar[str] = "/detokenize"
 
     model: str | None = None
     tokens: list[int]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_fields(cls, data: object) -> object:
-        if isinstance(data, dict):
-            _refuse_unknown(data, cls, "/detokenize")
-        return data
 
 
 async def tokenize_route(request: Request) -> JsonObject:
