@@ -1,7 +1,8 @@
 """The HTTP pieces the instance server (server/) and the proxy (proxy/) share, so that a client sees
 the same behaviour whichever answered: OpenAI-shaped errors (errors.py), SSE framing and parsing
 (sse.py), the client's disconnect (disconnect.py), access control (auth.py) and request bounds
-(limits.py), as ASGI middleware on one base (asgi.py)."""
+(limits.py), as ASGI middleware on one base (asgi.py); and another process's answer read whole within one
+deadline and a size bound (answers.py), which the launcher uses too."""
 
 from pydantic import JsonValue
 

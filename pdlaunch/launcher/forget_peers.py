@@ -8,11 +8,15 @@ other prefill and decode instance of the deployment (`POST /internal/kv/forget_e
 drop the dead engine's agents, all at once and each within FORGET_TIMEOUT_S, and restarts the instance once
 they answered or that time is up. A peer that does not answer is named and skipped: its mapping stays until it
 exits. The requests start at the death and run on their own threads; the supervisor's loop waits for them only
-at the restart, at most until FORGET_TIMEOUT_S after they began.
+at the restart, at most until FORGET_TIMEOUT_S after they began. Each request is bounded as a whole (connect, send
+and the whole answer, http/answers.py) and its answer in size, so its thread ends by then too: a peer that answers
+a byte a second, or without end, holds no thread or socket past the restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,9 +25,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from pdlaunch.http.answers import fetch
 from pdlaunch.server.internal import KV_FORGET_ENGINE_PATH
 
 FORGET_TIMEOUT_S = 5.0
+FORGET_MAX_BYTES = 64 << 10  # the answer is a few bytes of JSON: {"engine_id": ..., "forgotten": N}
 KV_ROLES = ("prefill", "decode")  # the roles with a KV connector: they load peers' agents
 TRANSPORT_TITLES = {"nixl": "NIXL", "mooncake": "Mooncake"}  # connectors with agents (not the storage one)
 
@@ -38,19 +44,35 @@ class Peer:
 
 
 def http_ask(headers: dict[str, str]) -> Ask:
-    """`Ask` over HTTP with the deployment's internal token (`headers`); raises on any failure."""
+    """`Ask` over HTTP with the deployment's internal token (`headers`); raises on any failure, TimeoutError when
+    the whole answer did not come within the timeout."""
 
     def ask(url: str, engine_id: str, timeout: float) -> int:
-        response = httpx.post(url + KV_FORGET_ENGINE_PATH, json={"engine_id": engine_id}, headers=headers,
-                              timeout=timeout, trust_env=False)
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-        forgotten = response.json().get("forgotten")
+        try:
+            status, body = asyncio.run(_post(url + KV_FORGET_ENGINE_PATH, {"engine_id": engine_id}, headers, timeout))
+        except (TimeoutError, httpx.TimeoutException):
+            raise TimeoutError(f"did not answer within {timeout:g}s") from None
+        text = body.decode(errors="replace")
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {text[:200]}")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        forgotten = answer.get("forgotten") if isinstance(answer, dict) else None
         if not isinstance(forgotten, int) or isinstance(forgotten, bool) or forgotten < 0:
-            raise RuntimeError(f"the answer names no count of agents forgotten: {response.text[:200]}")
+            raise RuntimeError(f"the answer names no count of agents forgotten: {text[:200]}")
         return forgotten
 
     return ask
+
+
+async def _post(url: str, body: dict[str, str], headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    """(status, body) of one POST, connect to the answer's last byte within `timeout` (an event loop of the calling
+    thread's own: the deadline cancels a read under way, which a blocking client cannot)."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        return await fetch(client, "POST", url, timeout_s=timeout, max_bytes=FORGET_MAX_BYTES, content=json.dumps(
+            body).encode(), headers={**headers, "Content-Type": "application/json"})
 
 
 class PeerForget:
@@ -64,7 +86,7 @@ class PeerForget:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(peers)), thread_name_prefix="pdlaunch-forget")
         self._asked: list[tuple[Peer, Future[int]]] = [(p, self._pool.submit(ask, p.url, engine_id, timeout))
                                                         for p in peers]
-        self._pool.shutdown(wait=False)  # its threads end with their requests, each bounded by `timeout`
+        self._pool.shutdown(wait=False)  # its threads end with their requests, each bounded as a whole by `timeout`
 
     def wait(self) -> list[str]:
         """Wait for the answers until the deadline (real time, from the start); then what to say: each peer that
@@ -72,7 +94,7 @@ class PeerForget:
         wait_futures([f for _, f in self._asked], timeout=max(0.0, self.deadline - time.monotonic()))
         lines = []
         for peer, future in self._asked:
-            if not future.done():
+            if not future.done() or isinstance(future.exception(), TimeoutError):  # not yet, or gave up at the deadline
                 lines.append(f"{peer.name} did not answer within {self.timeout:g}s when asked to forget {self.dead}'s "
                              f"{self.title} agent (engine {self.engine_id}); a mapping it holds of {self.dead}'s "
                              "memory stays until it exits")

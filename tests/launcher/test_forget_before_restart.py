@@ -19,7 +19,7 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER
-from pdlaunch.launcher.forget_peers import http_ask
+from pdlaunch.launcher.forget_peers import Peer, PeerForget, http_ask
 from pdlaunch.launcher.supervisor import Supervisor
 from pdlaunch.server.internal import KV_FORGET_ENGINE_PATH
 from tests.serving.test_fault_tolerance_supervisor import FakeDeployment
@@ -196,5 +196,69 @@ def test_the_http_ask_sends_the_internal_token_and_checks_the_answer() -> None:
             with pytest.raises(RuntimeError, match="names no count of agents forgotten"):
                 ask(url, "D0", 5.0)
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Trickling(BaseHTTPRequestHandler):
+    """A peer that answers in pieces: its head, then a byte a while (every read within httpx's timeout), or
+    megabytes of body at once (`huge`)."""
+
+    huge = False
+    stop = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            if self.huge:
+                chunk = b" " * (1 << 20)
+                while not self.stop.is_set():
+                    self.wfile.write(chunk)
+                return
+            while not self.stop.wait(0.2):  # whitespace before the JSON: a valid answer, were it to end
+                self.wfile.write(b" ")
+                self.wfile.flush()
+        except OSError:  # the ask gave up and closed its connection
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _forget_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pdlaunch-forget") and t not in before]
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["trickle", "huge"])
+def test_a_peer_that_trickles_or_floods_its_answer_is_given_up_on_within_the_timeout(huge: bool) -> None:
+    """httpx's timeout bounds each read, not the answer: a peer that sends a byte now and then held its forget thread
+    (and socket) for good, and one that sends megabytes was read on. One overall deadline bounds the whole ask, a byte
+    limit its answer; the thread ends with it."""
+    _Trickling.huge, _Trickling.stop = huge, threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    peer = Peer("decode-0", f"http://127.0.0.1:{server.server_address[1]}")
+    before = set(threading.enumerate())  # another test's forget threads are not this one's
+    try:
+        started = time.monotonic()
+        forget = PeerForget("prefill-0", "P0", [peer], http_ask({INTERNAL_TOKEN_HEADER: "token"}), "NIXL", timeout=1.0)
+        deadline = time.monotonic() + 10.0
+        while _forget_threads(before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _forget_threads(before), "the forget thread outlived its timeout by far"
+        took = time.monotonic() - started
+        assert took < 3.0, f"the ask took {took:.1f}s for a 1s timeout"
+        (line,) = forget.wait()
+        expected = ("decode-0 could not be asked to forget prefill-0's NIXL agent (engine P0): AnswerTooLarge: an "
+                    "answer of more than 65536 bytes" if huge else
+                    "decode-0 did not answer within 1s when asked to forget prefill-0's NIXL agent (engine P0)")
+        assert line.startswith(expected), line
+    finally:
+        _Trickling.stop.set()
         server.shutdown()
         server.server_close()
