@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 from pydantic import BaseModel, JsonValue
@@ -46,27 +45,31 @@ from pdlaunch.bench.report import ServeDoc, write_atomic
 from pdlaunch.config.problems import Problem, with_article
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.serve import StopRequested, StopSignals
+
+# Ctrl-C keeps Python's own KeyboardInterrupt (inside a rate's requests, asyncio.run's cancellation of them).
+TERMINATION = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def termination_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment (or removing the report file
-    being written) runs (SIGHUP unless it is ignored, as under nohup)."""
+def termination_as_interrupt() -> Iterator[StopSignals]:
+    """SIGTERM/SIGHUP stop the comparison like Ctrl-C, so that the `finally` stopping the deployment (or removing the
+    report file being written) runs, and `reported` says what was kept (SIGHUP unless it is ignored, as under nohup).
+
+    The handler only sets a flag (StopSignals), which the run looks at between its steps and while it waits (a
+    deployment's start, a rate's requests: `should_stop`); in a `raising()` block it raises at once. An exception
+    raised wherever the main thread was could land inside an HTTP client's connection-pool lock (a LoadProbe
+    scrape, a readiness probe) and leave it held, and the `close()` in the `finally` then waited on it for good.
+    The stop leaves the block as KeyboardInterrupt(signal name), also when it came after the run's last look."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield StopSignals(TERMINATION)  # installs nothing off the main thread: never set
         return
-
-    def interrupt(signum: int, _: FrameType | None) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    # A SIGHUP ignored (nohup) stays ignored: a closed terminal must not stop a long comparison.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
-                if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with StopSignals(TERMINATION) as signals:
+        try:
+            yield signals
+            signals.check()
+        except StopRequested:
+            raise KeyboardInterrupt(signals.signal_name) from None
 
 
 def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice | None:
@@ -174,12 +177,14 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
     if runs:
         console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
                       highlight=False, markup=False)
-    with termination_as_interrupt():
-        yardstick = prefill_yardstick(cfg, layout, console)
+    with termination_as_interrupt() as stop:
+        with stop.raising():  # its child is killed and reaped by subprocess.run, and no lock of ours is held
+            yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:
-            run = run_deployment(cfg, layout, kind, console, yardstick)
+            run = run_deployment(cfg, layout, kind, console, yardstick, should_stop=stop.requested.is_set)
             _keep(run, cfg.out / f"{kind}.json", kept)
             runs.append(run)
+            stop.check()
         advice = advice_from(cfg, layout, next(run for run in runs if run.kind == "pd"))
         if advice is None:
             console.print("no P:D advice: the PD run measured no prefill or no decode step", highlight=False)
@@ -189,7 +194,7 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
         if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
             advised = advised_layout(layout, best.prefill, best.decode)
             say_once(checked_config(cfg, advised, "advised")[1], said)
-            run = run_deployment(cfg, advised, "advised", console, yardstick)
+            run = run_deployment(cfg, advised, "advised", console, yardstick, should_stop=stop.requested.is_set)
             _keep(run, cfg.out / "advised.json", kept)
             runs.append(run)
     return Comparison(runs=runs, advice=advice, yardstick=yardstick)

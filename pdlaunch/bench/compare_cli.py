@@ -121,6 +121,7 @@ def compare(
             out=path_flag(out, "--out", "the folder to write the report into, e.g. --out compare/"),
         ))
         comparison = run_compare(cfg, console, kept)
-    # an unwritable --out or a full disk is one error line; Ctrl-C or SIGTERM leave no half-written file
-    with reported(lambda: _report_interrupted(kept)), termination_as_interrupt():
+    # an unwritable --out or a full disk is one error line; Ctrl-C or SIGTERM leave no half-written file (the report
+    # holds no connection, so a stop may raise anywhere in it)
+    with reported(lambda: _report_interrupted(kept)), termination_as_interrupt() as stop, stop.raising():
         report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick, kept)

@@ -4,6 +4,8 @@ line per rate, and the figures kept as a DeploymentRun."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
@@ -23,7 +25,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.readiness import ChildExited
-from pdlaunch.launcher.serve import report_child_exit
+from pdlaunch.launcher.serve import StopRequested, report_child_exit
 
 
 class StepLimits(BaseModel):
@@ -130,9 +132,12 @@ def steps_text(steps: dict[str, StepLimits]) -> str:
 
 
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console,
-                   yardstick: Yardstick | None = None) -> DeploymentRun:
+                   yardstick: Yardstick | None = None,
+                   should_stop: Callable[[], bool] = lambda: False) -> DeploymentRun:
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C). With a
-    `yardstick`, every rate point carries its prefill steps' FLOP rate."""
+    `yardstick`, every rate point carries its prefill steps' FLOP rate. Once `should_stop()` turns true (a stop
+    signal, compare.termination_as_interrupt) the start or the rate under way ends, the deployment is stopped and
+    StopRequested raised; it is looked at while waiting and between steps, never raised inside an HTTP call."""
     run = DeploymentRun(kind=kind, label=label(kind, layout),
                         description=describe(kind, layout, cfg.disaggregate_min_tokens,
                                              cfg.disaggregate_max_queue_tokens, cfg.disaggregate_max_itl_ms),
@@ -148,7 +153,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     clean = False
     stage = "did not start"  # what the error of a failed run says the deployment was doing
     try:
-        deployment.start(ready_timeout=cfg.ready_timeout)
+        if not deployment.start(ready_timeout=cfg.ready_timeout, should_stop=should_stop):
+            raise StopRequested("stop requested while the deployment started")
         if deployment.proxy_url is None:
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
@@ -156,8 +162,11 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             probe.proxy_url = deployment.proxy_url
         for i, rate in enumerate(cfg.rates):
             stage = f"failed at rate {rate:g}/s"
+            if should_stop():
+                raise StopRequested(f"stop requested before rate {rate:g}/s")
             probe.start()
-            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i, deployment.cfg.security.api_key), console)
+            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i, deployment.cfg.security.api_key), console,
+                                should_stop)
             dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
             if dead is not None:
                 raise ChildExited(*dead)

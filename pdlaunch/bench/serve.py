@@ -11,8 +11,9 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -38,6 +39,10 @@ from pdlaunch.bench.workload import BenchRequest, arrival_times, sample_requests
 from pdlaunch.bench.workload_size import check_workload_fits
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.serve import StopRequested
+
+STOP_POLL_S = 0.1  # how soon a stop (measure's should_stop) ends the requests under way
+_T = TypeVar("_T")
 
 
 async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, requests: list[BenchRequest],
@@ -108,12 +113,27 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
     return results, duration, model
 
 
-def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list[RequestResult], ServeDoc]:
+async def _unless_stopped(work: Awaitable[_T], should_stop: Callable[[], bool]) -> _T:
+    """`work`'s result; once `should_stop()` turns true (looked at every STOP_POLL_S), `work` is cancelled, its
+    cleanup awaited (its connections closed), and StopRequested raised."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        if should_stop():
+            task.cancel()
+            await asyncio.wait({task})
+            raise StopRequested("stop requested while the requests ran")
+        await asyncio.wait({task}, timeout=STOP_POLL_S)
+    return task.result()
+
+
+def measure(cfg: ServeBenchConfig, console: Console,
+            should_stop: Callable[[], bool] = lambda: False) -> tuple[BenchMetrics, list[RequestResult], ServeDoc]:
     """Run the workload of `cfg` once; returns the metrics, per-request results and the JSON document.
-    Prints only the progress line; a run where every request failed is returned, not raised."""
+    Prints only the progress line; a run where every request failed is returned, not raised. StopRequested,
+    the requests cancelled, when `should_stop()` turns true meanwhile."""
     goodput_ms = parse_goodput(cfg.goodput)
     check_workload_fits(cfg)  # before the server is asked anything: the prompts are drawn before the run
-    results, duration, model = asyncio.run(_bench(cfg, console))
+    results, duration, model = asyncio.run(_unless_stopped(_bench(cfg, console), should_stop))
     metrics = calculate_metrics(results, duration, goodput_ms)
     run_info: ServeDoc = {
         "backend": "openai-chat" if cfg.is_chat else "openai",

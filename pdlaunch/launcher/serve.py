@@ -42,11 +42,13 @@ class StopRequested(BaseException):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising (inside `raising()` they raise as well); a second
-    signal asks to skip the drain. A SIGHUP that is ignored (nohup) stays ignored. `requested` is a SignalFlag: a
-    threading.Event set by the handler hung the launcher for good when the signal landed inside its own wait."""
+    """SIGINT/SIGTERM/SIGHUP (or the `signals` given) set a flag instead of raising (inside `raising()` they raise
+    as well); a second signal asks to skip the drain. A SIGHUP that is ignored (nohup) stays ignored. `requested` is
+    a SignalFlag: a threading.Event set by the handler hung the launcher for good when the signal landed inside its
+    own wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+        self.signals = signals
         self.requested = SignalFlag()
         self.forced = False
         self.signal_name = ""
@@ -65,12 +67,16 @@ class StopSignals:
             self._raising = False  # once: the cleanup of the work it ends is not cut short by a second signal
             raise StopRequested(self.signal_name)
 
+    def check(self) -> None:
+        """StopRequested when a stop signal came: for the points between steps of work that looks at no flag."""
+        if self.requested.is_set():
+            raise StopRequested(self.signal_name)
+
     @contextmanager
     def raising(self) -> Iterator[None]:
         """Inside the block a stop signal also raises StopRequested: for work that never looks at `requested`
         and may take minutes (fetching or converting the model)."""
-        if self.requested.is_set():
-            raise StopRequested(self.signal_name)
+        self.check()
         self._raising = True
         try:
             yield
@@ -79,7 +85,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in self.signals:
                 if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                     continue  # started under nohup: a closed terminal must not stop the deployment
                 self._previous[sig] = signal.signal(sig, self._handle)

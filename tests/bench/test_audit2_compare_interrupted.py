@@ -20,7 +20,7 @@ ARGS = ["compare", "--model", "tiny", "--device", "cpu", "--rates", "2", "--inpu
 
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, stop_kind: str) -> None:
-    def run_deployment(cfg: Any, layout: Any, kind: str, *_: Any) -> DeploymentRun:
+    def run_deployment(cfg: Any, layout: Any, kind: str, *_: Any, **__: Any) -> DeploymentRun:
         if kind == stop_kind:
             raise KeyboardInterrupt
         return DeploymentRun(kind=kind, label=kind, description=kind)

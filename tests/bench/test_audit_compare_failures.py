@@ -39,7 +39,7 @@ class _NeverReady:
         self.plan = SimpleNamespace(instances=[])
         self.children = [_Child(101), _Child(102)]
 
-    def start(self, ready_timeout: float) -> bool:
+    def start(self, ready_timeout: float, **_: object) -> bool:
         raise PdlaunchError("not ready after 5s: prefill-0 (loading)", hint="see the logs in /tmp/x")
 
     def dead_child(self) -> None:
@@ -63,7 +63,7 @@ def test_a_deployment_that_does_not_start_is_named_and_its_processes_counted(mon
 
 
 class _Ready(_NeverReady):
-    def start(self, ready_timeout: float) -> bool:
+    def start(self, ready_timeout: float, **_: object) -> bool:
         return True
 
 

@@ -143,7 +143,7 @@ class _FakeDeployment:
         self.stops: list[bool] = []
         _FakeDeployment.made.append(self)
 
-    def start(self, ready_timeout: float) -> bool:
+    def start(self, ready_timeout: float, **_: object) -> bool:
         return True
 
     def dead_child(self) -> None:
@@ -411,6 +411,43 @@ def test_sigterm_while_starting_stops_the_deployment(tmp_path: Path) -> None:
     assert not (out / "compare.json").exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_sigterm_during_a_rate_stops_it_promptly(tmp_path: Path) -> None:
+    """The stop signal sets a flag (an exception raised wherever the main thread was could leave an HTTP client's
+    pool lock held, and the run's cleanup wait on it for good); the rate's requests look at it and end at once."""
+    out = tmp_path / "cmp"
+    log = open(tmp_path / "compare.out", "w")
+    workload = [*WORKLOAD]
+    workload[workload.index("--num-prompts") + 1] = "400"  # 200 s of arrivals at 2/s: far longer than the test
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdlaunch", "bench", "compare", "--model", "tiny", "--device", "cpu", "--rates", "2",
+         *workload, "--out", str(out)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "400 requests to" not in (tmp_path / "compare.out").read_text():  # the rate's requests are under way
+            assert proc.poll() is None, (tmp_path / "compare.out").read_text()
+            assert time.monotonic() < deadline, "gave up after 120s waiting for the first rate to start"
+            time.sleep(0.2)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - signalled < 30, "the stop waited for the rate"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    text = " ".join((tmp_path / "compare.out").read_text().split())
+    assert "interrupted: the running deployment was stopped and its processes reaped; no report (no deployment " \
+        "run had finished)" in text, text
+    assert "colocated deployment stopped" in text and "Traceback" not in text, text
+    assert _leftovers(str(out)) == []
+    assert not (out / "colocated.json").exists() and not (out / "compare.json").exists()
+
+
 def _measured_run(kind: str, layout: Layout) -> DeploymentRun:
     """A run whose PD figures make the advisor prefer 2P1D of 3: prefill 30000 tokens/s (9.8 req/s of 3072
     tokens per GPU), decode t(b) = 5 + 0.125 b ms (64 sequences at 13 ms for 128 tokens: 38 req/s per GPU)."""
@@ -433,7 +470,7 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
     ran: list[tuple[str, int, int]] = []
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
-                 yardstick: Yardstick | None) -> DeploymentRun:
+                 yardstick: Yardstick | None, **_: object) -> DeploymentRun:
         assert yardstick is not None and yardstick.ceiling == ceiling  # measured before the first deployment
         ran.append((kind, layout.prefill, layout.decode))
         return _measured_run(kind, layout)
@@ -482,7 +519,7 @@ def _baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran: list[str], *
     from pdlaunch.bench.compare_report import compare_document
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
-                 yardstick: Yardstick | None) -> DeploymentRun:
+                 yardstick: Yardstick | None, **_: object) -> DeploymentRun:
         ran.append(kind)
         return _measured_run(kind, layout)
 

@@ -37,7 +37,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Deployment runs that finish at once with one rate point each; the kinds run, in order."""
     kinds: list[str] = []
 
-    def run_deployment(cfg: Any, layout: Any, kind: str, *_: Any) -> DeploymentRun:
+    def run_deployment(cfg: Any, layout: Any, kind: str, *_: Any, **__: Any) -> DeploymentRun:
         kinds.append(kind)
         point = RatePoint(rate=2.0, num_prompts=4, completed=4, within_slo=4, duration_s=2.0, goodput=2.0,
                           served=2.0, ttft_p50_ms=10.0, ttft_p99_ms=20.0, tpot_p50_ms=1.0, tpot_p99_ms=2.0)

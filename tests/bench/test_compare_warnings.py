@@ -26,7 +26,7 @@ def test_each_warning_is_said_once_for_the_whole_comparison(monkeypatch: pytest.
     ran: list[str] = []
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
-                 yardstick: Yardstick | None) -> DeploymentRun:
+                 yardstick: Yardstick | None, **_: object) -> DeploymentRun:
         compare_layout.deployment_config(cfg, layout, kind)  # as run_deployment does, to start it
         ran.append(kind)
         return _measured_run(kind, layout)
