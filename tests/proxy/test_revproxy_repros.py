@@ -1,0 +1,134 @@
+"""Repros of proxy bugs found by review (h-revproxy). Each test states what the proxy should do; each fails today
+(xfail strict: the fix turns it into an XPASS, which fails until the mark is removed)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.leg_failure import Stalled, unless_stalled
+from pdlaunch.proxy.load_board import IN_FLIGHT
+from pdlaunch.proxy.migrate import Migrations
+from pdlaunch.proxy.upstream import Proxy
+from tests.serving.helpers import ThreadServer, wait_for
+
+
+class MetricsInstance:
+    """/health ok; /metrics as given."""
+
+    def __init__(self, exposition: str) -> None:
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.get("/metrics")(lambda: PlainTextResponse(exposition))
+
+
+@pytest.mark.xfail(strict=True, reason="federate.py: a non-finite sample timestamp passes _merge and fails render")
+@pytest.mark.parametrize("timestamp", ["NaN", "+Inf", "1e400"])
+def test_one_instance_with_a_non_finite_timestamp_does_not_blank_the_proxys_metrics(timestamp: str) -> None:
+    """An instance's /metrics line `x 1 NaN` (a sample with a NaN timestamp, which prometheus_client's parser takes)
+    is merged, then generate_latest raises (int(nan)) outside _merge's ValueError guard: the proxy's /metrics answers
+    500 on every scrape, its own series lost with the one instance's, until that instance changes."""
+    ports = PortAllocator("127.0.0.1")
+    good, bad = MetricsInstance("ok_metric 1\n"), MetricsInstance(f"broken_metric 1 {timestamp}\n")
+    with ThreadServer(good.app, ports.free("prefill")) as p, ThreadServer(bad.app, ports.free("decode")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        with ThreadServer(build_proxy_app(pool, 30.0), ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "both instances ready")
+            answer = httpx.get(f"{proxy.url}/metrics", timeout=10)
+            assert answer.status_code == 200, answer.text[:300]
+            assert "pdlaunch_proxy_instance_up" in answer.text
+            assert 'ok_metric{instance="prefill-0"' in answer.text
+
+
+def _two_decodes() -> tuple[InstancePool, Instance, Instance]:
+    first, second = Instance("decode", "http://127.0.0.1:9", "decode-0"), Instance("decode", "http://127.0.0.1:9",
+                                                                                    "decode-1")
+    pool = InstancePool([first, second])
+    first.state = second.state = "ready"
+    return pool, first, second
+
+
+@pytest.mark.xfail(strict=True, reason="leg_failure.unless_stalled drops a result that came with the cancellation")
+def test_a_stream_opened_as_its_decode_is_marked_stalled_is_closed() -> None:
+    """unless_stalled's stall branch cancels `work` and raises Stalled without looking at its result. Python 3.11's
+    asyncio.wait_for (proxy.open_stream awaits client.send through it) returns the inner result instead of raising
+    when it is cancelled after that result came: the open Upstream is then dropped unclosed: its decode's in-flight
+    count stays +1 for good (least_loaded avoids it; disaggregate_max_itl_ms holds an idle decode busy: itl 0 with
+    in-flight > 0) and the decode's response stays open. The BaseException branch discards such a result; this one
+    does not."""
+    async def scenario() -> tuple[int, list[str]]:
+        pool, first, _ = _two_decodes()
+        closed: list[str] = []
+        headers = asyncio.get_running_loop().create_future()
+
+        class Opened:
+            async def close(self) -> None:
+                first.count(IN_FLIGHT, -1)
+                closed.append("closed")
+
+        async def open_stream() -> Opened:  # as proxy.open_stream: counts, then awaits the headers via wait_for
+            first.count(IN_FLIGHT, 1)
+            try:
+                await asyncio.wait_for(headers, 30)  # 3.11: returns the result when cancelled after it came
+            except asyncio.CancelledError:
+                first.count(IN_FLIGHT, -1)
+                raise
+            return Opened()
+
+        async def discard(opened: Opened) -> None:
+            await opened.close()
+
+        def stall_then_headers() -> None:  # the headers come one loop iteration after the probe marks it stalled
+            first.stalled.set()
+            asyncio.get_running_loop().call_soon(headers.set_result, None)
+
+        asyncio.get_running_loop().call_later(0.05, stall_then_headers)
+        with pytest.raises(Stalled):
+            await unless_stalled(pool, first, open_stream(), discard=discard)
+        await asyncio.sleep(0.1)
+        return first.in_flight, closed
+
+    in_flight, closed = asyncio.run(scenario())
+    assert in_flight == 0 and closed == ["closed"], (in_flight, closed)
+
+
+@pytest.mark.xfail(strict=True, reason="migrate.open_stream/answer call another() after an await without others()")
+def test_a_stall_whose_other_decode_went_down_meanwhile_is_no_500() -> None:
+    """Migrations.open_stream (and .answer) take Stalled as proof another decode is ready and call another() at once;
+    but unless_stalled checked others() before awaiting the cancelled leg's end, and the health monitor may mark that
+    other decode down meanwhile: another() then asks the policy to choose among none (RoundRobin: ZeroDivisionError;
+    LeastLoaded: ValueError from min()): a 500 with a traceback, not the stalled decode's wait or a 502/503."""
+    async def scenario() -> Any:
+        pool, first, second = _two_decodes()
+        proxy = Proxy(pool, 30.0)
+
+        async def open_stream(instance: Instance, path: str, body: Any, headers: Any, deadline: float) -> Any:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pool.mark_down(second, "health check failed: ConnectError")  # the monitor, during the unwinding
+                await asyncio.sleep(0)
+                raise
+
+        proxy.open_stream = open_stream  # type: ignore[method-assign]
+        migrations = Migrations(proxy, 3)
+        asyncio.get_running_loop().call_later(0.05, first.stalled.set)
+        try:
+            await migrations.open_stream(first, "/v1/completions", {"prompt": "x"}, {"prompt": "x"}, {},
+                                         asyncio.get_running_loop().time() + 30, "r", lambda: None)
+        except (ZeroDivisionError, ValueError) as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - any OpenAIError is a fine answer here
+            return exc
+        return None
+
+    outcome = asyncio.run(scenario())
+    assert not isinstance(outcome, (ZeroDivisionError, ValueError)), repr(outcome)
