@@ -53,25 +53,31 @@ async def unless_stalled(pool: InstancePool, instance: Instance, work: Awaitable
                          discard: Callable[[T], Awaitable[None]] | None = None) -> T:
     """`work`'s result, or Stalled when `instance` is marked stalled first and another instance of its
     role is ready (then `work` is cancelled: its in-flight count ends). Cancelled itself (the client left,
-    another prompt of the request failed), it cancels `work` too, and `discard`s a result that came in
-    meanwhile (an open stream nobody will read would hold its in-flight count and its decode forever)."""
+    another prompt of the request failed), it cancels `work` too. Either way it `discard`s a result that came in
+    as `work` was cancelled (asyncio.wait_for, as Proxy.open_stream awaits the headers, returns a result that came
+    after its cancellation rather than raising): an open stream nobody will read would hold its in-flight count and
+    its decode forever."""
     call = asyncio.ensure_future(work)
     stall = asyncio.ensure_future(instance.stalled.wait())
     try:
         await asyncio.wait({call, stall}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
-        call.cancel()
-        await asyncio.gather(call, return_exceptions=True)
-        if discard is not None and not call.cancelled() and call.exception() is None:
-            await discard(call.result())
+        await _cancel(call, discard)
         raise
     finally:
         stall.cancel()
     if call.done() or not others(pool, instance):  # no other decode: wait for this one
         return await call
+    await _cancel(call, discard)
+    raise Stalled(instance)
+
+
+async def _cancel(call: asyncio.Future[T], discard: Callable[[T], Awaitable[None]] | None) -> None:
+    """Cancel `call` and wait for its end; `discard` its result if one came all the same."""
     call.cancel()
     await asyncio.gather(call, return_exceptions=True)
-    raise Stalled(instance)
+    if discard is not None and not call.cancelled() and call.exception() is None:
+        await discard(call.result())
 
 
 def others(pool: InstancePool, failed: Instance) -> list[Instance]:
