@@ -6,13 +6,16 @@ timeout, all at once) and re-emits each sample with `instance` (its name, e.g. d
 labels added. Sums across instances are the dashboard's job (`sum by (role) (...)`); vLLM's series
 keep their own labels (model_name, engine, finished_reason). An instance that does not answer whole in
 time (SCRAPE_TIMEOUT_S for the whole answer: a trickle would hold every scrape), or answers more than
-SCRAPE_MAX_BYTES, is left out of that scrape and counted in pdlaunch_proxy_federation_errors.
+SCRAPE_MAX_BYTES, or whose text is not Prometheus exposition that renders again (a line halfway that does not parse, a
+family another instance gave another type, a sample with a timestamp that is not a finite number), is left out of that
+scrape and counted in pdlaunch_proxy_federation_errors; the rest is served all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator
 
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,11 +34,11 @@ SCRAPE_MAX_BYTES = 64 << 20  # an instance's exposition is under 1 MiB; vLLM's h
 class _Fetched(Collector):
     """Families already fetched and relabelled, merged by name across instances."""
 
-    def __init__(self, families: dict[str, Metric]) -> None:
+    def __init__(self, families: Collection[Metric]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._families.values()
+        yield from self._families
 
 
 async def _scrape(client: httpx.AsyncClient, instance: Instance, headers: dict[str, str]) -> str | None:
@@ -49,7 +52,8 @@ async def _scrape(client: httpx.AsyncClient, instance: Instance, headers: dict[s
 
 def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:
     """Add `instance`'s series to `families`; ValueError (and nothing added) for text that is not Prometheus
-    exposition throughout, or whose family of a name already merged has another type."""
+    exposition throughout, whose family of a name already merged has another type, or that does not render again
+    (a sample timestamp of NaN or +Inf, which the parser takes, would fail the whole /metrics answer)."""
     extra = {"instance": instance.name, "role": instance.role}
     parsed = list(text_string_to_metric_families(text))  # all of it first: a bad line halfway adds nothing
     for family in parsed:
@@ -57,6 +61,15 @@ def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:
         if merged is not None and merged.type != family.type:
             raise ValueError(f"{family.name} is {with_article(family.type)} here and {with_article(merged.type)} on "
                              "another instance")
+        for sample in family.samples:
+            if sample.timestamp is not None and not math.isfinite(float(sample.timestamp)):
+                raise ValueError(f"{sample.name} has the timestamp {sample.timestamp}: not a finite number")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fetched(parsed))
+    try:  # rendered alone first: what fails here would fail every instance's scrape, and the proxy's own series
+        generate_latest(registry)
+    except Exception as exc:  # noqa: BLE001 - whatever generate_latest raises, the instance is left out
+        raise ValueError(f"its series do not render: {type(exc).__name__}: {exc}") from None
     for family in parsed:
         merged = families.get(family.name)
         if merged is None:
@@ -78,8 +91,8 @@ async def instance_metrics(client: httpx.AsyncClient, pool: InstancePool, header
             continue
         try:
             _merge(families, text, instance)
-        except ValueError:  # not Prometheus text (a foreign instance's 200 of something else)
+        except ValueError:  # not Prometheus text (a foreign instance's 200 of something else), or not rendering
             missed += 1
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fetched(families))
+    registry.register(_Fetched(families.values()))
     return generate_latest(registry), missed

@@ -97,3 +97,33 @@ def test_an_instance_whose_text_breaks_halfway_or_retypes_a_family_adds_nothing(
         _merge(families, retyped, Instance("prefill", "http://p1", "prefill-1"))
     assert list(families) == ["pdlaunch_kv_blocks_used"]
     assert [s.labels["instance"] for s in families["pdlaunch_kv_blocks_used"].samples] == ["decode-0"]
+
+
+def _exposing(exposition: str) -> FastAPI:
+    """/health ok; /metrics as given."""
+    app = FastAPI()
+    app.get("/health")(lambda: {"status": "ok"})
+    app.get("/metrics")(lambda: PlainTextResponse(exposition))
+    return app
+
+
+@pytest.mark.parametrize("timestamp", ["NaN", "+Inf", "1e400"])
+def test_an_instance_with_a_non_finite_sample_timestamp_is_left_out_not_the_whole_answer(timestamp: str) -> None:
+    """`x 1 NaN` (a sample whose timestamp is NaN, which prometheus_client's parser takes) was merged, then failed the
+    rendering of the whole answer (int(nan)): the proxy's /metrics answered 500 on every scrape, its own series lost
+    with every instance's, until that one instance changed. Now that instance is left out and counted."""
+    ports = PortAllocator("127.0.0.1")
+    good, bad = _exposing("ok_metric 1\n"), _exposing(f"ok_metric 2\nbroken_metric 1 {timestamp}\n")
+    with ThreadServer(good, ports.free("prefill")) as p, ThreadServer(bad, ports.free("decode")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        with ThreadServer(build_proxy_app(pool, 30.0), ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "both instances ready")
+            answers = [httpx.get(f"{proxy.url}/metrics", timeout=10) for _ in range(2)]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text[:300]
+    samples = _samples(answers[-1].text)
+    assert samples[("ok_metric", (("instance", "prefill-0"), ("role", "prefill")))] == 1
+    federated = {dict(labels)["instance"] for name, labels in samples
+                 if not name.startswith("pdlaunch_proxy_") and "instance" in dict(labels)}
+    assert federated == {"prefill-0"}
+    assert samples[("pdlaunch_proxy_federation_errors_total", ())] == 2  # one per scrape
