@@ -184,6 +184,13 @@ def _not_healthy(instance: Instance, why: str) -> None:
     instance.detail = why
 
 
+def no_candidate(role: str) -> OpenAIError:
+    """A policy asked to choose among no instance: each caller finds the ready ones first, but the health probe may
+    mark the last one down between that and the choice (after an await). A 503 (retry), not a crash."""
+    return OpenAIError(503, f"no ready {role} instance: the last one was marked down as this request was routed",
+                       code="no_instance")
+
+
 class RoundRobin:
     """Candidates in turn, one counter per role, each from `start` (a proxy worker's index: N workers that each
     see their first request do not all send it to the same instance)."""
@@ -193,6 +200,8 @@ class RoundRobin:
         self._start = start
 
     def choose(self, role: str, candidates: list[Instance]) -> Instance:
+        if not candidates:
+            raise no_candidate(role)
         counter = self._counters.setdefault(role, itertools.count(self._start))
         return candidates[next(counter) % len(candidates)]
 
@@ -206,6 +215,8 @@ class LeastLoaded:
     def choose(self, role: str, candidates: list[Instance]) -> Instance:
         # Each count read once: other workers change the board between two reads, and a second read could leave no
         # candidate at the fewest (an empty list for the tie-break).
+        if not candidates:
+            raise no_candidate(role)
         loads = [c.in_flight for c in candidates]
         fewest = min(loads)
         return self._tie_break.choose(role, [c for c, load in zip(candidates, loads, strict=True) if load == fewest])

@@ -86,7 +86,8 @@ def others(pool: InstancePool, failed: Instance) -> list[Instance]:
 
 
 def another(pool: InstancePool, failed: Instance) -> Instance:
-    """A ready instance of `failed`'s role other than it (only called when there is one)."""
+    """A ready instance of `failed`'s role other than it (only called when `others` has found one since the last
+    await: the health probe may mark one down at any await; with none, the policy's 503 no_instance)."""
     return pool.policy.choose(failed.role, others(pool, failed))
 
 

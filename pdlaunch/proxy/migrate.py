@@ -14,8 +14,11 @@ not relayed. Where nothing can go on (no other decode ready, the limit reached, 
 the client gets that 503 shutting_down, or the event, which says to retry on a running server, not a 502.
 
 A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
-decode (which computes the prompt itself). At most `limit` migrations per request; then the request
-fails with code `migration_limit`.
+decode (which computes the prompt itself). A leg given up because its decode stalled while another was ready, when no
+other is ready any more once the leg has ended (the health probe marked it down meanwhile), goes again to the stalled
+decode, without the prefill's KV and not counted as a migration: as a stall with no other decode ready, the request
+waits for that decode to answer again (leg_failure.unless_stalled). At most `limit` migrations per request; then the
+request fails with code `migration_limit`.
 
 Every leg that moves goes without the prefill's kv_transfer_params (`fresh_leg`), the prefill's hold released first:
 the decode it leaves may have read that KV, and the prefill freed it at the read_done. So does the one retry of a leg
@@ -114,6 +117,10 @@ class Migrations:
                 return await on_live_instance(pool, target.role, target, functools.partial(post, leg=leg),
                                               afresh(leg, body, post, on_migrate))
             except Stalled as stalled:
+                if not others(pool, stalled.instance):
+                    target, leg = stalled.instance, self._back_to_stalled(stalled.instance, leg, body, request_id,
+                                                                          on_migrate)
+                    continue
                 failed, reason, what = stalled.instance, "stalled", "stalled"
             except ShutDown as stop:
                 if not others(pool, stop.instance):
@@ -154,6 +161,10 @@ class Migrations:
                                                      afresh(leg, body, open_leg, on_migrate))
                 return upstream, migrations
             except Stalled as stalled:
+                if not others(self.proxy.pool, stalled.instance):
+                    target, leg = stalled.instance, self._back_to_stalled(stalled.instance, leg, body, request_id,
+                                                                          on_migrate)
+                    continue
                 failed, reason, what = stalled.instance, "stalled", "stalled"
             except ShutDown as stop:
                 if not others(self.proxy.pool, stop.instance):
@@ -170,6 +181,17 @@ class Migrations:
             leg = fresh_leg(body, leg)
             log.info("request %s: %s %s before answering the stream's headers; sent again to %s (migration "
                      "%d of %d)", request_id, failed.name, what, target.name, migrations, self.limit)
+
+    def _back_to_stalled(self, stalled: Instance, leg: JsonObject, body: Body, request_id: str,
+                         on_migrate: Callable[[], None]) -> JsonObject:
+        """The leg that goes again to `stalled`: its leg there was given up for another decode (unless_stalled saw one
+        ready), but none is ready now that the leg has ended (marked down meanwhile), so the request waits for the
+        stalled decode, as with no other decode at all. `stalled` may have read the prefill's KV before its leg was
+        cancelled: the leg goes without it (`on_migrate()`: the prefill's hold released), not a migration."""
+        on_migrate()
+        log.info("request %s: %s stalled, and no other decode is ready now to take the request; sent again to it, "
+                 "to wait until it answers", request_id, stalled.name)
+        return fresh_leg(body, leg)
 
     async def _open_unless_stalled(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                                    deadline: float) -> Upstream:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -18,7 +18,10 @@ from fastapi.responses import StreamingResponse
 
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.migrate import Migrations
+from pdlaunch.proxy.upstream import Proxy
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
 
@@ -83,3 +86,75 @@ def test_a_stream_on_the_only_decode_goes_on_through_its_stall() -> None:
     assert [e["choices"][0]["text"] for e in events] == ["A", "B"]
     assert answer.text.endswith("data: [DONE]\n\n")
     assert decode.stall_seen, "the proxy never marked the decode stalled: the test proved nothing"
+
+
+def _given_up_as_the_other_decode_goes_down(run: Callable[[Migrations, Instance, Callable[[], None]], Awaitable[Any]],
+                                            answer: object) -> tuple[Any, list[tuple[str, JsonObject]], int, list[str]]:
+    """decode-0 is marked stalled while decode-1 is ready, so its leg is given up (unless_stalled); as that leg ends,
+    the health probe marks decode-1 down. (What `run` returned, the legs sent as (decode, body), on_migrate() calls,
+    migrations counted.) decode-0's second leg answers `answer`."""
+    async def scenario() -> tuple[Any, list[tuple[str, JsonObject]], int, list[str]]:
+        first, second = Instance("decode", "http://127.0.0.1:9", "decode-0"), Instance("decode", "http://127.0.0.1:9",
+                                                                                        "decode-1")
+        pool = InstancePool([first, second])
+        first.state = second.state = "ready"
+        sent: list[tuple[str, JsonObject]] = []
+        released, counted = [0], []
+
+        async def leg(instance: Instance, path: str, body: JsonObject, headers: Any, deadline: float) -> Any:
+            sent.append((instance.name, body))
+            if len(sent) > 1:
+                return answer
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pool.mark_down(second, "health check failed: ConnectError")  # the monitor, during the unwinding
+                await asyncio.sleep(0)
+                raise
+            raise AssertionError("the first leg was never given up")
+
+        proxy = Proxy(pool, 30.0)
+        proxy.open_stream = proxy.post_json = leg  # type: ignore[method-assign, assignment]
+        migrations = Migrations(proxy, 3, on_migrate=counted.append)
+
+        def stall() -> None:
+            pool.mark_stalled(first, "/health did not answer")
+
+        asyncio.get_running_loop().call_later(0.05, stall)
+
+        def on_migrate() -> None:
+            released[0] += 1
+
+        outcome = await asyncio.wait_for(run(migrations, first, on_migrate), 10)
+        return outcome, sent, released[0], counted
+
+    return asyncio.run(scenario())
+
+
+LEG: JsonObject = {"prompt": "x", "kv_transfer_params": {"remote_engine_id": "p0"}}
+BODY: JsonObject = {"prompt": "x"}
+
+
+def test_a_stream_given_up_for_a_decode_that_then_went_down_waits_for_its_stalled_decode() -> None:
+    """Migrations.open_stream took Stalled as proof another decode was ready and asked the policy to choose among none
+    (RoundRobin: ZeroDivisionError; LeastLoaded: ValueError): a 500 with a traceback. Now, as with no other decode at
+    all, the request waits for the stalled decode: its leg goes again there, without the prefill's KV (it may have read
+    it), the prefill's hold released, and no migration counted."""
+    def run(migrations: Migrations, first: Instance, on_migrate: Callable[[], None]) -> Awaitable[Any]:
+        return migrations.open_stream(first, "/v1/completions", LEG, BODY, {}, time.monotonic() + 30, "r", on_migrate)
+
+    (opened, migrated), sent, released, counted = _given_up_as_the_other_decode_goes_down(run, "the stream")
+    assert (opened, migrated) == ("the stream", 0)
+    assert sent == [("decode-0", LEG), ("decode-0", BODY)]
+    assert (released, counted) == (1, [])
+
+
+def test_an_answer_given_up_for_a_decode_that_then_went_down_waits_for_its_stalled_decode() -> None:
+    """As the stream's, for a request that is not streamed (Migrations.answer)."""
+    def run(migrations: Migrations, first: Instance, on_migrate: Callable[[], None]) -> Awaitable[Any]:
+        return migrations.answer(first, "/v1/completions", LEG, BODY, {}, time.monotonic() + 30, "r", on_migrate)
+
+    (decode, answer), sent, released, counted = _given_up_as_the_other_decode_goes_down(run, {"id": "a"})
+    assert (decode.name, answer) == ("decode-0", {"id": "a"})
+    assert sent == [("decode-0", LEG), ("decode-0", BODY)]
+    assert (released, counted) == (1, [])

@@ -46,6 +46,17 @@ def test_least_loaded_picks_fewest_in_flight_and_shares_ties() -> None:
     assert {policy.choose("decode", decode).name for _ in range(3)} == {"decode-0", "decode-1", "decode-2"}
 
 
+@pytest.mark.parametrize("policy", [RoundRobin(), LeastLoaded()], ids=["round_robin", "least_loaded"])
+def test_a_policy_asked_to_choose_among_no_instance_answers_a_503(policy: RoundRobin | LeastLoaded) -> None:
+    """Callers find the ready instances first, but the health probe may mark the last one down before the choice (a
+    stall migration did: migrate.py): RoundRobin raised ZeroDivisionError, LeastLoaded ValueError (min of nothing),
+    a 500 with a traceback. Now a 503 no_instance naming the role."""
+    with pytest.raises(OpenAIError) as raised:
+        policy.choose("decode", [])
+    assert (raised.value.status, raised.value.code) == (503, "no_instance")
+    assert "no ready decode instance" in str(raised.value)
+
+
 def test_lease_counts_in_flight_even_on_error() -> None:
     inst = _instances("decode", 1)[0]
     with pytest.raises(RuntimeError):
