@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pdlaunch.config.problems import with_article
-from pdlaunch.proxy.answers import AnswerTooLarge, fetch
+from pdlaunch.http.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.instances import Instance, InstancePool
 
 SCRAPE_TIMEOUT_S = 2.0

@@ -38,9 +38,9 @@ from pydantic import ValidationError
 from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
 from pdlaunch.config.launcher_config import SupervisionConfig
 from pdlaunch.engine.kv_capacity import KVCapacity
+from pdlaunch.http.answers import AnswerTooLarge, fetch
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.retry_later import RetryLater
-from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.load_board import IN_FLIGHT, LoadBoard
 from pdlaunch.proxy.unready import Outage, health_refusal, health_state, no_instance_retry_after, none_ready_message
 

@@ -21,9 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, JsonValue
 
 import pdlaunch
+from pdlaunch.http.answers import AnswerTooLarge, fetch
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
-from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.bodies import as_object
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance

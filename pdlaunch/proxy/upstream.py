@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import httpx
 
+from pdlaunch.http.answers import AnswerTooLarge, read_body
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.retry_later import retry_after_of
 from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_CODE, stop_before_deadline, stream_cut_body
 from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
-from pdlaunch.proxy.answers import AnswerTooLarge, read_body
 from pdlaunch.proxy.bodies import JsonObject, as_object
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.load_board import IN_FLIGHT
