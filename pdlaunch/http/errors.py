@@ -103,8 +103,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Its headers too: a 405 names the methods the path takes in Allow (RFC 9110 requires it).
-        response = OpenAIError(exc.status_code, str(exc.detail)).response()
+        response = OpenAIError(exc.status_code, _http_message(request, exc)).response()
         response.headers.update(exc.headers or {})
         return response
+
+
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Starlette's words for a request no route takes ("Method Not Allowed", "Not Found") with what was sent and
+    what the server takes instead: the methods of the path (its Allow header), or the paths it has."""
+    sent = f"{request.method} {request.url.path}"
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        takes = sorted(allow.split(", "), key=lambda m: (_METHODS.index(m) if m in _METHODS else len(_METHODS), m))
+        return f"{sent}: {request.url.path} takes {' or '.join(takes)}, not {request.method}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        paths = [getattr(route, "path", "") for route in request.app.routes]
+        paths = list(dict.fromkeys(p for p in paths if p and not p.startswith(_UNLISTED)))  # GET and HEAD: one path
+        return f"{sent}: no such route on this server (it has {', '.join(paths)})"
+    return str(exc.detail)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # the order a 405's message names them in
+# Paths a 404 does not list: FastAPI's own documentation routes, and the deployment's internal ones.
+_UNLISTED = ("/docs", "/redoc", "/openapi.json", "/internal/")

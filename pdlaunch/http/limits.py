@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdlaunch.errors import json_kind
 from pdlaunch.http import JsonObject
 from pdlaunch.http.asgi import HTTPMiddleware
 from pdlaunch.http.errors import OpenAIError
@@ -45,6 +46,9 @@ class _NonFinite:
 
 def parse_json_object(raw: bytes) -> JsonObject:
     """A request body as a JSON object whose every value is finite, shallow and encodable."""
+    if not raw or raw.isspace():  # `curl -X POST URL` without -d: json's words were "Expecting value: line 1 column 1"
+        raise OpenAIError(400, "request body is empty: send a JSON object (Content-Type: application/json)",
+                          param="body")
     try:
         body = json.loads(raw, parse_constant=_NonFinite)
     except RecursionError:
@@ -52,7 +56,7 @@ def parse_json_object(raw: bytes) -> JsonObject:
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, over-long integers, bad UTF-8
         raise OpenAIError(400, f"request body is not valid JSON: {exc}", param="body") from None
     if not isinstance(body, dict):
-        raise OpenAIError(400, "request body must be a JSON object", param="body")
+        raise OpenAIError(400, f"request body must be a JSON object, got {json_kind(body)}", param="body")
     check_json_values(body)
     return body
 
