@@ -117,6 +117,16 @@ def _scontrol(args: list[str]) -> str:
         raise PdlaunchError(f"`scontrol {' '.join(args)}` did not answer within {SCONTROL_TIMEOUT_S:.0f}s",
                             field=FIELD, hint="check that slurmctld is reachable (`scontrol ping`)") from None
     if done.returncode != 0:
-        raise PdlaunchError(f"`scontrol {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}",
+        raise PdlaunchError(f"`scontrol {' '.join(args)}` failed: {_scontrol_reason(done.stderr, done.returncode)}",
                             field=FIELD, hint="check that slurmctld is reachable (`scontrol ping`)")
     return done.stdout
+
+
+def _scontrol_reason(stderr: str, returncode: int) -> str:
+    """Why scontrol stopped, in one line: its `fatal:` line, else its last line (it writes each step it tried as a
+    line of its own, `scontrol: error: ...`, before the one that ends it)."""
+    lines = [line.strip().removeprefix("scontrol: ") for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return f"exit status {returncode}"
+    fatal = [line.removeprefix("fatal: ") for line in lines if line.startswith("fatal: ")]
+    return fatal[-1] if fatal else lines[-1]
