@@ -120,7 +120,9 @@ def kubernetes(
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
 
+    from pdlaunch.config.flag_names import flag_fields, name_flags
     from pdlaunch.config.rules.chat_template import template_file
+    from pdlaunch.render.ignored import ignored_settings
     from pdlaunch.render.kubernetes import render_kubernetes
     from pdlaunch.render.manifest_files import write_manifests
     from pdlaunch.render.model_volume import volume_flag_problems
@@ -156,6 +158,8 @@ def kubernetes(
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
+    for field, message in name_flags(ignored_settings(cfg), flag_fields(overrides, cfg.instances)):
+        console.print(f"[yellow]warning:[/yellow] {escape(field)}: {escape(message)}", highlight=False, soft_wrap=True)
     if cfg.device == "cpu" and cpu_pod_memory is None and cpu_estimates(cfg) is None:
         console.print(f"the CPU pods' memory requests count their KV cache and runtime but not the weights: the "
                       f"checkpoint {escape(cfg.model.path)} is not readable on this machine (its config.json or .gguf "

@@ -1,0 +1,49 @@
+"""Settings of where the deployment's processes run, which `pdlaunch render kubernetes` took and dropped without a
+word: Kubernetes starts the pods and places them, so `--backend ray` (and its --ray-address), `--backend slurm`,
+`--node-rank` and `parallel.nodes` (with each group's `node`) are not in the manifests. A user who passed them
+expected the pods to use them; render now names each one it leaves out, as a warning (the manifests are valid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.render.test_render_bad_inputs import render
+
+
+def warnings_of(output: str) -> list[str]:
+    return [" ".join(line.split()) for line in output.splitlines() if line.startswith("warning:")]
+
+
+@pytest.mark.parametrize(("args", "field", "says"), [
+    (["--backend", "ray", "--ray-address", "10.0.0.5:6379"], "--backend",
+     "ray has no effect on the manifests: Kubernetes starts and places the pods"),
+    (["--backend", "slurm"], "--backend", "slurm has no effect on the manifests"),
+    (["--node-rank", "1"], "--node-rank", "has no effect on the manifests: every pod runs its own instance"),
+])
+def test_a_flag_of_where_processes_run_is_named_as_left_out(tmp_path: Path, args: list[str], field: str,
+                                                            says: str) -> None:
+    result = render(tmp_path / "out", *args)
+    assert result.exit_code == 0, result.output
+    found = warnings_of(result.output)
+    assert len(found) == 1 and found[0].startswith(f"warning: {field}: {says}"), result.output
+    assert (tmp_path / "out").is_dir()
+
+
+def test_the_nodes_of_a_config_are_named_as_left_out(tmp_path: Path) -> None:
+    config = tmp_path / "two-nodes.yaml"
+    config.write_text("parallel: {nodes: [{address: 10.0.0.1}, {address: 10.0.0.2}]}\n"
+                      "instances: [{role: prefill, node: 0}, {role: decode, node: 1}]\n")
+    result = render(tmp_path / "out", str(config))
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result.output) == [
+        "warning: parallel.nodes: 2 nodes have no effect on the manifests: Kubernetes places the pods (each "
+        "instance group's `node` too); leave parallel.nodes out of a config you render, or pick nodes with a "
+        "nodeSelector added to the manifests"], result.output
+
+
+def test_a_plain_render_warns_of_nothing(tmp_path: Path) -> None:
+    result = render(tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result.output) == [], result.output
