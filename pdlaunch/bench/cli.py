@@ -140,7 +140,9 @@ def make_checkpoint(
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     seed: Annotated[int, typer.Option("--seed", help="Weight seed.")] = 0,
     max_shard_gib: Annotated[float, typer.Option("--max-shard-gib", help="Largest safetensors shard, GiB.")] = 4.0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that has files.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write into a folder that has files (an earlier checkpoint's model*.safetensors and index "
+                            "there are replaced; other files stay).")] = False,
     device: Annotated[str, typer.Option("--device", help="Where random values are drawn: auto | cpu | cuda.")] = "auto",
     fp8: Annotated[str | None, typer.Option("--fp8", help="Save the linear weights as FP8: block (128x128 "
                                             "weight_scale_inv) | channel (compressed-tensors per channel).")] = None,

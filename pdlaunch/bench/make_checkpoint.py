@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ from pdlaunch.memory.platform import resolve_device
 from pdlaunch.model.arch import HFConfigJson
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config
 
+# A checkpoint's weight files as Hugging Face names them: one file, shards, their index.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -108,6 +111,8 @@ def make_shaped_checkpoint(
     _check_free_space(out, _checkpoint_bytes(cfg, itemsize, fp8))
     existed = out.exists()
     make_output_dir(out, "OUT_DIR")
+    for path in _earlier_weights(out):  # --overwrite: another shard count left shards the new index does not name
+        path.unlink()
     shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)
     written: list[Path] = []
     try:
@@ -138,11 +143,20 @@ def _check_free_space(out: Path, needed: int) -> None:
     there = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(there).free
     if out.is_dir():
-        free += sum(f.stat().st_size for f in out.glob("*.safetensors") if f.is_file())
+        free += sum(f.stat().st_size for f in _earlier_weights(out))
     if needed > free:
         raise PdlaunchError(f"the checkpoint takes {needed / 2**30:,.1f} GiB but the disk holding {out} has "
                             f"{free / 2**30:,.1f} GiB free", field="OUT_DIR",
                             hint="free space there, give a folder on another disk, or fewer --num-layers")
+
+
+def _earlier_weights(out: Path) -> list[Path]:
+    """The weight files of a checkpoint already in `out`, by the names a Hugging Face checkpoint gives them
+    (`model.safetensors`, `model-00001-of-00003.safetensors`, the index), which --overwrite replaces; a file of
+    another name is the user's."""
+    if not out.is_dir():
+        return []
+    return [f for f in out.iterdir() if _WEIGHT_FILE.fullmatch(f.name) and f.is_file()]
 
 
 def _remove(files: list[Path], folder: Path | None) -> None:
