@@ -6,9 +6,10 @@ chunk that fits the token budget (chunked prefill). While any running request de
 prompt tokens (every chunk of more than one token, or of a prompt) are capped at
 `prompt_tokens_while_decoding` (0: no cap): a long prompt then stalls the decodes a chunk at a
 time, not for its whole length; a step with no decode takes the whole budget. When blocks run out
-the newest running request is preempted (blocks freed, requeued at the front but behind requests
-holding KV that arrived, recomputed later: its prefix cache usually makes that cheap, and what it does not
-give back counts in pdlaunch_preempted_tokens_recomputed). Waiting
+the newest running request that still computes (not one whose last token is in flight: async scheduling) is
+preempted (blocks freed, requeued at the front but behind requests holding KV that arrived, recomputed later:
+its prefix cache usually makes that cheap, and what it does not give back counts in
+pdlaunch_preempted_tokens_recomputed). Waiting
 requests are admitted oldest first while budget, sequence slots and blocks last, and only in steps
 that preempted nothing; one whose whole prompt's KV arrived through the connector computes only its last
 prompt token, a decode's row, so the prompt cap does not hold it back, nor does it hold back a PD request's
@@ -52,7 +53,8 @@ class Scheduler(SchedulerAdmission):
                     continue
             self.block_manager.release_out_of_window(request.request_id, start)
             while not self.block_manager.allocate(request.request_id, start + n, start):
-                victim = self.running.pop()
+                victim = self._newest_preemptible()
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is request:
@@ -70,6 +72,14 @@ class Scheduler(SchedulerAdmission):
         for s in out.scheduled:
             self.prompt_tokens_computed += max(0, min(s.end, s.request.num_prompt_tokens) - s.start)
         return out
+
+    def _newest_preemptible(self) -> Request:
+        """The newest running request that still computes. One whose pending token is its last (async scheduling)
+        needs no more blocks and that token ends it with its blocks: a PD prefill's hold for its decode (preempted, it
+        held none and its decode's load failed) or a colocated request's cached prefix. The request being allocated
+        for computes, so one is found; when every request after it is pending it preempts itself, and this step
+        reads their tokens, which ends them and frees (or holds) their blocks: the next step admits it or it waits."""
+        return next(r for r in reversed(self.running) if not r.last_token_pending)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)

@@ -185,3 +185,51 @@ def test_unset_it_runs_with_cuda_only_and_set_it_is_what_it_says(llama_ckpt: Pat
     config.scheduler.async_scheduling = None
     two_ranks = SimpleNamespace(device=torch.device("cuda"), tp_size=2, offload=None)
     assert LLMEngine._async_scheduling(two_ranks, config) is False
+
+
+@pytest.mark.parametrize("pd", [True, False], ids=["pd_prefill", "colocated"])
+def test_a_request_whose_last_token_is_in_flight_is_never_preempted(llama_ckpt: Path, make_engine: MakeEngine,
+                                                                      pd: bool) -> None:
+    """Blocks run out while a request's only token is in flight: the request that needs the block gives its own
+    back, not the newer one whose token ends it. A PD prefill preempted then finished with no blocks: its answer
+    named none (remote_block_ids [[]]) and nothing was held, so its decode's load failed."""
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    (reference,) = tokens(run_all(make_engine(llama_ckpt, async_scheduling=False), [list(range(10, 18))], long))
+    hub = Hub()
+    # 9 blocks of 8: "long" holds 3 at 23 tokens, "one" takes the other 6, and "long"'s 25th token needs a 10th
+    p_engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"),
+                           async_scheduling=True, num_gpu_blocks=9)
+    p_engine.add_request("long", list(range(10, 18)), long)
+    first = p_engine.scheduler.requests["long"]
+    one_prompt = list(range(100, 148))
+    final: dict[str, RequestOutput] = {}
+    for _ in range(200):
+        if first.num_computed_tokens == 23 and "one" not in p_engine.scheduler.requests and "one" not in final:
+            p_engine.add_request("one", one_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+                                 {"do_remote_decode": True} if pd else None)
+        final.update({o.request_id: o for o in p_engine.step() if o.finished})
+        p_engine.check_integrity()
+        if "one" in final:
+            break
+    one = final["one"]
+    assert one.finish_reason == "length" and len(one.output_token_ids) == 1
+    if pd:
+        assert one.kv_transfer_params is not None
+        (block_ids,) = one.kv_transfer_params["remote_block_ids"]
+        assert len(block_ids) == len(one_prompt) // 8 and min(block_ids) >= 0
+        assert list(p_engine.scheduler.held) == ["one"]
+        # the decode loads it: the prefill's hold ends and "long" gets its blocks back
+        d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=CopyConnector(hub, "D"))
+        d_engine.add_request("one", one_prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                             one.kv_transfer_params)
+        while d_engine.has_unfinished_requests():
+            final.update({o.request_id: o for o in d_engine.step() if o.finished})
+        assert final["one"].output_token_ids[:1] == one.output_token_ids
+    assert p_engine.scheduler.num_preemptions == 1 and first.num_preemptions == 1  # the one that needed the block
+    for _ in range(500):
+        if not p_engine.has_unfinished_requests():
+            break
+        final.update({o.request_id: o for o in p_engine.step() if o.finished})
+        p_engine.check_integrity()
+    assert final["long"].output_token_ids == reference
+    assert not p_engine.scheduler.held and p_engine.block_manager.num_used_blocks() == 0
