@@ -6,7 +6,7 @@ TCP link to a rank on another node (remote_link.py); message_stream.py sends and
 Rank 0 -> rank r:
   Setup(device_type, dtype_name, max_model_len)  what a remote rank cannot read from its own config
   Execute(inputs)                          forward this rank's shard of one engine step
-  StartLoad / RequestFinished / GetFinished / AbortLoad / ReleaseHeld / ForgetEngine
+  StartLoad / RequestFinished / GetFinished / AbortLoad / ReleaseUnloaded / ReleaseHeld / ForgetEngine
                                            mirror a scheduler-side call on rank r's own connector
   Shutdown()                               leave the group and exit 0
 Rank r -> rank 0:
@@ -202,6 +202,23 @@ class AbortLoad(MirroredCall):
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseUnloaded(MirroredCall):
+    """A decode request ended before its load started: each rank tells the prefill rank(s) holding its part."""
+
+    reply_type: ClassVar[type | tuple[type, ...] | None] = None
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: KVTransferParams | None
+
+    def problem(self) -> str | None:
+        return _first(_type_problem("request_id", self.request_id, str, "a str"),
+                      _type_problem("prompt_token_ids", self.prompt_token_ids, list, "a list"),
+                      None if self.kv_transfer_params is None else
+                      _type_problem("kv_transfer_params", self.kv_transfer_params, _PARAMS_TYPES,
+                                    "kv_transfer_params or None"))
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseHeld(MirroredCall):
     request_id: str
 
@@ -272,11 +289,12 @@ class RankFailed:
         return _type_problem("message", self.message, str, "a str")
 
 
-ConnectorCall: TypeAlias = StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseHeld | ForgetEngine
+ConnectorCall: TypeAlias = (StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseUnloaded | ReleaseHeld
+                             | ForgetEngine)
 Message: TypeAlias = Execute | ConnectorCall | Shutdown | Setup | Hello | Ready | Reply | RankFailed
 # The step message first: isinstance walks the tuple in order.
-MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseHeld, ForgetEngine, Reply,
-                        Shutdown, Setup, Hello, Ready, RankFailed)
+MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseUnloaded, ReleaseHeld,
+                        ForgetEngine, Reply, Shutdown, Setup, Hello, Ready, RankFailed)
 
 
 def describe(arrived: object) -> str:

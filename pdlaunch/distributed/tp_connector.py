@@ -24,6 +24,7 @@ from pdlaunch.distributed.messages import (
     ForgetEngine,
     GetFinished,
     ReleaseHeld,
+    ReleaseUnloaded,
     RequestFinished,
     StartLoad,
 )
@@ -182,6 +183,17 @@ class TPConnector(KVConnector):
             self._drain.setdefault(request_id, set()).update(busy)
         return bool(self._drain.get(request_id))
 
+    def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None) -> None:
+        """Every rank would have loaded its part from the prefill rank(s) holding it: each tells those (params_for_rank
+        names them; params it cannot take are refused the same way on every rank, and there is nothing to tell)."""
+        self.mirror(ReleaseUnloaded(request_id, prompt_token_ids, kv_transfer_params))
+        try:
+            params = params_for_rank(kv_transfer_params, 0, self.tp_size)
+        except KVTransferError:
+            return
+        self.local.release_unloaded(request_id, prompt_token_ids, params)
+
     def release_held(self, request_id: str) -> bool:
         """Every rank holds its slice of the request's blocks: release them all (each rank reports
         finished_sending, and the request is freed when all have)."""
@@ -218,6 +230,13 @@ def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, call: C
             return connector.get_finished()
         case AbortLoad():
             return bool(connector.abort_load(call.request_id))  # None (base.py's contract) is no transfer: False
+        case ReleaseUnloaded():
+            try:
+                params = params_for_rank(call.kv_transfer_params, rank, tp_size)
+            except KVTransferError:
+                return None  # rank 0 told no prefill either
+            connector.release_unloaded(call.request_id, call.prompt_token_ids, params)
+            return None
         case ReleaseHeld():
             return connector.release_held(call.request_id)
         case ForgetEngine():

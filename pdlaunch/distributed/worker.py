@@ -30,6 +30,7 @@ from pdlaunch.distributed.messages import (
     RankFailed,
     Ready,
     ReleaseHeld,
+    ReleaseUnloaded,
     Reply,
     RequestFinished,
     Shutdown,
@@ -177,7 +178,8 @@ def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | Non
         match message:
             case Execute(inputs):
                 runner.run(inputs)
-            case StartLoad() | RequestFinished() | GetFinished() | AbortLoad() | ReleaseHeld() | ForgetEngine():
+            case StartLoad() | RequestFinished() | GetFinished() | AbortLoad() | ReleaseUnloaded() | ReleaseHeld() \
+                    | ForgetEngine():
                 if connector is None:
                     raise RuntimeError(f"rank 0 mirrored {type(message).__name__} but TP rank {rank} has no connector")
                 result = rank_connector_call(connector, rank, tp, message)

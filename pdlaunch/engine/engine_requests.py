@@ -16,7 +16,7 @@ from pdlaunch.engine.kv_capacity import KVCapacity, window_blocks
 from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request
-from pdlaunch.errors import EngineError, KVTransferError
+from pdlaunch.errors import EngineError, KVTransferError, PdlaunchError
 from pdlaunch.kv_transfer.params import (
     EXPIRY_FIELD,
     JSONObject,
@@ -104,6 +104,38 @@ class EngineRequests:
         if self.is_sleeping():
             raise InstanceAsleep("the instance is sleeping", field="sleep", hint="POST /wake_up first")
         prompt = list(prompt_token_ids)
+        kv = kv_transfer_params
+        if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
+            kv = self.check_kv_transfer_params(kv)
+        try:
+            self._check_request(prompt, params, kv)
+        except PdlaunchError:
+            # The request itself is refused (a 400): its prefill's hold would wait for it until the lease's end. Not
+            # so the two refusals above, of this instance's state: a request of that id here, which may be loading
+            # the same params, and a sleep, after which a proxy may send the same leg to another decode.
+            s.release_unloaded(request_id, prompt, kv)
+            raise
+        first = first_token_ids(kv)
+        request = Request(request_id, prompt, params, next(self._arrival), kv)
+        if params.seed is not None:
+            request.generator = self.sampler.new_request_generator(params.seed)
+            skip_draws(request, params.seed_offset, self.vocab_size, self.device)
+        self.outputs.add(request, matcher)
+        self.scheduler.add_request(request)
+        if first:
+            try:
+                continued = self._continue_from(request, first)
+            except Exception:
+                # Its first token's grammar or detokenizer raised: the caller gets the error as the request's
+                # refusal, so nothing of it may stay here to run unseen and keep its id taken (a retry's 400).
+                if not request.is_finished:
+                    self.scheduler.finish_request(request, "abort")
+                self.outputs.pop(request_id)
+                raise
+            self._admitted.append((request, continued))
+
+    def _check_request(self, prompt: list[int], params: SamplingParams, kv: KVTransferParams | None) -> None:
+        """EngineError naming the field when this engine refuses the request itself (its prompt, limits or ids)."""
         if not prompt:
             raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")
         check_in_vocab(prompt, self.vocab_size, "prompt")
@@ -125,28 +157,7 @@ class EngineRequests:
                 f"seed_offset {params.seed_offset} exceeds {offset_cap} (max_model_len {self.max_model_len} + the "
                 f"prompt's {len(prompt)} tokens): no seeded request draws that many tokens before its prompt ends",
                 field="seed_offset", hint=f"use at most {offset_cap}")
-        kv = kv_transfer_params
-        if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
-            kv = self.check_kv_transfer_params(kv)
-        first = first_token_ids(kv)
-        check_in_vocab(first, self.vocab_size, "kv_transfer_params.first_token_ids")
-        request = Request(request_id, prompt, params, next(self._arrival), kv)
-        if params.seed is not None:
-            request.generator = self.sampler.new_request_generator(params.seed)
-            skip_draws(request, params.seed_offset, self.vocab_size, self.device)
-        self.outputs.add(request, matcher)
-        self.scheduler.add_request(request)
-        if first:
-            try:
-                continued = self._continue_from(request, first)
-            except Exception:
-                # Its first token's grammar or detokenizer raised: the caller gets the error as the request's
-                # refusal, so nothing of it may stay here to run unseen and keep its id taken (a retry's 400).
-                if not request.is_finished:
-                    self.scheduler.finish_request(request, "abort")
-                self.outputs.pop(request_id)
-                raise
-            self._admitted.append((request, continued))
+        check_in_vocab(first_token_ids(kv), self.vocab_size, "kv_transfer_params.first_token_ids")
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""

@@ -133,7 +133,6 @@ class SchedulerAdmission(SchedulerState):
             return None
         if not self._load_from_cpu(request, cpu_hit):
             return True
-        request.connector_consulted = True
         self._note_cached(request, k + ext, local=k, from_cpu=k - hit.num_tokens)
         vllm(EXTERNAL_PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
         vllm(EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
@@ -142,6 +141,9 @@ class SchedulerAdmission(SchedulerState):
             if self.offload is not None:  # the blocks just allocated may be evicted ones still to store
                 self.offload.before_external_write()
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
+        # Set once its load started: a request that ends before (its CPU-tier load failed, this raised) never had
+        # one, so finish_request has the prefill told to drop its hold (release_unloaded).
+        request.connector_consulted = True
         if ext == 0:
             return False
         self.waiting.popleft()

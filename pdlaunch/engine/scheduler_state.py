@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
-from pdlaunch.kv_transfer.params import PrefillAnswer
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_prefill
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.metrics.kv_transfer import KV_LOAD_RECOMPUTES
 
@@ -97,6 +97,8 @@ class SchedulerState:
             self.waiting.remove(request)
             if abort_load:
                 self._abort_load(rid)  # nothing was started; drops what matching planned
+            if not request.connector_consulted:  # its load never started: the prefill still holds its KV for it
+                self.release_unloaded(rid, request.prompt_token_ids, request.kv_transfer_params)
         elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             del self.waiting_for_kv[rid]
             if abort_load:
@@ -129,6 +131,18 @@ class SchedulerState:
         except Exception as exc:  # noqa: BLE001 - one request's KV failure must not end the engine
             describe(request_id, exc)
             return False
+
+    def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None) -> None:
+        """A PD decode request ends before its KV load started (aborted or failed while queued, ended by its
+        prefill's first token at admission, refused by add_request): connector.release_unloaded tells the prefill to
+        drop its hold now, not at its lease's end. A connector that raises is logged: the lease frees the blocks."""
+        if self.connector is None or not wants_remote_prefill(kv_transfer_params):
+            return
+        try:
+            self.connector.release_unloaded(request_id, prompt_token_ids, kv_transfer_params)
+        except Exception as exc:  # noqa: BLE001 - one request's KV failure must not end the engine
+            describe(request_id, exc)
 
     def take_failed(self) -> list[Request]:
         failed, self.failed = self.failed, []

@@ -25,6 +25,7 @@ Lifecycle contract (no block is written, read or held after the engine lets it g
   - `request_finished` is called only for requests that finished normally (stop/length): their
     KV is complete, so a returned hold=True is always honoured. A request that is aborted or fails
     is never offered for a remote decode and the connector is not asked about it.
+  - A decode request that ends before its load started gets `release_unloaded`: the prefill drops its hold.
   - A decode request aborted while its KV is loading gets `abort_load`. It returns True when a
     transfer may still write into the request's blocks (a push WRITE the prefill side posted, a
     READ that could not be cancelled): the engine then keeps the blocks out of the free list
@@ -148,6 +149,14 @@ class KVConnector(ABC):
         True: a transfer may still write into its blocks; the engine keeps them until
         `get_finished().safe_to_free` names the request. False/None: free them now."""
         return False
+
+    def release_unloaded(  # noqa: B027 - a connector that loads nothing (the prefill role) keeps this
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
+    ) -> None:
+        """Decode: a request whose params ask for a remote prefill's KV ended before `start_load` was called for it
+        (aborted or failed while queued, ended by the prefill's first token at admission, refused by the engine):
+        tell the prefill to drop its hold now, not at its lease's end. No load ran, so `abort_load` finds none to
+        end. Best effort, and it must not block the engine thread (a prefill not told frees at its lease's end)."""
 
     def release_held(self, request_id: str) -> bool:
         """Prefill: the decode leg of `request_id` will not run (the client went away, the decode

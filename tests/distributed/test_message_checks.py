@@ -29,6 +29,7 @@ from pdlaunch.distributed.messages import (
     RankFailed,
     Ready,
     ReleaseHeld,
+    ReleaseUnloaded,
     Reply,
     RequestFinished,
     Setup,
@@ -78,6 +79,8 @@ MALFORMED: list[tuple[Message, str]] = [
     (StartLoad("r", [1], None, [[2]], -1, 1), "num_local_computed_tokens is -1, out of range"),
     (RequestFinished("r", [1], None, "7"), "block_ids is a str, not a list"),  # type: ignore[arg-type]
     (AbortLoad(None), "request_id is a NoneType, not a str"),  # type: ignore[arg-type]
+    (ReleaseUnloaded("r", [1], {"remote_port": 1}),  # type: ignore[arg-type]
+     "kv_transfer_params is a dict, not kv_transfer_params or None"),
     (ReleaseHeld(["r"]), "request_id is a list, not a str"),  # type: ignore[arg-type]
     (Hello([1]), "rank is a list, not an int"),  # type: ignore[arg-type]
     (Hello(0), "rank is 0, out of range"),

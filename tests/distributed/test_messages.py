@@ -20,6 +20,7 @@ from pdlaunch.distributed.messages import (
     RankFailed,
     Ready,
     ReleaseHeld,
+    ReleaseUnloaded,
     Reply,
     RequestFinished,
     Setup,
@@ -39,6 +40,7 @@ MESSAGES: list[Message] = [
     RequestFinished("r1", [1, 2, 3], None, [[7, 8]]),
     GetFinished(),
     AbortLoad("r1"),
+    ReleaseUnloaded("r1", [1, 2, 3], PARAMS),
     ReleaseHeld("r1"),
     ForgetEngine("decode-engine-0"),
     Shutdown(),
@@ -78,7 +80,7 @@ def test_step_message_carries_its_tensors() -> None:
 
 
 def test_which_calls_are_answered() -> None:
-    assert StartLoad.reply_type is None
+    assert StartLoad.reply_type is None and ReleaseUnloaded.reply_type is None
     assert (RequestFinished.reply_type, GetFinished.reply_type, AbortLoad.reply_type, ReleaseHeld.reply_type,
             ForgetEngine.reply_type) == (tuple, KVConnectorEvents, bool, bool, int)
 

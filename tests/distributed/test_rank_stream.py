@@ -23,6 +23,7 @@ from pdlaunch.distributed.messages import (
     RankFailed,
     Ready,
     ReleaseHeld,
+    ReleaseUnloaded,
     Reply,
     RequestFinished,
     Shutdown,
@@ -62,6 +63,9 @@ class RecordingConnector(ScriptedRank):
         self.calls.append(("release_held", request_id))
         return True
 
+    def release_unloaded(self, *args: Any) -> None:
+        self.calls.append(("release_unloaded", args))
+
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
         pass
 
@@ -86,6 +90,10 @@ def test_mirrored_calls_reach_the_rank_connector_with_its_own_prefill_rank() -> 
                             remote_block_ids=[[4]]))
     assert rank_connector_call(connector, 1, 2, AbortLoad("r")) is True and connector.aborted == ["r"]
     assert rank_connector_call(connector, 1, 2, ReleaseHeld("r")) is True
+    # a request that ended before its load: rank 1 tells the prefill rank it would have read
+    assert rank_connector_call(connector, 1, 2, ReleaseUnloaded("r", [1, 2], params)) is None
+    name, released = connector.calls[-1]
+    assert (name, released[0], released[2].remote_port, released[2].remote_host) == ("release_unloaded", "r", 5601, "b")
     assert isinstance(rank_connector_call(connector, 1, 2, GetFinished()), KVConnectorEvents)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode, wants_remote_prefill
 from tests.engine.conftest import MakeEngine, run_all
@@ -26,6 +29,7 @@ class CopyConnector(KVConnector):
         self.hub, self.engine_id, self.fail = hub, engine_id, fail
         self.loading: set[str] = set()
         self.aborted: list[str] = []
+        self.released: list[str] = []  # release_unloaded: requests that ended before their load started
         self.calls: list[tuple[str, int, int]] = []
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
@@ -74,6 +78,11 @@ class CopyConnector(KVConnector):
     def abort_load(self, request_id: str) -> None:
         self.aborted.append(request_id)
         self.loading.discard(request_id)
+
+    def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None) -> None:
+        assert isinstance(kv_transfer_params, PrefillAnswer)
+        self.released.append(request_id)
 
 
 def spec(role: str, engine_id: str) -> InstanceSpec:
@@ -204,3 +213,48 @@ def test_release_by_client_id_frees_the_holds_of_that_client_only(llama_ckpt, ma
     engine.connector.release_held = lambda rid: released.append(rid) or True  # type: ignore[method-assign,union-attr]
     assert engine.release_held_kv_of_client("pd-c1") == 2 and sorted(released) == ["pd-c1-0000aaaa", "pd-c1-0000bbbb"]
     assert engine.release_held_kv_of_client("pd-c") == 0  # whole ids only, never a prefix
+
+
+def test_a_decode_request_that_ends_before_its_load_started_has_the_prefill_told(  # type: ignore[no-untyped-def]
+        llama_ckpt, make_engine: MakeEngine) -> None:
+    """connector.release_unloaded for a request with a remote prefill's params that ends before start_load (the
+    prefill still holds its KV for it): aborted while queued, refused by add_request, or failed by a connector call
+    that raised while it was admitted (before or inside start_load). Not for a request whose load started (abort_load
+    ends that one), nor one without such params, nor one refused for this instance's state (its id in use)."""
+    hub = Hub()
+    p_engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"))
+    prompt = list(range(40, 60))
+    outs = prefill(p_engine, [prompt] * 5)
+    d_conn = CopyConnector(hub, "D")
+    d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=d_conn, max_model_len=64)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    d_engine.add_request("queued", prompt, params, outs[0].kv_transfer_params)
+    d_engine.add_request("local", prompt, params)
+    d_engine.abort_request("queued")
+    d_engine.abort_request("local")
+    assert d_conn.released == ["queued"]
+
+    with pytest.raises(EngineError, match="max_model_len"):
+        d_engine.add_request("refused", prompt, SamplingParams(max_tokens=60), outs[1].kv_transfer_params)
+    d_engine.add_request("loading", prompt, params, outs[2].kv_transfer_params)
+    with pytest.raises(EngineError, match="already in use"):  # the request of that id may be loading these params
+        d_engine.add_request("loading", prompt, params, outs[2].kv_transfer_params)
+    d_conn.get_finished = lambda: KVConnectorEvents()  # type: ignore[method-assign]  # the load never completes
+    d_engine.step()
+    assert d_conn.loading == {"loading"}
+    d_engine.abort_request("loading")  # its load started: abort_load tells the prefill
+    assert d_conn.released == ["queued", "refused"] and d_conn.aborted[-1] == "loading"
+
+    for failing, rid, out in (("get_num_new_matched_tokens", "consult-raised", outs[3]),
+                              ("start_load", "start-raised", outs[4])):
+        def fail(*args: object) -> int:
+            raise RuntimeError("connector bug")
+
+        setattr(d_conn, failing, fail)
+        d_engine.add_request(rid, prompt, params, out.kv_transfer_params)
+        (failed,) = [o for o in d_engine.step() if o.request_id == rid]
+        assert failed.finished and failed.finish_reason == "error"
+        delattr(d_conn, failing)
+    assert d_conn.released == ["queued", "refused", "consult-raised", "start-raised"]
+    assert not d_engine.has_unfinished_requests() and d_engine.block_manager.num_used_blocks() == 0

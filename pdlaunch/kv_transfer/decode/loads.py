@@ -12,7 +12,8 @@ them may still write a block freed under it (decode/compute_order.py).
 Every block the prefill took off its free list for a load comes back promptly however the load ends: once a
 strategy is on the load, the table tells the prefill through it; before that (its handshake failed or was given
 up, the prefill's answer could not be planned or failed its checks, it was aborted or timed out) the loader does
-(`drop_unstarted`), and so does start_load for params it cannot plan; best effort: the lease stays the backstop.
+(`drop_unstarted`), and so does start_load for params it cannot plan, and release_unloaded (decode/side.py) for a
+request that ended before its load started; best effort: the lease stays the backstop.
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
 loader threads bind the instance's device when they start (vLLM #39548), since they copy KV.
 """
@@ -169,7 +170,7 @@ class DecodeLoads:
             # load's to cancel (a client that learnt its id must not free another client's KV). The prefill is
             # told what was asked for instead: it drops that request's hold, now or when it comes (drop_held).
             if load.plan is not None:
-                self._drop_held(load)
+                self.drop_held(load)
             return
         if not load.remote.request_id:  # the params named no held request
             return
@@ -186,12 +187,12 @@ class DecodeLoads:
                 logger.warning("request %s: %s; the prefill keeps the request's blocks until its hold's lease ends "
                                "(kv_transfer.kv_lease_seconds)", load.request_id, e.render())
 
-    def _drop_held(self, load: Load) -> None:
-        """The load gave up asking "held_blocks": the prefill drops the hold of what it asked for, now or once the
-        prefill leg ends, within a transfer timeout (messages.py DropHeldRequest; a load that timed out asking gave
-        up at its deadline, and its prefill leg may end after it). Else a prefill leg that ends after its client left
-        the decode leg (vLLM's push proxy sends both legs at once) keeps the blocks for the whole lease. Best effort,
-        as `drop_unstarted`."""
+    def drop_held(self, load: Load) -> None:
+        """The load gave up asking "held_blocks", or never asked (its request ended first: release_unloaded): the
+        prefill drops the hold of what it asked for (or would have), now or once the prefill leg ends, within a
+        transfer timeout (messages.py DropHeldRequest; a load that timed out asking gave up at its deadline, and its
+        prefill leg may end after it). Else a prefill leg that ends after its client left the decode leg (vLLM's push
+        proxy sends both legs at once) keeps the blocks for the whole lease. Best effort, as `drop_unstarted`."""
         message = DropHeldRequest(type="drop_held", request_id=load.remote.request_id,
                                   client_request_id=client_request_id(load.request_id),
                                   prompt_digest=load.prompt_digest, owner=load.nonce,

@@ -127,6 +127,29 @@ class DecodeSide(NixlConnector):
             # to free it now, not at its lease's end.
             self.ctx.executor.submit(self.loads.drop_unstarted, load, self._held_ranks(load.remote))
 
+    def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None) -> None:
+        """The request ended before start_load (base.py): no load of it is in the table, so neither the table's
+        abort nor a loader tells the prefill. Told here as a load that ended before its strategy was on it
+        (DecodeLoads.drop_unstarted: "cancel_push" to each prefill rank that holds it for this rank), or, for params
+        that name no held request (vLLM's push proxy), "drop_held" of what the load would have asked for. On a loader
+        thread: the side channel blocks."""
+        params = kv_transfer_params
+        if not isinstance(params, PrefillAnswer | UnsignedPush):
+            return
+        try:
+            remote = RemoteKV.from_params(params)
+        except KVTransferError:
+            return  # names no side channel: nothing to tell (its load would have failed the same way)
+        now = time.monotonic()
+        load = Load(request_id, remote, [], deadline=now + self.ctx.transfer_timeout, started=now)
+        load.fail("the request ended before its KV load started")
+        if isinstance(params, UnsignedPush):
+            load.prompt_digest = prompt_digest(prompt_token_ids)
+            self.ctx.executor.submit(self.loads.drop_held, load)
+        elif remote.request_id:
+            self.ctx.executor.submit(self.loads.drop_unstarted, load, self._held_ranks(remote))
+
     def _required(self, params: PrefillAnswer) -> RemoteKV:
         missing = [name for name, value in (("remote_block_ids", params.remote_block_ids),
                                             ("remote_host", params.remote_host), ("remote_port", params.remote_port))
