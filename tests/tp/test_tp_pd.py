@@ -89,3 +89,21 @@ def test_tp_pd_resharding_on_gpus(llama_ckpt: Path, prefill_devices: list[int], 
             decode.close()
     finally:
         prefill.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 2), (1, 2), (2, 1)])
+def test_tp_decode_request_its_first_token_ends_releases_every_prefill_rank(llama_ckpt: Path, prefill_tp: int,
+                                                                            decode_tp: int) -> None:
+    # The decode request ends at admission (max_tokens 1, the prefill's token): its load never starts, and every
+    # decode rank tells the prefill rank(s) it would have read to drop the hold, long before the 600 s lease.
+    prompt = PROMPTS["many-blocks"]
+    for prefill, decode in tp_pd_pair(llama_ckpt, prefill_tp, decode_tp, lease_s=600.0):
+        first = prefill.call("generate", [("r", prompt, {**GREEDY, "max_tokens": 1},
+                                           {"do_remote_decode": True, "return_first_token": True})])
+        params = first["r"]["kv_transfer_params"]
+        assert params["first_token_ids"] and prefill.call("check")["stats"]["num_held"] == 1
+        decode.call("generate", [("r", prompt, {**GREEDY, "max_tokens": 1}, params)])
+        assert decode.call("check")["used_blocks"] == 0
+        assert prefill.call("drain", 60.0) == 0  # raises while any rank still holds it
