@@ -118,8 +118,8 @@ class TPRanks:
             lock.release()
 
     def stop(self) -> None:
-        """Tell every rank to shut down, reap the local ones (killing those that stay, and at once those stopped by
-        SIGSTOP or a debugger), close every link."""
+        """Tell every rank to shut down, reap the local ones (all within one JOIN_TIMEOUT_S; then those still there,
+        and at once those stopped by SIGSTOP or a debugger, are killed together and reaped), close every link."""
         self.closing.set()
         for conn in self.links:
             try:
@@ -127,22 +127,29 @@ class TPRanks:
                 send(conn, Shutdown())
             except OSError:  # that rank is gone already, or hung with its buffer full: it is killed below
                 pass
+        # One deadline for all of them, then one kill of all that are left: a worker at a time (JOIN_TIMEOUT_S
+        # each, in turn) made a TP 8 instance whose workers could not read "shutdown" (still loading, or blocked in
+        # a collective on a dead peer) take 70 s to stop.
+        stopped = {rank for rank, proc in self.procs.items() if _is_stopped(proc.pid)}  # cannot act on "shutdown"
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
         for rank, proc in self.procs.items():
-            stopped = _is_stopped(proc.pid)  # it cannot act on "shutdown" before it is continued: no wait for it
-            if not stopped:
-                proc.join(JOIN_TIMEOUT_S)
-            if proc.is_alive():  # a worker ignores SIGTERM (worker.py): killed, not terminated
-                if stopped:
-                    log.warning("%s is stopped (SIGSTOP or a debugger): killing it", self.where(rank))
-                else:
-                    log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
-                                JOIN_TIMEOUT_S)
-                proc.kill()
-                proc.join(JOIN_TIMEOUT_S)
-                if proc.is_alive():  # SIGKILL waits for it to leave the kernel: it is stuck there
-                    log.error("TP rank %d (pid %s) did not exit within %gs of SIGKILL: it is stuck in an "
-                              "uninterruptible call (a hung device driver or file system) and is left behind; check "
-                              "the device (nvidia-smi) and dmesg", rank, proc.pid, JOIN_TIMEOUT_S)
+            if rank not in stopped:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        left = {rank: proc for rank, proc in self.procs.items() if proc.is_alive()}
+        for rank, proc in left.items():  # a worker ignores SIGTERM (worker.py): killed, not terminated
+            if rank in stopped:
+                log.warning("%s is stopped (SIGSTOP or a debugger): killing it", self.where(rank))
+            else:
+                log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
+                            JOIN_TIMEOUT_S)
+            proc.kill()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for rank, proc in left.items():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():  # SIGKILL waits for it to leave the kernel: it is stuck there
+                log.error("TP rank %d (pid %s) did not exit within %gs of SIGKILL: it is stuck in an "
+                          "uninterruptible call (a hung device driver or file system) and is left behind; check "
+                          "the device (nvidia-smi) and dmesg", rank, proc.pid, JOIN_TIMEOUT_S)
         for conn in self.links:
             conn.close()  # a remote rank leaves the group on "shutdown"; its own node's launcher reaps it
 
