@@ -12,6 +12,7 @@ from pdlaunch.config.strict_model import MAX_REQUEST_BYTES, MAX_SECONDS, Role, S
 
 DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
 MAX_DRAIN_S = 3600.0
+STALL_PROBE_INTERVAL_S = 1.0  # the launcher probes each ready process's /health this often (launcher/stall_watch.py)
 
 
 class SecurityConfig(StrictModel):
@@ -82,8 +83,9 @@ class SupervisionConfig(StrictModel):
         "fit).")
     stall_restart_seconds: float | None = Field(
         None, gt=0, le=MAX_SECONDS, description="Restart an instance that is alive but has not answered /health for "
-        "this long (stalled; at most a week). Unset: never; it is shown as stalled and the proxy routes around it "
-        "until it answers again.")
+        "this long after a probe timed out (stalled; above proxy.health_timeout_seconds + 1, the probe interval, so "
+        "that one slow answer is not a stall; at most a week). Unset: never; it is shown as stalled and the proxy "
+        "routes around it until it answers again.")
 
 
 RayResourceName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")]

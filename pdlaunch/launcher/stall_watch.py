@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 import httpx
 
-PROBE_INTERVAL_S = 1.0
+from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S
+
+PROBE_INTERVAL_S = STALL_PROBE_INTERVAL_S
 NOT_ITSELF = "not this instance"  # the state of a row whose address another server answers
 
 
@@ -37,8 +39,9 @@ def health_state(response: httpx.Response, is_itself: Callable[[httpx.Response],
 
 
 class StallWatch:
-    """Probes the /health of every watched process once a second; `stalled_for(name)` says since when
-    one has not answered (seconds), or None when its last probe got an answer (or none timed out).
+    """Probes the /health of every watched process once a second; `stalled_for(name)` says how long ago
+    (seconds) the first of its probes that still go unanswered timed out, or None when its last probe got an
+    answer (or none timed out).
     `is_itself`: name -> whether a 200 answer is that process's own (`health_state`)."""
 
     def __init__(self, urls: dict[str, str], timeout_s: float, headers: dict[str, str] | None = None,
@@ -51,7 +54,10 @@ class StallWatch:
         self._clock = clock
         self._http = httpx.Client(trust_env=False, headers=headers or {})
         self._watched: set[str] = set()
-        self._since: dict[str, float] = {}  # name -> when its first unanswered probe was sent
+        # name -> when its first unanswered probe timed out. Not when it was sent: a stall's age then began
+        # health_timeout old, and one answer a moment late (a GC pause, a loaded CI box) read as a stall of
+        # timeout + interval, long enough for a stall_restart_seconds near the timeout to kill a live instance.
+        self._since: dict[str, float] = {}
         self._health: dict[str, str] = {}  # name -> its last probe's outcome as a row state
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,7 +98,6 @@ class StallWatch:
 
     def probe(self, name: str) -> None:
         """One probe of `name` (the thread's loop; tests call it directly)."""
-        sent = self._clock()
         try:
             health = health_state(self._http.get(self.urls[name], timeout=self.timeout_s), self.is_itself.get(name))
             answered: bool | None = True
@@ -100,12 +105,13 @@ class StallWatch:
             answered, health = False, "stalled"
         except httpx.HTTPError:
             answered, health = None, "down"  # refused or dropped: gone, not stalled (its exit tells the supervisor)
+        timed_out = self._clock()  # when answered is False: the stall is counted from here
         with self._lock:
             if name not in self._watched:
                 return
             self._health[name] = health
             if answered is False:
-                self._since.setdefault(name, sent)
+                self._since.setdefault(name, timed_out)
             else:
                 self._since.pop(name, None)
 

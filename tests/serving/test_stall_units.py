@@ -5,9 +5,11 @@ does, and check-config's limits on the new fields."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -220,6 +222,56 @@ def test_the_stall_watch_tells_a_silent_process_from_an_answering_or_a_gone_one(
         watch.stop()
 
 
+class _LateOnce(BaseHTTPRequestHandler):
+    """/health 200, the first answer 2.5 s late (a GC pause, a starved CPU), every later one at once."""
+
+    protocol_version = "HTTP/1.1"
+    late = [2.5]
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.late:
+            time.sleep(self.late.pop())
+        data = json.dumps({"status": "ok"}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the probe timed out and closed its end
+
+
+@pytest.fixture()
+def late_once() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LateOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/health"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_late_health_answer_is_not_a_stall_worth_a_kill(late_once: str) -> None:
+    stall_restart_s = 2.5  # what Supervisor._check_stall compares stalled_for with; health_timeout_seconds: 2
+    watch = StallWatch({"decode-0": late_once}, timeout_s=2.0)
+    watch.watch("decode-0", True)
+    watch.start()
+    try:
+        worst = 0.0
+        deadline = time.monotonic() + 8.0  # the late answer, then several prompt ones
+        while time.monotonic() < deadline:
+            worst = max(worst, watch.stalled_for("decode-0") or 0.0)
+            time.sleep(0.05)  # the supervisor's tick looks about this often (SUPERVISE_POLL_S 0.2)
+        assert worst < stall_restart_s, (f"one late answer read as stalled for {worst:.1f}s: a supervisor with "
+                                         f"stall_restart_seconds {stall_restart_s} kills the healthy instance")
+    finally:
+        watch.stop()
+
+
 @pytest.fixture()
 def supervised(tmp_path: Path) -> Iterator[Any]:
     made: list[Any] = []
@@ -351,3 +403,17 @@ def test_a_stalled_instance_with_no_other_of_its_role_is_not_said_routed_around(
     supervisor.tick(now=11.0)
     said = next(line for line in supervisor.lines if "decode-0 (pid 1000) is stalled" in line)
     assert "no other decode instance is ready" in said
+
+
+def test_check_config_refuses_a_stall_restart_that_one_slow_probe_reaches(tmp_path: Path) -> None:
+    """A stall counts from a probe's timeout; the next probe comes 1 s later and may take health_timeout_seconds:
+    one slow answer reads as a stall that long, and a stall_restart_seconds not above it kills a live instance."""
+    config = tmp_path / "c.yaml"
+    config.write_text("supervision: {stall_restart_seconds: 3}\n")  # proxy.health_timeout_seconds: 2 (default)
+    result = check([str(config), "--model", "tiny", "--device", "cpu"])
+    assert_invalid(result, "supervision.stall_restart_seconds", "cannot tell a stall from one slow /health answer")
+    assert "proxy.health_timeout_seconds: 2s" in result.output, result.output
+    assert "set supervision.stall_restart_seconds above 3" in result.output, result.output
+    assert "lower proxy.health_timeout_seconds below 2" in result.output, result.output
+    config.write_text("supervision: {stall_restart_seconds: 3}\nproxy: {health_timeout_seconds: 1.5}\n")
+    assert check([str(config), "--model", "tiny", "--device", "cpu"]).exit_code == 0

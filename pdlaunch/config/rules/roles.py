@@ -6,7 +6,7 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.launcher_config import LauncherConfig
+from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S, LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
@@ -104,7 +104,8 @@ def kv_cache_dtype_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 
 def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """The stall deadlines fit inside the whole-request deadline, or they would never fire."""
+    """The stall deadlines fit inside the whole-request deadline, or they would never fire; a stall restart is
+    longer than one slow probe."""
     problems: list[Problem] = []
     limit = cfg.proxy.request_timeout_seconds
     for name in ("health_timeout_seconds", "prefill_timeout_seconds"):
@@ -112,7 +113,26 @@ def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
         if value is not None and value >= limit:
             problems.append(problem(f"proxy.{name}", f"{value:g}s is not below proxy.request_timeout_seconds "
                                     f"({limit:g}s)", f"use a value below {limit:g}"))
-    return problems
+    return problems + stall_restart_problems(cfg)
+
+
+def stall_restart_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """A stall counts from a probe's timeout, and the next probe comes STALL_PROBE_INTERVAL_S later and may take
+    up to health_timeout_seconds to answer: one slow answer (a GC pause, a loaded host) reads as a stall that long.
+    A stall_restart_seconds not above that would kill a live instance for it."""
+    restart_s, timeout_s = cfg.supervision.stall_restart_seconds, cfg.proxy.health_timeout_seconds
+    floor = timeout_s + STALL_PROBE_INTERVAL_S
+    if restart_s is None or restart_s > floor:
+        return []
+    return [problem("supervision.stall_restart_seconds",
+                    f"{restart_s:g}s cannot tell a stall from one slow /health answer: after a probe times out "
+                    f"(proxy.health_timeout_seconds: {timeout_s:g}s) the next comes {STALL_PROBE_INTERVAL_S:g}s "
+                    f"later and may take {timeout_s:g}s to answer, so a live instance that answered once late would "
+                    f"read as stalled for up to {floor:g}s and be killed",
+                    f"set supervision.stall_restart_seconds above {floor:g} (e.g. {max(10.0, 2 * floor):g}), or "
+                    f"lower proxy.health_timeout_seconds below {restart_s - STALL_PROBE_INTERVAL_S:g}"
+                    if restart_s > STALL_PROBE_INTERVAL_S else
+                    f"set supervision.stall_restart_seconds above {floor:g} (e.g. {max(10.0, 2 * floor):g})")]
 
 
 def ray_field_problems(cfg: DeploymentConfig) -> list[Problem]:
