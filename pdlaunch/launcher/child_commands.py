@@ -14,6 +14,9 @@ from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, RemoteRankPlan
 from pdlaunch.model.demo import resolve_model_path
 
 API_KEY_ENV = "PDLAUNCH_API_KEY"
+# The proxy's directory for its worker supervisor's metrics files and load board (proxy/workers.py), new for every
+# start and removed by the launcher once the proxy is reaped (ChildProcess's tmp_dir_flag)
+PROXY_TMP_DIR_FLAG = "--tmp-dir"
 
 
 def instance_argv(deployment_file: Path, plan: InstancePlan) -> list[str]:

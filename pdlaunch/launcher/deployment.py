@@ -5,7 +5,6 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.port_reservations import PortReservations
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.launcher.child_commands import instance_argv, proxy_argv, proxy_env
+from pdlaunch.launcher.child_commands import PROXY_TMP_DIR_FLAG, instance_argv, proxy_argv, proxy_env
 from pdlaunch.launcher.deployment_secret import with_deployment_secret, write_private
 from pdlaunch.launcher.health_identity import is_remote_instance, lists_instances, names_engine_id, remote_identity
 from pdlaunch.launcher.log_dir_lock import LogDirLock
@@ -113,7 +112,8 @@ class Deployment:
                 return True
             if not self._wait_remote(wait):
                 return False
-            self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log", env=self._proxy_env())
+            self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log", env=self._proxy_env(),
+                                      tmp_dir_flag=PROXY_TMP_DIR_FLAG)
             self.proxy.start()
             self.rows["proxy"].state = "starting"
             view.update()
@@ -137,8 +137,9 @@ class Deployment:
     def restart_child(self, child: ChildProcess, restart: int, why: str) -> str:
         """Start a dead local instance or the proxy again, its log appended to. An instance keeps its
         planned ports but gets a new engine_id (planned id + "-r<restart>"): its NIXL agent is new, and
-        peers must not reuse what they cached for the dead one. Returns the new engine_id ("" for the proxy)."""
-        child.signal_group(signal.SIGKILL)  # TP workers the dead leader left behind
+        peers must not reuse what they cached for the dead one. Returns the new engine_id ("" for the proxy). What
+        the dead leader left in its group (TP workers, proxy workers) was killed when it was reaped (signal_group from
+        Supervisor._ended): its group id, free since, may be another process's now, and is not signalled."""
         if child is self.proxy:
             child.start(note=f"restart {restart} of the proxy ({why})")
             return ""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -97,19 +99,30 @@ class ChildProcess:
     see parent_death_hook). The kernel sends it when the *thread* that called start() ends, not the
     process: start such a child only from a thread that outlives it (run_slurm starts its steps on the
     thread that waits for them to end; serve its TP ranks of other nodes' instances on its main thread).
-    Instances and the proxy do without: they watch --parent-pid themselves."""
+    Instances and the proxy do without: they watch --parent-pid themselves.
+
+    `tmp_dir_flag`: every start gets a new, empty directory of its own (in TMPDIR), named to the process by this flag,
+    and the launcher removes it once the process is reaped and its group killed (`signal_group`): files there that the
+    process removes only on a clean exit (the proxy's metrics files and load board, proxy/workers.py) do not stay
+    behind a SIGKILL, nor reach the next start."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 parent_death_signal: signal.Signals | None = None, unset_env: tuple[str, ...] = ()) -> None:
+                 parent_death_signal: signal.Signals | None = None, unset_env: tuple[str, ...] = (),
+                 tmp_dir_flag: str | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env or {}
         self.unset_env = unset_env  # variables of this process's environment the child must not inherit
         self.parent_death_signal = parent_death_signal
+        self.tmp_dir_flag = tmp_dir_flag
+        self.tmp_dir: Path | None = None  # the running (or not yet reaped) process's, with tmp_dir_flag
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._killed = False  # the launcher sent the running process SIGKILL (since its last start)
+        # Its reaped leader's group was SIGKILLed: no signal goes to that group id again, which another process may
+        # hold by now (a restart comes 1-30 s later; a stop, any time later).
+        self._group_ended = False
         self._run_start = 0  # the log's size when the last (re)start's own lines began (after its restart mark)
 
     @property
@@ -119,7 +132,8 @@ class ChildProcess:
     def start(self, note: str | None = None) -> None:
         """Start the process. With `note` (a restart), the log is appended to, after a line saying so."""
         self.close_log()
-        self._killed = False
+        self._end_group()  # the last run's, reaped: what is left of its group, and its directory
+        self._killed = self._group_ended = False
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             # unbuffered: nothing of ours is left to flush (and fail) at close; the child writes to the fd anyway
@@ -141,14 +155,19 @@ class ChildProcess:
             self._run_start = 0
         env = {**{k: v for k, v in os.environ.items() if k not in self.unset_env}, "PYTHONUNBUFFERED": "1", **self.env}
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
+        argv = self.argv
+        if self.tmp_dir_flag is not None:
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f"pdlaunch-{self.name}-"))
+            argv = [*argv, self.tmp_dir_flag, str(self.tmp_dir)]
         with signals_deferred():  # a child exists only once self.popen holds it
             try:
                 self.popen = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                    argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                     start_new_session=True, preexec_fn=hook,
                 )
             except OSError as exc:
                 self.close_log()
+                self._remove_tmp_dir()
                 raise PdlaunchError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
 
     def describe_exit(self) -> str:
@@ -168,15 +187,37 @@ class ChildProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def signal_group(self, sig: int) -> None:
-        """Send `sig` to the child's whole process group (gone already: nothing to do)."""
-        if self.popen is None:
+        """Send `sig` to the child's whole process group (gone already: nothing to do). A SIGKILL once the leader is
+        reaped ends the group for good (`_end_group`)."""
+        if self.popen is None or self._group_ended:
             return
-        if sig == signal.SIGKILL and self.popen.poll() is None:
+        if sig == signal.SIGKILL and self.popen.poll() is not None:
+            self._end_group()
+            return
+        if sig == signal.SIGKILL:
             self._killed = True  # its death is the launcher's doing, not the OOM killer's
         try:
             os.killpg(self.popen.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _end_group(self) -> None:
+        """Once the leader is reaped: SIGKILL what is left of its group (TP workers, proxy workers; they keep its id
+        in use until they are gone), once, and remove the run's directory (`tmp_dir_flag`). Later signals to the
+        group are dropped: its id may be another process's by then."""
+        if self.popen is None or self.popen.poll() is None or self._group_ended:
+            return
+        self._group_ended = True
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._remove_tmp_dir()
+
+    def _remove_tmp_dir(self) -> None:
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
 
     def wait(self, timeout: float, hurry: Callable[[], bool] | None = None) -> bool:
         """True when the process ended within `timeout` seconds (and is reaped); False at once when

@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--load-board", type=Path, default=None, help=argparse.SUPPRESS)  # load_board.py
+    parser.add_argument("--tmp-dir", type=Path, default=None, help=argparse.SUPPRESS)  # the launcher's (workers.py)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
                         help=f"debug adds one line per request (its X-Request-Id, instances, outcome, time); "
                         f"default from {LOG_LEVEL_ENV}, else info.")
@@ -188,6 +189,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
                          "start the proxy with --workers N instead)")
     _check_worker_flags(parser, args)
+    if args.tmp_dir is not None and not args.tmp_dir.is_dir():
+        parser.error(f"--tmp-dir {args.tmp_dir}: no such directory (the launcher makes one for every start of the "
+                     "proxy; run alone, the proxy makes its own in TMPDIR: leave the flag out)")
     check_names(parser, args)
     check_engine_ids(parser, args)
     if args.colocated and (args.prefill or args.decode):
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                  + parse_instances("colocated", args.colocated))
     if workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
         return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, workers,
-                          args.drain_timeout, args.parent_pid, [i.name for i in instances]).run()
+                          args.drain_timeout, args.parent_pid, [i.name for i in instances], args.tmp_dir).run()
     for instance in instances:
         instance.planned_engine_id = args.engine_ids.get(instance.name, "")
     app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout,

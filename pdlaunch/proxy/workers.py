@@ -18,7 +18,12 @@ rather than serving on with fewer workers than configured.
 Their counters and histograms are summed into every worker's /metrics through prometheus_client's multiprocess
 files (PROMETHEUS_MULTIPROC_DIR, a directory the supervisor makes and removes, the load board's file with them); the
 per-instance in-flight gauge and /instances' in_flight count every worker's legs; instance states (/health, the up
-gauge, /instances' state) are the answering worker's own probes.
+gauge, /instances' state) are the answering worker's own probes. The supervisor makes that directory in
+`--tmp-dir DIR` when given (the launcher passes a directory of its own, new for every start of the proxy): a proxy the
+launcher SIGKILLs (a hurried stop, a stall or restart kill) never reaches its own removal, and the launcher removes
+DIR, the proxy's files in it, once it has reaped the proxy and killed its group (launcher/process.py). Run alone, the
+supervisor makes it in TMPDIR. Either way every start has a new, empty one: a dead proxy's counters are never summed
+into its successor's.
 """
 
 from __future__ import annotations
@@ -51,9 +56,9 @@ LISTEN_BACKLOG = 2048
 
 def worker_argv(argv: list[str], fd: int, index: int, board: Path) -> list[str]:
     """A worker's command-line flags: the supervisor's, without --workers, --parent-pid (the supervisor is the
-    worker's parent) and --load-board, with the listening socket's descriptor, the worker's index and the load
-    board's file. (A process given --listen-fd never supervises, whatever --workers says; of two --parent-pid the
-    last, ours, wins.)"""
+    worker's parent), --load-board and --tmp-dir (the supervisor's alone), with the listening socket's descriptor, the
+    worker's index and the load board's file. (A process given --listen-fd never supervises, whatever --workers says;
+    of two --parent-pid the last, ours, wins.)"""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -61,7 +66,7 @@ def worker_argv(argv: list[str], fd: int, index: int, board: Path) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--workers", "--parent-pid", "--load-board"):
+        if name in ("--workers", "--parent-pid", "--load-board", "--tmp-dir"):
             skip = "=" not in arg
             continue
         out.append(arg)
@@ -89,10 +94,11 @@ class Supervisor:
     """Starts, watches and stops the workers (module doc)."""
 
     def __init__(self, argv: list[str], host: str, port: int, workers: int, drain_s: float,
-                 parent_pid: int | None, instances: list[str]) -> None:
+                 parent_pid: int | None, instances: list[str], tmp_dir: Path | None = None) -> None:
         self.argv, self.host, self.port, self.workers = argv, host, port, workers
         self.instances = instances  # their names, in the order every worker's pool has them (the load board's)
         self.drain_s, self.parent_pid = drain_s, parent_pid
+        self.tmp_dir = tmp_dir  # where the metrics directory is made (None: TMPDIR); module doc
         self.procs: list[subprocess.Popen[bytes]] = []
         # a signal or the launcher gone: every worker was asked to stop. A SignalFlag, not a threading.Event: the
         # signal handler sets it, and an Event's set() there waited for good when the main thread was inside set()
@@ -109,7 +115,7 @@ class Supervisor:
 
     def run(self) -> int:
         sock = listening_socket(self.host, self.port)
-        metrics_dir = tempfile.mkdtemp(prefix="pdlaunch-proxy-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="pdlaunch-proxy-metrics-", dir=self.tmp_dir)
         env = dict(os.environ, **{MULTIPROC_ENV: metrics_dir})
         # Not among the metrics files (prometheus_client reads every *.db there): a sibling in the same directory.
         board = Path(metrics_dir) / "load-board"

@@ -55,7 +55,8 @@ class _Proxy:
 
     argv: list[str] = []
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 tmp_dir_flag: str | None = None) -> None:
         _Proxy.argv = argv
 
     def start(self, note: str | None = None) -> None:

@@ -23,7 +23,8 @@ class _Proxy:
     events: list[str] = []
     pid = 4242
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 tmp_dir_flag: str | None = None) -> None:
         self.argv, self.log_path, self.exited = argv, log_path, None
         _Proxy.events.clear()
 

@@ -1,7 +1,10 @@
 """proxy.workers (pdlaunch/proxy/workers.py): N proxy processes on one port behind a supervisor, in front of
 scripted instances. Both workers answer, every answer is right, /metrics sums the workers' counters whichever
 worker answers the scrape, SIGTERM stops and reaps them all, a worker that dies takes the proxy down with exit
-1 (so the launcher restarts it whole), and bad values are refused naming the flag or field."""
+1 (so the launcher restarts it whole), and bad values are refused naming the flag or field. Under the launcher, the
+workers' metrics files and load board live in a directory the launcher makes for each start of the proxy and removes
+once it has reaped it: a hurried stop or a proxy killed from outside (SIGKILL: no exit of its own) leaves nothing in
+TMPDIR, and a restarted proxy sums none of the dead one's counters."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from tests.config.cli_helpers import check
 from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_failures import ScriptedInstance
+
+STREAM_TOKENS = 1900  # a stream still running when the stop comes (tiny model on CPU: tens of seconds)
 
 
 def _two_workers(supervisor: int) -> list[int]:
@@ -90,9 +96,14 @@ class _Proxy:
 
 
 @pytest.mark.slow
-def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) -> None:
+def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    own_tmp = tmp_path / "tmp"  # run alone (no --tmp-dir), the proxy makes its metrics dir in TMPDIR, and removes it
+    own_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(own_tmp))
     with _Proxy(tmp_path / "proxy.log") as proxy:
         workers = _two_workers(proxy.proc.pid)
+        assert [p.name.startswith("pdlaunch-proxy-metrics-") for p in own_tmp.iterdir()] == [True]
         _wait_both_answer(proxy.url, workers)
 
         def ask(i: int) -> str:
@@ -114,6 +125,7 @@ def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) 
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
     assert not alive(workers), "a worker outlived the supervisor"
+    assert not _left_in(own_tmp), f"left behind in TMPDIR: {_left_in(own_tmp)}"
     log = proxy.read_log()
     assert "2 workers (pids" in log and "stopping 2 workers (SIGTERM)" in log, log[-2000:]
     assert "proxy[0]" in log and "proxy[1]" in log, log[-2000:]
@@ -185,6 +197,8 @@ def test_bad_worker_counts_are_refused_naming_the_flag_or_field(capsys: pytest.C
     finally:
         os.close(read)
         os.close(write)
+    assert "--tmp-dir /nonexistent/pdlaunch: no such directory" in _refused(["--tmp-dir", "/nonexistent/pdlaunch"],
+                                                                           capsys)
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
     result = check(["--model", "tiny", "--proxy-workers", "0"])  # asserts no traceback
@@ -200,7 +214,7 @@ def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket()
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 1}}), lambda: "tiny")
     default = proxy_policy_args(DeploymentConfig.model_validate({"model": {"path": "tiny"}}), lambda: "tiny")
     assert default[default.index("--workers") + 1] == "auto"  # resolved by the proxy process where it runs
-    argv = ["--port", "8000", "--workers", "3", "--parent-pid", "77", "--workers=3", "--decode", "x"]
+    argv = ["--port", "8000", "--workers", "3", "--parent-pid", "77", "--workers=3", "--tmp-dir", "/t", "--decode", "x"]
     assert worker_argv(argv, 9, 1, Path("/tmp/b")) == [
         "--port", "8000", "--decode", "x", "--listen-fd", "9", "--worker-index", "1", "--load-board", "/tmp/b",
         "--parent-pid", str(os.getpid())]
@@ -245,3 +259,77 @@ def test_a_usage_error_of_an_entry_point_exits_1_naming_the_flag(module: str) ->
     [line] = r.stderr.strip().splitlines()  # a missing required flag, or the unknown one, named on one line
     assert line.startswith(f"python -m {module}: error: ") and "--" in line, line
     assert line.endswith(f"(see python -m {module} --help)"), line
+
+
+def _metrics_dirs(tmp: Path) -> list[Path]:
+    return sorted(tmp.rglob("pdlaunch-proxy-metrics-*"))
+
+
+def _left_in(tmp: Path) -> dict[str, list[str]]:
+    """What is in `tmp` (the launcher's and its children's TMPDIR), each directory with its files."""
+    return {str(p.relative_to(tmp)): sorted(f.name for f in p.iterdir()) if p.is_dir() else [] for p in tmp.rglob("*")}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_hurried_stop_leaves_no_proxy_metrics_dir_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(own_tmp))  # the launcher's and its children's
+    serve = Serve(tmp_path, ["--model", "tiny", "--colocated", "--proxy-workers", "2"])
+    try:
+        serve.wait_ready()
+        assert _metrics_dirs(own_tmp), "the proxy made no metrics dir"
+        streamed = threading.Event()
+
+        def stream() -> None:
+            body = {"model": "tiny", "prompt": "hello " * 20, "max_tokens": STREAM_TOKENS, "stream": True}
+            try:
+                with httpx.stream("POST", f"{serve.url}/v1/completions", json=body, timeout=120) as response:
+                    for _ in response.iter_lines():
+                        streamed.set()
+            except httpx.HTTPError:
+                pass  # the hurried stop cuts it
+
+        threading.Thread(target=stream, daemon=True).start()
+        wait_for(streamed.is_set, "the stream to begin", 60)
+        serve.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining in-flight requests" in serve.output, "serve to begin its drain", 30)
+        serve.proc.send_signal(signal.SIGTERM)  # second signal: stop at once
+        assert serve.proc.wait(60) == 0, serve.output
+        assert "stopped: all processes reaped" in serve.output, serve.output
+        assert not _left_in(own_tmp), f"left behind in TMPDIR: {_left_in(own_tmp)}"
+    finally:
+        serve.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_proxy_killed_from_outside_is_restarted_with_a_new_empty_metrics_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OOM killer's SIGKILL to the proxy's supervisor: the launcher kills its workers, removes their directory and
+    restarts the proxy with a new one; the dead proxy's counters are not summed into the new one's /metrics."""
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(own_tmp))
+    serve = Serve(tmp_path, ["--model", "tiny", "--colocated", "--proxy-workers", "2"])
+    try:
+        serve.wait_ready()
+        [first] = _metrics_dirs(own_tmp)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        assert httpx.post(f"{serve.url}/v1/completions", json=body, timeout=120).status_code == 200
+        assert _completions_total(httpx.get(serve.url + "/metrics", timeout=30).text) == 1
+        [proxy] = [pid for pid in serve.children
+                   if b"pdlaunch.proxy" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(proxy, signal.SIGKILL)
+        wait_for(lambda: "proxy is ready again after restart 1" in serve.output, "the proxy's restart", 120)
+        assert not first.exists(), f"the dead proxy's dir is left: {_left_in(own_tmp)}"
+        [second] = _metrics_dirs(own_tmp)
+        assert second != first
+        assert httpx.post(f"{serve.url}/v1/completions", json=body, timeout=120).status_code == 200
+        assert _completions_total(httpx.get(serve.url + "/metrics", timeout=30).text) == 1  # its own request only
+    finally:
+        serve.stop()
+    assert serve.proc.returncode == 0, serve.output
+    assert not _left_in(own_tmp), f"left behind in TMPDIR: {_left_in(own_tmp)}"
+

@@ -17,7 +17,7 @@ import httpx
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.backends.ray_stall import RayStalls
-from pdlaunch.launcher.child_commands import proxy_argv, proxy_env
+from pdlaunch.launcher.child_commands import PROXY_TMP_DIR_FLAG, proxy_argv, proxy_env
 from pdlaunch.launcher.plan import DeploymentPlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -48,7 +48,8 @@ class RayProxy:
                           [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs],
                           {r.name: r.plan.spec.engine_id for r in runs})
         if self.process is None:
-            self.process = ChildProcess("proxy", argv, self.log_dir / "proxy.log", env=proxy_env(self.cfg))
+            self.process = ChildProcess("proxy", argv, self.log_dir / "proxy.log", env=proxy_env(self.cfg),
+                                        tmp_dir_flag=PROXY_TMP_DIR_FLAG)
         else:
             self.process.stop(1.0)
             self.process.argv = argv
