@@ -133,7 +133,7 @@ class ChildProcess:
         """Start the process. With `note` (a restart), the log is appended to, after a line saying so."""
         self.close_log()
         self._end_group()  # the last run's, reaped: what is left of its group, and its directory
-        self._killed = self._group_ended = False
+        self._killed = False
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             # unbuffered: nothing of ours is left to flush (and fail) at close; the child writes to the fd anyway
@@ -165,6 +165,7 @@ class ChildProcess:
                     argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                     start_new_session=True, preexec_fn=hook,
                 )
+                self._group_ended = False  # a new group (a start that failed leaves the old one's ended)
             except OSError as exc:
                 self.close_log()
                 self._remove_tmp_dir()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.process import ChildProcess
 from tests.serving.helpers import wait_for
 from tests.serving.test_fault_tolerance_supervisor import supervised_pd
@@ -72,7 +73,8 @@ def test_a_dead_leaders_group_is_killed_when_it_is_reaped_and_its_directory_remo
 
 def test_the_group_is_not_signalled_after_it_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the group was killed at reaping, a stop or the restart sends nothing to that group id: the kernel may have
-    given it to another process (the restart comes after a backoff of up to 30 s)."""
+    given it to another process (the restart comes after a backoff of up to 30 s). A restart that could not start
+    the process leaves it so too."""
     child = _leader(tmp_path, "decode-0", "exit")
     child.start()
     first_pid = child.pid
@@ -83,8 +85,15 @@ def test_the_group_is_not_signalled_after_it_ended(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(os, "killpg", lambda pgid, sig: sent.append((pgid, sig)) or real_killpg(pgid, sig))
     child.signal_group(signal.SIGKILL)
     child.stop(0.0)
-    child.start(note="restart 1 of decode-0 (exited with code 1)")
+    argv, child.argv = child.argv, [str(tmp_path / "no-such-program")]
+    with pytest.raises(PdlaunchError, match="cannot start decode-0"):  # a restart that could not start
+        child.start(note="restart 1 of decode-0 (exited with code 1)")
+    assert child.pid == first_pid and child.tmp_dir is None
+    child.stop(0.0)
+    child.argv = argv
+    child.start(note="restart 2 of decode-0 (could not be restarted)")
     try:
+        assert child.pid != first_pid
         assert all(pgid != first_pid for pgid, _ in sent), sent
     finally:
         child.stop(0.0)
