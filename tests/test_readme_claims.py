@@ -292,6 +292,8 @@ def test_docs_modules_names_every_module_and_only_those() -> None:
 # stand in one string of the source. Each entry: the message's start -> a piece of the source that makes it.
 COMPOSED = {
     "--burstiness: nan is not a number": "is not a number (NaN); give ",
+    "--num-prompts: 0 must be at least 1; give": '("ge", "must be at least")',
+    "--input-lens: item 2: 0 must be at least": '("ge", "must be at least")',
     "needs N GPUs but": "GPUs (count x tp summed over groups) but",
     "parallel.nodes[K].devices: node K needs": "GPUs (count x tp summed over ",
     "shape mismatch for expert": "shape mismatch for {",

@@ -108,7 +108,7 @@ def serve(
     with reported("no report"):
         cfg = ServeBenchConfig.model_validate(dict(
             base_url=base_url, api_key=api_key or None, endpoint=endpoint, model=model, num_prompts=num_prompts,
-            random_input_len=random_input_len, input_lens=number_list(input_lens, "--input-lens", int),
+            random_input_len=random_input_len, input_lens=number_list(input_lens, "--input-lens", int, "64,3072"),
             random_output_len=random_output_len,
             random_range_ratio=random_range_ratio, request_rate=request_rate, burstiness=burstiness,
             max_concurrency=max_concurrency, num_warmups=num_warmups, goodput=[*(goodput or []), *(slo_args or [])],

@@ -43,30 +43,35 @@ def reported(interrupted: str | Callable[[], str]) -> Iterator[None]:
 
 
 def _validation_lines(exc: ValidationError) -> list[str]:
-    """One line per field, named as its flag (`random_input_len` -> `--random-input-len`)."""
+    """One line per field, named as its flag (`random_input_len` -> `--random-input-len`); an item of a list flag
+    by its place as typed (`--input-lens: item 2: ...`, not pydantic's `input_lens.1`)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"--{loc.replace('_', '-')}: " if loc else ""
+        where = "".join(f"item {part + 1}: " if isinstance(part, int) else f"--{str(part).replace('_', '-')}: "
+                        for part in err["loc"])
         lines.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
     return lines
 
 
-def number_list(text: str | None, flag: str, cast: type[_N]) -> list[_N] | None:
-    """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`."""
+def number_list(text: str | None, flag: str, cast: type[_N], example: str) -> list[_N] | None:
+    """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`, the item and the list as typed, with
+    `example` (a list the flag takes, e.g. "2,4,8")."""
     if text is None:
         return None
     items = [item.strip() for item in text.split(",")]
     kind = "integers" if cast is int else "numbers"
     if not any(items):
-        raise fail([f"{flag}: the list is empty"])
+        raise fail([f"{flag}: {text!r} is empty; give {kind} separated by commas, e.g. {example}"])
     if not all(items):  # `2,,4` or `2,4,`: a value left out, not one to drop quietly
-        raise fail([f"{flag}: {text!r} has an empty item; give {kind} separated by single commas, e.g. 2,4,8"])
-    try:
-        return [cast(item) for item in items]
-    except ValueError:
-        raise fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
-
+        raise fail([f"{flag}: {text!r} has an empty item; give {kind} separated by single commas, e.g. {example}"])
+    values: list[_N] = []
+    for item in items:
+        try:
+            values.append(cast(item))
+        except ValueError:
+            raise fail([f"{flag}: {item!r} in {text!r} is not {'an integer' if cast is int else 'a number'}; "
+                        f"give {kind} separated by commas, e.g. {example}"]) from None
+    return values
 
 
 def path_flag(text: str | None, flag: str, example: str) -> Path | None:

@@ -104,10 +104,10 @@ def compare(
     kept: list[Path] = []  # OUT/<kind>.json of each deployment run done
     with reported(lambda: _compare_interrupted(kept)):
         cfg = CompareConfig.model_validate(dict(
-            model=model, device=device, gpus=number_list(gpus, "--gpus", int),
-            rates=number_list(rates, "--rates", float), num_prompts=num_prompts, duration=duration,
-            input_len=input_len,
-            input_lens=number_list(input_lens, "--input-lens", int), disaggregate_min_tokens=disaggregate_min_tokens,
+            model=model, device=device, gpus=number_list(gpus, "--gpus", int, "0,1"),
+            rates=number_list(rates, "--rates", float, "2,4,8"), num_prompts=num_prompts, duration=duration,
+            input_len=input_len, input_lens=number_list(input_lens, "--input-lens", int, "64,3072"),
+            disaggregate_min_tokens=disaggregate_min_tokens,
             disaggregate_max_queue_tokens=disaggregate_max_queue_tokens,
             disaggregate_max_itl_ms=disaggregate_max_itl_ms, output_len=output_len,
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pdlaunch.bench.flag_numbers import finite
+from pdlaunch.bench.flag_numbers import flag, shown
 from pdlaunch.bench.goodput import Slo
 from pdlaunch.bench.serve_config import BURSTINESS, MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, SECONDS
 from pdlaunch.config.strict_model import MAX_SECONDS
@@ -24,49 +24,64 @@ BASELINE_FREE = frozenset({"out", "baseline", "disaggregate_min_tokens", "disagg
                            "disaggregate_max_itl_ms", "run_advised", "advise_for", "request_timeout", "ready_timeout"})
 SloSet = Literal["relaxed", "tight"]
 MILLISECONDS = "a positive number of milliseconds, e.g. 200"
+TOKENS = f"a number of tokens from 1 to {MAX_TOKENS}"
 
 
 class CompareConfig(BaseModel):
     """Every flag of `bench compare`; field names are the flag names (`input_len` -> `--input-len`)."""
 
     model: str
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[Literal["auto", "cpu", "cuda"], flag("auto, cpu or cuda")] = "auto"
     gpus: list[int] | None = None  # None: GPUs 0 .. prefill+decode-1
     rates: list[float] = Field(min_length=1)  # requests/s
     # the bounds of `bench serve`'s flags (ServeBenchConfig), checked here before any deployment starts
-    num_prompts: int = Field(160, ge=1, le=MAX_PROMPTS)
+    num_prompts: Annotated[int, flag(f"a number of requests per rate from 1 to {MAX_PROMPTS}, e.g. 160")] = Field(
+        160, ge=1, le=MAX_PROMPTS)
     # seconds of arrivals per rate: each rate sends round(rate x duration) requests instead of num_prompts, so a
     # high rate is measured over as long a stretch as a low one
-    duration: Annotated[float | None, finite("a positive number of seconds, e.g. 60")] = Field(None, gt=0)
-    input_len: int = Field(3072, ge=1, le=MAX_TOKENS)
+    duration: Annotated[float | None, flag("a positive number of seconds, e.g. 60")] = Field(None, gt=0)
+    input_len: Annotated[int, flag(f"{TOKENS}, e.g. 3072")] = Field(3072, ge=1, le=MAX_TOKENS)
     # a mix; replaces input_len
-    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
-    output_len: int = Field(128, ge=1, le=MAX_TOKENS)
-    ttft_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(400.0, gt=0)
-    tpot_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(15.0, gt=0)
-    tight_ttft_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(1000.0, gt=0)
-    tight_tpot_slo_ms: Annotated[float, finite(MILLISECONDS)] = Field(10.0, gt=0)
-    advise_for: SloSet = "relaxed"  # whose TPOT target sizes the decode side
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS), flag(
+        f"prompt lengths from 1 to {MAX_TOKENS} tokens, e.g. 64,3072")]] | None = Field(None, min_length=1)
+    output_len: Annotated[int, flag(f"{TOKENS}, e.g. 128")] = Field(128, ge=1, le=MAX_TOKENS)
+    ttft_slo_ms: Annotated[float, flag(MILLISECONDS)] = Field(400.0, gt=0)
+    tpot_slo_ms: Annotated[float, flag(MILLISECONDS)] = Field(15.0, gt=0)
+    tight_ttft_slo_ms: Annotated[float, flag(MILLISECONDS)] = Field(1000.0, gt=0)
+    tight_tpot_slo_ms: Annotated[float, flag(MILLISECONDS)] = Field(10.0, gt=0)
+    # whose TPOT target sizes the decode side
+    advise_for: Annotated[SloSet, flag("relaxed (the SLOs of --ttft-slo-ms and --tpot-slo-ms) or tight (those of "
+                                       "--tight-ttft-slo-ms and --tight-tpot-slo-ms)")] = "relaxed"
     run_advised: bool = True  # run the advised split when it is not the PD split already run
-    colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
-    disaggregate_min_tokens: int | None = Field(None, ge=1)  # also run PD with per-request disaggregation
+    # None: one per GPU (CPU: prefill + decode)
+    colocated_instances: Annotated[int | None, flag("a positive number of instances, or drop the flag (one per "
+                                                    "GPU; on CPU prefill + decode)")] = Field(None, ge=1)
+    # also run PD with per-request disaggregation
+    disaggregate_min_tokens: Annotated[int | None, flag("a positive number of prompt tokens, e.g. 256")] = Field(
+        None, ge=1)
     # ... and in that deployment, spill PD prompts to the decode while the prefill queue holds this many tokens
-    disaggregate_max_queue_tokens: int | None = Field(None, ge=1)
+    disaggregate_max_queue_tokens: Annotated[int | None, flag("a positive number of queued prompt tokens, e.g. "
+                                                              "8192")] = Field(None, ge=1)
     # ... and no prompt on a decode whose streams wait this many ms per token (proxy.disaggregate_max_itl_ms)
-    disaggregate_max_itl_ms: Annotated[float | None, finite(MILLISECONDS)] = Field(None, gt=0)
-    prefill: int = Field(1, ge=1)
-    decode: int = Field(1, ge=1)
-    burstiness: Annotated[float, finite(BURSTINESS)] = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0)
-    num_warmups: int = Field(2, ge=0, le=MAX_PROMPTS)
-    vocab_size: int = Field(500, gt=10, le=MAX_VOCAB)
-    max_model_len: int | None = Field(None, ge=1)
+    disaggregate_max_itl_ms: Annotated[float | None, flag(MILLISECONDS)] = Field(None, gt=0)
+    prefill: Annotated[int, flag("a positive number of prefill instances, e.g. 1")] = Field(1, ge=1)
+    decode: Annotated[int, flag("a positive number of decode instances, e.g. 1")] = Field(1, ge=1)
+    burstiness: Annotated[float, flag(BURSTINESS)] = Field(1.0, gt=0)
+    seed: Annotated[int, flag("a seed of 0 or more, e.g. 0")] = Field(0, ge=0)
+    num_warmups: Annotated[int, flag(f"a number of requests from 0 to {MAX_PROMPTS}, e.g. 2")] = Field(
+        2, ge=0, le=MAX_PROMPTS)
+    vocab_size: Annotated[int, flag(f"the vocabulary size prompt token ids are drawn below, 11 to {MAX_VOCAB}, "
+                                    "e.g. 500 (the model's for a real tokenizer)")] = Field(500, gt=10, le=MAX_VOCAB)
+    max_model_len: Annotated[int | None, flag("a positive number of tokens (the longest prompt + output), or drop "
+                                              "the flag")] = Field(None, ge=1)
     config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
     # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
     baseline: Path | None = None
     # the proxy's request timeout is set 30 s above it, and a deployment takes no timeout over MAX_SECONDS
-    request_timeout: Annotated[float, finite(SECONDS)] = Field(600.0, gt=0, le=MAX_SECONDS - 30)
-    ready_timeout: Annotated[float, finite(SECONDS)] = Field(READY_TIMEOUT_S, gt=0, le=MAX_SECONDS)
+    request_timeout: Annotated[float, flag(f"{SECONDS} (at most {MAX_SECONDS - 30})")] = Field(
+        600.0, gt=0, le=MAX_SECONDS - 30)
+    ready_timeout: Annotated[float, flag(f"{SECONDS} (at most {MAX_SECONDS})")] = Field(
+        READY_TIMEOUT_S, gt=0, le=MAX_SECONDS)
     out: Path
 
     @field_validator("rates")
@@ -74,10 +89,12 @@ class CompareConfig(BaseModel):
     def _positive_rates(cls, rates: list[float]) -> list[float]:
         bad = [r for r in rates if not (r > 0 and math.isfinite(r))]
         if bad:
-            raise ValueError(f"every rate must be a positive, finite number of requests/s; got {bad[0]:g}")
-        if len(set(rates)) != len(rates):
-            raise ValueError("a rate is listed twice")
-        return sorted(rates)
+            raise ValueError(f"{shown(bad[0])} is not a positive number of requests/s; give positive, finite rates, "
+                             "e.g. 2,4,8")
+        twice = [r for i, r in enumerate(rates) if r in rates[:i]]
+        if twice:
+            raise ValueError(f"{shown(twice[0])} is listed twice; give each rate once, e.g. 2,4,8")
+        return sorted(rates)  # run lowest first, however typed
 
     @model_validator(mode="after")
     def _check_model(self) -> CompareConfig:

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import httpx
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pdlaunch.bench.flag_numbers import finite
+from pdlaunch.bench.flag_numbers import flag
 from pdlaunch.bench.report import parse_goodput
 from pdlaunch.config.launcher_config import unsendable_key, unsendable_text
 
@@ -39,13 +39,13 @@ class ServeBenchConfig(BaseModel):
     # --input-lens: a mixed workload, each prompt one of these lengths, in equal shares (replaces random_input_len)
     input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
     random_output_len: int = Field(128, ge=1, le=MAX_TOKENS)
-    random_range_ratio: Annotated[float, finite("a ratio from 0 up to (not including) 1, e.g. 0.5")] = Field(
+    random_range_ratio: Annotated[float, flag("a ratio from 0 up to (not including) 1, e.g. 0.5")] = Field(
         0.0, ge=0.0, lt=1.0)
     # req/s; inf sends everything at once
-    request_rate: Annotated[float, finite("a positive number of requests/s, or inf to send all at once",
+    request_rate: Annotated[float, flag("a positive number of requests/s, or inf to send all at once",
                                           allow_inf=True)] = Field(math.inf, gt=0.0)
     # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
-    burstiness: Annotated[float, finite(BURSTINESS)] = Field(1.0, gt=0.0)
+    burstiness: Annotated[float, flag(BURSTINESS)] = Field(1.0, gt=0.0)
     max_concurrency: int | None = Field(None, ge=1)
     num_warmups: int = Field(0, ge=0, le=MAX_PROMPTS)
     goodput: list[str] = []
@@ -53,7 +53,7 @@ class ServeBenchConfig(BaseModel):
     vocab_size: int = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
     ignore_eos: bool = True
     seed: int = Field(0, ge=0)  # numpy seeds are non-negative
-    request_timeout: Annotated[float, finite(SECONDS)] = Field(600.0, gt=0.0)  # s, per request
+    request_timeout: Annotated[float, flag(SECONDS)] = Field(600.0, gt=0.0)  # s, per request
     save_result: bool = False
     result_dir: Path = Path(".")
     result_filename: str | None = None

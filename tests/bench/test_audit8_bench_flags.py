@@ -38,7 +38,8 @@ def _refused(result: Result, line: str) -> None:
     (["--burstiness", "inf"], "--burstiness: inf is infinite; give a positive gamma shape"),
     (["--request-rate", "nan"], "--request-rate: nan is not a number (NaN); give a positive number of requests/s, "
                                 "or inf to send all at once"),
-    (["--request-rate", "-inf"], "--request-rate: Input should be greater than 0"),
+    (["--request-rate", "-inf"], "--request-rate: -inf must be greater than 0; give a positive number of "
+                                 "requests/s, or inf to send all at once"),
     (["--request-timeout", "nan"], f"--request-timeout: nan is not a number (NaN); {SECONDS}"),
     (["--request-timeout", "inf"], f"--request-timeout: inf is infinite; {SECONDS}"),
     (["--random-range-ratio", "nan"], "--random-range-ratio: nan is not a number (NaN); give a ratio from 0"),

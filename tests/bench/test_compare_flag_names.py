@@ -21,7 +21,8 @@ TINY_COMPARE = ["--model", "tiny", "--device", "cpu", "--input-len", "12", "--ou
      "error: proxy.workers (in --config): must be auto or a whole number"),
     (["--colocated-instances", "1000000"], None, "error: --colocated-instances: 1000000 instances x TP 1"),
     (["--request-timeout", "inf"], None, "error: --request-timeout: inf is infinite; give a positive"),
-    (["--request-timeout", "1e9"], None, "error: --request-timeout: Input should be less than or equal to 604770"),
+    (["--request-timeout", "1e9"], None,
+     "error: --request-timeout: 1000000000 must be at most 604770; give a positive number of seconds, e.g. 600"),
     (["--ready-timeout", "inf"], None, "error: --ready-timeout: inf is infinite; give a positive"),
 ])
 def test_compare_names_the_flag_or_file_before_a_deployment(tmp_path: Path, args: list[str], file_text: str | None,
