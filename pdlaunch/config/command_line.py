@@ -3,6 +3,8 @@
 - A usage error (a value a flag cannot take, an unknown flag, a missing argument) exits 1 like every other
   bad input, with click's message: it names the flag, says what is wrong, suggests the closest known flag
   and the `-h` to read. Click's own exit code for it is 2.
+- A value of the wrong type (`--num-prompts x`) is shown with what to give: typer said pydantic's `Input should
+  be a valid integer, unable to parse string as an integer`, without the value.
 - A single-valued option given twice with different values (`--port 1 --port 2`) is refused naming both;
   click keeps the last one silently. Options meant to repeat (`--prompt`) are unchanged.
 """
@@ -13,14 +15,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import typer
+from pydantic import ValidationError
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 try:  # newer typers build their commands on a copy of click of their own: its classes are the ones raised
     from typer._click.core import Context
-    from typer._click.exceptions import UsageError
+    from typer._click.exceptions import BadParameter, UsageError
 except ImportError:  # typer before that: click itself
     from click.core import Context  # type: ignore[assignment]
-    from click.exceptions import UsageError  # type: ignore[assignment]
+    from click.exceptions import BadParameter, UsageError  # type: ignore[assignment]
+
+# pydantic's error type of a value typer could not read as the option's type -> (what it is not, what to give)
+_NOT_READ = {"int_parsing": ("a valid integer", "a whole number"), "float_parsing": ("a valid number", "a number")}
 
 
 @contextmanager
@@ -29,7 +35,22 @@ def _usage_errors_exit_1() -> Iterator[None]:
         yield
     except UsageError as exc:
         exc.exit_code = 1
+        if isinstance(exc, BadParameter) and isinstance(exc.__cause__, ValidationError):
+            exc.message = _unread(exc.__cause__, exc.param.default if exc.param is not None else None) or exc.message
         raise
+
+
+def _unread(error: ValidationError, default: object) -> str | None:
+    """`'x' is not a valid integer; give a whole number, e.g. 160` (the option's default as the example) for a
+    value typer could not read as the option's type; None for any other error."""
+    first = error.errors()[0]
+    if first["type"] not in _NOT_READ:
+        return None
+    what, give = _NOT_READ[first["type"]]
+    example = ""
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        example = f", e.g. {int(default) if float(default).is_integer() else default}"
+    return f"{first['input']!r} is not {what}; give {give}{example}"
 
 
 class PdlaunchGroup(TyperGroup):

@@ -118,3 +118,25 @@ def test_unsorted_rates_are_run_in_order(tmp_path: Path) -> None:
     from pdlaunch.bench.compare_config import CompareConfig
 
     assert CompareConfig(model="tiny", rates=[8, 2, 4], out=tmp_path).rates == [2, 4, 8]
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--num-prompts", "x"], "Invalid value for '--num-prompts': 'x' is not a valid integer; give a whole number, "
+                             "e.g. 160"),
+    (["--num-prompts", "1.5"], "Invalid value for '--num-prompts': '1.5' is not a valid integer"),
+    (["--seed", ""], "Invalid value for '--seed': '' is not a valid integer; give a whole number, e.g. 0"),
+    (["--ttft-slo-ms", "fast"], "Invalid value for '--ttft-slo-ms': 'fast' is not a valid number; give a number, "
+                                "e.g. 400"),
+    (["--duration", "1m"], "Invalid value for '--duration': '1m' is not a valid number; give a number"),
+])
+def test_a_value_of_the_wrong_type_is_shown_with_what_to_give(tmp_path: Path, args: list[str], line: str) -> None:
+    """typer reads these before pdlaunch sees them: its message said `Input should be a valid integer, unable to
+    parse string as an integer`, without the value."""
+    from pdlaunch.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "compare", *TINY_COMPARE, "--rates", "2", *args,
+                                      "--out", str(tmp_path / "out")], terminal_width=1000, env={"COLUMNS": "1000"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 1, text
+    assert line in text and "Input should" not in text, text
+    assert not (tmp_path / "out").exists()
