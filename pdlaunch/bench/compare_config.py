@@ -12,7 +12,17 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pdlaunch.bench.flag_numbers import flag, shown
 from pdlaunch.bench.goodput import Slo
-from pdlaunch.bench.serve_config import BURSTINESS, MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, SECONDS
+from pdlaunch.bench.serve_config import (
+    BURSTINESS,
+    MAX_PROMPTS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    MIN_TOKEN_ID,
+    SECONDS,
+    SEED,
+    TOKENS,
+    VOCAB,
+)
 from pdlaunch.config.strict_model import MAX_SECONDS
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S
 
@@ -24,7 +34,6 @@ BASELINE_FREE = frozenset({"out", "baseline", "disaggregate_min_tokens", "disagg
                            "disaggregate_max_itl_ms", "run_advised", "advise_for", "request_timeout", "ready_timeout"})
 SloSet = Literal["relaxed", "tight"]
 MILLISECONDS = "a positive number of milliseconds, e.g. 200"
-TOKENS = f"a number of tokens from 1 to {MAX_TOKENS}"
 
 
 class CompareConfig(BaseModel):
@@ -67,11 +76,10 @@ class CompareConfig(BaseModel):
     prefill: Annotated[int, flag("a positive number of prefill instances, e.g. 1")] = Field(1, ge=1)
     decode: Annotated[int, flag("a positive number of decode instances, e.g. 1")] = Field(1, ge=1)
     burstiness: Annotated[float, flag(BURSTINESS)] = Field(1.0, gt=0)
-    seed: Annotated[int, flag("a seed of 0 or more, e.g. 0")] = Field(0, ge=0)
+    seed: Annotated[int, flag(SEED)] = Field(0, ge=0)
     num_warmups: Annotated[int, flag(f"a number of requests from 0 to {MAX_PROMPTS}, e.g. 2")] = Field(
         2, ge=0, le=MAX_PROMPTS)
-    vocab_size: Annotated[int, flag(f"the vocabulary size prompt token ids are drawn below, 11 to {MAX_VOCAB}, "
-                                    "e.g. 500 (the model's for a real tokenizer)")] = Field(500, gt=10, le=MAX_VOCAB)
+    vocab_size: Annotated[int, flag(VOCAB)] = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)
     max_model_len: Annotated[int | None, flag("a positive number of tokens (the longest prompt + output), or drop "
                                               "the flag")] = Field(None, ge=1)
     config: Path | None = None  # base deployment YAML; its instances/colocated are replaced

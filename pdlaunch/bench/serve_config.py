@@ -24,6 +24,10 @@ MAX_TOKENS = 2**24  # tokens of one prompt or answer: more than any server's con
 MAX_VOCAB = 2**31
 BURSTINESS = "a positive gamma shape: 1 Poisson, < 1 burstier, > 1 more regular"
 SECONDS = "a positive number of seconds, e.g. 600"
+TOKENS = f"a number of tokens from 1 to {MAX_TOKENS}"
+SEED = "a seed of 0 or more, e.g. 0"
+VOCAB = (f"the vocabulary size prompt token ids are drawn below, {MIN_TOKEN_ID + 1} to {MAX_VOCAB}, e.g. 500 (the "
+         "model's for a real tokenizer)")
 
 
 class ServeBenchConfig(BaseModel):
@@ -34,11 +38,13 @@ class ServeBenchConfig(BaseModel):
     api_key: str | None = Field(None, repr=False)
     endpoint: str = "/v1/completions"
     model: str | None = None  # None: the first id from GET /v1/models
-    num_prompts: int = Field(1000, ge=1, le=MAX_PROMPTS)
-    random_input_len: int = Field(1024, ge=1, le=MAX_TOKENS)
+    num_prompts: Annotated[int, flag(f"a number of requests from 1 to {MAX_PROMPTS}, e.g. 1000")] = Field(
+        1000, ge=1, le=MAX_PROMPTS)
+    random_input_len: Annotated[int, flag(f"{TOKENS}, e.g. 1024")] = Field(1024, ge=1, le=MAX_TOKENS)
     # --input-lens: a mixed workload, each prompt one of these lengths, in equal shares (replaces random_input_len)
-    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
-    random_output_len: int = Field(128, ge=1, le=MAX_TOKENS)
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS), flag(
+        f"prompt lengths from 1 to {MAX_TOKENS} tokens, e.g. 64,3072")]] | None = Field(None, min_length=1)
+    random_output_len: Annotated[int, flag(f"{TOKENS}, e.g. 128")] = Field(128, ge=1, le=MAX_TOKENS)
     random_range_ratio: Annotated[float, flag("a ratio from 0 up to (not including) 1, e.g. 0.5")] = Field(
         0.0, ge=0.0, lt=1.0)
     # req/s; inf sends everything at once
@@ -46,13 +52,18 @@ class ServeBenchConfig(BaseModel):
                                           allow_inf=True)] = Field(math.inf, gt=0.0)
     # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
     burstiness: Annotated[float, flag(BURSTINESS)] = Field(1.0, gt=0.0)
-    max_concurrency: int | None = Field(None, ge=1)
-    num_warmups: int = Field(0, ge=0, le=MAX_PROMPTS)
+    max_concurrency: Annotated[int | None, flag("a positive number of requests in flight, or drop the flag")] = Field(
+        None, ge=1)
+    num_warmups: Annotated[int, flag(f"a number of requests from 0 to {MAX_PROMPTS}, e.g. 2")] = Field(
+        0, ge=0, le=MAX_PROMPTS)
     goodput: list[str] = []
-    prompt_format: Literal["ids", "words"] | None = None  # None: ids for completions, words for chat
-    vocab_size: int = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
+    # None: ids for completions, words for chat
+    prompt_format: Annotated[Literal["ids", "words"] | None, flag(
+        "ids (token ids, for /v1/completions) or words (for either endpoint), or drop the flag")] = None
+    # ids drawn from [MIN_TOKEN_ID, vocab_size)
+    vocab_size: Annotated[int, flag(VOCAB)] = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)
     ignore_eos: bool = True
-    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
+    seed: Annotated[int, flag(SEED)] = Field(0, ge=0)  # numpy seeds are non-negative
     request_timeout: Annotated[float, flag(SECONDS)] = Field(600.0, gt=0.0)  # s, per request
     save_result: bool = False
     result_dir: Path = Path(".")
@@ -60,11 +71,15 @@ class ServeBenchConfig(BaseModel):
     plot_dir: Path | None = None
     # --multi-turn (multi_turn.py): conversations x turns instead of num_prompts independent prompts
     multi_turn: bool = False
-    num_conversations: int = Field(8, ge=1, le=MAX_PROMPTS)
-    num_turns: int = Field(4, ge=1, le=MAX_PROMPTS)
-    system_prompt_len: int = Field(256, ge=0, le=MAX_TOKENS)  # the prompt every conversation starts with
+    num_conversations: Annotated[int, flag(f"a positive number of conversations up to {MAX_PROMPTS}, e.g. 8")] = Field(
+        8, ge=1, le=MAX_PROMPTS)
+    num_turns: Annotated[int, flag(f"a positive number of turns up to {MAX_PROMPTS}, e.g. 4")] = Field(
+        4, ge=1, le=MAX_PROMPTS)
+    # the prompt every conversation starts with
+    system_prompt_len: Annotated[int, flag(f"a number of tokens from 0 to {MAX_TOKENS}, e.g. 256")] = Field(
+        256, ge=0, le=MAX_TOKENS)
     # Each conversation's last answer, which no later turn resends (None: random_output_len like the others).
-    last_answer_len: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    last_answer_len: Annotated[int | None, flag(f"{TOKENS}, or drop the flag")] = Field(None, ge=1, le=MAX_TOKENS)
 
     @field_validator("api_key")
     @classmethod

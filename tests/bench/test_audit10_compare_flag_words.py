@@ -140,3 +140,31 @@ def test_a_value_of_the_wrong_type_is_shown_with_what_to_give(tmp_path: Path, ar
     assert result.exit_code == 1, text
     assert line in text and "Input should" not in text, text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--num-prompts", "0"], "--num-prompts: 0 must be at least 1; give a number of requests from 1 to 1000000, "
+                             "e.g. 1000"),
+    (["--random-input-len", "0"], f"--random-input-len: 0 must be at least 1; {TOKENS}, e.g. 1024"),
+    (["--random-output-len", "16777217"], f"--random-output-len: 16777217 must be at most 16777216; {TOKENS}"),
+    (["--input-lens", "0,8"], "--input-lens: item 1: 0 must be at least 1; give prompt lengths from 1 to 16777216 "
+                              "tokens, e.g. 64,3072"),
+    (["--random-range-ratio", "1"], "--random-range-ratio: 1 must be less than 1; give a ratio from 0 up to"),
+    (["--max-concurrency", "0"], "--max-concurrency: 0 must be at least 1; give a positive number of requests in "
+                                 "flight, or drop the flag"),
+    (["--num-warmups", "-1"], "--num-warmups: -1 must be at least 0; give a number of requests from 0 to 1000000"),
+    (["--prompt-format", "text"], "--prompt-format: 'text' must be 'ids' or 'words'; give ids (token ids, for "
+                                  "/v1/completions) or words"),
+    (["--vocab-size", "5"], "--vocab-size: 5 must be greater than 10; give the vocabulary size"),
+    (["--seed", "-1"], "--seed: -1 must be at least 0; give a seed of 0 or more"),
+    (["--multi-turn", "--num-conversations", "0"], "--num-conversations: 0 must be at least 1; give a positive "
+                                                   "number of conversations"),
+    (["--multi-turn", "--num-turns", "0"], "--num-turns: 0 must be at least 1; give a positive number of turns"),
+    (["--multi-turn", "--system-prompt-len", "-1"], "--system-prompt-len: -1 must be at least 0; give a number of "
+                                                    "tokens from 0 to 16777216"),
+    (["--multi-turn", "--last-answer-len", "0"], f"--last-answer-len: 0 must be at least 1; {TOKENS}, or drop"),
+])
+def test_bench_serve_says_it_the_same_way(args: list[str], line: str) -> None:
+    """`bench serve`'s number and choice flags, in the words of `bench compare`'s (its float flags already were)."""
+    result = CliRunner().invoke(bench_app, ["serve", "--base-url", "http://127.0.0.1:9", *args])
+    _refused(result, line)
