@@ -26,6 +26,8 @@ _HEADER_ERRORS = {
     "header too small": "is empty or shorter than a safetensors header",
     "header too large": "declares a header larger than safetensors allows: the file is corrupt or not safetensors",
     "incomplete metadata": "is truncated or has bytes past its last tensor: its size does not match its header",
+    # valid JSON of the wrong shape (a __metadata__ value that is not a string): matched before "invalid json"
+    "invalid json in header: invalid type": "has a header entry of the wrong type",
     "invalid json": "has a header that is not valid JSON: the file is corrupt",
     "invalid header": "has a malformed header: the file is corrupt",
     "invalid offset": "has tensor offsets outside the file: the file is corrupt",
@@ -56,11 +58,17 @@ class TensorHeader:
 
 
 def unreadable(file: Path, exc: Exception) -> PdlaunchError:
-    """The readable form of a safetensors error (never the library's raw text alone)."""
+    """The readable form of a safetensors error (never the library's raw text alone). A header entry of the wrong
+    type is named by `read_header`'s own check where it finds it (safetensors' text gives only a column)."""
     text = str(exc).removeprefix("Error while deserializing header: ")
-    what = next((msg for key, msg in _HEADER_ERRORS.items() if text.lower().startswith(key)), None)
-    if what is None:
-        what = f"cannot be read as safetensors ({text})"
+    key = next((key for key in _HEADER_ERRORS if text.lower().startswith(key)), None)
+    if key == "invalid json in header: invalid type":
+        try:
+            read_header(file)
+        except PdlaunchError as named:
+            return named
+        return _bad(file, f"{_HEADER_ERRORS[key]} ({text.removeprefix('invalid JSON in header: ')})")
+    what = _HEADER_ERRORS[key] if key is not None else f"cannot be read as safetensors ({text})"
     return PdlaunchError(f"{file} {what}", field="model.path", hint=REFETCH_HINT)
 
 
@@ -126,6 +134,23 @@ def _bad(file: Path, what: str) -> PdlaunchError:
     return PdlaunchError(f"{file} {what}", field="model.path", hint=REFETCH_HINT)
 
 
+def _metadata(file: Path, metadata: object) -> None:
+    """The header's `__metadata__`: null or a map of strings to strings, as safetensors reads it on open (a number
+    there, `{"format": 1}`, is valid JSON that safetensors refuses)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        what = f"__metadata__ {json.dumps(metadata)[:80]} is not a map"
+    else:
+        wrong = next(((key, value) for key, value in metadata.items() if not isinstance(value, str)), None)
+        if wrong is None:
+            return
+        what = f"__metadata__ entry {wrong[0]!r} is {json.dumps(wrong[1])[:80]}, not a string"
+    raise PdlaunchError(f"{file} has a header entry of the wrong type: its {what} (safetensors refuses the file)",
+                        field="model.path", hint='re-save it with string __metadata__ values (e.g. {"format": '
+                                                 '"pt"}), or re-download the checkpoint')
+
+
 def _entry(file: Path, name: str, entry: object, header_end: int) -> tuple[TensorHeader, int, int]:
     """One header entry -> (header, data start, data end), with the checks safetensors makes on load."""
     if not isinstance(entry, dict):
@@ -168,6 +193,7 @@ def read_header(file: Path) -> list[TensorHeader]:
         raise _bad(file, _HEADER_ERRORS["invalid json"]) from exc
     if not isinstance(header, dict):
         raise _bad(file, _HEADER_ERRORS["invalid header"])
+    _metadata(file, header.get("__metadata__"))
     entries = sorted((_entry(file, name, entry, 8 + header_len) for name, entry in header.items()
                       if name != "__metadata__"),
                      key=lambda item: item[1])

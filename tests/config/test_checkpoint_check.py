@@ -77,6 +77,54 @@ def test_broken_safetensors_file(llama_ckpt: Path, tmp_path: Path, damage: objec
     _serve_fails_the_same_way(model, result)
 
 
+def _with_header_metadata(src: Path, dst: Path, metadata: object) -> Path:
+    """A copy of checkpoint `src` whose model.safetensors header holds `metadata` as its __metadata__ (valid JSON,
+    offsets and sizes untouched)."""
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    data = file.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+    return dst
+
+
+@pytest.mark.parametrize(("metadata", "text"), [
+    ({"format": 1}, "__metadata__ entry 'format' is 1, not a string"),
+    ({"format": None}, "__metadata__ entry 'format' is null, not a string"),
+    (["pt"], '__metadata__ ["pt"] is not a map'),
+])
+def test_header_metadata_that_safetensors_refuses(llama_ckpt: Path, tmp_path: Path, metadata: object,
+                                                  text: str) -> None:
+    """A __metadata__ of non-string values is valid JSON that safetensors refuses on open: check-config passed it
+    (the header check skipped __metadata__), and the load then said the header "is not valid JSON"."""
+    model = _with_header_metadata(llama_ckpt, tmp_path / "meta", metadata)
+    result = _check(model)
+    assert_invalid(result, "--model", f"model.safetensors has a header entry of the wrong type: its {text}")
+    assert "re-save it with string __metadata__ values" in result.output
+    _serve_fails_the_same_way(model, result)
+
+
+def test_generate_names_the_header_metadata_not_invalid_json(llama_ckpt: Path, tmp_path: Path) -> None:
+    """generate loads without check-config: safetensors' own error ("invalid JSON in header: invalid type") is
+    turned into the entry that is wrong, not "is not valid JSON"."""
+    model = _with_header_metadata(llama_ckpt, tmp_path / "meta", {"format": 1})
+    result = invoke(["generate", str(model), *CPU, "--prompt", "hi", "--max-tokens", "1"])
+    assert result.exit_code == 1, result.output
+    assert "not valid JSON" not in result.output, result.output
+    assert "has a header entry of the wrong type: its __metadata__ entry 'format' is 1" in result.output
+
+
+def test_header_metadata_of_strings_loads(llama_ckpt: Path, tmp_path: Path) -> None:
+    """Control for the __metadata__ tests: the same rewrite with string values loads and passes, so what they show
+    is the metadata's value types alone."""
+    model = _with_header_metadata(llama_ckpt, tmp_path / "meta-ok", {"format": "pt"})
+    assert load_file(model / "model.safetensors").keys() == load_file(llama_ckpt / "model.safetensors").keys()
+    assert _check(model).exit_code == 0
+
+
 def test_missing_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(llama_ckpt, tmp_path)
     weights = load_file(model / "model.safetensors")

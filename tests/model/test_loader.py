@@ -227,3 +227,21 @@ def test_integer_weights_are_refused(llama_ckpt: Path, tmp_path: Path) -> None:
     save_file(weights, path / "model.safetensors")
     with pytest.raises(PdlaunchError, match="int8, not a float dtype"):
         load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+
+
+def test_a_header_entry_of_the_wrong_type_is_not_called_invalid_json(llama_ckpt: Path) -> None:
+    """safetensors says "invalid JSON in header: invalid type: ..." of valid JSON holding a value of the wrong type:
+    the message says so (with safetensors' detail where the header check finds nothing to name), not that the
+    JSON is invalid. Whether it is reachable past read_header's checks depends on the safetensors version."""
+    from safetensors import SafetensorError
+
+    from pdlaunch.model.weight_files import unreadable
+
+    exc = SafetensorError("Error while deserializing header: invalid JSON in header: invalid type: integer `1`, "
+                          "expected a string at line 1 column 90")
+    err = unreadable(llama_ckpt / "model.safetensors", exc)
+    assert "has a header entry of the wrong type (invalid type: integer `1`, expected a string" in err.message
+    assert "not valid JSON" not in err.message and err.field == "model.path"
+    broken = unreadable(llama_ckpt / "model.safetensors",
+                        SafetensorError("Error while deserializing header: invalid JSON in header: expected value"))
+    assert "has a header that is not valid JSON" in broken.message
