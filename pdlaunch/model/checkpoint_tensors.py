@@ -7,6 +7,7 @@ headers only, on the meta device) go through them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -197,3 +198,21 @@ def missing_tensors(params: dict[str, nn.Parameter], seen: set[str],
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     return PdlaunchError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}", field="model.path",
                          hint="the checkpoint is incomplete or does not match its config.json")
+
+
+def block_scales_without_block_size(quant: QuantConfig | None,
+                                    tensors: Iterable[tuple[str, Path]]) -> PdlaunchError | None:
+    """The one error of a block-FP8 checkpoint (`weight_scale_inv` scales) whose `quant_method: fp8` config lacks
+    weight_block_size: it reads as per-tensor FP8 (one `weight_scale` per weight), so every block scale would be an
+    unexpected tensor and every weight_scale a missing one. None for any other checkpoint. `tensors`: (name, file) of
+    the checkpoint's tensors, read only when the config is such a per-tensor one."""
+    if quant is None or quant.quant_method != "fp8" or quant.scheme != "tensor":
+        return None
+    block = next(((name, file) for name, file in tensors if name.endswith(".weight_scale_inv")), None)
+    if block is None:
+        return None
+    return PdlaunchError(f"tensor {block[0]!r} in {block[1].name} is a block FP8 scale, but "
+                         "quantization_config has no weight_block_size, so quant_method fp8 reads as per-tensor FP8 "
+                         "(one weight_scale per weight)", field="config.json:quantization_config.weight_block_size",
+                         hint='add "weight_block_size": [128, 128] to config.json\'s quantization_config (the block '
+                              "size the checkpoint was quantized with; pdlaunch loads 128x128 blocks)")

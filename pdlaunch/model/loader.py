@@ -19,7 +19,7 @@ from torch import nn
 
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.checkpoint import Checkpoint
-from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
+from pdlaunch.model.checkpoint_tensors import block_scales_without_block_size, load_tensor, missing_tensors
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.quant.block_tp import block_tp_rule
@@ -27,7 +27,7 @@ from pdlaunch.model.quant.config import QuantConfig
 from pdlaunch.model.quant.experts import ExpertDequantizer, keeps_experts
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.tp_split import check_split
-from pdlaunch.model.weight_files import safetensors_files, unreadable
+from pdlaunch.model.weight_files import read_header, safetensors_files, unreadable
 from pdlaunch.model.weight_loader import ShardId
 
 PROGRESS_BAR_MIN_BYTES = 1 << 30
@@ -106,6 +106,9 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     refused; without it they are left unused: checkpoint_tensors.load_tensor)."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
+    no_block_size = block_scales_without_block_size(ckpt.quant, ((h.name, f) for f in files for h in read_header(f)))
+    if no_block_size is not None:
+        raise no_block_size
     model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
     quant, moe = ckpt.quant, ckpt.arch.moe
     if quant is not None and moe is not None and (

@@ -357,3 +357,25 @@ def test_an_fp8_weight_of_a_module_the_config_keeps_names_the_list(fp8_bases: di
     assert (f"tensor '{KEPT}.weight' in model.safetensors is float8_e4m3fn but config.json's quantization_config "
             f"lists {KEPT!r} in modules_to_not_convert (kept unquantized)") in checked, checked
     assert f"tensor '{KEPT}.weight_scale_inv' in model.safetensors is an FP8 scale of module {KEPT!r}" in checked
+
+
+@pytest.mark.parametrize("kind", ["block", "moe"])
+def test_block_scales_without_weight_block_size_are_one_error_naming_the_key(kind: str, fp8_bases: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """quant_method fp8 without weight_block_size reads as per-tensor FP8: each weight_scale_inv was refused as an
+    "unexpected tensor" (five lines and "N more tensor problem(s)") and the key that is missing went unnamed."""
+    path = Path(shutil.copytree(fp8_bases[kind], tmp_path / kind))
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]["weight_block_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert any(name.endswith(".weight_scale_inv") for name in load_file(path / "model.safetensors"))
+    fix = 'add "weight_block_size": [128, 128] to config.json\'s quantization_config'
+    result = check(["--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "quantization_config has no weight_block_size" in errors[0], result.output
+    assert fix in " ".join(result.output.split()) and "unexpected tensor" not in result.output
+    loaded = _load_error(path)
+    assert "has no weight_block_size" in loaded and fix in loaded
+    generated = invoke(["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", "1"])
+    assert generated.exit_code == 1 and "has no weight_block_size" in generated.output, generated.output

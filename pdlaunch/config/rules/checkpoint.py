@@ -145,11 +145,14 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
     import torch
 
     from pdlaunch.model import loader
-    from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
+    from pdlaunch.model.checkpoint_tensors import block_scales_without_block_size, load_tensor, missing_tensors
 
     headers, problems = _headers(directory)
     if problems:
         return problems  # tensors of an unreadable file cannot be checked
+    no_block_size = block_scales_without_block_size(quant, ((h.name, h.file) for h in headers))
+    if no_block_size is not None:  # each block scale would be "unexpected", each weight_scale missing
+        return [as_problem(no_block_size)]
     try:
         params = dict(loader.meta_model(arch, torch.float32, quant=quant).named_parameters())
     except PdlaunchError as exc:

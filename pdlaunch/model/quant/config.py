@@ -47,6 +47,7 @@ class QuantConfig(BaseModel):
     ignore: tuple[str, ...] = ()  # module names (or `re:` patterns) kept in the model dtype
     ignore_key: str = "modules_to_not_convert"  # the quantization_config key `ignore` came from, for messages
     description: str  # for /info and logs, e.g. "fp8 block 128x128 (checkpoint)"
+    quant_method: str | None = None  # config.json's quant_method (fp8, compressed-tensors); None: quantized at load
 
     def skips(self, module: str) -> bool:
         """True when checkpoint module `module` (e.g. model.layers.0.mlp.down_proj) is not quantized. A `re:`
@@ -115,11 +116,11 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
     block = cfg.get("weight_block_size")
     if block is None:
         return QuantConfig(scheme="tensor", source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                           ignore_key=ignore_key, description="fp8 per-tensor (checkpoint)")
+                           ignore_key=ignore_key, description="fp8 per-tensor (checkpoint)", quant_method="fp8")
     if not isinstance(block, list) or block != [BLOCK, BLOCK]:
         raise _refuse(f"weight_block_size {block} is not supported (only [{BLOCK}, {BLOCK}])", "weight_block_size")
     return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv", ignore=ignore,
-                       ignore_key=ignore_key, description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
+                       ignore_key=ignore_key, description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)", quant_method="fp8")
 
 
 def _scheme(group: dict[str, object]) -> str:
@@ -170,12 +171,14 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
             raise _refuse(f"block_structure {block} is not supported (only [{BLOCK}, {BLOCK}])",
                           f"{key}.weights.block_structure")
         return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                           ignore_key="ignore", description=f"fp8 block {BLOCK}x{BLOCK} (compressed-tensors)")
+                           ignore_key="ignore", description=f"fp8 block {BLOCK}x{BLOCK} (compressed-tensors)",
+                           quant_method="compressed-tensors")
     if strategy not in ("channel", "tensor"):
         raise _refuse(f"weight strategy {strategy!r} is not supported (channel, tensor or block)",
                       f"{key}.weights.strategy")
     return QuantConfig(scheme=strategy, source="checkpoint", scale_name="weight_scale", ignore=ignore,
-                       ignore_key="ignore", description=f"fp8 per-{strategy} (compressed-tensors)")
+                       ignore_key="ignore", description=f"fp8 per-{strategy} (compressed-tensors)",
+                       quant_method="compressed-tensors")
 
 
 def _input_activations(acts: dict[str, object], key: str) -> None:
