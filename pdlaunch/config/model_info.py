@@ -16,7 +16,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.config_sizes import config_sizes  # torch-free
 from pdlaunch.model.families import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.file_kind import special_file_kind
-from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
+from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
 from pdlaunch.model.weight_files import gguf_hint  # torch-free: reads headers and file names only
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,7 +32,7 @@ class ModelInfo:
     head_dim: int
     intermediate_size: int
     vocab_size: int
-    max_position_embeddings: int | None
+    max_position_embeddings: int | None  # None: config.json's is invalid (reported by the checkpoint rules)
     tie_word_embeddings: bool
     qkv_bias: bool
     o_proj_bias: bool = False
@@ -99,8 +99,11 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
         size = config_sizes(hf, defaults, source)  # what the loader reads, refused in its words
     except PdlaunchError as exc:
         return None, [problem("model.path", exc.message, exc.hint or "")]
-    max_pos = hf.get("max_position_embeddings")
-    max_pos = defaults.max_position_embeddings if max_pos is None else max_pos
+    try:  # the loader's reading (model/arch.py); absent or null: the family's default
+        max_pos: int | None = defaults.max_position_embeddings if hf.get("max_position_embeddings") is None \
+            else config_int(hf, "max_position_embeddings")
+    except PdlaunchError:
+        max_pos = None  # present but invalid: checkpoint_problems reports it with its key, in the loader's words
     family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
     moe = None
     try:
@@ -122,7 +125,7 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
         head_dim=size.head_dim,
         intermediate_size=size.intermediate_size,
         vocab_size=size.vocab_size,
-        max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+        max_position_embeddings=max_pos,
         tie_word_embeddings=tied,
         qkv_bias=qwen2_qkv_bias or (family != "Qwen2ForCausalLM" and attention_bias),
         o_proj_bias=family != "Qwen2ForCausalLM" and attention_bias,

@@ -197,6 +197,19 @@ def test_max_model_len_within_positions(tmp_path: Path) -> None:
     assert check(["--model", str(model), "--device", "cpu", "--max-model-len", "1024"]).exit_code == 0
 
 
+@pytest.mark.parametrize(("value", "text"), [("512", "'512' is not an integer"), (512.0, "512.0 is not an integer"),
+                                           (-5, "-5 must be at least 1"), (0, "0 must be at least 1"),
+                                           (True, "True is not an integer")])
+def test_an_invalid_max_position_embeddings_is_named_not_called_absent(value: object, text: str,
+                                                                      tmp_path: Path) -> None:
+    """A present but invalid max_position_embeddings was read as absent: beside the keyed error check-config said
+    "config.json has no max_position_embeddings; set --max-model-len" (false, and no fix); `true` raised."""
+    result = check(["--model", str(write_model(tmp_path, max_position_embeddings=value)), "--device", "cpu"])
+    assert_invalid(result, "--model", f"max_position_embeddings {text} (config.json:max_position_embeddings)")
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "has no max_position_embeddings" not in result.output, result.output
+
+
 def test_max_model_len_defaults_to_model_positions(tmp_path: Path) -> None:
     model = write_model(tmp_path)
     assert check_json(["--model", str(model), "--device", "cpu"])["config"]["model"]["max_model_len"] == 1024

@@ -4,6 +4,7 @@ problem is one `--model` line with a fix; serve and the conversion refuse the fi
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def test_wrong_shape_names_tensor_both_shapes_and_the_metadata(llama_dir: Path, 
                    "implies (32, 64)")
     served = invoke(["serve", "--model", str(path), *CPU, "--port", "1"])
     assert served.exit_code == 1 and set(_errors(served)) == set(_errors(result)), served.output
+
+
+def test_a_context_length_of_0_is_named(tmp_path: Path) -> None:
+    """llama.context_length 0 (the model's max_position_embeddings) passed the GGUF checks: check-config said
+    "config.json has no max_position_embeddings", and the load named a config.json the user has not got."""
+    hf_dir = make_llama(tmp_path / "hf", rope_scaling_llama3=False)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 0}))
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", "llama")
+    result = _check(path)
+    assert_invalid(result, "--model", "GGUF metadata llama.context_length is 0; a model's context is at least 1")
+    assert len(_errors(result)) == 1 and "config.json" not in result.output, result.output
+    generated = invoke(["generate", str(path), *CPU, "--prompt", "hi", "--max-tokens", "1"])
+    assert generated.exit_code == 1 and "llama.context_length is 0" in generated.output, generated.output
 
 
 def test_no_tokenizer_in_the_metadata(llama_dir: Path, tmp_path: Path) -> None:

@@ -256,9 +256,8 @@ def cache_problems(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Proble
                                     f"{max_len} exceeds the model's max_position_embeddings "
                                     f"{info.max_position_embeddings}",
                                     f"use --max-model-len {info.max_position_embeddings} or less"))
-    if max_len is None and (info is None or info.max_position_embeddings is None) and info is not None:
-        problems.append(problem("model.max_model_len", "the model's config.json has no max_position_embeddings",
-                                "set --max-model-len"))
+    # info.max_position_embeddings None: config.json's is invalid, which checkpoint_problems names with its key (an
+    # absent one reads as the family's default, as the loader reads it)
     blocks = cfg.cache.num_gpu_blocks
     if blocks is not None and max_len is not None and block_size in BLOCK_SIZES:
         needed = -(-max_len // block_size)

@@ -144,6 +144,12 @@ def hf_config(reader: GGUFReader) -> HFConfig:
         return found
 
     heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
+    context = int(need("context_length"))
+    if context < 1:  # config.json's max_position_embeddings: the loader would refuse it under that name
+        raise PdlaunchError(f"GGUF metadata {arch}.context_length is {context}; a model's context is at least 1 "
+                            "token", field="model.path",
+                            hint="the file is damaged or was written by an unknown converter: re-download or "
+                                 "re-convert it (llama.cpp's convert_hf_to_gguf.py)")
     head_dim = int(value(reader, f"{arch}.attention.key_length", hidden // heads))
     tensor_names = {t.name for t in reader.tensors}
     embedding = tensor(reader, "token_embd.weight")
@@ -157,7 +163,7 @@ def hf_config(reader: GGUFReader) -> HFConfig:
         "num_attention_heads": heads,
         "num_key_value_heads": int(value(reader, f"{arch}.attention.head_count_kv", heads)),
         "head_dim": head_dim, "intermediate_size": int(need("feed_forward_length")), "vocab_size": vocab,
-        "max_position_embeddings": int(need("context_length")),
+        "max_position_embeddings": context,
         "rope_parameters": _rope_parameters(reader, arch, head_dim),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")), "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
