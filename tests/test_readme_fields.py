@@ -106,10 +106,10 @@ NOTES: dict[str, str] = {
     "prompt": "a list of prompts is a batch, colocated and through PD",
     "echo": "completions: with `logprobs` the prompt's logprobs lead; refused with 400 through PD and with stream",
     "prompt_logprobs": "refused with 400 with stream (as vLLM); through PD the prefill computes them",
-    "stream_options": "`include_usage` defaults to true (as vLLM: `{}` asks for the usage chunk; a stream that "
-                      "did not ask for it carries no usage); "
-                      "`continuous_usage_stats` refused with 400; without `stream: true` a 400 (as OpenAI; vLLM "
-                      "lets `{}` pass)",
+    "stream_options": "`include_usage` defaults to false (as vLLM and OpenAI: `{}` asks for no usage chunk, and a "
+                      "stream that did not ask for it carries no usage); a key sent as `null` is not sent; "
+                      "`continuous_usage_stats: true` refused with 400; without `stream: true` a 400 (as OpenAI; "
+                      "vLLM lets `{}` pass)",
     "response_format": "type `structural_tag` refused with 400; `json_schema.strict: true` keeps its schema closed "
                        "(see `strict` under Structured output)",
     "tools": "`function.strict: true` keeps a forced call's schema closed (see `strict` under "

@@ -346,7 +346,7 @@ def _json_object(event: str) -> dict[str, Any] | None:
 
 
 def _include_usage(body: Body) -> bool:
-    """Whether the client asked for a usage chunk: stream_options given, its include_usage not false (vLLM's
-    default is true, server/request_fields.py)."""
+    """Whether the client asked for a usage chunk: stream_options.include_usage true (absent or null is false, as
+    vLLM's and OpenAI's default, server/request_fields.py)."""
     options = as_object(body.get("stream_options"))
-    return options is not None and options.get("include_usage", True) is not False
+    return options is not None and options.get("include_usage") is True

@@ -44,8 +44,10 @@ NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo", "return_token_ids")
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    include_usage: bool = True  # vLLM's default: `stream_options: {}` asks for the usage chunk
-    continuous_usage_stats: bool = False
+    # vLLM's (since vllm-project/vllm#36379) and OpenAI's default: `stream_options: {}` asks for no usage chunk. Both
+    # keys take null as not sent, as vLLM types them `bool | None`.
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
     @model_validator(mode="before")
     @classmethod

@@ -77,3 +77,12 @@ def test_continuous_usage_stats_is_refused() -> None:
     with pytest.raises(OpenAIError) as info:
         build(False, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
     assert info.value.param == "stream_options.continuous_usage_stats"
+
+
+@pytest.mark.parametrize(("options", "usage"), [
+    ({}, False), ({"include_obfuscation": False}, False), ({"include_usage": None}, False),
+    ({"include_usage": True}, True), ({"include_usage": True, "continuous_usage_stats": None}, True)])
+def test_include_usage_defaults_to_false_and_a_null_key_is_not_sent(options: dict[str, Any], usage: bool) -> None:
+    """vLLM's StreamOptions (since vllm-project/vllm#36379), as OpenAI's: include_usage false unless sent true; both
+    keys typed `bool | None`."""
+    assert build(False, stream=True, stream_options=options).include_usage() is usage

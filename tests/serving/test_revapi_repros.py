@@ -49,18 +49,6 @@ def events(answer: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines[:-1]]
 
 
-@pytest.mark.xfail(strict=True, reason="revapi: stream_options {} gets a usage chunk; vLLM (PR #36379) and "
-                                       "OpenAI default include_usage to false")
-@pytest.mark.parametrize("options", [{}, {"include_obfuscation": False}], ids=["empty", "obfuscation-off"])
-@pytest.mark.parametrize("path", PATHS)
-def test_stream_options_without_include_usage_gets_no_usage_chunk(url: str, path: str,
-                                                                  options: dict[str, Any]) -> None:
-    chunks = events(httpx.post(f"{url}{path}", json=body_for(path, stream=True, stream_options=options),
-                               timeout=TIMEOUT))
-    assert all(chunk["choices"] for chunk in chunks), [c for c in chunks if not c["choices"]]
-    assert not any(chunk.get("usage") for chunk in chunks)
-
-
 @pytest.mark.xfail(strict=True, reason="revapi: include_reasoning true (vLLM's default) is refused with a 400")
 def test_include_reasoning_true_is_vllms_default(url: str) -> None:
     answer = httpx.post(f"{url}/v1/chat/completions", json=body_for("/v1/chat/completions", include_reasoning=True),
@@ -96,16 +84,6 @@ def test_a_newer_vllm_field_that_asks_for_something_is_refused(url: str, path: s
     answer = httpx.post(f"{url}{path}", json=body_for(path, **{field: value}), timeout=TIMEOUT)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == field, answer.text
-
-
-@pytest.mark.xfail(strict=True, reason="revapi: a null stream_options key is a 400; vLLM types them bool | None")
-@pytest.mark.parametrize("options", [{"include_usage": True, "continuous_usage_stats": None},
-                                     {"include_usage": None}], ids=["continuous-null", "include-null"])
-def test_a_null_stream_options_key_is_not_sent(url: str, options: dict[str, Any]) -> None:
-    path = "/v1/chat/completions"
-    chunks = events(httpx.post(f"{url}{path}", json=body_for(path, stream=True, stream_options=options),
-                               timeout=TIMEOUT))
-    assert any(chunk.get("usage") for chunk in chunks) == bool(options.get("include_usage"))
 
 
 @pytest.mark.xfail(strict=True, reason="revapi: README's list of vLLM's request fields predates vLLM 2026's")
