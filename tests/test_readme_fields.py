@@ -117,6 +117,8 @@ NOTES: dict[str, str] = {
     "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400; "
                           "`disable_additional_properties: false` opens the schema's objects, not those of a "
                           "`strict: true` schema or tool (see Strict JSON schemas)",
+    "include_reasoning": "no reasoning parser runs here (as vLLM without `--reasoning-parser`): the answer is the "
+                         "same at `true` (vLLM's default) and `false`",
     "request_id": "send the `X-Request-Id` header instead",
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
                   "(a completion's `null` too)",

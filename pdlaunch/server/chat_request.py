@@ -106,6 +106,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: JsonValue = None  # server/tool_calls.py reads these three
     tool_choice: JsonValue = None
     parallel_tool_calls: bool | None = None
+    # vLLM's (default true): whether the answer carries the reasoning its reasoning parser split off. No parser runs
+    # here (as vLLM without --reasoning-parser), so either value leaves the answer as it is.
+    include_reasoning: bool | None = True
 
     @model_validator(mode="after")
     def _chat_fields(self) -> ChatCompletionRequest:

@@ -51,7 +51,6 @@ CHAT_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "functions": ([],),
     "function_call": ("none",),
     "reasoning_effort": (),
-    "include_reasoning": (False,),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),

@@ -20,7 +20,7 @@ ASKING: dict[str, Any] = {
     "prompt_embeds": "AAAA", "mm_processor_kwargs": {"a": 1}, "request_id": "r", "store": True,
     "service_tier": "flex", "suffix": "end", "add_special_tokens": False, "best_of": 2, "echo": True,
     "functions": [{"name": "f"}], "function_call": "auto", "reasoning_effort": "low",
-    "include_reasoning": True, "audio": {"voice": "x"}, "modalities": ["audio"], "prediction": {"type": "content"},
+    "audio": {"voice": "x"}, "modalities": ["audio"], "prediction": {"type": "content"},
     "web_search_options": {}, "verbosity": "low", "chat_template": "{{ messages }}",
     "structural_tag": "{}",
 }

@@ -49,13 +49,6 @@ def events(answer: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines[:-1]]
 
 
-@pytest.mark.xfail(strict=True, reason="revapi: include_reasoning true (vLLM's default) is refused with a 400")
-def test_include_reasoning_true_is_vllms_default(url: str) -> None:
-    answer = httpx.post(f"{url}/v1/chat/completions", json=body_for("/v1/chat/completions", include_reasoning=True),
-                        timeout=TIMEOUT)
-    assert answer.status_code == 200, answer.text
-
-
 @pytest.mark.xfail(strict=True, reason="revapi: logprob_token_ids is silently ignored (other logprobs come back)")
 def test_logprob_token_ids_is_honoured_or_refused(url: str) -> None:
     asked = [5, 6]

@@ -8,6 +8,7 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
   vLLM's include_usage defaults to false since vllm-project/vllm#36379, as OpenAI's (it defaulted to true here, and a
   client loop reading `chunk.choices[0]` broke on the extra chunk). A key sent as null (vLLM types them `bool | None`)
   is not sent (was a 400). Without the usage chunk no chunk carries usage (a stream's last choice chunk carried it).
+- `include_reasoning: true`, vLLM's default (a no-op without a reasoning parser), was a 400; it passes, as `false`.
 - An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
 - Whole chat and completion answers carry `system_fingerprint: null`, as vLLM's; stream chunks do not.
 """
@@ -134,3 +135,13 @@ def test_whole_answers_carry_system_fingerprint_null_and_chunks_do_not(urls: dic
     assert streamed.status_code == 200, streamed.text
     chunks = [json.loads(e) for e in parse_sse(streamed.content) if e != "[DONE]"]
     assert chunks and not any("system_fingerprint" in c for c in chunks), chunks
+
+
+@VIA
+@pytest.mark.parametrize("include", [True, False, None])
+def test_include_reasoning_is_a_no_op_without_a_reasoning_parser(urls: dict[str, str], via: str,
+                                                                 include: bool | None) -> None:
+    plain = post(urls[via], "/v1/chat/completions", {"messages": HI, "temperature": 0})
+    answer = post(urls[via], "/v1/chat/completions", {"messages": HI, "temperature": 0, "include_reasoning": include})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"], answer.text
