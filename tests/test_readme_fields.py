@@ -18,15 +18,16 @@ import pytest
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.structured_fields import _UNSUPPORTED_OPTIONS
-from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
+from pdlaunch.server.unsupported_fields import _COMMON, _WHY, CHAT_ONLY, COMPLETION_ONLY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "### Request fields"
 
 _BOTH = ("completions", "chat")
-# vLLM's CompletionRequest and ChatCompletionRequest (vllm/entrypoints/openai/protocol.py), in its order:
-# the OpenAI fields, then vLLM's sampling and extra parameters; newer vLLM adds structured_outputs and
-# return_token_ids. field -> the endpoints whose request has it.
+# vLLM's CompletionRequest and ChatCompletionRequest (vllm/entrypoints/openai/completion/protocol.py and
+# chat_completion/protocol.py as of 2026; vllm/entrypoints/openai/protocol.py before), in its order: the OpenAI
+# fields, then vLLM's sampling and extra parameters. Fields older releases had (best_of and echo of chat, the guided_*
+# names, structural_tag) stay: clients still send them. field -> the endpoints whose request has it.
 VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "model": _BOTH,
     "prompt": ("completions",),
@@ -53,6 +54,7 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "tools": ("chat",),
     "tool_choice": ("chat",),
     "reasoning_effort": ("chat",),
+    "thinking_token_budget": _BOTH,
     "include_reasoning": ("chat",),
     "parallel_tool_calls": ("chat",),
     "user": _BOTH,
@@ -60,6 +62,7 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "top_k": _BOTH,
     "min_p": _BOTH,
     "repetition_penalty": _BOTH,
+    "watermarking": _BOTH,
     "length_penalty": _BOTH,
     "stop_token_ids": _BOTH,
     "include_stop_str_in_output": _BOTH,
@@ -68,15 +71,18 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "skip_special_tokens": _BOTH,
     "spaces_between_special_tokens": _BOTH,
     "truncate_prompt_tokens": _BOTH,
+    "truncation_side": _BOTH,
     "prompt_logprobs": _BOTH,
+    "logprob_token_ids": _BOTH,
     "allowed_token_ids": _BOTH,
-    "bad_words": ("chat",),
+    "bad_words": _BOTH,
     "add_generation_prompt": ("chat",),
     "continue_final_message": ("chat",),
     "add_special_tokens": _BOTH,
     "documents": ("chat",),
     "chat_template": ("chat",),
     "chat_template_kwargs": ("chat",),
+    "media_io_kwargs": ("chat",),
     "mm_processor_kwargs": ("chat",),
     "guided_json": _BOTH,
     "guided_regex": _BOTH,
@@ -88,12 +94,20 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "structured_outputs": _BOTH,
     "priority": _BOTH,
     "request_id": _BOTH,
+    "session_id": _BOTH,
     "logits_processors": _BOTH,
     "return_tokens_as_token_ids": _BOTH,
     "return_token_ids": _BOTH,
+    "routed_experts_prompt_start": _BOTH,
+    "return_token_offsets": _BOTH,
+    "return_prompt_text": ("chat",),
+    "return_mm_kwargs": _BOTH,
     "cache_salt": _BOTH,
     "kv_transfer_params": _BOTH,
+    "ec_transfer_params": _BOTH,
     "vllm_xargs": _BOTH,
+    "repetition_detection": _BOTH,
+    "stream_interval": _BOTH,
 }
 # Fields of our protocol models that vLLM's requests lack, after vLLM's in the table.
 PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
@@ -101,7 +115,8 @@ PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
     "decode_limits": _BOTH,
 }
 
-# What an honoured field does not do (each is a 400 naming it), from the code where it has a list.
+# What an honoured field does not do (each is a 400 naming it), from the code where it has a list; a refused field's
+# note is why it is refused (server/unsupported_fields.py _WHY), unless it has one here.
 NOTES: dict[str, str] = {
     "prompt": "a list of prompts is a batch, colocated and through PD",
     "echo": "completions: with `logprobs` the prompt's logprobs lead; refused with 400 through PD and with stream",
@@ -120,6 +135,9 @@ NOTES: dict[str, str] = {
     "include_reasoning": "no reasoning parser runs here (as vLLM without `--reasoning-parser`): the answer is the "
                          "same at `true` (vLLM's default) and `false`",
     "request_id": "send the `X-Request-Id` header instead",
+    "session_id": "no effect on the answer (as `user`)",
+    "return_token_offsets": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",
+    "return_mm_kwargs": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
                   "(a completion's `null` too)",
     "max_completion_tokens": "sets the limit when `max_tokens` is sent too; that `max_tokens` must still be valid "
@@ -157,7 +175,7 @@ def status(field: str, endpoint: str) -> str:
 def render_table() -> str:
     lines = ["| Field | Completions | Chat | Note |", "| --- | --- | --- | --- |"]
     for field in {**VLLM_FIELDS, **PDLAUNCH_FIELDS}:
-        note = NOTES.get(field, "")
+        note = NOTES.get(field, _WHY.get(field, ""))
         lines.append(f"| `{field}` | {status(field, 'completions')} | {status(field, 'chat')} | {note} |")
     return "\n".join(lines)
 
@@ -189,6 +207,16 @@ def test_every_vllm_field_is_honoured_or_refused(field: str) -> None:
     for endpoint in VLLM_FIELDS[field]:
         modelled, refused = field in _MODELS[endpoint].model_fields, field in _refused(endpoint)
         assert modelled != refused, f"{field} ({endpoint}): modelled={modelled}, refused={refused}"
+
+
+def test_the_list_knows_vllms_2026_fields() -> None:
+    """The list predated vLLM 2026's request models (its new fields were ignored, with only a log line, unchecked)
+    and said completions had no bad_words."""
+    newer = {"logprob_token_ids", "thinking_token_budget", "repetition_detection", "watermarking",
+             "truncation_side", "stream_interval", "session_id", "routed_experts_prompt_start", "return_token_offsets",
+             "return_mm_kwargs", "ec_transfer_params", "media_io_kwargs", "return_prompt_text"}
+    assert newer <= set(VLLM_FIELDS), sorted(newer - set(VLLM_FIELDS))
+    assert "completions" in VLLM_FIELDS["bad_words"]  # vLLM's CompletionRequest has had bad_words
 
 
 @pytest.mark.parametrize("endpoint", list(_MODELS))

@@ -90,6 +90,10 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     user: str | None = None  # the client's end-user id: no effect on the output (as in vLLM and OpenAI)
+    session_id: str | None = None  # vLLM's id shared by a conversation's requests: no effect on the output either
+    # vLLM's options of its /render endpoints, which it ignores on completions and chat, as here
+    return_token_offsets: bool | None = False
+    return_mm_kwargs: bool | None = True
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -40,6 +40,30 @@ _COMMON: dict[str, tuple[JsonValue, ...]] = {
     "request_id": (),  # send X-Request-Id instead
     "store": (False,),
     "service_tier": ("auto", "default"),
+    "logprob_token_ids": (),
+    "thinking_token_budget": (-1,),  # vLLM's "unlimited", treated as not sent
+    "repetition_detection": ({},),  # vLLM's RepetitionDetectionParams() detects nothing
+    "watermarking": (False,),
+    "truncation_side": ("left", "right"),  # applies only with truncate_prompt_tokens, refused above
+    "routed_experts_prompt_start": (0,),
+    "ec_transfer_params": ({},),
+    "stream_interval": (1,),
+}
+# Why a field above is refused, where its name does not say it, and what to send instead.
+_WHY: dict[str, str] = {
+    "logprob_token_ids": "logprobs here are the chosen token's and its top alternatives' (logprobs; chat: "
+                         "top_logprobs), not those of ids you name",
+    "thinking_token_budget": "no reasoning parser runs here, as vLLM refuses it without --reasoning-parser / "
+                             "--reasoning-config; bound the whole answer with max_tokens",
+    "repetition_detection": "no repetition detection runs here; end a repeating answer with max_tokens, stop or "
+                            "repetition_penalty",
+    "watermarking": "this server adds no watermark",
+    "truncation_side": "this server does not truncate prompts (truncate_prompt_tokens is refused too)",
+    "routed_experts_prompt_start": "this server returns no routed-expert data",
+    "ec_transfer_params": "this server serves text models: there is no encoder cache to transfer",
+    "stream_interval": "a stream here sends each engine step's tokens as they come",
+    "media_io_kwargs": "this server serves text models: there is no media to load",
+    "return_prompt_text": "the answer does not carry the rendered chat prompt",
 }
 COMPLETION_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "suffix": ("",),
@@ -58,6 +82,8 @@ CHAT_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "verbosity": (),
     "structural_tag": (),
     "chat_template": (),  # as newer vLLM without --trust-request-chat-template: the server's template applies
+    "media_io_kwargs": ({},),
+    "return_prompt_text": (False,),
 }
 
 
@@ -69,7 +95,8 @@ def refuse_unsupported(body: Mapping[str, object], chat: bool) -> None:
         if value is None or any(value == v and type(value) is type(v) for v in neutral):
             continue
         instead = f" or send {' or '.join(_json_short(v) for v in neutral)}" if neutral else ""
-        raise OpenAIError(400, f"{name} is not supported by this server (got {_json_short(value)}); "
+        why = f": {_WHY[name]}" if name in _WHY else ""
+        raise OpenAIError(400, f"{name} is not supported by this server (got {_json_short(value)}){why}; "
                                f"leave it out{instead}", param=name, code="unsupported_parameter")
 
 

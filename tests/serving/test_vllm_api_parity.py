@@ -9,6 +9,9 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
   client loop reading `chunk.choices[0]` broke on the extra chunk). A key sent as null (vLLM types them `bool | None`)
   is not sent (was a 400). Without the usage chunk no chunk carries usage (a stream's last choice chunk carried it).
 - `include_reasoning: true`, vLLM's default (a no-op without a reasoning parser), was a 400; it passes, as `false`.
+- Fields vLLM added by 2026 that ask for what this server does not do (`logprob_token_ids`, `thinking_token_budget`,
+  `repetition_detection`, `watermarking`, ...) were ignored with only a log line (`logprob_token_ids`: other logprobs
+  came back); each is a 400 naming it and why, and passes at its neutral value (vLLM's `thinking_token_budget: -1`).
 - An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
 - Whole chat and completion answers carry `system_fingerprint: null`, as vLLM's; stream chunks do not.
 """
@@ -145,3 +148,38 @@ def test_include_reasoning_is_a_no_op_without_a_reasoning_parser(urls: dict[str,
     answer = post(urls[via], "/v1/chat/completions", {"messages": HI, "temperature": 0, "include_reasoning": include})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"], answer.text
+
+
+NEWER = [
+    ("/v1/completions", "logprob_token_ids", [5, 6], {"logprobs": 1}, "top alternatives"),
+    ("/v1/chat/completions", "logprob_token_ids", [5, 6], {"logprobs": True}, "top alternatives"),
+    ("/v1/chat/completions", "thinking_token_budget", 1, {}, "reasoning parser"),
+    ("/v1/completions", "thinking_token_budget", 1, {}, "reasoning parser"),
+    ("/v1/completions", "repetition_detection", {"max_pattern_size": 2, "min_count": 2}, {}, "repetition detection"),
+    ("/v1/chat/completions", "repetition_detection", {"max_pattern_size": 2, "min_count": 2}, {},
+     "repetition detection"),
+    ("/v1/completions", "watermarking", True, {}, "watermark"),
+    ("/v1/completions", "stream_interval", 4, {"stream": True}, "each engine step"),
+]
+
+
+@VIA
+@pytest.mark.parametrize(("path", "field", "value", "beside", "why"), NEWER,
+                         ids=[f"{f}-{p.split('/')[-1]}" for p, f, *_ in NEWER])
+def test_a_newer_vllm_field_that_asks_for_something_is_refused(urls: dict[str, str], via: str, path: str, field: str,
+                                                                value: Any, beside: dict[str, Any], why: str) -> None:
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": HI}
+    answer = post(urls[via], path, {**prompt, **beside, field: value})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == field and field in error["message"] and why in error["message"], error
+
+
+@VIA
+@pytest.mark.parametrize(("field", "value"), [("thinking_token_budget", -1), ("watermarking", False),
+                                              ("repetition_detection", {}), ("logprob_token_ids", None),
+                                              ("session_id", "conversation-1"), ("return_token_offsets", True)])
+def test_a_newer_vllm_field_that_asks_for_nothing_passes(urls: dict[str, str], via: str, field: str,
+                                                         value: Any) -> None:
+    answer = post(urls[via], "/v1/chat/completions", {"messages": HI, field: value})
+    assert answer.status_code == 200, answer.text
