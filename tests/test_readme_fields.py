@@ -120,7 +120,10 @@ PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
 NOTES: dict[str, str] = {
     "prompt": "a list of prompts is a batch, colocated and through PD",
     "echo": "completions: with `logprobs` the prompt's logprobs lead; refused with 400 through PD and with stream",
-    "prompt_logprobs": "refused with 400 with stream (as vLLM); through PD the prefill computes them",
+    "prompt_logprobs": "above 0 refused with 400 with stream (as vLLM; 0 passes, and a stream carries none); "
+                       "through PD the prefill computes them; -1 (vLLM: the whole vocabulary) refused with 400, "
+                       "0 to 20 taken",
+    "logprobs": "-1 (vLLM: the whole vocabulary; chat's `top_logprobs` too) refused with 400, 0 to 20 taken",
     "stream_options": "`include_usage` defaults to false (as vLLM and OpenAI: `{}` asks for no usage chunk, and a "
                       "stream that did not ask for it carries no usage); a key sent as `null` is not sent; "
                       "`continuous_usage_stats: true` refused with 400; without `stream: true` a 400 (as OpenAI; "

@@ -39,6 +39,8 @@ MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
 # Fields whose null is their default (OpenAI's schema makes them nullable and vLLM types them `... | None`, so a
 # client that writes every field, unset ones as null, sends `"stream": null`); typed here by their default.
 NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo", "return_token_ids")
+# The most top alternatives a token's logprobs may list (SamplingParams' bound, as vLLM's default --max-logprobs 20)
+MAX_LOGPROBS: int = next(m.le for m in SamplingParams.model_fields["logprobs"].metadata if getattr(m, "le", None))
 
 
 class StreamOptions(BaseModel):
@@ -196,14 +198,21 @@ class SamplingFields(BaseModel):
 
     def _check_prompt_logprobs(self, asked: int | None, field: str) -> None:
         """Prompt logprobs come whole with the first output: not streamed (as vLLM refuses them with
-        stream), and not on a PD decode, which loads the prompt's KV instead of computing it."""
-        if asked is None:
+        stream), and not on a PD decode, which loads the prompt's KV instead of computing it. A stream's
+        `prompt_logprobs: 0` passes, as vLLM takes it (its chunks carry no prompt logprobs): none are computed
+        (`_prompt_logprobs`)."""
+        if asked is None or (self.stream and asked == 0 and field == "prompt_logprobs"):
             return
         if self.stream:
             raise OpenAIError(400, f"{field}: prompt logprobs are not available when stream=true", param=field)
         if (self.kv_transfer_params or {}).get("do_remote_prefill"):
             raise OpenAIError(400, f"{field}: prompt logprobs are computed where the prompt is; a PD decode loads "
                                    "its KV (ask a colocated instance)", param=field)
+
+    def _prompt_logprobs(self, asked: int | None) -> int | None:
+        """The prompt logprobs the engine computes for `asked`: none for a stream (its chunks carry none; a stream
+        asks only for 0 here, _check_prompt_logprobs)."""
+        return None if self.stream else asked
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -217,6 +226,12 @@ class SamplingFields(BaseModel):
     def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                   names: dict[str, str] | None = None) -> SamplingParams:
         """`names`: the request field a SamplingParams field came from, where they differ (an error names it)."""
+        for name, asked in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if asked == -1:  # vLLM's: every token of the vocabulary
+                param = (names or {}).get(name, name)
+                raise OpenAIError(400, f"{param}: -1 (vLLM: the logprobs of every token in the vocabulary) is not "
+                                       f"supported here; send 0 to {MAX_LOGPROBS} (the chosen token and that many "
+                                       "top alternatives)", param=param)
         values: dict[str, object] = {
             "prompt_logprobs": prompt_logprobs,
             # A request that fills the context is given its room once its prompt is tokenized

@@ -116,3 +116,31 @@ def test_chat_prompt_logprobs(url: str) -> None:
 def test_what_cannot_be_honoured_is_a_400(url: str, body: dict[str, Any], param: str) -> None:
     answer = post(url, **body)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"echo": True, "logprobs": -1}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("/v1/chat/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
+])
+def test_minus_one_the_whole_vocabulary_is_a_400_that_says_what_to_send(url: str, path: str, body: dict[str, Any],
+                                                                       param: str) -> None:
+    """vLLM reads -1 as every token of the vocabulary; pydantic's 'greater than or equal to 0' did not say that
+    -1 means something elsewhere, nor what to send here."""
+    if path.endswith("chat/completions"):
+        body = {**body, "messages": [{"role": "user", "content": "hi"}]}
+    answer = post(url, path, **body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and "-1" in error["message"] and "0 to 20" in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_0_with_stream_passes_as_in_vllm(url: str, path: str) -> None:
+    """vLLM refuses a stream's prompt_logprobs above 0 (or -1) only; its stream chunks carry no prompt logprobs."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {}
+    answer = post(url, path, **body, prompt_logprobs=0, stream=True)
+    assert answer.status_code == 200, answer.text
+    assert answer.text.rstrip().endswith("data: [DONE]") and "prompt_logprobs" not in answer.text, answer.text
