@@ -157,7 +157,14 @@ class ChildProcess:
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         argv = self.argv
         if self.tmp_dir_flag is not None:
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f"pdlaunch-{self.name}-"))
+            try:
+                self.tmp_dir = Path(tempfile.mkdtemp(prefix=f"pdlaunch-{self.name}-"))
+            except OSError as exc:  # TMPDIR full (space or inodes), read-only or gone
+                self.close_log()
+                raise PdlaunchError(
+                    f"cannot start {self.name}: cannot make its temporary directory in "
+                    f"{tempfile.gettempdir()!r}: {exc.strerror or exc}", field="TMPDIR",
+                    hint="free space (and inodes: df -i) there, or set TMPDIR to a writable directory") from None
             argv = [*argv, self.tmp_dir_flag, str(self.tmp_dir)]
         with signals_deferred():  # a child exists only once self.popen holds it
             try:

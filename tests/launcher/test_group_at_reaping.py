@@ -117,3 +117,22 @@ def test_a_sigkilled_process_leaves_no_directory_and_a_restart_gets_a_new_empty_
     finally:
         child.stop(0.0)
     assert child.tmp_dir is None and not second.exists()
+
+
+def test_a_start_whose_directory_cannot_be_made_is_our_error_and_closes_its_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TMPDIR full (space or inodes) or read-only at a proxy's start or restart: a PdlaunchError naming TMPDIR, which
+    the supervisor reports as a failed restart, not an OSError that ends serve with a traceback; no log left open."""
+    import errno
+    import tempfile
+
+    def full(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    child = _leader(tmp_path, "proxy", "exit")
+    with pytest.raises(PdlaunchError) as raised:
+        child.start()
+    assert raised.value.field == "TMPDIR"
+    assert "cannot make its temporary directory" in str(raised.value) and "No space left on device" in str(raised.value)
+    assert child.popen is None and child._log is None
