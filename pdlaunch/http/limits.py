@@ -44,11 +44,13 @@ class _NonFinite:
         self.literal = literal
 
 
+_EMPTY_BODY_ADVICE = ": send a JSON object (Content-Type: application/json)"
+
+
 def parse_json_object(raw: bytes) -> JsonObject:
     """A request body as a JSON object whose every value is finite, shallow and encodable."""
     if not raw or raw.isspace():  # `curl -X POST URL` without -d: json's words were "Expecting value: line 1 column 1"
-        raise OpenAIError(400, "request body is empty: send a JSON object (Content-Type: application/json)",
-                          param="body")
+        raise OpenAIError(400, "request body is empty" + _EMPTY_BODY_ADVICE, param="body")
     try:
         body = json.loads(raw, parse_constant=_NonFinite)
     except RecursionError:
@@ -59,6 +61,12 @@ def parse_json_object(raw: bytes) -> JsonObject:
         raise OpenAIError(400, f"request body must be a JSON object, got {json_kind(body)}", param="body")
     check_json_values(body)
     return body
+
+
+def body_problem(error: OpenAIError) -> str:
+    """What parse_json_object found wrong with a body ("body is empty", "body is not valid JSON: ..."), without the
+    advice to a client that sent it: for a body another process answered with (the proxy's instances)."""
+    return error.message.removeprefix("request ").removesuffix(_EMPTY_BODY_ADVICE)
 
 
 async def read_json_object(request: Request) -> JsonObject:

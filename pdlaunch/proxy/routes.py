@@ -23,7 +23,7 @@ from pydantic import BaseModel, JsonValue
 import pdlaunch
 from pdlaunch.http.answers import AnswerTooLarge, fetch
 from pdlaunch.http.errors import OpenAIError, error_body
-from pdlaunch.http.limits import parse_json_object
+from pdlaunch.http.limits import body_problem, parse_json_object
 from pdlaunch.proxy.bodies import as_object
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance
@@ -127,7 +127,7 @@ async def _control_one(request: Request, instance: Instance) -> FannedOut:
         # Strict, as a client's body: a NaN or a lone surrogate would fail this whole answer's JSON (a 500).
         content = parse_json_object(raw) if raw else {}
     except OpenAIError as exc:
-        message = f"answered with a body that is not a valid JSON object ({exc.message.removeprefix('request ')})"
+        message = f"answered with a body that is not a valid JSON object ({body_problem(exc)})"
         return FannedOut(name=instance.name, status=502, body=error_body(502, message))
     return FannedOut(name=instance.name, status=status, body=content)
 

@@ -21,7 +21,7 @@ import httpx
 from pdlaunch.http.answers import AnswerTooLarge, read_body
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
-from pdlaunch.http.limits import parse_json_object
+from pdlaunch.http.limits import body_problem, parse_json_object
 from pdlaunch.http.retry_later import retry_after_of
 from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_CODE, stop_before_deadline, stream_cut_body
 from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
@@ -116,7 +116,7 @@ class Proxy:
             return parse_json_object(content)
         except OpenAIError as exc:
             raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not a valid "
-                                   f"JSON object ({exc.message.removeprefix('request ')})",
+                                   f"JSON object ({body_problem(exc)})",
                               code="instance_failed") from None
 
     async def _post(self, url: str, body: JsonObject, headers: dict[str, str],
