@@ -98,7 +98,7 @@ class EngineRequests:
         parses them before it queues the request), or the raw JSON object, parsed here. `matcher`: a new matcher
         of its structured output's grammar (grammar_matcher), else one is built here."""
         s = self.scheduler
-        if request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining:
+        if self._in_use(request_id):
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
         if self.is_sleeping():
@@ -133,6 +133,19 @@ class EngineRequests:
                 self.outputs.pop(request_id)
                 raise
             self._admitted.append((request, continued))
+
+    def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None) -> None:
+        """The server ended a PD decode request before add_request took it (its client left while its grammar was
+        built or its add was queued, or its grammar was refused): its prefill is told to drop its hold now, not at
+        its lease's end (scheduler.release_unloaded). Nothing while a request of that id is here: it may be loading
+        the same params (add_request's rule)."""
+        if not self._in_use(request_id):
+            self.scheduler.release_unloaded(request_id, list(prompt_token_ids), kv_transfer_params)
+
+    def _in_use(self, request_id: str) -> bool:
+        s = self.scheduler
+        return request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining
 
     def _check_request(self, prompt: list[int], params: SamplingParams, kv: KVTransferParams | None) -> None:
         """EngineError naming the field when this engine refuses the request itself (its prompt, limits or ids)."""

@@ -199,16 +199,26 @@ class EngineThread:
         stream = command.stream
         with self._lock:
             self._adds.discard(command)  # taken: counted below if it is an abort
-            if self._streams.get(stream.request_id) is not stream:
+            current = self._streams.get(stream.request_id)
+            if current is not stream:
                 self.counts.count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
-                return
+        if current is not stream:
+            if current is None:  # else a later request of that id is on its way here, maybe with the same params
+                self._release_unloaded(engine, command)
+            return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
+            # Not released: the instance stops, and a proxy may send the same leg to another decode (as after a
+            # sleep's refusal, engine_requests.py).
             self.counts.count_abort()
             self._finish(stream.request_id, shutting_down(ENGINE_STOPPED))
             return
         try:
-            matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
+            try:
+                matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
+            except Exception:
+                self._release_unloaded(engine, command)  # its grammar is refused: add_request never sees it
+                raise
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
         except InstanceAsleep:  # a /sleep ran while it was queued (admission had found the instance awake)
             self._finish(stream.request_id, OpenAIError(503, "instance is sleeping; POST /wake_up first",
@@ -225,6 +235,17 @@ class EngineThread:
         self.counts.started(stream.request_id)
         self._idle_check.added()  # (one that ends within its first step never shows as busy)
         stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
+
+    @staticmethod
+    def _release_unloaded(engine: LLMEngine, command: Add) -> None:
+        """A PD decode request ends here before engine.add_request took it: its prefill is told to drop its hold of
+        the prompt's KV now (engine.release_unloaded), not at its lease's end (kv_transfer.kv_lease_seconds)."""
+        if command.kv_transfer_params is None:
+            return
+        try:
+            engine.release_unloaded(command.stream.request_id, command.prompt_token_ids, command.kv_transfer_params)
+        except Exception:  # noqa: BLE001 - the lease frees the blocks; the engine serves on
+            log.exception("telling the prefill to drop the KV held for request %s failed", command.stream.request_id)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
