@@ -117,12 +117,31 @@ class Choices:
 
     def client_gone(self) -> None:
         """The client left: stop every choice, and free the KV a prefill holds for a decode leg that
-        will not come (queued after the aborts: frees only what is held)."""
+        will not come (queued after the aborts: frees only what is held), or, on a decode leg not submitted yet,
+        the KV its prefill holds for it (release_unsubmitted)."""
         self.abort_all()
+        self.release_unsubmitted()
         if (self.kv_transfer_params or {}).get("do_remote_decode"):
             for choice in self.choices:
                 if choice.sample == 0:
                     self.engine_loop.release_held_kv_soon(choice.request_id)
+
+    def release_unsubmitted(self) -> None:
+        """A PD decode leg ends before its first choice, which carries its kv_transfer_params, was submitted (the
+        client left, or this server refused the request itself): nothing else tells its prefill, which would hold the
+        prompt's KV until its lease's end. Once submitted, the engine thread or the engine tells it."""
+        params = self.kv_transfer_params
+        first = self.choices[0]  # one prompt when it has params: its first sample
+        if not params or params.get("do_remote_prefill") in (None, False) or first.stream is not None:
+            return
+
+        async def prompt_ids() -> list[int]:
+            if self.prompt_ids:
+                return self.prompt_ids[0]
+            engine = self.engine_loop.engine
+            return (await prompts_token_ids(engine.tokenizer, self.prompts, engine.max_model_len))[0]
+
+        self.engine_loop.release_unloaded_soon(first.request_id, params, prompt_ids)
 
     async def start(self) -> None:
         """Tokenize, submit every choice (the first of each prompt first) and await their acceptance."""

@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id, read_model
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.server.chat_request import ChatCompletionRequest
@@ -76,6 +77,14 @@ async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequ
     except ClientDisconnected:
         choices.client_gone()
         return Response(status_code=CLIENT_CLOSED)
+    except OpenAIError as exc:
+        choices.abort_all()
+        if 400 <= exc.status < 500 and exc.status != 409:
+            # The request itself is refused, maybe before its decode leg was submitted. Not a 409 (its X-Request-Id is
+            # in flight here, maybe with the same params) nor a 503 (this instance's state: a proxy may send the same
+            # leg to another decode), as the engine's add_request.
+            choices.release_unsubmitted()
+        raise
     except BaseException:
         choices.abort_all()
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -21,6 +21,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
+from pdlaunch.kv_transfer.push_params import is_unsigned_push
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add
 from pdlaunch.server.engine_thread import EngineThread, shutting_down
@@ -200,6 +201,33 @@ class EngineLoop(EngineThread):
         self._releases.add(task)
         task.add_done_callback(_log_release_failure(request_id))
         task.add_done_callback(self._releases.discard)
+
+    def release_unloaded_soon(self, request_id: str, kv_transfer_params: JsonObject,
+                              prompt_token_ids: Callable[[], Awaitable[list[int]]]) -> None:
+        """Decode: a PD decode request the server ended before it submitted it (its client left while its prompt was
+        tokenized, or the server refused it): its prefill is told to drop its hold now, not at its lease's end
+        (engine.release_unloaded, on the engine thread), without waiting. `prompt_token_ids` is awaited only for
+        vLLM's push-proxy params, whose drop names the prompt. Params this engine refuses release nothing; a failure
+        is logged (the lease frees the blocks)."""
+        task = asyncio.ensure_future(self._release_unsubmitted(request_id, kv_transfer_params, prompt_token_ids))
+        self._releases.add(task)
+        task.add_done_callback(_log_release_failure(request_id))
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_unsubmitted(self, request_id: str, kv_transfer_params: JsonObject,
+                                   prompt_token_ids: Callable[[], Awaitable[list[int]]], timeout: float = 10.0
+                                   ) -> bool:
+        engine = self.require_ready()
+        try:
+            parsed = engine.check_kv_transfer_params(kv_transfer_params)
+            ids = await prompt_token_ids() if is_unsigned_push(kv_transfer_params) else []
+        except (PdlaunchError, OpenAIError):  # params of no hold here, or a prompt no prefill could have held
+            return False
+        if parsed is None:
+            return False
+        await self.call(lambda e: e.release_unloaded(request_id, ids, parsed), timeout,
+                        f"telling the prefill to drop the KV held for {request_id!r}")
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

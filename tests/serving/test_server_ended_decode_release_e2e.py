@@ -3,7 +3,10 @@ the prompt's blocks at once, not at the lease's end (kv_transfer.kv_lease_second
 own refusals and aborts release (test_unloaded_decode_release_e2e.py); these never reach engine.add_request:
 - its client leaves while its grammar's matcher is built (on a grammar thread, server/engine_loop.py);
 - its client leaves while its add waits in the engine thread's queue (a step, or a call, holds that thread);
-- its grammar is refused when the matcher is built (a 400).
+- its grammar is refused when the matcher is built (a 400);
+- its client leaves while its prompt is tokenized (off the event loop), before the server submitted it at all;
+- the server refuses it before it submits it (min_tokens past the room its prompt leaves: a 400 the prefill leg,
+  with its max_tokens 1, never met).
 Real components in this process: a tiny prefill and decode instance (real engines and servers, NIXL on CPU); the test
 sends both legs itself, as a proxy that does not release holds (vLLM's) would. A 600 s lease: what frees the
 prefill's blocks within the test's wait is the decode's word. The client leaves by closing its socket.
@@ -24,6 +27,7 @@ import pytest
 
 from pdlaunch.engine import structured_output
 from pdlaunch.errors import EngineError
+from pdlaunch.server import prompts
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import held_kv, wait_for
 from tests.serving.tiny_instances import MODEL, TIMEOUT, TinyPD, prefill_leg, tiny_pd
@@ -60,14 +64,14 @@ def _decode_body(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
             **fields}
 
 
-def _send(url: str, body: dict[str, Any]) -> socket.socket:
-    """A connection that has sent POST /v1/completions with `body` and waits for its answer: closing it is the
-    client leaving."""
+def _send(url: str, body: dict[str, Any], route: str = "/v1/completions") -> socket.socket:
+    """A connection that has sent POST `route` with `body` and waits for its answer: closing it is the client
+    leaving."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     data = json.dumps(body).encode()
     conn = socket.create_connection((host, port), timeout=TIMEOUT)
-    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    conn.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return conn
 
@@ -132,4 +136,45 @@ def test_a_decode_request_whose_grammar_is_refused_releases_the_prefill(
     monkeypatch.setattr(structured_output.GrammarBackend, "matcher", refused)
     r = httpx.post(f"{deployment.decode}/v1/completions", timeout=TIMEOUT, json=_decode_body(params, **CHOICE))
     assert r.status_code == 400 and "the token table refuses it" in r.text, r.text
+    _released(deployment, before)
+
+
+def test_a_client_that_leaves_while_its_chat_prompt_is_tokenized_releases_the_prefill(
+        deployment: TinyPD, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request is never submitted: the release cannot come from the engine thread's queue."""
+    messages = [{"role": "user", "content": "tell me about the sea"}]
+    before = held_kv(deployment.prefill)
+    leg = httpx.post(f"{deployment.prefill}/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": MODEL, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+        "kv_transfer_params": {"do_remote_decode": True}})
+    assert leg.status_code == 200, leg.text
+    assert held_kv(deployment.prefill)[0] == before[0] + 1
+    tokenizing, gate = threading.Event(), threading.Event()
+    tokenize = prompts.tokenize
+
+    def held_tokenize(tokenizer: Any, prompt: prompts.Prompt) -> list[int]:
+        tokenizing.set()
+        assert gate.wait(TIMEOUT), "the test never let the tokenizer go on"
+        return tokenize(tokenizer, prompt)
+
+    monkeypatch.setattr(prompts, "INLINE_PROMPT_CHARS", 0)  # every prompt is tokenized on a worker thread
+    monkeypatch.setattr(prompts, "tokenize", held_tokenize)
+    conn = _send(deployment.decode, {"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0.0,
+                                     "kv_transfer_params": leg.json()["kv_transfer_params"]}, "/v1/chat/completions")
+    try:
+        assert tokenizing.wait(TIMEOUT), "the decode request never reached its tokenizer"
+        conn.close()
+        _released(deployment, before)  # the tokenizer is still held: the request was never submitted
+        assert deployment.loops[1].num_pending == 0
+    finally:
+        gate.set()
+        conn.close()
+
+
+def test_a_decode_request_the_server_refuses_before_submitting_it_releases_the_prefill(deployment: TinyPD) -> None:
+    params, before = _held_leg(deployment)
+    # max_tokens null: its limit is the room its prompt leaves (known once it is tokenized), which min_tokens passes
+    body = _decode_body(params, min_tokens=250, max_tokens=None)
+    r = httpx.post(f"{deployment.decode}/v1/completions", timeout=TIMEOUT, json=body)
+    assert r.status_code == 400 and "does not fit: the prompt has 40 tokens" in r.text, r.text
     _released(deployment, before)
