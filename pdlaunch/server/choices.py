@@ -100,7 +100,7 @@ class Choices:
         for p in range(len(prompts)):
             group = SampleGroup(n, best_of)  # vLLM's parent request: the prompt's samples
             for i in range(best_of):
-                request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
+                request_id = engine_request_id(client_id)
                 builder = ResponseBuilder(
                     endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
                     return_token_ids=body.return_token_ids, tool_calling=calling,
@@ -130,18 +130,10 @@ class Choices:
         """A PD decode leg ends before its first choice, which carries its kv_transfer_params, was submitted (the
         client left, or this server refused the request itself): nothing else tells its prefill, which would hold the
         prompt's KV until its lease's end. Once submitted, the engine thread or the engine tells it."""
-        params = self.kv_transfer_params
         first = self.choices[0]  # one prompt when it has params: its first sample
-        if not params or params.get("do_remote_prefill") in (None, False) or first.stream is not None:
-            return
-
-        async def prompt_ids() -> list[int]:
-            if self.prompt_ids:
-                return self.prompt_ids[0]
-            engine = self.engine_loop.engine
-            return (await prompts_token_ids(engine.tokenizer, self.prompts, engine.max_model_len))[0]
-
-        self.engine_loop.release_unloaded_soon(first.request_id, params, prompt_ids)
+        if first.stream is None:
+            release_unsubmitted(self.engine_loop, first.request_id, self.kv_transfer_params, self.prompts,
+                                self.prompt_ids)
 
     async def start(self) -> None:
         """Tokenize, submit every choice (the first of each prompt first) and await their acceptance."""
@@ -286,6 +278,29 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def engine_request_id(client_id: str) -> str:
+    """An engine request id of the client's request `client_id` (its X-Request-Id): one per choice."""
+    return f"{client_id}-{uuid.uuid4().hex[:8]}"
+
+
+def release_unsubmitted(engine_loop: EngineLoop, request_id: str, kv_transfer_params: JsonObject | None,
+                        prompts: Sequence[Prompt], prompt_ids: list[list[int]]) -> None:
+    """A request ends before its first choice (engine request `request_id`) was submitted: when it is a PD decode
+    leg, its prefill is told to drop the hold of its prompt's KV (EngineLoop.release_unloaded_soon). `prompt_ids`:
+    its prompts' token ids when tokenized, else []: tokenized then only if the params need them."""
+    params = kv_transfer_params
+    if not params or params.get("do_remote_prefill") in (None, False) or len(prompts) != 1:
+        return
+
+    async def first_prompt_ids() -> list[int]:
+        if prompt_ids:
+            return prompt_ids[0]
+        engine = engine_loop.engine
+        return (await prompts_token_ids(engine.tokenizer, prompts, engine.max_model_len))[0]
+
+    engine_loop.release_unloaded_soon(request_id, params, first_prompt_ids)
 
 
 def recorded(choice: Choice, item: StreamItem) -> StreamItem:

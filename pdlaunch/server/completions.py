@@ -26,7 +26,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id, read_model
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.server.chat_request import ChatCompletionRequest
-from pdlaunch.server.choices import Choices
+from pdlaunch.server.choices import Choices, engine_request_id, release_unsubmitted
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.instance import Handler, Instance, instance_of
 from pdlaunch.server.prompts import Prompt
@@ -59,7 +59,13 @@ async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequ
     # Off the event loop unless quick (module doc): the sampling fields' check compiles a structured-output grammar,
     # which takes seconds for a long guided_choice list, and every other request's stream would wait on it.
     prepare = partial(Choices, instance.engine_loop, body, prompts, client_id, instance.model_name)
-    choices = prepare() if _quick(body, prompts, len(await request.body())) else await asyncio.to_thread(prepare)
+    try:
+        choices = prepare() if _quick(body, prompts, len(await request.body())) else await asyncio.to_thread(prepare)
+    except OpenAIError as exc:
+        if _refuses_the_request(exc):  # e.g. a decode leg's n or min_tokens, which its prefill leg did not carry
+            release_unsubmitted(instance.engine_loop, engine_request_id(client_id), body.kv_transfer_params, prompts,
+                                [])
+        raise
     headers = {"X-Request-Id": client_id}
     try:
         with DisconnectWatch(request) as watch:
@@ -79,15 +85,19 @@ async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequ
         return Response(status_code=CLIENT_CLOSED)
     except OpenAIError as exc:
         choices.abort_all()
-        if 400 <= exc.status < 500 and exc.status != 409:
-            # The request itself is refused, maybe before its decode leg was submitted. Not a 409 (its X-Request-Id is
-            # in flight here, maybe with the same params) nor a 503 (this instance's state: a proxy may send the same
-            # leg to another decode), as the engine's add_request.
+        if _refuses_the_request(exc):  # maybe before its decode leg was submitted
             choices.release_unsubmitted()
         raise
     except BaseException:
         choices.abort_all()
         raise
+
+
+def _refuses_the_request(error: OpenAIError) -> bool:
+    """Whether `error` refuses the request itself (a 4xx), so that a PD decode leg it ends releases its prefill's hold.
+    Not a 409 (its X-Request-Id is in flight here, maybe with the same params) nor a 503 (this instance's state: a
+    proxy may send the same leg to another decode), as the engine's add_request."""
+    return 400 <= error.status < 500 and error.status != 409
 
 
 def _quick(body: CompletionRequest | ChatCompletionRequest, prompts: Sequence[Prompt], body_bytes: int) -> bool:

@@ -178,3 +178,12 @@ def test_a_decode_request_the_server_refuses_before_submitting_it_releases_the_p
     r = httpx.post(f"{deployment.decode}/v1/completions", timeout=TIMEOUT, json=body)
     assert r.status_code == 400 and "does not fit: the prompt has 40 tokens" in r.text, r.text
     _released(deployment, before)
+
+
+def test_a_decode_request_refused_for_its_decode_only_fields_releases_the_prefill(deployment: TinyPD) -> None:
+    """min_tokens past max_tokens: refused as its fields are read, before its choices exist. A proxy drops min_tokens
+    from the prefill leg (its max_tokens is 1), which the prefill therefore held the KV for."""
+    params, before = _held_leg(deployment)
+    r = httpx.post(f"{deployment.decode}/v1/completions", timeout=TIMEOUT, json=_decode_body(params, min_tokens=8))
+    assert r.status_code == 400 and "min_tokens" in r.text, r.text
+    _released(deployment, before)
