@@ -4,8 +4,10 @@ A stopped (SIGSTOP), hung or swapped-out process still has its listening socket:
 connections into the backlog, so a connect succeeds and only the answer never comes (once clients
 have filled the backlog, the connect itself times out). A probe that times out
 (proxy.health_timeout_seconds) is that stall; a refused connection is a process that is gone or
-restarting, which the supervisor learns from its exit instead. Probes run on a thread of their own,
-so a stalled process never slows the supervisor's tick.
+restarting, which the supervisor learns from its exit instead. Each watched process is probed by a thread of
+its own, on its own schedule (a probe, then PROBE_INTERVAL_S): a stalled process never slows the supervisor's tick,
+nor the probes of the others (probed one after another, a live process's next probe waited for every stalled one's
+timeout, and one slow answer read as a stall past check-config's floor, config/rules/roles.py).
 
 Each probe's outcome is also kept as a status row's state (`health`): node 0 has no process of the
 instances other nodes run, so their rows follow what their /health says, once it is checked to be theirs.
@@ -39,7 +41,8 @@ def health_state(response: httpx.Response, is_itself: Callable[[httpx.Response],
 
 
 class StallWatch:
-    """Probes the /health of every watched process once a second; `stalled_for(name)` says how long ago
+    """Probes the /health of every watched process once a second, each on a thread of its own (at most one per
+    watched name; all joined at stop); `stalled_for(name)` says how long ago
     (seconds) the first of its probes that still go unanswered timed out, or None when its last probe got an
     answer (or none timed out).
     `is_itself`: name -> whether a 200 answer is that process's own (`health_state`)."""
@@ -61,16 +64,24 @@ class StallWatch:
         self._health: dict[str, str] = {}  # name -> its last probe's outcome as a row state
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="pdlaunch-stall-watch", daemon=True)
+        self._started = False
+        # name -> the thread probing it: one per watched name, which ends once its name is no longer watched.
+        self._threads: dict[str, threading.Thread] = {}
 
     def start(self) -> StallWatch:
-        self._thread.start()
+        with self._lock:
+            self._started = True
+            for name in self._watched:
+                self._prober(name)
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=self.timeout_s + self.interval_s + 1.0)
+        with self._lock:
+            threads = list(self._threads.values())
+        until = time.monotonic() + self.timeout_s + self.interval_s + 1.0  # a probe in flight ends by its timeout
+        for thread in threads:
+            thread.join(timeout=max(0.0, until - time.monotonic()))
         self._http.close()
 
     def watch(self, name: str, on: bool) -> None:
@@ -79,6 +90,8 @@ class StallWatch:
         with self._lock:
             if on:
                 self._watched.add(name)
+                if self._started:
+                    self._prober(name)
             else:
                 self._watched.discard(name)
                 self._since.pop(name, None)
@@ -115,12 +128,20 @@ class StallWatch:
             else:
                 self._since.pop(name, None)
 
-    def _loop(self) -> None:
+    def _prober(self, name: str) -> None:
+        """Under the lock: start the thread that probes `name`, unless one runs (it goes on while `name` is watched)."""
+        if self._stop.is_set() or (name in self._threads and self._threads[name].is_alive()):
+            return
+        thread = threading.Thread(target=self._loop, args=(name,), name=f"pdlaunch-stall-watch-{name}", daemon=True)
+        self._threads[name] = thread
+        thread.start()
+
+    def _loop(self, name: str) -> None:
         while not self._stop.is_set():
             with self._lock:
-                names = sorted(self._watched)
-            for name in names:
-                if self._stop.is_set():
+                if name not in self._watched:  # its thread ends; watching it again starts another
+                    if self._threads.get(name) is threading.current_thread():
+                        del self._threads[name]
                     return
-                self.probe(name)
+            self.probe(name)
             self._stop.wait(self.interval_s)

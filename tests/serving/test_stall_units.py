@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.stall_watch import StallWatch
@@ -270,6 +271,65 @@ def test_one_late_health_answer_is_not_a_stall_worth_a_kill(late_once: str) -> N
                                          f"stall_restart_seconds {stall_restart_s} kills the healthy instance")
     finally:
         watch.stop()
+
+
+class _HungAndLateOnce(BaseHTTPRequestHandler):
+    """/hung never answers (until the test ends); /late lets its 2nd probe time out (a GC pause) and answers its 3rd
+    0.7 s late, still within the 1 s timeout; every other at once."""
+
+    protocol_version = "HTTP/1.1"
+    late_probes: list[int] = [0]
+    released = threading.Event()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.startswith("/hung"):
+            self.released.wait(30.0)
+            return
+        self.late_probes[0] += 1
+        time.sleep({2: 1.3, 3: 0.7}.get(self.late_probes[0], 0.0))
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        except OSError:
+            pass  # the probe timed out and closed its end
+
+
+def test_a_hung_peer_does_not_delay_the_probes_of_a_live_one_past_the_check_config_floor() -> None:
+    """check-config's floor (stall_restart_seconds above health_timeout + the probe interval) holds only while each
+    process is probed on its own schedule: probed one after another, the live one's next probe waited for the hung
+    one's timeout, and one slow answer read as a stall of 2 x timeout + interval, killing a live instance."""
+    timeout_s = 1.0
+    floor = timeout_s + STALL_PROBE_INTERVAL_S  # config/rules/roles.py stall_restart_problems
+    _HungAndLateOnce.late_probes[0] = 0
+    _HungAndLateOnce.released.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HungAndLateOnce)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    watch = StallWatch({"live": f"{base}/late", "hung": f"{base}/hung"}, timeout_s=timeout_s)
+    watch.watch("live", True)
+    watch.watch("hung", True)
+    watch.start()
+    try:
+        worst = 0.0
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline and _HungAndLateOnce.late_probes[0] < 5:  # the late answers, then more
+            worst = max(worst, watch.stalled_for("live") or 0.0)
+            time.sleep(0.02)
+        assert _HungAndLateOnce.late_probes[0] >= 5, "the live process was not probed again"
+        assert watch.stalled_for("hung") is not None  # the hung one is a stall
+        assert 0 < worst <= floor, (f"one probe timed out and the next answered in 0.7s: read as a stall of "
+                                    f"{worst:.2f}s, past check-config's floor of {floor:g}s: a "
+                                    f"stall_restart_seconds it accepts would kill the live one")
+    finally:
+        watch.stop()
+        _HungAndLateOnce.released.set()
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture()
