@@ -63,6 +63,80 @@ LOADER_DEADLINE_GRACE_SECONDS = 5.0
 RELEASE_TIMEOUT_SECONDS = 2.0
 
 
+# Hold releases of requests whose load never started (decode/side.py: release_unloaded, start_load's params it
+# cannot plan) run on threads of their own (`HoldReleases`), never on the loader threads: each may wait
+# RELEASE_TIMEOUT_SECONDS per prefill rank, and queued there, many against a hung prefill delayed real loads past
+# their deadlines. At most this many wait for a thread; past it, a release is dropped (the prefill's lease frees it).
+RELEASE_THREADS = 2
+MAX_PENDING_RELEASES = 256
+
+
+class HoldReleases:
+    """Best-effort hold releases, on RELEASE_THREADS threads of their own, at most MAX_PENDING_RELEASES pending
+    (queued or sending): past that cap, one is dropped with a log line counting the drops; at shutdown, the queued
+    ones are dropped (logged). A prefill not told keeps the blocks until its hold's lease ends."""
+
+    def __init__(self, threads: int = RELEASE_THREADS, cap: int = MAX_PENDING_RELEASES) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pdlaunch-kv-release")
+        self.cap = cap
+        self._lock = threading.Lock()
+        self.pending = 0  # queued or sending
+        self.sending = 0
+        self.dropped = 0  # past the cap, since the start
+        self.closed = False  # shut down: nothing more is sent
+
+    def submit(self, request_id: str, send: Callable[[], None]) -> bool:
+        """Queue `send` (the release of request `request_id`'s hold); False when it was dropped."""
+        with self._lock:
+            if self.closed:
+                return False
+            full = self.pending >= self.cap
+            if full:
+                self.dropped += 1
+                dropped = self.dropped
+            else:
+                self.pending += 1
+        if full:
+            if dropped == 1 or dropped % 100 == 0:  # one line per 100 drops: a hung prefill's flood stays readable
+                logger.warning("request %s: hold release not sent: %d releases already wait for prefills that answer "
+                               "slowly or not at all (%d dropped so far); the prefill keeps the request's blocks "
+                               "until its hold's lease ends (kv_transfer.kv_lease_seconds)", request_id, self.cap,
+                               dropped)
+            return False
+        try:
+            self._pool.submit(self._send, send)
+        except RuntimeError:  # shut down since the check above: dropped, as a queued one
+            with self._lock:
+                self.pending -= 1
+            return False
+        return True
+
+    def _send(self, send: Callable[[], None]) -> None:
+        with self._lock:
+            if self.closed:  # queued when shutdown began: dropped (counted there)
+                return
+            self.sending += 1
+        try:
+            send()
+        except Exception:  # a bug: the sends log what they expect themselves; a pool's future would swallow it
+            logger.exception("hold release failed; the prefill's lease frees the blocks")
+        finally:
+            with self._lock:
+                self.sending -= 1
+                self.pending -= 1
+
+    def shutdown(self) -> None:
+        """Drop the queued releases (their leases free the blocks) and wait for those being sent (each within
+        RELEASE_TIMEOUT_SECONDS per prefill rank)."""
+        with self._lock:
+            self.closed = True
+            queued = self.pending - self.sending
+        if queued:
+            logger.info("%d hold release(s) not sent at shutdown; their prefills free the blocks when the holds' "
+                        "leases end (kv_transfer.kv_lease_seconds)", queued)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
     """The loader threads; each binds the instance's device when it starts (they copy KV: vLLM #39548)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",

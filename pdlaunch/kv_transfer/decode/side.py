@@ -14,7 +14,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
 from pdlaunch.kv_transfer.decode.compute_order import ComputeStream
-from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
+from pdlaunch.kv_transfer.decode.context import HoldReleases, LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.messages import Empty, ForgetRequest
@@ -46,6 +46,7 @@ class DecodeSide(NixlConnector):
                                kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index),
                                reader=self.engine_id)
         self.loads = DecodeLoads(self.ctx)
+        self.releases = HoldReleases()  # releases of loads that never started: never on the loader threads
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
         self.compute: ComputeStream | None = None  # the stream the engine's forwards run on, once registered
 
@@ -123,17 +124,20 @@ class DecodeSide(NixlConnector):
         if not load.state.ended:
             self.ctx.executor.submit(self.loads.run, load)
         elif isinstance(params, PrefillAnswer) and load.remote.request_id:
-            # This load cannot plan the request the prefill holds for it: ask the prefill (from a loader thread)
+            # This load cannot plan the request the prefill holds for it: ask the prefill (from a release thread)
             # to free it now, not at its lease's end.
-            self.ctx.executor.submit(self.loads.drop_unstarted, load, self._held_ranks(load.remote))
+            ranks = self._held_ranks(load.remote)
+            self.releases.submit(request_id, lambda: self.loads.drop_unstarted(load, ranks))
 
     def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
                          kv_transfer_params: KVTransferParams | None) -> None:
         """The request ended before start_load (base.py): no load of it is in the table, so neither the table's
         abort nor a loader tells the prefill. Told here as a load that ended before its strategy was on it
         (DecodeLoads.drop_unstarted: "cancel_push" to each prefill rank that holds it for this rank), or, for params
-        that name no held request (vLLM's push proxy), "drop_held" of what the load would have asked for. On a loader
-        thread: the side channel blocks."""
+        that name no held request (vLLM's push proxy), "drop_held" of what the load would have asked for. On a
+        release thread (context.HoldReleases), never a loader thread: the side channel blocks, and a hung prefill
+        would hold the threads real loads need. Past MAX_PENDING_RELEASES pending, or at shutdown, a release is
+        dropped (logged): the prefill's lease frees the blocks."""
         params = kv_transfer_params
         if not isinstance(params, PrefillAnswer | UnsignedPush):
             return
@@ -146,9 +150,10 @@ class DecodeSide(NixlConnector):
         load.fail("the request ended before its KV load started")
         if isinstance(params, UnsignedPush):
             load.prompt_digest = prompt_digest(prompt_token_ids)
-            self.ctx.executor.submit(self.loads.drop_held, load)
+            self.releases.submit(request_id, lambda: self.loads.drop_held(load))
         elif remote.request_id:
-            self.ctx.executor.submit(self.loads.drop_unstarted, load, self._held_ranks(remote))
+            ranks = self._held_ranks(remote)
+            self.releases.submit(request_id, lambda: self.loads.drop_unstarted(load, ranks))
 
     def _required(self, params: PrefillAnswer) -> RemoteKV:
         missing = [name for name, value in (("remote_block_ids", params.remote_block_ids),
@@ -234,6 +239,7 @@ class DecodeSide(NixlConnector):
         return (first.mode, first.reason) if first is not None else None
 
     def shutdown(self) -> None:
+        self.releases.shutdown()  # before loads.shutdown closes the side-channel connections they use
         self.loads.shutdown()
         super().shutdown()
 
