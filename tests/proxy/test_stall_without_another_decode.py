@@ -158,3 +158,137 @@ def test_an_answer_given_up_for_a_decode_that_then_went_down_waits_for_its_stall
     assert (decode.name, answer) == ("decode-0", {"id": "a"})
     assert sent == [("decode-0", LEG), ("decode-0", BODY)]
     assert (released, counted) == (1, [])
+
+
+def _chunk(text: str, ids: list[int], finish: str | None = None, prompt_ids: list[int] | None = None) -> bytes:
+    choice: JsonObject = {"index": 0, "text": text, "finish_reason": finish, "token_ids": list(ids)}
+    if prompt_ids is not None:
+        choice["prompt_token_ids"] = list(prompt_ids)
+    event = {"id": "cmpl-r", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+class _Leg(httpx.AsyncByteStream):
+    """A decode's streamed answer: `chunks`, then `end` (None: the stream ends; "hang": it sends nothing more until
+    the proxy gives it up; an exception: raised, as a dropped connection). `on_close` runs as the proxy closes it."""
+
+    def __init__(self, chunks: list[bytes], end: str | Exception | None,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.chunks, self.end, self.on_close = chunks, end, on_close
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if isinstance(self.end, Exception):
+            raise self.end
+        if self.end == "hang":
+            await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        if self.on_close is not None:
+            await self.on_close()
+
+
+def _relayed(decodes: int, answer: Callable[[InstancePool, int, str, JsonObject], Awaitable[_Leg]],
+             on_first_chunk: Callable[[InstancePool], None]) -> tuple[str, list[tuple[str, JsonObject]], int,
+                                                                       list[str], list[int]]:
+    """A stream relayed with migration (Migrations.relay, as decode_leg runs it) over `decodes` decodes (d0, d1, ...)
+    that answer `answer(pool, leg number, decode host, leg body)`; `on_first_chunk(pool)` runs once the client has
+    the stream's first event. (What the client got, the legs sent as (decode host, body), on_migrate() calls,
+    migrations counted, each decode's in-flight count at the end.)"""
+    body: JsonObject = {"prompt": "go", "max_tokens": 2, "stream": True}
+
+    async def scenario() -> tuple[str, list[tuple[str, JsonObject]], int, list[str], list[int]]:
+        pool = InstancePool([Instance("decode", f"http://d{i}", f"decode-{i}", state="ready") for i in range(decodes)])
+        sent: list[tuple[str, JsonObject]] = []
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            leg = json.loads(request.content)
+            sent.append((request.url.host, leg))
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=await answer(pool, len(sent), request.url.host, leg))
+
+        proxy = Proxy(pool, 30.0)
+        proxy.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        released, counted = [0], []
+
+        def on_migrate() -> None:
+            released[0] += 1
+
+        migrations = Migrations(proxy, 3, on_migrate=counted.append)
+        deadline = time.monotonic() + 30
+        upstream = await proxy.open_stream(pool.instances[0], "/v1/completions", {**body, "return_token_ids": True},
+                                           {}, deadline)
+        out = b""
+        async with asyncio.timeout(10):
+            async for event in migrations.relay(upstream, "/v1/completions", body, False, {}, deadline, "r",
+                                                on_migrate):
+                if not out:
+                    on_first_chunk(pool)
+                out += event
+        await proxy.client.aclose()
+        return out.decode(), sent, released[0], counted, [i.in_flight for i in pool.instances]
+
+    return asyncio.run(scenario())
+
+
+def _client_events(stream: str) -> list[JsonObject]:
+    return [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+
+
+def _marks_down(pool: InstancePool, name: str) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:  # the health probe, during the proxy's await of the stream's close
+        pool.mark_down(next(i for i in pool.instances if i.name == name), "health check failed: ConnectError")
+        await asyncio.sleep(0)
+
+    return close
+
+
+def test_a_relayed_stream_given_up_for_a_decode_that_then_went_down_goes_on_on_its_stalled_decode() -> None:
+    """decode-0 streams "A", is marked stalled while decode-1 is ready, and decode-1 is marked down as the proxy closes
+    decode-0's stream. The client's stream ended there with a 502 instance_failed error event, though decode-0 was
+    alive; now, as a stall with no other decode ready, it goes on on decode-0: the continuation from the prompt's and
+    the sent ids (as a migration's), without the prefill's KV, not counted as a migration, the text whole."""
+    async def answer(pool: InstancePool, leg: int, host: str, body: JsonObject) -> _Leg:
+        if leg == 1:
+            return _Leg([_chunk("A", [7], prompt_ids=[1, 2])], "hang", on_close=_marks_down(pool, "decode-1"))
+        return _Leg([_chunk("B", [8], "length", prompt_ids=[1, 2, 7]), b"data: [DONE]\n\n"], None)
+
+    def stall(pool: InstancePool) -> None:
+        pool.mark_stalled(pool.instances[0], "/health did not answer")
+
+    stream, sent, released, counted, in_flight = _relayed(2, answer, stall)
+    events = _client_events(stream)
+    assert [e.get("error") for e in events] == [None, None], stream
+    assert "".join(e["choices"][0]["text"] for e in events) == "AB"
+    assert stream.endswith("data: [DONE]\n\n")
+    assert [(host, leg.get("prompt"), leg.get("max_tokens")) for host, leg in sent] == [("d0", "go", 2),
+                                                                                       ("d0", [1, 2, 7], 1)]
+    assert (released, counted, in_flight) == (1, [], [0, 0])
+
+
+def test_a_continuation_given_up_before_its_headers_for_a_decode_that_then_went_down_goes_on_on_its_stalled_decode(
+        ) -> None:
+    """decode-0 drops the stream after "A"; the continuation goes to decode-1 (a migration), which is marked stalled
+    before its headers while decode-2 is ready; decode-2 is marked down as that leg is cancelled. The stream ended with
+    a 502 error event; now the continuation goes again to decode-1, not counted as a second migration."""
+    async def answer(pool: InstancePool, leg: int, host: str, body: JsonObject) -> _Leg:
+        if leg == 1:
+            return _Leg([_chunk("A", [7], prompt_ids=[1, 2])], httpx.ReadError("connection reset"))
+        if leg == 2:
+            asyncio.get_running_loop().call_later(0.05, pool.mark_stalled, pool.instances[1], "/health did not answer")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await _marks_down(pool, "decode-2")()
+                raise
+        return _Leg([_chunk("B", [8], "length", prompt_ids=[1, 2, 7]), b"data: [DONE]\n\n"], None)
+
+    stream, sent, released, counted, in_flight = _relayed(3, answer, lambda pool: None)
+    events = _client_events(stream)
+    assert [e.get("error") for e in events] == [None, None], stream
+    assert "".join(e["choices"][0]["text"] for e in events) == "AB"
+    assert stream.endswith("data: [DONE]\n\n")
+    assert [(host, leg.get("prompt"), leg.get("max_tokens")) for host, leg in sent] == [
+        ("d0", "go", 2), ("d1", [1, 2, 7], 1), ("d1", [1, 2, 7], 1)]
+    assert (released, counted, in_flight) == (2, ["died"], [0, 0, 0])
