@@ -17,8 +17,9 @@ A request that is not streamed has nothing at the client yet: it is sent again, 
 decode (which computes the prompt itself). A leg given up because its decode stalled while another was ready, when no
 other is ready any more once the leg has ended (the health probe marked it down meanwhile), goes again to the stalled
 decode, without the prefill's KV and not counted as a migration: as a stall with no other decode ready, the request
-waits for that decode to answer again (leg_failure.unless_stalled). At most `limit` migrations per request; then the
-request fails with code `migration_limit`.
+waits for that decode to answer again (leg_failure.unless_stalled); a stream the client has some of goes on there as
+its continuation, as a migration's would (`relay`). At most `limit` migrations per request; then the request fails
+with code `migration_limit`.
 
 Every leg that moves goes without the prefill's kv_transfer_params (`fresh_leg`), the prefill's hold released first:
 the decode it leaves may have read that KV, and the prefill freed it at the read_done. So does the one retry of a leg
@@ -226,7 +227,8 @@ class Migrations:
         (`on_migrate()` runs before each continuation: the prefill's held KV goes back); `migrated`:
         migrations the request took before its headers (open_stream). A decode that stops (its shutting_down event,
         or its 503 to a continuation) fails as a dead one; where the stream cannot go on, its client gets the
-        shutting_down event (it says to retry) rather than a 502."""
+        shutting_down event (it says to retry) rather than a 502. One given up for a stall while another decode was
+        ready, none ready any more once it ended, goes on on the stalled decode, not counted as a migration."""
         progress = Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
         current, continued, migrations = upstream, False, migrated
         unopened: Unopened | None = None  # a continuation's decode that stalled or stopped before its headers
@@ -277,19 +279,13 @@ class Migrations:
                         yield _final(stopped, error_body(502, failure.message + " (its stream carried no prompt token "
                                                          "ids to continue from; not migrated)", code="instance_failed"))
                         return
-                if not others(self.proxy.pool, failed):  # nowhere to go: the failure as it is
-                    yield _final(stopped, error_body(502, failure.message, code="instance_failed"))
+                target = self._next_decode(failed, failure, migrations, request_id, progress.committed, on_migrate)
+                if not isinstance(target, Instance):  # nowhere to go
+                    yield _final(stopped, target)
                     return
-                if migrations >= self.limit:
-                    yield _final(stopped, self._exhausted(request_id).body())
-                    return
-                migrations += 1
-                self.on_migrate(failure.reason)
-                on_migrate()
-                target = another(self.proxy.pool, failed)
+                if target is not failed:
+                    migrations += 1
                 leg_path, leg, continued = _next_leg(progress, path, body, chat)
-                log.info("request %s: %s; continuing on %s from %d output tokens (migration %d of %d)",
-                         request_id, failure.message, target.name, progress.committed, migrations, self.limit)
                 opened = await self._open_continuation(target, leg_path, leg, headers, deadline)
                 if isinstance(opened, Upstream):
                     current = opened
@@ -299,6 +295,29 @@ class Migrations:
             yield sse_event(exc.body())
         finally:
             await current.close()
+
+    def _next_decode(self, failed: Instance, failure: Failure, migrations: int, request_id: str, committed: int,
+                     on_migrate: Callable[[], None]) -> Instance | JsonObject:
+        """The decode a stream goes on on after its leg on `failed` failed (`on_migrate()` run: the prefill's held KV
+        goes back), or the error that ends it. Another decode is a migration (`migrations`: those taken so far).
+        With none ready, a leg given up for a stall (leg_events, unless_stalled saw another ready, marked down
+        since) goes back to its stalled decode, as _back_to_stalled, to wait until it answers: not a migration.
+        Otherwise the failure as it is, or past the limit the request's migration_limit error."""
+        if others(self.proxy.pool, failed):
+            if migrations >= self.limit:
+                return self._exhausted(request_id).body()
+            self.on_migrate(failure.reason)
+            on_migrate()
+            target = another(self.proxy.pool, failed)
+            log.info("request %s: %s; continuing on %s from %d output tokens (migration %d of %d)",
+                     request_id, failure.message, target.name, committed, migrations + 1, self.limit)
+            return target
+        if failure.reason != "stalled":
+            return error_body(502, failure.message, code="instance_failed")
+        on_migrate()
+        log.info("request %s: %s, and no other decode is ready now to take the stream; continuing on it from %d "
+                 "output tokens, to wait until it answers", request_id, failure.message, committed)
+        return failed
 
     async def _open_continuation(self, target: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                                  deadline: float) -> Upstream | Unopened:
