@@ -28,7 +28,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 # Every field the prefill leg changes or drops, and who refuses what the decode would refuse for it.
 BY_PREFILL = {"max_tokens", "max_completion_tokens", "min_tokens"}  # against the prompt's tokens: decode_limits
 BY_PROXY = {  # from the client's body alone: parse_client_body
-    "max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of", "echo", "stream", "stream_options"}
+    "max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of", "echo", "stream", "stream_options",
+    "prompt_logprobs"}  # a stream's: only 0 (asks for none) passes parse_client_body, and the leg drops it
 BY_NEITHER = {"min_completion_tokens"}  # no field of ours (nor vLLM's): ignored by every instance, the decode too
 
 
@@ -191,3 +192,13 @@ def test_without_limits_nothing_is_checked() -> None:
 def test_decode_limits_from_outside_are_validated(limits: object, param: str) -> None:
     refusal = _refusal(lambda: CompletionRequest.model_validate({"prompt": "p", DECODE_LIMITS: limits}))
     assert refusal is not None and (refusal.status, refusal.param) == (400, param), refusal and refusal.message
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_streams_prompt_logprobs_the_leg_drops_are_refused_by_the_proxy_unless_0(chat: bool) -> None:
+    """The prefill leg drops a stream's prompt_logprobs (proxy/translate.prefill_body): only 0, which asks for none,
+    may reach it; any other value is the proxy's 400, as a colocated instance's."""
+    base: dict[str, Any] = {"model": "m", "stream": True, **({"messages": MESSAGES} if chat else {"prompt": "p"})}
+    parse_client_body(json.dumps({**base, "prompt_logprobs": 0}).encode(), chat)
+    with pytest.raises((OpenAIError, ValidationError)):
+        parse_client_body(json.dumps({**base, "prompt_logprobs": 1}).encode(), chat)
