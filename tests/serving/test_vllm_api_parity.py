@@ -12,6 +12,9 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
 - Fields vLLM added by 2026 that ask for what this server does not do (`logprob_token_ids`, `thinking_token_budget`,
   `repetition_detection`, `watermarking`, ...) were ignored with only a log line (`logprob_token_ids`: other logprobs
   came back); each is a 400 naming it and why, and passes at its neutral value (vLLM's `thinking_token_budget: -1`).
+- `stream_interval` above 1 was a 400 on any request, where vLLM takes it (it batches a stream's chunks: no effect on
+  a whole answer); it passes without a stream, stays refused on one, and a value vLLM refuses (0, -1, 2.5) is a 400
+  naming it in our words.
 - An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
 - Whole chat and completion answers carry `system_fingerprint: null`, as vLLM's; stream chunks do not.
 """
@@ -160,6 +163,7 @@ NEWER = [
      "repetition detection"),
     ("/v1/completions", "watermarking", True, {}, "watermark"),
     ("/v1/completions", "stream_interval", 4, {"stream": True}, "each engine step"),
+    ("/v1/chat/completions", "stream_interval", 4, {"stream": True}, "each engine step"),
 ]
 
 
@@ -173,6 +177,50 @@ def test_a_newer_vllm_field_that_asks_for_something_is_refused(urls: dict[str, s
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == field and field in error["message"] and why in error["message"], error
+
+
+PATHS = pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+
+
+def prompt_of(path: str) -> dict[str, Any]:
+    return {"prompt": "hi"} if path == "/v1/completions" else {"messages": HI}
+
+
+@VIA
+@PATHS
+@pytest.mark.parametrize("interval", [1, 2, 4, 2**40])
+def test_stream_interval_without_a_stream_passes(urls: dict[str, str], via: str, path: str, interval: int) -> None:
+    """vLLM's stream_interval batches a stream's chunks: it has no effect on a whole answer, which vLLM gives for any
+    positive interval (was a 400 above 1, stream or not)."""
+    for beside in ({}, {"stream": False}, {"stream": None}):
+        answer = post(urls[via], path, {**prompt_of(path), **beside, "temperature": 0, "stream_interval": interval})
+        assert answer.status_code == 200, answer.text
+        plain = post(urls[via], path, {**prompt_of(path), **beside, "temperature": 0})
+        assert answer.json()["choices"] == plain.json()["choices"], answer.text
+
+
+@VIA
+@PATHS
+def test_stream_interval_1_passes_on_a_stream(urls: dict[str, str], via: str, path: str) -> None:
+    answer = post(urls[via], path, {**prompt_of(path), "stream": True, "stream_interval": 1})
+    assert answer.status_code == 200, answer.text
+    assert parse_sse(answer.content)[-1] == "[DONE]", answer.text
+
+
+@VIA
+@PATHS
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(("interval", "got"), [(0, "0"), (-3, "-3"), (2.5, "2.5"), (2.0, "2.0"), ("4", '"4"'),
+                                               (True, "true"), ([4], "[4]")])
+def test_an_invalid_stream_interval_is_a_400_naming_it(urls: dict[str, str], via: str, path: str, stream: bool,
+                                                       interval: Any, got: str) -> None:
+    """vLLM's bound (SamplingParams: at least 1, an integer), in our words, stream or not."""
+    answer = post(urls[via], path, {**prompt_of(path), "stream": stream, "stream_interval": interval})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "stream_interval", error
+    assert error["message"].startswith("stream_interval must be a positive integer"), error
+    assert f"got {got}" in error["message"] and "Input should" not in error["message"], error
 
 
 @VIA
