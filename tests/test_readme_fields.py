@@ -138,6 +138,8 @@ NOTES: dict[str, str] = {
     "include_reasoning": "no reasoning parser runs here (as vLLM without `--reasoning-parser`): the answer is the "
                          "same at `true` (vLLM's default) and `false`",
     "request_id": "send the `X-Request-Id` header instead",
+    "stream_interval": "a positive integer (else a 400, stream or not); no effect on a whole answer (as vLLM); above "
+                       "1 refused with 400 on a stream: a stream here sends each engine step's tokens as they come",
     "session_id": "no effect on the answer (as `user`)",
     "return_token_offsets": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",
     "return_mm_kwargs": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",

@@ -32,13 +32,14 @@ from pdlaunch.errors import error_text, json_kind
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.structured_fields import asked_output_of, structured_output_of
-from pdlaunch.server.unsupported_fields import refuse_unsupported, warn_ignored
+from pdlaunch.server.unsupported_fields import json_short, refuse_unsupported, warn_ignored
 
 DEFAULT_MAX_TOKENS = 16  # a completion that does not name max_tokens (OpenAI's and vLLM's default)
 MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
 # Fields whose null is their default (OpenAI's schema makes them nullable and vLLM types them `... | None`, so a
 # client that writes every field, unset ones as null, sends `"stream": null`); typed here by their default.
 NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo", "return_token_ids")
+STREAM_INTERVAL_WHY = "a stream here sends each engine step's tokens as they come"
 # The most top alternatives a token's logprobs may list (SamplingParams' bound, as vLLM's default --max-logprobs 20)
 MAX_LOGPROBS: int = next(m.le for m in SamplingParams.model_fields["logprobs"].metadata if getattr(m, "le", None))
 
@@ -128,6 +129,9 @@ class SamplingFields(BaseModel):
     guided_grammar: JsonValue = Field(None, description="a grammar the output follows")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's: the generated tokens a stream batches into one chunk (at least 1). A whole answer has no chunks: any
+    # valid interval is taken there, as vLLM takes it; above 1 a stream is refused (_stream_interval_on_a_stream)
+    stream_interval: int | None = None
     kv_transfer_params: JsonObject | None = None
     prompt_logprobs: int | None = None  # engine/prompt_logprobs.py; completions' echo + logprobs asks too
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
@@ -168,6 +172,24 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop_shape(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
         return one_of(value, handler, "a string or a list of strings")
+
+    @field_validator("stream_interval", mode="before")
+    @classmethod
+    def _positive_interval(cls, value: object) -> object:
+        """vLLM's bound (an integer, at least 1), said in our words whether the request streams or not."""
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise OpenAIError(400, f"stream_interval must be a positive integer (the tokens a stream sends per "
+                                   f"chunk), got {json_short(value)}; send 1 or more, or leave it out",
+                              param="stream_interval")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_interval_on_a_stream(self) -> SamplingFields:
+        if self.stream and self.stream_interval is not None and self.stream_interval > 1:
+            raise OpenAIError(400, f"stream_interval is not supported by this server on a stream (got "
+                                   f"{self.stream_interval}): {STREAM_INTERVAL_WHY}; leave it out or send 1",
+                              param="stream_interval", code="unsupported_parameter")
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:

@@ -47,7 +47,6 @@ _COMMON: dict[str, tuple[JsonValue, ...]] = {
     "truncation_side": ("left", "right"),  # applies only with truncate_prompt_tokens, refused above
     "routed_experts_prompt_start": (0,),
     "ec_transfer_params": ({},),
-    "stream_interval": (1,),
 }
 # Why a field above is refused, where its name does not say it, and what to send instead.
 _WHY: dict[str, str] = {
@@ -61,7 +60,6 @@ _WHY: dict[str, str] = {
     "truncation_side": "this server does not truncate prompts (truncate_prompt_tokens is refused too)",
     "routed_experts_prompt_start": "this server returns no routed-expert data",
     "ec_transfer_params": "this server serves text models: there is no encoder cache to transfer",
-    "stream_interval": "a stream here sends each engine step's tokens as they come",
     "media_io_kwargs": "this server serves text models: there is no media to load",
     "return_prompt_text": "the answer does not carry the rendered chat prompt",
 }
@@ -94,13 +92,13 @@ def refuse_unsupported(body: Mapping[str, object], chat: bool) -> None:
         value = body.get(name)
         if value is None or any(value == v and type(value) is type(v) for v in neutral):
             continue
-        instead = f" or send {' or '.join(_json_short(v) for v in neutral)}" if neutral else ""
+        instead = f" or send {' or '.join(json_short(v) for v in neutral)}" if neutral else ""
         why = f": {_WHY[name]}" if name in _WHY else ""
-        raise OpenAIError(400, f"{name} is not supported by this server (got {_json_short(value)}){why}; "
+        raise OpenAIError(400, f"{name} is not supported by this server (got {json_short(value)}){why}; "
                                f"leave it out{instead}", param=name, code="unsupported_parameter")
 
 
-def _json_short(value: object) -> str:
+def json_short(value: object) -> str:
     """A client's value as it sent it (JSON), cut to a readable length."""
     text = json.dumps(value, ensure_ascii=False, default=repr)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -24,7 +24,7 @@ ASKING: dict[str, Any] = {
     "web_search_options": {}, "verbosity": "low", "chat_template": "{{ messages }}",
     "structural_tag": "{}", "logprob_token_ids": [5, 6], "thinking_token_budget": 1,
     "repetition_detection": {"max_pattern_size": 2, "min_count": 2}, "watermarking": True, "truncation_side": "middle",
-    "routed_experts_prompt_start": 1, "ec_transfer_params": {"a": 1}, "stream_interval": 4,
+    "routed_experts_prompt_start": 1, "ec_transfer_params": {"a": 1},
     "media_io_kwargs": {"image": {}}, "return_prompt_text": True,
 }
 MESSAGES = [{"role": "user", "content": "hi"}]
