@@ -19,32 +19,51 @@ instance would find it taken (kv_transfer/agent.py). Answers {"engine_id": ..., 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdlaunch.http import JsonObject
-from pdlaunch.http.limits import read_json_object
+from pdlaunch.http.body_errors import body_error
+from pdlaunch.http.limits import read_model
 from pdlaunch.server.instance import Handler, instance_of
 
 KV_RELEASE_PATH = "/internal/kv/release"
 KV_FORGET_ENGINE_PATH = "/internal/kv/forget_engine"
+MAX_ID_CHARS = 512
+_ID_CHARS = f"a string of 1 to {MAX_ID_CHARS} characters"
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[Body], path: str) -> Body:
+    """The body of `POST path` validated as `model`; a malformed one is a 400 naming the field, what was wrong and
+    what to send (http/body_errors.py), not pydantic's words."""
+    try:
+        return await read_model(request, model)
+    except ValidationError as exc:
+        raise body_error(exc, model, f"POST {path}") from None
 
 
 class KVReleaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    request_id: str | None = Field(None, min_length=1, max_length=512)
-    client_request_id: str | None = Field(None, min_length=1, max_length=512)
+    request_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS,
+                                   description=f"the remote_request_id of a prefill's kv_transfer_params, {_ID_CHARS}")
+    client_request_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS,
+                                          description=f"the X-Request-Id of a prefill leg, {_ID_CHARS}")
 
     @model_validator(mode="after")
     def _one_id(self) -> KVReleaseRequest:
         if (self.request_id is None) == (self.client_request_id is None):
-            raise ValueError("give exactly one of request_id and client_request_id")
+            got = "neither" if self.request_id is None else "both"
+            raise ValueError(f"send exactly one of request_id and client_request_id (got {got})")
         return self
 
 
 async def release_kv(request: Request) -> JsonObject:
-    body = KVReleaseRequest.model_validate(await read_json_object(request))
+    body = await read_body(request, KVReleaseRequest, KV_RELEASE_PATH)
     loop = instance_of(request).engine_loop
     if body.client_request_id is not None:
         released = await loop.release_held_kv_of_client(body.client_request_id)
@@ -56,11 +75,12 @@ async def release_kv(request: Request) -> JsonObject:
 class KVForgetEngineRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    engine_id: str = Field(min_length=1, max_length=512)
+    engine_id: str = Field(min_length=1, max_length=MAX_ID_CHARS,
+                           description=f"the engine id of the instance that died, {_ID_CHARS}")
 
 
 async def forget_engine(request: Request) -> JsonObject:
-    body = KVForgetEngineRequest.model_validate(await read_json_object(request))
+    body = await read_body(request, KVForgetEngineRequest, KV_FORGET_ENGINE_PATH)
     forgotten = await instance_of(request).engine_loop.forget_engine(body.engine_id)
     return {"engine_id": body.engine_id, "forgotten": forgotten}
 
