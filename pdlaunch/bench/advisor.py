@@ -24,6 +24,10 @@ split's *SLO rate* is the highest r it serves with >= 90% of requests within the
 SLO rate (ties: more prefill GPUs); without a TTFT target, the highest sustained rate. Still left out: a KV
 cache too small for B sequences; `bench compare` runs the advised split so the prediction is checked.
 
+No split meets the SLOs when a batch-1 decode step is over the TPOT target (B = 0) or one prompt's prefill S
+is over the TTFT target: every SLO rate is 0. The advice then names the target missed and by how much
+(`Advice.unmet`), ranks the splits by sustained rate for information only, and `bench compare` runs none.
+
 A decode (or colocated) instance that computes prompt tokens beside its streams stretches their step: a chunk of
 c tokens adds about c / P seconds (the prefill's rate; attention over a long prompt's earlier chunks adds a
 little more). So the streams stay within the TPOT target T with at most
@@ -206,6 +210,9 @@ class Advice(BaseModel):
     best: SplitPrediction
     workloads: list[Workload] = []  # the PD run's rates, replayed for the per-rate prediction (module doc)
     cap_batch: float = 0.0  # the largest decode batch measured: where prompt_token_cap is taken
+    # why no split meets the SLOs (the target missed and by how much); then `best` is the highest sustained rate,
+    # for information only, and `bench compare` runs no advised split
+    unmet: str | None = None
 
     def prompt_token_cap(self, batch: float | None = None) -> int:
         """Prompt tokens a step may carry beside `batch` decodes (default: the largest batch measured) and still end
@@ -228,6 +235,15 @@ class Advice(BaseModel):
 
     def sentence(self) -> str:
         b = self.best
+        if self.unmet is not None:
+            ranked = sorted(self.splits, key=lambda s: (-s.sustained_rate, -s.prefill))
+            rates = (f"splits by the rate they sustain within TPOT {self.tpot_target_ms:g} ms, for information: "
+                     + ", ".join(f"{s.label} {s.sustained_rate:.2f}" for s in ranked) + " req/s"
+                     if b.sustained_rate > 0 else
+                     f"every split sustains 0 req/s within TPOT {self.tpot_target_ms:g} ms")
+            return (f"advice for {self.num_gpus} GPUs: no split meets the SLOs: {self.unmet}; {rates} (prefill "
+                    f"{self.prefill_tokens_per_s:.0f} tokens/s per GPU, decode {self.decode_sequences:.0f} sequences "
+                    f"per GPU at TPOT {self.tpot_target_ms:g} ms)")
         limit = "prefill" if b.prefill_rate < b.decode_rate else "decode"
         within = (f"to keep {WITHIN_SLO_SHARE:.0%} of requests within TTFT {b.ttft_target_ms:g} ms up to "
                   f"{b.slo_rate:.2f} req/s and " if b.ttft_target_ms is not None else "")
@@ -236,12 +252,36 @@ class Advice(BaseModel):
                 f"{self.decode_sequences:.0f} sequences per GPU at TPOT {self.tpot_target_ms:g} ms)")
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def unmet_targets(fit: DecodeFit, tpot_target_ms: float, input_len: int, prefill_tokens_per_s: float,
+                  ttft_target_ms: float | None) -> str | None:
+    """Which target no split can meet, and by how much: a batch-1 decode step over the TPOT target, one prompt's
+    prefill over the TTFT target; None when neither is missed."""
+    missed = []
+    step = fit.step_ms(1.0)
+    if step > tpot_target_ms:
+        missed.append(f"a batch-1 decode step takes {_ms(step)} ms, {_ms(step - tpot_target_ms)} ms over the TPOT "
+                      f"target of {tpot_target_ms:g} ms")
+    prefill_ms = input_len / prefill_tokens_per_s * MS_PER_S
+    if ttft_target_ms is not None and prefill_ms > ttft_target_ms:
+        missed.append(f"one {input_len}-token prompt's prefill takes {prefill_ms:.0f} ms at "
+                      f"{prefill_tokens_per_s:.0f} tokens/s, {prefill_ms - ttft_target_ms:.0f} ms over the TTFT "
+                      f"target of {ttft_target_ms:g} ms")
+    return ", and ".join(missed) or None
+
+
 def advise(num_gpus: int, input_len: int, output_len: int, tpot_target_ms: float, prefill_tokens_per_s: float,
            decode_points: list[DecodePoint], max_num_seqs: int, ttft_target_ms: float | None = None) -> Advice:
     """The xPyD split of `num_gpus` (>= 2) with the highest SLO rate: within the TPOT target and, given
     `ttft_target_ms`, with >= 90% of requests within it (module doc)."""
     if num_gpus < 2:
         raise ValueError(f"a PD split needs at least 2 GPUs, got {num_gpus}")
+    if prefill_tokens_per_s <= 0 or input_len < 1:
+        raise ValueError(f"advice needs a prefill rate and a prompt length, got {prefill_tokens_per_s} tokens/s and "
+                         f"{input_len} tokens")
     fit = fit_decode(decode_points)
     sequences = decode_capacity(fit, tpot_target_ms, max_num_seqs)
     per_prefill = prefill_tokens_per_s / input_len
@@ -255,7 +295,13 @@ def advise(num_gpus: int, input_len: int, output_len: int, tpot_target_ms: float
     ]
     for split in splits:
         split.slo_rate = _slo_rate(split)
-    best = max(splits, key=lambda s: (round(s.slo_rate, 9), s.prefill))
+    unmet = None
+    if all(round(s.slo_rate, 9) <= 0 for s in splits):  # every SLO rate ties at 0: no split to advise
+        unmet = unmet_targets(fit, tpot_target_ms, input_len, prefill_tokens_per_s, ttft_target_ms) or \
+            f"no split keeps {WITHIN_SLO_SHARE:.0%} of requests within the SLOs at any rate"
+        best = max(splits, key=lambda s: (round(s.sustained_rate, 9), s.prefill))
+    else:
+        best = max(splits, key=lambda s: (round(s.slo_rate, 9), s.prefill))
     return Advice(num_gpus=num_gpus, input_len=input_len, output_len=output_len, tpot_target_ms=tpot_target_ms,
                   prefill_tokens_per_s=prefill_tokens_per_s, decode_fit=fit, decode_sequences=sequences,
-                  splits=splits, best=best, cap_batch=max(p.batch for p in decode_points))
+                  splits=splits, best=best, cap_batch=max(p.batch for p in decode_points), unmet=unmet)

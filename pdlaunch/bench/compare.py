@@ -1,6 +1,7 @@
 """`pdlaunch bench compare`: colocated instances, then a PD deployment, on the same devices in turn,
 each driven through the same `bench serve` workload at every rate; then the P:D advisor (advisor.py) picks the
-xPyD split of the GPUs from what the PD run measured, and that split runs too (unless it is the one just run).
+xPyD split of the GPUs from what the PD run measured, and that split runs too (unless it is the one just run, or
+no split meets the SLOs).
 
 Both deployments see the same requests: prompts, lengths and arrivals come from `seed + i` at the
 i-th rate (fresh prompts per rate, so that prefix caching cannot serve a later rate from an earlier
@@ -25,6 +26,7 @@ from pydantic import BaseModel, JsonValue
 from rich.console import Console
 
 from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, workload
+from pdlaunch.bench.compare_advice import skipped_because
 from pdlaunch.bench.compare_config import BASELINE_FREE, KINDS, CompareConfig
 from pdlaunch.bench.compare_layout import (
     Layout,
@@ -191,7 +193,11 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
             return Comparison(runs=runs, advice=None, yardstick=yardstick)
         console.print(advice.sentence(), highlight=False)
         best = advice.best
-        if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
+        if advice.unmet is not None:  # no split to check: the report and compare.json say why (compare_advice.py)
+            console.print(f"advised split not run: {skipped_because(advice, runs, cfg)}", highlight=False,
+                          markup=False)
+        elif cfg.run_advised and cfg.baseline is None and \
+                (best.prefill, best.decode) != (layout.prefill, layout.decode):
             advised = advised_layout(layout, best.prefill, best.decode)
             say_once(checked_config(cfg, advised, "advised")[1], said)
             run = run_deployment(cfg, advised, "advised", console, yardstick, should_stop=stop.requested.is_set)

@@ -1,5 +1,5 @@
 """The P:D advisor's split in `pdlaunch bench compare`'s report: its goodput predicted per rate against the goodput
-measured on the run of that split, as a table and in compare.json."""
+measured on the run of that split, as a table and in compare.json; when no split meets the SLOs, why none ran."""
 
 from __future__ import annotations
 
@@ -15,10 +15,25 @@ from pdlaunch.bench.rate_sweep import DeploymentRun
 
 
 def advised_run(runs: list[DeploymentRun], advice: Advice) -> DeploymentRun | None:
-    """The run of the advised split: the advised deployment, or the PD run when it already was that split."""
+    """The run of the advised split: the advised deployment, or the PD run when it already was that split; None
+    when no split meets the SLOs (none is advised)."""
+    if advice.unmet is not None:
+        return None
     split = (advice.best.prefill, advice.best.decode)
     return next((r for r in runs if r.kind == "advised"), None) or \
         next((r for r in runs if r.kind == "pd" and (r.prefill, r.decode) == split), None)
+
+
+def skipped_because(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> str | None:
+    """Why the advised split has no run (None when it has one): no split meets the SLOs, --no-run-advised, or
+    --baseline (whose comparison runs no other split)."""
+    if advice.unmet is not None:
+        return f"no split meets the {cfg.advise_for} SLOs: {advice.unmet}"
+    if advised_run(runs, advice) is not None:
+        return None
+    if cfg.baseline is not None:
+        return "--baseline: only the baseline's colocated and PD runs and per-request disaggregation are run"
+    return "--no-run-advised" if not cfg.run_advised else "the comparison ended before it ran"
 
 
 def _per_rate(advice: Advice, run: DeploymentRun | None, cfg: CompareConfig) -> list[tuple[float, float, float | None]]:
@@ -34,8 +49,9 @@ def _per_rate(advice: Advice, run: DeploymentRun | None, cfg: CompareConfig) -> 
 def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> dict[str, JsonValue]:
     run = advised_run(runs, advice)
     return {
-        **advice.model_dump(mode="json"), "split": advice.best.label, "slo_set": cfg.advise_for,
-        "sentence": advice.sentence(), "measured_by": run.label if run is not None else None,
+        **advice.model_dump(mode="json"), "split": advice.best.label if advice.unmet is None else None,
+        "slo_set": cfg.advise_for, "sentence": advice.sentence(), "measured_by": run.label if run is not None else None,
+        "advised_run_skipped": skipped_because(advice, runs, cfg),
         "prompt_tokens_while_decoding": advice.prompt_token_cap(),
         "per_rate": [{"rate": rate, "predicted_goodput": predicted, "measured_goodput": measured}
                      for rate, predicted, measured in _per_rate(advice, run, cfg)],
@@ -46,6 +62,9 @@ def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) 
     """The advisor's sentence, its per-rate table and the note on prompt_tokens_while_decoding. The sentence and the
     note are paragraphs of their own: as the table's title and caption, rich wrapped them to its three columns, a
     dozen centred lines of 40 characters."""
+    if advice.unmet is not None:  # no split advised: nothing predicted to set against a run
+        return Group(Text(f"P:D advisor: {advice.sentence()}"),
+                     Text(f"advised split not run: {skipped_because(advice, runs, cfg)}"))
     run = advised_run(runs, advice)
     table = Table(box=box.SIMPLE_HEAD)
     decode = run.steps.get("decode") if run is not None else None

@@ -76,7 +76,7 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
     try:
         for run in runs:
             ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
-        if advice is not None:
+        if advice is not None and advice.unmet is None:
             ax.plot(cfg.rates, [advice.predicted_goodput(r) for r in cfg.rates], linestyle="--", color="black",
                     label=f"advisor: {advice.best.label} predicted ({cfg.advise_for} SLOs)")
         ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")

@@ -78,10 +78,13 @@ def test_advise_picks_the_split_with_the_highest_sustained_rate() -> None:
     # 80 sequences for 2000 x 15 ms = 30 s each: 2.67 req/s per decode GPU. 1P3D 8, 2P2D 5.33, 3P1D 2.67
     assert long_outputs.best.label == "1P3D" and long_outputs.best.sustained_rate == pytest.approx(8.0)
     assert "decode-bound" in long_outputs.sentence()
-    # ties go to the prefill side; no decode capacity at the target: every split sustains 0
-    assert advise(2, 100, 10, 1.0, 1000.0, points, 64).best.sustained_rate == 0.0
+    # no decode capacity at the target: every split sustains 0, and the advice says no split meets the SLOs
+    none = advise(2, 100, 10, 1.0, 1000.0, points, 64)
+    assert none.best.sustained_rate == 0.0 and none.unmet is not None
     with pytest.raises(ValueError):
         advise(1, 100, 10, 15.0, 1000.0, points, 64)
+    with pytest.raises(ValueError, match="prefill rate"):
+        advise(2, 100, 10, 15.0, 0.0, points, 64)
 
 
 def test_within_ttft_is_the_m_m_1_wait_within_the_slack() -> None:
@@ -203,3 +206,45 @@ def test_the_per_rate_prediction_replays_the_pd_runs_workload() -> None:
     assert advice.predicted_goodput(4.0) == pytest.approx(1 / 1.35)
     assert advice.predicted_goodput(2.0) == advice.best.goodput(2.0)  # a rate the PD run did not measure
     assert advice.best.goodput(4.0) != pytest.approx(1 / 1.35)
+
+
+def test_when_no_split_meets_the_ttft_target_the_advice_says_so_and_ranks_by_sustained_rate() -> None:
+    """Review 76F: every SLO rate is 0 when one prompt's prefill (3072 / 7000 tokens/s = 439 ms) is over the TTFT
+    target; the tie went to the most prefill GPUs (3P1D), which sustains the least of this decode-bound workload."""
+    # decode: t(b) = 13 + 1 * b ms -> 2 sequences within TPOT 15 ms, ~1.04 req/s per decode GPU: decode-bound
+    advice = advise(4, 3072, 128, 15.0, 7000.0, [DecodePoint(batch=1, step_ms=14.0),
+                                                 DecodePoint(batch=3, step_ms=16.0)], 64, ttft_target_ms=400.0)
+    assert all(s.slo_rate == 0.0 for s in advice.splits)
+    sustained = {s.label: s.sustained_rate for s in advice.splits}
+    assert advice.best.label == "1P3D" and advice.best.sustained_rate == max(sustained.values()), sustained
+    assert advice.unmet == ("one 3072-token prompt's prefill takes 439 ms at 7000 tokens/s, 39 ms over the TTFT "
+                            "target of 400 ms")
+    sentence = advice.sentence()
+    assert sentence.startswith(f"advice for 4 GPUs: no split meets the SLOs: {advice.unmet}; splits by the rate "
+                               "they sustain within TPOT 15 ms, for information: 1P3D 2.28, 2P2D 2.08, 3P1D 1.04 "
+                               "req/s"), sentence
+
+
+def test_with_no_decode_capacity_no_split_is_advised() -> None:
+    # a decode step of 20 ms at batch 1 misses TPOT 15 ms: no split serves a request within the SLOs
+    advice = advise(4, 3072, 128, 15.0, 20000.0, [DecodePoint(batch=1, step_ms=20.0),
+                                                  DecodePoint(batch=8, step_ms=30.0)], 64, ttft_target_ms=400.0)
+    assert advice.decode_sequences == 0.0
+    assert advice.unmet == "a batch-1 decode step takes 20 ms, 5 ms over the TPOT target of 15 ms"
+    assert advice.sentence().startswith(
+        f"advice for 4 GPUs: no split meets the SLOs: {advice.unmet}; every split sustains 0 req/s within TPOT "
+        "15 ms"), advice.sentence()
+    # both targets missed: both named
+    both = advise(2, 3072, 128, 15.0, 1000.0, [DecodePoint(batch=1, step_ms=20.0)], 64, ttft_target_ms=400.0)
+    assert both.unmet == ("a batch-1 decode step takes 20 ms, 5 ms over the TPOT target of 15 ms, and one "
+                          "3072-token prompt's prefill takes 3072 ms at 1000 tokens/s, 2672 ms over the TTFT target "
+                          "of 400 ms")
+    # without a TTFT target, only the TPOT one can be missed
+    assert advise(2, 100, 10, 1.0, 1000.0, [DecodePoint(batch=16, step_ms=7.0)], 64).unmet == (
+        "a batch-1 decode step takes 7 ms, 6 ms over the TPOT target of 1 ms")
+
+
+def test_a_split_that_meets_the_slos_leaves_nothing_unmet() -> None:
+    points = [DecodePoint(batch=8, step_ms=6.0), DecodePoint(batch=40, step_ms=10.0)]
+    assert advise(4, 3000, 100, 15.0, 30000.0, points, 256).unmet is None
+    assert advise(4, 3000, 100, 15.0, 30000.0, points, 256, ttft_target_ms=400.0).unmet is None

@@ -487,6 +487,56 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
     assert (tmp_path / "advised.json").exists() == run_advised
 
 
+@pytest.mark.usefixtures("ceiling")
+def test_no_advised_run_when_no_split_meets_the_slos_and_the_report_says_why(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    """Review 76F: a decode step over the TPOT target at batch 1 gives every split an SLO rate of 0; the tie went
+    to 2P1D, which then ran as "advised" on an all-zero prediction."""
+    from pdlaunch.bench.compare_report import report_comparison
+
+    ran: list[str] = []
+
+    def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
+                 yardstick: Yardstick | None, **_: object) -> DeploymentRun:
+        ran.append(kind)
+        run = _measured_run(kind, layout)
+        for point in run.points:  # t(b) = 20 + 0.125 b ms: 20.125 ms at batch 1, over the 15 ms TPOT target
+            assert point.load is not None and point.load.decode_batch is not None
+            point.load.decode_step_ms = 20 + 0.125 * point.load.decode_batch
+        return run
+
+    monkeypatch.setattr(compare, "run_deployment", fake_run)
+    cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, input_len=1024)
+    console = Console(width=200, record=True)
+    comparison = compare.run_compare(cfg, console)
+    assert ran == ["colocated", "pd"] and not (tmp_path / "advised.json").exists()
+    reason = "a batch-1 decode step takes 20.1 ms, 5.1 ms over the TPOT target of 15 ms"
+    report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick)
+    text = " ".join(console.export_text().split())
+    assert f"advised split not run: no split meets the relaxed SLOs: {reason}" in text, text
+    advisor = json.loads((tmp_path / "compare.json").read_text())["advisor"]
+    assert advisor["split"] is None and advisor["measured_by"] is None and advisor["unmet"] == reason
+    assert advisor["advised_run_skipped"] == f"no split meets the relaxed SLOs: {reason}"
+    assert advisor["sentence"].startswith(f"advice for 3 GPUs: no split meets the SLOs: {reason}")
+
+
+@pytest.mark.usefixtures("ceiling")
+def test_the_json_says_why_an_advised_split_was_not_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pdlaunch.bench.compare_report import compare_document
+
+    monkeypatch.setattr(compare, "run_deployment", lambda cfg, layout, kind, *_, **__: _measured_run(kind, layout))
+    cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, input_len=1024, run_advised=False)
+    comparison = compare.run_compare(cfg, Console(quiet=True))
+    advisor = compare_document(cfg, comparison.runs, comparison.advice)["advisor"]
+    assert isinstance(advisor, dict) and advisor["split"] == "2P1D" and advisor["measured_by"] is None
+    assert advisor["advised_run_skipped"] == "--no-run-advised"
+    cfg = _cfg(tmp_path / "run", device="cpu", prefill=1, decode=2, input_len=1024)
+    comparison = compare.run_compare(cfg, Console(quiet=True))
+    advisor = compare_document(cfg, comparison.runs, comparison.advice)["advisor"]
+    assert isinstance(advisor, dict) and advisor["measured_by"] == "PD 2P1D adv." and \
+        advisor["advised_run_skipped"] is None
+
+
 def test_the_itl_threshold_reaches_the_conditional_deployment_only(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, device="cpu", input_len=12, disaggregate_min_tokens=8, disaggregate_max_itl_ms=8.5)
     layout = resolve_layout(cfg)
