@@ -63,8 +63,14 @@ class HttpGet(TypedDict):
 
 
 @with_config(_STRICT)
+class ExecAction(TypedDict):
+    command: list[str]
+
+
+@with_config(_STRICT)
 class Probe(TypedDict):
-    httpGet: HttpGet
+    httpGet: NotRequired[HttpGet]
+    exec: NotRequired[ExecAction]
     periodSeconds: int
     timeoutSeconds: NotRequired[int]
     failureThreshold: NotRequired[int]
@@ -87,6 +93,8 @@ class Container(TypedDict):
     volumeMounts: NotRequired[list[VolumeMount]]
     resources: NotRequired[Resources]
     readinessProbe: NotRequired[Probe]
+    livenessProbe: NotRequired[Probe]
+    startupProbe: NotRequired[Probe]
 
 
 @with_config(_STRICT)

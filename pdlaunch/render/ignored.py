@@ -1,10 +1,13 @@
-"""Settings of where the deployment's processes run that the manifests leave out, named so that a user who set them
-does not expect the pods to follow them: Kubernetes starts the pods and places them (a LeaderWorkerSet per instance
-group), whatever launcher.backend, parallel.node_rank or parallel.nodes (and each group's `node`) say."""
+"""Settings that the manifests leave out, named so that a user who set them does not expect the pods to follow them:
+Kubernetes starts the pods and places them (a LeaderWorkerSet per instance group), whatever launcher.backend,
+parallel.node_rank or parallel.nodes (and each group's `node`) say; and it restarts them its own way, whatever a
+group's `restart`, proxy.restart or the supervision settings of `pdlaunch serve`'s launcher say (all but
+stall_restart_seconds, carried as a livenessProbe: render/liveness.py, and drain_timeout_seconds, the proxy's)."""
 
 from __future__ import annotations
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.launcher_config import SupervisionConfig
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -25,4 +28,38 @@ def ignored_settings(cfg: DeploymentConfig) -> list[Problem]:
                              "manifests: Kubernetes places the pods (each instance group's `node` too)",
                              "leave parallel.nodes out of a config you render, or pick nodes with a nodeSelector "
                              "added to the manifests"))
+    return found + restart_settings(cfg)
+
+
+def restart_settings(cfg: DeploymentConfig) -> list[Problem]:
+    """The launcher's restart settings `cfg` has away from their defaults: Kubernetes restarts the pods its own way
+    (a container that exits is restarted by the kubelet, with CrashLoopBackOff's backoff of 10 s doubling to 5 min
+    and no limit; LWS recreates the group of a leader that restarts; the proxy's Deployment keeps its pod)."""
+    found: list[Problem] = []
+    for i, group in enumerate(cfg.instances):
+        if not group.restart:
+            found.append(problem(f"instances[{i}].restart", "false has no effect on the manifests: LWS recreates a "
+                                 "dead instance's pods (its LeaderWorkerSet keeps `count` instances running)",
+                                 "leave it out of a config you render; to keep an instance down, scale its "
+                                 "LeaderWorkerSet (kubectl scale leaderworkerset NAME --replicas N)"))
+    if not cfg.proxy.restart:
+        found.append(problem("proxy.restart", "false has no effect on the manifests: the proxy's Deployment restarts "
+                             "its pod when it dies", "leave it out of a config you render"))
+    default = SupervisionConfig()
+    sup = cfg.supervision
+    if sup.max_restarts != default.max_restarts:
+        found.append(problem("supervision.max_restarts", f"{sup.max_restarts} has no effect on the manifests: the "
+                             "kubelet restarts a failing container without limit (CrashLoopBackOff, 10 s doubling "
+                             "to 5 min between tries), and the deployment is never stopped for it",
+                             "leave it out of a config you render; watch the pods' restart counts (kubectl get "
+                             "pods) instead"))
+    if sup.role_down_grace_seconds != default.role_down_grace_seconds:
+        found.append(problem("supervision.role_down_grace_seconds", f"{sup.role_down_grace_seconds:g} has no effect "
+                             "on the manifests: nothing stops the deployment when a role is down; Kubernetes keeps "
+                             "restarting its pods",
+                             "leave it out of a config you render"))
+    if sup.restart_backoff_seconds != default.restart_backoff_seconds:
+        found.append(problem("supervision.restart_backoff_seconds", f"{sup.restart_backoff_seconds:g} has no effect "
+                             "on the manifests: the kubelet waits 10 s before restarting a failed container, "
+                             "doubling to 5 min (CrashLoopBackOff)", "leave it out of a config you render"))
     return found

@@ -20,6 +20,7 @@ from pdlaunch.config.rules.memory import GroupMemory
 from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.core_api import ContainerPort, EnvVar
+from pdlaunch.render.liveness import add_liveness
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
     LEADER_NAME_ANNOTATION,
@@ -140,6 +141,7 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
     leader = container(options, "pdlaunch.server", ["--instance", _instance_arg(spec, "$(POD_NAME)")], env,
                         _ports(ports, group.role, range(ranks_here), tp, leader=True), resources, leader=True)
+    add_liveness(leader, cfg, ports.http)  # supervision.stall_restart_seconds (render/liveness.py)
     template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
                                     worker_template=pod_template(options, group.role, leader, True, secret_digest),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
