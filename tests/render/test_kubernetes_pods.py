@@ -105,7 +105,8 @@ device: cpu
 model: {{path: "{llama_ckpt}"}}
 cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
 kv_transfer: {{side_channel_port: {side}}}
-proxy: {{port: {proxy_port}}}
+proxy: {{port: {proxy_port}, health_timeout_seconds: 2}}
+supervision: {{stall_restart_seconds: 30}}
 instances:
   - {{role: prefill, count: 1, base_port: {prefill_port}}}
   - {{role: decode, count: 1, base_port: {decode_port}}}
@@ -121,6 +122,7 @@ instances:
     deployment.write_text(secret["deployment.json"])
 
     hosts: dict[str, str] = {}  # LWS leader DNS name -> its "pod" address
+    liveness: dict[str, tuple[list[str], dict[str, str]]] = {}  # role -> its leader's probe command, its env
     for lws in (m for m in manifests if m["kind"] == "LeaderWorkerSet"):
         role = lws["metadata"]["labels"]["pdlaunch.io/role"]
         name = lws["metadata"]["name"]
@@ -132,6 +134,7 @@ instances:
         container = {**container, "args": [expand(a, env).replace(DEPLOYMENT_FILE, str(deployment))
                                            for a in container["args"]]}
         pods.start(role, container, env)
+        liveness[role] = ([sys.executable, *container["livenessProbe"]["exec"]["command"][1:]], env)
     proxy_deployment = next(m for m in manifests if m["kind"] == "Deployment")
     proxy = proxy_deployment["spec"]["template"]["spec"]["containers"][0]
     args = []
@@ -165,3 +168,15 @@ instances:
     assert moved > 0, "the decode pod received no KV from the prefill pod (it recomputed)"
     assert info["engine_id"].endswith("-pdlaunch-decode-1-0-uid-decode")
     assert info["name"] == "pdlaunch-decode-1-0"  # its pod's, as `kubectl get pods` lists it
+    # supervision.stall_restart_seconds: the leaders' livenessProbe passes while they answer /health, and fails on
+    # a stalled one (stopped: alive, its port accepting, no answer), which the kubelet would restart
+    for role, (command, env) in liveness.items():
+        assert subprocess.run(command, env=env, capture_output=True, timeout=30, check=False).returncode == 0, role
+    decode_proc = next(proc for name, proc in pods.procs if name == "decode")
+    os.killpg(decode_proc.pid, signal.SIGSTOP)
+    try:
+        stalled = subprocess.run(liveness["decode"][0], env=liveness["decode"][1], capture_output=True, text=True,
+                                 timeout=30, check=False)
+    finally:
+        os.killpg(decode_proc.pid, signal.SIGCONT)
+    assert stalled.returncode != 0 and "timed out" in stalled.stderr, stalled
