@@ -31,7 +31,7 @@ class _HungProxy(_Proxy):
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL and self.exited is None:  # a reaped leader's exit stays what it was
             self.exited = -9
 
 
@@ -54,6 +54,8 @@ def _restarted_and_hung(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     assert due is not None
     proxy.check(deployment.runs, now=due, policy=deployment.policy)
     assert proxy.process.exited is None and not proxy.record.ready
+    assert proxy.process.signals == [signal.SIGKILL]  # its first run's group, killed when its exit was seen
+    proxy.process.signals.clear()
     monkeypatch.setattr(proxy, "answers", lambda: False)
     return deployment, due
 

@@ -80,6 +80,7 @@ class RayProxy:
                 return False
             assert self.process is not None
             if self.process.poll() is not None:
+                self.process.signal_group(signal.SIGKILL)  # reaped: its workers and --tmp-dir go now (see check)
                 outside = self.process.outside_kill()  # the OOM killer, most often
                 raise RayDeploymentFailed(f"the proxy {self.process.describe_exit()} while starting"
                                           + (f" ({outside})" if outside else ""),
@@ -99,6 +100,9 @@ class RayProxy:
         if proxy is None:
             return
         if record.due is None and proxy.poll() is not None:
+            # Reaped: what is left of its group (its workers) is killed and its --tmp-dir removed now, as the local
+            # supervisor does (Supervisor._ended), not at the restart after the backoff or at the stop.
+            proxy.signal_group(signal.SIGKILL)
             self.stalls.forget(RayStalls.PROXY)
             outside = None if record.killed_for else proxy.outside_kill()  # the OOM killer, most often
             how, record.killed_for = record.killed_for or proxy.describe_exit(), ""  # SIGKILL alone does not say why
