@@ -283,13 +283,20 @@ class ChildProcess:
 
 def stop_all(children: list[ChildProcess], term_timeout: float, hurry: Callable[[], bool] | None = None) -> None:
     """SIGTERM all at once, wait for all up to `term_timeout` together (less if `hurry()` turns true),
-    then SIGKILL what is left."""
+    then SIGKILL what is left. A child seen ended meanwhile (or before) is reaped at once: what is left of its group
+    (a TP worker holding its GPU memory) is SIGKILLed then, not after the wait for the others."""
     for child in children:
         if child.running:
             child.signal_group(signal.SIGTERM)
     deadline = time.monotonic() + term_timeout
-    for child in children:
-        if not child.wait(deadline - time.monotonic(), hurry) and hurry is not None and hurry():
+    waiting = list(children)
+    while True:
+        for child in [c for c in waiting if not c.running]:
+            child.signal_group(signal.SIGKILL)  # reaped: its group's rest ends now (once: `_end_group`)
+            waiting.remove(child)
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0 or (hurry is not None and hurry()):
             break
+        waiting[0].wait(min(HURRY_POLL_S, left))
     for child in children:
         child.stop(0.0)
