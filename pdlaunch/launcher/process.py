@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -27,6 +26,7 @@ from types import FrameType
 from typing import IO
 
 from pdlaunch.errors import PdlaunchError, exit_text
+from pdlaunch.launcher.log_tail import LogUnreadable, log_tail
 
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -262,23 +262,23 @@ class ChildProcess:
     def exit_reason(self) -> str | None:
         """Why the ended process said it ended: its last `exiting: REASON` log line since its last (re)start (the
         log's lines past that start's offset: a full disk leaves out the restart's mark and the run's own lines, and
-        the line before them was the run before's)."""
+        the line before them was the run before's). A log not read within TAIL_TIMEOUT_S (a hung file system): that,
+        naming the file."""
         if self.poll() in (None, 0):
             return None
-        for line in reversed(self.tail(40, since=self._run_start)):
+        try:
+            lines = self.tail(40, since=self._run_start)
+        except LogUnreadable as exc:
+            return str(exc)
+        for line in reversed(lines):
             if EXIT_WORD in line:
                 return line.split(EXIT_WORD, 1)[1].strip() or None
         return None
 
     def tail(self, lines: int = 20, since: int = 0) -> list[str]:
-        """The last `lines` lines of the child's log (of its part from byte `since` on)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(since, f.tell() - 64 * 1024))
-                return [line.decode(errors="replace").rstrip() for line in deque(f, maxlen=lines)]
-        except OSError:
-            return []
+        """The last `lines` lines of the child's log (of its part from byte `since` on); [] when it cannot be read;
+        LogUnreadable when it was not read within TAIL_TIMEOUT_S (a hung file system: log_tail.py)."""
+        return log_tail(self.log_path, lines, since)
 
 
 def stop_all(children: list[ChildProcess], term_timeout: float, hurry: Callable[[], bool] | None = None) -> None:

@@ -22,6 +22,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.proxy_workers import workers_text
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.log_tail import LogUnreadable
 from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
@@ -98,7 +99,11 @@ class StopSignals:
 
 def report_failure(console: Console, message: str, child: ChildProcess) -> None:
     console.print(f"[red]error:[/red] {escape(message)}; stopping the deployment", highlight=False, soft_wrap=True)
-    lines = child.tail(LOG_TAIL_LINES)
+    try:
+        lines = child.tail(LOG_TAIL_LINES)
+    except LogUnreadable as exc:  # a hung file system: said, and the stop goes on
+        console.print(f"{child.name}: {exc}", highlight=False, markup=False, soft_wrap=True)
+        return
     if lines:
         console.print(f"last {len(lines)} lines of {child.log_path}:", highlight=False, markup=False, soft_wrap=True)
         for line in lines:

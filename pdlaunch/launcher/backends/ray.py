@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
 from pathlib import Path
 
 from rich.console import Console
@@ -61,12 +60,11 @@ from pdlaunch.config.ray_thread import cut_short
 from pdlaunch.launcher.backends.ray_connect_stop import leave_stopped_ray
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
+from pdlaunch.launcher.log_tail import LogUnreadable, log_tail
 from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.readiness import POLL_S
 from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopRequested, StopSignals
 from pdlaunch.model.demo import resolve_model_path
-
-LOG_TAIL_BYTES = 64 * 1024  # the tail is read from this much of the log's end (as ChildProcess.tail)
 
 
 def run_ray(cfg: DeploymentConfig) -> int:
@@ -153,13 +151,12 @@ def _model_prepared(console: Console, cfg: DeploymentConfig, signals: StopSignal
 def show_log_tail(console: Console, log_path: Path) -> None:
     """The last LOG_TAIL_LINES lines of a failed instance's (or the proxy's) log, as the local backend shows a
     failed child's: an instance's reason (its engine's error) is in its log, on the node Ray placed it on, which
-    log_dir's shared storage makes readable here. Nothing when it is not (log_dir local to that node)."""
+    log_dir's shared storage makes readable here. Nothing when it is not (log_dir local to that node); a line naming
+    it when it was not read within TAIL_TIMEOUT_S (that storage hangs)."""
     try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
-            lines = [line.decode(errors="replace").rstrip() for line in deque(f, maxlen=LOG_TAIL_LINES)]
-    except OSError:
+        lines = log_tail(log_path, LOG_TAIL_LINES)  # bounded: shared storage that hangs (NFS) does not hold the stop
+    except LogUnreadable as exc:
+        console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
         return
     if lines:
         console.print(f"last {len(lines)} lines of {log_path}:", highlight=False, markup=False, soft_wrap=True)

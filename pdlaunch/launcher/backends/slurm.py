@@ -57,6 +57,7 @@ from pdlaunch.launcher.backends.slurm_gres import GPU_REQUEST_ENV, NodeGres, gre
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, failure_lines, node_error, show_lines
 from pdlaunch.launcher.backends.slurm_steps import SlurmCallError, cancel_left_steps, step_name
 from pdlaunch.launcher.log_dir_lock import LogDirLock
+from pdlaunch.launcher.log_tail import LogUnreadable
 from pdlaunch.launcher.output import LossyOutput
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -96,7 +97,11 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
     cancelled: list[str] = []
     failure = False
     for step in steps:
-        for line in step.tail(END_LINES):
+        try:
+            lines = step.tail(END_LINES)
+        except LogUnreadable:  # a hung file system: the failure's report names the log (`failed`)
+            continue
+        for line in lines:
             if (node := _NODE_FAILURE.search(line)) and node.group(1) not in failed_nodes:
                 failed_nodes.append(node.group(1))
             if match := _CANCELLED.search(line):
@@ -187,11 +192,19 @@ def failed(console: Console, cfg: DeploymentConfig, steps: list[ChildProcess], d
     if dead is None:
         return False
     node = steps.index(dead)
-    said = node_error(dead.tail(END_LINES), node)
+    try:
+        lines = dead.tail(END_LINES)
+    except LogUnreadable as exc:  # a hung file system: said, and the stop goes on
+        lines, unread = [], str(exc)
+    else:
+        unread = ""
+    said = node_error(lines, node)
     if said is None:
         console.print(f"[red]error:[/red] {escape(step_exit(cfg, dead, steps, job, when))}; stopping the deployment",
                       highlight=False, soft_wrap=True)
-        show_lines(console, dead.log_path, failure_lines(dead.tail(END_LINES), LOG_TAIL_LINES))
+        show_lines(console, dead.log_path, failure_lines(lines, LOG_TAIL_LINES))
+        if unread:
+            console.print(f"node {node}'s step: {unread}", highlight=False, markup=False, soft_wrap=True)
         return True
     # The step's own reason (a check of its node failed) is the error; its output has nothing more to show.
     console.print(f"[red]error:[/red] {escape(said)}", highlight=False, soft_wrap=True)
