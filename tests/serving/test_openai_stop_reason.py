@@ -63,3 +63,26 @@ def test_stop_reason_names_what_stopped_the_choice(url: str, path: str, stream: 
     stop = next(p for p in (text[i:i + 2] for i in range(2, len(text) - 1)) if p.isascii() and p.isalnum())
     by_string = _last_choice(url, path, stream, stop=["never in this text \x00", stop])
     assert by_string["finish_reason"] == "stop" and by_string["stop_reason"] == stop, by_string
+
+
+def _text(url: str, stream: bool, **body: Any) -> tuple[str, str, Any]:
+    """A completion's (text, finish_reason, stop_reason), a stream's chunks joined."""
+    request = {**GREEDY, "prompt": "hello", "max_tokens": 8, "min_tokens": 3, **body, "stream": stream}
+    answer = httpx.post(f"{url}/v1/completions", json=request, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    if not stream:
+        (choice,) = answer.json()["choices"]
+        return choice["text"], choice["finish_reason"], choice["stop_reason"]
+    choices = [c for e in parse_sse(answer.content)[:-1] for c in json.loads(e)["choices"]]
+    return "".join(c["text"] for c in choices), choices[-1]["finish_reason"], choices[-1]["stop_reason"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_longer_stop_string_beside_a_short_one_changes_nothing(url: str, stream: bool) -> None:
+    """A short stop string lying wholly in the text of the first min_tokens tokens is no stop; sending a longer one
+    beside it (it sized the searched window) made the short one "found" at the next token: the answer was cut back
+    into that text, after a stream had already sent it."""
+    plain = _text(url, False, stop=[])
+    assert "th" in plain[0][:4], plain  # the tiny model's first tokens hold the short stop string
+    assert _text(url, stream, stop=["th"]) == plain
+    assert _text(url, stream, stop=["th", "zzzzzzzz"]) == plain
