@@ -5,12 +5,13 @@ and taking the difference: the window's first tokens give the decoder context (l
 byte merges). While the newest text ends in U+FFFD the tokens so far end inside a multi-byte
 character, so nothing is emitted until a later token completes it (or the request ends).
 
-Stop strings: the text is cut before the first stop string found, or after it with
-`include_stop_str_in_output` (which then finishes the request with "stop"); no stop string is
-looked for while `check_stop` is off (the text of the first min_tokens tokens: one that starts there
-and ends later is found); while streaming, a tail that
-could still grow into a stop string is held
-back and only released when it cannot, or when the request finishes for another reason.
+Stop strings: a stop string counts only when it ends in the newest token's text (as vLLM's: text
+already searched holds none); of those that do, the first in the request's list wins, and the text
+is cut before it, or after it with `include_stop_str_in_output` (which then finishes the request
+with "stop"). No stop string is looked for while `check_stop` is off (the text of the first
+min_tokens tokens: one that starts there and ends later is found). While streaming, a tail that
+could still grow into a stop string is held back and only released when it cannot, or when the
+request finishes for another reason: so a stop that ends in later text never starts in text sent.
 """
 
 from __future__ import annotations
@@ -81,13 +82,15 @@ class IncrementalDetokenizer:
         self.decoded += piece
         if not self._stop or not self.check_stop:
             return
-        search_from = max(0, old_len - self._max_stop_len + 1)
-        hits = [(i, i + len(s) if self._include_stop else i, s)
-                for i, s in ((self.decoded.find(s, search_from), s) for s in self._stop) if i >= 0]
-        if hits:
-            _, end, self.stop_str = min(hits)
-            self.decoded = self.decoded[:end]
-            self.stopped = True
+        # As vLLM's check_stop_strings: a stop string must end in the new text (text searched before, or not
+        # searched while check_stop was off, holds none), and the first one in the request's list that does wins
+        for s in self._stop:
+            i = self.decoded.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0:
+                self.decoded = self.decoded[:i + len(s) if self._include_stop else i]
+                self.stop_str = s
+                self.stopped = True
+                return
 
     def _release(self) -> str:
         end = len(self.decoded)
