@@ -141,6 +141,10 @@ NOTES: dict[str, str] = {
     "stream_interval": "a positive integer (else a 400, stream or not); no effect on a whole answer (as vLLM); above "
                        "1 refused with 400 on a stream: a stream here sends each engine step's tokens as they come",
     "session_id": "no effect on the answer (as `user`)",
+    "spaces_between_special_tokens": "as vLLM with a fast tokenizer: `true` (the default) keeps the tokenizer's own "
+                                     "joining, `false` (with `skip_special_tokens: false`) drops what it puts "
+                                     "between two adjacent added tokens; byte-level BPE tokenizers (Llama 3, Qwen, "
+                                     "the demo model) put nothing there, so the field changes nothing on them",
     "return_token_offsets": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",
     "return_mm_kwargs": "as vLLM, read by its `/render` endpoints only: no effect on completions and chat",
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "

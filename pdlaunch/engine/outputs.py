@@ -63,10 +63,9 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=MAX_STOPS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # With skip_special_tokens off: join special tokens and the text between them with a space (True)
-    # or nothing (False). None (not asked for) keeps the fast tokenizer's joining, which is vLLM's
-    # output for the fast tokenizers we load.
-    spaces_between_special_tokens: bool | None = None
+    # vLLM's default, True, keeps the fast tokenizer's own joining; False (with skip_special_tokens off) drops
+    # what it puts between two adjacent added tokens (Tokenizer.decode).
+    spaces_between_special_tokens: bool = True
     structured_output: StructuredOutput | None = None  # grammar the output must match
 
     @field_validator("temperature")

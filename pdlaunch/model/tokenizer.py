@@ -117,7 +117,7 @@ class Tokenizer:
                 hint="pdlaunch needs a fast-tokenizer tokenizer.json in the checkpoint directory",
             )
         self._tok = HFTokenizer.from_file(str(path))
-        self._special: frozenset[int] | None = None
+        self._added: frozenset[int] | None = None
         self._compiled: tuple[str, Template] | None = None  # (template text, its compiled template)
         config = _read_json(directory / "tokenizer_config.json")
         gen_config = _read_json(directory / "generation_config.json")
@@ -177,32 +177,27 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True,
-               spaces_between_special_tokens: bool | None = None) -> str:
-        """The text of `ids`. With special tokens kept and `spaces_between_special_tokens` given, each
-        special token and each run of other tokens is decoded on its own and the pieces are joined
-        with one space (True) or nothing (False), as transformers' slow tokenizers and vLLM do; None
-        keeps the fast tokenizer's own joining."""
-        if skip_special_tokens or spaces_between_special_tokens is None:
-            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        special = self._special_ids()
-        pieces: list[str] = []
-        run: list[int] = []
-        for token_id in ids:
-            if token_id not in special:
-                run.append(token_id)
-                continue
-            if run:
-                pieces.append(self._tok.decode(run, skip_special_tokens=False))
-                run = []
-            pieces.append(self._tok.decode([token_id], skip_special_tokens=False))
-        if run:
-            pieces.append(self._tok.decode(run, skip_special_tokens=False))
-        return (" " if spaces_between_special_tokens else "").join(pieces)
+               spaces_between_special_tokens: bool = True) -> str:
+        """The text of `ids`, as vLLM v1 decodes with a fast tokenizer (its FastIncrementalDetokenizer): the
+        tokenizer's own joining, unless special tokens are kept and `spaces_between_special_tokens` is False: then an
+        added token right after another added token is its own text, without what the joining puts in front of it
+        (a space with WordPiece's decoder; byte-level BPE puts nothing there)."""
+        ids = list(ids)
+        if skip_special_tokens or spaces_between_special_tokens:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        added = self._added_tokens()
+        cuts = [i for i in range(1, len(ids)) if ids[i] in added and ids[i - 1] in added]
+        if not cuts:
+            return self._tok.decode(ids, skip_special_tokens=False)
+        # each run starts at such a token, which a run's decoding gives as its own text (nothing before it)
+        bounds = [0, *cuts, len(ids)]
+        return "".join(self._tok.decode(ids[a:b], skip_special_tokens=False) for a, b in zip(bounds, bounds[1:]))
 
-    def _special_ids(self) -> frozenset[int]:
-        if self._special is None:
-            self._special = frozenset(i for i, token in self._tok.get_added_tokens_decoder().items() if token.special)
-        return self._special
+    def _added_tokens(self) -> frozenset[int]:
+        """The ids of the tokenizer's added tokens, special or not (vLLM's added_token_ids)."""
+        if self._added is None:
+            self._added = frozenset(self._tok.get_added_tokens_decoder())
+        return self._added
 
     def to_json(self) -> str:
         """The tokenizer.json text (what grammar libraries build their token tables from)."""
