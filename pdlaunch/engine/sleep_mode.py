@@ -5,8 +5,9 @@ allocator the pools keep their virtual addresses; otherwise (CPU, tests) the ten
 freed and re-allocated. What the engine adds: sleep only when idle, forget the prefix cache (the
 KV is discarded), let the connector drop its own device memory (a staging buffer), zero the KV cache
 after it wakes, re-register it with the connector (its physical pages, and without cumem its
-addresses, are new), reload the weights after a level-2 sleep, and set vllm:engine_sleep_state after each sleep
-and wake-up.
+addresses, are new), reload the weights after a level-2 sleep, emptying the CPU offload tier first (its KV
+was computed by the weights before the sleep; a level-1 wake restores those same weights and keeps it), and set
+vllm:engine_sleep_state after each sleep and wake-up.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
     from pdlaunch.kvcache.block_manager import BlockManager
     from pdlaunch.model.checkpoint import Checkpoint
+    from pdlaunch.offload.manager import OffloadManager
     from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class SleepableEngine(Protocol):
     scheduler: Scheduler
     block_manager: BlockManager
     connector: KVConnector | None
+    offload: OffloadManager | None
     checkpoint: Checkpoint
     allocator: AllocatorWatch | None
 
@@ -153,6 +156,10 @@ class EngineSleep:
     def _reload_weights(self) -> None:
         runner = self.engine.runner
         log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
+        if self.engine.offload is not None:
+            # The CPU tier is keyed by token blocks alone and its KV was computed by the weights before the sleep;
+            # the files may hold new ones. Emptied first, so a reload that fails halfway leaves none either.
+            self.engine.offload.forget_all()
         fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype, runner.tp_rank, runner.tp_size,
                            runner.expert_parallel,  # this rank's shards (MoE: its experts or expert slices)
                            fp8_kv_cache=runner.kv_dtype == FP8_DTYPE)

@@ -119,6 +119,12 @@ class CPUTier:
             del self.entries[entry.block_hash]
             self.free.append(entry.block_id)
 
+    def clear(self) -> None:
+        """Forget every block: each goes back to the free list (the weights that computed their KV are gone). Only
+        when no job reads or writes the regions (the caller waits for them first)."""
+        self.free.extend(entry.block_id for entry in self.entries.values())
+        self.entries.clear()
+
     def release(self) -> None:
         """Unpin the regions (once no copy can touch them: the transfer thread is shut down). Idempotent."""
         if self.pinned:

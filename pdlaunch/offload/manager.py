@@ -124,6 +124,17 @@ class OffloadManager:
         self.transfer.wait_all(timeout)
         self.poll()
 
+    def forget_all(self, timeout: float = 60.0) -> None:
+        """Empty the tier: the KV it holds was computed by weights the model no longer has (a level-2 wake-up
+        reloads them from the checkpoint, whose files may hold new ones). Stores not yet queued are dropped,
+        every job is waited for (its block is accounted, then freed with the rest), then every block is free."""
+        self.stores.clear()
+        self.transfer.wait_all(timeout)
+        self.poll()
+        dropped = self.tier.num_used_blocks()
+        self.tier.clear()
+        log.info("KV offload: the CPU tier's %d block(s) forgotten: the weights were reloaded", dropped)
+
     def check_integrity(self) -> None:
         self.tier.check_integrity()
 
