@@ -22,7 +22,7 @@ import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_integrity import BlockIntegrityError
-from pdlaunch.memory.host_devices import host_memory_bytes
+from pdlaunch.memory.host_devices import available_memory
 from pdlaunch.offload.pinned_region import unpin, zeroed_region
 
 _SIZE_HINT = "lower --kv-offload-gb to what the host can spare next to the model, or 0 to turn offload off"
@@ -54,12 +54,17 @@ class CPUTier:
     @classmethod
     def _allocate(cls, num_blocks: int, block_shapes: Sequence[Sequence[int]], dtype: torch.dtype,
                   pin_memory: bool) -> list[torch.Tensor]:
-        """One zeroed region per group. Refused before allocating when it exceeds the host's RAM: zeroing
-        it would get the process killed for memory rather than fail."""
-        need, ram = num_blocks * cls.bytes_per_block(block_shapes, dtype), host_memory_bytes()
-        if need > ram:
-            raise EngineError(f"the CPU offload tier needs {need / 2**30:.1f} GiB but this host has "
-                              f"{ram / 2**30:.1f} GiB of RAM", field="cache.kv_offload_gb", hint=_SIZE_HINT)
+        """One zeroed region per group. Refused before allocating when it exceeds the memory this process may still
+        take (host_devices.available_memory: MemAvailable, a cgroup's limit less its usage): zeroing it would get
+        the process killed for memory rather than fail (pinned memory is never swapped out)."""
+        need, available = num_blocks * cls.bytes_per_block(block_shapes, dtype), available_memory()
+        if available is not None and need > available.bytes:
+            raise EngineError(f"the CPU offload tier needs {need / 2**30:.2f} GiB of host memory but only "
+                              f"{available.bytes / 2**30:.2f} GiB is available ({available.source})",
+                              field="cache.kv_offload_gb",
+                              hint=f"lower --kv-offload-gb below {available.bytes / 2**30:.2f} (less what else "
+                                   "starts on this host), free memory on the host or raise the container's memory "
+                                   "limit, or set it to 0 to turn offload off")
         regions: list[torch.Tensor] = []
         try:
             for shape in block_shapes:
