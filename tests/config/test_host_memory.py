@@ -48,7 +48,8 @@ def test_refused_naming_the_kv_setting_with_needed_and_available(monkeypatch: py
     free(monkeypatch, 3)
     result = check([str(write_yaml(tmp_path, KV2)), *CPU])
     assert_invalid(result, "cache.cpu_kv_cache_gb", "the 2 CPU rank(s) on this machine need about 4.0")
-    assert "(weights 0.02 + KV cache 4.00 GiB) but only 3.00 GiB is available (MemAvailable" in result.output
+    assert ("(weights 0.02 + KV cache 4.00 GiB) but only 3.00 GiB is available (MemAvailable, or a cgroup"
+            in result.output)
     assert "each of the 2 ranks allocates it whole" in result.output
     value = suggested(result.output, "cache.cpu_kv_cache_gb")
     fixed = check([str(write_yaml(tmp_path, f"cache: {{cpu_kv_cache_gb: {value}}}\n")), *CPU])
@@ -155,12 +156,101 @@ def test_ray_places_the_ranks_on_its_cluster(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_mem_available_is_read_from_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The reader itself (memory/host_devices.py; cgroup limits: tests/offload/test_cpu_tier_size.py)."""
+    from pdlaunch.memory import host_devices
+
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24684092 kB\nMemFree:         1000000 kB\nMemAvailable:    2097152 kB\n")
-    monkeypatch.setattr(host_memory, "MEMINFO", meminfo)
+    monkeypatch.setattr(host_devices, "MEMINFO", meminfo)
+    monkeypatch.setattr(host_devices, "PROC_CGROUP", tmp_path / "no-cgroup")  # no memory limit
     assert read_available() == 2 * GIB
     meminfo.write_text("MemTotal:       24684092 kB\nMemFree:         1000000 kB\n")  # a kernel before 3.14
     physical = read_available()
     assert physical == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the machine's RAM
-    monkeypatch.setattr(host_memory, "MEMINFO", tmp_path / "absent")
+    monkeypatch.setattr(host_devices, "MEMINFO", tmp_path / "absent")
     assert read_available() == physical
+
+
+# -- GPU deployments: the KV offload tiers live in this machine's memory -------------------------------------------
+
+def gpu_host(monkeypatch: pytest.MonkeyPatch, gpus: int = 2) -> None:
+    """This machine as a CUDA host of `gpus` 80 GiB GPUs."""
+    from pdlaunch.memory import host_devices
+
+    monkeypatch.setattr(host_devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(host_devices, "device_count", lambda: gpus)
+    monkeypatch.setattr(host_devices, "device_total_bytes", lambda index=0: 80 * GIB)
+    monkeypatch.setattr(host_devices, "is_cumem_allocator_available", lambda: True)
+
+
+GPU = ["--model", "tiny", "--device", "cuda"]
+
+
+def offload_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "GPU instance(s) on this machine" in line]
+
+
+def test_gpu_offload_tiers_past_what_is_available_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1P1D on two GPUs, a 3 GiB tier each (TP 1: one per instance, in its engine process): 6 GiB of host memory
+    against 5 available (before, a GPU deployment's tiers were not checked at all)."""
+    gpu_host(monkeypatch)
+    free(monkeypatch, 5)
+    result = check([*GPU, "--kv-offload-gb", "3"])
+    assert_invalid(result, "--kv-offload-gb", "the 2 GPU instance(s) on this machine keep a KV offload tier of "
+                   "3.00 GiB each in host memory, 6.00 GiB in all, but only 5.00 GiB is available")
+    assert "each of the 2 instances allocates it whole" in result.output
+    value = suggested(result.output, "--kv-offload-gb")  # the flag, as typed
+    assert value == "2.25"  # 90% of 5 GiB over two instances
+    fixed = check([*GPU, "--kv-offload-gb", value])
+    assert fixed.exit_code == 0 and offload_lines(fixed.output) == [], fixed.output
+    assert "this machine: 2 GPU instance(s) keep KV offload tiers of 4.50 GiB in all of 5.00 GiB available" \
+        in fixed.output
+
+
+def test_gpu_offload_tiers_close_to_what_is_available_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_host(monkeypatch)
+    free(monkeypatch, 6.5)  # 6 of 6.5: 92%
+    result = check([*GPU, "--kv-offload-gb", "3"])
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in offload_lines(result.output)] == ["warning"]
+    assert "92% of the 6.50 GiB available" in result.output
+
+
+def test_gpu_deployment_without_offload_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_host(monkeypatch)
+    free(monkeypatch, 0.01)
+    result = check(GPU)
+    assert result.exit_code == 0 and offload_lines(result.output) == [], result.output
+    assert "this machine:" not in result.output
+
+
+def test_gpu_offload_tiers_of_this_node_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Node 0 runs one prefill, node 1 three decodes: each node counts its own instances' tiers."""
+    monkeypatch.setenv(SECRET_ENV, "host-memory-test-secret-0123456789")
+    gpu_host(monkeypatch, gpus=4)
+    free(monkeypatch, 5)
+    path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]\n"
+                                "kv_transfer: {side_channel_host: 0.0.0.0}\ncache: {kv_offload_gb: 2}\n"
+                                "instances:\n  - {role: prefill, count: 1, node: 0}\n"
+                                "  - {role: decode, count: 3, node: 1}\n")
+    node0 = check([str(path), *GPU])
+    assert node0.exit_code == 0 and "this machine: 1 GPU instance(s) keep KV offload tiers of 2.00 GiB" \
+        in node0.output, node0.output
+    assert_invalid(check([str(path), *GPU, "--node-rank", "1"]), "cache.kv_offload_gb",
+                   "the 3 GPU instance(s) on this machine")
+
+
+def test_gpu_offload_against_a_target_host_is_not_this_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    free(monkeypatch, 0.01)
+    result = check(["--model", "tiny", "--target-gpus", "2", "--target-gpu-memory", "80", "--kv-offload-gb", "3"])
+    assert result.exit_code == 0 and offload_lines(result.output) == [], result.output
+
+
+def test_serve_refuses_gpu_offload_tiers_that_do_not_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpu_host(monkeypatch)
+    free(monkeypatch, 5)
+    started: list[DeploymentConfig] = []
+    monkeypatch.setattr(backends, "run_deployment", lambda cfg: started.append(cfg) or 0)
+    served = invoke(["serve", *GPU, "--kv-offload-gb", "3", "--log-dir", str(tmp_path / "logs")])
+    assert served.exit_code == 1 and started == [], served.output
+    assert "--kv-offload-gb: the 2 GPU instance(s) on this machine keep a KV offload tier" in served.output

@@ -1,11 +1,15 @@
-"""CPU deployments: the memory every instance on this machine takes at start, against what the host has free.
+"""The memory every instance on this machine takes at start, against what the host has free.
 
-A CPU instance allocates its whole KV cache when it starts (runner/kv_cache_tensors.py: `cache.num_gpu_blocks`
-blocks when set, else `cache.cpu_kv_cache_gb` rounded down to whole blocks, on every TP rank), holds its weight
-shard (config/rules/memory.py estimates it from config.json) and, with `cache.kv_offload_gb`, an offload tier of
-that size (offload/cpu_tier.py). The sum over the ranks this machine runs is compared with MemAvailable of
-/proc/meminfo: what the kernel can give new processes without swapping (free memory and reclaimable caches), so
-memory other processes hold counts, which the machine's RAM would not show.
+CPU deployments: a CPU instance allocates its whole KV cache when it starts (runner/kv_cache_tensors.py:
+`cache.num_gpu_blocks` blocks when set, else `cache.cpu_kv_cache_gb` rounded down to whole blocks, on every TP
+rank), holds its weight shard (config/rules/memory.py estimates it from config.json) and, with
+`cache.kv_offload_gb`, an offload tier of that size (offload/cpu_tier.py). GPU deployments: only the offload tiers
+live in host memory for good, one per instance (the tier is the engine's, in rank 0's process; offload runs with
+TP 1 only, config/rules/offload.py), zeroed and on CUDA pinned at start. The sum over what this machine runs is
+compared with what a process started now may take (memory/host_devices.available_memory): MemAvailable of
+/proc/meminfo, what the kernel can give new processes without swapping (free memory and reclaimable caches), so
+memory other processes hold counts, which the machine's RAM would not show; or, where lower, the room under the
+memory limit of this process's cgroup (a container's, a Kubernetes pod's), which the instances it starts share.
 
 The ranks this machine runs: every rank on one node; with `parallel.nodes`, those the port plan places on node
 `parallel.node_rank` (config/port_plan.py). Only the local launcher's: the `--backend slurm` batch process runs
@@ -13,20 +17,18 @@ none (each node's step checks its own, launcher/backends/slurm_node.py), Ray pla
 nodes, and a declared target host (`--target-gpus`) is not this machine.
 
 Refuse or warn. The estimate is a lower bound: activations and each process's Python and torch runtime (a few
-hundred MiB each) come on top. A need above MemAvailable therefore cannot fit: refused, instead of the kernel's
-out-of-memory killer ending an instance (or the user's session) minutes after start with no pdlaunch error. A
-need above WARN_SHARE of it may still fit (the page cache MemAvailable counts is only partly reclaimable, other
-processes grow and shrink, KV rounds down to whole blocks) but leaves little room for what the estimate leaves
-out: a warning, not a refusal, because an up-front check should refuse only what cannot work, and MemAvailable
-is the kernel's estimate of one moment.
+hundred MiB each; with CUDA, more) come on top. A need above what is available therefore cannot fit: refused,
+instead of the kernel's out-of-memory killer ending an instance (or the user's session) minutes after start with
+no pdlaunch error. A need above WARN_SHARE of it may still fit (the page cache MemAvailable counts is only partly
+reclaimable, other processes grow and shrink, KV rounds down to whole blocks) but leaves little room for what the
+estimate leaves out: a warning, not a refusal, because an up-front check should refuse only what cannot work, and
+MemAvailable is the kernel's estimate of one moment.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo
@@ -34,27 +36,18 @@ from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, GroupMemory, estimate
 from pdlaunch.config.strict_model import BLOCK_SIZES
+from pdlaunch.memory import host_devices
 
-MEMINFO = Path("/proc/meminfo")
-WARN_SHARE = 0.9  # of MemAvailable: above it, a warning (see the module docstring)
+WARN_SHARE = 0.9  # of what is available: above it, a warning (see the module docstring)
+AVAILABLE = "MemAvailable, or a cgroup memory limit less its usage where lower"  # what "available" is, in messages
 
 
 def available_memory_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo; the machine's physical RAM where the kernel gives none (not Linux); None
-    when neither can be read (then nothing is checked)."""
-    try:
-        lines = MEMINFO.read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:  # "MemAvailable:   24147280 kB"
-        name, _, value = line.partition(":")
-        fields = value.split()
-        if name == "MemAvailable" and len(fields) == 2 and fields[0].isdigit() and fields[1] == "kB":
-            return int(fields[0]) * 1024
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    """What a process started now may take (host_devices.available_memory: the least of MemAvailable and the
+    room under this process's cgroup memory limits; the physical RAM where the kernel gives no MemAvailable); None
+    when nothing can be read (then nothing is checked)."""
+    available = host_devices.available_memory()
+    return None if available is None else available.bytes
 
 
 @dataclass(frozen=True)
@@ -120,20 +113,76 @@ def need_here(cfg: DeploymentConfig, info: ModelInfo | None) -> HostNeed | None:
     return need if need.ranks else None
 
 
+@dataclass(frozen=True)
+class OffloadNeed:
+    """The KV offload tiers of the GPU instances this machine runs: one per instance (the engine's, rank 0's)."""
+
+    instances: int
+    per_instance: int  # bytes: cache.kv_offload_gb
+
+    @property
+    def total_bytes(self) -> int:
+        return self.instances * self.per_instance
+
+
+def offload_here(cfg: DeploymentConfig) -> OffloadNeed | None:
+    """The offload tiers of the resolved config when it runs GPU instances with `cache.kv_offload_gb` on this
+    machine under the local launcher (module docstring); else None. Each instance's tier is its engine's, in its
+    rank 0's process: counted where rank 0 runs (TP > 1 with offload is refused, config/rules/offload.py)."""
+    if cfg.device != "cuda" or cfg.launcher.backend != "local" or cfg.cache.kv_offload_gb <= 0:
+        return None
+    me = cfg.parallel.node_rank
+    instances = sum(1 for planned in plan_instances(cfg, [], strict=False)
+                    if planned.ranks and planned.ranks[0].node == me)
+    return OffloadNeed(instances, int(cfg.cache.kv_offload_gb * GIB)) if instances else None
+
+
+def _offload_findings(need: OffloadNeed, available: int) -> tuple[list[Problem], list[Problem]]:
+    """(problems, warnings) of the GPU instances' offload tiers here against what is available."""
+    if need.total_bytes <= WARN_SHARE * available:
+        return [], []
+    fits = math.floor(WARN_SHARE * available / need.instances / GIB * 100) / 100
+    each = "" if need.instances == 1 else f" (each of the {need.instances} instances allocates it whole)"
+    fix = (f"lower cache.kv_offload_gb to {f'{fits:.2f}'.rstrip('0').rstrip('.')} or less{each}" if fits > 0
+           else "set cache.kv_offload_gb to 0 (offload off)")
+    hint = f"{fix}, run fewer instances here, or stop what else holds this machine's memory (`free -g`)"
+    what = (f"the {need.instances} GPU instance(s) on this machine keep a KV offload tier of "
+            f"{_gib(need.per_instance)} GiB each in host memory, {_gib(need.total_bytes)} GiB in all")
+    if need.total_bytes > available:
+        return [problem("cache.kv_offload_gb", f"{what}, but only {_gib(available)} GiB is available ({AVAILABLE}): "
+                        "zeroing (and pinning) them would get an instance killed for memory", hint)], []
+    return [], [problem("cache.kv_offload_gb", f"{what}, {need.total_bytes / available:.0%} of the "
+                        f"{_gib(available)} GiB available ({AVAILABLE}): each engine's own host memory (the CUDA "
+                        "runtime, the weights while they load) comes on top, so an instance may be killed for "
+                        "memory", hint)]
+
+
 def host_memory_line(cfg: DeploymentConfig, info: ModelInfo | None) -> str | None:
-    """check-config's summary line: what the CPU ranks here allocate at start, and what the machine has free."""
-    need = need_here(cfg, info)
-    available = available_memory_bytes()
-    if need is None or available is None:
+    """check-config's summary line: what the CPU ranks here allocate at start (or the GPU instances' offload tiers
+    keep), and what the machine has free."""
+    offload = offload_here(cfg)
+    need = need_here(cfg, info) if offload is None else None
+    available = available_memory_bytes() if offload is not None or need is not None else None
+    if available is None:
+        return None
+    if offload is not None:
+        return (f"this machine: {offload.instances} GPU instance(s) keep KV offload tiers of "
+                f"{_gib(offload.total_bytes)} GiB in all of {_gib(available)} GiB available")
+    if need is None:
         return None
     return (f"this machine: {need.ranks} CPU rank(s) allocate about {_gib(need.total_bytes)} GiB at start "
             f"({_parts(need)}) of {_gib(available)} GiB available")
 
 
 def host_memory_findings(cfg: DeploymentConfig, info: ModelInfo | None) -> tuple[list[Problem], list[Problem]]:
-    """(problems, warnings) of the resolved config's CPU instances on this machine against its MemAvailable;
-    none when the config does not run CPU instances here under the local launcher (module docstring). Call it
-    only when the config is checked on this machine, not against a declared target host."""
+    """(problems, warnings) of the resolved config's CPU instances on this machine (or its GPU instances' KV
+    offload tiers: offload_here) against what it has available; none when the config runs neither here under the
+    local launcher (module docstring). Call it only when the config is checked on this machine, not against a
+    declared target host."""
+    offload = offload_here(cfg)
+    if offload is not None:
+        available = available_memory_bytes()
+        return ([], []) if available is None else _offload_findings(offload, available)
     need = need_here(cfg, info)
     available = available_memory_bytes() if need is not None else None
     if need is None or available is None or need.total_bytes <= WARN_SHARE * available:
@@ -144,10 +193,10 @@ def host_memory_findings(cfg: DeploymentConfig, info: ModelInfo | None) -> tuple
     what = (f"the {need.ranks} CPU rank(s) on this machine need about {_gib(need.total_bytes)} GiB at start "
             f"({_parts(need)})")
     if need.total_bytes > available:
-        return [problem(field, f"{what} but only {_gib(available)} GiB is available (MemAvailable in "
-                        f"{MEMINFO}): the kernel would kill an instance for memory", hint)], []
+        return [problem(field, f"{what} but only {_gib(available)} GiB is available ({AVAILABLE}): the kernel "
+                        "would kill an instance for memory", hint)], []
     return [], [problem(field, f"{what}, {need.total_bytes / available:.0%} of the {_gib(available)} GiB "
-                        "available (MemAvailable): activations and each process's runtime come on top, so an "
+                        f"available ({AVAILABLE}): activations and each process's runtime come on top, so an "
                         "instance may be killed for memory", hint)]
 
 
