@@ -289,9 +289,17 @@ class LLMEngine(EngineRequests, EngineStep):
             for request_id in list(kept):
                 kept.pop(request_id)
                 self.block_manager.free(request_id)
-        if self.offload is not None:
-            self.offload.shutdown()
-        if self.connector is not None:
-            self.connector.shutdown()
-        self.executor.shutdown()
-        thaw_heap()
+        # Each part even when one before it raises (an offload transfer stuck past its timeout must not leave the
+        # connector's agent or the TP ranks and their device memory behind); the first error is raised at the end.
+        try:
+            if self.offload is not None:
+                self.offload.shutdown()
+        finally:
+            try:
+                if self.connector is not None:
+                    self.connector.shutdown()
+            finally:
+                try:
+                    self.executor.shutdown()
+                finally:
+                    thaw_heap()
