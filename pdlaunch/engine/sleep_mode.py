@@ -110,7 +110,7 @@ class EngineSleep:
 
     def _before_sleep(self, level: int) -> None:
         engine = self.engine
-        self._drain_holds()
+        waited = self._drain_holds()
         s = engine.scheduler
         if engine.has_unfinished_requests() or s.held or s.draining:
             text = f"{len(s.requests)} request(s) running"
@@ -119,25 +119,29 @@ class EngineSleep:
                 text += f", {holds} and {len(s.draining)} ended KV load(s) whose transfer may still write their blocks"
             else:
                 text += f" and {holds}"
-            raise EngineError(f"{text} (after {HOLD_DRAIN_S:g}s)", field="sleep",
+            # "after": only when the holds outlived the drain window; running requests are refused at once
+            raise EngineError(f"{text} (after {HOLD_DRAIN_S:g}s)" if waited else text, field="sleep",
                               hint="sleep when the instance is idle")
         engine.block_manager.reset_prefix_cache()
         if engine.connector is not None:  # last: a connector that refuses leaves everything in place
             engine.connector.before_sleep()
 
-    def _drain_holds(self) -> None:
+    def _drain_holds(self) -> bool:
         """A prefill with no request running may still hold the KV of one that just finished: its decode
         has the blocks (the client may already have its answer) but the prefill learns so on a later
         step. A decode may still keep the blocks of a load it aborted (`draining`) until its connector
         says no transfer writes them any more. Step for up to HOLD_DRAIN_S while only such holds are
         left, so a /sleep sent right after the last answer or abort does not fail; one that outlives it
-        (a decode that never reads, a transfer that runs on) is refused."""
+        (a decode that never reads, a transfer that runs on) is refused. True when it waited for holds."""
         engine = self.engine
         s = engine.scheduler
         deadline = time.monotonic() + HOLD_DRAIN_S
+        waited = False
         while (s.held or s.draining) and not engine.has_unfinished_requests() and time.monotonic() < deadline:
+            waited = True
             engine.step()  # polls the connector and the leases; no request runs, so it produces no output
             time.sleep(HOLD_POLL_S)
+        return waited
 
     def _after_wake(self, tags: tuple[str, ...]) -> None:
         engine = self.engine

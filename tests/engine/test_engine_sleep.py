@@ -47,8 +47,10 @@ def test_sleep_and_wake_keep_outputs(level: int, llama_ckpt, make_engine: MakeEn
 def test_sleep_refused_while_busy_or_disabled(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine(llama_ckpt, enable_sleep_mode=True)
     engine.add_request("busy", PROMPTS[0], GREEDY)
-    with pytest.raises(PdlaunchError, match="idle"):
+    with pytest.raises(PdlaunchError, match="idle") as busy:
         engine.sleep(1)
+    # refused at once: nothing waited (the drain window is only for holds when no request runs)
+    assert busy.value.message == "1 request(s) running and 0 KV hold(s) waiting for a decode instance"
     assert not engine.is_sleeping()
     engine.abort_request("busy")
     plain = make_engine(llama_ckpt)
