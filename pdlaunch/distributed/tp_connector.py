@@ -15,7 +15,7 @@ TP sizes each rank's connector reads the prefill ranks holding its KV heads (kv_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pdlaunch.distributed.messages import (
@@ -68,7 +68,9 @@ class RankEvents:
         self.tp_size = tp_size
         self._sent: dict[str, set[int]] = {}
         self._recvd: dict[str, set[int]] = {}
-        self._failed: set[str] = set()  # failed requests whose late reports from other ranks are dropped
+        # Failed requests whose late reports from other ranks are dropped, kept while some rank may still
+        # write their blocks (TPConnector._drain) and then let go (`settle`): never kept for the decode's life.
+        self._failed: set[str] = set()
 
     def merge(self, per_rank: list[KVConnectorEvents]) -> tuple[KVConnectorEvents, set[str]]:
         """(events every rank agrees on, requests to abort on the ranks still loading them)."""
@@ -95,6 +97,21 @@ class RankEvents:
     def forget(self, request_id: str) -> None:
         self._recvd.pop(request_id, None)
         self._failed.discard(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """The load was aborted on every rank: the ranks that finished it already will not be joined by the others
+        (an aborted load is not reported done), so what they reported is dropped."""
+        self._recvd.pop(request_id, None)
+
+    def settle(self, draining: Iterable[str]) -> None:
+        """Let go of the failed requests no rank is still loading or draining (`draining`): every rank was told to
+        abort them in the round they failed, and an aborted load reports nothing more but its safe_to_free."""
+        self._failed.intersection_update(draining)
+
+    def num_tracked(self) -> int:
+        """Requests some rank reported that are not settled yet (loads and sends not done on every rank, failed
+        loads still draining)."""
+        return len(self._sent) + len(self._recvd) + len(self._failed)
 
 
 class TPConnector(KVConnector):
@@ -173,12 +190,14 @@ class TPConnector(KVConnector):
             del self._drain[rid]
             if rid not in merged.failed_recving:  # freed with the failure itself otherwise
                 merged.safe_to_free.add(rid)
+        self.events.settle(self._drain)
         return merged
 
     def abort_load(self, request_id: str) -> bool:
         """True when a transfer on some rank may still write the request's blocks."""
         replies = [self.local.abort_load(request_id), *self.mirror(AbortLoad(request_id))]
         busy = {rank for rank, reply in enumerate(replies) if reply}
+        self.events.abort(request_id)
         if busy:
             self._drain.setdefault(request_id, set()).update(busy)
         return bool(self._drain.get(request_id))
