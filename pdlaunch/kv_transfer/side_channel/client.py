@@ -17,6 +17,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import JSONObject, SideChannelKeys, mac_ok
 from pdlaunch.kv_transfer.messages import Answer, SideChannelRequest
 from pdlaunch.kv_transfer.side_channel.frames import (
+    BUSY,
     FRAME_READ_SECONDS,
     HEADER,
     MAX_FRAME_BYTES,
@@ -30,8 +31,15 @@ POOL_IDLE_SECONDS = FRAME_READ_SECONDS / 2  # a kept connection is reused only t
 # A call that may be given up (`stopped`) looks whether it should every this many seconds while it waits for its
 # answer: one select() on one socket per look, so a load aborted mid-handshake frees its thread within it.
 STOP_POLL_SECONDS = 0.1
+# A server refusing busy (all its connections serving, or its replay table full) is asked again after a pause that
+# doubles from the first to the last (its idle kept connections give way to new ones, so room comes back quickly).
+BUSY_PAUSE_SECONDS = (0.01, 0.5)
 
 Reply = TypeVar("Reply", bound=BaseModel)
+
+
+class _Busy(Exception):
+    """The server refused the connection for want of room (its error text): ask again until the deadline."""
 
 
 class Connections:
@@ -95,7 +103,8 @@ def call(host: str, port: int, message: JSONObject, timeout: float, what: str,
     """One authenticated request/answer with the side channel at host:port within `timeout` seconds
     (`message` as a dict: tests also send what no model allows; the KV plane uses `request`).
 
-    Connection refused is retried (the peer may still be starting) until the deadline; with
+    Connection refused and a busy refusal (the server's connections are all serving) are retried until the
+    deadline (the peer may still be starting; the busy pause backs off); with
     `connections`, a kept connection is used when one is open and the connection is kept after an
     authenticated answer; a kept connection the peer closed is replaced at once. Raises
     KVTransferError saying `what` was being waited for; an {"ok": false} answer raises too, and so
@@ -120,6 +129,8 @@ class PendingCall:
         self.keys, self.connections, self.stopped = keys, connections, stopped
         self.deadline = time.monotonic() + timeout
         self.last_error: Exception | None = None
+        self._busy_since: float | None = None  # when the server first refused busy (monotonic)
+        self._busy_pause = BUSY_PAUSE_SECONDS[0]
         self._sock: socket.socket | None = None
         self._nonce = ""
         self._reused = False
@@ -147,7 +158,7 @@ class PendingCall:
                 sock.sendall(frame)
                 self._sock, sock = sock, None
                 return
-            except (ConnectionRefusedError, ConnectionResetError) as e:
+            except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError) as e:
                 self.last_error = e
                 if not self._reused:  # a kept connection the peer closed: a new one at once, else wait for the peer
                     time.sleep(min(0.05, max(self.deadline - time.monotonic(), 0)))
@@ -186,6 +197,10 @@ class PendingCall:
                     raise KVTransferError(f"{self.what}: the peer at {self.host}:{self.port} answered: "
                                           f"{answer.get('error')}")
                 return answer
+            except _Busy as e:
+                self.last_error = e
+                self._wait_for_room()
+                self._send()
             except (ConnectionRefusedError, ConnectionResetError) as e:
                 self.last_error = e
                 if not self._reused:  # the peer may still be starting: again after a pause
@@ -198,12 +213,31 @@ class PendingCall:
             finally:
                 if sock is not None:
                     sock.close()
+        if isinstance(self.last_error, _Busy) and self._busy_since is not None:
+            raise KVTransferError(
+                f"{self.what}: the prefill's side channel at {self.host}:{self.port} was full for "
+                f"{time.monotonic() - self._busy_since:.1f}s of the {self.timeout:g}s allowed "
+                f"(it answered: {self.last_error})",
+                field="kv_transfer.handshake_timeout_seconds",
+                hint="the prefill serves too many side-channel requests at once: give the prefill more instances "
+                "(or TP ranks), send it fewer decodes, or raise kv_transfer.handshake_timeout_seconds")
         raise KVTransferError(
             f"{self.what}: no answer from the side channel at {self.host}:{self.port} within {self.timeout:g}s "
             f"({self.last_error})",
             field="kv_transfer.handshake_timeout_seconds",
             hint="is the prefill instance running, and is its kv_transfer.side_channel_host reachable from here?",
         )
+
+    def _wait_for_room(self) -> None:
+        """Pause before asking a busy server again (doubling pauses, within the deadline; `stopped` looked at)."""
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = now
+        until = min(now + self._busy_pause, self.deadline)
+        self._busy_pause = min(self._busy_pause * 2, BUSY_PAUSE_SECONDS[1])
+        while (left := until - time.monotonic()) > 0:
+            self._check_stopped()
+            time.sleep(min(left, STOP_POLL_SECONDS))
 
     def _check_stopped(self) -> None:
         if self.stopped is not None and self.stopped():
@@ -236,6 +270,9 @@ def _open_answer(raw: tuple[bytes, bytes], keys: SideChannelKeys, nonce: str, ho
         answer = None
     if answer is not None and answer.re is None and not answer.answer.get("ok"):
         # Refused before our request was authenticated (e.g. busy): its error is the useful part.
+        error = str(answer.answer.get("error"))
+        if error.startswith(f"refused: {BUSY}"):
+            raise _Busy(error)
         raise KVTransferError(f"{what}: the peer at {host}:{port} answered: {answer.answer.get('error')}")
     if answer is None or answer.re != nonce:
         raise KVTransferError(

@@ -9,7 +9,9 @@ answer key (auth.SideChannelKeys: both derived from the deployment secret). So:
   server.REPLAY_WINDOW_SECONDS passed; a decode accepts only answers tagged by the deployment that
   answer its own nonce;
 - every request is validated against the typed messages before a handler runs.
-Bounds: MAX_FRAME_BYTES per frame, server.MAX_CONNECTIONS handled at once (more are refused), and a
+Bounds: MAX_FRAME_BYTES per frame, server.MAX_CONNECTIONS handled at once (the longest idle kept one is
+closed for a new one; past that a new one is refused BUSY, and the client asks again until its deadline),
+server.MAX_NONCES requests remembered within their replay lifetime (more are refused BUSY), and a
 frame must arrive within FRAME_READ_SECONDS of waiting for it (a slow-loris peer holds a thread that
 long). The prefill instance serves it (handshake and push requests: server.py). A connection serves
 frames until the peer closes it or stays idle FRAME_READ_SECONDS after an answer (then it closes
@@ -34,6 +36,8 @@ from pdlaunch.kv_transfer.auth import MAC_BYTES, JSONObject, mac
 # and bounds what MAX_CONNECTIONS peers can make us buffer to 64 MiB.
 MAX_FRAME_BYTES = 1 << 20
 FRAME_READ_SECONDS = 10.0
+# How a server's refusal for want of room (connections, replay table) starts: the client retries it until its deadline.
+BUSY = "busy"
 HEADER = struct.Struct(">I")
 
 
