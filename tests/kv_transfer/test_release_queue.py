@@ -14,16 +14,29 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.kv_transfer_config import KVTransferConfig
-from pdlaunch.kv_transfer.decode.context import MAX_PENDING_RELEASES, RELEASE_TIMEOUT_SECONDS, HoldReleases
+from pdlaunch.kv_transfer.decode.context import (
+    MAX_PENDING_RELEASES,
+    RELEASE_TIMEOUT_SECONDS,
+    HoldReleases,
+    LoadContext,
+)
+from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.decode.push import PushLoad
 from pdlaunch.kv_transfer.decode.side import DecodeSide
+from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
-from tests.kv_transfer.deployment_secret import secured
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from tests.kv_transfer.deployment_secret import KEYS, secured
 from tests.kv_transfer.pd_procs import ConnectorProcess, make_spec, wait_events
 
 TRANSFER_S = 6.0  # the load's deadline: far below the releases queued ahead of it on 4 loader threads
@@ -131,3 +144,58 @@ def test_shutdown_drops_the_queued_releases_and_says_so(caplog: pytest.LogCaptur
     assert not stopper.is_alive() and sent == ["slow"]
     assert any(r.getMessage().startswith("3 hold release(s) not sent at shutdown") for r in caplog.records)
     assert not releases.submit("r-late", lambda: sent.append("late")) and sent == ["slow"]
+
+
+@pytest.mark.slow  # a prefill process with a NIXL agent
+def test_loads_aborted_before_their_handshake_release_off_the_loader_threads(
+        prefill: ConnectorProcess, decode: DecodeSide, hung: socket.socket) -> None:
+    """Loads from a hung prefill aborted before their handshake ended: each loader gives up the handshake, and the
+    load's hold release ("cancel_push", DecodeLoads.drop_unstarted) goes to the release threads, never waited for on
+    the loader thread; a load from a healthy prefill, started right after, completes within its deadline. On the
+    loader threads, the releases (each waits RELEASE_TIMEOUT_SECONDS on the hung prefill) kept them past it."""
+    healthy = _answer(prefill, "r-healthy")
+    stuck = healthy.model_copy(update={"remote_host": "127.0.0.1", "remote_port": hung.getsockname()[1],
+                                       "remote_engine_id": "engine-hung"})
+    count = 40
+    workers = decode.ctx.executor._max_workers  # noqa: SLF001 - the loader threads' count
+    assert count * RELEASE_TIMEOUT_SECONDS / workers > 3 * TRANSFER_S
+    d_ids = [[3, 4, 10, 11, 20]]
+    external = decode.get_num_new_matched_tokens("r-healthy", PROMPT, healthy, 0)
+    for i in range(count):
+        params = stuck.model_copy(update={"remote_request_id": f"held-{i}"})
+        decode.start_load(f"aborted-{i}", PROMPT, params, d_ids, 0, external)
+        assert decode.abort_load(f"aborted-{i}") is False  # nothing was asked of the prefill: no drain
+    decode.start_load("r-healthy", PROMPT, healthy, d_ids, 0, external)  # queued behind the aborted loads
+    ev = wait_events(decode.get_finished, lambda e: "r-healthy" in e.finished_recving | set(e.failed_recving),
+                     timeout=3 * TRANSFER_S, what="the healthy load")
+    assert "r-healthy" in ev.finished_recving, ev.failed_recving.get("r-healthy")
+    prefill.wait_events(lambda e: "r-healthy" in e.finished_sending, what="the prefill freeing r-healthy")
+    assert decode.releases.pending > 0  # the hung prefill's releases still wait, on their own threads
+
+
+@pytest.mark.parametrize("push_sent", [True, False], ids=["draining", "unsent"])
+def test_push_cancels_to_a_hung_prefill_leave_the_loader_threads_free(hung: socket.socket, push_sent: bool) -> None:
+    """Aborted push loads tell their prefill "cancel_push": one whose push request went out drains until the answer
+    (LoadTable._start_drain), one whose request did not (cancel_unsent). Against a prefill that does not answer, the
+    cancels wait on the release threads; the loader thread is free at once for the next load. They used to run on
+    the loader threads, each up to the handshake timeout (here 60 s)."""
+    agent = SimpleNamespace(release_wait_seconds=0.0, release_wait_seconds_per_byte=0.0, release_cancels=True)
+    with ExitStack() as stack:
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        ctx = LoadContext(agent=cast(Any, agent), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
+                          handshake_timeout=60.0, transfer_timeout=60.0, verify_kv=False, executor=executor,
+                          reader="decode")
+        stack.callback(ctx.connections.close)
+        stack.callback(ctx.releases.shutdown)
+        table = LoadTable(ctx)
+        for i in range(4):
+            now = time.monotonic()
+            load = Load(f"r-{i}", RemoteKV(engine_id="P", request_id=f"p-{i}", host="127.0.0.1",
+                                           port=hung.getsockname()[1], block_ids=[[3]]),
+                        [[(0, 3, 1)]], deadline=now + 60.0, started=now, state=LoadState.RUNNING)
+            load.strategy, load.push_sent = PushLoad(ctx), push_sent
+            table.add(load)
+            assert table.abort(load.request_id) is push_sent  # sent: a WRITE may land, the blocks drain
+        next_load = executor.submit(lambda: None)
+        next_load.result(timeout=RELEASE_TIMEOUT_SECONDS)  # TimeoutError: the loader thread waits on a cancel
+        assert ctx.releases.pending == 4  # the cancels wait for the hung prefill on their own threads
