@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.decode.context import HoldReleases
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, compat_fields, compat_hash
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.rpc import Built, ProcessRPC
@@ -118,3 +119,12 @@ def tp_prefill_answer(prefill: list[ConnectorProcess], rid: str, prompt: list[in
             "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
             "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
     return params
+
+
+def wait_releases_sent(releases: HoldReleases, timeout: float = 60.0) -> None:
+    """Until every hold release and push cancel handed to the decode's release threads (LoadContext.release_soon)
+    was sent, or given up on (each within RELEASE_TIMEOUT_SECONDS); AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while releases.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not releases.pending, f"{releases.pending} hold release(s) still pending after {timeout:g}s"

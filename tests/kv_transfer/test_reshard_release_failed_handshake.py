@@ -33,7 +33,7 @@ from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from tests.kv_transfer.deployment_secret import KEYS
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.pd_procs import make_spec, wait_releases_sent
 
 SPEC = make_spec(groups=2)  # 2 KV heads per block: decode TP 1 reads both prefill ranks (1 head each)
 LOGGER = "pdlaunch.kv_transfer.decode.context"
@@ -144,7 +144,9 @@ def _failed_load(agent: _Agent, peers: _Peers | PeerCache, executor: ThreadPoolE
     loads, load = _reshard_load(agent, peers, executor, ranks, handshake_timeout)
     try:
         loads.run(load)
+        wait_releases_sent(loads.ctx.releases, WAIT_S)  # a rank not shaken hands with: on a release thread
     finally:
+        loads.ctx.releases.shutdown()
         loads.ctx.connections.close()
     finished, failed = loads.table.poll(time.monotonic())
     assert not finished and set(failed) == {"r-1"}
@@ -262,6 +264,8 @@ def test_a_load_aborted_while_a_rank_leaves_its_handshake_unanswered_stops_waiti
             took = time.monotonic() - aborted
         finally:
             answer.set()  # before the executor waits for its thread, should the load still wait
+    wait_releases_sent(loads.ctx.releases, WAIT_S)  # the ranks not shaken hands with: on a release thread
+    loads.ctx.releases.shutdown()
     loads.ctx.connections.close()
     assert took < WAIT_S / 2, f"the aborted load waited {took:.1f}s for its handshake"
     assert load.error == "aborted" and len(handshakes) == 1

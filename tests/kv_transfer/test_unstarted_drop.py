@@ -46,7 +46,7 @@ from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from tests.kv_transfer.deployment_secret import KEYS
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.pd_procs import make_spec, wait_releases_sent
 
 WAIT_S = 60.0  # generous for a loaded 2-core machine; also the handshake timeout: far above the cancel's own
 PROMPT = list(range(100, 120))
@@ -120,6 +120,7 @@ def loads() -> Iterator[DecodeLoads]:
                           handshake_timeout=WAIT_S, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
                           reader="decode")
         stack.callback(ctx.connections.close)
+        stack.callback(ctx.releases.shutdown)
         yield DecodeLoads(ctx)
 
 
@@ -142,6 +143,7 @@ def test_a_push_proxy_load_that_cannot_plan_the_named_blocks_lets_the_prefill_fr
 
     load.plan = unplannable
     loads.run(load)
+    wait_releases_sent(loads.ctx.releases, WAIT_S)  # its release goes on a release thread
     assert load.state == LoadState.FAILED and "KV-cache groups" in (load.error or "")
     assert prefill.cancels == [load.nonce]
     assert prefill.freed("client-1-ffff0000")
@@ -162,6 +164,7 @@ def test_a_resharding_load_failed_before_its_strategy_ran_lets_every_rank_it_rea
     load.reshard = plan_reshard(remote, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
     loads.faults = TransferFaults({ENV: "1"})
     loads.run(load)  # peers is None here: a handshake would raise AttributeError, not the injected fault
+    wait_releases_sent(loads.ctx.releases, WAIT_S)  # its release goes on a release thread
     assert load.state == LoadState.FAILED and ENV in (load.error or "")
     assert rank0.cancels == rank1.cancels == []
     assert rank0.released() == rank1.released() == [("p-1", "decode", 1)]  # decode TP 1: the one reader of each
@@ -190,6 +193,7 @@ def test_a_resharding_load_failed_before_its_strategy_ran_counts_as_one_of_the_r
         prefill.holds.claim_read(rank1_claim)
     loads.faults = TransferFaults({ENV: "1"})
     loads.run(load)
+    wait_releases_sent(loads.ctx.releases, WAIT_S)  # its release goes on a release thread
     assert load.state == LoadState.FAILED and ENV in (load.error or "")
     assert prefill.cancels == [] and prefill.released() == [("p-1", "decode", 2)]
     if not claimed_first:

@@ -12,7 +12,8 @@ effort, and `notify_prefill` is their one sender: they only let the prefill free
 (or our READ claim's cap) ends, so a send that fails at once (a Mooncake peer no longer known, a NIXL send
 that raises) is logged once with the peer, the kind and what its loss costs (notifications.LOST_NOTIFICATION),
 and the load goes on: one whose bytes landed completes. A release to a prefill rank the load has not shaken
-hands with goes on the side channel instead (`send_release`), as best effort. What must reach the prefill for
+hands with goes on the side channel instead (`send_release`), as best effort, as do push cancels (`cancel_push`):
+on the release threads (`release_soon`, `HoldReleases`), never a loader thread. What must reach the prefill for
 the bytes to move at all (a claim, a staging request, a push request: its delivery IS the transfer) goes on the
 side channel and fails the load when it fails.
 """
@@ -57,16 +58,18 @@ logger = logging.getLogger(__name__)
 # Strategies that enforce the deadline in their loader thread (staged, reshard): seconds past it
 # before the engine thread fails a running load itself (covers a stuck thread).
 LOADER_DEADLINE_GRACE_SECONDS = 5.0
-# How long a hold release sent on the side channel waits for the prefill (`send_release`, and decode/loads.py
-# `drop_unstarted`'s cancel). Best effort: it runs on a loader thread, often after a handshake that got no answer,
-# and the prefill's lease frees the blocks anyway.
+# How long a hold release or push cancel sent on the side channel waits for the prefill (`send_release`,
+# `cancel_push`, and decode/loads.py `drop_unstarted`). Best effort: often sent after a handshake that got no answer,
+# and the prefill's lease frees the blocks anyway (a drain its cancel would end early ends at its deadline).
 RELEASE_TIMEOUT_SECONDS = 2.0
 
 
-# Hold releases of requests whose load never started (decode/side.py: release_unloaded, start_load's params it
-# cannot plan) run on threads of their own (`HoldReleases`), never on the loader threads: each may wait
-# RELEASE_TIMEOUT_SECONDS per prefill rank, and queued there, many against a hung prefill delayed real loads past
-# their deadlines. At most this many wait for a thread; past it, a release is dropped (the prefill's lease frees it).
+# Hold releases and push cancels on the side channel (`LoadContext.release_soon`: release_unloaded, start_load's
+# params it cannot plan, a loader's load that ended before its strategy was on it, a resharding load's release of a
+# rank it did not shake hands with, a push's cancel) run on threads of their own (`HoldReleases`), never on the
+# loader threads: each may wait RELEASE_TIMEOUT_SECONDS per prefill rank, and queued there, many against a hung
+# prefill delayed real loads past their deadlines. At most this many wait for a thread; past it, one is dropped
+# (the prefill's lease frees the blocks).
 RELEASE_THREADS = 2
 MAX_PENDING_RELEASES = 256
 
@@ -162,6 +165,7 @@ class LoadContext(LoadReads):
     # connection per request cost ~0.4 ms of every load's latency (TCP connect + a server thread).
     connections: Connections = field(default_factory=Connections)
     chunks: ChunkWaits = field(default_factory=ChunkWaits)  # staged pushes waiting for a chunk's notification
+    releases: HoldReleases = field(default_factory=HoldReleases)  # side-channel releases and cancels (release_soon)
 
     def remaining(self, load: Load, what: str) -> float:
         """Seconds left before the load's deadline; KVTransferError when none are left or it was aborted."""
@@ -180,6 +184,13 @@ class LoadContext(LoadReads):
         waits for the answer, True gives up (client.PendingCall)."""
         return client.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
                               self.keys, self.connections, stopped)
+
+    def release_soon(self, load: Load, send: Callable[[], None]) -> None:
+        """Run `send` (a side-channel hold release or push cancel of `load`) on the release threads, never on the
+        calling loader thread: against a prefill that does not answer, it waits RELEASE_TIMEOUT_SECONDS per rank,
+        and the loader threads are the real loads'. Dropped (logged) past MAX_PENDING_RELEASES pending, or at
+        shutdown: the prefill's lease frees the blocks."""
+        self.releases.submit(load.request_id, send)
 
     def notify_prefill(self, agent_name: str, notif: ReadDone, request_id: str) -> None:
         """Send read_done/release to the prefill agent `agent_name`, best effort (module docstring): a send
@@ -272,14 +283,16 @@ class LoadContext(LoadReads):
 
     def cancel_unsent_push(self, load: Load) -> None:
         if not load.push_sent:  # never asked: the prefill may free it now
-            self.executor.submit(self.cancel_push, load)
+            self.release_soon(load, lambda: self.cancel_push(load))
 
     def cancel_push(self, load: Load) -> None:
-        """Loader thread: ask prefill to drop the push (or the hold of a load that never started: loads.py);
-        no WRITE in flight ends the drain at once."""
+        """Release thread (`release_soon`): ask prefill to drop the push; no WRITE in flight ends the drain at once.
+        Within RELEASE_TIMEOUT_SECONDS: the prefill answers at once, and one that does not leaves the drain to end
+        by notification or at drain_until."""
         message = CancelPushRequest(type="cancel_push", request_id=load.remote.held_request_id, owner=load.nonce)
+        timeout = min(RELEASE_TIMEOUT_SECONDS, self.handshake_timeout)
         try:
-            answer = self.ask(load.remote, message, CancelPushAnswer, self.handshake_timeout, "push cancel")
+            answer = self.ask(load.remote, message, CancelPushAnswer, timeout, "push cancel")
         except KVTransferError as e:  # the drain then ends by notification or at drain_until
             logger.warning("request %s: %s", load.request_id, e)
             return

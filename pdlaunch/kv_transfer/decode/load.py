@@ -69,7 +69,8 @@ class LoadStrategy(ABC):
         """The load failed before its push request was sent: let the prefill free at once."""
 
     def cancel(self, load: Load) -> None:  # noqa: B027 - an optional hook
-        """Loader thread: a push this load sent may still WRITE; ask the prefill to drop it."""
+        """Release thread (LoadContext.release_soon): a push this load sent may still WRITE; ask the prefill to drop
+        it."""
 
 
 @dataclass

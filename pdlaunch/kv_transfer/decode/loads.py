@@ -13,7 +13,9 @@ Every block the prefill took off its free list for a load comes back promptly ho
 strategy is on the load, the table tells the prefill through it; before that (its handshake failed or was given
 up, the prefill's answer could not be planned or failed its checks, it was aborted or timed out) the loader does
 (`drop_unstarted`), and so does start_load for params it cannot plan, and release_unloaded (decode/side.py) for a
-request that ended before its load started; best effort: the lease stays the backstop.
+request that ended before its load started; best effort: the lease stays the backstop. These releases, and the
+cancels of pushes, go on the release threads (LoadContext.release_soon), never on a loader thread: against a prefill
+that does not answer they wait, and the loader threads are the real loads'.
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
 loader threads bind the instance's device when they start (vLLM #39548), since they copy KV.
 """
@@ -106,8 +108,8 @@ class DecodeLoads:
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
         finally:
-            if not started:
-                self.drop_unstarted(load)
+            if not started:  # on the release threads: this loader thread is the next load's
+                self.ctx.release_soon(load, lambda: self.drop_unstarted(load))
 
     def _choose(self, remote: RemoteEngine) -> LoadStrategy:
         """The strategy of a load from `remote` (ReshardLoad is chosen in `_run`: it shakes hands itself)."""
@@ -151,9 +153,10 @@ class DecodeLoads:
     def drop_unstarted(self, load: Load, ranks: list[RemoteKV] | None = None) -> None:
         """The load ended before its strategy was on it: tell each prefill rank that holds its request for it to drop
         its hold now, else it keeps the request's blocks until its lease ends. On the side channel, which needs no
-        transfer agent (nor so a handshake, which may be what failed); best effort, on this loader thread (the
-        executor may be shutting down), each within RELEASE_TIMEOUT_SECONDS: a prefill that did not answer the
-        handshake is not waited for long again; one not told is logged, and its lease frees the blocks.
+        transfer agent (nor so a handshake, which may be what failed); best effort, on a release thread (`run` and
+        decode/side.py hand it to LoadContext.release_soon), each within RELEASE_TIMEOUT_SECONDS: a prefill that did
+        not answer the handshake is not waited for long again; one not told is logged, and its lease frees the
+        blocks.
         - A resharding load sends each source rank the release its strategy sends when it fails
           (LoadContext.send_release, with the source's `readers`): such a hold ends once each decode rank that reads
           it sent its one notification (prefill/hold.py), and this one is its rank's. A cancel counts as none: with
@@ -209,8 +212,11 @@ class DecodeLoads:
             load.fail(error)
 
     def shutdown(self) -> None:
+        """Abort the running loads, wait for the loader threads, then for the releases being sent (the queued ones
+        are dropped, logged: context.HoldReleases), before closing the side-channel connections they use."""
         for request_id in self.table.running():
             self.table.abort(request_id)
         self.ctx.executor.shutdown(wait=True, cancel_futures=True)
+        self.ctx.releases.shutdown()
         self.ctx.connections.close()
 

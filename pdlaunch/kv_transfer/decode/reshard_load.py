@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 import torch
 
@@ -117,10 +118,11 @@ class ReshardLoad(LoadStrategy):
         """Best effort: send source rank `src` its release: a NIXL notification to the agent this load shook hands
         with (`remote`); without one (its handshake failed, or was not tried) on the rank's side channel, which needs
         no handshake (LoadContext.send_release: no second handshake with a rank that may just have left the first
-        unanswered, which kept this loader thread up to the handshake timeout)."""
+        unanswered, which kept this loader thread up to the handshake timeout), on a release thread
+        (LoadContext.release_soon): that rank may not answer it either."""
         ctx = self.ctx
-        if remote is None:
-            ctx.send_release(load, src.remote, src.readers)
+        if remote is None:  # on the release threads: this loader thread is the next load's
+            ctx.release_soon(load, partial(ctx.send_release, load, src.remote, src.readers))
             return
         ctx.notify_prefill(remote.agent_name, ReadDone(kind="release", request_id=load.remote.held_request_id,
                                                        reader=ctx.reader, load=load.load_id, readers=src.readers),

@@ -14,7 +14,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
 from pdlaunch.kv_transfer.decode.compute_order import ComputeStream
-from pdlaunch.kv_transfer.decode.context import HoldReleases, LoadContext, loader_pool
+from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.messages import Empty, ForgetRequest
@@ -46,7 +46,7 @@ class DecodeSide(NixlConnector):
                                kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index),
                                reader=self.engine_id)
         self.loads = DecodeLoads(self.ctx)
-        self.releases = HoldReleases()  # releases of loads that never started: never on the loader threads
+        self.releases = self.ctx.releases  # side-channel releases and cancels: never on the loader threads
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
         self.compute: ComputeStream | None = None  # the stream the engine's forwards run on, once registered
 
@@ -127,7 +127,7 @@ class DecodeSide(NixlConnector):
             # This load cannot plan the request the prefill holds for it: ask the prefill (from a release thread)
             # to free it now, not at its lease's end.
             ranks = self._held_ranks(load.remote)
-            self.releases.submit(request_id, lambda: self.loads.drop_unstarted(load, ranks))
+            self.ctx.release_soon(load, lambda: self.loads.drop_unstarted(load, ranks))
 
     def release_unloaded(self, request_id: str, prompt_token_ids: list[int],
                          kv_transfer_params: KVTransferParams | None) -> None:
@@ -239,8 +239,7 @@ class DecodeSide(NixlConnector):
         return (first.mode, first.reason) if first is not None else None
 
     def shutdown(self) -> None:
-        self.releases.shutdown()  # before loads.shutdown closes the side-channel connections they use
-        self.loads.shutdown()
+        self.loads.shutdown()  # the loads' releases (and the queued ones: dropped), then the connections
         super().shutdown()
 
 

@@ -36,7 +36,7 @@ class StagedLoad(LoadStrategy):
 
     def cancel_unsent(self, load: Load) -> None:
         if self.mode == "push":  # no chunk's WRITE runs (else the load drains), but the prefill may still hold it
-            self.ctx.executor.submit(self.ctx.cancel_push, load)
+            self.ctx.release_soon(load, lambda: self.ctx.cancel_push(load))
 
     def cancel(self, load: Load) -> None:
         if self.mode == "push":

@@ -116,8 +116,9 @@ class LoadTable:
         self._draining[load.request_id] = load
         if self._loads.get(load.request_id) is load:
             del self._loads[load.request_id]
-        if pushing and load.strategy is not None:
-            self.ctx.executor.submit(load.strategy.cancel, load)
+        strategy = load.strategy
+        if pushing and strategy is not None:
+            self.ctx.release_soon(load, lambda: strategy.cancel(load))
 
     def poll_draining(self, now: float) -> tuple[set[str], set[str]]:
         """(failed loads of the last poll that drain, draining loads whose blocks may be freed now)."""
