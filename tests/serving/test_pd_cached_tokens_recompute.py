@@ -183,3 +183,47 @@ def test_expired_params_computed_here_say_so(deployment: Deployment, stream: dic
     [marked] = [e for e in events if e.get("usage")]
     assert marked["kv_transfer_params"] == {"prompt_recomputed": True}, marked
     assert marked["usage"]["prompt_tokens_details"] == {"cached_tokens": DECODE_HELD}
+
+
+def _expired(d: Deployment, body: dict[str, Any]) -> dict[str, Any]:
+    """Params of `body`'s prefill leg, signed again as past their lease (its hold released: nothing reads it)."""
+    leg = _one_token(body, kv_transfer_params={"do_remote_decode": True})
+    params = httpx.post(f"{d.prefill}/v1/completions", json=leg, timeout=120).json()["kv_transfer_params"]
+    released = httpx.post(f"{d.prefill}{KV_RELEASE_PATH}", json={"request_id": params["remote_request_id"]},
+                          headers=internal_headers(TEST_SECRET), timeout=30)
+    assert released.status_code == 200, released.text
+    return signed({k: v for k, v in params.items() if k not in ("signature", "expires_at")}, lease_seconds=30.0,
+                  now=time.time() - 120)
+
+
+def test_expired_params_computed_here_count_one_recompute(deployment: Deployment) -> None:
+    d = deployment
+    body = _body("/v1/completions", 1100)
+    expired = _expired(d, body)
+    before = _recomputes()
+    r = httpx.post(f"{d.decode}/v1/completions", json={**body, "kv_transfer_params": expired}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert _recomputes() == before + 1
+
+
+@pytest.mark.parametrize("refusal", ["overloaded", "prompt-too-long"])
+def test_a_refused_request_with_expired_params_counts_no_recompute(deployment: Deployment, refusal: str) -> None:
+    """A decode leg whose params had expired, refused by the server (overloaded at its submit, a 503; a 400 before
+    it): it computes nothing here, so pdlaunch_kv_load_recomputes_total stays. The check of its params counted one
+    as they were parsed: at submit, or in the server's release of its prefill's hold (release_unsubmitted)."""
+    d = deployment
+    loop = d.loops["decode"]
+    body = _body("/v1/completions", 1200)
+    expired = _expired(d, body)
+    if refusal == "prompt-too-long":
+        body["prompt"] = body["prompt"] * 20  # 900 tokens: past max_model_len (512)
+    before = _recomputes()
+    limit = loop.max_pending_requests
+    loop.max_pending_requests = 0 if refusal == "overloaded" else limit
+    try:
+        r = httpx.post(f"{d.decode}/v1/completions", json={**body, "kv_transfer_params": expired}, timeout=120)
+    finally:
+        loop.max_pending_requests = limit
+    assert r.status_code == (503 if refusal == "overloaded" else 400), r.text
+    wait_for(lambda: not loop._releases, "the server's release of the refused leg's params", 60)  # noqa: SLF001
+    assert _recomputes() == before
