@@ -44,6 +44,22 @@ if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
 log = logging.getLogger("pdlaunch.engine.llm_engine")  # the engine's one logger name, across its files
 
 
+def params_expired(raw: object, parsed: KVTransferParams | None) -> bool:
+    """Whether `raw` kv_transfer_params asked for a remote prefill that check_kv_transfer_params parsed into None:
+    signed by our prefill but past their lease (kv_transfer.load_failure_policy recompute), so the request, once
+    queued, computes its prompt here."""
+    return parsed is None and isinstance(raw, dict) and raw.get("do_remote_prefill") not in (None, False)
+
+
+def count_expired_recompute(request_id: str) -> None:
+    """Request `request_id`, whose params had expired (`params_expired`), was queued: it computes its prompt here.
+    Counted once, where it is queued (add_request; the server's engine thread after it), not where its params are
+    parsed: a request refused after that, or params parsed again to release their hold, compute nothing."""
+    KV_LOAD_RECOMPUTES.inc()
+    log.warning("request %s: its kv_transfer_params had expired; computing the prompt here "
+                "(kv_transfer.load_failure_policy: recompute)", request_id)
+
+
 class EngineRequests:
     # The engine's parts these methods read; LLMEngine.__init__ builds them.
     config: DeploymentConfig
@@ -69,7 +85,9 @@ class EngineRequests:
         """The engine's boundary for kv_transfer_params: `raw` (the request's JSON) parsed once into its
         model (typed, bounded, and signed by a prefill of this deployment when it asks for a remote
         prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it before the
-        request reaches the engine thread; everything below takes the model."""
+        request reaches the engine thread; everything below takes the model. Params past their lease give None
+        under the recompute policy (`params_expired`): counted as a recompute once the request is queued
+        (`count_expired_recompute`), not here, where a refused request's params are parsed too."""
         max_blocks = -(-self.max_model_len // self.block_size) + 1
         if is_unsigned_push(raw):  # vLLM's push proxy: only to a prefill of this deployment (push_params.py)
             return check_unsigned_push(raw, self._prefill_side_channels)
@@ -81,9 +99,6 @@ class EngineRequests:
             expired = exc.field == f"kv_transfer_params.{EXPIRY_FIELD}" and exc.message.startswith("expired")
             if not expired or self.config.kv_transfer.load_failure_policy != "recompute":
                 raise
-            log.warning("kv_transfer_params %s; computing the prompt here (kv_transfer.load_failure_policy: "
-                        "recompute)", exc.message)
-            KV_LOAD_RECOMPUTES.inc()
             return None
 
     def grammar_matcher(self, spec: StructuredOutput) -> LLMatcher:
@@ -95,8 +110,9 @@ class EngineRequests:
                     kv_transfer_params: KVTransferParams | JSONObject | None = None,
                     matcher: LLMatcher | None = None) -> None:
         """Queue a request. `kv_transfer_params`: the model `check_kv_transfer_params` parsed (the server
-        parses them before it queues the request), or the raw JSON object, parsed here. `matcher`: a new matcher
-        of its structured output's grammar (grammar_matcher), else one is built here."""
+        parses them before it queues the request, and counts a recompute of expired ones), or the raw JSON object,
+        parsed here (expired ones counted here). `matcher`: a new matcher of its structured output's grammar
+        (grammar_matcher), else one is built here."""
         s = self.scheduler
         if self._in_use(request_id):
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
@@ -105,8 +121,10 @@ class EngineRequests:
             raise InstanceAsleep("the instance is sleeping", field="sleep", hint="POST /wake_up first")
         prompt = list(prompt_token_ids)
         kv = kv_transfer_params
+        expired = False
         if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
-            kv = self.check_kv_transfer_params(kv)
+            raw, kv = kv, self.check_kv_transfer_params(kv)
+            expired = params_expired(raw, kv)
         try:
             self._check_request(prompt, params, kv)
         except PdlaunchError:
@@ -122,6 +140,8 @@ class EngineRequests:
             skip_draws(request, params.seed_offset, self.vocab_size, self.device)
         self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
+        if expired:
+            count_expired_recompute(request_id)
         if first:
             try:
                 continued = self._continue_from(request, first)

@@ -28,6 +28,9 @@ class Add:
     params: SamplingParams
     kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
     matcher: Future[LLMatcher] | None = None  # structured output: its grammar's matcher, built (submit)
+    # Its params asked for a remote prefill but had expired (engine_requests.params_expired): the engine thread counts
+    # a recompute once engine.add_request took it.
+    params_expired: bool = False
 
 
 @dataclass

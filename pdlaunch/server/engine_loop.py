@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
+from pdlaunch.engine.engine_requests import params_expired
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
@@ -103,10 +104,9 @@ class EngineLoop(EngineThread):
             parsed = engine.check_kv_transfer_params(kv_transfer_params)
         except PdlaunchError as exc:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
-        remote_prefill = (kv_transfer_params or {}).get("do_remote_prefill") not in (None, False)
-        stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop(),
-                               prompt_recomputed=remote_prefill and parsed is None)
-        add = Add(stream, prompt_token_ids, params, parsed)
+        expired = params_expired(kv_transfer_params, parsed)
+        stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop(), prompt_recomputed=expired)
+        add = Add(stream, prompt_token_ids, params, parsed, params_expired=expired)
         with self._lock:
             # Checked again under the lock: an engine thread that failed or stopped since require_ready has failed
             # the streams it knew (_fail_all, after setting the state), and one added now would wait forever.

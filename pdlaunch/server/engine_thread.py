@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
+from pdlaunch.engine.engine_requests import count_expired_recompute
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
@@ -220,6 +221,8 @@ class EngineThread:
                 self._release_unloaded(engine, command)  # its grammar is refused: add_request never sees it
                 raise
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
+            if command.params_expired:  # queued: it computes its prompt here (not counted where it was refused)
+                count_expired_recompute(stream.request_id)
         except InstanceAsleep:  # a /sleep ran while it was queued (admission had found the instance awake)
             self._finish(stream.request_id, OpenAIError(503, "instance is sleeping; POST /wake_up first",
                                                         code="sleeping"))
