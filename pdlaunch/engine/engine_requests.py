@@ -23,10 +23,11 @@ from pdlaunch.kv_transfer.params import (
     KVTransferParams,
     PrefillAnswer,
     check_kv_transfer_params,
+    params_expired,
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push
 from pdlaunch.kv_transfer.push_params import client_request_id as client_request_id_of
-from pdlaunch.metrics.kv_transfer import KV_LOAD_RECOMPUTES
+from pdlaunch.metrics.kv_transfer import count_expired_recompute
 
 if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
     import torch
@@ -43,21 +44,6 @@ if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
 
 log = logging.getLogger("pdlaunch.engine.llm_engine")  # the engine's one logger name, across its files
 
-
-def params_expired(raw: object, parsed: KVTransferParams | None) -> bool:
-    """Whether `raw` kv_transfer_params asked for a remote prefill that check_kv_transfer_params parsed into None:
-    signed by our prefill but past their lease (kv_transfer.load_failure_policy recompute), so the request, once
-    queued, computes its prompt here."""
-    return parsed is None and isinstance(raw, dict) and raw.get("do_remote_prefill") not in (None, False)
-
-
-def count_expired_recompute(request_id: str) -> None:
-    """Request `request_id`, whose params had expired (`params_expired`), was queued: it computes its prompt here.
-    Counted once, where it is queued (add_request; the server's engine thread after it), not where its params are
-    parsed: a request refused after that, or params parsed again to release their hold, compute nothing."""
-    KV_LOAD_RECOMPUTES.inc()
-    log.warning("request %s: its kv_transfer_params had expired; computing the prompt here "
-                "(kv_transfer.load_failure_policy: recompute)", request_id)
 
 
 class EngineRequests:

@@ -227,6 +227,13 @@ def _field_error(exc: ValidationError) -> KVTransferError:
                            hint="send the kv_transfer_params the prefill instance answered, unchanged")
 
 
+def params_expired(raw: object, parsed: KVTransferParams | None) -> bool:
+    """Whether `raw` kv_transfer_params asked for a remote prefill that the engine's check parsed into None: signed
+    by our prefill but past their lease (kv_transfer.load_failure_policy recompute, LLMEngine.check_kv_transfer_params),
+    so the request, once queued, computes its prompt there."""
+    return parsed is None and isinstance(raw, dict) and raw.get("do_remote_prefill") not in (None, False)
+
+
 def check_kv_transfer_params(raw: object, key: bytes | None, *, max_blocks: int, lease_seconds: float,
                              now: float) -> RemoteDecodeRequest | PrefillAnswer | None:
     """`raw` parsed into its model, or KVTransferError naming the field. Params that ask for a

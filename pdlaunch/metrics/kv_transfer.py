@@ -6,9 +6,13 @@ A transfer is counted in vLLM's NixlConnector series too (vllm_series.py): `obse
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Histogram
 
 from pdlaunch.metrics.vllm_series import NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS, NIXL_XFER_TIME, vllm
+
+logger = logging.getLogger(__name__)
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
@@ -37,6 +41,16 @@ def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
     KV_TRANSFER_SECONDS.observe(seconds)
     vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
     vllm(NIXL_XFER_TIME).observe(seconds)
+
+
+def count_expired_recompute(request_id: str) -> None:
+    """Request `request_id`, whose kv_transfer_params had expired (params.py `params_expired`), was queued: it computes
+    its prompt locally. Counted once, where it is queued (LLMEngine.add_request for raw params; the server's engine
+    thread after it), not where its params are parsed: a request refused after that, or params parsed again to
+    release their hold, compute nothing."""
+    KV_LOAD_RECOMPUTES.inc()
+    logger.warning("request %s: its kv_transfer_params had expired; computing the prompt here "
+                   "(kv_transfer.load_failure_policy: recompute)", request_id)
 
 
 def count_kv_transfer_failure() -> None:

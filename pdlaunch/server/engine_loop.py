@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from pdlaunch.engine.engine_requests import params_expired
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.retry_later import OVERLOADED_RETRY_AFTER_S, RetryLater
+from pdlaunch.kv_transfer.params import params_expired
 from pdlaunch.kv_transfer.push_params import is_unsigned_push
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add

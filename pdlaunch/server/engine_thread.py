@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from pdlaunch.engine.engine_requests import count_expired_recompute
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
@@ -34,6 +33,7 @@ from pdlaunch.metrics.instance import (
     KV_INTEGRITY_FAILURES,
     TIME_TO_FIRST_TOKEN,
 )
+from pdlaunch.metrics.kv_transfer import count_expired_recompute
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_commands import Abort, Add, Command
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
