@@ -70,6 +70,7 @@ def held_sides(wait_s: float) -> Iterator[HeldSides]:
         yield HeldSides(holds, asks, drops, DecodeLoads(ctx), server)
     finally:
         executor.shutdown(wait=True)
+        ctx.releases.shutdown()
         ctx.connections.close()
         server.shutdown()
         server.server_close()

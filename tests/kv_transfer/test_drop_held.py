@@ -24,6 +24,7 @@ from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from tests.kv_transfer.held_sides import LEASE_S, PROMPT, HeldSides, held_sides
+from tests.kv_transfer.pd_procs import wait_releases_sent
 
 DIGEST = prompt_digest(PROMPT)
 OTHER_DIGEST = prompt_digest(list(range(200, 220)))
@@ -153,6 +154,7 @@ def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(si
     load = sides.load(WAIT_S)
     load.abandoned = True  # its client left before the first ask (as LoadTable.abort marks it)
     sides.loads.run(load)
+    wait_releases_sent(sides.loads.ctx.releases, WAIT_S)  # the loader hands its release to a release thread
     assert [(d.client_request_id, d.prompt_digest, d.request_id, d.owner) for d in sides.drops] == [
         ("client-1", DIGEST, None, load.nonce)]
     assert 0.0 < sides.drops[0].seconds <= WAIT_S
@@ -163,6 +165,7 @@ def test_an_aborted_load_tells_the_prefill_which_later_frees_the_hold_at_once(si
 def test_a_load_that_timed_out_asking_tells_the_prefill_too(sides: HeldSides) -> None:
     load = sides.load(1.0)
     sides.loads.run(load)
+    wait_releases_sent(sides.loads.ctx.releases, WAIT_S)  # the loader hands its release to a release thread
     assert load.error is not None and "no request with X-Request-Id client-1" in load.error
     assert [d.client_request_id for d in sides.drops] == ["client-1"]
 
@@ -175,4 +178,5 @@ def test_a_load_whose_hold_was_named_cancels_it_and_drops_nothing(sides: HeldSid
     load = sides.load(WAIT_S)
     load.plan = lambda remote: (_ for _ in ()).throw(ValueError("cannot plan"))  # ends before its strategy
     sides.loads.run(load)
+    wait_releases_sent(sides.loads.ctx.releases, WAIT_S)  # the loader hands its release to a release thread
     assert sides.drops == [] and sides.holds.poll(time.monotonic()) == {"client-1-ffff0000"}
