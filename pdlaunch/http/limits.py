@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from pdlaunch.http.asgi import HTTPMiddleware
 from pdlaunch.http.errors import OpenAIError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+PreparedT = TypeVar("PreparedT")
 
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest 4-5 levels (messages -> content parts -> ...)
 # Past the limit the rest of the body is read and dropped (up to this much, this long) so that the
@@ -69,26 +71,24 @@ def body_problem(error: OpenAIError) -> str:
     return error.message.removeprefix("request ").removesuffix(_EMPTY_BODY_ADVICE)
 
 
-async def read_json_object(request: Request) -> JsonObject:
-    """parse_json_object of a request's body; a large body is parsed in a worker thread so that the
-    event loop (every other request's streaming) never waits on it."""
+def _prepared(raw: bytes, prepare: Callable[[JsonObject], PreparedT]) -> PreparedT:
+    return prepare(parse_json_object(raw))
+
+
+async def read_prepared(request: Request, prepare: Callable[[JsonObject], PreparedT]) -> PreparedT:
+    """`prepare` of the request's body parsed (parse_json_object): its validation and whatever else grows with the
+    body (a chat's template messages, their size check). A large body in a worker thread, every step: validating
+    and templating a request of many megabytes holds the event loop, every other request's stream and /health
+    with it, as long as parsing it does; a small one on the loop, where a worker thread's hand-over costs more."""
     raw = await request.body()
     if len(raw) <= PARSE_INLINE_BYTES:
-        return parse_json_object(raw)
-    return await asyncio.to_thread(parse_json_object, raw)
-
-
-def _parsed_model(raw: bytes, model: type[ModelT]) -> ModelT:
-    return model.model_validate(parse_json_object(raw))
+        return _prepared(raw, prepare)
+    return await asyncio.to_thread(_prepared, raw, prepare)
 
 
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
-    """The request's body parsed (parse_json_object) and validated as `model`; a large body in a worker thread,
-    both steps: validating a request of many megabytes holds the event loop as long as parsing it does."""
-    raw = await request.body()
-    if len(raw) <= PARSE_INLINE_BYTES:
-        return _parsed_model(raw, model)
-    return await asyncio.to_thread(_parsed_model, raw, model)
+    """The request's body parsed (parse_json_object) and validated as `model` (read_prepared)."""
+    return await read_prepared(request, model.model_validate)
 
 
 def check_json_values(body: JsonObject) -> None:

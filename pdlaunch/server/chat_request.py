@@ -30,6 +30,10 @@ from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 # Content parts that carry text, and the key holding it (vLLM's text parts: OpenAI's text and an assistant's refusal,
 # the Responses API's input_text / output_text).
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+# Messages one chat request (or /tokenize body) may send. vLLM sets no cap; a 16 MB body holds ~500,000 short ones,
+# each validated and templated before the size check can refuse the lot (every message takes at least one token of
+# max_model_len). 65,536 is more than any context fits as separate turns.
+MAX_CHAT_MESSAGES = 65536
 
 
 class ChatMessage(BaseModel):
@@ -77,6 +81,16 @@ def _short_json(value: JsonValue) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def capped_messages(value: object) -> object:
+    """A chat's `messages` (before validation) when there are at most MAX_CHAT_MESSAGES of them; else a 400
+    naming `messages`, before any message is validated."""
+    if isinstance(value, list) and len(value) > MAX_CHAT_MESSAGES:
+        raise ValueError(f"{len(value)} messages; a request takes at most {MAX_CHAT_MESSAGES} (a bound on the work "
+                         "one request makes the server do validating and templating them before its size is "
+                         "checked; each message takes at least one token of max_model_len): send fewer messages")
+    return value
+
+
 def check_messages(messages: Sequence[ChatMessage]) -> None:
     """What OpenAI requires of a message beyond its shape: a tool message answers a call (`tool_call_id`);
     `name`, `tool_call_id` and an assistant's reasoning, when sent, are strings (the chat template would drop
@@ -109,6 +123,11 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's (default true): whether the answer carries the reasoning its reasoning parser split off. No parser runs
     # here (as vLLM without --reasoning-parser), so either value leaves the answer as it is.
     include_reasoning: bool | None = True
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _capped(cls, value: object) -> object:
+        return capped_messages(value)
 
     @model_validator(mode="after")
     def _chat_fields(self) -> ChatCompletionRequest:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jinja2.defaults import DEFAULT_NAMESPACE
@@ -71,15 +71,25 @@ class ChatPrompt:
             raise OpenAIError(400, "documents is sent twice, as the request's field and in chat_template_kwargs; "
                                    "send it once", param="chat_template_kwargs.documents")
 
+    _num_chars: int | None = field(default=None, init=False, repr=False, compare=False)
+
     def num_chars(self) -> int:
-        """Characters of the request that the template may render (for the size bound before tokenizing): every
-        message field it gets (a role, a name, tool calls' arguments, not only the content), the tools, the
-        chat_template_kwargs and the documents. JSON without ASCII escapes: a CJK character counts once, not as
-        six. An assistant's reasoning counts once, though the template gets it under two names."""
-        values: list[object] = [*(v for m in self.messages for k, v in m.items() if k != "reasoning"), self.tools,
-                                self.template_kwargs, self.documents]
-        return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
-                   for v in values if v is not None)
+        """template_chars of this prompt, counted once: the first call (the request's preparation, in a worker
+        thread for a large body, http/limits.py:read_prepared) keeps it for the size check on the event loop."""
+        if self._num_chars is None:
+            self._num_chars = template_chars(self)
+        return self._num_chars
+
+
+def template_chars(prompt: ChatPrompt) -> int:
+    """Characters of the request that the template may render (for the size bound before tokenizing): every
+    message field it gets (a role, a name, tool calls' arguments, not only the content), the tools, the
+    chat_template_kwargs and the documents. JSON without ASCII escapes: a CJK character counts once, not as
+    six. An assistant's reasoning counts once, though the template gets it under two names."""
+    values: list[object] = [*(v for m in prompt.messages for k, v in m.items() if k != "reasoning"), prompt.tools,
+                            prompt.template_kwargs, prompt.documents]
+    return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
+               for v in values if v is not None)
 
 
 def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:

@@ -1,6 +1,7 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`: one path for both and for any number of choices.
 
-The handler validates the body and hands it to `serve`, which starts its choices (server/choices.py: one
+The handler validates the body (a chat's template messages built and counted with it: in a worker thread for a
+large body, http/limits.py:read_prepared) and hands it to `serve`, which starts its choices (server/choices.py: one
 engine request per choice, a plain request being one) and answers with the whole response or an SSE
 stream. Handlers never touch the engine directly: requests go through the EngineLoop (engine thread)
 and their outputs come back on per-request asyncio queues, so the event loop never blocks on a step.
@@ -21,11 +22,13 @@ from functools import partial
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pdlaunch.http import JsonObject
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id, read_model
+from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id, read_model, read_prepared
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.chat_template import ChatPrompt
 from pdlaunch.server.choices import Choices, engine_request_id, release_unsubmitted
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.instance import Handler, Instance, instance_of
@@ -43,9 +46,19 @@ async def completions(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     instance = instance_of(request)
-    body = await read_model(request, ChatCompletionRequest)
+    body, prompt = await read_prepared(request, partial(_prepared_chat, instance))
+    return await serve(instance, body, [prompt], request)
+
+
+def _prepared_chat(instance: Instance, data: JsonObject) -> tuple[ChatCompletionRequest, ChatPrompt]:
+    """The chat body validated, its model checked, its template messages built and their characters counted (the
+    size check on the event loop reads that count): in a worker thread for a large body (read_prepared), where
+    200,000 messages cannot hold every other stream of the instance."""
+    body = ChatCompletionRequest.model_validate(data)
     instance.check_model(body.model)
-    return await serve(instance, body, [body.template_messages()], request)
+    prompt = body.template_messages()
+    prompt.num_chars()
+    return body, prompt
 
 
 async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequest, prompts: Sequence[Prompt],

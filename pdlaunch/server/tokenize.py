@@ -10,6 +10,8 @@
 
 `model`, when sent, must name a served model (404 otherwise, as the OpenAI routes). Unknown fields are
 refused with a 400 naming them: these bodies are small and a misspelt option would change the count.
+A body past PARSE_INLINE_BYTES is validated, its chat templated and its size checked in a worker thread
+(http/limits.py:read_prepared): a 6.8 MB body of 200,000 messages held /health for 3 s on the event loop.
 Tokenizing runs in a worker thread, bounded like a completion's prompt (server/prompts.py).
 """
 
@@ -17,23 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from typing import ClassVar
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import pdlaunch
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.http.limits import read_json_object
+from pdlaunch.http.limits import read_model, read_prepared
 from pdlaunch.model.tokenizer import Tokenizer
-from pdlaunch.server.chat_request import ChatMessage, check_messages
+from pdlaunch.server.chat_request import ChatMessage, capped_messages, check_messages
 from pdlaunch.server.chat_template import ChatPrompt
-from pdlaunch.server.instance import Handler, instance_of
+from pdlaunch.server.instance import Handler, Instance, instance_of
 from pdlaunch.server.prompts import check_prompt_size, tokenize
 from pdlaunch.server.tool_calls import tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
+
+if TYPE_CHECKING:
+    from pdlaunch.engine.llm_engine import LLMEngine
 
 
 class _KnownFieldsOnly(BaseModel):
@@ -72,6 +78,11 @@ class TokenizeChatRequest(BaseModel):
     return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
     mm_processor_kwargs: JsonObject | None = None  # a text model: only {} (asks for nothing) passes
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _capped(cls, value: object) -> object:
+        return capped_messages(value)
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: object) -> object:
@@ -100,7 +111,29 @@ class DetokenizeRequest(_KnownFieldsOnly):
 
 async def tokenize_route(request: Request) -> JsonObject:
     instance = instance_of(request)
-    data = await read_json_object(request)
+    body, prompt, engine = await read_prepared(request, partial(_prepared_tokenize, instance))
+    return await asyncio.to_thread(_tokenized, engine, body, prompt)
+
+
+def _tokenized(engine: LLMEngine, body: TokenizeChatRequest | TokenizeCompletionRequest,
+               prompt: str | ChatPrompt) -> JsonObject:
+    """/tokenize's answer, in a worker thread: the ids (and their strings) of a prompt of max_model_len x 32
+    characters may number millions."""
+    tokenizer = engine.tokenizer
+    if isinstance(prompt, ChatPrompt):
+        ids = tokenize(tokenizer, prompt)
+    else:
+        ids = _encode(tokenizer, prompt, body.add_special_tokens)
+    token_strs: list[JsonValue] | None = [tokenizer.id_to_token(i) or "" for i in ids] \
+        if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": list[JsonValue](ids),
+            "token_strs": token_strs}
+
+
+def _prepared_tokenize(instance: Instance, data: JsonObject
+                       ) -> tuple[TokenizeChatRequest | TokenizeCompletionRequest, str | ChatPrompt, LLMEngine]:
+    """The /tokenize body validated, its model checked, its prompt (a chat's: templated) and its size checked, with
+    the engine that tokenizes it: what grows with the body, in a worker thread for a large one (read_prepared)."""
     if "messages" in data and "prompt" in data:
         raise OpenAIError(400, "the body sends both prompt (a text) and messages (a chat): send one of them",
                           param="prompt")
@@ -109,22 +142,14 @@ async def tokenize_route(request: Request) -> JsonObject:
     body = form.model_validate(data)
     instance.check_model(body.model)
     engine = instance.engine_loop.require_ready()
-    if isinstance(body, TokenizeChatRequest):
-        prompt = body.chat_prompt()
-        check_prompt_size(prompt, engine.max_model_len)
-        ids = await asyncio.to_thread(tokenize, engine.tokenizer, prompt)
-    else:
-        check_prompt_size(body.prompt, engine.max_model_len)
-        ids = await asyncio.to_thread(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
-    token_strs: list[JsonValue] | None = [engine.tokenizer.id_to_token(i) or "" for i in ids] \
-        if body.return_token_strs else None
-    return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": list[JsonValue](ids),
-            "token_strs": token_strs}
+    prompt = body.chat_prompt() if isinstance(body, TokenizeChatRequest) else body.prompt
+    check_prompt_size(prompt, engine.max_model_len)
+    return body, prompt, engine
 
 
 async def detokenize_route(request: Request) -> JsonObject:
     instance = instance_of(request)
-    body = DetokenizeRequest.model_validate(await read_json_object(request))
+    body = await read_model(request, DetokenizeRequest)
     instance.check_model(body.model)
     tokenizer = instance.engine_loop.require_ready().tokenizer
     return {"prompt": await asyncio.to_thread(_decode, tokenizer, body.tokens)}
