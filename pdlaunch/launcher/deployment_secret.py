@@ -3,8 +3,10 @@ the file that carries it written readable by this user only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from pdlaunch.config.deployment_config import DeploymentConfig
@@ -28,13 +30,21 @@ def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` readable by this user only: the file carries the deployment secret and API key."""
+    """Write `text` readable by this user only: the file carries the deployment secret and API key. Written to a
+    new file beside `path` (mode 0600 from its creation) and renamed over it: whatever had the name before (a
+    symlink planted to a file elsewhere, an old file readable by others) is replaced, never written through."""
+    tmp: str | None = None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
             f.write(text)
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise PdlaunchError(f"cannot write {str(path)!r}: {exc.strerror or exc}", field="log_dir",
                             hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or remove "
                             "what is in the way") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pdlaunch.config.rules.host import LOCK_NAME, lock_name
+from pdlaunch.config.rules.host import LOCK_NAME, LOG_DIR_MODE, lock_name, log_dir_owner_refusal, os_reason
 from pdlaunch.errors import PdlaunchError
 
 __all__ = ["LOCK_NAME", "LogDirInUse", "LogDirLock", "lock_name", "log_dir_holder"]
@@ -43,7 +43,7 @@ def log_dir_holder(log_dir: Path) -> str | None:
     """Who holds `log_dir` now (pid, command, proxy URL), or None when no live run does."""
     lock_file = log_dir / LOCK_NAME
     try:
-        fd = os.open(lock_file, os.O_RDONLY)
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -69,10 +69,13 @@ class LogDirLock:
             return
         lock_file = self.log_dir / self.name
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
+            self.log_dir.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+            foreign = log_dir_owner_refusal(self.log_dir)
+            if foreign is not None:
+                raise PdlaunchError(foreign[0], field="log_dir", hint=foreign[1])
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # no O_TRUNC: the holder's note
         except (OSError, ValueError) as exc:  # check-config's look at the path cannot foresee every refusal
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reason = os_reason(exc) if isinstance(exc, OSError) else str(exc)
             # the directory, or the lock file in it (a directory in its place, a file of another user's)
             where = exc.filename if isinstance(exc, OSError) and exc.filename else self.log_dir
             raise PdlaunchError(f"cannot create or write {str(where)!r}: {reason}", field="log_dir",

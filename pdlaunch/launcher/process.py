@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from pdlaunch.config.rules.host import LOG_DIR_MODE, os_reason
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.launcher.log_tail import LogUnreadable, log_tail
 
@@ -135,12 +136,15 @@ class ChildProcess:
         self._end_group()  # the last run's, reaped: what is left of its group, and its directory
         self._killed = False
         try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted in log_dir does not get its target truncated (or appended to)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if note else os.O_TRUNC)
+            fd = os.open(self.log_path, flags, 0o666)
             # unbuffered: nothing of ours is left to flush (and fail) at close; the child writes to the fd anyway
-            self._log = open(self.log_path, "ab" if note else "wb", buffering=0)
+            self._log = os.fdopen(fd, "ab" if note else "wb", buffering=0)
         except OSError as exc:
             self.close_log()
-            raise PdlaunchError(f"cannot write {self.name}'s log {str(self.log_path)!r}: {exc.strerror or exc}",
+            raise PdlaunchError(f"cannot write {self.name}'s log {str(self.log_path)!r}: {os_reason(exc)}",
                                 field="log_dir", hint="pass --log-dir DIR (or set log_dir) to a directory you "
                                 "can write, or remove what is in the way") from None
         if note:

@@ -12,7 +12,9 @@ files serve opens in an existing log_dir.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import re
 import stat
 from pathlib import Path
@@ -45,6 +47,12 @@ def log_dir_problems(cfg: DeploymentConfig) -> list[Problem]:
     problems = writable_dir_problems("log_dir", cfg.log_dir, _FIX)
     if problems or not Path(cfg.log_dir).is_dir():
         return problems
+    try:
+        foreign = log_dir_owner_refusal(Path(cfg.log_dir))
+    except OSError as exc:
+        return [problem("log_dir", f"{cfg.log_dir!r} cannot be used: {exc.strerror or exc}", _FIX)]
+    if foreign is not None:
+        return [problem("log_dir", *foreign)]
     for name in _served_files(cfg):
         path = Path(cfg.log_dir) / name
         try:
@@ -64,8 +72,48 @@ def _served_files(cfg: DeploymentConfig) -> list[str]:
     return [lock_name(me), DEPLOYMENT_FILE, *logs, *(["proxy.log"] if me == 0 else [])]
 
 
+LOG_DIR_MODE = 0o750  # a log_dir serve creates: no one else writes in it (log_dir_owner_refusal)
+NO_FOLLOW = "it is a symlink, which serve does not write through"
+
+
+def log_dir_owner_refusal(log_dir: Path) -> tuple[str, str] | None:
+    """(what is wrong, how to fix it) when someone other than this user can change what is in the existing
+    `log_dir`: its owner, another user, or its group or others by its mode (a sticky bit does not help: they
+    still take serve's file names first). They could swap deployment.json (the deployment's config and secret)
+    before the instances read it, or plant a name for serve to write through. None when only this user (and
+    root) can."""
+    st = os.stat(log_dir)
+    named = repr(str(log_dir))
+    if st.st_uid != os.geteuid():
+        return (f"{named} belongs to {_user(st.st_uid)}, not to you, {_user(os.geteuid())}: its owner could "
+                "replace the files serve writes there (deployment.json holds the deployment secret)",
+                "pass --log-dir DIR (or set log_dir) to a directory of your own; serve creates a missing one")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[mode & 0o022]
+        return (f"{named} is writable by {who} (mode {mode:04o}): they could replace the files serve writes there "
+                "(deployment.json holds the deployment secret)",
+                f"run `chmod go-w {named}`, or pass --log-dir DIR (or set log_dir) to a directory of your own")
+    return None
+
+
+def _user(uid: int) -> str:
+    """`alice (uid 1000)`, or `uid 1000` for a uid with no name here."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def os_reason(exc: OSError) -> str:
+    """What an OSError from opening a file in log_dir says, in words (O_NOFOLLOW's ELOOP: a symlink)."""
+    return NO_FOLLOW if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+
+
 def _file_refusal(path: Path) -> str | None:
     """Why opening `path` for writing (creating it if missing) would fail, when it exists already."""
+    if os.path.islink(path):
+        return "is a symlink, which serve does not write through"
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
