@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.launcher_config import SECRET_PATHS
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -108,9 +109,19 @@ _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "les
            "less_than": ("<", "lt")}
 
 
+def _hidden(value: object) -> str:
+    """What an error says of a secret's value (security.api_key, ...): its type and length, never the value."""
+    kind = type(value).__name__
+    article = "an" if kind[:1] in "aeiou" else "a"
+    size = f", {len(str(value))} characters" if isinstance(value, str | int | float) else ""
+    return f"{article} {kind} (value hidden{size})"
+
+
 def _describe(err: ErrorDetails) -> tuple[str, str]:
     """(what is wrong, how to fix it) for one pydantic error."""
     kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    secret = loc_to_path(loc) in SECRET_PATHS
+    shown = _hidden(value) if secret else short_repr(value)
     info = _field_info(loc)
     hint = f"expected: {info.description}" if info is not None and info.description else "fix the value"
     if kind == "extra_forbidden":
@@ -120,7 +131,7 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
     if kind == "missing":
         return "required key is missing", f"add it ({hint})"
     if kind == "literal_error":
-        return f"{short_repr(value)} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
+        return f"{shown} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         if loc == ("model",) and isinstance(value, str):  # vLLM's configs name the model in one line
             return f"expected a mapping of keys, got the string {short_repr(value)}", \
@@ -130,14 +141,14 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
         return f"expected a list, got {type(value).__name__}", hint
     if kind in _BOUNDS:
         symbol, key = _BOUNDS[kind]
-        return f"must be {symbol} {err.get('ctx', {}).get(key)}, got {short_repr(value)}", hint
+        return f"must be {symbol} {err.get('ctx', {}).get(key)}, got {shown}", hint
     if kind == "value_error":  # our own validators write "what is wrong; how to fix it"
         what, _, fix = str(err.get("msg", "")).removeprefix("Value error, ").partition("; ")
         return what, fix or hint
     msg = str(err.get("msg", "invalid value"))
     msg = msg[0].lower() + msg[1:] if msg else "invalid value"
     # pydantic's own text may already say what it got ("..., got a number with a fractional part")
-    return f"{msg}{'; it is' if ', got ' in msg else ', got'} {short_repr(value)}", hint
+    return f"{msg}{'; it is' if ', got ' in msg else ', got'} {shown}", hint
 
 
 def problems_from_validation_error(exc: ValidationError) -> list[Problem]:

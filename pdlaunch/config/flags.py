@@ -22,6 +22,7 @@ from typing import Annotated, TypeVar, cast
 import typer
 
 from pdlaunch.config.cli_overrides import Overrides, split_positionals
+from pdlaunch.config.launcher_config import SECRET_PATHS
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.vllm_kv_transfer import kv_transfer_overrides
 
@@ -211,6 +212,8 @@ def _config_default(path: str) -> str | None:
 
 FLAG_PATHS: dict[str, str] = {flag.name: flag.path for flag in SERVE_FLAGS if flag.refused is None}
 ENV_VARS = frozenset(flag.envvar for flag in SERVE_FLAGS if flag.envvar)  # PDLAUNCH_API_KEY
+# The options whose value is a secret (--api-key): masked where a command line is recorded (the log_dir lock note)
+SECRET_OPTIONS = frozenset(flag.option for flag in SERVE_FLAGS if flag.path in SECRET_PATHS)
 _BY_NAME = {flag.name: flag for flag in SERVE_FLAGS}
 _CONTEXT = "serve_context"  # the typer context the wrapper asks for: where each value came from
 

@@ -12,6 +12,8 @@ from pdlaunch.config.strict_model import MAX_REQUEST_BYTES, MAX_SECONDS, Role, S
 
 DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
 MAX_DRAIN_S = 3600.0
+# Config paths whose value is a secret: an error about one says its length, never the value (errors_format.py)
+SECRET_PATHS = frozenset({"security.api_key", "security.deployment_secret"})
 STALL_PROBE_INTERVAL_S = 1.0  # the launcher probes each ready process's /health this often (launcher/stall_watch.py)
 
 

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from pdlaunch.config.flags import SECRET_OPTIONS
 from pdlaunch.config.rules.host import LOCK_NAME, LOG_DIR_MODE, lock_name, log_dir_owner_refusal, os_reason
 from pdlaunch.errors import PdlaunchError
 
@@ -28,6 +29,21 @@ class LogDirInUse(PdlaunchError):
     def __init__(self, log_dir: Path, holder: str) -> None:
         super().__init__(f"{str(log_dir)!r} holds the logs of a running deployment ({holder})", field="log_dir",
                          hint="pass --log-dir DIR with another directory, or stop that deployment first")
+
+
+def masked_argv(argv: list[str]) -> list[str]:
+    """`argv` with the value of every secret option (`--api-key KEY`, `--api-key=KEY`) replaced by `***`: the
+    note is printed to whoever runs smoke or a second serve on this directory."""
+    out: list[str] = []
+    for arg in argv:
+        option, eq, _ = arg.partition("=")
+        if out and out[-1] in SECRET_OPTIONS:
+            out.append("***")
+        elif eq and option in SECRET_OPTIONS:
+            out.append(f"{option}=***")
+        else:
+            out.append(arg)
+    return out
 
 
 def _describe(lock_file: Path) -> str:
@@ -86,7 +102,8 @@ class LogDirLock:
         except BlockingIOError:
             os.close(fd)
             raise LogDirInUse(self.log_dir, _describe(lock_file)) from None
-        note = {"pid": os.getpid(), "command": " ".join(["pdlaunch", *sys.argv[1:]])[:300], "proxy_url": proxy_url}
+        note = {"pid": os.getpid(), "command": " ".join(["pdlaunch", *masked_argv(sys.argv[1:])])[:300],
+                "proxy_url": proxy_url}
         try:
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(note).encode())
