@@ -45,7 +45,8 @@ def default_instances() -> list[InstanceGroupConfig]:
 class DeploymentConfig(StrictModel):
     device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
     colocated: bool = Field(False, description="One instance doing both phases, no KV transfer.")
-    log_dir: str = Field("logs", description="One log file per instance is written here.")
+    log_dir: str = Field("logs", description="One log file per instance is written here; it must be yours "
+                         "and not writable by group or others (serve makes a missing one with mode 0750).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
