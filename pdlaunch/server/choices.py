@@ -85,6 +85,12 @@ class Choices:
         self.decode_limits = body.decode_limits
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
+        calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
+        if calling is not None and calling.mode != "none":
+            # vLLM's tool parsers (hermes' adjust_request): the output is decoded with its special tokens whenever tools
+            # may be called, whatever the client sent, as a checkpoint may hold `<tool_call>` / `</tool_call>` as
+            # special tokens (Hermes 2 Pro / 3 on Llama 3), which skipping would strip before the calls are parsed
+            params = params.model_copy(update={"skip_special_tokens": False})
         self.keep_logprobs = params.logprobs is not None
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
@@ -94,7 +100,6 @@ class Choices:
         # "<|im_end|>", not "", and two special tokens among the top_logprobs are two keys, not one ""). text_offset
         # counts in the text decoded as the engine decodes it.
         skip_special, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
-        calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
         arrival = time.monotonic()
         self.choices: list[Choice] = []
         for p in range(len(prompts)):

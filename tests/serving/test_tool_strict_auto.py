@@ -145,9 +145,10 @@ def test_the_calls_json_is_written_as_json_dumps_writes_it_unless_whitespace_is_
 
 # ---- through the HTTP API ----
 
-def marker_checkpoint(target: Path) -> Path:
-    """The tiny checkpoint in `target` with `<tool_call>` and `</tool_call>` as added tokens (not special, as Qwen's),
-    in the ids of its last two BPE merges (nothing merges further from them)."""
+def marker_checkpoint(target: Path, special: bool = False) -> Path:
+    """The tiny checkpoint in `target` with `<tool_call>` and `</tool_call>` as added tokens (not special, as Qwen's;
+    `special`: special, as Hermes 2 Pro / 3 on Llama 3 hold them), in the ids of its last two BPE merges (nothing
+    merges further from them)."""
     source = ensure_demo_checkpoint()
     for file in source.iterdir():
         if file.name == "model.safetensors":
@@ -161,7 +162,7 @@ def marker_checkpoint(target: Path) -> Path:
         del vocab[last_text]
         tokenizer["model"]["merges"].pop()
         tokenizer["added_tokens"].insert(0, {"id": last_id, "content": marker, "single_word": False, "lstrip": False,
-                                             "rstrip": False, "normalized": False, "special": False})
+                                             "rstrip": False, "normalized": False, "special": special})
     (target / "tokenizer.json").write_text(json.dumps(tokenizer))
     return target
 
