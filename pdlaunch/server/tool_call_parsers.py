@@ -15,6 +15,9 @@ optional), and forcing every answer that opens with "{" into a call would turn J
 request asks for the answer's form (response_format / structured_outputs), a JSON answer is that answer: no Llama 3
 call is read out of it (`parse_auto(..., json_calls=False)`).
 
+Output nested deeper than the decoder can recurse (a model repeating "[", cut by max_tokens) is no JSON to these
+parsers (`NOT_JSON`), as a body that does not decode: not a call, or the cut call's arguments as written.
+
 Every call comes out as OpenAI's `{"id", "type": "function", "function": {"name", "arguments"}}`, its
 arguments a JSON string.
 """
@@ -31,6 +34,8 @@ HERMES_START = "<tool_call>"
 HERMES_END = "</tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 PYTHON_TAG = "<|python_tag|>"
+# What decoding (or re-encoding) the output may raise: RecursionError for JSON nested past Python's recursion limit
+NOT_JSON = (json.JSONDecodeError, RecursionError)
 
 
 def parse_auto(text: str, json_calls: bool = True) -> tuple[str | None, list[JsonObject]]:
@@ -52,9 +57,9 @@ def parse_required(text: str) -> list[JsonObject]:
     (`partial_required_calls`), never the array as content."""
     try:
         items = json.loads(text)
-    except json.JSONDecodeError:
+        return [tool_call(i["name"], arguments_json(i.get("parameters", {}))) for i in items if isinstance(i, dict)]
+    except NOT_JSON:
         return partial_required_calls(text)
-    return [tool_call(i["name"], arguments_json(i.get("parameters", {}))) for i in items if isinstance(i, dict)]
 
 
 def _llama_calls(text: str) -> list[JsonObject] | None:
@@ -65,9 +70,9 @@ def _llama_calls(text: str) -> list[JsonObject] | None:
     while pos < len(text):
         try:
             item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
+            call = _call_of(item)
+        except NOT_JSON:
             return None
-        call = _call_of(item)
         if call is None:
             return None
         calls.append(call)
@@ -92,17 +97,18 @@ def partial_required_calls(text: str) -> list[JsonObject]:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
+            item, end = decoder.raw_decode(text, pos)
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                calls.append(tool_call(item["name"], arguments_json(item.get("parameters", {}))))
+        except NOT_JSON:
             break
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            calls.append(tool_call(item["name"], arguments_json(item.get("parameters", {}))))
+        pos = end
     cut = _PARTIAL_CALL.match(text, pos)
     if cut is not None:
         arguments = text[cut.end():]
         try:  # the parameters are whole and only the call's closing brace is missing
             arguments = arguments[:decoder.raw_decode(arguments)[1]]
-        except json.JSONDecodeError:
+        except NOT_JSON:
             pass
         calls.append(tool_call(json.loads(cut.group(1)), arguments))
     return calls
@@ -114,7 +120,7 @@ def _calls_of(bodies: list[str]) -> list[JsonObject] | None:
     for body in bodies:
         try:
             call = _call_of(json.loads(body))
-        except json.JSONDecodeError:
+        except NOT_JSON:
             return None
         if call is None:
             return None

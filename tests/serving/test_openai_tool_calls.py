@@ -14,7 +14,7 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.tool_call_parsers import parse_auto
+from pdlaunch.server.tool_call_parsers import parse_auto, parse_required
 from pdlaunch.server.tool_calls import tool_calling_of
 from pdlaunch.server.tool_stream import ToolStream
 from tests.serving.helpers import in_process_instance
@@ -227,3 +227,28 @@ def test_the_clients_stream_helper_ends_every_streamed_call(client: openai.OpenA
     finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is not None]
     assert len(finishing) == 1 and finishing[0]["choices"][0]["delta"] == {}
     assert finishing[0] is chunks[-1]
+
+
+DEEP = "[" * 3000  # past Python's recursion limit: json raises RecursionError, not JSONDecodeError
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "f", "parameters": {"a": ' + DEEP,  # a Llama 3 JSON call, cut
+    '<tool_call>{"name": "f", "arguments": {"a": ' + DEEP,  # a Hermes call, cut
+    '<tool_call>{"name": "f", "arguments": {"a": ' + DEEP + "]" * 3000 + "}}</tool_call>",  # whole, just deep
+    '{"name": "f", "parameters": {"a": ' + DEEP + "]" * 3000 + "}}",
+])
+def test_output_nested_past_the_recursion_limit_is_no_call(text: str) -> None:
+    """A 500 with a traceback before: the parsers caught JSONDecodeError only."""
+    assert parse_auto(text) == (text, [])
+    calling = tool_calling_of([WEATHER], "auto")
+    assert calling is not None
+    stream = ToolStream(calling)
+    assert stream.delta(text, False) == {} and stream.delta("", True) == {"content": text}
+
+
+@pytest.mark.parametrize("tail", ["", "]" * 3000 + "}}]"])
+def test_a_required_call_nested_past_the_recursion_limit_keeps_its_arguments_as_written(tail: str) -> None:
+    calls = parse_required('[{"name": "get_weather", "parameters": {"a": ' + DEEP + tail)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [  # type: ignore[index]
+        ("get_weather", '{"a": ' + DEEP + tail)]  # not decodable: as written
