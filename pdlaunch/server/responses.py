@@ -161,13 +161,16 @@ class ResponseBuilder:
         return [body]
 
     def _delta(self, out: RequestOutput) -> JsonObject | None:
-        """A chat chunk's delta (the role with the first), or None while a tool call may be starting."""
+        """A chat chunk's delta (the role with the first), or None while a tool call may be starting. With
+        return_token_ids a held-back step still goes out, its delta empty, carrying its ids (vLLM's), so a stream's
+        token_ids add up to every generated id."""
         delta: JsonObject = {"content": out.new_text}
         if self.tool_calling is not None:
             if self._tool_stream is None:
                 self._tool_stream = ToolStream(self.tool_calling)
             delta = self._tool_stream.delta(out.new_text, out.finished)
-            if not delta and not out.finished and self._sent_role and not out.new_logprobs:
+            if not delta and not out.finished and self._sent_role and not out.new_logprobs \
+                    and not (self.return_token_ids and out.new_token_ids):
                 return None
         if not self._sent_role:
             delta["role"] = "assistant"

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.tool_call_parsers import parse_auto, parse_required
@@ -252,3 +253,29 @@ def test_a_required_call_nested_past_the_recursion_limit_keeps_its_arguments_as_
     calls = parse_required('[{"name": "get_weather", "parameters": {"a": ' + DEEP + tail)
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [  # type: ignore[index]
         ("get_weather", '{"a": ' + DEEP + tail)]  # not decodable: as written
+
+
+# "": a step whose token ends mid-character (or in a partial stop string): its text comes with the next step's
+HELD_BACK = ['<tool_call>', '\n{"name": "get_weather", ', '', '"arguments": {"city": "Oslo"}}', '\n</tool_call>']
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "none", None])
+def test_streamed_token_ids_add_up_to_the_output_when_steps_are_held_back(choice: str | None) -> None:
+    """The steps whose text a tool call holds back (or that have no text) sent no chunk, so with return_token_ids
+    their ids were never streamed; vLLM sends them in a chunk with an empty delta."""
+    calling = tool_calling_of([WEATHER], choice) if choice else None
+    builder = ResponseBuilder(endpoint="chat", response_id="chatcmpl-1", model="tiny", detokenize=str,
+                              decode=lambda ids: "", tool_calling=calling, return_token_ids=True)
+    ids: list[int] = []
+    text = ""
+    for i, piece in enumerate(HELD_BACK):
+        text += piece
+        last = i == len(HELD_BACK) - 1
+        out = RequestOutput(request_id="r", new_token_ids=[100 + i], new_text=piece,
+                            output_token_ids=[100 + j for j in range(i + 1)], text=text, finished=last,
+                            finish_reason="stop" if last else None)
+        for chunk in builder.chunks(out):
+            for c in chunk["choices"]:
+                ids += c.get("token_ids", [])
+                assert c["delta"] or c["token_ids"] or c["finish_reason"], chunk  # nothing sent for nothing
+    assert ids == [100 + i for i in range(len(HELD_BACK))]

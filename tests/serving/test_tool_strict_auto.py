@@ -303,3 +303,24 @@ def test_added_tokens_of_an_llguidance_without_eos_tokens() -> None:
 
     added = AddedTokens.of(OldTokenizer())  # type: ignore[arg-type]
     assert added.eos == frozenset({3}) and added.ids == {"<tool_call>": 0, "</s>": 3}
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_a_streams_token_ids_add_up_to_the_whole_answers(url: str, checkpoint: Path, marker_bias: dict[str, float],
+                                                         choice: str) -> None:
+    """return_token_ids on a stream whose text a tool call holds back: each held-back step still sends its ids (an
+    empty delta, as vLLM's), so the chunks' token_ids are the whole answer's; they lacked the held-back steps'."""
+    body = {"tools": [_tool("f", A, {"strict": True})], "tool_choice": choice, "logit_bias": marker_bias,
+            "return_token_ids": True, "parallel_tool_calls": False}
+    whole = _chat(url, checkpoint.name, body)
+    assert whole["finish_reason"] in ("tool_calls", "stop") and whole["message"]["tool_calls"], whole
+    streamed: list[int] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": checkpoint.name, "messages": HI, "temperature": 0, "max_tokens": 48, "stream": True,
+            **body}) as answer:
+        assert answer.status_code == 200, answer.read()
+        for line in answer.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    streamed += c["token_ids"]
+    assert streamed == whole["token_ids"] and len(streamed) > 1, (streamed, whole["token_ids"])
