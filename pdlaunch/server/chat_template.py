@@ -153,6 +153,10 @@ def _template_tool_call(call: object, param: str) -> JsonObject:
         except json.JSONDecodeError as exc:
             raise OpenAIError(400, f"tool call arguments are not JSON: {exc}",
                               param=f"{param}.function.arguments") from None
+        except RecursionError:
+            raise OpenAIError(400, "tool call arguments are nested too deep to read (past Python's recursion limit); "
+                                   "send the arguments the model wrote, an object of the tool's parameters",
+                              param=f"{param}.function.arguments") from None
     if not arguments:  # as vLLM reads them: none, null, "", "null", false, 0, [] are no arguments
         arguments = {}
     elif not isinstance(arguments, dict):  # an object (vLLM's clients send one too) or its JSON text

@@ -279,3 +279,14 @@ def test_streamed_token_ids_add_up_to_the_output_when_steps_are_held_back(choice
                 ids += c.get("token_ids", [])
                 assert c["delta"] or c["token_ids"] or c["finish_reason"], chunk  # nothing sent for nothing
     assert ids == [100 + i for i in range(len(HELD_BACK))]
+
+
+def test_an_earlier_calls_arguments_nested_past_the_recursion_limit_are_a_400(client: openai.OpenAI) -> None:
+    """A 500 with a traceback before: reading the arguments for the template raised RecursionError."""
+    messages: Any = [*MESSAGES, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": DEEP}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, tools=[WEATHER])  # type: ignore[list-item]
+    assert caught.value.body["param"] == "messages.1.tool_calls.0.function.arguments", caught.value.body  # type: ignore[index]
+    assert "nested" in caught.value.body["message"], caught.value.body  # type: ignore[index]
