@@ -45,11 +45,19 @@ def parse_auto(text: str, json_calls: bool = True) -> tuple[str | None, list[Jso
         calls = _calls_of(_HERMES.findall(text[start:]))
         # As written, whitespace kept (vLLM's hermes parser), so it is what a stream sent before the call.
         return (text[:start] or None, calls) if calls else (text, [])
-    stripped = text.strip().removeprefix(PYTHON_TAG).strip()
-    if not json_calls or not stripped.startswith("{"):
+    if not json_calls:
         return text, []
-    calls = _llama_calls(stripped)
-    return (None, calls) if calls is not None else (text, [])
+    stripped = text.strip().removeprefix(PYTHON_TAG).strip()
+    calls = _llama_calls(stripped) if stripped.startswith("{") else None
+    return (None, calls) if calls is not None else (_without_python_tag(text), [])
+
+
+def _without_python_tag(text: str) -> str:
+    """`text` without the Llama 3 `<|python_tag|>` that opens it: a special token, kept in the text decoded for tool
+    calling (server/choices.py), which vLLM's llama3_json parser never sees (it decodes skipping special tokens), so
+    its content never carries it."""
+    start = len(text) - len(text.lstrip())
+    return text[:start] + text[start:].removeprefix(PYTHON_TAG) if text[start:].startswith(PYTHON_TAG) else text
 
 
 def parse_required(text: str) -> list[JsonObject]:

@@ -46,9 +46,10 @@ class ToolStream:
             self.sent = max(self.sent, safe)
         calls: list[JsonObject] = []
         if finished:
-            calls = self.calling.parse(self.text)[1]
+            whole, calls = self.calling.parse(self.text)
             if not calls and self.calling.mode == "auto" and len(self.text) > self.sent:
-                content += self.text[self.sent:]
+                # the whole answer's content (its opening <|python_tag|> dropped, held back until now: sent is 0)
+                content += (whole or "")[self.sent:]
                 self.sent = len(self.text)
         delta: JsonObject = {"content": content} if content else {}
         if calls:

@@ -32,6 +32,8 @@ OUTPUTS = [
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}',
     "{not json} but words",
     "Ends with half a marker <tool_",
+    "<|python_tag|>print(1)",  # Llama 3's tag, kept in the decoded text (special tokens), then no call
+    '  <|python_tag|>{"name": "get_weather"} and words',
 ]
 
 
@@ -80,3 +82,16 @@ def test_streamed_content_and_calls_are_the_whole_answers(text: str, seed: int) 
 def test_text_before_a_hermes_call_is_kept_as_written(text: str, content: str | None) -> None:
     parsed_content, calls = _auto().parse(text)
     assert parsed_content == content and _named(calls) == [("get_weather", {"city": "Oslo"})]
+
+
+@pytest.mark.parametrize(("text", "content"), [
+    ("<|python_tag|>print(1)", "print(1)"),
+    ('  <|python_tag|>{"name": "get_weather"} and words', '  {"name": "get_weather"} and words'),
+    ("Words <|python_tag|> inside", "Words <|python_tag|> inside"),
+])
+def test_the_llama_python_tag_that_opens_an_answer_is_not_content(text: str, content: str) -> None:
+    """Tool calling decodes the output with its special tokens (vLLM's hermes parser asks for them); vLLM's
+    llama3_json parser decodes without them, so the <|python_tag|> that opens a Llama 3 answer which is no call is
+    not in its content."""
+    assert _auto().parse(text) == (content, [])
+    assert _streamed(text, 0)[0] == content
