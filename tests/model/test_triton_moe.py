@@ -7,6 +7,10 @@ Interpreter cases: float32 at 1, 7 and 64 tokens, all experts here and half of t
 rank's assignments add nothing), an expert width that is not a multiple of the column tile (masked columns);
 fp8 experts with 128x128 block scales equal the same kernels on the dequantized 16-bit weights and the float32
 loop within 16-bit tolerance (W8A16), and with fp8 activations (W8A8) the loop on the fp8-rounded activations.
+The fp8 cases against the reference run at 1 token (the layout read from the ids, DIRECT) and 7 (the aligned
+layout, one block an expert, masked rows); 64 tokens (experts with several row blocks) runs the same kernels with
+the same constexprs, and the fp8 scales are indexed by expert and k/n block, not by row block: 64 tokens in fp8
+are the swapped-tile cases (against the plain tile) and the float32 ones (against the loop), ~9 s a case less.
 The fp8 cases compute in float16: Triton 3.9's interpreter gets bfloat16 products wrong (a plain 16 x 16 bf16
 tl.dot gives values around 1e10), the GPU does not."""
 
@@ -120,7 +124,7 @@ def _fp8_layer(seed: int, tokens: int) -> tuple[torch.Tensor, ...]:
     return x, w13, s13, w2, s2, deq13, deq2, weights, ids
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 7])
 def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None, tokens: int) -> None:
     x, w13, s13, w2, s2, deq13, deq2, weights, ids = _fp8_layer(100 + tokens, tokens)
     out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=TILE, scales=(s13, s2))
@@ -132,7 +136,7 @@ def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None,
     assert torch.equal(fused_moe(x, w13, w2, weights, ids, use="grouped_mm", tile=TILE, scales=(s13, s2)), out)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 7])
 def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
     """fp8 experts with fp8 activations (per token and 128-column group): the per-expert loop on what the kernels
     multiply (dequantized weights; x and the SiLU-and-mul product rounded through fp8 as they quantize them),
@@ -149,7 +153,7 @@ def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
     assert _rel(out, want) < 6e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 7])
 def test_interpret_fp8_experts_in_float16_products(interpret: None, tokens: int) -> None:
     """fp8 experts with `f16_products`: no activation quantization; float16 activations times the weights widened
     to float16, each 128-wide k block's product scaled by its weight block's scale. Within float16 rounding of the
@@ -219,7 +223,7 @@ def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "40 passed")
+    run_interpreter_child(__file__, "interpret_", "37 passed")
 
 
 @pytest.mark.parametrize("few", [False, True])
