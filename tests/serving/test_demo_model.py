@@ -43,16 +43,17 @@ def test_demo_answers_a_chat_question_through_pd(demo_dir: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_demo_greedy_ids_equal_transformers(demo_dir: Path) -> None:
-    """Our engine on the converted SmolLM2 (float32, CPU) against transformers on the same directory: 32 tokens."""
+    """Our engine on the converted SmolLM2 (float32, CPU) against transformers on the same directory: 32 tokens of
+    a chat-templated question and of a plain prompt, batched together. (A second chat question took the same path
+    and ~11 CPU s of transformers' own greedy loop.)"""
     from pdlaunch.engine.llm import LLM
     from pdlaunch.engine.outputs import SamplingParams
     from pdlaunch.model.tokenizer import Tokenizer
     from tests.helpers.checkpoints import hf_greedy
 
     tokenizer = Tokenizer(demo_dir)
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
-               for text in ("What is the capital of France?", "Name three colours.")]
-    prompts.append(tokenizer.encode("Hello, my name is"))
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}])),
+               tokenizer.encode("Hello, my name is")]
     with LLM(str(demo_dir), device="cpu", dtype="float32", num_gpu_blocks=256) as llm:
         ours = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, ours):
