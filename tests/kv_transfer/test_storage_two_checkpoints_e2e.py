@@ -3,7 +3,11 @@
 (same config.json, other weights) or the tiny model quantized at load (--quantization fp8). The store was keyed
 by the architecture and the config only, so the other deployment's decode loaded the KV the tiny model's prefill
 had stored for the same prompt and answered from it: a silently wrong completion. Now the key holds a digest of
-the weights (model/weights_digest.py) and the quantization, and each answers as its own prefill does."""
+the weights (model/weights_digest.py) and the quantization, and each answers as its own prefill does.
+
+The three deployments (tiny, its fine-tune, tiny in fp8) start once for the module, all on the one storage path:
+each case asks the tiny model first, then the other (a tiny model's deployment per case cost a 1P1D start, and the
+store holding the first case's KV too only gives the second's decode more to wrongly load)."""
 
 from __future__ import annotations
 
@@ -36,20 +40,26 @@ def _fine_tune(directory: Path) -> Path:
     return directory
 
 
-@pytest.fixture(params=["fine-tune", "fp8"])
-def base_and_other(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Serve]]:
-    config = tmp_path / "storage.yaml"
-    config.write_text(f"kv_transfer: {{connector: storage, storage_path: {tmp_path / 'kv'}}}\n")
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
+    tmp = tmp_path_factory.mktemp("storage")
+    config = tmp / "storage.yaml"
+    config.write_text(f"kv_transfer: {{connector: storage, storage_path: {tmp / 'kv'}}}\n")
     common = [str(config), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "256", "--block-size", "8"]
-    other = (["--model", str(_fine_tune(tmp_path / "tuned"))] if request.param == "fine-tune"
-             else ["--model", "tiny", "--quantization", "fp8"])
+    models = {"base": ["--model", "tiny"], "fine-tune": ["--model", str(_fine_tune(tmp / "tuned"))],
+              "fp8": ["--model", "tiny", "--quantization", "fp8"]}
     runs: dict[str, tuple[Path, list[str]]] = {}
-    for name, model in (("base", ["--model", "tiny"]), ("other", other)):  # at once: they load side by side
-        run = tmp_path / f"run-{name}"
+    for name, model in models.items():  # at once: they load side by side
+        run = tmp / f"run-{name}"
         run.mkdir()
         runs[name] = (run, [*model, *common])
     with serving(runs) as started:
         yield started
+
+
+@pytest.fixture(params=["fine-tune", "fp8"])
+def base_and_other(request: pytest.FixtureRequest, deployments: dict[str, Serve]) -> dict[str, Serve]:
+    return {"base": deployments["base"], "other": deployments[request.param]}
 
 
 def _complete(url: str) -> str:
