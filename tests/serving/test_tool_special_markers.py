@@ -14,13 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
-from tests.serving.helpers import in_process_instance
-from tests.serving.test_tool_strict_auto import TIMEOUT, A, _chat, _streamed, _tool, marker_bias, marker_checkpoint
+from tests.serving.test_tool_strict_auto import (
+    A,
+    _chat,
+    _streamed,
+    _tool,
+    marker_checkpoint,
+    marker_instance,
+    served_marker_bias,
+)
 
 ANSWER = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
 
@@ -32,19 +37,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(checkpoint: Path) -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": str(checkpoint), "max_model_len": 256}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "special-markers-0") as (address, _):
+    with marker_instance(checkpoint, "special-markers-0") as address:
         yield address
 
 
 @pytest.fixture(scope="module", name="bias")
 def _bias(url: str, checkpoint: Path) -> dict[str, float]:
-    return marker_bias(httpx.post(f"{url}/tokenize", timeout=TIMEOUT, json={
-        "model": checkpoint.name, "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"])
+    return served_marker_bias(url, checkpoint)
 
 
 @pytest.mark.parametrize("extra", [

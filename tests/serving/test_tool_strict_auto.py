@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,24 @@ def marker_bias(token_ids: list[int]) -> dict[str, float]:
     return {str(token_ids[0]): 100.0, str(EOS_TOKEN_ID): 50.0}
 
 
+@contextmanager
+def marker_instance(checkpoint: Path, name: str) -> Iterator[str]:
+    """A colocated in-process instance of a marker checkpoint; yields its address."""
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": str(checkpoint), "max_model_len": 256}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+    with in_process_instance(cfg, name) as (address, _):
+        yield address
+
+
+def served_marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
+    """marker_bias of the ids the instance at url tokenizes "<tool_call>" into."""
+    return marker_bias(httpx.post(f"{url}/tokenize", timeout=TIMEOUT, json={
+        "model": checkpoint.name, "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"])
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return marker_checkpoint(tmp_path_factory.mktemp("tool-markers"))
@@ -180,19 +199,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(checkpoint: Path) -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": str(checkpoint), "max_model_len": 256}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "strict-auto-0") as (address, _):
+    with marker_instance(checkpoint, "strict-auto-0") as address:
         yield address
 
 
 @pytest.fixture(scope="module", name="marker_bias")
 def _marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
-    return marker_bias(httpx.post(f"{url}/tokenize", timeout=TIMEOUT, json={
-        "model": checkpoint.name, "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"])
+    return served_marker_bias(url, checkpoint)
 
 
 @pytest.fixture(scope="module")

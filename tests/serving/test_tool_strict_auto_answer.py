@@ -19,13 +19,19 @@ import httpx
 import jsonschema
 import pytest
 
-from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.grammar_limits import byte_matcher
 from pdlaunch.engine.structured_output import check
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_request import ChatCompletionRequest
-from tests.serving.helpers import in_process_instance
-from tests.serving.test_tool_strict_auto import CITY, HI, TIMEOUT, A, marker_bias, marker_checkpoint
+from tests.serving.test_tool_strict_auto import (
+    CITY,
+    HI,
+    TIMEOUT,
+    A,
+    marker_checkpoint,
+    marker_instance,
+    served_marker_bias,
+)
 
 ANSWER = {"type": "object", "properties": {"name": {"enum": ["Bob"]},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -131,19 +137,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(checkpoint: Path) -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": str(checkpoint), "max_model_len": 256}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "strict-auto-answer-0") as (address, _):
+    with marker_instance(checkpoint, "strict-auto-answer-0") as address:
         yield address
 
 
 @pytest.fixture(scope="module", name="marker_bias")
 def _marker_bias(url: str, checkpoint: Path) -> dict[str, float]:
-    return marker_bias(httpx.post(f"{url}/tokenize", timeout=TIMEOUT, json={
-        "model": checkpoint.name, "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"])
+    return served_marker_bias(url, checkpoint)
 
 
 def _post(url: str, model: str, body: dict[str, Any]) -> httpx.Response:
