@@ -26,6 +26,7 @@ from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.decode.context import (
     MAX_PENDING_RELEASES,
     RELEASE_TIMEOUT_SECONDS,
+    SHUTDOWN_DRAIN_SECONDS,
     HoldReleases,
     LoadContext,
 )
@@ -117,33 +118,70 @@ def test_releases_to_a_hung_prefill_do_not_delay_a_load_from_a_healthy_one(
     prefill.wait_events(lambda e: "r-healthy" in e.finished_sending, what="the prefill freeing r-healthy")
 
 
-def test_shutdown_drops_the_queued_releases_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    """At the connector's shutdown the release being sent finishes (within its own timeout); the queued ones are
-    dropped, logged with their count (their leases free the blocks), and later ones are not taken."""
-    releases = HoldReleases(threads=1, cap=10)
+def _shutdown_while_queued(releases: HoldReleases, answer: threading.Event) -> float:
+    """Shut `releases` down on a thread of its own while its one thread is busy and the rest wait queued, let the
+    busy release answer once the shutdown stopped taking releases; the shutdown's seconds."""
+    started = time.monotonic()
+    stopper = threading.Thread(target=releases.shutdown)
+    stopper.start()
+    deadline = time.monotonic() + 60.0
+    while not releases.stopping and time.monotonic() < deadline:
+        time.sleep(0.01)
+    answer.set()
+    stopper.join(60.0)
+    assert not stopper.is_alive(), "the shutdown did not return"
+    return time.monotonic() - started
+
+
+def test_shutdown_sends_the_queued_releases_to_a_healthy_prefill(caplog: pytest.LogCaptureFixture) -> None:
+    """At the connector's shutdown the queued releases (among them those its aborted loads queue as they leave their
+    handshake) are still sent: a prefill that answers frees the blocks now, not at its hold's lease. They used to be
+    dropped; before the release threads, they ran, and were sent, on the loader threads the shutdown waits for."""
+    releases = HoldReleases(threads=1, cap=100)
     sending, answer = threading.Event(), threading.Event()
     sent: list[str] = []
 
-    def slow() -> None:
+    def first() -> None:
         sending.set()
         assert answer.wait(60.0), "the test never let the release answer"
-        sent.append("slow")
+        sent.append("first")
 
-    assert releases.submit("r-0", slow)
+    assert releases.submit("r-0", first)
     assert sending.wait(60.0)
-    for i in range(3):
+    for i in range(20):
         assert releases.submit(f"r-{i + 1}", lambda i=i: sent.append(f"queued-{i}"))  # type: ignore[misc]
     with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.decode.context"):
-        stopper = threading.Thread(target=releases.shutdown)
-        stopper.start()
-        deadline = time.monotonic() + 60.0
-        while not releases.closed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        answer.set()
-        stopper.join(60.0)
-    assert not stopper.is_alive() and sent == ["slow"]
-    assert any(r.getMessage().startswith("3 hold release(s) not sent at shutdown") for r in caplog.records)
-    assert not releases.submit("r-late", lambda: sent.append("late")) and sent == ["slow"]
+        _shutdown_while_queued(releases, answer)
+    assert sent == ["first"] + [f"queued-{i}" for i in range(20)]
+    assert not any("not sent at shutdown" in r.getMessage() for r in caplog.records)
+    assert not releases.submit("r-late", lambda: sent.append("late")) and sent[-1] == "queued-19"
+
+
+def test_shutdown_gives_a_hung_prefill_a_bounded_drain_then_drops_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Releases to a prefill that does not answer (each send waits RELEASE_TIMEOUT_SECONDS, as the side channel's):
+    the shutdown sends the queued ones for SHUTDOWN_DRAIN_SECONDS in all, not one timeout each, then drops the rest,
+    logged with their count (their leases free the blocks), and takes no later ones."""
+    releases = HoldReleases(threads=1, cap=100)
+    never = threading.Event()
+    tried: list[str] = []
+
+    def hung(rid: str) -> None:
+        tried.append(rid)
+        never.wait(RELEASE_TIMEOUT_SECONDS)  # the side channel's timeout: no answer
+
+    count = 20
+    assert count * RELEASE_TIMEOUT_SECONDS > 3 * (SHUTDOWN_DRAIN_SECONDS + RELEASE_TIMEOUT_SECONDS)
+    for i in range(count):
+        assert releases.submit(f"r-{i}", lambda i=i: hung(f"r-{i}"))  # type: ignore[misc]
+    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.decode.context"):
+        seconds = _shutdown_while_queued(releases, threading.Event())
+    # Generous: one drain, then the release being sent ends within its own timeout.
+    assert seconds < 3 * (SHUTDOWN_DRAIN_SECONDS + RELEASE_TIMEOUT_SECONDS), seconds
+    lines = [r.getMessage() for r in caplog.records if "not sent at shutdown" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{count - len(tried)} hold release(s) not sent"), (lines, tried)
+    assert len(tried) < count
+    assert not releases.submit("r-late", lambda: tried.append("late")) and "late" not in tried
 
 
 @pytest.mark.slow  # a prefill process with a NIXL agent

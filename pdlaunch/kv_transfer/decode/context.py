@@ -72,26 +72,32 @@ RELEASE_TIMEOUT_SECONDS = 2.0
 # (the prefill's lease frees the blocks).
 RELEASE_THREADS = 2
 MAX_PENDING_RELEASES = 256
+# At a decode's shutdown the queued releases (among them those of the loads it aborts: loads.py `shutdown`) are still
+# sent for at most this long in all, then the rest are dropped (logged): a hung prefill must not hold the shutdown.
+SHUTDOWN_DRAIN_SECONDS = min(2.0, RELEASE_TIMEOUT_SECONDS)
 
 
 class HoldReleases:
     """Best-effort hold releases, on RELEASE_THREADS threads of their own, at most MAX_PENDING_RELEASES pending
     (queued or sending): past that cap, one is dropped with a log line counting the drops; at shutdown, the queued
-    ones are dropped (logged). A prefill not told keeps the blocks until its hold's lease ends."""
+    ones are sent for at most SHUTDOWN_DRAIN_SECONDS in all, and those left are dropped (logged). A prefill not told
+    keeps the blocks until its hold's lease ends."""
 
     def __init__(self, threads: int = RELEASE_THREADS, cap: int = MAX_PENDING_RELEASES) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pdlaunch-kv-release")
         self.cap = cap
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as each send ends
         self.pending = 0  # queued or sending
         self.sending = 0
         self.dropped = 0  # past the cap, since the start
+        self.stopping = False  # shutdown began: nothing more is taken (the queued ones are still sent a while)
         self.closed = False  # shut down: nothing more is sent
 
     def submit(self, request_id: str, send: Callable[[], None]) -> bool:
         """Queue `send` (the release of request `request_id`'s hold); False when it was dropped."""
         with self._lock:
-            if self.closed:
+            if self.stopping:
                 return False
             full = self.pending >= self.cap
             if full:
@@ -127,16 +133,23 @@ class HoldReleases:
             with self._lock:
                 self.sending -= 1
                 self.pending -= 1
+                self._idle.notify_all()
 
-    def shutdown(self) -> None:
-        """Drop the queued releases (their leases free the blocks) and wait for those being sent (each within
-        RELEASE_TIMEOUT_SECONDS per prefill rank)."""
+    def shutdown(self, drain_seconds: float = SHUTDOWN_DRAIN_SECONDS) -> None:
+        """Take no more releases; send the queued ones for at most `drain_seconds` in all (a decode's own shutdown
+        queues its aborted loads' releases), then drop those still queued (logged: their leases free the blocks) and
+        wait for those being sent (each within RELEASE_TIMEOUT_SECONDS per prefill rank)."""
+        deadline = time.monotonic() + drain_seconds
         with self._lock:
+            self.stopping = True
+            while self.pending and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
             self.closed = True
             queued = self.pending - self.sending
         if queued:
-            logger.info("%d hold release(s) not sent at shutdown; their prefills free the blocks when the holds' "
-                        "leases end (kv_transfer.kv_lease_seconds)", queued)
+            logger.info("%d hold release(s) not sent at shutdown (%gs spent sending the queued ones); their prefills "
+                        "free the blocks when the holds' leases end (kv_transfer.kv_lease_seconds)", queued,
+                        drain_seconds)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -212,8 +212,9 @@ class DecodeLoads:
             load.fail(error)
 
     def shutdown(self) -> None:
-        """Abort the running loads, wait for the loader threads, then for the releases being sent (the queued ones
-        are dropped, logged: context.HoldReleases), before closing the side-channel connections they use."""
+        """Abort the running loads, wait for the loader threads, then for the releases (those of the aborted loads
+        among them: sent for at most context.SHUTDOWN_DRAIN_SECONDS in all, the rest dropped, logged:
+        context.HoldReleases.shutdown), before closing the side-channel connections they use."""
         for request_id in self.table.running():
             self.table.abort(request_id)
         self.ctx.executor.shutdown(wait=True, cancel_futures=True)
