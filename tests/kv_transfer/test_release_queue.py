@@ -237,3 +237,38 @@ def test_push_cancels_to_a_hung_prefill_leave_the_loader_threads_free(hung: sock
         next_load = executor.submit(lambda: None)
         next_load.result(timeout=RELEASE_TIMEOUT_SECONDS)  # TimeoutError: the loader thread waits on a cancel
         assert ctx.releases.pending == 4  # the cancels wait for the hung prefill on their own threads
+
+
+@pytest.mark.parametrize("push_sent", [True, False], ids=["draining", "unsent"])
+def test_a_dropped_push_cancel_names_what_it_costs(hung: socket.socket, push_sent: bool,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Past the cap, a dropped cancel of a push that went out costs this decode's blocks (they drain until
+    drain_until), not the prefill's: its line says so. One of a push never sent is a hold release by its cost (the
+    prefill keeps the blocks until its hold's lease ends). Both used to read as a hold release."""
+    agent = SimpleNamespace(release_wait_seconds=0.0, release_wait_seconds_per_byte=0.0, release_cancels=True)
+    with ExitStack() as stack:
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        ctx = LoadContext(agent=cast(Any, agent), spec=cast(Any, None), peers=cast(Any, None), keys=KEYS,
+                          handshake_timeout=60.0, transfer_timeout=60.0, verify_kv=False, executor=executor,
+                          reader="decode", releases=HoldReleases(threads=1, cap=1))
+        stack.callback(ctx.connections.close)
+        stack.callback(ctx.releases.shutdown)
+        table = LoadTable(ctx)
+        with caplog.at_level(logging.WARNING, logger="pdlaunch.kv_transfer.decode.context"):
+            for i in range(2):  # the second is past the cap: the first waits for the hung prefill
+                now = time.monotonic()
+                load = Load(f"r-{i}", RemoteKV(engine_id="P", request_id=f"p-{i}", host="127.0.0.1",
+                                               port=hung.getsockname()[1], block_ids=[[3]]),
+                            [[(0, 3, 1)]], deadline=now + 60.0, started=now, state=LoadState.RUNNING)
+                load.strategy, load.push_sent = PushLoad(ctx), push_sent
+                table.add(load)
+                table.abort(load.request_id)
+        lines = [r.getMessage() for r in caplog.records if "not sent:" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith("request r-1: "), lines
+        if push_sent:
+            assert "push cancel not sent" in lines[0] and "this decode's blocks the push writes stay draining" \
+                in lines[0], lines
+            assert "hold's lease" not in lines[0], lines
+        else:
+            assert "hold release not sent" in lines[0] and "the prefill keeps the request's blocks until its " \
+                "hold's lease ends (kv_transfer.kv_lease_seconds)" in lines[0], lines

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import SideChannelKeys
@@ -76,6 +77,19 @@ MAX_PENDING_RELEASES = 256
 # sent for at most this long in all, then the rest are dropped (logged): a hung prefill must not hold the shutdown.
 SHUTDOWN_DRAIN_SECONDS = min(2.0, RELEASE_TIMEOUT_SECONDS)
 
+# What a queued side-channel message is, by what its loss costs: "release", a prefill's hold it ends (lost, the
+# prefill keeps the request's blocks until its hold's lease ends; a cancel of a push never sent is one); "cancel", a
+# sent push's cancel (table.py `_start_drain`: lost, the decode's own blocks stay draining until drain_until).
+ReleaseKind = Literal["release", "cancel"]
+DROPPED = {
+    "release": "hold release not sent: %d releases already wait for prefills that answer slowly or not at all (%d "
+               "dropped so far); the prefill keeps the request's blocks until its hold's lease ends "
+               "(kv_transfer.kv_lease_seconds)",
+    "cancel": "push cancel not sent: %d releases already wait for prefills that answer slowly or not at all (%d "
+              "dropped so far); this decode's blocks the push writes stay draining until the load's deadline "
+              "(kv_transfer.transfer_timeout_seconds) plus the WRITE's wait and the drain's grace",
+}
+
 
 class HoldReleases:
     """Best-effort hold releases, on RELEASE_THREADS threads of their own, at most MAX_PENDING_RELEASES pending
@@ -94,8 +108,9 @@ class HoldReleases:
         self.stopping = False  # shutdown began: nothing more is taken (the queued ones are still sent a while)
         self.closed = False  # shut down: nothing more is sent
 
-    def submit(self, request_id: str, send: Callable[[], None]) -> bool:
-        """Queue `send` (the release of request `request_id`'s hold); False when it was dropped."""
+    def submit(self, request_id: str, send: Callable[[], None], kind: ReleaseKind = "release") -> bool:
+        """Queue `send` (the release of request `request_id`'s hold, or its sent push's cancel: `kind`); False when
+        it was dropped."""
         with self._lock:
             if self.stopping:
                 return False
@@ -107,10 +122,7 @@ class HoldReleases:
                 self.pending += 1
         if full:
             if dropped == 1 or dropped % 100 == 0:  # one line per 100 drops: a hung prefill's flood stays readable
-                logger.warning("request %s: hold release not sent: %d releases already wait for prefills that answer "
-                               "slowly or not at all (%d dropped so far); the prefill keeps the request's blocks "
-                               "until its hold's lease ends (kv_transfer.kv_lease_seconds)", request_id, self.cap,
-                               dropped)
+                logger.warning("request %s: " + DROPPED[kind], request_id, self.cap, dropped)
             return False
         try:
             self._pool.submit(self._send, send)
@@ -198,12 +210,13 @@ class LoadContext(LoadReads):
         return client.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
                               self.keys, self.connections, stopped)
 
-    def release_soon(self, load: Load, send: Callable[[], None]) -> None:
+    def release_soon(self, load: Load, send: Callable[[], None], kind: ReleaseKind = "release") -> None:
         """Run `send` (a side-channel hold release or push cancel of `load`) on the release threads, never on the
         calling loader thread: against a prefill that does not answer, it waits RELEASE_TIMEOUT_SECONDS per rank,
         and the loader threads are the real loads'. Dropped (logged) past MAX_PENDING_RELEASES pending, or at
-        shutdown: the prefill's lease frees the blocks."""
-        self.releases.submit(load.request_id, send)
+        shutdown: the prefill's lease frees the blocks, or, for a sent push's cancel (`kind` "cancel"), the drain's
+        end frees this decode's."""
+        self.releases.submit(load.request_id, send, kind)
 
     def notify_prefill(self, agent_name: str, notif: ReadDone, request_id: str) -> None:
         """Send read_done/release to the prefill agent `agent_name`, best effort (module docstring): a send

@@ -118,7 +118,7 @@ class LoadTable:
             del self._loads[load.request_id]
         strategy = load.strategy
         if pushing and strategy is not None:
-            self.ctx.release_soon(load, lambda: strategy.cancel(load))
+            self.ctx.release_soon(load, lambda: strategy.cancel(load), "cancel")
 
     def poll_draining(self, now: float) -> tuple[set[str], set[str]]:
         """(failed loads of the last poll that drain, draining loads whose blocks may be freed now)."""
