@@ -19,6 +19,7 @@ from pathlib import Path
 from pdlaunch.config.flags import SECRET_OPTIONS
 from pdlaunch.config.rules.host import LOCK_NAME, LOG_DIR_MODE, lock_name, log_dir_owner_refusal, os_reason
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.log_tail import LogUnreadable, bounded_read
 
 __all__ = ["LOCK_NAME", "LogDirInUse", "LogDirLock", "lock_name", "log_dir_holder"]
 
@@ -47,10 +48,14 @@ def masked_argv(argv: list[str]) -> list[str]:
 
 
 def _describe(lock_file: Path) -> str:
+    """The lock's owner as it wrote itself in `lock_file`, read within log_tail.TAIL_TIMEOUT_S (a lock on a hung file
+    system must not hold the launcher)."""
     try:
-        info = json.loads(lock_file.read_text())
+        info = json.loads(bounded_read(lock_file, lock_file.read_text))
         where = f", proxy {info['proxy_url']}" if info.get("proxy_url") else ""
         return f"pid {info['pid']}: {info['command']}{where}"
+    except LogUnreadable as exc:
+        return f"its owner is unknown: {lock_file} could not be read within {exc.timeout:g}s (a hung file system?)"
     except (OSError, ValueError, KeyError, TypeError):
         return "its owner did not say who it is"
 

@@ -5,18 +5,24 @@ on. A FIFO no one writes blocks its reader in open(), as a hung mount does."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
+from pdlaunch.config.rules.host import LOCK_NAME
 from pdlaunch.launcher import log_tail
+from pdlaunch.launcher.backends.slurm_lines import NodeDevices
+from pdlaunch.launcher.log_dir_lock import LogDirInUse, LogDirLock
 from pdlaunch.launcher.log_tail import LogUnreadable
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.serve import report_failure
@@ -114,3 +120,49 @@ def test_the_ray_backends_failure_report_says_the_log_could_not_be_read(hung_log
     written = io.StringIO()
     _within(BOUND_S, lambda: show_log_tail(Console(file=written, width=1000), hung_log))
     assert f"its log {hung_log} could not be read within 0.5s" in written.getvalue(), written.getvalue()
+
+
+def test_a_slurm_node_log_that_blocks_is_not_reported_yet(tmp_path: Path, hung_log: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The batch launcher polls the nodes' logs for their device lines on its main thread (slurm.py NodeDevices): a
+    log on a hung file system counts as not said yet, logged naming it, within the timeout; later polls while that
+    read is stuck are said at once, and the other node's log is still read."""
+    from tests.cluster.test_slurm_node_lines import cfg
+
+    other = tmp_path / "slurm-node1.log"
+    other.write_text("node 1: device cpu\n")
+    devices = NodeDevices(cfg(tmp_path), [hung_log, other])
+    with caplog.at_level(logging.WARNING, logger="pdlaunch.launcher.backends.slurm_lines"):
+        _within(BOUND_S, devices.disagreement)
+        _within(BOUND_S, devices.disagreement)
+    assert devices.devices == {1: "cpu"}, devices.devices
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"node 0's device line not read yet: its log {hung_log} could not be read within 0.5s (a hung "
+                    "file system? an NFS server that does not answer)"], said
+
+
+def test_a_log_dir_lock_whose_note_blocks_still_refuses_within_the_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live holder's note on a hung file system: the second run is refused within the timeout, the note named."""
+    monkeypatch.setattr(log_tail, "TAIL_TIMEOUT_S", TIMEOUT_S)
+    release = threading.Event()
+    reads = Path.read_text
+
+    def blocking(path: Path, *args: Any, **kwargs: Any) -> str:
+        if path.name == LOCK_NAME:
+            release.wait(120)
+        return reads(path, *args, **kwargs)
+
+    lock_file = tmp_path / LOCK_NAME
+    lock_file.write_text('{"pid": 1, "command": "pdlaunch serve"}')
+    holder = os.open(lock_file, os.O_RDWR)
+    monkeypatch.setattr(Path, "read_text", blocking)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: flock refuses this process too
+        with pytest.raises(LogDirInUse) as refused:
+            _within(BOUND_S, lambda: LogDirLock(tmp_path).acquire(None))
+        assert (f"(its owner is unknown: {lock_file} could not be read within 0.5s (a hung file system?))"
+                in refused.value.message), refused.value.message
+    finally:
+        release.set()
+        os.close(holder)

@@ -22,6 +22,7 @@ srun wrapper adding --label) is skipped when these lines are read.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.log_tail import LogUnreadable, bounded_read
 
 _DEVICE = re.compile(r"node (\d+): device (cpu|cuda)\b")
 _SRUN_LABEL = re.compile(r"\s*\d+: ")  # srun --label: the task number, padded to the widest
+logger = logging.getLogger(__name__)
 HEAD_BYTES = 64 * 1024  # the device line comes before anything the node's launcher starts
 
 
@@ -74,11 +77,22 @@ def node_error(lines: list[str], node: int) -> str | None:
     return found[-1] if found else None
 
 
+def read_head(log_path: Path) -> str:
+    """The first HEAD_BYTES of `log_path`; blocks as the file system does."""
+    with open(log_path, "rb") as f:
+        return f.read(HEAD_BYTES).decode(errors="replace")
+
+
 def reported_device(log_path: Path, node: int) -> str | None:
-    """The device node `node`'s step said it serves on (device_line), or None while it has not said so."""
+    """The device node `node`'s step said it serves on (device_line), or None while it has not said so. Read on the
+    batch launcher's main thread, so within log_tail.TAIL_TIMEOUT_S (`bounded_read`): a log on a hung file system
+    counts as not said yet (logged, naming the file), never a launcher held in open() or read()."""
     try:
-        with open(log_path, "rb") as f:
-            head = f.read(HEAD_BYTES).decode(errors="replace")
+        head = bounded_read(log_path, lambda: read_head(log_path))
+    except LogUnreadable as exc:
+        if exc.waited:  # once per stuck read: the next polls are told at once while it is stuck
+            logger.warning("node %d's device line not read yet: %s", node, exc)
+        return None
     except OSError:
         return None
     for line in head.split("\n")[:-1]:  # whole lines only: srun may be writing the last one
