@@ -141,8 +141,9 @@ NOTES: dict[str, str] = {
     "stream_interval": "a positive integer (else a 400, stream or not); no effect on a whole answer (as vLLM); above "
                        "1 refused with 400 on a stream: a stream here sends each engine step's tokens as they come",
     "session_id": "no effect on the answer (as `user`)",
-    "skip_special_tokens": "chat with tools that may be called (`tool_choice` not `none`): false whatever was sent, "
-                           "as vLLM's tool parsers set it (see Tool calling)",
+    "skip_special_tokens": "chat with tools that may be called (`tool_choice` not `none`) on a checkpoint holding "
+                           "`<tool_call>` / `</tool_call>` as special tokens: false whatever was sent, as vLLM's "
+                           "hermes parser sets it (see Tool calling)",
     "spaces_between_special_tokens": "as vLLM with a fast tokenizer: `true` (the default) keeps the tokenizer's own "
                                      "joining, `false` (with `skip_special_tokens: false`) drops what it puts "
                                      "between two adjacent added tokens; byte-level BPE tokenizers (Llama 3, Qwen, "

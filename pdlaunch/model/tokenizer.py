@@ -104,6 +104,9 @@ def _bad_template(path: Path, what: str) -> PdlaunchError:
                          "or put the template in chat_template.jinja beside it, which is read instead")
 
 
+TOOL_CALL_MARKERS = ("<tool_call>", "</tool_call>")  # the hermes-style tool call's markers
+
+
 class Tokenizer:
     """Encode/decode and chat formatting for one checkpoint."""
 
@@ -145,6 +148,10 @@ class Tokenizer:
             eos.extend(_as_id_list(source.get("eos_token_id"), f"{where}:eos_token_id"))
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        # `<tool_call>` or `</tool_call>` held as a special added token (Hermes 2 Pro / Hermes 3 on Llama 3): decoding
+        # that skips special tokens strips them, so tool calling decodes with them (server/choices.py)
+        self.special_tool_call_markers: bool = any(token.special and token.content in TOOL_CALL_MARKERS
+                                                   for token in self._tok.get_added_tokens_decoder().values())
         self.chat_template: str | None = self._load_chat_template(directory, config)
 
     @staticmethod

@@ -86,10 +86,11 @@ class Choices:
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
         calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
-        if calling is not None and calling.mode != "none":
-            # vLLM's tool parsers (hermes' adjust_request): the output is decoded with its special tokens whenever tools
-            # may be called, whatever the client sent, as a checkpoint may hold `<tool_call>` / `</tool_call>` as
-            # special tokens (Hermes 2 Pro / 3 on Llama 3), which skipping would strip before the calls are parsed
+        if calling is not None and calling.mode != "none" and engine_loop.engine.tokenizer.special_tool_call_markers:
+            # vLLM's hermes parser (its adjust_request): the output is decoded with its special tokens whenever tools
+            # may be called, whatever the client sent, on a checkpoint that holds `<tool_call>` / `</tool_call>` as
+            # special tokens (Hermes 2 Pro / 3 on Llama 3), which skipping would strip before the calls are parsed.
+            # Every other checkpoint (Llama 3's llama3_json, Qwen's non-special markers) decodes as the client sent.
             params = params.model_copy(update={"skip_special_tokens": False})
         self.keep_logprobs = params.logprobs is not None
         sample_params = params if best_of == n or params.logprobs is not None else \

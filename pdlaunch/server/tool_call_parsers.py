@@ -53,9 +53,9 @@ def parse_auto(text: str, json_calls: bool = True) -> tuple[str | None, list[Jso
 
 
 def _without_python_tag(text: str) -> str:
-    """`text` without the Llama 3 `<|python_tag|>` that opens it: a special token, kept in the text decoded for tool
-    calling (server/choices.py), which vLLM's llama3_json parser never sees (it decodes skipping special tokens), so
-    its content never carries it."""
+    """`text` without the Llama 3 `<|python_tag|>` that opens it: a special token, in the decoded text only when it
+    keeps special tokens (the client sent skip_special_tokens false, or the checkpoint holds special tool-call markers:
+    server/choices.py); skipped by default, as vLLM's llama3_json parser sees the text, so its content has none."""
     start = len(text) - len(text.lstrip())
     return text[:start] + text[start:].removeprefix(PYTHON_TAG) if text[start:].startswith(PYTHON_TAG) else text
 

@@ -1,9 +1,10 @@
 """A checkpoint whose `<tool_call>` / `</tool_call>` are SPECIAL added tokens (Hermes 2 Pro / Hermes 3 on Llama 3
 repurpose reserved special tokens for them). The output was decoded with the request's skip_special_tokens (default
 true), so the markers vanished before the calls were parsed: a strict tool's call, which the grammar forced through
-`<tool_call>`, came back as content. As vLLM's tool parsers do (hermes' adjust_request), a request whose tools may be
-called (tool_choice not "none") is decoded with its special tokens, whatever skip_special_tokens the client sent;
-under "none" the client's choice (default: skipped) stands. An EOS still adds no text.
+`<tool_call>`, came back as content. As vLLM's hermes parser does (its adjust_request), on such a checkpoint a request
+whose tools may be called (tool_choice not "none") is decoded with its special tokens, whatever skip_special_tokens
+the client sent; under "none" the client's choice (default: skipped) stands. An EOS still adds no text. A checkpoint
+whose markers are not special (or that has none: Llama 3) decodes as the client sent, tools or not.
 
 Through a real instance's HTTP API: the tiny checkpoint with both markers as special tokens, a logit_bias towards
 `<tool_call>` then EOS (test_tool_strict_auto.py's)."""
@@ -82,3 +83,31 @@ def test_an_eos_adds_no_text_when_special_tokens_are_kept(url: str, checkpoint: 
     else:
         whole = _chat(url, checkpoint.name, body)
         assert (whole["message"]["content"], whole["finish_reason"]) == ("", "stop"), whole
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return marker_checkpoint(tmp_path_factory.mktemp("plain-markers"), special=False)
+
+
+@pytest.fixture(scope="module")
+def plain_url(plain_checkpoint: Path) -> Iterator[str]:
+    with marker_instance(plain_checkpoint, "plain-markers-0") as address:
+        yield address
+
+
+@pytest.mark.parametrize(("extra", "kept"), [({}, False), ({"skip_special_tokens": True}, False),
+                                             ({"skip_special_tokens": False}, True)],
+                         ids=["default", "skip-true-sent", "skip-false-sent"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_checkpoint_without_special_markers_decodes_as_the_client_sent(
+        plain_url: str, plain_checkpoint: Path, extra: dict[str, Any], kept: bool, stream: bool) -> None:
+    """Markers that are no special tokens (Qwen's), or none (Llama 3's llama3_json): nothing skipping would strip
+    from a call, so vLLM's parsers leave skip_special_tokens as sent (default: skipped). A special token the model
+    writes (here <|user|>) is skipped unless the client asked to keep it. It used to be kept for every tool-enabled
+    chat, and a Llama 3 answer then carried special tokens vLLM's never does."""
+    user = str(EOS_TOKEN_ID + 2)  # <|user|>: special, not a stop token
+    body = {"tools": [_tool("f", A, {})], "logit_bias": {user: 100.0}, "max_tokens": 3, **extra}
+    content = _streamed(plain_url, plain_checkpoint.name, body)[0] if stream else \
+        _chat(plain_url, plain_checkpoint.name, body)["message"]["content"]
+    assert content == ("<|user|>" * 3 if kept else ""), content
