@@ -33,15 +33,15 @@ venv: $(BIN)/pdlaunch
 demo-model: venv
 	$(BIN)/python -m pdlaunch.model.demo_model
 
-# Every CPU test: the unit tests, then the end-to-end (`e2e`: real deployments) and `slow` ones, a file
-# at a time per worker (--dist loadfile: a module's deployment fixture stays in one process), each on
-# TEST_WORKERS workers. Every test takes its ports from the free ones, so deployments side by side do not
-# meet. Three workers on 2 cores: with two, the CPUs sat idle ~50% of the unit phase and ~18% of the
-# end-to-end one (tests waiting on processes, sockets and timeouts; /proc/stat sampled, 2026-12-01).
-TEST_WORKERS ?= 3
+# Every CPU test: the unit tests on three workers, then the end-to-end (`e2e`: real deployments) and
+# `slow` ones on two, a file at a time per worker (--dist loadfile: a module's deployment fixture stays in
+# one process). Every test takes its ports from the free ones, so deployments side by side do not meet.
+# On 2 cores the unit phase left the CPUs idle ~50% with two workers (tests waiting on processes, sockets
+# and timeouts): 8:18 -> 6:29 with three; the end-to-end phase (~18% idle) was slower with three (18:04
+# with two, 19:33 with three). Fresh-clone CI runs, 2026-12-01.
 test: demo-model
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not gpu and not slow and not e2e" tests
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not gpu and (slow or e2e)" --durations=25 tests
+	$(BIN)/python -m pytest -q -n 3 -m "not gpu and not slow and not e2e" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not gpu and (slow or e2e)" --durations=25 tests
 
 # The inner loop: the unit tests, without the GPU tests, the end-to-end ones (`e2e`: real deployments)
 # and the ones marked slow (processes started, checkpoints compared with transformers), on two workers
