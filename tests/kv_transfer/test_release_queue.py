@@ -84,6 +84,16 @@ def hung() -> Iterator[socket.socket]:
         sock.close()
 
 
+def _running_push(ctx: LoadContext, i: int, hung: socket.socket, push_sent: bool) -> Load:
+    """Load r-i, a running push from prefill P (its side channel: the hung socket), sent or not yet."""
+    now = time.monotonic()
+    load = Load(f"r-{i}", RemoteKV(engine_id="P", request_id=f"p-{i}", host="127.0.0.1",
+                                   port=hung.getsockname()[1], block_ids=[[3]]),
+                [[(0, 3, 1)]], deadline=now + 60.0, started=now, state=LoadState.RUNNING)
+    load.strategy, load.push_sent = PushLoad(ctx), push_sent
+    return load
+
+
 def _answer(prefill: ConnectorProcess, rid: str) -> PrefillAnswer:
     hold, params = prefill.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True),
                                 [[5, 6, 7, 2, 9]])
@@ -227,11 +237,7 @@ def test_push_cancels_to_a_hung_prefill_leave_the_loader_threads_free(hung: sock
         stack.callback(ctx.releases.shutdown)
         table = LoadTable(ctx)
         for i in range(4):
-            now = time.monotonic()
-            load = Load(f"r-{i}", RemoteKV(engine_id="P", request_id=f"p-{i}", host="127.0.0.1",
-                                           port=hung.getsockname()[1], block_ids=[[3]]),
-                        [[(0, 3, 1)]], deadline=now + 60.0, started=now, state=LoadState.RUNNING)
-            load.strategy, load.push_sent = PushLoad(ctx), push_sent
+            load = _running_push(ctx, i, hung, push_sent)
             table.add(load)
             assert table.abort(load.request_id) is push_sent  # sent: a WRITE may land, the blocks drain
         next_load = executor.submit(lambda: None)
@@ -256,11 +262,7 @@ def test_a_dropped_push_cancel_names_what_it_costs(hung: socket.socket, push_sen
         table = LoadTable(ctx)
         with caplog.at_level(logging.WARNING, logger="pdlaunch.kv_transfer.decode.context"):
             for i in range(2):  # the second is past the cap: the first waits for the hung prefill
-                now = time.monotonic()
-                load = Load(f"r-{i}", RemoteKV(engine_id="P", request_id=f"p-{i}", host="127.0.0.1",
-                                               port=hung.getsockname()[1], block_ids=[[3]]),
-                            [[(0, 3, 1)]], deadline=now + 60.0, started=now, state=LoadState.RUNNING)
-                load.strategy, load.push_sent = PushLoad(ctx), push_sent
+                load = _running_push(ctx, i, hung, push_sent)
                 table.add(load)
                 table.abort(load.request_id)
         lines = [r.getMessage() for r in caplog.records if "not sent:" in r.getMessage()]

@@ -186,3 +186,12 @@ def steady_load(url: str) -> Iterator[list[tuple[float, int, str]]]:
     finally:
         stop.set()
         thread.join(60)
+
+
+def on_event_loop() -> bool:
+    """Whether the calling thread runs an event loop (a worker thread of asyncio.to_thread runs none)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

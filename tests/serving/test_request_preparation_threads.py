@@ -5,7 +5,6 @@ thread, where they cannot hold every other stream of the instance. A real instan
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,17 +13,9 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.server import completions, prompts
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import in_process_instance, on_event_loop
 
 TIMEOUT = 120.0  # a loaded 2-core machine
-
-
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # a worker thread (asyncio.to_thread) runs no event loop
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +36,11 @@ def where(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
     choices, tokenize = completions.Choices, prompts.tokenize
 
     def prepared(*args: Any) -> completions.Choices:
-        seen["choices"].append(_on_event_loop())
+        seen["choices"].append(on_event_loop())
         return choices(*args)
 
     def tokenized(tokenizer: Any, prompt: prompts.Prompt) -> list[int]:
-        seen["tokenize"].append(_on_event_loop())
+        seen["tokenize"].append(on_event_loop())
         return tokenize(tokenizer, prompt)
 
     monkeypatch.setattr(completions, "Choices", prepared)

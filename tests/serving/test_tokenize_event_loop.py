@@ -7,7 +7,6 @@ bounds /tokenize's body as it bounds every route's. A real instance (tiny model,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -23,18 +22,10 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server import chat_template, tokenize
 from pdlaunch.server.chat_request import MAX_CHAT_MESSAGES, ChatCompletionRequest
 from pdlaunch.server.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
-from tests.serving.helpers import ThreadServer, in_process_instance, tiny_colocated, wait_for
+from tests.serving.helpers import ThreadServer, in_process_instance, on_event_loop, tiny_colocated, wait_for
 
 TIMEOUT = 120.0  # a loaded 2-core machine
 LARGE_CHAT = [{"role": "user", "content": "a"}] * 20_000  # ~620 KB of JSON: past PARSE_INLINE_BYTES
-
-
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # a worker thread (asyncio.to_thread) runs no event loop
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +52,7 @@ class Where:
         seen = self.seen.setdefault(f"{owner.__name__}.{name}", [])
 
         def recording(this: Any, *args: Any, **kwargs: Any) -> Any:
-            seen.append(_on_event_loop())
+            seen.append(on_event_loop())
             return original(this, *args, **kwargs)
 
         self.monkeypatch.setattr(owner, name, recording)
@@ -71,7 +62,7 @@ class Where:
         seen = self.seen.setdefault(f"{owner.__name__}.{name}", [])
 
         def recording(cls: type, *args: Any, **kwargs: Any) -> Any:
-            seen.append(_on_event_loop())
+            seen.append(on_event_loop())
             return original(cls, *args, **kwargs)
 
         self.monkeypatch.setattr(owner, name, classmethod(recording))
@@ -81,7 +72,7 @@ class Where:
         seen = self.seen.setdefault(f"{module.__name__}.{name}", [])
 
         def recording(*args: Any, **kwargs: Any) -> Any:
-            seen.append(_on_event_loop())
+            seen.append(on_event_loop())
             return original(*args, **kwargs)
 
         self.monkeypatch.setattr(module, name, recording)
