@@ -16,6 +16,8 @@ from pdlaunch.metrics.buckets import FIRST_BYTE_BUCKETS
 from pdlaunch.proxy.instances import InstancePool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set for the workers of proxy.workers > 1 (workers.py)
+RETRY_REASONS = ("instance_gone", "stalled", "recompute")  # a prefill leg's; any other leg's only instance_gone
+MIGRATION_REASONS = ("died", "stalled")
 
 
 class ProxyMetrics:
@@ -63,6 +65,14 @@ class ProxyMetrics:
         self.prefix_matched_tokens = Counter(
             "pdlaunch_proxy_prefix_matched_tokens", "Prompt tokens the chosen instance caches already (its KV "
             "cache events), by role", ["role"], registry=self.registry)
+        # The series of every label value this proxy can count exist at 0 from the start: one that appears with its
+        # first event hides that event from rate() and increase() (an alert on migrations missed the first one).
+        for role in sorted({instance.role for instance in pool.instances}):
+            self.stalls.labels(role)
+            for reason in RETRY_REASONS if role == "prefill" else ("instance_gone",):
+                self.legs_retried.labels(role, reason)
+        for reason in MIGRATION_REASONS:
+            self.migrations.labels(reason)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.pool_registry = CollectorRegistry(auto_describe=False)  # this process's view, read at scrape time
