@@ -22,6 +22,9 @@ def test_each_direction_series_is_exported_at_zero_before_any_job() -> None:
     lines = set(done.stdout.splitlines())
     for direction in ("store", "load"):
         label = f'{{direction="{direction}"}}'
-        for series in ("pdlaunch_kv_offload_failed_jobs_total", "pdlaunch_kv_offload_bytes_total",
-                       "pdlaunch_kv_offload_seconds_count"):
+        for series in (
+            "pdlaunch_kv_offload_failed_jobs_total",
+            "pdlaunch_kv_offload_bytes_total",
+            "pdlaunch_kv_offload_seconds_count",
+        ):
             assert f"{series}{label} 0.0" in lines, (series, direction, done.stdout[-3000:])

@@ -14,8 +14,9 @@ def _lines(*instances: Instance) -> set[str]:
 
 
 def test_pd_proxy_exports_its_failure_counters_at_zero_before_any_request() -> None:
-    lines = _lines(Instance("prefill", "http://127.0.0.1:1", "prefill-0"),
-                   Instance("decode", "http://127.0.0.1:2", "decode-0"))
+    lines = _lines(
+        Instance("prefill", "http://127.0.0.1:1", "prefill-0"), Instance("decode", "http://127.0.0.1:2", "decode-0")
+    )
     for reason in ("died", "stalled"):
         assert f'pdlaunch_proxy_migrations_total{{reason="{reason}"}} 0.0' in lines
     for role in ("prefill", "decode"):
