@@ -104,8 +104,8 @@ class SchedulerAdmission(SchedulerState):
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, start, n))
             budget -= n
-            if not decode_row:
-                prompt_budget -= n
+            # A decode row spends the budget, not the cap: prompt tokens after it get what is left of either.
+            prompt_budget = min(prompt_budget if decode_row else prompt_budget - n, budget)
 
     def _starts_remote_load(self, request: Request) -> bool:
         """The connector has not seen the request yet and it asks for a remote prefill's KV (a PD decode leg)."""

@@ -356,3 +356,21 @@ def test_a_pd_request_whose_prefix_is_all_local_computes_later_within_the_cap() 
     assert ("d", 0) not in [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
     drain(s)
     assert d.finish_reason == "length" and s.block_manager.num_used_blocks() == 0
+
+
+def test_a_request_whose_kv_arrived_leaves_a_local_prompt_only_the_budget_it_left() -> None:
+    """A decode row (a PD request whose prompt's KV arrived) takes a token of the step's budget though not of its prompt
+    cap: a local prompt admitted after it gets what is left, so the step never exceeds max_num_batched_tokens (it did
+    by one per such row: 4 tokens in a step of 3)."""
+    conn = FakeConnector()
+    s = Scheduler(BlockManager(64, BS), max_num_seqs=8, max_num_batched_tokens=3, connector=conn)
+    s.add_request(req("a", 3, max_tokens=10))
+    step(s)  # a decodes from now on
+    s.add_request(req("d", 10, max_tokens=2, params={"do_remote_prefill": True}))
+    step(s)  # d's load starts
+    conn.events.finished_recving.add("d")
+    s.handle_connector_events(conn.get_finished())
+    s.add_request(req("b", 5, max_tokens=1))
+    out = step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("d", 1), ("b", 1)]
+    assert out.num_batched_tokens == 3
