@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.checkpoint_tensors import block_scales_without_block_size, load_tensor, missing_tensors
@@ -27,7 +28,7 @@ from pdlaunch.model.quant.config import QuantConfig
 from pdlaunch.model.quant.experts import ExpertDequantizer, keeps_experts
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.tp_split import check_split
-from pdlaunch.model.weight_files import read_header, safetensors_files, unreadable
+from pdlaunch.model.weight_files import REFETCH_HINT, read_header, safetensors_files, unreadable
 from pdlaunch.model.weight_loader import ShardId
 
 PROGRESS_BAR_MIN_BYTES = 1 << 30
@@ -68,6 +69,9 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]
                     yield name, f.get_tensor(name), file
         except SafetensorError as exc:
             raise unreadable(file, exc) from exc
+        except OSError as exc:  # safetensors' open: permission denied, an I/O error
+            raise PdlaunchError(f"{file} cannot be read ({exc.strerror or exc})", field="model.path",
+                                hint=REFETCH_HINT) from exc
 
 
 def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pdlaunch.errors import PdlaunchError
 
@@ -110,11 +111,14 @@ def safetensors_files(path: Path) -> list[Path]:
     a Mistral-format consolidated*.safetensors when other weight files are there)."""
     weight_map = index_map(path)
     if weight_map is not None:
+        for name, shard in weight_map.items():
+            _inside(path, name, shard)
         files = [path / name for name in sorted(set(weight_map.values()))]
         for file in files:
-            if not file.is_file():
+            if not file.exists() and not file.is_symlink():
                 raise PdlaunchError(f"{file} is missing (listed in {INDEX_FILE})", field="model.path",
                                     hint="copy every shard of the checkpoint")
+            _regular(file)
         return files
     files = sorted(path.glob("*.safetensors"))
     hf_files = [f for f in files if not f.name.startswith("consolidated")]
@@ -127,7 +131,35 @@ def safetensors_files(path: Path) -> list[Path]:
             hint=gguf_hint(path) or "pdlaunch loads safetensors only; convert .bin/.pt weights with transformers' "
                                     "save_pretrained",
         )
+    for file in files:
+        _regular(file)
     return files
+
+
+def _inside(path: Path, name: str, shard: str) -> None:
+    """An index entry's file: a relative path that stays inside the checkpoint directory `path` (vLLM joins it to
+    the directory as well). An absolute one, or one climbing out with `..`, had weights read from another
+    directory (or any file on the host); an empty one named the directory itself as "missing"."""
+    relative = PurePosixPath(shard)
+    if relative.parts and not relative.is_absolute() and ".." not in relative.parts:
+        return
+    raise PdlaunchError(f"{path / INDEX_FILE} lists tensor {name!r} in {shard!r}, which is not a file inside the "
+                        "checkpoint directory", field="model.path",
+                        hint="each weight_map entry names a shard by its path relative to the checkpoint directory "
+                             "(e.g. model-00001-of-00002.safetensors): restore the checkpoint's original index")
+
+
+def _regular(file: Path) -> None:
+    """A weight file that exists and is a regular file (a broken symlink, e.g. an HF cache snapshot whose blob was
+    removed, was a FileNotFoundError traceback at load; a directory, safetensors' "No such device" OSError)."""
+    if file.is_file():
+        return
+    if file.is_symlink():
+        raise PdlaunchError(f"{file} is a broken symlink (to {os.readlink(file)}, which does not exist)",
+                            field="model.path", hint="re-download the checkpoint: a weight file's target is gone")
+    raise PdlaunchError(f"{file} is not a regular file", field="model.path",
+                        hint="put the checkpoint's weight file there, or (without model.safetensors.index.json, "
+                             "where every *.safetensors is loaded) move it out of the directory")
 
 
 def _bad(file: Path, what: str) -> PdlaunchError:

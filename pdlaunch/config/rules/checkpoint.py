@@ -128,9 +128,9 @@ def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:
         except PdlaunchError as exc:
             problems.append(as_problem(exc))
     if weight_map is not None and not problems:
-        where = {(h.name, h.file.name) for h in headers}
+        where = {(h.name, h.file) for h in headers}
         for name, shard in sorted(weight_map.items()):
-            if (name, shard) not in where:
+            if (name, directory / shard) not in where:  # a shard in a subdirectory: its path, as the load opens it
                 problems.append(problem("model.path", f"model.safetensors.index.json puts {name!r} in {shard}, "
                                         "which does not hold it", "re-download the checkpoint: its shards and "
                                         "index do not match"))
