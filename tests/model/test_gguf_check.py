@@ -5,6 +5,7 @@ problem is one `--model` line with a fix; serve and the conversion refuse the fi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -148,3 +149,46 @@ def test_a_directory_holding_a_gguf_file_names_the_file_to_pass(llama_dir: Path,
     said = " ".join(result.output.split())
     assert f"the directory holds model-Q8_0.gguf: pass the .gguf file itself, --model {gguf}" in said
     assert ".bin/.pt" not in said
+
+
+@pytest.mark.parametrize(("method", "written", "said"), [
+    # a ZeroDivisionError traceback (hidden_size // head_count) in check-config, serve and the conversion
+    ("add_head_count", 0, "GGUF metadata llama.attention.head_count is 0, not a positive integer"),
+    # a per-layer list (llama.cpp writes one for models whose layers differ): int() of a list, a TypeError
+    ("add_head_count_kv", [2, 2], "GGUF metadata llama.attention.head_count_kv is [2, 2] (one value per layer"),
+    # passed the GGUF checks; the converted checkpoint was then refused naming a config.json the user never wrote
+    ("add_layer_norm_rms_eps", -1.0, "GGUF metadata llama.attention.layer_norm_rms_epsilon is -1.0, not a positive"),
+    ("add_rope_freq_base", 0.0, "GGUF metadata llama.rope.freq_base is 0.0, not a positive number"),
+    ("add_block_count", 0, "GGUF metadata llama.block_count is 0, not a positive integer"),
+], ids=["head_count-0", "head_count_kv-per-layer", "rms_epsilon-negative", "freq_base-0", "block_count-0"])
+def test_a_metadata_size_that_is_not_one_is_named(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   method: str, written: object, said: str) -> None:
+    import gguf
+
+    writer = getattr(gguf.GGUFWriter, method)
+    monkeypatch.setattr(gguf.GGUFWriter, method, lambda self, _value: writer(self, written))
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama")
+    result = _check(path)
+    assert_invalid(result, "--model", said)
+    assert len(_errors(result)) == 1 and "config.json" not in result.output, result.output
+    with pytest.raises(PdlaunchError, match=re.escape(said)):  # refused before any weight is dequantized
+        convert_gguf(path, tmp_path)
+
+
+def test_kv_heads_that_do_not_divide_the_heads_are_named_as_metadata(tmp_path: Path) -> None:
+    """head_count 4 over head_count_kv 3, with tensors of those shapes: the file's checks passed, and the load refused
+    the converted checkpoint naming config.json's num_key_value_heads, a file the user never wrote."""
+    hf_dir = make_llama(tmp_path / "hf", rope_scaling_llama3=False)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    import gguf
+
+    writer = gguf.GGUFWriter.add_head_count_kv
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, _value: writer(self, 3))
+        path = write_gguf(hf_dir, tmp_path / "m.gguf", "llama", edit=lambda name, v: np.concatenate(
+            [v, v[: v.shape[0] // 2]]) if name.endswith(("attn_k.weight", "attn_v.weight")) else v)
+    result = _check(path)
+    assert_invalid(result, "--model", "GGUF metadata llama.attention.head_count 4 is not a multiple of "
+                   "llama.attention.head_count_kv 3")
+    assert len(_errors(result)) == 1 and "config.json" not in result.output, result.output

@@ -113,9 +113,45 @@ def architecture(reader: GGUFReader) -> str:
     return str(arch)
 
 
+_DAMAGED_HINT = ("the file is damaged or was written by an unknown converter: re-download or re-convert it "
+                 "(llama.cpp's convert_hf_to_gguf.py)")
+
+
+def _size(reader: GGUFReader, key: str, default: int | None = None) -> int:
+    """The metadata integer `key`, at least 1 (`default` when absent; absent without one: a PdlaunchError). A 0 was a
+    ZeroDivisionError (head_count) or a model of empty shapes, a per-layer list a TypeError, each a traceback."""
+    found = value(reader, key)
+    if found is None:
+        if default is not None:
+            return default
+        raise PdlaunchError(f"GGUF metadata lacks {key}", field="model.path",
+                            hint="the file is incomplete or was written by an unknown converter")
+    if isinstance(found, bool) or not isinstance(found, int | np.integer) or found < 1:
+        per_layer = " (one value per layer, which pdlaunch does not load)" if isinstance(found, list) else ""
+        raise PdlaunchError(f"GGUF metadata {key} is {found!r}{per_layer}, not a positive integer",
+                            field="model.path", hint=_DAMAGED_HINT)
+    return int(found)
+
+
+def _positive(reader: GGUFReader, key: str, default: float | None = None) -> float:
+    """The metadata number `key`, finite and above 0 (`default` when absent; absent without one: a PdlaunchError):
+    a 0 or negative rms epsilon or rope base passed the file's checks, then the converted checkpoint was refused
+    naming a config.json the user never wrote."""
+    found = value(reader, key)
+    if found is None and default is not None:
+        return default
+    if found is None:
+        raise PdlaunchError(f"GGUF metadata lacks {key}", field="model.path",
+                            hint="the file is incomplete or was written by an unknown converter")
+    if isinstance(found, bool) or not isinstance(found, int | float | np.number) or not 0 < found < float("inf"):
+        raise PdlaunchError(f"GGUF metadata {key} is {found!r}, not a positive number", field="model.path",
+                            hint=_DAMAGED_HINT)
+    return float(found)
+
+
 def _rope_parameters(reader: GGUFReader, arch: str, head_dim: int) -> RopeParameters:
     """transformers 5 `rope_parameters`: plain, linear (metadata) or llama3 (the rope_freqs tensor)."""
-    theta = float(value(reader, f"{arch}.rope.freq_base", 10000.0))
+    theta = _positive(reader, f"{arch}.rope.freq_base", 10000.0)
     kind = value(reader, f"{arch}.rope.scaling.type", "none")
     factor = value(reader, f"{arch}.rope.scaling.factor")
     freqs = tensor(reader, ROPE_FREQS)
@@ -135,37 +171,31 @@ def _rope_parameters(reader: GGUFReader, arch: str, head_dim: int) -> RopeParame
 def hf_config(reader: GGUFReader) -> HFConfig:
     """config.json (transformers 5 layout) from the GGUF metadata. Raises PdlaunchError naming what is missing."""
     arch = architecture(reader)
-
-    def need(key: str) -> Any:
-        found = value(reader, f"{arch}.{key}")
-        if found is None:
-            raise PdlaunchError(f"GGUF metadata lacks {arch}.{key}", field="model.path",
-                                hint="the file is incomplete or was written by an unknown converter")
-        return found
-
-    heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
-    context = int(need("context_length"))
-    if context < 1:  # config.json's max_position_embeddings: the loader would refuse it under that name
+    heads, hidden = _size(reader, f"{arch}.attention.head_count"), _size(reader, f"{arch}.embedding_length")
+    context = value(reader, f"{arch}.context_length")
+    if isinstance(context, int) and context < 1:  # config.json's max_position_embeddings: named as such at load
         raise PdlaunchError(f"GGUF metadata {arch}.context_length is {context}; a model's context is at least 1 "
-                            "token", field="model.path",
-                            hint="the file is damaged or was written by an unknown converter: re-download or "
-                                 "re-convert it (llama.cpp's convert_hf_to_gguf.py)")
-    head_dim = int(value(reader, f"{arch}.attention.key_length", hidden // heads))
+                            "token", field="model.path", hint=_DAMAGED_HINT)
+    context = _size(reader, f"{arch}.context_length")
+    head_dim = _size(reader, f"{arch}.attention.key_length", hidden // heads or None)
+    kv_heads = _size(reader, f"{arch}.attention.head_count_kv", heads)
+    if heads % kv_heads:  # the converted config.json would be refused, naming a file the user never wrote
+        raise PdlaunchError(f"GGUF metadata {arch}.attention.head_count {heads} is not a multiple of "
+                            f"{arch}.attention.head_count_kv {kv_heads}", field="model.path", hint=_DAMAGED_HINT)
     tensor_names = {t.name for t in reader.tensors}
     embedding = tensor(reader, "token_embd.weight")
     # The embedding's rows are the model's vocabulary (a tokenizer may list fewer tokens, or none).
     vocab = (hf_shape(embedding)[0] if embedding is not None and len(embedding.shape) == 2 else
-             len(value(reader, "tokenizer.ggml.tokens", []) or []) or int(need("vocab_size")))
+             len(value(reader, "tokenizer.ggml.tokens", []) or []) or _size(reader, f"{arch}.vocab_size"))
     hf_arch, model_type = _HF_ARCH[arch]
     config: HFConfig = {
         "architectures": [hf_arch], "model_type": model_type,
-        "hidden_size": hidden, "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(value(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": head_dim, "intermediate_size": int(need("feed_forward_length")), "vocab_size": vocab,
+        "hidden_size": hidden, "num_hidden_layers": _size(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "intermediate_size": _size(reader, f"{arch}.feed_forward_length"), "vocab_size": vocab,
         "max_position_embeddings": context,
         "rope_parameters": _rope_parameters(reader, arch, head_dim),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")), "hidden_act": "silu",
+        "rms_norm_eps": _positive(reader, f"{arch}.attention.layer_norm_rms_epsilon"), "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": value(reader, "tokenizer.ggml.bos_token_id"),
