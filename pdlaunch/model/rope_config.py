@@ -42,8 +42,10 @@ def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeSc
     or rope_parameters`) and 4.x (which reads no rope_parameters): e.g. the YaRN rope_scaling Qwen's model cards
     say to add to config.json, added to a config.json transformers 5 wrote."""
     params, legacy = cfg.get("rope_parameters"), cfg.get("rope_scaling")
-    if isinstance(params, dict) and "rope_type" not in params and params and not legacy:
-        # Per-layer-type rope parameters (not used by the supported families).
+    if isinstance(params, dict) and not legacy and any(isinstance(v, dict) for v in params.values()):
+        # Per-layer-type rope parameters (not used by the supported families), nested under layer types. A flat dict
+        # without rope_type, {"rope_theta": 1000000.0}, is plain rope, as transformers 5 reads it (it was refused as
+        # "per-layer").
         raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
     key = "rope_parameters" if params is not None and not legacy else "rope_scaling"
     found = params if key == "rope_parameters" else legacy or {}

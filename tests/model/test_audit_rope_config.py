@@ -163,3 +163,13 @@ def test_a_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path:
     prompt = [507, 72, 366, 111, 44, 432, 108, 100, 33, 300, 301, 302, 303, 304, 305, 306]
     logits = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
     torch.testing.assert_close(logits, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
+
+
+def test_flat_rope_parameters_without_a_rope_type_are_plain_rope() -> None:
+    """transformers 5 reads a flat rope_parameters without rope_type as rope_type default (standardize_rope_params);
+    it was refused as "per-layer rope_parameters", which only a dict nested under layer types is."""
+    arch = parse_hf_config({**LLAMA_CONFIG, "rope_parameters": {"rope_theta": 1000000.0}})
+    assert arch.rope_theta == 1000000.0 and arch.rope_scaling is None
+    with pytest.raises(PdlaunchError, match="per-layer rope_parameters are not supported"):
+        parse_hf_config({**LLAMA_CONFIG, "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                              "sliding_attention": {"rope_type": "default"}}})
