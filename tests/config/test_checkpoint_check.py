@@ -180,6 +180,19 @@ def test_integer_weights_are_not_loadable(llama_ckpt: Path, tmp_path: Path) -> N
     assert_invalid(_check(model), "--model", "'model.norm.weight' in model.safetensors is int8, not a float")
 
 
+def test_unsigned_weights_are_one_problem_in_the_loads_words(llama_ckpt: Path, tmp_path: Path) -> None:
+    """A U16 tensor (U32, U64 alike) was "has dtype U16, which pdlaunch cannot load" and also "checkpoint lacks
+    tensor(s) model.norm.weight", which it holds; serve said "is uint16, not a float dtype"."""
+    model = _copy(llama_ckpt, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.uint16)
+    save_file(weights, model / "model.safetensors")
+    checked = _check(model)
+    assert_invalid(checked, "--model", "'model.norm.weight' in model.safetensors is uint16, not a float dtype")
+    assert len(_errors(checked)) == 1, checked.output
+    _serve_fails_the_same_way(model, checked)
+
+
 def test_shard_missing_or_not_holding_what_the_index_says(sharded_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(sharded_ckpt, tmp_path)
     index = json.loads((model / "model.safetensors.index.json").read_text())

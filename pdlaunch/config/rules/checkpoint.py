@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 # safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+                       "U64": "uint64"}
 MAX_TENSOR_PROBLEMS = 5  # a checkpoint of another model would otherwise print one line per tensor
 MAX_SCALE_BYTES = 1 << 20  # a block scale of a 65536 x 65536 weight is 1 MiB in float32
 
@@ -167,6 +168,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
             found.append(problem("model.path", f"tensor {header.name!r} in {header.file.name} has dtype "
                                  f"{header.dtype}, which pdlaunch cannot load", "use float32, bfloat16 or float16 "
                                  "weights, or FP8 (e4m3) ones with a quantization_config"))
+            seen.add(header.name)  # present, with the problem just named: not also "missing"
             continue
         try:
             scale = _scale_values(header, dtype)
