@@ -192,3 +192,23 @@ def test_kv_heads_that_do_not_divide_the_heads_are_named_as_metadata(tmp_path: P
     assert_invalid(result, "--model", "GGUF metadata llama.attention.head_count 4 is not a multiple of "
                    "llama.attention.head_count_kv 3")
     assert len(_errors(result)) == 1 and "config.json" not in result.output, result.output
+
+
+@pytest.mark.parametrize("method", ["add_bos_token_id", "add_eos_token_id"])
+def test_a_bos_or_eos_outside_a_byte_level_vocabulary_is_named(llama_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A byte-level BPE (gpt2) vocabulary's BOS or EOS id past its tokens passed check-config: the converted
+    checkpoint then had every request refused (the BOS put before each prompt lies outside the embedding) or no answer
+    stop at its EOS (an id never sampled). SentencePiece vocabularies were already refused so."""
+    import gguf
+
+    writer = getattr(gguf.GGUFWriter, method)
+    monkeypatch.setattr(gguf.GGUFWriter, method, lambda self, _value: writer(self, 100000))
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama")
+    key = method.removeprefix("add_")
+    said = f"GGUF tokenizer.ggml.{key} is 100000, outside the 512-token vocabulary"
+    result = _check(path)
+    assert_invalid(result, "--model", said)
+    assert len(_errors(result)) == 1, result.output
+    with pytest.raises(PdlaunchError, match=said):
+        convert_gguf(path, tmp_path)

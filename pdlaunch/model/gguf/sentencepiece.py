@@ -46,7 +46,8 @@ def _vocabulary(reader: GGUFReader, tokens: list[str]) -> tuple[list[float], lis
     return [float(score) for score in scores], [int(kind) for kind in types]
 
 
-def _special_id(reader: GGUFReader, key: str, count: int) -> int | None:
+def special_id(reader: GGUFReader, key: str, count: int) -> int | None:
+    """tokenizer.ggml.{key}_token_id, None when absent; one outside the `count`-token vocabulary is a damaged file."""
     index = value(reader, f"tokenizer.ggml.{key}_token_id")
     if index is None:
         return None
@@ -72,8 +73,8 @@ def sentencepiece_tokenizer_json(reader: GGUFReader, tokens: list[str]) -> dict[
     """tokenizer.json for a SentencePiece BPE vocabulary with byte fallback."""
     scores, types = _vocabulary(reader, tokens)
     for key in ("bos", "eos", "padding"):  # an id outside the vocabulary is a damaged file, not a missing token
-        _special_id(reader, key, len(tokens))
-    unk = _special_id(reader, "unknown", len(tokens))
+        special_id(reader, key, len(tokens))
+    unk = special_id(reader, "unknown", len(tokens))
     if unk is None:
         unk = next((i for i, kind in enumerate(types) if kind == UNKNOWN), None)
     added: list[JsonValue] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
@@ -101,7 +102,7 @@ def sentencepiece_tokenizer_json(reader: GGUFReader, tokens: list[str]) -> dict[
 
 def _post_processor(reader: GGUFReader, tokens: list[str]) -> dict[str, JsonValue] | None:
     """EOS appended when the metadata asks for it (BOS is the tokenizer config's add_bos_token)."""
-    eos = _special_id(reader, "eos", len(tokens))
+    eos = special_id(reader, "eos", len(tokens))
     if not value(reader, "tokenizer.ggml.add_eos_token", False):
         return None
     if eos is None:

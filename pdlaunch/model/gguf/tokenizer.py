@@ -13,7 +13,7 @@ from pydantic import JsonValue
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf.metadata import value
-from pdlaunch.model.gguf.sentencepiece import sentencepiece_tokenizer_json
+from pdlaunch.model.gguf.sentencepiece import sentencepiece_tokenizer_json, special_id
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -44,6 +44,10 @@ def tokenizer_json(reader: GGUFReader) -> dict[str, JsonValue]:
                             hint="pdlaunch rebuilds byte-level BPE (gpt2) and SentencePiece (llama) tokenizers "
                                  "from GGUF metadata; "
                                  "use an HF checkpoint directory with tokenizer.json for this model")
+    # an id outside the vocabulary is a damaged file (as for SentencePiece): a BOS there had every request refused
+    # after the conversion (check-config passed the file), an EOS there was never sampled, so no answer stopped at it
+    for key in ("bos", "eos"):  # padding and unknown ones outside it are left out (tokenizer_config)
+        special_id(reader, key, len(tokens))
     types: list[int] = list(value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges: list[JsonValue] = list(value(reader, "tokenizer.ggml.merges", []))
     added: list[JsonValue] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
