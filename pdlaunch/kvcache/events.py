@@ -1,11 +1,11 @@
 """KV cache events: what an instance tells the proxy about the full blocks it caches.
 
 An instance streams these as newline-delimited JSON from `GET /v1/kv_events`: first one `snapshot`
-(every cached block's chained hash), then a `stored` or `removed` event each time blocks enter or
-leave its prefix cache. Blocks are named by `prefix_cache.hash_block` chained from the prompt's
-first token, written as 32 hex digits, so the proxy can hash a prompt's token ids itself
-(`prompt_block_hashes`) and count how many leading blocks an instance already holds.
-An empty line is a heartbeat: an instance sends one after HEARTBEAT_S seconds without an event, so a
+(the cached blocks' chained hashes; a large cache's rest follows as `stored` events), then a `stored` or
+`removed` event each time blocks enter or leave its prefix cache. Blocks are named by
+`prefix_cache.hash_block` chained from the prompt's first token, written as 32 hex digits, so the proxy
+can hash a prompt's token ids itself (`prompt_block_hashes`) and count how many leading blocks an instance
+already holds. An empty line is a heartbeat: an instance sends one after HEARTBEAT_S seconds without an event, so a
 reader that hears nothing for several of them knows the stream is dead (a half-open connection, a
 stopped process) rather than merely quiet.
 """

@@ -1,9 +1,10 @@
 """What every instance caches, as the proxy follows its KV cache events (kvcache/events.py is the contract).
 
 One task per instance reads its `GET /v1/kv_events` (the internal token, as every call to an instance):
-newline-delimited JSON, first a `snapshot` (engine_id, block_size, every cached block's hash), then
-`stored` / `removed` events whose `seq` goes up by one. The task keeps that instance's set of cached
-block hashes (CachedBlocks). The set is known only between a snapshot and the end of its stream:
+newline-delimited JSON, first a `snapshot` (engine_id, block_size, the cached blocks' hashes; a large cache's
+rest follows as `stored` events: server/kv_events.py), then `stored` / `removed` events whose `seq` goes up by
+one. The task keeps that instance's set of cached block hashes (CachedBlocks). The set is known only between a
+snapshot and the end of its stream:
 
 - every line is validated with KV_EVENT; a line that is not a valid event, an event before the
   snapshot, or a seq gap (an event lost) forgets the set and re-opens the stream, whose first line is
@@ -45,8 +46,9 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 3 * HEARTBEAT_S  # no line, not even a heartbeat, for this long: the stream is dead
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
-# The longest line is a snapshot: 35 bytes per cached block ("<32 hex digits>",). 256 MiB names 7.6M blocks, more
-# than one instance's pool holds (an H200's 141 GB in 8-token fp8 blocks of a 0.5B model is under 3M).
+# The longest line is an older instance's snapshot (every cached hash on one line): 35 bytes per cached block
+# ("<32 hex digits>",). 256 MiB names 7.6M blocks, more than one instance's pool holds (an H200's 141 GB in
+# 8-token fp8 blocks of a 0.5B model is under 3M).
 MAX_LINE_BYTES = 256 << 20
 # The most hashes a set may hold whatever the stream says its cache has: as many as the longest snapshot line names.
 # An instance's own bound (the snapshot's num_blocks) is absent from older ones, and a broken or hostile one names

@@ -1,8 +1,12 @@
 """`GET /v1/kv_events`: the instance's KV cache events as newline-delimited JSON (kvcache/events.py).
 
-The stream opens with a `snapshot` (engine_id, block_size, every cached block's chained hash), then
-one `stored` or `removed` line per batch of changes as the engine makes them (kvcache/event_log.py),
-each with the next `seq`, and an empty line (heartbeat) after HEARTBEAT_S seconds without one. It
+The stream opens with a `snapshot` (engine_id, block_size, num_blocks and the chained hashes of the cached
+blocks, at most SNAPSHOT_HASHES_PER_LINE of them; the rest follow as `stored` lines of that many, seq 1, 2, ...),
+then one `stored` or `removed` line per batch of changes as the engine makes them (kvcache/event_log.py),
+each with the next `seq`, and an empty line (heartbeat) after HEARTBEAT_S seconds without one. The cache as of
+the subscription goes out in lines of bounded size, the event loop served between them: one line of every hash
+held the instance's event loop (every stream it serves) for seconds on a cache of a million blocks, to convert and
+write it, and the proxy's (every stream it relays) as long again to parse it. It
 ends when the client goes away, when the client falls behind by more
 than the log's bound (reconnect: a new snapshot follows), or when the engine stops; the client tells
 those apart only by reconnecting. Access is that of /info (http/auth.py): the API key, or the
@@ -17,7 +21,7 @@ proxy's, one per proxy worker) always open.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -37,6 +41,8 @@ NDJSON = "application/x-ndjson"
 HEADERS = {"Cache-Control": "no-cache"}
 ENGINE_CHECK_S = 1.0  # how often an idle stream checks that the engine still runs
 MAX_SUBSCRIBERS = 32  # the proxy's workers and a few routers of a few processes each
+# Cached hashes per line of the opening snapshot (module doc): ~140 KiB of JSON, a few ms to write or parse.
+SNAPSHOT_HASHES_PER_LINE = 4096
 
 
 async def kv_events(request: Request) -> Response:
@@ -55,21 +61,34 @@ async def kv_events(request: Request) -> Response:
     if request.method == "HEAD":  # what a GET would answer, less the stream: one never ends, nor its connection
         return Response(media_type=NDJSON, headers=HEADERS)
     subscriber, cached = log.subscribe(asyncio.get_running_loop())
-    snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
-                          hashes=[hash_hex(h) for h in cached],
-                          num_blocks=engine.block_manager.pools[engine.block_manager.event_group].num_blocks)
+    num_blocks = engine.block_manager.pools[engine.block_manager.event_group].num_blocks
+    opening = snapshot_lines(engine.engine_id, engine.block_size, num_blocks, cached)
 
     async def unsubscribe() -> None:
         log.unsubscribe(subscriber)
 
-    return ClosingStreamingResponse(_lines(request, engine_loop, log, subscriber, snapshot), on_close=unsubscribe,
+    return ClosingStreamingResponse(_lines(request, engine_loop, log, subscriber, opening), on_close=unsubscribe,
                                     headers=HEADERS, media_type=NDJSON)
 
 
+def snapshot_lines(engine_id: str, block_size: int, num_blocks: int, cached: list[int]) -> Iterator[KvEvent]:
+    """The cache as of the subscription (`cached`, chained hashes): a snapshot with its first
+    SNAPSHOT_HASHES_PER_LINE hashes, then `stored` events of as many, seq 1, 2, ... (module doc)."""
+    per_line = SNAPSHOT_HASHES_PER_LINE
+    yield KvSnapshot(seq=0, engine_id=engine_id, block_size=block_size, num_blocks=num_blocks,
+                     hashes=[hash_hex(h) for h in cached[:per_line]])
+    for seq, start in enumerate(range(per_line, len(cached), per_line), start=1):
+        yield KvStored(seq=seq, hashes=[hash_hex(h) for h in cached[start:start + per_line]])
+
+
 async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, subscriber: KvEventSubscription,
-                 snapshot: KvSnapshot) -> AsyncIterator[bytes]:
-    yield _line(snapshot)
+                 opening: Iterator[KvEvent]) -> AsyncIterator[bytes]:
     seq = 0
+    for event in opening:
+        if event.seq:  # let the event loop serve the instance's requests between two lines of a large cache
+            await asyncio.sleep(0)
+        seq = event.seq
+        yield _line(event)
     loop = asyncio.get_running_loop()
     last_line = loop.time()
     with DisconnectWatch(request) as watch:

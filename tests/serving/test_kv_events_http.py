@@ -13,7 +13,8 @@ import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.kvcache.events import KV_EVENT, KvSnapshot, hash_hex, prompt_block_hashes
+from pdlaunch.kvcache.events import KV_EVENT, KvSnapshot, KvStored, hash_hex, prompt_block_hashes
+from pdlaunch.proxy.kv_events import CachedBlocks
 from pdlaunch.server import kv_events
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, wait_for
@@ -139,3 +140,46 @@ def test_a_head_answers_the_headers_and_opens_no_stream(server: tuple[str, Engin
         # the same connection serves the next request: the HEAD's answer ended (a stream never did)
         assert client.get(f"{url}/health").status_code == 200
         assert events.num_subscribers == 0
+
+
+def test_a_large_cache_opens_the_stream_in_lines_of_bounded_size(server: tuple[str, EngineLoop],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache as of the subscription goes out as a snapshot of at most SNAPSHOT_HASHES_PER_LINE hashes and `stored`
+    lines of as many (one line of a million hashes held the instance's event loop, then the proxy's, for seconds);
+    the proxy's feed rebuilds the whole set from them, and the live events go on from the next seq."""
+    monkeypatch.setattr(kv_events, "SNAPSHOT_HASHES_PER_LINE", 2, raising=False)
+    url, loop = server
+    _complete(url, list(range(400, 490)))  # 90 tokens + 2: 5 full blocks of 16 cached
+    manager = loop.engine.block_manager
+    wait_for(lambda: len(manager.events.cached_counts()) >= 5, "the prompt's blocks to be cached", 30)
+    truth = {hash_hex(h) for h in manager.events.cached_counts()}  # the engine is idle: its whole cache
+    with httpx.stream("GET", f"{url}/v1/kv_events", headers=internal_headers(SECRET), timeout=60) as stream:
+        lines = (line for line in stream.iter_lines() if line)
+        cached = CachedBlocks()
+        snapshot = KV_EVENT.validate_json(next(lines))
+        assert isinstance(snapshot, KvSnapshot) and len(snapshot.hashes) == 2
+        assert cached.apply(snapshot) is None
+        while cached.hashes != truth:
+            event = KV_EVENT.validate_json(next(lines))
+            assert isinstance(event, KvStored) and 1 <= len(event.hashes) <= 2, event
+            assert cached.apply(event) is None  # seq 1, 2, ...: no gap
+        assert cached.seq == (len(truth) - 1) // 2
+        prompt = list(range(230, 270))  # new blocks: the live events follow the opening lines' seq
+        _complete(url, prompt)
+        while not set(prompt_block_hashes(prompt, BLOCK_SIZE)) <= cached.hashes:
+            assert cached.apply(KV_EVENT.validate_json(next(lines))) is None
+    assert cached.hashes == {hash_hex(h) for h in manager.events.cached_counts()}
+
+
+def test_the_opening_lines_name_the_whole_cache_in_bounded_lines() -> None:
+    cached = list(range(1, 10_001))
+    events = list(kv_events.snapshot_lines("e", BLOCK_SIZE, 20_000, cached))
+    assert [e.seq for e in events] == [0, 1, 2] and [len(e.hashes) for e in events] == [4096, 4096, 1808]
+    assert isinstance(events[0], KvSnapshot) and events[0].num_blocks == 20_000
+    assert all(isinstance(e, KvStored) for e in events[1:])
+    assert max(len(e.model_dump_json()) for e in events) < 4096 * 35 + 200
+    rebuilt = CachedBlocks()
+    assert all(rebuilt.apply(e) is None for e in events)
+    assert rebuilt.hashes == {hash_hex(h) for h in cached}
+    empty = list(kv_events.snapshot_lines("e", BLOCK_SIZE, 8, []))
+    assert len(empty) == 1 and isinstance(empty[0], KvSnapshot) and empty[0].hashes == []
