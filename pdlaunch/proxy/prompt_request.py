@@ -22,7 +22,7 @@ from pdlaunch.proxy.decode_leg import DecodeLeg
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.prefill_leg import NO_INSTANCE, Recompute, prompt_chars
-from pdlaunch.proxy.prefix import Choice, PromptBlocks
+from pdlaunch.proxy.prefix import Choice, PromptBlocks, queued
 from pdlaunch.proxy.translate import (
     client_limit_error,
     continues_from_first_token,
@@ -98,6 +98,9 @@ class PromptRequest(DecodeLeg):
         state = self.call.state
         choice = state.router.choose(role, prompt)
         if prompt is not None:
+            if state.router.by_prefix:  # what the score weighed, for the request's log line
+                self.legs.append(f"prefix {choice.instance.name} ({choice.matched_tokens} of {len(prompt.token_ids)} "
+                                 f"prompt tokens cached, {queued(choice.instance)} queued)")
             if choice.by_prefix:
                 state.proxy.metrics.prefix_routed.labels(role).inc()
             state.proxy.metrics.prefix_matched_tokens.labels(role).inc(choice.matched_tokens)

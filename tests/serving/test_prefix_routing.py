@@ -150,13 +150,20 @@ def test_the_proxy_follows_each_instance_with_the_internal_token(fleet: Any) -> 
     assert all(f.event_headers and set(f.event_headers) == {token} for f in fakes.values())
 
 
-def test_a_prompt_goes_to_the_longest_cached_prefix_and_is_counted(fleet: Any) -> None:
+def test_a_prompt_goes_to_the_longest_cached_prefix_and_is_counted(fleet: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     url, fakes, _ = fleet
     before = {name: len(f.requests) for name, f in fakes.items()}
     routed, matched = _metric(url, "pdlaunch_proxy_prefix_routed_total"), \
         _metric(url, "pdlaunch_proxy_prefix_matched_tokens_total")
-    answer = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=10)
+    with caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4},
+                            headers={"X-Request-Id": "long-1"}, timeout=10)
     assert answer.status_code == 200, answer.text
+    # the request's line says what each choice weighed, not only where it went
+    assert "request long-1 /v1/completions via prefix decode-0 (12 of 24 prompt tokens cached, 0 queued) -> pd " \
+        "(24 prompt tokens, 12 cached on decode-0, 12 uncached; disaggregate_min_tokens 12) -> prefix prefill-0 " \
+        "(16 of 24 prompt tokens cached, 0 queued) -> prefill-0 -> decode-0: ok" in caplog.text
     # decode-0 caches 3 blocks (12 tokens) of 24: 12 uncached >= 12, so PD; prefill-0 caches 4 blocks.
     assert answer.json()["choices"][0]["text"] == "from decode-0"
     got = {name: len(f.requests) - before[name] for name, f in fakes.items()}
@@ -175,8 +182,9 @@ def test_few_uncached_tokens_on_the_chosen_decode_run_there_alone(fleet: Any,
     with caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4},
                             headers={"X-Request-Id": "short-1"}, timeout=10)
-    assert "request short-1 /v1/completions via decode_only (12 prompt tokens, 8 cached on decode-1, 4 uncached; " \
-        "disaggregate_min_tokens 12) -> decode-1: ok" in caplog.text
+    assert "request short-1 /v1/completions via prefix decode-1 (8 of 12 prompt tokens cached, 0 queued) -> " \
+        "decode_only (12 prompt tokens, 8 cached on decode-1, 4 uncached; disaggregate_min_tokens 12) -> decode-1: ok" \
+        in caplog.text
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"] == "from decode-1"
     got = {name: len(f.requests) - before[name] for name, f in fakes.items()}
