@@ -172,7 +172,7 @@ class Tokenizer:
         except UnicodeEncodeError as exc:  # `tokenizers` would raise a bare TypeError
             raise PdlaunchError(f"the text holds a lone UTF-16 surrogate at character {exc.start}",
                                 field="prompt", hint="send valid Unicode") from None
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids  # encode holds the GIL
         bos = self.bos_token_id
         if not add_special_tokens or bos is None:
             return ids

@@ -64,8 +64,8 @@ class PromptTokens:
     """A request's prompt token ids as an instance computes them (a 400 for a prompt it would refuse). The text is
     encoded by pieces kept across requests (prompt_pieces.py): a conversation's turn encodes its new messages only.
     A prompt is tokenized on the event loop when what it leaves to encode is short, as an instance tokenizes one
-    (server/prompts.py: a worker thread's hand-over and return cost more, and tokenizers holds the GIL while it
-    encodes); a longer one, or a chat of many messages, in a worker thread."""
+    (server/prompts.py: a worker thread's hand-over and return cost more); a longer one, or a chat of many messages,
+    in a worker thread, while the event loop relays the other requests (Tokenizer.encode releases the GIL)."""
 
     def __init__(self, tokenizer_dir: Path, chat_template: str | None = None) -> None:
         self._tokenizer = Tokenizer(tokenizer_dir)

@@ -9,11 +9,11 @@ every templated field and one token each (_check_chat_size). Tokenizing and chat
 templating run off the engine thread, which only gets token ids: on the event loop for a request whose prompts
 hold at most INLINE_PROMPT_CHARS characters together (and, for a chat, INLINE_CHAT_MESSAGES messages), else each
 prompt in a worker thread (`asyncio.to_thread`). The thread's hand-over and return cost more than such a prompt's
-tokenizing (~0.3 ms on an idle 2-core CPU, several ms on a busy one), and it keeps the event loop no freer while
-the tokenizer encodes: `tokenizers` holds the GIL for the whole encode. What a thread interleaves with the event
-loop is a long chat's template rendering (Python) and the encodes of a list of prompts, one at a time, hence the
-bounds, on the request's prompts together: a list of 128 prompts of 8,192 characters each, every one short alone,
-held the event loop ~0.5 s when each short one was tokenized there.
+tokenizing (~0.3 ms on an idle 2-core CPU, several ms on a busy one). A thread leaves the event loop free while it
+encodes (Tokenizer.encode releases the GIL; `tokenizers`' own encode held it throughout: a 1.4M-character prompt
+stopped the event loop 8 s) and interleaves a long chat's template rendering (Python) with it. The bounds are on
+the request's prompts together: a list of 128 prompts of 8,192 characters each, every one short alone, held the
+event loop ~0.5 s when each short one was tokenized there.
 """
 
 from __future__ import annotations

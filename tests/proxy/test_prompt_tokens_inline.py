@@ -105,3 +105,34 @@ def test_a_clients_token_ids_that_no_model_has_are_not_hashed(prompt: list[int],
     assert (blocks is not None) == hashed and (blocks is None or blocks.token_ids == prompt)
     chat = asyncio.run(router.prompt(_chat([{"role": "user", "content": "hi"}]), chat=True))
     assert chat is not None and chat.token_ids == _instance_ids(_chat([{"role": "user", "content": "hi"}]), True)
+
+
+def test_a_long_prompt_encoded_in_a_worker_thread_leaves_the_event_loop_free() -> None:
+    """A long prompt goes to a worker thread so that the proxy's event loop relays every other stream meanwhile: the
+    tokenizer's encode held the GIL throughout, so the loop stood still for the whole encode (86 s for a 9M-character
+    prompt the instance would refuse by its size at once); the loop now runs while it encodes."""
+    tokens = PromptTokens(resolve_model_path("tiny"))
+    body = {"model": "tiny", "prompt": "hello world foo bar x1 " * 15_000}  # 345,000 characters: ~1 s here
+
+    async def encode() -> tuple[list[int], float, float]:
+        loop, gaps = asyncio.get_running_loop(), [0.0]
+
+        async def tick() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.005)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        ids = await tokens.ids(body, chat=False)
+        took = loop.time() - started
+        ticker.cancel()
+        return ids, took, max(gaps)
+
+    ids, took, longest_gap = asyncio.run(encode())
+    assert ids == _instance_ids(body, chat=False)
+    assert took > 0.2, f"the encode took {took:.2f}s: too short to tell a held loop from a free one"
+    assert longest_gap < took / 2, f"the event loop stood still {longest_gap:.2f}s of the encode's {took:.2f}s"
