@@ -58,18 +58,53 @@ def hash_hex(block_hash: int) -> str:
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[str]:
-    """Chained hashes of the prompt's full blocks, in order, as the instances name them: hash_block's, with the ids
-    packed once rather than per block (the proxy hashes every routed prompt; half the time of a block-by-block
-    hash_block)."""
-    packed = array("q", token_ids[: len(token_ids) // block_size * block_size]).tobytes()
-    step, head, hashes = 8 * block_size, b"\x00", []
-    for start in range(0, len(packed), step):
-        digest = hashlib.blake2b(head, digest_size=16)
-        digest.update(packed[start : start + step])
-        block = digest.digest()
-        head = b"\x01" + block  # the parent hash, as hash_block writes it: 16 little-endian bytes
-        hashes.append(block[::-1].hex())  # hash_hex of the little-endian integer
-    return hashes
+    """Chained hashes of the prompt's full blocks, in order, as the instances name them (PromptBlockHashes)."""
+    return PromptBlockHashes(token_ids, block_size).all()
+
+
+class PromptBlockHashes:
+    """A prompt's chained block hashes as the instances name them (hash_block's), computed only as far as they are
+    read: a match stops at its first miss, so a long prompt that an instance caches the start of costs the proxy's
+    event loop the hashes of that start, not one per block of the prompt (~0.1 s for 128K tokens). The ids are packed
+    PACK_BLOCKS blocks at a time rather than per block (half the time of a block-by-block hash_block)."""
+
+    PACK_BLOCKS = 64
+
+    def __init__(self, token_ids: list[int], block_size: int) -> None:
+        self._ids, self._block_size = token_ids, block_size
+        self.num_blocks = len(token_ids) // block_size
+        self._hashes: list[str] = []
+        self._head = b"\x00"
+
+    def matched(self, cached: set[str] | frozenset[str]) -> int:
+        """How many leading blocks are in `cached` (a chain stops at its first miss)."""
+        count = 0
+        while count < self.num_blocks:
+            if count == len(self._hashes):
+                self._extend()
+            if self._hashes[count] not in cached:
+                return count
+            count += 1
+        return count
+
+    def all(self) -> list[str]:
+        while len(self._hashes) < self.num_blocks:
+            self._extend()
+        return list(self._hashes)
+
+    def _extend(self) -> None:
+        """Hash the next PACK_BLOCKS blocks (or those left)."""
+        first, size = len(self._hashes), self._block_size
+        last = min(first + self.PACK_BLOCKS, self.num_blocks)
+        packed = array("q", self._ids[first * size : last * size]).tobytes()
+        step, head = 8 * size, self._head
+        for start in range(0, len(packed), step):
+            digest = hashlib.blake2b(head, digest_size=16)
+            digest.update(packed[start : start + step])
+            block = digest.digest()
+            head = b"\x01" + block  # the parent hash, as hash_block writes it: 16 little-endian bytes
+            self._hashes.append(block[::-1].hex())  # hash_hex of the little-endian integer
+        self._head = head
 
 
 def matched_blocks(prompt_hashes: list[str], cached: set[str] | frozenset[str]) -> int:

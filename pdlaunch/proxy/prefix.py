@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdlaunch.kvcache.events import matched_blocks, prompt_block_hashes
+from pdlaunch.kvcache.events import PromptBlockHashes
 from pdlaunch.proxy.bodies import Body, several_prompts
 from pdlaunch.proxy.disaggregate import PromptTokens
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -47,18 +47,20 @@ _ID_BOUND = 1 << 63  # block hashes pack token ids as int64 (kvcache/prefix_cach
 @dataclass
 class PromptBlocks:
     """A prompt's token ids and, per block size, the chained hashes of the blocks an instance may take from its
-    prefix cache (hashed once): the full blocks before the last token, which an instance always computes."""
+    prefix cache (each hashed once, and only as far as some instance's match reads): the full blocks before the
+    last token, which an instance always computes."""
 
     token_ids: list[int]
     reuses_cache: bool = True  # False: the request wants prompt logprobs, so an instance computes every token
-    _hashes: dict[int, list[str]] = field(default_factory=dict)
+    _hashes: dict[int, PromptBlockHashes] = field(default_factory=dict)
 
-    def hashes(self, block_size: int) -> list[str]:
+    def matched_blocks(self, block_size: int, cached: set[str] | frozenset[str]) -> int:
+        """How many of those blocks, from the first, are in `cached`."""
         if not self.reuses_cache:
-            return []
+            return 0
         if block_size not in self._hashes:
-            self._hashes[block_size] = prompt_block_hashes(self.token_ids[:-1], block_size)
-        return self._hashes[block_size]
+            self._hashes[block_size] = PromptBlockHashes(self.token_ids[:-1], block_size)
+        return self._hashes[block_size].matched(cached)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class PrefixRouter:
         cached = self.feed.usable(instance) if self.feed is not None and prompt is not None else None
         if cached is None or prompt is None:
             return 0
-        return matched_blocks(prompt.hashes(cached.block_size), cached.hashes) * cached.block_size
+        return prompt.matched_blocks(cached.block_size, cached.hashes) * cached.block_size
 
     def choose(self, role: str, prompt: PromptBlocks | None) -> Choice:
         """A ready instance of `role` for `prompt` (a 503 when there is none, as InstancePool.pick)."""

@@ -8,6 +8,7 @@ for a prompt the decode must compute a block of. A request for prompt logprobs t
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,32 @@ def test_a_prompt_whose_logprobs_are_asked_matches_nothing(body: dict[str, objec
         feed.cached["prefill-0"] = _cached_after([prompt.token_ids])[1]
     expected = (len(prompt.token_ids) - 1) // BS * BS if reuses else 0
     assert router.matched_tokens(instances[0], prompt) == expected
+
+
+def test_a_long_prompt_is_hashed_only_as_far_as_an_instance_caches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router hashes a prompt's blocks on the event loop, and a chain's match stops at its first miss: hashing
+    every block first held the proxy's event loop ~0.1 s for a 128K-token prompt (3 s for a 6.5M-token one the
+    instance refuses by its length) even where no instance cached more than its first blocks."""
+    from pdlaunch.kvcache import events
+
+    hashed = [0]
+    blake2b = events.hashlib.blake2b
+
+    class Counting:
+        @staticmethod
+        def blake2b(data: bytes, digest_size: int) -> Any:
+            hashed[0] += 1
+            return blake2b(data, digest_size=digest_size)
+
+    prompt = [7 + i % 400 for i in range(100_000)]  # 25,000 blocks of 4
+    _, cached = _cached_after([prompt[:12]])  # its first 12 tokens served: their 3 blocks cached
+    router, feed, instances = _router(["prefill-0"])
+    feed.cached["prefill-0"] = cached
+    monkeypatch.setattr(events, "hashlib", Counting)
+    blocks = PromptBlocks(prompt)
+    assert router.matched_tokens(instances[0], blocks) == 3 * BS
+    assert router.matched_tokens(instances[0], blocks) == 3 * BS  # asked again (another instance): hashed once
+    assert hashed[0] <= 128, f"{hashed[0]} blocks hashed to match 3"
+    whole = PromptBlocks(prompt[:40])  # a prompt cached further reads further: still the whole chain's hashes
+    feed.cached["prefill-0"] = CachedBlocks(set(events.prompt_block_hashes(prompt[:39], BS)), BS, "", 0)
+    assert router.matched_tokens(instances[0], whole) == 36
