@@ -112,9 +112,8 @@ def test_a_long_prompt_encoded_in_a_worker_thread_leaves_the_event_loop_free() -
     tokenizer's encode held the GIL throughout, so the loop stood still for the whole encode (86 s for a 9M-character
     prompt the instance would refuse by its size at once); the loop now runs while it encodes."""
     tokens = PromptTokens(resolve_model_path("tiny"))
-    body = {"model": "tiny", "prompt": "hello world foo bar x1 " * 15_000}  # 345,000 characters: ~1 s here
 
-    async def encode() -> tuple[list[int], float, float]:
+    async def encode(body: dict[str, Any]) -> tuple[list[int], float, float]:
         loop, gaps = asyncio.get_running_loop(), [0.0]
 
         async def tick() -> None:
@@ -132,7 +131,13 @@ def test_a_long_prompt_encoded_in_a_worker_thread_leaves_the_event_loop_free() -
         ticker.cancel()
         return ids, took, max(gaps)
 
-    ids, took, longest_gap = asyncio.run(encode())
+    # 345,000 characters take ~1 s on a loaded 2-core machine; a faster one gets a longer prompt, so that the encode
+    # lasts long enough to tell a held loop from a free one
+    for repeats in (15_000, 60_000, 240_000):
+        body = {"model": "tiny", "prompt": "hello world foo bar x1 " * repeats}
+        ids, took, longest_gap = asyncio.run(encode(body))
+        if took > 0.2:
+            break
     assert ids == _instance_ids(body, chat=False)
     assert took > 0.2, f"the encode took {took:.2f}s: too short to tell a held loop from a free one"
     assert longest_gap < took / 2, f"the event loop stood still {longest_gap:.2f}s of the encode's {took:.2f}s"
