@@ -72,13 +72,16 @@ def check_fits_served(cfg: ServeBenchConfig, served: ServedModel) -> None:
     output = _longest(cfg.random_output_len, ratio)
     if prompt + output <= limit:
         return
-    flag = "--input-lens" if cfg.input_lens else "--random-input-len"
-    fits = max(0, limit - output) if cfg.input_lens else _largest_input_len(limit - output, ratio)
+    prompt_flag = "--input-lens" if cfg.input_lens else "--random-input-len"
+    # 0: the outputs alone leave no room for a prompt, which is --random-output-len's to mend (a negative length read
+    # `pass --random-input-len -88 or less`)
+    fits = max(0, limit - output if cfg.input_lens else _largest_input_len(limit - output, ratio))
+    flag = prompt_flag if fits else "--random-output-len"
     lengths = "lengths of " if cfg.input_lens else ""
     # A word prompt of `fits` words may still be longer in tokens: the hint says so rather than promise a fit.
     bound = (f"below {fits} (a word is a token or more, and a chat template adds its own)" if words
              else f"{fits} or less")
-    hint = (f"pass {flag} {lengths}{bound} with this --random-output-len, or a smaller --random-output-len"
+    hint = (f"pass {prompt_flag} {lengths}{bound} with this --random-output-len, or a smaller --random-output-len"
             if fits else "pass a smaller --random-output-len")
     raise PdlaunchError(
         f"prompts of up to {prompt} tokens + outputs of up to {output} (--random-output-len) need {at_least}"

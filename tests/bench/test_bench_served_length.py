@@ -4,6 +4,7 @@ against the CPU example's max_model_len 1024 had every request fail with a 400 a
 
 from __future__ import annotations
 
+import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -107,3 +108,19 @@ def test_a_model_named_with_model_is_checked_against_its_own_entry() -> None:
     assert result.exit_code == 1, result.output
     assert seen == []
     assert f"max_model_len 32 that {url}/v1/models lists for '{MODEL}'" in " ".join(result.output.split())
+
+
+
+@pytest.mark.parametrize("lengths", [["--random-output-len", "600"],
+                                     ["--random-output-len", "400", "--random-range-ratio", "0.5"]])
+def test_outputs_alone_past_the_limit_name_the_output_flag_and_no_negative_length(lengths: list[str]) -> None:
+    """Outputs of up to 600 tokens against a max_model_len of 512 leave no room for any prompt: the hint said `pass
+    --random-input-len -88 or less` (-59 with the ratio), a length no flag takes, under a --random-input-len field."""
+    with fake_server(max_model_len=512) as (url, seen):
+        result = _serve(url, "--num-prompts", "2", "--random-input-len", "16", *lengths)
+    assert result.exit_code == 1, result.output
+    assert seen == []
+    text = " ".join(result.output.split())
+    assert "--random-output-len: prompts of up to" in text
+    assert "(pass a smaller --random-output-len)" in text
+    assert "or less" not in text
