@@ -110,12 +110,15 @@ class ServeBenchConfig(BaseModel):
     @classmethod
     def _endpoint_path(cls, endpoint: str) -> str:
         """A path under --base-url ending in completions: "" or a whole URL was sent to the server's root or to
-        `BASE/http://...`, and failed later as every request's error without naming this flag."""
-        path = endpoint.strip().rstrip("/")
+        `BASE/http://...`, and failed later as every request's error without naming this flag. Returned as the path
+        it was checked as (one leading slash, no blanks, no trailing slash): sent as typed, `/v1/completions/` had
+        every request answered with a redirect the client does not follow (`HTTP 307: `), and ` /v1/completions`
+        with a 404."""
+        path = endpoint.strip().strip("/")
         if "://" in path or not path.endswith("completions"):
             raise ValueError(f"{endpoint!r} is not an OpenAI completions path; give /v1/completions or "
                              "/v1/chat/completions (the server's address goes in --base-url)")
-        return endpoint
+        return "/" + path
 
     @field_validator("model")
     @classmethod

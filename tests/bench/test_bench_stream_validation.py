@@ -5,9 +5,11 @@ completions path and an empty --model are refused naming the flag."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +94,18 @@ def test_a_bad_endpoint_or_model_is_refused_before_a_request(args: list[str], sa
     assert code == 1, text
     assert f"error: {said.format(url=url)}" in text, text
     assert seen == []
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions/", " /v1/completions", "v1/chat/completions/ "])
+def test_an_endpoint_the_check_accepts_is_sent_as_that_path(endpoint: str, tmp_path: Path) -> None:
+    """A trailing slash or blank passed the --endpoint check (it looks at the path stripped) but was sent as typed:
+    every request failed with `HTTP 307: ` (the server's redirect to the path without the slash, which the client
+    does not follow) or a 404 for `/ /v1/completions`."""
+    out = tmp_path / "r.json"
+    with fake_server() as (url, seen):
+        result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, *SMALL, "--endpoint", endpoint,
+                                                "--result-filename", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["completed"] == 2 and doc["endpoint"] == "/" + endpoint.strip().strip("/")
+    assert len(seen) == 2
