@@ -41,7 +41,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
-from pdlaunch.bench.openai_client import resolve_model, send_request
+from pdlaunch.bench.openai_client import CONNECT_TIMEOUT_S, resolve_model, send_request
 from pdlaunch.bench.report import (
     RequestResult,
     ServeDoc,
@@ -186,7 +186,7 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
                                                                   dict[str, float | None]]:
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0),
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=CONNECT_TIMEOUT_S),
                                  headers=cfg.headers) as client:
         served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
         check_fits_served(cfg, served)

@@ -23,6 +23,7 @@ from pdlaunch.errors import PdlaunchError
 CUT_SHORT = frozenset({"abort", "error"})
 OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
 ERROR_BODY_CHARS = 300  # of an error answer's body, in a request's error
+CONNECT_TIMEOUT_S = 30.0  # to open a connection (--request-timeout bounds the whole request)
 _TAG = re.compile(r"<[^>]*>")
 # What a page holds that is not its text: CSS and scripts (a head's <style> filled the line before the page's words)
 # and comments, whose contents may hold `>` or tags of their own
@@ -146,6 +147,10 @@ async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: 
     result.start = st - bench_start
     try:
         chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st, on_choice), cfg.request_timeout)
+    except httpx.ConnectTimeout:  # its own limit, which ran out before --request-timeout's
+        result.error = (f"could not connect to {cfg.url} within {CONNECT_TIMEOUT_S:g}s (the server accepted no "
+                        "connection in that time: overloaded, or an address that drops connections)")
+        return result
     except (asyncio.TimeoutError, httpx.TimeoutException):
         result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
         return result

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdlaunch.bench.openai_client import resolve_model, send_request
+from pdlaunch.bench.openai_client import CONNECT_TIMEOUT_S, resolve_model, send_request
 from pdlaunch.bench.plots import require_matplotlib, write_plots
 from pdlaunch.bench.report import (
     BenchMetrics,
@@ -89,7 +89,7 @@ def frozen_heap() -> Iterator[None]:
 
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestResult], float, str]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
+    timeout = httpx.Timeout(cfg.request_timeout, connect=CONNECT_TIMEOUT_S)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=cfg.headers) as client:
         served = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
         check_fits_served(cfg, served)

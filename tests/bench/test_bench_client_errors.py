@@ -1,0 +1,38 @@
+"""How one `bench serve` request's failure reads: the time it says it waited is the one that ran out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from pdlaunch.bench.openai_client import CONNECT_TIMEOUT_S, send_request
+from pdlaunch.bench.report import RequestResult
+from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload import BenchRequest
+
+
+def _send(handler: httpx.MockTransport) -> RequestResult:
+    cfg = ServeBenchConfig(base_url="http://127.0.0.1:8000", request_timeout=600.0)
+
+    async def one() -> RequestResult:
+        async with httpx.AsyncClient(transport=handler) as client:
+            return await send_request(client, cfg, "m", BenchRequest(prompt=[11, 12], prompt_len=2, output_len=2),
+                                      0.0)
+
+    return asyncio.run(one())
+
+
+def test_a_connect_timeout_says_the_connect_wait_not_the_request_timeout() -> None:
+    """The connection's own limit (CONNECT_TIMEOUT_S) ran out: the error said `timed out after 600s waiting for URL
+    to finish a request` after 30 s, pointing at --request-timeout and at a server that was slow to answer."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    result = _send(httpx.MockTransport(refuse))
+    assert not result.success
+    assert "600" not in result.error
+    assert result.error == (f"could not connect to http://127.0.0.1:8000/v1/completions within {CONNECT_TIMEOUT_S:g}s "
+                            "(the server accepted no connection in that time: overloaded, or an address that drops "
+                            "connections)")
