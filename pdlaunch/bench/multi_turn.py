@@ -20,7 +20,8 @@ before and after (pdlaunch's proxy serves every instance's series) and reports p
 - prompt tokens computed: `pdlaunch_prompt_tokens_computed_total` over all instances (what no prefix cache
   and no KV transfer supplied, prefill and decode instances alike);
 - KV bytes moved: `pdlaunch_kv_transfer_bytes_total` over all instances.
-Both are None for a server that does not export them (vLLM). Nothing else may use the deployment meanwhile.
+Both are None for a server that does not export them (vLLM), and when either read failed. Nothing else may use
+the deployment meanwhile.
 """
 
 from __future__ import annotations
@@ -167,19 +168,19 @@ class _Conversation:
                 self.ids += answer.ids
 
 
-async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[str, float | None]:
-    """The deployment's COUNTERS summed over every instance (None: not exported, or no Prometheus /metrics)."""
-    out: dict[str, float | None] = dict.fromkeys(COUNTERS)
+async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[str, float | None] | None:
+    """The deployment's COUNTERS summed over every instance (a counter None: not on the page, as a labelled one is
+    until it first counts); None when /metrics could not be read (no answer, not 200, not Prometheus text)."""
     try:
         response = await client.get(cfg.base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30.0)
     except httpx.HTTPError:
-        return out
+        return None
     if response.status_code != 200:
-        return out
+        return None
     try:
         sums = sum_samples(response.text, COUNTERS.values())
     except ValueError:  # not Prometheus text (a gateway's page): nothing exported
-        return out
+        return None
     return {key: sums[name] for key, name in COUNTERS.items()}
 
 
@@ -208,7 +209,10 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
             await asyncio.gather(*(c.run(client, model, start, float(o)) for c, o in zip(conversations, offsets)))
         duration = time.perf_counter() - start
         after = await _counters(client, cfg)
-    delta = {k: (after[k] or 0.0) - (before[k] or 0.0) if after[k] is not None else None for k in COUNTERS}
+    # None unless both pages were read: the page after alone counts everything since the deployment started
+    delta: dict[str, float | None] = dict.fromkeys(COUNTERS)
+    if before is not None and after is not None:
+        delta = {k: None if (total := after[k]) is None else total - (before[k] or 0.0) for k in COUNTERS}
     return conversations, duration, model, delta
 
 

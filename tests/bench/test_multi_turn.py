@@ -160,3 +160,23 @@ def test_a_metrics_page_that_is_not_prometheus_text_reports_nothing_exported(tmp
     with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
         summary = _run(fake.url, tmp_path)
     assert summary["prompt_tokens_computed_per_request"] is None and summary["kv_bytes_moved_per_request"] is None
+
+
+def test_a_metrics_read_that_failed_before_the_run_reports_no_delta(tmp_path: Path) -> None:
+    """The read before the run failed (a 503 here) and the one after did not: the "delta" was the after-run totals
+    themselves, everything counted since the deployment started (here 177 tokens a request, not the run's 10)."""
+    server = _Server()
+    reads = [0]
+
+    async def unavailable_first() -> Any:
+        reads[0] += 1
+        if reads[0] == 1:
+            return PlainTextResponse("busy\n", status_code=503)
+        return await server.metrics()
+
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", "") != "/metrics"]
+    server.app.get("/metrics")(unavailable_first)
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        summary = _run(fake.url, tmp_path)
+    assert reads[0] == 2
+    assert summary["prompt_tokens_computed_per_request"] is None and summary["kv_bytes_moved_per_request"] is None
