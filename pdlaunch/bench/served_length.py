@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload import length_range
 from pdlaunch.errors import PdlaunchError
 
 
@@ -29,12 +30,12 @@ def listed_max_model_len(entry: object) -> int | None:
 
 def _longest(mean: int, ratio: float) -> int:
     """The longest length workload.py draws around `mean` (uniform in mean * [1 - ratio, 1 + ratio])."""
-    return max(1, math.ceil(mean * (1 + ratio)))
+    return length_range(mean, ratio)[1]
 
 
 def _largest_input_len(room: int, ratio: float) -> int:
     """The largest --random-input-len whose longest draw is at most `room` tokens (0: none is)."""
-    length = math.floor(room / (1 + ratio))
+    length = math.floor(room / (1 + ratio)) + 1  # one above: the quotient may sit a rounding error below a fit
     while length > 0 and _longest(length, ratio) > room:
         length -= 1
     return length

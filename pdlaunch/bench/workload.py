@@ -26,9 +26,16 @@ class BenchRequest:
     return_token_ids: bool = False  # ask for the output's token ids (multi_turn.py)
 
 
+def length_range(mean: int, ratio: float) -> tuple[int, int]:
+    """The shortest and longest length drawn around `mean`: mean * [1 - ratio, 1 + ratio] rounded outwards to whole
+    tokens, the products first rounded off their floating-point error (100 * (1 + 0.1) is 110.00000000000001,
+    whose ceiling drew 111-token lengths)."""
+    low = max(1, math.floor(round(mean * (1 - ratio), 9)))
+    return low, max(low, math.ceil(round(mean * (1 + ratio), 9)))
+
+
 def _lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    low = max(1, math.floor(mean * (1 - ratio)))
-    high = max(low, math.ceil(mean * (1 + ratio)))
+    low, high = length_range(mean, ratio)
     return rng.integers(low, high + 1, size=n)
 
 

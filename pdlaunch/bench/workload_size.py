@@ -5,9 +5,8 @@ the kernel after minutes of drawing, with no word of which flag to lower."""
 
 from __future__ import annotations
 
-import math
-
 from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
+from pdlaunch.bench.workload import length_range
 from pdlaunch.config.rules.host_memory import available_memory_bytes
 from pdlaunch.errors import PdlaunchError
 
@@ -33,7 +32,7 @@ def tokens_held(cfg: ServeBenchConfig) -> int:
     if cfg.multi_turn:
         history = cfg.system_prompt_len + cfg.num_turns * cfg.random_input_len + cfg.answers_len
         return cfg.num_conversations * history
-    longest = max(cfg.input_lens) if cfg.input_lens else math.ceil(cfg.random_input_len * (1 + cfg.random_range_ratio))
+    longest = max(cfg.input_lens) if cfg.input_lens else length_range(cfg.random_input_len, cfg.random_range_ratio)[1]
     return (cfg.num_prompts + cfg.num_warmups) * longest
 
 

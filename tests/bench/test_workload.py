@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
-from pdlaunch.bench.workload import arrival_times, sample_requests
+from pdlaunch.bench.workload import arrival_times, length_range, sample_requests
 
 
 def test_arrivals_count_and_order() -> None:
@@ -82,3 +82,17 @@ def test_input_lens_give_each_length_an_equal_share_in_a_seeded_order() -> None:
 def test_input_lens_refuse_the_flags_they_replace(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServeBenchConfig(base_url="http://x", input_lens=[64, 3072], **extra)
+
+
+@pytest.mark.parametrize(("mean", "ratio", "low", "high"), [(100, 0.1, 90, 110), (1000, 0.1, 900, 1100),
+                                                            (10, 0.7, 3, 17), (80, 0.2, 64, 96)])
+def test_range_ratio_bounds_are_the_asked_products_not_their_rounding_error(mean: int, ratio: float, low: int,
+                                                                            high: int) -> None:
+    """100 x (1 + 0.1) is 110.00000000000001 in floating point, and its ceiling drew 111-token lengths (and the
+    served-length check counted 111): the range is mean x [1 - ratio, 1 + ratio] as typed."""
+    cfg = ServeBenchConfig(base_url="http://x", random_input_len=mean, random_output_len=mean,
+                           random_range_ratio=ratio)
+    reqs = sample_requests(cfg, 2000, np.random.default_rng(0))
+    for lengths in ([r.prompt_len for r in reqs], [r.output_len for r in reqs]):
+        assert (min(lengths), max(lengths)) == (low, high)
+    assert length_range(mean, ratio) == (low, high)  # what the served-length check counts
