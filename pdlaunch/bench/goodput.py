@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, JsonValue
 
 from pdlaunch.bench.engine_load import LONG_GAP_S, EngineLoad
+from pdlaunch.bench.flag_numbers import shown
 from pdlaunch.bench.matmul_ceiling import PrefillShare
 from pdlaunch.bench.report import MS_PER_S, ServeDoc
 
@@ -25,8 +26,8 @@ class Slo(BaseModel):
     tpot_ms: float = Field(gt=0)
 
     def as_goodput_specs(self) -> list[str]:
-        """The same SLOs as `bench serve --goodput` takes them."""
-        return [f"ttft:{self.ttft_ms:g}", f"tpot:{self.tpot_ms:g}"]
+        """The same SLOs as `bench serve --goodput` takes them, every digit kept (`:g` made 12.3456789 12.3457)."""
+        return [f"ttft:{shown(self.ttft_ms)}", f"tpot:{shown(self.tpot_ms)}"]
 
 
 def request_tpot_s(ttft_s: float, e2el_s: float, output_len: int) -> float:

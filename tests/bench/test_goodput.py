@@ -15,6 +15,7 @@ from pdlaunch.bench.goodput import (
     rate_point,
     request_tpot_s,
 )
+from pdlaunch.bench.report import parse_goodput
 
 SLO = Slo(ttft_ms=400, tpot_ms=15)
 
@@ -96,3 +97,11 @@ def test_rate_point_counts_the_clients_token_gaps_of_50_ms_or_more() -> None:
     doc["itls"] = [[0.008, "slow"], []]
     with pytest.raises(ValueError, match="itls"):
         count_long_gaps(doc)
+
+
+def test_the_slos_handed_to_bench_serve_are_the_ones_given() -> None:
+    """`bench compare --tpot-slo-ms 12.3456789` ran each rate's `bench serve` with tpot:12.3457 (`:g` keeps six
+    digits), so the raw documents' request_goodput and goodput_slos_ms held a rounded SLO beside compare's own."""
+    slo = Slo(ttft_ms=1234567.0, tpot_ms=12.3456789)
+    assert parse_goodput(slo.as_goodput_specs()) == {"ttft": 1234567.0, "tpot": 12.3456789}
+    assert Slo(ttft_ms=400, tpot_ms=15).as_goodput_specs() == ["ttft:400", "tpot:15"]
