@@ -186,9 +186,12 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
         raise PdlaunchError(f"the {kind} deployment lost a process: {exc.message}",
                             hint=f"its log: {exc.child.log_path}") from None
     except PdlaunchError as exc:
-        # A rate's error names `bench serve`'s flags (--base-url), which compare has not: only start keeps its field.
+        # A rate's error and its hint name `bench serve`'s flags (--base-url; 'check --model, --endpoint and the server
+        # log' when every warmup failed), which compare has not or means otherwise: only start keeps both.
+        started = stage != "did not start"
         raise PdlaunchError(f"the {kind} deployment ({run.description}) {stage}: {exc.message}",
-                            field=exc.field if stage == "did not start" else None, hint=exc.hint) from None
+                            field=None if started else exc.field,
+                            hint=f"the deployment's logs: {config.log_dir}" if started else exc.hint) from None
     finally:
         run.pids = [c.pid for c in deployment.children if c.pid is not None]  # those a failed start left, too
         probe.close()

@@ -111,3 +111,22 @@ def test_an_out_path_that_is_a_file_names_out(tmp_path: Path) -> None:
         assert result.exit_code == 1, result.output
         text = " ".join(result.output.split())
         assert "error: --out:" in text and "--log-dir" not in text
+
+
+def test_a_rate_whose_warmups_all_failed_points_at_the_logs_not_at_serve_flags(monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    """bench serve's hint for it, 'check --model, --endpoint and the server log', named a flag compare has not
+    (--endpoint) and one that is the checkpoint here (--model), and no log: the hint is now the deployment's logs."""
+    def measure(*_: Any) -> Any:
+        raise PdlaunchError("every warmup request failed; first error: HTTP 503: overloaded",
+                            hint="check --model, --endpoint and the server log")
+
+    monkeypatch.setattr(rate_sweep, "Deployment", _Ready)
+    monkeypatch.setattr(rate_sweep, "measure", measure)
+    with pytest.raises(PdlaunchError) as info:
+        run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "colocated",
+                       Console(quiet=True))
+    text = info.value.render()
+    assert "at rate 2/s: every warmup request failed; first error: HTTP 503: overloaded" in text
+    assert "--endpoint" not in text and "--model" not in text
+    assert f"(the deployment's logs: {tmp_path}" in text, text
