@@ -76,7 +76,10 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")
-            result.error = f"HTTP {resp.status_code}: {error_body_text(body, resp.headers.get('content-type', ''))}"
+            location = resp.headers.get("location") if resp.is_redirect else None
+            said = (f"redirected to {location}, which bench serve does not follow: give that server in --base-url"
+                    if location else error_body_text(body, resp.headers.get("content-type", "")))
+            result.error = f"HTTP {resp.status_code}: {said}"  # a redirect's body is mostly empty
             return chunks
         async for line in resp.aiter_lines():
             line = line.strip()

@@ -36,3 +36,16 @@ def test_a_connect_timeout_says_the_connect_wait_not_the_request_timeout() -> No
     assert result.error == (f"could not connect to http://127.0.0.1:8000/v1/completions within {CONNECT_TIMEOUT_S:g}s "
                             "(the server accepted no connection in that time: overloaded, or an address that drops "
                             "connections)")
+
+
+def test_a_redirect_says_where_to() -> None:
+    """A redirect's body is mostly empty: the request's error read `HTTP 307: ` and nothing else (an http:// address
+    a gateway sends on to https://, a path the server moved)."""
+
+    def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"location": "https://127.0.0.1:8443/v1/completions"})
+
+    result = _send(httpx.MockTransport(moved))
+    assert not result.success
+    assert result.error == ("HTTP 307: redirected to https://127.0.0.1:8443/v1/completions, which bench serve does "
+                            "not follow: give that server in --base-url")
