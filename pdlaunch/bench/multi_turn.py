@@ -185,7 +185,9 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
 
 
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
-                                                                  dict[str, float | None]]:
+                                                                  dict[str, float | None] | None]:
+    """The conversations run, the run's duration, the model, and the COUNTERS' deltas over the run (None: /metrics
+    could not be read before or after it)."""
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=CONNECT_TIMEOUT_S),
                                  headers=cfg.headers) as client:
@@ -210,7 +212,7 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
         duration = time.perf_counter() - start
         after = await _counters(client, cfg)
     # None unless both pages were read: the page after alone counts everything since the deployment started
-    delta: dict[str, float | None] = dict.fromkeys(COUNTERS)
+    delta: dict[str, float | None] | None = None
     if before is not None and after is not None:
         delta = {k: None if (total := after[k]) is None else total - (before[k] or 0.0) for k in COUNTERS}
     return conversations, duration, model, delta
@@ -229,7 +231,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     answered = metrics.completed
 
     def per_request(key: str) -> float | None:
-        value = delta[key]
+        value = None if delta is None else delta[key]
         return value / answered if value is not None and answered else None
 
     summary = MultiTurnSummary(conversations=cfg.num_conversations, turns=cfg.num_turns, requests=answered,
@@ -242,7 +244,8 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     table.add_column("value", justify="right")
     for name, value in (("Prompt tokens computed", summary.prompt_tokens_computed_per_request),
                         ("KV bytes moved", summary.kv_bytes_moved_per_request)):
-        table.add_row(name, "n/a (not exported)" if value is None else f"{value:,.1f}")
+        missing = "n/a (/metrics could not be read)" if delta is None else "n/a (not exported)"
+        table.add_row(name, missing if value is None else f"{value:,.1f}")
     table.add_row("TTFT p50 (ms)", f"{summary.ttft_p50_ms:.2f}")
     console.print(table)
     doc = result_dict(metrics, results, {

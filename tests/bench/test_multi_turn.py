@@ -176,7 +176,17 @@ def test_a_metrics_read_that_failed_before_the_run_reports_no_delta(tmp_path: Pa
 
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", "") != "/metrics"]
     server.app.get("/metrics")(unavailable_first)
+    out = tmp_path / "mt.json"
     with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
-        summary = _run(fake.url, tmp_path)
+        result = CliRunner().invoke(bench_app, ["serve", "--base-url", fake.url, "--multi-turn", "--num-conversations",
+                                                "2", "--num-turns", "3", "--system-prompt-len", "5",
+                                                "--random-input-len", "2", "--random-output-len", str(ANSWER),
+                                                "--result-filename", str(out)])
+    assert result.exit_code == 0, result.output
     assert reads[0] == 2
+    summary = json.loads(out.read_text())["multi_turn"]
     assert summary["prompt_tokens_computed_per_request"] is None and summary["kv_bytes_moved_per_request"] is None
+    # exported, but not read: not the "not exported" of a server without the counters
+    text = " ".join(result.output.split())
+    assert "Prompt tokens computed │ n/a (/metrics could not be read)" in text, text
+    assert "not exported" not in text
