@@ -67,11 +67,13 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
     """Send one request and read its stream into `result` (times relative to `st`); returns the
     number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
     HTTP or in-stream error, a chunk that is not a JSON object, a choice the server finished as aborted
-    or failed, a stream that ended before [DONE] (cut short: its tokens are not the whole answer), and an
+    or failed, a stream that ended before [DONE] (cut short: its tokens are not the whole answer), an answer not
+    streamed at all (a server that ignores `stream: true`), and an
     answer the server's usage counts 0 completion tokens for (no token: nothing to time)."""
     chunks = 0
     last = st
     done = False
+    events = 0  # `data:` lines: none in a body that is no event stream is an answer not streamed, not one cut short
     usage_seen = False  # the server counted the answer's tokens (usage.completion_tokens)
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
         if resp.status_code != 200:
@@ -85,6 +87,7 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
             line = line.strip()
             if not line.startswith("data:"):
                 continue
+            events += 1
             data_str = line[len("data:"):].strip()
             if data_str == "[DONE]":
                 done = True
@@ -133,7 +136,12 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                     result.output_len = completion
                     usage_seen = True
                 result.prompt_len = prompt or req.prompt_len
-    if not done:
+    kind = resp.headers.get("content-type", "").split(";")[0].strip()
+    if not events and kind != "text/event-stream":  # an event stream without events is one cut short
+        kind = kind or "a body without a content type"
+        result.error = (f"the server answered {kind} with no stream event (`data:` line): it did not stream the "
+                        "answer, which bench serve asks for (stream: true) to time its tokens")
+    elif not done:
         result.error = f"the stream ended before [DONE] after {chunks} chunk(s): the answer was cut short"
     elif usage_seen and result.output_len == 0 and chunks:
         # Its chunks carried no token (a role, an empty text): a TTFT taken from them times no token.

@@ -49,3 +49,25 @@ def test_a_redirect_says_where_to() -> None:
     assert not result.success
     assert result.error == ("HTTP 307: redirected to https://127.0.0.1:8443/v1/completions, which bench serve does "
                             "not follow: give that server in --base-url")
+
+
+def test_a_whole_answer_not_streamed_is_said_so_not_cut_short() -> None:
+    """A server that ignores `stream: true` answers one JSON completion: its request failed as `the stream ended
+    before [DONE] after 0 chunk(s): the answer was cut short`, as if a stream had broken off."""
+
+    def whole(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"object": "text_completion", "choices": [{"index": 0, "text": "a b"}],
+                                         "usage": {"prompt_tokens": 2, "completion_tokens": 2}})
+
+    result = _send(httpx.MockTransport(whole))
+    assert not result.success
+    assert result.error == ("the server answered application/json with no stream event (`data:` line): it did not "
+                            "stream the answer, which bench serve asks for (stream: true) to time its tokens")
+
+
+def test_an_event_stream_that_ends_before_its_first_event_is_cut_short() -> None:
+    def empty(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=b"")
+
+    assert _send(httpx.MockTransport(empty)).error == ("the stream ended before [DONE] after 0 chunk(s): the answer "
+                                                       "was cut short")
