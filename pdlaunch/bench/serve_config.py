@@ -158,6 +158,13 @@ class ServeBenchConfig(BaseModel):
                              "conversations or turns")
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: not used {'with' if self.multi_turn else 'without'} --multi-turn")
+        count = self.num_conversations if self.multi_turn else self.num_prompts
+        if not math.isinf(self.request_rate) and not math.isfinite(count / self.request_rate / self.burstiness):
+            # the gamma gaps' scale (workload.arrival_times) or their sum is past any float: a ZeroDivisionError or a
+            # run that waits for ever
+            raise ValueError(f"--request-rate: {self.request_rate:g} requests/s with --burstiness {self.burstiness:g} "
+                             "spaces the arrivals further apart than any clock counts; give a larger --request-rate "
+                             "or --burstiness")
         if self.input_lens is not None:
             if self.random_input_len != defaults["random_input_len"].default:
                 raise ValueError("--random-input-len and --input-lens both set the prompt lengths: give one")

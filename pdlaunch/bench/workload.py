@@ -64,5 +64,5 @@ def arrival_times(n: int, request_rate: float, burstiness: float, rng: np.random
     gaps, whose mean is 1/rate and coefficient of variation 1/sqrt(burstiness)."""
     if math.isinf(request_rate):
         return np.zeros(n)
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n - 1)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / request_rate / burstiness, size=n - 1)  # the product may underflow
     return np.concatenate([[0.0], np.cumsum(gaps)])

@@ -68,6 +68,9 @@ def test_serve_malformed_base_url(url: str) -> None:
     # token-id prompts to a chat endpoint, alone or in multi-turn mode: the flag first, not a sentence about it
     (["--endpoint", "/v1/chat/completions", "--prompt-format", "ids"], "--prompt-format: ids"),
     (["--multi-turn", "--endpoint", "/v1/chat/completions", "--prompt-format", "ids"], "--prompt-format: ids"),
+    # gaps no float holds: rate x burstiness underflowed to 0 (a ZeroDivisionError traceback once the server answered)
+    (["--request-rate", "1e-200", "--burstiness", "1e-200"], "--request-rate: 1e-200 requests/s"),
+    (["--multi-turn", "--request-rate", "1e-307", "--burstiness", "0.01"], "--request-rate: 1e-307 requests/s"),
 ])
 def test_serve_bad_numbers_and_lists(args: list[str], flag: str) -> None:
     _assert_refused(_invoke("serve", "--base-url", _closed_url(), *args), flag)
