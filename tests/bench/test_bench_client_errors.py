@@ -17,8 +17,7 @@ def _send(handler: httpx.MockTransport) -> RequestResult:
 
     async def one() -> RequestResult:
         async with httpx.AsyncClient(transport=handler) as client:
-            return await send_request(client, cfg, "m", BenchRequest(prompt=[11, 12], prompt_len=2, output_len=2),
-                                      0.0)
+            return await send_request(client, cfg, "m", BenchRequest(prompt=[11, 12], prompt_len=2, output_len=2), 0.0)
 
     return asyncio.run(one())
 
@@ -33,9 +32,11 @@ def test_a_connect_timeout_says_the_connect_wait_not_the_request_timeout() -> No
     result = _send(httpx.MockTransport(refuse))
     assert not result.success
     assert "600" not in result.error
-    assert result.error == (f"could not connect to http://127.0.0.1:8000/v1/completions within {CONNECT_TIMEOUT_S:g}s "
-                            "(the server accepted no connection in that time: overloaded, or an address that drops "
-                            "connections)")
+    assert result.error == (
+        f"could not connect to http://127.0.0.1:8000/v1/completions within {CONNECT_TIMEOUT_S:g}s "
+        "(the server accepted no connection in that time: overloaded, or an address that drops "
+        "connections)"
+    )
 
 
 def test_a_redirect_says_where_to() -> None:
@@ -47,8 +48,10 @@ def test_a_redirect_says_where_to() -> None:
 
     result = _send(httpx.MockTransport(moved))
     assert not result.success
-    assert result.error == ("HTTP 307: redirected to https://127.0.0.1:8443/v1/completions, which bench serve does "
-                            "not follow: give that server in --base-url")
+    assert result.error == (
+        "HTTP 307: redirected to https://127.0.0.1:8443/v1/completions, which bench serve does "
+        "not follow: give that server in --base-url"
+    )
 
 
 def test_a_whole_answer_not_streamed_is_said_so_not_cut_short() -> None:
@@ -56,18 +59,27 @@ def test_a_whole_answer_not_streamed_is_said_so_not_cut_short() -> None:
     before [DONE] after 0 chunk(s): the answer was cut short`, as if a stream had broken off."""
 
     def whole(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"object": "text_completion", "choices": [{"index": 0, "text": "a b"}],
-                                         "usage": {"prompt_tokens": 2, "completion_tokens": 2}})
+        return httpx.Response(
+            200,
+            json={
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "a b"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 2},
+            },
+        )
 
     result = _send(httpx.MockTransport(whole))
     assert not result.success
-    assert result.error == ("the server answered application/json with no stream event (`data:` line): it did not "
-                            "stream the answer, which bench serve asks for (stream: true) to time its tokens")
+    assert result.error == (
+        "the server answered application/json with no stream event (`data:` line): it did not "
+        "stream the answer, which bench serve asks for (stream: true) to time its tokens"
+    )
 
 
 def test_an_event_stream_that_ends_before_its_first_event_is_cut_short() -> None:
     def empty(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=b"")
 
-    assert _send(httpx.MockTransport(empty)).error == ("the stream ended before [DONE] after 0 chunk(s): the answer "
-                                                       "was cut short")
+    assert _send(httpx.MockTransport(empty)).error == (
+        "the stream ended before [DONE] after 0 chunk(s): the answer was cut short"
+    )
