@@ -346,9 +346,8 @@ def _next_leg(progress: Progress, path: str, body: Body, chat: bool) -> tuple[st
     """(path, body, whether it continues the client's stream) of the leg that goes on after a failed one."""
     if progress.prompt_ids is None:  # nothing reached the client: the request again, whole
         return path, {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}, False
-    # The client has len(ids) + skip ids (skip: those a decode that failed before making them again did not
-    # make); the next decode makes again those after `committed`.
-    progress.skip += len(progress.ids) - progress.committed
+    # The client has the text (and, asking for them, the ids) of the ids up to `committed`; the next decode makes
+    # again those after it, maybe other ones.
     progress.offset = progress.committed
     del progress.ids[progress.committed:]
     return "/v1/completions", continuation_body(body, chat, progress.prompt_ids + progress.ids,

@@ -4,8 +4,10 @@ The decode leg asks for the token ids (`return_token_ids`, which also brings the
 chunk). Ids generated after the last chunk that carried text (the old decode held their text back: a
 character not complete yet) are not in a continuation's prompt: the new decode makes them again and hands
 out their text; a greedy stream is then the uninterrupted run's text, with no character repeated or
-missing. The new decode's chunks are rewritten into the client's stream (its id, model, object; chat
-deltas; usage counting the whole request).
+missing. A client that asked for the ids gets each with the chunk that carries its text (or the last one): the
+new decode may make other ids than those held back (sampling without a seed; another machine's numerics), and the
+ids the client has are always those of the text it has. The new decode's chunks are rewritten into the client's
+stream (its id, model, object; chat deltas; usage counting the whole request).
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ class Progress:
     client_ids: bool  # the client asked for return_token_ids itself
     prompt_ids: list[int] | None = None
     ids: list[int] = field(default_factory=list)  # output ids received, in order
-    committed: int = 0  # of `ids`: those whose text the client has
-    skip: int = 0  # ids the current decode makes again (they were after `committed`): not shown twice
+    committed: int = 0  # of `ids`: those whose text the client has (and, asking for them, the ids themselves)
     offset: int = 0  # output ids given in the current decode's prompt
     head: JsonObject | None = None  # id / object / created / model of the client's stream
     finished: bool = False  # a finish_reason was sent
@@ -41,18 +42,17 @@ class Progress:
         prompt_ids = chunk.get("prompt_token_ids")
         for choice in objects(chunk.get("choices")):
             prompt_ids = choice.get("prompt_token_ids", prompt_ids)
-            ids = ids_of(choice.get("token_ids"))
-            shown = ids[self.skip:]  # the client (asking for ids) had the others before the migration
-            self.skip -= len(ids) - len(shown)
-            self.ids += ids
+            self.ids += ids_of(choice.get("token_ids"))
             delta = as_object(choice.get("delta")) or {}
             text = choice.get("text") if "text" in choice else delta.get("content")
-            if text:  # the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
+            shown = self.committed
+            # text: the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
+            if text or choice.get("finish_reason") is not None:
                 self.committed = len(self.ids)
             if choice.get("finish_reason") is not None:
                 self.finished = True
-            if self.client_ids:
-                choice["token_ids"] = list(shown)
+            if self.client_ids:  # ids held back wait for their text: a continuation may make others in their place
+                choice["token_ids"] = list(self.ids[shown:self.committed])
         if self.prompt_ids is None and isinstance(prompt_ids, list):
             self.prompt_ids = ids_of(prompt_ids)
         self.usage_sent = self.usage_sent or bool(chunk.get("usage"))
@@ -63,9 +63,7 @@ class Progress:
             for choice in objects(chunk.get("choices")):
                 choice.pop("token_ids", None)
                 choice.pop("prompt_token_ids", None)
-            if _carries_nothing(chunk):
-                return None
-        return chunk
+        return None if _carries_nothing(chunk) else chunk
 
     def _as_client_chunk(self, chunk: JsonObject) -> JsonObject:
         """A continuation's completion chunk in the client's stream (same id; a chat delta for chat)."""
@@ -109,12 +107,12 @@ class Progress:
 
 
 def _carries_nothing(chunk: JsonObject) -> bool:
-    """No text, role, finish, usage or anything else a client reads."""
-    if chunk.get("usage") or chunk.get("kv_transfer_params"):
+    """No text, role, finish, usage, token ids or anything else a client reads."""
+    if chunk.get("usage") or chunk.get("kv_transfer_params") or chunk.get("prompt_token_ids"):
         return False
     for choice in list_of(chunk.get("choices")):
         if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("text") or \
-                choice.get("logprobs"):
+                choice.get("logprobs") or choice.get("token_ids") or choice.get("prompt_token_ids"):
             return False
         delta = choice.get("delta")
         if isinstance(delta, dict) and any(v for k, v in delta.items()):

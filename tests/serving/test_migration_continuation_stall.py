@@ -1,6 +1,7 @@
 """A continuation (proxy/migrate.py) that fails in turn: one whose new decode stalls before its stream's headers
 moves on again, as the first leg does, rather than holding the client until the request's deadline; one whose
-decode dies before making the held-back ids again leaves the next to make them, shown once."""
+decode dies before making the held-back ids again leaves the next to make them, shown once; the ids a client gets
+are those of its text where the next decode makes other ids than the held-back ones."""
 
 from __future__ import annotations
 
@@ -128,3 +129,26 @@ def test_ids_held_back_come_once_though_a_continuation_dies_before_making_them_a
     assert "".join(c["text"] for c in choices) == "AéC"
     assert [t for c in choices for t in c["token_ids"]] == [7, 9, 10]
     assert [b["prompt"] for b in d1.bodies + d2.bodies] == [[1, 2, 7], [1, 2, 7]]
+
+
+def test_the_ids_a_client_gets_are_those_of_its_text_when_the_continuation_makes_other_ids() -> None:
+    """An id whose text the dead decode held back (9: a character not complete yet) is made again by the next
+    decode, which, sampling without a seed (or on other hardware), may make another (11). The client asking for
+    token ids gets each with the chunk that carries its text: it gets [7, 11, 10], the ids of the text it gets (one
+    sampled sequence), not 9 (whose text never came) followed by the continuation's 10."""
+    ports = PortAllocator("127.0.0.1")
+    d0 = _Scripted([[("A", [7], None), ("", [9], None)]])  # dies with 9's text held back
+    d1 = _Scripted([[("é", [11], None), ("C", [10], "length")]])
+    with ThreadServer(d0.app, ports.free("d0")) as s0, ThreadServer(d1.app, ports.free("d1")) as s1:
+        pool = InstancePool([Instance("colocated", s.url, f"colocated-{i}") for i, s in enumerate((s0, s1))])
+        app = build_proxy_app(pool, REQUEST_TIMEOUT_S, migration_limit=1)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both")
+            pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # d0 first
+            text = httpx.post(f"{proxy.url}/v1/completions", timeout=REQUEST_TIMEOUT_S + 10, json={
+                "prompt": "go", "max_tokens": 3, "temperature": 1.0, "stream": True, "return_token_ids": True}).text
+    choices = [json.loads(line[6:])["choices"][0] for line in text.splitlines() if line.startswith("data: {")]
+    assert text.endswith("data: [DONE]\n\n") and "error" not in text, text[-300:]
+    assert [b["prompt"] for b in d1.bodies] == [[1, 2, 7]]  # 9 is made again
+    assert [(c["text"], c["token_ids"]) for c in choices] == [("A", [7]), ("é", [11]), ("C", [10])]
+    assert [c["prompt_token_ids"] for c in choices if "prompt_token_ids" in c] == [[1, 2]]

@@ -73,14 +73,15 @@ def test_ids_after_the_last_text_are_made_again_and_not_shown_twice() -> None:
     first = progress.rewrite(_chunk("a", [5], prompt_token_ids=None) | {"choices": [
         {"index": 0, "text": "a", "finish_reason": None, "token_ids": [5], "prompt_token_ids": [1, 2]}]}, False)
     assert first is not None and progress.prompt_ids == [1, 2]
-    progress.rewrite(_chunk("", [6]), False)  # held back: a character not complete yet
+    # held back: a character not complete yet; its id waits for its text (nothing else for the client)
+    assert progress.rewrite(_chunk("", [6]), False) is None
     assert (progress.ids, progress.committed) == ([5, 6], 1)
     # The migration: the new decode starts from [1, 2, 5] and makes 6 again.
-    progress.offset, progress.skip = progress.committed, len(progress.ids) - progress.committed
+    progress.offset = progress.committed
     del progress.ids[progress.committed:]
     again = progress.rewrite(_chunk("é", [6, 7], usage={"prompt_tokens": 3, "completion_tokens": 2}), True)
     assert again is not None
-    assert again["id"] == "cmpl-x" and again["choices"][0]["token_ids"] == [7]
+    assert again["id"] == "cmpl-x" and again["choices"][0]["token_ids"] == [6, 7]
     assert progress.ids == [5, 6, 7]
     assert again["usage"]["prompt_tokens"] == 2 and again["usage"]["completion_tokens"] == 3
 
