@@ -5,7 +5,7 @@ a relay that ends a stream after the event the test picks (no [DONE]: a decode t
 `colocated-1`, directly, where the request goes on. Each test compares the migrated stream with the
 uninterrupted answer of the same instance: fields the continuation must carry (include_stop_str_in_output,
 repetition_penalty), the usage of the whole request, the token ids a client asked for, and requests that must
-not migrate (logprobs: 0) end with the error event rather than with output that lost a field.
+not migrate (logprobs: 0, tools cut mid-call) end with the error event rather than with output that lost a field.
 """
 
 from __future__ import annotations
@@ -280,3 +280,49 @@ def test_a_seeded_sampled_stream_is_the_uninterrupted_runs_text(fleet: Fleet, pa
     assert not _errors(events) and events[-1] == "[DONE]"
     assert _text(events) == reference.get("text", (reference.get("message") or {}).get("content"))
     assert events[-2]["usage"]["completion_tokens"] == body["max_tokens"]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def after_events(count: int) -> Cut:
+    seen = [0]
+
+    def cut(texts: int, event: dict[str, Any]) -> bool:
+        seen[0] += 1
+        return seen[0] >= count
+
+    return cut
+
+
+def _said(events: list[Any]) -> str:
+    """A chat stream's content and tool call arguments, in order."""
+    deltas = [c.get("delta") or {} for e in events if isinstance(e, dict) for c in e.get("choices", [])]
+    return "".join((d.get("content") or "") + "".join(str((t.get("function") or {}).get("arguments") or "")
+                                                      for t in d.get("tool_calls") or []) for d in deltas)
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_tool_calling_stream_cut_mid_way_is_not_continued(fleet: Fleet, tool_choice: Any) -> None:
+    """With tools the tool parser holds text back and a forced call's grammar has state, neither rebuilt from token
+    ids: a stream whose decode dies mid-way (mid-call for a named tool_choice) is not continued, which would repeat
+    or lose what the parser held back; it ends with the error event naming `tools`, what the client got shown once,
+    as the uninterrupted run began."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40, "temperature": 0, "tools": TOOLS,
+            "tool_choice": tool_choice}
+    reference = _stream(fleet.instance, "/v1/chat/completions", body)
+    cuts, moved = fleet.relay.cuts, fleet.migrations()
+    fleet.relay.cut = after_events(4)
+    try:
+        events = _stream(fleet.proxy, "/v1/chat/completions", body)
+    finally:
+        fleet.relay.cut = None
+    assert fleet.relay.cuts == cuts + 1 and fleet.migrations() == moved
+    errors = _errors(events)
+    assert [e["code"] for e in errors] == ["instance_failed"] and "not migrated: its `tools` field" in \
+        errors[0]["message"], errors
+    got = [e for e in events if isinstance(e, dict) and "error" not in e]
+    assert len(got) == 4 and _said(got) == _said(reference[:4]) and _said(got), (got, reference[:4])
+    if tool_choice != "auto":  # cut mid-call: the call's name and the start of its arguments
+        assert got[0]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
