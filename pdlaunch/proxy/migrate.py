@@ -148,7 +148,8 @@ class Migrations:
                           deadline: float, request_id: str, on_migrate: Callable[[], None]) -> tuple[Upstream, int]:
         """(the decode leg's open stream, migrations it took). A decode marked stalled, or that answers shutting_down,
         before it answers the response headers is left for another, which gets the request whole (nothing reached the
-        client yet; `on_migrate()` first: the prefill's held KV goes back), at most `limit` times."""
+        client yet; `on_migrate()` first: the prefill's held KV goes back), at most `limit` times; so is one gone
+        (refused or dropped the connection) after the leg's one retry on another (retry.py) found that one gone too."""
         migrations = 0
 
         def open_leg(instance: Instance, leg: JsonObject) -> Awaitable[Upstream]:
@@ -171,6 +172,12 @@ class Migrations:
                 if not others(self.proxy.pool, stop.instance):
                     raise stop.error from None  # without another decode its answer stands
                 failed, reason, what, stopped = stop.instance, "died", "shut down", stop.error
+            except OpenAIError as exc:
+                # A refused or dropped connection after the leg went to another decode once (retry.py), as `answer`
+                # moves a whole request: two decodes gone at once; an error answer is the instance's word.
+                if not gone(exc) or not others(self.proxy.pool, target):
+                    raise  # without another decode the first error stands
+                failed, reason, what = target, "died", "died"
             if migrations >= self.limit:
                 exhausted = self._exhausted(request_id)
                 raise stopped or exhausted  # a 503 shutting_down says to retry

@@ -130,3 +130,31 @@ def test_without_migration_a_leg_whose_decode_answered_shutting_down_goes_on_wit
         assert "kv_transfer_params" in stopping.bodies[0] and "kv_transfer_params" not in decode.bodies[0]
         wait_for(lambda: prefill.released == prefill.legs, "the prefill's held KV to be released", 10.0)
         assert RETRIED in httpx.get(f"{url}/metrics", timeout=10).text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_leg_whose_decode_and_retry_both_dropped_the_connection_migrates_to_a_third(stream: bool) -> None:
+    """Two decodes gone at once (a node with both went down) before the probe saw either: the leg's decode drops the
+    connection, and so does the one its retry goes to. A third is ready and the migration limit allows a move: the
+    request goes there, a stream as a whole request does, rather than the client getting the 502 of the second."""
+    prefill, decode, dropped = Prefill(), _Decode(), []
+    ports = PortAllocator("127.0.0.1")
+    with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
+        p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
+        gone = [stack.enter_context(_dropping(dropped)) for _ in range(2)]
+        d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", gone[0], "decode-0"),
+                             Instance("decode", gone[1], "decode-1"), Instance("decode", d.url, "decode-2")])
+        probes_over = first_probes_over(pool, patch)
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=3)
+        url = stack.enter_context(ThreadServer(app, ports.free("proxy"))).url
+        wait_for(probes_over, "the proxy's first probes of each instance", 30)
+        assert all(i.state == "ready" for i in pool.instances), [(i.name, i.state) for i in pool.instances]
+        pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # the first ready one
+        _post(url, stream)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert len(dropped) == 2 and len(decode.bodies) == 1
+    assert "kv_transfer_params" not in decode.bodies[0]  # the dropped ones may have read the prefill's KV
+    assert RETRIED in metrics and 'pdlaunch_proxy_migrations_total{reason="died"} 1.0' in metrics
+    wait_for(lambda: prefill.released == prefill.legs, "the prefill's held KV to be released", 10.0)
