@@ -330,10 +330,15 @@ class Migrations:
                                  deadline: float) -> Upstream | Unopened:
         """The continuation's open stream, on `target` (or once on another where `target` is gone: retry.py); or, as
         for the first leg (open_stream), the decode that stalled or answered shutting_down before the stream's headers,
-        why, and its 503 as a stream's event (the client's end if nothing goes on)."""
+        why, and its 503 as a stream's event (the client's end if nothing goes on); or `target` when that retry found
+        its decode gone too (refused or dropped the connection) and another is ready."""
         open_leg = functools.partial(self._open_unless_stalled, path=path, leg=leg, headers=headers, deadline=deadline)
         try:
             return (await on_live_instance(self.proxy.pool, target.role, target, open_leg))[1]
+        except OpenAIError as exc:
+            if not gone(exc) or not others(self.proxy.pool, target):
+                raise  # an error answer is the instance's word; without another decode the error ends the stream
+            return target, Failure("died", exc.message), None
         except Stalled as stalled:
             return stalled.instance, Failure("stalled", f"{stalled.instance.name} ({stalled.instance.url}) stalled "
                                                         "before answering the stream's headers"), None

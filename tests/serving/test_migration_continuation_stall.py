@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
 from tests.helpers.stalling_instance import StallingInstance
+from tests.proxy.test_retried_decode_leg_kv import _dropping
 from tests.serving.helpers import ThreadServer, wait_for
 
 REQUEST_TIMEOUT_S = 20.0  # the proxy's deadline; the move to the third decode takes about 1 s + the health timeout
@@ -152,3 +154,32 @@ def test_the_ids_a_client_gets_are_those_of_its_text_when_the_continuation_makes
     assert [b["prompt"] for b in d1.bodies] == [[1, 2, 7]]  # 9 is made again
     assert [(c["text"], c["token_ids"]) for c in choices] == [("A", [7]), ("é", [11]), ("C", [10])]
     assert [c["prompt_token_ids"] for c in choices if "prompt_token_ids" in c] == [[1, 2]]
+
+
+def test_a_continuation_whose_decode_and_retry_both_drop_the_connection_goes_on_on_a_third() -> None:
+    """The continuation's decode drops the connection before its headers, and so does the one retry.py sends it to
+    (two decodes gone at once, before the probe saw them): a third ready decode takes it, within the limit, rather
+    than the client's stream ending with the second's error event."""
+    ports = PortAllocator("127.0.0.1")
+    d0 = _Scripted([[("A", [7], None)]])  # dies mid-stream
+    d3 = _Scripted([[("B", [8], "length")]])
+    gone: list[list[dict[str, Any]]] = [[], []]
+    with ExitStack() as stack:
+        s0 = stack.enter_context(ThreadServer(d0.app, ports.free("d0")))
+        urls = [stack.enter_context(_dropping(bodies)) for bodies in gone]
+        s3 = stack.enter_context(ThreadServer(d3.app, ports.free("d3")))
+        pool = InstancePool([Instance("colocated", url, f"colocated-{i}")
+                             for i, url in enumerate((s0.url, *urls, s3.url))])
+        app = build_proxy_app(pool, REQUEST_TIMEOUT_S, migration_limit=3)
+        proxy = stack.enter_context(ThreadServer(app, ports.free("proxy")))
+        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all four")
+        wait_for(lambda: all(i.state == "ready" for i in pool.instances), "every instance ready")
+        taken = {"colocated-0": d0.bodies, "colocated-1": gone[0], "colocated-2": gone[1], "colocated-3": d3.bodies}
+        pool.policy.choose = lambda role, ready: min(  # type: ignore[method-assign]
+            ready, key=lambda i: len(taken[i.name]))
+        text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 2, "stream": True},
+                          timeout=REQUEST_TIMEOUT_S + 10).text
+    assert "error" not in text and text.endswith("data: [DONE]\n\n"), text[-400:]
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events] == ["A", "B"]
+    assert [len(bodies) for bodies in gone] == [1, 1] and [b["prompt"] for b in d3.bodies] == [[1, 2, 7]]
