@@ -21,7 +21,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from pdlaunch.engine.detokenizer import Decode
 from pdlaunch.engine.outputs import MAX_SEED, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -35,6 +37,9 @@ from pdlaunch.server.prompts import Prompt, prompts_token_ids
 from pdlaunch.server.request_metrics import RequestMetrics, SampleGroup
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem, error_of, output_of, peek
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
+
+if TYPE_CHECKING:
+    from pdlaunch.model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -164,13 +169,13 @@ class Choices:
         for c in rest:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
             await self._accepted(c)
+        echoes = [echoed(engine.tokenizer, p, i) for p, i in zip(self.prompts, ids, strict=True)] if self.echo else []
         for c in self.choices:
             c.builder.prompt_ids = ids[c.prompt_index]
             if c.builder.return_token_ids:
                 c.builder.prompt_token_ids = ids[c.prompt_index]
-            if self.echo:
-                prompt = self.prompts[c.prompt_index]
-                c.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids[c.prompt_index])
+            if echoes:
+                c.echo_text, c.builder.echo_decode = echoes[c.prompt_index]
                 c.builder.echo_chars = len(c.echo_text)
 
     @staticmethod
@@ -284,6 +289,22 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def echoed(tokenizer: Tokenizer, prompt: Prompt, ids: list[int]) -> tuple[str, Decode]:
+    """An echoed prompt's text (the string sent, or the text of the token ids sent, without special tokens) and the
+    decode whose text of the prompt's `ids` is that text, in which the echoed tokens' text_offset counts: the one
+    that skips special tokens, as the tokenizer adds a BOS that a string does not hold, or, for a string that writes
+    the special tokens' text itself, the one that keeps them (the output's own skip_special_tokens is no part of it)."""
+    def skip(token_ids: Sequence[int]) -> str:
+        return tokenizer.decode(token_ids)
+
+    def keep(token_ids: Sequence[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    skipped = skip(ids)
+    text = prompt if isinstance(prompt, str) else skipped
+    return text, keep if skipped != text and keep(ids) == text else skip
 
 
 def engine_request_id(client_id: str) -> str:

@@ -48,6 +48,7 @@ class ResponseBuilder:
     echo_logprobs: int = 0  # `logprobs` starts with this many tokens of the echoed prompt: the first has none
     prompt_ids: Sequence[int] = ()  # the output's decoding context; an echoed prompt's tokens
     echo_chars: int = 0  # characters of the echoed prompt before the output in the text
+    echo_decode: Decode | None = None  # token ids' text as the echoed prompt's is decoded (choices.echoed)
     tool_calling: ToolCalling | None = None  # chat with tools (server/tool_calls.py)
     _stream_offsets: TextOffsets | None = None
     _sent_role: bool = False
@@ -195,7 +196,7 @@ class ResponseBuilder:
         the output's after the echoed prompt."""
         ids = [lp.token_id for lp in self.logprobs or []]
         echoed = self.echo_logprobs
-        return TextOffsets(self.decode).of(ids[:echoed]) + \
+        return TextOffsets(self.echo_decode or self.decode).of(ids[:echoed]) + \
             TextOffsets(self.decode, self.echo_chars, self.prompt_ids).of(ids[echoed:])
 
     def _completion_logprobs(self, items: list[TokenLogprob] | None, offsets: list[int],

@@ -47,11 +47,15 @@ def test_offsets_count_the_characters_before_each_token() -> None:
     assert offsets.of(ids[:5]) + offsets.of(ids[5:]) == [7 + o for o in _char_starts(PROMPT)]
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False], ids=["skip-special", "keep-special"])
 @pytest.mark.parametrize("max_tokens", [0, 1])
-def test_an_echoed_prompt_s_offsets_index_its_text(url: str, max_tokens: int) -> None:
+def test_an_echoed_prompt_s_offsets_index_its_text(url: str, max_tokens: int, skip_special_tokens: bool) -> None:
+    """The prompt's BOS, added by the tokenizer, is no text of the echoed prompt: it begins at 0 and the prompt's
+    first character there too, whether the output keeps special tokens or not (with `skip_special_tokens: false` the
+    echoed tokens were counted in a text holding the BOS's, so "c" began at 17 in a text of 12 characters)."""
     answer = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={
         "model": "tiny", "prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": max_tokens,
-        "temperature": 0.0})
+        "temperature": 0.0, "skip_special_tokens": skip_special_tokens})
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
     assert choice["text"].startswith(PROMPT)
@@ -59,6 +63,29 @@ def test_an_echoed_prompt_s_offsets_index_its_text(url: str, max_tokens: int) ->
     assert offsets[:len(_char_starts(PROMPT))] == _char_starts(PROMPT), choice["logprobs"]
     if max_tokens:  # the generated token begins after the prompt
         assert offsets[-1] == len(PROMPT), choice["logprobs"]
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False], ids=["skip-special", "keep-special"])
+@pytest.mark.parametrize("sent", ["token-ids", "bos-text"])
+def test_an_echoed_prompt_s_offsets_index_the_echoed_text(url: str, sent: str, skip_special_tokens: bool) -> None:
+    """A prompt of token ids is echoed as their text, without the BOS's; a prompt that writes the BOS's text itself
+    is echoed as written, the BOS's text first. Either way each echoed token begins where its text does in the
+    echoed prompt."""
+    tokenizer = Tokenizer(resolve_model_path("tiny"))
+    assert tokenizer.bos_token is not None
+    ids = tokenizer.encode(PROMPT)
+    prompt: str | list[int] = ids if sent == "token-ids" else tokenizer.bos_token + PROMPT
+    answer = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={
+        "model": "tiny", "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 1, "temperature": 0.0,
+        "skip_special_tokens": skip_special_tokens})
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    echoed = PROMPT if sent == "token-ids" else tokenizer.bos_token + PROMPT
+    # the tokenizer's own offsets; the text that writes the BOS is encoded with that one BOS, not a second
+    expected = _char_starts(PROMPT) if sent == "token-ids" else _char_starts(echoed)[1:]
+    assert choice["text"].startswith(echoed), choice
+    offsets = choice["logprobs"]["text_offset"]
+    assert offsets == [*expected, len(echoed)], choice["logprobs"]
 
 
 def _token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
