@@ -169,7 +169,8 @@ class Choices:
         for c in rest:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
             await self._accepted(c)
-        echoes = [echoed(engine.tokenizer, p, i) for p, i in zip(self.prompts, ids, strict=True)] if self.echo else []
+        echoes = [echoed(engine.tokenizer, p, i, self.keep_logprobs) for p, i in zip(self.prompts, ids, strict=True)] \
+            if self.echo else []
         for c in self.choices:
             c.builder.prompt_ids = ids[c.prompt_index]
             if c.builder.return_token_ids:
@@ -291,17 +292,20 @@ class Choices:
             self.abort_all()
 
 
-def echoed(tokenizer: Tokenizer, prompt: Prompt, ids: list[int]) -> tuple[str, Decode]:
+def echoed(tokenizer: Tokenizer, prompt: Prompt, ids: list[int], logprobs: bool) -> tuple[str, Decode]:
     """An echoed prompt's text (the string sent, or the text of the token ids sent, without special tokens) and the
-    decode whose text of the prompt's `ids` is that text, in which the echoed tokens' text_offset counts: the one
-    that skips special tokens, as the tokenizer adds a BOS that a string does not hold, or, for a string that writes
-    the special tokens' text itself, the one that keeps them (the output's own skip_special_tokens is no part of it)."""
+    decode whose text of the prompt's `ids` is that text, in which the echoed tokens' text_offset counts (with
+    `logprobs`; else the string is not decoded): the one that skips special tokens, as the tokenizer adds a BOS that a
+    string does not hold, or, for a string that writes the special tokens' text itself, the one that keeps them (the
+    output's own skip_special_tokens is no part of it)."""
     def skip(token_ids: Sequence[int]) -> str:
         return tokenizer.decode(token_ids)
 
     def keep(token_ids: Sequence[int]) -> str:
         return tokenizer.decode(token_ids, skip_special_tokens=False)
 
+    if isinstance(prompt, str) and not logprobs:
+        return prompt, skip
     skipped = skip(ids)
     text = prompt if isinstance(prompt, str) else skipped
     return text, keep if skipped != text and keep(ids) == text else skip
