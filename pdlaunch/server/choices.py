@@ -224,7 +224,7 @@ class Choices:
             if not self.keep_logprobs:
                 builder.logprobs = None
             builder.text = c.echo_text + builder.text
-            if c.echo_text and self.keep_logprobs and builder.prompt_logprobs is not None:
+            if self.echo and self.keep_logprobs and builder.prompt_logprobs is not None:
                 # echo with logprobs: the prompt's tokens lead the choice's logprobs (vLLM's shape).
                 first = TokenLogprob(self.prompt_ids[c.prompt_index][0], 0.0)
                 prompt = [lp for lp in builder.prompt_logprobs[1:] if lp is not None]

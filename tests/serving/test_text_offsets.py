@@ -88,6 +88,25 @@ def test_an_echoed_prompt_s_offsets_index_the_echoed_text(url: str, sent: str, s
     assert offsets == [*expected, len(echoed)], choice["logprobs"]
 
 
+@pytest.mark.parametrize("max_tokens", [0, 1])
+@pytest.mark.parametrize("prompt", ["", "bos-id"])
+def test_an_echoed_prompt_without_text_leads_the_logprobs(url: str, prompt: str, max_tokens: int) -> None:
+    """A prompt whose tokens have no text (the empty string, encoded as the BOS; a BOS sent as its id) is echoed as
+    any other: its tokens lead the logprobs, the first without a logprob. They were left out (an empty echoed text
+    read as no echo), so `max_tokens: 0` answered no token at all for a prompt of one."""
+    tokenizer = Tokenizer(resolve_model_path("tiny"))
+    assert tokenizer.bos_token is not None and tokenizer.bos_token_id is not None
+    sent: str | list[int] = "" if prompt == "" else [tokenizer.bos_token_id]
+    answer = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={
+        "model": "tiny", "prompt": sent, "echo": True, "logprobs": 1, "max_tokens": max_tokens, "temperature": 0.0})
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert answer.json()["usage"]["prompt_tokens"] == 1
+    assert logprobs["tokens"][0] == tokenizer.bos_token and logprobs["token_logprobs"][0] is None, logprobs
+    assert len(logprobs["tokens"]) == 1 + max_tokens and logprobs["text_offset"] == [0] * (1 + max_tokens), logprobs
+
+
 def _token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     """The demo tokenizer's ids below 256 are the bytes; its merges are ASCII; its specials read as nothing."""
     return bytes([token_id]) if token_id < 256 else tokenizer.decode([token_id]).encode()
