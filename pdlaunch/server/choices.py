@@ -217,7 +217,7 @@ class Choices:
             for c in self.choices:
                 c.builder.text, c.builder.output_token_ids, c.builder.num_output_tokens = "", [], 0
                 c.builder.logprobs = [] if c.builder.logprobs is not None else None
-                c.builder.finish_reason = "length"
+                c.builder.finish_reason, c.builder.stop_reason = "length", None  # no stop ended the prompt
         kept = self._best()
         for c in kept:
             builder = c.builder

@@ -138,6 +138,24 @@ def test_echo_with_max_tokens_0_scores_the_prompt(url: str) -> None:
     assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == prompt, plain.text
 
 
+@pytest.mark.parametrize("by", ["stop_token_ids", "stop"])
+def test_echo_with_max_tokens_0_names_no_stop(url: str, by: str) -> None:
+    """The one token the engine samples for an echo without output is no part of the answer: its finish_reason is
+    "length" (max_tokens 0 reached), and a stop token or string that the left-out token hit is not its stop_reason
+    (it was: "length" beside `stop_reason: 389`)."""
+    body: dict[str, Any] = {"model": "tiny", "prompt": "hi", "echo": True, "temperature": 0.0}
+    first = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT,  # the token greedy sampling takes after "hi"
+                       json={**body, "max_tokens": 1, "return_token_ids": True}).json()["choices"][0]
+    stop: int | str = first["token_ids"][0] if by == "stop_token_ids" else first["text"].removeprefix("hi")
+    hit = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={**body, "max_tokens": 1, by: [stop]})
+    assert hit.json()["choices"][0]["stop_reason"] == stop, hit.text  # the sampled token hits it
+    answer = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={**body, "max_tokens": 0, by: [stop]})
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["text"] == "hi" and choice["finish_reason"] == "length", choice
+    assert choice["stop_reason"] is None, choice
+
+
 @pytest.mark.parametrize(("fields", "param", "says"), [
     ({"max_tokens": 0}, "max_tokens", "only echo: true uses"),
     ({"max_tokens": 0, "echo": True, "stream": True}, "stream", "send stream: false"),
