@@ -278,7 +278,9 @@ class SamplingFields(BaseModel):
             first = exc.errors()[0]
             loc = tuple(first.get("loc", ()))
             param = param_of(((names or {}).get(str(loc[0]), loc[0]), *loc[1:]) if loc else loc)
-            raise OpenAIError(400, f"{param}: {error_text(first)}", param=param) from None
+            # the limit as the client named it (min_tokens' bound: "... max_tokens (3)" of a max_completion_tokens)
+            said = error_text(first).replace("max_tokens (", f"{(names or {}).get('max_tokens', 'max_tokens')} (")
+            raise OpenAIError(400, f"{param}: {said}", param=param) from None
 
 
 def one_of(value: object, handler: ValidatorFunctionWrapHandler, shapes: str) -> object:

@@ -89,3 +89,14 @@ def test_include_usage_defaults_to_false_and_a_null_key_is_not_sent(options: dic
     """vLLM's StreamOptions (since vllm-project/vllm#36379), as OpenAI's: include_usage false unless sent true; both
     keys typed `bool | None`."""
     assert build(False, stream=True, stream_options=options).include_usage() is usage
+
+
+@pytest.mark.parametrize(("chat", "limit"), [(True, "max_completion_tokens"), (True, "max_tokens"),
+                                             (False, "max_tokens")])
+def test_min_tokens_past_the_limit_names_the_limit_sent(chat: bool, limit: str) -> None:
+    """A chat's limit sent as max_completion_tokens is named so when min_tokens exceeds it (the 400 said
+    "must be less than or equal to max_tokens (3)", a field the client never sent)."""
+    with pytest.raises(OpenAIError) as info:
+        build(chat, **{limit: 3, "min_tokens": 5}).sampling_params()
+    assert info.value.status == 400 and info.value.param == "min_tokens"
+    assert info.value.message == f"min_tokens: min_tokens (5) must be less than or equal to {limit} (3)"
