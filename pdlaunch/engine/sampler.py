@@ -80,9 +80,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     kth = sorted_logits.gather(1, (top_k.clamp(1, logits.shape[-1]) - 1).unsqueeze(1))
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass of the tokens before it already reaches top_p (the first stays).
+    # Drop a token when the mass of the tokens before it already reaches top_p (the first stays). Only in rows with
+    # top_p < 1: the float32 running mass reaches 1.0 before a long tail's end, and a row with top_p 1 (off) kept its
+    # tail when alone but lost it in a batch with another row's top_p (a seeded request's tokens then depended on it).
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 

@@ -211,3 +211,22 @@ def test_a_row_whose_grammar_allows_nothing_gets_no_token_and_finite_logprobs(mo
     lp = out.logprobs[0]
     assert out.token_ids == [NO_TOKEN] and lp is not None
     assert all(math.isfinite(v) for v in [lp.logprob, *lp.top.values()]), lp  # NaN is no JSON number either
+
+
+def test_a_row_with_top_p_one_keeps_its_tail_when_another_row_of_the_batch_has_top_p() -> None:
+    """top_p 1 is off: a row asking for it samples from every token whatever else is in its batch. Its cumulative
+    mass rounded to 1.0 in float32 before its least likely tokens, which then were dropped when a batch neighbour's
+    top_p < 1 sent the batch through the top_p mask (a seeded request's tokens then depended on the batch)."""
+    tail = torch.tensor([[20.0] + [0.0] * 9])  # the nine each ~2e-9: the first's mass rounds to 1.0
+    alone = apply_top_k_top_p(tail, torch.tensor([10]), torch.tensor([1.0]))
+    batched = apply_top_k_top_p(torch.cat([tail, torch.zeros(1, 10)]), torch.tensor([10, 10]),
+                                torch.tensor([1.0, 0.5]))
+    assert torch.isfinite(alone[0]).all() and torch.isfinite(batched[0]).all()
+    assert torch.equal(batched[0], tail[0])
+    # realistic logits: in a 32k vocabulary the float32 running mass reached 1.0 thousands of tokens early
+    wide = torch.randn(1, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    out = apply_top_k_top_p(torch.cat([wide, wide]), torch.tensor([32000, 32000]), torch.tensor([1.0, 0.9]))
+    assert torch.isfinite(out[0]).all()
+    # top_k alone in a neighbour row: the same
+    out = apply_top_k_top_p(torch.cat([wide, wide]), torch.tensor([32000, 5]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(out[0]).all() and int(torch.isfinite(out[1]).sum()) == 5
