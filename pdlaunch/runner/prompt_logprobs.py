@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 ROWS_PER_SLICE = 256  # [256, V] float32 at a time: 150 MiB for a 150k vocabulary
+LOGPROB_FLOOR = -9999.0  # a -inf or NaN logprob, as the sampler reports it (engine/sampler.py): JSON has no infinity
 
 
 @dataclass
@@ -47,6 +48,8 @@ def compute(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Ten
         index = torch.tensor(rows.rows[first:first + ROWS_PER_SLICE], device=dev)
         target = torch.tensor(rows.targets[first:first + ROWS_PER_SLICE], device=dev).unsqueeze(1)
         logp = logits_of(hidden.index_select(0, index)).log_softmax(dim=-1)  # [n, V]
+        # a -inf logit (a token the model rules out) or a NaN row (an overflowed forward) would reach the answer's JSON
+        logp = torch.nan_to_num(logp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
         chosen = logp.gather(1, target)  # [n, 1]
         out.logprobs += chosen.squeeze(1).tolist()
         out.ranks += ((logp > chosen).sum(dim=-1) + 1).tolist()

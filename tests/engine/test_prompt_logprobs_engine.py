@@ -4,6 +4,7 @@ log-softmax at every prompt position under chunked prefill, batched with request
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,21 @@ def test_prompt_logprobs_equal_transformers_under_chunked_prefill(make_engine: M
         values, ids = row.topk(4)
         assert list(entry.top) == ids.tolist()
         assert torch.allclose(torch.tensor(list(entry.top.values())), values, atol=1e-4)
+
+
+def test_prompt_logprobs_of_non_finite_logits_are_the_floor_not_inf_or_nan() -> None:
+    """A prompt row whose logits hold -inf (a token the model rules out) or NaN (an overflowed forward) gave a -inf or
+    NaN logprob, which JSON cannot carry: the server's answer failed with a 500. They are reported as the sampler's
+    own logprobs are, LOGPROB_FLOOR (vLLM's -9999.0), in the values, the top alternatives and the ranks' comparison."""
+    from pdlaunch.engine.sampler import LOGPROB_FLOOR
+    from pdlaunch.runner.prompt_logprobs import PromptRows, compute
+
+    logits = torch.tensor([[2.0, float("-inf"), 0.0, 1.0], [float("nan"), 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
+    out = compute(lambda h: h, logits, PromptRows(rows=[0, 1, 2], targets=[1, 2, 3], top_k=4))
+    values = out.logprobs + [v for top in out.top_values for v in top]
+    assert all(math.isfinite(v) for v in values), values
+    assert out.logprobs[0] == LOGPROB_FLOOR and out.ranks[0] == 4  # below every finite token
+    assert out.top_values[0][-1] == LOGPROB_FLOOR and out.top_ids[0][:3] == [0, 3, 2]
+    assert out.logprobs[1] == LOGPROB_FLOOR  # a NaN row has no distribution: every token at the floor
+    assert math.isclose(out.logprobs[2], torch.tensor([0.0, 1.0, 2.0, 3.0]).log_softmax(0)[3].item(), rel_tol=1e-6)
+    assert out.ranks[2] == 1
