@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
-    "pdlaunch_kv_transfer_seconds", "Time of one request's KV transfer",
+    "pdlaunch_kv_transfer_seconds", "Time of one request's KV load on a decode, end to end: from its start until its "
+    "KV was in, the handshake with the prefill and the READ claim's or push request's round trip included; "
+    "vllm:nixl_xfer_time_seconds times the data movement alone",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
@@ -35,12 +37,16 @@ DECODE_PREFIX_HIT_TOKENS = Counter(
     "instance found in its own prefix cache: their KV was not moved")
 
 
-def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
-    """One request's KV arrived: ours and vLLM's NIXL series."""
+def observe_kv_transfer(num_bytes: int, load_seconds: float, xfer_seconds: float | None) -> None:
+    """One request's KV arrived (`num_bytes`): ours, with the load's end-to-end time
+    (`load_seconds`), and vLLM's NIXL series, with the data movement's (`xfer_seconds`: from the transfer's post
+    until it completed, as vLLM times it; None when nothing was posted, e.g. every block was a prefix hit, which
+    vLLM does not count as a transfer either)."""
     KV_TRANSFER_BYTES.inc(num_bytes)
-    KV_TRANSFER_SECONDS.observe(seconds)
-    vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
-    vllm(NIXL_XFER_TIME).observe(seconds)
+    KV_TRANSFER_SECONDS.observe(load_seconds)
+    if xfer_seconds is not None:
+        vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
+        vllm(NIXL_XFER_TIME).observe(xfer_seconds)
 
 
 def count_expired_recompute(request_id: str) -> None:

@@ -278,6 +278,8 @@ class LoadContext(LoadReads):
                     event = (done, errors)
                 # From here on prefill may WRITE into our blocks (or slots): abort/fail drain until it says it ended.
                 load.push_sent, load.write_ended = True, False
+                if load.posted is None:  # the prefill posts its WRITE on receipt: the data movement starts
+                    load.posted = time.monotonic()
         except BaseException:
             if release is not None:
                 release()

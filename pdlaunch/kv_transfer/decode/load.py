@@ -80,6 +80,9 @@ class Load:
     pairs: Pairs
     deadline: float
     started: float
+    # The first transfer of the load posted (a READ, or the push request the prefill WRITEs on), monotonic: the start
+    # of its data movement (vllm:nixl_xfer_time_seconds); None before, or when nothing moved.
+    posted: float | None = None
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     state: LoadState = LoadState.HANDSHAKE
     strategy: LoadStrategy | None = None  # chosen once, after the handshake said how KV moves

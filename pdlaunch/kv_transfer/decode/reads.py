@@ -129,6 +129,8 @@ class LoadReads:
             if load.abandoned or load.state != LoadState.RUNNING:
                 raise KVTransferError(f"READ of request {load.request_id} not posted: {load.error or 'aborted'}")
             load.read_posting = True
+            if load.posted is None:
+                load.posted = time.monotonic()
         try:
             xfer = self.agent.transfer("READ", local, rem, agent_name, device_index, notif)
         except BaseException:

@@ -184,7 +184,8 @@ class LoadTable:
             for g, pairs in enumerate(load.pairs):
                 verify_blocks(spec.kv_caches[g], g, [p[1] for p in pairs], [expected[g][p[0]] for p in pairs],
                               load.request_id)
-        observe_kv_transfer(load.num_bytes, now - load.started)
+        observe_kv_transfer(load.num_bytes, max(0.0, now - load.started),
+                            None if load.posted is None else max(0.0, now - load.posted))
         self._release(load)
 
     def _fail(self, load: Load, draining: bool = False) -> str:
