@@ -27,7 +27,7 @@ from typing import ClassVar, Final, TypeAlias, get_args
 import torch
 
 from pdlaunch.config.strict_model import DType
-from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.base import KVConnectorEvents, LoadOutcome
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest, UnsignedPush
 from pdlaunch.runner.step_inputs import StepInputs
 
@@ -89,6 +89,20 @@ def _ids_problem(name: str, ids: object, kind: type[set[str]] | type[dict[str, s
     return None if bad is None else f"{name} holds {_a(bad)}, not a request id (str)"
 
 
+def _outcomes_problem(outcomes: object) -> str | None:
+    """Why `outcomes` is not load_outcomes (request id -> LoadOutcome of bounded values), or None."""
+    problem = _ids_problem("load_outcomes", outcomes, dict)
+    if problem is not None or not isinstance(outcomes, dict):
+        return problem
+    for rid, outcome in outcomes.items():
+        if not isinstance(outcome, LoadOutcome):
+            return f"load_outcomes[{short(rid)}] is {_a(outcome)}, not a LoadOutcome"
+        problem = outcome.problem()
+        if problem is not None:
+            return f"load_outcomes[{short(rid)}]: {problem}"
+    return None
+
+
 def _events_problem(events: object) -> str | None:
     """Why `events` is not KVConnectorEvents of request ids, or None."""
     if not isinstance(events, KVConnectorEvents):
@@ -98,7 +112,8 @@ def _events_problem(events: object) -> str | None:
                     ("finished_sending", "finished_recving", "draining", "safe_to_free")),
                   _ids_problem("failed_recving", failed, dict),
                   None if not isinstance(failed, dict) or all(isinstance(e, str) for e in failed.values())
-                  else "failed_recving holds an error that is not a str")
+                  else "failed_recving holds an error that is not a str",
+                  _outcomes_problem(events.load_outcomes))
 
 
 @dataclass(frozen=True, slots=True)

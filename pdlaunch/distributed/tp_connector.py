@@ -10,6 +10,11 @@ Which prefill rank a decode rank reads: prefill's response carries `remote_ports
 of each prefill rank) and `remote_hosts` (each rank's advertised address: a group spanning nodes
 has ranks on several); decode rank r of a same-size group reads prefill rank r. Between different
 TP sizes each rank's connector reads the prefill ranks holding its KV heads (kv_transfer/reshard.py).
+
+The KV transfer series (metrics/kv_transfer.py) are rank 0's to count for the group: ranks 1..T-1 run in worker
+processes whose series nobody serves. Each rank's connector reports how each of its loads ended (LoadOutcome, in its
+events); a request counts a failure once, when its first rank failed, and, once every rank's KV is in, the bytes of
+all ranks, with the slowest rank's times (`RankLoads`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from pdlaunch.distributed.messages import (
     StartLoad,
 )
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents, LoadOutcome
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
+from pdlaunch.metrics.kv_transfer import count_kv_transfer_failure, observe_kv_transfer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,44 @@ class RankEvents:
         return len(self._sent) + len(self._recvd) + len(self._failed)
 
 
+class RankLoads:
+    """Each rank's outcome of a request's load (KVConnectorEvents.load_outcomes) until every rank reported one: every
+    rank that started the load ends it once (done, failed, or aborted: told to stop), so a request is let go of then.
+    A failure is counted at the first rank's, once per request; a load done on every rank observes the sum of their
+    bytes and the slowest rank's times; one aborted, nothing (as one rank's load aborted counts nothing)."""
+
+    def __init__(self, tp_size: int) -> None:
+        self.tp_size = tp_size
+        self._ends: dict[str, dict[int, LoadOutcome]] = {}
+
+    def start(self, request_id: str) -> None:
+        """A new load of `request_id`: what was left of an earlier one's is dropped."""
+        self._ends.pop(request_id, None)
+
+    def add(self, per_rank: list[KVConnectorEvents]) -> None:
+        for rank, events in enumerate(per_rank):
+            for rid, outcome in events.load_outcomes.items():
+                ends = self._ends.setdefault(rid, {})
+                if outcome.end == "failed" and all(o.end != "failed" for o in ends.values()):
+                    count_kv_transfer_failure()
+                ends[rank] = outcome
+                if len(ends) == self.tp_size:
+                    del self._ends[rid]
+                    self._observe(list(ends.values()))
+
+    @staticmethod
+    def _observe(ends: list[LoadOutcome]) -> None:
+        if any(o.end != "done" for o in ends):
+            return
+        moved = [o.xfer_seconds for o in ends if o.xfer_seconds is not None]
+        observe_kv_transfer(sum(o.num_bytes for o in ends), max(o.load_seconds for o in ends),
+                            max(moved) if moved else None)
+
+    def num_tracked(self) -> int:
+        """Requests some rank reported the end of its load for, and not every rank yet."""
+        return len(self._ends)
+
+
 class TPConnector(KVConnector):
     """Rank 0's view: `local` is rank 0's connector, `mirror` reaches the others' (executor pipes)."""
 
@@ -125,6 +169,7 @@ class TPConnector(KVConnector):
         self.side_ports = side_ports  # rank r's side channel (prefill), filled as ranks register
         self.side_hosts = side_hosts or [None] * tp_size  # the address rank r advertises (its node's)
         self.events = RankEvents(tp_size)
+        self.loads = RankLoads(tp_size)  # the KV transfer series of the group's loads
         self._failed_now: dict[str, str] = {}  # request_id -> why its load could not start
         # Ended loads whose blocks a transfer may still write, and on which ranks: the blocks are
         # safe to free only when every one of those ranks said so (base.py "Lifecycle contract").
@@ -146,10 +191,12 @@ class TPConnector(KVConnector):
         call = StartLoad(request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
                          num_external_tokens)
         self.events.forget(request_id)
+        self.loads.start(request_id)
         try:
             params = params_for_rank(kv_transfer_params, 0, self.tp_size)
         except KVTransferError as exc:
             self._failed_now[request_id] = exc.render()  # reported by the next get_finished
+            count_kv_transfer_failure()  # no rank starts its load: none reports its end
             return
         self.mirror(call)
         self.local.start_load(request_id, prompt_token_ids, params, block_ids, num_local_computed_tokens,
@@ -173,6 +220,7 @@ class TPConnector(KVConnector):
     def get_finished(self) -> KVConnectorEvents:
         per_rank = [self.local.get_finished(), *self.mirror(GetFinished())]
         merged, to_abort = self.events.merge(per_rank)
+        self.loads.add(per_rank)
         merged.failed_recving.update(self._failed_now)
         self._failed_now.clear()
         for rank, events in enumerate(per_rank):

@@ -46,6 +46,7 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final, Literal, get_args
 
 import torch
 from pydantic import JsonValue
@@ -90,6 +91,41 @@ class KVCacheSpec:
         return [t[0].numel() * t.element_size() for t in self.kv_caches]
 
 
+LoadEnd = Literal["done", "failed", "aborted"]
+LOAD_ENDS: Final = get_args(LoadEnd)
+MAX_OUTCOME_BYTES = 1 << 50  # one rank's load of one request: a PiB is far past any KV cache
+MAX_OUTCOME_SECONDS = 30 * 86400.0  # a load ends by its deadline (at most a day) plus a grace
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOutcome:
+    """How one TP rank's KV load of a request ended, for the KV transfer series rank 0 observes for its group
+    (distributed/tp_connector.py): "done" (its KV is in: `num_bytes` moved, `load_seconds` from start_load,
+    `xfer_seconds` from its first transfer's post, None when it posted none), "failed", or "aborted" (nothing
+    counted)."""
+
+    end: LoadEnd
+    num_bytes: int = 0
+    load_seconds: float = 0.0
+    xfer_seconds: float | None = None
+
+    def problem(self) -> str | None:
+        """Why the fields do not hold an outcome (a TP rank's, checked where rank 0 receives it), or None."""
+        if self.end not in LOAD_ENDS:
+            return f"end is {self.end!r}, not one of {', '.join(LOAD_ENDS)}"
+        if not isinstance(self.num_bytes, int) or isinstance(self.num_bytes, bool) or \
+                not 0 <= self.num_bytes <= MAX_OUTCOME_BYTES:
+            return f"num_bytes is {self.num_bytes!r}, not an int in [0, {MAX_OUTCOME_BYTES}]"
+        for name in ("load_seconds", "xfer_seconds"):
+            value = getattr(self, name)
+            if value is None and name == "xfer_seconds":
+                continue
+            if not isinstance(value, float | int) or isinstance(value, bool) or \
+                    not 0.0 <= value <= MAX_OUTCOME_SECONDS:  # NaN fails both comparisons
+                return f"{name} is {value!r}, not seconds in [0, {MAX_OUTCOME_SECONDS:g}]"
+        return None
+
+
 @dataclass
 class KVConnectorEvents:
     finished_sending: set[str] = field(default_factory=set)  # prefill: held blocks may be freed now
@@ -99,6 +135,9 @@ class KVConnectorEvents:
     draining: set[str] = field(default_factory=set)
     # decode: draining (failed or aborted) loads whose blocks no transfer can write any more
     safe_to_free: set[str] = field(default_factory=set)
+    # decode, a rank of a TP group: how each of its loads ended since the last call, once per load; rank 0 observes
+    # the group's KV transfer series from them (TPConnector). Empty where the connector observes its own (TP 1).
+    load_outcomes: dict[str, LoadOutcome] = field(default_factory=dict)
 
 
 class KVConnector(ABC):

@@ -1,7 +1,8 @@
 """Our series of KV transfer between instances (`pdlaunch_kv_*`): what moved and how long it took, transfers
 that failed, a prefill's held KV freed other than by its reader, and a decode's prompt computed locally instead.
 A transfer is counted in vLLM's NixlConnector series too (vllm_series.py): `observe_kv_transfer`,
-`count_kv_transfer_failure`.
+`count_kv_transfer_failure`. A decode of TP > 1 counts each request once, on rank 0, with every rank's bytes
+(distributed/tp_connector.py): ranks 1..T-1 run in worker processes whose series nobody serves.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ logger = logging.getLogger(__name__)
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
     "pdlaunch_kv_transfer_seconds", "Time of one request's KV load on a decode, end to end: from its start until its "
-    "KV was in, the handshake with the prefill and the READ claim's or push request's round trip included; "
-    "vllm:nixl_xfer_time_seconds times the data movement alone",
+    "KV was in, the handshake with the prefill and the READ claim's or push request's round trip included (TP: the "
+    "slowest rank's); vllm:nixl_xfer_time_seconds times the data movement alone",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
@@ -38,7 +39,7 @@ DECODE_PREFIX_HIT_TOKENS = Counter(
 
 
 def observe_kv_transfer(num_bytes: int, load_seconds: float, xfer_seconds: float | None) -> None:
-    """One request's KV arrived (`num_bytes`): ours, with the load's end-to-end time
+    """One request's KV arrived (`num_bytes`, over every TP rank): ours, with the load's end-to-end time
     (`load_seconds`), and vLLM's NIXL series, with the data movement's (`xfer_seconds`: from the transfer's post
     until it completed, as vLLM times it; None when nothing was posted, e.g. every block was a prefix hit, which
     vLLM does not count as a transfer either)."""
@@ -60,5 +61,6 @@ def count_expired_recompute(request_id: str) -> None:
 
 
 def count_kv_transfer_failure() -> None:
+    """One request's KV load failed (on any TP rank: counted once, on rank 0)."""
     KV_TRANSFER_FAILURES.inc()
     vllm(NIXL_NUM_FAILED_TRANSFERS).inc()

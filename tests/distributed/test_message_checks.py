@@ -41,7 +41,7 @@ from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.distributed.tp_startup import wait_ready
 from pdlaunch.distributed.worker import _serve
 from pdlaunch.errors import EngineError
-from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.base import KVConnectorEvents, LoadOutcome
 from pdlaunch.kv_transfer.params import PrefillAnswer
 from pdlaunch.runner.step_inputs import StepInputs
 from tests.distributed.test_rank_stream import RecordingConnector, RecordingRunner, rank0_side
@@ -144,12 +144,29 @@ def test_a_reply_to_request_finished_that_fits_is_taken(value: tuple[bool, Prefi
     (KVConnectorEvents(finished_sending=["r1"]), "finished_sending is a list, not a set"),  # type: ignore[arg-type]
     (KVConnectorEvents(finished_recving={1}), "finished_recving holds an int, not a request id"),  # type: ignore[arg-type]
     (KVConnectorEvents(failed_recving={"r1": None}), "failed_recving holds an error that is not a str"),  # type: ignore[dict-item]
-], ids=["list", "int id", "error"])
+    (KVConnectorEvents(load_outcomes={"r1": "done"}), r"load_outcomes\['r1'\] is a str, not a LoadOutcome"),  # type: ignore[dict-item]
+    (KVConnectorEvents(load_outcomes={"r1": LoadOutcome("done", -1)}), r"load_outcomes\['r1'\]: num_bytes is -1"),
+    (KVConnectorEvents(load_outcomes={"r1": LoadOutcome("done", 1, float("nan"))}),
+     r"load_outcomes\['r1'\]: load_seconds is nan, not seconds"),
+    (KVConnectorEvents(load_outcomes={"r1": LoadOutcome("done", 1, 0.5, 1e300)}),
+     r"load_outcomes\['r1'\]: xfer_seconds is 1e\+300, not seconds"),
+    (KVConnectorEvents(load_outcomes={"r1": LoadOutcome("lost")}), r"load_outcomes\['r1'\]: end is 'lost'"),  # type: ignore[arg-type]
+], ids=["list", "int id", "error", "outcome type", "bytes", "nan", "huge", "end"])
 def test_a_reply_to_get_finished_must_hold_request_ids(events: KVConnectorEvents, wrong: str) -> None:
     executor, (rank1,) = rank0_side(1)
     send(rank1, Reply(events))
     with pytest.raises(MalformedMessage, match=r"sent a malformed reply to GetFinished \(" + wrong):
         executor._mirror(GetFinished())  # noqa: SLF001
+
+
+def test_a_reply_to_get_finished_with_the_ends_of_loads_is_taken() -> None:
+    events = KVConnectorEvents(finished_recving={"r1"}, load_outcomes={
+        "r1": LoadOutcome("done", 4096, 0.5, 0.125), "r2": LoadOutcome("done", 0, 0.25, None),
+        "r3": LoadOutcome("failed"), "r4": LoadOutcome("aborted")})
+    executor, (rank1,) = rank0_side(1)
+    send(rank1, Reply(events))
+    assert executor._mirror(GetFinished()) == [events]  # noqa: SLF001
+    assert executor.failure is None
 
 
 def test_a_reply_to_abort_load_must_be_a_bool() -> None:

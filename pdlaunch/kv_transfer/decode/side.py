@@ -58,6 +58,8 @@ class DecodeSide(NixlConnector):
     def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
         self.ctx.staging = staging
         self.compute = ComputeStream(spec.device)
+        # A rank of a TP group: rank 0 observes the group's KV transfer series (distributed/tp_connector.py).
+        self.loads.table.reports_outcomes = spec.tp_size > 1
 
     def _drop_staging(self) -> None:
         self.ctx.staging = None
@@ -221,7 +223,7 @@ class DecodeSide(NixlConnector):
         finished, failed = self.loads.table.poll(now)
         draining, safe = self.loads.table.poll_draining(now)
         return KVConnectorEvents(finished_recving=finished, failed_recving=failed, draining=draining,
-                                 safe_to_free=safe)
+                                 safe_to_free=safe, load_outcomes=self.loads.table.take_outcomes())
 
     def abort_load(self, request_id: str) -> bool:
         return self.loads.table.abort(request_id)

@@ -12,6 +12,11 @@ blocks past the drain's end until it ended: freed under it, they would be given 
 the READ still writes them. Mooncake ends every transfer by its own timeout (MC_TRANSFER_TIMEOUT, 30 s by
 default), which bounds that wait; no cap of ours frees them earlier, since that would be the silent
 corruption this prevents. Over NIXL the drain's end releases the READ, which cancels it.
+
+Each load's end is counted once, as it is reported (or at its abort): a load whose KV is in observes its bytes, its
+end-to-end time (from start_load) and its data movement's (from its first transfer's post); a failed one counts a
+failure; an aborted one nothing. A rank of a TP group (`reports_outcomes`) counts nothing itself: it hands each
+load's LoadOutcome to rank 0 in its events, and rank 0 counts the request once for the group.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import time
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.base import LoadOutcome
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
@@ -42,6 +48,9 @@ class LoadTable:
         self._by_nonce: dict[str, Load] = {}
         self._draining: dict[str, Load] = {}  # failed/aborted loads whose blocks a transfer may still write
         self._new_draining: set[str] = set()  # failed loads of the last poll that drain
+        # A rank of a TP group: each load's end goes to rank 0 (take_outcomes), which counts the group's once.
+        self.reports_outcomes = False
+        self._outcomes: dict[str, LoadOutcome] = {}  # ended since the last take_outcomes (reports_outcomes)
 
     def add(self, load: Load) -> None:
         with self._lock:
@@ -184,12 +193,29 @@ class LoadTable:
             for g, pairs in enumerate(load.pairs):
                 verify_blocks(spec.kv_caches[g], g, [p[1] for p in pairs], [expected[g][p[0]] for p in pairs],
                               load.request_id)
-        observe_kv_transfer(load.num_bytes, max(0.0, now - load.started),
-                            None if load.posted is None else max(0.0, now - load.posted))
+        self._ended(load, LoadOutcome("done", load.num_bytes, max(0.0, now - load.started),
+                                      None if load.posted is None else max(0.0, now - load.posted)))
         self._release(load)
 
+    def _ended(self, load: Load, outcome: LoadOutcome) -> None:
+        """Count how the load ended: here, or, on a rank of a TP group, in the events rank 0 counts (the lock is
+        not held)."""
+        if self.reports_outcomes:
+            with self._lock:
+                self._outcomes[load.request_id] = outcome
+        elif outcome.end == "done":
+            observe_kv_transfer(outcome.num_bytes, outcome.load_seconds, outcome.xfer_seconds)
+        elif outcome.end == "failed":
+            count_kv_transfer_failure()
+
+    def take_outcomes(self) -> dict[str, LoadOutcome]:
+        """The ends of the loads since the last call (`reports_outcomes`: a rank of a TP group), once each."""
+        with self._lock:
+            outcomes, self._outcomes = self._outcomes, {}
+        return outcomes
+
     def _fail(self, load: Load, draining: bool = False) -> str:
-        count_kv_transfer_failure()
+        self._ended(load, LoadOutcome("failed"))
         if not draining and load.strategy is not None:  # else poll_draining releases once the transfer ended
             self._release(load)
             load.strategy.release_prefill(load)
@@ -230,7 +256,9 @@ class LoadTable:
                 self._start_drain(load, time.monotonic())
         if unreported:
             self._fail(load, drain)  # counts it; not draining: frees and tells the prefill to release
-        elif not drain:
+        else:
+            self._ended(load, LoadOutcome("aborted"))  # counts nothing: a TP group's rank 0 hears its end
+        if not unreported and not drain:
             self._release(load)
             if was_running and load.strategy is not None:  # as _fail: the prefill frees now, not at its lease's end
                 load.strategy.release_prefill(load)
