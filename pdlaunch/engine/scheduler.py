@@ -24,7 +24,7 @@ from __future__ import annotations
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.scheduler_admission import SchedulerAdmission
 from pdlaunch.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from pdlaunch.metrics.instance import PREEMPTED_TOKENS_RECOMPUTED
+from pdlaunch.metrics.instance import PREEMPTED_TOKENS_RECOMPUTED, PROMPT_TOKENS_COMPUTED
 from pdlaunch.metrics.vllm_series import NUM_PREEMPTIONS, vllm
 
 
@@ -97,6 +97,11 @@ class Scheduler(SchedulerAdmission):
             request = s.request
             if s.start < request.num_preempted_tokens:  # what a preemption freed, computed again
                 PREEMPTED_TOKENS_RECOMPUTED.inc(min(s.end, request.num_preempted_tokens) - s.start)
+            # Prompt positions computed here for the first time, once they are: a request that ends before its
+            # compute (its CPU-tier or KV load failed, aborted while its KV was on the way) computed none of them.
+            first = min(s.end, request.num_prompt_tokens) - max(s.start, request.num_preempted_tokens)
+            if first > 0:
+                PROMPT_TOKENS_COMPUTED.inc(first)
             request.num_computed_tokens = s.end
             # only positions whose token the host knows (async scheduling: the sampled one may be pending)
             self.block_manager.cache_blocks(request.request_id, request.all_token_ids,

@@ -21,7 +21,6 @@ from pdlaunch.engine.scheduler_state import SchedulerState, describe
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.params import wants_remote_prefill
 from pdlaunch.kvcache.block_manager import PrefixHit
-from pdlaunch.metrics.instance import PROMPT_TOKENS_COMPUTED
 from pdlaunch.metrics.kv_transfer import DECODE_PREFIX_HIT_TOKENS
 from pdlaunch.metrics.vllm_series import (
     EXTERNAL_PREFIX_CACHE_HITS,
@@ -207,7 +206,6 @@ class SchedulerAdmission(SchedulerState):
             self.prompt_tokens_cached += request.num_cached_tokens - from_cpu
             vllm(PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
             vllm(PREFIX_CACHE_HITS).inc(request.num_cached_tokens - from_cpu)
-            PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
             if from_cpu:
                 self._cpu_hits.append((request, from_cpu))
 

@@ -1,5 +1,5 @@
 """The instance's own series (`pdlaunch_*`) beside KV transfer and engine steps: its KV blocks and request
-queues, the tokens it computed (prompts at admission, after a preemption), its latencies to the first token and
+queues, the tokens it computed (prompts, again after a preemption), its latencies to the first token and
 between streamed tokens, and what its weights and KV cache are computed in.
 """
 
@@ -15,8 +15,9 @@ PREEMPTED_TOKENS_RECOMPUTED = Counter(
     "pdlaunch_preempted_tokens_recomputed", "Tokens computed again after a preemption freed their KV: the prompt "
     "and output positions a preempted request had, less what the prefix cache (or CPU tier) gave back")
 PROMPT_TOKENS_COMPUTED = Counter(
-    "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed at admission: neither in its prefix "
-    "cache (or CPU tier) nor loaded over a KV transfer (bench serve --multi-turn reads it)")
+    "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed: neither in its prefix cache (or CPU "
+    "tier) nor loaded over a KV transfer, counted once computed (a request that failed or was aborted before counts "
+    "none; a preemption's recompute is pdlaunch_preempted_tokens_recomputed) (bench serve --multi-turn reads it)")
 KV_INTEGRITY_CHECKS = Counter(
     "pdlaunch_kv_integrity_checks", "KV block integrity checks run (once the engine has been idle a while: "
     "server/idle_check.py)")

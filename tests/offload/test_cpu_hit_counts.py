@@ -2,8 +2,9 @@
 request's cached tokens (usage, and vllm:prompt_tokens_cached and vllm:prompt_tokens_by_source{local_cache_hit} as the
 server counts them from its outputs), the stats' prompt_tokens_cached and pdlaunch_kv_offload_hit_blocks. A load that
 failed while copying counts none of its tokens as hits anywhere (they were counted when the load was queued): its
-request ends with an error, its prompt counted as left to compute. Through LLMEngine, a hybrid Qwen2 with a tiny device
-cache, as tests/offload/test_engine_offload.py."""
+request ends with an error, its prompt counted as left to compute, and none of it as computed
+(pdlaunch_prompt_tokens_computed and the stats' prompt_tokens_computed: it never ran). Through LLMEngine, a hybrid
+Qwen2 with a tiny device cache, as tests/offload/test_engine_offload.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.metrics.instance import PROMPT_TOKENS_COMPUTED
 from pdlaunch.metrics.vllm_series import (
     PREFIX_CACHE_HITS,
     PREFIX_CACHE_QUERIES,
@@ -36,7 +38,9 @@ def _counts(engine: LLMEngine) -> dict[str, float]:
             "cached": vllm(PROMPT_TOKENS_CACHED)._value.get(),
             "stats_cached": stats["prompt_tokens_cached"],
             "tier_hit_blocks": offload_metrics.OFFLOAD_HIT_BLOCKS._value.get(),
-            "stats_hit_blocks": stats["offload_hit_blocks"]}
+            "stats_hit_blocks": stats["offload_hit_blocks"],
+            "computed": PROMPT_TOKENS_COMPUTED._value.get(),
+            "stats_computed": stats["prompt_tokens_computed"]}
 
 
 def _serve(engine: LLMEngine, prompt: list[int]) -> RequestOutput:
@@ -78,8 +82,9 @@ def test_a_cpu_tier_hit_counts_once_its_load_did_not_fail(load_fails: bool, hybr
     assert offload_metrics.OFFLOAD_FAILED_JOBS.labels("load")._value.get() - failed_loads == int(load_fails)
     hit = device_hit.num_tokens + (0 if load_fails else cpu_hit.num_tokens - device_hit.num_tokens)
     tier_blocks = 0 if load_fails else len(cpu_hit.blocks)
+    computed = 0 if load_fails else len(prompt) - hit
     assert out.num_cached_tokens == hit
     delta = {key: value - before[key] for key, value in _counts(engine).items()}
     assert delta == {"queries": len(prompt), "hits": hit, "local_cache_hit": hit, "local_compute": len(prompt) - hit,
                      "cached": hit, "stats_cached": hit, "tier_hit_blocks": tier_blocks,
-                     "stats_hit_blocks": tier_blocks}
+                     "stats_hit_blocks": tier_blocks, "computed": computed, "stats_computed": computed}
