@@ -49,15 +49,10 @@ def parse_auto(text: str, json_calls: bool = True) -> tuple[str | None, list[Jso
         return text, []
     stripped = text.strip().removeprefix(PYTHON_TAG).strip()
     calls = _llama_calls(stripped) if stripped.startswith("{") else None
-    return (None, calls) if calls is not None else (_without_python_tag(text), [])
-
-
-def _without_python_tag(text: str) -> str:
-    """`text` without the Llama 3 `<|python_tag|>` that opens it: a special token, in the decoded text only when it
-    keeps special tokens (the client sent skip_special_tokens false, or the checkpoint holds special tool-call markers:
-    server/choices.py); skipped by default, as vLLM's llama3_json parser sees the text, so its content has none."""
-    start = len(text) - len(text.lstrip())
-    return text[:start] + text[start:].removeprefix(PYTHON_TAG) if text[start:].startswith(PYTHON_TAG) else text
+    # No call: the text as decoded, as vLLM's llama3_json parser gives it back. Its opening `<|python_tag|>` is a
+    # special token, there only when the client kept special tokens (skip_special_tokens false) or the checkpoint's
+    # special tool-call markers did (server/choices.py): then the client sees it, as from vLLM.
+    return (None, calls) if calls is not None else (text, [])
 
 
 def parse_required(text: str) -> list[JsonObject]:

@@ -48,7 +48,7 @@ class ToolStream:
         if finished:
             whole, calls = self.calling.parse(self.text)
             if not calls and self.calling.mode == "auto" and len(self.text) > self.sent:
-                # the whole answer's content (its opening <|python_tag|> dropped, held back until now: sent is 0)
+                # the whole answer's content, held back until now (it opened as a call may: sent is 0)
                 content += (whole or "")[self.sent:]
                 self.sent = len(self.text)
         delta: JsonObject = {"content": content} if content else {}
