@@ -5,6 +5,7 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,13 +250,19 @@ class Deployment:
     def stop(self, drain: bool = True, hurry: Callable[[], bool] | None = None) -> None:
         """Proxy first (it drains in-flight requests up to drain_timeout_s), then every instance;
         SIGTERM, then SIGKILL after a timeout, or as soon as `hurry()` turns true (a second Ctrl-C).
-        Every child is reaped. Safe to call twice."""
+        Every child is reaped; an instance already dead, or that dies while the proxy drains, at once (what is left
+        of its group, a TP worker holding its GPU memory, is killed then, not after the drain). Safe to call twice."""
         if self._stopping:
             return
         self._stopping = True
         try:
+            self._reap_ended()
             if self.proxy is not None:
-                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, hurry)
+                def reap_or_hurry() -> bool:  # asked every HURRY_POLL_S while the proxy drains
+                    self._reap_ended()
+                    return hurry is not None and hurry()
+
+                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, reap_or_hurry)
             hurried = hurry is not None and hurry()
             stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain and not hurried else 0.5, hurry)
         except BaseException:
@@ -273,6 +280,13 @@ class Deployment:
             self._http.close()
             self._log_lock.release()
             self.reservations.release()
+
+    def _reap_ended(self) -> None:
+        """Kill what is left of the group of every instance (or remote rank) whose leader ended, and remove its
+        directory: once per run (ChildProcess._end_group), so calling this often is cheap."""
+        for child in self.instances + self.ranks:
+            if child.popen is not None and not child.running:
+                child.signal_group(signal.SIGKILL)
 
     def __enter__(self) -> Deployment:
         return self
