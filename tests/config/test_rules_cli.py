@@ -10,7 +10,7 @@ import torch
 
 from pdlaunch.config.rules.security import SECRET_ENV
 from pdlaunch.config.validate import SLEEP_ENABLES_CUMEM
-from tests.config.cli_helpers import assert_invalid, check, check_json, write_model, write_yaml
+from tests.config.cli_helpers import FREE_PORT, assert_invalid, check, check_json, write_model, write_yaml
 
 
 def gpus(count: int) -> list[str]:
@@ -329,6 +329,18 @@ def test_node_rank_within_nodes(tmp_path: Path) -> None:
 def test_group_node_within_nodes(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill}\n  - {role: decode, node: 1}\n")
     assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "instances[1].node")
+
+
+def test_a_ray_field_set_to_its_default_without_the_ray_backend_is_refused(tmp_path: Path) -> None:
+    """`--ray-address auto` (the value the README's ray commands give) with --backend ray forgotten started every
+    instance on this machine without a word: the rule compared the value with the default, which is auto."""
+    cpu = ["--model", "tiny", "--device", "cpu", *FREE_PORT]
+    assert_invalid(check([*cpu, "--ray-address", "auto"]), "--ray-address", "is only read by --backend ray")
+    path = write_yaml(tmp_path, "launcher: {ray_placement_timeout_seconds: 120, ray_resources: {}}\n")
+    result = check([str(path), *cpu])
+    assert_invalid(result, "launcher.ray_placement_timeout_seconds", "is only read by --backend ray")
+    assert_invalid(result, "launcher.ray_resources", "is only read by --backend ray")
+    assert check([*cpu, "--backend", "local"]).exit_code == 0
 
 
 # --- memory estimate --------------------------------------------------------------------------

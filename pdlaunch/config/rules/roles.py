@@ -6,7 +6,7 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S, LauncherConfig
+from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S
 from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
@@ -137,14 +137,14 @@ def stall_restart_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 def ray_field_problems(cfg: DeploymentConfig) -> list[Problem]:
     """launcher.ray_* mean something only with --backend ray: set under another backend, refused (a forgotten
-    --backend ray would otherwise start everything on this machine)."""
+    --backend ray would otherwise start everything on this machine). Set means given (the flag or the key), even
+    to its default: `--ray-address auto` is how a ray deployment is typed."""
     if cfg.launcher.backend == "ray":
         return []
-    defaults = LauncherConfig()
     return [problem(f"launcher.{name}", f"is only read by --backend ray (the backend is {cfg.launcher.backend})",
                     "add --backend ray (launcher.backend: ray), or remove it")
             for name in ("ray_address", "ray_resources", "ray_placement_timeout_seconds")
-            if getattr(cfg.launcher, name) != getattr(defaults, name)]
+            if name in cfg.launcher.model_fields_set]
 
 
 def node_problems(cfg: DeploymentConfig) -> list[Problem]:
