@@ -298,6 +298,8 @@ COMPOSED = {
     "--num-prompts: 0 must be at least 1; give": '("ge", "must be at least")',
     "--input-lens: item 2: 0 must be at least": '("ge", "must be at least")',
     "needs N GPUs but": "GPUs (count x tp summed over groups) but",
+    "warning: --tp: has no effect: every instance takes": "instance takes its TP size",
+    "warning: --transfer-mode: has no effect with the": "has no effect with the {connector} connector: only ",
     "parallel.nodes[K].devices: node K needs": "GPUs (count x tp summed over ",
     "shape mismatch for expert": "shape mismatch for {",
     "--num-gpu-blocks: the KV cache": "did not fit in ",

@@ -158,7 +158,10 @@ def resolve(cfg: DeploymentConfig, target: TargetHost | None) -> DeploymentConfi
     if out.model.dtype == "auto" and device != "auto":
         out.model.dtype = "bfloat16" if device == "cuda" else "float32"
     for group in out.instances:
+        own = group.tp is not None
         group.tp = group_tp(cfg, group)
+        if not own:  # fields_set names what the user set (config/rules/no_effect.py), not this fill-in
+            group.model_fields_set.discard("tp")
     return out
 
 

@@ -94,3 +94,80 @@ def test_prefix_routing_with_prefix_caching_off_is_a_warning() -> None:
                     "--no-enable-prefix-caching, or use --routing-policy least_loaded"], said
     assert warnings_of([*CPU, "--routing-policy", "prefix"]) == []
     assert warnings_of([*CPU, "--routing-policy", "least_loaded", "--no-enable-prefix-caching"]) == []
+
+
+TINY = ["--model", "tiny", "--device", "cpu", *FREE_PORT]
+SHADOWED = "has no effect: every instance takes its"
+
+
+@pytest.mark.parametrize(("yaml", "flags", "said"), [
+    ("", ["--tp", "2", "--prefill-tp", "1", "--decode-tp", "1"],
+     "warning: --tp: has no effect: every instance takes its TP size from --prefill-tp, --decode-tp instead"),
+    ("instances: [{role: prefill, tp: 1}, {role: decode, tp: 1}]\n", ["--tp", "2"],
+     "warning: --tp: has no effect: every instance takes its TP size from instances[0].tp, instances[1].tp instead"),
+    ("instances: [{role: prefill, tp: 1}, {role: decode, tp: 1}]\n", ["-tp", "2"],
+     "warning: -tp: has no effect: every instance takes its TP size from instances[0].tp, instances[1].tp instead"),
+    ("instances: [{role: prefill, tp: 1}, {role: prefill, tp: 2, count: 0}, {role: decode}]\n",
+     ["--prefill-tp", "2"],
+     "warning: --prefill-tp: has no effect: every prefill instance takes its TP size from instances[0].tp instead"),
+    ("cache: {kv_cache_dtype: fp8}\ninstances: [{role: prefill, kv_cache_dtype: auto}, "
+     "{role: decode, kv_cache_dtype: auto}]\n", [],
+     "warning: cache.kv_cache_dtype: has no effect: every instance takes its KV cache dtype from "
+     "instances[0].kv_cache_dtype, instances[1].kv_cache_dtype instead"),
+])
+def test_a_setting_every_instance_group_overrides_is_named(tmp_path: Path, yaml: str, flags: list[str],
+                                                           said: str) -> None:
+    """`--tp 2` beside groups (or roles) that each set their own TP ran every instance at TP 1 without a word."""
+    path = tmp_path / "groups.yaml"
+    path.write_text(yaml)
+    warned = warnings_of([str(path), *TINY, *flags])
+    assert len(warned) == 1 and warned[0].startswith(said), warned
+
+
+@pytest.mark.parametrize(("yaml", "flags"), [
+    ("", ["--tp", "2", "--prefill-tp", "1"]),  # decode instances take --tp
+    ("instances: [{role: prefill, tp: 1}, {role: decode}]\n", ["--tp", "2"]),
+    ("instances: [{role: prefill, tp: 1}, {role: prefill}, {role: decode}]\n", ["--prefill-tp", "2"]),
+    ("instances: [{role: prefill, kv_cache_dtype: auto}, {role: decode}]\ncache: {kv_cache_dtype: auto}\n", []),
+    ("instances: [{role: prefill, tp: 1}, {role: decode, tp: 1}]\n", []),  # nothing deployment-wide given
+])
+def test_a_setting_some_instance_takes_is_no_warning(tmp_path: Path, yaml: str, flags: list[str]) -> None:
+    path = tmp_path / "groups.yaml"
+    path.write_text(yaml)
+    assert warnings_of([str(path), *TINY, *flags]) == []
+
+
+def test_expert_parallel_every_group_overrides_is_named(moe_ckpt: Callable[[str], Path]) -> None:
+    moe = ["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", *FREE_PORT]
+    warned = warnings_of([*moe, "--enable-expert-parallel", "--no-prefill-expert-parallel",
+                          "--no-decode-expert-parallel"])
+    assert len(warned) == 1 and warned[0].startswith(
+        "warning: --enable-expert-parallel: has no effect: every instance takes its expert parallelism from "
+        "--no-prefill-expert-parallel, --no-decode-expert-parallel instead"), warned
+    assert warnings_of([*moe, "--enable-expert-parallel", "--no-decode-expert-parallel"]) == []
+
+
+@pytest.mark.parametrize(("flags", "yaml", "said"), [
+    (["--kv-connector", "storage", "--transfer-mode", "push"], "",
+     "warning: --transfer-mode: has no effect with the storage connector"),
+    ([], "kv_transfer: {storage_path: /tmp/kv}\n", "warning: kv_transfer.storage_path: has no effect with the nixl "
+     "connector"),
+    ([], "kv_transfer: {mooncake_protocol: tcp}\n", "warning: kv_transfer.mooncake_protocol: has no effect with the "
+     "nixl connector"),
+    (["--kv-connector", "storage"], "kv_transfer: {mooncake_metadata_server: 'http://m:8080'}\n",
+     "warning: kv_transfer.mooncake_metadata_server: has no effect with the storage connector"),
+])
+def test_a_kv_transfer_setting_the_chosen_connector_does_not_read_is_named(tmp_path: Path, flags: list[str],
+                                                                          yaml: str, said: str) -> None:
+    path = tmp_path / "kv.yaml"
+    path.write_text(yaml)
+    warned = warnings_of([str(path), *TINY, *flags])
+    assert len(warned) == 1 and warned[0].startswith(said), warned
+
+
+def test_a_connector_setting_in_a_colocated_deployment_is_named_once(tmp_path: Path) -> None:
+    path = tmp_path / "colocated.yaml"
+    path.write_text("colocated: true\nkv_transfer: {storage_path: /tmp/kv, mooncake_protocol: tcp}\n")
+    warned = warnings_of([str(path), *TINY])
+    assert [w.split(";")[0] for w in warned] == [f"warning: kv_transfer.{name}: {COLOCATED}, so no KV moves between "
+                                                 "instances" for name in ("storage_path", "mooncake_protocol")], warned

@@ -18,7 +18,7 @@ from pdlaunch.config.problems import Problem, problem
 def no_effect_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
     """Every setting of the resolved `cfg` that does nothing here, as warnings."""
     return (expert_parallel_warnings(cfg, info) + colocated_warnings(cfg) + kv_budget_warnings(cfg)
-            + prefix_routing_warnings(cfg))
+            + prefix_routing_warnings(cfg) + overridden_warnings(cfg, info) + connector_warnings(cfg))
 
 
 def expert_parallel_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
@@ -39,7 +39,8 @@ def colocated_warnings(cfg: DeploymentConfig) -> list[Problem]:
         return []
     hint = "drop it, or serve prefill and decode instances"
     found = [problem(f"kv_transfer.{name}", "has no effect: every instance is colocated, so no KV moves between "
-                     "instances", hint) for name in ("connector", "transfer_mode", "load_failure_policy", "verify_kv")
+                     "instances", hint) for name in ("connector", "transfer_mode", "load_failure_policy", "verify_kv",
+                                                     "storage_path", "mooncake_protocol", "mooncake_metadata_server")
              if name in cfg.kv_transfer.model_fields_set]
     found += [problem(f"parallel.{name}", "has no effect: every instance is colocated, with no prefill or decode "
                       "instance to take it (parallel.tp sizes colocated ones)", hint)
@@ -73,3 +74,67 @@ def prefix_routing_warnings(cfg: DeploymentConfig) -> list[Problem]:
     return [problem("proxy.routing_policy", "prefix has no effect: prefix caching is off, so no instance caches a "
                     "prefix to route by and every prompt goes to the least loaded instance",
                     "drop --no-enable-prefix-caching, or use --routing-policy least_loaded")]
+
+
+def overridden_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
+    """A deployment-wide setting that every instance takes from somewhere else instead: parallel.tp under each
+    group's tp or its role's parallel.prefill_tp / decode_tp, a role's TP under each of its groups' tp, and
+    parallel.enable_expert_parallel and cache.kv_cache_dtype under each group's own. Groups of count 0 run nothing.
+    `cfg` is the resolved config: a group's tp is in its fields_set only where the user set it (validate.resolve)."""
+    groups = [(i, g) for i, g in enumerate(cfg.instances) if g.count > 0]
+    parallel = cfg.parallel
+    found: list[Problem] = []
+
+    def own(key: str, role: str | None = None) -> list[str] | None:
+        """The group fields that set `key` for every group (of `role`); None when some group takes it from above."""
+        chosen = [(i, g) for i, g in groups if role is None or g.role == role]
+        if not chosen or any(key not in g.model_fields_set or getattr(g, key) is None for _, g in chosen):
+            return None
+        return [f"instances[{i}].{key}" for i, _ in chosen]
+
+    def warn(field: str, what: str, sources: list[str]) -> None:
+        found.append(problem(field, f"has no effect: every {what} from {', '.join(dict.fromkeys(sources))} instead",
+                             "drop it, or drop those"))
+
+    if "tp" in parallel.model_fields_set and groups:
+        sources: list[str] = []
+        for i, group in groups:
+            role_tp = {"prefill": "prefill_tp", "decode": "decode_tp"}.get(group.role)
+            if "tp" in group.model_fields_set:
+                sources.append(f"instances[{i}].tp")
+            elif role_tp is not None and getattr(parallel, role_tp) is not None:
+                sources.append(f"parallel.{role_tp}")
+            else:
+                break
+        else:
+            warn("parallel.tp", "instance takes its TP size", sources)
+    for role in ("prefill", "decode"):
+        taken = own("tp", role) if f"{role}_tp" in parallel.model_fields_set else None
+        if taken is not None:
+            warn(f"parallel.{role}_tp", f"{role} instance takes its TP size", taken)
+    moe = info is None or info.moe is not None  # a dense model's expert parallelism: expert_parallel_warnings
+    taken = own("enable_expert_parallel") if "enable_expert_parallel" in parallel.model_fields_set else None
+    if moe and taken is not None:
+        warn("parallel.enable_expert_parallel", "instance takes its expert parallelism", taken)
+    taken = own("kv_cache_dtype") if "kv_cache_dtype" in cfg.cache.model_fields_set else None
+    if taken is not None:
+        warn("cache.kv_cache_dtype", "instance takes its KV cache dtype", taken)
+    return found
+
+
+# The kv_transfer settings only some connectors read (colocated_warnings names them too: no connector runs there).
+_CONNECTOR_FIELDS = {"transfer_mode": ("nixl", "mooncake"), "storage_path": ("storage",),
+                     "mooncake_protocol": ("mooncake",), "mooncake_metadata_server": ("mooncake",)}
+
+
+def connector_warnings(cfg: DeploymentConfig) -> list[Problem]:
+    """A kv_transfer setting that the chosen connector does not read (storage moves KV through files, with no
+    pull or push; only mooncake has a protocol and a metadata server), in a deployment that moves KV."""
+    if not any(group.role in ("prefill", "decode") for group in cfg.instances):
+        return []  # colocated_warnings
+    connector = cfg.kv_transfer.connector
+    return [problem(f"kv_transfer.{name}", f"has no effect with the {connector} connector: only "
+                    f"{' and '.join(readers)} read{'s' if len(readers) == 1 else ''} it",
+                    "drop it, or choose that connector (--kv-connector)")
+            for name, readers in _CONNECTOR_FIELDS.items()
+            if name in cfg.kv_transfer.model_fields_set and connector not in readers]
