@@ -9,6 +9,7 @@ past MAX_CONFIG_BYTES (parsed whole, 60 MB took two minutes) is refused before a
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -26,6 +27,19 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by e
 _MAX_INT_BITS = 4000 * 332 // 100  # 4000 digits
 _KINDS = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false, yes/no, on/off)",
           "timestamp": "a date", "binary": "base64 bytes"}
+
+
+# A YAML `"\\ud83d"` escape yields a UTF-16 surrogate code point, which no file, log line or terminal can hold.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _joined_surrogates(text: str) -> str | None:
+    """`text` with each surrogate pair (JSON's `"\\ud83d\\ude00"` for U+1F600, which PyYAML reads as two code
+    points) joined into its character; None when a lone surrogate is left."""
+    try:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        return None
 
 
 class UnreadableValue(Exception):
@@ -51,7 +65,19 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
             raise UnreadableValue(self._unreadable(node, exc)) from None
         if isinstance(data, int) and data.bit_length() > _MAX_INT_BITS:  # `0xfff...`: hex is not length-limited
             raise UnreadableValue(self._unreadable(node, None))
+        if isinstance(data, str) and _SURROGATES.search(data):
+            joined = _joined_surrogates(data)
+            if joined is None:
+                raise UnreadableValue(self._lone_surrogate(node, data))
+            return joined
         return data
+
+    def _lone_surrogate(self, node: yaml.Node, text: str) -> Problem:
+        where = f"in {self.source} at line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+        shown = repr(text if len(text) <= 40 else text[:37] + "...")
+        return problem(self.paths.get(id(node), "config"), f"{shown} {where} holds a lone UTF-16 surrogate escape, "
+                       "which is no character", "write the character itself, or its \\U00XXXXXX escape (a JSON "
+                       "pair of \\uXXXX escapes, high then low, reads as the one character)")
 
     def _unreadable(self, node: yaml.Node, exc: Exception | None) -> Problem:
         where = f"in {self.source} at line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"

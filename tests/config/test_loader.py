@@ -75,6 +75,23 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
     assert field == "config" and str(path) in message and "line 3" in message and "column" in message
 
 
+def test_a_surrogate_pair_escape_reads_as_its_character(tmp_path: Path) -> None:
+    """JSON writes a character past U+FFFF as a UTF-16 pair of escapes (`"\\ud83d\\ude00"`), which YAML's double
+    quotes take too: PyYAML read it as two lone surrogates, which no file, log or terminal can hold."""
+    path = write_yaml(tmp_path, 'model: {served_model_name: ["\\ud83d\\ude00 bot"]}\n')
+    assert load_deployment(path, {}).model.served_model_name == ["\U0001F600 bot"]
+
+
+def test_a_lone_surrogate_escape_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    """`"\\ud800"` alone is no character: check-config printed the summary with it and died on a UnicodeEncodeError."""
+    path = write_yaml(tmp_path, 'model:\n  path: "x\\ud800"\n')
+    (field, message), = _problems(path, {})
+    assert field == "model.path" and "line 2, column 9" in message, message
+    assert "'x\\ud800'" in message and "lone UTF-16 surrogate" in message, message
+    result = invoke(["check-config", str(path), "--device", "cpu"])
+    assert result.exit_code == 1 and "error: model.path: " in result.output, result.output
+
+
 def test_non_mapping_file_and_missing_file(tmp_path: Path) -> None:
     assert "not a mapping" in _problems(write_yaml(tmp_path, "- a\n- b\n"), {})[0][1]
     assert "does not exist" in _problems(tmp_path / "nope.yaml", {})[0][1]
