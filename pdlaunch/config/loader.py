@@ -129,7 +129,7 @@ def load_deployment(path: Path | None, overrides: Mapping[str, object]) -> Deplo
     problems = command_line + problems + apply_overrides(raw, overrides)
     flags = {**renamed, **flag_fields(overrides, raw.get("instances"))}
     try:
-        cfg = DeploymentConfig.model_validate(raw)
+        cfg = _home_expanded(DeploymentConfig.model_validate(raw))
     except ValidationError as exc:
         problems += name_flags(problems_from_validation_error(exc), flags)
         raise ParseError(problems, _salvage(raw, exc), flags) from None
@@ -232,9 +232,19 @@ def _salvage(raw: dict[str, object], exc: ValidationError) -> DeploymentConfig |
             return None  # a whole list item or section is wrong: nothing sensible to salvage
         del node[last]
     try:
-        return DeploymentConfig.model_validate(salvaged)
+        return _home_expanded(DeploymentConfig.model_validate(salvaged))
     except (ValidationError, KeyError, IndexError, TypeError):
         return None
+
+
+def _home_expanded(cfg: DeploymentConfig) -> DeploymentConfig:
+    """`cfg` with `~` in log_dir expanded, as every other path of the config is where it is read: the launcher makes
+    the directory as given, and `log_dir: ~/logs` (or `--log-dir=~/logs`, which the shell leaves) was a directory
+    named `~` here. A `~name` of no user stays, for log_dir_problems to refuse."""
+    expanded = os.path.expanduser(cfg.log_dir)
+    if expanded != cfg.log_dir:
+        cfg.log_dir = expanded
+    return cfg
 
 
 def with_rule_problems(error: ConfigError, target: TargetHost | None = None) -> ConfigError:

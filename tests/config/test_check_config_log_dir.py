@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.config.loader import load_deployment
 from pdlaunch.config.rules import host
 from tests.config.cli_helpers import assert_invalid, check, invoke
 from tests.helpers.ports import free_port
@@ -78,3 +79,27 @@ def test_the_kernel_file_system_is_found_by_the_deepest_mount(tmp_path: Path, mo
         f"{str(spaced / 'logs')!r} cannot be created: {str(spaced)!r} is on the kernel's sysfs file system, where "
         "no directory or file can be made; fix")
     assert host.writable_dir_problems("log_dir", str(spaced / "disk" / "logs"), "fix") == []
+
+
+def test_a_log_dir_under_the_home_directory_is_the_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`log_dir: ~/pd-logs` in the YAML file (or `--log-dir=~/pd-logs`, which the shell leaves as it is) made a
+    directory named `~` where serve ran, as no other path of the config is read: its logs were not where the user
+    looked, and `rm -rf ~` is how such a directory gets cleaned up."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    path = work / "deploy.yaml"
+    path.write_text("log_dir: ~/pd-logs\n")
+    assert load_deployment(path, {}).log_dir == str(home / "pd-logs")
+    assert load_deployment(None, {"log_dir": "~/pd-logs"}).log_dir == str(home / "pd-logs")
+    (home / "pd-logs").mkdir(mode=0o755)
+    (home / "pd-logs").chmod(0o775)  # checked where serve writes: the home's directory, not ./~/pd-logs
+    assert_invalid(check([*CPU, str(path)]), "log_dir", f"{str(home / 'pd-logs')!r} is writable by its group")
+    assert not (work / "~").exists()
+
+
+def test_a_log_dir_in_the_home_of_no_user(tmp_path: Path) -> None:
+    assert_invalid(check([*CPU, "--log-dir", "~pdlaunch-no-such-user/logs"]), "--log-dir",
+                   "'~pdlaunch-no-such-user/logs' names the home directory of no user here")

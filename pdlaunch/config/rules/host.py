@@ -44,6 +44,9 @@ def lock_name(node_rank: int) -> str:
 def log_dir_problems(cfg: DeploymentConfig) -> list[Problem]:
     """Problems with `log_dir` as this node's launcher uses it: created with its parents, then its lock,
     deployment.json and one log per process opened in it."""
+    if cfg.log_dir.startswith("~"):  # the loader expands `~` and `~name`: a name of no user is left
+        return [problem("log_dir", f"{cfg.log_dir!r} names the home directory of no user here",
+                        f"{_FIX} (`./{cfg.log_dir}` for a directory of that name here)")]
     problems = writable_dir_problems("log_dir", cfg.log_dir, _FIX)
     if problems or not Path(cfg.log_dir).is_dir():
         return problems
