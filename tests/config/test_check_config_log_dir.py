@@ -4,6 +4,8 @@ a path under a regular file or through a symlink to nothing. It makes nothing to
 
 from __future__ import annotations
 
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,22 @@ def test_a_log_dir_under_the_home_directory_is_the_homes(tmp_path: Path, monkeyp
 def test_a_log_dir_in_the_home_of_no_user(tmp_path: Path) -> None:
     assert_invalid(check([*CPU, "--log-dir", "~pdlaunch-no-such-user/logs"]), "--log-dir",
                    "'~pdlaunch-no-such-user/logs' names the home directory of no user here")
+
+
+@pytest.mark.parametrize("name", ["it's $HOME", "back\\slash", "-logs"])
+def test_the_chmod_a_group_writable_log_dir_is_told_to_run_is_one_a_shell_runs(
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log_dir made with umask 002 (0775) is refused with the command that fixes it. The path was Python's repr:
+    `chmod go-w "it's $HOME"` expands $HOME, a backslash came out doubled, naming another path, and `-logs` was read as
+    chmod's options."""
+    monkeypatch.chdir(tmp_path)
+    log_dir = tmp_path / name
+    log_dir.mkdir()
+    log_dir.chmod(0o775)
+    given = name if name.startswith("-") else str(log_dir)  # `-logs`: relative, as the user would give it
+    line = _problem_line(check([*CPU, f"--log-dir={given}"]).output)
+    command = line.split("run `", 1)[1].split("`", 1)[0]
+    ran = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert ran.returncode == 0, (command, ran.stderr)
+    assert stat.S_IMODE(log_dir.stat().st_mode) == 0o755
+    assert check([*CPU, "--log-dir", str(log_dir)]).exit_code == 0, command

@@ -4,6 +4,8 @@ it; secrets in a YAML file every local user can read are a warning."""
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,17 @@ def test_api_key_in_a_world_readable_file_is_a_warning(tmp_path: Path) -> None:
     assert warnings and "PDLAUNCH_API_KEY" in warnings[0]
     report = json.loads(check([str(path), *CPU, "--json"]).stdout)
     assert report["valid"] and [w["field"] for w in report["warnings"]] == ["security.api_key"]
+
+
+def test_the_chmod_a_world_readable_secret_file_is_told_to_run_is_one_a_shell_runs(tmp_path: Path) -> None:
+    """The file's path went into the command as it is: `chmod o-r /x/my deploy.yaml` names two files."""
+    path = write_yaml(tmp_path, "security: {api_key: sk-local-test}\n", name="my $USER deploy.yaml")
+    path.chmod(0o644)
+    line = next(line for line in check([str(path), *CPU]).output.splitlines()
+                if line.startswith("warning: security.api_key:"))
+    command = line.split("`", 1)[1].split("`", 1)[0]
+    ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=False)
+    assert ran.returncode == 0 and stat.S_IMODE(path.stat().st_mode) == 0o640, (command, ran.stderr)
 
 
 def test_api_key_in_a_private_file_or_flag_is_no_warning(tmp_path: Path) -> None:

@@ -96,8 +96,17 @@ def log_dir_owner_refusal(log_dir: Path) -> tuple[str, str] | None:
         who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[mode & 0o022]
         return (f"{named} is writable by {who} (mode {mode:04o}): they could replace the files serve writes there "
                 "(deployment.json holds the deployment secret)",
-                f"run `chmod go-w {named}`, or pass --log-dir DIR (or set log_dir) to a directory of your own")
+                f"run `chmod go-w {shell_word(str(log_dir))}`, or pass --log-dir DIR (or set log_dir) to a directory "
+                "of your own")
     return None
+
+
+def shell_word(path: str) -> str:
+    """`path` as one word of a shell command, to paste as it is: single-quoted (a quote as '\\''), where a path's
+    repr would let the shell expand `$HOME` in it or read its backslashes and escapes as other characters; a relative
+    path starting with `-` after `./`, so that the command does not take it for an option."""
+    path = f"./{path}" if path.startswith("-") else path
+    return "'" + path.replace("'", "'\\''") + "'"
 
 
 def _user(uid: int) -> str:

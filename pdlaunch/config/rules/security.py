@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.host import shell_word
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
@@ -51,8 +52,9 @@ def world_readable_secret_warnings(path: Path | None) -> list[Problem]:
     warnings: list[Problem] = []
     if security.get("api_key"):
         warnings.append(problem("security.api_key", f"is written in {str(path)!r}, which every local user can read",
-                                f"pass it in {API_KEY_ENV} instead, or `chmod o-r {path}`"))
+                                f"pass it in {API_KEY_ENV} instead, or `chmod o-r {shell_word(str(path))}`"))
     if security.get("deployment_secret"):
         warnings.append(problem("security.deployment_secret", f"is written in {str(path)!r}, which every local "
-                                "user can read", f"pass it in {SECRET_ENV} instead, or `chmod o-r {path}`"))
+                                "user can read",
+                                f"pass it in {SECRET_ENV} instead, or `chmod o-r {shell_word(str(path))}`"))
     return warnings
