@@ -24,6 +24,7 @@ from pdlaunch.config.errors_format import problems_from_validation_error, short_
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.roles import given_ray_field_problems
 from pdlaunch.config.serving_env import serving_env_problems, serving_env_warnings
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
@@ -139,6 +140,9 @@ def load_deployment(path: Path | None, overrides: Mapping[str, object]) -> Deplo
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
+    given = name_flags(given_ray_field_problems(cfg), flags)  # fields_set is the user's only here, not after JSON
+    if given:
+        raise ParseError(given, cfg, flags)
     return cfg
 
 

@@ -6,7 +6,7 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S
+from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S, LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
@@ -137,14 +137,29 @@ def stall_restart_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 def ray_field_problems(cfg: DeploymentConfig) -> list[Problem]:
     """launcher.ray_* mean something only with --backend ray: set under another backend, refused (a forgotten
-    --backend ray would otherwise start everything on this machine). Set means given (the flag or the key), even
-    to its default: `--ray-address auto` is how a ray deployment is typed."""
-    if cfg.launcher.backend == "ray":
-        return []
-    return [problem(f"launcher.{name}", f"is only read by --backend ray (the backend is {cfg.launcher.backend})",
-                    "add --backend ray (launcher.backend: ray), or remove it")
-            for name in ("ray_address", "ray_resources", "ray_placement_timeout_seconds")
-            if name in cfg.launcher.model_fields_set]
+    --backend ray would otherwise start everything on this machine). Given at its default: given_ray_field_problems."""
+    defaults = LauncherConfig()
+    return [_ray_only(cfg, name) for name in _RAY_FIELDS
+            if cfg.launcher.backend != "ray" and getattr(cfg.launcher, name) != getattr(defaults, name)]
+
+
+_RAY_FIELDS = ("ray_address", "ray_resources", "ray_placement_timeout_seconds")
+
+
+def given_ray_field_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """ray_field_problems for a ray field given at its default (`--ray-address auto` is how a ray deployment is typed:
+    with --backend ray forgotten, every instance started on this machine without a word). Given is the model's
+    fields_set, right only for a config read from the user's file and flags (config/loader.py): one read back from
+    JSON (a slurm node step's) has every field set."""
+    defaults = LauncherConfig()
+    return [_ray_only(cfg, name) for name in _RAY_FIELDS
+            if cfg.launcher.backend != "ray" and name in cfg.launcher.model_fields_set
+            and getattr(cfg.launcher, name) == getattr(defaults, name)]
+
+
+def _ray_only(cfg: DeploymentConfig, name: str) -> Problem:
+    return problem(f"launcher.{name}", f"is only read by --backend ray (the backend is {cfg.launcher.backend})",
+                   "add --backend ray (launcher.backend: ray), or remove it")
 
 
 def node_problems(cfg: DeploymentConfig) -> list[Problem]:
