@@ -281,6 +281,22 @@ def test_explicit_devices_overlap_needs_memory_shares_that_fit(tmp_path: Path) -
     assert check([str(path), "--model", "tiny", *GPU2, "--gpu-memory-utilization", "0.45"]).exit_code == 0
 
 
+def test_two_tp_ranks_of_one_instance_on_one_gpu_are_refused(tmp_path: Path) -> None:
+    """`devices: [0, 0]` for one instance of TP 2 passed with memory shares that fit, and the instance failed at
+    start: NCCL refuses a communicator with two ranks on one GPU. Instances may share a GPU, one instance's ranks
+    may not."""
+    path = write_yaml(tmp_path, "cache: {gpu_memory_utilization: 0.3}\n"
+                      "instances:\n  - {role: prefill, tp: 2, count: 2, devices: [0, 1, 1, 1]}\n"
+                      "  - {role: decode, devices: [0]}\n")
+    result = check([str(path), "--model", "tiny", *GPU2])
+    assert_invalid(result, "instances[0].devices", "instance 1 of the group lists GPU 1 for 2 of its TP ranks")
+    assert sum(line.startswith("error: ") for line in result.output.splitlines()) == 1, result.output
+    path.write_text("cache: {gpu_memory_utilization: 0.3}\n"
+                    "instances:\n  - {role: prefill, tp: 2, count: 2, devices: [0, 1, 0, 1]}\n"
+                    "  - {role: decode, devices: [1]}\n")
+    assert check([str(path), "--model", "tiny", *GPU2]).exit_code == 0
+
+
 def test_pull_between_instances_on_one_gpu_fails(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "cache: {gpu_memory_utilization: 0.4}\n"
                       "instances:\n  - {role: prefill, devices: [0]}\n  - {role: decode, devices: [0]}\n")

@@ -144,6 +144,7 @@ def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int] | 
         if len(group.devices) != group.count * tp:
             problems.append(problem(field, f"{len(group.devices)} devices for {group.count} instance(s) of TP {tp}",
                                     f"list exactly count*tp = {group.count * tp} device indices"))
+        problems += _rank_sharing_problems(field, group.devices, tp)
         for dev in group.devices:
             known = capacity[node]
             if known is not None and dev not in known:
@@ -154,6 +155,20 @@ def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int] | 
             else:
                 users.setdefault((node, dev), []).append(i)
     return problems
+
+
+def _rank_sharing_problems(field: str, devices: list[int], tp: int) -> list[Problem]:
+    """Two TP ranks of one instance (tp consecutive entries of a group's `devices`) on one GPU: NCCL refuses a
+    communicator with two ranks on one device, so the instance would fail at start. Instances may share a GPU."""
+    for k in range(0, len(devices) - tp + 1 if tp > 1 else 0, tp):
+        ranks = devices[k:k + tp]
+        shared = next((dev for dev in ranks if ranks.count(dev) > 1), None)
+        if shared is not None:
+            return [problem(field, f"instance {k // tp} of the group lists GPU {shared} for {ranks.count(shared)} of "
+                            f"its TP ranks ({ranks}): NCCL refuses two ranks of one TP group on one GPU",
+                            "give each TP rank of an instance its own GPU (different instances may share one, with "
+                            "gpu_memory_utilization at most 1/sharers)")]
+    return []
 
 
 def _sharing_problems(cfg: DeploymentConfig, users: dict[tuple[int, int], list[int]]) -> list[Problem]:
