@@ -22,4 +22,4 @@ def test_a_key_that_is_no_valid_unicode_is_a_problem(tmp_path: Path) -> None:
     result = check([str(config)])
     text = " ".join(result.output.split())
     assert result.exit_code == 1, text
-    assert "error: config: input should be a valid string, unable to parse raw data as a unicode string" in text
+    assert "error: config: '\\ud800' in " in text and "at line 1, column 1 holds a lone UTF-16 surrogate escape" in text
