@@ -16,6 +16,23 @@ from pdlaunch.render.lws import LeaderWorkerSet
 _MANIFEST_FILE = re.compile(r"\d{2,}-(secret|leaderworkerset|service|deployment)-[-a-z0-9]+\.yaml")
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting besides the strings kubectl's YAML reader (go-yaml v2, sigs.k8s.io/yaml) takes
+    for something else when plain, where PyYAML's YAML 1.1 rules see a string: `y`/`n` (booleans), `1e3`, `-12e5`
+    and `08` (floats), `0o17` (an int), `2024-1-5` (a timestamp). Written plain, such a --namespace, --name, API key
+    or secret digest made `kubectl apply` fail on a bool or number where the API takes a string."""
+
+
+_ManifestDumper.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^[yYnN]$"), list("yYnN"))
+_ManifestDumper.add_implicit_resolver(  # go-yaml drops every `_` before it parses a number
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9_]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9_]+)?$"),
+    list("-+.0123456789"))
+_ManifestDumper.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0[xXoObB][0-9a-fA-F_]+$"),
+                                      list("-+0"))
+_ManifestDumper.add_implicit_resolver("tag:yaml.org,2002:timestamp",
+                                      re.compile(r"^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt ].*)?$"), list("0123456789"))
+
+
 def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order).
     Raises PdlaunchError (field --out) when `out` is not a directory that can be made and written."""
@@ -50,6 +67,6 @@ def _write_files(manifests: list[Manifest], out: Path) -> list[Path]:
     for path, data in files:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the Secret's file holds the secret
         with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
+            yaml.dump(data, f, Dumper=_ManifestDumper, sort_keys=False)
         written.append(path)
     return written
