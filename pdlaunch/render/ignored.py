@@ -1,6 +1,7 @@
 """Settings that the manifests leave out, named so that a user who set them does not expect the pods to follow them:
 Kubernetes starts the pods and places them (a LeaderWorkerSet per instance group), whatever launcher.backend,
-parallel.node_rank or parallel.nodes (and each group's `node`) say; and it restarts them its own way, whatever a
+parallel.node_rank or parallel.nodes (and each group's `node`) say; each pod gets GPUs of its own, whatever a group's
+`devices` say; and it restarts them its own way, whatever a
 group's `restart`, proxy.restart or the supervision settings of `pdlaunch serve`'s launcher say (all but
 stall_restart_seconds, carried as a livenessProbe: render/liveness.py, and drain_timeout_seconds, the proxy's)."""
 
@@ -28,7 +29,29 @@ def ignored_settings(cfg: DeploymentConfig) -> list[Problem]:
                              "manifests: Kubernetes places the pods (each instance group's `node` too)",
                              "leave parallel.nodes out of a config you render, or pick nodes with a nodeSelector "
                              "added to the manifests"))
-    return found + restart_settings(cfg)
+    return found + device_settings(cfg) + restart_settings(cfg)
+
+
+def device_settings(cfg: DeploymentConfig) -> list[Problem]:
+    """Each group's `devices` (of a group that has instances): Kubernetes gives each pod GPUs of its own, numbered from
+    0 in the pod, so a GPU listed by two groups (shared on one host, each with a share of its memory) is two GPUs."""
+    found: list[Problem] = []
+    utilization = cfg.cache.gpu_memory_utilization
+    lowered = "gpu_memory_utilization" in cfg.cache.model_fields_set and utilization < 0.9
+    for i, group in enumerate(cfg.instances):
+        if group.devices is None or group.count == 0:
+            continue
+        if cfg.device != "cuda":
+            found.append(problem(f"instances[{i}].devices", f"{group.devices} has no effect on the manifests: CPU "
+                                 "pods (device cpu) use no GPU", "leave it out of a config you render"))
+            continue
+        found.append(problem(f"instances[{i}].devices", f"{group.devices} has no effect on the manifests: Kubernetes "
+                             "gives each pod GPUs of its own (nvidia.com/gpu), numbered from 0 in the pod",
+                             "leave it out of a config you render" + (
+                                 f"; cache.gpu_memory_utilization {utilization:g}, if it is a share of a GPU the "
+                                 "instances shared on one host, leaves the rest of each pod's GPU unused: raise it"
+                                 if lowered else "")))
+    return found
 
 
 def restart_settings(cfg: DeploymentConfig) -> list[Problem]:

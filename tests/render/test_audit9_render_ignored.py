@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.config.cli_helpers import invoke
 from tests.render.test_render_bad_inputs import render
 
 
@@ -47,3 +48,26 @@ def test_a_plain_render_warns_of_nothing(tmp_path: Path) -> None:
     result = render(tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert warnings_of(result.output) == [], result.output
+
+
+def test_the_devices_of_a_group_are_named_as_left_out(tmp_path: Path) -> None:
+    # examples/gpu-1p1d-single.yaml shares GPU 0 at gpu_memory_utilization 0.45: its pods get a GPU each, and the
+    # instances would use under half of it, without a word
+    config = tmp_path / "one-gpu.yaml"
+    config.write_text("device: cuda\nmodel: {path: tiny}\ncache: {gpu_memory_utilization: 0.45}\n"
+                      "instances: [{role: prefill, devices: [0]}, {role: decode, devices: [0]}, "
+                      "{role: decode, count: 0, devices: [1]}]\n")
+    result = invoke(["render", "kubernetes", str(config), "--out", str(tmp_path / "out"), "--image", "pd:1"])
+    assert result.exit_code == 0, result.output
+    found = warnings_of(result.output)
+    assert [w.split(":")[1] for w in found] == [" instances[0].devices", " instances[1].devices"], result.output
+    assert found[0].startswith("warning: instances[0].devices: [0] has no effect on the manifests: Kubernetes gives "
+                               "each pod GPUs of its own (nvidia.com/gpu), numbered from 0 in the pod; leave it "
+                               "out of a config you render"), found
+    assert "cache.gpu_memory_utilization 0.45" in found[0], found
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text("device: cpu\nmodel: {path: tiny}\ninstances: [{role: prefill, devices: [0]}, {role: decode}]\n")
+    result = render(tmp_path / "out-cpu", str(cpu))
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result.output) == ["warning: instances[0].devices: [0] has no effect on the manifests: CPU "
+                                          "pods (device cpu) use no GPU; leave it out of a config you render"]
