@@ -67,6 +67,7 @@ def _write_files(manifests: list[Manifest], out: Path) -> list[Path]:
     for path, data in files:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the Secret's file holds the secret
         with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an earlier render's file keeps its mode through O_TRUNC: a readable one stayed so
             yaml.dump(data, f, Dumper=_ManifestDumper, sort_keys=False)
         written.append(path)
     return written

@@ -6,6 +6,7 @@ timestamp. Such a string written plain (a --namespace, a --name, an API key, the
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,15 @@ def test_a_secret_digest_that_looks_like_a_number_stays_a_string(tmp_path: Path)
         [path] = write_manifests([service], tmp_path / digest)  # type: ignore[list-item]
         assert misread(path) == []
         assert yaml.safe_load(path.read_text()) == service
+
+
+def test_a_render_over_a_readable_secret_file_makes_it_the_owners_only(tmp_path: Path) -> None:
+    # a re-render into the same --out rewrote the Secret's file (the deployment secret, the API key) keeping its mode:
+    # one copied or written world-readable stayed so
+    out = tmp_path / "out"
+    assert render(out, "--api-key", "k" * 20).exit_code == 0
+    secret = out / "00-secret-pdlaunch-deployment.yaml"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    secret.chmod(0o644)
+    assert render(out, "--api-key", "k" * 20).exit_code == 0
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o600 for p in out.iterdir()}
