@@ -16,7 +16,7 @@ from pdlaunch.render.lws import LeaderWorkerSet
 _MANIFEST_FILE = re.compile(r"\d{2,}-(secret|leaderworkerset|service|deployment)-[-a-z0-9]+\.yaml")
 
 
-class _ManifestDumper(yaml.SafeDumper):
+class _ManifestDumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types: its classes are untyped
     """PyYAML's safe dumper, quoting besides the strings kubectl's YAML reader (go-yaml v2, sigs.k8s.io/yaml) takes
     for something else when plain, where PyYAML's YAML 1.1 rules see a string: `y`/`n` (booleans), `1e3`, `-12e5`
     and `08` (floats), `0o17` (an int), `2024-1-5` (a timestamp). Written plain, such a --namespace, --name, API key
