@@ -1,9 +1,10 @@
 """Settings that the manifests leave out, named so that a user who set them does not expect the pods to follow them:
 Kubernetes starts the pods and places them (a LeaderWorkerSet per instance group), whatever launcher.backend,
-parallel.node_rank or parallel.nodes (and each group's `node`) say; each pod gets GPUs of its own, whatever a group's
-`devices` say; and it restarts them its own way, whatever a
-group's `restart`, proxy.restart or the supervision settings of `pdlaunch serve`'s launcher say (all but
-stall_restart_seconds, carried as a livenessProbe: render/liveness.py, and drain_timeout_seconds, the proxy's)."""
+parallel.node_rank or parallel.nodes (and each group's `node`) say; each pod binds and advertises its own address,
+whatever proxy.host, kv_transfer.side_channel_host or parallel.master_addr say; each pod gets GPUs of its own,
+whatever a group's `devices` say; and it restarts them its own way, whatever a group's `restart`, proxy.restart or
+the supervision settings of `pdlaunch serve`'s launcher say (all but stall_restart_seconds, carried as a
+livenessProbe: render/liveness.py, and drain_timeout_seconds, the proxy's)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,26 @@ def ignored_settings(cfg: DeploymentConfig) -> list[Problem]:
                              "manifests: Kubernetes places the pods (each instance group's `node` too)",
                              "leave parallel.nodes out of a config you render, or pick nodes with a nodeSelector "
                              "added to the manifests"))
-    return found + device_settings(cfg) + restart_settings(cfg)
+    return found + address_settings(cfg) + device_settings(cfg) + restart_settings(cfg)
+
+
+def address_settings(cfg: DeploymentConfig) -> list[Problem]:
+    """The addresses the config has its processes bind: in the manifests the proxy's pod binds every interface (its
+    Service reaches it there), and each instance's pods bind every interface for the KV side channel and advertise
+    their pod's address; a TP group's ranks meet at their leader pod (render/kubernetes.py _pod_config)."""
+    found: list[Problem] = []
+    settings = ((cfg.proxy, "host", "proxy.host", "the proxy's pod binds every interface (0.0.0.0), which its Service "
+                 "reaches"),
+                (cfg.kv_transfer, "side_channel_host", "kv_transfer.side_channel_host", "each pod binds its KV side "
+                 "channel on every interface and advertises its pod's address (status.podIP)"),
+                (cfg.parallel, "master_addr", "parallel.master_addr", "a TP group's ranks meet at their leader pod "
+                 "(LWS_LEADER_ADDRESS)"))
+    for section, key, field, instead in settings:
+        value = getattr(section, key)
+        if key in section.model_fields_set and value != "0.0.0.0":
+            found.append(problem(field, f"{value} has no effect on the manifests: {instead}",
+                                 "leave it out of a config you render"))
+    return found
 
 
 def device_settings(cfg: DeploymentConfig) -> list[Problem]:

@@ -71,3 +71,16 @@ def test_the_devices_of_a_group_are_named_as_left_out(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert warnings_of(result.output) == ["warning: instances[0].devices: [0] has no effect on the manifests: CPU "
                                           "pods (device cpu) use no GPU; leave it out of a config you render"]
+
+
+def test_the_addresses_a_config_binds_are_named_as_left_out(tmp_path: Path) -> None:
+    # the pods bind every interface and advertise their pod's address, whatever the config says
+    config = tmp_path / "hosts.yaml"
+    config.write_text("kv_transfer: {side_channel_host: 10.0.0.5}\nparallel: {master_addr: 10.0.0.6}\n")
+    result = render(tmp_path / "out", str(config), "--host", "10.0.0.7")
+    assert result.exit_code == 0, result.output
+    assert [w.split(": ")[1] for w in warnings_of(result.output)] == [
+        "--host", "kv_transfer.side_channel_host", "parallel.master_addr"], result.output
+    assert "warning: --host: 10.0.0.7 has no effect on the manifests: the proxy's pod binds every interface" \
+        in warnings_of(result.output)[0]
+    assert render(tmp_path / "out2", "--host", "0.0.0.0").output.count("warning:") == 0
