@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.retry_later import RetryLater
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
     from pdlaunch.engine.llm_engine import LLMEngine
@@ -71,7 +72,10 @@ def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[asyncio.Future[T]
 
 
 def _copy(error: OpenAIError) -> OpenAIError:
-    """A fresh exception per caller: each raise writes its own traceback into the one it raises."""
+    """A fresh exception per caller (each raise writes its own traceback into the one it raises), of the same kind:
+    the 503 shutting_down of a stopping engine keeps its Retry-After."""
+    if isinstance(error, RetryLater):
+        return RetryLater(error.message, code=error.code or "", retry_after_s=error.retry_after_s)
     return OpenAIError(error.status, error.message, param=error.param, code=error.code)
 
 

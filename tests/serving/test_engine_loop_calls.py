@@ -13,6 +13,8 @@ import pytest
 
 from pdlaunch.engine.stats import EngineStats
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_RETRY_AFTER_S, shutting_down
+from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import wait_for
 
@@ -115,3 +117,25 @@ def test_a_call_queued_as_the_engine_stops_gets_the_shutdown_at_once() -> None:
     finally:
         engine.release.set()
         stopper.join(WAIT_S)
+
+
+def test_a_call_the_engine_stop_fails_answers_with_retry_after() -> None:
+    """The 503 shutting_down a call gets as the engine stops (a /sleep, a KV release) carries Retry-After, as a
+    request's does: each caller gets its own copy of the error, of the same kind."""
+    async def failed() -> tuple[OpenAIError, OpenAIError]:
+        first, second = Call(lambda engine: "ran", "a test call"), Call(lambda engine: "ran", "a test call")
+        error = shutting_down("the engine stopped")
+        first.fail(error)
+        second.fail(error)
+        errors = []
+        for call in (first, second):
+            with pytest.raises(OpenAIError) as info:
+                await call.result(CALL_TIMEOUT_S)
+            errors.append(info.value)
+        return errors[0], errors[1]
+
+    one, other = asyncio.run(failed())
+    assert one is not other
+    for error in (one, other):
+        assert (error.status, error.code, error.message) == (503, "shutting_down", "the engine stopped")
+        assert error.response().headers.get("retry-after") == str(SHUTTING_DOWN_RETRY_AFTER_S), error
