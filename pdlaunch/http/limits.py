@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -58,11 +59,26 @@ def parse_json_object(raw: bytes) -> JsonObject:
     except RecursionError:
         raise OpenAIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", param="body") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, over-long integers, bad UTF-8
-        raise OpenAIError(400, f"request body is not valid JSON: {exc}", param="body") from None
+        raise OpenAIError(400, _not_json(exc), param="body") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, f"request body must be a JSON object, got {json_kind(body)}", param="body")
     check_json_values(body)
     return body
+
+
+# Python's words for an integer past sys.get_int_max_str_digits(), which end in advice to its own programmer.
+_LONG_INTEGER = re.compile(r"Exceeds the limit \((\d+) digits\) for integer string conversion: value has (\d+) digits")
+
+
+def _not_json(exc: ValueError) -> str:
+    """What json.loads refused, in words for the client: an over-long integer's count of digits, not Python's advice
+    to call sys.set_int_max_str_digits() (the server's setting, which the client cannot change)."""
+    long_integer = _LONG_INTEGER.match(str(exc))
+    if long_integer is not None:
+        limit, digits = long_integer.groups()
+        return (f"request body holds an integer of {digits} digits; a number here has at most {limit} digits: send a "
+                "smaller one")
+    return f"request body is not valid JSON: {exc}"
 
 
 def body_problem(error: OpenAIError) -> str:
