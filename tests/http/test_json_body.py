@@ -18,8 +18,9 @@ def test_an_integer_of_too_many_digits_is_refused_without_pythons_advice() -> No
     error = info.value
     assert (error.status, error.param) == (400, "body")
     assert "set_int_max_str_digits" not in error.message, error.message
-    assert f"{digits} digits" in error.message and f"at most {sys.get_int_max_str_digits()}" in error.message, \
+    assert f"{digits} digits" in error.message and f"at most {sys.get_int_max_str_digits()}" in error.message, (
         error.message
+    )
 
 
 def test_an_integer_within_the_digit_limit_parses() -> None:
