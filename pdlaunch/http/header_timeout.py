@@ -7,7 +7,10 @@ accept the proxy's requests with. `HeaderTimeoutProtocol` (uvicorn's h11 protoco
 `http`) closes a connection whose request headers have not all come HEADER_TIMEOUT_SECONDS after it opened or
 after the first byte of a request on a kept-alive connection: with a 408 naming the wait when part of them came,
 silently when nothing did (as uvicorn ends an idle kept-alive connection). h11 bounds the headers' size (16 KiB).
-The body's own wait is BodyLimit's (limits.py).
+The body's own wait is BodyLimit's (limits.py). A request answered before its body was read (a 401/403 of access
+control, a 413 past the size limit, BodyLimit's 408) gets the same bound for the rest of that body, from its first
+byte after the answer: uvicorn reads and drops it, and each byte cancelled its keep-alive timeout, so a client that
+sent one now and then held the connection forever.
 
 It also sends each response's head together with the start of its body (held_head.py): one send, one wakeup
 of the reader.
@@ -49,7 +52,11 @@ class HeaderTimeoutProtocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:  # a request's first bytes on a kept-alive connection
             self._wait_for_headers()
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # its headers came (or the connection failed or closed)
+        # Still waited for: the next request's headers (this data ended an unread body and began them, or ended it
+        # alone: uvicorn's keep-alive timeout was cancelled by it), or the rest of a body nobody reads.
+        if self.conn.their_state is h11.IDLE or self._unread_body():
+            self._wait_for_headers()
+        else:  # its headers came (or the connection failed or closed)
             self._stop_waiting()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,9 +72,18 @@ class HeaderTimeoutProtocol(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _unread_body(self) -> bool:
+        """The answer went out whole while the request's body still arrives: uvicorn drops what comes of it."""
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._unread_body():  # its answer was sent: nothing to say
+            self.transport.close()
+            return
+        if self.conn.their_state is not h11.IDLE:
             return
         received, _ = self.conn.trailing_data  # what came of the request, not parsed yet
         if received:  # a client that sends nothing (a port probe, an idle pooled socket) gets no answer

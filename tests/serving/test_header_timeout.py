@@ -104,3 +104,21 @@ def test_headers_in_pieces_and_a_body_slower_than_the_bound_are_served(address: 
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 2
+
+
+def test_a_body_still_arriving_after_its_answer_gets_the_same_bound(address: tuple[str, int]) -> None:
+    """A request answered before its body was read (refused by access control, past the size limit) whose client then
+    sends a byte of that body now and then held the connection forever: each byte cancelled uvicorn's keep-alive
+    timeout and nothing armed another."""
+    with connect(address) as conn:
+        conn.sendall(b"POST /sleep HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n")  # refused, body unread
+        answer = b""
+        while not answer.endswith(b"}"):
+            chunk = conn.recv(65536)
+            assert chunk, f"the connection closed after {answer!r}"
+            answer += chunk
+        assert answer.startswith((b"HTTP/1.1 401 ", b"HTTP/1.1 403 ")), answer
+        conn.sendall(b"{")  # one byte of the 100 announced, then nothing
+        start = time.monotonic()
+        assert read_to_close(conn) == b""
+    assert time.monotonic() - start < SOCKET_TIMEOUT_S / 2
