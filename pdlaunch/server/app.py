@@ -47,8 +47,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     app.state.stopping = stopping = asyncio.Event()
     security = config.security  # the last middleware added runs first: no body is read before auth
     policy = AccessPolicy.from_secrets(security.api_key, security.deployment_secret)
-    app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True)
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
+    # Outside BodyLimit: a request whose body still arrives at the drain's end is cut and answered as the others.
+    app.add_middleware(ShutdownAnswer, stopping=stopping, cut_streams=True)
     app.add_middleware(RequireAuth, policy=policy)
     app.add_middleware(FirstByteTimer, histogram=TIME_TO_FIRST_BYTE)
     instance = Instance(engine_loop, config, spec)
