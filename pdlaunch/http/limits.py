@@ -160,8 +160,11 @@ class BodyLimit(HTTPMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes + DRAIN_BYTES:
-            await _too_large(self.max_bytes).response()(scope, receive, send)  # too much to drain: reset
+        # Too much to drain; or a client that waits for 100 Continue (sent once the body is read) before it sends a
+        # body already known to be too large: it reads the 413 instead, and sends nothing.
+        if declared is not None and (declared > self.max_bytes + DRAIN_BYTES
+                                     or (declared > self.max_bytes and _expects_continue(scope))):
+            await _too_large(self.max_bytes).response()(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -209,6 +212,11 @@ async def _drain(receive: Receive, size: int, more: bool) -> None:
             return
         drained += len(message.get("body", b""))
         more = message.get("more_body", False)
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(key.lower() == b"expect" and value.strip().lower() == b"100-continue"
+               for key, value in scope.get("headers", []))
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -62,3 +62,33 @@ def test_body_limit_answers_413_without_calling_the_app() -> None:
     sent = _call(BodyLimit(app, max_bytes=4), _http("/v1/completions"), b"0123456789")
     assert sent[0]["status"] == 413 and app.calls == []
     assert b"security.max_request_bytes" in sent[1]["body"]
+
+
+def test_a_body_announced_too_large_with_expect_100_continue_is_refused_before_it_is_sent() -> None:
+    """A client that sends `Expect: 100-continue` (curl, for a body past 1 MiB) waits for the server's word before it
+    sends the body; reading it (uvicorn then answers 100 Continue) had it upload all of a body already known to be past
+    the limit, only to get the 413 after."""
+    app = App()
+    received: list[Message] = []
+
+    async def receive() -> Message:
+        message: Message = {"type": "http.request", "body": b"0123456789", "more_body": False}
+        received.append(message)
+        return message
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"content-length", b"10"), (b"expect", b"100-continue")]
+    asyncio.run(BodyLimit(app, max_bytes=4)(_http("/v1/completions", headers), receive, send))
+    assert sent[0]["status"] == 413 and app.calls == []
+    assert received == [], "the body was asked for: uvicorn answered 100 Continue"
+
+
+def test_a_body_within_the_limit_with_expect_100_continue_is_read() -> None:
+    app = App()
+    headers = [(b"content-length", b"2"), (b"expect", b"100-continue")]
+    sent = _call(BodyLimit(app, max_bytes=4), _http("/v1/completions", headers), b"{}")
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"{}"
