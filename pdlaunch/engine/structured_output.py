@@ -80,8 +80,11 @@ class StructuredOutput(BaseModel):
         import llguidance
 
         if self.kind in ("json", "json_object"):
+            schema = self.json_schema()
+            if isinstance(schema, bool):  # `true`, `false`: llguidance applies `defaults` to an object only
+                schema = {"anyOf": [schema]}
             return str(llguidance.LLMatcher.grammar_from_json_schema(
-                json.dumps(self.json_schema()), defaults={"whitespace_flexible": self.any_whitespace}))
+                json.dumps(schema), defaults={"whitespace_flexible": self.any_whitespace}))
         if self.kind == "tool_calls":
             return self._tool_calls_grammar(added)
         if self.kind == "grammar":
@@ -98,7 +101,15 @@ class StructuredOutput(BaseModel):
             return {"type": "object"}
         if self.kind != "json":
             raise ValueError(f"{self.field}: a {self.kind} output has no JSON schema")
-        schema = root_pointers(json.loads(self.value), self.field)
+        try:
+            sent = json.loads(self.value)
+        except ValueError as exc:  # structured_outputs.json / guided_json sent as a string
+            raise SchemaError(f"the JSON schema is not JSON ({exc})", field=self.field) from None
+        if not isinstance(sent, dict | bool):
+            kind = {list: "a list", str: "a string", type(None): "null"}.get(type(sent), "a number")
+            raise SchemaError(f"the JSON schema must be a JSON object (or true / false), not {kind}",
+                              field=self.field)
+        schema = root_pointers(sent, self.field)
         if self.strict or not self.open_objects:
             schema = close_objects(schema)
         check_schema_size(schema, self.field)
@@ -191,8 +202,10 @@ def _first_problem(grammar: str, call_start: str | None = None) -> str | None:
         stuck = probe(call, opened=call_start.encode())
     if stuck is None:
         return None
-    what = "too large: it runs past llguidance's limits" if is_limit_error(stuck) else "cannot be followed"
-    return f"the grammar is {what} in {where} ({stuck}); {smaller}"
+    if is_limit_error(stuck):
+        return f"the grammar is too large: it runs past llguidance's limits in {where} ({stuck}); {smaller}"
+    # not a size: the grammar admits nothing there (a schema that only refers to itself, `{"$ref": "#"}`)
+    return f"the grammar cannot be followed in {where} ({stuck}): no output can match it there; correct the grammar"
 
 
 class GrammarBackend:

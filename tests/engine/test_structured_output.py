@@ -138,3 +138,24 @@ def test_limit_errors_are_told_from_rejected_tokens(engine) -> None:  # type: ig
     matcher = engine.outputs.grammar_matcher(StructuredOutput(kind="regex", value="b+"))
     matcher.consume_token(engine.tokenizer.encode("a", add_special_tokens=False)[0])
     assert matcher.is_error() and not is_limit_error(matcher.get_error().splitlines()[0]), matcher.get_error()
+
+
+def test_a_json_schema_sent_as_text_that_is_no_object_says_so() -> None:
+    # structured_outputs.json / guided_json may be a string: "true" is a schema (any JSON) and compiles; a list, a
+    # number or text that is not JSON was "Expecting object schema to apply options" or a bare decoder message
+    assert check(StructuredOutput(kind="json", value="true", field="guided_json"))
+    for text, said in (("[1]", "must be a JSON object (or true / false), not a list"),
+                       ("3", "must be a JSON object (or true / false), not a number"),
+                       ("{'a': 1}", "is not JSON")):
+        with pytest.raises(ValueError, match=re.escape(f"guided_json: the JSON schema {said}")):
+            check(StructuredOutput(kind="json", value=text, field="guided_json"))
+    with pytest.raises(ValueError, match=r"guided_json: Unsatisfiable schema: schema is false"):
+        check(StructuredOutput(kind="json", value="false", field="guided_json"))
+
+
+def test_a_grammar_that_cannot_be_followed_reads_as_a_sentence() -> None:
+    # was "the grammar is cannot be followed in its first output bytes"
+    with pytest.raises(ValueError) as caught:
+        check(StructuredOutput(kind="json", value='{"$ref": "#"}', field="guided_json"))
+    assert "guided_json: the grammar cannot be followed in its first output bytes" in str(caught.value)
+    assert "smaller" not in str(caught.value)  # not a size: a smaller grammar would not help
