@@ -163,6 +163,8 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
             out[key] = {name: close_objects(sub, refs=refs) for name, sub in named.items()}
     properties = out.get("properties")
     own: list[str] = list(properties) if isinstance(properties, dict) else []
+    # keys it requires without declaring them (any value) are its keys too: closed without them, it was unsatisfiable
+    own_keys = [*own, *_required(out, properties)]
     shared, alternatives = _member_keys(schema, ("allOf",), refs), _member_keys(schema, _UNIONS, refs)
     listed = (shared is not None and alternatives is not None
               and not {"additionalProperties", "unevaluatedProperties"} & set(out))
@@ -170,7 +172,7 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
     parts = out.get("allOf")
     if isinstance(parts, list):
         # a member is never closed itself; a union in it closes as this object's would, to the keys beside it
-        out["allOf"] = [close_objects(item, False, [*beside, *own, *(alternatives or ()),
+        out["allOf"] = [close_objects(item, False, [*beside, *own_keys, *(alternatives or ()),
                                                     *(_member_keys({"allOf": parts[:i] + parts[i + 1:]}, ("allOf",),
                                                                    refs) or ())], close_self and listed, refs)
                         for i, item in enumerate(parts)]
@@ -180,9 +182,9 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
         many = out.get(key)
         if isinstance(many, list):
             out[key] = [close_objects(item, whole_close, beside, refs=refs) if whole else
-                        close_objects(item, closes, [*beside, *own, *(shared or ())], refs=refs) for item in many]
+                        close_objects(item, closes, [*beside, *own_keys, *(shared or ())], refs=refs) for item in many]
     if closes and isinstance(properties, dict):
-        extra = [key for key in (*beside, *(shared or ()), *(alternatives or ())) if key not in properties]
+        extra = [key for key in (*beside, *own_keys, *(shared or ()), *(alternatives or ())) if key not in properties]
         out["properties"] = {**properties, **{key: {} for key in extra}}
         out["additionalProperties"] = False
     return out
@@ -215,6 +217,14 @@ def _keys_of(member: dict[str, JsonValue], refs: _Refs) -> list[str] | None:
     referred = refs.keys(member["$ref"]) if "$ref" in member else []
     if nested is None or referred is None:
         return None
-    found = [*(named if isinstance(named, dict) else ()), *nested, *referred]
+    found = [*(named if isinstance(named, dict) else ()), *_required(member, named), *nested, *referred]
     refs.spend(len(found))
     return list(dict.fromkeys(found))
+
+
+def _required(schema: dict[str, JsonValue], properties: JsonValue) -> list[str]:
+    """The names `schema` requires that `properties` does not declare."""
+    required = schema.get("required")
+    declared = properties if isinstance(properties, dict) else {}
+    return [name for name in (required if isinstance(required, list) else ())
+            if isinstance(name, str) and name not in declared]

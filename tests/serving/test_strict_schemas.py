@@ -142,3 +142,24 @@ def test_json_schema_without_additional_properties_yields_no_extra_keys(client: 
         "structured_outputs": {"disable_additional_properties": False}}, **kwargs).choices[0]
     assert opened.message.content and opened.message.content.startswith('[{"name":"get_weather","parameters":{"city"')
     assert '"city":"Paris","' in opened.message.content, opened.message.content  # another key after city
+
+
+def _matches(schema: dict[str, Any], output: str) -> bool:
+    """Whether the grammar the json output of `schema` compiles to (objects closed, the default) takes `output`."""
+    from pdlaunch.engine.grammar_limits import byte_matcher
+
+    matcher = byte_matcher(check(StructuredOutput(kind="json", value=json.dumps(schema))))
+    return all(matcher.consume_token(byte) for byte in output.encode()) and matcher.is_accepting()
+
+
+def test_a_required_key_the_properties_do_not_declare_stays_allowed_when_objects_close() -> None:
+    # a key may be required without being declared (any value): closing gave the object the declared keys alone,
+    # and the valid schema was a 400 "Unsatisfiable schema: required property 'age' is unsatisfiable"
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name", "age"]}
+    assert _matches(person, '{"name":"Ann","age":3}')
+    assert not _matches(person, '{"name":"Ann","age":3,"zzz":1}')  # still closed to its keys
+    in_member = {"type": "object", "properties": {"a": {"type": "integer"}}, "allOf": [{"required": ["z"]}]}
+    assert _matches(in_member, '{"a":1,"z":2}')
+    beside_union = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "z"],
+                    "allOf": [{"anyOf": [{"properties": {"b": {"type": "integer"}}}]}]}
+    assert _matches(beside_union, '{"a":1,"z":2}')
