@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from pdlaunch.engine.grammar_limits import build_error, byte_matcher, is_limit_error, probe
 from pdlaunch.engine.grammar_size import check_grammar_size, check_schema_size, check_text_size
 from pdlaunch.engine.grammar_stack import on_grammar_stack
-from pdlaunch.engine.schema_refs import SchemaError, root_pointers
+from pdlaunch.engine.schema_refs import MAX_DEPTH, SchemaError, root_pointers
 from pdlaunch.engine.strict_schema import close_objects
 from pdlaunch.engine.tool_calls_grammar import AddedTokens, tool_calls_grammar
 from pdlaunch.errors import EngineError
@@ -105,6 +105,8 @@ class StructuredOutput(BaseModel):
             sent = json.loads(self.value)
         except ValueError as exc:  # structured_outputs.json / guided_json sent as a string
             raise SchemaError(f"the JSON schema is not JSON ({exc})", field=self.field) from None
+        except RecursionError:  # nested past the parser's recursion, far past MAX_DEPTH
+            raise SchemaError(f"the schema nests deeper than {MAX_DEPTH} levels", field=self.field) from None
         if not isinstance(sent, dict | bool):
             kind = {list: "a list", str: "a string", type(None): "null"}.get(type(sent), "a number")
             raise SchemaError(f"the JSON schema must be a JSON object (or true / false), not {kind}",

@@ -159,3 +159,9 @@ def test_a_grammar_that_cannot_be_followed_reads_as_a_sentence() -> None:
         check(StructuredOutput(kind="json", value='{"$ref": "#"}', field="guided_json"))
     assert "guided_json: the grammar cannot be followed in its first output bytes" in str(caught.value)
     assert "smaller" not in str(caught.value)  # not a size: a smaller grammar would not help
+
+
+def test_a_json_schema_text_nested_past_the_parser_says_how_deep_it_may_nest() -> None:
+    # was "guided_json: maximum recursion depth exceeded while decoding a JSON array", as if the server had failed
+    with pytest.raises(ValueError, match=r"^guided_json: the schema nests deeper than 64 levels$"):
+        check(StructuredOutput(kind="json", value="[" * 100_000 + "]" * 100_000, field="guided_json"))
