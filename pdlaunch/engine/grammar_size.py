@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 from pydantic import JsonValue
 
-from pdlaunch.engine.schema_refs import Path, SchemaError, subschemas
+from pdlaunch.engine.schema_refs import MAX_DEPTH, Path, SchemaError, subschemas
 
 MAX_OBJECT_PROPERTIES = 1_000  # 4x FHIR's largest object
 MAX_SCHEMA_PROPERTIES = 10_000  # 2x OpenAI's bound, FHIR's 8,502 with room
@@ -106,4 +106,6 @@ def check_grammar_size(text: str, field: str) -> None:
             schema, _ = decoder.raw_decode(text, found.end())
         except ValueError:
             continue  # not JSON there: llguidance says what is wrong, if anything is
+        except RecursionError:  # nested past Python's parser, far past what a schema nests
+            raise SchemaError(f"the schema nests deeper than {MAX_DEPTH} levels", field=f"{field}.%json") from None
         check_schema_size(schema, f"{field}.%json")

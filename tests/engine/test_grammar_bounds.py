@@ -214,3 +214,10 @@ def test_on_grammar_stack_returns_raises_and_times_out() -> None:
     finally:
         release.set()
     assert threading.stack_size() == before  # put back: other threads keep the default
+
+
+def test_a_json_schema_in_a_grammar_nested_past_the_parser_says_how_deep_it_nests() -> None:
+    # was "guided_grammar: maximum recursion depth exceeded while decoding a JSON object", as if the server had failed
+    text = "start: %json " + '{"anyOf": [' * 3_000 + "{}" + "]}" * 3_000
+    with pytest.raises(SchemaError, match=r"^guided_grammar\.%json: the schema nests deeper than 64 levels$"):
+        check(StructuredOutput(kind="grammar", value=text, field="guided_grammar"))
