@@ -133,7 +133,13 @@ def close_objects(schema: JsonValue, close_self: bool = True, beside: Sequence[s
     forbade the keys beside them. A member given as a `$ref` (a pointer into the schema) is its definition's copy,
     closed as that member written inline; a member whose keys cannot be listed (`patternProperties`, a `$ref` to
     another document, or one in a cycle) leaves its object open."""
-    refs = refs if refs is not None else _Refs(schema)
+    if refs is None:  # the outermost call
+        try:
+            return close_objects(schema, close_self, beside, members_close, _Refs(schema))
+        except RecursionError:  # a member's definition copied in, its members' in turn: hundreds of levels
+            raise ValueError("its allOf / anyOf / oneOf members refer to definitions whose own members refer to "
+                             "others in a chain too long to close (hundreds of levels); send a schema of shorter "
+                             "chains") from None
     refs.spend(1 + len(beside))  # the caller built `beside` for this call
     if not isinstance(schema, dict):
         return schema

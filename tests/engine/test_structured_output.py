@@ -165,3 +165,16 @@ def test_a_json_schema_text_nested_past_the_parser_says_how_deep_it_may_nest() -
     # was "guided_json: maximum recursion depth exceeded while decoding a JSON array", as if the server had failed
     with pytest.raises(ValueError, match=r"^guided_json: the schema nests deeper than 64 levels$"):
         check(StructuredOutput(kind="json", value="[" * 100_000 + "]" * 100_000, field="guided_json"))
+
+
+def test_a_chain_of_definitions_too_long_to_close_is_refused_saying_so() -> None:
+    # 400 definitions, each an allOf member of the one before: closing them recursed past Python's limit, and the
+    # request was a 400 "maximum recursion depth exceeded while calling a Python object"
+    chain = {f"d{i}": {"properties": {f"p{i}": {"type": "integer"}}, "allOf": [{"$ref": f"#/$defs/d{i + 1}"}]}
+             for i in range(400)}
+    schema = {"type": "object", "properties": {"a": {}}, "allOf": [{"$ref": "#/$defs/d0"}],
+              "$defs": {**chain, "d400": {"properties": {"end": {}}}}}
+    with pytest.raises(ValueError) as refused:
+        check(StructuredOutput(kind="json", value=json.dumps(schema), field="guided_json"))
+    assert str(refused.value).startswith("guided_json: its allOf / anyOf / oneOf members refer to definitions")
+    assert "recursion" not in str(refused.value)

@@ -163,3 +163,12 @@ def test_a_required_key_the_properties_do_not_declare_stays_allowed_when_objects
     beside_union = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "z"],
                     "allOf": [{"anyOf": [{"properties": {"b": {"type": "integer"}}}]}]}
     assert _matches(beside_union, '{"a":1,"z":2}')
+
+
+def test_closing_a_chain_of_member_definitions_too_long_is_a_value_error() -> None:
+    # a strict tool's parameters are closed by the server (server/tool_calls.py): a RecursionError there was no 400
+    chain = {f"d{i}": {"properties": {f"p{i}": {}}, "allOf": [{"$ref": f"#/$defs/d{i + 1}"}]} for i in range(400)}
+    schema = {"type": "object", "properties": {"a": {}}, "allOf": [{"$ref": "#/$defs/d0"}],
+              "$defs": {**chain, "d400": {"properties": {"end": {}}}}}
+    with pytest.raises(ValueError, match="in a chain too long to close"):
+        close_objects(schema)
