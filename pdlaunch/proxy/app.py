@@ -115,10 +115,11 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     app = FastAPI(title="pdlaunch proxy", lifespan=lifespan)
     app.state.proxy_state = state
     install_error_handlers(app)
-    # Outermost first: time the first byte, count every answer, then authenticate, then bound the body, then
-    # answer 503 shutting_down to a request the drain at shutdown cuts before its response began.
-    app.add_middleware(ShutdownAnswer, stopping=proxy.stopping)
+    # Outermost first: time the first byte, count every answer, then authenticate, then answer 503 shutting_down to
+    # a request the drain at shutdown cuts before its response began (one whose body still arrives too: outside
+    # BodyLimit), then bound the body.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(ShutdownAnswer, stopping=proxy.stopping)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
     app.add_middleware(CountRequests, counter=proxy.metrics.requests, router=app.router)
     app.add_middleware(FirstByteTimer, histogram=proxy.metrics.time_to_first_byte, label=RouteLabel(app.router))
