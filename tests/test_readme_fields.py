@@ -126,8 +126,8 @@ NOTES: dict[str, str] = {
     "logprobs": "-1 (vLLM: the whole vocabulary; chat's `top_logprobs` too) refused with 400, 0 to 20 taken",
     "stream_options": "`include_usage` defaults to false (as vLLM and OpenAI: `{}` asks for no usage chunk, and a "
                       "stream that did not ask for it carries no usage); a key sent as `null` is not sent; "
-                      "`continuous_usage_stats: true` refused with 400; without `stream: true` a 400 (as OpenAI; "
-                      "vLLM lets `{}` pass)",
+                      "`continuous_usage_stats: true` refused with 400; without `stream: true` a 400 unless empty or "
+                      "null (as vLLM)",
     "response_format": "type `structural_tag` refused with 400; `json_schema.strict: true` keeps its schema closed "
                        "(see `strict` under Structured output)",
     "tools": "`function.strict: true` keeps a forced call's schema closed (see `strict` under "

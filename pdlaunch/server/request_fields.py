@@ -191,11 +191,16 @@ class SamplingFields(BaseModel):
                               param="stream_interval", code="unsupported_parameter")
         return self
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
-            raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _stream_options_need_stream(cls, data: object) -> object:
+        """As vLLM: stream_options as sent (an unknown key counts) without `stream: true` is refused unless it is
+        empty or null, which ask for nothing (a client that always sends `stream_options: {}` got a 400 here)."""
+        if isinstance(data, dict) and data.get("stream_options") and not data.get("stream"):
+            raise OpenAIError(400, f"stream_options is only allowed when stream is true (got "
+                                   f"{json_short(data['stream_options'])} without stream: true); send stream: true, "
+                                   "or leave stream_options out", param="stream_options")
+        return data
 
     @classmethod
     def _known_fields(cls) -> set[str]:

@@ -91,6 +91,30 @@ def test_include_usage_defaults_to_false_and_a_null_key_is_not_sent(options: dic
     assert build(False, stream=True, stream_options=options).include_usage() is usage
 
 
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}], ids=["absent", "false", "null"])
+@pytest.mark.parametrize("options", [{}, None])
+def test_empty_or_null_stream_options_without_stream_pass(chat: bool, stream: dict[str, Any],
+                                                          options: dict[str, Any] | None) -> None:
+    """vLLM refuses stream_options without stream only when it is non-empty: a client that always sends
+    `stream_options: {}` (or null) got a 400 here that vLLM does not give."""
+    request = build(chat, **stream, stream_options=options)
+    assert not request.stream and not request.include_usage()
+    request.sampling_params()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [{}, {"stream": False}, {"stream": None}], ids=["absent", "false", "null"])
+@pytest.mark.parametrize("options", [{"include_usage": True}, {"include_usage": False}, {"include_usage": None},
+                                     {"include_obfuscation": False}])
+def test_non_empty_stream_options_without_stream_are_refused(chat: bool, stream: dict[str, Any],
+                                                             options: dict[str, Any]) -> None:
+    with pytest.raises(OpenAIError) as info:
+        build(chat, **stream, stream_options=options)
+    assert info.value.status == 400 and info.value.param == "stream_options"
+    assert "stream: true" in info.value.message
+
+
 @pytest.mark.parametrize(("chat", "limit"), [(True, "max_completion_tokens"), (True, "max_tokens"),
                                              (False, "max_tokens")])
 def test_min_tokens_past_the_limit_names_the_limit_sent(chat: bool, limit: str) -> None:
