@@ -46,7 +46,7 @@ class Call(Generic[T_co]):
             _settle(self._loop, _resolve, self._future, result)
 
     def fail(self, error: OpenAIError) -> None:
-        _settle(self._loop, _fail, self._future, _copy(error))
+        _settle(self._loop, _fail, self._future, copy_error(error))
 
     async def result(self, timeout: float) -> T_co:
         """fn's result (or its exception). Past `timeout` a 503 naming the call, and a call the engine thread had not
@@ -71,9 +71,9 @@ def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[asyncio.Future[T]
         pass
 
 
-def _copy(error: OpenAIError) -> OpenAIError:
-    """A fresh exception per caller (each raise writes its own traceback into the one it raises), of the same kind:
-    the 503 shutting_down of a stopping engine keeps its Retry-After."""
+def copy_error(error: OpenAIError) -> OpenAIError:
+    """A fresh exception per caller or request stream (each raise appends its frames to the traceback of the one it
+    raises), of the same kind: the 503 shutting_down of a stopping engine keeps its Retry-After."""
     if isinstance(error, RetryLater):
         return RetryLater(error.message, code=error.code or "", retry_after_s=error.retry_after_s)
     return OpenAIError(error.status, error.message, param=error.param, code=error.code)

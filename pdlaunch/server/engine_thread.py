@@ -34,7 +34,7 @@ from pdlaunch.metrics.instance import (
     TIME_TO_FIRST_TOKEN,
 )
 from pdlaunch.metrics.kv_transfer import count_expired_recompute
-from pdlaunch.server.engine_call import Call
+from pdlaunch.server.engine_call import Call, copy_error
 from pdlaunch.server.engine_commands import Abort, Add, Command
 from pdlaunch.server.engine_counts import EngineCounts, add_generated
 from pdlaunch.server.idle_check import IdleCheck
@@ -284,12 +284,13 @@ class EngineThread:
             stream.put(item)
 
     def _fail_all(self, error: OpenAIError) -> None:
-        """Every request and every call not started gets `error` (the engine thread ended: none would be answered)."""
+        """Every request and every call not started gets a copy of `error` of its own (the engine thread ended: none
+        would be answered; one exception raised by every handler grew one traceback with all their frames)."""
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
             calls, self._calls = list(self._calls), set()
         for stream in streams:
-            stream.put(error)
+            stream.put(copy_error(error))
         for call in calls:
             call.fail(error)
 

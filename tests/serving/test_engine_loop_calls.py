@@ -1,6 +1,7 @@
 """A call queued for the engine thread (what /sleep, /wake_up, /is_sleeping and the KV release routes run there) as
 that thread fails or stops is answered at once with the error a request gets then, and one made after it ended is
-refused at once: neither waits out its timeout for a thread that will never run it."""
+refused at once: neither waits out its timeout for a thread that will never run it. Each request and call gets its
+own exception object then, never one shared (each raise appends its frames to the exception's traceback)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections.abc import Callable
 
 import pytest
 
+from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.stats import EngineStats
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.shutdown_answer import SHUTTING_DOWN_RETRY_AFTER_S, shutting_down
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.request_stream import StreamItem
 from tests.serving.helpers import wait_for
 
 WAIT_S = 60.0
@@ -139,3 +142,49 @@ def test_a_call_the_engine_stop_fails_answers_with_retry_after() -> None:
     for error in (one, other):
         assert (error.status, error.code, error.message) == (503, "shutting_down", "the engine stopped")
         assert error.response().headers.get("retry-after") == str(SHUTTING_DOWN_RETRY_AFTER_S), error
+
+
+class TakingRequests(HeldEngine):
+    """A HeldEngine whose requests submit queues (it checks their kv_transfer_params before it queues them)."""
+
+    def check_kv_transfer_params(self, raw: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("end", ["fail", "stop"])
+def test_each_open_request_gets_its_own_error_as_the_engine_thread_ends(end: str) -> None:
+    """The engine thread's end put one exception object into every open request's stream: each handler that raised
+    it appended its frames to that one traceback (memory grew with the number of streams; the tracebacks logged were
+    mixed). Each stream gets its own now, of the same type, status, message, code and Retry-After."""
+    engine = TakingRequests()
+    loop = _started(engine)
+    stopper = threading.Thread(target=loop.stop)  # stop() joins the engine thread: the held step must end first
+
+    def end_thread() -> None:
+        if end == "fail":
+            engine.fail.set()
+        else:
+            stopper.start()
+            wait_for(loop._stop.is_set, "stop() to ask the engine thread to stop")
+        engine.release.set()
+
+    async def first_items() -> list[StreamItem]:
+        streams = [loop.submit(f"req-{i}", [1, 2, 3], SamplingParams()) for i in range(2)]  # queued behind the step
+        await asyncio.to_thread(end_thread)
+        return [await asyncio.wait_for(stream.queue.get(), WAIT_S) for stream in streams]
+
+    try:
+        one, other = asyncio.run(first_items())
+    finally:
+        engine.release.set()
+        if stopper.is_alive():
+            stopper.join(WAIT_S)
+        loop.stop()
+    assert isinstance(one, OpenAIError) and isinstance(other, OpenAIError), (one, other)
+    assert one is not other
+    assert type(one) is type(other)
+    assert vars(one) == vars(other) and one.args == other.args
+    expected = (500, "engine_failed") if end == "fail" else (503, "shutting_down")
+    assert (one.status, one.code) == expected, one
+    if end == "stop":
+        assert getattr(one, "retry_after_s", None) == SHUTTING_DOWN_RETRY_AFTER_S
