@@ -1,5 +1,6 @@
 """A function run on the engine thread for a caller on an event loop (EngineLoop.call): its result or exception
-goes back to the caller's loop; past the caller's timeout a call the engine thread had not started is dropped."""
+goes back to the caller's loop; past the caller's timeout, or once the caller is cancelled, a call the engine thread
+had not started is dropped."""
 
 from __future__ import annotations
 
@@ -50,16 +51,24 @@ class Call(Generic[T_co]):
 
     async def result(self, timeout: float) -> T_co:
         """fn's result (or its exception). Past `timeout` a 503 naming the call, and a call the engine thread had not
-        started yet is dropped: a /sleep that timed out must not put the instance to sleep later, unseen."""
+        started yet is dropped: a /sleep that timed out must not put the instance to sleep later, unseen. So is one
+        whose caller is cancelled (its request cut at shutdown, its client gone): nobody would see it run."""
         try:
             return await asyncio.wait_for(self._future, timeout)
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
         except asyncio.TimeoutError:
-            with self._lock:
-                self._abandoned = True
-                started = self._started
+            started = self._abandon()
             status = "it still runs there" if started else \
                 "it had not started (a step held the thread) and will not run"
             raise OpenAIError(503, f"engine thread did not finish {self._name} within {timeout:g}s; {status}") from None
+
+    def _abandon(self) -> bool:
+        """Nobody waits for the call any more: the engine thread skips it unless it has started it (returned)."""
+        with self._lock:
+            self._abandoned = True
+            return self._started
 
 
 def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[asyncio.Future[T], V], None],

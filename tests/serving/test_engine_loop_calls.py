@@ -188,3 +188,30 @@ def test_each_open_request_gets_its_own_error_as_the_engine_thread_ends(end: str
     assert (one.status, one.code) == expected, one
     if end == "stop":
         assert getattr(one, "retry_after_s", None) == SHUTTING_DOWN_RETRY_AFTER_S
+
+
+def test_a_call_whose_caller_is_cancelled_before_it_started_never_runs() -> None:
+    """A caller cancelled while its call waited behind a step (its request cut at shutdown, or its client gone) left
+    the call queued, and the engine thread ran it later for nobody: a /sleep answered 503 shutting_down could still
+    put the instance to sleep. It is dropped now, as a call whose caller timed out is."""
+    engine = HeldEngine()
+    loop = _started(engine)
+    ran: list[str] = []
+
+    async def cancel_then_drain() -> str:
+        waiting = asyncio.ensure_future(loop.call(lambda engine: ran.append("cancelled call"), what="a test call"))
+        while not loop._calls:  # queued behind the held step
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        engine.release.set()
+        # commands run in order: once this later call has its answer, the engine thread has passed the first one
+        return await loop.call(lambda engine: "later call ran", timeout=CALL_TIMEOUT_S, what="a later call")
+
+    try:
+        assert asyncio.run(asyncio.wait_for(cancel_then_drain(), WAIT_S)) == "later call ran"
+        assert ran == []
+    finally:
+        engine.release.set()
+        loop.stop()
