@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
-from pdlaunch.config.rules.host import LOG_DIR_MODE
+from pdlaunch.config.rules.host import make_log_dir
 from pdlaunch.distributed.message_stream import MalformedMessage
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import destroy_tp_group
@@ -72,7 +72,7 @@ def node_address() -> str:
 def log_to(path: str, label: str, env: dict[str, str]) -> None:
     """Send this actor process's output (stdout, stderr, logging) to `path`, appended, and set `env`."""
     os.environ.update(env)
-    Path(path).parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+    make_log_dir(Path(path).parent)
     # O_NOFOLLOW: a symlink planted in log_dir on this node does not get its target appended to (ELOOP instead)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     os.dup2(fd, 1)

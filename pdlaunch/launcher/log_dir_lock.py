@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pdlaunch.config.flags import SECRET_OPTIONS
-from pdlaunch.config.rules.host import LOCK_NAME, LOG_DIR_MODE, lock_name, log_dir_owner_refusal, os_reason
+from pdlaunch.config.rules.host import LOCK_NAME, lock_name, log_dir_owner_refusal, make_log_dir, os_reason
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.log_tail import LogUnreadable, bounded_read
 
@@ -90,7 +90,7 @@ class LogDirLock:
             return
         lock_file = self.log_dir / self.name
         try:
-            self.log_dir.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+            make_log_dir(self.log_dir)
             foreign = log_dir_owner_refusal(self.log_dir)
             if foreign is not None:
                 raise PdlaunchError(foreign[0], field="log_dir", hint=foreign[1])

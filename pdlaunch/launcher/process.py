@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from pdlaunch.config.rules.host import LOG_DIR_MODE, os_reason
+from pdlaunch.config.rules.host import make_log_dir, os_reason
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.launcher.log_tail import LogUnreadable, log_tail
 
@@ -136,7 +136,7 @@ class ChildProcess:
         self._end_group()  # the last run's, reaped: what is left of its group, and its directory
         self._killed = False
         try:
-            self.log_path.parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+            make_log_dir(self.log_path.parent)
             # O_NOFOLLOW: a symlink planted in log_dir does not get its target truncated (or appended to)
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if note else os.O_TRUNC)
             fd = os.open(self.log_path, flags, 0o666)

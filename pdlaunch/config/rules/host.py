@@ -79,6 +79,22 @@ LOG_DIR_MODE = 0o750  # a log_dir serve creates: no one else writes in it (log_d
 NO_FOLLOW = "it is a symlink, which serve does not write through"
 
 
+def make_log_dir(log_dir: Path) -> None:
+    """`log_dir.mkdir(parents=True, exist_ok=True)`, with every directory it makes LOG_DIR_MODE (a umask can only
+    narrow it). Path.mkdir gives the parents it makes the default mode: 0775 under umask 002, so `--log-dir
+    runs/today` left `runs` group-writable, and a later `--log-dir runs` was refused (log_dir_owner_refusal)."""
+    try:
+        log_dir.mkdir(mode=LOG_DIR_MODE)
+    except FileNotFoundError:
+        if log_dir.parent == log_dir:
+            raise
+        make_log_dir(log_dir.parent)
+        log_dir.mkdir(mode=LOG_DIR_MODE, exist_ok=True)
+    except OSError:
+        if not log_dir.is_dir():  # as exist_ok: an existing directory (or a link to one) is fine, anything else not
+            raise
+
+
 def log_dir_owner_refusal(log_dir: Path) -> tuple[str, str] | None:
     """(what is wrong, how to fix it) when someone other than this user can change what is in the existing
     `log_dir`: its owner, another user, or its group or others by its mode (a sticky bit does not help: they
