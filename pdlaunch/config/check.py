@@ -158,10 +158,11 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None,
     transfer = ("none (colocated)" if cfg.colocated
                 else f"{cfg.kv_transfer.connector}, mode {cfg.kv_transfer.transfer_mode}")
     side = cfg.kv_transfer.side_channel_port
+    channel = ("none (storage)" if cfg.kv_transfer.connector == "storage" else
+               f"{cfg.kv_transfer.side_channel_host}:{side if side is not None else 'free'}")
     fixed = ", ".join((f"node {r.node} " if cfg.parallel.nodes else "") + r.label() for r in port_plan(cfg)) or "none"
     console.print(Text(f"proxy {cfg.proxy.host}:{cfg.proxy.port}  workers {workers_text(cfg.proxy.workers)}  "
-                       f"side channel "
-                       f"{cfg.kv_transfer.side_channel_host}:{side if side is not None else 'free'}  "
+                       f"side channel {channel}  "
                        f"fixed: {fixed}"))
     console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "
                        f"sleep mode: {'on' if cfg.model.enable_sleep_mode else 'off'}"))

@@ -11,6 +11,7 @@ groups of one), while ports and devices are per group, by the instance's place k
 - KV side channel, kv_transfer.side_channel_port s: on each node, one port per TP rank placed on that
   node, s, s+1, ... in group order (instance by instance, rank by rank). A TP group spanning nodes
   takes ports on every node that hosts one of its ranks, not only on its own.
+  None with the storage connector, which opens no side channel.
 - Rendezvous, parallel.master_port m: the n-th instance with TP > 1 whose rank 0 is on a node uses
   m + n on that node (n from 0).
 A port left unset is picked free by the launcher (None here) and cannot collide.
@@ -115,7 +116,10 @@ def _place(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, k: int, us
 
 def _side_channels(cfg: DeploymentConfig, role: str, ranks: list[PlacedRank],
                    offsets: dict[int, int]) -> list[SideChannelPorts]:
-    """One range per node hosting ranks, in node order; offsets advance even for a colocated instance."""
+    """One range per node hosting ranks, in node order; offsets advance even for a colocated instance. None with
+    the storage connector: it moves KV through files and opens no side channel."""
+    if cfg.kv_transfer.connector == "storage":
+        return []
     base = cfg.kv_transfer.side_channel_port
     found: list[SideChannelPorts] = []
     for node in sorted({rank.node for rank in ranks}):

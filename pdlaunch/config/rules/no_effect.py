@@ -123,13 +123,15 @@ def overridden_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[P
 
 
 # The kv_transfer settings only some connectors read (colocated_warnings names them too: no connector runs there).
-_CONNECTOR_FIELDS = {"transfer_mode": ("nixl", "mooncake"), "storage_path": ("storage",),
+_CONNECTOR_FIELDS = {"transfer_mode": ("nixl", "mooncake"), "side_channel_port": ("nixl", "mooncake"),
+                     "storage_path": ("storage",),
                      "mooncake_protocol": ("mooncake",), "mooncake_metadata_server": ("mooncake",)}
 
 
 def connector_warnings(cfg: DeploymentConfig) -> list[Problem]:
     """A kv_transfer setting that the chosen connector does not read (storage moves KV through files, with no
-    pull or push; only mooncake has a protocol and a metadata server), in a deployment that moves KV."""
+    pull or push and no side channel; only mooncake has a protocol and a metadata server), in a deployment that
+    moves KV."""
     if not any(group.role in ("prefill", "decode") for group in cfg.instances):
         return []  # colocated_warnings
     connector = cfg.kv_transfer.connector

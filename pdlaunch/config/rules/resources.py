@@ -53,7 +53,7 @@ def port_plan(cfg: DeploymentConfig) -> list[PortRange]:
             plan.append(PortRange(f"instances[{i}].base_port", group.node, group.base_port, group.count,
                                   f"{group.role} HTTP"))
     side = cfg.kv_transfer.side_channel_port
-    if side is not None and not cfg.colocated:
+    if side is not None and not cfg.colocated and cfg.kv_transfer.connector != "storage":  # storage: no side channel
         ranks = Counter(rank.node for i in instances for rank in i.ranks)
         plan += [PortRange("kv_transfer.side_channel_port", node, side, count, "side channel")
                  for node, count in sorted(ranks.items()) if count > 0]
