@@ -8,11 +8,11 @@ rest as the uninterrupted run would (engine/first_token.py skip_draws).
 
 Not migrated (the stream ends with the error event, as without migration): requests whose output
 depends on state the continuation cannot rebuild from token ids: stop strings (one may span the
-migration point), tools and structured outputs (parser and grammar state), presence / frequency
-penalties and bad_words (the engine counts and matches them over the output only, and the output before
-the cut is the continuation's prompt), logprobs (`logprobs: 0` too: the chosen tokens' logprobs), several
-choices (`n` / `best_of` > 1, or a list of prompts, which only colocated instances get whole), echo. A
-repetition penalty goes on: it counts prompt and output tokens alike.
+migration point), tools (tool_choice "none" aside: its output is plain content) and structured outputs (parser
+and grammar state), presence / frequency penalties and bad_words (the engine counts and matches them over the
+output only, and the output before the cut is the continuation's prompt), logprobs (`logprobs: 0` too: the
+chosen tokens' logprobs), several choices (`n` / `best_of` > 1, or a list of prompts, which only colocated
+instances get whole), echo. A repetition penalty goes on: it counts prompt and output tokens alike.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def not_migratable(body: Body, chat: bool) -> str | None:
     """The field (module doc) that keeps a streamed request from being continued from token ids, or None."""
     if body.get("stop"):
         return "stop"  # a stop string may span the migration point
-    if chat and (body.get("tools") or body.get("tool_choice") not in (None, "none")):
+    # tool_choice "none": the tools only reach the template (the prompt's ids); the output is plain content, never
+    # parsed nor held back (server/tool_calls.py), and goes on as any chat's
+    if chat and body.get("tool_choice") != "none" and (body.get("tools") or body.get("tool_choice") is not None):
         return "tools" if body.get("tools") else "tool_choice"
     if body.get("response_format") not in (None, {"type": "text"}):  # {"type": "text"}: OpenAI's default, no grammar
         return "response_format"

@@ -326,3 +326,20 @@ def test_a_tool_calling_stream_cut_mid_way_is_not_continued(fleet: Fleet, tool_c
     assert len(got) == 4 and _said(got) == _said(reference[:4]) and _said(got), (got, reference[:4])
     if tool_choice != "auto":  # cut mid-call: the call's name and the start of its arguments
         assert got[0]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_a_stream_with_tools_and_tool_choice_none_goes_on_as_it_would_have(fleet: Fleet) -> None:
+    """tool_choice "none": the tools reach the template (in the prompt's ids the continuation carries) and the
+    output is plain content, never parsed nor held back (server/tool_calls.py): a stream whose decode dies mid-way is
+    continued as any chat, and its greedy text equals the uninterrupted run's."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "tools": TOOLS, "tool_choice": "none"}
+    reference = _whole(fleet.instance, "/v1/chat/completions", body)["choices"][0]
+    assert reference["message"]["content"] and not reference["message"].get("tool_calls")
+    events = _migrated(fleet, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}},
+                       after_text_events(4))
+    assert not _errors(events) and events[-1] == "[DONE]"
+    assert _text(events) == reference["message"]["content"]
+    assert events[-2]["usage"]["completion_tokens"] == body["max_tokens"]
+    assert [c["finish_reason"] for e in events if isinstance(e, dict) for c in e.get("choices", [])
+            if c.get("finish_reason")] == ["length"]

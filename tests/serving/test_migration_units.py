@@ -53,6 +53,10 @@ def test_requests_whose_output_needs_more_than_token_ids_do_not_migrate(body: di
     assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.2,
                            "logprobs": False, "top_logprobs": 0, "bad_words": [], "response_format": {"type": "text"}},
                           True) is None
+    # tool_choice "none": the tools only reach the template (the prompt's ids); the output is plain content.
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert not_migratable({"tools": tools, "tool_choice": "none"}, chat=True) is None
+    assert not_migratable({"tools": [], "tool_choice": "auto"}, chat=True) == "tool_choice"
 
 
 def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> None:
