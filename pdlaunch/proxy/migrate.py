@@ -282,9 +282,10 @@ class Migrations:
                             yield sse_event(progress.usage_chunk())
                         yield sse_data("[DONE]")
                         return
-                    if progress.head is not None and progress.prompt_ids is None:
-                        yield _final(stopped, error_body(502, failure.message + " (its stream carried no prompt token "
-                                                         "ids to continue from; not migrated)", code="instance_failed"))
+                    why_not = _not_continued(progress)
+                    if why_not is not None:
+                        yield _final(stopped, error_body(502, f"{failure.message} ({why_not}; not migrated)",
+                                                         code="instance_failed"))
                         return
                 target = self._next_decode(failed, failure, migrations, request_id, progress.committed, on_migrate)
                 if not isinstance(target, Instance):  # nowhere to go
@@ -352,6 +353,17 @@ def _final(stopped: str | None, error: JsonObject) -> bytes:
     """The error event that ends a stream that cannot go on (the response adds [DONE]: sse.ending_with_done): the
     shutting_down event of the decode that stopped (`stopped`), as it came, or else `error`'s."""
     return sse_data(stopped) if stopped is not None else sse_event(error)
+
+
+def _not_continued(progress: Progress) -> str | None:
+    """Why a stream the client has some of cannot go on from its token ids (None: it can, or it has nothing yet)."""
+    if progress.head is not None and progress.prompt_ids is None:
+        return "its stream carried no prompt token ids to continue from"
+    if progress.bundled:  # a continuation might skip the text of ids held back (stream_progress.py)
+        return (f"its last chunk with text carried {progress.bundled} token ids at once, as a decode with speculative "
+                "decoding or a stream interval sends them, and the proxy cannot tell whether that text covers the "
+                "last of them")
+    return None
 
 
 def _next_leg(progress: Progress, path: str, body: Body, chat: bool) -> tuple[str, JsonObject, bool]:

@@ -8,6 +8,10 @@ missing. A client that asked for the ids gets each with the chunk that carries i
 new decode may make other ids than those held back (sampling without a seed; another machine's numerics), and the
 ids the client has are always those of the text it has. The new decode's chunks are rewritten into the client's
 stream (its id, model, object; chat deltas; usage counting the whole request).
+
+A chunk of several ids with text (a foreign decode's step: speculative decoding, a stream interval) may hold back
+its last ids (their character not complete yet) while its text covers the first: which ones is not known without
+the tokenizer, so such a stream is not continued (`bundled`) until a chunk of one id brings text again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Progress:
     prompt_ids: list[int] | None = None
     ids: list[int] = field(default_factory=list)  # output ids received, in order
     committed: int = 0  # of `ids`: those whose text the client has (and, asking for them, the ids themselves)
+    # ids of the last chunk with text when it carried several (a foreign decode's step: its text may not cover the
+    # last of them), until a chunk of one id brings text or the finish; 0: `committed` is exact
+    bundled: int = 0
     offset: int = 0  # output ids given in the current decode's prompt
     head: JsonObject | None = None  # id / object / created / model of the client's stream
     finished: bool = False  # a finish_reason was sent
@@ -42,13 +49,17 @@ class Progress:
         prompt_ids = chunk.get("prompt_token_ids")
         for choice in objects(chunk.get("choices")):
             prompt_ids = choice.get("prompt_token_ids", prompt_ids)
-            self.ids += ids_of(choice.get("token_ids"))
+            new_ids = ids_of(choice.get("token_ids"))
+            self.ids += new_ids
             delta = as_object(choice.get("delta")) or {}
             text = choice.get("text") if "text" in choice else delta.get("content")
             shown = self.committed
-            # text: the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
+            # text of one id: the decode's detokenizer consumed every id so far (it holds back a character not complete
+            # yet whole, as vLLM's). A foreign decode's chunk of several ids (speculative decoding, a stream interval)
+            # may have text for the first of them while it holds back the last: which ones, only a tokenizer could say.
             if text or choice.get("finish_reason") is not None:
                 self.committed = len(self.ids)
+                self.bundled = len(new_ids) if text and choice.get("finish_reason") is None and len(new_ids) > 1 else 0
             if choice.get("finish_reason") is not None:
                 self.finished = True
             if self.client_ids:  # ids held back wait for their text: a continuation may make others in their place

@@ -239,3 +239,63 @@ def test_disaggregate_max_itl_ms_is_checked_as_the_user_typed_it() -> None:
     result = check([*base, "--colocated", "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "9"])
     assert result.exit_code == 1 and "never disaggregates" in result.output, result.output
     assert check([*base, "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "8.5"]).exit_code == 0
+
+
+def test_a_chunk_with_text_and_several_ids_leaves_the_stream_unsure_until_one_id_brings_text() -> None:
+    """A foreign (vLLM) decode sends a step's ids in one chunk (speculative decoding, a stream interval); its
+    detokenizer holds back the ids of a character not complete yet, so such a chunk's text may not cover its last
+    ids. Counting them delivered would skip their text in a continuation: the proxy cannot tell, and says so."""
+    progress = Progress(chat=False, client_ids=False)
+    progress.rewrite(_chunk("a", [5]) | {"prompt_token_ids": [1, 2]}, False)
+    assert (progress.committed, progress.bundled) == (1, 0)
+    progress.rewrite(_chunk("b", [6, 7]), False)  # 7 may be the first byte of a character not shown yet
+    assert progress.bundled == 2
+    progress.rewrite(_chunk("", [8, 9]), False)  # nothing shown: still unsure
+    assert progress.bundled == 2
+    progress.rewrite(_chunk("é", [10]), False)  # one id's text: every id so far is consumed
+    assert (progress.committed, progress.bundled) == (6, 0)
+    progress.rewrite(_chunk("", [11, 12]), False)  # ids only: made again by a continuation, as ever
+    assert (progress.committed, progress.bundled) == (6, 0)
+    progress.rewrite(_chunk("cd", [13, 14], finish="length"), False)  # the last chunk: nothing held back
+    assert (progress.committed, progress.bundled, progress.finished) == (10, 0, True)
+
+
+class _BundlingDecode(_EndingDecode):
+    """Streams one chunk of two ids whose text is the first's alone (the second's, a character's first byte, held
+    back), as a vLLM decode with speculative decoding may, and ends without [DONE]."""
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        chunk = {"id": "cmpl-v", "object": "text_completion", "created": 1, "model": "m", "choices": [
+            {"index": 0, "text": "A", "finish_reason": None, "token_ids": [30, 31], "prompt_token_ids": [1, 2]}]}
+
+        async def events() -> AsyncIterator[bytes]:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def test_a_stream_whose_last_text_chunk_bundled_several_ids_is_not_continued_past_a_held_back_one() -> None:
+    """The continuation would start after id 31, whose text the client never got (a character lost): the stream
+    ends with the error event saying why, and no continuation is sent."""
+    ports, bodies = PortAllocator("127.0.0.1"), []
+    prefill = Prefill()
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, \
+            ThreadServer(_BundlingDecode(bodies).app, ports.free("d0")) as d0, \
+            ThreadServer(_EndingDecode(bodies).app, ports.free("d1")) as d1:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
+                             Instance("decode", d1.url, "decode-1")])
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=2)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
+            pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # decode-0 first
+            text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
+                              timeout=30).text
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["A"]
+    error = events[-1]["error"]
+    assert error["code"] == "instance_failed" and "carried 2 token ids at once" in error["message"] and \
+        "not migrated" in error["message"], error
+    assert len(bodies) == 1 and bodies[0]["return_token_ids"] is True  # no continuation went out
