@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.topology_config import group_tp_field
 from pdlaunch.errors import PdlaunchError
 
 
@@ -115,7 +116,7 @@ def first_rank_error(cfg: DeploymentConfig, g: int) -> PdlaunchError:
         f"so each of its instances spans from node {node} to the nodes after it, with rank 0 (which serves the "
         f"instance's HTTP API) on node {node}; but the instances placed there before one of them and the devices "
         f"groups there list{taken_part} take every device of node {node}, leaving none for its rank 0",
-        field=f"instances[{g}].tp",
+        field=group_tp_field(cfg.parallel, group, g),
         hint=f"list more of node {node}'s GPUs in parallel.nodes[{node}].devices, lower instances[{g}].count or its "
         f"TP, or move the group to a node with devices left (instances[{g}].node)")
 
@@ -150,8 +151,9 @@ def place_group(cfg: DeploymentConfig, g: int, used: dict[int, int],
         if len(placed) == tp:
             break
     if len(placed) < tp:
-        raise PdlaunchError(f"TP {tp} needs {tp} devices but nodes {node}..{len(cfg.parallel.nodes) - 1} have only "
-                            f"{len(placed)} left together", field=f"instances[{g}].tp",
+        raise PdlaunchError(f"instances[{g}] has TP {tp}, which needs {tp} devices, but nodes "
+                            f"{node}..{len(cfg.parallel.nodes) - 1} have only {len(placed)} left together",
+                            field=group_tp_field(cfg.parallel, cfg.instances[g], g),
                             hint="a group spans its node and the nodes after it in parallel.nodes; lower TP or "
                             "add devices/nodes")
     return placed

@@ -66,3 +66,15 @@ def group_kv_cache_dtype(cache: CacheConfig, group: InstanceGroupConfig) -> KVCa
 def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) -> bool:
     """The group's expert-parallel mode: its own setting, else the deployment's."""
     return parallel.enable_expert_parallel if group.enable_expert_parallel is None else group.enable_expert_parallel
+
+
+def group_tp_field(parallel: ParallelConfig, group: InstanceGroupConfig, index: int) -> str:
+    """The config path the group's TP size comes from, for a problem to name what the user set: the group's own
+    `instances[<index>].tp` where the user set it (a resolved group's tp is in its fields_set only then:
+    validate.resolve), else its role's parallel.prefill_tp / decode_tp where set, else parallel.tp."""
+    if group.tp is not None and "tp" in group.model_fields_set:
+        return f"instances[{index}].tp"
+    role_tp = {"prefill": "prefill_tp", "decode": "decode_tp"}.get(group.role)
+    if role_tp is not None and getattr(parallel, role_tp) is not None:
+        return f"parallel.{role_tp}"
+    return "parallel.tp"

@@ -24,8 +24,8 @@ def test_three_instances_get_a_third_each_and_a_lower_setting_is_kept() -> None:
 
 
 def test_no_sharing_with_explicit_devices_tp_or_two_gpus() -> None:
-    # TP 2 cannot fit one GPU: still refused, naming the TP field.
-    assert_invalid(check(["--model", "tiny", *ONE_GPU, "--tp", "2"]), "instances[0].tp", "GPUs")
+    # TP 2 cannot fit one GPU: still refused, naming the TP flag.
+    assert_invalid(check(["--model", "tiny", *ONE_GPU, "--tp", "2"]), "--tp", "GPUs")
     two = ["--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
     config = check_json([*two])["config"]
     assert all(g["devices"] is None for g in config["instances"])  # the launcher gives each its own GPU

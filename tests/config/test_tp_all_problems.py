@@ -28,13 +28,14 @@ def _deployment(tmp_path: Path, model: Path, parallel: str) -> Path:
 
 
 def _tp_lines(yaml: Path) -> dict[str, list[str]]:
-    """check-config's problems about each group's TP size, by field; it exits 1 without a traceback (`check`)."""
+    """check-config's problems about the groups' TP sizes, by the YAML key that set them (`parallel.tp`, once for
+    every group taking it); it exits 1 without a traceback (`check`)."""
     result = check([str(yaml), *GPUS])
     assert result.exit_code == 1, result.output
     lines: dict[str, list[str]] = {}
     for line in result.output.splitlines():
         field, _, text = line.removeprefix("error: ").partition(": ")
-        if line.startswith("error: instances[") and field.endswith(".tp"):
+        if line.startswith("error: parallel.") and field.endswith("tp"):
             lines.setdefault(field, []).append(text)
     return lines
 
@@ -67,7 +68,7 @@ def test_a_dense_model_every_rule_tp_breaks(tmp_path: Path) -> None:
         "1, 3, 6, 12")
     prefill_words, _ = _both([(kv[0].format(4), kv[1])], "1, 3, 6, 12")
     yaml = _deployment(tmp_path, model, "prefill_tp: 4, decode_tp: 8")
-    assert _tp_lines(yaml) == {"instances[0].tp": prefill_words, "instances[1].tp": words}
+    assert _tp_lines(yaml) == {"parallel.prefill_tp": prefill_words, "parallel.decode_tp": words}
     assert _load_refusal(model, 8) == load
 
 
@@ -99,7 +100,7 @@ def test_a_moe_model_dense_experts_and_shared_expert_in_one_list(tmp_path: Path,
         (f"TP 8 does not divide the shared expert's width (config.json shared_expert_intermediate_size 300){placed}",
          "use a TP size that divides 300")], "1, 2")
     yaml = _deployment(tmp_path, model, f"tp: 8, enable_expert_parallel: {str(expert_parallel).lower()}")
-    assert _tp_lines(yaml) == {"instances[0].tp": words, "instances[1].tp": words}
+    assert _tp_lines(yaml) == {"parallel.tp": words}  # said once, not once per group
     assert _load_refusal(model, 8, expert_parallel) == load
 
 
@@ -125,5 +126,5 @@ def test_block_fp8_edges_come_in_the_same_list(qwen2_moe_384: Path, tmp_path: Pa
          "checkpoint with --quantization fp8)")], "1")
     yaml = _deployment(tmp_path, qwen2_moe_384,
                        f"prefill_tp: 4, decode_tp: 4, enable_expert_parallel: {str(expert_parallel).lower()}")
-    assert _tp_lines(yaml) == {"instances[0].tp": words, "instances[1].tp": words}
+    assert _tp_lines(yaml) == {"parallel.prefill_tp": words, "parallel.decode_tp": words}
     assert _load_refusal(qwen2_moe_384, 4, expert_parallel) == load

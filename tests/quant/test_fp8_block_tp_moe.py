@@ -109,8 +109,8 @@ def test_check_config_refuses_what_the_load_refuses_per_instance_group(qwen2_moe
     ep = ["--enable-expert-parallel"] if expert_parallel else []
     code, text = _check(qwen2_moe_384, "--prefill-tp", "1", "--decode-tp", "2", *ep)
     assert code == 1, text
-    assert "instances[0].tp" not in text
-    assert (f"instances[1].tp: TP 2 splits the block-FP8 projections {SHARED.format(384, 192)} off the 128-wide "
+    assert "--prefill-tp" not in text
+    assert (f"--decode-tp: TP 2 splits the block-FP8 projections {SHARED.format(384, 192)} off the 128-wide "
             "scale blocks") in text
     assert ("use a TP size whose shards are whole 128-row blocks (or a per-channel FP8 checkpoint, or the "
             "unquantized checkpoint with --quantization fp8)") in text

@@ -132,7 +132,7 @@ def test_check_config_refuses_a_tp_size_that_splits_fp8_blocks(block_ckpt: Path)
     assert block_misaligned(parse_hf_config(cfg), 2) == []
     (block_ckpt / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 4, "head_dim": 64}))
     text = _check_config_tp(block_ckpt, 2)
-    assert "instances[0].tp: TP 2 splits the block-FP8 projections k_proj/v_proj off the 128-wide" in text
+    assert "--tp: TP 2 splits the block-FP8 projections k_proj/v_proj off the 128-wide" in text
 
 
 def _check_config_tp(path: Path, tp: int) -> str:

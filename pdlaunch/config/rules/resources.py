@@ -17,6 +17,8 @@ from pdlaunch.config.placement import first_rank_error, unplaced_error
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.port_reservations import reservation_holder
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.group_fields import GroupFinding, by_source
+from pdlaunch.config.rules.roles import tp_sources
 from pdlaunch.errors import PdlaunchError
 
 
@@ -226,15 +228,17 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
     problems += _sharing_problems(cfg, users)
     demand = [len({dev for (n, dev) in users if n == k}) for k in range(len(capacity))]
     short: set[int] = set()  # nodes where a group listing no devices ran out of the GPUs no group lists
+    sources = tp_sources(cfg)
+    too_few: list[GroupFinding] = []  # TP sizes the GPUs cannot hold: named after where the TP size was set
     for i, group in enumerate(cfg.instances):
         tp, node = group.tp or 1, group.node
         if group.devices is not None or node >= len(capacity) or group.count == 0:
             continue
         one_node = capacity[0] if not cfg.parallel.nodes else None
         if one_node is not None and tp > len(one_node):
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than this deployment has "
-                                    f"({len(one_node)} on {where})", "lower the TP size, or list parallel.nodes "
-                                    "so that a group larger than a node spans the nodes after it"))
+            too_few.append(GroupFinding(i, sources[i], f"TP {tp} needs more GPUs than this deployment has "
+                                        f"({len(one_node)} on {where})", "lower the TP size, or list parallel.nodes "
+                                        "so that a group larger than a node spans the nodes after it"))
             continue
         spanned = _spanned(cfg, node, tp)
         listed = [len(cfg.parallel.nodes[k].devices) for k in spanned] if cfg.parallel.nodes else [0]
@@ -250,10 +254,10 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
                 problems.append(problem(f"instances[{i}].devices", err.message, err.hint or ""))
             continue
         if all(listed) and sum(listed) < tp:  # no node that lists none takes the rest
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than nodes {node}..{spanned[-1]} "
-                                    f"have together ({sum(listed)} listed in their devices); a group larger than "
-                                    "its node spans the nodes after it", "lower the TP size, or add nodes/devices "
-                                    "after the group's node"))
+            too_few.append(GroupFinding(i, sources[i], f"TP {tp} needs more GPUs than nodes {node}..{spanned[-1]} "
+                                        f"have together ({sum(listed)} listed in their devices); a group larger "
+                                        "than its node spans the nodes after it", "lower the TP size, or add "
+                                        "nodes/devices after the group's node"))
             continue
         # Each instance's ranks fill its node's GPUs first, then the next node's; the last node takes what is left.
         # Rank 0 runs on the group's node: an instance that finds no GPU left there is refused (as the launcher does).
@@ -268,6 +272,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
                 demand[k] += take
                 left -= take
             demand[spanned[-1]] += left
+    problems += by_source(cfg, too_few, sources)
     for k, cap in enumerate(capacity):
         if cap is not None and demand[k] > len(cap) and k not in short:
             problems.append(_over_capacity(cfg, k, demand[k], len(cap), where))

@@ -9,8 +9,14 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S, LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.group_fields import GroupFinding, by_source
 from pdlaunch.config.strict_model import BLOCK_SIZES
-from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
+from pdlaunch.config.topology_config import (
+    InstanceGroupConfig,
+    group_expert_parallel,
+    group_kv_cache_dtype,
+    group_tp_field,
+)
 from pdlaunch.model.tp_split import TPRule, split_problems  # torch-free
 
 # More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
@@ -18,22 +24,32 @@ from pdlaunch.model.tp_split import TPRule, split_problems  # torch-free
 MAX_RANKS = 16384
 
 
+def tp_sources(cfg: DeploymentConfig) -> list[str]:
+    """The field each group of the resolved `cfg` takes its TP size from (topology_config.group_tp_field)."""
+    return [group_tp_field(cfg.parallel, group, i) for i, group in enumerate(cfg.instances)]
+
+
 def size_problems(cfg: DeploymentConfig) -> list[Problem]:
     """No group, and not all groups together, of more than MAX_RANKS ranks (count x TP)."""
     problems: list[Problem] = []
+    too_large: list[GroupFinding] = []
+    sources = tp_sources(cfg)
     total = 0
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1
         total += group.count * tp
         if tp > MAX_RANKS:
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} is more than {MAX_RANKS} ranks",
-                                    "give the GPUs one instance spans (here, or by parallel.tp / prefill_tp / "
-                                    "decode_tp: --tp, --prefill-tp, --decode-tp)"))
+            # a flag's or deployment-wide key's problem is named after it (group_fields.py): no other keys to list
+            hint = ("give the GPUs one instance spans (here, or by parallel.tp / prefill_tp / decode_tp: --tp, "
+                    "--prefill-tp, --decode-tp)" if sources[i].startswith("instances[")
+                    else "give the GPUs one instance spans")
+            too_large.append(GroupFinding(i, sources[i], f"TP {tp} is more than {MAX_RANKS} ranks", hint))
         elif group.count * tp > MAX_RANKS:
             problems.append(problem(f"instances[{i}].count",
                                     f"{group.count} instances x TP {tp} is {group.count * tp} ranks, more than "
                                     f"{MAX_RANKS}", "give the number of instances of this group (--prefill, "
                                     "--decode)"))
+    problems = by_source(cfg, too_large, sources) + problems
     if not problems and total > MAX_RANKS:
         problems.append(problem("instances", f"the groups have {total} ranks in all, more than {MAX_RANKS}",
                                 "give fewer instances or smaller TP sizes"))
@@ -238,8 +254,12 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo, rule: TPRule | None = No
     under expert parallel) and passes the checkpoint's `rule` (a block-FP8 one's 128 edges: checkpoint.py
     `block_fp8_tp_rule`), every problem named, as the load refuses them; P and D TP sizes divide one another (and,
     when they differ, KV moves by pull: kv_transfer/reshard.py)."""
-    problems = [problem(f"instances[{i}].tp", found.message, found.hint) for i, group in enumerate(cfg.instances)
-                for found in split_problems(info, group.tp or 1, group_expert_parallel(cfg.parallel, group), rule)]
+    sources = tp_sources(cfg)
+    problems = by_source(cfg, [GroupFinding(i, sources[i], found.message, found.hint)
+                               for i, group in enumerate(cfg.instances)
+                               for found in split_problems(info, group.tp or 1,
+                                                           group_expert_parallel(cfg.parallel, group), rule)],
+                         sources)
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
     for p_tp in sorted(prefill):
