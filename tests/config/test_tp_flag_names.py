@@ -68,3 +68,6 @@ def test_kv_cache_dtype_from_the_flag_is_named(tmp_path: Path) -> None:
     assert [p["field"] for p in report["problems"]] == ["--kv-cache-dtype"], report["problems"]
     message = report["problems"][0]["message"]
     assert "instances[1]" in message and "instances[2]" in message and "instances[0].kv_cache_dtype" in message
+    path = write_yaml(tmp_path, "cache: {kv_cache_dtype: fp8}\ninstances: [{role: prefill, kv_cache_dtype: auto}, "
+                      "{role: decode}]\n", "file.yaml")
+    assert _fields([str(path), *CPU]) == ["cache.kv_cache_dtype"]

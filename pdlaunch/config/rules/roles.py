@@ -110,13 +110,26 @@ def kv_cache_dtype_problems(cfg: DeploymentConfig) -> list[Problem]:
     first, reference = groups[0]
     want = group_kv_cache_dtype(cfg.cache, reference)
     where = "cache.kv_cache_dtype" if reference.kv_cache_dtype is None else f"instances[{first}].kv_cache_dtype"
-    return [problem(f"instances[{i}].kv_cache_dtype",
-                    f"this {g.role} group's KV cache is {group_kv_cache_dtype(cfg.cache, g)} but the {reference.role} "
-                    f"group instances[{first}]'s is {want} ({where}): KV blocks move between prefill and decode "
-                    "as stored, and the KV handshake refuses a peer of another dtype",
-                    "set one kv_cache_dtype for every prefill and decode group (cache.kv_cache_dtype / "
-                    "--kv-cache-dtype) and drop the per-group ones")
-            for i, g in groups[1:] if group_kv_cache_dtype(cfg.cache, g) != want]
+    why = "KV blocks move between prefill and decode as stored, and the KV handshake refuses a peer of another dtype"
+    differ = [(i, g) for i, g in groups[1:] if group_kv_cache_dtype(cfg.cache, g) != want]
+    # Groups taking a dtype the user set for the deployment (--kv-cache-dtype): one problem named after it, not a
+    # group field each they never wrote. The reference then has its own (`where`), or they would agree with it.
+    given = "kv_cache_dtype" in cfg.cache.model_fields_set
+    taking = [(i, g) for i, g in differ if g.kv_cache_dtype is None and given]
+    problems = [problem(f"instances[{i}].kv_cache_dtype",
+                        f"this {g.role} group's KV cache is {group_kv_cache_dtype(cfg.cache, g)} but the "
+                        f"{reference.role} group instances[{first}]'s is {want} ({where}): {why}",
+                        "set one kv_cache_dtype for every prefill and decode group (cache.kv_cache_dtype / "
+                        "--kv-cache-dtype) and drop the per-group ones")
+                for i, g in differ if i not in dict(taking)]
+    if taking:
+        named = ", ".join(f"instances[{i}] ({g.role})" for i, g in taking)
+        problems.append(problem("cache.kv_cache_dtype",
+                                f"sets the KV cache of {named} to {cfg.cache.kv_cache_dtype}, but the "
+                                f"{reference.role} group instances[{first}]'s is {want} ({where}): {why}",
+                                f"set cache.kv_cache_dtype to {want}, or drop {where} (or set it to "
+                                f"{cfg.cache.kv_cache_dtype})"))
+    return problems
 
 
 def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
