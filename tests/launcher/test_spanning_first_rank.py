@@ -18,6 +18,7 @@ import yaml
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.security import SECRET_ENV
+from pdlaunch.config.validate import resolve
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
 from pdlaunch.memory import host_devices
@@ -92,3 +93,24 @@ def test_a_spanning_instance_with_a_gpu_left_on_its_node_starts_there(monkeypatc
     node1 = _plan(monkeypatch, config, 1)
     assert sorted((r.rank, r.physical_device) for r in node1.remote_ranks) == [(1, 0), (2, 1), (3, 2)]
     assert _check(tmp_path, config).exit_code == 0
+
+
+def test_a_spanning_group_whose_tp_came_from_the_role_names_that_key_or_flag(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    """The group sets no tp: its TP size is --prefill-tp's (parallel.prefill_tp), which the refusal names, not the
+    `instances[0].tp` the user never wrote."""
+    config = _config([{"role": "prefill", "count": 2}, {"role": "decode", "node": 1}])
+    config["parallel"]["prefill_tp"] = 4
+    monkeypatch.setattr(host_devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(host_devices, "device_count", lambda: 8)
+    monkeypatch.setattr(host_devices, "device_total_bytes", lambda index=0: 80 * GIB)
+    cfg = resolve(DeploymentConfig.model_validate({**config, "security": {"deployment_secret": SECRET}}), None)
+    cfg.proxy.port = 0
+    with pytest.raises(PdlaunchError) as err:  # the launcher plans the resolved config: TP per group filled in
+        plan_deployment(cfg)
+    assert err.value.field == "parallel.prefill_tp", err.value
+    config["parallel"].pop("prefill_tp")
+    path = write_yaml(tmp_path, yaml.safe_dump(config))
+    assert_invalid(check([str(path), "--prefill-tp", "4", "--target-gpus", "8", "--target-gpu-memory", "80"]),
+                   "--prefill-tp", "rank 0")
+
