@@ -87,8 +87,8 @@ def pod_engine_id(base: str, pod_name: str, pod_uid: str) -> str:
     return f"{base}-{pod_name}-{pod_uid}"
 
 
-def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
-                   side_channel_port: int) -> InstanceSpec:
+def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int
+                   ) -> InstanceSpec:
     """The instance as its leader pod sees it: one spec for every replica of the group, so it carries no number of
     its own (index 0); its pod's name (the kubelet expands $(POD_NAME)), as its name and in its engine_id, tells the
     replicas apart, as `<role>-<group>-<k>` does in the proxy."""
@@ -100,7 +100,7 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
         devices=list(range(ranks_here)) if cfg.device == "cuda" else [],
         device="cuda" if cfg.device == "cuda" else "cpu",
         engine_id=pod_engine_id(literal(cfg.kv_transfer.engine_id), "$(POD_NAME)", "$(POD_UID)"),
-        side_channel_port=None if group.role == "colocated" else side_channel_port,
+        side_channel_port=ports.side_channel,  # None where the group opens none (colocated, storage)
         master_port=ports.master if tp > 1 else None)
 
 
@@ -110,11 +110,11 @@ def _instance_arg(spec: InstanceSpec, pod: str) -> str:
     return json.dumps(spec.model_dump(mode="json") | {"pod": pod}, separators=(",", ":"))
 
 
-def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: bool) -> list[ContainerPort]:
+def _ports(ports: GroupPorts, side_ranks: range, tp: int, leader: bool) -> list[ContainerPort]:
     found: list[ContainerPort] = []
     if leader:
         found.append({"name": "http", "containerPort": ports.http, "protocol": "TCP"})
-    if role != "colocated":
+    if ports.side_channel is not None:
         found += [{"name": f"kv-side-{r}", "containerPort": ports.side_channel + r, "protocol": "TCP"}
                   for r in side_ranks]
     if leader and tp > 1:
@@ -131,7 +131,7 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
     ranks_here = 1 if spread else tp
     resources = engine_resources(cfg, g, ranks_here, estimates,  # a pod per rank when spread: one rank's each
                                  options.cpu_pod_memory, options.cpu_pod_memory_limit)
-    spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
+    spec = _instance_spec(cfg, group, ports, ranks_here)
     # The ranks in other pods join rank 0 over the cluster network: without a secret in their link's key, anyone
     # who can read the config's model path and ports could join in their place.
     link_secret = [secret_env(TP_SECRET_ENV, "deployment-secret", options)] if spread else []
@@ -140,7 +140,7 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
         hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
     leader = container(options, "pdlaunch.server", ["--instance", _instance_arg(spec, "$(POD_NAME)")], env,
-                        _ports(ports, group.role, range(ranks_here), tp, leader=True), resources, leader=True)
+                        _ports(ports, range(ranks_here), tp, leader=True), resources, leader=True)
     add_liveness(leader, cfg, ports.http)  # supervision.stall_restart_seconds (render/liveness.py)
     template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
                                     worker_template=pod_template(options, group.role, leader, True, secret_digest),
@@ -157,7 +157,7 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
                             ["--instance", _instance_arg(worker_spec, f"$({LEADER_NAME_ENV})"),
                              "--rank", f"$({WORKER_INDEX_ENV})", "--placement", placement],
                             pod_env([*link_secret, leader_name]),
-                            _ports(ports, group.role, range(1, tp), tp, leader=False), resources, leader=False)
+                            _ports(ports, range(1, tp), tp, leader=False), resources, leader=False)
         template.worker_template = pod_template(options, group.role, worker, False, secret_digest)
         template.size = tp
     return LeaderWorkerSet(

@@ -3,7 +3,8 @@
 Ports come from the port plan (config/port_plan.py): a group's HTTP port is its instance 0's, the KV
 side channel's and the rendezvous' are the plan's first ones. Every instance is a pod of its own
 (its own address), so all replicas of a group bind the same ports; ports the config leaves to be
-picked free get the fixed defaults below, as a pod must declare them.
+picked free get the fixed defaults below, as a pod must declare them. A group the plan gives no side
+channel (colocated, or the storage connector, which moves KV through files) has none.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ DEFAULT_MASTER_PORT = 29500
 @dataclass
 class GroupPorts:
     http: int
-    side_channel: int
+    side_channel: int | None  # first KV side-channel port; None: the group opens none (colocated, storage)
     master: int
 
 
 def group_ports(cfg: DeploymentConfig, g: int, planned: list[PlannedInstance]) -> GroupPorts:
     first = planned[0]
-    side = next((s.first for s in first.side_channels if s.first is not None), None)
+    side: int | None = None
+    if first.side_channels:  # none planned: no side channel at all, not one picked free
+        side = next((s.first for s in first.side_channels if s.first is not None), DEFAULT_SIDE_CHANNEL_PORT)
     return GroupPorts(
         http=first.http_port if first.http_port is not None else DEFAULT_HTTP_PORT + 100 * g,
-        side_channel=side if side is not None else DEFAULT_SIDE_CHANNEL_PORT,
+        side_channel=side,
         master=first.rendezvous_port if first.rendezvous_port is not None else
         cfg.parallel.master_port or DEFAULT_MASTER_PORT)
 
@@ -54,7 +57,7 @@ def pod_port_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem
         claimed = [  # (set by the config, field, what, every port, the leader pod's)
             (group.base_port is not None, f"instances[{g}].base_port", "HTTP", range(ports.http, ports.http + 1),
              range(ports.http, ports.http + 1))]
-        if group.role != "colocated":  # one per TP rank, in the leader pod or in the rank's own
+        if ports.side_channel is not None:  # one per TP rank, in the leader pod or in the rank's own
             claimed.append((cfg.kv_transfer.side_channel_port is not None, "kv_transfer.side_channel_port",
                             "KV side channel", range(ports.side_channel, ports.side_channel + tp),
                             range(ports.side_channel, ports.side_channel + in_leader)))
