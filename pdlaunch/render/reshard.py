@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.topology_config import group_tp_field
 
 
 def reshard_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem]:
@@ -35,7 +36,8 @@ def reshard_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem]
                                 "pods can READ prefill GPUs (e.g. GPUDirect RDMA), or --kv-connector mooncake"))
     for i, p_tp in prefill:
         if cfg.device == "cuda" and p_tp > gpus_per_node and any(d_tp != p_tp for d_tp in decode):
-            problems.append(problem(f"instances[{i}].tp", f"prefill TP {p_tp} is more than --gpus-per-node "
+            problems.append(problem(group_tp_field(cfg.parallel, cfg.instances[i], i), f"prefill TP {p_tp} is "
+                                    f"more than --gpus-per-node "
                                     f"{gpus_per_node}, so it runs one pod per rank, and decode TP "
                                     f"{', '.join(map(str, sorted(decode - {p_tp})))} differs: resharding reads every "
                                     "prefill rank at one address", "give prefill and decode the same TP size, or "

@@ -43,8 +43,17 @@ def test_push_between_different_tp_sizes_is_refused_for_every_connector(tmp_path
 def test_a_prefill_group_spread_over_pods_cannot_feed_another_decode_tp(tmp_path: Path) -> None:
     code, output = render(tmp_path, "--device", "cuda", "--prefill-tp", "4", "--decode-tp", "2",
                           "--transfer-mode", "pull", "--gpus-per-node", "2")
-    assert code == 1 and re.search(r"error: (instances\[0\]\.tp|--prefill-tp): ", output), output
+    assert code == 1 and "error: --prefill-tp: prefill TP 4" in output, output  # the flag typed, not instances[0].tp
     assert "one pod per rank" in output
+
+
+def test_a_prefill_groups_own_tp_spread_over_pods_is_named_by_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "d.yaml"
+    config.write_text("model: {path: tiny}\ndevice: cuda\nkv_transfer: {transfer_mode: pull}\ninstances:\n"
+                      "  - {role: prefill, count: 1, tp: 4}\n  - {role: decode, count: 1, tp: 2}\n")
+    result = invoke(["render", "kubernetes", str(config), "--gpus-per-node", "2", "--out", str(tmp_path / "out"),
+                     "--image", "pdlaunch:test"])
+    assert result.exit_code == 1 and "error: instances[0].tp: prefill TP 4" in result.output, result.output
 
 
 @pytest.mark.parametrize("args", [
