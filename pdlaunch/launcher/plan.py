@@ -14,7 +14,7 @@ from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.port_reservations import PortReservations
-from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
+from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem, spanning_side_channel_unreachable
 from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
@@ -89,8 +89,7 @@ def _check_spanning(cfg: DeploymentConfig, g: int, name: str, role: str) -> None
     if cfg.parallel.master_port is None:
         raise PdlaunchError(f"{name}'s TP group spans nodes, so every node must know its rendezvous port",
                             field="parallel.master_port", hint="set parallel.master_port (e.g. 29500) in the config")
-    if role != "colocated" and not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake") \
-            and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+    if spanning_side_channel_unreachable(cfg, role):
         raise PdlaunchError(f"{name}'s TP group spans nodes but the KV side channel binds "
                             f"{cfg.kv_transfer.side_channel_host}: its ranks on other nodes could not be reached",
                             field="kv_transfer.side_channel_host",

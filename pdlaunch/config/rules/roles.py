@@ -237,7 +237,7 @@ def _spanning_problems(cfg: DeploymentConfig) -> list[Problem]:
                                     f"lists {len(nodes[group.node].devices)} device(s), so its TP group spans nodes "
                                     "and every node must know the rendezvous port", "set parallel.master_port "
                                     "(e.g. 29500)"))
-        if not cfg.colocated and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+        if spanning_side_channel_unreachable(cfg, group.role):
             problems.append(problem("kv_transfer.side_channel_host", f"instances[{i}]'s TP group spans nodes, but "
                                     f"the KV side channel binds {cfg.kv_transfer.side_channel_host}",
                                     "set it to 0.0.0.0 so each rank advertises its own node's address"))
@@ -245,6 +245,14 @@ def _spanning_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def spanning_side_channel_unreachable(cfg: DeploymentConfig, role: str) -> bool:
+    """Whether a TP group of `role` spanning nodes has ranks whose KV side channel the other nodes cannot reach: a
+    prefill or decode group whose connector opens one (nixl, mooncake; storage moves KV through files) bound to a
+    loopback address. check-config (_spanning_problems) and the launcher's plan (launcher/plan.py) both ask this."""
+    return role != "colocated" and not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake") \
+        and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS
 
 
 def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
