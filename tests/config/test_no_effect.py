@@ -43,7 +43,9 @@ def test_expert_parallel_on_a_dense_model_is_a_warning_naming_what_the_user_set(
 
 def test_expert_parallel_on_a_moe_model_is_no_warning(moe_ckpt: Callable[[str], Path]) -> None:
     result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", *FREE_PORT, "--enable-expert-parallel"])
-    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    # Only the port check may warn (another test's process can hold the free port picked): nothing else
+    warnings = [line for line in result.output.splitlines() if "warning" in line and "in use now" not in line]
+    assert result.exit_code == 0 and not warnings, result.output
 
 
 

@@ -84,8 +84,10 @@ def test_an_unreachable_instance_says_when_to_retry(proxies: Proxies) -> None:
         pool.instances[0].state = "starting"
     code = r.json()["error"]["code"]
     assert r.status_code == 503 and code in ("instance_unreachable", "no_instance"), r.text
-    waits = {"instance_unreachable": UNREACHABLE_RETRY_AFTER_S, "no_instance": NO_INSTANCE_RETRY_AFTER_S}
-    assert r.headers.get("retry-after") == str(waits[code])
+    if code == "instance_unreachable":
+        assert r.headers.get("retry-after") == str(UNREACHABLE_RETRY_AFTER_S)
+    else:  # counted down from when the probe marked it down: less on a loaded machine where the probe came first
+        assert 1 <= int(r.headers["retry-after"]) <= NO_INSTANCE_RETRY_AFTER_S, r.headers
 
 
 @pytest.mark.parametrize("stream", [False, True])
