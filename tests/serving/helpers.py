@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -195,3 +196,44 @@ def on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def drain_ends_while_a_body_arrives(app: Any, stopping: asyncio.Event, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Run `app` (ASGI, as uvicorn runs it: the request in a task of its own) on a POST /v1/completions whose body
+    stops half-way; once its first part is read, the drain at shutdown ends (`stopping` set). The messages the app sent. `timeout` stays well below BodyLimit's 30 s wait for a stalled body."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
+        "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")], "scheme": "http",
+        "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+    }
+
+    async def run() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        part_read = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if not part_read.is_set():
+                part_read.set()
+                return {"type": "http.request", "body": b'{"prompt": "hel', "more_body": True}
+            await asyncio.Event().wait()  # the rest of the body never comes
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        request = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(part_read.wait(), timeout)
+        stopping.set()
+        await asyncio.wait_for(request, timeout)
+        return sent
+
+    return asyncio.run(run())
+
+
+def answered_shutting_down(sent: list[dict[str, Any]]) -> None:
+    """`sent` is the 503 shutting_down with Retry-After 1 that the drain's cut gives (http/shutdown_answer.py)."""
+    assert sent and sent[0]["type"] == "http.response.start", sent
+    assert sent[0]["status"] == 503, sent
+    assert (b"retry-after", b"1") in sent[0]["headers"], sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down", sent[1]
