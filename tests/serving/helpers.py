@@ -200,7 +200,8 @@ def on_event_loop() -> bool:
 
 def drain_ends_while_a_body_arrives(app: Any, stopping: asyncio.Event, timeout: float = 10.0) -> list[dict[str, Any]]:
     """Run `app` (ASGI, as uvicorn runs it: the request in a task of its own) on a POST /v1/completions whose body
-    stops half-way; once its first part is read, the drain at shutdown ends (`stopping` set). The messages the app sent. `timeout` stays well below BodyLimit's 30 s wait for a stalled body."""
+    stops half-way; once its first part is read, the drain at shutdown ends (`stopping` set). The messages the app
+    sent. `timeout` stays well below BodyLimit's 30 s wait for a stalled body."""
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
         "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "", "query_string": b"",
