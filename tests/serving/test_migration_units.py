@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -172,20 +173,27 @@ class _EndingDecode:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_event() -> None:
-    ports, bodies = PortAllocator("127.0.0.1"), []
-    prefill = Prefill()
-    with ThreadServer(prefill.app, ports.free("prefill")) as p, \
-            ThreadServer(_EndingDecode(bodies).app, ports.free("d0")) as d0, \
-            ThreadServer(_EndingDecode(bodies).app, ports.free("d1")) as d1:
-        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
-                             Instance("decode", d1.url, "decode-1")])
+@contextmanager
+def _proxy_over_two_decodes(d0: FastAPI, d1: FastAPI) -> Iterator[tuple[str, InstancePool]]:
+    """A proxy (migration_limit 2) over one prefill and the decodes `d0` and `d1`, once it sees all three: its URL and
+    pool."""
+    ports = PortAllocator("127.0.0.1")
+    with ThreadServer(Prefill().app, ports.free("prefill")) as p, ThreadServer(d0, ports.free("d0")) as s0, \
+            ThreadServer(d1, ports.free("d1")) as s1:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", s0.url, "decode-0"),
+                             Instance("decode", s1.url, "decode-1")])
         app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=2)
         with ThreadServer(app, ports.free("proxy")) as proxy:
             wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
-            text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
-                              timeout=30).text
-            metrics = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+            yield proxy.url, pool
+
+
+def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_event() -> None:
+    bodies: list[Any] = []
+    with _proxy_over_two_decodes(_EndingDecode(bodies).app, _EndingDecode(bodies).app) as (url, _):
+        text = httpx.post(f"{url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
+                          timeout=30).text
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert text.endswith("data: [DONE]\n\n"), text[-200:]
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "B"]
@@ -279,19 +287,11 @@ class _BundlingDecode(_EndingDecode):
 def test_a_stream_whose_last_text_chunk_bundled_several_ids_is_not_continued_past_a_held_back_one() -> None:
     """The continuation would start after id 31, whose text the client never got (a character lost): the stream
     ends with the error event saying why, and no continuation is sent."""
-    ports, bodies = PortAllocator("127.0.0.1"), []
-    prefill = Prefill()
-    with ThreadServer(prefill.app, ports.free("prefill")) as p, \
-            ThreadServer(_BundlingDecode(bodies).app, ports.free("d0")) as d0, \
-            ThreadServer(_EndingDecode(bodies).app, ports.free("d1")) as d1:
-        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
-                             Instance("decode", d1.url, "decode-1")])
-        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=2)
-        with ThreadServer(app, ports.free("proxy")) as proxy:
-            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
-            pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # decode-0 first
-            text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
-                              timeout=30).text
+    bodies: list[Any] = []
+    with _proxy_over_two_decodes(_BundlingDecode(bodies).app, _EndingDecode(bodies).app) as (url, pool):
+        pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # decode-0 first
+        text = httpx.post(f"{url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
+                          timeout=30).text
     assert text.endswith("data: [DONE]\n\n"), text[-200:]
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["A"]
