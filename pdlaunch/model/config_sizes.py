@@ -17,6 +17,12 @@ from pdlaunch.model.families import FamilyDefaults
 
 REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 FIX = "use the checkpoint's original config.json"
+# The largest value each size may hold. Layers: the loader builds per-layer lists (attention types, MoE layers) and
+# check-config counts parameters layer by layer, so 10**20 layers was an OverflowError traceback and 10**9 a list of
+# a billion entries; the deepest open checkpoints have ~130. Any other size: a tensor dimension, which torch's and
+# our kernels' indexing keeps within a 32-bit signed integer.
+MAX_LAYERS = 4096
+MAX_SIZE = 2**31 - 1
 
 
 class ConfigSizes(NamedTuple):
@@ -29,9 +35,16 @@ class ConfigSizes(NamedTuple):
     head_dim: int
 
 
-def positive_int(value: object) -> int | None:
-    """`value` when it is a JSON integer above 0 (not a bool, a float or a string), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+def positive_int(value: object, ceiling: int | None = MAX_SIZE) -> int | None:
+    """`value` when it is a JSON integer above 0 and at most `ceiling` (None: any) (not a bool, a float or a
+    string), else None."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    return value if ceiling is None or value <= ceiling else None
+
+
+def _ceiling(key: str) -> int:
+    return MAX_LAYERS if key == "num_hidden_layers" else MAX_SIZE
 
 
 def config_sizes(cfg: Mapping[str, object], defaults: FamilyDefaults, source: str = "config.json") -> ConfigSizes:
@@ -39,7 +52,7 @@ def config_sizes(cfg: Mapping[str, object], defaults: FamilyDefaults, source: st
     num_key_value_heads null: as many as the heads; head_dim absent, null or 0: hidden_size // num_attention_heads).
     PdlaunchError (field `model.path`, as check-config names it) naming every size that is not a positive integer
     and what it holds; `source` names the file."""
-    required = {key: positive_int(cfg.get(key)) for key in REQUIRED_SIZES}
+    required = {key: positive_int(cfg.get(key), _ceiling(key)) for key in REQUIRED_SIZES}
     bad = [key for key, value in required.items() if value is None]
     if bad:
         raise _not_positive(cfg, bad, source)
@@ -59,10 +72,12 @@ def config_sizes(cfg: Mapping[str, object], defaults: FamilyDefaults, source: st
 
 def _not_positive(values: Mapping[str, object], keys: list[str], source: str) -> PdlaunchError:
     """The error naming `keys` with what each holds: `lacks hidden_size; num_attention_heads is '4', not a positive
-    integer`."""
+    integer; num_hidden_layers is 100000, more than 4096`."""
     missing = [key for key in keys if values.get(key) is None]
-    wrong = [f"{key} is {values[key]!r}" for key in keys if values.get(key) is not None]
+    too_large = [key for key in keys if positive_int(values.get(key), None) is not None]
+    wrong = [f"{key} is {values[key]!r}" for key in keys if values.get(key) is not None and key not in too_large]
     parts = [f"lacks {', '.join(missing)}"] if missing else []
     if wrong:
         parts.append(f"{', '.join(wrong)}, not {'a positive integer' if len(wrong) == 1 else 'positive integers'}")
+    parts += [f"{key} is {values[key]}, more than {_ceiling(key)}" for key in too_large]
     return PdlaunchError(f"{source}: {'; '.join(parts)}", field="model.path", hint=FIX)

@@ -58,6 +58,12 @@ def test_zero_attention_heads_is_named_where_check_config_does_not_run(tmp_path:
     ({"num_key_value_heads": 0}, "num_key_value_heads is 0, not a positive integer"),  # check-config took it as absent
     ({"head_dim": -16}, "head_dim is -16, not a positive integer"),
     ({"hidden_size": 4, "head_dim": None}, "head_dim is 0, not a positive integer"),  # 4 // 8 heads
+    # a per-layer list of 10**20 entries was an OverflowError traceback, of 10**9 a list of a billion entries
+    ({"num_hidden_layers": 10**20}, f"num_hidden_layers is {10**20}, more than 4096"),
+    ({"num_hidden_layers": 10**9, "hidden_size": 0},
+     "hidden_size is 0, not a positive integer; num_hidden_layers is 1000000000, more than 4096"),
+    ({"vocab_size": 2**31}, "vocab_size is 2147483648, more than 2147483647"),
+    ({"head_dim": 2**40}, "head_dim is 1099511627776, more than 2147483647"),
 ])
 def test_the_loader_and_check_config_refuse_a_size_in_the_same_words(tmp_path: Path, changes: dict[str, object],
                                                                       said: str) -> None:
