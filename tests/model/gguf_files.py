@@ -79,12 +79,14 @@ def _add_tokenizer(writer: Any, hf_dir: Path, cfg: dict[str, Any], pre: str | No
 def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokenizer: bool = True,
                edit: Edit | None = None, rope_metadata: bool = False, raw_types: dict[str, str] | None = None,
                extra: dict[str, np.ndarray] | None = None, pre: str | None = None,
-               add_tokenizer: Callable[[Any], None] | None = None) -> Path:
+               add_tokenizer: Callable[[Any], None] | None = None,
+               extra_metadata: Callable[[Any], None] | None = None) -> Path:
     """A GGUF file of the HF checkpoint `hf_dir` (weights as `quant`: 2-D weights only are quantized).
     A llama3-scaled checkpoint gets `rope_freqs`; `rope_metadata` also writes rope.scaling.factor and
     rope.scaling.original_context_length (llama.cpp's converter does not). `raw_types` stores the named
     tensors as zero bytes of another ggml type (one the gguf package may not dequantize). `add_tokenizer`
-    writes the tokenizer metadata instead of the byte-level BPE of `hf_dir` (gguf_spm_files.py)."""
+    writes the tokenizer metadata instead of the byte-level BPE of `hf_dir` (gguf_spm_files.py); `extra_metadata`
+    writes more keys (a rope scaling type, say)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -99,6 +101,8 @@ def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokeni
     rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if extra_metadata is not None:
+        extra_metadata(writer)
     if add_tokenizer is not None:
         add_tokenizer(writer)
     elif tokenizer:

@@ -212,3 +212,50 @@ def test_a_bos_or_eos_outside_a_byte_level_vocabulary_is_named(llama_dir: Path, 
     assert len(_errors(result)) == 1, result.output
     with pytest.raises(PdlaunchError, match=said):
         convert_gguf(path, tmp_path)
+
+
+def test_a_token_type_list_shorter_than_the_vocabulary_is_named(llama_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte-level BPE file whose tokenizer.ggml.token_type list was shorter than its tokens converted silently: the
+    pairing cut at the shorter list, so the special tokens past it were split as text (llama.cpp reads past the list's
+    end). SentencePiece vocabularies were already refused so."""
+    import gguf
+
+    writer = gguf.GGUFWriter.add_token_types
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_types", lambda self, types: writer(self, list(types)[:-3]))
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama")
+    said = "GGUF tokenizer.ggml.token_type has 509 entries for 512 tokens"
+    result = _check(path)
+    assert_invalid(result, "--model", said)
+    assert len(_errors(result)) == 1, result.output
+    with pytest.raises(PdlaunchError, match=said):
+        convert_gguf(path, tmp_path)
+
+
+@pytest.mark.parametrize("factor", [-2.0, float("nan")])
+def test_a_linear_rope_factor_that_is_not_positive_is_named(llama_dir: Path, tmp_path: Path,
+                                                            factor: float) -> None:
+    """rope.scaling.type linear with a negative or NaN factor became config.json's rope factor as it was: the
+    converted model's positions were scaled by it (every answer garbage) with nothing said. An absent factor stays
+    plain rope, as llama.cpp reads it (a scale of 1)."""
+    def add_linear(writer: object) -> None:
+        writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)  # type: ignore[attr-defined]
+        writer.add_rope_scaling_factor(factor)  # type: ignore[attr-defined]
+
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama", extra_metadata=add_linear)
+    said = f"GGUF metadata llama.rope.scaling.factor is {factor!r}, not a positive number"
+    result = _check(path)
+    assert_invalid(result, "--model", said)
+    assert len(_errors(result)) == 1, result.output
+
+
+def test_a_linear_rope_without_a_factor_is_plain(llama_dir: Path, tmp_path: Path) -> None:
+    def add_linear(writer: object) -> None:
+        writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)  # type: ignore[attr-defined]
+
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama", extra_metadata=add_linear)
+    out = tmp_path / "converted"
+    out.mkdir()
+    convert_gguf(path, out)
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == "default", rope

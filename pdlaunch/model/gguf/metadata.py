@@ -159,8 +159,10 @@ def _rope_parameters(reader: GGUFReader, arch: str, head_dim: int) -> RopeParame
         scaling = llama3_rope_parameters(dequantized(freqs), head_dim, theta, factor,
                                          value(reader, f"{arch}.rope.scaling.original_context_length"))
         return {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
-    if kind == "linear" and factor:
-        return {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
+    # llama.cpp reads an absent or 0 factor as a scale of 1 (plain rope); any other must be a positive number
+    if kind == "linear" and factor is not None and factor != 0:
+        return {"rope_type": "linear", "factor": _positive(reader, f"{arch}.rope.scaling.factor"),
+                "rope_theta": theta}
     if kind not in ("none", "linear"):
         raise PdlaunchError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported",
                             field="model.path", hint="pdlaunch reads plain, linear and llama3 (rope_freqs) rope "

@@ -24,11 +24,11 @@ if TYPE_CHECKING:
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
-_DAMAGED_HINT = "the file's tokenizer.ggml.* entries are damaged: re-download or re-convert it"
+DAMAGED_TOKENIZER_HINT = "the file's tokenizer.ggml.* entries are damaged: re-download or re-convert it"
 
 
 def _problem(message: str) -> PdlaunchError:
-    return PdlaunchError(message, field="model.path", hint=_DAMAGED_HINT)
+    return PdlaunchError(message, field="model.path", hint=DAMAGED_TOKENIZER_HINT)
 
 
 def _vocabulary(reader: GGUFReader, tokens: list[str]) -> tuple[list[float], list[int]]:

@@ -13,7 +13,7 @@ from pydantic import JsonValue
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf.metadata import value
-from pdlaunch.model.gguf.sentencepiece import sentencepiece_tokenizer_json, special_id
+from pdlaunch.model.gguf.sentencepiece import DAMAGED_TOKENIZER_HINT, sentencepiece_tokenizer_json, special_id
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -49,6 +49,9 @@ def tokenizer_json(reader: GGUFReader) -> dict[str, JsonValue]:
     for key in ("bos", "eos"):  # padding and unknown ones outside it are left out (tokenizer_config)
         special_id(reader, key, len(tokens))
     types: list[int] = list(value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    if len(types) != len(tokens):  # paired one to one below: a short list left the last specials split as text
+        raise PdlaunchError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens",
+                            field="model.path", hint=DAMAGED_TOKENIZER_HINT)
     merges: list[JsonValue] = list(value(reader, "tokenizer.ggml.merges", []))
     added: list[JsonValue] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
