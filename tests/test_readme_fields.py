@@ -120,7 +120,7 @@ PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
 NOTES: dict[str, str] = {
     "prompt": "a list of prompts is a batch, colocated and through PD",
     "echo": "completions: with `logprobs` the prompt's logprobs lead; refused with 400 through PD and with stream",
-    "prompt_logprobs": "above 0 refused with 400 with stream (as vLLM; 0 passes, and a stream carries none); "
+    "prompt_logprobs": "refused with 400 with stream (vLLM refuses above 0, takes 0 and sends none); "
                        "through PD the prefill computes them; -1 (vLLM: the whole vocabulary) refused with 400, "
                        "0 to 20 taken",
     "logprobs": "-1 (vLLM: the whole vocabulary; chat's `top_logprobs` too) refused with 400, 0 to 20 taken",

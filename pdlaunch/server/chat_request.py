@@ -176,7 +176,7 @@ class ChatCompletionRequest(SamplingFields):
         names = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             names["max_tokens"] = "max_completion_tokens"
-        return self._sampling(max_tokens, logprobs, self._prompt_logprobs(self.prompt_logprobs), names)
+        return self._sampling(max_tokens, logprobs, self.prompt_logprobs, names)
 
     def _check_max_tokens_beside(self) -> None:
         """max_tokens sent beside max_completion_tokens: the latter sets the limit (OpenAI's newer name; vLLM reads it

@@ -71,5 +71,5 @@ class CompletionRequest(SamplingFields):
     def sampling_params(self) -> SamplingParams:
         # vLLM's rule: echo with logprobs asks for as many prompt logprobs as for output tokens.
         asked = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
-        return self._sampling(1 if self.echo_only() else self.max_tokens, self.logprobs, self._prompt_logprobs(asked))
+        return self._sampling(1 if self.echo_only() else self.max_tokens, self.logprobs, asked)
 

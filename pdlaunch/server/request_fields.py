@@ -224,22 +224,18 @@ class SamplingFields(BaseModel):
                 "grammar": self.guided_grammar}
 
     def _check_prompt_logprobs(self, asked: int | None, field: str) -> None:
-        """Prompt logprobs come whole with the first output: not streamed (as vLLM refuses them with
-        stream), and not on a PD decode, which loads the prompt's KV instead of computing it. A stream's
-        `prompt_logprobs: 0` passes, as vLLM takes it (its chunks carry no prompt logprobs): none are computed
-        (`_prompt_logprobs`)."""
-        if asked is None or (self.stream and asked == 0 and field == "prompt_logprobs"):
+        """Prompt logprobs come whole with the first output: not streamed, and not on a PD decode, which loads the
+        prompt's KV instead of computing it. vLLM refuses a stream's above 0 but takes 0 and sends none, dropping
+        the field without a word: every value is refused here."""
+        if asked is None:
             return
         if self.stream:
-            raise OpenAIError(400, f"{field}: prompt logprobs are not available when stream=true", param=field)
+            raise OpenAIError(400, f"{field}: prompt logprobs are not available when stream=true (a stream's chunks "
+                                   f"carry none); send stream=false to get them, or leave {field} out",
+                              param=field)
         if (self.kv_transfer_params or {}).get("do_remote_prefill"):
             raise OpenAIError(400, f"{field}: prompt logprobs are computed where the prompt is; a PD decode loads "
                                    "its KV (ask a colocated instance)", param=field)
-
-    def _prompt_logprobs(self, asked: int | None) -> int | None:
-        """The prompt logprobs the engine computes for `asked`: none for a stream (its chunks carry none; a stream
-        asks only for 0 here, _check_prompt_logprobs)."""
-        return None if self.stream else asked
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -29,7 +29,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 BY_PREFILL = {"max_tokens", "max_completion_tokens", "min_tokens"}  # against the prompt's tokens: decode_limits
 BY_PROXY = {  # from the client's body alone: parse_client_body
     "max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of", "echo", "stream", "stream_options",
-    "prompt_logprobs"}  # a stream's: only 0 (asks for none) passes parse_client_body, and the leg drops it
+    "prompt_logprobs"}  # a stream's (every value refused by parse_client_body): the leg drops it
 BY_NEITHER = {"min_completion_tokens"}  # no field of ours (nor vLLM's): ignored by every instance, the decode too
 
 
@@ -103,6 +103,8 @@ BODY_REFUSALS: list[tuple[dict[str, Any], bool, str]] = [
     ({"prompt": "p", "stream": True, "stream_options": {"continuous_usage_stats": True}}, False,
      "stream_options.continuous_usage_stats"),
     ({"prompt": "p", "stream": True, "prompt_logprobs": 1}, False, "prompt_logprobs"),
+    ({"prompt": "p", "stream": True, "prompt_logprobs": 0}, False, "prompt_logprobs"),
+    ({"messages": MESSAGES, "stream": True, "prompt_logprobs": 0}, True, "prompt_logprobs"),
     ({"messages": MESSAGES, "max_completion_tokens": 0}, True, "max_completion_tokens"),
     ({"messages": MESSAGES, "max_completion_tokens": 4, "max_tokens": -1}, True, "max_tokens"),
     ({"messages": MESSAGES, "max_completion_tokens": 4, "min_tokens": 5}, True, "min_tokens"),
@@ -195,10 +197,10 @@ def test_decode_limits_from_outside_are_validated(limits: object, param: str) ->
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_a_streams_prompt_logprobs_the_leg_drops_are_refused_by_the_proxy_unless_0(chat: bool) -> None:
-    """The prefill leg drops a stream's prompt_logprobs (proxy/translate.prefill_body): only 0, which asks for none,
-    may reach it; any other value is the proxy's 400, as a colocated instance's."""
+@pytest.mark.parametrize("asked", [0, 1])
+def test_a_streams_prompt_logprobs_the_leg_drops_are_refused_by_the_proxy(chat: bool, asked: int) -> None:
+    """The prefill leg drops a stream's prompt_logprobs (proxy/translate.prefill_body): none may reach it, 0 (which
+    vLLM takes and answers nothing for) neither; each is the proxy's 400, as a colocated instance's."""
     base: dict[str, Any] = {"model": "m", "stream": True, **({"messages": MESSAGES} if chat else {"prompt": "p"})}
-    parse_client_body(json.dumps({**base, "prompt_logprobs": 0}).encode(), chat)
-    with pytest.raises((OpenAIError, ValidationError)):
-        parse_client_body(json.dumps({**base, "prompt_logprobs": 1}).encode(), chat)
+    refusal = _refusal(lambda: parse_client_body(json.dumps({**base, "prompt_logprobs": asked}).encode(), chat))
+    assert refusal is not None and (refusal.status, refusal.param) == (400, "prompt_logprobs"), refusal

@@ -138,9 +138,11 @@ def test_minus_one_the_whole_vocabulary_is_a_400_that_says_what_to_send(url: str
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_prompt_logprobs_0_with_stream_passes_as_in_vllm(url: str, path: str) -> None:
-    """vLLM refuses a stream's prompt_logprobs above 0 (or -1) only; its stream chunks carry no prompt logprobs."""
+def test_prompt_logprobs_0_with_stream_is_a_400_not_dropped(url: str, path: str) -> None:
+    """vLLM refuses a stream's prompt_logprobs above 0 and takes 0, but its chunks carry none: the field was
+    dropped without a word. A stream cannot carry them here either, so 0 is refused as every other value."""
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {}
     answer = post(url, path, **body, prompt_logprobs=0, stream=True)
-    assert answer.status_code == 200, answer.text
-    assert answer.text.rstrip().endswith("data: [DONE]") and "prompt_logprobs" not in answer.text, answer.text
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt_logprobs" and "stream" in error["message"], error
