@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
 from tests.helpers.checkpoints import hf_logits, make_llama
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import ThreadServer, in_process_instance, wait_for
 
+SECRET = "test-deployment-secret-0123456789"
 PROMPT = [(7 * i + 3) % 500 + 5 for i in range(41)]  # 41 tokens: 3 chunks of 16 at most
 
 
@@ -37,7 +41,7 @@ def url(checkpoint: Path) -> Iterator[str]:
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
         "model": {"path": str(checkpoint)}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
         "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 16},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+        "security": {"deployment_secret": SECRET},
     })
     with in_process_instance(cfg, "prompt-logprobs-0", max_pending_requests=16) as (url, _):
         yield url
@@ -146,3 +150,15 @@ def test_prompt_logprobs_0_with_stream_is_a_400_not_dropped(url: str, path: str)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "prompt_logprobs" and "stream" in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_0_with_stream_is_a_400_through_the_proxy(url: str, path: str) -> None:
+    pool = InstancePool([Instance(role="colocated", url=url, name="colocated-0")])
+    app = build_proxy_app(pool, 60.0, deployment_secret=SECRET)
+    with ThreadServer(app, PortAllocator("127.0.0.1").free("test proxy")) as proxy:
+        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see the instance")
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {}
+        answer = post(proxy.url, path, **body, prompt_logprobs=0, stream=True)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "prompt_logprobs", answer.text
