@@ -44,6 +44,7 @@ from typing import cast
 
 from jinja2 import TemplateError
 
+from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.model.tokenizer import Tokenizer
@@ -54,7 +55,7 @@ from pdlaunch.proxy.prompt_pieces import PieceTokenizer
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.chat_template import ChatPrompt, render
 from pdlaunch.server.completion_request import CompletionRequest
-from pdlaunch.server.prompts import INLINE_CHAT_MESSAGES, Prompt, tokenize, tokenizes_inline
+from pdlaunch.server.prompts import INLINE_CHAT_MESSAGES, Prompt, check_prompt_size, tokenize, tokenizes_inline
 
 PD, DECODE_ONLY, SPILLED, DECODE_BUSY = "pd", "decode_only", "spilled", "pd_decode_busy"
 ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone
@@ -65,13 +66,21 @@ class PromptTokens:
     encoded by pieces kept across requests (prompt_pieces.py): a conversation's turn encodes its new messages only.
     A prompt is tokenized on the event loop when what it leaves to encode is short, as an instance tokenizes one
     (server/prompts.py: a worker thread's hand-over and return cost more); a longer one, or a chat of many messages,
-    in a worker thread, while the event loop relays the other requests (Tokenizer.encode releases the GIL)."""
+    in a worker thread, while the event loop relays the other requests (Tokenizer.encode releases the GIL).
+    A prompt that no instance of the checkpoint takes by its size is not tokenized at all (`ids` None): the instance
+    refuses it with its 400 before tokenizing (server/prompts.check_prompt_size), at any max_model_len up to the
+    checkpoint's max_position_embeddings (the engine refuses a longer one), while the proxy's encode of it held a
+    worker thread and a core as long as the instance's would have (86 s for 9M characters), for ids no answer
+    needs: the request goes where the pool's policy sends it, and its instance answers the 400."""
 
     def __init__(self, tokenizer_dir: Path, chat_template: str | None = None) -> None:
         self._tokenizer = Tokenizer(tokenizer_dir)
         if chat_template is not None:  # the deployment's own (model.chat_template), as its instances apply it
             self._tokenizer.override_chat_template(chat_template)
         self._pieces = PieceTokenizer(self._tokenizer)
+        info, _ = load_model_info(str(tokenizer_dir))
+        # The most max_model_len an instance of this checkpoint may have; None (unreadable): every prompt is tokenized
+        self.max_positions = info.max_position_embeddings if info is not None else None
 
     def ids_now(self, body: Body, chat: bool) -> list[int]:
         return tokenize(self._pieces, self._prompt(body, chat))
@@ -82,14 +91,32 @@ class PromptTokens:
             return ChatCompletionRequest.model_validate(body).template_messages()
         return CompletionRequest.model_validate(body).single_prompt()
 
-    async def ids(self, body: Body, chat: bool) -> list[int]:
-        """`ids_now`, off the event loop unless the prompt is token ids or quick to encode (class doc)."""
+    def ids_unless_too_long(self, body: Body, chat: bool) -> list[int] | None:
+        """`ids_now`, or None for a prompt no instance takes by its size (class doc)."""
+        validated = self._prompt(body, chat)
+        return None if self._too_long(validated) else tokenize(self._pieces, validated)
+
+    def _too_long(self, prompt: Prompt) -> bool:
+        """Whether every instance of the checkpoint refuses `prompt` by its size, untokenized (class doc)."""
+        if self.max_positions is None or isinstance(prompt, list):  # token ids: nothing to encode
+            return False
+        try:
+            check_prompt_size(prompt, self.max_positions)
+        except OpenAIError:
+            return True
+        return False
+
+    async def ids(self, body: Body, chat: bool) -> list[int] | None:
+        """`ids_now`, off the event loop unless the prompt is token ids or quick to encode; None for a prompt no
+        instance takes by its size (class doc)."""
         prompt = body.get("prompt")
         if not chat and isinstance(prompt, list) and all(type(t) is int for t in prompt):  # JSON's ints: no bools
             return cast(list[int], list(prompt))
         if not _validated_inline(body, chat):
-            return await asyncio.to_thread(self.ids_now, body, chat)
+            return await asyncio.to_thread(self.ids_unless_too_long, body, chat)
         validated = self._prompt(body, chat)
+        if self._too_long(validated):
+            return None
         if isinstance(validated, list) or self._encodes_inline(validated):
             return tokenize(self._pieces, validated)
         return await asyncio.to_thread(tokenize, self._pieces, validated)
@@ -181,8 +208,11 @@ class Disaggregation:
         return decode.held_count(SPILLED_TOKENS, tokens)
 
     async def decide(self, body: Body, chat: bool) -> tuple[str, int | None]:
-        """(PD or DECODE_ONLY, the prompt's tokens when counted), every prompt token counted as uncached."""
+        """(PD or DECODE_ONLY, the prompt's tokens when counted: not without a tokenizer or for a prompt too long for
+        any instance), every prompt token counted as uncached."""
         if self.tokens is None:
             return PD, None
-        count = len(await self.tokens.ids(body, chat))
-        return self.decision(count), count
+        ids = await self.tokens.ids(body, chat)
+        if ids is None:  # too long for any instance: its 400 answers the request
+            return PD, None
+        return self.decision(len(ids)), len(ids)

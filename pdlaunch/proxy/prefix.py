@@ -82,10 +82,13 @@ class PrefixRouter:
 
     async def prompt(self, body: Body, chat: bool) -> PromptBlocks | None:
         """The request's prompt as token ids, when there is a tokenizer to count them and one prompt to count
-        (else None: a list of prompts sent colocated as one request goes where the pool's policy says)."""
+        (else None: a list of prompts sent colocated as one request goes where the pool's policy says; so does a
+        prompt too long for any instance, which its 400 answers: disaggregate.PromptTokens)."""
         if self.tokens is None or (not chat and several_prompts(body.get("prompt"))):
             return None
         ids = await self.tokens.ids(body, chat)
+        if ids is None:
+            return None
         # A client's own token ids may be no model's (the instance answers the 400): unhashable. A tokenizer's are.
         if isinstance(body.get("prompt"), list) and ids and (min(ids) < 0 or max(ids) >= _ID_BOUND):
             return None
