@@ -41,6 +41,7 @@ class DecodeLeg:
     migrated: bool
     outcome: str
     unqueue: Callable[[], None]
+    ended: Callable[[], None]
 
     def release_held(self) -> None:
         if self.held is not None:
@@ -131,13 +132,16 @@ class DecodeLeg:
 
         async def close() -> None:
             self.unqueue()
-            await events.aclose()  # its own finally closes a migrated stream's current upstream
-            await upstream.close()
-            if not whole:
-                # The client left mid-stream, or the decode failed mid-stream and the stream ended with the error
-                # event (not continued elsewhere): the decode streams the first token before the KV arrives, so it
-                # may never read the prefill's KV, which goes back now rather than at the end of its lease.
-                self.release_held()
+            try:
+                await events.aclose()  # its own finally closes a migrated stream's current upstream
+                await upstream.close()
+            finally:
+                if not whole:
+                    # The client left mid-stream, or the decode failed mid-stream and the stream ended with the error
+                    # event (not continued elsewhere): the decode streams the first token before the KV arrives, so
+                    # it may never read the prefill's KV, which goes back now rather than at the end of its lease.
+                    self.release_held()
+                self.ended()
 
         return ClosingStreamingResponse(relay(), on_close=close,
                                         headers={"X-Request-Id": self.request_id, "Cache-Control": "no-cache"})

@@ -50,6 +50,7 @@ class PromptRequest(DecodeLeg):
     outcome: str = "error"
     unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
     unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
+    ended: Callable[[], None] = lambda: None  # the request may ask for no more releases (release.py `opened`)
 
     def _leg_id(self) -> str:
         """The prefill leg's X-Request-Id: the request's own when the proxy made it, else, in front of
@@ -64,6 +65,7 @@ class PromptRequest(DecodeLeg):
 
     async def serve(self) -> Response:
         state, started = self.call.state, time.monotonic()
+        self.ended = state.proxy.kv.opened()
         try:
             # Token ids only where they decide something: prefix routing, or disaggregation by uncached tokens.
             wanted = state.router.by_prefix or state.disaggregation.min_tokens is not None
@@ -86,6 +88,7 @@ class PromptRequest(DecodeLeg):
         finally:
             if self.outcome != "streaming":  # a stream's ends when it closes
                 self.unqueue()
+                self.ended()
             # the time tells where a slow request spent it: a stream's is until its decode answered (the decode's
             # own line has the whole stream's), so a slow prefill leg or queue shows here
             log.debug("request %s %s via %s: %s %s %.3fs", self.request_id, self.call.path,
