@@ -132,10 +132,8 @@ def queued(instance: Instance) -> int:
 
 def wants_prompt_logprobs(body: Body, chat: bool) -> bool:
     """Whether an instance serving `body` computes the prompt's logprobs, as the instances read the request
-    (server/completion_request.py: prompt_logprobs, else echo's logprobs; a chat's prompt_logprobs). A stream
-    computes none: its chunks carry none, so the only prompt_logprobs it may send is 0 (and echo's are refused)."""
-    if body.get("stream") is True:
-        return False
+    (server/completion_request.py: prompt_logprobs, else echo's logprobs; a chat's prompt_logprobs). A stream asks
+    for none: parse_client_body refuses either with stream true, as the instances do (server/request_fields.py)."""
     if body.get("prompt_logprobs") is not None:
         return True
     return not chat and bool(body.get("echo")) and body.get("logprobs") is not None

@@ -41,8 +41,6 @@ def prefill_body(body: Body, chat: bool, first_token: bool = False, decode_limit
     /health says it) where known, so that the prefill refuses a request its decode would before it computes the
     prompt (server/decode_limits.py)."""
     leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
-    if body.get("stream") is True:  # a stream's prompt_logprobs (only 0 passes) asks for none: its chunks carry none
-        leg.pop("prompt_logprobs", None)
     if decode_limits:
         limits: JsonObject = {k: body[k] for k in (_CHAT_LIMITS if chat else _LIMITS) if k in body}
         if decode_kv_cache is not None:
