@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.topology_config import group_tp_field
+from pdlaunch.config.topology_config import InstanceGroupConfig, group_tp_field
 from pdlaunch.errors import PdlaunchError
 
 
@@ -121,6 +121,17 @@ def first_rank_error(cfg: DeploymentConfig, g: int) -> PdlaunchError:
         f"TP, or move the group to a node with devices left (instances[{g}].node)")
 
 
+def spans_nodes(cfg: DeploymentConfig, group: InstanceGroupConfig) -> bool:
+    """Whether each instance of `group` places ranks past its node: it lists no `devices` of its own (one that does
+    runs on those, on its node, whatever its node lists: port_plan.py) and its TP exceeds the devices its node lists
+    (a node that lists none holds every rank placed on it). check-config's spanning rules (config/rules/roles.py)
+    ask this; the launcher's plan spans exactly these groups (place_group)."""
+    nodes = cfg.parallel.nodes
+    if group.devices is not None or group.count == 0 or group.node >= len(nodes) or not nodes[group.node].devices:
+        return False
+    return (group.tp or 1) > len(nodes[group.node].devices)
+
+
 def place_group(cfg: DeploymentConfig, g: int, used: dict[int, int],
                 pool_of: Mapping[int, Sequence[int] | None]) -> list[PlacedRank]:
     """The node and device of every rank of one instance of group g (which lists no devices). `used[k]` counts
@@ -132,8 +143,7 @@ def place_group(cfg: DeploymentConfig, g: int, used: dict[int, int],
     if pool is None:
         return [PlacedRank(node, None) for _ in range(tp)]
     start = used.get(node, 0)
-    listed = cfg.parallel.nodes[node].devices if cfg.parallel.nodes else []
-    if not listed or tp <= len(listed):  # fits its node: short when the node is full (caller says so)
+    if not spans_nodes(cfg, cfg.instances[g]):  # fits its node: short when the node is full (caller says so)
         used[node] = start + tp
         return [PlacedRank(node, d) for d in pool[start:start + tp]]
     if start >= len(pool):  # rank 0 must run on the instance's node: never start it on the next one

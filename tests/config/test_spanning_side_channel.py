@@ -88,3 +88,24 @@ def test_a_colocated_group_spanning_nodes_passes_both(tmp_path: Path) -> None:
     assert "side_channel_host" not in result.output, result.output
     assert _serve_config_problems(path) == []
     assert _serve_refuses(path) is None
+
+
+def test_a_group_that_lists_its_own_devices_does_not_span_nodes(tmp_path: Path) -> None:
+    # Node 0 lists three rank slots, but the TP 4 prefill group lists its own four (config/port_plan.py places them all
+    # on the group's node; on CPU no rule holds a group's devices to its node's list). check-config said it spans
+    # nodes and asked for parallel.master_port and a side_channel_host of 0.0.0.0; serve planned it on node 0.
+    own = ("device: cpu\nmodel: {path: tiny}\nsecurity: {deployment_secret: spanning-test-secret-0123456789}\n"
+           "parallel:\n  nodes: [{address: 127.0.0.1, devices: [0, 1, 2]}, {address: 127.0.0.2, devices: [0, 1]}]\n"
+           "instances:\n  - {role: decode, tp: 1, node: 0, devices: [0], base_port: DECODE}\n"
+           "  - {role: prefill, tp: 4, node: 0, devices: [0, 1, 2, 3], base_port: PREFILL}\n")
+    path = _yaml(tmp_path, own)
+    result = check([str(path), *FREE_PORT])
+    assert result.exit_code == 0, result.output
+    assert "spans nodes" not in result.output, result.output
+    assert _serve_config_problems(path) == []
+    assert _serve_refuses(path) is None
+    # Without its own devices it takes node 0's two free slots and node 1's two: it spans, and both say so.
+    spanning = _yaml(tmp_path, own.replace(", devices: [0, 1, 2, 3]", ""))
+    assert_invalid(check([str(spanning), *FREE_PORT]), "parallel.master_port",
+                   "instances[1] has TP 4 but node 0 lists 3 device(s), so its TP group spans nodes")
+    assert _serve_refuses(spanning) == "parallel.master_port"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.launcher_config import STALL_PROBE_INTERVAL_S, LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
+from pdlaunch.config.placement import spans_nodes
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.group_fields import GroupFinding, by_source
 from pdlaunch.config.strict_model import BLOCK_SIZES
@@ -223,14 +224,13 @@ def node_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 
 def _spanning_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """A TP group larger than its node's listed devices spans the next nodes (distributed/placement.py):
-    every node must then know the rendezvous port, and each rank's side channel must be reachable."""
+    """A TP group larger than its node's listed devices, listing none of its own, spans the next nodes
+    (config/placement.py spans_nodes, as the launcher places it): every node must then know the rendezvous port, and
+    each rank's side channel must be reachable."""
     problems: list[Problem] = []
     nodes = cfg.parallel.nodes
     for i, group in enumerate(cfg.instances):
-        if group.count == 0 or group.node >= len(nodes) or not nodes[group.node].devices:
-            continue
-        if (group.tp or 1) <= len(nodes[group.node].devices):
+        if not spans_nodes(cfg, group):
             continue
         if cfg.parallel.master_port is None:
             problems.append(problem("parallel.master_port", f"instances[{i}] has TP {group.tp} but node {group.node} "
