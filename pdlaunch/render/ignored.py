@@ -36,7 +36,8 @@ def ignored_settings(cfg: DeploymentConfig) -> list[Problem]:
 def address_settings(cfg: DeploymentConfig) -> list[Problem]:
     """The addresses the config has its processes bind: in the manifests the proxy's pod binds every interface (its
     Service reaches it there), and each instance's pods bind every interface for the KV side channel and advertise
-    their pod's address; a TP group's ranks meet at their leader pod (render/kubernetes.py _pod_config)."""
+    their pod's address; a TP group's ranks meet at their leader pod (render/kubernetes.py _pod_config). A deployment
+    that opens no side channel (`_no_side_channel`) binds kv_transfer.side_channel_host nowhere, pods or not."""
     found: list[Problem] = []
     settings = ((cfg.proxy, "host", "proxy.host", "the proxy's pod binds every interface (0.0.0.0), which its Service "
                  "reaches"),
@@ -47,9 +48,21 @@ def address_settings(cfg: DeploymentConfig) -> list[Problem]:
     for section, key, field, instead in settings:
         value = getattr(section, key)
         if key in section.model_fields_set and value != "0.0.0.0":
-            found.append(problem(field, f"{value} has no effect on the manifests: {instead}",
+            unbound = _no_side_channel(cfg) if key == "side_channel_host" else None
+            found.append(problem(field, f"{value} has no effect{unbound or ' on the manifests: ' + instead}",
                                  "leave it out of a config you render"))
     return found
+
+
+def _no_side_channel(cfg: DeploymentConfig) -> str | None:
+    """Why no pod opens a KV side channel, as the rest of a "has no effect" message; None when the prefill and decode
+    pods open one (nixl, mooncake)."""
+    if cfg.kv_transfer.connector == "storage":
+        return (" with the storage connector: it moves KV through files in kv_transfer.storage_path and opens no side "
+                "channel, so no pod binds or advertises this address")
+    if not any(group.role in ("prefill", "decode") for group in cfg.instances):
+        return ": every instance is colocated, so no KV moves between instances and no pod opens a KV side channel"
+    return None
 
 
 def device_settings(cfg: DeploymentConfig) -> list[Problem]:

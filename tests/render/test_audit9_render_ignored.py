@@ -84,3 +84,30 @@ def test_the_addresses_a_config_binds_are_named_as_left_out(tmp_path: Path) -> N
     assert "warning: --host: 10.0.0.7 has no effect on the manifests: the proxy's pod binds every interface" \
         in warnings_of(result.output)[0]
     assert render(tmp_path / "out2", "--host", "0.0.0.0").output.count("warning:") == 0
+
+
+def test_a_side_channel_host_where_no_side_channel_opens_is_named_as_ignored_for_what_it_is(tmp_path: Path) -> None:
+    # The storage connector moves KV through files, and colocated instances move none: neither opens a side channel,
+    # but the warning said each pod binds "its KV side channel" on every interface. (Render refuses prefill and decode
+    # pods over storage, whose files no other pod sees: kubernetes.storage_connector_problems.)
+    said: dict[str, list[str]] = {}
+    for connector in ("storage", "nixl"):
+        config = tmp_path / f"{connector}.yaml"
+        config.write_text(f"colocated: true\nkv_transfer: {{connector: {connector}, side_channel_host: 10.0.0.5}}\n")
+        result = render(tmp_path / connector, str(config))
+        assert result.exit_code == 0, result.output
+        said[connector] = warnings_of(result.output)
+        assert "its KV side channel" not in result.output, result.output
+    assert said["storage"] == [
+        "warning: kv_transfer.side_channel_host: 10.0.0.5 has no effect with the storage connector: it moves KV "
+        "through files in kv_transfer.storage_path and opens no side channel, so no pod binds or advertises this "
+        "address; leave it out of a config you render"], said
+    assert said["nixl"] == [
+        "warning: kv_transfer.side_channel_host: 10.0.0.5 has no effect: every instance is colocated, so no KV moves "
+        "between instances and no pod opens a KV side channel; leave it out of a config you render"], said
+    config = tmp_path / "pd.yaml"  # prefill and decode pods over nixl do open one, on every interface
+    config.write_text("kv_transfer: {side_channel_host: 10.0.0.5}\n")
+    assert warnings_of(render(tmp_path / "pd", str(config)).output) == [
+        "warning: kv_transfer.side_channel_host: 10.0.0.5 has no effect on the manifests: each pod binds its KV side "
+        "channel on every interface and advertises its pod's address (status.podIP); leave it out of a config you "
+        "render"]
