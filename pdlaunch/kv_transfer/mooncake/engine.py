@@ -6,22 +6,32 @@ segment is opened on the first transfer to its session id, so no metadata server
 metadata server, the name given to `initialize` is only the key the engine registers under (it listens on
 a port of its own, on the address it finds, and registers those), and peers look it up by that key.
 `batch_transfer_sync_write/read` block (the GIL released) until the batch completed, failed or ran
-past Mooncake's own timeout; `get_batch_transfer_status` blocks the same way, so there is no cheap poll
-of a batch: callers run transfers on their own threads (mooncake/sender.py). A zero-length transfer
+past Mooncake's own timeout, but a failed batch returns while its other pieces still move (`transfer`);
+`get_batch_transfer_status` ends the same way. `transfer_check_status` polls the first piece of a batch
+without blocking, so `transfer` gives each piece a batch and polls them all; it blocks all the same, and
+callers run transfers on their own threads (mooncake/sender.py). A zero-length transfer
 with a TransferNotify delivers just the notification to the peer's `get_notifies`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
+import time
 from typing import Any
 
 from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
+from pdlaunch.config.serving_env import MC_TRANSFER_SECONDS_PER_BYTE, mooncake_transfer_timeout
 from pdlaunch.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
+
+# A transfer's pieces are polled every 1/16 of the time it has run, within these bounds: a finished transfer is
+# seen at most ~6% (or 0.25 ms) late, with a few dozen polls (as prefill/push_sender.py polls a WRITE).
+_MIN_POLL_SECONDS = 0.00002
+_MAX_POLL_SECONDS = 0.00025
 
 def import_engine() -> Any:
     """The `mooncake.engine` module, or a KVTransferError saying what is missing."""
@@ -86,12 +96,42 @@ class MooncakeEngine:
             self.unregister(address)
 
     def transfer(self, op: str, session: str, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
-        """Blocking WRITE (local -> remote) or READ (remote -> local) of matching (address, length) lists."""
-        run = self.engine.batch_transfer_sync_write if op == "WRITE" else self.engine.batch_transfer_sync_read
-        code = run(session, [a for a, _ in local], [a for a, _ in remote], [n for _, n in local])
-        if code != 0:
-            raise KVTransferError(f"Mooncake {op} of {sum(n for _, n in local)} bytes with {session} failed "
-                                  f"(code {code}, {self.protocol})", hint="see the Mooncake lines above in this log")
+        """Blocking WRITE (local -> remote) or READ (remote -> local) of matching (address, length) lists, which
+        returns or raises only once none of its pieces moves any more (or at Mooncake's timeout for it).
+
+        Each piece is a batch of its own, all submitted at once and polled to their ends: Mooncake's batch calls
+        report a batch failed as soon as one piece failed while its other pieces still land (0.3.13 over TCP:
+        80 MB of 96 MB still to come), and the caller frees or hands on the memory once this returns."""
+        submit = self.engine.batch_transfer_async_write if op == "WRITE" else self.engine.batch_transfer_async_read
+        num_bytes = sum(n for _, n in local)
+        started = time.monotonic()
+        timeout = mooncake_transfer_timeout(os.environ) + num_bytes * MC_TRANSFER_SECONDS_PER_BYTE
+        running: list[int] = []
+        failed = 0
+        for (address, length), (peer_address, _) in zip(local, remote, strict=True):
+            batch = submit(session, [address], [peer_address], [length])
+            if batch > 0:
+                running.append(batch)
+            else:  # refused before it started: none of its bytes move
+                failed += 1
+        while running:
+            # transfer_check_status: 0 runs, 1 done, -1 failed, -2 timed out (Mooncake frees the first three)
+            codes = [(batch, self.engine.transfer_check_status(batch)) for batch in running]
+            running = [batch for batch, code in codes if code == 0]
+            failed += sum(code not in (0, 1) for _, code in codes)
+            waited = time.monotonic() - started
+            if running and waited >= timeout:
+                raise KVTransferError(
+                    f"Mooncake {op} of {num_bytes} bytes with {session}: {len(running)} of {len(local)} pieces did "
+                    f"not end within {timeout:.0f}s ({self.protocol})",
+                    hint="MC_TRANSFER_TIMEOUT (seconds, plus 1 s per GB moved) bounds a transfer; the peer may be "
+                    "gone or its network congested")
+            if running:
+                time.sleep(min(max(waited / 16, _MIN_POLL_SECONDS), _MAX_POLL_SECONDS))
+        if failed:
+            raise KVTransferError(f"Mooncake {op} of {num_bytes} bytes with {session} failed: {failed} of "
+                                  f"{len(local)} pieces failed ({self.protocol})",
+                                  hint="see the Mooncake lines above in this log")
 
     def notify(self, session: str, name: str, message: str) -> None:
         """Deliver (name, message) to the peer's `notifications` (a zero-length WRITE carries it)."""
