@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.mooncake import engine as mooncake_engine
 from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake.sender import TransferPool
@@ -58,3 +60,41 @@ def test_a_failed_piece_ends_the_transfer_only_once_the_others_landed(
     assert state == "ERR" and xfer.error is not None
     assert landed == (PIECES - 1) * PIECE, f"{(PIECES - 1) * PIECE - landed} bytes of the good pieces still to land"
     assert f"{op} of {PIECES * PIECE} bytes" in xfer.error and "1 of 4 pieces failed" in xfer.error, xfer.error
+
+
+class _Batches:
+    """Mooncake's engine as `MooncakeEngine.transfer` drives it: batch ids, and each batch's status polls."""
+
+    def __init__(self, statuses: dict[int, list[int]], refused: int = 0) -> None:
+        self.statuses = statuses  # peer address -> what successive transfer_check_status calls answer
+        self.refused = refused  # this peer address is refused at submission (batch id 0)
+        self.polls: dict[int, int] = {}
+
+    def batch_transfer_async_write(self, session: str, local: list[int], peer: list[int], lengths: list[int]) -> int:
+        return 0 if peer == [self.refused] else peer[0]
+
+    def transfer_check_status(self, batch: int) -> int:
+        self.polls[batch] = self.polls.get(batch, 0) + 1
+        answers = self.statuses[batch]
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+
+def _engine(batches: _Batches) -> MooncakeEngine:
+    engine = MooncakeEngine.__new__(MooncakeEngine)  # no TransferEngine: `transfer` only talks to `engine`
+    engine.engine, engine.protocol = batches, "tcp"
+    return engine
+
+
+def test_a_refused_piece_waits_for_the_others_then_fails() -> None:
+    batches = _Batches({1: [0, 0, 0, 1], 2: [1]}, refused=3)
+    with pytest.raises(KVTransferError, match=r"WRITE of 96 bytes with peer:1 failed: 1 of 3 pieces failed"):
+        _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32), (30, 32)], [(1, 32), (2, 32), (3, 32)])
+    assert batches.polls[1] == 4  # polled to its end, not given up at the refusal
+
+
+def test_a_piece_still_running_at_mooncakes_timeout_fails_the_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mooncake_engine, "mooncake_transfer_timeout", lambda environ: 0.2)
+    batches = _Batches({1: [1], 2: [0]})
+    with pytest.raises(KVTransferError, match=r"1 of 2 pieces did not end within 0s") as e:
+        _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32)], [(1, 32), (2, 32)])
+    assert "MC_TRANSFER_TIMEOUT" in e.value.render()
