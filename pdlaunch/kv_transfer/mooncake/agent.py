@@ -8,17 +8,18 @@ What maps to what:
   request (side_channel/). Each engine resolves `mooncake_protocol: auto` on its own host, and engines
   on different protocols cannot move bytes between each other: a peer on another one is refused when it
   is added (the decode's handshake, the prefill's push request), not at each transfer with a bare code.
-- READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake/sender.py).
-- notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
-  timeout when the peer does not answer), sent from notifier threads (mooncake/notifier.py) so that the
-  engine thread never waits on the network; a peer gets them in order, and one that does not answer
-  delays only its own. push_done leaves from the WRITE's own thread right after the bytes, and its
-  failure fails the WRITE (the decode learns of the WRITE only through it), once a second send failed
-  too. read_done is queued once the READ's bytes are in and the READ counts without waiting for it: a
-  lost one is logged (the prefill frees the blocks at its lease's end instead). Any process that
-  reaches the engine's port can send a notification, so each carries an HMAC of its payload under a
-  key derived from the deployment secret; one without a valid MAC is dropped (a forged push_done would
-  pass garbage KV to the model, a forged release would free another request's blocks).
+- READ/WRITE: (address, length) pieces, run on the transfer pool (mooncake/sender.py) and ended only once
+  every piece ended (mooncake/engine.py `transfer`).
+- notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a timeout when
+  the peer does not answer), sent from notifier threads (mooncake/notifier.py) so that the engine thread
+  never waits on the network; a peer gets them in order, and one that does not answer delays only its own.
+  push_done leaves from the WRITE's own thread right after the bytes (from the sender's thread for a push of
+  no block), and its failure fails the push (the decode learns of the WRITE only through it), once a second
+  send failed too. read_done is queued once the READ's bytes are in and the READ counts without waiting for
+  it: a lost one is logged (the prefill frees the blocks at its lease's end instead). Any process that
+  reaches the engine's port can send a notification, so each carries an HMAC of its payload under a key
+  derived from the deployment secret; one without a valid MAC is dropped (a forged push_done would pass
+  garbage KV to the model, a forged release would free another request's blocks).
 """
 
 from __future__ import annotations
@@ -183,8 +184,15 @@ class MooncakeAgent:
 
     def notify(self, remote_agent: str, message: bytes) -> None:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
-        logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised."""
-        self._queue(remote_agent, self._session(remote_agent), message)
+        logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised. A push_done (a
+        push of no block sends it alone: prefill/push_sender.py) is the push itself: it is sent from the caller's
+        thread as a WRITE's is, twice at most, and raises when both sends fail."""
+        session = self._session(remote_agent)
+        notif = parse_notification(message)
+        if notif is not None and notif.kind == "push_done":
+            self._push_done(remote_agent, session, self._sign(message))
+            return
+        self._queue(remote_agent, session, message)
 
     def _queue(self, remote_agent: str, session: str, message: bytes) -> None:
         signed = self._sign(message)
