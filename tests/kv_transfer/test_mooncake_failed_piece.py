@@ -69,8 +69,10 @@ class _Batches:
         self.statuses = statuses  # peer address -> what successive transfer_check_status calls answer
         self.refused = refused  # this peer address is refused at submission (batch id 0)
         self.polls: dict[int, int] = {}
+        self.submitted: list[int] = []
 
     def batch_transfer_async_write(self, session: str, local: list[int], peer: list[int], lengths: list[int]) -> int:
+        self.submitted.append(peer[0])
         return 0 if peer == [self.refused] else peer[0]
 
     def transfer_check_status(self, batch: int) -> int:
@@ -86,10 +88,11 @@ def _engine(batches: _Batches) -> MooncakeEngine:
 
 
 def test_a_refused_piece_waits_for_the_others_then_fails() -> None:
-    batches = _Batches({1: [0, 0, 0, 1], 2: [1]}, refused=3)
-    with pytest.raises(KVTransferError, match=r"WRITE of 96 bytes with peer:1 failed: 1 of 3 pieces failed"):
+    batches = _Batches({1: [0, 0, 0, 1], 3: [1]}, refused=2)
+    with pytest.raises(KVTransferError, match=r"WRITE of 96 bytes with peer:1 failed: 2 of 3 pieces failed"):
         _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32), (30, 32)], [(1, 32), (2, 32), (3, 32)])
-    assert batches.polls[1] == 4  # polled to its end, not given up at the refusal
+    assert batches.polls == {1: 4}  # polled to its end, not given up at the refusal
+    assert batches.submitted == [1, 2]  # none after the refusal: the peer is likely unreachable for them too
 
 
 def test_a_piece_still_running_at_mooncakes_timeout_fails_the_transfer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,10 +110,10 @@ class MooncakeEngine:
         failed = 0
         for (address, length), (peer_address, _) in zip(local, remote, strict=True):
             batch = submit(session, [address], [peer_address], [length])
-            if batch > 0:
-                running.append(batch)
-            else:  # refused before it started: none of its bytes move
-                failed += 1
+            if batch <= 0:  # refused (0): none of its bytes move, nor those of the rest, not submitted
+                failed = len(local) - len(running)  # a peer that cannot be reached would cost a connect each
+                break
+            running.append(batch)
         while running:
             # transfer_check_status: 0 runs, 1 done, -1 failed, -2 timed out (Mooncake frees the first three)
             codes = [(batch, self.engine.transfer_check_status(batch)) for batch in running]
