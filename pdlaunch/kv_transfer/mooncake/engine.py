@@ -101,7 +101,7 @@ class MooncakeEngine:
 
         Each piece is a batch of its own, all submitted at once and polled to their ends: Mooncake's batch calls
         report a batch failed as soon as one piece failed while its other pieces still land (0.3.13 over TCP:
-        80 MB of 96 MB still to come), and the caller frees or hands on the memory once this returns."""
+        80 MB of 100 MB still to come), and the caller frees or hands on the memory once this returns."""
         submit = self.engine.batch_transfer_async_write if op == "WRITE" else self.engine.batch_transfer_async_read
         num_bytes = sum(n for _, n in local)
         started = time.monotonic()
@@ -115,7 +115,7 @@ class MooncakeEngine:
                 break
             running.append(batch)
         while running:
-            # transfer_check_status: 0 runs, 1 done, -1 failed, -2 timed out (Mooncake frees the first three)
+            # transfer_check_status: 0 runs, 1 done, -1 failed, -2 timed out; Mooncake frees a done or failed batch
             codes = [(batch, self.engine.transfer_check_status(batch)) for batch in running]
             running = [batch for batch, code in codes if code == 0]
             failed += sum(code not in (0, 1) for _, code in codes)
