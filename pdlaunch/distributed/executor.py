@@ -7,16 +7,20 @@ ranks on other nodes; `RayTPExecutor` (ray_executor.py) does that with Ray actor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
-from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
-from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
 from pdlaunch.runner.step_inputs import StepInputs
+
+if TYPE_CHECKING:
+    from pdlaunch.distributed.ray_executor import RayTPExecutor
+    from pdlaunch.distributed.tp_executor import TPExecutor
 
 
 class UniprocExecutor:
@@ -67,6 +71,10 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     if instance is not None and instance.role != "colocated" and config.kv_transfer.connector == "storage":
         raise EngineError(f"the {config.kv_transfer.connector} connector does not run with TP {tp} yet",
                           field="kv_transfer.connector", hint="use --kv-connector nixl or mooncake with TP > 1")
+    # Only a TP group needs these (~0.2 s of imports a tp-1 instance's start does without)
+    from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
+    from pdlaunch.distributed.tp_executor import TPExecutor
+
     actors = rank_actors()
     if actors and instance is not None:  # this process is rank 0 of an instance under --backend ray
         return RayTPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype, actors)
