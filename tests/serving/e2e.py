@@ -68,7 +68,7 @@ class Serve:
                 return False
             return answered and READY_LINE in self.output
 
-        wait_for(ready, "pdlaunch serve to become ready", START_TIMEOUT_S, poll=0.5)
+        wait_for(ready, "pdlaunch serve to become ready", START_TIMEOUT_S, poll=0.2)
         self.children = children_of(self.proc.pid)
         return self
 
