@@ -51,7 +51,9 @@ def pool() -> Iterator[TransferPool]:
     pool.shutdown()
 
 
-def test_a_push_done_whose_first_send_fails_is_sent_again_and_the_push_succeeds(pool: TransferPool) -> None:
+def _push(pool: TransferPool, runs: list[list[tuple[int, int, int]]]) -> tuple[_Engine, PushSender, HoldTable]:
+    """One push of request p-1's blocks `runs` through a prefill agent over `_Engine`, to its end (the notifier's
+    queue, a push_failed the sender may have put there included)."""
     engine = _Engine()
     agent = MooncakeAgent("prefill-agent", cast(Any, engine), pool, "s" * 32)
     peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000",
@@ -59,14 +61,19 @@ def test_a_push_done_whose_first_send_fails_is_sent_again_and_the_push_succeeds(
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
     message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
-                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
+                          agent_metadata="00", runs=runs, base_addrs=[4096], block_bytes=spec.block_bytes,
                           deadline_in=30.0)
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
     sender.spec = spec
     sender._push(hold, message, peer, time.monotonic())
-    agent._notifier.shutdown()  # waits for a push_failed the sender may have queued
+    agent._notifier.shutdown()
+    return engine, sender, holds
+
+
+def test_a_push_done_whose_first_send_fails_is_sent_again_and_the_push_succeeds(pool: TransferPool) -> None:
+    engine, sender, holds = _push(pool, [[(0, 3, 2)]])
     assert engine.writes == 1
     assert engine.delivered == [PushDone(kind="push_done", nonce=NONCE)], "the decode is told the WRITE failed"
     assert [t.request_id for t in sender.timings()] == ["p-1"]  # the push completed
@@ -77,20 +84,6 @@ def test_the_push_done_of_a_push_of_nothing_is_sent_again_when_its_first_send_fa
     """A push that moves no block (1-token prompt, the decode's prefix cache has it all) sends its push_done alone:
     it went through the notifier, best effort, so a send that failed once was dropped and the decode waited for its
     deadline; it is tried twice, as a WRITE's push_done is."""
-    engine = _Engine()
-    agent = MooncakeAgent("prefill-agent", cast(Any, engine), pool, "s" * 32)
-    peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000",
-                                         protocol="tcp").model_dump_json().encode())
-    spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
-    holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
-                          agent_metadata="00", runs=[[]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                          deadline_in=30.0)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
-    sender.spec = spec
-    sender._push(hold, message, peer, time.monotonic())
-    agent._notifier.shutdown()  # waits for anything the sender queued
+    engine, sender, holds = _push(pool, [[]])
     assert engine.writes == 0
     assert engine.delivered == [PushDone(kind="push_done", nonce=NONCE)]

@@ -19,14 +19,19 @@ from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Decode, Prefill
 
 
+def _pool(stack: ExitStack, ports: PortAllocator, prefill: Prefill, decode: Decode) -> InstancePool:
+    """The proxy's pool over `prefill` and `decode`, each served until `stack` closes."""
+    p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
+    d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
+    return InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_request_cut_by_the_shutdown_releases_the_prefills_hold(stream: bool) -> None:
     ports = PortAllocator("127.0.0.1")
     prefill, decode = Prefill(), Decode()
     with ExitStack() as stack:
-        p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
-        d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
-        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        pool = _pool(stack, ports, prefill, decode)
         proxy = ThreadServer(build_proxy_app(pool, 60.0, deployment_secret=SECRET), ports.free("proxy"))
         with proxy:
             wait_for(lambda: all(i.state == "ready" for i in pool.instances), "the proxy to take both instances")
@@ -53,9 +58,7 @@ def test_requests_that_ended_leave_nothing_for_the_shutdown_to_wait_for() -> Non
     ports = PortAllocator("127.0.0.1")
     prefill, decode = Prefill(), Decode()
     with ExitStack() as stack:
-        p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
-        d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
-        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        pool = _pool(stack, ports, prefill, decode)
         app = build_proxy_app(pool, 60.0, deployment_secret=SECRET)
         proxy = stack.enter_context(ThreadServer(app, ports.free("proxy")))
         wait_for(lambda: all(i.state == "ready" for i in pool.instances), "the proxy to take both instances")
