@@ -28,8 +28,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 # Every field the prefill leg changes or drops, and who refuses what the decode would refuse for it.
 BY_PREFILL = {"max_tokens", "max_completion_tokens", "min_tokens"}  # against the prompt's tokens: decode_limits
 BY_PROXY = {  # from the client's body alone: parse_client_body
-    "max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of", "echo", "stream", "stream_options",
-    "prompt_logprobs"}  # a stream's (every value refused by parse_client_body): the leg drops it
+    "max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of", "echo", "stream", "stream_options"}
 BY_NEITHER = {"min_completion_tokens"}  # no field of ours (nor vLLM's): ignored by every instance, the decode too
 
 
@@ -41,7 +40,7 @@ def _changed(body: dict[str, Any], chat: bool) -> set[str]:
 def test_every_field_the_prefill_leg_changes_is_checked_before_the_prefill_computes() -> None:
     completion = {"model": "m", "prompt": "p", "max_tokens": 9, "min_tokens": 2, "n": 2, "best_of": 3, "echo": True,
                   "stream": True, "stream_options": {"include_usage": True}, "min_completion_tokens": 1,
-                  "temperature": 0.5, "stop": ["x"], "seed": 3, "logprobs": 2, "prompt_logprobs": 1}
+                  "temperature": 0.5, "stop": ["x"], "seed": 3, "logprobs": 2}
     chat = {"model": "m", "messages": MESSAGES, "max_tokens": 9, "max_completion_tokens": 8, "min_tokens": 2, "n": 2,
             "stream": True, "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2}
     for body, is_chat in ((completion, False), (chat, True)):
@@ -198,9 +197,9 @@ def test_decode_limits_from_outside_are_validated(limits: object, param: str) ->
 
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("asked", [0, 1])
-def test_a_streams_prompt_logprobs_the_leg_drops_are_refused_by_the_proxy(chat: bool, asked: int) -> None:
-    """The prefill leg drops a stream's prompt_logprobs (proxy/translate.prefill_body): none may reach it, 0 (which
-    vLLM takes and answers nothing for) neither; each is the proxy's 400, as a colocated instance's."""
+def test_a_streams_prompt_logprobs_are_refused_by_the_proxy_before_any_leg(chat: bool, asked: int) -> None:
+    """A stream's chunks carry no prompt logprobs: any value, 0 (which vLLM takes and answers nothing for) too, is the
+    proxy's 400 before a leg is sent, as a colocated instance's (server/request_fields.py)."""
     base: dict[str, Any] = {"model": "m", "stream": True, **({"messages": MESSAGES} if chat else {"prompt": "p"})}
     refusal = _refusal(lambda: parse_client_body(json.dumps({**base, "prompt_logprobs": asked}).encode(), chat))
     assert refusal is not None and (refusal.status, refusal.param) == (400, "prompt_logprobs"), refusal
