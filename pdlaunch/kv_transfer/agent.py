@@ -247,6 +247,10 @@ class KVAgent:
     def notify(self, remote_agent: str, message: bytes) -> None:
         self.nixl.send_notif(remote_agent, message)
 
+    def push_done(self, remote_agent: str, message: bytes) -> None:
+        """A push of no block's push_done: a notification like any other here (send_notif raises when it fails)."""
+        self.notify(remote_agent, message)
+
     def new_notifs(self) -> list[bytes]:
         return [m for messages in self.nixl.get_new_notifs().values() for m in messages]
 

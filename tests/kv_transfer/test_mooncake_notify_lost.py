@@ -1,7 +1,7 @@
 """A Mooncake notification that cannot be delivered is logged, whatever the failure: with the peer, its
 kind and what its loss costs the peer (which then waits for its own timeout). notify() itself never
-raises for it, as a NIXL notification's send does not. A push_done is the exception: it is the push itself
-(test_mooncake_push_done_retry), sent twice at most, and raises when both sends fail."""
+raises for it, as a NIXL notification's send does not. A push_done goes by push_done() instead: it is the push
+itself (test_mooncake_push_done_retry), sent twice at most, and raises when both sends fail."""
 
 from __future__ import annotations
 
@@ -41,13 +41,14 @@ def pool() -> Iterator[TransferPool]:
     pool.shutdown()
 
 
-def _send(pool: TransferPool, error: Exception, message: bytes) -> None:
-    """notify() once through an engine that fails with `error`, and wait for the notifier thread."""
+def _send(pool: TransferPool, error: Exception, message: bytes, push_done: bool = False) -> None:
+    """notify() (push_done() where `push_done`) once through an engine that fails with `error`, and wait for the
+    notifier thread."""
     agent = MooncakeAgent("prefill-agent", cast(Any, _Engine(error)), pool, "s" * 32)
     peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000",
                                          protocol="tcp").model_dump_json().encode())
     try:
-        agent.notify(peer, message)
+        (agent.push_done if push_done else agent.notify)(peer, message)
     finally:
         agent._notifier.shutdown()  # waits for the send
 
@@ -69,7 +70,7 @@ def test_a_push_done_that_cannot_be_sent_twice_raises(pool: TransferPool, caplog
     with caplog.at_level(logging.WARNING, logger="pdlaunch.kv_transfer.mooncake.agent"), \
             pytest.raises(KVTransferError, match="could not notify 10.0.0.7:17000"):
         _send(pool, KVTransferError("Mooncake could not notify 10.0.0.7:17000 (code -1)"),
-              encode_notification(PushDone(kind="push_done", nonce="n-1")))
+              encode_notification(PushDone(kind="push_done", nonce="n-1")), push_done=True)
     [line] = [r.getMessage() for r in caplog.records]
     assert "Mooncake push_done notification to decode-agent (session 10.0.0.7:17000) not delivered" in line
     assert "sending it again" in line

@@ -184,15 +184,13 @@ class MooncakeAgent:
 
     def notify(self, remote_agent: str, message: bytes) -> None:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
-        logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised. A push_done (a
-        push of no block sends it alone: prefill/push_sender.py) is the push itself: it is sent from the caller's
-        thread as a WRITE's is, twice at most, and raises when both sends fail."""
-        session = self._session(remote_agent)
-        notif = parse_notification(message)
-        if notif is not None and notif.kind == "push_done":
-            self._push_done(remote_agent, session, self._sign(message))
-            return
-        self._queue(remote_agent, session, message)
+        logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised."""
+        self._queue(remote_agent, self._session(remote_agent), message)
+
+    def push_done(self, remote_agent: str, message: bytes) -> None:
+        """The push_done of a push of no block (prefill/push_sender.py): the push itself, so it is sent from the
+        caller's thread as a WRITE's is, twice at most, and raises when both sends fail."""
+        self._push_done(remote_agent, self._session(remote_agent), self._sign(message))
 
     def _queue(self, remote_agent: str, session: str, message: bytes) -> None:
         signed = self._sign(message)

@@ -127,7 +127,7 @@ class PushSender:
                 remote += re
             notif = encode_notification(PushDone(kind="push_done", nonce=message.nonce))
             if not local:
-                self.agent.notify(peer, notif)
+                self.agent.push_done(peer, notif)
                 return
             # A cancel that comes after this check answers in_flight (pushing): decode then waits for our
             # push_done/push_failed, so posting without the lock is safe.
