@@ -95,9 +95,45 @@ def test_a_refused_piece_waits_for_the_others_then_fails() -> None:
     assert batches.submitted == [1, 2]  # none after the refusal: the peer is likely unreachable for them too
 
 
-def test_a_piece_still_running_at_mooncakes_timeout_fails_the_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_piece_still_running_past_mooncakes_timeout_and_the_grace_fails_the_transfer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mooncake_engine, "mooncake_transfer_timeout", lambda environ: 0.2)
+    monkeypatch.setattr(mooncake_engine, "_TIMEOUT_GRACE_SECONDS", 0.6)
     batches = _Batches({1: [1], 2: [0]})
-    with pytest.raises(KVTransferError, match=r"1 of 2 pieces did not end within 0s") as e:
+    started = time.monotonic()
+    with pytest.raises(KVTransferError, match=r"1 of 2 pieces did not end within 1s") as e:
         _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32)], [(1, 32), (2, 32)])
+    assert time.monotonic() - started >= 0.8  # given the grace, not failed at the timeout itself
     assert "MC_TRANSFER_TIMEOUT" in e.value.render()
+
+
+class _EndsLate(_Batches):
+    """Batch 2 runs until `ends_at` (monotonic), then answers `code`."""
+
+    def __init__(self, ends_at: float, code: int) -> None:
+        super().__init__({1: [1]})
+        self.ends_at, self.code = ends_at, code
+
+    def transfer_check_status(self, batch: int) -> int:
+        if batch == 2:
+            self.polls[2] = self.polls.get(2, 0) + 1
+            return 0 if time.monotonic() < self.ends_at else self.code
+        return super().transfer_check_status(batch)
+
+
+@pytest.mark.parametrize("code", [1, -2])
+def test_a_piece_running_at_the_timeout_is_polled_until_mooncake_ends_it(
+        monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """At the timeout a piece may still move bytes (Mooncake's own timeout for it counts from a moment later):
+    the transfer returns only once Mooncake ended it, so the caller never frees memory it still writes, and a
+    piece that landed makes the transfer a success."""
+    monkeypatch.setattr(mooncake_engine, "mooncake_transfer_timeout", lambda environ: 0.2)
+    monkeypatch.setattr(mooncake_engine, "_TIMEOUT_GRACE_SECONDS", 30.0)
+    batches = _EndsLate(time.monotonic() + 0.6, code)
+    transfer = lambda: _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32)], [(1, 32), (2, 32)])  # noqa: E731
+    if code == 1:
+        transfer()
+    else:
+        with pytest.raises(KVTransferError, match=r"failed: 1 of 2 pieces failed"):
+            transfer()
+    assert time.monotonic() >= batches.ends_at  # returned only once the piece ended

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 # seen at most ~6% (or 0.25 ms) late, with a few dozen polls (as prefill/push_sender.py polls a WRITE).
 _MIN_POLL_SECONDS = 0.00002
 _MAX_POLL_SECONDS = 0.00025
+# Pieces still running at the transfer's timeout are polled this much longer: Mooncake's own timeout for them, the
+# same length counted from their submission a moment later, ends them then. Only once they ended may the caller
+# free or hand on their memory, and only a batch seen ended is freed by Mooncake.
+_TIMEOUT_GRACE_SECONDS = 5.0
 
 def import_engine() -> Any:
     """The `mooncake.engine` module, or a KVTransferError saying what is missing."""
@@ -97,7 +101,8 @@ class MooncakeEngine:
 
     def transfer(self, op: str, session: str, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
         """Blocking WRITE (local -> remote) or READ (remote -> local) of matching (address, length) lists, which
-        returns or raises only once none of its pieces moves any more (or at Mooncake's timeout for it).
+        returns or raises only once none of its pieces moves any more: a piece still running at the timeout (the one
+        Mooncake gives it) is polled until Mooncake ends it, at most _TIMEOUT_GRACE_SECONDS longer.
 
         Each piece is a batch of its own, all submitted at once and polled to their ends: Mooncake's batch calls
         report a batch failed as soon as one piece failed while its other pieces still land (0.3.13 over TCP:
@@ -114,20 +119,32 @@ class MooncakeEngine:
                 failed = len(local) - len(running)  # a peer that cannot be reached would cost a connect each
                 break
             running.append(batch)
+        late = 0  # pieces still running at the timeout
         while running:
             # transfer_check_status: 0 runs, 1 done, -1 failed, -2 timed out; Mooncake frees a done or failed batch
             codes = [(batch, self.engine.transfer_check_status(batch)) for batch in running]
             running = [batch for batch, code in codes if code == 0]
             failed += sum(code not in (0, 1) for _, code in codes)
             waited = time.monotonic() - started
-            if running and waited >= timeout:
+            if running and not late and waited >= timeout:
+                late = len(running)
+                logger.warning("Mooncake %s of %d bytes with %s: %d of %d pieces still run at its %.0fs timeout; "
+                               "waiting up to %.0fs more for Mooncake to end them", op, num_bytes, session, late,
+                               len(local), timeout, _TIMEOUT_GRACE_SECONDS)
+            if running and waited >= timeout + _TIMEOUT_GRACE_SECONDS:
+                logger.error("Mooncake %s with %s: %d pieces still run %.0fs past the transfer's timeout; their "
+                             "memory may still be written and their batches are never freed", op, session,
+                             len(running), _TIMEOUT_GRACE_SECONDS)
                 raise KVTransferError(
                     f"Mooncake {op} of {num_bytes} bytes with {session}: {len(running)} of {len(local)} pieces did "
-                    f"not end within {timeout:.0f}s ({self.protocol})",
+                    f"not end within {timeout + _TIMEOUT_GRACE_SECONDS:.0f}s ({self.protocol})",
                     hint="MC_TRANSFER_TIMEOUT (seconds, plus 1 s per GB moved) bounds a transfer; the peer may be "
                     "gone or its network congested")
             if running:
                 time.sleep(min(max(waited / 16, _MIN_POLL_SECONDS), _MAX_POLL_SECONDS))
+        if late and not failed:
+            logger.warning("Mooncake %s of %d bytes with %s ended %.1fs past its timeout, every piece landed", op,
+                           num_bytes, session, time.monotonic() - started - timeout)
         if failed:
             raise KVTransferError(f"Mooncake {op} of {num_bytes} bytes with {session} failed: {failed} of "
                                   f"{len(local)} pieces failed ({self.protocol})",
