@@ -4,8 +4,9 @@
 - slurm: a SLURM allocation (`salloc`/`sbatch`): SLURM_JOB_ID and SLURM_JOB_NODELIST set, `scontrol`
   and `srun` on PATH. The allocation's nodes become `parallel.nodes`, in SLURM's order, each at the address
   `scontrol show node` gives (NodeAddr); devices listed in the config's nodes are kept. The KV side
-  channel then binds every interface (each rank advertises its own node's address), as any
-  multi-node deployment needs, and a deployment secret is made when none is given.
+  channel of the nixl and mooncake connectors then binds every interface (each rank advertises its own node's
+  address), as any multi-node deployment needs (storage opens none: the field is left as the user set it), and
+  a deployment secret is made when none is given.
 - ray: the ray package and a Ray cluster at launcher.ray_address that has every resource the config
   names and room for the whole deployment (config/ray_check.py); a deployment secret is made when none is given.
 """
@@ -49,7 +50,8 @@ def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = No
     devices = [node.devices for node in cfg.parallel.nodes] + [[] for _ in addresses[len(cfg.parallel.nodes):]]
     out = cfg.model_copy(deep=True)
     out.parallel.nodes = [NodeConfig(address=a, devices=d) for a, d in zip(addresses, devices)]
-    if len(addresses) > 1 and out.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+    if len(addresses) > 1 and out.kv_transfer.side_channel_host in LOOPBACK_HOSTS \
+            and out.kv_transfer.connector in ("nixl", "mooncake"):
         out.kv_transfer.side_channel_host = "0.0.0.0"
     return with_shared_secret(out, env)
 

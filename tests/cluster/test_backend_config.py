@@ -57,6 +57,17 @@ def test_nodes_come_from_the_allocation_in_order(scontrol: Path) -> None:
     assert with_backend_nodes(local, {}) is local
 
 
+def test_the_storage_connectors_side_channel_host_is_left_as_set(scontrol: Path) -> None:
+    """storage opens no side channel: the allocation's nodes do not rewrite a field it never reads, which would
+    then be warned about as set by the user (config/rules/no_effect.py)."""
+    cfg = DeploymentConfig.model_validate({"launcher": {"backend": "slurm"}, "kv_transfer": {"connector": "storage"}})
+    out = with_backend_nodes(cfg, ALLOCATION)
+    assert out.kv_transfer.side_channel_host == "127.0.0.1"
+    assert "side_channel_host" not in out.kv_transfer.model_fields_set
+    mooncake = cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"connector": "mooncake"})})
+    assert with_backend_nodes(mooncake, ALLOCATION).kv_transfer.side_channel_host == "0.0.0.0"
+
+
 def test_what_is_missing_is_named(scontrol: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     slurm = DeploymentConfig.model_validate({"launcher": {"backend": "slurm"}})
     with pytest.raises(PdlaunchError, match="inside a SLURM allocation") as outside:

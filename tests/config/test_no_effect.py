@@ -158,6 +158,9 @@ def test_expert_parallel_every_group_overrides_is_named(moe_ckpt: Callable[[str]
      "nixl connector"),
     (["--kv-connector", "storage"], "kv_transfer: {mooncake_metadata_server: 'http://m:8080'}\n",
      "warning: kv_transfer.mooncake_metadata_server: has no effect with the storage connector"),
+    (["--kv-connector", "storage"], "kv_transfer: {side_channel_host: 0.0.0.0}\n",
+     "warning: kv_transfer.side_channel_host: has no effect with the storage connector: only nixl and mooncake "
+     "read it"),
 ])
 def test_a_kv_transfer_setting_the_chosen_connector_does_not_read_is_named(tmp_path: Path, flags: list[str],
                                                                           yaml: str, said: str) -> None:

@@ -124,6 +124,7 @@ def overridden_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[P
 
 # The kv_transfer settings only some connectors read (colocated_warnings names them too: no connector runs there).
 _CONNECTOR_FIELDS = {"transfer_mode": ("nixl", "mooncake"), "side_channel_port": ("nixl", "mooncake"),
+                     "side_channel_host": ("nixl", "mooncake"),
                      "storage_path": ("storage",),
                      "mooncake_protocol": ("mooncake",), "mooncake_metadata_server": ("mooncake",)}
 
