@@ -12,6 +12,11 @@ MOONCAKE_DEBS := libibverbs1 librdmacm1 libnuma1
 SLURM_DEBS := slurmctld slurmd slurm-client munge
 APT = $(shell command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo -n apt-get"; }; })
 
+# Python caches each module's bytecode in __pycache__ (git ignores it) unless PYTHONDONTWRITEBYTECODE is set, as
+# some CI images set it: then every process compiles pdlaunch's modules again (~0.6 s of a core per instance, proxy
+# or CLI start) and pytest rewrites every test module again in each worker (collection 34 -> 16 s of a core).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: venv demo-model test test-fast test-gpu serve smoke lint clean
 
 $(BIN)/pdlaunch: pyproject.toml
