@@ -130,10 +130,10 @@ def test_a_piece_running_at_the_timeout_is_polled_until_mooncake_ends_it(
     monkeypatch.setattr(mooncake_engine, "mooncake_transfer_timeout", lambda environ: 0.2)
     monkeypatch.setattr(mooncake_engine, "_TIMEOUT_GRACE_SECONDS", 30.0)
     batches = _EndsLate(time.monotonic() + 0.6, code)
-    transfer = lambda: _engine(batches).transfer("WRITE", "peer:1", [(10, 32), (20, 32)], [(1, 32), (2, 32)])  # noqa: E731
+    pieces, peer_pieces = [(10, 32), (20, 32)], [(1, 32), (2, 32)]
     if code == 1:
-        transfer()
+        _engine(batches).transfer("WRITE", "peer:1", pieces, peer_pieces)
     else:
         with pytest.raises(KVTransferError, match=r"failed: 1 of 2 pieces failed"):
-            transfer()
+            _engine(batches).transfer("WRITE", "peer:1", pieces, peer_pieces)
     assert time.monotonic() >= batches.ends_at  # returned only once the piece ended
