@@ -20,7 +20,13 @@ from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.child_commands import PROXY_TMP_DIR_FLAG, instance_argv, proxy_argv, proxy_env
 from pdlaunch.launcher.deployment_secret import with_deployment_secret, write_private
-from pdlaunch.launcher.health_identity import is_remote_instance, lists_instances, names_engine_id, remote_identity
+from pdlaunch.launcher.health_identity import (
+    is_remote_instance,
+    lists_instances,
+    names_engine_id,
+    not_seen_ready,
+    remote_identity,
+)
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import (
     DeploymentPlan,
@@ -205,7 +211,9 @@ class Deployment:
         if response.status_code != 200:
             row.state = "loading"
         elif self.answers_as_itself(child, response):
-            row.state = "ready"
+            # The proxy is ready once it routes to every instance: the launcher found each ready before it asks.
+            unseen = not_seen_ready(response, self.plan) if child is self.proxy else []
+            row.state = f"sees {', '.join(unseen)}" if unseen else "ready"
             if child is not self.proxy:
                 self.refresh_blocks(child.name)
         else:

@@ -21,6 +21,16 @@ def lists_instances(response: httpx.Response, plan: DeploymentPlan) -> bool:
     return {p.url for p in plan.instances} <= urls
 
 
+def not_seen_ready(response: httpx.Response, plan: DeploymentPlan) -> list[str]:
+    """The instances of `plan` that a proxy's /health answer does not list as ready, each as "<name> <state>". The
+    proxy probes each instance once a second: it may answer 200 (every role has a ready instance) a moment before it
+    has seen the last one the launcher found ready, which would get no request until then."""
+    body = json_object(response)
+    listed = body.get("instances") if body is not None else None
+    states = {i.get("url"): i.get("state") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else {}
+    return [f"{p.spec.name} {states.get(p.url) or 'unlisted'}" for p in plan.instances if states.get(p.url) != "ready"]
+
+
 def names_engine_id(response: httpx.Response, engine_id: str | None) -> bool:
     """Whether a /health answer names `engine_id` (the one planned for the instance at that address)."""
     body = json_object(response)

@@ -105,3 +105,33 @@ def test_another_servers_health_at_an_instance_port_is_not_its_readiness(
         assert deployment._probe(child) == "ready"  # noqa: SLF001
     finally:
         deployment.stop()
+
+
+def test_the_proxy_is_ready_once_it_sees_every_instance_ready(health_server: tuple[str, list[bytes]],
+                                                              tmp_path: Path) -> None:
+    """The proxy's /health is 200 once every role has a ready instance; it probes each instance once a second, so
+    it may answer 200 before it has seen the last one the launcher found ready. The launcher waits for that (its
+    "ready" line then means every instance gets requests), the row naming what the proxy sees."""
+    url, bodies = health_server
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "instances": [{"role": "prefill"},
+                                                                         {"role": "decode", "count": 2}],
+                                           "proxy": {"port": 0}})
+    deployment = Deployment(cfg, Console(file=io.StringIO()), log_dir=tmp_path)
+    try:
+        deployment.plan.proxy_port = int(url.rsplit(":", 1)[1])
+        assert deployment.plan.proxy_url == url
+        proxy = deployment.proxy = ChildProcess("proxy", ["true"], tmp_path / "proxy.log")  # never started
+        deployment.rows["proxy"] = StatusRow("proxy", "proxy", "-", url)
+
+        def answer(states: dict[str, str]) -> str:
+            listed = [{"name": p.spec.name, "url": p.url, "state": states.get(p.spec.name, "ready")}
+                      for p in deployment.plan.instances]
+            bodies.append(json.dumps({"status": "ok", "instances": listed}).encode())
+            return deployment._probe(proxy)  # noqa: SLF001
+
+        assert answer({"decode-1": "starting"}) == "sees decode-1 starting"
+        assert deployment.rows["proxy"].state == "sees decode-1 starting"
+        assert answer({"prefill-0": "stalled", "decode-1": "starting"}) == "sees prefill-0 stalled, decode-1 starting"
+        assert answer({}) == "ready"
+    finally:
+        deployment.stop()

@@ -127,6 +127,12 @@ def _metric_at(url: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def _migrations(serve: Serve) -> dict[str, float]:
+    """The proxy's migrations so far, by reason."""
+    return {reason: _metric(serve, f'pdlaunch_proxy_migrations_total{{reason="{reason}"}}')
+            for reason in ("died", "stalled")}
+
+
 def _instance(serve: Serve, name: str) -> dict[str, Any]:
     instances = httpx.get(f"{serve.url}/instances", timeout=5, trust_env=False).json()
     return next(i for i in instances if i["name"] == name)
@@ -181,15 +187,18 @@ def _explain(serve: Serve, i: int, stream: _Stream, expected: str) -> str:
 
 def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: list[str]) -> None:
     _both_decodes_ready(serve)
-    before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}')
+    before = _migrations(serve)
     pid = serve.instance_pid("decode-1")  # asked before the streams start: the kill follows the check at once
     streams = [_Stream(serve, i) for i in range(STREAMS)]
     _mid_stream(serve, "decode-1", streams)
     os.kill(pid, signal.SIGKILL)
     _check(serve, streams, reference)
-    moved = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}') - before
-    print(f"\nSIGKILL: {moved:.0f} of {STREAMS} streams migrated, all texts equal the uninterrupted run")
-    assert moved >= 1
+    moved = {reason: count - before[reason] for reason, count in _migrations(serve).items()}
+    print(f"\nSIGKILL: {moved['died']:.0f} of {STREAMS} streams migrated as died, {moved['stalled']:.0f} as stalled; "
+          "all texts equal the uninterrupted run")
+    # On a loaded 2-core host the busy decode-1 can miss the 2 s health timeout just before the kill: its streams
+    # then move as stalled (the same continuation), and the kill finds none left.
+    assert moved["died"] + moved["stalled"] >= 1
     assert _metric(serve, "pdlaunch_proxy_migrations_exhausted_total") == 0
     # The launcher restarts the killed decode; the next test needs both.
     wait_for(lambda: _state(serve, "decode-1") == "ready", "the restarted decode-1 to be ready", 180, poll=0.5)
