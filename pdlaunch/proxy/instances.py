@@ -49,6 +49,9 @@ log = logging.getLogger("pdlaunch.proxy")
 Role = Literal["prefill", "decode", "colocated"]
 State = Literal["starting", "ready", "unhealthy", "down", "stalled"]
 HEALTH_INTERVAL_S = 1.0
+# An instance not yet seen ready is probed this often: the launcher announces the deployment ready once the proxy sees
+# every instance ready (launcher/deployment.py), and a probe a second would hold that up to a second after the last.
+STARTING_INTERVAL_S = 0.2
 HEALTH_TIMEOUT_S = 2.0
 HEALTH_MAX_BYTES = 64 << 10  # an instance's /health is a few hundred bytes of JSON
 RESTART_BACKOFF_S = SupervisionConfig().restart_backoff_seconds  # the launcher's, unless --restart-backoff says
@@ -373,7 +376,8 @@ class InstancePool:
                     await self._check(client, instance)
                 except Exception:  # noqa: BLE001 - the monitor must outlive one bad probe
                     log.exception("health check of %s failed", instance.name)
-                await asyncio.sleep(HEALTH_INTERVAL_S)
+                starting = instance.state == "starting"
+                await asyncio.sleep(min(STARTING_INTERVAL_S, HEALTH_INTERVAL_S) if starting else HEALTH_INTERVAL_S)
 
         self._tasks = [asyncio.create_task(loop(instance)) for instance in self.instances]
 

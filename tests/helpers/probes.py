@@ -1,7 +1,8 @@
 """The proxy pool's health probes, counted: a test that sets an instance's state by hand must wait until that
 instance's first probes are over, or a probe ending later sets the state again (a refused one marks a ready instance
 down). The proxy probes every instance twice at start: once in its lifespan (pool.check_all), then its monitor's loop
-at once (start_monitor); with HEALTH_INTERVAL_S patched long, no other probe comes."""
+at once (start_monitor); with HEALTH_INTERVAL_S and STARTING_INTERVAL_S (an instance not yet seen ready)
+patched long, no other probe comes."""
 
 from __future__ import annotations
 

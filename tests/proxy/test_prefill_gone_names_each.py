@@ -29,6 +29,7 @@ def _two_refusing_prefills(decode: _Decode, policy: str) -> Iterator[str]:
     ports = PortAllocator("127.0.0.1")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
+        patch.setattr(instances, "STARTING_INTERVAL_S", 3600.0)
         d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
         pool = InstancePool([Instance("prefill", f"http://127.0.0.1:{ports.free('p0')}", "prefill-0"),
                              Instance("prefill", f"http://127.0.0.1:{ports.free('p1')}", "prefill-1"),

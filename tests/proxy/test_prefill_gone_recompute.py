@@ -56,6 +56,7 @@ def _deployment(prefill_url: str, decode: _Decode, policy: str, prefill_state: s
     ports = PortAllocator("127.0.0.1")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
+        patch.setattr(instances, "STARTING_INTERVAL_S", 3600.0)
         d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
         pool = InstancePool([Instance("prefill", prefill_url, "prefill-0"), Instance("decode", d.url, "decode-0")])
         probes_over = first_probes_over(pool, patch)

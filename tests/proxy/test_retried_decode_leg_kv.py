@@ -69,6 +69,7 @@ def _deployment(prefill: Prefill, first_decode: str | None, decode: _Decode, mig
     ports = PortAllocator("127.0.0.1")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
+        patch.setattr(instances, "STARTING_INTERVAL_S", 3600.0)
         p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
         d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))
         first = first_decode or f"http://127.0.0.1:{ports.free('nothing listens')}"
@@ -141,6 +142,7 @@ def test_a_leg_whose_decode_and_retry_both_dropped_the_connection_migrates_to_a_
     ports = PortAllocator("127.0.0.1")
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)
+        patch.setattr(instances, "STARTING_INTERVAL_S", 3600.0)
         p = stack.enter_context(ThreadServer(prefill.app, ports.free("prefill")))
         gone = [stack.enter_context(_dropping(dropped)) for _ in range(2)]
         d = stack.enter_context(ThreadServer(decode.app, ports.free("decode")))

@@ -81,6 +81,7 @@ def _deployment(transfer_mode: str, refused_first: bool) -> Iterator[tuple[str, 
     the connection after its leg loaded, or, `refused_first`, refuses it (nothing listens on its port)."""
     with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
         patch.setattr(instances, "HEALTH_INTERVAL_S", 3600.0)  # the dropped decode stays down once the leg marks it
+        patch.setattr(instances, "STARTING_INTERVAL_S", 3600.0)
         servers = []
         for role, name in (("prefill", "prefill"), ("decode", "decode-a"), ("decode", "decode-b")):
             server, _ = serve_tiny(role, f"retried-leg-{transfer_mode}-{name}", load_failure_policy="fail",
