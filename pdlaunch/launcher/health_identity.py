@@ -13,22 +13,22 @@ from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan
 
 def lists_instances(response: httpx.Response, plan: DeploymentPlan) -> bool:
     """Whether a /health answer at the proxy's address lists every instance of `plan`."""
-    body = json_object(response)
-    if body is None:
-        return False
-    listed = body.get("instances")
-    urls = {i.get("url") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else set()
-    return {p.url for p in plan.instances} <= urls
+    return {p.url for p in plan.instances} <= _listed_states(response).keys()
 
 
 def not_seen_ready(response: httpx.Response, plan: DeploymentPlan) -> list[str]:
     """The instances of `plan` that a proxy's /health answer does not list as ready, each as "<name> <state>". The
-    proxy probes each instance once a second: it may answer 200 (every role has a ready instance) a moment before it
-    has seen the last one the launcher found ready, which would get no request until then."""
+    proxy probes each instance on its own schedule: it may answer 200 (every role has a ready instance) a moment before
+    it has seen the last one the launcher found ready, which would get no request until then."""
+    states = _listed_states(response)
+    return [f"{p.spec.name} {states.get(p.url) or 'unlisted'}" for p in plan.instances if states.get(p.url) != "ready"]
+
+
+def _listed_states(response: httpx.Response) -> dict[object, object]:
+    """url -> state of each instance a proxy's /health answer lists (empty for an answer of another shape)."""
     body = json_object(response)
     listed = body.get("instances") if body is not None else None
-    states = {i.get("url"): i.get("state") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else {}
-    return [f"{p.spec.name} {states.get(p.url) or 'unlisted'}" for p in plan.instances if states.get(p.url) != "ready"]
+    return {i.get("url"): i.get("state") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else {}
 
 
 def names_engine_id(response: httpx.Response, engine_id: str | None) -> bool:
